@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command 1: set up, then run the main job end to end (offline): write scikit-image's
+# faces / non-faces images as a folder, fine-tune the default pretrained backbone, print metrics.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/visiontune demo "$@"

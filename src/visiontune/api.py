@@ -1,0 +1,343 @@
+"""The public face: fit, evaluate, predict, inspect. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visiontune.config import RunConfig
+from visiontune.data import TEST, TRAIN, VALID, DataSource, LabelFunc, load_items
+from visiontune.errors import ConfigError, DataError, VisiontuneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    classes: list[str]
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    model: Any = field(repr=False, default=None)
+    data: DataSource | None = field(repr=False, default=None)
+
+
+def fit(
+    data: str | os.PathLike[str] | None = None,
+    *,
+    config: RunConfig | None = None,
+    label_func: LabelFunc | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    callbacks: list[Any] | None = None,
+    **overrides: Any,
+) -> FitResult:
+    """Fine-tune a pretrained backbone on the images at `data`; return the run's results.
+
+    Options are RunConfig field names, e.g. `fit("images/", strategy="gradual", epochs=5,
+    backbone="timm:resnet50", lr=1e-3)`. `label_func(path) -> label` takes labels from file
+    names (fastai style). `resume="runs/<run>"` continues an interrupted run from its last
+    checkpoint (pass `epochs=` to extend it).
+    """
+    from visiontune.bundle import LAST_CHECKPOINT, load_checkpoint, read_config
+
+    started = time.perf_counter()
+    if resume is not None:
+        run_dir = Path(resume)
+        base = read_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if base is None:
+            raise VisiontuneError(f"{str(resume)!r} is not a run directory (no config.yaml)")
+        if data is not None:
+            overrides["path"] = str(data)
+        cfg = RunConfig.create(base, **overrides)
+        ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    else:
+        if data is not None:
+            overrides["path"] = str(data)
+        if label_func is not None:
+            overrides.setdefault("label_func", getattr(label_func, "__name__", "function"))
+        cfg = RunConfig.create(config, **overrides)
+        if not cfg.data.path and not cfg.data.csv:
+            raise ConfigError("no data given: pass a folder of images (or csv=...)")
+        run_dir, ckpt = None, None
+    return _fit(cfg, label_func, run_dir, ckpt, callbacks or [], started)
+
+
+def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckpt: dict[str, Any] | None,
+         extra_callbacks: list[Any], started: float) -> FitResult:
+    import torch
+
+    from visiontune.bundle import environment, write_config, write_json
+    from visiontune.callbacks import Checkpoint, EarlyStopping, EpochPrinter, HistoryLogger
+    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.models import create_classifier
+    from visiontune.strategy import build_optimizer, make_plan
+    from visiontune.trainer import Trainer, resolve_device, run_eval, seed_everything
+    from visiontune.transforms import eval_transform, train_transform
+
+    source = load_items(cfg.data, cfg.seed, label_func)
+    log.info("%s", source.summary())
+    if ckpt is not None and run_dir is not None:
+        _check_same_classes(run_dir, source.classes)
+    seed_everything(cfg.seed)
+    model_cfg = replace(cfg.model, weights="none") if ckpt is not None else cfg.model
+    model, pre = create_classifier(model_cfg, len(source.classes))
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    plan = make_plan(model, cfg.strategy, cfg.train)
+    optimizer = build_optimizer(model, plan, cfg.train)
+
+    idx = source.class_index()
+    train_items, valid_items = source.split(TRAIN), source.split(VALID)
+    generator = torch.Generator()
+    t = cfg.train
+    pin = device.type == "cuda"
+    train_ds = ImageDataset([i.path for i in train_items], [idx[i.label] for i in train_items],
+                            train_transform(pre, t.augment, t.hflip, t.min_scale))
+    train_loader = make_loader(train_ds, t.batch_size, True, t.num_workers, generator, pin)
+    valid_loader = None
+    if valid_items:
+        valid_ds = ImageDataset([i.path for i in valid_items], [idx[i.label] for i in valid_items], eval_transform(pre))
+        valid_loader = make_loader(valid_ds, t.batch_size, False, t.num_workers, None, pin)
+
+    monitor, mode = t.monitor, t.resolved_mode()
+    if valid_loader is None and monitor != "train_loss":
+        log.warning("no validation images: monitoring train_loss instead of %s", monitor)
+        monitor, mode = "train_loss", "min"
+    if run_dir is None:
+        run_dir = _new_run_dir(cfg)
+        _write_run_files(run_dir, cfg, source, pre, device)
+    else:
+        write_config(run_dir, cfg)
+    checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best)
+    callbacks: list[Any] = [checkpoint, HistoryLogger(run_dir), EpochPrinter()]
+    stopper = EarlyStopping(monitor, mode, t.patience, t.min_delta) if t.patience > 0 else None
+    if stopper:
+        callbacks.insert(0, stopper)
+    callbacks += extra_callbacks
+
+    trainer = Trainer(model, plan, optimizer, train_loader, valid_loader, cfg, source.classes, pre,
+                      callbacks, device, generator)
+    start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
+    log.info("run directory: %s", run_dir)
+    log.info("strategy %s: %s trainable of %s parameters at start", cfg.strategy.name,
+             f"{_count_first_phase(model, plan):,}", f"{sum(p.numel() for p in model.parameters()):,}")
+    state = trainer.fit(start_epoch)
+
+    final: dict[str, float] = dict(state.metrics)
+    if valid_loader is not None:
+        from visiontune.metrics import classification_metrics
+
+        out = run_eval(model, valid_loader, device)
+        final = {"val_loss": out.loss, **classification_metrics(out.targets, out.preds, len(source.classes))}
+    best_epoch = checkpoint.tracker.best_epoch + 1
+    write_json(run_dir / "metrics.json", {**final, "best_epoch": best_epoch, "epochs_run": len(state.history)})
+    write_json(run_dir / "environment.json", environment(cfg, str(device)))
+    return FitResult(
+        run_dir=str(run_dir), classes=source.classes, metrics=final, history=state.history,
+        best_epoch=best_epoch, stopped_early=bool(stopper and stopper.stopped_epoch is not None),
+        seconds=time.perf_counter() - started, model=model, data=source,
+    )
+
+
+def _count_first_phase(model: Any, plan: Any) -> int:
+    params = dict(model.named_parameters())
+    phase = plan.phases[0]
+    return sum(params[n].numel() for gi, g in enumerate(plan.groups) if phase.trainable[gi] for n in g.param_names)
+
+
+def _check_same_classes(run_dir: Path, classes: list[str]) -> None:
+    import json
+
+    saved = json.loads((run_dir / "classes.json").read_text())
+    if saved != classes:
+        raise DataError(f"the data now has classes {classes} but the run to resume has {saved}")
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    parent = Path(cfg.output)
+    if cfg.name:
+        name = cfg.name
+    else:
+        arch = cfg.model.backbone.split(":")[-1]
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{arch}-{cfg.strategy.name}"
+    run_dir = parent / name
+    suffix = 1
+    while (run_dir / "config.yaml").exists():
+        suffix += 1
+        run_dir = parent / f"{name}-{suffix}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _write_run_files(run_dir: Path, cfg: RunConfig, source: DataSource, pre: Any, device: Any) -> None:
+    from visiontune.bundle import environment, write_config, write_json, write_text
+
+    write_config(run_dir, cfg)
+    write_json(run_dir / "classes.json", source.classes)
+    write_json(run_dir / "preprocess.json", pre.to_dict())
+    write_json(run_dir / "environment.json", environment(cfg, str(device)))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "split"])
+    w.writerows((it.path, it.label, it.split) for it in source.items)
+    write_text(run_dir / "splits.csv", buf.getvalue())
+    excluded = [f"{p}\t{why}" for p, why in source.excluded] + [f"{p}\thidden" for p in source.hidden]
+    write_text(run_dir / "excluded.txt", "".join(line + "\n" for line in excluded))
+
+
+# -- evaluate ---------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    report: list[dict[str, Any]]
+    confusion: np.ndarray
+    classes: list[str]
+    paths: list[str]
+    targets: np.ndarray
+    probs: np.ndarray
+    excluded: list[tuple[str, str]]
+
+    def format(self) -> str:
+        from visiontune.metrics import format_report
+
+        head = "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
+        return f"{head}\nimages: {len(self.paths)}\n\n" + format_report(self.report, self.confusion, self.classes)
+
+
+def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch_size: int = 64,
+             device: str = "auto", num_workers: int | None = None, progress: bool = False) -> EvalResult:
+    """Score a trained run on a labelled folder (class subfolders; a dataset root with a
+    test/ or valid/ folder uses that split)."""
+    from visiontune.bundle import load_bundle
+    from visiontune.config import DataConfig
+    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.metrics import classification_metrics, confusion, per_class_report
+    from visiontune.trainer import resolve_device, run_eval
+    from visiontune.transforms import eval_transform
+
+    dev = resolve_device(device)
+    bundle = load_bundle(run, dev)
+    source = load_items(DataConfig(path=str(data), valid_pct=0.0))
+    split = TEST if source.split(TEST) else VALID if source.split(VALID) else TRAIN
+    items = source.split(split)
+    known = {c: i for i, c in enumerate(bundle.classes)}
+    unknown = sorted({it.label for it in items} - set(known))
+    if unknown:
+        raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; it knows {bundle.classes}")
+    ds = ImageDataset([it.path for it in items], [known[it.label] for it in items], eval_transform(bundle.preprocess))
+    out = run_eval(bundle.model, make_loader(ds, batch_size, False, num_workers), dev, progress)
+    n = len(bundle.classes)
+    metrics = {"accuracy": float("nan"), "macro_f1": float("nan")}
+    metrics.update(classification_metrics(out.targets, out.preds, n))
+    metrics["loss"] = out.loss
+    return EvalResult(metrics, per_class_report(out.targets, out.preds, bundle.classes),
+                      confusion(out.targets, out.preds, n), bundle.classes, ds.paths, out.targets, out.probs,
+                      source.excluded)
+
+
+# -- predict ----------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    prob: float
+    top_k: list[tuple[str, float]]
+
+
+def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
+            top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
+            ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Classify image files and folders (searched recursively). Returns the predictions and
+    the (path, reason) of inputs that were skipped (hidden, not images, unreadable)."""
+    import torch
+
+    from visiontune.bundle import load_bundle
+    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.trainer import resolve_device, run_eval
+    from visiontune.transforms import eval_transform
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths, skipped = collect_images([str(p) for p in inputs])
+    dev = resolve_device(device)
+    bundle = load_bundle(run, dev)
+    if not paths:
+        return [], skipped
+    ds = ImageDataset(paths, None, eval_transform(bundle.preprocess))
+    out = run_eval(bundle.model, make_loader(ds, batch_size, False, num_workers), dev)
+    k = max(1, min(top_k, len(bundle.classes)))
+    values, indices = torch.from_numpy(out.probs).topk(k, dim=1)
+    preds = []
+    for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
+        ranked = [(bundle.classes[i], float(v)) for v, i in zip(vals, idxs)]
+        preds.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
+    return preds, skipped
+
+
+def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    from visiontune.images import check_image, has_image_extension, is_hidden
+
+    found, skipped = [], []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+                for name in sorted(filenames):
+                    full = os.path.join(dirpath, name)
+                    if is_hidden(name):
+                        skipped.append((full, "hidden"))
+                    elif not has_image_extension(name):
+                        skipped.append((full, "not an image (file extension)"))
+                    else:
+                        found.append(full)
+        elif p.is_file():
+            found.append(str(p))
+        else:
+            skipped.append((item, "no such file or folder"))
+    good = []
+    for path in found:
+        reason = check_image(path)
+        if reason is None:
+            good.append(path)
+        else:
+            skipped.append((path, reason))
+    return good, skipped
+
+
+# -- inspect ----------------------------------------------------------------------------
+def inspect(target: str, *, strategy: str = "gradual", num_classes: int = 2, depth: int = 2,
+            weights: str = "none", **overrides: Any) -> str:
+    """Text view of a model: module tree with parameter counts, layer groups and which of
+    them train in each phase of `strategy`, and every optimizer group's learning rate.
+
+    `target` is a backbone name (built with `weights`, random by default: the structure
+    does not depend on them) or a run directory.
+    """
+    from visiontune.inspection import describe
+    from visiontune.models import create_classifier
+
+    if Path(target).is_dir() or target.endswith(".safetensors"):
+        from visiontune.bundle import load_bundle
+
+        bundle = load_bundle(target)
+        base = bundle.config or RunConfig()
+        cfg = RunConfig.create(base, strategy=strategy if "strategy" not in overrides else overrides.pop("strategy"),
+                               **overrides)
+        model = bundle.model
+    else:
+        cfg = RunConfig.create(None, backbone=target, weights=weights, strategy=strategy, **overrides)
+        model, _ = create_classifier(cfg.model, num_classes)
+    return describe(model, cfg, depth)
+

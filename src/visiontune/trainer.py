@@ -1,0 +1,235 @@
+"""HOW a run proceeds: a readable epoch loop over the strategy's phases, with callbacks."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from visiontune.bundle import save_checkpoint
+from visiontune.callbacks import Callback
+from visiontune.config import RunConfig
+from visiontune.errors import VisiontuneError
+from visiontune.metrics import classification_metrics
+from visiontune.models import Classifier, Preprocess
+from visiontune.schedules import lr_factor
+from visiontune.strategy import Plan, apply_phase, freeze_batchnorm
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(VisiontuneError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = -1  # index of the current (or last finished) epoch, 0-based
+    global_step: int = 0
+    phase: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False
+
+
+@dataclass
+class EvalOutput:
+    loss: float
+    targets: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(axis=1) if len(self.probs) else np.zeros(0, dtype=int)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = False) -> EvalOutput:
+    """Mean cross-entropy, targets and softmax probabilities over `loader`."""
+    model.eval()
+    total, count, probs, targets = 0.0, 0, [], []
+    for x, y in _progress(loader, progress, "eval"):
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        logits = model(x).float()
+        if (y >= 0).all():
+            total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        count += len(y)
+        probs.append(logits.softmax(dim=1).cpu())
+        targets.append(y.cpu())
+    if not probs:
+        return EvalOutput(float("nan"), np.zeros(0, dtype=int), np.zeros((0, 0)))
+    return EvalOutput(total / max(1, count), torch.cat(targets).numpy(), torch.cat(probs).numpy())
+
+
+def _progress(loader: DataLoader, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+class Trainer:
+    """Runs `plan` on `model`: per epoch, pick the phase, train, validate, call back."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        plan: Plan,
+        optimizer: torch.optim.Optimizer,
+        train_loader: DataLoader,
+        valid_loader: DataLoader | None,
+        cfg: RunConfig,
+        classes: list[str],
+        preprocess: Preprocess,
+        callbacks: list[Callback],
+        device: torch.device,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.plan, self.optimizer = model, plan, optimizer
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.cfg, self.classes, self.preprocess = cfg, classes, preprocess
+        self.callbacks, self.device, self.generator = callbacks, device, generator
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.state = TrainState()
+        self.total_epochs = sum(p.epochs for p in plan.phases)
+
+    # -- the loop -------------------------------------------------------------------
+    def fit(self, start_epoch: int = 0) -> TrainState:
+        self._emit("on_fit_start")
+        for epoch in range(start_epoch, self.total_epochs):
+            self.state.epoch = epoch
+            self._enter_phase(self.plan.phase_index(epoch))
+            self._seed_epoch(epoch)
+            self._emit("on_epoch_start")
+            started = time.perf_counter()
+            train_loss = self.train_one_epoch(epoch)
+            self.state.metrics = self._validate(train_loss)
+            self.state.history.append(self._history_row(epoch, started))
+            self._emit("on_epoch_end")
+            if self.state.should_stop:
+                break
+        self._emit("on_fit_end")
+        return self.state
+
+    def train_one_epoch(self, epoch: int) -> float:
+        phase_i = self.plan.phase_index(epoch)
+        phase = self.plan.phases[phase_i]
+        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
+        steps = max(1, len(self.train_loader))
+        total_steps = phase.epochs * steps
+        self.model.train()
+        freeze_batchnorm(self.model, self.cfg.strategy.frozen_bn)
+        running, seen = 0.0, 0
+        bar = _progress(self.train_loader, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
+        for i, (x, y) in enumerate(bar):
+            factor = lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / total_steps, epoch_in_phase)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss = self.criterion(self.model(x), y)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr "
+                    "(the last good checkpoint is kept in the run directory)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.state.global_step += 1
+            running += loss.item() * len(y)
+            seen += len(y)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+        return running / max(1, seen)
+
+    # -- pieces ---------------------------------------------------------------------
+    def _enter_phase(self, index: int) -> None:
+        if index != self.state.phase:
+            apply_phase(self.model, self.optimizer, self.plan, index)
+            self.state.phase = index
+            phase = self.plan.phases[index]
+            log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch) only, so
+        a resumed run repeats exactly what the uninterrupted one would have done."""
+        epoch_seed = self.cfg.seed * 100_003 + epoch
+        seed_everything(epoch_seed)
+        if self.generator is not None:
+            self.generator.manual_seed(epoch_seed)
+
+    def _validate(self, train_loss: float) -> dict[str, float]:
+        metrics = {"train_loss": train_loss}
+        if self.valid_loader is not None and len(self.valid_loader.dataset) > 0:
+            out = run_eval(self.model, self.valid_loader, self.device)
+            metrics["val_loss"] = out.loss
+            metrics.update(classification_metrics(out.targets, out.preds, len(self.classes)))
+        return metrics
+
+    def _history_row(self, epoch: int, started: float) -> dict[str, Any]:
+        lrs = [g["peak_lr"] for g in self.optimizer.param_groups if g["peak_lr"] > 0]
+        return {
+            "epoch": epoch + 1,
+            "phase": self.plan.phases[self.state.phase].name,
+            **{k: float(v) for k, v in self.state.metrics.items()},
+            "lr": float(max(lrs)) if lrs else 0.0,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _emit(self, event: str) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self)
+
+    # -- resumability -----------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format_version": 1,
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.state.history,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        save_checkpoint(path, self.checkpoint_state())
+
+    def restore(self, ckpt: dict[str, Any]) -> int:
+        """Load a checkpoint; return the epoch to continue from."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state.history = list(ckpt.get("history", []))
+        self.state.global_step = int(ckpt.get("global_step", 0))
+        saved = ckpt.get("callbacks", {})
+        for cb in self.callbacks:
+            cb.load_state_dict(saved.get(type(cb).__name__, {}))
+        if self.state.history:
+            last = self.state.history[-1]
+            self.state.metrics = {k: v for k, v in last.items() if k not in ("epoch", "phase", "lr", "seconds")}
+        return int(ckpt["epoch"]) + 1

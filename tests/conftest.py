@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny generated image folders and a tiny model configuration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("VISIONTUNE_OFFLINE", "1")  # tests never touch the network
+
+# A timm test architecture at 32 px: each training step takes milliseconds.
+TINY = dict(backbone="timm:test_efficientnet", weights="none", image_size=32, batch_size=8,
+            num_workers=0, progress=False, patience=0)
+
+
+def make_image(path: Path, color: tuple[int, int, int], size: int = 40, seed: int = 0, mode: str = "RGB") -> Path:
+    """A noisy image dominated by `color`, so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, dtype=np.float64) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "grey": (128, 128, 128)}
+
+
+def make_class_folders(root: Path, classes: dict[str, int], start_seed: int = 0) -> Path:
+    """root/<class>/<class>_<i>.png with `classes[name]` images each."""
+    seed = start_seed
+    for name, count in classes.items():
+        for i in range(count):
+            make_image(root / name / f"{name}_{i:03d}.png", COLORS[name], seed=seed)
+            seed += 1
+    return root
+
+
+@pytest.fixture
+def flat_data(tmp_path: Path) -> Path:
+    return make_class_folders(tmp_path / "flat", {"red": 12, "green": 12})
+
+
+@pytest.fixture
+def split_data(tmp_path: Path) -> Path:
+    root = tmp_path / "split"
+    make_class_folders(root / "train", {"red": 10, "green": 10}, 0)
+    make_class_folders(root / "valid", {"red": 4, "green": 4}, 100)
+    make_class_folders(root / "test", {"red": 3, "green": 3}, 200)
+    return root
+
+
+@pytest.fixture
+def tiny() -> dict:
+    return dict(TINY)

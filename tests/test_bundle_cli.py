@@ -1,0 +1,106 @@
+"""Bundle round trip, predict on a file and a folder, evaluate, inspect, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import visiontune as vt
+from conftest import TINY, make_image
+from visiontune.bundle import load_bundle
+from visiontune.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from conftest import make_class_folders
+
+    root = tmp_path_factory.mktemp("bundle")
+    data = make_class_folders(root / "data" / "train", {"red": 10, "green": 10})
+    make_class_folders(root / "data" / "valid", {"red": 4, "green": 4}, 100)
+    make_class_folders(root / "data" / "test", {"red": 4, "green": 4}, 200)
+    result = vt.fit(data.parent, **dict(TINY, strategy="finetune", epochs=5, lr=3e-3, output=str(root / "runs")))
+    return Path(result.run_dir), data.parent
+
+
+def test_bundle_round_trip_gives_identical_outputs(trained: tuple[Path, Path]) -> None:
+    run, _ = trained
+    bundle = load_bundle(run)
+    again = load_bundle(run / "model.safetensors")
+    assert bundle.classes == ["green", "red"] == json.loads((run / "classes.json").read_text())
+    assert bundle.preprocess.input_size == 32 and bundle.config is not None
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(x), again.model(x))
+
+
+def test_predict_file_and_folder(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = trained
+    photos = tmp_path / "photos"
+    make_image(photos / "a_red.png", (220, 40, 40), seed=7)
+    make_image(photos / "sub" / "b_green.jpg", (40, 200, 60), seed=8)
+    (photos / ".DS_Store").write_bytes(b"junk")
+    (photos / "broken.jpg").write_bytes(b"nope")
+    preds, skipped = vt.predict(run, [photos / "a_red.png"])
+    assert [p.label for p in preds] == ["red"] and not skipped
+    preds, skipped = vt.predict(run, photos, top_k=2)
+    assert {Path(p.path).name: p.label for p in preds} == {"a_red.png": "red", "b_green.jpg": "green"}
+    assert all(len(p.top_k) == 2 and abs(sum(v for _, v in p.top_k) - 1) < 1e-5 for p in preds)
+    assert {Path(p).name for p, _ in skipped} == {".DS_Store", "broken.jpg"}
+
+
+def test_evaluate_reports_metrics_and_confusion(trained: tuple[Path, Path]) -> None:
+    run, data = trained
+    result = vt.evaluate(run, data)  # uses test/
+    assert len(result.paths) == 8 and result.confusion.sum() == 8
+    assert result.metrics["accuracy"] == pytest.approx(float(np.trace(result.confusion)) / 8)
+    text = result.format()
+    assert "accuracy" in text and "macro_f1" in text and "confusion matrix" in text
+
+
+def test_evaluate_unknown_class_is_an_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    make_image(tmp_path / "e" / "blue" / "1.png", (0, 0, 200))
+    make_image(tmp_path / "e" / "red" / "1.png", (200, 0, 0))
+    with pytest.raises(vt.DataError, match="does not know"):
+        vt.evaluate(run, tmp_path / "e")
+
+
+def test_cli_train_predict_evaluate_inspect(trained: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = trained
+    args = ["train", str(data), "--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32",
+            "--epochs", "2", "--strategy", "gradual", "--batch-size", "8", "--num-workers", "0", "--no-progress",
+            "--output", str(tmp_path / "runs"), "--name", "cli"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "run:" in out and "accuracy" in out and (tmp_path / "runs" / "cli" / "model.safetensors").is_file()
+    assert main(["evaluate", str(run), str(data / "test")]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro_f1" in out
+    assert main(["predict", str(run), str(data / "test" / "red"), "--output", str(tmp_path / "p.csv")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.split("\t")[1] in ("red", "green") for line in lines)
+    assert (tmp_path / "p.csv").read_text().startswith("path,label,prob")
+    assert main(["inspect", "timm:test_efficientnet", "--strategy", "freeze-k", "--freeze", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "requires_grad" in out and "param_groups" in out and "False" in out
+
+
+def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+def test_help_is_fast_and_lists_commands() -> None:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "visiontune", "--help"], capture_output=True,
+                         text=True, check=True)
+    assert all(c in out.stdout for c in ("train", "predict", "evaluate", "inspect", "demo"))
+    assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines()}
