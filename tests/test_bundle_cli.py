@@ -25,7 +25,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = make_class_folders(root / "data" / "train", {"red": 10, "green": 10})
     make_class_folders(root / "data" / "valid", {"red": 4, "green": 4}, 100)
     make_class_folders(root / "data" / "test", {"red": 4, "green": 4}, 200)
-    result = vt.fit(data.parent, **dict(TINY, strategy="finetune", epochs=5, lr=3e-3, output=str(root / "runs")))
+    result = vt.fit(data.parent, **dict(TINY, strategy="feature-extract", epochs=6, lr=3e-2,
+                                        output=str(root / "runs")))
     return Path(result.run_dir), data.parent
 
 

@@ -82,7 +82,7 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
     from visiontune.loaders import ImageDataset, make_loader
     from visiontune.models import create_classifier
     from visiontune.strategy import build_optimizer, make_plan
-    from visiontune.trainer import Trainer, resolve_device, run_eval, seed_everything
+    from visiontune.trainer import Trainer, prepare_model, resolve_device, run_eval, seed_everything
     from visiontune.transforms import eval_transform, train_transform
 
     source = load_items(cfg.data, cfg.seed, label_func)
@@ -93,7 +93,7 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
     model_cfg = replace(cfg.model, weights="none") if ckpt is not None else cfg.model
     model, pre = create_classifier(model_cfg, len(source.classes))
     device = resolve_device(cfg.train.device)
-    model.to(device)
+    prepare_model(model, device, cfg.train.channels_last)
     plan = make_plan(model, cfg.strategy, cfg.train)
     optimizer = build_optimizer(model, plan, cfg.train)
 
@@ -119,7 +119,7 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
         _write_run_files(run_dir, cfg, source, pre, device)
     else:
         write_config(run_dir, cfg)
-    checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best)
+    checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best, t.min_delta)
     callbacks: list[Any] = [checkpoint, HistoryLogger(run_dir), EpochPrinter()]
     stopper = EarlyStopping(monitor, mode, t.patience, t.min_delta) if t.patience > 0 else None
     if stopper:
@@ -138,7 +138,7 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
     if valid_loader is not None:
         from visiontune.metrics import classification_metrics
 
-        out = run_eval(model, valid_loader, device)
+        out = run_eval(model, valid_loader, device, channels_last=t.channels_last)
         final = {"val_loss": out.loss, **classification_metrics(out.targets, out.preds, len(source.classes))}
     best_epoch = checkpoint.tracker.best_epoch + 1
     write_json(run_dir / "metrics.json", {**final, "best_epoch": best_epoch, "epochs_run": len(state.history)})

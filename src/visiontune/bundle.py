@@ -128,7 +128,7 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     )
     model, _ = create_classifier(model_cfg, len(meta["classes"]))
     model.load_state_dict(load_file(str(file)), strict=True)
-    model.to(device).eval()
+    model.to(device, memory_format=torch.channels_last).eval()  # inputs follow in run_eval
     cfg_path = file.parent / "config.yaml"
     cfg = read_config(cfg_path) if cfg_path.is_file() else None
     return Bundle(model, list(meta["classes"]), pre, str(file.parent), cfg)

@@ -109,9 +109,10 @@ class Checkpoint(Callback):
     With `restore_best`, the model ends training holding the best weights.
     """
 
-    def __init__(self, run_dir: Path, monitor: str, mode: str, restore_best: bool = True) -> None:
+    def __init__(self, run_dir: Path, monitor: str, mode: str, restore_best: bool = True,
+                 min_delta: float = 0.0) -> None:
         self.run_dir = Path(run_dir)
-        self.tracker = Monitor(monitor, mode)
+        self.tracker = Monitor(monitor, mode, min_delta)  # same notion of "better" as EarlyStopping
         self.restore_best = restore_best
 
     def on_epoch_end(self, trainer: Trainer) -> None:

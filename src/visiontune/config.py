@@ -65,7 +65,7 @@ class TrainConfig:
 
     epochs: int = 5  # total, all phases included
     batch_size: int = 32
-    lr: float | None = None  # peak LR of the head; None: 1e-3 (adamw) or 1e-2 (sgd)
+    lr: float | None = None  # peak LR of the head; None: 2e-3 (adamw, as fastai) or 1e-2 (sgd)
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float | None = None  # None: 0.01 (adamw) or 1e-4 (sgd); never on 1-D params
@@ -84,12 +84,13 @@ class TrainConfig:
     min_scale: float = 0.35  # random resized crop: smallest area fraction
     num_workers: int | None = None  # None: chosen from the machine
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    channels_last: bool = True  # NHWC memory format: ~2x faster depthwise convs on CPU
     progress: bool = True
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.optimizer == "adamw" else 1e-2
+        return 2e-3 if self.optimizer == "adamw" else 1e-2
 
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:

@@ -211,8 +211,9 @@ def _load_file_into(model: nn.Module, path: str, arch: str) -> None:
         )
     model.load_state_dict(fitting, strict=False)
     if missing or skipped:
-        log.warning("%s: %d tensors not in the file (kept at init), %d in the file not used: %s",
-                    path, len(missing), len(skipped), (missing + skipped)[:4])
+        log.warning("%s: %d tensors kept at init (absent from the file or of another shape, e.g. a "
+                    "classifier), %d tensors of the file unused: %s", path, len(missing), len(skipped),
+                    sorted(set(missing + skipped))[:4])
 
 
 def build_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0,

@@ -67,13 +67,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last and x.ndim == 4 else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
 @torch.inference_mode()
-def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = False) -> EvalOutput:
+def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = False,
+             channels_last: bool = True) -> EvalOutput:
     """Mean cross-entropy, targets and softmax probabilities over `loader`."""
     model.eval()
     total, count, probs, targets = 0.0, 0, [], []
     for x, y in _progress(loader, progress, "eval"):
-        x, y = x.to(device, non_blocking=True), y.to(device)
+        x, y = to_device(x, device, channels_last), y.to(device)
         logits = model(x).float()
         if (y >= 0).all():
             total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -150,7 +163,7 @@ class Trainer:
             factor = lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / total_steps, epoch_in_phase)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
             loss = self.criterion(self.model(x), y)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
@@ -186,7 +199,7 @@ class Trainer:
     def _validate(self, train_loss: float) -> dict[str, float]:
         metrics = {"train_loss": train_loss}
         if self.valid_loader is not None and len(self.valid_loader.dataset) > 0:
-            out = run_eval(self.model, self.valid_loader, self.device)
+            out = run_eval(self.model, self.valid_loader, self.device, channels_last=self.cfg.train.channels_last)
             metrics["val_loss"] = out.loss
             metrics.update(classification_metrics(out.targets, out.preds, len(self.classes)))
         return metrics
