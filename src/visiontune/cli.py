@@ -51,6 +51,8 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--freeze", type=int, help="freeze-k: leading backbone layer groups to freeze (2)")
     g.add_argument("--freeze-epochs", type=int, help="gradual: head-only epochs first (1)")
     g.add_argument("--frozen-bn", choices=("eval", "train"), help="BatchNorm in frozen groups (eval)")
+    g.add_argument("--trainable-bn", choices=("auto", "eval", "train"),
+                   help="BatchNorm statistics in training groups; auto: eval with pretrained weights (auto)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="total epochs, all phases (5)")
     g.add_argument("--batch-size", type=int, help="(32)")
@@ -98,6 +100,7 @@ def _add_others(sub: Any) -> None:
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--depth", type=int, default=2, help="module tree depth (2)")
     p.add_argument("--weights", default="none", help="weights to build with (none: structure only)")
+    p.add_argument("--parameters", action="store_true", help="also list every named parameter and the state_dict")
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--head-lr-mult", type=float)
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 TRAIN_KEYS = (
     "csv", "label_regex", "valid_pct", "verify_images", "backbone", "weights", "image_size", "head_hidden",
-    "head_dropout", "strategy", "head_lr_mult", "freeze", "freeze_epochs", "frozen_bn", "epochs", "batch_size",
+    "head_dropout", "strategy", "head_lr_mult", "freeze", "freeze_epochs", "frozen_bn", "trainable_bn", "epochs", "batch_size",
     "lr", "optimizer", "weight_decay", "schedule", "monitor", "mode", "patience", "augment",
     "label_smoothing", "num_workers", "device", "seed", "output", "name", "progress",
 )
@@ -204,7 +207,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     extra = {k: getattr(args, k) for k in ("freeze", "lr", "optimizer", "head_lr_mult") if getattr(args, k) is not None}
     print(vt.inspect(args.target, strategy=args.strategy, num_classes=args.num_classes, depth=args.depth,
-                     weights=args.weights, **extra))
+                     weights=args.weights, parameters=args.parameters, **extra))
     return 0
 
 

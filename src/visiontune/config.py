@@ -57,6 +57,7 @@ class StrategyConfig:
     layer_lr_ratio: float = 10.0  # gradual: last / first backbone group LR after unfreezing
     unfreeze_lr_scale: float = 0.5  # gradual: LR scale after unfreezing (fastai halves it)
     frozen_bn: str = "eval"  # BatchNorm in frozen groups: eval (keep statistics) | train
+    trainable_bn: str = "auto"  # BatchNorm in training groups: train | eval | auto (eval when pretrained)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,14 @@ class RunConfig:
         result.validate()
         return result
 
+    def bn_modes(self) -> tuple[str, str]:
+        """(frozen_bn, trainable_bn) with 'auto' resolved: pretrained weights keep their
+        BatchNorm statistics (Keras' fine-tuning advice); random init must learn them."""
+        trainable = self.strategy.trainable_bn
+        if trainable == "auto":
+            trainable = "train" if self.model.weights == "none" else "eval"
+        return self.strategy.frozen_bn, trainable
+
     def validate(self) -> None:
         """Raise ConfigError for values no run can use."""
         s, t, d = self.strategy, self.train, self.data
@@ -149,6 +158,7 @@ class RunConfig:
         _check_choice("optimizer", t.optimizer, OPTIMIZERS)
         _check_choice("schedule", t.schedule, SCHEDULES)
         _check_choice("frozen_bn", s.frozen_bn, ("eval", "train"))
+        _check_choice("trainable_bn", s.trainable_bn, ("auto", "eval", "train"))
         _check_choice("mode", t.mode, ("auto", "min", "max"))
         if t.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {t.epochs}")

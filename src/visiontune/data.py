@@ -72,13 +72,15 @@ class DataSource:
         return "\n".join(lines)
 
 
-def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = None) -> DataSource:
+def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = None,
+               min_classes: int = 2) -> DataSource:
     """Find images and labels as `cfg` says, check them, and split them.
 
     Layouts: `cfg.csv` (path,label[,split]); labels from file names (`cfg.label_regex`
     or `label_func`, e.g. fastai's `lambda p: p.name[0].isupper()`); otherwise class
     folders, either `root/train/<class>/`, `root/valid|val/<class>/`, `root/test/<class>/`
     or a flat `root/<class>/` tree split by `cfg.valid_pct` (stratified, seeded).
+    `min_classes=1` accepts a single class (scoring a model on part of its classes).
     """
     root = Path(cfg.path).expanduser()
     if cfg.csv:
@@ -90,7 +92,7 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         source = _from_folders(root, label_func)
     if cfg.verify_images:
         _drop_unreadable(source)
-    _check_classes(source)
+    _check_classes(source, min_classes)
     _assign_validation(source, cfg.valid_pct, seed)
     return source
 
@@ -223,12 +225,12 @@ def _drop_unreadable(source: DataSource) -> None:
     source.items = kept
 
 
-def _check_classes(source: DataSource) -> None:
+def _check_classes(source: DataSource, min_classes: int = 2) -> None:
     if not source.items:
         raise DataError(f"no usable images found in {source.root!r}\n{source.summary()}")
     train_like = [it for it in source.items if it.split in ("", TRAIN)]
     classes = sorted({it.label for it in train_like})
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(
             f"found a single class {classes} in {source.root!r}; classification needs at least "
             "two classes (one folder per class, or labels that take two or more values)"

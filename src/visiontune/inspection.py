@@ -27,7 +27,22 @@ def module_tree(model: nn.Module, depth: int = 2) -> list[str]:
     return [f"{'module':<40} {'type':<24} {'params':>12} {'trainable':>12}"] + lines
 
 
-def describe(model: Classifier, cfg: RunConfig, depth: int = 2) -> str:
+def parameter_table(model: nn.Module, lr_of: dict[int, float]) -> list[str]:
+    """`named_parameters()` with shape, size, requires_grad and the LR its group runs at;
+    then what `state_dict()` holds beyond parameters (BatchNorm running statistics...)."""
+    lines = [f"{'parameter':<52} {'shape':<20} {'numel':>10}  {'requires_grad':<13} {'lr':>8}"]
+    for name, p in model.named_parameters():
+        lines.append(f"{name:<52} {str(tuple(p.shape)):<20} {p.numel():>10,}  {str(p.requires_grad):<13} "
+                     f"{lr_of.get(id(p), 0.0):>8.3g}")
+    state = model.state_dict()
+    n_params = sum(1 for _ in model.parameters())
+    buffers = [k for k in state if k not in dict(model.named_parameters())]
+    lines.append(f"state_dict: {len(state)} entries = {n_params} parameters + {len(buffers)} buffers "
+                 f"(e.g. {', '.join(buffers[:2]) or 'none'})")
+    return lines
+
+
+def describe(model: Classifier, cfg: RunConfig, depth: int = 2, parameters: bool = False) -> str:
     plan = make_plan(model, cfg.strategy, cfg.train)
     optimizer = build_optimizer(model, plan, cfg.train)
     out = [f"strategy: {cfg.strategy.name}   optimizer: {cfg.train.optimizer}   "
@@ -50,4 +65,7 @@ def describe(model: Classifier, cfg: RunConfig, depth: int = 2) -> str:
                        f"lr {pg['lr']:.3g}  weight_decay {pg['weight_decay']:g}")
         if index == 0:
             out += ["", "module tree (phase 1):", *module_tree(model, depth)]
+            if parameters:
+                lr_of = {id(p): pg["lr"] for pg in optimizer.param_groups for p in pg["params"]}
+                out += ["", "named_parameters (phase 1):", *parameter_table(model, lr_of)]
     return "\n".join(out)

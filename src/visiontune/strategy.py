@@ -151,15 +151,15 @@ def apply_phase(model: Classifier, optimizer: torch.optim.Optimizer, plan: Plan,
         pg["lr"] = pg["peak_lr"]
 
 
-def freeze_batchnorm(model: nn.Module, frozen_bn: str) -> None:
-    """After `model.train()`: BatchNorm layers whose parameters are all frozen go to eval
-    mode (running statistics kept) when `frozen_bn == 'eval'`."""
-    if frozen_bn != "eval":
-        return
+def set_batchnorm_modes(model: nn.Module, frozen_bn: str, trainable_bn: str) -> None:
+    """After `model.train()`: put BatchNorm layers in eval mode (running statistics used and
+    kept) when their group is frozen and `frozen_bn == 'eval'`, or trains and
+    `trainable_bn == 'eval'`. Their affine weights still train when their group does."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             ps = list(module.parameters(recurse=False))
-            if ps and not any(p.requires_grad for p in ps):
+            frozen = bool(ps) and not any(p.requires_grad for p in ps)
+            if (frozen and frozen_bn == "eval") or (not frozen and trainable_bn == "eval"):
                 module.eval()
 
 

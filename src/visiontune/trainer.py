@@ -21,7 +21,7 @@ from visiontune.errors import VisiontuneError
 from visiontune.metrics import classification_metrics
 from visiontune.models import Classifier, Preprocess
 from visiontune.schedules import lr_factor
-from visiontune.strategy import Plan, apply_phase, freeze_batchnorm
+from visiontune.strategy import Plan, apply_phase, set_batchnorm_modes
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Trainer:
         steps = max(1, len(self.train_loader))
         total_steps = phase.epochs * steps
         self.model.train()
-        freeze_batchnorm(self.model, self.cfg.strategy.frozen_bn)
+        set_batchnorm_modes(self.model, *self.cfg.bn_modes())
         running, seen = 0.0, 0
         bar = _progress(self.train_loader, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         for i, (x, y) in enumerate(bar):
