@@ -1,7 +1,7 @@
 """Real-data check of the core strategies on hymenoptera (ants vs bees), default backbone.
 
     python bench/hymenoptera.py [DATA] [--image-size 224] [--strategies feature-extract,gradual,scratch]
-                                [--epochs N] [--freeze-epochs N]
+                                [--epochs N] [--freeze-epochs N] [--set KEY=VALUE ...]
 
 Prints, per strategy: best validation accuracy, macro-F1, val loss, epochs run, wall time.
 DATA defaults to ../shared/data/hymenoptera (a train/ + val/ class-folder tree).
@@ -29,12 +29,15 @@ def main() -> None:
     ap.add_argument("--output", default="runs/bench-hymenoptera")
     ap.add_argument("--epochs", type=int, help="epochs for every strategy (default: per strategy)")
     ap.add_argument("--freeze-epochs", type=int, default=1, help="gradual: head-only epochs (1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other RunConfig field for every strategy, e.g. --set unfreeze_lr_scale=0.2")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for strategy in args.strategies.split(","):
         started = time.perf_counter()
         extra = {"freeze_epochs": args.freeze_epochs} if strategy == "gradual" else {}
+        extra.update({k: _number(v) for k, v in (item.split("=", 1) for item in args.set)})
         r = vt.fit(args.data, strategy=strategy, epochs=args.epochs or EPOCHS[strategy], image_size=args.image_size,
                    output=args.output, progress=False, seed=0, **extra)
         best = max(h.get("accuracy", 0.0) for h in r.history)
@@ -46,6 +49,15 @@ def main() -> None:
           f"{'epochs':>6} {'best':>5} {'wall s':>7}")
     for s, acc, best, f1, loss, n, be, secs in rows:
         print(f"{s:<16} {acc:>14.4f} {best:>8.4f} {f1:>9.4f} {loss:>9.4f} {n:>6} {be:>5} {secs:>7.1f}")
+
+
+def _number(text: str) -> float | int | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 if __name__ == "__main__":
