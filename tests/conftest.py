@@ -52,6 +52,12 @@ def split_data(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached features go to a per-session temporary folder, never ~/.cache."""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture
 def tiny() -> dict:
     return dict(TINY)

@@ -79,11 +79,10 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
 
     from visiontune.bundle import environment, write_config, write_json
     from visiontune.callbacks import Checkpoint, EarlyStopping, EpochPrinter, HistoryLogger
-    from visiontune.loaders import ImageDataset, make_loader
     from visiontune.models import create_classifier
+    from visiontune.rundata import RunData
     from visiontune.strategy import build_optimizer, make_plan
-    from visiontune.trainer import Trainer, prepare_model, resolve_device, run_eval, seed_everything
-    from visiontune.transforms import eval_transform, train_transform
+    from visiontune.trainer import Trainer, prepare_model, resolve_device, seed_everything
 
     source = load_items(cfg.data, cfg.seed, label_func)
     log.info("%s", source.summary())
@@ -96,22 +95,11 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
     prepare_model(model, device, cfg.train.channels_last)
     plan = make_plan(model, cfg.strategy, cfg.train)
     optimizer = build_optimizer(model, plan, cfg.train)
-
-    idx = source.class_index()
-    train_items, valid_items = source.split(TRAIN), source.split(VALID)
-    generator = torch.Generator()
     t = cfg.train
-    pin = device.type == "cuda"
-    train_ds = ImageDataset([i.path for i in train_items], [idx[i.label] for i in train_items],
-                            train_transform(pre, t.augment, t.hflip, t.min_scale))
-    train_loader = make_loader(train_ds, t.batch_size, True, t.num_workers, generator, pin)
-    valid_loader = None
-    if valid_items:
-        valid_ds = ImageDataset([i.path for i in valid_items], [idx[i.label] for i in valid_items], eval_transform(pre))
-        valid_loader = make_loader(valid_ds, t.batch_size, False, t.num_workers, None, pin)
+    data = RunData(cfg, source, model, pre, plan, device, torch.Generator())
 
     monitor, mode = t.monitor, t.resolved_mode()
-    if valid_loader is None and monitor != "train_loss":
+    if not source.split(VALID) and monitor != "train_loss":
         log.warning("no validation images: monitoring train_loss instead of %s", monitor)
         monitor, mode = "train_loss", "min"
     if run_dir is None:
@@ -120,28 +108,26 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
     else:
         write_config(run_dir, cfg)
     checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best, t.min_delta)
-    callbacks: list[Any] = [checkpoint, HistoryLogger(run_dir), EpochPrinter()]
+    callbacks: list[Any] = [EpochPrinter(), checkpoint, HistoryLogger(run_dir)]
     stopper = EarlyStopping(monitor, mode, t.patience, t.min_delta) if t.patience > 0 else None
     if stopper:
-        callbacks.insert(0, stopper)
+        callbacks.insert(1, stopper)  # before the checkpoint, which saves its state
     callbacks += extra_callbacks
 
-    trainer = Trainer(model, plan, optimizer, train_loader, valid_loader, cfg, source.classes, pre,
-                      callbacks, device, generator)
+    trainer = Trainer(model, plan, optimizer, data, cfg, source.classes, pre, callbacks, device, data.generator)
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", cfg.strategy.name,
              f"{_count_first_phase(model, plan):,}", f"{sum(p.numel() for p in model.parameters()):,}")
     state = trainer.fit(start_epoch)
 
-    final: dict[str, float] = dict(state.metrics)
-    if valid_loader is not None:
-        from visiontune.metrics import classification_metrics
-
-        out = run_eval(model, valid_loader, device, channels_last=t.channels_last)
-        final = {"val_loss": out.loss, **classification_metrics(out.targets, out.preds, len(source.classes))}
+    # The model now holds the best epoch's weights (restore_best) or the last ones: report those.
     best_epoch = checkpoint.tracker.best_epoch + 1
-    write_json(run_dir / "metrics.json", {**final, "best_epoch": best_epoch, "epochs_run": len(state.history)})
+    held = best_epoch if t.restore_best and best_epoch > 0 else len(state.history)
+    row = state.history[held - 1] if state.history else {}
+    final = {k: float(v) for k, v in row.items() if k not in ("epoch", "phase", "lr", "seconds", "train_loss")}
+    write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
+                                          "epochs_run": len(state.history)})
     write_json(run_dir / "environment.json", environment(cfg, str(device)))
     return FitResult(
         run_dir=str(run_dir), classes=source.classes, metrics=final, history=state.history,

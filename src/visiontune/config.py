@@ -86,6 +86,8 @@ class TrainConfig:
     num_workers: int | None = None  # None: chosen from the machine
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     channels_last: bool = True  # NHWC memory format: ~2x faster depthwise convs on CPU
+    feature_cache: bool = True  # frozen-backbone phases train the head on cached features
+    cache_dir: str | None = None  # None: $VISIONTUNE_CACHE or ~/.cache/visiontune
     progress: bool = True
 
     def resolved_lr(self) -> float:

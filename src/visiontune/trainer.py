@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
+
+
+@dataclass
+class PhaseData:
+    """What one phase trains and validates on: image loaders, or cached-feature loaders
+    (`on_features`), in which case only `model.head` runs."""
+
+    train: DataLoader
+    valid: DataLoader | None
+    on_features: bool = False
 
 
 @dataclass
@@ -114,8 +125,7 @@ class Trainer:
         model: Classifier,
         plan: Plan,
         optimizer: torch.optim.Optimizer,
-        train_loader: DataLoader,
-        valid_loader: DataLoader | None,
+        data: Callable[[int], PhaseData],
         cfg: RunConfig,
         classes: list[str],
         preprocess: Preprocess,
@@ -124,7 +134,7 @@ class Trainer:
         generator: torch.Generator | None = None,
     ) -> None:
         self.model, self.plan, self.optimizer = model, plan, optimizer
-        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.data = data  # phase index -> PhaseData
         self.cfg, self.classes, self.preprocess = cfg, classes, preprocess
         self.callbacks, self.device, self.generator = callbacks, device, generator
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -153,18 +163,20 @@ class Trainer:
         phase_i = self.plan.phase_index(epoch)
         phase = self.plan.phases[phase_i]
         epoch_in_phase = epoch - self.plan.phase_start(phase_i)
-        steps = max(1, len(self.train_loader))
+        data = self.data(phase_i)
+        net = self.model.head if data.on_features else self.model
+        steps = max(1, len(data.train))
         total_steps = phase.epochs * steps
         self.model.train()
         set_batchnorm_modes(self.model, *self.cfg.bn_modes())
         running, seen = 0.0, 0
-        bar = _progress(self.train_loader, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
+        bar = _progress(data.train, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         for i, (x, y) in enumerate(bar):
             factor = lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / total_steps, epoch_in_phase)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
-            loss = self.criterion(self.model(x), y)
+            loss = self.criterion(net(x), y)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr "
@@ -198,8 +210,10 @@ class Trainer:
 
     def _validate(self, train_loss: float) -> dict[str, float]:
         metrics = {"train_loss": train_loss}
-        if self.valid_loader is not None and len(self.valid_loader.dataset) > 0:
-            out = run_eval(self.model, self.valid_loader, self.device, channels_last=self.cfg.train.channels_last)
+        data = self.data(self.state.phase)
+        if data.valid is not None and len(data.valid.dataset) > 0:
+            net = self.model.head if data.on_features else self.model
+            out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last)
             metrics["val_loss"] = out.loss
             metrics.update(classification_metrics(out.targets, out.preds, len(self.classes)))
         return metrics

@@ -1,0 +1,135 @@
+"""Frozen backbone features, computed once and cached on disk.
+
+While a phase keeps the whole backbone frozen (feature-extract, the head-only epochs of
+gradual) and its BatchNorm in eval mode, the backbone is a fixed function of the image:
+its pooled features are computed once per (backbone weights, eval transform, file
+content) and the head trains on those tensors, so later epochs, runs, folds and
+strategies cost milliseconds instead of a pass over the images.
+
+Layout: `<cache>/<model fingerprint>/<ab>/<file digest>.npy`, one float32 vector per image,
+written atomically. The fingerprint hashes the backbone name, every backbone tensor and the
+preprocessing, so other weights or another image size never reuse stale entries; the
+digest hashes the file's bytes, so an edited image is recomputed. The cache is safe to
+delete at any time. Default location: `$VISIONTUNE_CACHE` or `~/.cache/visiontune/features`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.models import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("VISIONTUNE_CACHE")
+    if env:
+        return Path(env).expanduser() / "features"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visiontune" / "features"
+
+
+def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) -> str:
+    """Hash of the backbone's identity, all its tensors (parameters and buffers) and the
+    eval preprocessing: anything that changes the features changes the fingerprint."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(backbone_name.encode())
+    h.update(repr(sorted(pre.to_dict().items())).encode())
+    for name, tensor in backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Vectors keyed by file digest under one model fingerprint."""
+
+    def __init__(self, root: str | os.PathLike[str], fingerprint: str) -> None:
+        self.dir = Path(root) / fingerprint
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        try:
+            return np.load(self._path(digest), allow_pickle=False)
+        except (FileNotFoundError, ValueError, OSError):
+            return None  # missing or torn by an old crash: recompute
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        target = self._path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, vector.astype(np.float32), allow_pickle=False)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@dataclass
+class FeatureStats:
+    hits: int
+    misses: int
+    seconds: float
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module,
+    paths: Sequence[str],
+    pre: Preprocess,
+    device: torch.device,
+    cache: FeatureCache | None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    channels_last: bool = True,
+) -> tuple[torch.Tensor, FeatureStats]:
+    """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode."""
+    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.trainer import to_device
+    from visiontune.transforms import eval_transform
+
+    started = time.perf_counter()
+    digests = [file_digest(p) for p in paths] if cache else [""] * len(paths)
+    rows: list[np.ndarray | None] = [cache.get(d) if cache else None for d in digests]
+    missing = [i for i, r in enumerate(rows) if r is None]
+    if missing:
+        was_training = backbone.training
+        backbone.eval()
+        ds = ImageDataset([paths[i] for i in missing], None, eval_transform(pre))
+        done = 0
+        for x, _ in make_loader(ds, batch_size, False, num_workers):
+            out = backbone(to_device(x, device, channels_last)).float().cpu().numpy()
+            for row in out:
+                i = missing[done]
+                rows[i] = row
+                if cache:
+                    cache.put(digests[i], row)
+                done += 1
+        backbone.train(was_training)
+    feats = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 0)
+    stats = FeatureStats(len(paths) - len(missing), len(missing), time.perf_counter() - started)
+    log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
+    return feats, stats

@@ -1,0 +1,94 @@
+"""The loaders a run needs, per phase: augmented images, or cached backbone features while
+the whole backbone is frozen (see features.py). Built lazily and once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from visiontune.config import RunConfig
+from visiontune.data import TRAIN, VALID, DataSource
+from visiontune.features import (
+    FeatureCache,
+    FeatureStats,
+    default_cache_dir,
+    extract_features,
+    model_fingerprint,
+)
+from visiontune.loaders import ImageDataset, make_loader
+from visiontune.models import Classifier, Preprocess
+from visiontune.strategy import Plan
+from visiontune.trainer import PhaseData
+from visiontune.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    cfg: RunConfig
+    source: DataSource
+    model: Classifier
+    preprocess: Preprocess
+    plan: Plan
+    device: torch.device
+    generator: torch.Generator
+
+    def __post_init__(self) -> None:
+        self._images: PhaseData | None = None
+        self._features: PhaseData | None = None
+        self.feature_stats: list[FeatureStats] = []
+
+    def __call__(self, phase_index: int) -> PhaseData:
+        return self.features() if self.uses_features(phase_index) else self.images()
+
+    def uses_features(self, phase_index: int) -> bool:
+        """Cached features are exact only when nothing in the backbone changes: every
+        backbone group frozen and its BatchNorm in eval mode."""
+        phase = self.plan.phases[phase_index]
+        body_frozen = not any(on for on, g in zip(phase.trainable, self.plan.groups) if not g.is_head)
+        return self.cfg.train.feature_cache and body_frozen and self.cfg.strategy.frozen_bn == "eval"
+
+    def _targets(self, split: str) -> tuple[list[str], list[int]]:
+        idx = self.source.class_index()
+        items = self.source.split(split)
+        return [i.path for i in items], [idx[i.label] for i in items]
+
+    def images(self) -> PhaseData:
+        if self._images is None:
+            t, pre = self.cfg.train, self.preprocess
+            pin = self.device.type == "cuda"
+            paths, targets = self._targets(TRAIN)
+            train = ImageDataset(paths, targets, train_transform(pre, t.augment, t.hflip, t.min_scale))
+            valid = None
+            vpaths, vtargets = self._targets(VALID)
+            if vpaths:
+                valid = make_loader(ImageDataset(vpaths, vtargets, eval_transform(pre)), t.batch_size, False,
+                                    t.num_workers, None, pin)
+            self._images = PhaseData(make_loader(train, t.batch_size, True, t.num_workers, self.generator, pin), valid)
+        return self._images
+
+    def features(self) -> PhaseData:
+        if self._features is None:
+            t = self.cfg.train
+            cache_root = t.cache_dir or default_cache_dir()
+            fingerprint = model_fingerprint(self.cfg.model.backbone, self.model.backbone, self.preprocess)
+            cache = FeatureCache(cache_root, fingerprint)
+            loaders: list[DataLoader | None] = []
+            for split in (TRAIN, VALID):
+                paths, targets = self._targets(split)
+                if not paths:
+                    loaders.append(None)
+                    continue
+                feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache,
+                                                t.batch_size, t.num_workers, t.channels_last)
+                self.feature_stats.append(stats)
+                ds = TensorDataset(feats, torch.tensor(targets))
+                loaders.append(DataLoader(ds, batch_size=t.batch_size, shuffle=split == TRAIN,
+                                          generator=self.generator if split == TRAIN else None))
+            assert loaders[0] is not None
+            self._features = PhaseData(loaders[0], loaders[1], on_features=True)
+        return self._features
