@@ -29,6 +29,8 @@ class FitResult:
     best_epoch: int
     stopped_early: bool
     seconds: float
+    trainable_params: int = 0  # most parameters training in any phase
+    valid_probs: np.ndarray | None = field(repr=False, default=None)  # rows follow data.split("valid")
     model: Any = field(repr=False, default=None)
     data: DataSource | None = field(repr=False, default=None)
 
@@ -70,35 +72,39 @@ def fit(
         if not cfg.data.path and not cfg.data.csv:
             raise ConfigError("no data given: pass a folder of images (or csv=...)")
         run_dir, ckpt = None, None
-    return _fit(cfg, label_func, run_dir, ckpt, callbacks or [], started)
+    source = load_items(cfg.data, cfg.seed, label_func)
+    if cfg.strategy.name == "auto":
+        from visiontune.advisor import advise_source
+
+        advice = advise_source(cfg, source)
+        log.info("advisor: %s", advice.explanation)
+        cfg = RunConfig.create(cfg, strategy=advice.strategy)
+    return fit_source(cfg, source, run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, started=started)
 
 
-def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckpt: dict[str, Any] | None,
+def fit_source(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None,
+               ckpt: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+               started: float | None = None) -> FitResult:
+    """Train on already loaded and split items (`cv` and `compare` build these per fold)."""
+    return _fit(cfg, source, run_dir, ckpt, callbacks or [], time.perf_counter() if started is None else started)
+
+
+def _fit(cfg: RunConfig, source: DataSource, run_dir: Path | None, ckpt: dict[str, Any] | None,
          extra_callbacks: list[Any], started: float) -> FitResult:
     import torch
 
     from visiontune.bundle import environment, write_config, write_json
     from visiontune.callbacks import Checkpoint, EarlyStopping, EpochPrinter, HistoryLogger
-    from visiontune.models import create_classifier
-    from visiontune.rundata import RunData
-    from visiontune.strategy import build_optimizer, make_plan
-    from visiontune.trainer import Trainer, prepare_model, resolve_device, seed_everything
+    from visiontune.trainer import Trainer
 
-    source = load_items(cfg.data, cfg.seed, label_func)
     log.info("%s", source.summary())
     if ckpt is not None and run_dir is not None:
         _check_same_classes(run_dir, source.classes)
-    seed_everything(cfg.seed)
-    model_cfg = replace(cfg.model, weights="none") if ckpt is not None else cfg.model
-    model, pre = create_classifier(model_cfg, len(source.classes))
-    device = resolve_device(cfg.train.device)
-    prepare_model(model, device, cfg.train.channels_last)
-    plan = make_plan(model, cfg.strategy, cfg.train)
-    optimizer = build_optimizer(model, plan, cfg.train)
+    model, pre, plan, optimizer, data, device = prepare_run(cfg, source, resuming=ckpt is not None)
     t = cfg.train
-    data = RunData(cfg, source, model, pre, plan, device, torch.Generator())
 
-    monitor, mode = t.monitor, t.resolved_mode()
+    monitor = resolve_monitor(t.monitor, source)
+    mode = t.mode if t.mode != "auto" else ("min" if "loss" in monitor else "max")
     if not source.split(VALID) and monitor != "train_loss":
         log.warning("no validation images: monitoring train_loss instead of %s", monitor)
         monitor, mode = "train_loss", "min"
@@ -107,6 +113,8 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
         _write_run_files(run_dir, cfg, source, pre, device)
     else:
         write_config(run_dir, cfg)
+    if model.warm_start:
+        write_json(run_dir / "warm_start.json", model.warm_start)
     checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best, t.min_delta)
     callbacks: list[Any] = [EpochPrinter(), checkpoint, HistoryLogger(run_dir)]
     stopper = EarlyStopping(monitor, mode, t.patience, t.min_delta) if t.patience > 0 else None
@@ -114,11 +122,13 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
         callbacks.insert(1, stopper)  # before the checkpoint, which saves its state
     callbacks += extra_callbacks
 
-    trainer = Trainer(model, plan, optimizer, data, cfg, source.classes, pre, callbacks, device, data.generator)
+    criterion = torch.nn.CrossEntropyLoss(weight=data.class_weights(), label_smoothing=t.label_smoothing)
+    trainer = Trainer(model, plan, optimizer, data, cfg, source.classes, pre, callbacks, device, data.generator,
+                      criterion)
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", cfg.strategy.name,
-             f"{_count_first_phase(model, plan):,}", f"{sum(p.numel() for p in model.parameters()):,}")
+             f"{_count_phase(model, plan, 0):,}", f"{sum(p.numel() for p in model.parameters()):,}")
     state = trainer.fit(start_epoch)
 
     # The model now holds the best epoch's weights (restore_best) or the last ones: report those.
@@ -132,13 +142,57 @@ def _fit(cfg: RunConfig, label_func: LabelFunc | None, run_dir: Path | None, ckp
     return FitResult(
         run_dir=str(run_dir), classes=source.classes, metrics=final, history=state.history,
         best_epoch=best_epoch, stopped_early=bool(stopper and stopper.stopped_epoch is not None),
-        seconds=time.perf_counter() - started, model=model, data=source,
+        seconds=time.perf_counter() - started,
+        trainable_params=max(_count_phase(model, plan, i) for i in range(len(plan.phases))),
+        valid_probs=_held_probs(checkpoint, trainer, t.restore_best), model=model, data=source,
     )
 
 
-def _count_first_phase(model: Any, plan: Any) -> int:
+def _held_probs(checkpoint: Any, trainer: Any, restore_best: bool) -> np.ndarray | None:
+    out = checkpoint.best_eval if restore_best and checkpoint.best_eval is not None else trainer.state.last_eval
+    return None if out is None else out.probs
+
+
+def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> tuple[Any, ...]:
+    """Model, preprocessing, plan, optimizer, per-phase data and device for `cfg` on `source`."""
+    import torch
+
+    from visiontune.models import create_classifier
+    from visiontune.rundata import RunData
+    from visiontune.strategy import build_optimizer, make_plan
+    from visiontune.trainer import prepare_model, resolve_device, seed_everything
+
+    seed_everything(cfg.seed)
+    model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model  # weights come from the checkpoint
+    model, pre = create_classifier(model_cfg, len(source.classes), source.classes)
+    device = resolve_device(cfg.train.device)
+    prepare_model(model, device, cfg.train.channels_last)
+    plan = make_plan(model, cfg.strategy, cfg.train)
+    optimizer = build_optimizer(model, plan, cfg.train)
+    data = RunData(cfg, source, model, pre, plan, device, torch.Generator())
+    return model, pre, plan, optimizer, data, device
+
+
+IMBALANCE_WARN_RATIO = 3.0
+
+
+def resolve_monitor(monitor: str, source: DataSource) -> str:
+    """'auto': val_loss, or macro_f1 when the training classes are imbalanced (largest /
+    smallest > 3), where accuracy and loss reward ignoring the small classes."""
+    if monitor != "auto":
+        return monitor
+    ratio = source.imbalance_ratio()
+    if ratio > IMBALANCE_WARN_RATIO:
+        log.warning("classes are imbalanced (largest/smallest = %.1f): accuracy is misleading; "
+                    "early stopping monitors macro_f1 (set --monitor to override; --balance weights|oversample "
+                    "to rebalance)", ratio)
+        return "macro_f1"
+    return "val_loss"
+
+
+def _count_phase(model: Any, plan: Any, index: int = 0) -> int:
     params = dict(model.named_parameters())
-    phase = plan.phases[0]
+    phase = plan.phases[index]
     return sum(params[n].numel() for gi, g in enumerate(plan.groups) if phase.trainable[gi] for n in g.param_names)
 
 
@@ -222,7 +276,7 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
     if unknown:
         raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; it knows {bundle.classes}")
     ds = ImageDataset([it.path for it in items], [known[it.label] for it in items], eval_transform(bundle.preprocess))
-    out = run_eval(bundle.model, make_loader(ds, batch_size, False, num_workers), dev, progress)
+    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev, progress)
     n = len(bundle.classes)
     metrics = {"accuracy": float("nan"), "macro_f1": float("nan")}
     metrics.update(classification_metrics(out.targets, out.preds, n))
@@ -261,7 +315,7 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     if not paths:
         return [], skipped
     ds = ImageDataset(paths, None, eval_transform(bundle.preprocess))
-    out = run_eval(bundle.model, make_loader(ds, batch_size, False, num_workers), dev)
+    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev)
     k = max(1, min(top_k, len(bundle.classes)))
     values, indices = torch.from_numpy(out.probs).topk(k, dim=1)
     preds = []

@@ -114,10 +114,12 @@ class Checkpoint(Callback):
         self.run_dir = Path(run_dir)
         self.tracker = Monitor(monitor, mode, min_delta)  # same notion of "better" as EarlyStopping
         self.restore_best = restore_best
+        self.best_eval: Any = None  # validation outputs (probabilities) of the best epoch
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         state = trainer.state
         if self.tracker.update(state.metrics, state.epoch):
+            self.best_eval = state.last_eval
             save_model(self.run_dir / "model.safetensors", trainer.model, trainer.classes,
                        trainer.preprocess, trainer.cfg.model)
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")

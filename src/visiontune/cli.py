@@ -20,6 +20,7 @@ EPILOG = """strategies:
   freeze-k         first --freeze K backbone layer groups frozen, the rest fine-tunes
   gradual          fastai fine_tune: --freeze-epochs head-only, then all with discriminative LRs
   scratch          random init, same harness: what pretraining buys
+  auto             measure data size and task similarity, pick one of the above (visiontune advise)
 
 examples:
   visiontune train data/hymenoptera --strategy gradual --epochs 5
@@ -33,6 +34,32 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a backbone on a folder of images",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("data", nargs="?", help="folder: <class>/ subfolders, or train/ + valid|val/ (+ test/)")
+    _add_run_options(p)
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+
+    p = sub.add_parser("cv", help="stratified k-fold cross-validation with out-of-fold probabilities")
+    p.add_argument("data", help="folder of images (train + valid images are pooled; test/ stays out)")
+    p.add_argument("--folds", type=int, default=5)
+    _add_run_options(p)
+
+    p = sub.add_parser("advise", help="measure the data and the task similarity, recommend a strategy")
+    p.add_argument("data", help="folder of images")
+    _add_run_options(p)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: suggested LR and a plot")
+    p.add_argument("data", help="folder of images")
+    p.add_argument("--plot", default="lr_find.png", help="where to save the plot (lr_find.png)")
+    p.add_argument("--num-iter", type=int, default=100)
+    _add_run_options(p)
+
+    p = sub.add_parser("compare", help="every strategy on the same split, seed and epochs, in one table")
+    p.add_argument("data", help="folder of images")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (all five)")
+    p.add_argument("--folds", type=int, help="cross-validate each strategy: mean +- std")
+    _add_run_options(p)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--csv", help="CSV of path,label[,split] (paths relative to DATA or the CSV's folder)")
     g.add_argument("--label-regex", help=r"label = group 1 of this regex on the file name, e.g. '^(.+)_\d+\.jpg$'")
@@ -45,10 +72,12 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--image-size", type=int, help="input size in pixels (the backbone's own)")
     g.add_argument("--head-hidden", type=int, help="hidden units in the head, 0 for a single linear layer (0)")
     g.add_argument("--head-dropout", type=float, help="dropout in the head (0)")
+    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", default=None,
+                   help="do not start head rows of ImageNet-named classes (e.g. 'ant') from the source classifier")
     g = p.add_argument_group("strategy")
-    g.add_argument("--strategy", choices=STRATEGIES, help="what trains (gradual)")
+    g.add_argument("--strategy", choices=STRATEGIES + ("auto",), help="what trains; auto: ask the advisor (gradual)")
     g.add_argument("--head-lr-mult", type=float, help="head LR / backbone LR (10)")
-    g.add_argument("--freeze", type=int, help="freeze-k: leading backbone layer groups to freeze (2)")
+    g.add_argument("--freeze", type=int, help="freeze-k: leading backbone layer groups to freeze (half of them)")
     g.add_argument("--freeze-epochs", type=int, help="gradual: head-only epochs first (1)")
     g.add_argument("--frozen-bn", choices=("eval", "train"), help="BatchNorm in frozen groups (eval)")
     g.add_argument("--trainable-bn", choices=("auto", "eval", "train"),
@@ -60,18 +89,23 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="(adamw)")
     g.add_argument("--weight-decay", type=float, help="(0.01 adamw, 1e-4 sgd; never on biases/norms)")
     g.add_argument("--schedule", choices=SCHEDULES, help="LR schedule within each phase (onecycle)")
-    g.add_argument("--monitor", help="metric for early stopping and the best checkpoint (val_loss)")
+    g.add_argument("--monitor", help="metric for early stopping and the best checkpoint "
+                   "(auto: val_loss, or macro_f1 when classes are imbalanced)")
     g.add_argument("--mode", choices=("auto", "min", "max"), help="direction of --monitor (auto)")
     g.add_argument("--patience", type=int, help="epochs without improvement before stopping; 0: never (3)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random crop/flip on training images")
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--balance", choices=("none", "weights", "oversample"),
+                   help="class-weighted loss or oversampling of small classes (none)")
+    g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="frozen phases run on augmented images instead of cached features")
+    g.add_argument("--cache-dir", help="feature cache folder ($VISIONTUNE_CACHE or ~/.cache/visiontune)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers (from the machine)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (auto)")
     g.add_argument("--seed", type=int, help="(0)")
     g.add_argument("--output", help="parent folder of run directories (runs)")
     g.add_argument("--name", help="run directory name (time-backbone-strategy)")
-    g.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
     g.add_argument("--config", metavar="YAML", help="start from this config.yaml (e.g. a run's)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -131,25 +165,70 @@ TRAIN_KEYS = (
     "csv", "label_regex", "valid_pct", "verify_images", "backbone", "weights", "image_size", "head_hidden",
     "head_dropout", "strategy", "head_lr_mult", "freeze", "freeze_epochs", "frozen_bn", "trainable_bn", "epochs", "batch_size",
     "lr", "optimizer", "weight_decay", "schedule", "monitor", "mode", "patience", "augment",
-    "label_smoothing", "num_workers", "device", "seed", "output", "name", "progress",
+    "label_smoothing", "num_workers", "device", "seed", "output", "name", "progress", "balance", "feature_cache", "warm_start",
+    "cache_dir",
 )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
+
+
+def _base_config(args: argparse.Namespace) -> Any:
+    from visiontune.bundle import read_config
+
+    return read_config(args.config) if args.config else None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import visiontune as vt
-    from visiontune.bundle import read_config
 
-    overrides = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
+    overrides = _overrides(args)
     if args.resume:
         result = vt.fit(args.data, resume=args.resume, **overrides)
     else:
         if not args.data and not args.csv:
             raise vt.ConfigError("train needs DATA (a folder of images) or --csv")
-        base = read_config(args.config) if args.config else None
-        result = vt.fit(args.data, config=base, **overrides)
+        result = vt.fit(args.data, config=_base_config(args), **overrides)
     print(f"run: {result.run_dir}")
     print(f"best epoch: {result.best_epoch} of {len(result.history)}  ({result.seconds:.1f}s)")
     print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from visiontune.cv import cross_validate
+
+    result = cross_validate(args.data, folds=args.folds, config=_base_config(args), **_overrides(args))
+    print(result.format())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from visiontune.cv import compare, format_compare
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    rows, out_dir = compare(args.data, strategies=strategies, folds=args.folds, config=_base_config(args),
+                            **_overrides(args))
+    print(format_compare(rows))
+    print(f"runs and compare.md: {out_dir}")
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from visiontune.advisor import advise
+
+    print(advise(args.data, config=_base_config(args), **_overrides(args)).format())
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from visiontune.lrfind import lr_find
+
+    result = lr_find(args.data, num_iter=args.num_iter, plot=args.plot, config=_base_config(args),
+                     **_overrides(args))
+    print(f"suggested lr (steepest descent): {result.suggested_lr:.2e}   loss minimum / 10: {result.min_loss_lr:.2e}")
+    print(f"plot: {result.plot}")
     return 0
 
 
@@ -217,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
             "demo": cmd_demo}
 
 

@@ -44,6 +44,7 @@ class ModelConfig:
     head_hidden: int = 0  # 0: one linear layer; N: linear(N) + ReLU + dropout + linear
     head_dropout: float = 0.0
     head_init_gain: float = 0.1  # xavier gain of the final layer (small: starting loss ~ ln C)
+    warm_start: bool = True  # head rows of classes named like ImageNet classes start from those rows
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class StrategyConfig:
 
     name: str = "gradual"
     head_lr_mult: float = 10.0  # head LR / backbone LR (d2l 14.2: 10x for the new layer)
-    freeze: int = 2  # freeze-k: number of leading backbone layer groups kept frozen
+    freeze: int | None = None  # freeze-k: leading backbone layer groups kept frozen; None: half of them
     freeze_epochs: int = 1  # gradual: head-only epochs before unfreezing
     layer_lr_ratio: float = 10.0  # gradual: last / first backbone group LR after unfreezing
     unfreeze_lr_scale: float = 0.5  # gradual: LR scale after unfreezing (fastai halves it)
@@ -75,7 +76,8 @@ class TrainConfig:
     step_size: int = 2  # step schedule: epochs between LR drops
     gamma: float = 0.1  # step schedule: LR factor per drop
     label_smoothing: float = 0.0
-    monitor: str = "val_loss"  # early stopping / best checkpoint metric
+    balance: str = "none"  # none | weights (class-weighted loss) | oversample (weighted sampler)
+    monitor: str = "auto"  # early stopping / best checkpoint metric; auto: val_loss (macro_f1 if imbalanced)
     mode: str = "auto"  # min | max | auto (min for *loss*, max otherwise)
     patience: int = 3  # epochs without improvement before stopping; 0 disables
     min_delta: float = 0.0
@@ -99,11 +101,6 @@ class TrainConfig:
         if self.weight_decay is not None:
             return self.weight_decay
         return 0.01 if self.optimizer == "adamw" else 1e-4
-
-    def resolved_mode(self) -> str:
-        if self.mode != "auto":
-            return self.mode
-        return "min" if "loss" in self.monitor else "max"
 
 
 @dataclass(frozen=True)
@@ -156,12 +153,13 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ConfigError for values no run can use."""
         s, t, d = self.strategy, self.train, self.data
-        _check_choice("strategy", s.name, STRATEGIES)
+        _check_choice("strategy", s.name, STRATEGIES + ("auto",))
         _check_choice("optimizer", t.optimizer, OPTIMIZERS)
         _check_choice("schedule", t.schedule, SCHEDULES)
         _check_choice("frozen_bn", s.frozen_bn, ("eval", "train"))
         _check_choice("trainable_bn", s.trainable_bn, ("auto", "eval", "train"))
         _check_choice("mode", t.mode, ("auto", "min", "max"))
+        _check_choice("balance", t.balance, ("none", "weights", "oversample"))
         if t.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {t.epochs}")
         if t.batch_size < 1:
@@ -174,7 +172,7 @@ class RunConfig:
                 f" the whole model, so epochs must exceed it (got epochs={t.epochs});"
                 " raise --epochs or lower --freeze-epochs"
             )
-        if s.name == "freeze-k" and s.freeze < 0:
+        if s.name == "freeze-k" and s.freeze is not None and s.freeze < 0:
             raise ConfigError(f"freeze must be >= 0, got {s.freeze}")
         if s.head_lr_mult <= 0 or s.layer_lr_ratio <= 0:
             raise ConfigError("head_lr_mult and layer_lr_ratio must be > 0")

@@ -54,6 +54,15 @@ class DataSource:
     def class_index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.classes)}
 
+    def class_counts(self, split: str = TRAIN) -> dict[str, int]:
+        counts = Counter(it.label for it in self.split(split))
+        return {c: counts.get(c, 0) for c in self.classes}
+
+    def imbalance_ratio(self, split: str = TRAIN) -> float:
+        """Largest class count / smallest (1.0 = balanced) over the training split."""
+        counts = [n for n in self.class_counts(split).values() if n > 0]
+        return max(counts) / min(counts) if counts else 1.0
+
     def summary(self) -> str:
         lines = [f"data: {self.root}  classes: {len(self.classes)}"]
         for split in (TRAIN, VALID, TEST):
@@ -62,6 +71,8 @@ class DataSource:
                 counts = Counter(it.label for it in items)
                 per_class = ", ".join(f"{c}={counts.get(c, 0)}" for c in self.classes)
                 lines.append(f"  {split}: {len(items)} images ({per_class})")
+        if self.split(TRAIN):
+            lines.append(f"  imbalance (largest/smallest train class): {self.imbalance_ratio():.2f}")
         if self.hidden:
             lines.append(f"  skipped {len(self.hidden)} hidden files/folders (e.g. {self.hidden[0]})")
         if self.excluded:

@@ -120,7 +120,7 @@ def extract_features(
         backbone.eval()
         ds = ImageDataset([paths[i] for i in missing], None, eval_transform(pre))
         done = 0
-        for x, _ in make_loader(ds, batch_size, False, num_workers):
+        for x, _ in make_loader(ds, batch_size, num_workers):
             out = backbone(to_device(x, device, channels_last)).float().cpu().numpy()
             for row in out:
                 i = missing[done]

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.images import load_rgb
 
@@ -37,16 +37,18 @@ def default_num_workers() -> int:
 def make_loader(
     dataset: Dataset,
     batch_size: int,
-    shuffle: bool,
     num_workers: int | None,
-    generator: torch.Generator | None = None,
     pin_memory: bool = False,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     workers = default_num_workers() if num_workers is None else num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         generator=generator,
         pin_memory=pin_memory,

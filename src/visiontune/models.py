@@ -55,6 +55,7 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = head
         self.num_features = num_features
+        self.warm_start: dict[str, int] = {}  # class -> ImageNet row its head row started from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -70,13 +71,24 @@ def parse_backbone(name: str) -> tuple[str, str]:
     return source, arch
 
 
-def create_classifier(cfg: ModelConfig, num_classes: int) -> tuple[Classifier, Preprocess]:
-    """The pretrained (or random) backbone without its classifier, plus a new head."""
-    body, num_features, pre, _ = create_source_model(cfg.backbone, cfg.weights)
+def create_classifier(cfg: ModelConfig, num_classes: int,
+                      classes: list[str] | None = None) -> tuple[Classifier, Preprocess]:
+    """The pretrained (or random) backbone without its classifier, plus a new head.
+
+    With `classes` and `cfg.warm_start`, head rows of classes named like ImageNet classes
+    start from the source classifier's rows; `model.warm_start` records the matches."""
+    body, num_features, pre, source_head = create_source_model(cfg.backbone, cfg.weights)
     if cfg.image_size:
         pre = Preprocess(cfg.image_size, pre.mean, pre.std, pre.interpolation, pre.crop_pct)
     head = build_head(num_features, num_classes, cfg.head_hidden, cfg.head_dropout, cfg.head_init_gain)
-    return Classifier(body, head, num_features), pre
+    model = Classifier(body, head, num_features)
+    if classes and cfg.warm_start and cfg.weights != "none" and source_head is not None and not cfg.head_hidden:
+        from visiontune.warmstart import warm_start_rows
+
+        model.warm_start = warm_start_rows(head[-1], source_head, classes)
+        if model.warm_start:
+            log.info("warm start: head rows from ImageNet classes %s", model.warm_start)
+    return model, pre
 
 
 def create_source_model(backbone: str, weights: str) -> tuple[nn.Module, int, Preprocess, nn.Module | None]:

@@ -27,6 +27,11 @@ from visiontune.transforms import eval_transform, train_transform
 log = logging.getLogger(__name__)
 
 
+def class_weight_values(counts: list[int]) -> list[float]:
+    total, n = sum(counts), len(counts)
+    return [total / (n * c) if c else 0.0 for c in counts]
+
+
 @dataclass
 class RunData:
     cfg: RunConfig
@@ -52,6 +57,24 @@ class RunData:
         body_frozen = not any(on for on, g in zip(phase.trainable, self.plan.groups) if not g.is_head)
         return self.cfg.train.feature_cache and body_frozen and self.cfg.strategy.frozen_bn == "eval"
 
+    def class_weights(self) -> torch.Tensor | None:
+        """balance='weights': w_c = N / (C * n_c) (sklearn's 'balanced'), mean 1 over samples."""
+        if self.cfg.train.balance != "weights":
+            return None
+        return torch.tensor(class_weight_values(list(self.source.class_counts().values())),
+                            dtype=torch.float32, device=self.device)
+
+    def _shuffle_args(self, targets: list[int]) -> dict:
+        """balance='oversample': draw with replacement, each class equally likely."""
+        if self.cfg.train.balance != "oversample":
+            return {"shuffle": True, "generator": self.generator}
+        from torch.utils.data import WeightedRandomSampler
+
+        counts = torch.bincount(torch.tensor(targets), minlength=len(self.source.classes)).float()
+        weights = (1.0 / counts.clamp(min=1))[torch.tensor(targets)]
+        return {"sampler": WeightedRandomSampler(weights.double(), len(targets), replacement=True,
+                                                 generator=self.generator)}
+
     def _targets(self, split: str) -> tuple[list[str], list[int]]:
         idx = self.source.class_index()
         items = self.source.split(split)
@@ -66,9 +89,10 @@ class RunData:
             valid = None
             vpaths, vtargets = self._targets(VALID)
             if vpaths:
-                valid = make_loader(ImageDataset(vpaths, vtargets, eval_transform(pre)), t.batch_size, False,
-                                    t.num_workers, None, pin)
-            self._images = PhaseData(make_loader(train, t.batch_size, True, t.num_workers, self.generator, pin), valid)
+                valid = make_loader(ImageDataset(vpaths, vtargets, eval_transform(pre)), t.batch_size,
+                                    t.num_workers, pin)
+            train_loader = make_loader(train, t.batch_size, t.num_workers, pin, **self._shuffle_args(targets))
+            self._images = PhaseData(train_loader, valid)
         return self._images
 
     def features(self) -> PhaseData:
@@ -87,8 +111,8 @@ class RunData:
                                                 t.batch_size, t.num_workers, t.channels_last)
                 self.feature_stats.append(stats)
                 ds = TensorDataset(feats, torch.tensor(targets))
-                loaders.append(DataLoader(ds, batch_size=t.batch_size, shuffle=split == TRAIN,
-                                          generator=self.generator if split == TRAIN else None))
+                order = self._shuffle_args(targets) if split == TRAIN else {}
+                loaders.append(DataLoader(ds, batch_size=t.batch_size, **order))
             assert loaders[0] is not None
             self._features = PhaseData(loaders[0], loaders[1], on_features=True)
         return self._features

@@ -98,14 +98,15 @@ def make_plan(model: Classifier, s: StrategyConfig, t: TrainConfig) -> Plan:
     elif s.name == "scratch":
         phases = [Phase("all (random init)", t.epochs, all_on, tuple([lr] * len(groups)))]
     elif s.name == "freeze-k":
-        if s.freeze > n_body:
+        k = n_body // 2 if s.freeze is None else s.freeze
+        if k > n_body:
             raise ConfigError(
-                f"--freeze {s.freeze} exceeds the {n_body} layer groups of this backbone "
+                f"--freeze {k} exceeds the {n_body} layer groups of this backbone "
                 f"({', '.join(g.name for g in groups[:-1])}); use 0..{n_body}"
             )
-        on = tuple(i >= s.freeze for i in range(len(groups)))
+        on = tuple(i >= k for i in range(len(groups)))
         lrs = tuple(0.0 if not on[i] else (lr if g.is_head else body_lr) for i, g in enumerate(groups))
-        phases = [Phase(f"first {s.freeze} groups frozen", t.epochs, on, lrs)]
+        phases = [Phase(f"first {k} groups frozen", t.epochs, on, lrs)]
     elif s.name == "gradual":
         scale = s.unfreeze_lr_scale
         body = [body_lr * scale / s.layer_lr_ratio ** (1 - i / max(1, n_body - 1)) for i in range(n_body)]

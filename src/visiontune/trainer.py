@@ -32,16 +32,6 @@ class TrainingDivergedError(VisiontuneError):
 
 
 @dataclass
-class TrainState:
-    epoch: int = -1  # index of the current (or last finished) epoch, 0-based
-    global_step: int = 0
-    phase: int = -1
-    history: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    should_stop: bool = False
-
-
-@dataclass
 class PhaseData:
     """What one phase trains and validates on: image loaders, or cached-feature loaders
     (`on_features`), in which case only `model.head` runs."""
@@ -60,6 +50,17 @@ class EvalOutput:
     @property
     def preds(self) -> np.ndarray:
         return self.probs.argmax(axis=1) if len(self.probs) else np.zeros(0, dtype=int)
+
+
+@dataclass
+class TrainState:
+    epoch: int = -1  # index of the current (or last finished) epoch, 0-based
+    global_step: int = 0
+    phase: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False
+    last_eval: EvalOutput | None = None  # validation outputs of the current epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -132,12 +133,13 @@ class Trainer:
         callbacks: list[Callback],
         device: torch.device,
         generator: torch.Generator | None = None,
+        criterion: nn.Module | None = None,
     ) -> None:
         self.model, self.plan, self.optimizer = model, plan, optimizer
         self.data = data  # phase index -> PhaseData
         self.cfg, self.classes, self.preprocess = cfg, classes, preprocess
         self.callbacks, self.device, self.generator = callbacks, device, generator
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.criterion = criterion or nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.state = TrainState()
         self.total_epochs = sum(p.epochs for p in plan.phases)
 
@@ -214,6 +216,7 @@ class Trainer:
         if data.valid is not None and len(data.valid.dataset) > 0:
             net = self.model.head if data.on_features else self.model
             out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last)
+            self.state.last_eval = out
             metrics["val_loss"] = out.loss
             metrics.update(classification_metrics(out.targets, out.preds, len(self.classes)))
         return metrics
