@@ -85,3 +85,12 @@ def test_compare_runs_each_strategy_on_the_same_split(flat_data: Path, tmp_path:
     splits = {p.parent.name: p.read_text() for p in Path(out).glob("*/splits.csv")}
     assert len(splits) == 3 and len(set(splits.values())) == 1  # same split for all
     assert (Path(out) / "compare.md").read_text().count("|") > 20
+
+
+def test_compare_with_folds_reports_mean_and_std(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    from visiontune.cv import format_compare
+
+    rows, _ = compare(flat_data, strategies=("feature-extract",), folds=3,
+                      **dict(tiny, epochs=2, lr=1e-2, output=str(tmp_path / "cmp")))
+    assert rows[0].accuracy_std is not None and 0 <= rows[0].accuracy <= 1
+    assert "+-" in format_compare(rows)
