@@ -10,9 +10,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.visiontune-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+pip_install() {  # pip's notes about local index folders it skips are noise here
+    .venv/bin/python -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    pip_install --upgrade pip
+    pip_install torch==2.14.1 torchvision==0.29.1
+    pip_install -e ".[dev]"
     echo "$want" > "$stamp"
 fi
