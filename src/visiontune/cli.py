@@ -139,6 +139,18 @@ def _add_others(sub: Any) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--head-lr-mult", type=float)
 
+    p = sub.add_parser("imagify", help="time series in a CSV -> Gramian Angular Field / recurrence images "
+                       "in OUT/<label>/, ready for train")
+    p.add_argument("table", help="CSV: one series per row plus a label column (or a long table with --value-col)")
+    p.add_argument("--kind", choices=("gadf", "gasf", "recurrence"), default="gadf")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--value-col", help="long table: the column holding the series (one point per row)")
+    p.add_argument("--window", type=int, help="points per image (windows of a long series)")
+    p.add_argument("--stride", type=int, help="points between window starts (= --window)")
+    p.add_argument("--size", type=int, default=64, help="image side = series length after PAA (64)")
+    p.add_argument("--min-length", type=int, default=8, help="shorter series are skipped (8)")
+
     p = sub.add_parser("demo", help="the main job: write scikit-image's faces/non-faces set as an image "
                        "folder, fine-tune the default pretrained backbone on it, print validation metrics")
     p.add_argument("--out", default="demo", help="working folder (demo)")
@@ -290,13 +302,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_imagify(args: argparse.Namespace) -> int:
+    from visiontune.imagify import imagify
+
+    report = imagify(args.table, args.out, kind=args.kind, label_col=args.label_col, value_col=args.value_col,
+                     window=args.window, stride=args.stride, size=args.size, min_length=args.min_length)
+    print(report.format())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from visiontune.demo import run_demo
 
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
-COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
             "demo": cmd_demo}
 
 
