@@ -64,6 +64,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--csv", help="CSV of path,label[,split] (paths relative to DATA or the CSV's folder)")
     g.add_argument("--label-regex", help=r"label = group 1 of this regex on the file name, e.g. '^(.+)_\d+\.jpg$'")
     g.add_argument("--valid-pct", type=float, help="validation fraction when there is no valid/ folder (0.2)")
+    g.add_argument("--relabel", help="CSV path,label of corrected labels (your files stay untouched)")
+    g.add_argument("--exclude", help="file listing images to leave out (one path per line, or a CSV's first column)")
     g.add_argument("--no-verify", dest="verify_images", action="store_false", default=None,
                    help="skip decoding every image while scanning")
     g = p.add_argument_group("model")
@@ -151,6 +153,15 @@ def _add_others(sub: Any) -> None:
     p.add_argument("--size", type=int, default=64, help="image side = series length after PAA (64)")
     p.add_argument("--min-length", type=int, default=8, help="shorter series are skipped (8)")
 
+    p = sub.add_parser("interpret", help="confusion, top losses, Grad-CAM, suspected mislabels, duplicates, "
+                       "curves and report.html in RUN/interpret/")
+    p.add_argument("run", help="run directory")
+    p.add_argument("data", nargs="?", help="data folder (default: the run's own splits.csv)")
+    p.add_argument("--oof", help="out-of-fold probabilities from `visiontune cv` (oof.csv) for the mislabel ranking")
+    p.add_argument("--top-n", type=int, default=16)
+    p.add_argument("--saliency", nargs="+", metavar="IMAGE", help="also explain these images with Grad-CAM")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("demo", help="the main job: write scikit-image's faces/non-faces set as an image "
                        "folder, fine-tune the default pretrained backbone on it, print validation metrics")
     p.add_argument("--out", default="demo", help="working folder (demo)")
@@ -174,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TRAIN_KEYS = (
-    "csv", "label_regex", "valid_pct", "verify_images", "backbone", "weights", "image_size", "head_hidden",
+    "csv", "relabel", "exclude", "label_regex", "valid_pct", "verify_images", "backbone", "weights", "image_size", "head_hidden",
     "head_dropout", "strategy", "head_lr_mult", "freeze", "freeze_epochs", "frozen_bn", "trainable_bn", "epochs", "batch_size",
     "lr", "optimizer", "weight_decay", "schedule", "monitor", "mode", "patience", "augment",
     "label_smoothing", "num_workers", "device", "seed", "output", "name", "progress", "balance", "feature_cache", "warm_start",
@@ -311,13 +322,21 @@ def cmd_imagify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interpret(args: argparse.Namespace) -> int:
+    from visiontune.interpret import interpret
+
+    print(interpret(args.run, args.data, top_n=args.top_n, oof=args.oof, device=args.device,
+                    saliency=args.saliency).format())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from visiontune.demo import run_demo
 
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
-COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "interpret": cmd_interpret, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
             "demo": cmd_demo}
 
 

@@ -31,6 +31,8 @@ class DataConfig:
     label_regex: str | None = None  # label = group 1 of this regex matched on the file name
     label_func: str | None = None  # name of the Python function used (recorded, not re-run)
     valid_pct: float = 0.2  # used when the data has no valid/ split
+    relabel: str | None = None  # CSV path,label: corrected labels, applied without touching files
+    exclude: str | None = None  # file of paths (one per line, or a CSV's first column) to leave out
     verify_images: bool = True  # decode every image once while scanning; excludes corrupt ones
 
 

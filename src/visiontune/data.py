@@ -101,6 +101,8 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         if label_func is None and cfg.label_regex:
             label_func = _regex_labeller(cfg.label_regex)
         source = _from_folders(root, label_func)
+    if cfg.relabel or cfg.exclude:
+        _apply_corrections(source, cfg.relabel, cfg.exclude)
     if cfg.verify_images:
         _drop_unreadable(source)
     _check_classes(source, min_classes)
@@ -222,6 +224,42 @@ def _walk_images(source: DataSource, folder: Path) -> Iterable[str]:
             else:
                 found.append(str(path))
     return sorted(found)
+
+
+def _read_path_column(path: str, what: str) -> list[list[str]]:
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file {path!r} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in csv.reader(fh) if r and r[0].strip()]
+    if rows and rows[0][0].strip().lower() in PATH_COLUMNS:
+        rows = rows[1:]
+    return rows
+
+
+def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None) -> None:
+    """Fix labels and drop images as listed (e.g. from interpret's mislabels.csv); paths match
+    by their resolved location, so relative and absolute spellings both work."""
+    def key(p: str) -> str:
+        return os.path.realpath(p)
+
+    dropped = {key(r[0].strip()) for r in _read_path_column(exclude, "--exclude")} if exclude else set()
+    fixes = {}
+    for row in _read_path_column(relabel, "--relabel") if relabel else []:
+        if len(row) < 2 or not row[1].strip():
+            raise DataError(f"--relabel row {row} needs path,label")
+        fixes[key(row[0].strip())] = row[1].strip()
+    kept = []
+    for it in source.items:
+        k = key(it.path)
+        if k in dropped:
+            source.excluded.append((it.path, "listed in --exclude"))
+        else:
+            kept.append(replace(it, label=fixes[k]) if k in fixes else it)
+    found = {key(it.path) for it in source.items}
+    unknown = sorted(set(fixes) - found)
+    if unknown:
+        log.warning("--relabel lists %d paths that are not in the data, e.g. %s", len(unknown), unknown[0])
+    source.items = kept
 
 
 def _drop_unreadable(source: DataSource) -> None:

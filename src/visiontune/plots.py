@@ -1,0 +1,90 @@
+"""Matplotlib figures saved as PNG (Agg backend, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
+    plt = _plt()
+    norm = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
+    side = max(4.0, 0.6 * len(classes) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
+    for ax, data, title in ((axes[0], matrix, "counts"), (axes[1], norm, "normalised by actual")):
+        ax.imshow(data, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(title)
+        for (i, j), v in np.ndenumerate(data):
+            ax.text(j, i, f"{v:.2f}" if data is norm else f"{int(v)}", ha="center", va="center",
+                    color="white" if v > data.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_grid(path: Path, images: list[np.ndarray], titles: list[str], overlays: list[np.ndarray] | None = None,
+              cols: int = 4) -> None:
+    plt = _plt()
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k])
+            if overlays is not None:
+                ax.imshow(overlays[k], cmap="jet", alpha=0.45)
+            ax.set_title(titles[k], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_curves(path: Path, history: list[dict[str, Any]]) -> None:
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in ("train_loss", "val_loss"):
+        if any(key in h for h in history):
+            a.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    a.set_xlabel("epoch")
+    a.set_title("loss")
+    a.legend()
+    for key in ("accuracy", "macro_f1"):
+        if any(key in h for h in history):
+            b.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    b.set_xlabel("epoch")
+    b.set_title("validation metrics")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_filters(path: Path, filters: np.ndarray) -> None:
+    n = len(filters)
+    cols = min(16, n)
+    plt = _plt()
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(filters[k], interpolation="nearest")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
