@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import time
@@ -221,17 +219,13 @@ def _new_run_dir(cfg: RunConfig) -> Path:
 
 
 def _write_run_files(run_dir: Path, cfg: RunConfig, source: DataSource, pre: Any, device: Any) -> None:
-    from visiontune.bundle import environment, write_config, write_json, write_text
+    from visiontune.bundle import environment, write_config, write_csv, write_json, write_text
 
     write_config(run_dir, cfg)
     write_json(run_dir / "classes.json", source.classes)
     write_json(run_dir / "preprocess.json", pre.to_dict())
     write_json(run_dir / "environment.json", environment(cfg, str(device)))
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", "split"])
-    w.writerows((it.path, it.label, it.split) for it in source.items)
-    write_text(run_dir / "splits.csv", buf.getvalue())
+    write_csv(run_dir / "splits.csv", ["path", "label", "split"], ((it.path, it.label, it.split) for it in source.items))
     excluded = [f"{p}\t{why}" for p, why in source.excluded] + [f"{p}\thidden" for p in source.hidden]
     write_text(run_dir / "excluded.txt", "".join(line + "\n" for line in excluded))
 
@@ -326,34 +320,25 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    from visiontune.images import check_image, has_image_extension, is_hidden
+    """Image files among `inputs` (folders searched recursively, as `train` scans them);
+    (path, reason) for everything skipped."""
+    from visiontune.data import check_images, walk_images
 
-    found, skipped = [], []
+    found: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    if is_hidden(name):
-                        skipped.append((full, "hidden"))
-                    elif not has_image_extension(name):
-                        skipped.append((full, "not an image (file extension)"))
-                    else:
-                        found.append(full)
+            scan = DataSource(root=item, classes=[], items=[])
+            found += walk_images(scan, p)
+            skipped += [(h, "hidden") for h in scan.hidden] + scan.excluded
         elif p.is_file():
             found.append(str(p))
         else:
             skipped.append((item, "no such file or folder"))
-    good = []
-    for path in found:
-        reason = check_image(path)
-        if reason is None:
-            good.append(path)
-        else:
-            skipped.append((path, reason))
-    return good, skipped
+    reasons = check_images(found)
+    skipped += [(path, why) for path, why in zip(found, reasons) if why is not None]
+    return [path for path, why in zip(found, reasons) if why is None], skipped
 
 
 # -- inspect ----------------------------------------------------------------------------

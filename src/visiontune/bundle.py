@@ -68,6 +68,18 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, write)
 
 
+def write_csv(path: str | os.PathLike[str], header: list[str], rows: Any) -> None:
+    """A header and rows as CSV, written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

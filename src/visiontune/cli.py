@@ -277,16 +277,12 @@ def _write_predictions(path: str, preds: list[Any]) -> None:
         write_text(path, json.dumps([{"path": p.path, "label": p.label, "prob": p.prob,
                                       "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k]} for p in preds], indent=2))
         return
-    import csv
-    import io
+    from visiontune.bundle import write_csv
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
     k = max((len(p.top_k) for p in preds), default=1)
-    w.writerow(["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")])
-    for p in preds:
-        w.writerow([p.path, p.label, f"{p.prob:.6f}"] + [v for lb, pr in p.top_k[1:] for v in (lb, f"{pr:.6f}")])
-    write_text(path, buf.getvalue())
+    write_csv(path, ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")],
+              ([p.path, p.label, f"{p.prob:.6f}"] + [v for lb, pr in p.top_k[1:] for v in (lb, f"{pr:.6f}")]
+               for p in preds))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -8,8 +8,6 @@ strategies compute backbone features once for all folds and strategies.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import statistics
@@ -21,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from visiontune.api import FitResult, fit_source
-from visiontune.bundle import write_json, write_text
+from visiontune.bundle import write_csv, write_json, write_text
 from visiontune.config import STRATEGIES, RunConfig
 from visiontune.data import TEST, TRAIN, VALID, DataSource, LabelFunc, load_items
 from visiontune.errors import ConfigError, DataError
@@ -114,12 +112,9 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
 
 
 def _write_oof(path: Path, pool: list[Any], fold_of: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", "fold", "predicted", *[f"prob_{c}" for c in classes]])
-    for it, fold, p in zip(pool, fold_of, probs):
-        w.writerow([it.path, it.label, int(fold), classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
-    write_text(path, buf.getvalue())
+    write_csv(path, ["path", "label", "fold", "predicted", *[f"prob_{c}" for c in classes]],
+              ([it.path, it.label, int(fold), classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]]
+               for it, fold, p in zip(pool, fold_of, probs)))
 
 
 @dataclass

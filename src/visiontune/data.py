@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -161,7 +161,7 @@ def _collect_class_folders(source: DataSource, folder: Path, split: str) -> None
             "names use --label-regex, for a label file use --csv"
         )
     for class_dir in class_dirs:
-        paths = list(_walk_images(source, class_dir))
+        paths = list(walk_images(source, class_dir))
         if not paths:
             raise DataError(
                 f"class folder {str(class_dir)!r} holds no image files; add images or remove "
@@ -171,7 +171,7 @@ def _collect_class_folders(source: DataSource, folder: Path, split: str) -> None
 
 
 def _collect_named(source: DataSource, folder: Path, split: str, label_func: LabelFunc) -> None:
-    for p in _walk_images(source, folder):
+    for p in walk_images(source, folder):
         try:
             label = label_func(Path(p))
         except Exception as exc:  # noqa: BLE001 - the user's function, reported per file
@@ -208,7 +208,7 @@ def _note_hidden(source: DataSource, p: Path) -> bool:
     return False
 
 
-def _walk_images(source: DataSource, folder: Path) -> Iterable[str]:
+def walk_images(source: DataSource, folder: Path) -> list[str]:
     """Image files below `folder`, sorted; hidden entries and other files are reported."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
@@ -262,9 +262,14 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     source.items = kept
 
 
-def _drop_unreadable(source: DataSource) -> None:
+def check_images(paths: list[str]) -> list[str | None]:
+    """`check_image` over many files on a thread pool (decoders release the GIL)."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        reasons = list(pool.map(check_image, [it.path for it in source.items]))
+        return list(pool.map(check_image, paths))
+
+
+def _drop_unreadable(source: DataSource) -> None:
+    reasons = check_images([it.path for it in source.items])
     kept = []
     for item, reason in zip(source.items, reasons):
         if reason is None:

@@ -9,7 +9,6 @@ top losses, first-layer filters, training curves, and a self-contained `report.h
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from visiontune.bundle import write_csv
 from visiontune.data import TEST, TRAIN, VALID
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,6 @@ def _items(run: Path, data: str | None, seed: int, valid_pct: float) -> list[tup
     return [(it.path, it.label, it.split) for it in source.items]
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    from visiontune.bundle import write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
 def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None = None, *, top_n: int = 16,
               oof: str | os.PathLike[str] | None = None, device: str = "auto", batch_size: int = 64,
               num_workers: int | None = None, saliency: list[str] | None = None) -> InterpretResult:
@@ -101,19 +91,19 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     res.metrics = classification_metrics(ev.targets, ev.preds, n)
     matrix = confusion(ev.targets, ev.preds, n)
     save_confusion(out / "confusion.png", matrix, classes)
-    _write_csv(out / "confusion.csv", ["actual \\ predicted", *classes], [[c, *row.tolist()] for c, row in zip(classes, matrix)])
+    write_csv(out / "confusion.csv", ["actual \\ predicted", *classes], [[c, *row.tolist()] for c, row in zip(classes, matrix)])
     norm = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
-    _write_csv(out / "confusion_normalized.csv", ["actual \\ predicted", *classes],
+    write_csv(out / "confusion_normalized.csv", ["actual \\ predicted", *classes],
                [[c, *[f"{v:.4f}" for v in row]] for c, row in zip(classes, norm)])
     report = per_class_report(ev.targets, ev.preds, classes)
-    _write_csv(out / "per_class.csv", list(report[0]), [list(r.values()) for r in report])
+    write_csv(out / "per_class.csv", list(report[0]), [list(r.values()) for r in report])
     pairs = sorted(((int(matrix[i, j]), classes[i], classes[j]) for i in range(n) for j in range(n)
                     if i != j and matrix[i, j] > 0), reverse=True)
-    _write_csv(out / "most_confused.csv", ["actual", "predicted", "count"], [[a, p, c] for c, a, p in pairs])
+    write_csv(out / "most_confused.csv", ["actual", "predicted", "count"], [[a, p, c] for c, a, p in pairs])
 
     losses = -np.log(np.clip(ev.probs[np.arange(len(ev.targets)), ev.targets], 1e-12, 1.0))
     order = np.argsort(-losses)[:top_n]
-    _write_csv(out / "top_losses.csv", ["path", "actual", "predicted", "loss", "prob_predicted"],
+    write_csv(out / "top_losses.csv", ["path", "actual", "predicted", "loss", "prob_predicted"],
                [[ds.paths[i], classes[ev.targets[i]], classes[ev.preds[i]], f"{losses[i]:.4f}",
                  f"{ev.probs[i, ev.preds[i]]:.4f}"] for i in order])
     _grid(out / "top_losses.png", [ds.paths[i] for i in order],
@@ -191,7 +181,7 @@ def _mislabels(out: Path, bundle: Any, items: list[tuple[str, str, str]], oof: A
     feats = extract_features(bundle.model.backbone, paths, bundle.preprocess, dev, cache)[0].numpy()
     odd = rank_outliers(feats)
     order = np.argsort(-odd)
-    _write_csv(out / "outliers.csv", ["rank", "path", "label", "atypicality"],
+    write_csv(out / "outliers.csv", ["rank", "path", "label", "atypicality"],
                [[k + 1, paths[i], labels[i], f"{odd[i]:.4f}"] for k, i in enumerate(order)])
     _grid(out / "outliers.png", [paths[i] for i in order[:8]],
           [f"{labels[i]} atypicality {odd[i]:.2f}" for i in order[:8]], bundle.preprocess.input_size)
@@ -203,7 +193,7 @@ def _mislabels(out: Path, bundle: Any, items: list[tuple[str, str, str]], oof: A
     else:
         probs = oof_probabilities(feats, labels, classes, cfg.seed if cfg else 0)
     suspects = rank_mislabels(paths, labels, probs, classes)
-    _write_csv(out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
+    write_csv(out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
                [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged]
                 for k, s in enumerate(suspects)])
     top = suspects[:16]
@@ -214,7 +204,7 @@ def _mislabels(out: Path, bundle: Any, items: list[tuple[str, str, str]], oof: A
 
 def _duplicates(out: Path, items: list[tuple[str, str, str]], find: Any) -> tuple[list[Any], int]:
     pairs = find([(p, s) for p, _, s in items])
-    _write_csv(out / "duplicates.csv", ["a", "b", "split_a", "split_b", "kind", "hamming", "crosses_splits"],
+    write_csv(out / "duplicates.csv", ["a", "b", "split_a", "split_b", "kind", "hamming", "crosses_splits"],
                [[d.a, d.b, d.split_a, d.split_b, d.kind, d.distance, d.crosses_splits] for d in pairs])
     leaks = sum(d.crosses_splits for d in pairs)
     if leaks:

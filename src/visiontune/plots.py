@@ -58,19 +58,15 @@ def save_grid(path: Path, images: list[np.ndarray], titles: list[str], overlays:
 def save_curves(path: Path, history: list[dict[str, Any]]) -> None:
     plt = _plt()
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key in ("train_loss", "val_loss"):
-        if any(key in h for h in history):
-            a.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
-    a.set_xlabel("epoch")
-    a.set_title("loss")
-    a.legend()
-    for key in ("accuracy", "macro_f1"):
-        if any(key in h for h in history):
-            b.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
-    b.set_xlabel("epoch")
-    b.set_title("validation metrics")
-    b.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = ((("train_loss", "val_loss"), "loss"), (("accuracy", "macro_f1"), "validation metrics"))
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            if any(key in h for h in history):
+                ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
