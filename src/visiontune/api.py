@@ -292,8 +292,9 @@ class Prediction:
 def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
             top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
             ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Classify image files and folders (searched recursively). Returns the predictions and
-    the (path, reason) of inputs that were skipped (hidden, not images, unreadable)."""
+    """Classify image files and folders (searched recursively) with a run directory, its
+    model.safetensors, or an exported .onnx / .ts file. Returns the predictions and the
+    (path, reason) of inputs that were skipped (hidden, not images, unreadable)."""
     import torch
 
     from visiontune.bundle import load_bundle
@@ -304,12 +305,17 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths, skipped = collect_images([str(p) for p in inputs])
-    dev = resolve_device(device)
-    bundle = load_bundle(run, dev)
+    if str(run).endswith((".onnx", ".ts")):
+        from visiontune.export import load_exported
+
+        dev, bundle, channels_last = resolve_device("cpu"), load_exported(run), False
+    else:
+        dev = resolve_device(device)
+        bundle, channels_last = load_bundle(run, dev), True
     if not paths:
         return [], skipped
     ds = ImageDataset(paths, None, eval_transform(bundle.preprocess))
-    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev)
+    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev, channels_last=channels_last)
     k = max(1, min(top_k, len(bundle.classes)))
     values, indices = torch.from_numpy(out.probs).topk(k, dim=1)
     preds = []

@@ -114,7 +114,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _add_others(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files and folders with a trained run")
-    p.add_argument("run", help="run directory (or its model.safetensors)")
+    p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.ts")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--output", help="write all predictions to a .csv or .json file")
@@ -152,6 +152,12 @@ def _add_others(sub: Any) -> None:
     p.add_argument("--stride", type=int, help="points between window starts (= --window)")
     p.add_argument("--size", type=int, default=64, help="image side = series length after PAA (64)")
     p.add_argument("--min-length", type=int, default=8, help="shorter series are skipped (8)")
+
+    p = sub.add_parser("export", help="ONNX or TorchScript with class names and preprocessing inside; "
+                       "checked against the eager model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--output", help="file to write (RUN/model.onnx or RUN/model.ts)")
 
     p = sub.add_parser("interpret", help="confusion, top losses, Grad-CAM, suspected mislabels, duplicates, "
                        "curves and report.html in RUN/interpret/")
@@ -318,6 +324,15 @@ def cmd_imagify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from visiontune.export import export
+
+    result = export(args.run, args.format, args.output)
+    print(f"{result.format}: {result.path}")
+    print(f"parity check: max |eager - exported| = {result.max_abs_diff:.2e}")
+    return 0
+
+
 def cmd_interpret(args: argparse.Namespace) -> int:
     from visiontune.interpret import interpret
 
@@ -332,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
-COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "interpret": cmd_interpret, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "interpret": cmd_interpret, "export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
             "demo": cmd_demo}
 
 
