@@ -60,7 +60,11 @@ def fit(
         if data is not None:
             overrides["path"] = str(data)
         cfg = RunConfig.create(base, **overrides)
-        ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
+        if (run_dir / LAST_CHECKPOINT).is_file():
+            ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
+        else:  # killed before its first epoch ended: start that run again, in place
+            log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
+            ckpt = None
     else:
         if data is not None:
             overrides["path"] = str(data)
