@@ -159,6 +159,12 @@ def _add_others(sub: Any) -> None:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--output", help="file to write (RUN/model.onnx or RUN/model.ts)")
 
+    p = sub.add_parser("serve", help="web page + JSON API on localhost: drop an image, see the top-k labels")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--top-k", type=int, default=3)
+
     p = sub.add_parser("interpret", help="confusion, top losses, Grad-CAM, suspected mislabels, duplicates, "
                        "curves and report.html in RUN/interpret/")
     p.add_argument("run", help="run directory")
@@ -333,6 +339,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from visiontune.serve import serve
+
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(args.run, args.host, args.port, args.top_k)
+    return 0
+
+
 def cmd_interpret(args: argparse.Namespace) -> int:
     from visiontune.interpret import interpret
 
@@ -347,7 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
-COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "interpret": cmd_interpret, "export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "lr-find": cmd_lr_find, "advise": cmd_advise, "imagify": cmd_imagify, "interpret": cmd_interpret, "export": cmd_export, "serve": cmd_serve, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
             "demo": cmd_demo}
 
 
