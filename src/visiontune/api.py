@@ -110,23 +110,25 @@ def _fit(cfg: RunConfig, source: DataSource, run_dir: Path | None, ckpt: dict[st
     if not source.split(VALID) and monitor != "train_loss":
         log.warning("no validation images: monitoring train_loss instead of %s", monitor)
         monitor, mode = "train_loss", "min"
+    main = data.env.is_main  # under torchrun only rank 0 writes
     if run_dir is None:
-        run_dir = _new_run_dir(cfg)
-        _write_run_files(run_dir, cfg, source, pre, device)
-    else:
+        run_dir = _new_run_dir(cfg) if main else Path(os.devnull)
+        if main:
+            _write_run_files(run_dir, cfg, source, pre, device)
+    elif main:
         write_config(run_dir, cfg)
-    if model.warm_start:
+    if model.warm_start and main:
         write_json(run_dir / "warm_start.json", model.warm_start)
-    checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best, t.min_delta)
-    callbacks: list[Any] = [EpochPrinter(), checkpoint, HistoryLogger(run_dir)]
+    checkpoint = Checkpoint(run_dir, monitor, mode, t.restore_best, t.min_delta, write=main)
+    callbacks: list[Any] = [EpochPrinter(), checkpoint, HistoryLogger(run_dir)] if main else [checkpoint]
     stopper = EarlyStopping(monitor, mode, t.patience, t.min_delta) if t.patience > 0 else None
     if stopper:
-        callbacks.insert(1, stopper)  # before the checkpoint, which saves its state
+        callbacks.insert(1 if main else 0, stopper)  # before the checkpoint, which saves its state
     callbacks += extra_callbacks
 
     criterion = torch.nn.CrossEntropyLoss(weight=data.class_weights(), label_smoothing=t.label_smoothing)
     trainer = Trainer(model, plan, optimizer, data, cfg, source.classes, pre, callbacks, device, data.generator,
-                      criterion)
+                      criterion, data.env)
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", cfg.strategy.name,
@@ -138,9 +140,10 @@ def _fit(cfg: RunConfig, source: DataSource, run_dir: Path | None, ckpt: dict[st
     held = best_epoch if t.restore_best and best_epoch > 0 else len(state.history)
     row = state.history[held - 1] if state.history else {}
     final = {k: float(v) for k, v in row.items() if k not in ("epoch", "phase", "lr", "seconds", "train_loss")}
-    write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
-                                          "epochs_run": len(state.history)})
-    write_json(run_dir / "environment.json", environment(cfg, str(device)))
+    if main:
+        write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
+                                              "epochs_run": len(state.history)})
+        write_json(run_dir / "environment.json", {**environment(cfg, str(device)), "world_size": data.env.world_size})
     return FitResult(
         run_dir=str(run_dir), classes=source.classes, metrics=final, history=state.history,
         best_epoch=best_epoch, stopped_early=bool(stopper and stopper.stopped_epoch is not None),
@@ -159,19 +162,22 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> t
     """Model, preprocessing, plan, optimizer, per-phase data and device for `cfg` on `source`."""
     import torch
 
+    from visiontune import distributed
     from visiontune.models import create_classifier
     from visiontune.rundata import RunData
     from visiontune.strategy import build_optimizer, make_plan
     from visiontune.trainer import prepare_model, resolve_device, seed_everything
 
-    seed_everything(cfg.seed)
+    env = distributed.from_env()
+    device = distributed.device_for(env, resolve_device(cfg.train.device))
+    distributed.init(env, device)
+    seed_everything(cfg.seed)  # the same initial weights in every process
     model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model  # weights come from the checkpoint
     model, pre = create_classifier(model_cfg, len(source.classes), source.classes)
-    device = resolve_device(cfg.train.device)
     prepare_model(model, device, cfg.train.channels_last)
     plan = make_plan(model, cfg.strategy, cfg.train)
     optimizer = build_optimizer(model, plan, cfg.train)
-    data = RunData(cfg, source, model, pre, plan, device, torch.Generator())
+    data = RunData(cfg, source, model, pre, plan, device, torch.Generator(), env)
     return model, pre, plan, optimizer, data, device
 
 

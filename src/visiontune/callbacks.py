@@ -110,22 +110,27 @@ class Checkpoint(Callback):
     """
 
     def __init__(self, run_dir: Path, monitor: str, mode: str, restore_best: bool = True,
-                 min_delta: float = 0.0) -> None:
+                 min_delta: float = 0.0, write: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.write = write  # False in processes other than rank 0: track, never write
         self.tracker = Monitor(monitor, mode, min_delta)  # same notion of "better" as EarlyStopping
         self.restore_best = restore_best
         self.best_eval: Any = None  # validation outputs (probabilities) of the best epoch
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         state = trainer.state
-        if self.tracker.update(state.metrics, state.epoch):
+        improved = self.tracker.update(state.metrics, state.epoch)
+        if improved:
             self.best_eval = state.last_eval
+        if not self.write:
+            return
+        if improved:
             save_model(self.run_dir / "model.safetensors", trainer.model, trainer.classes,
                        trainer.preprocess, trainer.cfg.model)
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if self.restore_best and self.tracker.best_epoch >= 0 and self.tracker.best_epoch != trainer.state.epoch:
+        if self.write and self.restore_best and self.tracker.best_epoch >= 0 and self.tracker.best_epoch != trainer.state.epoch:
             from safetensors.torch import load_file
 
             trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))

@@ -4,13 +4,14 @@ the whole backbone is frozen (see features.py). Built lazily and once."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from visiontune.config import RunConfig
 from visiontune.data import TRAIN, VALID, DataSource
+from visiontune.distributed import DistEnv
 from visiontune.features import (
     FeatureCache,
     FeatureStats,
@@ -41,6 +42,7 @@ class RunData:
     plan: Plan
     device: torch.device
     generator: torch.Generator
+    env: DistEnv = field(default_factory=DistEnv)
 
     def __post_init__(self) -> None:
         self._images: PhaseData | None = None
@@ -55,7 +57,8 @@ class RunData:
         backbone group frozen and its BatchNorm in eval mode."""
         phase = self.plan.phases[phase_index]
         body_frozen = not any(on for on, g in zip(phase.trainable, self.plan.groups) if not g.is_head)
-        return self.cfg.train.feature_cache and body_frozen and self.cfg.strategy.frozen_bn == "eval"
+        return (self.cfg.train.feature_cache and body_frozen and self.cfg.strategy.frozen_bn == "eval"
+                and not self.env.launched)
 
     def class_weights(self) -> torch.Tensor | None:
         """balance='weights': w_c = N / (C * n_c) (sklearn's 'balanced'), mean 1 over samples."""
@@ -88,12 +91,31 @@ class RunData:
             train = ImageDataset(paths, targets, train_transform(pre, t.augment, t.hflip, t.min_scale))
             valid = None
             vpaths, vtargets = self._targets(VALID)
+            if self.env.launched:  # each process validates every world_size-th image; outputs are gathered
+                step = self.env.world_size
+                vpaths, vtargets = vpaths[self.env.rank :: step], vtargets[self.env.rank :: step]
             if vpaths:
                 valid = make_loader(ImageDataset(vpaths, vtargets, eval_transform(pre)), t.batch_size,
                                     t.num_workers, pin)
-            train_loader = make_loader(train, t.batch_size, t.num_workers, pin, **self._shuffle_args(targets))
+            if self.env.launched:
+                train_loader = self._distributed_loader(train, pin)
+            else:
+                train_loader = make_loader(train, t.batch_size, t.num_workers, pin, **self._shuffle_args(targets))
             self._images = PhaseData(train_loader, valid)
         return self._images
+
+    def _distributed_loader(self, train: ImageDataset, pin: bool) -> DataLoader:
+        from torch.utils.data import DistributedSampler
+
+        from visiontune.errors import ConfigError
+
+        t, world = self.cfg.train, self.env.world_size
+        if t.batch_size % world:
+            raise ConfigError(f"batch_size {t.batch_size} must be a multiple of the {world} processes")
+        if t.balance == "oversample":
+            raise ConfigError("--balance oversample is not supported under torchrun; use --balance weights")
+        sampler = DistributedSampler(train, num_replicas=world, rank=self.env.rank, shuffle=True, seed=self.cfg.seed)
+        return make_loader(train, t.batch_size // world, t.num_workers, pin, sampler=sampler)
 
     def features(self) -> PhaseData:
         if self._features is None:

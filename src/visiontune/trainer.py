@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from visiontune.bundle import save_checkpoint
 from visiontune.callbacks import Callback
 from visiontune.config import RunConfig
+from visiontune.distributed import DistEnv, gather, reduce_mean
 from visiontune.errors import VisiontuneError
 from visiontune.metrics import classification_metrics
 from visiontune.models import Classifier, Preprocess
@@ -61,6 +62,13 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
     last_eval: EvalOutput | None = None  # validation outputs of the current epoch
+
+
+def _merge(parts: list[tuple[float, np.ndarray, np.ndarray]]) -> EvalOutput:
+    """Validation outputs of all processes as one."""
+    n = sum(len(t) for _, t, _ in parts)
+    return EvalOutput(sum(s for s, _, _ in parts) / max(1, n), np.concatenate([t for _, t, _ in parts]),
+                      np.concatenate([p for _, _, p in parts]))
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +142,7 @@ class Trainer:
         device: torch.device,
         generator: torch.Generator | None = None,
         criterion: nn.Module | None = None,
+        env: DistEnv | None = None,
     ) -> None:
         self.model, self.plan, self.optimizer = model, plan, optimizer
         self.data = data  # phase index -> PhaseData
@@ -141,6 +150,8 @@ class Trainer:
         self.callbacks, self.device, self.generator = callbacks, device, generator
         self.criterion = criterion or nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.state = TrainState()
+        self.env = env or DistEnv()
+        self.ddp: nn.Module | None = None  # DistributedDataParallel wrapper under torchrun
         self.total_epochs = sum(p.epochs for p in plan.phases)
 
     # -- the loop -------------------------------------------------------------------
@@ -166,7 +177,7 @@ class Trainer:
         phase = self.plan.phases[phase_i]
         epoch_in_phase = epoch - self.plan.phase_start(phase_i)
         data = self.data(phase_i)
-        net = self.model.head if data.on_features else self.model
+        net = self.model.head if data.on_features else (self.ddp or self.model)
         steps = max(1, len(data.train))
         total_steps = phase.epochs * steps
         self.model.train()
@@ -192,13 +203,18 @@ class Trainer:
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
-        return running / max(1, seen)
+        return reduce_mean(running, seen, self.env)
 
     # -- pieces ---------------------------------------------------------------------
     def _enter_phase(self, index: int) -> None:
         if index != self.state.phase:
             apply_phase(self.model, self.optimizer, self.plan, index)
             self.state.phase = index
+            if self.env.launched and any(p.requires_grad for p in self.model.parameters()):
+                # DDP registers the parameters that train when it is built: rebuild it per phase
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.ddp = DistributedDataParallel(self.model)
             phase = self.plan.phases[index]
             log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
 
@@ -209,6 +225,9 @@ class Trainer:
         seed_everything(epoch_seed)
         if self.generator is not None:
             self.generator.manual_seed(epoch_seed)
+        sampler = getattr(self.data(self.plan.phase_index(epoch)).train, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
 
     def _validate(self, train_loss: float) -> dict[str, float]:
         metrics = {"train_loss": train_loss}
@@ -216,6 +235,8 @@ class Trainer:
         if data.valid is not None and len(data.valid.dataset) > 0:
             net = self.model.head if data.on_features else self.model
             out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last)
+            if self.env.launched:
+                out = _merge(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
             self.state.last_eval = out
             metrics["val_loss"] = out.loss
             metrics.update(classification_metrics(out.targets, out.preds, len(self.classes)))
