@@ -83,7 +83,7 @@ def advise(data: str | os.PathLike[str] | None = None, *, config: RunConfig | No
 def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
     import torch
 
-    from visiontune.features import FeatureCache, default_cache_dir, extract_features, model_fingerprint
+    from visiontune.features import cache_for, extract_features
     from visiontune.models import create_classifier
     from visiontune.trainer import prepare_model, resolve_device
 
@@ -95,8 +95,7 @@ def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
     model, pre = create_classifier(model_cfg, len(source.classes))
     device = resolve_device(cfg.train.device)
     prepare_model(model, device, cfg.train.channels_last)
-    cache = FeatureCache(cfg.train.cache_dir or default_cache_dir(),
-                         model_fingerprint(model_cfg.backbone, model.backbone, pre))
+    cache = cache_for(model_cfg.backbone, model.backbone, pre, cfg.train.cache_dir)
     with torch.no_grad():
         feats, _ = extract_features(model.backbone, [it.path for it in pool], pre, device, cache,
                                     cfg.train.batch_size, cfg.train.num_workers, cfg.train.channels_last)
@@ -119,14 +118,15 @@ def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
 
 
 def _cv_score(kind: str, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from visiontune.mislabels import probe_estimator
+
     if kind == "probe":
-        est = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        est = probe_estimator()
     else:
         est = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(5, max(1, len(y) // (2 * folds)))))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -248,15 +248,14 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
         if len(row) < 2 or not row[1].strip():
             raise DataError(f"--relabel row {row} needs path,label")
         fixes[key(row[0].strip())] = row[1].strip()
+    keys = [key(it.path) for it in source.items]
     kept = []
-    for it in source.items:
-        k = key(it.path)
+    for it, k in zip(source.items, keys):
         if k in dropped:
             source.excluded.append((it.path, "listed in --exclude"))
         else:
             kept.append(replace(it, label=fixes[k]) if k in fixes else it)
-    found = {key(it.path) for it in source.items}
-    unknown = sorted(set(fixes) - found)
+    unknown = sorted(set(fixes) - set(keys))
     if unknown:
         log.warning("--relabel lists %d paths that are not in the data, e.g. %s", len(unknown), unknown[0])
     source.items = kept

@@ -88,6 +88,12 @@ class FeatureCache:
                 os.unlink(tmp)
 
 
+def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
+              cache_dir: str | os.PathLike[str] | None = None) -> FeatureCache:
+    """The cache of this backbone (weights) and preprocessing, under `cache_dir` or the default."""
+    return FeatureCache(cache_dir or default_cache_dir(), model_fingerprint(backbone_name, backbone, pre))
+
+
 @dataclass
 class FeatureStats:
     hits: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,7 +23,7 @@ def has_image_extension(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+def load_rgb(path: str | os.PathLike[str] | BinaryIO) -> Image.Image:
     """Open an image file as RGB: EXIF orientation applied, alpha composited on white,
     16-bit and float images scaled (not clipped) to 8 bits, CMYK/palette/grey converted."""
     with Image.open(path) as im:

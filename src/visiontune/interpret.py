@@ -170,14 +170,13 @@ def _saliency(target: Path, bundle: Any, paths: list[str], dev: Any) -> None:
 
 def _mislabels(out: Path, bundle: Any, items: list[tuple[str, str, str]], oof: Any, dev: Any,
                cfg: Any) -> tuple[list[Any], list[tuple[str, float]]]:
-    from visiontune.features import FeatureCache, default_cache_dir, extract_features, model_fingerprint
+    from visiontune.features import cache_for, extract_features
     from visiontune.mislabels import oof_probabilities, rank_mislabels, rank_outliers
 
     classes = bundle.classes
     paths, labels = [p for p, _, _ in items], [lb for _, lb, _ in items]
     backbone = cfg.model.backbone if cfg else "model"
-    cache = FeatureCache(cfg.train.cache_dir if cfg and cfg.train.cache_dir else default_cache_dir(),
-                         model_fingerprint(backbone, bundle.model.backbone, bundle.preprocess))
+    cache = cache_for(backbone, bundle.model.backbone, bundle.preprocess, cfg.train.cache_dir if cfg else None)
     feats = extract_features(bundle.model.backbone, paths, bundle.preprocess, dev, cache)[0].numpy()
     odd = rank_outliers(feats)
     order = np.argsort(-odd)

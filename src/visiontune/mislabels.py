@@ -10,6 +10,7 @@ threshold (the mean self-confidence of images labelled with it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,19 +38,25 @@ def rank_mislabels(paths: list[str], labels: list[str], probs: np.ndarray, class
     return out
 
 
+def probe_estimator() -> Any:
+    """The linear probe used on frozen features (here and by the advisor): standardised
+    features, L2-regularised logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+
+
 def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str], seed: int = 0,
                       folds: int = 5) -> np.ndarray:
     """Out-of-fold class probabilities from a logistic-regression probe on `features`."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     idx = {c: i for i, c in enumerate(classes)}
     y = np.array([idx[lb] for lb in labels])
     k = max(2, min(folds, int(np.bincount(y, minlength=len(classes))[np.bincount(y) > 0].min())))
-    est = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    raw = cross_val_predict(est, features, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+    raw = cross_val_predict(probe_estimator(), features, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                             method="predict_proba")
     present = sorted(set(y.tolist()))
     probs = np.zeros((len(y), len(classes)))

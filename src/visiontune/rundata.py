@@ -12,13 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from visiontune.config import RunConfig
 from visiontune.data import TRAIN, VALID, DataSource
 from visiontune.distributed import DistEnv
-from visiontune.features import (
-    FeatureCache,
-    FeatureStats,
-    default_cache_dir,
-    extract_features,
-    model_fingerprint,
-)
+from visiontune.features import FeatureStats, cache_for, extract_features
 from visiontune.loaders import ImageDataset, make_loader
 from visiontune.models import Classifier, Preprocess
 from visiontune.strategy import Plan
@@ -120,9 +114,7 @@ class RunData:
     def features(self) -> PhaseData:
         if self._features is None:
             t = self.cfg.train
-            cache_root = t.cache_dir or default_cache_dir()
-            fingerprint = model_fingerprint(self.cfg.model.backbone, self.model.backbone, self.preprocess)
-            cache = FeatureCache(cache_root, fingerprint)
+            cache = cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, t.cache_dir)
             loaders: list[DataLoader | None] = []
             for split in (TRAIN, VALID):
                 paths, targets = self._targets(split)

@@ -55,7 +55,7 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = 10 
     import torch
 
     from visiontune.bundle import load_bundle
-    from visiontune.images import to_rgb
+    from visiontune.images import load_rgb
     from visiontune.transforms import eval_transform
 
     bundle = load_bundle(run)
@@ -75,11 +75,7 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = 10 
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload larger than {max_bytes} bytes")
         try:
-            from PIL import Image, ImageOps
-
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                image = to_rgb(ImageOps.exif_transpose(im) or im)
+            image = load_rgb(io.BytesIO(data))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
             raise HTTPException(415, f"{file.filename!r} is not an image we can read ({type(exc).__name__})") \
                 from None
