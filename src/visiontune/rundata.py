@@ -87,6 +87,11 @@ class RunData:
             vpaths, vtargets = self._targets(VALID)
             if self.env.launched:  # each process validates every world_size-th image; outputs are gathered
                 step = self.env.world_size
+                if 0 < len(vpaths) < step:  # a process with nothing to validate would wait forever
+                    from visiontune.errors import ConfigError
+
+                    raise ConfigError(f"{len(vpaths)} validation images for {step} processes; "
+                                      "use fewer processes or more validation images")
                 vpaths, vtargets = vpaths[self.env.rank :: step], vtargets[self.env.rank :: step]
             if vpaths:
                 valid = make_loader(ImageDataset(vpaths, vtargets, eval_transform(pre)), t.batch_size,
