@@ -1,13 +1,23 @@
 """Overhead of visiontune over the raw model, on one machine, in one run.
 
-    python bench/speed.py [--images 128] [--image-size 224] [--batch-size 32]
+    /usr/bin/time -v python bench/speed.py [--images 256] [--image-size 224] [--batch-size 32]
+        [--workers auto,0,2] [--repeats 2] [--large 32] [--compile]
 
-a. training img/s: `visiontune` fine-tuning (finetune, all parameters train, images decoded
-   from JPEG files, augmentation on, no validation) vs a raw PyTorch step (forward,
-   backward, AdamW step) on synthetic tensors of the same model, batch and size;
-c. inference img/s: `visiontune.predict` over a folder vs raw `model(x)` on synthetic
-   tensors; and ONNX Runtime vs eager on the same tensors.
-Both sides use the same threads and channels_last. Prints the ratios.
+a. training img/s: `visiontune` fine-tuning (finetune: every parameter trains; images
+   decoded from JPEG files, augmentation on, no validation) vs a raw PyTorch step (forward,
+   backward, AdamW step) on synthetic tensors of the same model, batch and size. "loop" is
+   the mean of the epochs after the first (what an epoch costs), "command" divides all
+   images of all epochs by the whole `fit` call (model build, data scan, run files, first
+   epoch included). Raw and visiontune alternate `--repeats` times; the median is kept,
+   because this machine's speed drifts by +-20% over minutes.
+   `--workers` lists DataLoader worker settings to compare ("auto" = the default).
+   `--compile` adds a run with `compile=True` (torch.compile) and a raw compiled step.
+c. inference img/s: `visiontune.predict` over the folder vs raw `model(x)` on synthetic
+   tensors ("steady": the call after a warm-up call; both include loading the run);
+   ONNX Runtime vs eager on the same tensors.
+d. `--large N`: N generated 4000x3000 JPEGs (phone-photo size), one epoch with the
+   decoded-image cache off, then epochs with it on (first fills it, second reads it).
+Both sides use the same threads, channels_last and fixed BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,28 +39,37 @@ from visiontune.config import ModelConfig
 from visiontune.models import create_classifier
 
 
-def make_jpegs(root: Path, n: int, size: int = 400) -> Path:
+def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300) -> Path:
+    """Photo-like JPEGs (smooth colour fields plus noise), two classes."""
     rng = np.random.default_rng(0)
     for i in range(n):
         cls = "a" if i % 2 else "b"
         (root / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size * 3 // 4, size, 3), dtype=np.uint8)).save(
-            root / cls / f"{i:05d}.jpg", quality=90)
+        coarse = Image.fromarray(rng.integers(0, 255, (height // 50 + 1, width // 50 + 1, 3), dtype=np.uint8))
+        arr = np.asarray(coarse.resize((width, height), Image.BICUBIC)).astype(np.int16)
+        arr = np.clip(arr + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / cls / f"{i:05d}.jpg", quality=90)
     return root
 
 
-def raw_train(size: int, batch: int, steps: int) -> float:
+def raw_model(compiled: bool = False) -> torch.nn.Module:
     from visiontune.strategy import set_batchnorm_modes
 
     model, _ = create_classifier(ModelConfig(), 2)
     model.train().to(memory_format=torch.channels_last)
     set_batchnorm_modes(model, "eval", "eval")  # as visiontune fine-tunes pretrained weights (--trainable-bn auto)
+    return torch.compile(model) if compiled else model
+
+
+def raw_train(size: int, batch: int, images: int, compiled: bool = False) -> float:
+    model = raw_model(compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    steps = max(2, images // batch)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,))
     for i in range(steps + 1):
         if i == 1:
-            started = time.perf_counter()  # first step warms up
+            started = time.perf_counter()  # first step warms up (and compiles)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -57,55 +77,131 @@ def raw_train(size: int, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - started)
 
 
+def vt_train(data: Path, out: Path, size: int, batch: int, images: int, epochs: int, **opts) -> tuple[float, float]:
+    """(loop img/s over the epochs after the first, whole-command img/s)."""
+    started = time.perf_counter()
+    r = vt.fit(data, strategy="finetune", epochs=epochs, image_size=size, batch_size=batch, valid_pct=0.0,
+               progress=False, output=str(out), patience=0, **opts)
+    whole = images * epochs / (time.perf_counter() - started)
+    loop = images / statistics.mean(row["seconds"] for row in r.history[1:])
+    return loop, whole
+
+
 @torch.inference_mode()
-def raw_infer(model: torch.nn.Module, size: int, batch: int, steps: int) -> float:
+def raw_infer(model: torch.nn.Module, size: int, batch: int, images: int) -> float:
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     model(x)
+    steps = max(2, images // batch)
     started = time.perf_counter()
     for _ in range(steps):
         model(x)
     return steps * batch / (time.perf_counter() - started)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=128)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=32)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    size, batch = args.image_size, args.batch_size
-    work = Path(tempfile.mkdtemp(prefix="vt-speed-"))
-    data = make_jpegs(work / "data", args.images)
-    print(f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, {size}px, batch {batch}, "
-          f"{args.images} JPEG images (400x300)")
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
-    raw = raw_train(size, batch, steps=max(2, args.images // batch))
-    r = vt.fit(data, strategy="finetune", epochs=2, image_size=size, batch_size=batch, valid_pct=0.0,
-               progress=False, output=str(work / "runs"), patience=0)
-    ours = args.images / r.history[-1]["seconds"]  # second epoch: warm
-    print(f"a. training   visiontune {ours:6.1f} img/s   raw step {raw:6.1f} img/s   ratio {ours / raw:.3f}")
 
+def section_training(args: argparse.Namespace, data: Path, work: Path) -> str:
+    size, batch, n = args.image_size, args.batch_size, args.images
+    raws: list[float] = []
+    ours: dict[str, list[tuple[float, float]]] = {w: [] for w in args.workers.split(",")}
+    for _ in range(args.repeats):
+        raws.append(raw_train(size, batch, n))
+        for w in ours:
+            opts = {} if w == "auto" else {"num_workers": int(w)}
+            ours[w].append(vt_train(data, work / "runs", size, batch, n, args.epochs, **opts))
+    raw = median(raws)
+    lines = [f"a. training: raw step {raw:6.1f} img/s (runs: {', '.join(f'{v:.1f}' for v in raws)})"]
+    for w, runs in ours.items():
+        loop, whole = median([r[0] for r in runs]), median([r[1] for r in runs])
+        lines.append(f"   visiontune workers={w:<4} loop {loop:6.1f} img/s  ratio {loop / raw:.3f}   "
+                     f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}")
+    if args.compile:
+        raw_c = raw_train(size, batch, n, compiled=True)
+        loop, whole = vt_train(data, work / "runs", size, batch, n, args.epochs, compile=True)
+        lines.append(f"   compiled: raw step {raw_c:6.1f} img/s ({raw_c / raw:.3f}x eager)   visiontune loop "
+                     f"{loop:6.1f} img/s  ratio {loop / raw_c:.3f} to compiled raw, {loop / raw:.3f} to eager raw")
+    return "\n".join(lines)
+
+
+def section_inference(args: argparse.Namespace, data: Path, work: Path) -> str:
+    size, batch, n = args.image_size, args.batch_size, args.images
+    r = vt.fit(data, strategy="feature-extract", epochs=1, image_size=size, valid_pct=0.0, progress=False,
+               output=str(work / "runs"), patience=0)
     bundle = vt.bundle.load_bundle(r.run_dir)
-    raw_i = raw_infer(bundle.model, size, batch, steps=max(2, args.images // batch))
-    vt.predict(r.run_dir, data, batch_size=batch)  # warm-up
-    started = time.perf_counter()
-    preds, _ = vt.predict(r.run_dir, data, batch_size=batch)
-    ours_i = len(preds) / (time.perf_counter() - started)
-    print(f"c. inference  predict    {ours_i:6.1f} img/s   raw model {raw_i:6.1f} img/s   ratio {ours_i / raw_i:.3f}")
+    bundle.model.to(memory_format=torch.channels_last)
+    lines = []
+    raws, ours = [], []
+    for _ in range(args.repeats):
+        raws.append(raw_infer(bundle.model, size, batch, n))
+        vt.predict(r.run_dir, data, batch_size=batch)  # warm-up: page cache, allocator
+        started = time.perf_counter()
+        preds, _ = vt.predict(r.run_dir, data, batch_size=batch)
+        ours.append(len(preds) / (time.perf_counter() - started))
+    raw_i, ours_i = median(raws), median(ours)
+    lines.append(f"c. inference: predict {ours_i:6.1f} img/s   raw model {raw_i:6.1f} img/s   ratio {ours_i / raw_i:.3f}"
+                 f"   (runs: predict {', '.join(f'{v:.1f}' for v in ours)}; raw {', '.join(f'{v:.1f}' for v in raws)})")
     try:
         from visiontune.export import export, load_exported
 
         onnx = load_exported(export(r.run_dir, "onnx").path).model
         x = torch.randn(batch, 3, size, size)
         onnx(x)
+        steps = max(2, n // batch)
         started = time.perf_counter()
-        for _ in range(3):
+        for _ in range(steps):
             onnx(x)
-        ort_i = 3 * batch / (time.perf_counter() - started)
-        print(f"   ONNX Runtime {ort_i:6.1f} img/s   eager {raw_i:6.1f} img/s   ratio {ort_i / raw_i:.3f}")
+        ort_i = steps * batch / (time.perf_counter() - started)
+        lines.append(f"   ONNX Runtime {ort_i:6.1f} img/s   eager {raw_i:6.1f} img/s   ratio {ort_i / raw_i:.3f}")
+        started = time.perf_counter()
+        preds, _ = vt.predict(export(r.run_dir, "onnx").path, data, batch_size=batch)
+        lines.append(f"   predict with the .onnx file {len(preds) / (time.perf_counter() - started):6.1f} img/s")
     except vt.VisiontuneError as exc:
-        print(f"   ONNX Runtime: skipped ({exc})")
+        lines.append(f"   ONNX Runtime: skipped ({exc})")
+    return "\n".join(lines)
+
+
+def section_large(args: argparse.Namespace, work: Path) -> str:
+    data = make_jpegs(work / "large", args.large, 4000, 3000)
+    mb = sum(p.stat().st_size for p in data.rglob("*.jpg")) / 1e6
+    size, batch = args.image_size, args.batch_size
+    common = {"strategy": "finetune", "image_size": size, "batch_size": batch, "valid_pct": 0.0, "progress": False,
+              "output": str(work / "runs"), "patience": 0}
+    off = vt.fit(data, epochs=2, image_cache=False, **common)
+    on = vt.fit(data, epochs=3, image_cache=True, **common)
+    s_off = statistics.mean(row["seconds"] for row in off.history)
+    cold, warm = on.history[0]["seconds"], statistics.mean(row["seconds"] for row in on.history[1:])
+    return (f"d. {args.large} JPEGs of 4000x3000 ({mb:.0f} MB): epoch without the image cache {s_off:6.1f} s "
+            f"({args.large / s_off:.1f} img/s); with it: first epoch {cold:6.1f} s, later epochs {warm:6.1f} s "
+            f"({args.large / warm:.1f} img/s), {s_off / warm:.2f}x faster")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--workers", default="auto", help="comma-separated DataLoader worker settings to compare")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--large", type=int, default=0, help="also time N 4000x3000 JPEGs with and without the image cache")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,c")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="vt-speed-"))
+    os.environ.setdefault("VISIONTUNE_CACHE", str(work / "cache"))
+    data = make_jpegs(work / "data", args.images)
+    print(f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, {args.image_size}px, "
+          f"batch {args.batch_size}, {args.images} JPEG images (400x300), {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    skip = set(args.skip.split(","))
+    if "a" not in skip:
+        print(section_training(args, data, work), flush=True)
+    if "c" not in skip:
+        print(section_inference(args, data, work), flush=True)
+    if args.large:
+        print(section_large(args, work), flush=True)
 
 
 if __name__ == "__main__":

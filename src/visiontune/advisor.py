@@ -98,7 +98,7 @@ def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
     cache = cache_for(model_cfg.backbone, model.backbone, pre, cfg.train.cache_dir)
     with torch.no_grad():
         feats, _ = extract_features(model.backbone, [it.path for it in pool], pre, device, cache,
-                                    cfg.train.batch_size, cfg.train.num_workers, cfg.train.channels_last)
+                                    cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 64, cfg.train.num_workers, cfg.train.channels_last)
     folds = max(2, min(5, int(counts[counts > 0].min())))
     probe = _cv_score("probe", feats.numpy(), y, folds, cfg.seed)
     baseline = _cv_score("knn", _pixels([it.path for it in pool]), y, folds, cfg.seed)

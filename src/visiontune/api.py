@@ -103,6 +103,7 @@ def _fit(cfg: RunConfig, source: DataSource, run_dir: Path | None, ckpt: dict[st
     if ckpt is not None and run_dir is not None:
         _check_same_classes(run_dir, source.classes)
     model, pre, plan, optimizer, data, device = prepare_run(cfg, source, resuming=ckpt is not None)
+    cfg = data.cfg  # with --batch-size auto resolved
     t = cfg.train
 
     monitor = resolve_monitor(t.monitor, source)
@@ -159,14 +160,15 @@ def _held_probs(checkpoint: Any, trainer: Any, restore_best: bool) -> np.ndarray
 
 
 def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> tuple[Any, ...]:
-    """Model, preprocessing, plan, optimizer, per-phase data and device for `cfg` on `source`."""
+    """Model, preprocessing, plan, optimizer, per-phase data and device for `cfg` on `source`
+    (`data.cfg` is `cfg` with `batch_size="auto"` resolved)."""
     import torch
 
     from visiontune import distributed
     from visiontune.models import create_classifier
     from visiontune.rundata import RunData
     from visiontune.strategy import build_optimizer, make_plan
-    from visiontune.trainer import prepare_model, resolve_device, seed_everything
+    from visiontune.trainer import prepare_model, resolve_device, resolve_precision, seed_everything
 
     env = distributed.from_env()
     device = distributed.device_for(env, resolve_device(cfg.train.device))
@@ -175,6 +177,14 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> t
     model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model  # weights come from the checkpoint
     model, pre = create_classifier(model_cfg, len(source.classes), source.classes)
     prepare_model(model, device, cfg.train.channels_last)
+    if cfg.train.batch_size == "auto":
+        from visiontune.batchsize import auto_batch_size
+
+        found = auto_batch_size(model, pre.input_size, len(source.split(TRAIN)), device, cfg.train.channels_last,
+                                resolve_precision(cfg.train.precision, device))
+        if env.launched:  # each process takes batch_size / world_size images
+            found *= env.world_size
+        cfg = RunConfig.create(cfg, batch_size=found)
     plan = make_plan(model, cfg.strategy, cfg.train)
     optimizer = build_optimizer(model, plan, cfg.train)
     data = RunData(cfg, source, model, pre, plan, device, torch.Generator(), env)
@@ -265,10 +275,9 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
     test/ or valid/ folder uses that split)."""
     from visiontune.bundle import load_bundle
     from visiontune.config import DataConfig
-    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.loaders import eval_dataset, make_loader
     from visiontune.metrics import classification_metrics, confusion, per_class_report
     from visiontune.trainer import resolve_device, run_eval
-    from visiontune.transforms import eval_transform
 
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
@@ -279,8 +288,8 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
     unknown = sorted({it.label for it in items} - set(known))
     if unknown:
         raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; it knows {bundle.classes}")
-    ds = ImageDataset([it.path for it in items], [known[it.label] for it in items], eval_transform(bundle.preprocess))
-    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev, progress)
+    ds = eval_dataset([it.path for it in items], [known[it.label] for it in items], bundle.preprocess)
+    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, progress)
     n = len(bundle.classes)
     metrics = {"accuracy": float("nan"), "macro_f1": float("nan")}
     metrics.update(classification_metrics(out.targets, out.preds, n))
@@ -308,13 +317,12 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     import torch
 
     from visiontune.bundle import load_bundle
-    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.loaders import UNREADABLE, eval_dataset, make_loader
     from visiontune.trainer import resolve_device, run_eval
-    from visiontune.transforms import eval_transform
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    paths, skipped = collect_images([str(p) for p in inputs])
+    paths, skipped = collect_images([str(p) for p in inputs], verify=False)
     if str(run).endswith((".onnx", ".ts")):
         from visiontune.export import load_exported
 
@@ -324,8 +332,15 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
         bundle, channels_last = load_bundle(run, dev), True
     if not paths:
         return [], skipped
-    ds = ImageDataset(paths, None, eval_transform(bundle.preprocess))
-    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev, channels_last=channels_last)
+    ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True)  # each file decoded once
+    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, channels_last=channels_last)
+    bad = out.targets == UNREADABLE
+    if bad.any():
+        from visiontune.images import check_image
+
+        skipped += [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b]
+        paths = [p for p, b in zip(paths, bad) if not b]
+        out.probs = out.probs[~bad]
     k = max(1, min(top_k, len(bundle.classes)))
     values, indices = torch.from_numpy(out.probs).topk(k, dim=1)
     preds = []
@@ -335,9 +350,10 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     return preds, skipped
 
 
-def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def collect_images(inputs: list[str], verify: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files among `inputs` (folders searched recursively, as `train` scans them);
-    (path, reason) for everything skipped."""
+    (path, reason) for everything skipped. `verify`: decode each file once to leave out
+    the unreadable ones (predict skips this and marks them while reading instead)."""
     from visiontune.data import check_images, walk_images
 
     found: list[str] = []
@@ -352,6 +368,8 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]
             found.append(str(p))
         else:
             skipped.append((item, "no such file or folder"))
+    if not verify:
+        return found, skipped
     reasons = check_images(found)
     skipped += [(path, why) for path, why in zip(found, reasons) if why is not None]
     return [path for path, why in zip(found, reasons) if why is None], skipped

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from visiontune.config import OPTIMIZERS, SCHEDULES, STRATEGIES
+from visiontune.config import OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
 
 EPILOG = """strategies:
   feature-extract  backbone frozen, only the new head trains (small data, ImageNet-like task)
@@ -86,7 +86,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="BatchNorm statistics in training groups; auto: eval with pretrained weights (auto)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="total epochs, all phases (5)")
-    g.add_argument("--batch-size", type=int, help="(32)")
+    g.add_argument("--batch-size", type=_batch_size, metavar="N|auto",
+                   help="images per optimizer step; auto: the largest that fits the device, capped at 256 and at "
+                        "1/8 of the training images (32)")
     g.add_argument("--lr", type=float, help="peak LR of the head (1e-3 adamw, 1e-2 sgd)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="(adamw)")
     g.add_argument("--weight-decay", type=float, help="(0.01 adamw, 1e-4 sgd; never on biases/norms)")
@@ -102,7 +104,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="class-weighted loss or oversampling of small classes (none)")
     g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                    help="frozen phases run on augmented images instead of cached features")
-    g.add_argument("--cache-dir", help="feature cache folder ($VISIONTUNE_CACHE or ~/.cache/visiontune)")
+    g.add_argument("--no-image-cache", dest="image_cache", action="store_false", default=None,
+                   help="decode training images every epoch instead of keeping large ones decoded and downsized "
+                        "(to 2x the input size) on disk")
+    g.add_argument("--cache-dir", help="root of the feature and image caches ($VISIONTUNE_CACHE or ~/.cache/visiontune)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU (auto)")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the model for unfrozen phases (slow first step; falls back if it fails)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers (from the machine)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (auto)")
     g.add_argument("--seed", type=int, help="(0)")
@@ -201,8 +210,20 @@ TRAIN_KEYS = (
     "head_dropout", "strategy", "head_lr_mult", "freeze", "freeze_epochs", "frozen_bn", "trainable_bn", "epochs", "batch_size",
     "lr", "optimizer", "weight_decay", "schedule", "monitor", "mode", "patience", "augment",
     "label_smoothing", "num_workers", "device", "seed", "output", "name", "progress", "balance", "feature_cache", "warm_start",
-    "cache_dir",
+    "cache_dir", "image_cache", "precision", "compile",
 )
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

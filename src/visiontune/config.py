@@ -68,7 +68,7 @@ class TrainConfig:
     """How the loop runs."""
 
     epochs: int = 5  # total, all phases included
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto": the largest that fits (see batchsize.py)
     lr: float | None = None  # peak LR of the head; None: 2e-3 (adamw, as fastai) or 1e-2 (sgd)
     optimizer: str = "adamw"
     momentum: float = 0.9
@@ -90,6 +90,9 @@ class TrainConfig:
     num_workers: int | None = None  # None: chosen from the machine
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     channels_last: bool = True  # NHWC memory format: ~2x faster depthwise convs on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast; auto = bf16 (fp16) on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model for unfrozen phases
+    image_cache: bool = True  # keep large images decoded and resized on disk between epochs
     feature_cache: bool = True  # frozen-backbone phases train the head on cached features
     cache_dir: str | None = None  # None: $VISIONTUNE_CACHE or ~/.cache/visiontune
     progress: bool = True
@@ -164,8 +167,10 @@ class RunConfig:
         _check_choice("balance", t.balance, ("none", "weights", "oversample"))
         if t.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {t.epochs}")
-        if t.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {t.batch_size}")
+        if t.batch_size != "auto" and (isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int)
+                                       or t.batch_size < 1):
+            raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {t.batch_size!r}")
+        _check_choice("precision", t.precision, PRECISIONS)
         if not 0.0 <= d.valid_pct < 1.0:
             raise ConfigError(f"valid_pct must be in [0, 1), got {d.valid_pct}")
         if s.name == "gradual" and t.epochs <= s.freeze_epochs:
@@ -207,6 +212,9 @@ class RunConfig:
             if key in raw:
                 kwargs[key] = raw[key]
         return cls(**kwargs)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _field_names(obj: Any) -> set[str]:

@@ -10,11 +10,12 @@ Layout: `<cache>/<model fingerprint>/<ab>/<file digest>.npy`, one float32 vector
 written atomically. The fingerprint hashes the backbone name, every backbone tensor and the
 preprocessing, so other weights or another image size never reuse stale entries; the
 digest hashes the file's bytes, so an edited image is recomputed. The cache is safe to
-delete at any time. Default location: `$VISIONTUNE_CACHE` or `~/.cache/visiontune/features`.
+delete at any time. Default location: `$VISIONTUNE_CACHE` or `~/.cache/visiontune/features` (`--cache-dir` replaces the root).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -33,11 +34,18 @@ from visiontune.models import Preprocess
 log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Root of visiontune's caches: `cache_dir`, `$VISIONTUNE_CACHE` or ~/.cache/visiontune;
+    features live in its features/, decoded images in its images/."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
     env = os.environ.get("VISIONTUNE_CACHE")
     if env:
-        return Path(env).expanduser() / "features"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visiontune" / "features"
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visiontune"
+
+
+DECODE_VERSION = "jpeg-draft-to-eval-side"  # how files become pixels (images.load_rgb with min_side)
 
 
 def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) -> str:
@@ -45,6 +53,7 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
     eval preprocessing: anything that changes the features changes the fingerprint."""
     h = hashlib.blake2b(digest_size=16)
     h.update(backbone_name.encode())
+    h.update(DECODE_VERSION.encode())
     h.update(repr(sorted(pre.to_dict().items())).encode())
     for name, tensor in backbone.state_dict().items():
         h.update(name.encode())
@@ -91,7 +100,7 @@ class FeatureCache:
 def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
               cache_dir: str | os.PathLike[str] | None = None) -> FeatureCache:
     """The cache of this backbone (weights) and preprocessing, under `cache_dir` or the default."""
-    return FeatureCache(cache_dir or default_cache_dir(), model_fingerprint(backbone_name, backbone, pre))
+    return FeatureCache(cache_root(cache_dir) / "features", model_fingerprint(backbone_name, backbone, pre))
 
 
 @dataclass
@@ -111,31 +120,76 @@ def extract_features(
     batch_size: int = 64,
     num_workers: int | None = None,
     channels_last: bool = True,
+    memmap_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, FeatureStats]:
-    """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode."""
-    from visiontune.loaders import ImageDataset, make_loader
+    """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode.
+
+    With `memmap_dir` the matrix is a memory-mapped file there (unlinked at once, so
+    nothing is left behind) and rows stream into it: memory stays flat as N grows, the
+    pages the head reads are the kernel's to keep or drop."""
+    from visiontune.loaders import eval_dataset, make_loader
     from visiontune.trainer import to_device
-    from visiontune.transforms import eval_transform
 
     started = time.perf_counter()
-    digests = [file_digest(p) for p in paths] if cache else [""] * len(paths)
-    rows: list[np.ndarray | None] = [cache.get(d) if cache else None for d in digests]
-    missing = [i for i, r in enumerate(rows) if r is None]
+    n = len(paths)
+    matrix: _Rows = _Rows(n, memmap_dir)
+    digests = [file_digest(p) for p in paths] if cache else [""] * n
+    missing = []
+    for i, digest in enumerate(digests):
+        row = cache.get(digest) if cache else None
+        if row is None:
+            missing.append(i)
+        else:
+            matrix.put(i, row)
     if missing:
         was_training = backbone.training
         backbone.eval()
-        ds = ImageDataset([paths[i] for i in missing], None, eval_transform(pre))
+        ds = eval_dataset([paths[i] for i in missing], None, pre)
         done = 0
-        for x, _ in make_loader(ds, batch_size, num_workers):
+        for x, _ in make_loader(ds, batch_size, num_workers, device):
             out = backbone(to_device(x, device, channels_last)).float().cpu().numpy()
             for row in out:
                 i = missing[done]
-                rows[i] = row
+                matrix.put(i, row)
                 if cache:
                     cache.put(digests[i], row)
                 done += 1
         backbone.train(was_training)
-    feats = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 0)
-    stats = FeatureStats(len(paths) - len(missing), len(missing), time.perf_counter() - started)
+    stats = FeatureStats(n - len(missing), len(missing), time.perf_counter() - started)
     log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
-    return feats, stats
+    return matrix.tensor(), stats
+
+
+class _Rows:
+    """An (n, D) float32 matrix filled row by row; D is learnt from the first row. In RAM,
+    or a memory-mapped file under `memmap_dir`."""
+
+    def __init__(self, n: int, memmap_dir: str | os.PathLike[str] | None) -> None:
+        self.n, self.dir = n, memmap_dir
+        self.array: np.ndarray | None = None
+
+    def put(self, i: int, row: np.ndarray) -> None:
+        if self.array is None:
+            shape = (self.n, int(row.shape[-1]))
+            if self.dir is None:
+                self.array = np.empty(shape, dtype=np.float32)
+            else:
+                try:
+                    Path(self.dir).mkdir(parents=True, exist_ok=True)
+                    fd, name = tempfile.mkstemp(dir=self.dir, suffix=".features.npy")
+                    os.close(fd)
+                except OSError as exc:  # unwritable cache folder: keep the matrix in memory
+                    log.warning("cannot map features in %s (%s); keeping them in memory", self.dir, exc)
+                    self.array = np.empty(shape, dtype=np.float32)
+                else:
+                    try:
+                        self.array = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape)
+                    finally:
+                        with contextlib.suppress(OSError):
+                            os.unlink(name)  # the mapping stays valid; a crash leaves no file behind
+        self.array[i] = row
+
+    def tensor(self) -> torch.Tensor:
+        if self.array is None:
+            return torch.zeros(0, 0)
+        return torch.from_numpy(self.array)

@@ -23,10 +23,16 @@ def has_image_extension(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike[str] | BinaryIO) -> Image.Image:
+def load_rgb(path: str | os.PathLike[str] | BinaryIO, min_side: int | None = None) -> Image.Image:
     """Open an image file as RGB: EXIF orientation applied, alpha composited on white,
-    16-bit and float images scaled (not clipped) to 8 bits, CMYK/palette/grey converted."""
+    16-bit and float images scaled (not clipped) to 8 bits, CMYK/palette/grey converted.
+
+    `min_side`: the caller only needs this many pixels on the shorter side, so a JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, `draft`) while both sides stay at least
+    that large; a 4000x3000 photo for 224 px training decodes ~2x faster (measured)."""
     with Image.open(path) as im:
+        if min_side and im.format == "JPEG":
+            im.draft(im.mode, (min_side, min_side))
         im.load()
         im = ImageOps.exif_transpose(im) or im
         return to_rgb(im)
@@ -82,3 +88,12 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     except Exception as exc:  # noqa: BLE001 - PIL plugins raise assorted errors on bad files
         return f"cannot decode ({type(exc).__name__}): {exc}"
     return None
+
+
+def shrink(im: Image.Image, side: int) -> Image.Image:
+    """Downsize so the shorter side is `side` (antialiased); smaller images are returned as is."""
+    w, h = im.size
+    if min(w, h) <= side:
+        return im
+    scale = side / min(w, h)
+    return im.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BILINEAR, reducing_gap=3.0)

@@ -65,11 +65,10 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     with Grad-CAM (`gradcam_chosen.png`)."""
     from visiontune.bundle import load_bundle
     from visiontune.duplicates import find_duplicates
-    from visiontune.loaders import ImageDataset, make_loader
+    from visiontune.loaders import eval_dataset, make_loader
     from visiontune.metrics import classification_metrics, confusion, per_class_report
     from visiontune.plots import save_confusion, save_curves
     from visiontune.trainer import resolve_device, run_eval
-    from visiontune.transforms import eval_transform
 
     run = Path(run)
     dev = resolve_device(device)
@@ -85,8 +84,8 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
 
     split = VALID if any(s == VALID for _, _, s in items) else TEST if any(s == TEST for _, _, s in items) else TRAIN
     evald = [it for it in items if it[2] == split]
-    ds = ImageDataset([p for p, _, _ in evald], [known[lb] for _, lb, _ in evald], eval_transform(bundle.preprocess))
-    ev = run_eval(bundle.model, make_loader(ds, batch_size, num_workers), dev)
+    ds = eval_dataset([p for p, _, _ in evald], [known[lb] for _, lb, _ in evald], bundle.preprocess)
+    ev = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev)
     n = len(classes)
     res.metrics = classification_metrics(ev.targets, ev.preds, n)
     matrix = confusion(ev.targets, ev.preds, n)
@@ -148,17 +147,17 @@ def _saliency(target: Path, bundle: Any, paths: list[str], dev: Any) -> None:
     from visiontune.images import load_rgb
     from visiontune.plots import save_filters, save_grid
     from visiontune.saliency import first_layer_filters, grad_cam
-    from visiontune.transforms import eval_transform
+    from visiontune.transforms import eval_side, eval_transform
 
-    tf = eval_transform(bundle.preprocess)
+    tf, side = eval_transform(bundle.preprocess), eval_side(bundle.preprocess)
     try:
         save_filters(target.parent / "filters.png", first_layer_filters(bundle.model))
         images, heats, titles = [], [], []
         for p in paths:
-            x = tf(load_rgb(p)).unsqueeze(0).to(dev)
+            x = tf(load_rgb(p, side)).unsqueeze(0).to(dev)
             heat, cls = grad_cam(bundle.model, x)
-            side = bundle.preprocess.input_size
-            shown = np.asarray(load_rgb(p).resize((side, side), Image.BILINEAR))
+            size = bundle.preprocess.input_size
+            shown = np.asarray(load_rgb(p, side).resize((size, size), Image.BILINEAR))
             images.append(shown)
             heats.append(heat)
             titles.append(f"Grad-CAM: {bundle.classes[cls]}")

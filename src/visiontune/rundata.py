@@ -13,13 +13,26 @@ from visiontune.config import RunConfig
 from visiontune.data import TRAIN, VALID, DataSource
 from visiontune.distributed import DistEnv
 from visiontune.features import FeatureStats, cache_for, extract_features
-from visiontune.loaders import ImageDataset, make_loader
+from visiontune.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
 from visiontune.models import Classifier, Preprocess
 from visiontune.strategy import Plan
 from visiontune.trainer import PhaseData
-from visiontune.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
+
+
+class FeatureDataset(TensorDataset):
+    """Rows of a (memory-mapped) feature matrix; a whole batch is gathered in one indexing
+    operation (DataLoader calls `__getitems__`) instead of row by row."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        feats, targets = self.tensors
+        return feats[index], targets[index]
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
 
 
 def class_weight_values(counts: list[int]) -> list[float]:
@@ -80,9 +93,8 @@ class RunData:
     def images(self) -> PhaseData:
         if self._images is None:
             t, pre = self.cfg.train, self.preprocess
-            pin = self.device.type == "cuda"
             paths, targets = self._targets(TRAIN)
-            train = ImageDataset(paths, targets, train_transform(pre, t.augment, t.hflip, t.min_scale))
+            train = train_dataset(paths, targets, pre, t.augment, t.hflip, t.min_scale, t.image_cache, t.cache_dir)
             valid = None
             vpaths, vtargets = self._targets(VALID)
             if self.env.launched:  # each process validates every world_size-th image; outputs are gathered
@@ -94,16 +106,16 @@ class RunData:
                                       "use fewer processes or more validation images")
                 vpaths, vtargets = vpaths[self.env.rank :: step], vtargets[self.env.rank :: step]
             if vpaths:
-                valid = make_loader(ImageDataset(vpaths, vtargets, eval_transform(pre)), t.batch_size,
-                                    t.num_workers, pin)
+                valid = make_loader(eval_dataset(vpaths, vtargets, pre), t.batch_size, t.num_workers, self.device)
             if self.env.launched:
-                train_loader = self._distributed_loader(train, pin)
+                train_loader = self._distributed_loader(train)
             else:
-                train_loader = make_loader(train, t.batch_size, t.num_workers, pin, **self._shuffle_args(targets))
+                train_loader = make_loader(train, t.batch_size, t.num_workers, self.device,
+                                           **self._shuffle_args(targets))
             self._images = PhaseData(train_loader, valid)
         return self._images
 
-    def _distributed_loader(self, train: ImageDataset, pin: bool) -> DataLoader:
+    def _distributed_loader(self, train: ImageDataset) -> DataLoader:
         from torch.utils.data import DistributedSampler
 
         from visiontune.errors import ConfigError
@@ -114,7 +126,7 @@ class RunData:
         if t.balance == "oversample":
             raise ConfigError("--balance oversample is not supported under torchrun; use --balance weights")
         sampler = DistributedSampler(train, num_replicas=world, rank=self.env.rank, shuffle=True, seed=self.cfg.seed)
-        return make_loader(train, t.batch_size // world, t.num_workers, pin, sampler=sampler)
+        return make_loader(train, t.batch_size // world, t.num_workers, self.device, sampler=sampler)
 
     def features(self) -> PhaseData:
         if self._features is None:
@@ -127,11 +139,11 @@ class RunData:
                     loaders.append(None)
                     continue
                 feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache,
-                                                t.batch_size, t.num_workers, t.channels_last)
+                                                t.batch_size, t.num_workers, t.channels_last, memmap_dir=cache.dir)
                 self.feature_stats.append(stats)
-                ds = TensorDataset(feats, torch.tensor(targets))
+                ds = FeatureDataset(feats, torch.tensor(targets))
                 order = self._shuffle_args(targets) if split == TRAIN else {}
-                loaders.append(DataLoader(ds, batch_size=t.batch_size, **order))
+                loaders.append(DataLoader(ds, batch_size=t.batch_size, collate_fn=_as_batch, **order))
             assert loaders[0] is not None
             self._features = PhaseData(loaders[0], loaders[1], on_features=True)
         return self._features

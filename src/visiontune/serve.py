@@ -56,10 +56,10 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = 10 
 
     from visiontune.bundle import load_bundle
     from visiontune.images import load_rgb
-    from visiontune.transforms import eval_transform
+    from visiontune.transforms import eval_side, eval_transform
 
     bundle = load_bundle(run)
-    transform = eval_transform(bundle.preprocess)
+    transform, side = eval_transform(bundle.preprocess), eval_side(bundle.preprocess)
     k = max(1, min(top_k, len(bundle.classes)))
     app = FastAPI(title="visiontune", docs_url=None, redoc_url=None)
     page = PAGE.replace("__NAME__", html.escape(os.path.basename(os.path.abspath(run)))).replace(
@@ -75,7 +75,7 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = 10 
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload larger than {max_bytes} bytes")
         try:
-            image = load_rgb(io.BytesIO(data))
+            image = load_rgb(io.BytesIO(data), side)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
             raise HTTPException(415, f"{file.filename!r} is not an image we can read ({type(exc).__name__})") \
                 from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from visiontune.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.bundle import save_checkpoint
 from visiontune.callbacks import Callback
 from visiontune.config import RunConfig
@@ -99,15 +101,47 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
     return x.to(device, non_blocking=True, memory_format=fmt)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto': bf16 on CUDA (fp16 where bf16 is not supported), fp32 elsewhere: on a CPU
+    without native bf16 (AVX2 only) autocast made a Lite0 step ~10x slower (measured)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def forward_chunks(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, device: torch.device,
+                   precision: str) -> torch.Tensor:
+    """model(x) in micro-batches (under no_grad/inference mode); halves them on out-of-memory."""
+    while True:
+        try:
+            with autocast(device, precision):
+                return torch.cat([model(c).float() for c in x.split(micro.chunks(len(x)))])
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_oom(exc):
+                raise
+        free_device_memory(device)
+        micro.shrink(len(x), "in evaluation")
+
+
 @torch.inference_mode()
 def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = False,
-             channels_last: bool = True) -> EvalOutput:
+             channels_last: bool = True, precision: str = "auto", micro: MicroBatcher | None = None) -> EvalOutput:
     """Mean cross-entropy, targets and softmax probabilities over `loader`."""
     model.eval()
+    micro = micro or MicroBatcher()
     total, count, probs, targets = 0.0, 0, [], []
     for x, y in _progress(loader, progress, "eval"):
         x, y = to_device(x, device, channels_last), y.to(device)
-        logits = model(x).float()
+        logits = forward_chunks(model, x, micro, device, precision)
         if (y >= 0).all():
             total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         count += len(y)
@@ -153,6 +187,16 @@ class Trainer:
         self.env = env or DistEnv()
         self.ddp: nn.Module | None = None  # DistributedDataParallel wrapper under torchrun
         self.total_epochs = sum(p.epochs for p in plan.phases)
+        self.precision = resolve_precision(cfg.train.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" and device.type == "cuda" else None
+        self.micro = MicroBatcher()
+        self.compiled: nn.Module | None = None
+        self.compile_ok = False  # a compiled step has run: later errors are not compile failures
+        if cfg.train.compile:
+            if self.env.launched:
+                log.warning("--compile is ignored under torchrun")
+            else:
+                self.compiled = torch.compile(model)
 
     # -- the loop -------------------------------------------------------------------
     def fit(self, start_epoch: int = 0) -> TrainState:
@@ -177,7 +221,6 @@ class Trainer:
         phase = self.plan.phases[phase_i]
         epoch_in_phase = epoch - self.plan.phase_start(phase_i)
         data = self.data(phase_i)
-        net = self.model.head if data.on_features else (self.ddp or self.model)
         steps = max(1, len(data.train))
         total_steps = phase.epochs * steps
         self.model.train()
@@ -189,21 +232,82 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
-            loss = self.criterion(net(x), y)
-            if not torch.isfinite(loss):
+            loss = self.train_step(self._net(data), x, y)
+            if not np.isfinite(loss):
                 raise TrainingDivergedError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr "
+                    f"loss became {loss} at epoch {epoch + 1}, step {i + 1}; lower --lr "
                     "(the last good checkpoint is kept in the run directory)"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
             self.state.global_step += 1
-            running += loss.item() * len(y)
+            running += loss * len(y)
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         return reduce_mean(running, seen, self.env)
+
+    def _net(self, data: PhaseData) -> nn.Module:
+        """What the batches go through: the head alone on cached features, else the model
+        (wrapped by DDP under torchrun, or compiled with --compile)."""
+        return self.model.head if data.on_features else (self.ddp or self.compiled or self.model)
+
+    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on the batch (x, y); returns its mean loss (a non-finite loss
+        skips the step). The batch goes through in micro-batches whose gradients add up to
+        the whole batch's; after an out-of-memory error they are halved and the step starts
+        again."""
+        while True:
+            try:
+                loss = self._accumulate(net, x, y)
+                self.compile_ok = self.compile_ok or net is self.compiled
+                return loss
+            except Exception as exc:  # noqa: BLE001 - out-of-memory and compile failures are handled
+                if is_oom(exc):
+                    oom = True
+                elif net is self.compiled and self.compiled is not None and not self.compile_ok:
+                    log.warning("torch.compile failed (%s: %s); training without it", type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
+                    self.compiled, oom = None, False
+                else:
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if oom:
+                free_device_memory(self.device)
+                self.micro.shrink(len(y), "in a training step")
+            else:
+                net = self.ddp or self.model
+
+    def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        size = self.micro.chunks(len(y))
+        whole = size >= len(y)
+        total = 0.0
+        for xs, ys in zip(x.split(size), y.split(size)):
+            with autocast(self.device, self.precision):
+                logits = net(xs)
+            loss = self.criterion(logits.float(), ys) if whole else self._part_loss(logits.float(), ys, y)
+            if not torch.isfinite(loss):  # no step: the weights stay as they were
+                self.optimizer.zero_grad(set_to_none=True)
+                return float(loss.item())
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return total
+
+    def _part_loss(self, logits: torch.Tensor, ys: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the whole batch's mean loss: the shares sum to it."""
+        c = self.criterion
+        if isinstance(c, nn.CrossEntropyLoss):
+            denom = c.weight[y].sum() if c.weight is not None else torch.tensor(float(len(y)))
+            return nn.functional.cross_entropy(logits, ys, weight=c.weight, label_smoothing=c.label_smoothing,
+                                               reduction="sum") / denom
+        return c(logits, ys) * (len(ys) / len(y))
 
     # -- pieces ---------------------------------------------------------------------
     def _enter_phase(self, index: int) -> None:
@@ -233,8 +337,9 @@ class Trainer:
         metrics = {"train_loss": train_loss}
         data = self.data(self.state.phase)
         if data.valid is not None and len(data.valid.dataset) > 0:
-            net = self.model.head if data.on_features else self.model
-            out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last)
+            net = self.model.head if data.on_features else (self.compiled or self.model)
+            out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last,
+                           precision=self.precision, micro=self.micro)
             if self.env.launched:
                 out = _merge(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
             self.state.last_eval = out

@@ -29,8 +29,19 @@ def _to_tensor(pre: Preprocess) -> list[T.Transform]:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(pre.mean), list(pre.std))]
 
 
+def eval_side(pre: Preprocess) -> int:
+    """Shorter side the eval pipeline resizes to before its center crop."""
+    return int(round(pre.input_size / pre.crop_pct))
+
+
+def train_side(pre: Preprocess) -> int:
+    """Shorter side training images are first brought down to (fastai's presizing): 2x the
+    input, so a random crop of >= 1/4 of the area still has input-size resolution."""
+    return 2 * pre.input_size
+
+
 def eval_transform(pre: Preprocess) -> T.Compose:
-    resize = int(round(pre.input_size / pre.crop_pct))
+    resize = eval_side(pre)
     return T.Compose(
         [
             T.Resize(resize, interpolation=interpolation_mode(pre.interpolation), antialias=True),
