@@ -102,7 +102,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def section_training(args: argparse.Namespace, data: Path, work: Path) -> str:
+def section_training(args: argparse.Namespace, data: Path, work: Path) -> None:
     size, batch, n = args.image_size, args.batch_size, args.images
     raws: list[float] = []
     ours: dict[str, list[tuple[float, float]]] = {w: [] for w in args.workers.split(",")}
@@ -112,17 +112,20 @@ def section_training(args: argparse.Namespace, data: Path, work: Path) -> str:
             opts = {} if w == "auto" else {"num_workers": int(w)}
             ours[w].append(vt_train(data, work / "runs", size, batch, n, args.epochs, **opts))
     raw = median(raws)
-    lines = [f"a. training: raw step {raw:6.1f} img/s (runs: {', '.join(f'{v:.1f}' for v in raws)})"]
+    print(f"a. training: raw step {raw:6.1f} img/s (runs: {', '.join(f'{v:.1f}' for v in raws)})", flush=True)
     for w, runs in ours.items():
         loop, whole = median([r[0] for r in runs]), median([r[1] for r in runs])
-        lines.append(f"   visiontune workers={w:<4} loop {loop:6.1f} img/s  ratio {loop / raw:.3f}   "
-                     f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}")
+        print(f"   visiontune workers={w:<4} loop {loop:6.1f} img/s  ratio {loop / raw:.3f}   "
+              f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}", flush=True)
     if args.compile:
+        started = time.perf_counter()
         raw_c = raw_train(size, batch, n, compiled=True)
+        raw_c_s = time.perf_counter() - started
+        started = time.perf_counter()
         loop, whole = vt_train(data, work / "runs", size, batch, n, args.epochs, compile=True)
-        lines.append(f"   compiled: raw step {raw_c:6.1f} img/s ({raw_c / raw:.3f}x eager)   visiontune loop "
-                     f"{loop:6.1f} img/s  ratio {loop / raw_c:.3f} to compiled raw, {loop / raw:.3f} to eager raw")
-    return "\n".join(lines)
+        print(f"   compiled: raw step {raw_c:6.1f} img/s ({raw_c / raw:.3f}x eager; {raw_c_s:.0f} s with compiling)   "
+              f"visiontune loop {loop:6.1f} img/s  ratio {loop / raw_c:.3f} to compiled raw, {loop / raw:.3f} to "
+              f"eager raw ({time.perf_counter() - started:.0f} s for {args.epochs} epochs with compiling)", flush=True)
 
 
 def section_inference(args: argparse.Namespace, data: Path, work: Path) -> str:
@@ -197,7 +200,7 @@ def main() -> None:
           f"batch {args.batch_size}, {args.images} JPEG images (400x300), {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     skip = set(args.skip.split(","))
     if "a" not in skip:
-        print(section_training(args, data, work), flush=True)
+        section_training(args, data, work)
     if "c" not in skip:
         print(section_inference(args, data, work), flush=True)
     if args.large:

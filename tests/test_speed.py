@@ -148,7 +148,10 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_trains(split_data: Path, tiny: d
 
 def test_compile_failure_falls_back_to_eager(split_data: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    class Broken(torch.nn.Module):
+    class Broken(torch.nn.Module):  # like torch.compile's OptimizedModule: no len(), so no `or` on it
+        def __len__(self) -> int:
+            raise TypeError("Classifier does not support len()")
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("InductorError: no working C++ compiler")
 

@@ -89,7 +89,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_batch_size, metavar="N|auto",
                    help="images per optimizer step; auto: the largest that fits the device, capped at 256 and at "
                         "1/8 of the training images (32)")
-    g.add_argument("--lr", type=float, help="peak LR of the head (1e-3 adamw, 1e-2 sgd)")
+    g.add_argument("--lr", type=float, help="peak LR of the head; the backbone gets lr / --head-lr-mult (2e-3 adamw, 1e-2 sgd)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="(adamw)")
     g.add_argument("--weight-decay", type=float, help="(0.01 adamw, 1e-4 sgd; never on biases/norms)")
     g.add_argument("--schedule", choices=SCHEDULES, help="LR schedule within each phase (onecycle)")

@@ -248,7 +248,11 @@ class Trainer:
     def _net(self, data: PhaseData) -> nn.Module:
         """What the batches go through: the head alone on cached features, else the model
         (wrapped by DDP under torchrun, or compiled with --compile)."""
-        return self.model.head if data.on_features else (self.ddp or self.compiled or self.model)
+        if data.on_features:
+            return self.model.head
+        if self.ddp is not None:
+            return self.ddp
+        return self.compiled if self.compiled is not None else self.model
 
     def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on the batch (x, y); returns its mean loss (a non-finite loss
@@ -274,7 +278,7 @@ class Trainer:
                 free_device_memory(self.device)
                 self.micro.shrink(len(y), "in a training step")
             else:
-                net = self.ddp or self.model
+                net = self.ddp if self.ddp is not None else self.model
 
     def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -337,7 +341,7 @@ class Trainer:
         metrics = {"train_loss": train_loss}
         data = self.data(self.state.phase)
         if data.valid is not None and len(data.valid.dataset) > 0:
-            net = self.model.head if data.on_features else (self.compiled or self.model)
+            net = self.model.head if data.on_features else self.model if self.compiled is None else self.compiled
             out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last,
                            precision=self.precision, micro=self.micro)
             if self.env.launched:

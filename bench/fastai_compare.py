@@ -1,0 +1,142 @@
+"""visiontune vs fastai on the same data, epochs, image size and backbone weights
+(EfficientNet-Lite0, the packaged ImageNet weights, mean = std = 0.5), one machine, one run.
+
+    pip install fastai   # bench only; not a visiontune dependency
+    /usr/bin/time -v python bench/fastai_compare.py [DATA] --mode frozen [--epochs 10]
+    /usr/bin/time -v python bench/fastai_compare.py [DATA] --mode fine_tune [--epochs 6]
+
+frozen:    fastai `learn.freeze(); learn.fit(epochs, lr)` vs visiontune `feature-extract`
+           (cached features) with a cold and a warm feature cache.
+fine_tune: fastai `learn.fine_tune(epochs - 1, lr)` (1 frozen epoch, then epochs - 1
+           unfrozen at half the LR, discriminative) vs visiontune `gradual` with `--epochs
+           epochs` (the same 1 + (epochs - 1) split), with and without the head warm start.
+
+Prints wall times, the ratio to fastai, final validation accuracies, and for fine_tune the
+time each visiontune run took to first reach fastai's final accuracy (from the start of
+the call: model build, data scan and feature pass included). Both heads start random
+unless the warm start says otherwise; fastai keeps its defaults (BatchNorm trains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import visiontune as vt
+from visiontune.callbacks import Callback
+from visiontune.models import create_source_model
+
+
+def run_fastai(data: str, mode: str, epochs: int, size: int, lr: float, bs: int) -> tuple[float, float, list]:
+    """(wall s, final val accuracy, [(s since start, val accuracy) per epoch])."""
+    from fastai.callback.core import Callback as FastaiCallback
+    from fastai.vision.all import (
+        CrossEntropyLossFlat,
+        ImageDataLoaders,
+        Learner,
+        Normalize,
+        Resize,
+        accuracy,
+        params,
+    )
+
+    started = time.perf_counter()
+    curve: list[tuple[float, float]] = []
+
+    class FastaiClock(FastaiCallback):
+        order = 100  # after the recorder has the epoch's metrics
+
+        def after_epoch(self) -> None:
+            curve.append((time.perf_counter() - started, float(self.recorder.values[-1][-1])))  # accuracy
+
+    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(size), bs=bs,
+                                       batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3), num_workers=0)
+    body, width, _, _ = create_source_model("timm:tf_efficientnet_lite0", "pretrained")
+    model = torch.nn.Sequential(body, torch.nn.Linear(width, dls.c))
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                    splitter=lambda m: [params(m[0]), params(m[1])], cbs=[FastaiClock()])
+    with learn.no_bar(), learn.no_logging():
+        if mode == "frozen":
+            learn.freeze()
+            learn.fit(epochs, lr)
+        else:
+            learn.fine_tune(epochs - 1, lr, freeze_epochs=1)
+    acc = float(learn.validate()[1])
+    return time.perf_counter() - started, acc, curve
+
+
+class Clock(Callback):
+    """visiontune callback: (s since start, val accuracy) at each epoch's end."""
+
+    def __init__(self, started: float) -> None:
+        self.started, self.curve = started, []
+
+    def on_epoch_end(self, trainer) -> None:
+        self.curve.append((time.perf_counter() - self.started, trainer.state.metrics.get("accuracy", float("nan"))))
+
+
+def run_visiontune(data: str, mode: str, epochs: int, size: int, lr: float, bs: int, warm_start: bool,
+                   ) -> tuple[float, float, list]:
+    started = time.perf_counter()
+    clock = Clock(started)
+    strategy = "feature-extract" if mode == "frozen" else "gradual"
+    r = vt.fit(data, strategy=strategy, epochs=epochs, image_size=size, lr=lr, batch_size=bs, patience=0,
+               progress=False, warm_start=warm_start, callbacks=[clock],
+               output=os.path.join(tempfile.gettempdir(), "vt-bench-runs"))
+    return time.perf_counter() - started, r.metrics["accuracy"], clock.curve
+
+
+def first_reaching(curve: list[tuple[float, float]], target: float) -> str:
+    for k, (s, acc) in enumerate(curve):
+        if acc >= target - 1e-9:
+            return f"{s:6.1f} s (epoch {k + 1}, acc {acc:.4f})"
+    return "never"
+
+
+def main() -> None:
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data", nargs="?", default=str(default))
+    ap.add_argument("--mode", choices=("frozen", "fine_tune"), default="frozen")
+    ap.add_argument("--epochs", type=int, help="total epochs (frozen: 10, fine_tune: 6 = 1 frozen + 5)")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    epochs = args.epochs or (10 if args.mode == "frozen" else 6)
+    logging.basicConfig(level=logging.WARNING)
+    cache = tempfile.mkdtemp(prefix="vt-cache-")
+    os.environ["VISIONTUNE_CACHE"] = cache
+    common = (args.data, args.mode, epochs, args.image_size, args.lr, args.batch_size)
+    try:
+        fa_s, fa_acc, fa_curve = run_fastai(*common)
+        if args.mode == "frozen":  # random heads on both sides; the second run finds the cache warm
+            runs = {"feature-extract (cold cache)": run_visiontune(*common, warm_start=False),
+                    "feature-extract (warm cache)": run_visiontune(*common, warm_start=False)}
+        else:  # each run starts from an empty cache
+            runs = {"gradual (defaults: warm start)": run_visiontune(*common, warm_start=True)}
+            shutil.rmtree(cache, ignore_errors=True)
+            runs["gradual --no-warm-start"] = run_visiontune(*common, warm_start=False)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(f"{args.mode}, {epochs} epochs, {args.image_size}px, lr {args.lr}, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    what = "learn.freeze(); learn.fit" if args.mode == "frozen" else f"learn.fine_tune({epochs - 1}, freeze_epochs=1)"
+    print(f"fastai {what:<34} {fa_s:7.1f} s   val accuracy {fa_acc:.4f}   per epoch: "
+          + ", ".join(f"{a:.3f}@{s:.0f}s" for s, a in fa_curve))
+    for name, (s, acc, curve) in runs.items():
+        line = f"visiontune {name:<32} {s:7.1f} s   val accuracy {acc:.4f}   ratio {s / fa_s:.3f}"
+        if args.mode == "fine_tune":
+            line += f"   reaches fastai's {fa_acc:.4f} at {first_reaching(curve, fa_acc)}"
+        print(line + "   per epoch: " + ", ".join(f"{a:.3f}@{s:.0f}s" for s, a in curve))
+
+
+if __name__ == "__main__":
+    main()
