@@ -1,7 +1,7 @@
 """Overhead of visiontune over the raw model, on one machine, in one run.
 
     /usr/bin/time -v python bench/speed.py [--images 256] [--image-size 224] [--batch-size 32]
-        [--workers auto,0,2] [--repeats 2] [--large 32] [--compile]
+        [--workers auto,0,2] [--repeats 2] [--large 32] [--compile] [--bf16]
 
 a. training img/s: `visiontune` fine-tuning (finetune: every parameter trains; images
    decoded from JPEG files, augmentation on, no validation) vs a raw PyTorch step (forward,
@@ -11,9 +11,11 @@ a. training img/s: `visiontune` fine-tuning (finetune: every parameter trains; i
    epoch included). Raw and visiontune alternate `--repeats` times; the median is kept,
    because this machine's speed drifts by +-20% over minutes.
    `--workers` lists DataLoader worker settings to compare ("auto" = the default).
-   `--compile` adds a run with `compile=True` (torch.compile) and a raw compiled step.
+   `--compile` adds a run with `compile=True` (torch.compile) and a raw compiled step;
+   `--bf16` times the raw step under bf16 autocast against fp32 (2 steps each).
 c. inference img/s: `visiontune.predict` over the folder vs raw `model(x)` on synthetic
-   tensors ("steady": the call after a warm-up call; both include loading the run);
+   tensors (the call after a warm-up call; loading the run is included, and also
+   reported alone);
    ONNX Runtime vs eager on the same tensors.
 d. `--large N`: N generated 4000x3000 JPEGs (phone-photo size), one epoch with the
    decoded-image cache off, then epochs with it on (first fills it, second reads it).
@@ -61,7 +63,7 @@ def raw_model(compiled: bool = False) -> torch.nn.Module:
     return torch.compile(model) if compiled else model
 
 
-def raw_train(size: int, batch: int, images: int, compiled: bool = False) -> float:
+def raw_train(size: int, batch: int, images: int, compiled: bool = False, bf16: bool = False) -> float:
     model = raw_model(compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     steps = max(2, images // batch)
@@ -70,7 +72,9 @@ def raw_train(size: int, batch: int, images: int, compiled: bool = False) -> flo
     for i in range(steps + 1):
         if i == 1:
             started = time.perf_counter()  # first step warms up (and compiles)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,6 +121,10 @@ def section_training(args: argparse.Namespace, data: Path, work: Path) -> None:
         loop, whole = median([r[0] for r in runs]), median([r[1] for r in runs])
         print(f"   visiontune workers={w:<4} loop {loop:6.1f} img/s  ratio {loop / raw:.3f}   "
               f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}", flush=True)
+    if args.bf16:
+        fp32, bf16 = raw_train(size, batch, 2 * batch), raw_train(size, batch, 2 * batch, bf16=True)
+        print(f"   precision: raw step fp32 {fp32:6.1f} img/s   bf16 autocast {bf16:6.1f} img/s   "
+              f"ratio {bf16 / fp32:.3f}", flush=True)
     if args.compile:
         started = time.perf_counter()
         raw_c = raw_train(size, batch, n, compiled=True)
@@ -135,16 +143,22 @@ def section_inference(args: argparse.Namespace, data: Path, work: Path) -> str:
     bundle = vt.bundle.load_bundle(r.run_dir)
     bundle.model.to(memory_format=torch.channels_last)
     lines = []
-    raws, ours = [], []
+    raws, ours, loads = [], [], []
     for _ in range(args.repeats):
         raws.append(raw_infer(bundle.model, size, batch, n))
         vt.predict(r.run_dir, data, batch_size=batch)  # warm-up: page cache, allocator
         started = time.perf_counter()
         preds, _ = vt.predict(r.run_dir, data, batch_size=batch)
         ours.append(len(preds) / (time.perf_counter() - started))
-    raw_i, ours_i = median(raws), median(ours)
+        started = time.perf_counter()
+        vt.bundle.load_bundle(r.run_dir)
+        loads.append(time.perf_counter() - started)
+    raw_i, ours_i, load_s = median(raws), median(ours), median(loads)
+    pipe_i = n / (n / ours_i - load_s)
     lines.append(f"c. inference: predict {ours_i:6.1f} img/s   raw model {raw_i:6.1f} img/s   ratio {ours_i / raw_i:.3f}"
                  f"   (runs: predict {', '.join(f'{v:.1f}' for v in ours)}; raw {', '.join(f'{v:.1f}' for v in raws)})")
+    lines.append(f"   of which loading the run {load_s:.2f} s; predict without it {pipe_i:6.1f} img/s   "
+                 f"ratio {pipe_i / raw_i:.3f}")
     try:
         from visiontune.export import export, load_exported
 
@@ -157,8 +171,9 @@ def section_inference(args: argparse.Namespace, data: Path, work: Path) -> str:
             onnx(x)
         ort_i = steps * batch / (time.perf_counter() - started)
         lines.append(f"   ONNX Runtime {ort_i:6.1f} img/s   eager {raw_i:6.1f} img/s   ratio {ort_i / raw_i:.3f}")
+        exported = export(r.run_dir, "onnx").path
         started = time.perf_counter()
-        preds, _ = vt.predict(export(r.run_dir, "onnx").path, data, batch_size=batch)
+        preds, _ = vt.predict(exported, data, batch_size=batch)
         lines.append(f"   predict with the .onnx file {len(preds) / (time.perf_counter() - started):6.1f} img/s")
     except vt.VisiontuneError as exc:
         lines.append(f"   ONNX Runtime: skipped ({exc})")
@@ -190,6 +205,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--large", type=int, default=0, help="also time N 4000x3000 JPEGs with and without the image cache")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--bf16", action="store_true", help="also time the raw step under bf16 autocast")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,c")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -112,7 +112,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU (auto)")
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model for unfrozen phases (slow first step; falls back if it fails)")
-    g.add_argument("--num-workers", type=int, help="DataLoader workers (from the machine)")
+    g.add_argument("--num-workers", type=int, help="DataLoader worker processes (from the device: CPU with <= 4 cores 0, "
+                   "then 1 per 8 cores; GPU: cores - 1, at most 8)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (auto)")
     g.add_argument("--seed", type=int, help="(0)")
     g.add_argument("--output", help="parent folder of run directories (runs)")
