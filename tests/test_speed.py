@@ -240,3 +240,24 @@ def test_features_memory_mapped(tmp_path: Path, tiny: dict) -> None:
                                  memmap_dir=tmp_path / "maps")
     torch.testing.assert_close(mapped, in_ram)
     assert list((tmp_path / "maps").iterdir()) == []  # unlinked at once: nothing to clean up
+
+
+def test_worker_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontune.loaders import default_num_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for cores, on_cpu, on_gpu in ((1, 0, 0), (2, 0, 1), (4, 0, 3), (16, 2, 8), (64, 4, 8)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        assert (default_num_workers(cpu), default_num_workers(cuda)) == (on_cpu, on_gpu)
+
+
+def test_torn_image_cache_entry_is_decoded_again(tmp_path: Path) -> None:
+    from visiontune.loaders import DecodedCache
+
+    big = _photo(tmp_path / "big.jpg", (400, 300))
+    cache = DecodedCache(tmp_path / "cache", 64)
+    first = np.asarray(cache.load(str(big)))
+    (entry,) = list((tmp_path / "cache").rglob("*.npy"))
+    entry.write_bytes(entry.read_bytes()[:100])  # a crash mid-write of an older version
+    np.testing.assert_array_equal(np.asarray(cache.load(str(big))), first)
+    assert np.load(entry).shape == first.shape  # rewritten whole
