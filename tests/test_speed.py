@@ -261,3 +261,24 @@ def test_torn_image_cache_entry_is_decoded_again(tmp_path: Path) -> None:
     entry.write_bytes(entry.read_bytes()[:100])  # a crash mid-write of an older version
     np.testing.assert_array_equal(np.asarray(cache.load(str(big))), first)
     assert np.load(entry).shape == first.shape  # rewritten whole
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_fused_eval_transform_matches_torchvision(interpolation: str) -> None:
+    from torchvision.transforms import v2 as T
+
+    from visiontune.models import Preprocess
+    from visiontune.transforms import eval_transform, interpolation_mode
+
+    rng = np.random.default_rng(0)
+    pre = Preprocess(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation, 0.875)
+    reference = T.Compose([T.Resize(55, interpolation=interpolation_mode(interpolation), antialias=True),
+                           T.CenterCrop(48), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                           T.Normalize(list(pre.mean), list(pre.std))])
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    for w, h in ((400, 300), (300, 400), (55, 55), (30, 20), (999, 101)):  # wide, tall, exact, padded, odd
+        coarse = Image.fromarray(rng.integers(0, 255, (h // 5 + 1, w // 5 + 1, 3), dtype=np.uint8))
+        image = coarse.resize((w, h), Image.BICUBIC)
+        ours, theirs = eval_transform(pre)(image), reference(image)
+        assert ours.shape == theirs.shape == (3, 48, 48)
+        assert ((ours - theirs).abs() * std * 255).max() <= 2.0 + 1e-3  # grey levels: rounding only

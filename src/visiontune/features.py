@@ -45,7 +45,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visiontune"
 
 
-DECODE_VERSION = "jpeg-draft-to-eval-side"  # how files become pixels (images.load_rgb with min_side)
+DECODE_VERSION = "jpeg-draft+fused-resize-crop"  # how files become pixels (load_rgb min_side, ResizeCenterCrop)
 
 
 def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) -> str:
