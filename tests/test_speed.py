@@ -282,3 +282,20 @@ def test_fused_eval_transform_matches_torchvision(interpolation: str) -> None:
         ours, theirs = eval_transform(pre)(image), reference(image)
         assert ours.shape == theirs.shape == (3, 48, 48)
         assert ((ours - theirs).abs() * std * 255).max() <= 2.0 + 1e-3  # grey levels: rounding only
+
+
+def test_evaluate_decodes_each_file_once_and_reports_the_broken(split_data: Path, tiny: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontune import loaders
+
+    r = vt.fit(split_data, **{**tiny, "epochs": 2}, output=str(split_data.parent / "runs"))
+    clean = vt.evaluate(r.run_dir, split_data / "test", num_workers=0)
+    (split_data / "test" / "green" / "broken.png").write_bytes(b"\x89PNG truncated")
+    opened: list[str] = []
+    real = loaders.load_rgb
+    monkeypatch.setattr(loaders, "load_rgb", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    result = vt.evaluate(r.run_dir, split_data / "test", num_workers=0)
+    assert len(opened) == 7 and len(result.paths) == 6
+    assert [Path(p).name for p, _ in result.excluded] == ["broken.png"]
+    assert result.metrics["loss"] == pytest.approx(clean.metrics["loss"], rel=1e-5)  # the broken file is not scored
+    assert result.metrics["accuracy"] == clean.metrics["accuracy"]

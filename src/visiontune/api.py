@@ -275,28 +275,37 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
     test/ or valid/ folder uses that split)."""
     from visiontune.bundle import load_bundle
     from visiontune.config import DataConfig
-    from visiontune.loaders import eval_dataset, make_loader
+    from visiontune.loaders import UNREADABLE, eval_dataset, make_loader
     from visiontune.metrics import classification_metrics, confusion, per_class_report
     from visiontune.trainer import resolve_device, run_eval
 
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
-    source = load_items(DataConfig(path=str(data), valid_pct=0.0), min_classes=1)
+    # each file is decoded once: undecodable ones are marked while reading, not checked first
+    source = load_items(DataConfig(path=str(data), valid_pct=0.0, verify_images=False), min_classes=1)
     split = TEST if source.split(TEST) else VALID if source.split(VALID) else TRAIN
     items = source.split(split)
     known = {c: i for i, c in enumerate(bundle.classes)}
     unknown = sorted({it.label for it in items} - set(known))
     if unknown:
         raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; it knows {bundle.classes}")
-    ds = eval_dataset([it.path for it in items], [known[it.label] for it in items], bundle.preprocess)
+    ds = eval_dataset([it.path for it in items], [known[it.label] for it in items], bundle.preprocess,
+                      mark_unreadable=True)
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, progress)
+    paths, excluded = ds.paths, list(source.excluded)
+    bad = out.targets == UNREADABLE
+    if bad.any():
+        from visiontune.images import check_image
+
+        excluded += [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b]
+        paths = [p for p, b in zip(paths, bad) if not b]
+        out.targets, out.probs = out.targets[~bad], out.probs[~bad]  # run_eval's loss already leaves them out
     n = len(bundle.classes)
     metrics = {"accuracy": float("nan"), "macro_f1": float("nan")}
     metrics.update(classification_metrics(out.targets, out.preds, n))
     metrics["loss"] = out.loss
     return EvalResult(metrics, per_class_report(out.targets, out.preds, bundle.classes),
-                      confusion(out.targets, out.preds, n), bundle.classes, ds.paths, out.targets, out.probs,
-                      source.excluded)
+                      confusion(out.targets, out.preds, n), bundle.classes, paths, out.targets, out.probs, excluded)
 
 
 # -- predict ----------------------------------------------------------------------------

@@ -142,9 +142,10 @@ def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, progres
     for x, y in _progress(loader, progress, "eval"):
         x, y = to_device(x, device, channels_last), y.to(device)
         logits = forward_chunks(model, x, micro, device, precision)
-        if (y >= 0).all():
-            total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        count += len(y)
+        known = y >= 0  # -1: no label (predict); UNREADABLE: a file that did not decode
+        if known.any():
+            total += nn.functional.cross_entropy(logits[known], y[known], reduction="sum").item()
+            count += int(known.sum())
         probs.append(logits.softmax(dim=1).cpu())
         targets.append(y.cpu())
     if not probs:
