@@ -275,7 +275,7 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
     test/ or valid/ folder uses that split)."""
     from visiontune.bundle import load_bundle
     from visiontune.config import DataConfig
-    from visiontune.loaders import UNREADABLE, eval_dataset, make_loader
+    from visiontune.loaders import eval_dataset, make_loader
     from visiontune.metrics import classification_metrics, confusion, per_class_report
     from visiontune.trainer import resolve_device, run_eval
 
@@ -292,14 +292,8 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
     ds = eval_dataset([it.path for it in items], [known[it.label] for it in items], bundle.preprocess,
                       mark_unreadable=True)
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, progress)
-    paths, excluded = ds.paths, list(source.excluded)
-    bad = out.targets == UNREADABLE
-    if bad.any():
-        from visiontune.images import check_image
-
-        excluded += [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b]
-        paths = [p for p, b in zip(paths, bad) if not b]
-        out.targets, out.probs = out.targets[~bad], out.probs[~bad]  # run_eval's loss already leaves them out
+    paths, unreadable = _drop_unreadable_rows(ds.paths, out)  # run_eval's loss already leaves them out
+    excluded = source.excluded + unreadable
     n = len(bundle.classes)
     metrics = {"accuracy": float("nan"), "macro_f1": float("nan")}
     metrics.update(classification_metrics(out.targets, out.preds, n))
@@ -326,12 +320,12 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     import torch
 
     from visiontune.bundle import load_bundle
-    from visiontune.loaders import UNREADABLE, eval_dataset, make_loader
+    from visiontune.loaders import eval_dataset, make_loader
     from visiontune.trainer import resolve_device, run_eval
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    paths, skipped = collect_images([str(p) for p in inputs], verify=False)
+    paths, skipped = collect_images([str(p) for p in inputs])
     if str(run).endswith((".onnx", ".ts")):
         from visiontune.export import load_exported
 
@@ -343,13 +337,8 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
         return [], skipped
     ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True)  # each file decoded once
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, channels_last=channels_last)
-    bad = out.targets == UNREADABLE
-    if bad.any():
-        from visiontune.images import check_image
-
-        skipped += [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b]
-        paths = [p for p, b in zip(paths, bad) if not b]
-        out.probs = out.probs[~bad]
+    paths, unreadable = _drop_unreadable_rows(paths, out)
+    skipped += unreadable
     k = max(1, min(top_k, len(bundle.classes)))
     values, indices = torch.from_numpy(out.probs).topk(k, dim=1)
     preds = []
@@ -359,11 +348,25 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     return preds, skipped
 
 
-def collect_images(inputs: list[str], verify: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files among `inputs` (folders searched recursively, as `train` scans them);
-    (path, reason) for everything skipped. `verify`: decode each file once to leave out
-    the unreadable ones (predict skips this and marks them while reading instead)."""
-    from visiontune.data import check_images, walk_images
+def _drop_unreadable_rows(paths: list[str], out: Any) -> tuple[list[str], list[tuple[str, str]]]:
+    """Leave the files ImageDataset marked UNREADABLE out of `out` (in place) and `paths`;
+    return the kept paths and (path, reason) of the others."""
+    from visiontune.images import check_image
+    from visiontune.loaders import UNREADABLE
+
+    bad = out.targets == UNREADABLE
+    if not bad.any():
+        return paths, []
+    out.targets, out.probs = out.targets[~bad], out.probs[~bad]
+    return ([p for p, b in zip(paths, bad) if not b],
+            [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b])
+
+
+def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files among `inputs` (folders searched recursively, as `train` scans them, by
+    name: decoding is left to the reader, which reports files that fail); (path, reason)
+    for everything skipped."""
+    from visiontune.data import walk_images
 
     found: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -377,11 +380,7 @@ def collect_images(inputs: list[str], verify: bool = True) -> tuple[list[str], l
             found.append(str(p))
         else:
             skipped.append((item, "no such file or folder"))
-    if not verify:
-        return found, skipped
-    reasons = check_images(found)
-    skipped += [(path, why) for path, why in zip(found, reasons) if why is not None]
-    return [path for path, why in zip(found, reasons) if why is None], skipped
+    return found, skipped
 
 
 # -- inspect ----------------------------------------------------------------------------

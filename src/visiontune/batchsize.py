@@ -5,9 +5,10 @@
   step is run and an out-of-memory error ends the doubling search (Lightning's "power"
   search). A CPU has no catchable out-of-memory error (the kernel kills the process), so
   the memory of one step is measured at two batch sizes (peak RSS, reset between them) and
-  extrapolated to half of the memory the machine has available. The result is then capped
-  at AUTO_MAX and at a batch that still gives MIN_STEPS optimizer steps per epoch: a batch
-  as large as the data set would fit, but would leave one step per epoch.
+  extrapolated to half of the memory the machine has available. The result is capped at
+  AUTO_MAX and at a batch that still gives MIN_STEPS optimizer steps per epoch (a batch as
+  large as the data set would fit, but would leave one step per epoch); on CUDA the search
+  stops at that cap, since each candidate costs a real step.
 - `MicroBatcher`: the trainer splits each batch into micro-batches and accumulates their
   gradients; after an out-of-memory error it halves the micro-batch and repeats the step,
   so the effective batch (one optimizer step per loader batch) and the learning rate stay
@@ -79,9 +80,10 @@ def _trial_step(model: nn.Module, batch: int, size: int, device: torch.device, c
         model.train(was_training)
 
 
-def _read_status(key: str) -> int | None:
+def _proc_bytes(file: str, key: str) -> int | None:
+    """The `key:  N kB` line of a /proc file, in bytes; None where there is none (not Linux)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as fh:
+        with open(file, encoding="ascii") as fh:
             for line in fh:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -100,14 +102,7 @@ def _reset_peak_rss() -> bool:
 
 
 def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def step_memory(model: nn.Module, batch: int, size: int, device: torch.device, channels_last: bool,
@@ -115,16 +110,16 @@ def step_memory(model: nn.Module, batch: int, size: int, device: torch.device, c
     """Bytes one CPU training step of `batch` images adds to the process's peak RSS."""
     if not _reset_peak_rss():
         return None
-    before = _read_status("VmRSS")
+    before = _proc_bytes("/proc/self/status", "VmRSS")
     _trial_step(model, batch, size, device, channels_last, precision)
-    peak = _read_status("VmHWM")
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
     return None if before is None or peak is None else max(0, peak - before)
 
 
 def auto_batch_size(model: nn.Module, size: int, n_train: int, device: torch.device, channels_last: bool = True,
                     precision: str = "fp32") -> int:
     """The batch size `--batch-size auto` trains with (see the module docstring)."""
-    cap = min(AUTO_MAX, floor_pow2(max(1, n_train // MIN_STEPS)))
+    cap = min(AUTO_MAX, floor_pow2(n_train // MIN_STEPS))
     if device.type == "cuda":
         def fits(b: int) -> bool:
             try:
@@ -136,9 +131,9 @@ def auto_batch_size(model: nn.Module, size: int, n_train: int, device: torch.dev
             free_device_memory(device)
             return False
 
-        fitting = largest_fitting(fits, 1 << 16)
+        fitting = largest_fitting(fits, cap)  # a real step per candidate: none beyond the cap
         free_device_memory(device)
-        how = f"largest that fits on {device}: {fitting}"
+        how = f"largest that fits on {device}, trying up to the cap: {fitting}"
     else:
         small, large = 2, 4
         m_small = step_memory(model, small, size, device, channels_last, precision)

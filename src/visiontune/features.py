@@ -85,16 +85,22 @@ class FeatureCache:
             return None  # missing or torn by an old crash: recompute
 
     def put(self, digest: str, vector: np.ndarray) -> None:
-        target = self._path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, vector.astype(np.float32), allow_pickle=False)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_entry(self._path(digest), vector.astype(np.float32))
+
+
+def save_entry(target: Path, array: np.ndarray) -> None:
+    """A cache entry as .npy, written to a temporary file and renamed over `target`: readers
+    see the old entry or the whole new one. No fsync (unlike bundle.atomic_write): a cache
+    entry torn by a crash fails to load and is computed again."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
@@ -170,24 +176,24 @@ class _Rows:
 
     def put(self, i: int, row: np.ndarray) -> None:
         if self.array is None:
-            shape = (self.n, int(row.shape[-1]))
-            if self.dir is None:
-                self.array = np.empty(shape, dtype=np.float32)
-            else:
-                try:
-                    Path(self.dir).mkdir(parents=True, exist_ok=True)
-                    fd, name = tempfile.mkstemp(dir=self.dir, suffix=".features.npy")
-                    os.close(fd)
-                except OSError as exc:  # unwritable cache folder: keep the matrix in memory
-                    log.warning("cannot map features in %s (%s); keeping them in memory", self.dir, exc)
-                    self.array = np.empty(shape, dtype=np.float32)
-                else:
-                    try:
-                        self.array = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape)
-                    finally:
-                        with contextlib.suppress(OSError):
-                            os.unlink(name)  # the mapping stays valid; a crash leaves no file behind
+            self.array = self._allocate((self.n, int(row.shape[-1])))
         self.array[i] = row
+
+    def _allocate(self, shape: tuple[int, int]) -> np.ndarray:
+        if self.dir is None:
+            return np.empty(shape, dtype=np.float32)
+        try:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.dir, suffix=".features.npy")
+            os.close(fd)
+        except OSError as exc:  # unwritable cache folder: keep the matrix in memory
+            log.warning("cannot map features in %s (%s); keeping them in memory", self.dir, exc)
+            return np.empty(shape, dtype=np.float32)
+        try:
+            return np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)  # the mapping stays valid; a crash leaves no file behind
 
     def tensor(self) -> torch.Tensor:
         if self.array is None:

@@ -153,11 +153,11 @@ def _saliency(target: Path, bundle: Any, paths: list[str], dev: Any) -> None:
     try:
         save_filters(target.parent / "filters.png", first_layer_filters(bundle.model))
         images, heats, titles = [], [], []
+        size = bundle.preprocess.input_size
         for p in paths:
-            x = tf(load_rgb(p, side)).unsqueeze(0).to(dev)
-            heat, cls = grad_cam(bundle.model, x)
-            size = bundle.preprocess.input_size
-            shown = np.asarray(load_rgb(p, side).resize((size, size), Image.BILINEAR))
+            image = load_rgb(p, side)
+            heat, cls = grad_cam(bundle.model, tf(image).unsqueeze(0).to(dev))
+            shown = np.asarray(image.resize((size, size), Image.BILINEAR))
             images.append(shown)
             heats.append(heat)
             titles.append(f"Grad-CAM: {bundle.classes[cls]}")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,20 +18,24 @@ from visiontune.models import Preprocess
 
 
 class DecodedCache:
-    """Large training images decoded once and kept downsized, so later epochs read a small
-    uint8 array instead of decoding a multi-megapixel JPEG again.
+    """Training images brought down to shorter side `side` (fastai's presizing); large ones
+    decoded once and kept, so later epochs read a small uint8 array instead of decoding a
+    multi-megapixel JPEG again.
 
     Layout: `<root>/<side>/<ab>/<key>.npy` (H x W x 3 uint8, shorter side = `side`), written
     atomically; key = hash of the file's absolute path, size and modification time, so an
     edited or replaced file is decoded again. Only images larger than `side` are stored
-    (smaller ones decode as fast as the cache reads). Safe to delete at any time.
+    (smaller ones decode as fast as the cache reads). Safe to delete at any time. With
+    `root` None nothing is stored: every load decodes and downsizes, to the same pixels.
     """
 
-    def __init__(self, root: str | os.PathLike[str], side: int) -> None:
-        self.dir = Path(root) / str(side)
+    def __init__(self, root: str | os.PathLike[str] | None, side: int) -> None:
+        self.dir = None if root is None else Path(root) / str(side)
         self.side = side
 
     def _path(self, path: str) -> Path | None:
+        if self.dir is None:
+            return None
         try:
             st = os.stat(path)
         except OSError:
@@ -53,32 +57,18 @@ class DecodedCache:
             return image
         image = shrink(image, self.side)
         if entry is not None:
-            _atomic_save(entry, np.asarray(image))
+            from visiontune.features import save_entry
+
+            with contextlib.suppress(OSError):  # a read-only or full cache only costs speed
+                save_entry(entry, np.asarray(image))
         return image
-
-
-def _atomic_save(target: Path, array: np.ndarray) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    except OSError:
-        return  # a read-only or full cache only costs speed
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, target)
-    except OSError:
-        pass
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class ImageDataset(Dataset):
     """Reads `paths` as RGB, applies `transform`; `targets` may be None (predict).
 
     `decode_side`: JPEGs are decoded at reduced scale down to this shorter side (the
-    transform never needs more); `cache`: a DecodedCache that also downsizes.
+    transform never needs more); `cache`: a DecodedCache reads (and downsizes) instead.
     `unreadable_size`: a file that fails to decode yields a zero image of this size and
     target UNREADABLE instead of an error, so files are decoded once, without a checking
     pass first (predict)."""
@@ -123,26 +113,14 @@ def eval_dataset(paths: Sequence[str], targets: Sequence[int] | None, pre: Prepr
 
 def train_dataset(paths: Sequence[str], targets: Sequence[int], pre: Preprocess, augment: bool, hflip: float,
                   min_scale: float, image_cache: bool, cache_dir: str | None = None) -> ImageDataset:
-    """Training images: decoded at reduced scale and brought down to `train_side` (kept in
-    the DecodedCache when `image_cache`), then randomly cropped and flipped."""
+    """Training images: decoded at reduced scale and brought down to `train_side` (kept on
+    disk when `image_cache`), then randomly cropped and flipped."""
     from visiontune.features import cache_root
     from visiontune.transforms import train_side, train_transform
 
     side = train_side(pre)
-    cache = DecodedCache(cache_root(cache_dir) / "images", side) if image_cache else None
-    return ImageDataset(paths, targets, _Presized(train_transform(pre, augment, hflip, min_scale), side),
-                        decode_side=side, cache=cache)
-
-
-class _Presized:
-    """Downsize to `side` (the cache stores that already), then `transform`: the same
-    pixels reach the transform with and without the cache."""
-
-    def __init__(self, transform: Callable, side: int) -> None:
-        self.transform, self.side = transform, side
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(shrink(image, self.side))
+    cache = DecodedCache(cache_root(cache_dir) / "images" if image_cache else None, side)
+    return ImageDataset(paths, targets, train_transform(pre, augment, hflip, min_scale), cache=cache)
 
 
 def default_num_workers(device: torch.device | None = None) -> int:

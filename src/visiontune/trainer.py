@@ -246,12 +246,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         return reduce_mean(running, seen, self.env)
 
-    def _net(self, data: PhaseData) -> nn.Module:
+    def _net(self, data: PhaseData, training: bool = True) -> nn.Module:
         """What the batches go through: the head alone on cached features, else the model
-        (wrapped by DDP under torchrun, or compiled with --compile)."""
+        (compiled with --compile; for training steps wrapped by DDP under torchrun)."""
         if data.on_features:
             return self.model.head
-        if self.ddp is not None:
+        if training and self.ddp is not None:
             return self.ddp
         return self.compiled if self.compiled is not None else self.model
 
@@ -279,7 +279,7 @@ class Trainer:
                 free_device_memory(self.device)
                 self.micro.shrink(len(y), "in a training step")
             else:
-                net = self.ddp if self.ddp is not None else self.model
+                net = self.model  # --compile is off under torchrun: no DDP wrapper to keep
 
     def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -342,8 +342,7 @@ class Trainer:
         metrics = {"train_loss": train_loss}
         data = self.data(self.state.phase)
         if data.valid is not None and len(data.valid.dataset) > 0:
-            net = self.model.head if data.on_features else self.model if self.compiled is None else self.compiled
-            out = run_eval(net, data.valid, self.device, channels_last=self.cfg.train.channels_last,
+            out = run_eval(self._net(data, training=False), data.valid, self.device, channels_last=self.cfg.train.channels_last,
                            precision=self.precision, micro=self.micro)
             if self.env.launched:
                 out = _merge(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
