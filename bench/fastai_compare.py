@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import visiontune as vt
-from visiontune.callbacks import Callback
-from visiontune.models import create_source_model
+from visiontune.models.backbones import create_source_model
+from visiontune.train.callbacks import Callback
 
 
 def run_fastai(data: str, mode: str, epochs: int, size: int, lr: float, bs: int) -> tuple[float, float, list]:

@@ -38,7 +38,7 @@ from PIL import Image
 
 import visiontune as vt
 from visiontune.config import ModelConfig
-from visiontune.models import create_classifier
+from visiontune.models.classifier import create_classifier
 
 
 def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300) -> Path:
@@ -55,7 +55,7 @@ def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300) -> Path:
 
 
 def raw_model(compiled: bool = False) -> torch.nn.Module:
-    from visiontune.strategy import set_batchnorm_modes
+    from visiontune.train.plan import set_batchnorm_modes
 
     model, _ = create_classifier(ModelConfig(), 2)
     model.train().to(memory_format=torch.channels_last)
@@ -160,7 +160,7 @@ def section_inference(args: argparse.Namespace, data: Path, work: Path) -> str:
     lines.append(f"   of which loading the run {load_s:.2f} s; predict without it {pipe_i:6.1f} img/s   "
                  f"ratio {pipe_i / raw_i:.3f}")
     try:
-        from visiontune.export import export, load_exported
+        from visiontune.deploy.export import export, load_exported
 
         onnx = load_exported(export(r.run_dir, "onnx").path).model
         x = torch.randn(batch, 3, size, size)

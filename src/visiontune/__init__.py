@@ -4,30 +4,54 @@
     result = vt.fit("images/", strategy="gradual", epochs=5)
     preds, skipped = vt.predict(result.run_dir, "photos/")
     print(vt.evaluate(result.run_dir, "images/test").format())
+
+`import visiontune` is light: the public names below are imported on first use
+(PEP 562), so `vt.ConfigError` does not load torch and `vt.fit` loads what training needs.
 """
 
-from visiontune.api import EvalResult, FitResult, Prediction, evaluate, fit, inspect, predict
-from visiontune.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, TrainConfig
-from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsUnavailableError
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "ConfigError",
-    "DataConfig",
-    "DataError",
-    "EvalResult",
-    "FitResult",
-    "ModelConfig",
-    "Prediction",
-    "RunConfig",
-    "StrategyConfig",
-    "TrainConfig",
-    "VisiontuneError",
-    "WeightsUnavailableError",
-    "__version__",
-    "evaluate",
-    "fit",
-    "inspect",
-    "predict",
-]
+from visiontune.version import __version__ as __version__
+
+_PUBLIC = {
+    "fit": "visiontune.api",
+    "evaluate": "visiontune.api",
+    "predict": "visiontune.api",
+    "inspect": "visiontune.api",
+    "EvalResult": "visiontune.api",
+    "FitResult": "visiontune.api",
+    "Prediction": "visiontune.api",
+    "RunConfig": "visiontune.config",
+    "DataConfig": "visiontune.config",
+    "ModelConfig": "visiontune.config",
+    "StrategyConfig": "visiontune.config",
+    "TrainConfig": "visiontune.config",
+    "ConfigError": "visiontune.errors",
+    "DataError": "visiontune.errors",
+    "VisiontuneError": "visiontune.errors",
+    "WeightsUnavailableError": "visiontune.errors",
+    "register_strategy": "visiontune.train.strategies",
+}
+
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"visiontune.{name}")
+    raise AttributeError(f"module 'visiontune' has no attribute {name!r}")
+
+
+_SUBMODULES = {"api", "bundle", "config", "errors", "cli", "data", "models", "tasks", "train", "runtime",
+               "selection", "analysis", "deploy", "files"}
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBMODULES])

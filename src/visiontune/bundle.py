@@ -21,81 +21,42 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+import torchvision
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from visiontune.config import ModelConfig, RunConfig
+from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
-from visiontune.models import Classifier, Preprocess, create_classifier
+from visiontune.files import atomic_write, write_text
+from visiontune.models.classifier import Classifier, create_classifier
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
+from visiontune.version import __version__
 
 MODEL_FILE = "model.safetensors"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 FORMAT_VERSION = 1
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
-
-
-def write_csv(path: str | os.PathLike[str], header: list[str], rows: Any) -> None:
-    """A header and rows as CSV, written atomically."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_model(path: str | os.PathLike[str], model: Classifier, classes: list[str], pre: Preprocess,
+def save_model(path: str | os.PathLike[str], model: Classifier, task: Task, pre: Preprocess,
                model_cfg: ModelConfig) -> None:
     """Weights plus everything needed to rebuild and use them, in one safetensors file."""
-    from safetensors.torch import save_file
-
     meta = {
         "format_version": FORMAT_VERSION,
         "backbone": model_cfg.backbone,
         "head_hidden": model_cfg.head_hidden,
         "head_dropout": model_cfg.head_dropout,
-        "classes": list(classes),
+        "classes": list(task.classes),
         "preprocess": pre.to_dict(),
+        **task.metadata(),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"visiontune": json.dumps(meta)}))
@@ -103,11 +64,15 @@ def save_model(path: str | os.PathLike[str], model: Classifier, classes: list[st
 
 @dataclass
 class Bundle:
-    model: Classifier
-    classes: list[str]
+    model: Any  # a Classifier, or an exported model behind the same call (deploy/export.py)
+    task: Task
     preprocess: Preprocess
     path: str
     config: RunConfig | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.task.classes
 
 
 def model_file(path: str | os.PathLike[str]) -> Path:
@@ -124,9 +89,6 @@ def model_file(path: str | os.PathLike[str]) -> Path:
 
 def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the trained classifier from a run directory or its model.safetensors."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     file = model_file(path)
     with safe_open(str(file), framework="pt") as fh:
         raw = (fh.metadata() or {}).get("visiontune")
@@ -143,7 +105,8 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     model.to(device, memory_format=torch.channels_last).eval()  # inputs follow in run_eval
     cfg_path = file.parent / "config.yaml"
     cfg = read_config(cfg_path) if cfg_path.is_file() else None
-    return Bundle(model, list(meta["classes"]), pre, str(file.parent), cfg)
+    task = make_task(meta.get("task", "single-label"), list(meta["classes"]), meta)
+    return Bundle(model, task, pre, str(file.parent), cfg)
 
 
 def read_config(path: str | os.PathLike[str]) -> RunConfig:
@@ -156,11 +119,6 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def environment(cfg: RunConfig, device: str) -> dict[str, Any]:
-    import timm
-    import torchvision
-
-    from visiontune import __version__
-
     return {
         "visiontune": __version__,
         "python": platform.python_version(),

@@ -3,99 +3,150 @@
 A `RunConfig` is built from Python keyword overrides (`RunConfig.create(epochs=3)`) or by
 the CLI, is written into every run directory as `config.yaml`, and is read back by
 `predict`, `evaluate` and `--resume`.
+
+Every option is one `option(...)` field below: its default, its help text, its bounds or
+choices and (where it differs from `--field-name`) its command-line flag. The CLI builds
+its run options from these fields (`run_options`) and `validate` checks every bound and
+choice, so a new option is one line here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from visiontune.errors import ConfigError
+from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choices
 
-STRATEGIES = ("feature-extract", "finetune", "freeze-k", "gradual", "scratch")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           flag: str | None = None, key: str | None = None, cli: bool = True, metavar: str | None = None,
+           parse: Callable[[str], Any] | None = None) -> Any:
+    """A config field with its documentation: `help` (shown by --help), `choices` (a tuple
+    or a function returning one, e.g. the strategy registry), bounds (`ge`/`gt`/`le`/`lt`,
+    checked by `validate`; None values are not checked), `flag` (default `--field-name`;
+    booleans get `--no-field-name` when they default to True, and then `help` says what
+    that flag does), `key` (the flat name in
+    `RunConfig.create` and the CLI; default the field name), `cli=False` for Python-only
+    options, and `parse` for values argparse cannot type from the annotation."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag, "key": key,
+            "cli": cli, "metavar": metavar, "parse": parse}
+    return field(default=default, metadata=meta)
+
+
+def parse_batch_size(text: str) -> int | str:
+    """`--batch-size`: a whole number >= 1 or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how labels and splits are found."""
 
-    path: str = ""
-    csv: str | None = None  # CSV of path,label[,split]; paths relative to the CSV's folder
-    csv_path_col: str | None = None  # default: a column named path/file/filename/image, else 1st
-    csv_label_col: str | None = None  # default: a column named label/class/target, else 2nd
-    label_regex: str | None = None  # label = group 1 of this regex matched on the file name
-    label_func: str | None = None  # name of the Python function used (recorded, not re-run)
-    valid_pct: float = 0.2  # used when the data has no valid/ split
-    relabel: str | None = None  # CSV path,label: corrected labels, applied without touching files
-    exclude: str | None = None  # file of paths (one per line, or a CSV's first column) to leave out
-    verify_images: bool = True  # decode every image once while scanning; excludes corrupt ones
+    path: str = option("", "folder of images (the DATA argument)", cli=False)
+    csv: str | None = option(None, "CSV of path,label[,split] (paths relative to DATA or the CSV's folder)")
+    csv_path_col: str | None = option(None, "CSV column holding the paths (path/file/filename/image, else the 1st)")
+    csv_label_col: str | None = option(None, "CSV column holding the labels (label/class/target, else the 2nd)")
+    label_regex: str | None = option(None, r"label = group 1 of this regex on the file name, e.g. '^(.+)_\d+\.jpg$'")
+    label_func: str | None = option(None, "name of the Python label function used (recorded, not re-run)", cli=False)
+    valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
+    relabel: str | None = option(None, "CSV path,label of corrected labels (your files stay untouched)")
+    exclude: str | None = option(None, "file listing images to leave out (one path per line, or a CSV's 1st column)")
+    verify_images: bool = option(True, "skip decoding every image while scanning", flag="--no-verify")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which backbone, which weights, which head, which input size."""
 
-    backbone: str = DEFAULT_BACKBONE  # "timm:<name>", "torchvision:<name>" or a bare timm name
-    weights: str = "pretrained"  # pretrained | none | path to .pth/.pt/.safetensors
-    image_size: int | None = None  # None: the backbone's own input size
-    head_hidden: int = 0  # 0: one linear layer; N: linear(N) + ReLU + dropout + linear
-    head_dropout: float = 0.0
-    head_init_gain: float = 0.1  # xavier gain of the final layer (small: starting loss ~ ln C)
-    warm_start: bool = True  # head rows of classes named like ImageNet classes start from those rows
+    backbone: str = option(DEFAULT_BACKBONE, "timm:<name>, torchvision:<name> or a bare timm name")
+    weights: str = option("pretrained", "pretrained | none | PATH to a .pth/.pt/.safetensors state dict")
+    image_size: int | None = option(None, "input size in pixels (default: the backbone's own)", ge=8)
+    head_hidden: int = option(0, "hidden units in the head; 0: a single linear layer", ge=0)
+    head_dropout: float = option(0.0, "dropout in the head", ge=0.0, lt=1.0)
+    head_init_gain: float = option(0.1, "xavier gain of the head's last layer (small: starting loss ~ ln C)", gt=0.0)
+    warm_start: bool = option(True, "do not start head rows of ImageNet-named classes (e.g. 'ant') from the source "
+                                    "classifier")
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
     """What trains, and at which learning rate relative to `TrainConfig.lr`."""
 
-    name: str = "gradual"
-    head_lr_mult: float = 10.0  # head LR / backbone LR (d2l 14.2: 10x for the new layer)
-    freeze: int | None = None  # freeze-k: leading backbone layer groups kept frozen; None: half of them
-    freeze_epochs: int = 1  # gradual: head-only epochs before unfreezing
-    layer_lr_ratio: float = 10.0  # gradual: last / first backbone group LR after unfreezing
-    unfreeze_lr_scale: float = 0.5  # gradual: LR scale after unfreezing (fastai halves it)
-    frozen_bn: str = "eval"  # BatchNorm in frozen groups: eval (keep statistics) | train
-    trainable_bn: str = "auto"  # BatchNorm in training groups: train | eval | auto (eval when pretrained)
+    name: str = option("gradual", "what trains (see 'strategies' below); auto: ask the advisor",
+                       choices=strategy_choices, key="strategy")
+    head_lr_mult: float = option(10.0, "head LR / backbone LR (d2l 14.2: 10x for the new layer)", gt=0.0)
+    freeze: int | None = option(None, "freeze-k: leading backbone layer groups kept frozen (default: half)", ge=0)
+    freeze_epochs: int = option(1, "gradual: head-only epochs before unfreezing", ge=0)
+    layer_lr_ratio: float = option(10.0, "gradual: last / first backbone group LR after unfreezing", gt=0.0)
+    unfreeze_lr_scale: float = option(0.5, "gradual: LR scale after unfreezing (fastai halves it)", gt=0.0)
+    frozen_bn: str = option("eval", "BatchNorm in frozen groups: eval keeps the statistics", choices=("eval", "train"))
+    trainable_bn: str = option("auto", "BatchNorm statistics in training groups; auto: eval with pretrained weights",
+                               choices=("auto", "eval", "train"))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How the loop runs."""
 
-    epochs: int = 5  # total, all phases included
-    batch_size: int | str = 32  # or "auto": the largest that fits (see batchsize.py)
-    lr: float | None = None  # peak LR of the head; None: 2e-3 (adamw, as fastai) or 1e-2 (sgd)
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float | None = None  # None: 0.01 (adamw) or 1e-4 (sgd); never on 1-D params
-    schedule: str = "onecycle"
-    pct_start: float = 0.25  # onecycle / cosine warm-up fraction of each phase
-    step_size: int = 2  # step schedule: epochs between LR drops
-    gamma: float = 0.1  # step schedule: LR factor per drop
-    label_smoothing: float = 0.0
-    balance: str = "none"  # none | weights (class-weighted loss) | oversample (weighted sampler)
-    monitor: str = "auto"  # early stopping / best checkpoint metric; auto: val_loss (macro_f1 if imbalanced)
-    mode: str = "auto"  # min | max | auto (min for *loss*, max otherwise)
-    patience: int = 3  # epochs without improvement before stopping; 0 disables
-    min_delta: float = 0.0
-    restore_best: bool = True
-    augment: bool = True  # random resized crop + flip on train images
-    hflip: float = 0.5
-    min_scale: float = 0.35  # random resized crop: smallest area fraction
-    num_workers: int | None = None  # None: chosen from the machine
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    channels_last: bool = True  # NHWC memory format: ~2x faster depthwise convs on CPU
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast; auto = bf16 (fp16) on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model for unfrozen phases
-    image_cache: bool = True  # keep large images decoded and resized on disk between epochs
-    feature_cache: bool = True  # frozen-backbone phases train the head on cached features
-    cache_dir: str | None = None  # None: $VISIONTUNE_CACHE or ~/.cache/visiontune
-    progress: bool = True
+    epochs: int = option(5, "total epochs, all phases", ge=1)
+    batch_size: int | str = option(32, "images per optimizer step; auto: the largest that fits the device, capped "
+                                       "at 256 and at 1/8 of the training images", metavar="N|auto",
+                                   parse=parse_batch_size)
+    lr: float | None = option(None, "peak LR of the head; the backbone gets lr / --head-lr-mult "
+                                    "(default: 2e-3 adamw, 1e-2 sgd)", gt=0.0)
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", ge=0.0, lt=1.0)
+    weight_decay: float | None = option(None, "default: 0.01 adamw, 1e-4 sgd; never on biases/norms", ge=0.0)
+    schedule: str = option("onecycle", "LR schedule within each phase", choices=SCHEDULES)
+    pct_start: float = option(0.25, "onecycle warm-up fraction of each phase", ge=0.0, lt=1.0)
+    step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)
+    gamma: float = option(0.1, "step schedule: LR factor per drop", gt=0.0, le=1.0)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", ge=0.0, lt=1.0)
+    balance: str = option("none", "class-weighted loss or oversampling of small classes",
+                          choices=("none", "weights", "oversample"))
+    monitor: str = option("auto", "metric for early stopping and the best checkpoint "
+                                  "(auto: val_loss, or macro_f1 when classes are imbalanced)")
+    mode: str = option("auto", "direction of --monitor (auto: min for losses, max otherwise)",
+                       choices=("auto", "min", "max"))
+    patience: int = option(3, "epochs without improvement before stopping; 0: never", ge=0)
+    min_delta: float = option(0.0, "smallest change of --monitor that counts as an improvement", ge=0.0)
+    restore_best: bool = option(True, "end with the last epoch's weights instead of the best ones")
+    augment: bool = option(True, "no random crop/flip on training images")
+    hflip: float = option(0.5, "probability of a horizontal flip", ge=0.0, le=1.0)
+    min_scale: float = option(0.35, "random resized crop: smallest area fraction", gt=0.0, le=1.0)
+    num_workers: int | None = option(None, "DataLoader worker processes (default from the device: CPU with <= 4 "
+                                           "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 8)", ge=0)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    channels_last: bool = option(True, "keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
+    precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
+                            choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
+                                  "it fails)")
+    image_cache: bool = option(True, "decode training images every epoch instead of keeping large ones decoded "
+                                     "and downsized (to 2x the input size) on disk")
+    feature_cache: bool = option(True, "frozen phases run on augmented images instead of cached features")
+    cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
+                                         "~/.cache/visiontune)")
+    progress: bool = option(True, "no progress bars")
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -108,41 +159,39 @@ class TrainConfig:
         return 0.01 if self.optimizer == "adamw" else 1e-4
 
 
+SECTION_TITLES = {"data": "data", "model": "model", "strategy": "strategy", "train": "training", "": "run"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    output: str = "runs"  # parent folder of run directories
-    name: str | None = None  # run directory name; None: time + backbone + strategy
+    seed: int = option(0, "random seed of splits, initialisation, shuffling and augmentation", ge=0)
+    output: str = option("runs", "parent folder of run directories")
+    name: str | None = option(None, "run directory name (default: time-backbone-strategy)")
 
     @classmethod
     def create(cls, base: RunConfig | None = None, **overrides: Any) -> RunConfig:
         """Return `base` (or the defaults) with flat overrides such as `epochs=3`.
 
-        Keys are field names of any section (`lr`, `backbone`, `valid_pct`...); the strategy
-        name is `strategy`. Unknown keys raise a ConfigError with the closest valid names.
+        Keys are the options' flat names (`lr`, `backbone`, `valid_pct`...; the strategy
+        name is `strategy`). Unknown keys raise a ConfigError with the closest valid names.
         """
         cfg = base or cls()
-        sections = {"data": cfg.data, "model": cfg.model, "strategy": cfg.strategy, "train": cfg.train}
-        changes: dict[str, dict[str, Any]] = {k: {} for k in sections}
-        top: dict[str, Any] = {}
+        index = option_index()
+        changes: dict[str, dict[str, Any]] = {s: {} for s in SECTION_TITLES}
         for key, value in overrides.items():
-            if key == "strategy":
-                changes["strategy"]["name"] = value
-                continue
-            if key in ("seed", "output", "name"):
-                top[key] = value
-                continue
-            owner = next((s for s, obj in sections.items() if key in _field_names(obj)), None)
-            if owner is None:
+            if key not in index:
                 raise ConfigError(f"unknown option {key!r}; did you mean {_suggest(key)}?")
-            changes[owner][key] = value
-        new = {s: dataclasses.replace(obj, **changes[s]) for s, obj in sections.items()}
-        if new["strategy"].name == "scratch" and new["model"].weights == "pretrained":
-            new["model"] = dataclasses.replace(new["model"], weights="none")  # scratch = random init
+            section, name = index[key]
+            changes[section][name] = value
+        top = changes.pop("")
+        new = {s: dataclasses.replace(getattr(cfg, s), **changes[s]) for s in changes}
+        chosen = STRATEGIES.get(new["strategy"].name)
+        if chosen is not None and chosen.random_init and new["model"].weights == "pretrained":
+            new["model"] = dataclasses.replace(new["model"], weights="none")  # e.g. scratch = random init
         result = dataclasses.replace(cfg, **new, **top)
         result.validate()
         return result
@@ -156,40 +205,19 @@ class RunConfig:
         return self.strategy.frozen_bn, trainable
 
     def validate(self) -> None:
-        """Raise ConfigError for values no run can use."""
-        s, t, d = self.strategy, self.train, self.data
-        _check_choice("strategy", s.name, STRATEGIES + ("auto",))
-        _check_choice("optimizer", t.optimizer, OPTIMIZERS)
-        _check_choice("schedule", t.schedule, SCHEDULES)
-        _check_choice("frozen_bn", s.frozen_bn, ("eval", "train"))
-        _check_choice("trainable_bn", s.trainable_bn, ("auto", "eval", "train"))
-        _check_choice("mode", t.mode, ("auto", "min", "max"))
-        _check_choice("balance", t.balance, ("none", "weights", "oversample"))
-        if t.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {t.epochs}")
+        """Raise ConfigError for values no run can use: every field's choices and bounds,
+        then what the chosen strategy requires."""
+        for section, obj in (*((s, getattr(self, s)) for s in SECTION_TITLES if s), ("", self)):
+            check_fields(obj, section)
+        t = self.train
         if t.batch_size != "auto" and (isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int)
                                        or t.batch_size < 1):
             raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {t.batch_size!r}")
-        _check_choice("precision", t.precision, PRECISIONS)
-        if not 0.0 <= d.valid_pct < 1.0:
-            raise ConfigError(f"valid_pct must be in [0, 1), got {d.valid_pct}")
-        if s.name == "gradual" and t.epochs <= s.freeze_epochs:
-            raise ConfigError(
-                f"strategy 'gradual' trains the head for freeze_epochs={s.freeze_epochs} and then"
-                f" the whole model, so epochs must exceed it (got epochs={t.epochs});"
-                " raise --epochs or lower --freeze-epochs"
-            )
-        if s.name == "freeze-k" and s.freeze is not None and s.freeze < 0:
-            raise ConfigError(f"freeze must be >= 0, got {s.freeze}")
-        if s.head_lr_mult <= 0 or s.layer_lr_ratio <= 0:
-            raise ConfigError("head_lr_mult and layer_lr_ratio must be > 0")
-        if t.lr is not None and t.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {t.lr}")
-        if s.name == "scratch" and self.model.weights not in ("none", "pretrained"):
-            raise ConfigError(
-                "strategy 'scratch' trains from random initialisation; drop --weights "
-                f"{self.model.weights!r} or pick another strategy"
-            )
+        if self.strategy.name != "auto":
+            problem = get_strategy(self.strategy.name).check
+            why = problem(self) if problem else None
+            if why:
+                raise ConfigError(why)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,42 +225,72 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Rebuild from `to_dict()` output; unknown keys (from newer versions) are ignored."""
-        parts = {
-            "data": DataConfig,
-            "model": ModelConfig,
-            "strategy": StrategyConfig,
-            "train": TrainConfig,
-        }
         kwargs: dict[str, Any] = {}
-        for name, klass in parts.items():
-            section = raw.get(name) or {}
-            known = {f.name for f in fields(klass)}
-            kwargs[name] = klass(**{k: v for k, v in section.items() if k in known})
-        for key in ("seed", "output", "name"):
-            if key in raw:
-                kwargs[key] = raw[key]
+        for f in fields(cls):
+            if f.name in SECTION_TITLES:
+                section = raw.get(f.name) or {}
+                known = {g.name for g in fields(f.default_factory)}  # type: ignore[arg-type]
+                kwargs[f.name] = f.default_factory(**{k: v for k, v in section.items() if k in known})  # type: ignore[misc]
+            elif f.name in raw:
+                kwargs[f.name] = raw[f.name]
         return cls(**kwargs)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+def option_fields(section: type | None = None) -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """(section name, field) of every option: each section's fields, then the run's own
+    (section ""). With `section`, only that dataclass's fields (section "")."""
+    if section is not None:
+        yield from (("", f) for f in fields(section))
+        return
+    for f in fields(RunConfig):
+        if f.name in SECTION_TITLES:
+            yield from ((f.name, g) for g in fields(f.default_factory))  # type: ignore[arg-type]
+        else:
+            yield "", f
 
 
-def _field_names(obj: Any) -> set[str]:
-    return {f.name for f in fields(obj)}
+def option_key(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("key") or f.name
 
 
-def _all_option_names() -> list[str]:
-    names = ["strategy", "seed", "output", "name"]
-    for klass in (DataConfig, ModelConfig, StrategyConfig, TrainConfig):
-        names += [f.name for f in fields(klass) if f.name != "name"]
-    return names
+def cli_option_keys() -> list[str]:
+    """Flat keys of the options the command line offers."""
+    return [option_key(f) for _, f in option_fields() if f.metadata.get("cli", True)]
+
+
+def option_index() -> dict[str, tuple[str, str]]:
+    """Flat option key -> (section, field name)."""
+    return {option_key(f): (section, f.name) for section, f in option_fields()}
+
+
+def choices_of(f: dataclasses.Field[Any]) -> tuple[str, ...] | None:
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_fields(obj: Any, section: str = "") -> None:
+    """Every choice and bound that `obj`'s option fields declare; a ConfigError names the
+    option, what it got and what is valid."""
+    for f in fields(obj):
+        if not f.metadata or f.name in SECTION_TITLES:
+            continue
+        value, key = getattr(obj, f.name), option_key(f)
+        choices = choices_of(f)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key} {value!r} is not valid; choose one of: {', '.join(choices)}")
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        for bound, (sign, ok) in _BOUNDS.items():
+            limit = f.metadata.get(bound)
+            if limit is not None and (math.isnan(value) or not ok(value, limit)):
+                raise ConfigError(f"{key} must be {sign} {limit:g}, got {value}")
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, _all_option_names(), n=3)
-    return ", ".join(repr(c) for c in close) if close else "one of " + ", ".join(_all_option_names())
-
-
-def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{what} {value!r} is not valid; choose one of: {', '.join(valid)}")
+    names = list(option_index())
+    close = difflib.get_close_matches(key, names, n=3)
+    return ", ".join(repr(c) for c in close) if close else "one of " + ", ".join(names)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from visiontune import api
 from visiontune.errors import VisiontuneError
 
 
@@ -14,9 +18,6 @@ def write_lfw_subset(root: str | Path) -> Path:
         from skimage import data
     except ImportError:
         raise VisiontuneError("the demo needs scikit-image: pip install 'visiontune[demo]'") from None
-    import numpy as np
-    from PIL import Image
-
     images = data.lfw_subset()  # (200, 25, 25) floats in [0, 1]; first 100 faces
     root = Path(root)
     for i, img in enumerate(images):
@@ -30,15 +31,13 @@ def write_lfw_subset(root: str | Path) -> Path:
 
 
 def run_demo(out: str, strategy: str, epochs: int, image_size: int) -> int:
-    import visiontune as vt
-
     data_dir = write_lfw_subset(Path(out) / "lfw_subset")
     print(f"wrote 200 images to {data_dir}: train/ (160) and test/ (40), faces / non-faces")
-    result = vt.fit(data_dir, strategy=strategy, epochs=epochs, image_size=image_size, batch_size=32,
+    result = api.fit(data_dir, strategy=strategy, epochs=epochs, image_size=image_size, batch_size=32,
                     output=str(Path(out) / "runs"), seed=0)
     print(f"run: {result.run_dir}  ({result.seconds:.1f}s, best epoch {result.best_epoch})")
     print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-    report = vt.evaluate(result.run_dir, data_dir / "test")
+    report = api.evaluate(result.run_dir, data_dir / "test")
     print("\nheld-out test images (visiontune evaluate RUN DATA/test):")
     print(report.format())
     return 0

@@ -1,0 +1,255 @@
+"""`visiontune interpret RUN [DATA]`: look at the model and the data.
+
+Writes into `<run>/interpret/`: confusion matrix (counts + normalised, PNG + CSV), per-class
+report, most-confused pairs, top losses (grid + CSV), suspected mislabels over the whole
+dataset (grid + CSV), exact / near duplicates with leakage across splits, Grad-CAM on the
+top losses, first-layer filters, training curves, and a self-contained `report.html`.
+Each artefact is one function below; `interpret` calls them in order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from visiontune.analysis.duplicates import DuplicatePair, find_duplicates
+from visiontune.analysis.mislabels import Suspect, oof_probabilities, rank_mislabels, rank_outliers
+from visiontune.analysis.plots import save_confusion, save_curves, save_filters, save_grid
+from visiontune.analysis.report import write_report
+from visiontune.analysis.saliency import first_layer_filters, grad_cam
+from visiontune.bundle import Bundle, load_bundle
+from visiontune.config import DataConfig
+from visiontune.data.images import load_rgb
+from visiontune.data.loaders import eval_dataset, make_loader
+from visiontune.data.sources import TEST, TRAIN, VALID, load_items
+from visiontune.data.transforms import eval_side, eval_transform
+from visiontune.errors import VisiontuneError
+from visiontune.files import write_csv
+from visiontune.runtime.device import resolve_device
+from visiontune.runtime.inference import EvalOutput, run_eval
+from visiontune.tasks.base import Report
+from visiontune.train.features import cache_for, extract_features
+
+log = logging.getLogger(__name__)
+
+Items = list[tuple[str, str, str]]  # (path, label, split)
+
+
+@dataclass
+class InterpretResult:
+    out_dir: str
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    suspects: list[Suspect] = field(default_factory=list)
+    outliers: list[tuple[str, float]] = field(default_factory=list)  # (path, atypicality), most odd first
+    duplicates: list[DuplicatePair] = field(default_factory=list)
+    leaks: int = 0
+
+    def format(self) -> str:
+        flagged = sum(s.flagged for s in self.suspects)
+        exact = sum(d.kind == "exact" for d in self.duplicates)
+        return "\n".join([
+            "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
+            f"suspected mislabels: {flagged} flagged (confident learning) of {len(self.suspects)} ranked",
+            "most atypical images: " + ", ".join(f"{Path(p).name} ({s:.2f})" for p, s in self.outliers[:3]),
+            f"duplicates: {len(self.duplicates)} pairs ({exact} exact, {len(self.duplicates) - exact} near); "
+            f"{self.leaks} across splits (leakage)",
+            f"artefacts in {self.out_dir}: " + ", ".join(sorted(self.files)),
+        ])
+
+
+@dataclass
+class Context:
+    """What every artefact function needs: the run, its model, where to write."""
+
+    run: Path
+    bundle: Bundle
+    device: Any
+    out: Path
+    items: Items
+
+
+def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None = None, *, top_n: int = 16,
+              oof: str | os.PathLike[str] | None = None, device: str = "auto", batch_size: int = 64,
+              num_workers: int | None = None, saliency: list[str] | None = None) -> InterpretResult:
+    """Write every view into `<run>/interpret/`; `saliency` lists extra images to explain
+    with Grad-CAM (`gradcam_chosen.png`)."""
+    ctx = _context(Path(run), data, device)
+    res = InterpretResult(str(ctx.out))
+    paths, out = evaluate_split(ctx, batch_size, num_workers)
+    res.metrics = ctx.bundle.task.metrics(out.targets, out.probs)
+    report = ctx.bundle.task.report(out.targets, out.probs)
+    write_confusion(ctx, report)
+    order = write_top_losses(ctx, paths, out, top_n)
+    write_saliency(ctx.out / "gradcam.png", ctx, [paths[i] for i in order[:8]])
+    if saliency:
+        write_saliency(ctx.out / "gradcam_chosen.png", ctx, [str(p) for p in saliency])
+    feats = _features(ctx)
+    res.outliers = write_outliers(ctx, feats)
+    res.suspects = write_mislabels(ctx, feats, oof)
+    res.duplicates, res.leaks = write_duplicates(ctx)
+    write_curves(ctx)
+    write_report(ctx.out / "report.html", ctx.run, res, ctx.items, ctx.bundle.classes, report.rows, report.confused)
+    res.files = {p.name: str(p) for p in sorted(ctx.out.iterdir()) if p.is_file()}
+    return res
+
+
+def _context(run: Path, data: str | os.PathLike[str] | None, device: str) -> Context:
+    dev = resolve_device(device)
+    bundle = load_bundle(run, dev)
+    cfg = bundle.config
+    items = _items(run, str(data) if data else None, cfg.seed if cfg else 0, cfg.data.valid_pct if cfg else 0.2)
+    known = set(bundle.classes)
+    out = run / "interpret"
+    out.mkdir(parents=True, exist_ok=True)
+    return Context(run, bundle, dev, out, [it for it in items if it[1] in known])
+
+
+def _items(run: Path, data: str | None, seed: int, valid_pct: float) -> Items:
+    if data is None:
+        with open(run / "splits.csv", newline="") as fh:
+            return [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
+    source = load_items(DataConfig(path=str(data), valid_pct=valid_pct), seed, min_classes=1)
+    return [(it.path, it.label, it.split) for it in source.items]
+
+
+def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tuple[list[str], EvalOutput]:
+    """The model's outputs on the validation split (else test, else train)."""
+    splits = {s for _, _, s in ctx.items}
+    split = VALID if VALID in splits else TEST if TEST in splits else TRAIN
+    chosen = [it for it in ctx.items if it[2] == split]
+    task = ctx.bundle.task
+    ds = eval_dataset([p for p, _, _ in chosen], task.encode([lb for _, lb, _ in chosen]), ctx.bundle.preprocess)
+    return ds.paths, run_eval(ctx.bundle.model, make_loader(ds, batch_size, num_workers, ctx.device), ctx.device, task)
+
+
+def write_confusion(ctx: Context, report: Report) -> None:
+    """confusion.png/.csv, confusion_normalized.csv, per_class.csv, most_confused.csv."""
+    classes, matrix = ctx.bundle.classes, report.confusion
+    save_confusion(ctx.out / "confusion.png", matrix, classes)
+    header = ["actual \\ predicted", *classes]
+    write_csv(ctx.out / "confusion.csv", header, [[c, *row.tolist()] for c, row in zip(classes, matrix)])
+    norm = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
+    write_csv(ctx.out / "confusion_normalized.csv", header,
+              [[c, *[f"{v:.4f}" for v in row]] for c, row in zip(classes, norm)])
+    write_csv(ctx.out / "per_class.csv", list(report.rows[0]), [list(r.values()) for r in report.rows])
+    write_csv(ctx.out / "most_confused.csv", ["actual", "predicted", "count"],
+              [[a, p, c] for c, a, p in report.confused])
+
+
+def write_top_losses(ctx: Context, paths: list[str], out: EvalOutput, top_n: int) -> np.ndarray:
+    """top_losses.csv/.png: the `top_n` images the model gets most wrong; returns their rows."""
+    task = ctx.bundle.task
+    losses = task.sample_losses(out.targets, out.probs)
+    order = np.argsort(-losses)[:top_n]
+    shown = [(paths[i], *task.describe(out.targets[i], out.probs[i]), losses[i], float(out.probs[i].max()))
+             for i in order]
+    write_csv(ctx.out / "top_losses.csv", ["path", "actual", "predicted", "loss", "prob_predicted"],
+              [[p, actual, pred, f"{loss:.4f}", f"{prob:.4f}"] for p, pred, actual, loss, prob in shown])
+    _grid(ctx.out / "top_losses.png", [s[0] for s in shown],
+          [f"{pred}/{actual} loss {loss:.2f} p {prob:.2f}" for _, pred, actual, loss, prob in shown],
+          ctx.bundle.preprocess.input_size)
+    return order
+
+
+def write_saliency(target: Path, ctx: Context, paths: list[str]) -> None:
+    """filters.png and a Grad-CAM grid of `paths` at `target` (skipped with a warning for
+    backbones without a spatial feature map)."""
+    bundle = ctx.bundle
+    tf, side, size = eval_transform(bundle.preprocess), eval_side(bundle.preprocess), bundle.preprocess.input_size
+    try:
+        save_filters(ctx.out / "filters.png", first_layer_filters(bundle.model))
+        images, heats, titles = [], [], []
+        for p in paths:
+            image = load_rgb(p, side)
+            heat, cls = grad_cam(bundle.model, tf(image).unsqueeze(0).to(ctx.device))
+            images.append(np.asarray(image.resize((size, size), Image.BILINEAR)))
+            heats.append(heat)
+            titles.append(f"Grad-CAM: {bundle.classes[cls]}")
+        if images:
+            save_grid(target, images, titles, overlays=heats)
+    except VisiontuneError as exc:
+        log.warning("saliency skipped: %s", exc)
+
+
+def _features(ctx: Context) -> np.ndarray:
+    """Frozen backbone features of every item (from the feature cache when present)."""
+    cfg = ctx.bundle.config
+    backbone = cfg.model.backbone if cfg else "model"
+    cache = cache_for(backbone, ctx.bundle.model.backbone, ctx.bundle.preprocess, cfg.train.cache_dir if cfg else None)
+    paths = [p for p, _, _ in ctx.items]
+    return extract_features(ctx.bundle.model.backbone, paths, ctx.bundle.preprocess, ctx.device, cache)[0].numpy()
+
+
+def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:
+    """outliers.csv/.png: every image by atypicality in feature space, most odd first."""
+    odd = rank_outliers(feats)
+    order = np.argsort(-odd)
+    items = ctx.items
+    write_csv(ctx.out / "outliers.csv", ["rank", "path", "label", "atypicality"],
+              [[k + 1, items[i][0], items[i][1], f"{odd[i]:.4f}"] for k, i in enumerate(order)])
+    _grid(ctx.out / "outliers.png", [items[i][0] for i in order[:8]],
+          [f"{items[i][1]} atypicality {odd[i]:.2f}" for i in order[:8]], ctx.bundle.preprocess.input_size)
+    return [(items[i][0], float(odd[i])) for i in order]
+
+
+def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str] | None) -> list[Suspect]:
+    """mislabels.csv/.png: images ranked by out-of-fold self-confidence (from `oof`, else a
+    cross-validated probe on `feats`)."""
+    classes = ctx.bundle.classes
+    if oof:
+        with open(oof, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        paths, labels = [r["path"] for r in rows], [r["label"] for r in rows]
+        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    else:
+        paths, labels = [p for p, _, _ in ctx.items], [lb for _, lb, _ in ctx.items]
+        cfg = ctx.bundle.config
+        probs = oof_probabilities(feats, labels, classes, cfg.seed if cfg else 0)
+    suspects = rank_mislabels(paths, labels, probs, classes)
+    write_csv(ctx.out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
+              [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged]
+               for k, s in enumerate(suspects)])
+    top = suspects[:16]
+    _grid(ctx.out / "mislabels.png", [s.path for s in top],
+          [f"label {s.label} p {s.p_label:.2f} -> {s.predicted}?" for s in top], ctx.bundle.preprocess.input_size)
+    return suspects
+
+
+def write_duplicates(ctx: Context) -> tuple[list[DuplicatePair], int]:
+    """duplicates.csv: exact and near duplicates; pairs across splits are leakage."""
+    pairs = find_duplicates([(p, s) for p, _, s in ctx.items])
+    write_csv(ctx.out / "duplicates.csv", ["a", "b", "split_a", "split_b", "kind", "hamming", "crosses_splits"],
+              [[d.a, d.b, d.split_a, d.split_b, d.kind, d.distance, d.crosses_splits] for d in pairs])
+    leaks = sum(d.crosses_splits for d in pairs)
+    if leaks:
+        log.warning("LEAKAGE: %d duplicate pairs cross train/valid/test splits (see duplicates.csv); "
+                    "validation scores are optimistic until they are removed", leaks)
+    return pairs, leaks
+
+
+def write_curves(ctx: Context) -> None:
+    """curves.png from the run's history.jsonl, when it has one."""
+    history_file = ctx.run / "history.jsonl"
+    if history_file.is_file():
+        history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
+        if history:
+            save_curves(ctx.out / "curves.png", history)
+
+
+def _thumb(path: str, size: int) -> np.ndarray:
+    im = load_rgb(path)
+    im.thumbnail((size, size))
+    return np.asarray(im)
+
+
+def _grid(path: Path, paths: list[str], titles: list[str], size: int) -> None:
+    save_grid(path, [_thumb(p, max(96, size)) for p in paths], titles)

@@ -1,0 +1,91 @@
+"""Matplotlib figures saved as PNG. Built with `matplotlib.figure.Figure` directly (no
+pyplot): no global state, no display and no backend to choose."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _subplots(rows: int, cols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kw)
+
+
+def save_lr_curve(path: Path, lrs: list[float], losses: list[float], suggested: float) -> Path:
+    """The learning-rate range test: smoothed loss against the head's LR (log scale)."""
+    fig, ax = _subplots(1, 1, (6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggested, color="red", linestyle="--", label=f"suggested {suggested:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (head)")
+    ax.set_ylabel("smoothed training loss")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def save_confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
+    norm = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
+    side = max(4.0, 0.6 * len(classes) + 2)
+    fig, axes = _subplots(1, 2, (2 * side, side))
+    for ax, data, title in ((axes[0], matrix, "counts"), (axes[1], norm, "normalised by actual")):
+        ax.imshow(data, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(title)
+        for (i, j), v in np.ndenumerate(data):
+            ax.text(j, i, f"{v:.2f}" if data is norm else f"{int(v)}", ha="center", va="center",
+                    color="white" if v > data.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def save_grid(path: Path, images: list[np.ndarray], titles: list[str], overlays: list[np.ndarray] | None = None,
+              cols: int = 4) -> None:
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = _subplots(rows, cols, (3.2 * cols, 3.4 * rows), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k])
+            if overlays is not None:
+                ax.imshow(overlays[k], cmap="jet", alpha=0.45)
+            ax.set_title(titles[k], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def save_curves(path: Path, history: list[dict[str, Any]]) -> None:
+    epochs = [h["epoch"] for h in history]
+    fig, axes = _subplots(1, 2, (10, 3.8))
+    panels = ((("train_loss", "val_loss"), "loss"), (("accuracy", "macro_f1"), "validation metrics"))
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            if any(key in h for h in history):
+                ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def save_filters(path: Path, filters: np.ndarray) -> None:
+    n = len(filters)
+    cols = min(16, n)
+    rows = math.ceil(n / cols)
+    fig, axes = _subplots(rows, cols, (cols * 0.6, rows * 0.6), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(filters[k], interpolation="nearest")
+    fig.savefig(path, dpi=90)

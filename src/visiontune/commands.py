@@ -1,0 +1,153 @@
+"""The bodies of the `visiontune` commands: arguments -> one library call -> printed
+summary. `cli.py` parses and imports this module only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from visiontune import api
+from visiontune.analysis.interpret import interpret
+from visiontune.bundle import read_config
+from visiontune.config import RunConfig, cli_option_keys
+from visiontune.data.imagify import imagify
+from visiontune.demo import run_demo
+from visiontune.deploy.export import export
+from visiontune.deploy.serve import serve
+from visiontune.errors import ConfigError
+from visiontune.files import write_csv, write_json, write_text
+from visiontune.selection.advisor import advise
+from visiontune.selection.compare import compare, format_compare
+from visiontune.selection.cv import cross_validate
+from visiontune.selection.lrfind import lr_find
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in cli_option_keys() if getattr(args, k, None) is not None}
+
+
+def _base_config(args: argparse.Namespace) -> RunConfig | None:
+    return read_config(args.config) if args.config else None
+
+
+def train(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    if args.resume:
+        result = api.fit(args.data, resume=args.resume, **overrides)
+    else:
+        if not args.data and not args.csv:
+            raise ConfigError("train needs DATA (a folder of images) or --csv")
+        result = api.fit(args.data, config=_base_config(args), **overrides)
+    print(f"run: {result.run_dir}")
+    print(f"best epoch: {result.best_epoch} of {len(result.history)}  ({result.seconds:.1f}s)")
+    print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    return 0
+
+
+def cv(args: argparse.Namespace) -> int:
+    print(cross_validate(args.data, folds=args.folds, config=_base_config(args), **_overrides(args)).format())
+    return 0
+
+
+def compare_strategies(args: argparse.Namespace) -> int:
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    rows, out_dir = compare(args.data, strategies=strategies, folds=args.folds, config=_base_config(args),
+                            **_overrides(args))
+    print(format_compare(rows))
+    print(f"runs and compare.md: {out_dir}")
+    return 0
+
+
+def advise_strategy(args: argparse.Namespace) -> int:
+    print(advise(args.data, config=_base_config(args), **_overrides(args)).format())
+    return 0
+
+
+def find_lr(args: argparse.Namespace) -> int:
+    result = lr_find(args.data, num_iter=args.num_iter, plot=args.plot, config=_base_config(args),
+                     **_overrides(args))
+    print(f"suggested lr (steepest descent): {result.suggested_lr:.2e}   loss minimum / 10: {result.min_loss_lr:.2e}")
+    print(f"plot: {result.plot}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    preds, skipped = api.predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                                 device=args.device)
+    for p in preds:
+        others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])
+        print(f"{p.path}\t{p.label}\t{p.prob:.4f}" + (f"\t({others})" if others else ""))
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    if args.output:
+        _write_predictions(args.output, preds)
+    return 0 if preds else 1
+
+
+def _write_predictions(path: str, preds: list[api.Prediction]) -> None:
+    if path.endswith(".json"):
+        write_text(path, json.dumps([{"path": p.path, "label": p.label, "prob": p.prob,
+                                      "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k]} for p in preds], indent=2))
+        return
+    k = max((len(p.top_k) for p in preds), default=1)
+    write_csv(path, ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")],
+              ([p.path, p.label, f"{p.prob:.6f}"] + [v for lb, pr in p.top_k[1:] for v in (lb, f"{pr:.6f}")]
+               for p in preds))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    result = api.evaluate(args.run, args.data, batch_size=args.batch_size, device=args.device)
+    print(result.format())
+    for path, why in result.excluded:
+        print(f"excluded {path}: {why}", file=sys.stderr)
+    if args.output:
+        write_json(args.output, {"metrics": result.metrics, "per_class": result.report,
+                                 "confusion": result.confusion.tolist(), "classes": result.classes})
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    extra = {k: getattr(args, k) for k in ("freeze", "lr", "optimizer", "head_lr_mult") if getattr(args, k) is not None}
+    print(api.inspect(args.target, strategy=args.strategy, num_classes=args.num_classes, depth=args.depth,
+                      weights=args.weights, parameters=args.parameters, **extra))
+    return 0
+
+
+def imagify_table(args: argparse.Namespace) -> int:
+    report = imagify(args.table, args.out, kind=args.kind, label_col=args.label_col, value_col=args.value_col,
+                     window=args.window, stride=args.stride, size=args.size, min_length=args.min_length)
+    print(report.format())
+    return 0
+
+
+def export_run(args: argparse.Namespace) -> int:
+    result = export(args.run, args.format, args.output)
+    print(f"{result.format}: {result.path}")
+    print(f"parity check: max |eager - exported| = {result.max_abs_diff:.2e}")
+    return 0
+
+
+def serve_run(args: argparse.Namespace) -> int:
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(args.run, args.host, args.port, args.top_k)
+    return 0
+
+
+def interpret_run(args: argparse.Namespace) -> int:
+    print(interpret(args.run, args.data, top_n=args.top_n, oof=args.oof, device=args.device,
+                    saliency=args.saliency).format())
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    return run_demo(args.out, args.strategy, args.epochs, args.image_size)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": train, "cv": cv, "compare": compare_strategies, "advise": advise_strategy, "lr-find": find_lr,
+    "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run,
+    "serve": serve_run, "interpret": interpret_run, "demo": demo,
+}

@@ -1,0 +1,1 @@
+"""Using a trained run elsewhere: export (ONNX, TorchScript) and serve (FastAPI)."""

@@ -1,0 +1,136 @@
+"""Export a trained run to ONNX or TorchScript, carrying its labels and preprocessing.
+
+    visiontune export runs/<run> --format onnx          -> runs/<run>/model.onnx
+    visiontune export runs/<run> --format torchscript   -> runs/<run>/model.ts
+
+The class names, input size, mean/std, interpolation and crop fraction travel inside the
+file (ONNX `metadata_props`; a `visiontune.json` extra file in TorchScript), so `predict`
+can use the exported file alone. Each export is checked against the eager model on a
+batch of inputs and the max absolute difference of the logits is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.bundle import Bundle, load_bundle
+from visiontune.data.preprocess import Preprocess
+from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.files import atomic_write
+from visiontune.tasks.catalog import make_task
+from visiontune.version import __version__
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
+PARITY_TOLERANCE = 1e-3
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    max_abs_diff: float
+
+
+def _metadata(bundle: Bundle) -> dict[str, str]:
+    cfg = bundle.config
+    return {
+        "visiontune_version": __version__,
+        "classes": json.dumps(bundle.classes),
+        "preprocess": json.dumps(bundle.preprocess.to_dict()),
+        "backbone": cfg.model.backbone if cfg else "",
+        "task": json.dumps(bundle.task.metadata()),
+    }
+
+
+def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.PathLike[str] | None = None,
+           opset: int = 17) -> ExportResult:
+    if format not in FORMATS:
+        raise ConfigError(f"format {format!r} unknown; choose one of {', '.join(FORMATS)}")
+    bundle = load_bundle(run)
+    model = bundle.model.to(memory_format=torch.contiguous_format).eval()
+    size = bundle.preprocess.input_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    target = Path(output) if output else Path(bundle.path) / f"model{FORMATS[format]}"
+    meta = _metadata(bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if format == "onnx":
+            _export_onnx(model, example, target, meta, opset)
+        else:
+            traced = torch.jit.trace(model, example)
+            atomic_write(target, lambda tmp: torch.jit.save(traced, tmp, _extra_files={"visiontune.json": json.dumps(meta)}))
+    exported = load_exported(target)
+    check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        diff = float((model(check) - exported.model(check)).abs().max())
+    if diff > PARITY_TOLERANCE:
+        raise VisiontuneError(f"exported {format} differs from the eager model by {diff:.2e} (> {PARITY_TOLERANCE})")
+    log.info("exported %s to %s; max |eager - exported| = %.2e", format, target, diff)
+    return ExportResult(str(target), format, diff)
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise VisiontuneError("ONNX export needs onnx and onnxruntime: pip install 'visiontune[export]'") from None
+
+    def write(tmp: str) -> None:
+        torch.onnx.export(model, (example,), tmp, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+        proto = onnx.load(tmp)
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, tmp)
+
+    atomic_write(target, write)
+
+
+class _OnnxModule(nn.Module):
+    """Runs an ONNX Runtime session behind the nn.Module interface `run_eval` uses."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"image": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+def load_exported(path: str | os.PathLike[str]) -> Bundle:
+    """A `Bundle` (model, classes, preprocess) from an exported .onnx or .ts file."""
+    p = Path(path)
+    if p.suffix == ".onnx":
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError:
+            raise VisiontuneError("running ONNX needs onnxruntime: pip install 'visiontune[export]'") from None
+        meta = {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
+        model: nn.Module = _OnnxModule(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]))
+    elif p.suffix in (".ts", ".pt"):
+        extra = {"visiontune.json": ""}
+        model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+        meta = json.loads(extra["visiontune.json"] or "{}")
+    else:
+        raise VisiontuneError(f"{str(p)!r}: not an exported model (.onnx or .ts)")
+    if "classes" not in meta:
+        raise VisiontuneError(f"{str(p)!r} carries no visiontune metadata (classes, preprocessing); re-export it")
+    task_meta = json.loads(meta.get("task", "{}"))
+    task = make_task(task_meta.get("task", "single-label"), json.loads(meta["classes"]), task_meta)
+    return Bundle(model, task, Preprocess.from_dict(json.loads(meta["preprocess"])), str(p.parent))

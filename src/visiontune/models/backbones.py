@@ -1,0 +1,196 @@
+"""Backbone sources: where a backbone named "<source>:<arch>" comes from, with its weights
+and the preprocessing those weights expect.
+
+Each source is a `BackboneSource` in `SOURCES` ("timm", "torchvision"): `build` returns
+the model with its original classifier and the `Preprocess`; `strip` removes that
+classifier and returns (body, feature width, the removed linear layer or None). A bare
+name is a timm name. Adding a source = a class here and its line in `SOURCES`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import timm
+import torchvision
+from torch import nn
+
+from visiontune.data.preprocess import Preprocess
+from visiontune.errors import ConfigError, WeightsUnavailableError
+from visiontune.models import weights as W
+
+log = logging.getLogger(__name__)
+
+
+class BackboneSource(Protocol):
+    def build(self, arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+        """The source model with its original classifier, and its preprocessing."""
+
+    def strip(self, model: nn.Module) -> tuple[nn.Module, int, nn.Linear | None]:
+        """(body emitting pooled features, feature width, the removed classifier if linear)."""
+
+
+class TimmSource:
+    """timm's model registry; weights: packaged (offline) > local hub cache > download."""
+
+    def build(self, arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+        return _timm_model(arch, weights)
+
+    def strip(self, model: nn.Module) -> tuple[nn.Module, int, nn.Linear | None]:
+        classifier = model.get_classifier()
+        source_head = classifier if isinstance(classifier, nn.Linear) else None
+        model.reset_classifier(0)
+        return model, int(model.num_features), source_head
+
+
+class TorchvisionSource:
+    """torchvision's classification models and their weights enums."""
+
+    def build(self, arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+        return _torchvision_model(arch, weights)
+
+    def strip(self, model: nn.Module) -> tuple[nn.Module, int, nn.Linear | None]:
+        linear, num_features = _strip_last_linear(model)
+        return model, num_features, linear
+
+
+SOURCES: dict[str, BackboneSource] = {"timm": TimmSource(), "torchvision": TorchvisionSource()}
+
+
+def parse_backbone(name: str) -> tuple[str, str]:
+    """'timm:resnet50' -> ('timm', 'resnet50'); a bare name is a timm name."""
+    source, sep, arch = name.partition(":")
+    if not sep:
+        return "timm", name
+    if source not in SOURCES:
+        raise ConfigError(f"backbone source {source!r} unknown in {name!r}; use "
+                          + " or ".join(f"{s}:<name>" for s in SOURCES))
+    return source, arch
+
+
+def create_source_model(backbone: str, weights: str) -> tuple[nn.Module, int, Preprocess, nn.Linear | None]:
+    """Build `backbone` with `weights`; return (body without classifier, feature width,
+    preprocessing, the source classifier layer or None)."""
+    source, arch = parse_backbone(backbone)
+    model, pre = SOURCES[source].build(arch, weights)
+    body, num_features, head = SOURCES[source].strip(model)
+    return body, num_features, pre, head
+
+
+def create_imagenet_model(backbone: str, weights: str = "pretrained") -> tuple[nn.Module, Preprocess]:
+    """The source model with its original classifier (e.g. ImageNet-1k logits)."""
+    source, arch = parse_backbone(backbone)
+    return SOURCES[source].build(arch, weights)
+
+
+def _timm_model(arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ConfigError(f"timm has no model {arch!r}; similar names: {close or 'none'} (timm.list_models())")
+    model = None
+    if weights == "pretrained":
+        model = _timm_pretrained(arch)
+    else:
+        model = timm.create_model(arch, pretrained=False)
+        if weights != "none":
+            _load_file_into(model, weights, arch)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    pre = Preprocess(
+        input_size=int(cfg["input_size"][-1]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
+    return model, pre
+
+
+def _timm_pretrained(arch: str) -> nn.Module:
+    packaged = W.packaged_weights_file(arch)
+    if packaged:
+        model = timm.create_model(arch, pretrained=False)
+        state = W.map_lukemelas_to_timm(W.read_state_dict(packaged), model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
+        if bad:
+            raise WeightsUnavailableError(f"packaged weights for {arch} do not fit timm's model: {bad[:5]}")
+        log.info("loaded packaged ImageNet weights for %s from %s", arch, packaged)
+        return model
+    cached = W.timm_hub_file(arch)
+    if cached:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached})
+    if not W.hub_reachable("huggingface.co"):
+        raise WeightsUnavailableError(W.offline_help(f"timm:{arch}"))
+    return timm.create_model(arch, pretrained=True)
+
+
+def _torchvision_model(arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"torchvision has no classification model {arch!r}; choose from "
+            f"{', '.join(torchvision.models.list_models(module=torchvision.models)[:12])}, ..."
+        )
+    default = torchvision.models.get_model_weights(arch).DEFAULT
+    if weights == "pretrained":
+        if not W.torchvision_weights_cached(default) and not W.hub_reachable("download.pytorch.org"):
+            raise WeightsUnavailableError(W.offline_help(f"torchvision:{arch}"))
+        model = torchvision.models.get_model(arch, weights=default)
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+        if weights != "none":
+            _load_file_into(model, weights, arch)
+    _drop_aux_heads(model)
+    t = default.transforms()
+    pre = Preprocess(
+        input_size=int(t.crop_size[0]),
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=str(t.interpolation.value),
+        crop_pct=float(t.crop_size[0]) / float(t.resize_size[0]),
+    )
+    return model, pre
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    """GoogLeNet / Inception-v3 train-time auxiliary classifiers are not used here."""
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+
+
+def _strip_last_linear(model: nn.Module) -> tuple[nn.Linear, int]:
+    """Replace the model's last nn.Linear (its classifier) by Identity."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"cannot find a linear classifier in {type(model).__name__}")
+    name, linear = linears[-1]
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+    return linear, int(linear.in_features)
+
+
+def _load_file_into(model: nn.Module, path: str, arch: str) -> None:
+    """Load a local state dict; classifier rows of another shape are dropped, not forced."""
+    state = W.strip_prefixes(W.read_state_dict(path))
+    if W.is_lukemelas_state_dict(state):
+        state = W.map_lukemelas_to_timm(state, model)
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(fitting))
+    missing = [k for k in own if k not in fitting and not k.endswith("num_batches_tracked")]
+    if not fitting or len(missing) > 0.5 * len(own):
+        raise WeightsUnavailableError(
+            f"weights file {path!r} does not fit {arch}: {len(fitting)} of {len(own)} tensors "
+            f"match (e.g. missing {missing[:3]}, unexpected {skipped[:3]}); check --backbone"
+        )
+    model.load_state_dict(fitting, strict=False)
+    if missing or skipped:
+        log.warning("%s: %d tensors kept at init (absent from the file or of another shape, e.g. a "
+                    "classifier), %d tensors of the file unused: %s", path, len(missing), len(skipped),
+                    sorted(set(missing + skipped))[:4])
+
+

@@ -1,0 +1,131 @@
+"""The classifier: a backbone without its classifier -> pooled features -> a new head.
+
+`create_classifier(ModelConfig, num_classes)` returns a `Classifier` and the `Preprocess`
+the backbone's weights expect. Backbones come from the sources in backbones.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from visiontune.config import ModelConfig
+from visiontune.data.preprocess import Preprocess
+from visiontune.models.backbones import create_source_model
+from visiontune.models.warmstart import warm_start_rows
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(nn.Module):
+    """`backbone` maps images to pooled features; `head` maps features to class logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_features = num_features
+        self.warm_start: dict[str, int] = {}  # class -> ImageNet row its head row started from
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int,
+                      classes: list[str] | None = None) -> tuple[Classifier, Preprocess]:
+    """The pretrained (or random) backbone without its classifier, plus a new head.
+
+    With `classes` and `cfg.warm_start`, head rows of classes named like ImageNet classes
+    start from the source classifier's rows; `model.warm_start` records the matches."""
+    body, num_features, pre, source_head = create_source_model(cfg.backbone, cfg.weights)
+    if cfg.image_size:
+        pre = pre.resized(cfg.image_size)
+    head = build_head(num_features, num_classes, cfg.head_hidden, cfg.head_dropout, cfg.head_init_gain)
+    model = Classifier(body, head, num_features)
+    if classes and cfg.warm_start and cfg.weights != "none" and source_head is not None and not cfg.head_hidden:
+        model.warm_start = warm_start_rows(head[-1], source_head, classes)
+        if model.warm_start:
+            log.info("warm start: head rows from ImageNet classes %s", model.warm_start)
+    return model, pre
+
+
+def build_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0,
+               init_gain: float = 0.1) -> nn.Sequential:
+    """A new head: [dropout] -> [linear(hidden) -> ReLU -> dropout] -> linear(num_classes).
+
+    Xavier-uniform weights and zero biases; the final layer's gain is small so the starting
+    loss sits near ln(num_classes) instead of large random logits.
+    """
+    layers: list[nn.Module] = []
+    width = num_features
+    if hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = hidden
+    elif dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width, num_classes))
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Linear):
+            last = i == len(layers) - 1
+            gain = init_gain if last else math.sqrt(2.0)
+            nn.init.xavier_uniform_(layer.weight, gain=gain)
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+def backbone_groups(model: Classifier) -> list[tuple[str, list[str]]]:
+    """Layer groups of the backbone, input side first, as (name, parameter names).
+
+    timm models use their own coarse `group_matcher` (stem, each stage, final conv);
+    other models use their top-level children, opening `features`/`encoder`/`layers`
+    containers into their members.
+    """
+    body = model.backbone
+    if hasattr(body, "group_matcher"):
+        raw = group_parameters(body, body.group_matcher(coarse=True))
+        groups = [list(raw[k]) for k in sorted(raw)]
+    else:
+        groups = _module_groups(body, "")
+    named = [(_group_name(g), ["backbone." + n for n in g]) for g in groups if g]
+    return named
+
+
+_OPEN = {"features", "encoder", "layers", "blocks", "stages", "trunk"}
+
+
+def _module_groups(module: nn.Module, prefix: str) -> list[list[str]]:
+    groups: list[list[str]] = []
+    direct = [prefix + n for n, _ in module.named_parameters(recurse=False)]
+    if direct:
+        groups.append(direct)
+    for name, child in module.named_children():
+        if child is None or not any(True for _ in child.parameters()):
+            continue
+        if name in _OPEN:
+            groups += _module_groups(child, f"{prefix}{name}.")
+        else:
+            groups.append([f"{prefix}{name}.{n}" for n, _ in child.named_parameters()])
+    return groups
+
+
+def _group_name(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for pieces in zip(*[p[:-1] for p in parts]):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    if common:
+        return ".".join(common)
+    tops: list[str] = []
+    for p in parts:
+        top = ".".join(p[:2]) if len(p) > 2 and p[1].isdigit() else p[0]
+        if top not in tops:
+            tops.append(top)
+    return "+".join(tops[:3]) + ("+..." if len(tops) > 3 else "")

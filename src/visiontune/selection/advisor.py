@@ -1,0 +1,134 @@
+"""Which strategy fits this task? Measure, then decide, then say why with the numbers.
+
+Measured: images per class and imbalance; how well the pretrained features already
+separate the classes (a cross-validated logistic-regression probe on cached, frozen
+features) against a baseline that knows nothing of ImageNet (k-nearest neighbours on
+16x16 pixels) and chance. The probe's share of the possible gain over chance is the
+task similarity: near 1, the source features already solve the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from visiontune.analysis.mislabels import probe_estimator
+from visiontune.config import RunConfig
+from visiontune.data.images import load_rgb
+from visiontune.data.sources import TRAIN, VALID, DataSource, LabelFunc, fold_count, resolve_inputs
+from visiontune.models.classifier import create_classifier
+from visiontune.runtime.device import prepare_model, resolve_device
+from visiontune.train.features import cache_for, extract_features
+from visiontune.train.strategies import get_strategy
+
+log = logging.getLogger(__name__)
+
+SMALL_PER_CLASS = 100  # images per class below which the backbone is best left (mostly) alone
+LARGE_PER_CLASS = 1000  # enough to re-learn features
+SIMILAR, SOMEWHAT = 0.8, 0.5  # probe share of the possible gain over chance
+
+
+@dataclass
+class Advice:
+    strategy: str
+    explanation: str
+    images: int
+    classes: int
+    median_per_class: float
+    imbalance: float
+    probe_accuracy: float
+    baseline_accuracy: float
+    chance: float
+    similarity: float
+
+    def format(self) -> str:
+        return f"strategy: {self.strategy}\n{self.explanation}"
+
+
+def decide(median_per_class: float, similarity: float, probe: float, baseline: float) -> tuple[str, str]:
+    """The rule: (strategy, reason). `similarity` = (probe - chance) / (1 - chance)."""
+    small, large = median_per_class < SMALL_PER_CLASS, median_per_class >= LARGE_PER_CLASS
+    if similarity >= SIMILAR:
+        if small:
+            return "feature-extract", ("the frozen features already separate the classes and there is little data, "
+                                       "so train only the head (cheapest, least overfitting)")
+        return "gradual", ("the frozen features already fit well and there is data enough to refine them: head "
+                           "first, then the whole network at low, discriminative learning rates")
+    if similarity >= SOMEWHAT:
+        if small:
+            return "freeze-k", ("the features fit partly and data is scarce: keep the generic early layers frozen "
+                                "and adapt the later ones")
+        if large:
+            return "finetune", "the features fit partly and data is plentiful: fine-tune the whole network"
+        return "gradual", "the features fit partly: train the head first, then fine-tune everything gently"
+    if large:
+        if baseline >= probe:
+            return "scratch", ("the pretrained features do no better than raw pixels and data is plentiful: "
+                               "training from scratch loses nothing")
+        return "finetune", "the task is far from ImageNet but data is plentiful: fine-tune the whole network"
+    if small:
+        return "feature-extract", ("the task is far from ImageNet and data is scarce, so no strategy will do "
+                                   "much; the frozen-feature head overfits least. More labelled data would help "
+                                   "most")
+    return "freeze-k", "the task is far from ImageNet with a medium amount of data: re-train the later layers"
+
+
+def advise(data: str | os.PathLike[str] | None = None, *, config: RunConfig | None = None,
+           label_func: LabelFunc | None = None, **overrides: Any) -> Advice:
+    return advise_source(*resolve_inputs(data, config, label_func, overrides))
+
+
+def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
+    """Measure `source` (train + valid images) and recommend a registered strategy."""
+    pool = [it for it in source.items if it.split in (TRAIN, VALID)]
+    idx = source.class_index()
+    y = np.array([idx[it.label] for it in pool])
+    counts = np.bincount(y, minlength=len(source.classes))
+    model_cfg = cfg.model if cfg.model.weights != "none" else RunConfig().model
+    model, pre = create_classifier(model_cfg, len(source.classes))
+    device = resolve_device(cfg.train.device)
+    prepare_model(model, device, cfg.train.channels_last)
+    cache = cache_for(model_cfg.backbone, model.backbone, pre, cfg.train.cache_dir)
+    with torch.no_grad():
+        feats, _ = extract_features(model.backbone, [it.path for it in pool], pre, device, cache,
+                                    cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 64, cfg.train.num_workers, cfg.train.channels_last)
+    folds = fold_count([it.label for it in pool], 5)
+    probe = _cv_score("probe", feats.numpy(), y, folds, cfg.seed)
+    baseline = _cv_score("knn", _pixels([it.path for it in pool]), y, folds, cfg.seed)
+    chance = float(counts.max() / counts.sum())
+    similarity = (probe - chance) / max(1e-9, 1 - chance)
+    median = float(statistics.median(counts[counts > 0]))
+    strategy, reason = decide(median, similarity, probe, baseline)
+    reason = f"{reason} ({get_strategy(strategy).description})"
+    explanation = (
+        f"{len(pool)} images in {len(source.classes)} classes (median {median:.0f} per class, largest/smallest "
+        f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). A linear probe on frozen "
+        f"{model_cfg.backbone} features scores {probe:.3f} ({folds}-fold CV) against {baseline:.3f} for "
+        f"nearest neighbours on raw pixels and {chance:.3f} for the majority class, i.e. "
+        f"{similarity:.0%} of the possible gain over chance. So {strategy}: {reason}."
+    )
+    return Advice(strategy, explanation, len(pool), len(source.classes), median,
+                  float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity)
+
+
+def _cv_score(kind: str, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
+    if kind == "probe":
+        est = probe_estimator()
+    else:
+        est = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(5, max(1, len(y) // (2 * folds)))))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(est, x, y, cv=cv).mean())
+
+
+def _pixels(paths: list[str], size: int = 16) -> np.ndarray:
+    return np.stack([np.asarray(load_rgb(p).resize((size, size)), dtype=np.float32).ravel() / 255 for p in paths])

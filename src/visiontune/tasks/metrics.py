@@ -1,0 +1,70 @@
+"""Single-label classification metrics: accuracy, error rate, macro-F1, per-class report,
+confusion matrix (scikit-learn computes them).
+
+Direction is explicit: `HIGHER_IS_BETTER` names every metric and whether to maximise it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "error_rate": False, "val_loss": False, "train_loss": False}
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.size == 0:
+        return {"accuracy": float("nan"), "error_rate": float("nan"), "macro_f1": float("nan")}
+    acc = float((y_true == y_pred).mean())
+    f1 = f1_score(y_true, y_pred, labels=list(range(num_classes)), average="macro", zero_division=0)
+    return {"accuracy": acc, "error_rate": 1.0 - acc, "macro_f1": float(f1)}
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows: actual class; columns: predicted class."""
+    return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+
+
+def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
+    p, r, f, s = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), zero_division=0
+    )
+    return [
+        {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(classes)
+    ]
+
+
+def most_confused(matrix: np.ndarray, classes: list[str]) -> list[tuple[int, str, str]]:
+    """(count, actual, predicted) of every off-diagonal cell with a count, largest first."""
+    n = len(classes)
+    return sorted(((int(matrix[i, j]), classes[i], classes[j]) for i in range(n) for j in range(n)
+                   if i != j and matrix[i, j] > 0), reverse=True)
+
+
+def format_table(report: list[dict[str, Any]], classes: list[str]) -> list[str]:
+    """The per-class rows as aligned text: every numeric column the rows have."""
+    width = max(8, *(len(c) for c in classes))
+    keys = [k for k in report[0] if k != "class"] if report else []
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{k:>9}" for k in keys)]
+    for row in report:
+        cells = [f"{row[k]:>9d}" if isinstance(row[k], int) else f"{row[k]:>9.3f}" for k in keys]
+        lines.append(f"{row['class']:<{width}}  " + "  ".join(cells))
+    return lines
+
+
+def format_matrix(matrix: np.ndarray, rows: list[str], columns: list[str], title: str) -> list[str]:
+    width = max(8, *(len(c) for c in rows))
+    cell = max(5, *(len(c) for c in columns), len(str(int(matrix.max(initial=0)))))
+    lines = [title, " " * (width + 2) + " ".join(f"{c:>{cell}}" for c in columns)]
+    for c, row in zip(rows, matrix):
+        lines.append(f"{c:<{width}}  " + " ".join(f"{int(v):>{cell}d}" for v in row))
+    return lines
+
+
+def format_report(report: list[dict[str, Any]], matrix: np.ndarray, classes: list[str]) -> str:
+    return "\n".join(format_table(report, classes) + [""] + format_matrix(
+        matrix, classes, classes, "confusion matrix (rows: actual, columns: predicted)"))

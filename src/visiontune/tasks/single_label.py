@@ -1,0 +1,109 @@
+"""One class per image: softmax over the classes, cross-entropy, accuracy / macro-F1."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
+from visiontune.tasks.metrics import (
+    HIGHER_IS_BETTER,
+    classification_metrics,
+    confusion,
+    format_report,
+    most_confused,
+    per_class_report,
+)
+
+log = logging.getLogger(__name__)
+
+IMBALANCE_WARN_RATIO = 3.0  # largest / smallest training class above which accuracy misleads
+
+
+class CrossEntropy(TaskLoss):
+    """Cross-entropy with optional class weights and label smoothing (PyTorch's mean:
+    the weighted sum over the batch divided by the weights of the true classes)."""
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.weight = weight
+        self.label_smoothing = label_smoothing
+
+    def total(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, targets, weight=self.weight,
+                                           label_smoothing=self.label_smoothing, reduction="sum")
+
+    def norm(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight[targets].sum()
+        return torch.tensor(float(len(targets)), device=targets.device)
+
+
+def class_weight_values(counts: list[int]) -> list[float]:
+    """w_c = N / (C * n_c) (scikit-learn's 'balanced'): mean 1 over the samples."""
+    total, n = sum(counts), len(counts)
+    return [total / (n * c) if c else 0.0 for c in counts]
+
+
+class SingleLabel(Task):
+    name = "single-label"
+    description = "one class per image: softmax + cross-entropy; accuracy, macro-F1"
+    higher_is_better = HIGHER_IS_BETTER
+
+    def encode(self, labels: Sequence[Any]) -> torch.Tensor:
+        return torch.tensor([self.index[label] for label in labels], dtype=torch.long)
+
+    def marker(self, value: int) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.long)
+
+    def loss(self, weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> TaskLoss:
+        return CrossEntropy(weights, label_smoothing)
+
+    def balance_weights(self, labels: Sequence[Any]) -> list[float]:
+        counts = Counter(labels)
+        return class_weight_values([counts.get(c, 0) for c in self.classes])
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=1)
+
+    def predictions(self, probs: np.ndarray) -> np.ndarray:
+        return probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+
+    def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+        return classification_metrics(targets, self.predictions(probs), self.num_classes)
+
+    def report(self, targets: np.ndarray, probs: np.ndarray) -> Report:
+        preds = self.predictions(probs)
+        rows = per_class_report(targets, preds, self.classes)
+        matrix = confusion(targets, preds, self.num_classes)
+        return Report(rows, matrix, format_report(rows, matrix, self.classes), most_confused(matrix, self.classes))
+
+    def sample_losses(self, targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        return -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0))
+
+    def describe(self, target: Any, probs: np.ndarray) -> tuple[str, str]:
+        """(predicted, actual) of one image, as short text."""
+        return self.classes[int(np.argmax(probs))], self.classes[int(target)]
+
+    def decode(self, probs: np.ndarray, top_k: int) -> list[Decoded]:
+        k = max(1, min(top_k, self.num_classes))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        out = []
+        for row, idx in zip(probs, order):
+            ranked = [(self.classes[i], float(row[i])) for i in idx]
+            out.append(Decoded([ranked[0][0]], [ranked[0][1]], ranked))
+        return out
+
+    def default_monitor(self, imbalance: float) -> str:
+        if imbalance > IMBALANCE_WARN_RATIO:
+            log.warning("classes are imbalanced (largest/smallest = %.1f): accuracy is misleading; "
+                        "early stopping monitors macro_f1 (set --monitor to override; --balance weights|oversample "
+                        "to rebalance)", imbalance)
+            return "macro_f1"
+        return "val_loss"

@@ -1,0 +1,192 @@
+"""Callbacks: a handful of events with no-op defaults and a typed state.
+
+Events: on_fit_start, on_epoch_start, on_epoch_end, on_fit_end. Each receives the trainer
+(`TrainerView`: its state, model, config...). A callback that wants to stop training sets
+`trainer.state.should_stop`. `state_dict()` / `load_state_dict()` make a callback
+resumable. This module does not import the trainer: the trainer imports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+from safetensors.torch import load_file
+
+from visiontune.bundle import save_model
+from visiontune.errors import ConfigError
+from visiontune.files import write_text
+
+log = logging.getLogger(__name__)
+
+NON_METRIC_KEYS = ("epoch", "phase", "lr", "seconds")  # history columns that are not metrics
+
+
+def metrics_of(row: dict[str, Any], keep_train_loss: bool = False) -> dict[str, float]:
+    """The metrics in one history row (the losses and validation metrics), without the
+    bookkeeping columns; `train_loss` only when `keep_train_loss`."""
+    drop = NON_METRIC_KEYS if keep_train_loss else (*NON_METRIC_KEYS, "train_loss")
+    return {k: v for k, v in row.items() if k not in drop}
+
+
+class TrainerView(Protocol):
+    """What callbacks may use of the trainer."""
+
+    state: Any  # TrainState: epoch, history, metrics, should_stop, last_eval
+    model: Any
+    cfg: Any
+    task: Any
+    preprocess: Any
+    total_epochs: int
+
+    def save_checkpoint(self, path: Path) -> None: ...
+
+
+class Callback:
+    def on_fit_start(self, trainer: TrainerView) -> None: ...
+    def on_epoch_start(self, trainer: TrainerView) -> None: ...
+    def on_epoch_end(self, trainer: TrainerView) -> None: ...
+    def on_fit_end(self, trainer: TrainerView) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Monitor:
+    """Tracks the best value of one metric; `mode` says which direction is better."""
+
+    def __init__(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.metric, self.mode, self.min_delta = metric, mode, min_delta
+        self.best: float | None = None
+        self.best_epoch = -1
+
+    def value(self, metrics: dict[str, float]) -> float:
+        if self.metric not in metrics:
+            raise ConfigError(
+                f"monitor {self.metric!r} is not a metric of this run; available: {', '.join(sorted(metrics))}"
+            )
+        return float(metrics[self.metric])
+
+    def update(self, metrics: dict[str, float], epoch: int) -> bool:
+        """Record this epoch's value; True when it improves on the best so far."""
+        v = self.value(metrics)
+        if math.isnan(v):
+            return False
+        better = self.best is None or (
+            v < self.best - self.min_delta if self.mode == "min" else v > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.best_epoch = v, epoch
+        return better
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state.get("best"), int(state.get("best_epoch", -1))
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved for `patience` epochs."""
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
+        self.tracker = Monitor(monitor, mode, min_delta)
+        self.patience = patience
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, trainer: TrainerView) -> None:
+        state = trainer.state
+        if self.tracker.update(state.metrics, state.epoch):
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            state.should_stop = True
+            self.stopped_epoch = state.epoch
+            log.info(
+                "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                self.tracker.metric, self.wait, self.tracker.best, self.tracker.best_epoch + 1,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state.get("tracker", {}))
+        self.wait = int(state.get("wait", 0))
+
+
+class Checkpoint(Callback):
+    """Best weights -> `<run>/model.safetensors`; full state -> `<run>/checkpoints/last.pt`.
+
+    With `restore_best`, the model ends training holding the best weights.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str, mode: str, restore_best: bool = True,
+                 min_delta: float = 0.0, write: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.write = write  # False in processes other than rank 0: track, never write
+        self.tracker = Monitor(monitor, mode, min_delta)  # same notion of "better" as EarlyStopping
+        self.restore_best = restore_best
+        self.best_eval: Any = None  # validation outputs (probabilities) of the best epoch
+
+    def on_epoch_end(self, trainer: TrainerView) -> None:
+        state = trainer.state
+        improved = self.tracker.update(state.metrics, state.epoch)
+        if improved:
+            self.best_eval = state.last_eval
+        if not self.write:
+            return
+        if improved:
+            save_model(self.run_dir / "model.safetensors", trainer.model, trainer.task, trainer.preprocess,
+                       trainer.cfg.model)
+        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+
+    def on_fit_end(self, trainer: TrainerView) -> None:
+        if self.write and self.restore_best and self.tracker.best_epoch >= 0 and self.tracker.best_epoch != trainer.state.epoch:
+            trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))
+            log.info("restored best weights from epoch %d (%s=%.4f)", self.tracker.best_epoch + 1,
+                     self.tracker.metric, self.tracker.best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state.get("tracker", {}))
+
+
+class HistoryLogger(Callback):
+    """`history.jsonl` and `history.csv`: one row per epoch, rewritten atomically."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_epoch_end(self, trainer: TrainerView) -> None:
+        rows = trainer.state.history
+        write_text(self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        buf = io.StringIO()
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.run_dir / "history.csv", buf.getvalue())
+
+
+class EpochPrinter(Callback):
+    """One log line per epoch with losses, metrics and time."""
+
+    def on_epoch_end(self, trainer: TrainerView) -> None:
+        row = trainer.state.history[-1]
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics_of(row, keep_train_loss=True).items()
+                         if isinstance(v, float))
+        log.info("epoch %d/%d [%s] %s (%.1fs)", row["epoch"], trainer.total_epochs, row["phase"], shown, row["seconds"])

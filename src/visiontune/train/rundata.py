@@ -1,0 +1,149 @@
+"""The loaders a run needs, per phase: augmented images, or cached backbone features while
+the whole backbone is frozen (see features.py). Built lazily and once. Targets come from
+the task (`Task.encode`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
+
+from visiontune.config import RunConfig
+from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
+from visiontune.data.preprocess import Preprocess
+from visiontune.data.sources import TRAIN, VALID, DataSource
+from visiontune.errors import ConfigError
+from visiontune.models.classifier import Classifier
+from visiontune.runtime.distributed import DistEnv
+from visiontune.tasks.base import Task
+from visiontune.train.features import FeatureStats, cache_for, extract_features
+from visiontune.train.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseData:
+    """What one phase trains and validates on: image loaders, or cached-feature loaders
+    (`on_features`), in which case only `model.head` runs."""
+
+    train: DataLoader
+    valid: DataLoader | None
+    on_features: bool = False
+
+
+class FeatureDataset(TensorDataset):
+    """Rows of a (memory-mapped) feature matrix; a whole batch is gathered in one indexing
+    operation (DataLoader calls `__getitems__`) instead of row by row."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        feats, targets = self.tensors
+        return feats[index], targets[index]
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+@dataclass
+class RunData:
+    cfg: RunConfig
+    source: DataSource
+    task: Task
+    model: Classifier
+    preprocess: Preprocess
+    plan: Plan
+    device: torch.device
+    generator: torch.Generator
+    env: DistEnv = field(default_factory=DistEnv)
+
+    def __post_init__(self) -> None:
+        self._images: PhaseData | None = None
+        self._features: PhaseData | None = None
+        self.feature_stats: list[FeatureStats] = []
+
+    def __call__(self, phase_index: int) -> PhaseData:
+        return self.features() if self.uses_features(phase_index) else self.images()
+
+    def uses_features(self, phase_index: int) -> bool:
+        """Cached features are exact only when nothing in the backbone changes: every
+        backbone group frozen and its BatchNorm in eval mode."""
+        phase = self.plan.phases[phase_index]
+        body_frozen = not any(on for on, g in zip(phase.trainable, self.plan.groups) if not g.is_head)
+        return (self.cfg.train.feature_cache and body_frozen and self.cfg.strategy.frozen_bn == "eval"
+                and not self.env.launched)
+
+    def class_weights(self) -> torch.Tensor | None:
+        """balance='weights': the task's loss weights from the training labels."""
+        if self.cfg.train.balance != "weights":
+            return None
+        labels = [it.label for it in self.source.split(TRAIN)]
+        return torch.tensor(self.task.balance_weights(labels), dtype=torch.float32, device=self.device)
+
+    def _shuffle_args(self, targets: torch.Tensor) -> dict:
+        """balance='oversample': draw with replacement, each class equally likely."""
+        if self.cfg.train.balance != "oversample":
+            return {"shuffle": True, "generator": self.generator}
+        counts = torch.bincount(targets, minlength=len(self.source.classes)).float()
+        weights = (1.0 / counts.clamp(min=1))[targets]
+        return {"sampler": WeightedRandomSampler(weights.double(), len(targets), replacement=True,
+                                                 generator=self.generator)}
+
+    def _targets(self, split: str) -> tuple[list[str], torch.Tensor]:
+        items = self.source.split(split)
+        return [i.path for i in items], self.task.encode([i.label for i in items])
+
+    def images(self) -> PhaseData:
+        if self._images is None:
+            t, pre = self.cfg.train, self.preprocess
+            paths, targets = self._targets(TRAIN)
+            train = train_dataset(paths, targets, pre, t.augment, t.hflip, t.min_scale, t.image_cache, t.cache_dir)
+            valid = None
+            vpaths, vtargets = self._targets(VALID)
+            if self.env.launched:  # each process validates every world_size-th image; outputs are gathered
+                step = self.env.world_size
+                if 0 < len(vpaths) < step:  # a process with nothing to validate would wait forever
+                    raise ConfigError(f"{len(vpaths)} validation images for {step} processes; "
+                                      "use fewer processes or more validation images")
+                vpaths, vtargets = vpaths[self.env.rank :: step], vtargets[self.env.rank :: step]
+            if vpaths:
+                valid = make_loader(eval_dataset(vpaths, vtargets, pre), t.batch_size, t.num_workers, self.device)
+            if self.env.launched:
+                train_loader = self._distributed_loader(train)
+            else:
+                train_loader = make_loader(train, t.batch_size, t.num_workers, self.device,
+                                           **self._shuffle_args(targets))
+            self._images = PhaseData(train_loader, valid)
+        return self._images
+
+    def _distributed_loader(self, train: ImageDataset) -> DataLoader:
+        t, world = self.cfg.train, self.env.world_size
+        if t.batch_size % world:
+            raise ConfigError(f"batch_size {t.batch_size} must be a multiple of the {world} processes")
+        if t.balance == "oversample":
+            raise ConfigError("--balance oversample is not supported under torchrun; use --balance weights")
+        sampler = DistributedSampler(train, num_replicas=world, rank=self.env.rank, shuffle=True, seed=self.cfg.seed)
+        return make_loader(train, t.batch_size // world, t.num_workers, self.device, sampler=sampler)
+
+    def features(self) -> PhaseData:
+        if self._features is None:
+            t = self.cfg.train
+            cache = cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, t.cache_dir)
+            loaders: list[DataLoader | None] = []
+            for split in (TRAIN, VALID):
+                paths, targets = self._targets(split)
+                if not paths:
+                    loaders.append(None)
+                    continue
+                feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache,
+                                                t.batch_size, t.num_workers, t.channels_last, memmap_dir=cache.dir)
+                self.feature_stats.append(stats)
+                ds = FeatureDataset(feats, targets)
+                order = self._shuffle_args(targets) if split == TRAIN else {}
+                loaders.append(DataLoader(ds, batch_size=t.batch_size, collate_fn=_as_batch, **order))
+            assert loaders[0] is not None
+            self._features = PhaseData(loaders[0], loaders[1], on_features=True)
+        return self._features

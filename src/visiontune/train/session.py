@@ -1,0 +1,187 @@
+"""One training run, top to bottom: set up, choose what to monitor, open the run
+directory, assemble the callbacks, train, summarise. `api.fit` and the selection tools
+(cv, compare) call `train_run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visiontune.bundle import environment, write_config
+from visiontune.config import RunConfig, TrainConfig
+from visiontune.data.sources import VALID, DataSource
+from visiontune.errors import DataError
+from visiontune.files import write_csv, write_json, write_text
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
+from visiontune.train.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    EpochPrinter,
+    HistoryLogger,
+    metrics_of,
+)
+from visiontune.train.setup import RunSetup, prepare_run
+from visiontune.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    classes: list[str]
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    trainable_params: int = 0  # most parameters training in any phase
+    valid_probs: np.ndarray | None = field(repr=False, default=None)  # rows follow data.split("valid")
+    model: Any = field(repr=False, default=None)
+    data: DataSource | None = field(repr=False, default=None)
+
+
+@dataclass
+class Watch:
+    """What early stopping and the best checkpoint look at."""
+
+    monitor: str
+    mode: str  # min | max
+
+
+def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None, ckpt: dict[str, Any] | None = None,
+              callbacks: list[Callback] | None = None, started: float | None = None) -> FitResult:
+    """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run."""
+    started = time.perf_counter() if started is None else started
+    log.info("%s", source.summary())
+    if ckpt is not None and run_dir is not None:
+        check_same_classes(run_dir, source.classes)
+    setup = prepare_run(cfg, source, resuming=ckpt is not None)
+    watch = choose_monitor(setup.cfg.train, source, setup.task)
+    run_dir = open_run_dir(setup, source, run_dir)
+    checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,
+                            setup.cfg.train.min_delta, write=setup.env.is_main)
+    stopper = _early_stopping(setup.cfg.train, watch)
+    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, callbacks or []))
+    start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
+    log.info("run directory: %s", run_dir)
+    log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
+             f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
+    trainer.fit(start_epoch)
+    return summarise(setup, trainer, checkpoint, stopper, run_dir, source, started)
+
+
+def choose_monitor(t: TrainConfig, source: DataSource, task: Task) -> Watch:
+    monitor = resolve_monitor(t.monitor, source, task)
+    mode = t.mode if t.mode != "auto" else ("min" if "loss" in monitor else "max")
+    if not source.split(VALID) and monitor != "train_loss":
+        log.warning("no validation images: monitoring train_loss instead of %s", monitor)
+        return Watch("train_loss", "min")
+    return Watch(monitor, mode)
+
+
+def resolve_monitor(monitor: str, source: DataSource, task: Task | None = None) -> str:
+    """'auto': the task's choice (single-label: val_loss, or macro_f1 when the training
+    classes are imbalanced, largest / smallest > 3, where loss and accuracy reward
+    ignoring the small classes)."""
+    if monitor != "auto":
+        return monitor
+    from_task = task if task is not None else _default_task(source)
+    return from_task.default_monitor(source.imbalance_ratio())
+
+
+def _default_task(source: DataSource) -> Task:
+    return make_task("single-label", source.classes)
+
+
+def open_run_dir(setup: RunSetup, source: DataSource, run_dir: Path | None) -> Path:
+    """A new run directory with the run's files (rank 0 only; other processes write to
+    os.devnull), or the resumed one with its config brought up to date."""
+    main = setup.env.is_main
+    if run_dir is None:
+        run_dir = new_run_dir(setup.cfg) if main else Path(os.devnull)
+        if main:
+            write_run_files(run_dir, setup, source)
+    elif main:
+        write_config(run_dir, setup.cfg)
+    if setup.model.warm_start and main:
+        write_json(run_dir / "warm_start.json", setup.model.warm_start)
+    return run_dir
+
+
+def _early_stopping(t: TrainConfig, watch: Watch) -> EarlyStopping | None:
+    return EarlyStopping(watch.monitor, watch.mode, t.patience, t.min_delta) if t.patience > 0 else None
+
+
+def _callbacks(setup: RunSetup, run_dir: Path, checkpoint: Checkpoint, stopper: EarlyStopping | None,
+               extra: list[Callback]) -> list[Callback]:
+    """Early stopping before the checkpoint (which saves its state); printing and history
+    files on rank 0 only; the caller's callbacks last."""
+    first: list[Callback] = [stopper] if stopper else []
+    if setup.env.is_main:
+        return [EpochPrinter(), *first, checkpoint, HistoryLogger(run_dir), *extra]
+    return [*first, checkpoint, *extra]
+
+
+def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper: EarlyStopping | None,
+              run_dir: Path, source: DataSource, started: float) -> FitResult:
+    """The metrics of the weights the model now holds (the best epoch's with restore_best,
+    else the last), written to metrics.json and environment.json on rank 0."""
+    t, history = setup.cfg.train, trainer.state.history
+    best_epoch = checkpoint.tracker.best_epoch + 1
+    held = best_epoch if t.restore_best and best_epoch > 0 else len(history)
+    final = {k: float(v) for k, v in metrics_of(history[held - 1]).items()} if history else {}
+    if setup.env.is_main:
+        write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
+                                              "epochs_run": len(history)})
+        write_json(run_dir / "environment.json", {**environment(setup.cfg, str(setup.device)),
+                                                  "world_size": setup.env.world_size})
+    held_eval = checkpoint.best_eval if t.restore_best and checkpoint.best_eval is not None else trainer.state.last_eval
+    return FitResult(
+        run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
+        stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=time.perf_counter() - started,
+        trainable_params=setup.plan.most_trainable_params(), valid_probs=None if held_eval is None else held_eval.probs,
+        model=setup.model, data=source,
+    )
+
+
+def check_same_classes(run_dir: Path, classes: list[str]) -> None:
+    saved = json.loads((run_dir / "classes.json").read_text())
+    if saved != classes:
+        raise DataError(f"the data now has classes {classes} but the run to resume has {saved}")
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    parent = Path(cfg.output)
+    if cfg.name:
+        name = cfg.name
+    else:
+        arch = cfg.model.backbone.split(":")[-1]
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{arch}-{cfg.strategy.name}"
+    run_dir = parent / name
+    suffix = 1
+    while (run_dir / "config.yaml").exists():
+        suffix += 1
+        run_dir = parent / f"{name}-{suffix}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_run_files(run_dir: Path, setup: RunSetup, source: DataSource) -> None:
+    write_config(run_dir, setup.cfg)
+    write_json(run_dir / "classes.json", source.classes)
+    write_json(run_dir / "preprocess.json", setup.preprocess.to_dict())
+    write_json(run_dir / "environment.json", environment(setup.cfg, str(setup.device)))
+    write_csv(run_dir / "splits.csv", ["path", "label", "split"], ((it.path, it.label, it.split) for it in source.items))
+    excluded = [f"{p}\t{why}" for p, why in source.excluded] + [f"{p}\thidden" for p in source.hidden]
+    write_text(run_dir / "excluded.txt", "".join(line + "\n" for line in excluded))
+

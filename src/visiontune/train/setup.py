@@ -1,0 +1,64 @@
+"""Everything a run needs before its first epoch, as one typed object (`RunSetup`):
+the process environment and device, the model and its preprocessing, the task, the plan
+of phases, the optimizer and the per-phase data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from visiontune.config import RunConfig
+from visiontune.data.preprocess import Preprocess
+from visiontune.data.sources import TRAIN, DataSource
+from visiontune.models.classifier import Classifier, create_classifier
+from visiontune.runtime import distributed
+from visiontune.runtime.batchsize import auto_batch_size
+from visiontune.runtime.device import prepare_model, resolve_device, resolve_precision, seed_everything
+from visiontune.runtime.distributed import DistEnv
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
+from visiontune.train.plan import Plan, build_optimizer, make_plan
+from visiontune.train.rundata import RunData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSetup:
+    cfg: RunConfig  # with batch_size "auto" resolved to a number
+    model: Classifier
+    preprocess: Preprocess
+    task: Task
+    plan: Plan
+    optimizer: torch.optim.Optimizer
+    data: RunData
+    device: torch.device
+    env: DistEnv
+
+
+def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> RunSetup:
+    """Model, preprocessing, task, plan, optimizer, per-phase data and device for `cfg` on
+    `source`. When resuming, the weights come from the checkpoint (none are loaded here)."""
+    env = distributed.from_env()
+    device = distributed.device_for(env, resolve_device(cfg.train.device))
+    distributed.init(env, device)
+    seed_everything(cfg.seed)  # the same initial weights in every process
+    model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model
+    model, pre = create_classifier(model_cfg, len(source.classes), source.classes)
+    prepare_model(model, device, cfg.train.channels_last)
+    if cfg.train.batch_size == "auto":
+        cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
+    task = make_task("single-label", source.classes)
+    plan = make_plan(model, cfg.strategy, cfg.train)
+    optimizer = build_optimizer(model, plan, cfg.train)
+    data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)
+    return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env)
+
+
+def _auto_batch(cfg: RunConfig, model: Classifier, pre: Preprocess, source: DataSource, device: torch.device,
+                env: DistEnv) -> int:
+    found = auto_batch_size(model, pre.input_size, len(source.split(TRAIN)), device, cfg.train.channels_last,
+                            resolve_precision(cfg.train.precision, device))
+    return found * env.world_size if env.launched else found  # each process takes batch_size / world_size

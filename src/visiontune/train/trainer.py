@@ -1,0 +1,258 @@
+"""HOW a run proceeds: a readable epoch loop over the strategy's phases, with callbacks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from visiontune.bundle import save_checkpoint
+from visiontune.errors import VisiontuneError
+from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
+from visiontune.runtime.device import autocast, resolve_precision, seed_everything, to_device
+from visiontune.runtime.distributed import gather, reduce_mean
+from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
+from visiontune.train.callbacks import Callback, metrics_of
+from visiontune.train.plan import apply_phase, set_batchnorm_modes
+from visiontune.train.rundata import PhaseData
+from visiontune.train.schedules import lr_factor
+from visiontune.train.setup import RunSetup
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(VisiontuneError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = -1  # index of the current (or last finished) epoch, 0-based
+    global_step: int = 0
+    phase: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False
+    last_eval: EvalOutput | None = None  # validation outputs of the current epoch
+
+
+class Trainer:
+    """Runs `plan` on `model`: per epoch, pick the phase, train, validate, call back."""
+
+    def __init__(self, setup: RunSetup, callbacks: list[Callback]) -> None:
+        self.setup = setup
+        self.model, self.plan, self.optimizer = setup.model, setup.plan, setup.optimizer
+        self.data = setup.data  # phase index -> PhaseData
+        self.cfg, self.task, self.preprocess = setup.cfg, setup.task, setup.preprocess
+        self.classes = setup.task.classes
+        self.callbacks, self.device, self.env = callbacks, setup.device, setup.env
+        self.generator = setup.data.generator
+        self.criterion = setup.task.loss(setup.data.class_weights(), setup.cfg.train.label_smoothing)
+        self.state = TrainState()
+        self.ddp: nn.Module | None = None  # DistributedDataParallel wrapper under torchrun
+        self.total_epochs = sum(p.epochs for p in self.plan.phases)
+        self.precision = resolve_precision(self.cfg.train.precision, self.device)
+        use_scaler = self.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.micro = MicroBatcher()
+        self.compiled: nn.Module | None = None
+        self.compile_ok = False  # a compiled step has run: later errors are not compile failures
+        if self.cfg.train.compile:
+            if self.env.launched:
+                log.warning("--compile is ignored under torchrun")
+            else:
+                self.compiled = torch.compile(self.model)
+
+    # -- the loop -------------------------------------------------------------------
+    def fit(self, start_epoch: int = 0) -> TrainState:
+        self._emit("on_fit_start")
+        for epoch in range(start_epoch, self.total_epochs):
+            self.state.epoch = epoch
+            self.enter_phase(self.plan.phase_index(epoch))
+            self._seed_epoch(epoch)
+            self._emit("on_epoch_start")
+            started = time.perf_counter()
+            train_loss = self.train_one_epoch(epoch)
+            self.state.metrics = self._validate(train_loss)
+            self.state.history.append(self._history_row(epoch, started))
+            self._emit("on_epoch_end")
+            if self.state.should_stop:
+                break
+        self._emit("on_fit_end")
+        return self.state
+
+    def train_one_epoch(self, epoch: int) -> float:
+        phase_i = self.plan.phase_index(epoch)
+        phase = self.plan.phases[phase_i]
+        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
+        data = self.data(phase_i)
+        steps = max(1, len(data.train))
+        total_steps = phase.epochs * steps
+        self.model.train()
+        set_batchnorm_modes(self.model, *self.cfg.bn_modes())
+        running, seen = 0.0, 0
+        bar = progress(data.train, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
+        for i, (x, y) in enumerate(bar):
+            factor = lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / total_steps, epoch_in_phase)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
+            loss = self.train_step(self.net_for(data), x, y)
+            if not np.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss} at epoch {epoch + 1}, step {i + 1}; lower --lr "
+                    "(the last good checkpoint is kept in the run directory)"
+                )
+            self.state.global_step += 1
+            running += loss * len(y)
+            seen += len(y)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+        return reduce_mean(running, seen, self.env)
+
+    def net_for(self, data: PhaseData, training: bool = True) -> nn.Module:
+        """What the batches go through: the head alone on cached features, else the model
+        (compiled with --compile; for training steps wrapped by DDP under torchrun)."""
+        if data.on_features:
+            return self.model.head
+        if training and self.ddp is not None:
+            return self.ddp
+        return self.compiled if self.compiled is not None else self.model
+
+    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on the batch (x, y); returns its mean loss (a non-finite loss
+        skips the step). The batch goes through in micro-batches whose gradients add up to
+        the whole batch's; after an out-of-memory error they are halved and the step starts
+        again."""
+        while True:
+            try:
+                loss = self._accumulate(net, x, y)
+                self.compile_ok = self.compile_ok or net is self.compiled
+                return loss
+            except Exception as exc:  # noqa: BLE001 - out-of-memory and compile failures are handled
+                if is_oom(exc):
+                    oom = True
+                elif net is self.compiled and self.compiled is not None and not self.compile_ok:
+                    log.warning("torch.compile failed (%s: %s); training without it", type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
+                    self.compiled, oom = None, False
+                else:
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if oom:
+                free_device_memory(self.device)
+                self.micro.shrink(len(y), "in a training step")
+            else:
+                net = self.model  # --compile is off under torchrun: no DDP wrapper to keep
+
+    def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        size = self.micro.chunks(len(y))
+        whole = size >= len(y)
+        total = 0.0
+        for xs, ys in zip(x.split(size), y.split(size)):
+            with autocast(self.device, self.precision):
+                logits = net(xs)
+            loss = self.criterion(logits.float(), ys) if whole else self._part_loss(logits.float(), ys, y)
+            if not torch.isfinite(loss):  # no step: the weights stay as they were
+                self.optimizer.zero_grad(set_to_none=True)
+                return float(loss.item())
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return total
+
+    def _part_loss(self, logits: torch.Tensor, ys: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the whole batch's mean loss: the shares sum to it."""
+        return self.criterion.total(logits, ys) / self.criterion.norm(y)
+
+    # -- pieces ---------------------------------------------------------------------
+    def enter_phase(self, index: int) -> None:
+        if index != self.state.phase:
+            apply_phase(self.model, self.optimizer, self.plan, index)
+            self.state.phase = index
+            if self.env.launched and any(p.requires_grad for p in self.model.parameters()):
+                # DDP registers the parameters that train when it is built: rebuild it per phase
+                self.ddp = DistributedDataParallel(self.model)
+            phase = self.plan.phases[index]
+            log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch) only, so
+        a resumed run repeats exactly what the uninterrupted one would have done."""
+        epoch_seed = self.cfg.seed * 100_003 + epoch
+        seed_everything(epoch_seed)
+        if self.generator is not None:
+            self.generator.manual_seed(epoch_seed)
+        sampler = getattr(self.data(self.plan.phase_index(epoch)).train, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def _validate(self, train_loss: float) -> dict[str, float]:
+        metrics = {"train_loss": train_loss}
+        data = self.data(self.state.phase)
+        if data.valid is not None and len(data.valid.dataset) > 0:
+            out = run_eval(self.net_for(data, training=False), data.valid, self.device, self.task,
+                           channels_last=self.cfg.train.channels_last, precision=self.precision, micro=self.micro)
+            if self.env.launched:
+                out = merge_outputs(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
+            self.state.last_eval = out
+            metrics["val_loss"] = out.loss
+            metrics.update(self.task.metrics(out.targets, out.probs))
+        return metrics
+
+    def _history_row(self, epoch: int, started: float) -> dict[str, Any]:
+        lrs = [g["peak_lr"] for g in self.optimizer.param_groups if g["peak_lr"] > 0]
+        return {
+            "epoch": epoch + 1,
+            "phase": self.plan.phases[self.state.phase].name,
+            **{k: float(v) for k, v in self.state.metrics.items()},
+            "lr": float(max(lrs)) if lrs else 0.0,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _emit(self, event: str) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self)
+
+    # -- resumability -----------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format_version": 1,
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.state.history,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        save_checkpoint(path, self.checkpoint_state())
+
+    def restore(self, ckpt: dict[str, Any]) -> int:
+        """Load a checkpoint; return the epoch to continue from."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state.history = list(ckpt.get("history", []))
+        self.state.global_step = int(ckpt.get("global_step", 0))
+        saved = ckpt.get("callbacks", {})
+        for cb in self.callbacks:
+            cb.load_state_dict(saved.get(type(cb).__name__, {}))
+        if self.state.history:
+            self.state.metrics = metrics_of(self.state.history[-1], keep_train_loss=True)
+        return int(ckpt["epoch"]) + 1

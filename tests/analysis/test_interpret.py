@@ -1,0 +1,145 @@
+"""Interpretation: mislabel ranking, duplicates and leakage, corrections, artefacts, and the
+HTML report rendered in a real (headless) browser."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import visiontune as vt
+from conftest import TINY, make_class_folders
+from visiontune.analysis.duplicates import find_duplicates
+from visiontune.analysis.mislabels import rank_mislabels, rank_outliers
+from visiontune.config import DataConfig
+from visiontune.data.sources import load_items
+
+HYMENOPTERA = Path(__file__).resolve().parents[3] / "shared" / "data" / "hymenoptera"
+
+
+def test_rank_mislabels_orders_by_self_confidence_and_flags() -> None:
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.95, 0.05], [0.1, 0.9]])
+    labels = ["a", "b", "b", "a"]  # the last two look flipped
+    ranked = rank_mislabels(["p0", "p1", "p2", "p3"], labels, probs, ["a", "b"])
+    assert [s.path for s in ranked[:2]] == ["p2", "p3"]
+    assert ranked[0].predicted == "a" and ranked[0].flagged and not ranked[-1].flagged
+
+
+def test_outliers_put_the_odd_one_first() -> None:
+    rng = np.random.default_rng(0)
+    feats = np.vstack([rng.normal(5, 0.1, (20, 8)), rng.normal(-5, 0.1, (1, 8))])
+    feats[:20, 0] += 10
+    assert int(np.argmax(rank_outliers(feats))) == 20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera")
+def test_ten_injected_label_flips_rank_in_the_top_20(tmp_path: Path) -> None:
+    from visiontune.analysis.mislabels import oof_probabilities
+    from visiontune.models.classifier import create_classifier
+    from visiontune.train.features import FeatureCache, extract_features, model_fingerprint
+
+    copy = tmp_path / "hym"
+    flips = set()
+    rng = random.Random(0)
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            files = sorted((HYMENOPTERA / split / cls).iterdir())
+            chosen = set(rng.sample(files, 5)) if split == "train" else set()
+            for f in files:
+                other = "bees" if cls == "ants" else "ants"
+                dest = copy / split / (other if f in chosen else cls) / f.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.symlink_to(f)
+                if f in chosen:
+                    flips.add(str(dest))
+    source = load_items(DataConfig(path=str(copy)))
+    items = source.items
+    model, pre = create_classifier(vt.ModelConfig(), 2)
+    cache = FeatureCache(tmp_path / "cache", model_fingerprint("lite0", model.backbone, pre))
+    import torch
+
+    feats, _ = extract_features(model.backbone, [it.path for it in items], pre, torch.device("cpu"), cache)
+    labels = [it.label for it in items]
+    ranked = rank_mislabels([it.path for it in items], labels, oof_probabilities(feats.numpy(), labels,
+                                                                                 source.classes), source.classes)
+    found = flips & {s.path for s in ranked[:20]}
+    print(f"{len(found)} of 10 injected flips in the top 20")
+    assert len(flips) == 10 and len(found) >= 7, f"{len(found)} of 10 flips in the top 20"
+
+
+def test_leakage_finds_all_five_copies(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    make_class_folders(root / "train", {"red": 8, "green": 8})
+    make_class_folders(root / "valid", {"red": 3, "green": 3}, 100)
+    copied = sorted((root / "train" / "red").iterdir())[:3] + sorted((root / "train" / "green").iterdir())[:2]
+    for f in copied:
+        shutil.copy(f, root / "valid" / f.parent.name / f"copy_{f.name}")
+    src = load_items(DataConfig(path=str(root)))
+    pairs = find_duplicates([(it.path, it.split) for it in src.items])
+    leaks = [p for p in pairs if p.crosses_splits]
+    assert len(leaks) == 5 and all(p.kind == "exact" for p in leaks)
+    shrunk = root / "train" / "red" / "red_007.png"
+    Image.open(shrunk).resize((36, 36)).convert("RGB").save(root / "valid" / "red" / "near.jpg", quality=70)
+    src = load_items(DataConfig(path=str(root)))
+    near = [p for p in find_duplicates([(it.path, it.split) for it in src.items]) if p.kind == "near"]
+    assert any(Path(p.a).name == "red_007.png" or Path(p.b).name == "red_007.png" for p in near)
+
+
+def test_relabel_and_exclude_leave_files_alone(flat_data: Path, tmp_path: Path) -> None:
+    target = flat_data / "red" / "red_000.png"
+    before = target.read_bytes()
+    (tmp_path / "fix.csv").write_text(f"path,label\n{target},green\n")
+    (tmp_path / "drop.txt").write_text(f"{flat_data / 'green' / 'green_000.png'}\n")
+    src = load_items(DataConfig(path=str(flat_data), relabel=str(tmp_path / "fix.csv"),
+                                exclude=str(tmp_path / "drop.txt")))
+    labels = {Path(it.path).name: it.label for it in src.items}
+    assert labels["red_000.png"] == "green" and "green_000.png" not in labels
+    assert ("listed in --exclude" in dict(src.excluded).values()) and target.read_bytes() == before
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_interpret_writes_every_artefact_and_the_report_renders(tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "d" / "train", {"red": 10, "green": 10}).parent
+    make_class_folders(data / "valid", {"red": 4, "green": 4}, 100)
+    run = vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=3, lr=1e-2, output=str(tmp_path / "runs")))
+    result = vt_interpret(run.run_dir, saliency=[str(data / "valid" / "red" / "red_000.png")])
+    expected = {"confusion.png", "confusion.csv", "confusion_normalized.csv", "per_class.csv", "most_confused.csv",
+                "top_losses.png", "top_losses.csv", "gradcam.png", "filters.png", "mislabels.csv", "mislabels.png",
+                "outliers.csv", "duplicates.csv", "curves.png", "report.html", "gradcam_chosen.png"}
+    assert expected <= set(result.files)
+    report = Path(result.files["report.html"])
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium (.ci/run installs it)")
+        pytest.skip("no chromium on this machine")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    for section in ("summary", "data", "config", "curves", "confusion", "per-class", "top-losses", "saliency",
+                    "filters", "mislabels", "outliers", "duplicates"):
+        assert f'id="{section}"' in dom, section
+    assert dom.count("data:image/png;base64,") == 7 and "not available" not in dom  # every figure inlined
+    shot = Path(os.environ.get("VISIONTUNE_ARTIFACTS", tmp_path)) / "report.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([browser, *flags, "--window-size=1200,3000", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000 and Image.open(shot).size == (1200, 3000)
+
+
+def vt_interpret(run_dir: str, **kw):
+    from visiontune.analysis.interpret import interpret
+
+    return interpret(run_dir, num_workers=0, **kw)

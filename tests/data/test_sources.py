@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import make_class_folders, make_image
+from visiontune.config import DataConfig
+from visiontune.data.sources import TEST, TRAIN, VALID, load_items, stratified_split
+from visiontune.errors import DataError
+
+
+def test_split_folders_are_honoured(split_data: Path) -> None:
+    src = load_items(DataConfig(path=str(split_data)))
+    assert src.classes == ["green", "red"]
+    assert len(src.split(TRAIN)) == 20 and len(src.split(VALID)) == 8 and len(src.split(TEST)) == 6
+
+
+def test_val_alias_and_train_only_gets_split(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "a" / "train", {"red": 5, "green": 5})
+    make_class_folders(tmp_path / "a" / "val", {"red": 2, "green": 2}, 50)
+    assert len(load_items(DataConfig(path=str(tmp_path / "a"))).split(VALID)) == 4
+    make_class_folders(tmp_path / "b" / "train", {"red": 10, "green": 10})
+    src = load_items(DataConfig(path=str(tmp_path / "b"), valid_pct=0.2))
+    assert len(src.split(VALID)) == 4 and len(src.split(TRAIN)) == 16
+
+
+def test_flat_split_is_stratified_and_deterministic(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 30, "green": 10})
+    a = load_items(DataConfig(path=str(root), valid_pct=0.25), seed=1)
+    b = load_items(DataConfig(path=str(root), valid_pct=0.25), seed=1)
+    c = load_items(DataConfig(path=str(root), valid_pct=0.25), seed=2)
+    assert [i.path for i in a.split(VALID)] == [i.path for i in b.split(VALID)]
+    assert [i.path for i in a.split(VALID)] != [i.path for i in c.split(VALID)]
+    counts = Counter(i.label for i in a.split(VALID))
+    assert counts == {"red": 8, "green": 2}  # 25% of each class (7.5 -> 8 of 30, 2.5 -> 2 of 10)
+    assert not {i.path for i in a.split(VALID)} & {i.path for i in a.split(TRAIN)}
+
+
+def test_stratified_split_rejects_singleton_class() -> None:
+    with pytest.raises(DataError, match="single image"):
+        stratified_split(["a", "a", "a", "b"], 0.25, 0)
+
+
+def test_label_regex_from_file_names(tmp_path: Path) -> None:
+    for i in range(6):
+        make_image(tmp_path / "pets" / f"cat_{i}.png", (200, 0, 0), seed=i)
+        make_image(tmp_path / "pets" / f"dog_{i}.png", (0, 200, 0), seed=10 + i)
+    make_image(tmp_path / "pets" / "unmatched.png", (0, 0, 0))
+    src = load_items(DataConfig(path=str(tmp_path / "pets"), label_regex=r"^([a-z]+)_\d+\.png$"))
+    assert src.classes == ["cat", "dog"] and len(src.items) == 12
+    assert [p for p, why in src.excluded if "no label" in why] == [str(tmp_path / "pets" / "unmatched.png")]
+
+
+def test_fastai_is_cat_label_function(tmp_path: Path) -> None:
+    """fastai's pets example: cats' file names start with a capital letter."""
+    for i in range(5):
+        make_image(tmp_path / "pets" / f"Abyssinian_{i}.png", (200, 0, 0), seed=i)
+        make_image(tmp_path / "pets" / f"beagle_{i}.png", (0, 200, 0), seed=10 + i)
+
+    def is_cat(x: Path) -> bool:
+        return x.name[0].isupper()
+
+    src = load_items(DataConfig(path=str(tmp_path / "pets")), label_func=is_cat)
+    assert src.classes == ["False", "True"]
+    assert {i.label for i in src.items if "Abyssinian" in i.path} == {"True"}
+
+
+def test_bad_regex_is_a_clear_error(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "d", {"red": 2, "green": 2})
+    with pytest.raises(DataError, match="capture group"):
+        load_items(DataConfig(path=str(tmp_path / "d"), label_regex=r"^\w+\.png$"))
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return path
+
+
+def test_csv_with_header_split_column_and_bad_rows(tmp_path: Path) -> None:
+    imgs = tmp_path / "imgs"
+    rows = [["file", "class", "split"]]
+    for i in range(6):
+        make_image(imgs / f"r{i}.png", (200, 0, 0), seed=i)
+        make_image(imgs / f"g{i}.png", (0, 200, 0), seed=10 + i)
+        rows += [[f"imgs/r{i}.png", "red", "valid" if i < 2 else "train"], [f"imgs/g{i}.png", "green", "valid" if i < 2 else "train"]]
+    rows += [["imgs/missing.png", "red", "train"], ["../outside.png", "red", "train"], ["", "red", "train"]]
+    _write_csv(tmp_path / "labels.csv", rows)
+    src = load_items(DataConfig(path=str(tmp_path), csv="labels.csv"))
+    assert src.classes == ["green", "red"]
+    assert len(src.split(VALID)) == 4 and len(src.split(TRAIN)) == 8
+    reasons = " | ".join(why for _, why in src.excluded)
+    assert "missing" in reasons and "leaves" in reasons and "no path" in reasons
+
+
+def test_csv_without_header(tmp_path: Path) -> None:
+    rows = []
+    for i in range(5):
+        make_image(tmp_path / f"r{i}.png", (200, 0, 0), seed=i)
+        make_image(tmp_path / f"g{i}.png", (0, 200, 0), seed=10 + i)
+        rows += [[f"r{i}.png", "red"], [f"g{i}.png", "green"]]
+    _write_csv(tmp_path / "l.csv", rows)
+    src = load_items(DataConfig(csv=str(tmp_path / "l.csv"), valid_pct=0.2))
+    assert len(src.items) == 10 and len(src.split(VALID)) == 2
+
+
+def test_hidden_non_image_and_corrupt_files_are_excluded_with_reasons(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 4, "green": 4})
+    (root / "red" / ".DS_Store").write_bytes(b"\0\0junk")
+    (root / "red" / "._red_000.png").write_bytes(b"\0\0resource fork")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref")
+    (root / "green" / "notes.txt").write_text("hello")
+    (root / "green" / "text.jpg").write_text("not really a jpeg")
+    good = (root / "red" / "red_000.png").read_bytes()
+    (root / "red" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    src = load_items(DataConfig(path=str(root), valid_pct=0.25))
+    assert src.classes == ["green", "red"] and len(src.items) == 8
+    excluded = {Path(p).name: why for p, why in src.excluded}
+    assert set(excluded) == {"notes.txt", "text.jpg", "truncated.png", "empty.jpg"}
+    assert "extension" in excluded["notes.txt"] and "decode" in excluded["truncated.png"]
+    assert {Path(p).name for p in src.hidden} == {".DS_Store", "._red_000.png", ".git"}
+    assert "excluded 4 files" in src.summary()
+
+
+def test_truncated_jpeg_is_excluded(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 3})
+    make_image(root / "red" / "big.jpg", (200, 0, 0), size=300, seed=5)
+    data = (root / "red" / "big.jpg").read_bytes()
+    (root / "red" / "big.jpg").write_bytes(data[: int(len(data) * 0.6)])
+    src = load_items(DataConfig(path=str(root), valid_pct=0.34))
+    assert [Path(p).name for p, _ in src.excluded] == ["big.jpg"]
+
+
+def test_empty_class_is_an_error_naming_the_folder(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 3})
+    (root / "blue").mkdir()
+    with pytest.raises(DataError, match=r"blue.*holds no image files"):
+        load_items(DataConfig(path=str(root)))
+
+
+def test_single_class_is_an_error(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 5})
+    with pytest.raises(DataError, match="single class"):
+        load_items(DataConfig(path=str(root)))
+
+
+def test_missing_or_file_path_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_items(DataConfig(path=str(tmp_path / "nope")))
+    f = make_image(tmp_path / "x.png", (0, 0, 0))
+    with pytest.raises(DataError, match="is a file"):
+        load_items(DataConfig(path=str(f)))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        load_items(DataConfig(path=str(tmp_path / "empty_dir")))
+
+
+def test_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 3})
+    os.chmod(root, 0)
+    if os.access(root, os.R_OK | os.X_OK):  # root reads everything: emulate the permission error
+        monkeypatch.setattr("visiontune.data.sources.os.access", lambda *a, **k: False)
+    try:
+        with pytest.raises(DataError, match="cannot be read"):
+            load_items(DataConfig(path=str(root)))
+    finally:
+        os.chmod(root, 0o755)
+
+
+def test_class_only_in_valid_is_an_error(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "d" / "train", {"red": 3, "green": 3})
+    make_class_folders(tmp_path / "d" / "valid", {"red": 1, "blue": 1})
+    with pytest.raises(DataError, match=r"\['blue'\].*not in train"):
+        load_items(DataConfig(path=str(tmp_path / "d")))

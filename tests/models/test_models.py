@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visiontune.config import ModelConfig
+from visiontune.errors import ConfigError
+from visiontune.models.backbones import parse_backbone
+from visiontune.models.classifier import backbone_groups, build_head, create_classifier
+
+
+def test_parse_backbone() -> None:
+    assert parse_backbone("resnet50") == ("timm", "resnet50")
+    assert parse_backbone("torchvision:vgg16") == ("torchvision", "vgg16")
+    with pytest.raises(ConfigError, match="timm:<name>"):
+        parse_backbone("keras:resnet50")
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="timm has no model"):
+        create_classifier(ModelConfig(backbone="timm:resnet_9000", weights="none"), 2)
+    with pytest.raises(ConfigError, match="torchvision has no"):
+        create_classifier(ModelConfig(backbone="torchvision:resnet_9000", weights="none"), 2)
+
+
+def test_head_shapes_and_init() -> None:
+    head = build_head(64, 5, hidden=16, dropout=0.3)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert head[-1].out_features == 5 and torch.count_nonzero(head[-1].bias) == 0
+    bound = 0.1 * (6 / (16 + 5)) ** 0.5  # xavier-uniform bound with gain 0.1
+    assert head[-1].weight.abs().max() <= bound + 1e-6
+
+
+# torchvision names with the feature width their classifier had (weights=none: no download).
+TORCHVISION = [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("googlenet", 1024),
+               ("inception_v3", 2048), ("mobilenet_v3_small", 1024), ("efficientnet_b0", 1280),
+               ("convnext_tiny", 768), ("vit_b_16", 768), ("vgg16", 4096)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,width", TORCHVISION)
+def test_torchvision_backbones_get_a_new_head(arch: str, width: int) -> None:
+    model, pre = create_classifier(ModelConfig(backbone=f"torchvision:{arch}", weights="none"), 3)
+    assert model.num_features == width and model.head[-1].out_features == 3
+    assert pre.input_size in (224, 299) and len(pre.mean) == 3
+    assert len(backbone_groups(model)) >= 3
+    if arch in ("resnet18", "mobilenet_v3_small", "googlenet"):
+        model.eval()
+        assert model(torch.randn(2, 3, 224, 224)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"])
+def test_timm_backbones_forward_and_groups(arch: str) -> None:
+    model, pre = create_classifier(ModelConfig(backbone=f"timm:{arch}", weights="none", image_size=64), 4)
+    model.eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    groups = backbone_groups(model)
+    assert len(groups) >= 3
+    names = [n for _, g in groups for n in g]
+    assert len(names) == len(set(names))  # each parameter in one group
+    assert set(names) | {n for n, _ in model.head.named_parameters(prefix="head")} == {n for n, _ in model.named_parameters()}

@@ -1,0 +1,99 @@
+"""Folds, out-of-fold probabilities, imbalance handling and the strategy comparison."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import visiontune as vt
+from conftest import make_class_folders
+from visiontune.config import DataConfig, RunConfig
+from visiontune.data.sources import TRAIN, fold_count, load_items
+from visiontune.models.classifier import create_classifier
+from visiontune.selection.compare import compare
+from visiontune.selection.cv import cross_validate
+from visiontune.tasks.catalog import make_task
+from visiontune.tasks.single_label import class_weight_values
+from visiontune.train.plan import make_plan
+from visiontune.train.rundata import RunData
+from visiontune.train.session import resolve_monitor
+
+
+def test_folds_are_disjoint_cover_everything_and_are_stratified(tmp_path: Path, tiny: dict) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 10, "green": 5})
+    result = cross_validate(root, folds=5, **dict(tiny, strategy="feature-extract", epochs=2, lr=1e-2,
+                                                   output=str(tmp_path / "cv")))
+    with open(result.oof_path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in root.rglob("*.png"))  # each image once
+    per_fold = Counter((r["fold"], r["label"]) for r in rows)
+    assert all(per_fold[(str(f), "red")] == 2 and per_fold[(str(f), "green")] == 1 for f in range(1, 6))
+    assert all(abs(float(r["prob_green"]) + float(r["prob_red"]) - 1) < 1e-4 for r in rows)
+    assert len(result.folds) == 5 and set(result.mean) == {"accuracy", "macro_f1", "val_loss"}
+    assert "mean +- std" in result.format()
+
+
+def test_small_classes_reduce_the_fold_count(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    assert fold_count(["a"] * 10 + ["b"] * 3, 5) == 3
+    assert "fewer images than 5 folds" in caplog.text
+    with pytest.raises(vt.DataError, match="fewer than 2"):
+        fold_count(["a"] * 10 + ["b"], 5)
+
+
+def test_class_weight_values() -> None:
+    assert class_weight_values([10, 30]) == pytest.approx([2.0, 2 / 3])
+    assert class_weight_values([5, 5, 5]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def _rundata(root: Path, balance: str) -> RunData:
+    cfg = RunConfig.create(None, path=str(root), backbone="timm:test_efficientnet", weights="none", image_size=32,
+                           balance=balance, batch_size=10, num_workers=0, valid_pct=0.2)
+    source = load_items(cfg.data)
+    model, pre = create_classifier(cfg.model, 2)
+    return RunData(cfg, source, make_task("single-label", source.classes), model, pre,
+                   make_plan(model, cfg.strategy, cfg.train), torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
+def test_oversampling_draws_classes_equally(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 25, "green": 5})
+    data = _rundata(root, "oversample")
+    assert data.source.class_counts(TRAIN) == {"green": 4, "red": 20}
+    drawn = Counter(int(y) for _ in range(20) for _, ys in data.features().train for y in ys)
+    share = drawn[0] / sum(drawn.values())  # class 0 = green, 1/6 of the train images
+    assert 0.42 < share < 0.58
+    assert _rundata(root, "weights").class_weights().tolist() == pytest.approx([3.0, 0.6])
+
+
+def test_imbalance_switches_the_monitor_to_macro_f1(tmp_path: Path) -> None:
+    balanced = load_items(DataConfig(path=str(make_class_folders(tmp_path / "b", {"red": 6, "green": 6}))))
+    skewed = load_items(DataConfig(path=str(make_class_folders(tmp_path / "s", {"red": 20, "green": 5}))))
+    assert resolve_monitor("auto", balanced) == "val_loss"
+    assert skewed.imbalance_ratio() == pytest.approx(4.0)
+    assert resolve_monitor("auto", skewed) == "macro_f1"
+    assert resolve_monitor("val_loss", skewed) == "val_loss"
+    assert "imbalance" in skewed.summary()
+
+
+def test_compare_runs_each_strategy_on_the_same_split(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    rows, out = compare(flat_data, strategies=("feature-extract", "finetune", "scratch"),
+                        **dict(tiny, epochs=2, output=str(tmp_path / "cmp")))
+    assert [r.strategy for r in rows] == ["feature-extract", "finetune", "scratch"]
+    assert rows[0].trainable_params < rows[1].trainable_params == rows[2].trainable_params
+    splits = {p.parent.name: p.read_text() for p in Path(out).glob("*/splits.csv")}
+    assert len(splits) == 3 and len(set(splits.values())) == 1  # same split for all
+    assert (Path(out) / "compare.md").read_text().count("|") > 20
+
+
+def test_compare_with_folds_reports_mean_and_std(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    from visiontune.selection.compare import format_compare
+
+    rows, _ = compare(flat_data, strategies=("feature-extract",), folds=3,
+                      **dict(tiny, epochs=2, lr=1e-2, output=str(tmp_path / "cmp")))
+    assert rows[0].accuracy_std is not None and 0 <= rows[0].accuracy <= 1
+    assert "+-" in format_compare(rows)

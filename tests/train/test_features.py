@@ -1,0 +1,77 @@
+"""The frozen-backbone feature cache: hits, misses, invalidation, and equality with the
+image path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import visiontune as vt
+from conftest import make_class_folders, make_image
+from visiontune.config import ModelConfig
+from visiontune.models.classifier import Preprocess, create_classifier
+from visiontune.train.features import FeatureCache, extract_features, model_fingerprint
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_classifier(ModelConfig(backbone="timm:test_efficientnet", weights="none", image_size=32), 2)
+
+
+def _extract(model, pre, paths, root):
+    cache = FeatureCache(root, model_fingerprint("timm:test_efficientnet", model.backbone, pre))
+    return extract_features(model.backbone, paths, pre, torch.device("cpu"), cache, batch_size=4, num_workers=0)
+
+
+def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 3})
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    model, pre = _model()
+    first, s1 = _extract(model, pre, paths, tmp_path / "cache")
+    assert (s1.hits, s1.misses) == (0, 6) and first.shape == (6, model.num_features)
+    again, s2 = _extract(model, pre, paths, tmp_path / "cache")
+    assert (s2.hits, s2.misses) == (6, 0) and torch.equal(first, again)
+    make_image(Path(paths[0]), (0, 0, 0), seed=99)  # the file's content changes
+    changed, s3 = _extract(model, pre, paths, tmp_path / "cache")
+    assert (s3.hits, s3.misses) == (5, 1) and not torch.equal(changed[0], first[0])
+    bigger = Preprocess(48, pre.mean, pre.std, pre.interpolation, pre.crop_pct)
+    _, s4 = _extract(model, bigger, paths, tmp_path / "cache")  # another transform
+    assert s4.misses == 6
+    other, _ = _model(seed=1)
+    _, s5 = _extract(other, pre, paths, tmp_path / "cache")  # other weights
+    assert s5.misses == 6
+
+
+def test_torn_cache_entry_is_recomputed(tmp_path: Path) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 2, "green": 2})
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    model, pre = _model()
+    first, _ = _extract(model, pre, paths, tmp_path / "cache")
+    entry = next((tmp_path / "cache").rglob("*.npy"))
+    entry.write_bytes(entry.read_bytes()[:20])
+    again, stats = _extract(model, pre, paths, tmp_path / "cache")
+    assert stats.misses == 1 and torch.allclose(first, again)
+
+
+def test_cached_training_equals_training_on_images(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Without augmentation the two paths see the same numbers: same losses, same head."""
+    kw = dict(tiny, strategy="feature-extract", epochs=3, lr=1e-2, augment=False, output=str(tmp_path / "runs"))
+    cached = vt.fit(flat_data, name="cached", **kw)
+    images = vt.fit(flat_data, name="images", feature_cache=False, **kw)
+    for key in ("train_loss", "val_loss", "accuracy"):
+        assert [h[key] for h in cached.history] == pytest.approx([h[key] for h in images.history], abs=1e-5)
+    assert torch.allclose(cached.model.head[0].weight, images.model.head[0].weight, atol=1e-5)
+
+
+def test_gradual_uses_features_only_while_the_backbone_is_frozen(flat_data: Path, tmp_path: Path, tiny: dict,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="visiontune")
+    vt.fit(flat_data, **dict(tiny, strategy="gradual", epochs=3, freeze_epochs=1, output=str(tmp_path / "r")))
+    assert sum("features:" in r.message for r in caplog.records) == 2  # train + valid, once
+    caplog.clear()
+    vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=1, output=str(tmp_path / "r")))
+    assert not any("features:" in r.message for r in caplog.records)
