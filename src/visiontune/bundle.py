@@ -1,6 +1,6 @@
 """The run directory: everything `predict`, `evaluate` and `--resume` need, loaded safely.
 
-    <run>/model.safetensors   best weights; metadata holds backbone, head, classes, preprocess
+    <run>/model.safetensors   best weights; metadata holds backbone, head, classes, preprocess, task
     <run>/config.yaml         the resolved RunConfig
     <run>/classes.json        class names in output order
     <run>/preprocess.json     input size, mean/std, interpolation, crop_pct
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +144,3 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise VisiontuneError(f"no checkpoint at {str(path)!r}; nothing to resume") from None
     except Exception as exc:  # noqa: BLE001 - refuse anything that is not plain tensors/containers
         raise VisiontuneError(f"refusing to load {str(path)!r}: {type(exc).__name__}: {exc}") from None
-
-
-def run_model_config(cfg: RunConfig, image_size: int) -> ModelConfig:
-    """The model part of `cfg` for rebuilding without downloading (weights come from file)."""
-    return replace(cfg.model, weights="none", image_size=image_size)

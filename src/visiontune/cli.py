@@ -40,14 +40,19 @@ def _annotation_type(f: Any) -> Any:
             except ValueError as exc:
                 raise argparse.ArgumentTypeError(str(exc)) from None
         return typed
-    kind = str(f.type)
+    kind = _type_name(f)
     return int if kind.startswith("int") else float if kind.startswith("float") else str
+
+
+def _type_name(f: Any) -> str:
+    """The field's annotation as text ("int | None"), whether a string or a type."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
 
 
 def _add_option(group: Any, f: Any) -> None:
     meta, key = f.metadata, option_key(f)
     name = "--" + f.name.replace("_", "-")
-    if str(f.type) == "bool":
+    if _type_name(f) == "bool":
         flag = meta.get("flag") or (f"--no-{f.name.replace('_', '-')}" if f.default else name)
         group.add_argument(flag, dest=key, action="store_false" if f.default else "store_true", default=None,
                            help=meta["help"])

@@ -23,10 +23,6 @@ class EvalOutput:
     targets: np.ndarray  # one row per image; negative markers for unlabelled / unreadable
     probs: np.ndarray
 
-    def labelled(self) -> np.ndarray:
-        """Mask of the rows that carry a label."""
-        return row_markers(self.targets) >= 0 if len(self.targets) else np.zeros(0, dtype=bool)
-
     def keep(self, mask: np.ndarray) -> None:
         self.targets, self.probs = self.targets[mask], self.probs[mask]
 

@@ -1,0 +1,218 @@
+"""The shape of the code: no import cycles (in-function imports included), short
+functions, and the extension points (strategy registry, config options) each one place."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import visiontune as vt
+from visiontune.cli import add_run_options, build_parser
+from visiontune.config import RunConfig, TrainConfig, check_fields, option, option_fields
+from visiontune.errors import ConfigError
+from visiontune.train import strategies
+from visiontune.train.strategies import STRATEGIES, Phase, StrategyContext, register_strategy
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "visiontune"
+MAX_FUNCTION_LINES = 50
+DECLARATIVE_TABLES: set[str] = set()  # "module:function" allowed to be longer (none today)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """Every visiontune module `path` imports anywhere in its body (functions, TYPE_CHECKING
+    blocks included), plus the parent packages each import runs."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        for target in targets:
+            parts = target.split(".")
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules)
+    found.discard(name)
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_in_function_imports_included() -> None:
+    modules = _modules()
+    graph = {name: _imports(path, name, modules) for name, path in modules.items()}
+    assert len(graph) > 30 and "visiontune.train.trainer" in graph["visiontune.train.session"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_nothing_imports_the_package_root_or_the_cli() -> None:
+    """The root's names are lazy re-exports, and only the entry point uses the CLI."""
+    modules = _modules()
+    for name, path in modules.items():
+        deps = _imports(path, name, modules)
+        assert "visiontune.cli" not in deps or name == "visiontune.__main__", name
+        tree = ast.parse(path.read_text())
+        plain = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert "visiontune" not in plain, f"{name} imports the package root"
+
+
+def test_no_function_in_src_is_longer_than_50_lines() -> None:
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES and f"{name}:{node.name}" not in DECLARATIVE_TABLES:
+                    long.append(f"{name}:{node.name} ({lines} lines)")
+    assert long == []
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from visiontune.cli import build_parser; build_parser(); import visiontune as vt; " \
+           "vt.ConfigError; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- the strategy registry ---------------------------------------------------------------
+@pytest.fixture
+def toy_strategy():
+    """A strategy defined in one function: the last backbone group and the head train."""
+
+    @register_strategy("last-group", "the last backbone group and the head train")
+    def last_group(ctx: StrategyContext) -> list[Phase]:
+        on = tuple(i >= ctx.n_body - 1 for i in range(len(ctx.groups)))
+        return [Phase("last group + head", ctx.epochs, on, tuple(ctx.lr if t else 0.0 for t in on))]
+
+    yield "last-group"
+    STRATEGIES.pop("last-group")
+
+
+def test_a_registered_strategy_trains_and_every_consumer_sees_it(toy_strategy, flat_data: Path, tmp_path: Path,
+                                                                 tiny: dict) -> None:
+    result = vt.fit(flat_data, **dict(tiny, strategy=toy_strategy, epochs=2, output=str(tmp_path / "runs")))
+    assert len(result.history) == 2 and result.history[0]["phase"] == "last group + head"
+    body = sum(p.numel() for p in result.model.backbone.parameters())
+    assert 0 < result.trainable_params < body  # only part of the backbone trained
+    assert toy_strategy in build_parser().format_help()  # the --help epilog
+    assert "the last backbone group" in vt.inspect("timm:test_efficientnet", strategy=toy_strategy)
+    with pytest.raises(ConfigError, match="last-group"):  # validation lists it among the choices
+        RunConfig.create(None, strategy="no-such-strategy")
+
+
+def test_the_registry_is_what_config_and_cli_offer() -> None:
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    action = next(a for a in train._actions if a.dest == "strategy")
+    assert tuple(action.choices) == (*STRATEGIES, "auto")
+    assert strategies.describe_strategies().count("\n") == len(STRATEGIES)
+
+
+# -- options: one field each -------------------------------------------------------------
+def test_every_option_has_help_and_a_cli_flag_unless_python_only() -> None:
+    keys = {a.dest for a in _train_parser()._actions}
+    for _, f in option_fields():
+        assert f.metadata.get("help"), f.name
+        if f.metadata.get("cli", True):
+            assert (f.metadata.get("key") or f.name) in keys, f.name
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    return build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+
+
+def test_a_new_option_is_one_field() -> None:
+    """A section with one more `option(...)` field gets its CLI flag and its bounds checked."""
+    extended = dataclasses.make_dataclass(
+        "ExtendedTrain", [("ema_decay", float, option(0.999, "EMA decay", gt=0.0, lt=1.0))], bases=(TrainConfig,),
+        frozen=True)
+    p = argparse.ArgumentParser()
+    add_run_options(p, extended)
+    assert p.parse_args(["--ema-decay", "0.9"]).ema_decay == 0.9
+    assert "EMA decay (0.999)" in p.format_help()
+    check_fields(extended(ema_decay=0.5))
+    with pytest.raises(ConfigError, match="ema_decay must be < 1"):
+        check_fields(extended(ema_decay=1.5))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("min_scale", 0.0, "min_scale must be > 0"), ("hflip", 1.5, "hflip must be <= 1"),
+    ("pct_start", 1.0, "pct_start must be < 1"), ("label_smoothing", -0.1, "label_smoothing must be >= 0"),
+    ("patience", -1, "patience must be >= 0"), ("valid_pct", 1.0, "valid_pct must be < 1"),
+    ("optimizer", "adam", "optimizer 'adam' is not valid"),
+])
+def test_bounds_from_metadata_are_checked(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.create(None, **{key: value})
+
+
+def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, capsys) -> None:
+    from visiontune.cli import main
+
+    assert main(["train", str(flat_data), "--min-scale", "2"]) == 2
+    assert "min_scale must be <= 1" in capsys.readouterr().err
+
+
+def test_tasks_registry_and_markers() -> None:
+    from visiontune.tasks.catalog import TASKS, make_task
+
+    task = make_task("single-label", ["a", "b"])
+    assert set(TASKS) == {"single-label"} and task.encode(["b", "a"]).tolist() == [1, 0]
+    with pytest.raises(ConfigError, match="single-label"):
+        make_task("regression", ["a"])
