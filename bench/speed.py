@@ -55,11 +55,11 @@ def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300) -> Path:
 
 
 def raw_model(compiled: bool = False) -> torch.nn.Module:
-    from visiontune.train.plan import set_batchnorm_modes
+    from visiontune.train.plan import set_train_modes
 
     model, _ = create_classifier(ModelConfig(), 2)
     model.train().to(memory_format=torch.channels_last)
-    set_batchnorm_modes(model, "eval", "eval")  # as visiontune fine-tunes pretrained weights (--trainable-bn auto)
+    set_train_modes(model, "eval", "eval")  # as visiontune fine-tunes pretrained weights (--trainable-bn auto)
     return torch.compile(model) if compiled else model
 
 

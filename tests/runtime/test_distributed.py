@@ -1,5 +1,7 @@
-"""DDP through torchrun: 2 CPU processes (gloo) end with the same weights as 1 process with
-the same global batch, and only rank 0 writes."""
+"""Training under torchrun on CPU processes (gloo): 2 processes end with the same weights as
+1 process with the same global batch and only rank 0 writes; 3 processes agree on
+out-of-memory micro-batches, draw their own augmentations and end with the same (best)
+weights; every collective tensor lives on the training device."""
 
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import visiontune as vt
 from conftest import make_class_folders
 
 ARGS = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32", "--epochs", "3",
         "--strategy", "gradual", "--freeze-epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-progress",
         "--patience", "0", "--no-augment", "--trainable-bn", "eval", "--lr", "1e-2", "--seed", "1"]
+
+
+WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
 def _torchrun() -> list[str]:
@@ -41,3 +48,96 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     h2 = [json.loads(x) for x in (two / "history.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], abs=1e-4)
     assert json.loads((two / "environment.json").read_text())["world_size"] == 2
+
+
+def _launch(n: int, data: Path, out: Path, scenario: str) -> list[dict]:
+    env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", str(WORKER), str(data), str(out), scenario],
+                   env=env, check=True, capture_output=True, timeout=300)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.mark.slow
+def test_three_processes_agree_on_oom_micro_batches_seeds_and_best_weights(tmp_path: Path) -> None:
+    # 36 images: 28 train (+ padding to 36 for 3 x 12), 8 valid; 3 processes of 4 images per step
+    data = make_class_folders(tmp_path / "d", {"red": 18, "green": 18})
+    plain = _launch(3, data, tmp_path / "plain", "")
+    oom = _launch(3, data, tmp_path / "oom", "oom1")
+    # 4. rank 1 ran out of memory; every process continued with the same micro-batches
+    assert {r["micro"] for r in oom} == {2} and {r["micro"] for r in plain} == {None}
+    # ... and the run equals the one without out-of-memory (micro-batching is exact, BN fixed)
+    assert [h["val_loss"] for h in oom[0]["history"]] == pytest.approx([h["val_loss"] for h in plain[0]["history"]],
+                                                                       abs=1e-5)
+    # 2. each process draws its own augmentation stream, reproducibly
+    for epoch in range(3):
+        assert len({r["rng"][epoch] for r in plain}) == 3
+    assert [r["rng"] for r in plain] == [r["rng"] for r in oom]
+    # 3. best epoch 1 (min_delta huge) restored by rank 0 from its file, then shared: all equal
+    assert all(r["best_epoch"] == 1 for r in oom)
+    best = load_file(str(tmp_path / "oom" / "runs" / "run" / "model.safetensors"))
+    for rank in range(3):
+        held = load_file(str(tmp_path / "oom" / f"rank{rank}.safetensors"))
+        assert all(torch.equal(held[k], best[k]) for k in best), rank
+
+
+class Recorded(Exception):
+    """Raised by the recording collectives: meta tensors hold no values to go on with."""
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.device]]:
+    seen: list[tuple[str, torch.device]] = []
+
+    def record(name: str):
+        def collective(tensor: torch.Tensor, *args, **kwargs) -> None:
+            seen.append((name, tensor.device))
+            raise Recorded
+
+        return collective
+
+    for name in ("all_reduce", "broadcast"):
+        monkeypatch.setattr(torch.distributed, name, record(name))
+    return seen
+
+
+def test_every_collective_tensor_is_on_the_training_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL has no CPU tensors: the helpers build theirs on the device they are given (a
+    meta device here, so a CPU default would show)."""
+    from visiontune.runtime import distributed as D
+
+    seen = _recording(monkeypatch)
+    env, meta = D.DistEnv(rank=0, world_size=2, launched=True), torch.device("meta")
+    model = torch.nn.Linear(3, 2).to(meta)
+    model.weight.grad = torch.zeros_like(model.weight)
+    calls = [lambda: D.reduce_mean(1.0, 2, env, meta), lambda: D.agree_step(False, False, 4, env, meta),
+             lambda: D.average_gradients(list(model.parameters()), env, meta),
+             lambda: D.broadcast_state(model, env, meta)]
+    for call in calls:
+        with pytest.raises(Recorded):
+            call()
+    assert [d for _, d in seen] == [meta] * len(calls)
+
+
+def test_the_trainer_passes_the_models_device_to_every_collective(split_data: Path, tiny: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontune.runtime import distributed as D
+    from visiontune.train import trainer as T
+
+    devices: list[torch.device] = []
+    for name in ("reduce_mean", "agree_step", "average_gradients", "broadcast_state"):
+        real = getattr(D, name)
+
+        def spy(*args, _real=real, **kwargs):
+            devices.append(args[-1])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(T, name, spy)
+    r = vt.fit(split_data, **dict(tiny, strategy="finetune", epochs=1, output=str(split_data.parent / "runs")))
+    param_device = next(r.model.parameters()).device
+    assert len(devices) > 3 and set(devices) == {param_device}
+
+
+def test_seeds_differ_by_rank_and_rank_zero_keeps_the_single_process_seed() -> None:
+    from visiontune.train.trainer import epoch_seed
+
+    assert epoch_seed(3, 2) == epoch_seed(3, 2, rank=0)
+    assert len({epoch_seed(3, 2, rank) for rank in range(8)}) == 8

@@ -40,9 +40,9 @@ def test_micro_batches_give_the_whole_batch_step(split_data: Path, tiny: dict) -
         trainer, data = _trainer(split_data, tiny)
         x, y = next(iter(data.images().train))
         trainer.model.train()
-        from visiontune.train.plan import set_batchnorm_modes
+        from visiontune.train.plan import set_train_modes
 
-        set_batchnorm_modes(trainer.model, *trainer.cfg.bn_modes())
+        set_train_modes(trainer.model, *trainer.cfg.bn_modes())
         trainer.micro.size = micro
         loss = trainer.train_step(trainer.model, x, y)
         results.append((loss, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))

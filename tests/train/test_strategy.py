@@ -8,7 +8,7 @@ import torch
 from visiontune.config import RunConfig
 from visiontune.errors import ConfigError
 from visiontune.models.classifier import create_classifier
-from visiontune.train.plan import apply_phase, build_optimizer, make_plan, set_batchnorm_modes
+from visiontune.train.plan import apply_phase, build_optimizer, make_plan, set_train_modes
 
 
 def _setup(strategy: str, **kw):
@@ -23,7 +23,7 @@ def _setup(strategy: str, **kw):
 
 def _step(model, opt) -> None:
     model.train()
-    set_batchnorm_modes(model, "eval", "train")
+    set_train_modes(model, "eval", "train")
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -123,7 +123,7 @@ def test_batchnorm_modes() -> None:
     assert frozen and frozen != set(bns)
     for frozen_bn, trainable_bn in (("eval", "train"), ("train", "eval"), ("eval", "eval"), ("train", "train")):
         model.train()
-        set_batchnorm_modes(model, frozen_bn, trainable_bn)
+        set_train_modes(model, frozen_bn, trainable_bn)
         for n, m in bns.items():
             assert m.training == ((frozen_bn if n in frozen else trainable_bn) == "train"), (frozen_bn, trainable_bn, n)
 

@@ -183,12 +183,21 @@ class MicroBatcher:
     def chunks(self, n: int) -> int:
         return n if self.size is None else min(self.size, n)
 
+    def halved(self, n: int) -> int:
+        """The micro-batch size to propose after an out-of-memory error (0: none left)."""
+        return self.chunks(n) // 2
+
     def shrink(self, n: int, where: str) -> None:
+        self.adopt(self.halved(n), n, where)
+
+    def adopt(self, size: int, n: int, where: str) -> None:
+        """Continue with micro-batches of `size` (agreed by every process) after an
+        out-of-memory error; 0 means not even one image fits."""
         current = self.chunks(n)
-        if current <= 1:
+        if size < 1:
             raise VisiontuneError(f"out of memory {where} even one image at a time; use a smaller --image-size "
                                   "or backbone, or another device")
-        self.size = current // 2
+        self.size = size
         steps = -(-n // self.size)
         log.warning("out of memory %s with %d images at once: continuing with micro-batches of %d, gradients of %d "
                     "accumulated per optimizer step (effective batch %d and learning rate unchanged)",

@@ -23,7 +23,6 @@ from visiontune.config import RunConfig
 from visiontune.data.sources import LabelFunc, resolve_inputs
 from visiontune.errors import ConfigError
 from visiontune.runtime.device import to_device
-from visiontune.train.plan import set_batchnorm_modes
 from visiontune.train.setup import prepare_run
 from visiontune.train.trainer import Trainer
 
@@ -73,8 +72,7 @@ def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tu
     net = trainer.net_for(data)
     head_lr = max(trainer.plan.phases[0].lrs)
     ratios = [g["peak_lr"] / head_lr for g in trainer.optimizer.param_groups]
-    trainer.model.train()
-    set_batchnorm_modes(trainer.model, *trainer.cfg.bn_modes())
+    trainer.train_mode()
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, math.inf

@@ -45,6 +45,7 @@ class TrainerView(Protocol):
     total_epochs: int
 
     def save_checkpoint(self, path: Path) -> None: ...
+    def broadcast_weights(self) -> None: ...
 
 
 class Callback:
@@ -153,10 +154,15 @@ class Checkpoint(Callback):
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
 
     def on_fit_end(self, trainer: TrainerView) -> None:
-        if self.write and self.restore_best and self.tracker.best_epoch >= 0 and self.tracker.best_epoch != trainer.state.epoch:
+        """Rank 0 reads the best weights back; every process then takes rank 0's (the
+        trackers agree: validation metrics are reduced over the processes)."""
+        if not self.restore_best or self.tracker.best_epoch < 0 or self.tracker.best_epoch == trainer.state.epoch:
+            return
+        if self.write:
             trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))
-            log.info("restored best weights from epoch %d (%s=%.4f)", self.tracker.best_epoch + 1,
-                     self.tracker.metric, self.tracker.best)
+        trainer.broadcast_weights()
+        log.info("restored best weights from epoch %d (%s=%.4f)", self.tracker.best_epoch + 1,
+                 self.tracker.metric, self.tracker.best)
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

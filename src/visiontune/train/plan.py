@@ -100,16 +100,23 @@ def apply_phase(model: Classifier, optimizer: torch.optim.Optimizer, plan: Plan,
         pg["lr"] = pg["peak_lr"]
 
 
-def set_batchnorm_modes(model: nn.Module, frozen_bn: str, trainable_bn: str) -> None:
-    """After `model.train()`: put BatchNorm layers in eval mode (running statistics used and
-    kept) when their group is frozen and `frozen_bn == 'eval'`, or trains and
-    `trainable_bn == 'eval'`. Their affine weights still train when their group does."""
+def set_train_modes(model: nn.Module, frozen_bn: str, trainable_bn: str) -> None:
+    """After `model.train()`: every module whose parameters are all frozen goes to eval
+    mode with everything inside it (dropout and stochastic depth too), so a frozen part
+    computes the same function as when its features are cached; then BatchNorm layers
+    follow the options: frozen ones train their statistics only with
+    `frozen_bn == 'train'`, training ones keep theirs with `trainable_bn == 'eval'`.
+    Parameter-free modules (dropout) follow the nearest module above them that has
+    parameters."""
+    for module in model.modules():
+        ps = list(module.parameters())
+        if ps and not any(p.requires_grad for p in ps):
+            module.eval()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             ps = list(module.parameters(recurse=False))
             frozen = bool(ps) and not any(p.requires_grad for p in ps)
-            if (frozen and frozen_bn == "eval") or (not frozen and trainable_bn == "eval"):
-                module.eval()
+            module.train(frozen_bn == "train" if frozen else trainable_bn == "train")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

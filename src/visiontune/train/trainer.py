@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,21 +12,33 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from visiontune.bundle import save_checkpoint
 from visiontune.errors import VisiontuneError
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, resolve_precision, seed_everything, to_device
-from visiontune.runtime.distributed import gather, reduce_mean
+from visiontune.runtime.distributed import (
+    agree_step,
+    average_gradients,
+    broadcast_state,
+    broadcast_tensors,
+    gather,
+    reduce_mean,
+    training_norm_buffers,
+)
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.train.callbacks import Callback, metrics_of
-from visiontune.train.plan import apply_phase, set_batchnorm_modes
+from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
 from visiontune.train.setup import RunSetup
 
 log = logging.getLogger(__name__)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's randomness in one process (rank 0: the single-process seed)."""
+    return seed * 100_003 + epoch + rank * 1_000_000_007
 
 
 class TrainingDivergedError(VisiontuneError):
@@ -56,7 +69,6 @@ class Trainer:
         self.generator = setup.data.generator
         self.criterion = setup.task.loss(setup.data.class_weights(), setup.cfg.train.label_smoothing)
         self.state = TrainState()
-        self.ddp: nn.Module | None = None  # DistributedDataParallel wrapper under torchrun
         self.total_epochs = sum(p.epochs for p in self.plan.phases)
         self.precision = resolve_precision(self.cfg.train.precision, self.device)
         use_scaler = self.precision == "fp16" and self.device.type == "cuda"
@@ -72,6 +84,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------
     def fit(self, start_epoch: int = 0) -> TrainState:
+        self.broadcast_weights()  # identical by construction; made certain under torchrun
         self._emit("on_fit_start")
         for epoch in range(start_epoch, self.total_epochs):
             self.state.epoch = epoch
@@ -95,8 +108,7 @@ class Trainer:
         data = self.data(phase_i)
         steps = max(1, len(data.train))
         total_steps = phase.epochs * steps
-        self.model.train()
-        set_batchnorm_modes(self.model, *self.cfg.bn_modes())
+        self.train_mode()
         running, seen = 0.0, 0
         bar = progress(data.train, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         for i, (x, y) in enumerate(bar):
@@ -115,45 +127,65 @@ class Trainer:
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
-        return reduce_mean(running, seen, self.env)
+        return reduce_mean(running, seen, self.env, self.device)
 
-    def net_for(self, data: PhaseData, training: bool = True) -> nn.Module:
+    def net_for(self, data: PhaseData) -> nn.Module:
         """What the batches go through: the head alone on cached features, else the model
-        (compiled with --compile; for training steps wrapped by DDP under torchrun)."""
+        (compiled with --compile)."""
         if data.on_features:
             return self.model.head
-        if training and self.ddp is not None:
-            return self.ddp
         return self.compiled if self.compiled is not None else self.model
 
     def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on the batch (x, y); returns its mean loss (a non-finite loss
-        skips the step). The batch goes through in micro-batches whose gradients add up to
-        the whole batch's; after an out-of-memory error they are halved and the step starts
-        again."""
+        on any process skips the step everywhere). The batch goes through in micro-batches
+        whose gradients add up to the whole batch's; after an out-of-memory error on any
+        process, every process halves its micro-batches to the same size and the step
+        starts again (see runtime/distributed.py)."""
         while True:
             try:
-                loss = self._accumulate(net, x, y)
-                self.compile_ok = self.compile_ok or net is self.compiled
-                return loss
-            except Exception as exc:  # noqa: BLE001 - out-of-memory and compile failures are handled
-                if is_oom(exc):
-                    oom = True
-                elif net is self.compiled and self.compiled is not None and not self.compile_ok:
-                    log.warning("torch.compile failed (%s: %s); training without it", type(exc).__name__,
-                                str(exc).splitlines()[0] if str(exc) else "")
-                    self.compiled, oom = None, False
-                else:
+                loss, oom = self._backward(net, x, y)
+            except Exception as exc:  # noqa: BLE001 - a first compiled step that fails falls back to eager
+                if not self._compile_failed(net, exc):
                     raise
-            self.optimizer.zero_grad(set_to_none=True)
-            if oom:
-                free_device_memory(self.device)
-                self.micro.shrink(len(y), "in a training step")
-            else:
-                net = self.model  # --compile is off under torchrun: no DDP wrapper to keep
+                net = self.model
+                continue
+            self.compile_ok = self.compile_ok or net is self.compiled
+            proposal = self.micro.halved(len(y)) if oom else self.micro.chunks(len(y))
+            agreed = agree_step(oom, not oom and not math.isfinite(loss), proposal, self.env, self.device)
+            if agreed.out_of_memory:
+                self.micro.adopt(agreed.micro_size, len(y), "in a training step")
+                continue
+            if agreed.non_finite:  # no step: the weights stay as they were
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss if not math.isfinite(loss) else float("nan")
+            self._apply_step()
+            return loss
+
+    def _backward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+        """Forward and backward of every micro-batch, gradients summed, no collective:
+        (the batch's mean loss, whether this process ran out of memory)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            return self._accumulate(net, x, y), False
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+            if not is_oom(exc):
+                raise
+        self.optimizer.zero_grad(set_to_none=True)
+        free_device_memory(self.device)
+        return float("nan"), True
+
+    def _compile_failed(self, net: nn.Module, exc: Exception) -> bool:
+        """True (and eager from now on) when `exc` comes from a compiled model's first step."""
+        if net is not self.compiled or self.compiled is None or self.compile_ok:
+            return False
+        log.warning("torch.compile failed (%s: %s); training without it", type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "")
+        self.compiled = None
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
         size = self.micro.chunks(len(y))
         whole = size >= len(y)
         total = 0.0
@@ -161,20 +193,26 @@ class Trainer:
             with autocast(self.device, self.precision):
                 logits = net(xs)
             loss = self.criterion(logits.float(), ys) if whole else self._part_loss(logits.float(), ys, y)
-            if not torch.isfinite(loss):  # no step: the weights stay as they were
-                self.optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
                 return float(loss.item())
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
             total += loss.item()
+        return total
+
+    def _apply_step(self) -> None:
+        """Average the gradients over the processes, step, and share training BatchNorm
+        statistics from rank 0 (all no-ops on one process)."""
+        average_gradients([p for p in self.model.parameters() if p.requires_grad], self.env, self.device)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        return total
+        if self.env.parallel:
+            broadcast_tensors(training_norm_buffers(self.model), self.env, self.device)
 
     def _part_loss(self, logits: torch.Tensor, ys: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of the whole batch's mean loss: the shares sum to it."""
@@ -185,19 +223,17 @@ class Trainer:
         if index != self.state.phase:
             apply_phase(self.model, self.optimizer, self.plan, index)
             self.state.phase = index
-            if self.env.launched and any(p.requires_grad for p in self.model.parameters()):
-                # DDP registers the parameters that train when it is built: rebuild it per phase
-                self.ddp = DistributedDataParallel(self.model)
             phase = self.plan.phases[index]
             log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
 
     def _seed_epoch(self, epoch: int) -> None:
-        """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch) only, so
-        a resumed run repeats exactly what the uninterrupted one would have done."""
-        epoch_seed = self.cfg.seed * 100_003 + epoch
-        seed_everything(epoch_seed)
+        """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch, rank) only,
+        so a resumed run repeats exactly what the uninterrupted one would have done, and
+        under torchrun each process draws its own augmentations (the DistributedSampler's
+        shuffle stays common: it is seeded by (seed, epoch) on its own)."""
+        seed_everything(epoch_seed(self.cfg.seed, epoch, self.env.rank))
         if self.generator is not None:
-            self.generator.manual_seed(epoch_seed)
+            self.generator.manual_seed(epoch_seed(self.cfg.seed, epoch))
         sampler = getattr(self.data(self.plan.phase_index(epoch)).train, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -206,7 +242,7 @@ class Trainer:
         metrics = {"train_loss": train_loss}
         data = self.data(self.state.phase)
         if data.valid is not None and len(data.valid.dataset) > 0:
-            out = run_eval(self.net_for(data, training=False), data.valid, self.device, self.task,
+            out = run_eval(self.net_for(data), data.valid, self.device, self.task,
                            channels_last=self.cfg.train.channels_last, precision=self.precision, micro=self.micro)
             if self.env.launched:
                 out = merge_outputs(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
@@ -225,6 +261,15 @@ class Trainer:
             "seconds": round(time.perf_counter() - started, 3),
         }
 
+    def train_mode(self) -> None:
+        """Training mode for what trains; eval mode for every frozen module (plan.set_train_modes)."""
+        self.model.train()
+        set_train_modes(self.model, *self.cfg.bn_modes())
+
+    def broadcast_weights(self) -> None:
+        """Every process takes rank 0's parameters and buffers (no-op on one process)."""
+        broadcast_state(self.model, self.env, self.device)
+
     def _emit(self, event: str) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(self)
@@ -237,6 +282,7 @@ class Trainer:
             "global_step": self.state.global_step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "history": self.state.history,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
@@ -248,6 +294,8 @@ class Trainer:
         """Load a checkpoint; return the epoch to continue from."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.state.history = list(ckpt.get("history", []))
         self.state.global_step = int(ckpt.get("global_step", 0))
         saved = ckpt.get("callbacks", {})

@@ -1,0 +1,61 @@
+"""Run by torchrun in tests/runtime/test_distributed.py: one tiny training run per process,
+recording what each process saw. `python ddp_worker.py DATA OUT SCENARIO`; SCENARIO may
+contain "oom1" (rank 1 runs out of memory on more than 2 images at once)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import visiontune as vt
+from visiontune.models.classifier import Classifier
+from visiontune.train.callbacks import Callback
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.rng: list[str] = []
+        self.micro: int | None = None
+
+    def on_epoch_start(self, trainer) -> None:  # the random stream this epoch's augmentation draws from
+        self.rng.append(hashlib.sha1(torch.random.get_rng_state().numpy().tobytes()).hexdigest())
+
+    def on_fit_end(self, trainer) -> None:
+        self.micro = trainer.micro.size
+
+
+def _small_memory_on_rank_1() -> None:
+    forward = Classifier.forward
+
+    def forward_or_oom(self: Classifier, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, x)
+
+    Classifier.forward = forward_or_oom  # type: ignore[method-assign]
+
+
+def main() -> None:
+    data, out, scenario = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    rank = int(os.environ["RANK"])
+    if "oom1" in scenario and rank == 1:
+        _small_memory_on_rank_1()
+    record = Record()
+    result = vt.fit(data, callbacks=[record], backbone="timm:test_efficientnet", weights="none", image_size=32,
+                    epochs=3, strategy="finetune", batch_size=12, num_workers=0, progress=False, patience=0,
+                    trainable_bn="eval", lr=1e-2, seed=1, min_delta=1e9, output=str(out / "runs"), name="run")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
+              str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rng": record.rng, "micro": record.micro,
+                                                      "history": result.history, "best_epoch": result.best_epoch}))
+
+
+if __name__ == "__main__":
+    main()
