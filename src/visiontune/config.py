@@ -80,6 +80,7 @@ class ModelConfig:
     backbone: str = option(DEFAULT_BACKBONE, "timm:<name>, torchvision:<name> or a bare timm name")
     weights: str = option("pretrained", "pretrained | none | PATH to a .pth/.pt/.safetensors state dict")
     image_size: int | None = option(None, "input size in pixels (default: the backbone's own)", ge=8)
+    drop_path: float = option(0.0, "stochastic depth rate of a timm backbone (timm's drop_path_rate)", ge=0.0, lt=1.0)
     head_hidden: int = option(0, "hidden units in the head; 0: a single linear layer", ge=0)
     head_dropout: float = option(0.0, "dropout in the head", ge=0.0, lt=1.0)
     head_init_gain: float = option(0.1, "xavier gain of the head's last layer (small: starting loss ~ ln C)", gt=0.0)

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+import visiontune as vt
 from visiontune.config import ModelConfig
 from visiontune.errors import ConfigError
 from visiontune.models.backbones import parse_backbone
@@ -60,3 +64,28 @@ def test_timm_backbones_forward_and_groups(arch: str) -> None:
     names = [n for _, g in groups for n in g]
     assert len(names) == len(set(names))  # each parameter in one group
     assert set(names) | {n for n, _ in model.head.named_parameters(prefix="head")} == {n for n, _ in model.named_parameters()}
+
+
+def test_fixed_size_timm_backbones_are_built_for_the_requested_size(flat_data: Path, tmp_path: Path,
+                                                                    tiny: dict) -> None:
+    """timm's ViTs have a fixed input size (test_vit: 160 px): --image-size 32 builds them for 32."""
+    r = vt.fit(flat_data, **dict(tiny, backbone="timm:test_vit", strategy="finetune", epochs=1,
+                                 output=str(tmp_path / "runs")))
+    assert json.loads((Path(r.run_dir) / "preprocess.json").read_text())["input_size"] == 32
+    preds, _ = vt.predict(r.run_dir, flat_data / "red")
+    assert len(preds) == 12
+
+
+def test_a_size_the_backbone_cannot_take_is_a_clear_error_before_training(flat_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="vit_b_16 cannot take 64 px inputs.*built for 224 px"):
+        vt.fit(flat_data, backbone="torchvision:vit_b_16", weights="none", image_size=64, strategy="finetune",
+               output=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_drop_path_reaches_timm_and_is_refused_for_torchvision() -> None:
+    model, _ = create_classifier(ModelConfig(backbone="timm:test_efficientnet", weights="none", drop_path=0.3), 2)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) > 0
+    with pytest.raises(ConfigError, match="torchvision"):
+        create_classifier(ModelConfig(backbone="torchvision:resnet18", weights="none", drop_path=0.3), 2)

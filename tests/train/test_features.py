@@ -55,9 +55,14 @@ def test_torn_cache_entry_is_recomputed(tmp_path: Path) -> None:
     assert stats.misses == 1 and torch.allclose(first, again)
 
 
-def test_cached_training_equals_training_on_images(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
-    """Without augmentation the two paths see the same numbers: same losses, same head."""
-    kw = dict(tiny, strategy="feature-extract", epochs=3, lr=1e-2, augment=False, output=str(tmp_path / "runs"))
+@pytest.mark.parametrize("backbone,drop_path", [("timm:test_efficientnet", 0.0), ("timm:test_vit", 0.5)])
+def test_cached_training_equals_training_on_images(flat_data: Path, tmp_path: Path, tiny: dict, backbone: str,
+                                                   drop_path: float) -> None:
+    """Without augmentation the two paths see the same numbers: same losses, same head. A
+    frozen backbone with stochastic depth computes the same function on images as when its
+    features were cached (every frozen module in eval mode)."""
+    kw = dict(tiny, strategy="feature-extract", epochs=3, lr=1e-2, augment=False, output=str(tmp_path / "runs"),
+              backbone=backbone, drop_path=drop_path)
     cached = vt.fit(flat_data, name="cached", **kw)
     images = vt.fit(flat_data, name="images", feature_cache=False, **kw)
     for key in ("train_loss", "val_loss", "accuracy"):

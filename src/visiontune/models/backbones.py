@@ -10,9 +10,12 @@ name is a timm name. Adding a source = a class here and its line in `SOURCES`.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import timm
+import torch
 import torchvision
 from torch import nn
 
@@ -23,8 +26,19 @@ from visiontune.models import weights as W
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build: the architecture, its weights (pretrained | none | a file), the input
+    size when it is not the weights' own, and the stochastic-depth rate."""
+
+    arch: str
+    weights: str = "pretrained"
+    image_size: int | None = None
+    drop_path: float = 0.0
+
+
 class BackboneSource(Protocol):
-    def build(self, arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+    def build(self, spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
         """The source model with its original classifier, and its preprocessing."""
 
     def strip(self, model: nn.Module) -> tuple[nn.Module, int, nn.Linear | None]:
@@ -32,10 +46,12 @@ class BackboneSource(Protocol):
 
 
 class TimmSource:
-    """timm's model registry; weights: packaged (offline) > local hub cache > download."""
+    """timm's model registry; weights: packaged (offline) > local hub cache > download.
+    Models with a fixed input size (ViTs) are created for `image_size` (timm resamples
+    their position embeddings from the pretrained ones)."""
 
-    def build(self, arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
-        return _timm_model(arch, weights)
+    def build(self, spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
+        return _timm_model(spec)
 
     def strip(self, model: nn.Module) -> tuple[nn.Module, int, nn.Linear | None]:
         classifier = model.get_classifier()
@@ -47,8 +63,10 @@ class TimmSource:
 class TorchvisionSource:
     """torchvision's classification models and their weights enums."""
 
-    def build(self, arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
-        return _torchvision_model(arch, weights)
+    def build(self, spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
+        if spec.drop_path:
+            raise ConfigError("--drop-path sets timm's drop_path_rate; torchvision backbones do not take it")
+        return _torchvision_model(spec.arch, spec.weights)
 
     def strip(self, model: nn.Module) -> tuple[nn.Module, int, nn.Linear | None]:
         linear, num_features = _strip_last_linear(model)
@@ -69,30 +87,61 @@ def parse_backbone(name: str) -> tuple[str, str]:
     return source, arch
 
 
-def create_source_model(backbone: str, weights: str) -> tuple[nn.Module, int, Preprocess, nn.Linear | None]:
-    """Build `backbone` with `weights`; return (body without classifier, feature width,
-    preprocessing, the source classifier layer or None)."""
+def create_source_model(backbone: str, weights: str, image_size: int | None = None,
+                        drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess, nn.Linear | None]:
+    """Build `backbone` with `weights` (for `image_size` when given); return (body without
+    classifier, feature width, preprocessing, the source classifier layer or None). A
+    backbone that cannot take `image_size` is a ConfigError here, before any training."""
     source, arch = parse_backbone(backbone)
-    model, pre = SOURCES[source].build(arch, weights)
+    model, pre = SOURCES[source].build(BuildSpec(arch, weights, image_size, drop_path))
     body, num_features, head = SOURCES[source].strip(model)
+    if image_size and image_size != pre.input_size:
+        check_input_size(body, image_size, backbone, pre.input_size)
+        pre = pre.resized(image_size)
     return body, num_features, pre, head
 
 
 def create_imagenet_model(backbone: str, weights: str = "pretrained") -> tuple[nn.Module, Preprocess]:
     """The source model with its original classifier (e.g. ImageNet-1k logits)."""
     source, arch = parse_backbone(backbone)
-    return SOURCES[source].build(arch, weights)
+    return SOURCES[source].build(BuildSpec(arch, weights))
 
 
-def _timm_model(arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
+@torch.no_grad()
+def check_input_size(body: nn.Module, size: int, name: str, native: int) -> None:
+    """One forward pass of a blank image at `size`: a model fixed to its native size fails
+    here with a clear error instead of at the first training step."""
+    was_training = body.training
+    body.eval()
+    try:
+        body(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # noqa: BLE001 - any failure means this size does not fit
+        raise ConfigError(f"{name} cannot take {size} px inputs ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); it was built for {native} px: "
+                          f"drop --image-size or choose a backbone that resizes (e.g. timm's ViTs)") from None
+    finally:
+        body.train(was_training)
+
+
+def _timm_kwargs(spec: BuildSpec) -> dict[str, Any]:
+    """create_model options: drop_path_rate, and img_size for fixed-size models (ViTs)."""
+    kwargs: dict[str, Any] = {"drop_path_rate": spec.drop_path} if spec.drop_path else {}
+    cfg = timm.models.get_pretrained_cfg(spec.arch)
+    if spec.image_size and cfg is not None and getattr(cfg, "fixed_input_size", False):
+        kwargs["img_size"] = spec.image_size
+    return kwargs
+
+
+def _timm_model(spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
+    arch, weights = spec.arch, spec.weights
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise ConfigError(f"timm has no model {arch!r}; similar names: {close or 'none'} (timm.list_models())")
-    model = None
+    kwargs = _timm_kwargs(spec)
     if weights == "pretrained":
-        model = _timm_pretrained(arch)
+        model = _timm_pretrained(arch, kwargs)
     else:
-        model = timm.create_model(arch, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, **kwargs)
         if weights != "none":
             _load_file_into(model, weights, arch)
     cfg = timm.data.resolve_data_config({}, model=model)
@@ -103,13 +152,13 @@ def _timm_model(arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
         interpolation=str(cfg.get("interpolation", "bilinear")),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
     )
-    return model, pre
+    return model, (pre.resized(spec.image_size) if "img_size" in kwargs else pre)  # type: ignore[arg-type]
 
 
-def _timm_pretrained(arch: str) -> nn.Module:
+def _timm_pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     packaged = W.packaged_weights_file(arch)
     if packaged:
-        model = timm.create_model(arch, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, **kwargs)
         state = W.map_lukemelas_to_timm(W.read_state_dict(packaged), model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
@@ -119,10 +168,10 @@ def _timm_pretrained(arch: str) -> nn.Module:
         return model
     cached = W.timm_hub_file(arch)
     if cached:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached})
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
     if not W.hub_reachable("huggingface.co"):
         raise WeightsUnavailableError(W.offline_help(f"timm:{arch}"))
-    return timm.create_model(arch, pretrained=True)
+    return timm.create_model(arch, pretrained=True, **kwargs)
 
 
 def _torchvision_model(arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
@@ -178,6 +227,10 @@ def _load_file_into(model: nn.Module, path: str, arch: str) -> None:
     state = W.strip_prefixes(W.read_state_dict(path))
     if W.is_lukemelas_state_dict(state):
         state = W.map_lukemelas_to_timm(state, model)
+    else:  # timm's own adaptation (e.g. ViT position embeddings resampled to this input size)
+        adapt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if adapt is not None:
+            state = adapt(state, model)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(fitting))
