@@ -14,14 +14,15 @@ from visiontune.analysis.inspection import describe
 from visiontune.bundle import LAST_CHECKPOINT, Bundle, load_bundle, load_checkpoint, read_config
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import check_image
+from visiontune.data.items import TEST, TRAIN, VALID, LabelFunc
 from visiontune.data.loaders import eval_dataset, make_loader
-from visiontune.data.sources import TEST, TRAIN, VALID, LabelFunc, collect_images, load_items, resolve_inputs
+from visiontune.data.sources import collect_images, load_items, resolve_inputs
 from visiontune.deploy.export import load_exported
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
-from visiontune.selection.advisor import advise_source
+from visiontune.selection.advisor import resolve_strategy
 from visiontune.tasks.base import UNREADABLE, row_markers
 from visiontune.train.callbacks import Callback
 from visiontune.train.session import FitResult, train_run
@@ -50,11 +51,7 @@ def fit(
     if resume is not None:
         return _resume(Path(resume), data, label_func, callbacks, overrides)
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    if cfg.strategy.name == "auto":
-        advice = advise_source(cfg, source)
-        log.info("advisor: %s", advice.explanation)
-        cfg = RunConfig.create(cfg, strategy=advice.strategy)
-    return train_run(cfg, source, callbacks=callbacks)
+    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks)
 
 
 def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: LabelFunc | None,

@@ -87,6 +87,9 @@ def _add_training_commands(sub: Any) -> None:
     p = sub.add_parser("cv", help="stratified k-fold cross-validation with out-of-fold probabilities")
     p.add_argument("data", help="folder of images (train + valid images are pooled; test/ stays out)")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--selection", choices=("inner", "last"), default="inner",
+                   help="how each fold chooses its epoch: inner (an inner validation split of the fold's training "
+                        "part) or last (a fixed budget, last epoch); the held-out fold is never looked at (inner)")
     add_run_options(p)
 
     p = sub.add_parser("advise", help="measure the data and the task similarity, recommend a strategy")
@@ -166,6 +169,8 @@ def _add_look_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--label-col", default="label")
     p.add_argument("--value-col", help="long table: the column holding the series (one point per row)")
+    p.add_argument("--group-col", help="column naming each row's recording (subject, session...): windows never "
+                   "cross recordings, and each recording stays in one split and fold (written to OUT/groups.csv)")
     p.add_argument("--window", type=int, help="points per image (windows of a long series)")
     p.add_argument("--stride", type=int, help="points between window starts (= --window)")
     p.add_argument("--size", type=int, default=64, help="image side = series length after PAA (64)")

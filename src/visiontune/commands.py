@@ -48,7 +48,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def cv(args: argparse.Namespace) -> int:
-    print(cross_validate(args.data, folds=args.folds, config=_base_config(args), **_overrides(args)).format())
+    print(cross_validate(args.data, folds=args.folds, selection=args.selection, config=_base_config(args),
+                         **_overrides(args)).format())
     return 0
 
 
@@ -118,7 +119,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 def imagify_table(args: argparse.Namespace) -> int:
     report = imagify(args.table, args.out, kind=args.kind, label_col=args.label_col, value_col=args.value_col,
-                     window=args.window, stride=args.stride, size=args.size, min_length=args.min_length)
+                     window=args.window, stride=args.stride, size=args.size, min_length=args.min_length,
+                     group_col=args.group_col)
     print(report.format())
     return 0
 

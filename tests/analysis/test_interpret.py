@@ -143,3 +143,15 @@ def vt_interpret(run_dir: str, **kw):
     from visiontune.analysis.interpret import interpret
 
     return interpret(run_dir, num_workers=0, **kw)
+
+
+def test_popcount_works_without_numpy_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from visiontune.analysis import duplicates
+
+    x = np.array([0, 1, 3, 2**63, 2**64 - 1, 0x0F0F], dtype=np.uint64)
+    expected = [0, 1, 2, 1, 64, 8]
+    assert duplicates.popcount64(x).tolist() == expected
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy 1.x has none
+    assert duplicates.popcount64(x).tolist() == expected

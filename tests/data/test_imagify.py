@@ -89,3 +89,62 @@ def test_sine_vs_square_waves_train_well_above_chance(tmp_path: Path) -> None:
     result = vt.fit(tmp_path / "img", strategy="feature-extract", epochs=8, image_size=64, valid_pct=0.3,
                     output=str(tmp_path / "runs"), progress=False, num_workers=0, patience=0)
     assert result.metrics["accuracy"] >= 0.8  # chance is 0.5
+
+
+def _recordings_table(path: Path, recordings: int = 6, points: int = 300) -> Path:
+    rows = [["recording", "value", "activity"]]
+    for r in range(recordings):
+        label = "walk" if r % 2 == 0 else "sit"
+        for i in range(points):
+            v = math.sin(i / (3 if label == "walk" else 11)) + 0.01 * r
+            rows.append([f"rec{r}", v, label])
+    return _write(path, rows)
+
+
+def test_windows_of_one_recording_stay_in_one_split_and_one_fold(tmp_path: Path, tiny: dict) -> None:
+    """Overlapping windows of a recording must not land in train and valid (leakage):
+    imagify writes each window's recording to groups.csv, and splits keep groups whole."""
+    from visiontune.config import DataConfig
+    from visiontune.data.sources import load_items
+    from visiontune.data.splits import fold_indices
+
+    report = imagify(_recordings_table(tmp_path / "rec.csv"), tmp_path / "img", value_col="value",
+                     label_col="activity", group_col="recording", window=60, stride=30, size=16)
+    assert sum(report.written.values()) == 6 * 9  # starts 0, 30, ..., 240 inside each recording of 300
+    groups = dict(csv.reader(open(tmp_path / "img" / "groups.csv")))
+    assert groups.pop("path") == "group" and set(groups.values()) == {f"rec{r}" for r in range(6)}
+    source = load_items(DataConfig(path=str(tmp_path / "img"), valid_pct=0.34), seed=3)
+    split_of: dict[str, set[str]] = {}
+    for it in source.items:
+        split_of.setdefault(it.group, set()).add(it.split)
+    assert all(len(s) == 1 for s in split_of.values()) and {"train", "valid"} == set().union(*split_of.values())
+    for held in fold_indices(source.items, 3, seed=0):
+        held_groups = {source.items[i].group for i in held}
+        assert not held_groups & {it.group for j, it in enumerate(source.items) if j not in set(held)}
+
+
+def test_one_long_series_is_grouped_in_blocks_whose_windows_do_not_overlap(tmp_path: Path) -> None:
+    rows = [["value", "label"]] + [[math.sin(i / 4), "a" if (i // 400) % 2 else "b"] for i in range(2000)]
+    imagify(_write(tmp_path / "long.csv", rows), tmp_path / "img", value_col="value", window=20, stride=10, size=8)
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for path, group in list(csv.reader(open(tmp_path / "img" / "groups.csv")))[1:]:
+        start = int(Path(path).stem.rsplit("_w", 1)[1])
+        spans.setdefault(group, []).append((start, start + 20))
+    assert len(spans) == 10  # blocks of 10 windows' length (200 points)
+    ranges = sorted((min(a for a, _ in s), max(b for _, b in s)) for s in spans.values())
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(ranges, ranges[1:]))  # no two groups overlap
+
+
+def test_labels_cannot_escape_the_output_folder_or_hide(tmp_path: Path) -> None:
+    from visiontune.data.imagify import safe_folder_name
+
+    assert safe_folder_name("..") == "__" and safe_folder_name(".hidden") == "_hidden"
+    assert safe_folder_name("../../etc") == "___.._etc" and safe_folder_name("a/b") == "a_b"
+    good = list(np.sin(np.linspace(0, 3, 20)))
+    table = _write(tmp_path / "t.csv", [["label"] + [f"t{i}" for i in range(20)], ["..", *good], [".x", *good]])
+    imagify(table, tmp_path / "out", size=8)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["__", "_x", "groups.csv"]
+    assert not (tmp_path / "x").exists()
+    clash = _write(tmp_path / "c.csv", [["label"] + [f"t{i}" for i in range(20)], ["a/b", *good], ["a_b", *good]])
+    with pytest.raises(vt.DataError, match="would share the folder"):
+        imagify(clash, tmp_path / "out2", size=8)

@@ -9,7 +9,9 @@ import pytest
 
 from conftest import make_class_folders, make_image
 from visiontune.config import DataConfig
-from visiontune.data.sources import TEST, TRAIN, VALID, load_items, stratified_split
+from visiontune.data.items import TEST, TRAIN, VALID
+from visiontune.data.sources import load_items
+from visiontune.data.splits import stratified_split
 from visiontune.errors import DataError
 
 

@@ -13,7 +13,9 @@ import torch
 import visiontune as vt
 from conftest import make_class_folders
 from visiontune.config import DataConfig, RunConfig
-from visiontune.data.sources import TRAIN, fold_count, load_items
+from visiontune.data.items import TRAIN
+from visiontune.data.sources import load_items
+from visiontune.data.splits import fold_count
 from visiontune.models.classifier import create_classifier
 from visiontune.selection.compare import compare
 from visiontune.selection.cv import cross_validate
@@ -34,8 +36,40 @@ def test_folds_are_disjoint_cover_everything_and_are_stratified(tmp_path: Path, 
     per_fold = Counter((r["fold"], r["label"]) for r in rows)
     assert all(per_fold[(str(f), "red")] == 2 and per_fold[(str(f), "green")] == 1 for f in range(1, 6))
     assert all(abs(float(r["prob_green"]) + float(r["prob_red"]) - 1) < 1e-4 for r in rows)
-    assert len(result.folds) == 5 and set(result.mean) == {"accuracy", "macro_f1", "val_loss"}
-    assert "mean +- std" in result.format()
+    assert len(result.folds) == 5 and set(result.mean) == {"accuracy", "macro_f1", "loss"}
+    assert "mean +- std" in result.format() and "scored untouched" in result.format()
+
+
+@pytest.mark.parametrize("selection", ["inner", "last"])
+def test_the_held_out_fold_never_reaches_training_or_selection(tmp_path: Path, tiny: dict, selection: str) -> None:
+    """Each fold's run trains (and, with 'inner', chooses its epoch) on the fold's training
+    part only; the held-out fold is scored afterwards, as its test split."""
+    root = make_class_folders(tmp_path / "d", {"red": 10, "green": 10})
+    result = cross_validate(root, folds=4, selection=selection,
+                            **dict(tiny, strategy="finetune", epochs=2, patience=1, output=str(tmp_path / "cv")))
+    with open(result.oof_path) as fh:
+        oof = list(csv.DictReader(fh))
+    for fold in range(1, 5):
+        held = {r["path"] for r in oof if r["fold"] == str(fold)}
+        with open(Path(result.out_dir) / f"fold{fold}" / "splits.csv") as fh:
+            run = list(csv.DictReader(fh))
+        used = {r["split"]: {x["path"] for x in run if x["split"] == r["split"]} for r in run}
+        assert used["test"] == held
+        assert not held & (used.get("train", set()) | used.get("valid", set()))
+        assert ("valid" in used) == (selection == "inner")  # inner: an inner split chooses the epoch
+
+
+def test_cv_metrics_are_the_held_out_folds_own(tmp_path: Path, tiny: dict) -> None:
+    """The reported fold accuracy is the accuracy of oof.csv's predictions on that fold."""
+    root = make_class_folders(tmp_path / "d", {"red": 8, "green": 8})
+    result = cross_validate(root, folds=4, **dict(tiny, strategy="feature-extract", epochs=3, lr=3e-2,
+                                                   output=str(tmp_path / "cv")))
+    with open(result.oof_path) as fh:
+        oof = list(csv.DictReader(fh))
+    for fold, row in enumerate(result.folds, start=1):
+        mine = [r for r in oof if r["fold"] == str(fold)]
+        assert row["accuracy"] == pytest.approx(sum(r["predicted"] == r["label"] for r in mine) / len(mine))
+    assert result.mean["accuracy"] == pytest.approx(sum(f["accuracy"] for f in result.folds) / 4)
 
 
 def test_small_classes_reduce_the_fold_count(caplog: pytest.LogCaptureFixture) -> None:
@@ -87,13 +121,27 @@ def test_compare_runs_each_strategy_on_the_same_split(flat_data: Path, tmp_path:
     assert rows[0].trainable_params < rows[1].trainable_params == rows[2].trainable_params
     splits = {p.parent.name: p.read_text() for p in Path(out).glob("*/splits.csv")}
     assert len(splits) == 3 and len(set(splits.values())) == 1  # same split for all
-    assert (Path(out) / "compare.md").read_text().count("|") > 20
+    table = (Path(out) / "compare.md").read_text()
+    assert table.count("|") > 20 and "inner split of train; metrics on valid" in table
+
+
+def test_compare_reports_the_test_split_that_selection_never_saw(split_data: Path, tmp_path: Path,
+                                                                 tiny: dict) -> None:
+    """With a test/ folder, epochs are chosen on valid and the row holds the test metrics:
+    exactly what `evaluate` finds for the saved model on test/."""
+    rows, out = compare(split_data, strategies=("feature-extract", "finetune"),
+                        **dict(tiny, epochs=3, patience=1, lr=3e-2, output=str(tmp_path / "cmp")))
+    for row in rows:
+        scored = vt.evaluate(Path(out) / row.strategy, split_data / "test")
+        assert row.accuracy == pytest.approx(scored.metrics["accuracy"])
+        assert row.loss == pytest.approx(scored.metrics["loss"], rel=1e-4)
+        assert row.protocol.startswith("epochs chosen on valid; metrics on test")
 
 
 def test_compare_with_folds_reports_mean_and_std(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
     from visiontune.selection.compare import format_compare
 
     rows, _ = compare(flat_data, strategies=("feature-extract",), folds=3,
-                      **dict(tiny, epochs=2, lr=1e-2, output=str(tmp_path / "cmp")))
-    assert rows[0].accuracy_std is not None and 0 <= rows[0].accuracy <= 1
-    assert "+-" in format_compare(rows)
+                      **dict(tiny, epochs=10, lr=0.1, output=str(tmp_path / "cmp")))
+    assert rows[0].accuracy_std is not None and rows[0].accuracy >= 0.8  # red vs green on frozen features
+    assert "+-" in format_compare(rows) and "3-fold CV" in format_compare(rows)

@@ -28,8 +28,9 @@ from visiontune.analysis.saliency import first_layer_filters, grad_cam
 from visiontune.bundle import Bundle, load_bundle
 from visiontune.config import DataConfig
 from visiontune.data.images import load_rgb
+from visiontune.data.items import TEST, TRAIN, VALID
 from visiontune.data.loaders import eval_dataset, make_loader
-from visiontune.data.sources import TEST, TRAIN, VALID, load_items
+from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.files import write_csv

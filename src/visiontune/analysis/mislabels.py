@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from visiontune.data.sources import fold_count
+from visiontune.data.splits import fold_count
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,19 @@ the series is shorter), rescaled to [-1, 1], and drawn as a `size` x `size` grey
 - recurrence: |x_i - x_j| / 2 (distance between states; 0 = recurrence).
 
 `imagify(csv, out)` writes `out/<label>/<name>.png`, ready for `visiontune train out`.
-Wide tables: one series per row (every numeric column but the label column, in order;
-trailing empty cells allowed). Long tables (`value_col`): one series down the rows, cut
-into windows of `window` points every `stride`, labelled by the most common label inside.
-Rows with NaN, a constant series or fewer than `min_length` points are reported, not drawn.
+Wide tables: one series per row (every numeric column but the label and group columns, in
+order; trailing empty cells allowed). Long tables (`value_col`): one series down the rows,
+cut into windows of `window` points every `stride`, labelled by the most common label
+inside. Rows with NaN, a constant series or fewer than `min_length` points are reported,
+not drawn.
+
+Groups keep overlapping windows out of two splits: every image's group (its recording) is
+written to `out/groups.csv`, which `train`, `cv` and `compare` read, so that one group's
+images never straddle train/valid or two folds. The group is the `group_col` value when
+given (a recording, a patient, a sensor session: windows never cross two of them), else
+the row (wide tables) or, for one long series, a block of `BLOCK_WINDOWS` windows' worth of
+points: windows never cross a block boundary, so windows of different groups never
+overlap (the few windows that would straddle a boundary are not drawn).
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ import numpy as np
 from PIL import Image
 
 from visiontune.errors import ConfigError, DataError
+from visiontune.files import write_csv
 
 KINDS = ("gasf", "gadf", "recurrence")
+BLOCK_WINDOWS = 10  # one long series without a group column: groups of 10 windows' length
+GROUPS_FILE = "groups.csv"
 
 
 def paa(series: np.ndarray, size: int) -> np.ndarray:
@@ -108,30 +120,59 @@ def problem(series: np.ndarray, min_length: int) -> str | None:
 
 def imagify(table: str | os.PathLike[str], out: str | os.PathLike[str], *, kind: str = "gadf",
             label_col: str = "label", value_col: str | None = None, window: int | None = None,
-            stride: int | None = None, size: int = 64, min_length: int = 8) -> ImagifyReport:
-    """Draw every series (row, or window of `value_col`) of a CSV into `out/<label>/`."""
+            stride: int | None = None, size: int = 64, min_length: int = 8,
+            group_col: str | None = None) -> ImagifyReport:
+    """Draw every series (row, or window of `value_col`) of a CSV into `out/<label>/`, and
+    each image's group into `out/groups.csv` (see the module docstring)."""
     if kind not in KINDS:
         raise ConfigError(f"kind {kind!r} unknown; choose one of {', '.join(KINDS)}")
     if size < 2:
         raise ConfigError(f"size must be >= 2, got {size}")
     rows, header = _read_table(Path(table))
-    if label_col not in header:
-        raise DataError(f"no column {label_col!r} in {str(table)!r}; columns: {header}; use --label-col")
+    for what, col in (("--label-col", label_col), ("--group-col", group_col)):
+        if col is not None and col not in header:
+            raise DataError(f"no column {col!r} in {str(table)!r}; columns: {header}; use {what}")
     if value_col is not None:
-        series_list = _windows(rows, header, label_col, value_col, window, stride)
+        series_list = _windows(rows, header, label_col, value_col, window, stride, group_col)
     else:
-        series_list = _wide_rows(rows, header, label_col, window, stride)
+        series_list = _wide_rows(rows, header, label_col, window, stride, group_col)
     report = ImagifyReport(out=str(out))
-    for name, label, values in series_list:
-        why = problem(values, min_length) if label else "empty label"
+    folders = _folders({s.label for s in series_list if s.label})
+    groups: list[tuple[str, str]] = []
+    for s in series_list:
+        why = problem(s.values, min_length) if s.label else "empty label"
         if why:
-            report.skipped.append((name, why))
+            report.skipped.append((s.name, why))
             continue
-        _save_png(Path(out) / _safe(label) / f"{name}.png", series_to_image(values, kind, size))
-        report.written[label] = report.written.get(label, 0) + 1
+        rel = f"{folders[s.label]}/{s.name}.png"
+        _save_png(Path(out) / rel, series_to_image(s.values, kind, size))
+        groups.append((rel, s.group))
+        report.written[s.label] = report.written.get(s.label, 0) + 1
     if not report.written:
         raise DataError(f"no usable series in {str(table)!r}\n{report.format()}")
+    write_csv(Path(out) / GROUPS_FILE, ["path", "group"], groups)
     return report
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str  # file name without extension, unique in the table
+    label: str
+    values: np.ndarray
+    group: str
+
+
+def _folders(labels: set[str]) -> dict[str, str]:
+    """label -> folder name; two labels that would share a folder are an error."""
+    folders = {label: safe_folder_name(label) for label in sorted(labels)}
+    clash: dict[str, list[str]] = {}
+    for label, folder in folders.items():
+        clash.setdefault(folder.lower(), []).append(label)
+    both = [v for v in clash.values() if len(v) > 1]
+    if both:
+        raise DataError(f"labels {both[0]} would share the folder {folders[both[0][0]]!r}; rename them so that "
+                        "they differ in letters or digits")
+    return folders
 
 
 def _read_table(path: Path) -> tuple[list[list[str]], list[str]]:
@@ -155,23 +196,25 @@ def _number(text: str) -> float:
 
 
 def _wide_rows(rows: list[list[str]], header: list[str], label_col: str, window: int | None,
-               stride: int | None) -> list[tuple[str, str, np.ndarray]]:
+               stride: int | None, group_col: str | None) -> list[Series]:
     li = header.index(label_col)
+    gi = header.index(group_col) if group_col else None
     out = []
     for r, row in enumerate(rows, start=2):
-        cells = [c for i, c in enumerate(row) if i != li]
+        cells = [c for i, c in enumerate(row) if i not in (li, gi)]
         while cells and cells[-1].strip() == "":  # ragged rows: shorter series
             cells.pop()
         values = np.array([_number(c) for c in cells])
         label = row[li].strip() if li < len(row) else ""
+        group = row[gi].strip() if gi is not None and gi < len(row) else f"row{r:06d}"
         for start, chunk in _cut(values, window, stride):
             suffix = f"_w{start}" if window else ""
-            out.append((f"row{r:06d}{suffix}", label, chunk))
+            out.append(Series(f"row{r:06d}{suffix}", label, chunk, group))
     return out
 
 
 def _windows(rows: list[list[str]], header: list[str], label_col: str, value_col: str, window: int | None,
-             stride: int | None) -> list[tuple[str, str, np.ndarray]]:
+             stride: int | None, group_col: str | None) -> list[Series]:
     if value_col not in header:
         raise DataError(f"no column {value_col!r}; columns: {header}")
     if not window:
@@ -180,10 +223,28 @@ def _windows(rows: list[list[str]], header: list[str], label_col: str, value_col
     values = np.array([_number(row[vi]) if vi < len(row) else math.nan for row in rows])
     labels = [row[li].strip() if li < len(row) else "" for row in rows]
     out = []
-    for start, chunk in _cut(values, window, stride):
-        label = Counter(labels[start:start + window]).most_common(1)[0][0]
-        out.append((f"window{start:08d}", label, chunk))
+    for group, lo, hi in _recordings(rows, header, group_col, window):
+        for start, chunk in _cut(values[lo:hi], window, stride):
+            label = Counter(labels[lo + start: lo + start + window]).most_common(1)[0][0]
+            out.append(Series(f"{safe_folder_name(group)}_w{lo + start:08d}", label, chunk, group))
     return out
+
+
+def _recordings(rows: list[list[str]], header: list[str], group_col: str | None,
+                window: int) -> list[tuple[str, int, int]]:
+    """(group, first row, end row) of each stretch that windows stay inside: runs of one
+    `group_col` value, else blocks of BLOCK_WINDOWS windows' length."""
+    if group_col is None:
+        block = BLOCK_WINDOWS * window
+        return [(f"block{lo // block:05d}", lo, min(lo + block, len(rows))) for lo in range(0, len(rows), block)]
+    gi = header.index(group_col)
+    keys = [row[gi].strip() if gi < len(row) else "" for row in rows]
+    runs, lo = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[lo]:
+            runs.append((keys[lo], lo, i))
+            lo = i
+    return runs
 
 
 def _cut(values: np.ndarray, window: int | None, stride: int | None) -> list[tuple[int, np.ndarray]]:
@@ -197,8 +258,13 @@ def _cut(values: np.ndarray, window: int | None, stride: int | None) -> list[tup
     return [(s, values[s:s + window]) for s in range(0, max(1, len(values) - window + 1), step)]
 
 
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_. " else "_" for c in label).strip() or "_"
+def safe_folder_name(label: str) -> str:
+    """A folder name for `label` that stays inside the output folder and is not hidden:
+    letters, digits and "-_. " kept, anything else (path separators...) becomes "_",
+    leading dots too (".." and ".hidden" would escape or hide)."""
+    name = "".join(c if c.isalnum() or c in "-_. " else "_" for c in label).strip()
+    stripped = name.lstrip(".")
+    return "_" * (len(name) - len(stripped)) + stripped if name else "_"
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:

@@ -1,88 +1,30 @@
 """From a path to labelled, split items: class folders, file-name labels or a CSV.
 
-Nothing here needs torch. `load_items` returns a `DataSource`: the sorted class list,
-(path, label, split) items, and what was left out and why.
+Nothing here needs torch. `load_items` returns a `DataSource` (data/items.py): the sorted
+class list, (path, label, split, group) items, and what was left out and why. Tables are
+read in data/tables.py, splits made in data/splits.py.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
-from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sklearn.model_selection import train_test_split
-
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import check_image, has_image_extension, is_hidden
+from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.splits import assign_validation
+from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column
 from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-TRAIN, VALID, TEST = "train", "valid", "test"
-VALID_DIR_NAMES = ("valid", "val", "validation")
-PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "fname")
-LABEL_COLUMNS = ("label", "class", "target", "category", "labels")
-
-LabelFunc = Callable[[Path], Any]
-
-
-@dataclass(frozen=True)
-class Item:
-    path: str
-    label: str
-    split: str
-
-
-@dataclass
-class DataSource:
-    """Everything the rest of the pipeline needs to know about the data."""
-
-    root: str
-    classes: list[str]
-    items: list[Item]
-    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    hidden: list[str] = field(default_factory=list)
-
-    def split(self, name: str) -> list[Item]:
-        return [it for it in self.items if it.split == name]
-
-    def class_index(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
-
-    def class_counts(self, split: str = TRAIN) -> dict[str, int]:
-        counts = Counter(it.label for it in self.split(split))
-        return {c: counts.get(c, 0) for c in self.classes}
-
-    def imbalance_ratio(self, split: str = TRAIN) -> float:
-        """Largest class count / smallest (1.0 = balanced) over the training split."""
-        counts = [n for n in self.class_counts(split).values() if n > 0]
-        return max(counts) / min(counts) if counts else 1.0
-
-    def summary(self) -> str:
-        lines = [f"data: {self.root}  classes: {len(self.classes)}"]
-        for split in (TRAIN, VALID, TEST):
-            items = self.split(split)
-            if items:
-                counts = Counter(it.label for it in items)
-                per_class = ", ".join(f"{c}={counts.get(c, 0)}" for c in self.classes)
-                lines.append(f"  {split}: {len(items)} images ({per_class})")
-        if self.split(TRAIN):
-            lines.append(f"  imbalance (largest/smallest train class): {self.imbalance_ratio():.2f}")
-        if self.hidden:
-            lines.append(f"  skipped {len(self.hidden)} hidden files/folders (e.g. {self.hidden[0]})")
-        if self.excluded:
-            lines.append(f"  excluded {len(self.excluded)} files:")
-            lines += [f"    {p}: {why}" for p, why in self.excluded[:10]]
-            if len(self.excluded) > 10:
-                lines.append(f"    ... and {len(self.excluded) - 10} more")
-        return "\n".join(lines)
+GROUPS_FILE = "groups.csv"  # at the data root: path,group (imagify writes one)
 
 
 def resolve_inputs(data: str | os.PathLike[str] | None, config: RunConfig | None,
@@ -97,23 +39,6 @@ def resolve_inputs(data: str | os.PathLike[str] | None, config: RunConfig | None
     if not cfg.data.path and not cfg.data.csv:
         raise ConfigError("no data given: pass a folder of images (or csv=...)")
     return cfg, load_items(cfg.data, cfg.seed, label_func)
-
-
-def fold_count(labels: list[str], folds: int) -> int:
-    """`folds`, or fewer when a class has fewer images (each fold needs one of each class);
-    a class with a single image cannot be validated on in any fold: DataError."""
-    if folds < 2:
-        raise ConfigError(f"folds must be >= 2, got {folds}")
-    counts = Counter(labels)
-    smallest = min(counts.values())
-    if smallest >= folds:
-        return folds
-    small = sorted(c for c, n in counts.items() if n < folds)
-    if smallest < 2:
-        raise DataError(f"classes {small} have fewer than 2 images: no fold split can validate on them; add images")
-    log.warning("classes %s have fewer images than %d folds: using %d folds (the smallest class size)",
-                small, folds, smallest)
-    return smallest
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -147,7 +72,7 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
     """
     root = Path(cfg.path).expanduser()
     if cfg.csv:
-        source = _from_csv(root, Path(cfg.csv).expanduser(), cfg)
+        source = from_csv(root, Path(cfg.csv).expanduser(), cfg)
     else:
         _require_dir(root)
         if label_func is None and cfg.label_regex:
@@ -155,11 +80,30 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         source = _from_folders(root, label_func)
     if cfg.relabel or cfg.exclude:
         _apply_corrections(source, cfg.relabel, cfg.exclude)
+    _attach_groups(source, cfg.groups or _default_groups_file(root, cfg))
     if cfg.verify_images:
         _drop_unreadable(source)
     _check_classes(source, min_classes)
-    _assign_validation(source, cfg.valid_pct, seed)
+    assign_validation(source, cfg.valid_pct, seed)
     return source
+
+
+def _default_groups_file(root: Path, cfg: DataConfig) -> str | None:
+    found = root / GROUPS_FILE
+    return str(found) if not cfg.csv and found.is_file() else None
+
+
+def _attach_groups(source: DataSource, groups_file: str | None) -> None:
+    """Each item's group from a path,group file (paths relative to the data root, or
+    absolute); images of one group then stay in one split and one fold."""
+    if not groups_file:
+        return
+    base = Path(source.root)
+    group_of = {os.path.realpath(base / row[0].strip()): row[1].strip()
+                for row in read_path_column(groups_file, "groups") if len(row) > 1}
+    source.items = [replace(it, group=group_of.get(os.path.realpath(it.path), it.group)) for it in source.items]
+    found = len({it.group for it in source.items if it.group})
+    log.info("groups from %s: %d groups; each stays within one split", groups_file, found)
 
 
 def _require_dir(root: Path) -> None:
@@ -278,25 +222,15 @@ def walk_images(source: DataSource, folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _read_path_column(path: str, what: str) -> list[list[str]]:
-    if not os.path.isfile(path):
-        raise DataError(f"{what} file {path!r} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and r[0].strip()]
-    if rows and rows[0][0].strip().lower() in PATH_COLUMNS:
-        rows = rows[1:]
-    return rows
-
-
 def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None) -> None:
     """Fix labels and drop images as listed (e.g. from interpret's mislabels.csv); paths match
     by their resolved location, so relative and absolute spellings both work."""
     def key(p: str) -> str:
         return os.path.realpath(p)
 
-    dropped = {key(r[0].strip()) for r in _read_path_column(exclude, "--exclude")} if exclude else set()
+    dropped = {key(r[0].strip()) for r in read_path_column(exclude, "--exclude")} if exclude else set()
     fixes = {}
-    for row in _read_path_column(relabel, "--relabel") if relabel else []:
+    for row in read_path_column(relabel, "--relabel") if relabel else []:
         if len(row) < 2 or not row[1].strip():
             raise DataError(f"--relabel row {row} needs path,label")
         fixes[key(row[0].strip())] = row[1].strip()
@@ -349,103 +283,3 @@ def _check_classes(source: DataSource, min_classes: int = 2) -> None:
     source.classes = classes
 
 
-def _assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
-    """Items without a split go to train/valid: stratified by class, seeded."""
-    loose = [i for i, it in enumerate(source.items) if it.split == ""]
-    if not loose:
-        if not source.split(VALID):
-            log.warning("no valid/ folder under %s: training without validation", source.root)
-        return
-    chosen = stratified_split([source.items[i].label for i in loose], valid_pct, seed)
-    to_valid = {loose[k] for k in chosen}
-    source.items = [
-        replace(it, split=VALID if i in to_valid else TRAIN) if it.split == "" else it
-        for i, it in enumerate(source.items)
-    ]
-
-
-def stratified_split(labels: list[str], valid_pct: float, seed: int) -> list[int]:
-    """Indices of the validation part: `valid_pct` of each class, chosen with `seed`."""
-    if valid_pct <= 0:
-        return []
-    counts = Counter(labels)
-    tiny = sorted(c for c, n in counts.items() if n < 2)
-    if tiny:
-        raise DataError(
-            f"classes {tiny} have a single image, which cannot be split into train and valid; "
-            "add images, or give a valid/ folder"
-        )
-    n_valid = max(len(counts), round(valid_pct * len(labels)))
-    if n_valid > len(labels) - len(counts):
-        raise DataError(
-            f"valid_pct={valid_pct} leaves no training image for some class among "
-            f"{len(labels)} images and {len(counts)} classes; lower --valid-pct"
-        )
-    _, valid = train_test_split(
-        list(range(len(labels))), test_size=n_valid, stratify=labels, random_state=seed
-    )
-    return sorted(valid)
-
-
-def _from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
-    if not csv_path.is_absolute() and not csv_path.exists() and root.is_dir():
-        csv_path = root / csv_path
-    if not csv_path.is_file():
-        raise DataError(f"label file {str(csv_path)!r} does not exist")
-    base = root if str(root) not in ("", ".") and root.is_dir() else csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        raise DataError(f"label file {str(csv_path)!r} is empty")
-    path_i, label_i, split_i, body = _csv_columns(rows, cfg, csv_path)
-    source = DataSource(root=str(base), classes=[], items=[])
-    base_real = os.path.realpath(base)
-    for lineno, row in enumerate(body, start=2 if body is not rows else 1):
-        if len(row) <= max(path_i, label_i) or not row[path_i].strip():
-            source.excluded.append((f"{csv_path}:{lineno}", "row has no path or no label"))
-            continue
-        rel, label = row[path_i].strip(), row[label_i].strip()
-        full = os.path.realpath(base / rel)
-        if not os.path.isabs(rel) and os.path.commonpath([full, base_real]) != base_real:
-            source.excluded.append((f"{csv_path}:{lineno}", f"path {rel!r} leaves {base}"))
-        elif not os.path.isfile(full):
-            source.excluded.append((str(base / rel), f"listed in {csv_path.name}:{lineno} but missing"))
-        elif not label:
-            source.excluded.append((str(base / rel), f"empty label in {csv_path.name}:{lineno}"))
-        else:
-            split = _csv_split(row[split_i]) if split_i is not None and len(row) > split_i else ""
-            source.items.append(Item(str(base / rel), label, split))
-    return source
-
-
-def _csv_columns(
-    rows: list[list[str]], cfg: DataConfig, csv_path: Path
-) -> tuple[int, int, int | None, list[list[str]]]:
-    header = [h.strip().lower() for h in rows[0]]
-    named = cfg.csv_path_col or cfg.csv_label_col
-    has_header = named or any(h in PATH_COLUMNS + LABEL_COLUMNS for h in header)
-    if not has_header:
-        if len(header) < 2:
-            raise DataError(f"label file {str(csv_path)!r} needs two columns: path,label")
-        return 0, 1, None, rows
-
-    def pick(explicit: str | None, candidates: tuple[str, ...], fallback: int) -> int:
-        if explicit:
-            if explicit.lower() not in header:
-                raise DataError(
-                    f"column {explicit!r} not in {str(csv_path)!r}; columns are {rows[0]}"
-                )
-            return header.index(explicit.lower())
-        return next((header.index(c) for c in candidates if c in header), fallback)
-
-    split_i = next((header.index(c) for c in ("split", "is_valid") if c in header), None)
-    return pick(cfg.csv_path_col, PATH_COLUMNS, 0), pick(cfg.csv_label_col, LABEL_COLUMNS, 1), split_i, rows[1:]
-
-
-def _csv_split(value: str) -> str:
-    v = value.strip().lower()
-    if v in ("true", "1", "yes") or v in VALID_DIR_NAMES:
-        return VALID
-    if v == TEST:
-        return TEST
-    return TRAIN if v in ("train", "false", "0", "no") else ""

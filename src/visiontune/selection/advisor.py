@@ -25,11 +25,13 @@ from sklearn.preprocessing import StandardScaler
 from visiontune.analysis.mislabels import probe_estimator
 from visiontune.config import RunConfig
 from visiontune.data.images import load_rgb
-from visiontune.data.sources import TRAIN, VALID, DataSource, LabelFunc, fold_count, resolve_inputs
+from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
+from visiontune.data.sources import resolve_inputs
+from visiontune.data.splits import fold_count
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import prepare_model, resolve_device
 from visiontune.train.features import cache_for, extract_features
-from visiontune.train.strategies import get_strategy
+from visiontune.train.strategies import AUTO, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,16 @@ def decide(median_per_class: float, similarity: float, probe: float, baseline: f
 def advise(data: str | os.PathLike[str] | None = None, *, config: RunConfig | None = None,
            label_func: LabelFunc | None = None, **overrides: Any) -> Advice:
     return advise_source(*resolve_inputs(data, config, label_func, overrides))
+
+
+def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
+    """`cfg` with strategy 'auto' replaced by the advisor's choice on `source`'s train and
+    valid images (test images are never looked at); other strategies unchanged."""
+    if cfg.strategy.name != AUTO:
+        return cfg
+    advice = advise_source(cfg, source)
+    log.info("advisor: %s", advice.explanation)
+    return RunConfig.create(cfg, strategy=advice.strategy)
 
 
 def advise_source(cfg: RunConfig, source: DataSource) -> Advice:

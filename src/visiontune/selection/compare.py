@@ -1,20 +1,29 @@
 """Every strategy side by side on the same split, seed and epoch budget (d2l 14.2's
-fine-tuned-vs-scratch experiment as one call), optionally cross-validated."""
+fine-tuned-vs-scratch experiment as one call), optionally cross-validated.
+
+The numbers are honest: epochs are chosen on one split and the metrics reported on
+another that no choice looked at. With a test split, epochs are chosen on valid and the
+test split is reported; without one, epochs are chosen on an inner split of the training
+images (stratified, `valid_pct`) and the valid split is reported. With `folds`, each
+strategy is cross-validated (selection/cv.py). The table says which.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from visiontune.config import RunConfig
-from visiontune.data.sources import LabelFunc, resolve_inputs
+from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.sources import resolve_inputs
+from visiontune.data.splits import group_keys, stratified_split
 from visiontune.errors import ConfigError
 from visiontune.files import write_json, write_text
-from visiontune.selection.cv import cross_validate
-from visiontune.train.session import FitResult, train_run
+from visiontune.selection.cv import SELECTIONS, cross_validate
+from visiontune.train.session import score_items, train_run
 from visiontune.train.strategies import STRATEGIES, strategy_names
 
 
@@ -22,21 +31,31 @@ from visiontune.train.strategies import STRATEGIES, strategy_names
 class CompareRow:
     strategy: str
     accuracy: float
-    best_accuracy: float
     macro_f1: float
-    val_loss: float
-    epochs_to_best: int
+    loss: float
+    selected_epoch: int  # the epoch whose weights were scored (0 when cross-validated)
+    epochs_run: int
     seconds: float
     trainable_params: int
+    protocol: str = ""  # which split chose the epochs and which one is reported
     accuracy_std: float | None = None
     macro_f1_std: float | None = None
-    val_loss_std: float | None = None
+    loss_std: float | None = None
+
+
+@dataclass
+class Holdout:
+    """The data each strategy trains on, the items it is scored on, and how."""
+
+    source: DataSource
+    report: list[Item]
+    protocol: str
 
 
 def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str, ...] | None = None,
             folds: int | None = None, config: RunConfig | None = None, label_func: LabelFunc | None = None,
             **overrides: Any) -> tuple[list[CompareRow], str]:
-    """Every strategy (default: all registered) on the same split, seed and epochs;
+    """Every strategy (default: all registered) on the same data, seed and epochs;
     returns the rows and the output folder."""
     strategies = strategy_names() if strategies is None else strategies
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -44,40 +63,62 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
         raise ConfigError(f"unknown strategies {unknown}; choose from {', '.join(strategy_names())}")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
+    holdout = None if folds else holdout_for(source, cfg)
     rows = []
     for strategy in strategies:
         weights = "none" if STRATEGIES[strategy].random_init else cfg.model.weights
         scfg = RunConfig.create(cfg, strategy=strategy, weights=weights, output=str(out_dir), name=strategy)
         started = time.perf_counter()
-        if folds:
-            cv = cross_validate(config=scfg, folds=folds, source=source, name=f"{strategy}-cv")
-            rows.append(CompareRow(strategy, cv.mean["accuracy"], max(f["accuracy"] for f in cv.folds),
-                                   cv.mean["macro_f1"], cv.mean["val_loss"], 0, time.perf_counter() - started, 0,
-                                   cv.std["accuracy"], cv.std["macro_f1"], cv.std["val_loss"]))
-            continue
-        r: FitResult = train_run(scfg, source)
-        rows.append(CompareRow(strategy, r.metrics.get("accuracy", float("nan")),
-                               max((h.get("accuracy", float("nan")) for h in r.history), default=float("nan")),
-                               r.metrics.get("macro_f1", float("nan")), r.metrics.get("val_loss", float("nan")),
-                               r.best_epoch, time.perf_counter() - started, r.trainable_params))
+        rows.append(_cv_row(scfg, source, folds, started) if folds else _holdout_row(scfg, holdout, started))
     write_text(out_dir / "compare.md", format_compare(rows) + "\n")
     write_json(out_dir / "compare.json", [row.__dict__ for row in rows])
     return rows, str(out_dir)
 
 
+def holdout_for(source: DataSource, cfg: RunConfig) -> Holdout:
+    """Test split reported, epochs chosen on valid; or, without test images, valid reported
+    and epochs chosen on an inner split of train."""
+    if source.split(TEST):
+        return Holdout(source, source.split(TEST), "epochs chosen on valid; metrics on test")
+    valid, train = source.split(VALID), source.split(TRAIN)
+    if not valid:
+        raise ConfigError("compare needs held-out images to report on: a valid/ or test/ folder, or --valid-pct > 0")
+    inner = set(stratified_split([it.label for it in train], cfg.data.valid_pct or 0.2, cfg.seed, group_keys(train)))
+    items = [replace(it, split=VALID if j in inner else TRAIN) for j, it in enumerate(train)]
+    report = [replace(it, split=TEST) for it in valid]
+    fit_on = DataSource(source.root, source.classes, items + report, source.excluded, source.hidden)
+    return Holdout(fit_on, report, "epochs chosen on an inner split of train; metrics on valid")
+
+
+def _holdout_row(cfg: RunConfig, holdout: Holdout | None, started: float) -> CompareRow:
+    assert holdout is not None
+    result = train_run(cfg, holdout.source)
+    metrics, _ = score_items(result, holdout.report)
+    return CompareRow(cfg.strategy.name, metrics.get("accuracy", float("nan")), metrics.get("macro_f1", float("nan")),
+                      metrics["loss"], result.best_epoch, len(result.history), time.perf_counter() - started,
+                      result.trainable_params, holdout.protocol + " (untouched by selection)")
+
+
+def _cv_row(cfg: RunConfig, source: DataSource, folds: int, started: float) -> CompareRow:
+    cv = cross_validate(config=cfg, folds=folds, source=source, name=f"{cfg.strategy.name}-cv")
+    return CompareRow(cfg.strategy.name, cv.mean["accuracy"], cv.mean["macro_f1"], cv.mean["loss"], 0, 0,
+                      time.perf_counter() - started, 0, f"{cv.num_folds}-fold CV: {SELECTIONS[cv.selection]}; "
+                      "metrics on each held-out fold", cv.std["accuracy"], cv.std["macro_f1"], cv.std["loss"])
+
+
 def format_compare(rows: list[CompareRow]) -> str:
-    with_std = any(r.accuracy_std is not None for r in rows)
-    if with_std:
-        head = f"| {'strategy':<16} | {'accuracy':>17} | {'macro_f1':>17} | {'val_loss':>17} | {'wall s':>7} |"
+    caption = f"({rows[0].protocol})" if rows else ""
+    if any(r.accuracy_std is not None for r in rows):
+        head = f"| {'strategy':<16} | {'accuracy':>17} | {'macro_f1':>17} | {'loss':>17} | {'wall s':>7} |"
         lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
         for r in rows:
             lines.append(f"| {r.strategy:<16} | {r.accuracy:>8.4f} +- {r.accuracy_std:.4f} | {r.macro_f1:>8.4f} +- "
-                         f"{r.macro_f1_std:.4f} | {r.val_loss:>8.4f} +- {r.val_loss_std:.4f} | {r.seconds:>7.1f} |")
-        return "\n".join(lines)
-    head = (f"| {'strategy':<16} | {'accuracy':>8} | {'max acc':>7} | {'macro_f1':>8} | {'val_loss':>8} | "
-            f"{'best ep':>7} | {'wall s':>7} | {'trainable':>11} |")
+                         f"{r.macro_f1_std:.4f} | {r.loss:>8.4f} +- {r.loss_std:.4f} | {r.seconds:>7.1f} |")
+        return "\n".join([*lines, caption])
+    head = (f"| {'strategy':<16} | {'accuracy':>8} | {'macro_f1':>8} | {'loss':>8} | {'epoch':>5} | {'of':>3} | "
+            f"{'wall s':>7} | {'trainable':>11} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
-        lines.append(f"| {r.strategy:<16} | {r.accuracy:>8.4f} | {r.best_accuracy:>7.4f} | {r.macro_f1:>8.4f} | "
-                     f"{r.val_loss:>8.4f} | {r.epochs_to_best:>7d} | {r.seconds:>7.1f} | {r.trainable_params:>11,} |")
-    return "\n".join(lines)
+        lines.append(f"| {r.strategy:<16} | {r.accuracy:>8.4f} | {r.macro_f1:>8.4f} | {r.loss:>8.4f} | "
+                     f"{r.selected_epoch:>5d} | {r.epochs_run:>3d} | {r.seconds:>7.1f} | {r.trainable_params:>11,} |")
+    return "\n".join([*lines, caption])

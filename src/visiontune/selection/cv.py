@@ -1,6 +1,19 @@
-"""Stratified k-fold cross-validation: a fresh model per fold, out-of-fold probabilities
-for every image. With the feature cache, frozen strategies compute backbone features once
-for all folds."""
+"""Stratified k-fold cross-validation with honest numbers: a fresh model per fold, every
+choice made on the training part of the fold, the held-out fold scored untouched.
+
+Each outer fold is held out; the rest trains. How the epoch is chosen (`selection`):
+
+- "inner" (default): the training part is split again (stratified, `valid_pct`, groups
+  kept whole); early stopping and the best checkpoint look at that inner split only. The
+  recipe of a normal `train` run, measured without peeking.
+- "last": no inner split; a fixed epoch budget on all of the training part, the last
+  epoch's weights.
+
+`--strategy auto` asks the advisor per fold, on the fold's training part only. The
+held-out fold's metrics and out-of-fold probabilities (oof.csv) come from a separate pass
+over it with the chosen weights. With the feature cache, frozen strategies compute
+backbone features once for all folds.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from visiontune.config import RunConfig
-from visiontune.data.sources import TEST, TRAIN, VALID, DataSource, LabelFunc, fold_count, resolve_inputs
+from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.sources import resolve_inputs
+from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
+from visiontune.errors import ConfigError
 from visiontune.files import write_csv, write_json
-from visiontune.train.session import train_run
+from visiontune.selection.advisor import resolve_strategy
+from visiontune.train.session import score_items, train_run
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("accuracy", "macro_f1", "val_loss")
+SUMMARY_METRICS = ("accuracy", "macro_f1", "loss")
+SELECTIONS = {
+    "inner": "epochs chosen on an inner validation split of each fold's training part",
+    "last": "a fixed epoch budget, last epoch's weights",
+}
 
 
 @dataclass
@@ -38,9 +58,11 @@ class CVResult:
     labels: list[str] = field(repr=False, default_factory=list)
     classes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    selection: str = "inner"
 
     def format(self) -> str:
-        lines = [f"{self.num_folds}-fold cross-validation ({len(self.paths)} images, {self.seconds:.1f}s)"]
+        lines = [f"{self.num_folds}-fold cross-validation ({len(self.paths)} images, {self.seconds:.1f}s); "
+                 f"{SELECTIONS[self.selection]}; each held-out fold scored untouched"]
         for i, f in enumerate(self.folds):
             lines.append(f"  fold {i + 1}: " + "  ".join(f"{k} {f[k]:.4f}" for k in SUMMARY_METRICS))
         lines.append("  mean +- std: " + "  ".join(f"{k} {self.mean[k]:.4f} +- {self.std[k]:.4f}" for k in SUMMARY_METRICS))
@@ -49,46 +71,59 @@ class CVResult:
 
 
 def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5, config: RunConfig | None = None,
-                   label_func: LabelFunc | None = None, source: DataSource | None = None,
+                   label_func: LabelFunc | None = None, source: DataSource | None = None, selection: str = "inner",
                    **overrides: Any) -> CVResult:
-    """Stratified k-fold over train + valid images (test/ stays out)."""
+    """Stratified k-fold over train + valid images (test/ stays out; groups stay whole)."""
+    if selection not in SELECTIONS:
+        raise ConfigError(f"selection {selection!r} is not valid; choose one of: {', '.join(SELECTIONS)}")
     started = time.perf_counter()
     if source is None:
         cfg, source = resolve_inputs(data, config, label_func, overrides)
     else:
         cfg = RunConfig.create(config, **overrides)
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
-    labels = [it.label for it in pool]
-    k = fold_count(labels, folds)
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
+    k = fold_count([it.label for it in pool], folds)
     out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
     probs = np.zeros((len(pool), len(source.classes)), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
-    for i, (_, valid_idx) in enumerate(splitter.split(np.zeros(len(pool)), labels)):
-        chosen = set(valid_idx.tolist())
-        items = [replace(it, split=VALID if j in chosen else TRAIN) for j, it in enumerate(pool)]
-        items += [it for it in source.items if it.split == TEST]
-        fold_source = DataSource(source.root, source.classes, items, source.excluded, source.hidden)
-        log.info("fold %d/%d: %d train, %d valid", i + 1, k, len(pool) - len(chosen), len(chosen))
-        result = train_run(replace(cfg, output=str(out_dir), name=f"fold{i + 1}"), fold_source)
-        rows.append({m: float(result.metrics.get(m, float("nan"))) for m in SUMMARY_METRICS})
-        if result.valid_probs is not None:
-            probs[sorted(chosen)] = result.valid_probs  # valid items keep pool order
-        fold_of[sorted(chosen)] = i + 1
+    for i, held in enumerate(fold_indices(pool, k, cfg.seed)):
+        log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))
+        fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
+        rows.append(_run_fold(fold_cfg, source, pool, held, selection, probs))
+        fold_of[held] = i + 1
     mean = {m: statistics.fmean(r[m] for r in rows) for m in SUMMARY_METRICS}
     std = {m: statistics.pstdev(r[m] for r in rows) for m in SUMMARY_METRICS}
     oof_path = out_dir / "oof.csv"
     _write_oof(oof_path, pool, fold_of, probs, source.classes)
     write_json(out_dir / "cv_summary.json", {"folds": rows, "mean": mean, "std": std, "num_folds": k,
-                                             "strategy": cfg.strategy.name})
-    return CVResult(rows, mean, std, str(oof_path), str(out_dir), k, probs, [it.path for it in pool], labels,
-                    source.classes, time.perf_counter() - started)
+                                             "strategy": cfg.strategy.name, "selection": SELECTIONS[selection]})
+    return CVResult(rows, mean, std, str(oof_path), str(out_dir), k, probs, [it.path for it in pool],
+                    [it.label for it in pool], source.classes, time.perf_counter() - started, selection)
 
 
-def _write_oof(path: Path, pool: list[Any], fold_of: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.ndarray, selection: str,
+              probs: np.ndarray) -> dict[str, float]:
+    """Train on the fold's training part as `selection` says; score the held-out part
+    (its probabilities go into `probs`); return its metrics."""
+    held_set = set(held.tolist())
+    rest = [it for j, it in enumerate(pool) if j not in held_set]
+    if selection == "inner":
+        inner = stratified_split([it.label for it in rest], cfg.data.valid_pct or 0.2, cfg.seed, group_keys(rest))
+        chosen = set(inner)
+        rest = [replace(it, split=VALID if j in chosen else TRAIN) for j, it in enumerate(rest)]
+    else:
+        rest = [replace(it, split=TRAIN) for it in rest]
+        cfg = RunConfig.create(cfg, patience=0, restore_best=False)
+    outer = [replace(pool[j], split=TEST) for j in held]
+    fold_source = DataSource(source.root, source.classes, rest + outer, source.excluded, source.hidden)
+    cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only
+    metrics, out = score_items(train_run(cfg, fold_source), outer)
+    probs[held] = out.probs
+    return {m: float(metrics.get(m, float("nan"))) for m in SUMMARY_METRICS}
+
+
+def _write_oof(path: Path, pool: list[Item], fold_of: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
     write_csv(path, ["path", "label", "fold", "predicted", *[f"prob_{c}" for c in classes]],
               ([it.path, it.label, int(fold), classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]]
                for it, fold, p in zip(pool, fold_of, probs)))
-
-

@@ -20,9 +20,11 @@ import numpy as np
 
 from visiontune.analysis.plots import save_lr_curve
 from visiontune.config import RunConfig
-from visiontune.data.sources import LabelFunc, resolve_inputs
+from visiontune.data.items import LabelFunc
+from visiontune.data.sources import resolve_inputs
 from visiontune.errors import ConfigError
 from visiontune.runtime.device import to_device
+from visiontune.selection.advisor import resolve_strategy
 from visiontune.train.setup import prepare_run
 from visiontune.train.trainer import Trainer
 
@@ -53,7 +55,7 @@ def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    trainer = Trainer(prepare_run(cfg, source), [])
+    trainer = Trainer(prepare_run(resolve_strategy(cfg, source), source), [])
     lrs, losses = sweep(trainer, start_lr, end_lr, num_iter)
     if len(lrs) < 3:
         raise ConfigError("the loss diverged at once; lower start_lr")

@@ -11,14 +11,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 
 from visiontune.config import RunConfig
+from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.sources import TRAIN, VALID, DataSource
 from visiontune.errors import ConfigError
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv
 from visiontune.tasks.base import Task
-from visiontune.train.features import FeatureStats, cache_for, extract_features
+from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,25 @@ class RunData:
                                                  generator=self.generator)}
 
     def _targets(self, split: str) -> tuple[list[str], torch.Tensor]:
-        items = self.source.split(split)
+        return self._paths_targets(self.source.split(split))
+
+    def _paths_targets(self, items: list[Item]) -> tuple[list[str], torch.Tensor]:
         return [i.path for i in items], self.task.encode([i.label for i in items])
+
+    def held_out(self, items: list[Item]) -> tuple[DataLoader, bool]:
+        """A loader over `items` scored as validation is (on cached features when no phase
+        trains the backbone, so the head alone runs), and whether it is on features."""
+        t = self.cfg.train
+        paths, targets = self._paths_targets(items)
+        if all(self.uses_features(i) for i in range(len(self.plan.phases))):
+            feats, _ = extract_features(self.model.backbone, paths, self.preprocess, self.device, self._cache(),
+                                        t.batch_size, t.num_workers, t.channels_last)
+            return DataLoader(FeatureDataset(feats, targets), batch_size=t.batch_size, collate_fn=_as_batch), True
+        return make_loader(eval_dataset(paths, targets, self.preprocess), t.batch_size, t.num_workers,
+                           self.device), False
+
+    def _cache(self) -> FeatureCache:
+        return cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.train.cache_dir)
 
     def images(self) -> PhaseData:
         if self._images is None:
@@ -131,7 +148,7 @@ class RunData:
     def features(self) -> PhaseData:
         if self._features is None:
             t = self.cfg.train
-            cache = cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, t.cache_dir)
+            cache = self._cache()
             loaders: list[DataLoader | None] = []
             for split in (TRAIN, VALID):
                 paths, targets = self._targets(split)

@@ -16,9 +16,10 @@ import numpy as np
 
 from visiontune.bundle import environment, write_config
 from visiontune.config import RunConfig, TrainConfig
-from visiontune.data.sources import VALID, DataSource
+from visiontune.data.items import VALID, DataSource, Item
 from visiontune.errors import DataError
 from visiontune.files import write_csv, write_json, write_text
+from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
 from visiontune.train.callbacks import (
@@ -48,6 +49,19 @@ class FitResult:
     valid_probs: np.ndarray | None = field(repr=False, default=None)  # rows follow data.split("valid")
     model: Any = field(repr=False, default=None)
     data: DataSource | None = field(repr=False, default=None)
+    setup: RunSetup | None = field(repr=False, default=None)  # what trained: task, preprocessing, plan, device
+
+
+def score_items(result: FitResult, items: list[Item]) -> tuple[dict[str, float], EvalOutput]:
+    """The task's metrics (and "loss") and the outputs of the trained model on `items`, e.g.
+    a held-out fold or a test split that no selection looked at."""
+    setup = result.setup
+    assert setup is not None, "score_items needs a FitResult from train_run"
+    loader, on_features = setup.data.held_out(items)
+    net = setup.model.head if on_features else setup.model
+    out = run_eval(net, loader, setup.device, setup.task, channels_last=setup.cfg.train.channels_last,
+                   precision=setup.cfg.train.precision)
+    return {**setup.task.metrics(out.targets, out.probs), "loss": out.loss}, out
 
 
 @dataclass
@@ -150,7 +164,7 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
         run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
         stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=time.perf_counter() - started,
         trainable_params=setup.plan.most_trainable_params(), valid_probs=None if held_eval is None else held_eval.probs,
-        model=setup.model, data=source,
+        model=setup.model, data=source, setup=setup,
     )
 
 

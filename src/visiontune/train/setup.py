@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from visiontune.config import RunConfig
+from visiontune.data.items import TRAIN, DataSource
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.sources import TRAIN, DataSource
 from visiontune.models.classifier import Classifier, create_classifier
 from visiontune.runtime import distributed
 from visiontune.runtime.batchsize import auto_batch_size

@@ -1,0 +1,112 @@
+"""Splitting labelled images: a stratified validation split and k-fold, both keeping every
+group (a recording, a patient: `Item.group`) whole when groups are given (scikit-learn's
+StratifiedKFold / StratifiedGroupKFold)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+
+from visiontune.data.items import TRAIN, VALID, DataSource, Item
+from visiontune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def fold_count(labels: list[str], folds: int) -> int:
+    """`folds`, or fewer when a class has fewer images (each fold needs one of each class);
+    a class with a single image cannot be validated on in any fold: DataError."""
+    if folds < 2:
+        raise ConfigError(f"folds must be >= 2, got {folds}")
+    counts = Counter(labels)
+    smallest = min(counts.values())
+    if smallest >= folds:
+        return folds
+    small = sorted(c for c, n in counts.items() if n < folds)
+    if smallest < 2:
+        raise DataError(f"classes {small} have fewer than 2 images: no fold split can validate on them; add images")
+    log.warning("classes %s have fewer images than %d folds: using %d folds (the smallest class size)",
+                small, folds, smallest)
+    return smallest
+
+
+def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
+    """Items without a split go to train/valid: stratified by class, seeded, groups whole."""
+    loose = [i for i, it in enumerate(source.items) if it.split == ""]
+    if not loose:
+        if not source.split(VALID):
+            log.warning("no valid/ folder under %s: training without validation", source.root)
+        return
+    items = [source.items[i] for i in loose]
+    chosen = stratified_split([it.label for it in items], valid_pct, seed, group_keys(items))
+    to_valid = {loose[k] for k in chosen}
+    source.items = [
+        replace(it, split=VALID if i in to_valid else TRAIN) if it.split == "" else it
+        for i, it in enumerate(source.items)
+    ]
+
+
+def group_keys(items: list[Item]) -> list[str] | None:
+    """Each item's group (an item without one is its own group), or None when no item has one."""
+    if not any(it.group for it in items):
+        return None
+    return [it.group or f"\0{it.path}" for it in items]
+
+
+def stratified_split(labels: list[str], valid_pct: float, seed: int, groups: list[str] | None = None) -> list[int]:
+    """Indices of the validation part: `valid_pct` of each class, chosen with `seed`; with
+    `groups`, whole groups (one fold of StratifiedGroupKFold with 1 / valid_pct folds)."""
+    if valid_pct <= 0:
+        return []
+    if groups is not None:
+        return _group_split(labels, groups, valid_pct, seed)
+    counts = Counter(labels)
+    tiny = sorted(c for c, n in counts.items() if n < 2)
+    if tiny:
+        raise DataError(
+            f"classes {tiny} have a single image, which cannot be split into train and valid; "
+            "add images, or give a valid/ folder"
+        )
+    n_valid = max(len(counts), round(valid_pct * len(labels)))
+    if n_valid > len(labels) - len(counts):
+        raise DataError(
+            f"valid_pct={valid_pct} leaves no training image for some class among "
+            f"{len(labels)} images and {len(counts)} classes; lower --valid-pct"
+        )
+    _, valid = train_test_split(
+        list(range(len(labels))), test_size=n_valid, stratify=labels, random_state=seed
+    )
+    return sorted(valid)
+
+
+def _group_split(labels: list[str], groups: list[str], valid_pct: float, seed: int) -> list[int]:
+    n_groups = len(set(groups))
+    if n_groups < 2:
+        raise DataError(f"all {len(labels)} images belong to one group ({groups[0]!r}), which cannot be split "
+                        "into train and valid without putting parts of it in both; give more groups, or a valid/ "
+                        "folder")
+    k = min(n_groups, max(2, round(1 / valid_pct)))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    _, valid = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    return sorted(valid.tolist())
+
+
+def fold_indices(items: list[Item], folds: int, seed: int) -> Iterator[np.ndarray]:
+    """The validation indices of each of `folds` stratified folds (groups kept whole)."""
+    labels, groups = [it.label for it in items], group_keys(items)
+    if groups is None:
+        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(items)), labels)
+    else:
+        n_groups = len(set(groups))
+        if n_groups < folds:
+            raise DataError(f"{n_groups} groups cannot fill {folds} folds without splitting a group; "
+                            f"use --folds {n_groups} or fewer")
+        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+            np.zeros(len(items)), labels, groups)
+    for _, valid in splits:
+        yield valid

@@ -1,0 +1,96 @@
+"""Labels from tables: a CSV of path,label[,split][,group], and the path lists of
+--relabel / --exclude / groups files."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from visiontune.config import DataConfig
+from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
+from visiontune.errors import DataError
+
+VALID_DIR_NAMES = ("valid", "val", "validation")
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "fname")
+LABEL_COLUMNS = ("label", "class", "target", "category", "labels")
+
+
+def read_path_column(path: str, what: str) -> list[list[str]]:
+    """Rows of a path list (one path per row, or a CSV whose first column is the path;
+    a header row naming the path column is skipped)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file {path!r} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in csv.reader(fh) if r and r[0].strip()]
+    if rows and rows[0][0].strip().lower() in PATH_COLUMNS:
+        rows = rows[1:]
+    return rows
+
+
+def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
+    if not csv_path.is_absolute() and not csv_path.exists() and root.is_dir():
+        csv_path = root / csv_path
+    if not csv_path.is_file():
+        raise DataError(f"label file {str(csv_path)!r} does not exist")
+    base = root if str(root) not in ("", ".") and root.is_dir() else csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise DataError(f"label file {str(csv_path)!r} is empty")
+    path_i, label_i, split_i, group_i, body = _csv_columns(rows, cfg, csv_path)
+    source = DataSource(root=str(base), classes=[], items=[])
+    base_real = os.path.realpath(base)
+    for lineno, row in enumerate(body, start=2 if body is not rows else 1):
+        if len(row) <= max(path_i, label_i) or not row[path_i].strip():
+            source.excluded.append((f"{csv_path}:{lineno}", "row has no path or no label"))
+            continue
+        rel, label = row[path_i].strip(), row[label_i].strip()
+        full = os.path.realpath(base / rel)
+        if not os.path.isabs(rel) and os.path.commonpath([full, base_real]) != base_real:
+            source.excluded.append((f"{csv_path}:{lineno}", f"path {rel!r} leaves {base}"))
+        elif not os.path.isfile(full):
+            source.excluded.append((str(base / rel), f"listed in {csv_path.name}:{lineno} but missing"))
+        elif not label:
+            source.excluded.append((str(base / rel), f"empty label in {csv_path.name}:{lineno}"))
+        else:
+            split = _csv_split(row[split_i]) if split_i is not None and len(row) > split_i else ""
+            group = row[group_i].strip() if group_i is not None and len(row) > group_i else ""
+            source.items.append(Item(str(base / rel), label, split, group))
+    return source
+
+
+def _csv_columns(
+    rows: list[list[str]], cfg: DataConfig, csv_path: Path
+) -> tuple[int, int, int | None, int | None, list[list[str]]]:
+    """(path, label, split, group) column indices and the data rows."""
+    header = [h.strip().lower() for h in rows[0]]
+    named = cfg.csv_path_col or cfg.csv_label_col
+    has_header = named or any(h in PATH_COLUMNS + LABEL_COLUMNS for h in header)
+    if not has_header:
+        if len(header) < 2:
+            raise DataError(f"label file {str(csv_path)!r} needs two columns: path,label")
+        return 0, 1, None, None, rows
+
+    def pick(explicit: str | None, candidates: tuple[str, ...], fallback: int) -> int:
+        if explicit:
+            if explicit.lower() not in header:
+                raise DataError(
+                    f"column {explicit!r} not in {str(csv_path)!r}; columns are {rows[0]}"
+                )
+            return header.index(explicit.lower())
+        return next((header.index(c) for c in candidates if c in header), fallback)
+
+    split_i = next((header.index(c) for c in ("split", "is_valid") if c in header), None)
+    group_i = header.index("group") if "group" in header else None
+    return (pick(cfg.csv_path_col, PATH_COLUMNS, 0), pick(cfg.csv_label_col, LABEL_COLUMNS, 1), split_i, group_i,
+            rows[1:])
+
+
+def _csv_split(value: str) -> str:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes") or v in VALID_DIR_NAMES:
+        return VALID
+    if v == TEST:
+        return TEST
+    return TRAIN if v in ("train", "false", "0", "no") else ""
