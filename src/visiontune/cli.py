@@ -112,7 +112,8 @@ def _add_training_commands(sub: Any) -> None:
 
 def _add_use_commands(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files and folders with a trained run")
-    p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.ts")
+    p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.ts "
+                   "(a .ts file runs TorchScript code when loaded: use only .ts files you trust; prefer .onnx)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--output", help="write all predictions to a .csv or .json file")
@@ -160,6 +161,8 @@ def _add_look_commands(sub: Any) -> None:
     p.add_argument("--oof", help="out-of-fold probabilities from `visiontune cv` (oof.csv) for the mislabel ranking")
     p.add_argument("--top-n", type=int, default=16)
     p.add_argument("--saliency", nargs="+", metavar="IMAGE", help="also explain these images with Grad-CAM")
+    p.add_argument("--mislabels-in-test", action="store_true",
+                   help="also look for mislabels among test images (default: train + valid, what training uses)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("imagify", help="time series in a CSV -> Gramian Angular Field / recurrence images "

@@ -140,7 +140,7 @@ def serve_run(args: argparse.Namespace) -> int:
 
 def interpret_run(args: argparse.Namespace) -> int:
     print(interpret(args.run, args.data, top_n=args.top_n, oof=args.oof, device=args.device,
-                    saliency=args.saliency).format())
+                    saliency=args.saliency, mislabels_in_test=args.mislabels_in_test).format())
     return 0
 
 

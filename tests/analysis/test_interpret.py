@@ -16,6 +16,7 @@ from PIL import Image
 import visiontune as vt
 from conftest import TINY, make_class_folders
 from visiontune.analysis.duplicates import find_duplicates
+from visiontune.analysis.interpret import interpret
 from visiontune.analysis.mislabels import rank_mislabels, rank_outliers
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
@@ -155,3 +156,70 @@ def test_popcount_works_without_numpy_2(monkeypatch: pytest.MonkeyPatch) -> None
     assert duplicates.popcount64(x).tolist() == expected
     monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy 1.x has none
     assert duplicates.popcount64(x).tolist() == expected
+
+
+def _dense_atypicality(features, k: int = 5):
+    """The N x N reference: 1 - mean cosine similarity of the k most similar other rows."""
+    import numpy as np
+
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)
+    return 1.0 - (-np.sort(-sim, axis=1)[:, :k]).mean(axis=1)
+
+
+def test_outliers_match_the_dense_computation_with_bounded_memory() -> None:
+    import tracemalloc
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    small = rng.normal(size=(300, 16))
+    small[5] = small[7]  # an exact twin is a neighbour at distance 0, not itself
+    assert rank_outliers(small) == pytest.approx(_dense_atypicality(small), abs=1e-9)
+    big = rng.normal(size=(12_000, 32)).astype(np.float32)  # dense similarities: 576 MB
+    tracemalloc.start()
+    scores = rank_outliers(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert scores.shape == (12_000,) and peak < 400 * 2**20
+
+
+def _noisy_probe(seed: int = 0):
+    """3 overlapping Gaussian classes, 10% of labels flipped; out-of-fold probe probabilities."""
+    from visiontune.analysis.mislabels import oof_probabilities
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], 200)
+    feats = rng.normal(size=(600, 8)) + 2.0 * np.eye(3, 8)[y]
+    noisy = y.copy()
+    flips = rng.choice(600, 60, replace=False)
+    noisy[flips] = (y[flips] + rng.integers(1, 3, 60)) % 3
+    labels = [str(v) for v in noisy]
+    return noisy, oof_probabilities(feats, labels, ["0", "1", "2"], seed), set(flips.tolist())
+
+
+def test_cleanlab_flags_flips_better_than_the_plain_off_diagonal() -> None:
+    from visiontune.analysis.mislabels import _off_diagonal, flag_label_issues, flag_method
+
+    y, probs, flips = _noisy_probe()
+    assert flag_method().startswith("cleanlab")
+    scores = {}
+    for name, mask in (("cleanlab", flag_label_issues(y, probs)), ("off-diagonal", _off_diagonal(y, probs))):
+        found = set(np.flatnonzero(mask).tolist())
+        scores[name] = (len(found & flips) / max(1, len(found)), len(found & flips) / len(flips))
+    f1 = {name: 2 * p * r / (p + r) for name, (p, r) in scores.items()}
+    assert scores["cleanlab"][0] >= 0.6 and scores["cleanlab"][1] >= 0.8, scores
+    assert f1["cleanlab"] > f1["off-diagonal"], scores
+
+
+def test_mislabels_are_looked_for_where_training_looks_unless_asked(tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "d" / "train", {"red": 8, "green": 8}).parent
+    make_class_folders(data / "valid", {"red": 3, "green": 3}, 100)
+    make_class_folders(data / "test", {"red": 3, "green": 3}, 200)
+    run = vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=2, output=str(tmp_path / "runs"))).run_dir
+    res = interpret(run)
+    assert not any("/test/" in s.path for s in res.suspects) and len(res.suspects) == 22
+    assert "flagged by cleanlab" in (Path(run) / "interpret" / "report.html").read_text()
+    res = interpret(run, mislabels_in_test=True)
+    assert len(res.suspects) == 28

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import visiontune as vt
-from conftest import make_class_folders
+from conftest import make_class_folders, make_image
 from visiontune.bundle import load_checkpoint, save_checkpoint
 from visiontune.config import ModelConfig
 from visiontune.models.classifier import create_classifier
@@ -134,3 +134,33 @@ def test_more_classes_in_resume_data_is_refused(flat_data: Path, tmp_path: Path,
     make_class_folders(flat_data, {"blue": 4})
     with pytest.raises(vt.DataError, match="classes"):
         vt.fit(resume=r.run_dir, epochs=2)
+
+
+def test_resume_refuses_data_that_changed(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    r = vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=2, output=str(tmp_path / "runs")),
+               callbacks=[_StopAfter(1)])
+    make_image(flat_data / "red" / "red_new.png", (220, 40, 40), seed=99)
+    with pytest.raises(vt.DataError, match=r"1 image added \(e\.g\. .*red_new\.png\).*start a new run"):
+        vt.fit(resume=r.run_dir)
+    (flat_data / "red" / "red_new.png").unlink()
+    (flat_data / "green" / "green_000.png").unlink()
+    with pytest.raises(vt.DataError, match="1 image removed"):
+        vt.fit(resume=r.run_dir)
+
+
+def test_the_gradient_scaler_state_is_saved_and_restored(split_data: Path, tiny: dict) -> None:
+    """fp16 on CUDA trains with a GradScaler; its scale must survive --resume."""
+    from visiontune.config import RunConfig
+    from visiontune.data.sources import load_items
+    from visiontune.train.setup import prepare_run
+    from visiontune.train.trainer import Trainer
+
+    cfg = RunConfig.create(None, path=str(split_data), **tiny)
+    source = load_items(cfg.data)
+    trainer = Trainer(prepare_run(cfg, source), [])
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1234.0)
+    state = trainer.checkpoint_state()
+    again = Trainer(prepare_run(cfg, source), [])
+    again.scaler = torch.amp.GradScaler("cpu")
+    again.restore(state)
+    assert again.scaler.get_scale() == 1234.0

@@ -21,7 +21,13 @@ import numpy as np
 from PIL import Image
 
 from visiontune.analysis.duplicates import DuplicatePair, find_duplicates
-from visiontune.analysis.mislabels import Suspect, oof_probabilities, rank_mislabels, rank_outliers
+from visiontune.analysis.mislabels import (
+    Suspect,
+    flag_method,
+    oof_probabilities,
+    rank_mislabels,
+    rank_outliers,
+)
 from visiontune.analysis.plots import save_confusion, save_curves, save_filters, save_grid
 from visiontune.analysis.report import write_report
 from visiontune.analysis.saliency import first_layer_filters, grad_cam
@@ -53,13 +59,14 @@ class InterpretResult:
     outliers: list[tuple[str, float]] = field(default_factory=list)  # (path, atypicality), most odd first
     duplicates: list[DuplicatePair] = field(default_factory=list)
     leaks: int = 0
+    mislabel_method: str = ""
 
     def format(self) -> str:
         flagged = sum(s.flagged for s in self.suspects)
         exact = sum(d.kind == "exact" for d in self.duplicates)
         return "\n".join([
             "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
-            f"suspected mislabels: {flagged} flagged (confident learning) of {len(self.suspects)} ranked",
+            f"suspected mislabels: {flagged} flagged of {len(self.suspects)} ranked ({self.mislabel_method})",
             "most atypical images: " + ", ".join(f"{Path(p).name} ({s:.2f})" for p, s in self.outliers[:3]),
             f"duplicates: {len(self.duplicates)} pairs ({exact} exact, {len(self.duplicates) - exact} near); "
             f"{self.leaks} across splits (leakage)",
@@ -80,9 +87,11 @@ class Context:
 
 def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None = None, *, top_n: int = 16,
               oof: str | os.PathLike[str] | None = None, device: str = "auto", batch_size: int = 64,
-              num_workers: int | None = None, saliency: list[str] | None = None) -> InterpretResult:
+              num_workers: int | None = None, saliency: list[str] | None = None,
+              mislabels_in_test: bool = False) -> InterpretResult:
     """Write every view into `<run>/interpret/`; `saliency` lists extra images to explain
-    with Grad-CAM (`gradcam_chosen.png`)."""
+    with Grad-CAM (`gradcam_chosen.png`). Suspected mislabels are looked for among the
+    images training could use (train + valid), and in test too with `mislabels_in_test`."""
     ctx = _context(Path(run), data, device)
     res = InterpretResult(str(ctx.out))
     paths, out = evaluate_split(ctx, batch_size, num_workers)
@@ -95,7 +104,8 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
         write_saliency(ctx.out / "gradcam_chosen.png", ctx, [str(p) for p in saliency])
     feats = _features(ctx)
     res.outliers = write_outliers(ctx, feats)
-    res.suspects = write_mislabels(ctx, feats, oof)
+    res.suspects = write_mislabels(ctx, feats, oof, mislabels_in_test)
+    res.mislabel_method = flag_method()
     res.duplicates, res.leaks = write_duplicates(ctx)
     write_curves(ctx)
     write_report(ctx.out / "report.html", ctx.run, res, ctx.items, ctx.bundle.classes, report.rows, report.confused)
@@ -202,9 +212,10 @@ def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:
     return [(items[i][0], float(odd[i])) for i in order]
 
 
-def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str] | None) -> list[Suspect]:
+def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str] | None,
+                    include_test: bool = False) -> list[Suspect]:
     """mislabels.csv/.png: images ranked by out-of-fold self-confidence (from `oof`, else a
-    cross-validated probe on `feats`)."""
+    cross-validated probe on `feats`), among train + valid (+ test with `include_test`)."""
     classes = ctx.bundle.classes
     if oof:
         with open(oof, newline="") as fh:
@@ -212,9 +223,10 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
         paths, labels = [r["path"] for r in rows], [r["label"] for r in rows]
         probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
     else:
-        paths, labels = [p for p, _, _ in ctx.items], [lb for _, lb, _ in ctx.items]
+        keep = [i for i, (_, _, split) in enumerate(ctx.items) if include_test or split != TEST]
+        paths, labels = [ctx.items[i][0] for i in keep], [ctx.items[i][1] for i in keep]
         cfg = ctx.bundle.config
-        probs = oof_probabilities(feats, labels, classes, cfg.seed if cfg else 0)
+        probs = oof_probabilities(feats[keep], labels, classes, cfg.seed if cfg else 0)
     suspects = rank_mislabels(paths, labels, probs, classes)
     write_csv(ctx.out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
               [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged]

@@ -2,19 +2,26 @@
 
 Out-of-fold probabilities come from `visiontune cv` (oof.csv) when given, otherwise from a
 quick cross-validated logistic regression on cached frozen features. Each image is ranked
-by self-confidence, p(given label) (lowest first); following confident learning (Northcutt
-et al. 2021), an image is flagged when another class's probability reaches that class's
-threshold (the mean self-confidence of images labelled with it).
+by self-confidence, p(given label) (lowest first). Which images are flagged is confident
+learning (Northcutt et al. 2021) as cleanlab implements it: `find_label_issues` with
+`prune_by_noise_rate` (install the optional extra `visiontune[cleanlab]`). Without
+cleanlab, the plain confident-joint off-diagonal is used (an image is flagged when another
+class's probability reaches that class's mean self-confidence); bench/mislabels.py
+measures both. `flag_method()` names the method in use; interpret's report says which.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn import config_context
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -28,20 +35,62 @@ class Suspect:
     predicted: str
     p_label: float
     p_predicted: float
-    flagged: bool  # confident-learning off-diagonal
+    flagged: bool  # a label issue by confident learning (see flag_method())
 
 
 def rank_mislabels(paths: list[str], labels: list[str], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
+    """Every image, lowest self-confidence first, with its most likely other class and
+    whether confident learning flags it."""
     idx = {c: i for i, c in enumerate(classes)}
     y = np.array([idx[lb] for lb in labels])
     self_conf = probs[np.arange(len(y)), y]
-    thresholds = np.array([self_conf[y == c].mean() if (y == c).any() else 1.0 for c in range(len(classes))])
+    flagged = flag_label_issues(y, probs)
+    others = probs.copy()
+    others[np.arange(len(y)), y] = -1.0
     out = []
     for i in np.argsort(self_conf, kind="stable"):
-        above = [(probs[i, c], c) for c in range(len(classes)) if c != y[i] and probs[i, c] >= thresholds[c]]
-        best = max(above) if above else max((probs[i, c], c) for c in range(len(classes)) if c != y[i])
-        out.append(Suspect(paths[i], labels[i], classes[best[1]], float(self_conf[i]), float(best[0]), bool(above)))
+        best = int(np.argmax(others[i]))
+        out.append(Suspect(paths[i], labels[i], classes[best], float(self_conf[i]), float(probs[i, best]),
+                           bool(flagged[i])))
     return out
+
+
+def flag_method() -> str:
+    """The name of the flagging method in use, for the report."""
+    version = _cleanlab_version()
+    if version:
+        return f"cleanlab {version} find_label_issues (confident learning, prune_by_noise_rate)"
+    return ("confident-joint off-diagonal (cleanlab is not installed; pip install 'visiontune[cleanlab]' "
+            "for its noise-rate pruning)")
+
+
+def flag_label_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Boolean mask of likely label errors given out-of-fold `probs`."""
+    if _cleanlab_version():
+        from cleanlab.filter import find_label_issues  # optional extra
+
+        with warnings.catch_warnings():  # small classes: cleanlab warns it may miss some, and still answers
+            warnings.simplefilter("ignore", UserWarning)
+            return np.asarray(find_label_issues(y, probs, filter_by="prune_by_noise_rate"), dtype=bool)
+    return _off_diagonal(y, probs)
+
+
+def _off_diagonal(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Flagged when another class's probability reaches that class's threshold (the mean
+    self-confidence of the images labelled with it)."""
+    classes = probs.shape[1]
+    self_conf = probs[np.arange(len(y)), y]
+    thresholds = np.array([self_conf[y == c].mean() if (y == c).any() else 1.0 for c in range(classes)])
+    above = probs >= thresholds[None, :]
+    above[np.arange(len(y)), y] = False
+    return above.any(axis=1)
+
+
+def _cleanlab_version() -> str | None:
+    try:
+        return importlib.metadata.version("cleanlab")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def probe_estimator() -> Any:
@@ -64,13 +113,20 @@ def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str
     return probs
 
 
+OUTLIER_MEMORY_MB = 256  # working memory of the neighbour search, whatever the number of images
+
+
 def rank_outliers(features: np.ndarray, k: int = 5) -> np.ndarray:
     """Atypicality of each image: 1 - mean cosine similarity to its k nearest neighbours in
-    feature space (placeholders, blank or off-topic images score high). Indices, most odd first,
-    and the scores."""
-    f = features / np.maximum(1e-12, np.linalg.norm(features, axis=1, keepdims=True))
-    sim = f @ f.T
-    np.fill_diagonal(sim, -np.inf)
-    k = max(1, min(k, len(f) - 1))
-    nearest = -np.sort(-sim, axis=1)[:, :k]
-    return 1.0 - nearest.mean(axis=1)
+    feature space (placeholders, blank or off-topic images score high). Exact brute-force
+    search in row blocks (scikit-learn's chunked distances), so memory stays bounded by
+    OUTLIER_MEMORY_MB instead of growing with N^2."""
+    n = len(features)
+    if n < 2:
+        return np.zeros(n)
+    k = max(1, min(k, n - 1))
+    unit = features / np.maximum(1e-12, np.linalg.norm(features, axis=1, keepdims=True))
+    search = NearestNeighbors(metric="cosine", algorithm="brute").fit(unit)
+    with config_context(working_memory=OUTLIER_MEMORY_MB):
+        distances, _ = search.kneighbors(n_neighbors=k)  # no query: each image is not its own neighbour
+    return distances.mean(axis=1)

@@ -61,7 +61,8 @@ def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, st
                  _img(out / "top_losses.png", "top losses")),
         _section("saliency", "Grad-CAM on the top losses", _img(out / "gradcam.png", "Grad-CAM")),
         _section("filters", "First-layer filters", _img(out / "filters.png", "first-layer filters")),
-        _section("mislabels", "Suspected mislabels", _img(out / "mislabels.png", "suspected mislabels")
+        _section("mislabels", "Suspected mislabels", f"<p>Ranked by out-of-fold p(label); flagged by "
+                 f"{html.escape(res.mislabel_method)}.</p>" + _img(out / "mislabels.png", "suspected mislabels")
                  + _table(["path", "label", "suspected", "p(label)", "flagged"],
                           [[Path(s.path).name, s.label, s.predicted, f"{s.p_label:.3f}", s.flagged]
                            for s in res.suspects[:20]])),

@@ -4,6 +4,7 @@ directory, assemble the callbacks, train, summarise. `api.fit` and the selection
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     started = time.perf_counter() if started is None else started
     log.info("%s", source.summary())
     if ckpt is not None and run_dir is not None:
-        check_same_classes(run_dir, source.classes)
+        check_same_data(run_dir, source)
     setup = prepare_run(cfg, source, resuming=ckpt is not None)
     watch = choose_monitor(setup.cfg.train, source, setup.task)
     run_dir = open_run_dir(setup, source, run_dir)
@@ -168,10 +169,30 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     )
 
 
-def check_same_classes(run_dir: Path, classes: list[str]) -> None:
-    saved = json.loads((run_dir / "classes.json").read_text())
-    if saved != classes:
-        raise DataError(f"the data now has classes {classes} but the run to resume has {saved}")
+def check_same_data(run_dir: Path, source: DataSource) -> None:
+    """Resuming must train on the images the run started with: the same classes, and the
+    same (path, label, split) rows as its splits.csv. Anything else is refused, naming what
+    changed."""
+    saved_classes = json.loads((run_dir / "classes.json").read_text())
+    if saved_classes != source.classes:
+        raise DataError(f"the data now has classes {source.classes} but the run to resume has {saved_classes}")
+    splits = run_dir / "splits.csv"
+    if not splits.is_file():
+        return
+    with open(splits, newline="") as fh:
+        before = {r["path"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
+    now = {it.path: (it.label, it.split) for it in source.items}
+    changes = [(what, paths) for what, paths in (
+        ("added", sorted(now.keys() - before.keys())),
+        ("removed", sorted(before.keys() - now.keys())),
+        ("relabelled", sorted(p for p in now.keys() & before.keys() if now[p][0] != before[p][0])),
+        ("moved to another split", sorted(p for p in now.keys() & before.keys() if now[p][1] != before[p][1])),
+    ) if paths]
+    if changes:
+        said = "; ".join(f"{len(paths)} {'image' if len(paths) == 1 else 'images'} {what} (e.g. {paths[0]})"
+                         for what, paths in changes)
+        raise DataError(f"the data changed since {run_dir} started: {said}. Resuming would train on other images; "
+                        "restore the data as it was, or start a new run")
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
