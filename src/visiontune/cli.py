@@ -138,6 +138,8 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="refuse images whose header announces more pixels (413), before decoding (50000000)")
 
 
 def _add_look_commands(sub: Any) -> None:

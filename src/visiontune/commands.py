@@ -134,7 +134,7 @@ def export_run(args: argparse.Namespace) -> int:
 
 def serve_run(args: argparse.Namespace) -> int:
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.run, args.host, args.port, args.top_k)
+    serve(args.run, args.host, args.port, args.top_k, args.max_pixels)
     return 0
 
 

@@ -55,6 +55,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(app):
+    """uvicorn serving `app` on a free port in a thread: (port, server, thread)."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return port, server, thread
+
+
 def test_page_in_headless_chromium_shows_the_right_label(run: Path, tmp_path: Path) -> None:
     browser_path = shutil.which("chromium")
     if browser_path is None:
@@ -62,17 +76,9 @@ def test_page_in_headless_chromium_shows_the_right_label(run: Path, tmp_path: Pa
             pytest.fail("CI must have chromium (.ci/run installs it)")
         pytest.skip("no chromium on this machine")
     playwright = pytest.importorskip("playwright.sync_api")
-    import uvicorn
-
     from visiontune.deploy.serve import create_app
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
+    port, server, thread = _start(create_app(run))
     try:
         image = make_image(tmp_path / "upload_green.png", (40, 200, 60), seed=11)
         with playwright.sync_playwright() as p:
@@ -95,3 +101,91 @@ def test_page_in_headless_chromium_shows_the_right_label(run: Path, tmp_path: Pa
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_huge_image_announced_in_a_small_file_is_refused_before_decoding(run: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from visiontune.deploy.serve import create_app
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb, optimize=True)  # ~17 KB on disk, 144 megapixels
+    assert bomb.stat().st_size < 100_000
+    client = TestClient(create_app(run), raise_server_exceptions=False)
+    r = client.post("/api/predict", files={"file": ("bomb.png", bomb.read_bytes(), "image/png")})
+    assert r.status_code == 413 and "144.0 megapixels" in r.json()["detail"]
+
+
+def test_an_oversized_upload_is_refused_from_its_headers_without_reading_it(run: Path) -> None:
+    import asyncio
+
+    from visiontune.deploy.serve import create_app
+
+    app, sent, reads = create_app(run, max_bytes=1000), [], []
+
+    head = (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+
+    async def receive():  # a well-formed multipart upload that never ends
+        reads.append(1)
+        return {"type": "http.request", "body": head if len(reads) == 1 else b"x" * 100, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    form = (b"content-type", b"multipart/form-data; boundary=xyz")
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/api/predict", "raw_path": b"/api/predict",
+             "root_path": "", "scheme": "http", "query_string": b"", "server": ("127.0.0.1", 80),
+             "client": ("127.0.0.1", 5000), "headers": [form, (b"content-length", b"10000000")]}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and reads == []  # not one byte read
+    chunked, sent[:] = {**scope, "headers": [form, (b"transfer-encoding", b"chunked")]}, []
+    asyncio.run(app(chunked, receive, send))
+    assert sent[0]["status"] == 413 and len(sent) == 2  # the application's own answer is dropped
+    assert len(reads) * 100 <= 1000 + 64 * 1024 + 300  # cut off at the limit
+
+
+def test_inference_does_not_block_the_page_and_concurrent_requests_are_batched(
+        run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from visiontune.deploy import serve
+
+    batches: list[int] = []
+    real = serve.BatchPredictor._predict
+
+    def slow(self, x):
+        batches.append(len(x))
+        time.sleep(1.0)  # a slow model
+        return real(self, x)
+
+    monkeypatch.setattr(serve.BatchPredictor, "_predict", slow)
+    port, server, thread = _start(serve.create_app(run))
+    red = make_image(tmp_path / "red.png", (220, 40, 40), seed=5).read_bytes()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        results: list[int] = []
+
+        def post() -> None:
+            results.append(httpx.post(f"{url}/api/predict", files={"file": ("r.png", red, "image/png")},
+                                      timeout=30).status_code)
+
+        posts = [threading.Thread(target=post) for _ in range(5)]
+        started = time.perf_counter()
+        for t in posts:
+            t.start()
+            time.sleep(0.02)
+        time.sleep(0.3)  # the first batch is in the model now
+        page_started = time.perf_counter()
+        assert httpx.get(url, timeout=30).status_code == 200
+        page_seconds = time.perf_counter() - page_started
+        for t in posts:
+            t.join()
+        total = time.perf_counter() - started
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert results == [200] * 5
+    assert page_seconds < 0.5  # the page does not wait for the model
+    assert len(batches) <= 3 and sum(batches) == 5 and total < 3.5  # not five 1 s runs one after another

@@ -23,14 +23,23 @@ def has_image_extension(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike[str] | BinaryIO, min_side: int | None = None) -> Image.Image:
+class TooManyPixels(ValueError):
+    """The image header announces more pixels than the caller accepts (nothing was decoded)."""
+
+
+def load_rgb(path: str | os.PathLike[str] | BinaryIO, min_side: int | None = None,
+             max_pixels: int | None = None) -> Image.Image:
     """Open an image file as RGB: EXIF orientation applied, alpha composited on white,
     16-bit and float images scaled (not clipped) to 8 bits, CMYK/palette/grey converted.
 
     `min_side`: the caller only needs this many pixels on the shorter side, so a JPEG is
     decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, `draft`) while both sides stay at least
-    that large; a 4000x3000 photo for 224 px training decodes ~2x faster (measured)."""
+    that large; a 4000x3000 photo for 224 px training decodes ~2x faster (measured).
+    `max_pixels`: refuse (TooManyPixels) from the header alone, before decoding."""
     with Image.open(path) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise TooManyPixels(f"{im.width} x {im.height} = {im.width * im.height / 1e6:.1f} megapixels, more than "
+                                f"the {max_pixels / 1e6:g} allowed")
         if min_side and im.format == "JPEG":
             im.draft(im.mode, (min_side, min_side))
         im.load()

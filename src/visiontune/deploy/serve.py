@@ -1,24 +1,40 @@
 """`visiontune serve RUN`: a small web app on localhost — a page to drop an image and see
-the top-k labels, and a JSON API (`POST /api/predict`, multipart field `file`).
+the predicted labels, and a JSON API (`POST /api/predict`, multipart field `file`).
 
-Uploads over `max_bytes` get 413, anything that is not a decodable image 415, both with a
-JSON `detail` saying what was wrong; the model is loaded once at start-up.
+Built to stay responsive under load on a small machine:
+- an upload larger than `max_bytes` is refused (413) from its Content-Length header before
+  a byte of it is read (a chunked upload is counted as it streams and cut off at the limit);
+- an image whose header announces more than `max_pixels` pixels is refused (413) before
+  it is decoded (a 17 KB PNG can announce 144 megapixels); anything that does not decode
+  as an image gets 415; every refusal has a JSON `detail`;
+- decoding runs in the thread pool and inference in one model thread that batches the
+  requests waiting at that moment (up to `max_batch`), so the event loop never blocks:
+  the page and other requests are answered while the model works.
 """
-
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
 # time, and UploadFile is imported inside create_app (fastapi is an optional extra).
+import asyncio
 import html
 import io
+import json
 import os
+import queue
+import threading
+from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
 
-from visiontune.bundle import load_bundle
-from visiontune.data.images import load_rgb
+from visiontune.bundle import Bundle, load_bundle
+from visiontune.data.images import TooManyPixels, load_rgb
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
+
+MAX_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 50_000_000  # a 48 MP phone photo fits; a 12000 x 12000 decompression bomb does not
+MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a request body
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune</title>
 <style>body{font-family:system-ui,sans-serif;max-width:640px;margin:3em auto}
@@ -51,22 +67,121 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 </script></body></html>"""
 
 
-def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = 10 * 1024 * 1024) -> Any:
+class LimitRequestBody:
+    """ASGI middleware: POST bodies over `limit` bytes get 413 before the application (and
+    its multipart parser) reads them: by Content-Length, or, for a chunked body, as soon as
+    the bytes counted pass the limit (the application then sees the client disconnect and
+    its own response is dropped)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _send_413(send, f"upload of {int(length)} bytes is larger than the {self.limit} allowed")
+            return
+        seen, refused, started = 0, False, False
+
+        async def counted() -> dict:
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                refused = True
+                if not started:
+                    await _send_413(send, f"upload larger than the {self.limit} bytes allowed")
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 has been sent
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, guarded_send)
+
+
+async def _send_413(send: Any, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BatchPredictor:
+    """One thread runs the model; requests put their image tensors on a queue and wait on a
+    future. The thread takes every request waiting (up to `max_batch`) as one batch."""
+
+    def __init__(self, bundle: Bundle, top_k: int, max_batch: int = 16) -> None:
+        self.bundle, self.top_k, self.max_batch = bundle, top_k, max_batch
+        self.queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue()
+        threading.Thread(target=self._run, name="visiontune-model", daemon=True).start()
+
+    def submit(self, x: torch.Tensor) -> Future:
+        future: Future = Future()
+        self.queue.put((x, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self._predict(torch.stack([x for x, _ in batch]))
+            except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                future.set_result(result)
+
+    @torch.inference_mode()
+    def _predict(self, x: torch.Tensor) -> list[list[dict[str, Any]]]:
+        task = self.bundle.task
+        logits = self.bundle.model(x.to(memory_format=torch.channels_last))
+        probs = task.probabilities(logits).float().numpy()
+        return [[{"label": label, "prob": prob} for label, prob in decoded.ranked]
+                for decoded in task.decode(np.asarray(probs), self.top_k)]
+
+
+def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX_BYTES,
+               max_pixels: int = MAX_PIXELS) -> Any:
     try:
         from fastapi import FastAPI, HTTPException, UploadFile
+        from fastapi.concurrency import run_in_threadpool
         from fastapi.responses import HTMLResponse
     except ImportError:
         raise VisiontuneError("serve needs fastapi, uvicorn and python-multipart: pip install 'visiontune[serve]'") \
             from None
     bundle = load_bundle(run)
     transform, side = eval_transform(bundle.preprocess), eval_side(bundle.preprocess)
-    k = max(1, min(top_k, len(bundle.classes)))
+    predictor = BatchPredictor(bundle, max(1, min(top_k, len(bundle.classes))))
     app = FastAPI(title="visiontune", docs_url=None, redoc_url=None)
     page = PAGE.replace("__NAME__", html.escape(os.path.basename(os.path.abspath(run)))).replace(
         "__CLASSES__", html.escape(", ".join(bundle.classes)))
 
+    def decode(data: bytes, name: str | None) -> torch.Tensor:
+        try:
+            return transform(load_rgb(io.BytesIO(data), side, max_pixels=max_pixels))
+        except TooManyPixels as exc:
+            raise HTTPException(413, f"{name!r} is too large an image: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
+            raise HTTPException(415, f"{name!r} is not an image we can read ({type(exc).__name__})") from None
+
     @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
+    async def index() -> str:
         return page
 
     @app.post("/api/predict")
@@ -74,23 +189,17 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = 10 
         data = await file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload larger than {max_bytes} bytes")
-        try:
-            image = load_rgb(io.BytesIO(data), side)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
-            raise HTTPException(415, f"{file.filename!r} is not an image we can read ({type(exc).__name__})") \
-                from None
-        with torch.inference_mode():
-            logits = bundle.model(transform(image).unsqueeze(0).to(memory_format=torch.channels_last))
-        decoded = bundle.task.decode(bundle.task.probabilities(logits).numpy(), k)[0]
-        return {"file": file.filename,
-                "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked]}
+        x = await run_in_threadpool(decode, data, file.filename)
+        predictions = await asyncio.wrap_future(predictor.submit(x))
+        return {"file": file.filename, "predictions": predictions}
 
-    return app
+    return LimitRequestBody(app, max_bytes + MULTIPART_SLACK)
 
 
-def serve(run: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, top_k: int = 3) -> None:
+def serve(run: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, top_k: int = 3,
+          max_pixels: int = MAX_PIXELS) -> None:
     try:
         import uvicorn
     except ImportError:
         raise VisiontuneError("serve needs uvicorn: pip install 'visiontune[serve]'") from None
-    uvicorn.run(create_app(run, top_k), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(run, top_k, max_pixels=max_pixels), host=host, port=port, log_level="warning")

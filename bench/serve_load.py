@@ -1,0 +1,116 @@
+"""Load test of `visiontune serve` on localhost (bounded: it stops by itself).
+
+    python bench/serve_load.py [--run RUN] [--clients 16] [--requests 10]
+
+Starts `visiontune serve RUN` in a subprocess (default RUN: a feature-extract Lite0 run at
+224 px trained here on scikit-image's faces / non-faces), then `--clients` concurrent
+clients each POST `--requests` real JPEG photos to /api/predict while a probe GETs the page
+every 100 ms. Prints POST latency p50/p99, throughput, the page's worst latency during the
+load, and every status code seen (no error and no 500 expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_run(work: Path) -> str:
+    import visiontune as vt
+    from visiontune.demo import write_lfw_subset
+
+    data = write_lfw_subset(work / "lfw")
+    return vt.fit(data, strategy="feature-extract", epochs=2, output=str(work / "runs"), progress=False).run_dir
+
+
+def _photo() -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, format="JPEG", quality=90)  # a 451 x 300 photo
+    return buf.getvalue()
+
+
+async def _client(client: httpx.AsyncClient, url: str, photo: bytes, n: int, out: list[tuple[float, int]]) -> None:
+    for _ in range(n):
+        started = time.perf_counter()
+        r = await client.post(url, files={"file": ("cat.jpg", photo, "image/jpeg")}, timeout=120)
+        out.append((time.perf_counter() - started, r.status_code))
+
+
+async def _probe(client: httpx.AsyncClient, url: str, stop: asyncio.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        started = time.perf_counter()
+        await client.get(url, timeout=120)
+        out.append(time.perf_counter() - started)
+        await asyncio.sleep(0.1)
+
+
+async def _load(base: str, clients: int, requests: int) -> dict:
+    photo, posts, pages, stop = _photo(), [], [], asyncio.Event()
+    limits = httpx.Limits(max_connections=clients + 2)
+    async with httpx.AsyncClient(limits=limits) as client:
+        probe = asyncio.create_task(_probe(client, base + "/", stop, pages))
+        started = time.perf_counter()
+        await asyncio.gather(*(_client(client, base + "/api/predict", photo, requests, posts) for _ in range(clients)))
+        wall = time.perf_counter() - started
+        stop.set()
+        await probe
+    latencies = sorted(t for t, _ in posts)
+    codes: dict[int, int] = {}
+    for _, code in posts:
+        codes[code] = codes.get(code, 0) + 1
+    return {"requests": len(posts), "wall_s": wall, "throughput_rps": len(posts) / wall,
+            "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "page_worst_s": max(pages), "page_median_s": statistics.median(pages), "codes": codes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run or _default_run(Path(tmp))
+        port = _free_port()
+        launch = f"from visiontune.deploy.serve import serve; serve({run!r}, port={port})"
+        server = subprocess.Popen([sys.executable, "-c", launch])
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    httpx.get(base + "/", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            result = asyncio.run(_load(base, args.clients, args.requests))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"{args.clients} clients x {args.requests} requests: {result['requests']} answered in "
+          f"{result['wall_s']:.1f} s = {result['throughput_rps']:.1f} req/s; latency p50 {result['p50_s']:.2f} s, "
+          f"p99 {result['p99_s']:.2f} s; page during the load: median {result['page_median_s'] * 1000:.0f} ms, "
+          f"worst {result['page_worst_s'] * 1000:.0f} ms; status codes {result['codes']}")
+
+
+if __name__ == "__main__":
+    main()
