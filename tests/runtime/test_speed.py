@@ -102,6 +102,19 @@ def test_largest_fitting_doubles_until_it_does_not_fit() -> None:
     assert largest_fitting(lambda b: False, 16) == 0
 
 
+def test_cpu_batch_size_extrapolates_measured_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 2 and 4 images that cost 120 and 140 MiB: 100 MiB fixed + 10 MiB per image;
+    half of 1 GiB available is 512 MiB -> 41 images fit -> the power of two below: 32."""
+    from visiontune.runtime import batchsize
+
+    mib = 2**20
+    monkeypatch.setattr(batchsize, "step_memory", lambda model, b, *a: (100 + 10 * b) * mib)
+    monkeypatch.setattr(batchsize, "available_memory", lambda: 1024 * mib)
+    assert auto_batch_size(torch.nn.Linear(1, 1), 32, 100_000, torch.device("cpu")) == 32
+    monkeypatch.setattr(batchsize, "available_memory", lambda: 4096 * mib)  # 2 GiB budget: 192 -> 128
+    assert auto_batch_size(torch.nn.Linear(1, 1), 32, 100_000, torch.device("cpu")) == 128
+
+
 def test_auto_batch_size_on_cpu_measures_and_caps(tiny: dict) -> None:
     from visiontune.config import ModelConfig
     from visiontune.models.classifier import create_classifier

@@ -30,21 +30,26 @@ def test_loss_at_init_is_about_ln_num_classes(num_classes: int) -> None:
     assert loss == pytest.approx(math.log(num_classes), rel=0.1)
 
 
-def test_one_batch_can_be_overfit() -> None:
-    torch.manual_seed(0)
-    model, _ = create_classifier(ModelConfig(backbone="timm:test_efficientnet", weights="none", image_size=32), 4)
-    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(150):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    model.eval()
+def test_one_batch_can_be_overfit_by_the_trainer(tmp_path: Path, tiny: dict) -> None:
+    """The Trainer's own step (loss, micro-batching, optimizer groups) drives one batch of
+    four classes to near-zero loss."""
+    from visiontune.config import RunConfig
+    from visiontune.data.sources import load_items
+    from visiontune.train.setup import prepare_run
+    from visiontune.train.trainer import Trainer
+
+    data = make_class_folders(tmp_path / "d", {"red": 3, "green": 3, "blue": 3, "grey": 3})
+    cfg = RunConfig.create(None, path=str(data), **dict(tiny, strategy="finetune", lr=3e-3, trainable_bn="eval",
+                                                         augment=False, valid_pct=0.0))
+    trainer = Trainer(prepare_run(cfg, load_items(cfg.data)), [])
+    trainer.enter_phase(0)
+    trainer.train_mode()
+    x, y = next(iter(trainer.data(0).train))
+    losses = [trainer.train_step(trainer.model, x, y) for _ in range(150)]
+    assert losses[0] > 1.0 and losses[-1] < 0.05
+    trainer.model.eval()
     with torch.no_grad():
-        assert (model(x).argmax(1) == y).all()
-    assert loss.item() < 0.05
+        assert (trainer.model(x).argmax(1) == y).all()
 
 
 def test_fit_learns_writes_a_run_and_is_reproducible(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
@@ -72,6 +77,11 @@ def test_early_stopping_stops_and_restores_best(flat_data: Path, tmp_path: Path,
     result = vt.fit(flat_data, name="es", min_delta=1e9, **kw)
     assert len(result.history) == 3 and result.stopped_early
     assert result.best_epoch == 1
+    best = load_file(str(Path(result.run_dir) / "model.safetensors"))  # written after epoch 1
+    last = load_checkpoint(Path(result.run_dir) / "checkpoints" / "last.pt")["model"]  # after epoch 3
+    held = result.model.state_dict()
+    assert all(torch.equal(held[k].cpu(), best[k]) for k in best)  # the model holds epoch 1's weights
+    assert any(not torch.equal(held[k].cpu(), last[k]) for k in best if k.endswith("weight"))
 
 
 def test_monitor_with_mode_max(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
