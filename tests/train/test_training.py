@@ -174,3 +174,12 @@ def test_the_gradient_scaler_state_is_saved_and_restored(split_data: Path, tiny:
     again.scaler = torch.amp.GradScaler("cpu")
     again.restore(state)
     assert again.scaler.get_scale() == 1234.0
+
+
+def test_without_restore_best_the_model_file_holds_the_last_epoch(flat_data: Path, tmp_path: Path,
+                                                                  tiny: dict) -> None:
+    r = vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=3, restore_best=False, min_delta=1e9,
+                                 output=str(tmp_path / "runs")))
+    saved = load_file(str(Path(r.run_dir) / "model.safetensors"))
+    held = r.model.state_dict()
+    assert r.best_epoch == 1 and all(torch.equal(held[k].cpu(), saved[k]) for k in saved)

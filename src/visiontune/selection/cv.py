@@ -114,7 +114,7 @@ def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.nda
         rest = [replace(it, split=VALID if j in chosen else TRAIN) for j, it in enumerate(rest)]
     else:
         rest = [replace(it, split=TRAIN) for it in rest]
-        cfg = RunConfig.create(cfg, patience=0, restore_best=False)
+        cfg = RunConfig.create(cfg, patience=0, restore_best=False, monitor="train_loss")
     outer = [replace(pool[j], split=TEST) for j in held]
     fold_source = DataSource(source.root, source.classes, rest + outer, source.excluded, source.hidden)
     cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only

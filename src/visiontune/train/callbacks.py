@@ -128,9 +128,12 @@ class EarlyStopping(Callback):
 
 
 class Checkpoint(Callback):
-    """Best weights -> `<run>/model.safetensors`; full state -> `<run>/checkpoints/last.pt`.
+    """The weights the run ends with -> `<run>/model.safetensors`; full state ->
+    `<run>/checkpoints/last.pt`.
 
-    With `restore_best`, the model ends training holding the best weights.
+    With `restore_best` (the default) that is the best epoch's weights (written when the
+    monitor improves, restored at the end); without it, the last epoch's (written every
+    epoch).
     """
 
     def __init__(self, run_dir: Path, monitor: str, mode: str, restore_best: bool = True,
@@ -148,7 +151,7 @@ class Checkpoint(Callback):
             self.best_eval = state.last_eval
         if not self.write:
             return
-        if improved:
+        if improved or not self.restore_best:
             save_model(self.run_dir / "model.safetensors", trainer.model, trainer.task, trainer.preprocess,
                        trainer.cfg.model)
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
