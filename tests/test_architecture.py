@@ -212,7 +212,11 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 def test_tasks_registry_and_markers() -> None:
     from visiontune.tasks.catalog import TASKS, make_task
 
+    from visiontune.data.labels import TASK_CHOICES
+
     task = make_task("single-label", ["a", "b"])
-    assert set(TASKS) == {"single-label"} and task.encode(["b", "a"]).tolist() == [1, 0]
+    assert set(TASKS) == set(TASK_CHOICES) - {"auto"}  # what --task offers is what the catalog has
+    assert task.encode(["b", "a"]).tolist() == [1, 0]
+    assert make_task("multi-label", ["a", "b"]).encode([("a", "b"), ()]).tolist() == [[1, 1], [0, 0]]
     with pytest.raises(ConfigError, match="single-label"):
         make_task("regression", ["a"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from visiontune.bundle import LAST_CHECKPOINT, Bundle, load_bundle, load_checkpo
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import check_image
 from visiontune.data.items import TEST, TRAIN, VALID, LabelFunc
+from visiontune.data.labels import label_counts
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import collect_images, load_items, resolve_inputs
 from visiontune.deploy.export import load_exported
@@ -88,17 +89,21 @@ class EvalResult:
         return f"{head}\nimages: {len(self.paths)}\n\n{self.text}"
 
 
-def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch_size: int = 64,
-             device: str = "auto", num_workers: int | None = None, progress: bool = False) -> EvalResult:
-    """Score a trained run on a labelled folder (class subfolders; a dataset root with a
-    test/ or valid/ folder uses that split)."""
+def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: str | None = None,
+             label_delim: str | None = None, batch_size: int = 64, device: str = "auto",
+             num_workers: int | None = None, progress: bool = False) -> EvalResult:
+    """Score a trained run on labelled images: class subfolders (a dataset root with a test/
+    or valid/ folder uses that split) or a `csv` of path,label(s)[,split] (its test split,
+    else valid, else every row). Labels are read in the run's task shape."""
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
+    delim = label_delim or (bundle.config.data.label_delim if bundle.config else " ")
     # each file is decoded once: undecodable ones are marked while reading, not checked first
-    source = load_items(DataConfig(path=str(data), valid_pct=0.0, verify_images=False), min_classes=1)
+    source = load_items(DataConfig(path=str(data), csv=csv, valid_pct=0.0, verify_images=False, label_delim=delim,
+                                   task=bundle.task.name), min_classes=1)
     split = TEST if source.split(TEST) else VALID if source.split(VALID) else TRAIN
     items = source.split(split)
-    unknown = sorted({it.label for it in items} - set(bundle.task.classes))
+    unknown = sorted(set(label_counts(it.label for it in items)) - set(bundle.task.classes))
     if unknown:
         raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; "
                         f"it knows {bundle.task.classes}")
@@ -116,9 +121,12 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, batch
 @dataclass
 class Prediction:
     path: str
-    label: str
-    prob: float
-    top_k: list[tuple[str, float]]
+    label: str  # the predicted class; multi-label: the predicted labels joined by spaces ("" for none)
+    prob: float  # its probability; multi-label: the highest among the predicted labels (0 for none)
+    top_k: list[tuple[str, float]]  # the most probable labels, best first
+    labels: list[str] = field(default_factory=list)  # every predicted label (multi-label: above its threshold)
+    probs: dict[str, float] = field(default_factory=dict, repr=False)  # every class's probability
+    task: str = "single-label"
 
 
 def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
@@ -137,8 +145,10 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                    channels_last=channels_last)
     paths, unreadable = _drop_unreadable_rows(paths, out)
-    decoded = bundle.task.decode(out.probs, top_k)
-    preds = [Prediction(path, d.labels[0], d.probs[0], d.ranked) for path, d in zip(paths, decoded)]
+    task = bundle.task
+    preds = [Prediction(path, " ".join(d.labels), max(d.probs, default=0.0), d.ranked, d.labels,
+                        dict(zip(task.classes, map(float, row))), task.name)
+             for path, d, row in zip(paths, task.decode(out.probs, top_k), out.probs)]
     return preds, skipped + unreadable
 
 

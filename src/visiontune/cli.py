@@ -120,9 +120,12 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("evaluate", help="accuracy, macro-F1, per-class report and confusion matrix")
+    p = sub.add_parser("evaluate", help="metrics, per-class (per-label) report and confusion on labelled images")
     p.add_argument("run", help="run directory (or its model.safetensors)")
-    p.add_argument("data", help="class-folder tree (a dataset root uses its test/ or valid/ split)")
+    p.add_argument("data", help="class-folder tree (a dataset root uses its test/ or valid/ split), or the folder "
+                   "the --csv paths are relative to")
+    p.add_argument("--csv", help="CSV of path,label(s)[,split]: its test split, else valid, else every row")
+    p.add_argument("--label-delim", help="separator of a multi-label CSV's labels (default: the run's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write metrics, report and confusion matrix to this .json file")

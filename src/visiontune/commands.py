@@ -14,6 +14,7 @@ from visiontune.analysis.interpret import interpret
 from visiontune.bundle import read_config
 from visiontune.config import RunConfig, cli_option_keys
 from visiontune.data.imagify import imagify
+from visiontune.data.labels import MULTI
 from visiontune.demo import run_demo
 from visiontune.deploy.export import export
 from visiontune.deploy.serve import serve
@@ -79,8 +80,7 @@ def predict(args: argparse.Namespace) -> int:
     preds, skipped = api.predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                                  device=args.device)
     for p in preds:
-        others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])
-        print(f"{p.path}\t{p.label}\t{p.prob:.4f}" + (f"\t({others})" if others else ""))
+        print(_prediction_line(p))
     for path, why in skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if args.output:
@@ -88,10 +88,27 @@ def predict(args: argparse.Namespace) -> int:
     return 0 if preds else 1
 
 
+def _prediction_line(p: api.Prediction) -> str:
+    """path, label, probability, runners-up; multi-label: every label above its threshold
+    with its probability, or "(none)" and the most probable ones."""
+    if p.task == MULTI:
+        chosen = ", ".join(f"{label} {p.probs[label]:.3f}" for label in p.labels)
+        top = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
+        return f"{p.path}\t{chosen}" if chosen else f"{p.path}\t(none)\t(top: {top})"
+    others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])
+    return f"{p.path}\t{p.label}\t{p.prob:.4f}" + (f"\t({others})" if others else "")
+
+
 def _write_predictions(path: str, preds: list[api.Prediction]) -> None:
     if path.endswith(".json"):
-        write_text(path, json.dumps([{"path": p.path, "label": p.label, "prob": p.prob,
-                                      "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k]} for p in preds], indent=2))
+        write_text(path, json.dumps([{"path": p.path, "label": p.label, "labels": p.labels, "prob": p.prob,
+                                      "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k],
+                                      **({"probs": p.probs} if p.task == MULTI else {})} for p in preds], indent=2))
+        return
+    if preds and preds[0].task == MULTI:  # path,labels + one probability column per label
+        names = list(preds[0].probs)
+        write_csv(path, ["path", "labels", *[f"prob_{n}" for n in names]],
+                  ([p.path, " ".join(p.labels), *[f"{p.probs[n]:.6f}" for n in names]] for p in preds))
         return
     k = max((len(p.top_k) for p in preds), default=1)
     write_csv(path, ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")],
@@ -100,7 +117,8 @@ def _write_predictions(path: str, preds: list[api.Prediction]) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    result = api.evaluate(args.run, args.data, batch_size=args.batch_size, device=args.device)
+    result = api.evaluate(args.run, args.data, csv=args.csv, label_delim=args.label_delim,
+                          batch_size=args.batch_size, device=args.device)
     print(result.format())
     for path, why in result.excluded:
         print(f"excluded {path}: {why}", file=sys.stderr)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from visiontune.data.labels import TASK_CHOICES
 from visiontune.errors import ConfigError
 from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choices
 
@@ -66,6 +67,10 @@ class DataConfig:
     csv_path_col: str | None = option(None, "CSV column holding the paths (path/file/filename/image, else the 1st)")
     csv_label_col: str | None = option(None, "CSV column holding the labels (label/class/target, else the 2nd)")
     label_regex: str | None = option(None, r"label = group 1 of this regex on the file name, e.g. '^(.+)_\d+\.jpg$'")
+    task: str = option("auto", "single-label (one class per image) or multi-label (a set of labels, maybe empty); "
+                               "auto: multi-label for a CSV 'labels'/'tags' column or a label function returning "
+                               "lists", choices=TASK_CHOICES)
+    label_delim: str = option(" ", "separator of the labels in a multi-label CSV cell (fastai's: a space)")
     label_func: str | None = option(None, "name of the Python label function used (recorded, not re-run)", cli=False)
     valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
     relabel: str | None = option(None, "CSV path,label of corrected labels (your files stay untouched)")
@@ -123,7 +128,11 @@ class TrainConfig:
     pct_start: float = option(0.25, "onecycle warm-up fraction of each phase", ge=0.0, lt=1.0)
     step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)
     gamma: float = option(0.1, "step schedule: LR factor per drop", gt=0.0, le=1.0)
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", ge=0.0, lt=1.0)
+    label_smoothing: float = option(0.0, "label smoothing of the loss", ge=0.0, lt=1.0)
+    thresholds: str = option("global", "multi-label: one --threshold for every label (global), or per label the "
+                                       "one with the best F1 on the validation split (tuned)",
+                             choices=("global", "tuned"))
+    threshold: float = option(0.5, "multi-label: probability above which a label is predicted", gt=0.0, lt=1.0)
     balance: str = option("none", "class-weighted loss or oversampling of small classes",
                           choices=("none", "weights", "oversample"))
     monitor: str = option("auto", "metric for early stopping and the best checkpoint "

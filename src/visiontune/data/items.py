@@ -1,13 +1,15 @@
 """Labelled images as the pipeline sees them: `Item` (path, label, split, group) and
-`DataSource` (the classes, the items, and what was left out and why)."""
+`DataSource` (the classes, the items, and what was left out and why). A label is a class
+name or, for multi-label data, a tuple of label names (data/labels.py)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from visiontune.data.labels import MULTI, Label, label_counts, multi_label_lines, task_of
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 
@@ -17,7 +19,7 @@ LabelFunc = Callable[[Path], Any]
 @dataclass(frozen=True)
 class Item:
     path: str
-    label: str
+    label: Label
     split: str
     group: str = ""  # images of one group (a recording, a patient...) stay in one split
 
@@ -31,6 +33,12 @@ class DataSource:
     items: list[Item]
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     hidden: list[str] = field(default_factory=list)
+    detected: str = ""  # how the task shape was found, for the summary (e.g. "a 'labels' column")
+
+    @property
+    def task(self) -> str:
+        """single-label, or multi-label when labels are label sets."""
+        return task_of(it.label for it in self.items)
 
     def split(self, name: str) -> list[Item]:
         return [it for it in self.items if it.split == name]
@@ -39,7 +47,8 @@ class DataSource:
         return {c: i for i, c in enumerate(self.classes)}
 
     def class_counts(self, split: str = TRAIN) -> dict[str, int]:
-        counts = Counter(it.label for it in self.split(split))
+        """Images per class (per label: an image counts for each of its labels)."""
+        counts = label_counts(it.label for it in self.split(split))
         return {c: counts.get(c, 0) for c in self.classes}
 
     def imbalance_ratio(self, split: str = TRAIN) -> float:
@@ -48,15 +57,27 @@ class DataSource:
         return max(counts) / min(counts) if counts else 1.0
 
     def summary(self) -> str:
-        lines = [f"data: {self.root}  classes: {len(self.classes)}"]
+        multi = self.task == MULTI
+        head = f"data: {self.root}  {'labels' if multi else 'classes'}: {len(self.classes)}"
+        lines = [head + (f"  task: {self.task}" + (f" (detected: {self.detected})" if self.detected else "")
+                         if multi else "")]
         for split in (TRAIN, VALID, TEST):
             items = self.split(split)
-            if items:
-                counts = Counter(it.label for it in items)
-                per_class = ", ".join(f"{c}={counts.get(c, 0)}" for c in self.classes)
-                lines.append(f"  {split}: {len(items)} images ({per_class})")
+            if not items:
+                continue
+            if multi:
+                lines.append(f"  {split}: {len(items)} images")
+                lines += multi_label_lines([it.label for it in items], self.classes)
+            else:
+                counts = label_counts(it.label for it in items)
+                lines.append(f"  {split}: {len(items)} images ("
+                             + ", ".join(f"{c}={counts.get(c, 0)}" for c in self.classes) + ")")
         if self.split(TRAIN):
-            lines.append(f"  imbalance (largest/smallest train class): {self.imbalance_ratio():.2f}")
+            lines.append(f"  imbalance (largest/smallest train {'label' if multi else 'class'}): "
+                         f"{self.imbalance_ratio():.2f}")
+        missing = self.missing_from_valid()
+        if missing:
+            lines.append(f"  labels in train but not in valid (not validated): {', '.join(missing)}")
         if self.hidden:
             lines.append(f"  skipped {len(self.hidden)} hidden files/folders (e.g. {self.hidden[0]})")
         if self.excluded:
@@ -65,3 +86,11 @@ class DataSource:
             if len(self.excluded) > 10:
                 lines.append(f"    ... and {len(self.excluded) - 10} more")
         return "\n".join(lines)
+
+    def missing_from_valid(self) -> list[str]:
+        """Classes with training images but none among the validation images (when any)."""
+        valid = self.split(VALID)
+        if not valid or self.task != MULTI:
+            return []
+        seen = label_counts(it.label for it in valid)
+        return [c for c in self.classes if not seen.get(c)]

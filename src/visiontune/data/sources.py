@@ -18,6 +18,7 @@ from typing import Any
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import check_image, has_image_extension, is_hidden
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.labels import MULTI, SINGLE, is_multi, label_counts, parse_label_set, task_of
 from visiontune.data.splits import assign_validation
 from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column
 from visiontune.errors import ConfigError, DataError
@@ -78,14 +79,29 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         if label_func is None and cfg.label_regex:
             label_func = _regex_labeller(cfg.label_regex)
         source = _from_folders(root, label_func)
+    _settle_task(source, cfg.task)
     if cfg.relabel or cfg.exclude:
-        _apply_corrections(source, cfg.relabel, cfg.exclude)
+        _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim)
     _attach_groups(source, cfg.groups or _default_groups_file(root, cfg))
     if cfg.verify_images:
         _drop_unreadable(source)
     _check_classes(source, min_classes)
     assign_validation(source, cfg.valid_pct, seed)
     return source
+
+
+def _settle_task(source: DataSource, task: str) -> None:
+    """Every label in the task's shape: with --task multi-label, single classes become
+    one-label sets; with --task single-label, a label set is an error naming the image."""
+    if task == MULTI:
+        source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
+    elif task == SINGLE:
+        bad = next((it for it in source.items if is_multi(it.label)), None)
+        if bad is not None:
+            raise DataError(f"{bad.path} has the label set {list(bad.label)} but --task is single-label; "
+                            "use --task multi-label")
+    elif task_of(it.label for it in source.items) == MULTI:  # auto: any set makes every label a set
+        source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
 
 
 def _default_groups_file(root: Path, cfg: DataConfig) -> str | None:
@@ -176,7 +192,11 @@ def _collect_named(source: DataSource, folder: Path, split: str, label_func: Lab
         if label is None:
             source.excluded.append((p, "no label from the file name"))
             continue
-        source.items.append(Item(p, str(label), split))
+        if isinstance(label, (list, tuple, set, frozenset)):  # a label set: multi-label
+            source.detected = "a label function returning label sets"
+            source.items.append(Item(p, tuple(sorted({str(x) for x in label})), split))
+        else:
+            source.items.append(Item(p, str(label), split))
 
 
 def _regex_labeller(pattern: str) -> LabelFunc:
@@ -222,7 +242,7 @@ def walk_images(source: DataSource, folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None) -> None:
+def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None, delim: str = " ") -> None:
     """Fix labels and drop images as listed (e.g. from interpret's mislabels.csv); paths match
     by their resolved location, so relative and absolute spellings both work."""
     def key(p: str) -> str:
@@ -231,9 +251,10 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     dropped = {key(r[0].strip()) for r in read_path_column(exclude, "--exclude")} if exclude else set()
     fixes = {}
     for row in read_path_column(relabel, "--relabel") if relabel else []:
-        if len(row) < 2 or not row[1].strip():
+        if len(row) < 2 or (not row[1].strip() and source.task != MULTI):
             raise DataError(f"--relabel row {row} needs path,label")
-        fixes[key(row[0].strip())] = row[1].strip()
+        fixes[key(row[0].strip())] = (parse_label_set(row[1], delim, f"--relabel row {row}") if source.task == MULTI
+                                      else row[1].strip())
     keys = [key(it.path) for it in source.items]
     kept = []
     for it, k in zip(source.items, keys):
@@ -268,16 +289,18 @@ def _check_classes(source: DataSource, min_classes: int = 2) -> None:
     if not source.items:
         raise DataError(f"no usable images found in {source.root!r}\n{source.summary()}")
     train_like = [it for it in source.items if it.split in ("", TRAIN)]
-    classes = sorted({it.label for it in train_like})
-    if len(classes) < min_classes:
+    classes = sorted(label_counts(it.label for it in train_like))
+    multi = source.task == MULTI  # one label is a task too: it is there or it is not
+    if len(classes) < (1 if multi else min_classes):
         raise DataError(
-            f"found a single class {classes} in {source.root!r}; classification needs at least "
-            "two classes (one folder per class, or labels that take two or more values)"
+            f"found {'no label' if multi else f'a single class {classes}'} in {source.root!r}; classification "
+            "needs at least two classes (one folder per class, or labels that take two or more values)"
         )
-    other = sorted({it.label for it in source.items} - set(classes))
+    other = sorted(set(label_counts(it.label for it in source.items)) - set(classes))
     if other:
+        what = "labels" if multi else "classes"
         raise DataError(
-            f"classes {other} appear in valid/test but not in train under {source.root!r}; "
+            f"{what} {other} appear in valid/test but not in train under {source.root!r}; "
             "add training images for them or remove them"
         )
     source.classes = classes

@@ -1,6 +1,8 @@
 """Splitting labelled images: a stratified validation split and k-fold, both keeping every
 group (a recording, a patient: `Item.group`) whole when groups are given (scikit-learn's
-StratifiedKFold / StratifiedGroupKFold)."""
+StratifiedKFold / StratifiedGroupKFold). Label sets (multi-label) are stratified by
+iterative stratification (the `iterative-stratification` package, Sechidis et al. 2011);
+label sets with groups fall back to scikit-learn's group splits, unstratified."""
 
 from __future__ import annotations
 
@@ -10,19 +12,33 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
+from sklearn.model_selection import (
+    GroupKFold,
+    GroupShuffleSplit,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    train_test_split,
+)
 
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
+from visiontune.data.labels import Label, is_multi, label_counts, label_set
 from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
-def fold_count(labels: list[str], folds: int) -> int:
+def fold_count(labels: list[Label], folds: int) -> int:
     """`folds`, or fewer when a class has fewer images (each fold needs one of each class);
-    a class with a single image cannot be validated on in any fold: DataError."""
+    a class with a single image cannot be validated on in any fold: DataError. Label sets
+    keep `folds` (a rare label is in some folds only; a warning names them)."""
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
+    if labels and is_multi(labels[0]):
+        rare = sorted(c for c, n in label_counts(labels).items() if n < folds)
+        if rare:
+            log.warning("labels %s have fewer images than %d folds: some folds cannot validate them", rare, folds)
+        return folds
     counts = Counter(labels)
     smallest = min(counts.values())
     if smallest >= folds:
@@ -58,11 +74,13 @@ def group_keys(items: list[Item]) -> list[str] | None:
     return [it.group or f"\0{it.path}" for it in items]
 
 
-def stratified_split(labels: list[str], valid_pct: float, seed: int, groups: list[str] | None = None) -> list[int]:
+def stratified_split(labels: list[Label], valid_pct: float, seed: int, groups: list[str] | None = None) -> list[int]:
     """Indices of the validation part: `valid_pct` of each class, chosen with `seed`; with
     `groups`, whole groups (one fold of StratifiedGroupKFold with 1 / valid_pct folds)."""
     if valid_pct <= 0:
         return []
+    if labels and is_multi(labels[0]):
+        return _multi_label_split(labels, valid_pct, seed, groups)
     if groups is not None:
         return _group_split(labels, groups, valid_pct, seed)
     counts = Counter(labels)
@@ -96,9 +114,31 @@ def _group_split(labels: list[str], groups: list[str], valid_pct: float, seed: i
     return sorted(valid.tolist())
 
 
+def multi_hot(labels: list[Label]) -> np.ndarray:
+    names = sorted(label_counts(labels))
+    index = {c: i for i, c in enumerate(names)}
+    y = np.zeros((len(labels), max(1, len(names))), dtype=np.int8)
+    for row, label in enumerate(labels):
+        y[row, [index[c] for c in label_set(label)]] = 1
+    return y
+
+
+def _multi_label_split(labels: list[Label], valid_pct: float, seed: int, groups: list[str] | None) -> list[int]:
+    x = np.zeros(len(labels))
+    if groups is not None:
+        _, valid = next(GroupShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed).split(x, groups=groups))
+    else:
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed)
+        _, valid = next(splitter.split(x, multi_hot(labels)))
+    return sorted(valid.tolist())
+
+
 def fold_indices(items: list[Item], folds: int, seed: int) -> Iterator[np.ndarray]:
     """The validation indices of each of `folds` stratified folds (groups kept whole)."""
     labels, groups = [it.label for it in items], group_keys(items)
+    if labels and is_multi(labels[0]):
+        yield from _multi_label_folds(labels, groups, folds, seed)
+        return
     if groups is None:
         splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(items)), labels)
     else:
@@ -108,5 +148,15 @@ def fold_indices(items: list[Item], folds: int, seed: int) -> Iterator[np.ndarra
                             f"use --folds {n_groups} or fewer")
         splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
             np.zeros(len(items)), labels, groups)
+    for _, valid in splits:
+        yield valid
+
+
+def _multi_label_folds(labels: list[Label], groups: list[str] | None, folds: int, seed: int) -> Iterator[np.ndarray]:
+    x = np.zeros(len(labels))
+    if groups is None:
+        splits = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, multi_hot(labels))
+    else:
+        splits = GroupKFold(n_splits=folds).split(x, groups=groups)
     for _, valid in splits:
         yield valid

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
+from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
-PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "fname")
-LABEL_COLUMNS = ("label", "class", "target", "category", "labels")
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_name", "fname")
+LABEL_COLUMNS = ("label", "class", "target", "category", *MULTI_LABEL_COLUMNS)
 
 
 def read_path_column(path: str, what: str) -> list[list[str]]:
@@ -39,25 +40,51 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
     if not rows:
         raise DataError(f"label file {str(csv_path)!r} is empty")
     path_i, label_i, split_i, group_i, body = _csv_columns(rows, cfg, csv_path)
-    source = DataSource(root=str(base), classes=[], items=[])
+    task, detected = _csv_task(rows, label_i, body is not rows, cfg)
+    source = DataSource(root=str(base), classes=[], items=[], detected=detected)
     base_real = os.path.realpath(base)
     for lineno, row in enumerate(body, start=2 if body is not rows else 1):
         if len(row) <= max(path_i, label_i) or not row[path_i].strip():
             source.excluded.append((f"{csv_path}:{lineno}", "row has no path or no label"))
             continue
-        rel, label = row[path_i].strip(), row[label_i].strip()
+        rel = row[path_i].strip()
+        label = _row_label(row[label_i], task, cfg, f"{csv_path.name}:{lineno}")
         full = os.path.realpath(base / rel)
         if not os.path.isabs(rel) and os.path.commonpath([full, base_real]) != base_real:
             source.excluded.append((f"{csv_path}:{lineno}", f"path {rel!r} leaves {base}"))
         elif not os.path.isfile(full):
             source.excluded.append((str(base / rel), f"listed in {csv_path.name}:{lineno} but missing"))
-        elif not label:
+        elif label == "":
             source.excluded.append((str(base / rel), f"empty label in {csv_path.name}:{lineno}"))
         else:
             split = _csv_split(row[split_i]) if split_i is not None and len(row) > split_i else ""
             group = row[group_i].strip() if group_i is not None and len(row) > group_i else ""
             source.items.append(Item(str(base / rel), label, split, group))
     return source
+
+
+def _csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:
+    """(task shape, how it was detected): --task, else multi-label for a label column
+    named like fastai's and Kaggle's label sets ("labels", "tags"), else single-label."""
+    if cfg.task != "auto":
+        return cfg.task, ""
+    name = rows[0][label_i].strip().lower() if has_header and label_i < len(rows[0]) else ""
+    if name in MULTI_LABEL_COLUMNS:
+        return MULTI, f"a {name!r} column of {cfg.label_delim!r}-separated labels"
+    return SINGLE, ""
+
+
+def _row_label(text: str, task: str, cfg: DataConfig, where: str) -> Label:
+    """A row's label: the set (multi-label) or the class. With an explicit --task
+    single-label, a cell holding several labels is an error naming the row."""
+    if task == MULTI:
+        return parse_label_set(text, cfg.label_delim, where)
+    label = text.strip()
+    if cfg.task == SINGLE and len(parse_label_set(label, cfg.label_delim, where)) > 1:
+        raise DataError(f"{where}: {label!r} holds several labels but --task is single-label; use --task "
+                        f"multi-label (or, if class names contain {cfg.label_delim!r}, a --label-delim they do not "
+                        "contain)")
+    return label
 
 
 def _csv_columns(

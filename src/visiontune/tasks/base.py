@@ -66,6 +66,7 @@ class Report:
     confusion: np.ndarray
     text: str
     confused: list[tuple[int, str, str]] = field(default_factory=list)  # (count, actual, predicted)
+    columns: tuple[str, ...] | None = None  # the confusion matrix's columns (None: the classes)
 
 
 class Task(ABC):
@@ -74,6 +75,7 @@ class Task(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]]  # every metric `metrics` returns, and the losses
+    headline: ClassVar[tuple[str, ...]]  # what cv and compare report: two metrics and "loss"
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -100,6 +102,10 @@ class Task(ABC):
         """Loss weights for `--balance weights` from the training labels."""
 
     @abstractmethod
+    def oversample_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """Per-image sampling weights for `--balance oversample` (rare classes drawn as often)."""
+
+    @abstractmethod
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
@@ -123,6 +129,11 @@ class Task(ABC):
     @abstractmethod
     def default_monitor(self, imbalance: float) -> str:
         """The metric early stopping watches under `--monitor auto`."""
+
+    def tune_thresholds(self, targets: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
+        """Decision thresholds chosen on (targets, probs), set and returned; None where the
+        task has none (single-label predicts the most probable class)."""
+        return None
 
     def metadata(self) -> dict[str, Any]:
         """What a saved model needs to decode like this task (stored with the weights)."""

@@ -7,9 +7,10 @@ from typing import Any
 
 from visiontune.errors import ConfigError
 from visiontune.tasks.base import Task
+from visiontune.tasks.multi_label import MultiLabel
 from visiontune.tasks.single_label import SingleLabel
 
-TASKS: dict[str, type[Task]] = {SingleLabel.name: SingleLabel}
+TASKS: dict[str, type[Task]] = {SingleLabel.name: SingleLabel, MultiLabel.name: MultiLabel}
 
 
 def make_task(name: str, classes: Sequence[str], metadata: dict[str, Any] | None = None) -> Task:

@@ -1,5 +1,7 @@
-"""Single-label classification metrics: accuracy, error rate, macro-F1, per-class report,
-confusion matrix (scikit-learn computes them).
+"""Classification metrics (scikit-learn computes them). Single-label: accuracy, error rate,
+macro-F1, per-class report, confusion matrix. Multi-label: mAP (macro average precision
+over the labels with a positive), micro / macro / samples F1, subset (exact-match)
+accuracy, Hamming loss, and per-label precision / recall / F1 / AP with support.
 
 Direction is explicit: `HIGHER_IS_BETTER` names every metric and whether to maximise it.
 """
@@ -9,7 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    hamming_loss,
+    precision_recall_fscore_support,
+)
 
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "error_rate": False, "val_loss": False, "train_loss": False}
 
@@ -36,6 +45,38 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
         {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, c in enumerate(classes)
     ]
+
+
+MULTILABEL_METRICS = ("mAP", "micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "hamming_loss")
+
+
+def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """`y_true`, `y_pred`: (N, C) 0/1; `probs`: (N, C) sigmoid outputs."""
+    if len(y_true) == 0:
+        return {k: float("nan") for k in MULTILABEL_METRICS}
+    y = (np.asarray(y_true) > 0.5).astype(int)
+    present = y.sum(axis=0) > 0  # AP is undefined for a label with no positive
+    ap = average_precision_score(y[:, present], probs[:, present], average="macro") if present.any() else float("nan")
+    return {
+        "mAP": float(ap),
+        "micro_f1": float(f1_score(y, y_pred, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(y, y_pred, average="macro", zero_division=0)),
+        "samples_f1": float(f1_score(y, y_pred, average="samples", zero_division=1)),
+        "subset_accuracy": float(accuracy_score(y, y_pred)),
+        "hamming_loss": float(hamming_loss(y, y_pred)),
+    }
+
+
+def per_label_report(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, labels: list[str],
+                     thresholds: np.ndarray) -> list[dict[str, Any]]:
+    y = (np.asarray(y_true) > 0.5).astype(int)
+    p, r, f, s = precision_recall_fscore_support(y, y_pred, zero_division=0) if len(y) else ([0.0] * len(labels),) * 4
+    rows = []
+    for i, name in enumerate(labels):
+        ap = float(average_precision_score(y[:, i], probs[:, i])) if len(y) and y[:, i].any() else float("nan")
+        rows.append({"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "ap": ap,
+                     "threshold": float(thresholds[i]), "support": int(s[i])})
+    return rows
 
 
 def most_confused(matrix: np.ndarray, classes: list[str]) -> list[tuple[int, str, str]]:

@@ -54,6 +54,7 @@ def class_weight_values(counts: list[int]) -> list[float]:
 class SingleLabel(Task):
     name = "single-label"
     description = "one class per image: softmax + cross-entropy; accuracy, macro-F1"
+    headline = ("accuracy", "macro_f1", "loss")
     higher_is_better = HIGHER_IS_BETTER
 
     def encode(self, labels: Sequence[Any]) -> torch.Tensor:
@@ -68,6 +69,11 @@ class SingleLabel(Task):
     def balance_weights(self, labels: Sequence[Any]) -> list[float]:
         counts = Counter(labels)
         return class_weight_values([counts.get(c, 0) for c in self.classes])
+
+    def oversample_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """1 / images of the class: each class equally likely."""
+        counts = torch.bincount(targets, minlength=self.num_classes).float()
+        return (1.0 / counts.clamp(min=1))[targets]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=1)

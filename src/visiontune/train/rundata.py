@@ -84,11 +84,10 @@ class RunData:
         return torch.tensor(self.task.balance_weights(labels), dtype=torch.float32, device=self.device)
 
     def _shuffle_args(self, targets: torch.Tensor) -> dict:
-        """balance='oversample': draw with replacement, each class equally likely."""
+        """balance='oversample': draw with replacement, rare classes (labels) as often as common ones."""
         if self.cfg.train.balance != "oversample":
             return {"shuffle": True, "generator": self.generator}
-        counts = torch.bincount(targets, minlength=len(self.source.classes)).float()
-        weights = (1.0 / counts.clamp(min=1))[targets]
+        weights = self.task.oversample_weights(targets)
         return {"sampler": WeightedRandomSampler(weights.double(), len(targets), replacement=True,
                                                  generator=self.generator)}
 

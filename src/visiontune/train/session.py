@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from visiontune.bundle import environment, write_config
+from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
+from visiontune.data.labels import label_text
 from visiontune.errors import DataError
 from visiontune.files import write_csv, write_json, write_text
 from visiontune.runtime.inference import EvalOutput, run_eval
@@ -79,7 +80,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     started = time.perf_counter() if started is None else started
     log.info("%s", source.summary())
     if ckpt is not None and run_dir is not None:
-        check_same_data(run_dir, source)
+        check_same_data(run_dir, source, cfg.data.label_delim)
     setup = prepare_run(cfg, source, resuming=ckpt is not None)
     watch = choose_monitor(setup.cfg.train, source, setup.task)
     run_dir = open_run_dir(setup, source, run_dir)
@@ -92,7 +93,38 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
     trainer.fit(start_epoch)
+    if setup.cfg.train.thresholds == "tuned":
+        tune_thresholds(setup, _held_eval(setup, trainer, checkpoint), run_dir)
     return summarise(setup, trainer, checkpoint, stopper, run_dir, source, started)
+
+
+def _held_eval(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
+    """Validation outputs of the weights the run ends with."""
+    if setup.cfg.train.restore_best and checkpoint.best_eval is not None:
+        return checkpoint.best_eval
+    return trainer.state.last_eval
+
+
+def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> None:
+    """Per-label thresholds with the best F1 on the validation outputs, stored with the
+    weights and in thresholds.json (their validation F1 is optimistic: chosen there)."""
+    task = setup.task
+    if held is None or not len(held.targets):
+        log.warning("--thresholds tuned needs validation images; keeping the global threshold")
+        return
+    tuned = task.tune_thresholds(held.targets, held.probs)
+    if tuned is None:
+        log.warning("--thresholds tuned applies to multi-label tasks; %s predicts the most probable class", task.name)
+        return
+    log.info("thresholds tuned on the validation split: %s",
+             ", ".join(f"{c}={t:.2f}" for c, t in zip(task.classes, tuned)))
+    if setup.env.is_main:
+        save_model(run_dir / MODEL_FILE, setup.model, task, setup.preprocess, setup.cfg.model)
+        positives = (np.asarray(held.targets) > 0.5).sum(axis=0)
+        write_json(run_dir / "thresholds.json", {
+            "chosen_on": "the validation split (its F1 at these thresholds is optimistic)",
+            "thresholds": {c: {"threshold": float(t), "valid_positives": int(n)}
+                           for c, t, n in zip(task.classes, tuned, positives)}})
 
 
 def choose_monitor(t: TrainConfig, source: DataSource, task: Task) -> Watch:
@@ -169,7 +201,7 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     )
 
 
-def check_same_data(run_dir: Path, source: DataSource) -> None:
+def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None:
     """Resuming must train on the images the run started with: the same classes, and the
     same (path, label, split) rows as its splits.csv. Anything else is refused, naming what
     changed."""
@@ -181,7 +213,7 @@ def check_same_data(run_dir: Path, source: DataSource) -> None:
         return
     with open(splits, newline="") as fh:
         before = {r["path"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
-    now = {it.path: (it.label, it.split) for it in source.items}
+    now = {it.path: (label_text(it.label, delim), it.split) for it in source.items}
     changes = [(what, paths) for what, paths in (
         ("added", sorted(now.keys() - before.keys())),
         ("removed", sorted(before.keys() - now.keys())),
@@ -216,7 +248,9 @@ def write_run_files(run_dir: Path, setup: RunSetup, source: DataSource) -> None:
     write_json(run_dir / "classes.json", source.classes)
     write_json(run_dir / "preprocess.json", setup.preprocess.to_dict())
     write_json(run_dir / "environment.json", environment(setup.cfg, str(setup.device)))
-    write_csv(run_dir / "splits.csv", ["path", "label", "split"], ((it.path, it.label, it.split) for it in source.items))
+    delim = setup.cfg.data.label_delim
+    write_csv(run_dir / "splits.csv", ["path", "label", "split"],
+              ((it.path, label_text(it.label, delim), it.split) for it in source.items))
     excluded = [f"{p}\t{why}" for p, why in source.excluded] + [f"{p}\thidden" for p in source.hidden]
     write_text(run_dir / "excluded.txt", "".join(line + "\n" for line in excluded))
 

@@ -50,7 +50,7 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
     prepare_model(model, device, cfg.train.channels_last)
     if cfg.train.batch_size == "auto":
         cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
-    task = make_task("single-label", source.classes)
+    task = make_task(source.task, source.classes, {"threshold": cfg.train.threshold})
     plan = make_plan(model, cfg.strategy, cfg.train)
     optimizer = build_optimizer(model, plan, cfg.train)
     data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)

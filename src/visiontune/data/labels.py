@@ -1,0 +1,66 @@
+"""Label shapes on the data side. An item's label is a class name (`str`, single-label) or a
+set of labels (`tuple[str, ...]`, sorted, possibly empty: "none of these"; multi-label).
+These helpers let splitting, counting and summaries treat both alike."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from itertools import combinations
+
+from visiontune.errors import DataError
+
+Label = str | tuple[str, ...]
+SINGLE, MULTI = "single-label", "multi-label"
+TASK_CHOICES = ("auto", SINGLE, MULTI)  # the task shapes tasks/catalog.py implements, and auto
+MULTI_LABEL_COLUMNS = ("labels", "tags")  # a CSV column by one of these names holds label sets
+DELIMITERS = (" ", ",", ";", "|")
+
+
+def is_multi(label: Label) -> bool:
+    return isinstance(label, tuple)
+
+
+def label_set(label: Label) -> tuple[str, ...]:
+    return label if isinstance(label, tuple) else (label,)
+
+
+def label_text(label: Label, delim: str = " ") -> str:
+    """The label as written in a table: the class, or the set joined by `delim`."""
+    return delim.join(label) if isinstance(label, tuple) else label
+
+
+def parse_label_set(text: str, delim: str, where: str) -> tuple[str, ...]:
+    """'cat dog' -> ('cat', 'dog') with delimiter ' '; '' -> (). A token holding another
+    delimiter (e.g. 'red,leather' with ' ') means the column mixes delimiters: DataError."""
+    tokens = [t.strip() for t in (text.split(delim) if delim != " " else text.split())]
+    tokens = [t for t in tokens if t]
+    for token in tokens:
+        other = next((d for d in DELIMITERS if d not in (delim, " ") and d in token), None)
+        if other is not None:
+            raise DataError(f"{where}: {text!r} mixes delimiters ({other!r} inside a label split by {delim!r}); "
+                            f"use one delimiter throughout, or pass --label-delim {other!r}")
+    return tuple(sorted(set(tokens)))
+
+
+def label_counts(labels: Iterable[Label]) -> Counter[str]:
+    """Images per class (single-label) or per label (an image counts once for each of its labels)."""
+    return Counter(name for label in labels for name in label_set(label))
+
+
+def task_of(labels: Iterable[Label]) -> str:
+    return MULTI if any(is_multi(label) for label in labels) else SINGLE
+
+
+def multi_label_lines(labels: list[Label], classes: list[str], top_pairs: int = 5) -> list[str]:
+    """Summary lines of label sets: images per label, cardinality, images with no label, and
+    the most frequent co-occurring pairs."""
+    sets = [label_set(label) for label in labels]
+    counts = label_counts(labels)
+    pairs = Counter(pair for s in sets for pair in combinations(sorted(s), 2))
+    lines = ["    per label: " + ", ".join(f"{c}={counts.get(c, 0)}" for c in classes),
+             f"    labels per image: {sum(map(len, sets)) / max(1, len(sets)):.2f}; "
+             f"images with no label: {sum(not s for s in sets)}"]
+    if pairs:
+        lines.append("    most frequent pairs: " + ", ".join(f"{a}+{b}={n}" for (a, b), n in pairs.most_common(top_pairs)))
+    return lines

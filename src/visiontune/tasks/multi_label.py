@@ -1,0 +1,156 @@
+"""A set of labels per image (possibly empty): one sigmoid per label, binary cross-entropy,
+a threshold per label; mAP (threshold-free) is the headline metric.
+
+Thresholds: 0.5 for every label by default; `tune_thresholds` picks, per label, the one
+that maximises that label's F1 on the given (validation) outputs, falling back to the
+global threshold for labels with fewer than MIN_POSITIVES positives there. They are
+stored with the weights (`metadata`) and used wherever predictions become label sets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from itertools import product
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import precision_recall_curve
+from torch import nn
+
+from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
+from visiontune.tasks.metrics import format_matrix, format_table, multilabel_metrics, per_label_report
+
+MIN_POSITIVES = 5  # a label needs this many positives in validation to get a threshold of its own
+MAX_POS_WEIGHT = 100.0
+
+
+class BinaryCrossEntropy(TaskLoss):
+    """Mean binary cross-entropy over images x labels; `pos_weight` per label (--balance
+    weights); label smoothing moves targets to eps/2 and 1 - eps/2."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.pos_weight, self.label_smoothing = pos_weight, label_smoothing
+
+    def total(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        y = targets.float()
+        if self.label_smoothing:
+            y = y * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight, reduction="sum")
+
+    def norm(self, targets: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(targets.numel()), device=targets.device)
+
+
+class MultiLabel(Task):
+    name = "multi-label"
+    description = "a set of labels per image (maybe empty): sigmoid + binary cross-entropy; mAP, F1"
+    headline = ("mAP", "macro_f1", "loss")
+    higher_is_better = {"mAP": True, "micro_f1": True, "macro_f1": True, "samples_f1": True,
+                        "subset_accuracy": True, "hamming_loss": False, "val_loss": False, "train_loss": False}
+
+    def __init__(self, classes: Sequence[str], thresholds: Sequence[float] | None = None,
+                 threshold: float = 0.5) -> None:
+        super().__init__(classes)
+        self.threshold = threshold
+        self.thresholds = np.full(len(self.classes), threshold) if thresholds is None else np.asarray(thresholds, float)
+
+    def encode(self, labels: Sequence[Any]) -> torch.Tensor:
+        y = torch.zeros(len(labels), self.num_classes)
+        for row, label in enumerate(labels):
+            names = label if isinstance(label, tuple) else (label,)
+            y[row, [self.index[n] for n in names]] = 1.0
+        return y
+
+    def marker(self, value: int) -> torch.Tensor:
+        return torch.full((self.num_classes,), float(value))
+
+    def loss(self, weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> TaskLoss:
+        return BinaryCrossEntropy(weights, label_smoothing)
+
+    def balance_weights(self, labels: Sequence[Any]) -> list[float]:
+        """pos_weight = negatives / positives per label (at most MAX_POS_WEIGHT)."""
+        counts = Counter(n for label in labels for n in (label if isinstance(label, tuple) else (label,)))
+        total = len(labels)
+        return [min(MAX_POS_WEIGHT, (total - counts[c]) / counts[c]) if counts.get(c) else 1.0 for c in self.classes]
+
+    def oversample_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """1 / images of the image's rarest label (images with no label: 1 / their number)."""
+        y = targets > 0.5
+        per_label = 1.0 / y.sum(dim=0).float().clamp(min=1)
+        weights = (y.float() * per_label[None, :]).max(dim=1).values
+        none = ~y.any(dim=1)
+        return torch.where(none, 1.0 / none.sum().clamp(min=1).float(), weights)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid()
+
+    def predictions(self, probs: np.ndarray) -> np.ndarray:
+        return (probs >= self.thresholds[None, :]).astype(int) if len(probs) else np.zeros((0, self.num_classes), int)
+
+    def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+        return multilabel_metrics(np.asarray(targets), probs, self.predictions(probs))
+
+    def report(self, targets: np.ndarray, probs: np.ndarray) -> Report:
+        y, preds = np.asarray(targets).astype(int), self.predictions(probs)
+        rows = per_label_report(y, probs, preds, self.classes, self.thresholds)
+        tp, fp = (y * preds).sum(0), ((1 - y) * preds).sum(0)
+        fn, tn = (y * (1 - preds)).sum(0), ((1 - y) * (1 - preds)).sum(0)
+        matrix = np.stack([tp, fp, fn, tn], axis=1)
+        text = "\n".join(format_table(rows, self.classes) + [""] + format_matrix(
+            matrix, self.classes, ["TP", "FP", "FN", "TN"], "per-label confusion (rows: labels)"))
+        return Report(rows, matrix, text, self.confused_pairs(y, preds), ("TP", "FP", "FN", "TN"))
+
+    def confused_pairs(self, y: np.ndarray, preds: np.ndarray) -> list[tuple[int, str, str]]:
+        """(count, actual, predicted): label `predicted` was predicted but absent while
+        `actual` was present but missed, in the same image."""
+        pairs: Counter[tuple[str, str]] = Counter()
+        for truth, guess in zip(y, preds):
+            missed, extra = np.flatnonzero(truth & (1 - guess)), np.flatnonzero(guess & (1 - truth))
+            pairs.update((self.classes[a], self.classes[p]) for a, p in product(missed, extra))
+        return sorted(((n, a, p) for (a, p), n in pairs.items()), reverse=True)
+
+    def sample_losses(self, targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        p = np.clip(probs, 1e-12, 1 - 1e-12)
+        y = np.asarray(targets, dtype=float)
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=1)
+
+    def describe(self, target: Any, probs: np.ndarray) -> tuple[str, str]:
+        predicted = [c for c, on in zip(self.classes, probs >= self.thresholds) if on]
+        actual = [c for c, on in zip(self.classes, np.asarray(target) > 0.5) if on]
+        return " ".join(predicted) or "(none)", " ".join(actual) or "(none)"
+
+    def decode(self, probs: np.ndarray, top_k: int) -> list[Decoded]:
+        k = max(1, min(top_k, self.num_classes))
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")
+            above = [i for i in order if row[i] >= self.thresholds[i]]
+            ranked = [(self.classes[i], float(row[i])) for i in order[:max(k, len(above))]]
+            out.append(Decoded([self.classes[i] for i in above], [float(row[i]) for i in above], ranked))
+        return out
+
+    def default_monitor(self, imbalance: float) -> str:
+        return "val_loss"
+
+    def tune_thresholds(self, targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Per label, the threshold with the best F1 on (targets, probs); the global one
+        where a label has fewer than MIN_POSITIVES positives. Sets and returns them."""
+        y = np.asarray(targets) > 0.5
+        tuned = np.full(self.num_classes, self.threshold)
+        for c in range(self.num_classes):
+            if y[:, c].sum() >= MIN_POSITIVES:
+                precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
+                f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(1e-12, precision[:-1] + recall[:-1])
+                tuned[c] = float(cuts[int(np.argmax(f1))])
+        self.thresholds = tuned
+        return tuned
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": self.name, "thresholds": [float(t) for t in self.thresholds], "threshold": self.threshold}
+
+    @classmethod
+    def from_metadata(cls, classes: Sequence[str], metadata: dict[str, Any]) -> Task:
+        return cls(classes, metadata.get("thresholds"), float(metadata.get("threshold", 0.5)))
