@@ -61,3 +61,27 @@ def _feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
 @pytest.fixture
 def tiny() -> dict:
     return dict(TINY)
+
+
+def make_multilabel_data(root: Path, n: int = 48, seed: int = 0, with_split: bool = False) -> Path:
+    """root/images/*.png on grey, each with a random subset of {red, green, blue} painted in
+    its quadrants (sometimes none), and root/labels.csv with path,labels[,split]."""
+    rng = np.random.default_rng(seed)
+    names = ("red", "green", "blue")
+    rows = [["path", "labels"] + (["split"] if with_split else [])]
+    for i in range(n):
+        present = [c for c in names if rng.random() < 0.45]
+        arr = np.full((40, 40, 3), 128.0) + rng.normal(0, 10, (40, 40, 3))
+        for q, c in enumerate(present):
+            y0, x0 = (q // 2) * 20, (q % 2) * 20
+            arr[y0:y0 + 20, x0:x0 + 20] = np.array(COLORS[c]) + rng.normal(0, 10, (20, 20, 3))
+        path = root / "images" / f"img_{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
+        split = ["test" if i % 6 == 0 else "valid" if i % 6 == 1 else "train"] if with_split else []
+        rows.append([f"images/{path.name}", " ".join(present)] + split)
+    with open(root / "labels.csv", "w", newline="") as fh:
+        import csv
+
+        csv.writer(fh).writerows(rows)
+    return root

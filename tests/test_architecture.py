@@ -210,9 +210,8 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 
 
 def test_tasks_registry_and_markers() -> None:
-    from visiontune.tasks.catalog import TASKS, make_task
-
     from visiontune.data.labels import TASK_CHOICES
+    from visiontune.tasks.catalog import TASKS, make_task
 
     task = make_task("single-label", ["a", "b"])
     assert set(TASKS) == set(TASK_CHOICES) - {"auto"}  # what --task offers is what the catalog has

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import visiontune as vt
-from conftest import make_class_folders
+from conftest import make_class_folders, make_multilabel_data
 
 ARGS = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32", "--epochs", "3",
         "--strategy", "gradual", "--freeze-epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-progress",
@@ -33,12 +33,16 @@ def _torchrun() -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
-    data = make_class_folders(tmp_path / "d", {"red": 10, "green": 10})  # 16 train, 4 valid
+@pytest.mark.parametrize("task", ["single-label", "multi-label"])
+def test_two_gloo_processes_match_one_process(tmp_path: Path, task: str) -> None:
+    if task == "single-label":
+        data, extra = make_class_folders(tmp_path / "d", {"red": 10, "green": 10}), []  # 16 train, 4 valid
+    else:
+        data, extra = make_multilabel_data(tmp_path / "d", n=24), ["--csv", "labels.csv", "--valid-pct", "0.25"]
     env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for n in (1, 2):
         subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", "-m", "visiontune", "-q", "train",
-                        str(data), *ARGS, "--output", str(tmp_path / f"w{n}"), "--name", "run"],
+                        str(data), *ARGS, *extra, "--output", str(tmp_path / f"w{n}"), "--name", "run"],
                        env=env, check=True, capture_output=True, timeout=300)
     one, two = tmp_path / "w1" / "run", tmp_path / "w2" / "run"
     assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["run"]  # rank 1 wrote nothing

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from visiontune.analysis.duplicates import DuplicatePair, find_duplicates
@@ -32,9 +33,10 @@ from visiontune.analysis.plots import save_confusion, save_curves, save_filters,
 from visiontune.analysis.report import write_report
 from visiontune.analysis.saliency import first_layer_filters, grad_cam
 from visiontune.bundle import Bundle, load_bundle
-from visiontune.config import DataConfig
+from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
+from visiontune.data.labels import MULTI, Label, label_set, parse_label_set
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
@@ -116,19 +118,25 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
 def _context(run: Path, data: str | os.PathLike[str] | None, device: str) -> Context:
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
-    cfg = bundle.config
-    items = _items(run, str(data) if data else None, cfg.seed if cfg else 0, cfg.data.valid_pct if cfg else 0.2)
+    items = _items(run, str(data) if data else None, bundle)
     known = set(bundle.classes)
     out = run / "interpret"
     out.mkdir(parents=True, exist_ok=True)
-    return Context(run, bundle, dev, out, [it for it in items if it[1] in known])
+    return Context(run, bundle, dev, out, [it for it in items if set(label_set(it[1])) <= known])
 
 
-def _items(run: Path, data: str | None, seed: int, valid_pct: float) -> Items:
+def _items(run: Path, data: str | None, bundle: Bundle) -> Items:
+    """(path, label, split) of the run's own images (splits.csv), or of `data`, in the
+    run's task shape."""
+    cfg = bundle.config or RunConfig()
+    delim, multi = cfg.data.label_delim, bundle.task.name == MULTI
     if data is None:
         with open(run / "splits.csv", newline="") as fh:
-            return [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
-    source = load_items(DataConfig(path=str(data), valid_pct=valid_pct), seed, min_classes=1)
+            rows = list(csv.DictReader(fh))
+        return [(r["path"], parse_label_set(r["label"], delim, "splits.csv") if multi else r["label"], r["split"])
+                for r in rows]
+    source = load_items(DataConfig(path=str(data), valid_pct=cfg.data.valid_pct, task=bundle.task.name,
+                                   label_delim=delim), cfg.seed, min_classes=1)
     return [(it.path, it.label, it.split) for it in source.items]
 
 
@@ -143,14 +151,17 @@ def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tu
 
 
 def write_confusion(ctx: Context, report: Report) -> None:
-    """confusion.png/.csv, confusion_normalized.csv, per_class.csv, most_confused.csv."""
+    """confusion.png/.csv (+ confusion_normalized.csv for classes x classes), per_class.csv,
+    most_confused.csv. Multi-label: one row of TP/FP/FN/TN per label."""
     classes, matrix = ctx.bundle.classes, report.confusion
-    save_confusion(ctx.out / "confusion.png", matrix, classes)
-    header = ["actual \\ predicted", *classes]
+    columns = list(report.columns) if report.columns else None
+    save_confusion(ctx.out / "confusion.png", matrix, classes, columns)
+    header = ["actual \\ predicted" if columns is None else "label", *(columns or classes)]
     write_csv(ctx.out / "confusion.csv", header, [[c, *row.tolist()] for c, row in zip(classes, matrix)])
-    norm = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
-    write_csv(ctx.out / "confusion_normalized.csv", header,
-              [[c, *[f"{v:.4f}" for v in row]] for c, row in zip(classes, norm)])
+    if columns is None:
+        norm = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
+        write_csv(ctx.out / "confusion_normalized.csv", header,
+                  [[c, *[f"{v:.4f}" for v in row]] for c, row in zip(classes, norm)])
     write_csv(ctx.out / "per_class.csv", list(report.rows[0]), [list(r.values()) for r in report.rows])
     write_csv(ctx.out / "most_confused.csv", ["actual", "predicted", "count"],
               [[a, p, c] for c, a, p in report.confused])
@@ -181,14 +192,25 @@ def write_saliency(target: Path, ctx: Context, paths: list[str]) -> None:
         images, heats, titles = [], [], []
         for p in paths:
             image = load_rgb(p, side)
-            heat, cls = grad_cam(bundle.model, tf(image).unsqueeze(0).to(ctx.device))
-            images.append(np.asarray(image.resize((size, size), Image.BILINEAR)))
-            heats.append(heat)
-            titles.append(f"Grad-CAM: {bundle.classes[cls]}")
+            x = tf(image).unsqueeze(0).to(ctx.device)
+            shown = np.asarray(image.resize((size, size), Image.BILINEAR))
+            for name in _explained_labels(bundle, x):  # each predicted label (multi-label: up to 3)
+                heat, _ = grad_cam(bundle.model, x, bundle.task.index[name])
+                images.append(shown)
+                heats.append(heat)
+                titles.append(f"Grad-CAM: {name}")
         if images:
             save_grid(target, images, titles, overlays=heats)
     except VisiontuneError as exc:
         log.warning("saliency skipped: %s", exc)
+
+
+def _explained_labels(bundle: Bundle, x: torch.Tensor, most: int = 3) -> list[str]:
+    """The labels the model predicts for `x` (the most probable one when none passes)."""
+    with torch.inference_mode():
+        probs = bundle.task.probabilities(bundle.model.eval()(x)).float().cpu().numpy()
+    decoded = bundle.task.decode(probs, 1)[0]
+    return decoded.labels[:most] or [decoded.ranked[0][0]]
 
 
 def _features(ctx: Context) -> np.ndarray:
@@ -220,7 +242,10 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
     if oof:
         with open(oof, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        paths, labels = [r["path"] for r in rows], [r["label"] for r in rows]
+        cfg = ctx.bundle.config or RunConfig()
+        paths = [r["path"] for r in rows]
+        labels: list[Label] = [parse_label_set(r["label"], cfg.data.label_delim, str(oof))
+                               if ctx.bundle.task.name == MULTI else r["label"] for r in rows]
         probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
     else:
         keep = [i for i, (_, _, split) in enumerate(ctx.items) if include_test or split != TEST]

@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn import config_context
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from visiontune.data.labels import Label, indicator, is_multi, label_set
 from visiontune.data.splits import fold_count
 
 
@@ -38,9 +41,11 @@ class Suspect:
     flagged: bool  # a label issue by confident learning (see flag_method())
 
 
-def rank_mislabels(paths: list[str], labels: list[str], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
+def rank_mislabels(paths: list[str], labels: list[Label], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
     """Every image, lowest self-confidence first, with its most likely other class and
-    whether confident learning flags it."""
+    whether confident learning flags it. Label sets: see `rank_label_sets`."""
+    if labels and is_multi(labels[0]):
+        return rank_label_sets(paths, labels, probs, classes)
     idx = {c: i for i, c in enumerate(classes)}
     y = np.array([idx[lb] for lb in labels])
     self_conf = probs[np.arange(len(y)), y]
@@ -53,6 +58,33 @@ def rank_mislabels(paths: list[str], labels: list[str], probs: np.ndarray, class
         out.append(Suspect(paths[i], labels[i], classes[best], float(self_conf[i]), float(probs[i, best]),
                            bool(flagged[i])))
     return out
+
+
+def rank_label_sets(paths: list[str], labels: list[Label], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
+    """Multi-label: an image's self-confidence is its least agreeing label's (p where the
+    label is given, 1 - p where it is not); `predicted` names the suspected changes
+    ("+dog" missing, "-cat" extra: out-of-fold p on the other side of 0.5); flags from
+    cleanlab's multi-label find_label_issues (or any suspected change without cleanlab)."""
+    y = indicator(labels, classes)
+    agree = np.where(y == 1, probs, 1 - probs)
+    self_conf = agree.min(axis=1)
+    flagged = _flag_label_sets(y, probs)
+    out = []
+    for i in np.argsort(self_conf, kind="stable"):
+        changes = [("-" if y[i, c] else "+") + classes[c] for c in np.flatnonzero(agree[i] < 0.5)]
+        out.append(Suspect(paths[i], " ".join(label_set(labels[i])), " ".join(changes), float(self_conf[i]),
+                           float(1 - self_conf[i]), bool(flagged[i])))
+    return out
+
+
+def _flag_label_sets(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    if _cleanlab_version():
+        from cleanlab.multilabel_classification.filter import find_label_issues  # optional extra
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return np.asarray(find_label_issues([list(np.flatnonzero(r)) for r in y], probs), dtype=bool)
+    return ((probs >= 0.5) != (y == 1)).any(axis=1)
 
 
 def flag_method() -> str:
@@ -99,9 +131,17 @@ def probe_estimator() -> Any:
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
-def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str], seed: int = 0,
+def oof_probabilities(features: np.ndarray, labels: list[Label], classes: list[str], seed: int = 0,
                       folds: int = 5) -> np.ndarray:
-    """Out-of-fold class probabilities from a logistic-regression probe on `features`."""
+    """Out-of-fold class probabilities from a logistic-regression probe on `features`
+    (one probe per label, iteratively stratified folds, for label sets)."""
+    if labels and is_multi(labels[0]):
+        y = indicator(labels, classes)
+        cv = MultilabelStratifiedKFold(n_splits=fold_count(labels, folds), shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # a label absent from a training fold is predicted constant
+            warnings.simplefilter("ignore", UserWarning)
+            return cross_val_predict(OneVsRestClassifier(probe_estimator()), features, y, cv=cv,
+                                     method="predict_proba")
     idx = {c: i for i, c in enumerate(classes)}
     y = np.array([idx[lb] for lb in labels])
     k = fold_count(labels, folds)

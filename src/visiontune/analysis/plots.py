@@ -31,16 +31,19 @@ def save_lr_curve(path: Path, lrs: list[float], losses: list[float], suggested: 
     return path
 
 
-def save_confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
+def save_confusion(path: Path, matrix: np.ndarray, classes: list[str], columns: list[str] | None = None) -> None:
+    """Actual x predicted counts and the same normalised by actual; with `columns` (e.g.
+    TP/FP/FN/TN per label) one panel of counts with those columns."""
     norm = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
     side = max(4.0, 0.6 * len(classes) + 2)
-    fig, axes = _subplots(1, 2, (2 * side, side))
-    for ax, data, title in ((axes[0], matrix, "counts"), (axes[1], norm, "normalised by actual")):
+    panels = [(matrix, "counts")] + ([(norm, "normalised by actual")] if columns is None else [])
+    fig, axes = _subplots(1, len(panels), (side * len(panels), side), squeeze=False)
+    for ax, (data, title) in zip(axes[0], panels):
         ax.imshow(data, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_xticks(range(data.shape[1]), columns or classes, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
+        ax.set_xlabel("predicted" if columns is None else "")
+        ax.set_ylabel("actual" if columns is None else "label")
         ax.set_title(title)
         for (i, j), v in np.ndenumerate(data):
             ax.text(j, i, f"{v:.2f}" if data is norm else f"{int(v)}", ha="center", va="center",

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from visiontune.data.labels import label_set
 from visiontune.files import write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -38,7 +39,7 @@ def _section(ident: str, title: str, body: str) -> str:
 def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, str]], classes: list[str],
                  per_class: list[dict[str, Any]], confused: list[tuple[int, str, str]]) -> None:
     out = path.parent
-    counts = Counter((s, lb) for _, lb, s in items)
+    counts = Counter((s, name) for _, lb, s in items for name in label_set(lb))
     splits = sorted({s for _, _, s in items})
     data_rows = [[c, *[counts.get((s, c), 0) for s in splits]] for c in classes]
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "(no config.yaml)"

@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Iterable
 from itertools import combinations
 
+import numpy as np
+
 from visiontune.errors import DataError
 
 Label = str | tuple[str, ...]
@@ -46,6 +48,16 @@ def parse_label_set(text: str, delim: str, where: str) -> tuple[str, ...]:
 def label_counts(labels: Iterable[Label]) -> Counter[str]:
     """Images per class (single-label) or per label (an image counts once for each of its labels)."""
     return Counter(name for label in labels for name in label_set(label))
+
+
+def indicator(labels: Iterable[Label], classes: list[str]) -> np.ndarray:
+    """(N, C) 0/1 matrix: row i has a 1 for each class (label) of labels[i]."""
+    index = {c: i for i, c in enumerate(classes)}
+    rows = list(labels)
+    y = np.zeros((len(rows), len(classes)), dtype=int)
+    for row, label in enumerate(rows):
+        y[row, [index[name] for name in label_set(label)]] = 1
+    return y
 
 
 def task_of(labels: Iterable[Label]) -> str:

@@ -22,7 +22,7 @@ from sklearn.model_selection import (
 )
 
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import Label, is_multi, label_counts, label_set
+from visiontune.data.labels import Label, indicator, is_multi, label_counts
 from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,7 @@ def _group_split(labels: list[str], groups: list[str], valid_pct: float, seed: i
 
 
 def multi_hot(labels: list[Label]) -> np.ndarray:
-    names = sorted(label_counts(labels))
-    index = {c: i for i, c in enumerate(names)}
-    y = np.zeros((len(labels), max(1, len(names))), dtype=np.int8)
-    for row, label in enumerate(labels):
-        y[row, [index[c] for c in label_set(label)]] = 1
-    return y
+    return indicator(labels, sorted(label_counts(labels)))
 
 
 def _multi_label_split(labels: list[Label], valid_pct: float, seed: int, groups: list[str] | None) -> list[int]:

@@ -40,7 +40,7 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune</ti
 <style>body{font-family:system-ui,sans-serif;max-width:640px;margin:3em auto}
 #drop{border:2px dashed #888;padding:2em;text-align:center;border-radius:8px}
 #drop.over{background:#eef}table{margin-top:1em;border-collapse:collapse}
-td{padding:.3em .8em;border-bottom:1px solid #ddd}.err{color:#b00020}</style></head><body>
+td{padding:.3em .8em;border-bottom:1px solid #ddd}.err{color:#b00020}.chosen{font-weight:bold}</style></head><body>
 <h1>visiontune</h1><p>Model: <b>__NAME__</b>, classes: __CLASSES__</p>
 <div id="drop">Drop an image here, or <input id="file" type="file" accept="image/*"></div>
 <div id="result"></div>
@@ -53,10 +53,12 @@ async function send(file) {
   const data = await r.json();
   if (!r.ok) { result.innerHTML = '<p class="err" id="error"></p>';
                document.getElementById('error').textContent = data.detail; return; }
-  result.innerHTML = '<table id="predictions"></table>';
+  result.innerHTML = '<p id="labels"></p><table id="predictions"></table>';
+  document.getElementById('labels').textContent = data.labels.length
+    ? 'Predicted: ' + data.labels.join(', ') : 'No label above its threshold; the most probable:';
   const table = document.getElementById('predictions');
   for (const p of data.predictions) {
-    const row = table.insertRow(); row.className = 'prediction';
+    const row = table.insertRow(); row.className = 'prediction' + (data.labels.includes(p.label) ? ' chosen' : '');
     row.insertCell().textContent = p.label; row.insertCell().textContent = (100 * p.prob).toFixed(1) + '%';
   }
 }
@@ -148,11 +150,14 @@ class BatchPredictor:
                 future.set_result(result)
 
     @torch.inference_mode()
-    def _predict(self, x: torch.Tensor) -> list[list[dict[str, Any]]]:
+    def _predict(self, x: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image: the predicted labels (one class; multi-label: every label above its
+        threshold, maybe none) and the top-k ranked with probabilities."""
         task = self.bundle.task
         logits = self.bundle.model(x.to(memory_format=torch.channels_last))
         probs = task.probabilities(logits).float().numpy()
-        return [[{"label": label, "prob": prob} for label, prob in decoded.ranked]
+        return [{"labels": decoded.labels,
+                 "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked]}
                 for decoded in task.decode(np.asarray(probs), self.top_k)]
 
 
@@ -190,8 +195,8 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload larger than {max_bytes} bytes")
         x = await run_in_threadpool(decode, data, file.filename)
-        predictions = await asyncio.wrap_future(predictor.submit(x))
-        return {"file": file.filename, "predictions": predictions}
+        decoded = await asyncio.wrap_future(predictor.submit(x))
+        return {"file": file.filename, **decoded}
 
     return LimitRequestBody(app, max_bytes + MULTIPART_SLACK)
 

@@ -12,20 +12,26 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+from sklearn.metrics import average_precision_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from visiontune.analysis.mislabels import probe_estimator
-from visiontune.config import RunConfig
+from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
+from visiontune.data.labels import Label, indicator, is_multi, label_counts
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count
 from visiontune.models.classifier import create_classifier
@@ -103,43 +109,63 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
 def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
     """Measure `source` (train + valid images) and recommend a registered strategy."""
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
-    idx = source.class_index()
-    y = np.array([idx[it.label] for it in pool])
-    counts = np.bincount(y, minlength=len(source.classes))
+    labels = [it.label for it in pool]
+    counts = np.array(list(label_counts(labels).values()))
     model_cfg = cfg.model if cfg.model.weights != "none" else RunConfig().model
-    model, pre = create_classifier(model_cfg, len(source.classes))
-    device = resolve_device(cfg.train.device)
-    prepare_model(model, device, cfg.train.channels_last)
-    cache = cache_for(model_cfg.backbone, model.backbone, pre, cfg.train.cache_dir)
-    with torch.no_grad():
-        feats, _ = extract_features(model.backbone, [it.path for it in pool], pre, device, cache,
-                                    cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 64, cfg.train.num_workers, cfg.train.channels_last)
-    folds = fold_count([it.label for it in pool], 5)
-    probe = _cv_score("probe", feats.numpy(), y, folds, cfg.seed)
-    baseline = _cv_score("knn", _pixels([it.path for it in pool]), y, folds, cfg.seed)
-    chance = float(counts.max() / counts.sum())
+    feats = _frozen_features(cfg, model_cfg, source, [it.path for it in pool])
+    folds = fold_count(labels, 5)
+    score = _scorer(labels, source.classes, folds, cfg.seed)
+    probe = score(probe_estimator(), feats)
+    knn = KNeighborsClassifier(n_neighbors=min(5, max(1, len(labels) // (2 * folds))))
+    baseline = score(make_pipeline(StandardScaler(), knn), _pixels([it.path for it in pool]))
+    multi = bool(labels) and is_multi(labels[0])
+    # chance: the majority class's accuracy; for label sets, a random ranking's AP = the label's prevalence
+    chance = float(counts.mean() / len(labels)) if multi else float(counts.max() / counts.sum())
     similarity = (probe - chance) / max(1e-9, 1 - chance)
     median = float(statistics.median(counts[counts > 0]))
     strategy, reason = decide(median, similarity, probe, baseline)
-    reason = f"{reason} ({get_strategy(strategy).description})"
+    what, unit = ("mAP", "label") if multi else ("accuracy", "class")
     explanation = (
-        f"{len(pool)} images in {len(source.classes)} classes (median {median:.0f} per class, largest/smallest "
-        f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). A linear probe on frozen "
-        f"{model_cfg.backbone} features scores {probe:.3f} ({folds}-fold CV) against {baseline:.3f} for "
-        f"nearest neighbours on raw pixels and {chance:.3f} for the majority class, i.e. "
-        f"{similarity:.0%} of the possible gain over chance. So {strategy}: {reason}."
+        f"{len(pool)} images, {len(source.classes)} {unit}s (median {median:.0f} images per {unit}, largest/smallest "
+        f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). A linear probe on frozen {model_cfg.backbone} "
+        f"features scores {probe:.3f} {what} ({folds}-fold CV) against {baseline:.3f} for nearest neighbours on raw "
+        f"pixels and {chance:.3f} for chance, i.e. {similarity:.0%} of the possible gain over chance. So "
+        f"{strategy}: {reason} ({get_strategy(strategy).description})."
     )
     return Advice(strategy, explanation, len(pool), len(source.classes), median,
                   float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity)
 
 
-def _cv_score(kind: str, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    if kind == "probe":
-        est = probe_estimator()
-    else:
-        est = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(5, max(1, len(y) // (2 * folds)))))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(est, x, y, cv=cv).mean())
+def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource, paths: list[str]) -> np.ndarray:
+    model, pre = create_classifier(model_cfg, len(source.classes))
+    device = resolve_device(cfg.train.device)
+    prepare_model(model, device, cfg.train.channels_last)
+    cache = cache_for(model_cfg.backbone, model.backbone, pre, cfg.train.cache_dir)
+    batch = cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 64
+    with torch.no_grad():
+        feats, _ = extract_features(model.backbone, paths, pre, device, cache, batch, cfg.train.num_workers,
+                                    cfg.train.channels_last)
+    return feats.numpy()
+
+
+def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> Callable[[Any, np.ndarray], float]:
+    """estimator, features -> cross-validated accuracy (classes) or mAP (label sets)."""
+    if labels and is_multi(labels[0]):
+        y = indicator(labels, classes)
+        cv = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+
+        def mean_ap(est: Any, x: np.ndarray) -> float:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                probs = cross_val_predict(OneVsRestClassifier(est), x, y, cv=cv, method="predict_proba")
+            present = y.sum(axis=0) > 0
+            return float(average_precision_score(y[:, present], probs[:, present], average="macro"))
+
+        return mean_ap
+    index = {c: i for i, c in enumerate(classes)}
+    target = np.array([index[lb] for lb in labels])
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return lambda est, x: float(cross_val_score(est, x, target, cv=splits).mean())
 
 
 def _pixels(paths: list[str], size: int = 16) -> np.ndarray:

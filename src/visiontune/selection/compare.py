@@ -23,6 +23,7 @@ from visiontune.data.splits import group_keys, stratified_split
 from visiontune.errors import ConfigError
 from visiontune.files import write_json, write_text
 from visiontune.selection.cv import SELECTIONS, cross_validate
+from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
 from visiontune.train.strategies import STRATEGIES, strategy_names
 
@@ -30,17 +31,22 @@ from visiontune.train.strategies import STRATEGIES, strategy_names
 @dataclass
 class CompareRow:
     strategy: str
-    accuracy: float
-    macro_f1: float
-    loss: float
+    scores: dict[str, float]  # the task's headline metrics and "loss" (single-label: accuracy, macro_f1)
     selected_epoch: int  # the epoch whose weights were scored (0 when cross-validated)
     epochs_run: int
     seconds: float
     trainable_params: int
     protocol: str = ""  # which split chose the epochs and which one is reported
-    accuracy_std: float | None = None
-    macro_f1_std: float | None = None
-    loss_std: float | None = None
+    stds: dict[str, float] | None = None  # with folds
+
+    def __getattr__(self, name: str) -> float | None:
+        """`row.accuracy`, `row.loss`, `row.mAP`... and `row.accuracy_std`."""
+        scores, stds = self.__dict__.get("scores", {}), self.__dict__.get("stds")
+        if name in scores:
+            return scores[name]
+        if name.endswith("_std") and name[:-4] in scores:
+            return None if stds is None else stds[name[:-4]]
+        raise AttributeError(name)
 
 
 @dataclass
@@ -64,12 +70,13 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
     holdout = None if folds else holdout_for(source, cfg)
+    headline = TASKS[source.task].headline
     rows = []
     for strategy in strategies:
         weights = "none" if STRATEGIES[strategy].random_init else cfg.model.weights
         scfg = RunConfig.create(cfg, strategy=strategy, weights=weights, output=str(out_dir), name=strategy)
         started = time.perf_counter()
-        rows.append(_cv_row(scfg, source, folds, started) if folds else _holdout_row(scfg, holdout, started))
+        rows.append(_cv_row(scfg, source, folds, started) if folds else _holdout_row(scfg, holdout, headline, started))
     write_text(out_dir / "compare.md", format_compare(rows) + "\n")
     write_json(out_dir / "compare.json", [row.__dict__ for row in rows])
     return rows, str(out_dir)
@@ -90,35 +97,38 @@ def holdout_for(source: DataSource, cfg: RunConfig) -> Holdout:
     return Holdout(fit_on, report, "epochs chosen on an inner split of train; metrics on valid")
 
 
-def _holdout_row(cfg: RunConfig, holdout: Holdout | None, started: float) -> CompareRow:
+def _holdout_row(cfg: RunConfig, holdout: Holdout | None, headline: tuple[str, ...], started: float) -> CompareRow:
     assert holdout is not None
     result = train_run(cfg, holdout.source)
     metrics, _ = score_items(result, holdout.report)
-    return CompareRow(cfg.strategy.name, metrics.get("accuracy", float("nan")), metrics.get("macro_f1", float("nan")),
-                      metrics["loss"], result.best_epoch, len(result.history), time.perf_counter() - started,
-                      result.trainable_params, holdout.protocol + " (untouched by selection)")
+    return CompareRow(cfg.strategy.name, {m: metrics.get(m, float("nan")) for m in headline}, result.best_epoch,
+                      len(result.history), time.perf_counter() - started, result.trainable_params,
+                      holdout.protocol + " (untouched by selection)")
 
 
 def _cv_row(cfg: RunConfig, source: DataSource, folds: int, started: float) -> CompareRow:
     cv = cross_validate(config=cfg, folds=folds, source=source, name=f"{cfg.strategy.name}-cv")
-    return CompareRow(cfg.strategy.name, cv.mean["accuracy"], cv.mean["macro_f1"], cv.mean["loss"], 0, 0,
-                      time.perf_counter() - started, 0, f"{cv.num_folds}-fold CV: {SELECTIONS[cv.selection]}; "
-                      "metrics on each held-out fold", cv.std["accuracy"], cv.std["macro_f1"], cv.std["loss"])
+    return CompareRow(cfg.strategy.name, dict(cv.mean), 0, 0, time.perf_counter() - started, 0,
+                      f"{cv.num_folds}-fold CV: {SELECTIONS[cv.selection]}; metrics on each held-out fold",
+                      dict(cv.std))
 
 
 def format_compare(rows: list[CompareRow]) -> str:
-    caption = f"({rows[0].protocol})" if rows else ""
-    if any(r.accuracy_std is not None for r in rows):
-        head = f"| {'strategy':<16} | {'accuracy':>17} | {'macro_f1':>17} | {'loss':>17} | {'wall s':>7} |"
+    if not rows:
+        return ""
+    names, caption = list(rows[0].scores), f"({rows[0].protocol})"
+    if rows[0].stds is not None:
+        head = f"| {'strategy':<16} | " + " | ".join(f"{n:>17}" for n in names) + f" | {'wall s':>7} |"
         lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
         for r in rows:
-            lines.append(f"| {r.strategy:<16} | {r.accuracy:>8.4f} +- {r.accuracy_std:.4f} | {r.macro_f1:>8.4f} +- "
-                         f"{r.macro_f1_std:.4f} | {r.loss:>8.4f} +- {r.loss_std:.4f} | {r.seconds:>7.1f} |")
+            cells = " | ".join(f"{r.scores[n]:>8.4f} +- {r.stds[n]:.4f}" for n in names)  # type: ignore[index]
+            lines.append(f"| {r.strategy:<16} | {cells} | {r.seconds:>7.1f} |")
         return "\n".join([*lines, caption])
-    head = (f"| {'strategy':<16} | {'accuracy':>8} | {'macro_f1':>8} | {'loss':>8} | {'epoch':>5} | {'of':>3} | "
-            f"{'wall s':>7} | {'trainable':>11} |")
+    head = (f"| {'strategy':<16} | " + " | ".join(f"{n:>8}" for n in names)
+            + f" | {'epoch':>5} | {'of':>3} | {'wall s':>7} | {'trainable':>11} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
-        lines.append(f"| {r.strategy:<16} | {r.accuracy:>8.4f} | {r.macro_f1:>8.4f} | {r.loss:>8.4f} | "
-                     f"{r.selected_epoch:>5d} | {r.epochs_run:>3d} | {r.seconds:>7.1f} | {r.trainable_params:>11,} |")
+        cells = " | ".join(f"{r.scores[n]:>8.4f}" for n in names)
+        lines.append(f"| {r.strategy:<16} | {cells} | {r.selected_epoch:>5d} | {r.epochs_run:>3d} | "
+                     f"{r.seconds:>7.1f} | {r.trainable_params:>11,} |")
     return "\n".join([*lines, caption])

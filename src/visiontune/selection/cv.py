@@ -29,16 +29,17 @@ import numpy as np
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.labels import label_text
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
 from visiontune.errors import ConfigError
 from visiontune.files import write_csv, write_json
 from visiontune.selection.advisor import resolve_strategy
+from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("accuracy", "macro_f1", "loss")
 SELECTIONS = {
     "inner": "epochs chosen on an inner validation split of each fold's training part",
     "last": "a fixed epoch budget, last epoch's weights",
@@ -59,13 +60,14 @@ class CVResult:
     classes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     selection: str = "inner"
+    metrics: tuple[str, ...] = ("accuracy", "macro_f1", "loss")  # the task's headline
 
     def format(self) -> str:
         lines = [f"{self.num_folds}-fold cross-validation ({len(self.paths)} images, {self.seconds:.1f}s); "
                  f"{SELECTIONS[self.selection]}; each held-out fold scored untouched"]
         for i, f in enumerate(self.folds):
-            lines.append(f"  fold {i + 1}: " + "  ".join(f"{k} {f[k]:.4f}" for k in SUMMARY_METRICS))
-        lines.append("  mean +- std: " + "  ".join(f"{k} {self.mean[k]:.4f} +- {self.std[k]:.4f}" for k in SUMMARY_METRICS))
+            lines.append(f"  fold {i + 1}: " + "  ".join(f"{k} {f[k]:.4f}" for k in self.metrics))
+        lines.append("  mean +- std: " + "  ".join(f"{k} {self.mean[k]:.4f} +- {self.std[k]:.4f}" for k in self.metrics))
         lines.append(f"out-of-fold probabilities: {self.oof_path}")
         return "\n".join(lines)
 
@@ -83,6 +85,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
         cfg = RunConfig.create(config, **overrides)
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     k = fold_count([it.label for it in pool], folds)
+    headline = TASKS[source.task].headline
     out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
     probs = np.zeros((len(pool), len(source.classes)), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
@@ -90,22 +93,23 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     for i, held in enumerate(fold_indices(pool, k, cfg.seed)):
         log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))
         fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
-        rows.append(_run_fold(fold_cfg, source, pool, held, selection, probs))
+        metrics = _run_fold(fold_cfg, source, pool, held, selection, probs)
+        rows.append({m: float(metrics.get(m, float("nan"))) for m in headline})
         fold_of[held] = i + 1
-    mean = {m: statistics.fmean(r[m] for r in rows) for m in SUMMARY_METRICS}
-    std = {m: statistics.pstdev(r[m] for r in rows) for m in SUMMARY_METRICS}
+    mean = {m: statistics.fmean(r[m] for r in rows) for m in headline}
+    std = {m: statistics.pstdev(r[m] for r in rows) for m in headline}
     oof_path = out_dir / "oof.csv"
-    _write_oof(oof_path, pool, fold_of, probs, source.classes)
+    _write_oof(oof_path, pool, fold_of, probs, source.classes, cfg.data.label_delim)
     write_json(out_dir / "cv_summary.json", {"folds": rows, "mean": mean, "std": std, "num_folds": k,
                                              "strategy": cfg.strategy.name, "selection": SELECTIONS[selection]})
     return CVResult(rows, mean, std, str(oof_path), str(out_dir), k, probs, [it.path for it in pool],
-                    [it.label for it in pool], source.classes, time.perf_counter() - started, selection)
+                    [it.label for it in pool], source.classes, time.perf_counter() - started, selection, headline)
 
 
 def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.ndarray, selection: str,
               probs: np.ndarray) -> dict[str, float]:
     """Train on the fold's training part as `selection` says; score the held-out part
-    (its probabilities go into `probs`); return its metrics."""
+    (its probabilities go into `probs`); return the task's metrics and "loss" on it."""
     held_set = set(held.tolist())
     rest = [it for j, it in enumerate(pool) if j not in held_set]
     if selection == "inner":
@@ -120,10 +124,12 @@ def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.nda
     cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only
     metrics, out = score_items(train_run(cfg, fold_source), outer)
     probs[held] = out.probs
-    return {m: float(metrics.get(m, float("nan"))) for m in SUMMARY_METRICS}
+    return metrics
 
 
-def _write_oof(path: Path, pool: list[Item], fold_of: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+def _write_oof(path: Path, pool: list[Item], fold_of: np.ndarray, probs: np.ndarray, classes: list[str],
+               delim: str) -> None:
+    """One row per image: its label(s), fold, the most probable class and every probability."""
     write_csv(path, ["path", "label", "fold", "predicted", *[f"prob_{c}" for c in classes]],
-              ([it.path, it.label, int(fold), classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]]
+              ([it.path, label_text(it.label, delim), int(fold), classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]]
                for it, fold, p in zip(pool, fold_of, probs)))

@@ -144,7 +144,10 @@ class MultiLabel(Task):
             if y[:, c].sum() >= MIN_POSITIVES:
                 precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
                 f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(1e-12, precision[:-1] + recall[:-1])
-                tuned[c] = float(cuts[int(np.argmax(f1))])
+                best = int(np.argmax(f1))
+                # midway to the next lower score: the same F1 here, and no image sits on the threshold
+                below = probs[:, c][probs[:, c] < cuts[best]]
+                tuned[c] = float((cuts[best] + below.max()) / 2) if len(below) else float(cuts[best] / 2)
         self.thresholds = tuned
         return tuned
 
