@@ -104,6 +104,10 @@ class StrategyConfig:
     head_lr_mult: float = option(10.0, "head LR / backbone LR (d2l 14.2: 10x for the new layer)", gt=0.0)
     freeze: int | None = option(None, "freeze-k: leading backbone layer groups kept frozen (default: half)", ge=0)
     freeze_epochs: int = option(1, "gradual: head-only epochs before unfreezing", ge=0)
+    probe: str = option("converged", "how head-only phases fit the head while the backbone is frozen: converged "
+                                     "(logistic regression to convergence on the features, L2 chosen by k-fold CV; "
+                                     "one pass, --epochs does not apply to it) or sgd (epochs of the optimizer)",
+                        choices=("converged", "sgd"))
     layer_lr_ratio: float = option(10.0, "gradual: last / first backbone group LR after unfreezing", gt=0.0)
     unfreeze_lr_scale: float = option(0.5, "gradual: LR scale after unfreezing (fastai halves it)", gt=0.0)
     frozen_bn: str = option("eval", "BatchNorm in frozen groups: eval keeps the statistics", choices=("eval", "train"))

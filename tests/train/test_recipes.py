@@ -25,7 +25,7 @@ def test_sgd_trains_with_nesterov_momentum_at_its_own_defaults(flat_data: Path, 
     opt = prepare_run(cfg, load_items(cfg.data)).optimizer
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert cfg.train.resolved_lr() == 1e-2 and cfg.train.resolved_weight_decay() == 1e-4
-    r = vt.fit(flat_data, **dict(tiny, optimizer="sgd", strategy="feature-extract", epochs=10, lr=3.0,
+    r = vt.fit(flat_data, **dict(tiny, optimizer="sgd", strategy="feature-extract", probe="sgd", epochs=10, lr=3.0,
                                  output=str(tmp_path / "runs")))
     assert r.history[-1]["train_loss"] < r.history[0]["train_loss"] and r.metrics["accuracy"] >= 0.8
 
@@ -85,7 +85,7 @@ def test_a_torchvision_backbone_end_to_end(split_data: Path, tmp_path: Path, tin
     kw = dict(tiny, backbone="torchvision:mobilenet_v3_small", strategy="gradual", epochs=2,
               output=str(tmp_path / "runs"))
     r = vt.fit(split_data, **kw)
-    assert len(r.history) == 2 and r.history[0]["phase"] == "head only"
+    assert len(r.history) == 2 and r.history[0]["phase"] == "head only"  # random init: BN trains, no probe
     preds, _ = vt.predict(r.run_dir, split_data / "test")
     assert len(preds) == 6 and {p.label for p in preds} <= {"red", "green"}
     report = vt.evaluate(r.run_dir, split_data)  # the dataset root: its test/ split

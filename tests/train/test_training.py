@@ -56,7 +56,7 @@ def test_fit_learns_writes_a_run_and_is_reproducible(flat_data: Path, tmp_path: 
     # A frozen random backbone with BatchNorm in eval mode gives stable features; the head
     # alone separates red from green. (A random backbone trained end to end on 20 images
     # mostly learns BatchNorm statistics in 6 epochs.)
-    kw = dict(tiny, strategy="feature-extract", epochs=6, lr=3e-2, output=str(tmp_path / "runs"))
+    kw = dict(tiny, strategy="feature-extract", probe="sgd", epochs=6, lr=3e-2, output=str(tmp_path / "runs"))
     a = vt.fit(flat_data, name="a", **kw)
     b = vt.fit(flat_data, name="b", **kw)
     assert a.metrics["accuracy"] >= 0.8  # red vs green is easy

@@ -62,10 +62,16 @@ def layer_groups(model: Classifier) -> list[LayerGroup]:
     return groups
 
 
-def make_plan(model: Classifier, s: StrategyConfig, t: TrainConfig) -> Plan:
-    """The registered strategy `s.name` applied to this model's layer groups."""
+def make_plan(model: Classifier, s: StrategyConfig, t: TrainConfig, converged_probe: bool = False,
+              keeps_bn_statistics: bool = True) -> Plan:
+    """The registered strategy `s.name` applied to this model's layer groups; with
+    `converged_probe`, its head-only phases become one converged-probe pass each, unless
+    a later phase trains BatchNorm statistics (`keeps_bn_statistics` False): the probe is
+    fitted on eval-mode features, which batch statistics would change under it."""
     groups = tuple(layer_groups(model))
     phases = get_strategy(s.name).phases(StrategyContext(groups, t.epochs, t.resolved_lr(), s))
+    if converged_probe and (keeps_bn_statistics or all(p.head_only() for p in phases)):
+        phases = [p.as_probe() if p.head_only() else p for p in phases]
     return Plan(s.name, groups, tuple(phases))
 
 

@@ -73,8 +73,8 @@ class RunData:
         backbone group frozen and its BatchNorm in eval mode."""
         phase = self.plan.phases[phase_index]
         body_frozen = not any(on for on, g in zip(phase.trainable, self.plan.groups) if not g.is_head)
-        return (self.cfg.train.feature_cache and body_frozen and self.cfg.strategy.frozen_bn == "eval"
-                and not self.env.launched)
+        return ((self.cfg.train.feature_cache or phase.probe) and body_frozen
+                and self.cfg.strategy.frozen_bn == "eval" and not self.env.launched)
 
     def class_weights(self) -> torch.Tensor | None:
         """balance='weights': the task's loss weights from the training labels."""
@@ -147,7 +147,7 @@ class RunData:
     def features(self) -> PhaseData:
         if self._features is None:
             t = self.cfg.train
-            cache = self._cache()
+            cache = self._cache() if t.feature_cache else None  # the probe without a disk cache: in memory
             loaders: list[DataLoader | None] = []
             for split in (TRAIN, VALID):
                 paths, targets = self._targets(split)
@@ -155,7 +155,8 @@ class RunData:
                     loaders.append(None)
                     continue
                 feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache,
-                                                t.batch_size, t.num_workers, t.channels_last, memmap_dir=cache.dir)
+                                                t.batch_size, t.num_workers, t.channels_last,
+                                                memmap_dir=cache.dir if cache else None)
                 self.feature_stats.append(stats)
                 ds = FeatureDataset(feats, targets)
                 order = self._shuffle_args(targets) if split == TRAIN else {}

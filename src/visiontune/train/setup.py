@@ -51,10 +51,23 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
     if cfg.train.batch_size == "auto":
         cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
     task = make_task(source.task, source.classes, {"threshold": cfg.train.threshold})
-    plan = make_plan(model, cfg.strategy, cfg.train)
+    plan = make_plan(model, cfg.strategy, cfg.train, converged_probe=_probe_applies(cfg, model, env),
+                     keeps_bn_statistics=cfg.bn_modes()[1] == "eval")
     optimizer = build_optimizer(model, plan, cfg.train)
     data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)
     return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env)
+
+
+def _probe_applies(cfg: RunConfig, model: Classifier, env: DistEnv) -> bool:
+    """The converged probe fits a linear head on eval-mode features of one process."""
+    if cfg.strategy.probe != "converged":
+        return False
+    why = ("the head has a hidden layer" if cfg.model.head_hidden else
+           "frozen BatchNorm statistics train (--frozen-bn train)" if cfg.strategy.frozen_bn != "eval" else
+           "it runs under torchrun" if env.launched else "")
+    if why:
+        log.info("head-only phases train by SGD epochs: %s", why)
+    return not why
 
 
 def _auto_batch(cfg: RunConfig, model: Classifier, pre: Preprocess, source: DataSource, device: torch.device,

@@ -27,7 +27,7 @@ Built-ins (the peak learning rate `lr` is the head's; the backbone gets
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from visiontune.errors import ConfigError
@@ -49,6 +49,14 @@ class Phase:
     epochs: int
     trainable: tuple[bool, ...]  # one per layer group
     lrs: tuple[float, ...]  # peak LR per layer group (0 where frozen)
+    probe: bool = False  # head only, fitted to convergence in one pass (train/probe.py)
+
+    def head_only(self) -> bool:
+        return self.trainable[-1] and not any(self.trainable[:-1])
+
+    def as_probe(self) -> Phase:
+        """This head-only phase as one converged-probe pass (a 0-epoch phase stays empty)."""
+        return replace(self, name=f"{self.name} (converged probe)", epochs=min(self.epochs, 1), probe=True)
 
 
 @dataclass(frozen=True)

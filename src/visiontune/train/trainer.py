@@ -29,6 +29,7 @@ from visiontune.runtime.distributed import (
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.plan import apply_phase, set_train_modes
+from visiontune.train.probe import fit_probe, load_into
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
 from visiontune.train.setup import RunSetup
@@ -106,6 +107,8 @@ class Trainer:
         phase = self.plan.phases[phase_i]
         epoch_in_phase = epoch - self.plan.phase_start(phase_i)
         data = self.data(phase_i)
+        if phase.probe:
+            return self.fit_probe(data)
         steps = max(1, len(data.train))
         total_steps = phase.epochs * steps
         self.train_mode()
@@ -128,6 +131,20 @@ class Trainer:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         return reduce_mean(running, seen, self.env, self.device)
+
+    def fit_probe(self, data: PhaseData) -> float:
+        """Fit the head to convergence on this phase's training features (train/probe.py);
+        return its training loss."""
+        feats, targets = data.train.dataset.tensors  # type: ignore[attr-defined]
+        t = self.cfg.train
+        fit = fit_probe(np.asarray(feats), targets.numpy(), multi_label=targets.ndim == 2,
+                        balanced=t.balance != "none", seed=self.cfg.seed)
+        load_into(self.model.head, fit)
+        log.info("converged probe: logistic regression on %d feature vectors, L2 C = %s (chosen by k-fold CV)",
+                 len(targets), ", ".join(f"{c:g}" for c in sorted(set(fit.c))))
+        with torch.inference_mode():
+            logits = self.model.head(torch.as_tensor(np.asarray(feats)).to(self.device))
+            return float(self.criterion(logits.float(), targets.to(self.device)).item())
 
     def net_for(self, data: PhaseData) -> nn.Module:
         """What the batches go through: the head alone on cached features, else the model

@@ -1,0 +1,69 @@
+"""The converged linear probe: it reaches scikit-learn's own solution on the cached
+features, folds into the head exactly, handles two classes, many classes and label sets,
+and is the first phase of gradual (LP-FT) where it applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import visiontune as vt
+from conftest import make_class_folders
+from visiontune.train.probe import fit_probe, load_into
+
+
+def _blobs(classes: int, n: int = 90, dim: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.normal(size=(n, dim)) + 1.5 * np.eye(classes, dim)[y] + 3.0  # offset: the fold-in must undo it
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_folded_head_computes_sklearns_probabilities(classes: int) -> None:
+    x, y = _blobs(classes)
+    fit = fit_probe(x, y, multi_label=False)
+    head = torch.nn.Sequential(torch.nn.Linear(x.shape[1], classes))
+    load_into(head, fit)
+    probs = head(torch.from_numpy(x)).softmax(1).detach().numpy()
+    mean = x.mean(0)
+    scale = float(np.sqrt(((x - mean) ** 2).mean(1).mean())) + 1e-6
+    reference = LogisticRegression(C=fit.c[0], max_iter=1000).fit((x - mean) / scale, y)
+    np.testing.assert_allclose(probs, reference.predict_proba((x - mean) / scale), atol=1e-4)
+    assert fit.c[0] in (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def test_label_sets_get_one_binary_probe_each_and_constant_labels_a_constant() -> None:
+    x, y = _blobs(3)
+    targets = np.stack([y == 0, y == 1, np.zeros_like(y, dtype=bool)], axis=1).astype(float)
+    fit = fit_probe(x, targets, multi_label=True)
+    head = torch.nn.Linear(x.shape[1], 3)
+    load_into(head, fit)
+    probs = head(torch.from_numpy(x)).sigmoid().detach().numpy()
+    assert ((probs[:, :2] > 0.5) == targets[:, :2].astype(bool)).mean() > 0.9
+    assert np.allclose(probs[:, 2], probs[0, 2]) and probs[0, 2] < 0.01  # never present
+
+
+def test_feature_extract_fits_the_head_in_one_pass_to_the_probes_accuracy(tmp_path: Path, tiny: dict) -> None:
+    """--epochs does not apply: one converged pass, and its accuracy is at least what 20
+    SGD epochs reach on the same features."""
+    data = make_class_folders(tmp_path / "d", {"red": 16, "green": 16, "blue": 16})
+    kw = dict(tiny, strategy="feature-extract", lr=3e-2, output=str(tmp_path / "runs"))
+    probe = vt.fit(data, epochs=20, **kw)
+    sgd = vt.fit(data, epochs=20, probe="sgd", **kw)
+    assert len(probe.history) == 1 and probe.history[0]["phase"] == "head only (converged probe)"
+    assert len(sgd.history) == 20
+    assert probe.metrics["accuracy"] >= sgd.metrics["accuracy"]
+
+
+def test_gradual_starts_fine_tuning_from_the_converged_probe(tmp_path: Path, tiny: dict) -> None:
+    data = make_class_folders(tmp_path / "d", {"red": 10, "green": 10})
+    r = vt.fit(data, **dict(tiny, strategy="gradual", epochs=3, trainable_bn="eval", output=str(tmp_path / "r")))
+    assert [h["phase"] for h in r.history] == ["head only (converged probe)", "all, discriminative LRs",
+                                               "all, discriminative LRs"]
+    hidden = vt.fit(data, **dict(tiny, strategy="gradual", epochs=3, head_hidden=8, output=str(tmp_path / "h")))
+    assert hidden.history[0]["phase"] == "head only"  # a hidden layer: SGD epochs, as before
