@@ -91,10 +91,11 @@ class EvalResult:
 
 def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: str | None = None,
              label_delim: str | None = None, batch_size: int = 64, device: str = "auto",
-             num_workers: int | None = None, progress: bool = False) -> EvalResult:
+             num_workers: int | None = None, progress: bool = False, tta: bool = False) -> EvalResult:
     """Score a trained run on labelled images: class subfolders (a dataset root with a test/
     or valid/ folder uses that split) or a `csv` of path,label(s)[,split] (its test split,
-    else valid, else every row). Labels are read in the run's task shape."""
+    else valid, else every row). Labels are read in the run's task shape. `tta`: average
+    the logits of 4 views per image (data/transforms.py)."""
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
     delim = label_delim or (bundle.config.data.label_delim if bundle.config else " ")
@@ -108,7 +109,7 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
         raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; "
                         f"it knows {bundle.task.classes}")
     ds = eval_dataset([it.path for it in items], bundle.task.encode([it.label for it in items]), bundle.preprocess,
-                      mark_unreadable=True)
+                      mark_unreadable=True, tta=tta)
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task, progress)
     paths, unreadable = _drop_unreadable_rows(ds.paths, out)  # run_eval's loss already leaves them out
     metrics = {**bundle.task.metrics(out.targets, out.probs), "loss": out.loss}
@@ -131,17 +132,18 @@ class Prediction:
 
 def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
             top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
-            ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+            tta: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Classify image files and folders (searched recursively) with a run directory, its
     model.safetensors, or an exported .onnx / .ts file. Returns the predictions and the
-    (path, reason) of inputs that were skipped (hidden, not images, unreadable)."""
+    (path, reason) of inputs that were skipped (hidden, not images, unreadable). `tta`:
+    average the logits of 4 views per image."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths, skipped = collect_images([str(p) for p in inputs])
     dev, bundle, channels_last = _predictor(run, device)
     if not paths:
         return [], skipped
-    ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True)  # each file decoded once
+    ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                    channels_last=channels_last)
     paths, unreadable = _drop_unreadable_rows(paths, out)

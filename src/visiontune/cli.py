@@ -61,6 +61,8 @@ def _add_option(group: Any, f: Any) -> None:
     shown = "" if f.default is None or f.default == "" else f" ({f.default})"
     group.add_argument(flag, dest=key, type=_annotation_type(f), choices=choices_of(f), default=None,
                        metavar=meta.get("metavar"), help=meta["help"] + shown)
+    for alias, value in (meta.get("aliases") or {}).items():
+        group.add_argument(alias, dest=key, action="store_const", const=value, help=f"same as {flag} {value}")
 
 
 def add_run_options(p: argparse.ArgumentParser, section: type | None = None) -> None:
@@ -117,6 +119,8 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--output", help="write all predictions to a .csv or .json file")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image "
+                   "(center, mirrored, whole image, mirrored); ~4x the time")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
 
@@ -126,6 +130,7 @@ def _add_use_commands(sub: Any) -> None:
                    "the --csv paths are relative to")
     p.add_argument("--csv", help="CSV of path,label(s)[,split]: its test split, else valid, else every row")
     p.add_argument("--label-delim", help="separator of a multi-label CSV's labels (default: the run's)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write metrics, report and confusion matrix to this .json file")

@@ -78,7 +78,7 @@ def find_lr(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     preds, skipped = api.predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                                 device=args.device)
+                                 device=args.device, tta=args.tta)
     for p in preds:
         print(_prediction_line(p))
     for path, why in skipped:
@@ -118,7 +118,7 @@ def _write_predictions(path: str, preds: list[api.Prediction]) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     result = api.evaluate(args.run, args.data, csv=args.csv, label_delim=args.label_delim,
-                          batch_size=args.batch_size, device=args.device)
+                          batch_size=args.batch_size, device=args.device, tta=args.tta)
     print(result.format())
     for path, why in result.excluded:
         print(f"excluded {path}: {why}", file=sys.stderr)

@@ -26,22 +26,31 @@ from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choic
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUGMENT_PRESETS = ("none", "light", "medium", "heavy")  # data/transforms.py says what each adds
+
+
+def _augment_preset(value: Any) -> Any:
+    """Configs from before the presets said augment: true / false."""
+    return {True: "light", False: "none"}.get(value, value) if isinstance(value, bool) else value
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
            flag: str | None = None, key: str | None = None, cli: bool = True, metavar: str | None = None,
-           parse: Callable[[str], Any] | None = None) -> Any:
+           parse: Callable[[str], Any] | None = None, aliases: dict[str, Any] | None = None,
+           coerce: Callable[[Any], Any] | None = None) -> Any:
     """A config field with its documentation: `help` (shown by --help), `choices` (a tuple
     or a function returning one, e.g. the strategy registry), bounds (`ge`/`gt`/`le`/`lt`,
     checked by `validate`; None values are not checked), `flag` (default `--field-name`;
     booleans get `--no-field-name` when they default to True, and then `help` says what
     that flag does), `key` (the flat name in
     `RunConfig.create` and the CLI; default the field name), `cli=False` for Python-only
-    options, and `parse` for values argparse cannot type from the annotation."""
+    options, `parse` for values argparse cannot type from the annotation, `aliases` for
+    extra flags that set a fixed value (e.g. {"--no-augment": "none"}) and `coerce` for
+    values older configs spelled differently."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag, "key": key,
-            "cli": cli, "metavar": metavar, "parse": parse}
+            "cli": cli, "metavar": metavar, "parse": parse, "aliases": aliases or {}, "coerce": coerce}
     return field(default=default, metadata=meta)
 
 
@@ -146,8 +155,13 @@ class TrainConfig:
     patience: int = option(3, "epochs without improvement before stopping; 0: never", ge=0)
     min_delta: float = option(0.0, "smallest change of --monitor that counts as an improvement", ge=0.0)
     restore_best: bool = option(True, "end with the last epoch's weights instead of the best ones")
-    augment: bool = option(True, "no random crop/flip on training images")
+    augment: str = option("light", "augmentation of training images: none, light (random resized crop + flip), "
+                                   "medium (+ RandAugment, random erasing), heavy (+ mixup / cutmix): timm's",
+                          choices=AUGMENT_PRESETS, aliases={"--no-augment": "none"}, coerce=_augment_preset)
     hflip: float = option(0.5, "probability of a horizontal flip", ge=0.0, le=1.0)
+    ema: bool = option(False, "also keep an exponential moving average of the weights (timm's ModelEmaV3, with "
+                              "warm-up); each epoch validates both and keeps the better")
+    ema_decay: float = option(0.999, "EMA decay (the warm-up starts lower)", gt=0.0, lt=1.0)
     min_scale: float = option(0.35, "random resized crop: smallest area fraction", gt=0.0, le=1.0)
     num_workers: int | None = option(None, "DataLoader worker processes (default from the device: CPU with <= 4 "
                                            "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 8)", ge=0)
@@ -202,7 +216,7 @@ class RunConfig:
             if key not in index:
                 raise ConfigError(f"unknown option {key!r}; did you mean {_suggest(key)}?")
             section, name = index[key]
-            changes[section][name] = value
+            changes[section][name] = _coerced(section, name, value)
         top = changes.pop("")
         new = {s: dataclasses.replace(getattr(cfg, s), **changes[s]) for s in changes}
         chosen = STRATEGIES.get(new["strategy"].name)
@@ -246,10 +260,17 @@ class RunConfig:
             if f.name in SECTION_TITLES:
                 section = raw.get(f.name) or {}
                 known = {g.name for g in fields(f.default_factory)}  # type: ignore[arg-type]
-                kwargs[f.name] = f.default_factory(**{k: v for k, v in section.items() if k in known})  # type: ignore[misc]
+                kwargs[f.name] = f.default_factory(**{k: _coerced(f.name, k, v)  # type: ignore[misc]
+                                                      for k, v in section.items() if k in known})
             elif f.name in raw:
                 kwargs[f.name] = raw[f.name]
         return cls(**kwargs)
+
+
+def _coerced(section: str, name: str, value: Any) -> Any:
+    field_ = next((f for s, f in option_fields() if s == section and f.name == name), None)
+    coerce = field_.metadata.get("coerce") if field_ is not None else None
+    return coerce(value) if coerce else value
 
 
 def option_fields(section: type | None = None) -> Iterator[tuple[str, dataclasses.Field[Any]]]:

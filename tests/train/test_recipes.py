@@ -46,9 +46,9 @@ def test_each_schedule_sets_the_lr_of_every_step(flat_data: Path, tiny: dict, sc
     seen: list[float] = []
     real = Trainer.train_step
 
-    def record(self, net, x, y):
+    def record(self, net, x, y, **kw):
         seen.append(self.optimizer.param_groups[-1]["lr"] / self.optimizer.param_groups[-1]["peak_lr"])
-        return real(self, net, x, y)
+        return real(self, net, x, y, **kw)
 
     monkeypatch.setattr(Trainer, "train_step", record)
     cfg = RunConfig.create(None, path=str(flat_data), strategy="finetune", epochs=3, schedule=schedule,

@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.data.images import load_rgb, shrink
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.transforms import eval_side, eval_transform, train_side, train_transform
+from visiontune.data.transforms import (
+    TTA_VIEWS,
+    eval_side,
+    eval_transform,
+    train_side,
+    train_transform,
+    tta_transform,
+)
 from visiontune.files import cache_root, save_entry
 from visiontune.tasks.base import NO_LABEL, UNREADABLE
 
@@ -77,9 +84,10 @@ class ImageDataset(Dataset):
 
     def __init__(self, paths: Sequence[str], targets: torch.Tensor | None, transform: Callable,
                  decode_side: int | None = None, cache: DecodedCache | None = None,
-                 unreadable_size: int | None = None) -> None:
+                 unreadable_size: int | None = None, unreadable_views: int = 0) -> None:
         self.paths = list(paths)
         self.targets = targets
+        self.unreadable_views = unreadable_views  # TTA: a blank stack of this many views
         self.transform = transform
         self.decode_side = decode_side
         self.cache = cache
@@ -95,7 +103,9 @@ class ImageDataset(Dataset):
         except Exception:
             if self.unreadable_size is None:
                 raise
-            return torch.zeros(3, self.unreadable_size, self.unreadable_size), self._marker(UNREADABLE)
+            size = self.unreadable_size
+            blank = torch.zeros(self.unreadable_views, 3, size, size) if self.unreadable_views else torch.zeros(3, size, size)
+            return blank, self._marker(UNREADABLE)
         target = self.targets[index] if self.targets is not None else self._marker(NO_LABEL)
         return self.transform(image), target
 
@@ -107,14 +117,17 @@ class ImageDataset(Dataset):
 
 
 def eval_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Preprocess,
-                 mark_unreadable: bool = False) -> ImageDataset:
-    """Images through the backbone's eval pipeline (resize, center crop, normalise);
+                 mark_unreadable: bool = False, tta: bool = False) -> ImageDataset:
+    """Images through the backbone's eval pipeline (resize, center crop, normalise), or
+    with `tta` the stacked test-time views of each (transforms.TTAViews);
     `mark_unreadable`: see ImageDataset's `unreadable_size`."""
-    return ImageDataset(paths, targets, eval_transform(pre), decode_side=eval_side(pre),
-                        unreadable_size=pre.input_size if mark_unreadable else None)
+    transform = tta_transform(pre) if tta else eval_transform(pre)
+    return ImageDataset(paths, targets, transform, decode_side=eval_side(pre),
+                        unreadable_size=pre.input_size if mark_unreadable else None,
+                        unreadable_views=TTA_VIEWS if tta else 0)
 
 
-def train_dataset(paths: Sequence[str], targets: torch.Tensor, pre: Preprocess, augment: bool, hflip: float,
+def train_dataset(paths: Sequence[str], targets: torch.Tensor, pre: Preprocess, augment: str, hflip: float,
                   min_scale: float, image_cache: bool, cache_dir: str | None = None) -> ImageDataset:
     """Training images: decoded at reduced scale and brought down to `train_side` (kept on
     disk when `image_cache`), then randomly cropped and flipped."""

@@ -1,7 +1,16 @@
 """Train and eval pipelines from the backbone's own preprocessing (`Preprocess`).
 
-train: random resized crop (scale `min_scale`..1) + horizontal flip, or the eval pipeline
-when augmentation is off; eval: resize to input_size / crop_pct, center crop, normalise.
+eval: resize to input_size / crop_pct, center crop, normalise. train, by preset:
+
+| preset | what it adds |
+|---|---|
+| none   | the eval pipeline |
+| light  | random resized crop (area `min_scale`..1) + horizontal flip |
+| medium | light + RandAugment (timm `rand-m9-mstd0.5-inc1`) + random erasing (p 0.25, per-pixel noise), timm's `create_transform` |
+| heavy  | medium + mixup (alpha 0.8) / cutmix (alpha 1.0) on each batch with soft targets (timm `Mixup`, applied by the trainer) |
+
+TTA (`tta_transform`): the eval view, its mirror image, the whole image (no crop) and its
+mirror, stacked; the model's logits are averaged over them.
 
 Two steps are fused for speed with the same result: the eval resize + center crop is one
 PIL resize of just the cropped region (`ResizeCenterCrop`, within 2 grey levels of
@@ -11,11 +20,12 @@ normalise is one pass (`ToNormalizedTensor`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform
 from torchvision.transforms import v2 as T
 
 from visiontune.data.preprocess import Preprocess
@@ -103,9 +113,34 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     return T.Compose([ResizeCenterCrop(eval_side(pre), pre.input_size, pre.interpolation), *_to_tensor(pre)])
 
 
-def train_transform(pre: Preprocess, augment: bool = True, hflip: float = 0.5, min_scale: float = 0.35) -> T.Compose:
-    if not augment:
+TTA_VIEWS = 4
+
+
+class TTAViews:
+    """(TTA_VIEWS, 3, H, W): the eval view, its mirror, the whole image resized to the input
+    (shorter side, then the centre: crop_pct 1) and its mirror (fastai's `tta` spirit)."""
+
+    def __init__(self, pre: Preprocess) -> None:
+        self.center = eval_transform(pre)
+        self.whole = T.Compose([ResizeCenterCrop(pre.input_size, pre.input_size, pre.interpolation), *_to_tensor(pre)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        center, whole = self.center(image), self.whole(image)
+        return torch.stack([center, center.flip(-1), whole, whole.flip(-1)])
+
+
+def tta_transform(pre: Preprocess) -> TTAViews:
+    return TTAViews(pre)
+
+
+def train_transform(pre: Preprocess, augment: str = "light", hflip: float = 0.5,
+                    min_scale: float = 0.35) -> Callable[[Image.Image], torch.Tensor]:
+    if augment == "none":
         return eval_transform(pre)
+    if augment in ("medium", "heavy"):  # heavy's mixup / cutmix happens on batches, in the trainer
+        return create_transform(pre.input_size, is_training=True, scale=(min_scale, 1.0), hflip=hflip,
+                                auto_augment="rand-m9-mstd0.5-inc1", interpolation=pre.interpolation,
+                                mean=pre.mean, std=pre.std, re_prob=0.25, re_mode="pixel", re_count=1)
     steps: list[T.Transform] = [
         T.RandomResizedCrop(
             pre.input_size,

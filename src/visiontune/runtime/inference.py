@@ -63,8 +63,11 @@ def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: T
     criterion = task.loss()
     total, count, probs, targets = 0.0, 0.0, [], []
     for x, y in progress(loader, show_progress, "eval"):
-        x, y = to_device(x, device, channels_last), y.to(device)
+        views = x.shape[1] if x.ndim == 5 else 0  # test-time augmentation: (B, V, 3, H, W)
+        x, y = to_device(x.flatten(0, 1) if views else x, device, channels_last), y.to(device)
         logits = forward_chunks(model, x, micro, device, precision)
+        if views:
+            logits = logits.view(-1, views, logits.shape[-1]).mean(dim=1)  # logits averaged over the views
         known = row_markers(y) >= 0  # NO_LABEL (predict) and UNREADABLE rows carry no loss
         if known.any():
             total += criterion.total(logits[known], y[known]).item()

@@ -40,7 +40,7 @@ class CrossEntropy(TaskLoss):
                                            label_smoothing=self.label_smoothing, reduction="sum")
 
     def norm(self, targets: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.weight is not None and targets.ndim == 1:  # soft (mixed) targets: PyTorch divides by N
             return self.weight[targets].sum()
         return torch.tensor(float(len(targets)), device=targets.device)
 

@@ -46,6 +46,8 @@ class TrainerView(Protocol):
 
     def save_checkpoint(self, path: Path) -> None: ...
     def broadcast_weights(self) -> None: ...
+    def held_model(self) -> Any: ...
+    def adopt_held_weights(self) -> None: ...
 
 
 class Callback:
@@ -151,8 +153,8 @@ class Checkpoint(Callback):
             self.best_eval = state.last_eval
         if not self.write:
             return
-        if improved or not self.restore_best:
-            save_model(self.run_dir / "model.safetensors", trainer.model, trainer.task, trainer.preprocess,
+        if improved or not self.restore_best:  # the EMA's weights when they validated better
+            save_model(self.run_dir / "model.safetensors", trainer.held_model(), trainer.task, trainer.preprocess,
                        trainer.cfg.model)
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
 
@@ -160,6 +162,7 @@ class Checkpoint(Callback):
         """Rank 0 reads the best weights back; every process then takes rank 0's (the
         trackers agree: validation metrics are reduced over the processes)."""
         if not self.restore_best or self.tracker.best_epoch < 0 or self.tracker.best_epoch == trainer.state.epoch:
+            trainer.adopt_held_weights()  # the last epoch's: the EMA's when they were better
             return
         if self.write:
             trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))

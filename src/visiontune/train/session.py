@@ -88,6 +88,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
                             setup.cfg.train.min_delta, write=setup.env.is_main)
     stopper = _early_stopping(setup.cfg.train, watch)
     trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, callbacks or []))
+    trainer.watch = (watch.monitor, watch.mode)
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,

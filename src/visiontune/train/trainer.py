@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from visiontune.bundle import save_checkpoint
@@ -30,6 +31,7 @@ from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, ru
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.probe import fit_probe, load_into
+from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
 from visiontune.train.setup import RunSetup
@@ -55,6 +57,7 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
     last_eval: EvalOutput | None = None  # validation outputs of the current epoch
+    ema_held: bool = False  # this epoch's EMA weights validated better than the raw ones
 
 
 class Trainer:
@@ -75,6 +78,11 @@ class Trainer:
         use_scaler = self.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.micro = MicroBatcher()
+        self.watch = ("val_loss", "min")  # what "better" means when EMA and raw weights compete (session sets it)
+        self.mixup = mixup_for(self.cfg.train, self.task)
+        self.soft_criterion = setup.task.loss(setup.data.class_weights()) if self.mixup else None  # smoothing: in mixup
+        self.ema = ModelEmaV3(self.model, decay=self.cfg.train.ema_decay, use_warmup=True) if self.cfg.train.ema \
+            else None
         self.compiled: nn.Module | None = None
         self.compile_ok = False  # a compiled step has run: later errors are not compile failures
         if self.cfg.train.compile:
@@ -119,7 +127,10 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
-            loss = self.train_step(self.net_for(data), x, y)
+            soft = self.mixup is not None and not data.on_features and len(y) % 2 == 0  # timm mixes pairs
+            if soft:
+                x, y = self.mixup(x, y)  # type: ignore[misc]
+            loss = self.train_step(self.net_for(data), x, y, soft=soft)
             if not np.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss} at epoch {epoch + 1}, step {i + 1}; lower --lr "
@@ -153,15 +164,16 @@ class Trainer:
             return self.model.head
         return self.compiled if self.compiled is not None else self.model
 
-    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, soft: bool = False) -> float:
         """One optimizer step on the batch (x, y); returns its mean loss (a non-finite loss
         on any process skips the step everywhere). The batch goes through in micro-batches
         whose gradients add up to the whole batch's; after an out-of-memory error on any
         process, every process halves its micro-batches to the same size and the step
-        starts again (see runtime/distributed.py)."""
+        starts again (see runtime/distributed.py). `soft`: `y` are mixed (mixup) targets."""
+        criterion = self.soft_criterion if soft and self.soft_criterion is not None else self.criterion
         while True:
             try:
-                loss, oom = self._backward(net, x, y)
+                loss, oom = self._backward(net, x, y, criterion)
             except Exception as exc:  # noqa: BLE001 - a first compiled step that fails falls back to eager
                 if not self._compile_failed(net, exc):
                     raise
@@ -179,12 +191,12 @@ class Trainer:
             self._apply_step()
             return loss
 
-    def _backward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+    def _backward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: Any) -> tuple[float, bool]:
         """Forward and backward of every micro-batch, gradients summed, no collective:
         (the batch's mean loss, whether this process ran out of memory)."""
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            return self._accumulate(net, x, y), False
+            return self._accumulate(net, x, y, criterion), False
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if not is_oom(exc):
                 raise
@@ -202,14 +214,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _accumulate(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: Any = None) -> float:
+        criterion = criterion or self.criterion
         size = self.micro.chunks(len(y))
         whole = size >= len(y)
         total = 0.0
         for xs, ys in zip(x.split(size), y.split(size)):
             with autocast(self.device, self.precision):
                 logits = net(xs)
-            loss = self.criterion(logits.float(), ys) if whole else self._part_loss(logits.float(), ys, y)
+            loss = criterion(logits.float(), ys) if whole else criterion.total(logits.float(), ys) / criterion.norm(y)
             if not torch.isfinite(loss):
                 return float(loss.item())
             if self.scaler is not None:
@@ -230,6 +243,8 @@ class Trainer:
             self.optimizer.step()
         if self.env.parallel:
             broadcast_tensors(training_norm_buffers(self.model), self.env, self.device)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.global_step)
 
     def _part_loss(self, logits: torch.Tensor, ys: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of the whole batch's mean loss: the shares sum to it."""
@@ -256,17 +271,43 @@ class Trainer:
             sampler.set_epoch(epoch)
 
     def _validate(self, train_loss: float) -> dict[str, float]:
+        """Validation metrics of this epoch's weights; with --ema also of the EMA weights,
+        and the better of the two (by the monitored metric) is what the epoch holds."""
         metrics = {"train_loss": train_loss}
         data = self.data(self.state.phase)
-        if data.valid is not None and len(data.valid.dataset) > 0:
-            out = run_eval(self.net_for(data), data.valid, self.device, self.task,
-                           channels_last=self.cfg.train.channels_last, precision=self.precision, micro=self.micro)
-            if self.env.launched:
-                out = merge_outputs(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
-            self.state.last_eval = out
-            metrics["val_loss"] = out.loss
-            metrics.update(self.task.metrics(out.targets, out.probs))
-        return metrics
+        self.state.ema_held = False
+        if data.valid is None or len(data.valid.dataset) == 0:
+            return metrics
+        out, scores = self._evaluate(self.net_for(data), data)
+        if self.ema is not None:
+            ema_out, ema_scores = self._evaluate(self.ema.module.head if data.on_features else self.ema.module, data)
+            metrics.update({f"ema_{k}": v for k, v in ema_scores.items()})
+            if self._better(ema_scores, scores):
+                out, scores, self.state.ema_held = ema_out, ema_scores, True
+        self.state.last_eval = out
+        return {**metrics, **scores}
+
+    def _evaluate(self, net: nn.Module, data: PhaseData) -> tuple[EvalOutput, dict[str, float]]:
+        out = run_eval(net, data.valid, self.device, self.task, channels_last=self.cfg.train.channels_last,
+                       precision=self.precision, micro=self.micro)
+        if self.env.launched:
+            out = merge_outputs(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
+        return out, {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs)}
+
+    def _better(self, a: dict[str, float], b: dict[str, float]) -> bool:
+        metric, mode = self.watch
+        if metric not in a or metric not in b:
+            return False
+        return a[metric] < b[metric] if mode == "min" else a[metric] > b[metric]
+
+    def held_model(self) -> nn.Module:
+        """The weights this epoch holds: the EMA's when they validated better."""
+        return self.ema.module if self.state.ema_held and self.ema is not None else self.model
+
+    def adopt_held_weights(self) -> None:
+        """Let the model take the EMA weights when those are what the run ends with."""
+        if self.state.ema_held and self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
 
     def _history_row(self, epoch: int, started: float) -> dict[str, Any]:
         lrs = [g["peak_lr"] for g in self.optimizer.param_groups if g["peak_lr"] > 0]
@@ -300,6 +341,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "ema": self.ema.module.state_dict() if self.ema is not None else {},
             "history": self.state.history,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
@@ -313,6 +355,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.module.load_state_dict(ckpt["ema"])
         self.state.history = list(ckpt.get("history", []))
         self.state.global_step = int(ckpt.get("global_step", 0))
         saved = ckpt.get("callbacks", {})

@@ -1,0 +1,21 @@
+"""Pieces of the training recipe taken from timm: mixup / cutmix for the heavy
+augmentation preset (data/transforms.py lists the presets)."""
+
+from __future__ import annotations
+
+from timm.data import Mixup
+
+from visiontune.config import TrainConfig
+from visiontune.tasks.base import Task
+
+MIXUP_ALPHA, CUTMIX_ALPHA = 0.8, 1.0  # timm's ImageNet recipes
+
+
+def mixup_for(t: TrainConfig, task: Task) -> Mixup | None:
+    """Mixup or cutmix (each batch one or the other) with soft targets for --augment heavy.
+    Label smoothing is applied here, to the mixed targets (the soft-target loss has none)."""
+    if t.augment != "heavy":
+        return None
+    return Mixup(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=0.5, mode="batch",
+                 label_smoothing=t.label_smoothing, num_classes=task.num_classes,
+                 multi_label=task.name == "multi-label")
