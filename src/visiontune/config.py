@@ -118,6 +118,9 @@ class StrategyConfig:
                                      "one pass, --epochs does not apply to it) or sgd (epochs of the optimizer)",
                         choices=("converged", "sgd"))
     layer_lr_ratio: float = option(10.0, "gradual: last / first backbone group LR after unfreezing", gt=0.0)
+    layer_decay: float | None = option(None, "layer-wise LR decay instead of the discriminative LRs: layer groups "
+                                              "per block, group i of n at lr x decay^(n - i) (timm's; 0.75 is the "
+                                              "usual recipe for ViTs)", gt=0.0, le=1.0)
     unfreeze_lr_scale: float = option(0.5, "gradual: LR scale after unfreezing (fastai halves it)", gt=0.0)
     frozen_bn: str = option("eval", "BatchNorm in frozen groups: eval keeps the statistics", choices=("eval", "train"))
     trainable_bn: str = option("auto", "BatchNorm statistics in training groups; auto: eval with pretrained weights",

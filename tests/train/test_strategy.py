@@ -132,3 +132,20 @@ def test_trainable_bn_auto_follows_the_weights() -> None:
     assert RunConfig.create(None, strategy="finetune").bn_modes() == ("eval", "eval")
     assert RunConfig.create(None, strategy="scratch").bn_modes() == ("eval", "train")
     assert RunConfig.create(None, strategy="finetune", trainable_bn="train").bn_modes() == ("eval", "train")
+
+
+def test_layer_decay_uses_per_block_groups_and_decays_the_lr_towards_the_input() -> None:
+    from visiontune.config import ModelConfig
+    from visiontune.train.plan import layer_groups
+
+    convnext, _ = create_classifier(ModelConfig(backbone="timm:test_convnext", weights="none", image_size=32), 3)
+    assert len(layer_groups(convnext, fine=True)) > len(layer_groups(convnext))  # one group per block
+    cfg, model, plan, opt = _setup("finetune", layer_decay=0.5)
+    n = len(plan.groups) - 1
+    lrs = plan.phases[0].lrs
+    assert lrs[-1] == pytest.approx(1e-2)  # the head at lr
+    assert list(lrs[:-1]) == pytest.approx([1e-2 * 0.5 ** (n - i) for i in range(n)])
+    _, _, gradual, _ = _setup("gradual", epochs=3, layer_decay=0.5)
+    assert gradual.phases[1].lrs[-2] == pytest.approx(1e-2 * 0.5 * 0.5)  # unfreeze_lr_scale x decay
+    with pytest.raises(ConfigError, match="layer_decay must be <= 1"):
+        RunConfig.create(None, layer_decay=1.5)

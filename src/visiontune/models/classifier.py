@@ -78,16 +78,16 @@ def build_head(num_features: int, num_classes: int, hidden: int = 0, dropout: fl
     return nn.Sequential(*layers)
 
 
-def backbone_groups(model: Classifier) -> list[tuple[str, list[str]]]:
+def backbone_groups(model: Classifier, fine: bool = False) -> list[tuple[str, list[str]]]:
     """Layer groups of the backbone, input side first, as (name, parameter names).
 
-    timm models use their own coarse `group_matcher` (stem, each stage, final conv);
-    other models use their top-level children, opening `features`/`encoder`/`layers`
-    containers into their members.
+    timm models use their own `group_matcher`: coarse (stem, each stage, final conv), or
+    with `fine` one group per block (what timm's layer-wise LR decay uses); other models
+    use their top-level children, opening `features`/`encoder`/`layers` containers.
     """
     body = model.backbone
     if hasattr(body, "group_matcher"):
-        raw = group_parameters(body, body.group_matcher(coarse=True))
+        raw = group_parameters(body, body.group_matcher(coarse=not fine))
         groups = [list(raw[k]) for k in sorted(raw)]
     else:
         groups = _module_groups(body, "")

@@ -46,11 +46,11 @@ class Plan:
         return max(self.trainable_params(i) for i in range(len(self.phases)))
 
 
-def layer_groups(model: Classifier) -> list[LayerGroup]:
+def layer_groups(model: Classifier, fine: bool = False) -> list[LayerGroup]:
     params = dict(model.named_parameters())
     groups = [
         LayerGroup(name, tuple(names), sum(params[n].numel() for n in names))
-        for name, names in backbone_groups(model)
+        for name, names in backbone_groups(model, fine)
     ]
     covered = {n for g in groups for n in g.param_names}
     head = tuple(n for n in params if n.startswith("head."))
@@ -68,7 +68,7 @@ def make_plan(model: Classifier, s: StrategyConfig, t: TrainConfig, converged_pr
     `converged_probe`, its head-only phases become one converged-probe pass each, unless
     a later phase trains BatchNorm statistics (`keeps_bn_statistics` False): the probe is
     fitted on eval-mode features, which batch statistics would change under it."""
-    groups = tuple(layer_groups(model))
+    groups = tuple(layer_groups(model, fine=s.layer_decay is not None))
     phases = get_strategy(s.name).phases(StrategyContext(groups, t.epochs, t.resolved_lr(), s))
     if converged_probe and (keeps_bn_statistics or all(p.head_only() for p in phases)):
         phases = [p.as_probe() if p.head_only() else p for p in phases]

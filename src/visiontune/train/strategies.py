@@ -81,6 +81,14 @@ class StrategyContext:
         return Phase(name, epochs, tuple(g.is_head for g in self.groups),
                      tuple(self.lr if g.is_head else 0.0 for g in self.groups))
 
+    def decayed(self, scale: float = 1.0) -> list[float] | None:
+        """Layer-wise LR decay (options.layer_decay): body group i of n at
+        lr x scale x decay^(n - i), the head at lr x scale; None without it."""
+        decay = getattr(self.options, "layer_decay", None)
+        if decay is None:
+            return None
+        return [self.lr * scale * decay ** (self.n_body - i) for i in range(self.n_body)]
+
     def everything(self, name: str, epochs: int, body_lrs: list[float], head_lr: float) -> Phase:
         return Phase(name, epochs, tuple(True for _ in self.groups), tuple([*body_lrs, head_lr]))
 
@@ -141,7 +149,7 @@ def feature_extract(ctx: StrategyContext) -> list[Phase]:
 
 @register_strategy("finetune", "everything trains; head LR = head_lr_mult x backbone LR (default 10x)")
 def finetune(ctx: StrategyContext) -> list[Phase]:
-    return [ctx.everything("all", ctx.epochs, [ctx.body_lr] * ctx.n_body, ctx.lr)]
+    return [ctx.everything("all", ctx.epochs, ctx.decayed() or [ctx.body_lr] * ctx.n_body, ctx.lr)]
 
 
 @register_strategy("freeze-k", "first --freeze K backbone layer groups frozen, the rest fine-tunes")
@@ -153,7 +161,8 @@ def freeze_k(ctx: StrategyContext) -> list[Phase]:
             f"({', '.join(g.name for g in ctx.groups[:-1])}); use 0..{ctx.n_body}"
         )
     on = tuple(i >= k for i in range(len(ctx.groups)))
-    lrs = tuple(0.0 if not on[i] else (ctx.lr if g.is_head else ctx.body_lr) for i, g in enumerate(ctx.groups))
+    body = ctx.decayed() or [ctx.body_lr] * ctx.n_body
+    lrs = tuple(0.0 if not on[i] else (ctx.lr if g.is_head else body[i]) for i, g in enumerate(ctx.groups))
     return [Phase(f"first {k} groups frozen", ctx.epochs, on, lrs)]
 
 
@@ -174,6 +183,7 @@ def gradual(ctx: StrategyContext) -> list[Phase]:
     body = [ctx.body_lr * scale / o.layer_lr_ratio ** (1 - i / max(1, n - 1)) for i in range(n)]
     if n == 1:
         body = [ctx.body_lr * scale]
+    body = ctx.decayed(scale) or body
     return [ctx.head_only(o.freeze_epochs),
             ctx.everything("all, discriminative LRs", ctx.epochs - o.freeze_epochs, body, ctx.lr * scale)]
 
