@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,18 @@ from visiontune.analysis.inspection import describe
 from visiontune.bundle import LAST_CHECKPOINT, Bundle, load_bundle, load_checkpoint, read_config
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import check_image
-from visiontune.data.items import TEST, TRAIN, VALID, LabelFunc
+from visiontune.data.items import TEST, TRAIN, VALID, DataSource, LabelFunc
 from visiontune.data.labels import label_counts
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import collect_images, load_items, resolve_inputs
 from visiontune.deploy.export import load_exported
 from visiontune.errors import DataError, VisiontuneError
+from visiontune.files import write_json
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.selection.advisor import resolve_strategy
+from visiontune.selection.budget import plan_budget
 from visiontune.tasks.base import UNREADABLE, row_markers
 from visiontune.train.callbacks import Callback
 from visiontune.train.session import FitResult, train_run
@@ -51,8 +54,24 @@ def fit(
     """
     if resume is not None:
         return _resume(Path(resume), data, label_func, callbacks, overrides)
+    started = time.perf_counter()
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks)
+    if cfg.train.time_budget:
+        return _fit_in_time(cfg, source, callbacks, started)
+    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks, started=started)
+
+
+def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] | None, started: float) -> FitResult:
+    """--time-budget: measure, plan, train with a deadline (selection/budget.py)."""
+    budget = float(cfg.train.time_budget or 0)
+    plan = plan_budget(cfg, source, budget, started)
+    log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,
+             plan.epochs, plan.image_size, plan.expected_s, "; ".join(plan.reasons))
+    result = train_run(RunConfig.create(cfg, **plan.overrides()), source, callbacks=callbacks, started=started,
+                       deadline=started + budget)
+    write_json(Path(result.run_dir) / "time_budget.json",
+               {**plan.as_dict(), "actual_s": time.perf_counter() - started})
+    return result
 
 
 def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: LabelFunc | None,

@@ -54,6 +54,22 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
     return field(default=default, metadata=meta)
 
 
+def parse_duration(text: Any) -> float | None:
+    """'10m', '90s', '1h30m', '2h' or plain seconds -> seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    value = str(text).strip().lower()
+    units, total, number = {"h": 3600.0, "m": 60.0, "s": 1.0}, 0.0, ""
+    for ch in value:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in units and number:
+            total, number = total + float(number) * units[ch], ""
+        else:
+            raise ValueError(f"expected a duration like 10m, 90s or 1h30m, got {text!r}")
+    return total + (float(number) if number else 0.0)
+
+
 def parse_batch_size(text: str) -> int | str:
     """`--batch-size`: a whole number >= 1 or 'auto'."""
     if text == "auto":
@@ -172,6 +188,10 @@ class TrainConfig:
     channels_last: bool = option(True, "keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
     precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
                             choices=PRECISIONS)
+    time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
+                                             "seconds): costs are measured, then strategy, image size and epochs "
+                                             "planned, and the run stops on time with the best weights so far",
+                                       gt=0.0, parse=parse_duration, coerce=parse_duration, metavar="DURATION")
     compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
                                   "it fails)")
     image_cache: bool = option(True, "decode training images every epoch instead of keeping large ones decoded "

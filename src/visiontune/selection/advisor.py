@@ -36,6 +36,7 @@ from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import prepare_model, resolve_device
+from visiontune.selection.costs import Costs, measure_costs
 from visiontune.train.features import cache_for, extract_features
 from visiontune.train.strategies import AUTO, get_strategy
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 SMALL_PER_CLASS = 100  # images per class below which the backbone is best left (mostly) alone
 LARGE_PER_CLASS = 1000  # enough to re-learn features
 SIMILAR, SOMEWHAT = 0.8, 0.5  # probe share of the possible gain over chance
+PROBE_CEILING = 0.03  # a probe within 3 points of perfect leaves fine-tuning too little to gain for its cost
 
 
 @dataclass
@@ -93,7 +95,9 @@ def decide(median_per_class: float, similarity: float, probe: float, baseline: f
 
 def advise(data: str | os.PathLike[str] | None = None, *, config: RunConfig | None = None,
            label_func: LabelFunc | None = None, **overrides: Any) -> Advice:
-    return advise_source(*resolve_inputs(data, config, label_func, overrides))
+    """Measure the data, the task similarity and the costs here; recommend a strategy."""
+    cfg, source = resolve_inputs(data, config, label_func, overrides)
+    return advise_source(cfg, source, measure_costs(cfg, source))
 
 
 def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
@@ -101,13 +105,25 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
     valid images (test images are never looked at); other strategies unchanged."""
     if cfg.strategy.name != AUTO:
         return cfg
-    advice = advise_source(cfg, source)
+    advice = advise_source(cfg, source, measure_costs(cfg, source))
     log.info("advisor: %s", advice.explanation)
     return RunConfig.create(cfg, strategy=advice.strategy)
 
 
-def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
-    """Measure `source` (train + valid images) and recommend a registered strategy."""
+def weigh_cost(strategy: str, reason: str, probe: float, costs: Costs | None) -> tuple[str, str]:
+    """A fine-tuning recommendation becomes the converged probe when the probe is already
+    within PROBE_CEILING of a perfect score: fine-tuning cannot gain more than that, at the
+    measured cost of every epoch."""
+    if strategy == "feature-extract" or 1 - probe >= PROBE_CEILING:
+        return strategy, reason
+    cost = f" at ~{costs.epoch_seconds():.0f} s per epoch here" if costs else ""
+    return "feature-extract", (f"the converged probe already scores {probe:.3f}: fine-tuning{cost} could gain at "
+                               f"most {100 * (1 - probe):.1f} points, so the probe (seconds) is the better buy")
+
+
+def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None) -> Advice:
+    """Measure `source` (train + valid images) and recommend a registered strategy; with
+    `costs` (selection/costs.py) the explanation quotes what each choice costs here."""
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     labels = [it.label for it in pool]
     counts = np.array(list(label_counts(labels).values()))
@@ -123,14 +139,15 @@ def advise_source(cfg: RunConfig, source: DataSource) -> Advice:
     chance = float(counts.mean() / len(labels)) if multi else float(counts.max() / counts.sum())
     similarity = (probe - chance) / max(1e-9, 1 - chance)
     median = float(statistics.median(counts[counts > 0]))
-    strategy, reason = decide(median, similarity, probe, baseline)
-    what, unit = ("mAP", "label") if multi else ("accuracy", "class")
+    strategy, reason = weigh_cost(*decide(median, similarity, probe, baseline), probe, costs)
+    what, unit, units = ("mAP", "label", "labels") if multi else ("accuracy", "class", "classes")
     explanation = (
-        f"{len(pool)} images, {len(source.classes)} {unit}s (median {median:.0f} images per {unit}, largest/smallest "
+        f"{len(pool)} images, {len(source.classes)} {units} (median {median:.0f} images per {unit}, largest/smallest "
         f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). A linear probe on frozen {model_cfg.backbone} "
         f"features scores {probe:.3f} {what} ({folds}-fold CV) against {baseline:.3f} for nearest neighbours on raw "
         f"pixels and {chance:.3f} for chance, i.e. {similarity:.0%} of the possible gain over chance. So "
         f"{strategy}: {reason} ({get_strategy(strategy).description})."
+        + (f" Cost {costs.describe()}." if costs else "")
     )
     return Advice(strategy, explanation, len(pool), len(source.classes), median,
                   float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity)

@@ -75,8 +75,10 @@ class Watch:
 
 
 def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None, ckpt: dict[str, Any] | None = None,
-              callbacks: list[Callback] | None = None, started: float | None = None) -> FitResult:
-    """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run."""
+              callbacks: list[Callback] | None = None, started: float | None = None,
+              deadline: float | None = None) -> FitResult:
+    """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run;
+    `deadline` (time.perf_counter()) ends it on time (--time-budget)."""
     started = time.perf_counter() if started is None else started
     log.info("%s", source.summary())
     if ckpt is not None and run_dir is not None:
@@ -89,6 +91,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     stopper = _early_stopping(setup.cfg.train, watch)
     trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, callbacks or []))
     trainer.watch = (watch.monitor, watch.mode)
+    trainer.deadline = deadline
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,

@@ -79,6 +79,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.micro = MicroBatcher()
         self.watch = ("val_loss", "min")  # what "better" means when EMA and raw weights compete (session sets it)
+        self.deadline: float | None = None  # time.perf_counter() by which the run must end (--time-budget)
+        self._valid_seconds = 0.0  # how long the last validation took
         self.mixup = mixup_for(self.cfg.train, self.task)
         self.soft_criterion = setup.task.loss(setup.data.class_weights()) if self.mixup else None  # smoothing: in mixup
         self.ema = ModelEmaV3(self.model, decay=self.cfg.train.ema_decay, use_warmup=True) if self.cfg.train.ema \
@@ -105,6 +107,9 @@ class Trainer:
             self.state.metrics = self._validate(train_loss)
             self.state.history.append(self._history_row(epoch, started))
             self._emit("on_epoch_end")
+            if self._out_of_time(time.perf_counter() - started):
+                log.info("time budget: the next epoch would end after the deadline; stopping with the best weights")
+                self.state.should_stop = True
             if self.state.should_stop:
                 break
         self._emit("on_fit_end")
@@ -122,7 +127,11 @@ class Trainer:
         self.train_mode()
         running, seen = 0.0, 0
         bar = progress(data.train, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
+        loop_started = time.perf_counter()
         for i, (x, y) in enumerate(bar):
+            if self._out_of_time(self._validation_estimate(data, seen, time.perf_counter() - loop_started)):
+                log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
+                break
             factor = lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / total_steps, epoch_in_phase)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
@@ -142,6 +151,16 @@ class Trainer:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         return reduce_mean(running, seen, self.env, self.device)
+
+    def _validation_estimate(self, data: PhaseData, trained: int, seconds: float) -> float:
+        """Seconds the coming validation will take: the last one's, or, where that ran on
+        cached features and this phase runs on images, a third of a training step per image."""
+        n_valid = len(data.valid.dataset) if data.valid is not None else 0
+        return max(self._valid_seconds, n_valid * seconds / max(1, trained) / 3)
+
+    def _out_of_time(self, still_needed: float) -> bool:
+        """Past the deadline once `still_needed` more seconds are spent (no deadline: never)."""
+        return self.deadline is not None and time.perf_counter() + still_needed > self.deadline
 
     def fit_probe(self, data: PhaseData) -> float:
         """Fit the head to convergence on this phase's training features (train/probe.py);
@@ -278,7 +297,9 @@ class Trainer:
         self.state.ema_held = False
         if data.valid is None or len(data.valid.dataset) == 0:
             return metrics
+        started = time.perf_counter()
         out, scores = self._evaluate(self.net_for(data), data)
+        self._valid_seconds = time.perf_counter() - started
         if self.ema is not None:
             ema_out, ema_scores = self._evaluate(self.ema.module.head if data.on_features else self.ema.module, data)
             metrics.update({f"ema_{k}": v for k, v in ema_scores.items()})

@@ -1,0 +1,83 @@
+"""`--time-budget`: the best model this machine can train in the time given.
+
+1. Measure (selection/costs.py): a few real fine-tuning steps and feature batches.
+2. Ask the advisor which strategy the data calls for (it knows these costs too).
+3. Plan: the converged probe always fits first (features + one fit); when the advisor
+   calls for fine-tuning, `gradual` at the backbone's size gets as many epochs as the
+   remaining time holds (at most MAX_EPOCHS), or a smaller image size when fewer than
+   MIN_EPOCHS would fit, or the probe alone when no size gives MIN_EPOCHS.
+4. Train with a deadline: an epoch that would end after it is not started, an epoch
+   running late is cut short (validated, then stopped), and the best weights by
+   validation are kept. The plan and its reasons go to the log and `time_budget.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from visiontune.config import RunConfig
+from visiontune.data.items import DataSource
+from visiontune.errors import ConfigError
+from visiontune.selection.advisor import advise_source
+from visiontune.selection.costs import Costs, measure_costs
+
+log = logging.getLogger(__name__)
+
+MIN_EPOCHS, MAX_EPOCHS = 3, 30  # fine-tuning epochs worth planning; more than MAX rarely helps
+SIZE_STEPS = (1.0, 0.75, 0.5)  # image sizes tried, as fractions of the backbone's own
+SAFETY = 0.97  # plan to end before the budget: estimates drift a little
+
+
+@dataclass
+class BudgetPlan:
+    budget_s: float
+    strategy: str
+    epochs: int
+    image_size: int
+    expected_s: float
+    reasons: list[str] = field(default_factory=list)
+
+    def overrides(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "epochs": self.epochs, "image_size": self.image_size}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_budget(cfg: RunConfig, source: DataSource, budget_s: float, started: float) -> BudgetPlan:
+    """Measure, ask the advisor, plan (see the module docstring)."""
+    costs = measure_costs(cfg, source)
+    advice = advise_source(cfg, source, costs)
+    spent = time.perf_counter() - started
+    return decide_plan(costs, advice.strategy, advice.explanation, budget_s, spent, cfg.strategy.freeze_epochs)
+
+
+def decide_plan(costs: Costs, advised: str, why: str, budget_s: float, spent: float,
+                head_epochs: int = 1) -> BudgetPlan:
+    """The plan for `advised` within `budget_s` of which `spent` are gone (pure: testable);
+    `head_epochs`: gradual's head-only epochs before the fine-tuning ones."""
+    left = budget_s * SAFETY - spent
+    probe = costs.probe_seconds()
+    reasons = [f"measured {costs.describe()}", f"advisor: {advised} ({why})"]
+    if probe > left:
+        raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring took {spent:.0f} s and "
+                          f"the converged probe alone needs ~{probe:.0f} s; raise --time-budget or lower --image-size")
+    native = costs.input_size
+    if advised != "feature-extract":
+        for fraction in SIZE_STEPS:
+            size = max(32, int(round(native * fraction / 32)) * 32) if fraction < 1 else native
+            epochs = min(MAX_EPOCHS, math.floor((left - probe) / costs.epoch_seconds(size)))
+            if epochs >= MIN_EPOCHS:
+                reasons.append(f"{epochs} fine-tuning epochs of ~{costs.epoch_seconds(size):.0f} s at {size} px fit "
+                               f"after the probe" + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})"))
+                return BudgetPlan(budget_s, "gradual", epochs + head_epochs, size,
+                                  spent + probe + epochs * costs.epoch_seconds(size), reasons)
+        reasons.append(f"fewer than {MIN_EPOCHS} fine-tuning epochs fit even at {int(native * SIZE_STEPS[-1])} px: "
+                       "the converged probe alone")
+    else:
+        reasons.append("the converged probe is what the data calls for; the budget is not the limit")
+    return BudgetPlan(budget_s, "feature-extract", 1, native, spent + probe, reasons)

@@ -1,0 +1,97 @@
+"""What training costs on this machine, measured: a few real steps, not a guess.
+
+`measure_costs` times the backbone's eval forward (feature extraction, decoding included)
+and a full fine-tuning step (decode, augment, forward, backward, optimizer) on real batches
+of the data, and counts the features already cached. The advisor quotes these numbers and
+the time budget (selection/budget.py) plans with them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from visiontune.config import RunConfig
+from visiontune.data.items import TRAIN, VALID, DataSource
+from visiontune.files import file_digest
+from visiontune.runtime.device import to_device
+from visiontune.train.setup import RunSetup, prepare_run
+from visiontune.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+PROBE_FIT_PER_IMAGE = 0.002  # s per training image for the converged probe's C search and fit (measured on
+PROBE_FIT_FIXED = 2.0  # hymenoptera and the suite: ~3 s for 400 images of 1280 features on 2 cores)
+MEASURE_BATCH = 8
+WARMUP, TIMED = 2, 3  # batches
+
+
+@dataclass(frozen=True)
+class Costs:
+    extract_per_image: float  # s: backbone forward in eval mode, decoding included
+    step_per_image: float  # s: one fine-tuning step, per image
+    images_to_extract: int  # train + valid images whose features are not cached yet
+    train_images: int
+    valid_images: int
+    input_size: int
+
+    def probe_seconds(self) -> float:
+        """Features of the uncached images, then the converged probe."""
+        return self.images_to_extract * self.extract_per_image + PROBE_FIT_FIXED + \
+            PROBE_FIT_PER_IMAGE * self.train_images
+
+    def epoch_seconds(self, size: int | None = None) -> float:
+        """One fine-tuning epoch and its validation at `size` px (cost ~ pixels)."""
+        scale = ((size or self.input_size) / self.input_size) ** 2
+        return scale * (self.train_images * self.step_per_image + self.valid_images * self.extract_per_image)
+
+    def describe(self) -> str:
+        return (f"here: features {self.extract_per_image * 1000:.0f} ms per image ({self.images_to_extract} not cached "
+                f"yet), converged probe ~{self.probe_seconds():.0f} s, one fine-tuning epoch ~{self.epoch_seconds():.0f} s")
+
+
+def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
+    """Time two fine-tuning steps and two feature batches of `MEASURE_BATCH` real images
+    (after one warm-up each) with `cfg`'s backbone, size, precision and device."""
+    probe_cfg = RunConfig.create(cfg, strategy="finetune", epochs=1, batch_size=MEASURE_BATCH, probe="sgd",
+                                 patience=0, compile=False)
+    setup = prepare_run(probe_cfg, source)
+    trainer = Trainer(setup, [])
+    trainer.enter_phase(0)
+    trainer.train_mode()
+    step = _seconds_per_image(setup.data.images().train, setup,
+                              lambda x, y: trainer.train_step(setup.model, x, y))
+    backbone = setup.model.backbone
+    with torch.inference_mode():
+        backbone.eval()
+        extract = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
+                                     lambda x, y: backbone(x))
+    pool = [it for it in source.items if it.split in (TRAIN, VALID)]
+    cache = setup.data._cache()
+    missing = sum(cache.get(file_digest(it.path)) is None for it in pool)
+    costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
+                  setup.preprocess.input_size)
+    log.info("costs %s", costs.describe())
+    return costs
+
+
+def _seconds_per_image(loader: DataLoader, setup: RunSetup, work: Callable[[torch.Tensor, torch.Tensor], Any]) -> float:
+    """Seconds per image of loading a batch and `work` on it: up to WARMUP batches first,
+    then up to TIMED batches timed (small data: at least one batch is timed)."""
+    batches = list(itertools.islice(iter(loader), WARMUP + TIMED))
+    warm = min(WARMUP, len(batches) - 1)
+    times, counted = [], 0
+    for i, (x, y) in enumerate(batches):
+        started = time.perf_counter()
+        work(to_device(x, setup.device, setup.cfg.train.channels_last), y.to(setup.device))
+        if i >= warm:
+            times.append(time.perf_counter() - started)
+            counted += len(y)
+    return sum(times) / max(1, counted)
