@@ -1,105 +1,135 @@
 """The converged linear probe (LP of LP-FT, Kumar et al. 2022): while the backbone is frozen,
 fit the head to convergence on the cached features instead of for a few SGD epochs.
 
-scikit-learn's logistic regression (lbfgs) on centred features scaled by one global RMS
-(per-feature scaling would give near-constant features huge weights, which explode once
-fine-tuning moves them), its L2 strength C chosen by stratified k-fold cross-validation
-on the training features (log loss), then the fitted model folded back into the linear
-head: W = coef / scale, b = intercept - W @ mean. Single-label: one multinomial model (two classes: the binary logit split as
-+-z/2, the same softmax). Multi-label: one binary model per label (a label that is always
-or never present gets a constant logit). Seconds on thousands of images.
+The head's linear layer is fitted by full-batch L-BFGS (torch) to the mean cross-entropy
+(multi-label: binary cross-entropy per label) plus an L2 penalty that pulls the weights
+towards where the head started: towards the pretrained classifier's rows for classes
+warm-started from ImageNet (models/warmstart.py), towards zero elsewhere (plain L2). So a
+warm start is a prior the data can move, not something the fit throws away. Features are
+centred and scaled by one global RMS (per-feature scaling would give near-constant
+features huge weights, which explode once fine-tuning moves them). The strength follows
+scikit-learn's C: penalty = ||W - W0||^2 / (2 C N), C chosen from C_GRID by stratified
+k-fold cross-validation on the training features (held-out log loss). The result is
+folded back into the head: W = W' / scale, b = b' - W @ mean. Seconds on thousands of
+images.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strength on standardised features
+C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)  # inverse penalty strength, as scikit-learn's C
 SEARCH_ROWS = 20_000  # the C search looks at most at this many rows; the final fit at all
-MAX_ITER = 1000
+MAX_ITER = 300
 
 
 @dataclass
 class ProbeFit:
     weight: np.ndarray  # (classes, features), for the head's linear layer
     bias: np.ndarray  # (classes,)
-    c: list[float]  # the chosen C (one per label for multi-label)
+    c: float  # the chosen C
+    folds: int  # of the cross-validation that chose it (0: no search, too little data)
 
 
-def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, balanced: bool = False,
-              seed: int = 0) -> ProbeFit:
-    """Logistic regression to convergence on `features` (N, D); `targets` are class indices
-    (N,) or multi-hot (N, C). `balanced` weights classes (labels) by their inverse frequency."""
-    mean = features.mean(axis=0)
-    scale = float(np.sqrt(((features - mean) ** 2).mean(axis=1).mean())) + 1e-6
-    x = (features - mean) / scale
-    if multi_label:
-        fits = [_binary(x, targets[:, c].astype(int), balanced, seed) for c in range(targets.shape[1])]
-        weight, bias = np.stack([w for w, _, _ in fits]), np.array([b for _, b, _ in fits])
-        chosen = [c for _, _, c in fits]
-    else:
-        weight, bias, c = _multinomial(x, targets.astype(int), balanced, seed)
-        chosen = [c]
-    weight = weight / scale
-    return ProbeFit(weight.astype(np.float32), (bias - weight @ mean).astype(np.float32), chosen)
+def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, start: nn.Linear | None = None,
+              balanced: bool = False, seed: int = 0) -> ProbeFit:
+    """Fit a linear head on `features` (N, D) for `targets`: class indices (N,) or multi-hot
+    (N, C). `start`: the head's current linear layer, the prior the penalty pulls towards
+    (None: zero). `balanced` weights classes by their inverse frequency."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    mean = x.mean(dim=0)
+    scale = float(((x - mean) ** 2).mean().sqrt()) + 1e-6
+    x = (x - mean) / scale
+    y = torch.as_tensor(np.asarray(targets))
+    y = y.float() if multi_label else y.long()
+    classes = y.shape[1] if multi_label else int(start.out_features if start is not None else y.max() + 1)
+    w0 = (start.weight.detach().float().cpu() * scale) if start is not None else torch.zeros(classes, x.shape[1])
+    b0 = (start.bias.detach().float().cpu() + start.weight.detach().float().cpu() @ mean) if start is not None \
+        else torch.zeros(classes)
+    weights = _class_weights(y, classes, multi_label) if balanced else None
+    c, folds = _choose_c(x, y, w0, b0, multi_label, weights, seed)
+    w, b = _lbfgs(x, y, w0, b0, c, multi_label, weights)
+    w = w / scale
+    return ProbeFit(w.numpy(), (b - w @ mean).numpy(), c, folds)
 
 
 def load_into(head: nn.Module, fit: ProbeFit) -> None:
-    """Copy the fitted probe into the head's (only) linear layer."""
-    linear = head[-1] if isinstance(head, nn.Sequential) else head
+    """Copy the fitted probe into the head's (last) linear layer."""
+    linear = head_linear(head)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(fit.weight))
         linear.bias.copy_(torch.from_numpy(fit.bias))
 
 
-def _model(c: float, balanced: bool) -> LogisticRegression:
-    return LogisticRegression(C=c, max_iter=MAX_ITER, class_weight="balanced" if balanced else None)
+def head_linear(head: nn.Module) -> nn.Linear:
+    return head[-1] if isinstance(head, nn.Sequential) else head  # type: ignore[return-value]
 
 
-def _best_c(x: np.ndarray, y: np.ndarray, balanced: bool, seed: int) -> float:
-    """The C of the grid with the best cross-validated log loss (on at most SEARCH_ROWS rows)."""
-    if len(y) > SEARCH_ROWS:
-        keep = np.random.default_rng(seed).choice(len(y), SEARCH_ROWS, replace=False)
-        x, y = x[keep], y[keep]
-    folds = int(min(5, np.bincount(y).min()))
+def _loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool, weights: torch.Tensor | None) -> torch.Tensor:
+    if multi_label:
+        return nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weights)
+    return nn.functional.cross_entropy(logits, y, weight=weights)
+
+
+def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, c: float, multi_label: bool,
+           weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin mean loss + ||W - w0||^2 / (2 c N), from (w0, b0)."""
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITER, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-6, tolerance_change=1e-9)
+    strength = 1.0 / (2.0 * c * len(y))
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = _loss(x @ w.T + b, y, multi_label, weights) + strength * ((w - w0) ** 2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, multi_label: bool,
+              weights: torch.Tensor | None, seed: int) -> tuple[float, int]:
+    """The C of the grid with the best held-out log loss over stratified folds (stratified
+    by each image's rarest label for label sets); 1.0 when a class is too small to fold."""
+    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:SEARCH_ROWS]
+    xs, ys = x[rows], y[rows]
+    strata = _strata(ys, multi_label)
+    folds = int(min(5, np.unique(strata, return_counts=True)[1].min()))
     if folds < 2:
-        return 1.0
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        scores = [cross_val_score(_model(c, balanced), x, y, cv=cv, scoring="neg_log_loss").mean() for c in C_GRID]
-    return float(C_GRID[int(np.argmax(scores))])
+        return 1.0, 0
+    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(strata, strata))
+    scores = []
+    for c in C_GRID:
+        held = 0.0
+        for train, test in splits:
+            w, b = _lbfgs(xs[train], ys[train], w0, b0, c, multi_label, weights)
+            held += float(_loss(xs[test] @ w.T + b, ys[test], multi_label, None)) * len(test)
+        scores.append(held)
+    return float(C_GRID[int(np.argmin(scores))]), folds
 
 
-def _multinomial(x: np.ndarray, y: np.ndarray, balanced: bool, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-    c = _best_c(x, y, balanced, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = _model(c, balanced).fit(x, y)
-    classes = int(y.max()) + 1
-    weight, bias = np.zeros((classes, x.shape[1])), np.full(classes, -30.0)  # an absent class: never predicted
-    if len(model.classes_) == 2:  # one logit z for the second class: softmax of (-z/2, z/2) is sigmoid(z)
-        rows = np.vstack([-model.coef_ / 2, model.coef_ / 2])
-        weight[model.classes_], bias[model.classes_] = rows, np.array([-1, 1]) * model.intercept_[0] / 2
-    else:
-        weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
-    return weight, bias, c
+def _strata(y: torch.Tensor, multi_label: bool) -> np.ndarray:
+    if not multi_label:
+        return y.numpy()
+    counts = y.sum(dim=0)
+    rarest = torch.where(y > 0.5, counts[None, :], torch.full_like(y, float("inf"))).argmin(dim=1)
+    rarest[(y > 0.5).sum(dim=1) == 0] = y.shape[1]  # images with no label: a stratum of their own
+    return rarest.numpy()
 
 
-def _binary(x: np.ndarray, y: np.ndarray, balanced: bool, seed: int) -> tuple[np.ndarray, float, float]:
-    if y.min() == y.max():  # always or never there: a constant logit
-        p = np.clip(y.mean(), 1e-3, 1 - 1e-3)
-        return np.zeros(x.shape[1]), float(np.log(p / (1 - p))), 0.0
-    weight, bias, c = _multinomial(x, y, balanced, seed)
-    return weight[1] - weight[0], float(bias[1] - bias[0]), c
+def _class_weights(y: torch.Tensor, classes: int, multi_label: bool) -> torch.Tensor:
+    if multi_label:  # pos_weight: negatives / positives per label
+        pos = y.sum(dim=0)
+        return torch.where(pos > 0, (len(y) - pos) / pos.clamp(min=1), torch.ones_like(pos))
+    counts = torch.bincount(y, minlength=classes).float()
+    return torch.where(counts > 0, len(y) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))

@@ -30,7 +30,7 @@ from visiontune.runtime.distributed import (
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.plan import apply_phase, set_train_modes
-from visiontune.train.probe import fit_probe, load_into
+from visiontune.train.probe import fit_probe, head_linear, load_into
 from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
@@ -167,11 +167,12 @@ class Trainer:
         return its training loss."""
         feats, targets = data.train.dataset.tensors  # type: ignore[attr-defined]
         t = self.cfg.train
-        fit = fit_probe(np.asarray(feats), targets.numpy(), multi_label=targets.ndim == 2,
+        start = head_linear(self.model.head)  # warm-started rows are the prior the fit is pulled towards
+        fit = fit_probe(np.asarray(feats), targets.numpy(), multi_label=targets.ndim == 2, start=start,
                         balanced=t.balance != "none", seed=self.cfg.seed)
         load_into(self.model.head, fit)
-        log.info("converged probe: logistic regression on %d feature vectors, L2 C = %s (chosen by k-fold CV)",
-                 len(targets), ", ".join(f"{c:g}" for c in sorted(set(fit.c))))
+        log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)", len(targets),
+                 fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images per class to cross-validate")
         with torch.inference_mode():
             logits = self.model.head(torch.as_tensor(np.asarray(feats)).to(self.device))
             return float(self.criterion(logits.float(), targets.to(self.device)).item())
