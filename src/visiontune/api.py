@@ -19,12 +19,13 @@ from visiontune.data.items import TEST, TRAIN, VALID, DataSource, LabelFunc
 from visiontune.data.labels import label_counts
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import collect_images, load_items, resolve_inputs
-from visiontune.deploy.export import load_exported
-from visiontune.errors import DataError, VisiontuneError
+from visiontune.deploy.export import load_exported, onnx_engine
+from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.files import write_json
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
+from visiontune.runtime.prefetch import Prefetch
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.selection.budget import plan_budget
 from visiontune.tasks.base import UNREADABLE, row_markers
@@ -86,7 +87,8 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     else:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
         ckpt = None
-    return train_run(cfg, load_items(cfg.data, cfg.seed, label_func), run_dir=run_dir, ckpt=ckpt,
+    return train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir), run_dir=run_dir,
+                     ckpt=ckpt,
                      callbacks=callbacks)
 
 
@@ -130,7 +132,7 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
     ds = eval_dataset([it.path for it in items], bundle.task.encode([it.label for it in items]), bundle.preprocess,
                       mark_unreadable=True, tta=tta)
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task, progress)
-    paths, unreadable = _drop_unreadable_rows(ds.paths, out)  # run_eval's loss already leaves them out
+    paths, unreadable = _drop_unreadable_rows([it.path for it in items], out)  # run_eval's loss leaves them out
     metrics = {**bundle.task.metrics(out.targets, out.probs), "loss": out.loss}
     report = bundle.task.report(out.targets, out.probs)
     return EvalResult(metrics, report.rows, report.confusion, bundle.task.classes, paths, out.targets, out.probs,
@@ -151,19 +153,25 @@ class Prediction:
 
 def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
             top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
-            tta: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
+            tta: bool = False, engine: str = "auto") -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Classify image files and folders (searched recursively) with a run directory, its
     model.safetensors, or an exported .onnx / .ts file. Returns the predictions and the
     (path, reason) of inputs that were skipped (hidden, not images, unreadable). `tta`:
-    average the logits of 4 views per image."""
+    average the logits of 4 views per image.
+
+    `engine` (CPU only): "auto" runs ONNX Runtime when the run has a current model.onnx or
+    when onnxruntime is installed and there are at least 256 images (exporting model.onnx
+    once), else PyTorch; "onnx" / "torch" force one. Decoding overlaps the forward pass
+    (a reader thread when there are no loader workers)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths, skipped = collect_images([str(p) for p in inputs])
-    dev, bundle, channels_last = _predictor(run, device)
+    dev, bundle, channels_last = _predictor(run, device, engine, len(paths))
     if not paths:
         return [], skipped
     ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
-    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
+    loader = make_loader(ds, batch_size, num_workers, dev)
+    out = run_eval(bundle.model, Prefetch(loader) if loader.num_workers == 0 else loader, dev, bundle.task,
                    channels_last=channels_last)
     paths, unreadable = _drop_unreadable_rows(paths, out)
     task = bundle.task
@@ -173,11 +181,18 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     return preds, skipped + unreadable
 
 
-def _predictor(run: str | os.PathLike[str], device: str) -> tuple[Any, Bundle, bool]:
-    """(device, bundle, channels_last) for a run directory or an exported file (CPU)."""
+def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
+               images: int = 0) -> tuple[Any, Bundle, bool]:
+    """(device, bundle, channels_last) for a run directory or an exported file (CPU);
+    on a CPU, a run directory may run as ONNX (see `predict`'s `engine`)."""
     if str(run).endswith((".onnx", ".ts")):
         return resolve_device("cpu"), load_exported(run), False
     dev = resolve_device(device)
+    if engine == "onnx" and dev.type != "cpu":
+        raise ConfigError(f"engine 'onnx' runs on the CPU only; use --device cpu or --engine torch (device: {dev})")
+    exported = onnx_engine(run, engine, images) if dev.type == "cpu" else None
+    if exported is not None:
+        return dev, exported, False
     return dev, load_bundle(run, dev), True
 
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from visiontune.config import SECTION_TITLES, choices_of, option_fields, option_key
+from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
 from visiontune.errors import VisiontuneError
 from visiontune.train.strategies import describe_strategies, strategy_names
 
@@ -123,6 +123,10 @@ def _add_use_commands(sub: Any) -> None:
                    "(center, mirrored, whole image, mirrored); ~4x the time")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+                   help="CPU inference engine. auto: ONNX Runtime when the run has a current model.onnx, or when "
+                   "onnxruntime is installed and there are >= 256 images (model.onnx is exported into the run once); "
+                   "else PyTorch")
 
     p = sub.add_parser("evaluate", help="metrics, per-class (per-label) report and confusion on labelled images")
     p.add_argument("run", help="run directory (or its model.safetensors)")
@@ -175,6 +179,16 @@ def _add_look_commands(sub: Any) -> None:
                    help="also look for mislabels among test images (default: train + valid, what training uses)")
     p.add_argument("--device", default="auto")
 
+
+def _add_data_commands(sub: Any) -> None:
+    p = sub.add_parser("shard", help="write any source train accepts as WebDataset tar shards (SHARDS/train-000000.tar, "
+                       "valid-, test-; dataset.json, index.csv), for `visiontune train SHARDS`")
+    p.add_argument("data", nargs="?", help="folder of images (or --csv), as for train")
+    p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--size", type=int, default=1000, help="samples per shard (1000)")
+    add_run_options(p, DataConfig)
+    p.add_argument("--seed", type=int, help="seed of the valid split and of the training samples' order (0)")
+
     p = sub.add_parser("imagify", help="time series in a CSV -> Gramian Angular Field / recurrence images "
                        "in OUT/<label>/, ready for train")
     p.add_argument("table", help="CSV: one series per row plus a label column (or a long table with --value-col)")
@@ -209,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_use_commands(sub)
     _add_look_commands(sub)
+    _add_data_commands(sub)
     return parser
 
 

@@ -15,6 +15,8 @@ from visiontune.bundle import read_config
 from visiontune.config import RunConfig, cli_option_keys
 from visiontune.data.imagify import imagify
 from visiontune.data.labels import MULTI
+from visiontune.data.sources import resolve_inputs
+from visiontune.data.webdata import write_shards
 from visiontune.demo import run_demo
 from visiontune.deploy.export import export
 from visiontune.deploy.serve import serve
@@ -78,7 +80,7 @@ def find_lr(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     preds, skipped = api.predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                                 device=args.device, tta=args.tta)
+                                 device=args.device, tta=args.tta, engine=args.engine)
     for p in preds:
         print(_prediction_line(p))
     for path, why in skipped:
@@ -162,6 +164,15 @@ def interpret_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def shard(args: argparse.Namespace) -> int:
+    cfg, source = resolve_inputs(args.data, _base_config(args), None, _overrides(args))
+    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim)
+    for split, part in described["splits"].items():
+        print(f"{split}: {part['samples']} samples in {len(part['shards'])} shards")
+    print(f"shards and dataset.json: {args.out}  (train with: visiontune train {args.out})")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
@@ -169,5 +180,5 @@ def demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train, "cv": cv, "compare": compare_strategies, "advise": advise_strategy, "lr-find": find_lr,
     "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run,
-    "serve": serve_run, "interpret": interpret_run, "demo": demo,
+    "serve": serve_run, "interpret": interpret_run, "demo": demo, "shard": shard,
 }

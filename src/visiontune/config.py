@@ -100,6 +100,8 @@ class DataConfig:
     valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
     relabel: str | None = option(None, "CSV path,label of corrected labels (your files stay untouched)")
     exclude: str | None = option(None, "file listing images to leave out (one path per line, or a CSV's 1st column)")
+    valid: str | None = option(None, "validation shards when DATA is a shard pattern, e.g. "
+                                      "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")
     groups: str | None = option(None, "CSV of path,group: images of one group (a recording, a patient) stay in "
                                       "one split and one fold (default: DATA/groups.csv when present)")
     verify_images: bool = option(True, "skip decoding every image while scanning", flag="--no-verify")

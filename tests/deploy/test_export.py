@@ -29,7 +29,7 @@ def test_export_carries_labels_and_preprocessing_and_matches_eager(run, fmt: str
     loaded = load_exported(result.path)
     assert loaded.classes == json.loads((run_dir / "classes.json").read_text())
     assert loaded.preprocess.input_size == 32
-    eager, _ = vt.predict(run_dir, data)
+    eager, _ = vt.predict(run_dir, data, engine="torch")
     exported, _ = vt.predict(result.path, data)
     assert [p.label for p in exported] == [p.label for p in eager]
     assert max(abs(a.prob - b.prob) for a, b in zip(exported, eager)) < 1e-4
@@ -48,3 +48,50 @@ def test_a_foreign_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
     torch.onnx.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),), str(tmp_path / "x.onnx"), dynamo=False)
     with pytest.raises(vt.VisiontuneError, match="no visiontune metadata"):
         load_exported(tmp_path / "x.onnx")
+
+
+def _engine_of(run_dir: Path, engine: str, images: int) -> str:
+    from visiontune.api import _predictor
+
+    _, bundle, _ = _predictor(run_dir, "cpu", engine, images)
+    return "onnx" if type(bundle.model).__name__ == "_OnnxModule" else "torch"
+
+
+def test_predict_engine_onnx_exports_once_matches_torch_and_auto_reuses_only_a_current_export(
+        run, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    (run_dir / "model.onnx").unlink(missing_ok=True)
+    data = run[1]
+    assert _engine_of(run_dir, "auto", 10) == "torch"  # few images, no export yet: not worth exporting
+    assert _engine_of(run_dir, "auto", 1000) == "onnx" and (run_dir / "model.onnx").is_file()  # exported once
+    by_onnx, _ = vt.predict(run_dir, data, engine="onnx")
+    by_torch, _ = vt.predict(run_dir, data, engine="torch")
+    assert [p.label for p in by_onnx] == [p.label for p in by_torch]
+    assert max(abs(a.prob - b.prob) for a, b in zip(by_onnx, by_torch)) < 1e-4
+    assert _engine_of(run_dir, "auto", 10) == "onnx"  # a current export is used whatever the count
+    weights = run_dir / "model.safetensors"
+    later = (run_dir / "model.onnx").stat().st_mtime + 10
+    os.utime(weights, (later, later))  # the weights changed after the export (resume, retrain)
+    assert _engine_of(run_dir, "auto", 10) == "torch"
+    with pytest.raises(vt.ConfigError, match="engine 'tpu' unknown"):
+        _engine_of(run_dir, "tpu", 10)
+
+
+def test_prefetch_keeps_order_reraises_reader_errors_and_stops_early() -> None:
+    from visiontune.runtime.prefetch import Prefetch
+
+    assert list(Prefetch(range(50), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(Prefetch(broken()))
+    it = iter(Prefetch(range(10_000), depth=1))
+    assert next(it) == 0
+    it.close()  # leaving early joins the reader without hanging

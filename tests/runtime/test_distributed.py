@@ -145,3 +145,30 @@ def test_seeds_differ_by_rank_and_rank_zero_keeps_the_single_process_seed() -> N
 
     assert epoch_seed(3, 2) == epoch_seed(3, 2, rank=0)
     assert len({epoch_seed(3, 2, rank) for rank in range(8)}) == 8
+
+
+@pytest.mark.slow
+def test_two_processes_extract_each_image_once_and_match_one_process(tmp_path: Path) -> None:
+    """A frozen phase under torchrun: each process extracts its share of the images into the
+    shared feature cache, then both fit the head on all of them, as one process does."""
+    import sqlite3
+
+    import numpy as np
+
+    data = make_class_folders(tmp_path / "d", {"red": 10, "green": 10})  # 16 train, 4 valid
+    args = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32",
+            "--strategy", "feature-extract", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--seed", "1"]
+    for n in (1, 2):
+        env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "VISIONTUNE_CACHE": str(tmp_path / f"cache{n}")}
+        subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", "-m", "visiontune", "-q", "train",
+                        str(data), *args, "--output", str(tmp_path / f"w{n}"), "--name", "run"],
+                       env=env, check=True, capture_output=True, timeout=300)
+    store = next((tmp_path / "cache2" / "features").iterdir())
+    rows = sum(np.load(s, mmap_mode="r").shape[0] for s in store.glob("shard-*.npy"))
+    with sqlite3.connect(store / "index.sqlite") as db:
+        indexed = db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+    assert rows == indexed == 20  # each of the 20 images computed once, by one of the two processes
+    a = load_file(str(tmp_path / "w1" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "w2" / "run" / "model.safetensors"))
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5

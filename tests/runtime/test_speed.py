@@ -234,7 +234,7 @@ def test_predict_decodes_each_file_once(split_data: Path, tiny: dict, monkeypatc
     opened: list[str] = []
     real = loaders.load_rgb
     monkeypatch.setattr(loaders, "load_rgb", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
-    monkeypatch.setattr(data, "check_images", None)  # no checking pass before reading
+    monkeypatch.setattr(data, "scan", None)  # no checking pass before reading
     preds, skipped = vt.predict(r.run_dir, folder, num_workers=0)
     assert len(preds) == 6 and len(opened) == 7
     assert [Path(p).name for p, _ in skipped] == ["broken.jpg"] and "cannot" in skipped[0][1]

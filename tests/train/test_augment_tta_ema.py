@@ -110,3 +110,18 @@ def test_ema_is_validated_and_its_weights_are_saved_when_better(flat_data: Path,
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.endswith("weight"))  # EMA differs from raw
     assert all(torch.equal(saved[k], ema[k].cpu()) for k in saved)  # and it is what was saved
     assert all(torch.equal(r.model.state_dict()[k].cpu(), ema[k].cpu()) for k in saved)  # and held at the end
+
+
+def test_medium_randaugment_never_draws_a_magnitude_that_breaks_an_op() -> None:
+    """timm's magnitude noise (mstd 0.5) could draw magnitudes above 10, where Posterize
+    keeps 0 bits and PIL raises; the preset caps them (mmax9). Many draws, none may fail."""
+    import random
+
+    from PIL import Image
+
+    transform = train_transform(PRE, "medium")
+    image = Image.fromarray(torch.randint(0, 255, (40, 40, 3), dtype=torch.uint8).numpy())
+    random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(3000):
+        assert transform(image).shape == (3, 32, 32)

@@ -44,15 +44,18 @@ def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
     assert s5.misses == 6
 
 
-def test_torn_cache_entry_is_recomputed(tmp_path: Path) -> None:
+def test_a_torn_shard_is_recomputed(tmp_path: Path) -> None:
     root = make_class_folders(tmp_path / "d", {"red": 2, "green": 2})
     paths = sorted(str(p) for p in root.rglob("*.png"))
     model, pre = _model()
-    first, _ = _extract(model, pre, paths, tmp_path / "cache")
-    entry = next((tmp_path / "cache").rglob("*.npy"))
-    entry.write_bytes(entry.read_bytes()[:20])
+    first, _ = _extract(model, pre, paths[:3], tmp_path / "cache")  # one shard of 3
+    _extract(model, pre, paths, tmp_path / "cache")  # and one of 1
+    torn = max((tmp_path / "cache").rglob("shard-*.npy"), key=lambda p: p.stat().st_size)
+    torn.write_bytes(torn.read_bytes()[:40])  # a crash mid-write of the big shard
     again, stats = _extract(model, pre, paths, tmp_path / "cache")
-    assert stats.misses == 1 and torch.allclose(first, again)
+    assert (stats.hits, stats.misses) == (1, 3) and torch.allclose(first, again[:3])
+    _, healed = _extract(model, pre, paths, tmp_path / "cache")
+    assert (healed.hits, healed.misses) == (4, 0) and not torn.exists()
 
 
 @pytest.mark.parametrize("backbone,drop_path", [("timm:test_efficientnet", 0.0), ("timm:test_vit", 0.5)])

@@ -23,6 +23,7 @@ from visiontune.data.transforms import (
     train_transform,
     tta_transform,
 )
+from visiontune.data.webdata import ShardStream, is_shard_item, shard_items
 from visiontune.files import cache_root, save_entry
 from visiontune.tasks.base import NO_LABEL, UNREADABLE
 
@@ -122,6 +123,8 @@ def eval_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Prepro
     with `tta` the stacked test-time views of each (transforms.TTAViews);
     `mark_unreadable`: see ImageDataset's `unreadable_size`."""
     transform = tta_transform(pre) if tta else eval_transform(pre)
+    if paths and is_shard_item(paths[0]):  # samples of WebDataset shards: streamed, in shard order
+        return ShardStream(shard_items(list(paths)), targets, transform, eval_side(pre))  # type: ignore[return-value]
     return ImageDataset(paths, targets, transform, decode_side=eval_side(pre),
                         unreadable_size=pre.input_size if mark_unreadable else None,
                         unreadable_views=TTA_VIEWS if tta else 0)

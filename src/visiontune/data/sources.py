@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from visiontune.config import DataConfig, RunConfig
-from visiontune.data.images import check_image, has_image_extension, is_hidden
+from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import MULTI, SINGLE, is_multi, label_counts, parse_label_set, task_of
+from visiontune.data.scan import scan, scan_cache
 from visiontune.data.splits import assign_validation
 from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column
+from visiontune.data.webdata import DATASET_FILE, is_shards, sample_paths, shard_source
 from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def resolve_inputs(data: str | os.PathLike[str] | None, config: RunConfig | None
     cfg = RunConfig.create(config, **overrides)
     if not cfg.data.path and not cfg.data.csv:
         raise ConfigError("no data given: pass a folder of images (or csv=...)")
-    return cfg, load_items(cfg.data, cfg.seed, label_func)
+    return cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -50,7 +51,9 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]
     skipped: list[tuple[str, str]] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if is_shards(item):
+            found += sample_paths(item)
+        elif p.is_dir():
             scan = DataSource(root=item, classes=[], items=[])
             found += walk_images(scan, p)
             skipped += [(h, "hidden") for h in scan.hidden] + scan.excluded
@@ -62,7 +65,7 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]
 
 
 def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = None,
-               min_classes: int = 2) -> DataSource:
+               min_classes: int = 2, cache_dir: str | None = None) -> DataSource:
     """Find images and labels as `cfg` says, check them, and split them.
 
     Layouts: `cfg.csv` (path,label[,split]); labels from file names (`cfg.label_regex`
@@ -72,7 +75,10 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
     `min_classes=1` accepts a single class (scoring a model on part of its classes).
     """
     root = Path(cfg.path).expanduser()
-    if cfg.csv:
+    shards = bool(cfg.path) and is_shards(cfg.path)
+    if shards:
+        source = _from_shards(cfg)
+    elif cfg.csv:
         source = from_csv(root, Path(cfg.csv).expanduser(), cfg)
     else:
         _require_dir(root)
@@ -83,10 +89,20 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
     if cfg.relabel or cfg.exclude:
         _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim)
     _attach_groups(source, cfg.groups or _default_groups_file(root, cfg))
-    if cfg.verify_images:
-        _drop_unreadable(source)
+    if cfg.verify_images and not shards:  # shard samples were checked when they were written
+        _drop_unreadable(source, cache_dir)
     _check_classes(source, min_classes)
     assign_validation(source, cfg.valid_pct, seed)
+    return source
+
+
+def _from_shards(cfg: DataConfig) -> DataSource:
+    """WebDataset shards (data/webdata.py): a folder written by `visiontune shard` keeps its
+    splits; training shards given by a pattern without --valid give --valid-pct of their
+    samples to validation."""
+    source = shard_source(cfg.path, cfg.valid, multi=cfg.task == MULTI)
+    if not (Path(cfg.path) / DATASET_FILE).is_file() and not cfg.valid:
+        source.items = [replace(it, split="") for it in source.items]
     return source
 
 
@@ -268,14 +284,10 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     source.items = kept
 
 
-def check_images(paths: list[str]) -> list[str | None]:
-    """`check_image` over many files on a thread pool (decoders release the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        return list(pool.map(check_image, paths))
-
-
-def _drop_unreadable(source: DataSource) -> None:
-    reasons = check_images([it.path for it in source.items])
+def _drop_unreadable(source: DataSource, cache_dir: str | None) -> None:
+    """Decode every image once (in parallel; unchanged files are remembered by the scan
+    cache, data/scan.py) and leave out the ones that do not decode, with the reason."""
+    reasons = [reason for reason, _ in scan([it.path for it in source.items], scan_cache(cache_dir))]
     kept = []
     for item, reason in zip(source.items, reasons):
         if reason is None:

@@ -6,7 +6,7 @@ eval: resize to input_size / crop_pct, center crop, normalise. train, by preset:
 |---|---|
 | none   | the eval pipeline |
 | light  | random resized crop (area `min_scale`..1) + horizontal flip |
-| medium | light + RandAugment (timm `rand-m9-mstd0.5-inc1`) + random erasing (p 0.25, per-pixel noise), timm's `create_transform` |
+| medium | light + RandAugment (timm `rand-m9-mstd0.5-inc1-mmax9`: magnitude 9, noise std 0.5, at most 9) + random erasing (p 0.25, per-pixel noise), timm's `create_transform` |
 | heavy  | medium + mixup (alpha 0.8) / cutmix (alpha 1.0) on each batch with soft targets (timm `Mixup`, applied by the trainer) |
 
 TTA (`tta_transform`): the eval view, its mirror image, the whole image (no crop) and its
@@ -139,7 +139,7 @@ def train_transform(pre: Preprocess, augment: str = "light", hflip: float = 0.5,
         return eval_transform(pre)
     if augment in ("medium", "heavy"):  # heavy's mixup / cutmix happens on batches, in the trainer
         return create_transform(pre.input_size, is_training=True, scale=(min_scale, 1.0), hflip=hflip,
-                                auto_augment="rand-m9-mstd0.5-inc1", interpolation=pre.interpolation,
+                                auto_augment="rand-m9-mstd0.5-inc1-mmax9", interpolation=pre.interpolation,
                                 mean=pre.mean, std=pre.std, re_prob=0.25, re_mode="pixel", re_count=1)
     steps: list[T.Transform] = [
         T.RandomResizedCrop(

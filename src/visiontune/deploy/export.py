@@ -134,3 +134,50 @@ def load_exported(path: str | os.PathLike[str]) -> Bundle:
     task_meta = json.loads(meta.get("task", "{}"))
     task = make_task(task_meta.get("task", "single-label"), json.loads(meta["classes"]), task_meta)
     return Bundle(model, task, Preprocess.from_dict(json.loads(meta["preprocess"])), str(p.parent))
+
+
+# -- ONNX Runtime as a predict engine ---------------------------------------------------
+ONNX_MIN_IMAGES = 256  # below this, `engine="auto"` does not export: the one-time export costs more than it saves
+ENGINES = ("auto", "torch", "onnx")
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def current_onnx(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The run's model.onnx when it was exported from the current weights (not older than
+    model.safetensors: a resumed or retrained run makes an old export stale)."""
+    onnx_file, weights = Path(run_dir) / "model.onnx", Path(run_dir) / "model.safetensors"
+    if onnx_file.is_file() and weights.is_file() and onnx_file.stat().st_mtime >= weights.stat().st_mtime:
+        return onnx_file
+    return None
+
+
+def onnx_engine(run: str | os.PathLike[str], engine: str, images: int) -> Bundle | None:
+    """The run as an ONNX Runtime bundle when `engine` asks for it, else None (PyTorch).
+
+    "onnx": always (exports model.onnx into the run once, if missing or stale). "auto": when
+    a current model.onnx exists, or when onnx + onnxruntime are installed and there are at
+    least ONNX_MIN_IMAGES images; an export that fails then falls back to PyTorch with a
+    warning. ONNX Runtime ran the CPU forward pass at ~1.1x eager PyTorch (bench/speed.py).
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r} unknown; choose one of {', '.join(ENGINES)}")
+    run_dir = Path(run).parent if Path(run).is_file() else Path(run)
+    if engine == "torch" or not run_dir.is_dir():
+        return None
+    existing = current_onnx(run_dir)
+    if engine == "auto" and existing is None and (images < ONNX_MIN_IMAGES or not onnx_available()):
+        return None
+    if engine == "auto" and not onnx_available():
+        return None
+    try:
+        return load_exported(existing or export(run_dir, "onnx").path)
+    except (VisiontuneError, OSError) as exc:
+        if engine == "onnx":
+            raise
+        log.warning("predicting with PyTorch: ONNX Runtime not usable for %s (%s)", run_dir, exc)
+        return None

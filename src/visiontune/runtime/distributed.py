@@ -138,6 +138,12 @@ def training_norm_buffers(module: nn.Module) -> list[torch.Tensor]:
             for b in m.buffers()]
 
 
+def barrier(env: DistEnv) -> None:
+    """Every process waits here until all have arrived."""
+    if env.parallel:
+        dist.barrier()
+
+
 def gather(obj: Any, env: DistEnv) -> list[Any]:
     if not env.parallel:
         return [obj]

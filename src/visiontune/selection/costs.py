@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
-from visiontune.files import file_digest
 from visiontune.runtime.device import to_device
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.trainer import Trainer
@@ -75,7 +74,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
                                      lambda x, y: backbone(x))
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     cache = setup.data._cache()
-    missing = sum(cache.get(file_digest(it.path)) is None for it in pool)
+    missing = len(pool) - cache.store.count_known(cache.digests([it.path for it in pool]))
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
                   setup.preprocess.input_size)
     log.info("costs %s", costs.describe())

@@ -6,11 +6,13 @@ its pooled features are computed once per (backbone weights, eval transform, fil
 content) and the head trains on those tensors, so later epochs, runs, folds and
 strategies cost milliseconds instead of a pass over the images.
 
-Layout: `<cache>/<model fingerprint>/<ab>/<file digest>.npy`, one float32 vector per image,
-written atomically. The fingerprint hashes the backbone name, every backbone tensor and the
-preprocessing, so other weights or another image size never reuse stale entries; the
-digest hashes the file's bytes, so an edited image is recomputed. The cache is safe to
-delete at any time. Default location: `$VISIONTUNE_CACHE` or `~/.cache/visiontune/features` (`--cache-dir` replaces the root).
+Layout: `<cache>/features/<model fingerprint>/`: shards of float32 vectors and an index
+keyed by each file's digest (train/shards.py). The fingerprint hashes the backbone name,
+every backbone tensor and the preprocessing, so other weights or another image size never
+reuse stale entries; the digest hashes the file's bytes (remembered by the scan cache,
+data/scan.py, while the file is unchanged), so an edited image is recomputed. The cache is
+safe to delete at any time. Default root: `$VISIONTUNE_CACHE` or `~/.cache/visiontune`
+(`--cache-dir` replaces it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,13 @@ from torch import nn
 
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.preprocess import Preprocess
-from visiontune.files import cache_root, file_digest, save_entry
+from visiontune.data.scan import ScanCache, digests_of
+from visiontune.data.transforms import eval_side, eval_transform
+from visiontune.data.webdata import ShardStream, is_shard_item, shard_digests, shard_items
+from visiontune.files import cache_root
 from visiontune.runtime.device import to_device
+from visiontune.runtime.prefetch import Prefetch
+from visiontune.train.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +61,33 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
 
 
 class FeatureCache:
-    """Vectors keyed by file digest under one model fingerprint."""
+    """Vectors keyed by file digest under one model fingerprint, in shards (train/shards.py)."""
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: str) -> None:
         self.dir = Path(root) / fingerprint
+        self.scans = ScanCache(Path(root).parent / "scan.sqlite")  # digests of unchanged files, remembered
+        self._store: ShardStore | None = None
 
-    def _path(self, digest: str) -> Path:
-        return self.dir / digest[:2] / f"{digest}.npy"
+    @property
+    def store(self) -> ShardStore:
+        if self._store is None:
+            self._store = ShardStore(self.dir)
+        return self._store
 
-    def get(self, digest: str) -> np.ndarray | None:
+    def get_many(self, digests: list[str]) -> dict[str, np.ndarray]:
+        return self.store.get_many(digests)
+
+    def put_many(self, digests: list[str], vectors: np.ndarray) -> None:
         try:
-            return np.load(self._path(digest), allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError):
-            return None  # missing or torn by an old crash: recompute
+            self.store.put_many(digests, vectors)
+        except OSError as exc:  # a full or read-only cache only costs time
+            log.warning("feature cache %s not written (%s)", self.dir, exc)
 
-    def put(self, digest: str, vector: np.ndarray) -> None:
-        save_entry(self._path(digest), vector.astype(np.float32))
+    def digests(self, paths: Sequence[str]) -> list[str]:
+        """Digests of the files' bytes (shard samples: from their index)."""
+        if paths and is_shard_item(paths[0]):
+            return shard_digests(list(paths))
+        return digests_of(list(paths), self.scans)
 
 
 def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
@@ -105,31 +123,44 @@ def extract_features(
     started = time.perf_counter()
     n = len(paths)
     matrix: _Rows = _Rows(n, memmap_dir)
-    digests = [file_digest(p) for p in paths] if cache else [""] * n
-    missing = []
+    digests = cache.digests(paths) if cache else [""] * n
+    known = cache.get_many(digests) if cache else {}
+    missing = [i for i, d in enumerate(digests) if d not in known]
     for i, digest in enumerate(digests):
-        row = cache.get(digest) if cache else None
-        if row is None:
-            missing.append(i)
-        else:
-            matrix.put(i, row)
-    if missing:
-        was_training = backbone.training
-        backbone.eval()
-        ds = eval_dataset([paths[i] for i in missing], None, pre)
-        done = 0
-        for x, _ in make_loader(ds, batch_size, num_workers, device):
-            out = backbone(to_device(x, device, channels_last)).float().cpu().numpy()
-            for row in out:
-                i = missing[done]
-                matrix.put(i, row)
-                if cache:
-                    cache.put(digests[i], row)
-                done += 1
-        backbone.train(was_training)
+        if digest in known:
+            matrix.put(i, known[digest])
+    pending: list[tuple[str, np.ndarray]] = []  # computed, not yet written to the cache
+    for j, row in _compute(backbone, [paths[i] for i in missing], pre, device, batch_size, num_workers,
+                           channels_last):
+        i = missing[j]
+        matrix.put(i, row)
+        if cache:
+            pending.append((digests[i], row))
+            if len(pending) >= SHARD_ROWS:
+                cache.put_many([d for d, _ in pending], np.stack([r for _, r in pending]))
+                pending = []
+    if cache and pending:
+        cache.put_many([d for d, _ in pending], np.stack([r for _, r in pending]))
     stats = FeatureStats(n - len(missing), len(missing), time.perf_counter() - started)
     log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
     return matrix.tensor(), stats
+
+
+def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: torch.device, batch_size: int,
+             num_workers: int | None, channels_last: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(index into `paths`, backbone features) of every path (eval mode, eval transform):
+    files in order, shard samples in the order their shards stream them."""
+    if not paths:
+        return
+    was_training = backbone.training
+    backbone.eval()
+    numbers = torch.arange(len(paths))
+    dataset = (ShardStream(shard_items(paths), numbers, eval_transform(pre), eval_side(pre))
+               if is_shard_item(paths[0]) else eval_dataset(paths, numbers, pre))
+    loader = make_loader(dataset, batch_size, num_workers, device)
+    for x, index in Prefetch(loader) if loader.num_workers == 0 else loader:  # decode overlaps the forward
+        yield from zip(index.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
+    backbone.train(was_training)
 
 
 class _Rows:

@@ -63,8 +63,7 @@ def _probe_applies(cfg: RunConfig, model: Classifier, env: DistEnv) -> bool:
     if cfg.strategy.probe != "converged":
         return False
     why = ("the head has a hidden layer" if cfg.model.head_hidden else
-           "frozen BatchNorm statistics train (--frozen-bn train)" if cfg.strategy.frozen_bn != "eval" else
-           "it runs under torchrun" if env.launched else "")
+           "frozen BatchNorm statistics train (--frozen-bn train)" if cfg.strategy.frozen_bn != "eval" else "")
     if why:
         log.info("head-only phases train by SGD epochs: %s", why)
     return not why

@@ -286,9 +286,10 @@ class Trainer:
         seed_everything(epoch_seed(self.cfg.seed, epoch, self.env.rank))
         if self.generator is not None:
             self.generator.manual_seed(epoch_seed(self.cfg.seed, epoch))
-        sampler = getattr(self.data(self.plan.phase_index(epoch)).train, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        loader = self.data(self.plan.phase_index(epoch)).train
+        for seeded in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):  # sampler or shard stream
+            if hasattr(seeded, "set_epoch"):
+                seeded.set_epoch(epoch)
 
     def _validate(self, train_loss: float) -> dict[str, float]:
         """Validation metrics of this epoch's weights; with --ema also of the EMA weights,

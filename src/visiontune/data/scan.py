@@ -1,0 +1,134 @@
+"""Checking many images once: in parallel across processes, and remembered.
+
+The scan cache (`<cache root>/scan.sqlite`, SQLite) keeps, per file, the verdict of a full
+decode and the digest of its bytes, keyed by the absolute path and valid while the file's
+size and modification time are unchanged: a re-run over unchanged data decodes nothing
+and hashes nothing (the feature cache keys entries by those digests). An edited or
+replaced file has a new size or mtime and is checked again. Safe to delete at any time.
+
+Files not in the cache are checked (`check_image` + `file_digest`) by a pool of worker
+processes when there are many (PARALLEL_FROM), in this process otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
+from pathlib import Path
+
+from visiontune.data.images import check_image
+from visiontune.files import cache_root, file_digest
+
+log = logging.getLogger(__name__)
+
+PARALLEL_FROM = 256  # files to check before worker processes pay for themselves
+CHUNK = 64
+
+Verdict = tuple[str | None, str]  # (why the file cannot be used or None, digest of its bytes)
+
+
+def check_and_digest(path: str) -> Verdict:
+    """Decode the whole file once (None if usable, else the reason) and hash its bytes."""
+    reason = check_image(path)
+    try:
+        digest = file_digest(path)
+    except OSError as exc:
+        return reason or f"cannot read: {exc}", ""
+    return reason, digest
+
+
+class ScanCache:
+    """(path, size, mtime) -> verdict, in one SQLite file (concurrent runs may share it)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as db, db:
+                db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
+                           "reason TEXT, digest TEXT)")
+            self.ok = True
+        except (OSError, sqlite3.Error) as exc:  # an unwritable cache only costs time
+            log.warning("scan cache %s unusable (%s): checking every file", self.path, exc)
+            self.ok = False
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=60)
+
+    def lookup(self, keys: list[tuple[str, int, int]]) -> dict[str, Verdict]:
+        """Verdicts of the files whose (path, size, mtime) match what was stored."""
+        if not self.ok or not keys:
+            return {}
+        wanted = {p: (s, m) for p, s, m in keys}
+        found: dict[str, Verdict] = {}
+        with closing(self._connect()) as db:
+            for i in range(0, len(keys), 900):  # SQLite's limit on bound parameters
+                batch = [p for p, _, _ in keys[i:i + 900]]
+                rows = db.execute(f"SELECT path, size, mtime, reason, digest FROM files WHERE path IN "
+                                  f"({','.join('?' * len(batch))})", batch)
+                for path, size, mtime, reason, digest in rows:
+                    if wanted.get(path) == (size, mtime):
+                        found[path] = (reason, digest)
+        return found
+
+    def store(self, rows: Iterable[tuple[str, int, int, str | None, str]]) -> None:
+        if not self.ok:
+            return
+        try:
+            with closing(self._connect()) as db, db:
+                db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", list(rows))
+        except sqlite3.Error as exc:
+            log.warning("scan cache %s not updated (%s)", self.path, exc)
+
+
+def scan_cache(cache_dir: str | os.PathLike[str] | None = None) -> ScanCache:
+    return ScanCache(cache_root(cache_dir) / "scan.sqlite")
+
+
+def scan(paths: list[str], cache: ScanCache | None = None, workers: int | None = None) -> list[Verdict]:
+    """The verdict and digest of every path, from the cache where the file is unchanged,
+    else checked (in parallel when there are many) and remembered."""
+    started = time.perf_counter()
+    keys = [_key(p) for p in paths]
+    known = cache.lookup([k for k in keys if k is not None]) if cache else {}
+    todo = [p for p, k in zip(paths, keys) if k is not None and os.path.abspath(p) not in known]
+    fresh = dict(zip(todo, _check_all(todo, workers)))
+    if cache and fresh:
+        cache.store((k[0], k[1], k[2], *fresh[p]) for p, k in zip(paths, keys) if k is not None and p in fresh)
+    out = [("not readable (it vanished or cannot be opened)", "") if k is None else
+           fresh[p] if p in fresh else known[k[0]] for p, k in zip(paths, keys)]
+    log.info("scan: %d files, %d remembered, %d checked (%.1fs)", len(paths), len(paths) - len(todo), len(todo),
+             time.perf_counter() - started)
+    return out
+
+
+def _key(path: str) -> tuple[str, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def _check_all(paths: list[str], workers: int | None) -> list[Verdict]:
+    workers = workers or os.cpu_count() or 1
+    if len(paths) < PARALLEL_FROM or workers < 2:
+        return [check_and_digest(p) for p in paths]
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(check_and_digest, paths, chunksize=CHUNK))
+
+
+def digests_of(paths: list[str], cache: ScanCache | None) -> list[str]:
+    """The digest of each file's bytes: remembered where the file is unchanged since a scan,
+    else read and hashed (not remembered: no verdict goes with it)."""
+    keys = [_key(p) for p in paths]
+    known = cache.lookup([k for k in keys if k is not None]) if cache else {}
+    return [known[k[0]][1] if k is not None and k[0] in known and known[k[0]][1] else file_digest(p)
+            for p, k in zip(paths, keys)]
