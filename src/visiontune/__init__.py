@@ -34,6 +34,12 @@ _PUBLIC = {
     "VisiontuneError": "visiontune.errors",
     "WeightsUnavailableError": "visiontune.errors",
     "register_strategy": "visiontune.train.strategies",
+    "interpret": "visiontune.analysis.interpret",
+    "cross_validate": "visiontune.selection.cv",
+    "compare": "visiontune.selection.compare",
+    "advise": "visiontune.selection.advisor",
+    "lr_find": "visiontune.selection.lrfind",
+    "show_batch": "visiontune.analysis.notebook",
 }
 
 __all__ = sorted([*_PUBLIC, "__version__"])

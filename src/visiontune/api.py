@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from visiontune import display
 from visiontune.analysis.inspection import describe
 from visiontune.bundle import LAST_CHECKPOINT, Bundle, load_bundle, load_checkpoint, read_config
 from visiontune.config import DataConfig, RunConfig
@@ -109,6 +110,11 @@ class EvalResult:
         head = "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
         return f"{head}\nimages: {len(self.paths)}\n\n{self.text}"
 
+    def _repr_html_(self) -> str:
+        keys = list(dict.fromkeys(k for row in self.report for k in row))
+        return (display.metrics_table(self.metrics, f"{len(self.paths)} images")
+                + display.table([[row.get(k, "") for k in keys] for row in self.report], keys, "per class"))
+
 
 def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: str | None = None,
              label_delim: str | None = None, batch_size: int = 64, device: str = "auto",
@@ -185,7 +191,7 @@ def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
                images: int = 0) -> tuple[Any, Bundle, bool]:
     """(device, bundle, channels_last) for a run directory or an exported file (CPU);
     on a CPU, a run directory may run as ONNX (see `predict`'s `engine`)."""
-    if str(run).endswith((".onnx", ".ts")):
+    if str(run).endswith((".onnx", ".pt2", ".ts")):
         return resolve_device("cpu"), load_exported(run), False
     dev = resolve_device(device)
     if engine == "onnx" and dev.type != "cpu":

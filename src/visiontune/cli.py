@@ -114,8 +114,9 @@ def _add_training_commands(sub: Any) -> None:
 
 def _add_use_commands(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files and folders with a trained run")
-    p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.ts "
-                   "(a .ts file runs TorchScript code when loaded: use only .ts files you trust; prefer .onnx)")
+    p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.pt2 / "
+                   "model.ts (a .ts file runs TorchScript code when loaded: use only .ts files you trust; prefer "
+                   ".onnx)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--output", help="write all predictions to a .csv or .json file")
@@ -139,12 +140,6 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write metrics, report and confusion matrix to this .json file")
 
-    p = sub.add_parser("export", help="ONNX or TorchScript with class names and preprocessing inside; "
-                       "checked against the eager model")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--output", help="file to write (RUN/model.onnx or RUN/model.ts)")
-
     p = sub.add_parser("serve", help="web page + JSON API on localhost: drop an image, see the top-k labels")
     p.add_argument("run", help="run directory")
     p.add_argument("--host", default="127.0.0.1")
@@ -152,6 +147,24 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-pixels", type=int, default=50_000_000,
                    help="refuse images whose header announces more pixels (413), before decoding (50000000)")
+
+
+def _add_share_commands(sub: Any) -> None:
+    p = sub.add_parser("export", help="ONNX, torch.export (pt2), timm/Hub folder or TorchScript, with class names "
+                       "and preprocessing inside; checked against the eager model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", choices=("onnx", "pt2", "timm", "torchscript"), default="onnx",
+                   help="onnx (torch.export-based exporter; ONNX Runtime), pt2 (torch.export program: "
+                   "torch.export.load(F).module()), timm (folder in timm's Hub layout: "
+                   "timm.create_model('local-dir:DIR', pretrained=True)), torchscript (legacy)")
+    p.add_argument("--output", help="file (folder for timm) to write; default RUN/model.onnx, RUN/model.pt2, "
+                   "RUN/timm/ or RUN/model.ts")
+
+    p = sub.add_parser("push", help="upload the run to the Hugging Face Hub in timm's layout (needs a network "
+                       "and a token: huggingface-cli login)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("repo_id", help="user/name on the Hub")
+    p.add_argument("--private", action="store_true")
 
 
 def _add_look_commands(sub: Any) -> None:
@@ -222,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
     _add_use_commands(sub)
+    _add_share_commands(sub)
     _add_look_commands(sub)
     _add_data_commands(sub)
     return parser

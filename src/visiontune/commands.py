@@ -152,6 +152,13 @@ def export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def push_run(args: argparse.Namespace) -> int:
+    from visiontune.deploy.hub import push
+
+    print(f"uploaded: {push(args.run, args.repo_id, private=args.private)}")
+    return 0
+
+
 def serve_run(args: argparse.Namespace) -> int:
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(args.run, args.host, args.port, args.top_k, args.max_pixels)
@@ -179,6 +186,6 @@ def demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train, "cv": cv, "compare": compare_strategies, "advise": advise_strategy, "lr-find": find_lr,
-    "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run,
+    "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run, "push": push_run,
     "serve": serve_run, "interpret": interpret_run, "demo": demo, "shard": shard,
 }

@@ -54,6 +54,20 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
     return field(default=default, metadata=meta)
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def parse_track(value: Any) -> str:
+    """'tensorboard,mlflow' / ['mlflow'] / '' -> normalised 'tensorboard,mlflow' (checked)."""
+    names = value if isinstance(value, (list, tuple)) else str(value or "").replace(" ", ",").split(",")
+    names = [n.strip().lower() for n in names if n and n.strip() and n.strip().lower() != "none"]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"--track {','.join(unknown)}: unknown tracker; choose from {', '.join(TRACKERS)} "
+                          "(comma-separated)")
+    return ",".join(dict.fromkeys(names))
+
+
 def parse_duration(text: Any) -> float | None:
     """'10m', '90s', '1h30m', '2h' or plain seconds -> seconds."""
     if text is None or isinstance(text, (int, float)):
@@ -112,7 +126,9 @@ class ModelConfig:
     """Which backbone, which weights, which head, which input size."""
 
     backbone: str = option(DEFAULT_BACKBONE, "timm:<name>, torchvision:<name> or a bare timm name")
-    weights: str = option("pretrained", "pretrained | none | PATH to a .pth/.pt/.safetensors state dict")
+    weights: str = option("pretrained", "pretrained | none | PATH to a .pth/.pt/.safetensors state dict | "
+                                        "local-dir:DIR or hf-hub:USER/NAME (a folder in timm's Hub layout, e.g. from "
+                                        "export --format timm)")
     image_size: int | None = option(None, "input size in pixels (default: the backbone's own)", ge=8)
     drop_path: float = option(0.0, "stochastic depth rate of a timm backbone (timm's drop_path_rate)", ge=0.0, lt=1.0)
     head_hidden: int = option(0, "hidden units in the head; 0: a single linear layer", ge=0)
@@ -201,6 +217,9 @@ class TrainConfig:
     feature_cache: bool = option(True, "frozen phases run on augmented images instead of cached features")
     cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
                                          "~/.cache/visiontune)")
+    track: str = option("", "experiment tracking, comma-separated: tensorboard (event files in RUN/tensorboard), "
+                            "mlflow ($MLFLOW_TRACKING_URI or ./mlruns); off by default", parse=parse_track,
+                        coerce=parse_track, metavar="BACKENDS")
     progress: bool = option(True, "no progress bars")
 
     def resolved_lr(self) -> float:

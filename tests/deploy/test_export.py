@@ -21,7 +21,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return Path(result.run_dir), data
 
 
-@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".ts")])
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("pt2", ".pt2"), ("torchscript", ".ts")])
 def test_export_carries_labels_and_preprocessing_and_matches_eager(run, fmt: str, suffix: str) -> None:
     run_dir, data = run
     result = export(run_dir, fmt)
@@ -45,7 +45,7 @@ def test_cli_export_prints_the_parity_check(run, tmp_path: Path, capsys: pytest.
 def test_a_foreign_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
     import torch
 
-    torch.onnx.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),), str(tmp_path / "x.onnx"), dynamo=False)
+    torch.onnx.export(torch.nn.Linear(3, 2).eval(), (torch.randn(1, 3),), str(tmp_path / "x.onnx"), verbose=False)
     with pytest.raises(vt.VisiontuneError, match="no visiontune metadata"):
         load_exported(tmp_path / "x.onnx")
 
@@ -95,3 +95,72 @@ def test_prefetch_keeps_order_reraises_reader_errors_and_stops_early() -> None:
     it = iter(Prefetch(range(10_000), depth=1))
     assert next(it) == 0
     it.close()  # leaving early joins the reader without hanging
+
+
+def test_onnx_and_pt2_exports_emit_no_deprecation_warnings(run, tmp_path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        for fmt, suffix in (("onnx", ".onnx"), ("pt2", ".pt2"), ("torchscript", ".ts")):
+            load_exported(export(run[0], fmt, tmp_path / f"m{suffix}").path)
+
+
+def test_pt2_loads_with_torch_alone(run, tmp_path: Path) -> None:
+    import torch
+
+    path = export(run[0], "pt2", tmp_path / "model.pt2").path
+    extra = {"visiontune.json": ""}
+    program = torch.export.load(path, extra_files=extra)
+    assert json.loads(extra["visiontune.json"])["backbone"] == "timm:test_efficientnet"
+    assert program.module()(torch.randn(5, 3, 32, 32)).shape == (5, 2)  # any batch size
+
+
+def test_timm_folder_loads_in_timm_offline_with_the_fine_tuned_head(run, tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    from visiontune.bundle import load_bundle
+
+    run_dir, _ = run
+    assert main(["export", str(run_dir), "--format", "timm", "--output", str(tmp_path / "hub")]) == 0
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["architecture"] == "test_efficientnet" and config["num_classes"] == 2
+    assert config["label_names"] == json.loads((run_dir / "classes.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert (tmp_path / "hub" / "model.safetensors").is_file()
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), load_bundle(run_dir).model.eval()(x), atol=1e-5)
+    # and visiontune starts from it: the fine-tuned backbone, not ImageNet or random weights
+    r = vt.fit(run[1], **dict(TINY, strategy="feature-extract", epochs=1, weights=f"local-dir:{tmp_path / 'hub'}",
+                              output=str(tmp_path / "again")))
+    again = load_bundle(r.run_dir).model.backbone.state_dict()
+    for key, value in model.state_dict().items():
+        if key in again:
+            assert torch.equal(value, again[key]), key
+
+
+def test_timm_format_refuses_what_timm_cannot_hold(tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
+    r = vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, head_hidden=8, output=str(tmp_path / "r")))
+    with pytest.raises(vt.ConfigError, match="needs a linear head"):
+        export(r.run_dir, "timm", tmp_path / "hub")
+    with pytest.raises(vt.ConfigError, match="has no config.json"):
+        vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, weights=f"local-dir:{tmp_path}",
+                            output=str(tmp_path / "r2")))
+
+
+def test_push_and_hf_hub_weights_fail_fast_offline(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    started = time.perf_counter()
+    assert main(["push", str(run[0]), "someone/model"]) != 0
+    assert "huggingface.co is not reachable" in capsys.readouterr().err
+    with pytest.raises(vt.WeightsUnavailableError, match="--weights local-dir:"):
+        vt.fit(run[1], **dict(TINY, strategy="feature-extract", epochs=1, weights="hf-hub:someone/model",
+                              output=str(tmp_path / "r")))
+    assert time.perf_counter() - started < 30
+    assert not (run[0] / "timm").exists()  # nothing written before failing

@@ -90,3 +90,19 @@ def test_gradual_starts_fine_tuning_from_the_converged_probe(tmp_path: Path, tin
                                                "all, discriminative LRs"]
     hidden = vt.fit(data, **dict(tiny, strategy="gradual", epochs=3, head_hidden=8, output=str(tmp_path / "h")))
     assert hidden.history[0]["phase"] == "head only"  # a hidden layer: SGD epochs, as before
+
+
+def test_probe_on_more_rows_than_fit_rows_uses_a_random_subset_and_still_fits(monkeypatch) -> None:
+    import numpy as np
+
+    from visiontune.train import probe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(0, 1, (400, 8)).astype(np.float32)
+    x[:, 0] += 3 * (2 * y - 1)
+    monkeypatch.setattr(probe, "FIT_ROWS", 100)
+    assert len(probe._fit_rows(400, 0)) == 100 and probe._fit_rows(80, 0) is None
+    fit = probe.fit_probe(x, y, multi_label=False)
+    accuracy = ((x @ fit.weight.T + fit.bias).argmax(1) == y).mean()
+    assert accuracy > 0.95

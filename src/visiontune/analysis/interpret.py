@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visiontune import display
 from visiontune.analysis.duplicates import DuplicatePair, find_duplicates
 from visiontune.analysis.mislabels import (
     Suspect,
@@ -46,6 +47,7 @@ from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Report
 from visiontune.train.features import cache_for, extract_features
+from visiontune.train.tracking import log_artifact_to_run
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,16 @@ class InterpretResult:
             f"{self.leaks} across splits (leakage)",
             f"artefacts in {self.out_dir}: " + ", ".join(sorted(self.files)),
         ])
+
+    def _repr_html_(self) -> str:
+        """The summary, then every figure inline (Jupyter)."""
+        figures = "".join(display.image(path, title=name.removesuffix(".png").replace("_", " "))
+                          for name, path in sorted(self.files.items()) if name.endswith(".png"))
+        return display.metrics_table(self.metrics, "interpretation") + display.pre(self.format()) + figures
+
+    def figures(self) -> dict[str, str]:
+        """name -> path of every figure written (confusion, top losses, Grad-CAM, curves...)."""
+        return {name: path for name, path in self.files.items() if name.endswith(".png")}
 
 
 @dataclass
@@ -111,6 +123,7 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     res.duplicates, res.leaks = write_duplicates(ctx)
     write_curves(ctx)
     write_report(ctx.out / "report.html", ctx.run, res, ctx.items, ctx.bundle.classes, report.rows, report.confused)
+    log_artifact_to_run(ctx.run, ctx.out / "report.html")  # a run tracked with MLflow gets the report
     res.files = {p.name: str(p) for p in sorted(ctx.out.iterdir()) if p.is_file()}
     return res
 

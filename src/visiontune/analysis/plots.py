@@ -1,8 +1,10 @@
 """Matplotlib figures saved as PNG. Built with `matplotlib.figure.Figure` directly (no
-pyplot): no global state, no display and no backend to choose."""
+pyplot): no global state, no display and no backend to choose. Each figure also renders
+itself in Jupyter (`_repr_png_`), without pyplot's inline backend."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,17 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+class ShownFigure(Figure):
+    """A Figure that Jupyter displays as a PNG."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=80)
+        return buffer.getvalue()
+
+
 def _subplots(rows: int, cols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, Any]:
-    fig = Figure(figsize=figsize)
+    fig = ShownFigure(figsize=figsize)
     return fig, fig.subplots(rows, cols, **kw)
 
 
@@ -32,6 +43,10 @@ def save_lr_curve(path: Path, lrs: list[float], losses: list[float], suggested: 
 
 
 def save_confusion(path: Path, matrix: np.ndarray, classes: list[str], columns: list[str] | None = None) -> None:
+    confusion_figure(matrix, classes, columns).savefig(path, dpi=90)
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], columns: list[str] | None = None) -> Figure:
     """Actual x predicted counts and the same normalised by actual; with `columns` (e.g.
     TP/FP/FN/TN per label) one panel of counts with those columns."""
     norm = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
@@ -49,11 +64,17 @@ def save_confusion(path: Path, matrix: np.ndarray, classes: list[str], columns: 
             ax.text(j, i, f"{v:.2f}" if data is norm else f"{int(v)}", ha="center", va="center",
                     color="white" if v > data.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 def save_grid(path: Path, images: list[np.ndarray], titles: list[str], overlays: list[np.ndarray] | None = None,
               cols: int = 4) -> None:
+    grid_figure(images, titles, overlays, cols).savefig(path, dpi=80)
+
+
+def grid_figure(images: list[np.ndarray], titles: list[str], overlays: list[np.ndarray] | None = None,
+                cols: int = 4) -> Figure:
+    """Images in a grid with a title each (and a heat map over each with `overlays`)."""
     rows = max(1, math.ceil(len(images) / cols))
     fig, axes = _subplots(rows, cols, (3.2 * cols, 3.4 * rows), squeeze=False)
     for k, ax in enumerate(axes.ravel()):
@@ -64,13 +85,18 @@ def save_grid(path: Path, images: list[np.ndarray], titles: list[str], overlays:
                 ax.imshow(overlays[k], cmap="jet", alpha=0.45)
             ax.set_title(titles[k], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    return fig
 
 
 def save_curves(path: Path, history: list[dict[str, Any]]) -> None:
+    curves_figure(history).savefig(path, dpi=90)
+
+
+def curves_figure(history: list[dict[str, Any]]) -> Figure:
+    """Losses and the validation metrics per epoch."""
     epochs = [h["epoch"] for h in history]
     fig, axes = _subplots(1, 2, (10, 3.8))
-    panels = ((("train_loss", "val_loss"), "loss"), (("accuracy", "macro_f1"), "validation metrics"))
+    panels = ((("train_loss", "val_loss"), "loss"), (("accuracy", "macro_f1", "mAP"), "validation metrics"))
     for ax, (keys, title) in zip(axes, panels):
         for key in keys:
             if any(key in h for h in history):
@@ -79,7 +105,7 @@ def save_curves(path: Path, history: list[dict[str, Any]]) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 def save_filters(path: Path, filters: np.ndarray) -> None:

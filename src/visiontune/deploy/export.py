@@ -1,12 +1,20 @@
-"""Export a trained run to ONNX or TorchScript, carrying its labels and preprocessing.
+"""Export a trained run, carrying its labels and preprocessing.
 
     visiontune export runs/<run> --format onnx          -> runs/<run>/model.onnx
-    visiontune export runs/<run> --format torchscript   -> runs/<run>/model.ts
+    visiontune export runs/<run> --format pt2           -> runs/<run>/model.pt2
+    visiontune export runs/<run> --format timm          -> runs/<run>/timm/ (deploy/hub.py)
+    visiontune export runs/<run> --format torchscript   -> runs/<run>/model.ts (legacy)
 
-The class names, input size, mean/std, interpolation and crop fraction travel inside the
-file (ONNX `metadata_props`; a `visiontune.json` extra file in TorchScript), so `predict`
-can use the exported file alone. Each export is checked against the eager model on a
-batch of inputs and the max absolute difference of the logits is reported.
+ONNX goes through PyTorch's `torch.export`-based exporter (`dynamo=True`, the default
+since PyTorch 2.9; the TorchScript-based one is legacy). `pt2` is the `torch.export`
+program itself (`torch.export.save`): `torch.export.load(path).module()` runs it without
+visiontune or the model's Python code. TorchScript stays for old consumers only
+(`torch.jit` is deprecated upstream).
+
+The class names, input size, mean/std, interpolation, crop fraction and task travel inside
+the file (ONNX `metadata_props`; a `visiontune.json` extra file in pt2 and TorchScript),
+so `predict` can use the exported file alone. Each export is checked against the eager
+model on a batch of inputs and the max absolute difference of the logits is reported.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from visiontune.version import __version__
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts", "timm": ""}
 PARITY_TOLERANCE = 1e-3
 
 
@@ -55,22 +63,32 @@ def _metadata(bundle: Bundle) -> dict[str, str]:
 
 
 def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.PathLike[str] | None = None,
-           opset: int = 17) -> ExportResult:
+           opset: int = 18) -> ExportResult:
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} unknown; choose one of {', '.join(FORMATS)}")
+    if format == "timm":
+        from visiontune.deploy.hub import export_timm
+
+        folder, diff = export_timm(run, output)
+        return ExportResult(str(folder), format, diff)
     bundle = load_bundle(run)
     model = bundle.model.to(memory_format=torch.contiguous_format).eval()
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     target = Path(output) if output else Path(bundle.path) / f"model{FORMATS[format]}"
     meta = _metadata(bundle)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if format == "onnx":
-            _export_onnx(model, example, target, meta, opset)
-        else:
+    if format == "onnx":
+        _export_onnx(model, example, target, meta, opset)
+    elif format == "pt2":
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        atomic_write(target, lambda tmp: torch.export.save(program, tmp,
+                                                           extra_files={"visiontune.json": json.dumps(meta)}))
+    else:
+        with warnings.catch_warnings():  # the legacy format, kept on purpose: torch.jit's deprecation is known
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             traced = torch.jit.trace(model, example)
-            atomic_write(target, lambda tmp: torch.jit.save(traced, tmp, _extra_files={"visiontune.json": json.dumps(meta)}))
+            atomic_write(target, lambda tmp: torch.jit.save(traced, tmp,
+                                                            _extra_files={"visiontune.json": json.dumps(meta)}))
     exported = load_exported(target)
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -84,13 +102,16 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
 def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
     try:
         import onnx
+        import onnxscript  # noqa: F401 - the torch.export-based exporter needs it
     except ImportError:
-        raise VisiontuneError("ONNX export needs onnx and onnxruntime: pip install 'visiontune[export]'") from None
+        raise VisiontuneError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                              "pip install 'visiontune[export]'") from None
 
     def write(tmp: str) -> None:
-        torch.onnx.export(model, (example,), tmp, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                                    dynamo=True, verbose=False)
+        program.save(tmp)  # weights inside the one file (small models) or beside it (> 2 GB)
         proto = onnx.load(tmp)
         for key, value in meta.items():
             entry = proto.metadata_props.add()
@@ -112,8 +133,20 @@ class _OnnxModule(nn.Module):
         return torch.from_numpy(out)
 
 
+class _ProgramModule(nn.Module):
+    """A torch.export program's module behind the interface `run_eval` uses: that module
+    refuses .eval()/.train() (its graph is fixed in eval mode), so it is held unregistered."""
+
+    def __init__(self, program_module: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "program", program_module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x.contiguous())
+
+
 def load_exported(path: str | os.PathLike[str]) -> Bundle:
-    """A `Bundle` (model, classes, preprocess) from an exported .onnx or .ts file."""
+    """A `Bundle` (model, classes, preprocess) from an exported .onnx, .pt2 or .ts file."""
     p = Path(path)
     if p.suffix == ".onnx":
         try:
@@ -123,12 +156,18 @@ def load_exported(path: str | os.PathLike[str]) -> Bundle:
             raise VisiontuneError("running ONNX needs onnxruntime: pip install 'visiontune[export]'") from None
         meta = {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
         model: nn.Module = _OnnxModule(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]))
+    elif p.suffix == ".pt2":
+        extra = {"visiontune.json": ""}
+        model = _ProgramModule(torch.export.load(str(p), extra_files=extra).module())
+        meta = json.loads(extra["visiontune.json"] or "{}")
     elif p.suffix in (".ts", ".pt"):
         extra = {"visiontune.json": ""}
-        model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():  # legacy format (see the module docstring)
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
         meta = json.loads(extra["visiontune.json"] or "{}")
     else:
-        raise VisiontuneError(f"{str(p)!r}: not an exported model (.onnx or .ts)")
+        raise VisiontuneError(f"{str(p)!r}: not an exported model (.onnx, .pt2 or .ts)")
     if "classes" not in meta:
         raise VisiontuneError(f"{str(p)!r} carries no visiontune metadata (classes, preprocessing); re-export it")
     task_meta = json.loads(meta.get("task", "{}"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import timm
@@ -140,6 +141,8 @@ def _timm_model(spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
     kwargs = _timm_kwargs(spec)
     if weights == "pretrained":
         model = _timm_pretrained(arch, kwargs)
+    elif weights.startswith(HUB_PREFIXES):
+        model = _timm_hub_folder(arch, weights, kwargs)
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
         if weights != "none":
@@ -153,6 +156,27 @@ def _timm_model(spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
         crop_pct=float(cfg.get("crop_pct", 0.875)),
     )
     return model, (pre.resized(spec.image_size) if "img_size" in kwargs else pre)  # type: ignore[arg-type]
+
+
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
+
+
+def _timm_hub_folder(arch: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Weights from a folder in timm's Hub layout (`visiontune export --format timm`, timm's
+    save_for_hf): `local-dir:DIR` on disk, `hf-hub:user/name` from the Hub (online only)."""
+    kind, _, where = weights.partition(":")
+    if kind == "local-dir" and not (Path(where) / "config.json").is_file():
+        raise ConfigError(f"--weights {weights}: {where} has no config.json; give a folder written by "
+                          "`visiontune export --format timm` or timm's save_for_hf")
+    if kind == "hf-hub" and not W.hub_reachable("huggingface.co"):
+        raise WeightsUnavailableError(f"--weights {weights}: huggingface.co is not reachable from this machine. "
+                                      "Download the repository where you are online and pass "
+                                      "--weights local-dir:<folder>")
+    model = timm.create_model(weights, pretrained=True, **kwargs)
+    stored = model.pretrained_cfg.get("architecture")
+    if stored and stored != arch:
+        raise ConfigError(f"--weights {weights} holds a {stored}, not a {arch}: use --backbone timm:{stored}")
+    return model
 
 
 def _timm_pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:

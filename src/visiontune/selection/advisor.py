@@ -27,6 +27,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from visiontune import display
 from visiontune.analysis.mislabels import probe_estimator
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
@@ -63,6 +64,14 @@ class Advice:
 
     def format(self) -> str:
         return f"strategy: {self.strategy}\n{self.explanation}"
+
+    def _repr_html_(self) -> str:
+        facts = [["images", self.images], ["classes", self.classes], ["median per class", self.median_per_class],
+                 ["imbalance", self.imbalance], ["probe accuracy", self.probe_accuracy],
+                 ["baseline accuracy", self.baseline_accuracy], ["chance", self.chance],
+                 ["similarity to ImageNet", self.similarity]]
+        return (f"<h4>recommended strategy: {display.cell(self.strategy)}</h4>" + display.pre(self.explanation)
+                + display.table(facts, ["measured", "value"]))
 
 
 def decide(median_per_class: float, similarity: float, probe: float, baseline: float) -> tuple[str, str]:

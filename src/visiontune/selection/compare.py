@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from visiontune import display
 from visiontune.config import RunConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.sources import resolve_inputs
@@ -26,6 +27,7 @@ from visiontune.selection.cv import SELECTIONS, cross_validate
 from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
 from visiontune.train.strategies import STRATEGIES, strategy_names
+from visiontune.train.tracking import flat_params, parent_run
 
 
 @dataclass
@@ -49,6 +51,19 @@ class CompareRow:
         raise AttributeError(name)
 
 
+class CompareTable(list):
+    """The rows of `compare`, one per strategy; renders as a table in Jupyter."""
+
+    def _repr_html_(self) -> str:
+        names = list(self[0].scores) if self else []
+        rows = [[r.strategy, *(r.scores[n] if r.stds is None else f"{r.scores[n]:.4f} +- {r.stds[n]:.4f}"
+                               for n in names), r.selected_epoch, r.epochs_run, r.seconds, r.trainable_params]
+                for r in self]
+        protocol = self[0].protocol if self else ""
+        return display.table(rows, ["strategy", *names, "epoch scored", "epochs run", "seconds", "trainable"],
+                             protocol)
+
+
 @dataclass
 class Holdout:
     """The data each strategy trains on, the items it is scored on, and how."""
@@ -60,7 +75,7 @@ class Holdout:
 
 def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str, ...] | None = None,
             folds: int | None = None, config: RunConfig | None = None, label_func: LabelFunc | None = None,
-            **overrides: Any) -> tuple[list[CompareRow], str]:
+            **overrides: Any) -> tuple[CompareTable, str]:
     """Every strategy (default: all registered) on the same data, seed and epochs;
     returns the rows and the output folder."""
     strategies = strategy_names() if strategies is None else strategies
@@ -71,12 +86,15 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
     out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
     holdout = None if folds else holdout_for(source, cfg)
     headline = TASKS[source.task].headline
-    rows = []
-    for strategy in strategies:
-        weights = "none" if STRATEGIES[strategy].random_init else cfg.model.weights
-        scfg = RunConfig.create(cfg, strategy=strategy, weights=weights, output=str(out_dir), name=strategy)
-        started = time.perf_counter()
-        rows.append(_cv_row(scfg, source, folds, started) if folds else _holdout_row(scfg, holdout, headline, started))
+    rows = CompareTable()
+    with parent_run(cfg.train.track, out_dir.name, {"kind": "compare"}, flat_params(cfg)) as parent:
+        for strategy in strategies:
+            weights = "none" if STRATEGIES[strategy].random_init else cfg.model.weights
+            scfg = RunConfig.create(cfg, strategy=strategy, weights=weights, output=str(out_dir), name=strategy)
+            started = time.perf_counter()
+            rows.append(_cv_row(scfg, source, folds, started) if folds
+                        else _holdout_row(scfg, holdout, headline, started))
+            parent.log_metrics({f"{strategy}_{m}": v for m, v in rows[-1].scores.items() if v is not None})
     write_text(out_dir / "compare.md", format_compare(rows) + "\n")
     write_json(out_dir / "compare.json", [row.__dict__ for row in rows])
     return rows, str(out_dir)

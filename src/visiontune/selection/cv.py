@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from visiontune import display
 from visiontune.config import RunConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import label_text
@@ -37,6 +38,7 @@ from visiontune.files import write_csv, write_json
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
+from visiontune.train.tracking import flat_params, parent_run
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ class CVResult:
         lines.append(f"out-of-fold probabilities: {self.oof_path}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        rows = [[f"fold {i + 1}", *(f[k] for k in self.metrics)] for i, f in enumerate(self.folds)]
+        rows.append(["mean +- std", *(f"{self.mean[k]:.4f} +- {self.std[k]:.4f}" for k in self.metrics)])
+        return display.table(rows, ["", *self.metrics], f"{self.num_folds}-fold cross-validation, "
+                             f"{len(self.paths)} images, {self.seconds:.1f}s; {SELECTIONS[self.selection]}")
+
 
 def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5, config: RunConfig | None = None,
                    label_func: LabelFunc | None = None, source: DataSource | None = None, selection: str = "inner",
@@ -90,14 +98,18 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     probs = np.zeros((len(pool), len(source.classes)), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
-    for i, held in enumerate(fold_indices(pool, k, cfg.seed)):
-        log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))
-        fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
-        metrics = _run_fold(fold_cfg, source, pool, held, selection, probs)
-        rows.append({m: float(metrics.get(m, float("nan"))) for m in headline})
-        fold_of[held] = i + 1
-    mean = {m: statistics.fmean(r[m] for r in rows) for m in headline}
-    std = {m: statistics.pstdev(r[m] for r in rows) for m in headline}
+    with parent_run(cfg.train.track, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
+                                                   "selection": selection}, flat_params(cfg)) as parent:
+        for i, held in enumerate(fold_indices(pool, k, cfg.seed)):
+            log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))
+            fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
+            metrics = _run_fold(fold_cfg, source, pool, held, selection, probs)
+            rows.append({m: float(metrics.get(m, float("nan"))) for m in headline})
+            fold_of[held] = i + 1
+        mean = {m: statistics.fmean(r[m] for r in rows) for m in headline}
+        std = {m: statistics.pstdev(r[m] for r in rows) for m in headline}
+        parent.log_metrics({**{f"cv_mean_{m}": v for m, v in mean.items()},
+                            **{f"cv_std_{m}": v for m, v in std.items()}})
     oof_path = out_dir / "oof.csv"
     _write_oof(oof_path, pool, fold_of, probs, source.classes, cfg.data.label_delim)
     write_json(out_dir / "cv_summary.json", {"folds": rows, "mean": mean, "std": std, "num_folds": k,

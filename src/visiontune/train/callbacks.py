@@ -1,6 +1,7 @@
 """Callbacks: a handful of events with no-op defaults and a typed state.
 
-Events: on_fit_start, on_epoch_start, on_epoch_end, on_fit_end. Each receives the trainer
+Events: on_fit_start, on_epoch_start, on_step_end (after each optimizer step of an
+epoch on images or features; not the converged probe), on_epoch_end, on_fit_end. Each receives the trainer
 (`TrainerView`: its state, model, config...). A callback that wants to stop training sets
 `trainer.state.should_stop`. `state_dict()` / `load_state_dict()` make a callback
 resumable. This module does not import the trainer: the trainer imports it.
@@ -39,6 +40,7 @@ class TrainerView(Protocol):
 
     state: Any  # TrainState: epoch, history, metrics, should_stop, last_eval
     model: Any
+    optimizer: Any
     cfg: Any
     task: Any
     preprocess: Any
@@ -53,6 +55,7 @@ class TrainerView(Protocol):
 class Callback:
     def on_fit_start(self, trainer: TrainerView) -> None: ...
     def on_epoch_start(self, trainer: TrainerView) -> None: ...
+    def on_step_end(self, trainer: TrainerView) -> None: ...
     def on_epoch_end(self, trainer: TrainerView) -> None: ...
     def on_fit_end(self, trainer: TrainerView) -> None: ...
 

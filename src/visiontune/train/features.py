@@ -124,11 +124,15 @@ def extract_features(
     n = len(paths)
     matrix: _Rows = _Rows(n, memmap_dir)
     digests = cache.digests(paths) if cache else [""] * n
-    known = cache.get_many(digests) if cache else {}
-    missing = [i for i, d in enumerate(digests) if d not in known]
-    for i, digest in enumerate(digests):
-        if digest in known:
-            matrix.put(i, known[digest])
+    missing: list[int] = []
+    for start in range(0, n, SHARD_ROWS):  # cached rows read a shard's worth at a time: memory stays flat
+        part = digests[start:start + SHARD_ROWS]
+        known = cache.get_many(part) if cache else {}
+        for j, digest in enumerate(part):
+            if digest in known:
+                matrix.put(start + j, known[digest])
+            else:
+                missing.append(start + j)
     pending: list[tuple[str, np.ndarray]] = []  # computed, not yet written to the cache
     for j, row in _compute(backbone, [paths[i] for i in missing], pre, device, batch_size, num_workers,
                            channels_last):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from visiontune import display
 from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
@@ -33,6 +34,7 @@ from visiontune.train.callbacks import (
     metrics_of,
 )
 from visiontune.train.setup import RunSetup, prepare_run
+from visiontune.train.tracking import make_trackers
 from visiontune.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,13 @@ class FitResult:
     model: Any = field(repr=False, default=None)
     data: DataSource | None = field(repr=False, default=None)
     setup: RunSetup | None = field(repr=False, default=None)  # what trained: task, preprocessing, plan, device
+
+    def _repr_html_(self) -> str:
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        return (display.metrics_table(self.metrics, f"{self.run_dir}: best epoch {self.best_epoch} of "
+                                      f"{len(self.history)}, {self.seconds:.1f}s"
+                                      + (", stopped early" if self.stopped_early else ""))
+                + display.table([[row.get(k, "") for k in keys] for row in self.history], keys, "history"))
 
 
 def score_items(result: FitResult, items: list[Item]) -> tuple[dict[str, float], EvalOutput]:
@@ -89,17 +98,26 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,
                             setup.cfg.train.min_delta, write=setup.env.is_main)
     stopper = _early_stopping(setup.cfg.train, watch)
-    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, callbacks or []))
+    trackers = make_trackers(setup.cfg.train.track, run_dir, setup.cfg, setup.task) if setup.env.is_main else []
+    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]))
     trainer.watch = (watch.monitor, watch.mode)
     trainer.deadline = deadline
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
-    trainer.fit(start_epoch)
-    if setup.cfg.train.thresholds == "tuned":
-        tune_thresholds(setup, _held_eval(setup, trainer, checkpoint), run_dir)
-    return summarise(setup, trainer, checkpoint, stopper, run_dir, source, started)
+    try:
+        trainer.fit(start_epoch)
+        if setup.cfg.train.thresholds == "tuned":
+            tune_thresholds(setup, _held_eval(setup, trainer, checkpoint), run_dir)
+        result = summarise(setup, trainer, checkpoint, stopper, run_dir, source, started)
+    except BaseException:
+        for tracker in trackers:
+            tracker.fail()
+        raise
+    for tracker in trackers:
+        tracker.finish(result, _held_eval(setup, trainer, checkpoint))
+    return result
 
 
 def _held_eval(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
@@ -196,7 +214,7 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
                                               "epochs_run": len(history)})
         write_json(run_dir / "environment.json", {**environment(setup.cfg, str(setup.device)),
                                                   "world_size": setup.env.world_size})
-    held_eval = checkpoint.best_eval if t.restore_best and checkpoint.best_eval is not None else trainer.state.last_eval
+    held_eval = _held_eval(setup, trainer, checkpoint)
     return FitResult(
         run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
         stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=time.perf_counter() - started,

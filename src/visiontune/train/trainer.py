@@ -146,6 +146,7 @@ class Trainer:
                     "(the last good checkpoint is kept in the run directory)"
                 )
             self.state.global_step += 1
+            self._emit("on_step_end")
             running += loss * len(y)
             seen += len(y)
             if hasattr(bar, "set_postfix"):

@@ -1,0 +1,100 @@
+"""Sharing in timm's Hugging Face Hub layout.
+
+    visiontune export runs/<run> --format timm --output DIR   # DIR/config.json + DIR/model.safetensors
+    visiontune push runs/<run> user/my-model                   # the same folder, uploaded with huggingface_hub
+
+The folder is written by timm itself (`timm.models.save_for_hf`): `config.json` holds the
+architecture, num_classes, label_names and a pretrained_cfg with this run's mean, std,
+input size, interpolation and crop; `model.safetensors` the backbone with the fine-tuned
+head as timm's own classifier. So anyone can load it without visiontune:
+
+    model = timm.create_model("local-dir:DIR", pretrained=True)     # or "hf-hub:user/my-model"
+
+and visiontune can start from it (`--weights local-dir:DIR`). visiontune's own metadata
+(task, thresholds of a multi-label run, version) rides along under "visiontune" in
+config.json. Needs a timm backbone and a linear head (the default, `--head-hidden 0`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visiontune.bundle import Bundle, load_bundle
+from visiontune.errors import ConfigError, VisiontuneError, WeightsUnavailableError
+from visiontune.models.backbones import BuildSpec, _timm_kwargs, parse_backbone
+from visiontune.models.weights import hub_reachable
+from visiontune.version import __version__
+
+PARITY_TOLERANCE = 1e-4
+
+
+def timm_model_of(bundle: Bundle) -> nn.Module:
+    """The run's classifier as one plain timm model (backbone + its classifier = our head)."""
+    import timm
+
+    backbone = bundle.config.model.backbone if bundle.config else ""
+    source, arch = parse_backbone(backbone)
+    if source != "timm" or not backbone:
+        raise ConfigError(f"the timm format needs a timm backbone; this run uses {backbone or 'an unknown one'!r}: "
+                          "export --format onnx instead")
+    linears = [m for m in bundle.model.head.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        raise ConfigError("the timm format needs a linear head; this run's head has a hidden layer "
+                          "(--head-hidden): export --format onnx instead")
+    size = bundle.preprocess.input_size
+    model = timm.create_model(arch, pretrained=False, num_classes=bundle.task.num_classes,
+                              **_timm_kwargs(BuildSpec(arch, "none", size)))
+    missing, unexpected = model.load_state_dict(bundle.model.backbone.state_dict(), strict=False)
+    classifier = model.get_classifier()
+    expected = {n for n, p in model.named_parameters() if any(p is q for q in classifier.parameters())}
+    if unexpected or set(missing) - expected:
+        raise VisiontuneError(f"the backbone's weights do not fit timm's {arch}: missing "
+                              f"{sorted(set(missing) - expected)[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        classifier.weight.copy_(linears[0].weight)
+        classifier.bias.copy_(linears[0].bias)
+    return model.eval()
+
+
+def export_timm(run: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> tuple[Path, float]:
+    """Write the folder; return it and max |bundle logits - timm logits| on random inputs."""
+    from timm.models import save_for_hf
+
+    bundle = load_bundle(run)
+    model = timm_model_of(bundle)
+    pre = bundle.preprocess
+    x = torch.randn(3, 3, pre.input_size, pre.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        diff = float((model(x) - bundle.model.eval()(x)).abs().max())
+    if diff > PARITY_TOLERANCE:
+        raise VisiontuneError(f"the timm model differs from the run's by {diff:.2e} (> {PARITY_TOLERANCE})")
+    out = Path(output) if output else Path(bundle.path) / "timm"
+    data_config = {"input_size": (3, pre.input_size, pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
+                   "interpolation": pre.interpolation, "crop_pct": pre.crop_pct}
+    meta = {**bundle.task.metadata(), "version": __version__, "classes": bundle.task.classes}
+    save_for_hf(model, str(out), model_config={"label_names": list(bundle.task.classes), "visiontune": meta},
+                safe_serialization=True, data_config=data_config)
+    return out, diff
+
+
+def push(run: str | os.PathLike[str], repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Export the run in timm's layout and upload it to the Hub repository `repo_id`; the URL.
+    Offline: a WeightsUnavailableError at once, before anything is written."""
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or not hub_reachable("huggingface.co"):
+        raise WeightsUnavailableError(
+            f"cannot push to the Hugging Face Hub: huggingface.co is not reachable from this machine (or "
+            f"HF_HUB_OFFLINE is set). Nothing was uploaded. Export the folder now and upload it later:\n"
+            f"  visiontune export {run} --format timm --output model-dir\n"
+            f"  huggingface-cli upload {repo_id} model-dir")
+    from huggingface_hub import HfApi
+
+    folder, _ = export_timm(run)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload from visiontune")
+    return str(getattr(commit, "repo_url", f"https://huggingface.co/{repo_id}"))
+

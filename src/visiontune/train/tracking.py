@@ -1,0 +1,284 @@
+"""Experiment tracking: TensorBoard and MLflow, with the real packages (`--track`).
+
+    visiontune train DATA --track tensorboard,mlflow
+
+- **TensorBoard** (`torch.utils.tensorboard`): event files in `RUN/tensorboard/`: every
+  loss and metric per epoch (step = epoch), the learning rate of every optimizer group
+  per step (`lr/<group>`), the confusion matrix and the curves as images at the end, and
+  the hyper-parameters with the final metrics (the HPARAMS tab). `tensorboard --logdir runs`.
+- **MLflow** (`MlflowClient`, no global active run): `MLFLOW_TRACKING_URI` when set, else
+  a `./mlruns` file store; experiment `$MLFLOW_EXPERIMENT_NAME` or "visiontune". A run
+  named like the run directory, every config field as a param (`train.lr`...), metrics
+  per epoch (step = epoch), tags (backbone, strategy, task, run_dir), and the artifacts
+  model.safetensors, config.yaml, metrics.json (report.html when `interpret` runs later:
+  the MLflow run id is kept in `RUN/tracking.json`). `cv` and `compare` open a parent run
+  with one child per fold / strategy.
+
+A backend that fails mid-run (an unwritable store, a server gone) is reported once as a
+warning and switched off; training and the run directory are untouched. A backend whose
+package is missing is a ConfigError with the install line, before training starts.
+Only rank 0 tracks under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visiontune.config import parse_track
+from visiontune.errors import ConfigError
+from visiontune.train.callbacks import Callback, TrainerView, metrics_of
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'visiontune[track]'"
+_parent: contextvars.ContextVar[str | None] = contextvars.ContextVar("visiontune_mlflow_parent", default=None)
+
+
+def flat_params(cfg: Any) -> dict[str, str]:
+    """Every config field as 'section.name' -> text."""
+    out: dict[str, str] = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": str(v) for k, v in value.items()})
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _require(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[name]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"--track {name} needs the {module} package: {INSTALL}")
+
+
+# -- MLflow -------------------------------------------------------------------------------
+def mlflow_client() -> tuple[Any, str]:
+    """(MlflowClient, experiment id): $MLFLOW_TRACKING_URI, else a ./mlruns file store."""
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        # MLflow 3 keeps the file store in maintenance mode and asks for this opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = Path("mlruns").resolve().as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "visiontune")
+    found = client.get_experiment_by_name(name)
+    return client, found.experiment_id if found else client.create_experiment(name)
+
+
+@contextlib.contextmanager
+def parent_run(track: str, name: str, tags: dict[str, str], params: dict[str, str] | None = None
+               ) -> Iterator[ParentRun]:
+    """An MLflow parent run (cv, compare) whose id the runs trained inside take as
+    `mlflow.parentRunId`; a no-op unless `track` names mlflow."""
+    parent = ParentRun(track, name, tags, params or {})
+    token = _parent.set(parent.run_id if parent.run_id is not None else _parent.get())
+    try:
+        yield parent
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    finally:
+        _parent.reset(token)
+    parent.end("FINISHED")
+
+
+class ParentRun:
+    def __init__(self, track: str, name: str, tags: dict[str, str], params: dict[str, str]) -> None:
+        self.run_id: str | None = None
+        self.client: Any = None
+        if "mlflow" not in parse_track(track):
+            return
+        _require("mlflow")
+        try:
+            self.client, experiment = mlflow_client()
+            if (outer := _parent.get()) is not None:  # compare --folds: a cv inside a compare
+                tags = {**tags, "mlflow.parentRunId": outer}
+            self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
+            _log_params(self.client, self.run_id, params)
+        except Exception as exc:  # noqa: BLE001 - tracking never stops the work
+            log.warning("mlflow: parent run not created (%s); the runs are tracked without it", exc)
+            self.run_id = None
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        if self.run_id is None:
+            return
+        try:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                                        if np.isfinite(v)])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("mlflow: parent run metrics not logged (%s)", exc)
+
+    def end(self, status: str) -> None:
+        if self.run_id is not None:
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(self.run_id, status)
+            self.run_id = None
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+# -- the callbacks ------------------------------------------------------------------------
+class Tracker(Callback):
+    """A backend behind the callback events; any exception switches it off with one warning."""
+
+    name = "tracker"
+
+    def __init__(self, run_dir: Path, cfg: Any, task: Any) -> None:
+        self.run_dir, self.cfg, self.task, self.alive = Path(run_dir), cfg, task, True
+
+    def _safely(self, what: str, fn: Any, *args: Any) -> None:
+        if not self.alive:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - tracking never stops training
+            self.alive = False
+            log.warning("%s tracking failed while %s (%s: %s); training goes on without it, the run directory has "
+                        "everything", self.name, what, type(exc).__name__, exc)
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        self._safely("starting", self.start, trainer)
+
+    def on_step_end(self, trainer: TrainerView) -> None:
+        self._safely("logging a step", self.step, trainer)
+
+    def on_epoch_end(self, trainer: TrainerView) -> None:
+        self._safely("logging an epoch", self.epoch, trainer.state.history[-1])
+
+    def finish(self, result: Any, held: Any) -> None:
+        """After the run is summarised (final metrics, files written); `held`: the
+        validation outputs of the weights the run ends with (or None)."""
+        self._safely("finishing", self.end, result, held)
+
+    def fail(self) -> None:
+        self._safely("closing a failed run", self.abort)
+
+    def start(self, trainer: TrainerView) -> None: ...
+    def step(self, trainer: TrainerView) -> None: ...
+    def epoch(self, row: dict[str, Any]) -> None: ...
+    def end(self, result: Any, held: Any) -> None: ...
+    def abort(self) -> None: ...
+
+
+class TensorBoardTracker(Tracker):
+    name = "tensorboard"
+
+    def start(self, trainer: TrainerView) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=1, default=str) + "\n```")
+
+    def step(self, trainer: TrainerView) -> None:
+        for i, group in enumerate(trainer.optimizer.param_groups):
+            self.writer.add_scalar(f"lr/{group.get('name', i)}", group["lr"], trainer.state.global_step)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        for key, value in metrics_of(row, keep_train_loss=True).items():
+            self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.add_scalar("seconds", row["seconds"], row["epoch"])
+        self.writer.flush()
+
+    def end(self, result: Any, held: Any) -> None:
+        from visiontune.analysis.plots import confusion_figure, curves_figure
+
+        if result.history:
+            self.writer.add_figure("curves", curves_figure(result.history), len(result.history))
+        if held is not None and len(held.targets):
+            report = self.task.report(held.targets, held.probs)
+            self.writer.add_figure("confusion", confusion_figure(report.confusion, self.task.classes,
+                                                                 list(report.columns) if report.columns else None))
+        finals = {f"final/{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)}
+        self.writer.add_hparams(flat_params(self.cfg), finals or {"final/none": 0.0}, run_name="hparams")
+        self.writer.close()
+
+    def abort(self) -> None:
+        if hasattr(self, "writer"):
+            self.writer.close()
+
+
+class MlflowTracker(Tracker):
+    name = "mlflow"
+
+    def start(self, trainer: TrainerView) -> None:
+        self.client, experiment = mlflow_client()
+        m = self.cfg.model
+        tags = {"backbone": m.backbone, "strategy": self.cfg.strategy.name, "task": self.task.name,
+                "run_dir": str(self.run_dir), "weights": m.weights}
+        if (parent := _parent.get()) is not None:
+            tags["mlflow.parentRunId"] = parent
+        self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
+        _log_params(self.client, self.run_id, flat_params(self.cfg))
+        (self.run_dir / "tracking.json").write_text(json.dumps(
+            {"mlflow": {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}}))
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = {**metrics_of(row, keep_train_loss=True), "lr": row["lr"], "epoch_seconds": row["seconds"]}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(row["epoch"]))
+                                                    for k, v in values.items() if np.isfinite(v)])
+
+    def end(self, result: Any, held: Any) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"final_{k}", float(v), now, 0)
+                                                    for k, v in result.metrics.items() if np.isfinite(v)])
+        for name in ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json"):
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def abort(self) -> None:
+        if hasattr(self, "run_id"):
+            self.client.set_terminated(self.run_id, "FAILED")
+
+
+def make_trackers(track: str, run_dir: Path, cfg: Any, task: Any) -> list[Tracker]:
+    """The trackers `track` names (packages checked first: a ConfigError names the install)."""
+    names = parse_track(track).split(",") if track else []
+    for name in names:
+        _require(name)
+    kinds = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker}
+    return [kinds[n](run_dir, cfg, task) for n in names if n]
+
+
+def log_artifact_to_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Attach a file made after training (interpret's report.html) to the run's MLflow run,
+    if it was tracked; a failure is a warning."""
+    info = Path(run_dir) / "tracking.json"
+    if not info.is_file():
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        entry = json.loads(info.read_text())["mlflow"]
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        MlflowClient(tracking_uri=entry["tracking_uri"]).log_artifact(entry["run_id"], str(path))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("mlflow: %s not attached to the run (%s)", path, exc)

@@ -1,0 +1,123 @@
+"""--track tensorboard,mlflow: read back what was logged with each tool's own reader."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import visiontune as vt
+from conftest import TINY
+
+FINETUNE = dict(TINY, strategy="finetune", epochs=2, lr=1e-2)
+
+
+@pytest.fixture
+def mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return client, client.get_experiment_by_name("visiontune").experiment_id
+
+
+def test_tensorboard_event_files_hold_epochs_lr_per_step_figures_and_hparams(flat_data: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="tensorboard")
+    events = EventAccumulator(str(Path(r.run_dir) / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars("val_loss")] == [1, 2]
+    assert [round(e.value, 5) for e in events.Scalars("val_loss")] == [round(h["val_loss"], 5) for h in r.history]
+    assert {"train_loss", "accuracy"} <= set(tags["scalars"])
+    lr_tags = [t for t in tags["scalars"] if t.startswith("lr/")]
+    assert lr_tags, tags["scalars"]
+    steps = [e.step for e in events.Scalars(lr_tags[0])]
+    assert steps == sorted(steps) and len(steps) > 2  # one point per optimizer step
+    assert {"confusion", "curves"} <= set(tags["images"])
+    hparams = EventAccumulator(str(Path(r.run_dir) / "tensorboard" / "hparams")).Reload()
+    assert "_hparams_/experiment" in hparams.Tags()["tensors"] or hparams.PluginTagToContent("hparams")
+
+
+def test_mlflow_run_has_params_metric_histories_tags_and_artifacts(flat_data: Path, tmp_path: Path,
+                                                                   mlruns: str) -> None:
+    r = vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow")
+    client, exp = _client(mlruns)
+    (run,) = client.search_runs([exp])
+    assert run.info.run_name == Path(r.run_dir).name and run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["strategy.name"] == "finetune"
+    assert run.data.tags["strategy"] == "finetune" and run.data.tags["task"] == "single-label"
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [round(m.value, 5) for m in history] == [round(h["val_loss"], 5) for h in r.history]
+    assert "final_accuracy" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "config.yaml", "metrics.json"} <= artifacts
+    vt.interpret(r.run_dir, flat_data)  # report.html joins the tracked run
+    assert "report.html" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_cv_is_a_parent_run_with_one_child_per_fold(flat_data: Path, tmp_path: Path, mlruns: str) -> None:
+    vt.cross_validate(flat_data, folds=2, **dict(TINY, strategy="feature-extract", epochs=1),
+                      output=str(tmp_path / "runs"), track="mlflow")
+    client, exp = _client(mlruns)
+    runs = client.search_runs([exp])
+    parents = [r for r in runs if r.data.tags.get("kind") == "cv"]
+    assert len(parents) == 1 and "cv_mean_accuracy" in parents[0].data.metrics
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["fold1", "fold2"]
+
+
+def test_a_store_failing_mid_run_warns_and_training_goes_on(flat_data: Path, tmp_path: Path, mlruns: str,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    calls = {"n": 0}
+    real = MlflowClient.log_batch
+
+    def flaky(self, run_id, *args, **kwargs):
+        calls["n"] += 1
+        if kwargs.get("metrics"):
+            raise OSError("No space left on device")
+        return real(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    with caplog.at_level(logging.WARNING):
+        r = vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow,tensorboard")
+    assert len(r.history) == 2 and (Path(r.run_dir) / "model.safetensors").is_file()
+    assert any("mlflow tracking failed" in m and "No space left" in m for m in caplog.messages)
+    assert (Path(r.run_dir) / "tensorboard").is_dir()  # the other backend carried on
+
+
+def test_an_unwritable_store_warns_and_loses_nothing(flat_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (blocker / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with caplog.at_level(logging.WARNING):
+        r = vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow")
+    assert any("mlflow tracking failed while starting" in m for m in caplog.messages)
+    assert len(r.history) == 2 and (Path(r.run_dir) / "metrics.json").is_file()
+
+
+def test_unknown_or_missing_tracker_is_a_clear_error_before_training(flat_data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    with pytest.raises(vt.ConfigError, match="unknown tracker; choose from tensorboard, mlflow"):
+        vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="wandb")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(vt.ConfigError, match=r"pip install 'visiontune\[track\]'"):
+        vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow")
+    assert not list((tmp_path / "runs").glob("*/model.safetensors"))
