@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visiontune.train.callbacks import Callback
+
 os.environ.setdefault("VISIONTUNE_OFFLINE", "1")  # tests never touch the network
 
 # A timm test architecture at 32 px: each training step takes milliseconds.
@@ -85,3 +87,14 @@ def make_multilabel_data(root: Path, n: int = 48, seed: int = 0, with_split: boo
 
         csv.writer(fh).writerows(rows)
     return root
+
+
+class StopAfter(Callback):
+    """Stops a run after `n` epochs, as a crash would (the checkpoint of epoch n is on disk)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_epoch_end(self, trainer) -> None:
+        if trainer.state.epoch + 1 >= self.n:
+            trainer.state.should_stop = True

@@ -26,7 +26,6 @@ from visiontune.files import write_json
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
-from visiontune.runtime.prefetch import Prefetch
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.selection.budget import plan_budget
 from visiontune.tasks.base import UNREADABLE, row_markers
@@ -166,9 +165,8 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     average the logits of 4 views per image.
 
     `engine` (CPU only): "auto" runs ONNX Runtime when the run has a current model.onnx or
-    when onnxruntime is installed and there are at least 256 images (exporting model.onnx
-    once), else PyTorch; "onnx" / "torch" force one. Decoding overlaps the forward pass
-    (a reader thread when there are no loader workers)."""
+    when onnxruntime is installed and there are at least 2,000 images (exporting model.onnx
+    once, ~10 s for Lite0), else PyTorch; "onnx" / "torch" force one."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths, skipped = collect_images([str(p) for p in inputs])
@@ -176,8 +174,7 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     if not paths:
         return [], skipped
     ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
-    loader = make_loader(ds, batch_size, num_workers, dev)
-    out = run_eval(bundle.model, Prefetch(loader) if loader.num_workers == 0 else loader, dev, bundle.task,
+    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                    channels_last=channels_last)
     paths, unreadable = _drop_unreadable_rows(paths, out)
     task = bundle.task

@@ -126,7 +126,7 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                    help="CPU inference engine. auto: ONNX Runtime when the run has a current model.onnx, or when "
-                   "onnxruntime is installed and there are >= 256 images (model.onnx is exported into the run once); "
+                   "onnxruntime is installed and there are >= 2000 images (model.onnx is exported into the run once); "
                    "else PyTorch")
 
     p = sub.add_parser("evaluate", help="metrics, per-class (per-label) report and confusion on labelled images")

@@ -67,7 +67,7 @@ def test_predict_engine_onnx_exports_once_matches_torch_and_auto_reuses_only_a_c
     (run_dir / "model.onnx").unlink(missing_ok=True)
     data = run[1]
     assert _engine_of(run_dir, "auto", 10) == "torch"  # few images, no export yet: not worth exporting
-    assert _engine_of(run_dir, "auto", 1000) == "onnx" and (run_dir / "model.onnx").is_file()  # exported once
+    assert _engine_of(run_dir, "auto", 5000) == "onnx" and (run_dir / "model.onnx").is_file()  # exported once
     by_onnx, _ = vt.predict(run_dir, data, engine="onnx")
     by_torch, _ = vt.predict(run_dir, data, engine="torch")
     assert [p.label for p in by_onnx] == [p.label for p in by_torch]
@@ -79,22 +79,6 @@ def test_predict_engine_onnx_exports_once_matches_torch_and_auto_reuses_only_a_c
     assert _engine_of(run_dir, "auto", 10) == "torch"
     with pytest.raises(vt.ConfigError, match="engine 'tpu' unknown"):
         _engine_of(run_dir, "tpu", 10)
-
-
-def test_prefetch_keeps_order_reraises_reader_errors_and_stops_early() -> None:
-    from visiontune.runtime.prefetch import Prefetch
-
-    assert list(Prefetch(range(50), depth=2)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise OSError("disk gone")
-
-    with pytest.raises(OSError, match="disk gone"):
-        list(Prefetch(broken()))
-    it = iter(Prefetch(range(10_000), depth=1))
-    assert next(it) == 0
-    it.close()  # leaving early joins the reader without hanging
 
 
 def test_onnx_and_pt2_exports_emit_no_deprecation_warnings(run, tmp_path: Path) -> None:

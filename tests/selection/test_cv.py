@@ -26,12 +26,17 @@ from visiontune.train.rundata import RunData
 from visiontune.train.session import resolve_monitor
 
 
+def _cv(root: Path, tmp_path: Path, tiny: dict, folds: int, selection: str = "inner", **options):
+    """cross_validate and the rows of its oof.csv."""
+    result = cross_validate(root, folds=folds, selection=selection,
+                            **dict(tiny, **options, output=str(tmp_path / "cv")))
+    with open(result.oof_path) as fh:
+        return result, list(csv.DictReader(fh))
+
+
 def test_folds_are_disjoint_cover_everything_and_are_stratified(tmp_path: Path, tiny: dict) -> None:
     root = make_class_folders(tmp_path / "d", {"red": 10, "green": 5})
-    result = cross_validate(root, folds=5, **dict(tiny, strategy="feature-extract", epochs=2, lr=1e-2,
-                                                   output=str(tmp_path / "cv")))
-    with open(result.oof_path) as fh:
-        rows = list(csv.DictReader(fh))
+    result, rows = _cv(root, tmp_path, tiny, 5, strategy="feature-extract", epochs=2, lr=1e-2)
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in root.rglob("*.png"))  # each image once
     per_fold = Counter((r["fold"], r["label"]) for r in rows)
     assert all(per_fold[(str(f), "red")] == 2 and per_fold[(str(f), "green")] == 1 for f in range(1, 6))
@@ -45,10 +50,7 @@ def test_the_held_out_fold_never_reaches_training_or_selection(tmp_path: Path, t
     """Each fold's run trains (and, with 'inner', chooses its epoch) on the fold's training
     part only; the held-out fold is scored afterwards, as its test split."""
     root = make_class_folders(tmp_path / "d", {"red": 10, "green": 10})
-    result = cross_validate(root, folds=4, selection=selection,
-                            **dict(tiny, strategy="finetune", epochs=2, patience=1, output=str(tmp_path / "cv")))
-    with open(result.oof_path) as fh:
-        oof = list(csv.DictReader(fh))
+    result, oof = _cv(root, tmp_path, tiny, 4, selection, strategy="finetune", epochs=2, patience=1)
     for fold in range(1, 5):
         held = {r["path"] for r in oof if r["fold"] == str(fold)}
         with open(Path(result.out_dir) / f"fold{fold}" / "splits.csv") as fh:
@@ -62,10 +64,7 @@ def test_the_held_out_fold_never_reaches_training_or_selection(tmp_path: Path, t
 def test_cv_metrics_are_the_held_out_folds_own(tmp_path: Path, tiny: dict) -> None:
     """The reported fold accuracy is the accuracy of oof.csv's predictions on that fold."""
     root = make_class_folders(tmp_path / "d", {"red": 8, "green": 8})
-    result = cross_validate(root, folds=4, **dict(tiny, strategy="feature-extract", epochs=3, lr=3e-2,
-                                                   output=str(tmp_path / "cv")))
-    with open(result.oof_path) as fh:
-        oof = list(csv.DictReader(fh))
+    result, oof = _cv(root, tmp_path, tiny, 4, strategy="feature-extract", epochs=3, lr=3e-2)
     for fold, row in enumerate(result.folds, start=1):
         mine = [r for r in oof if r["fold"] == str(fold)]
         assert row["accuracy"] == pytest.approx(sum(r["predicted"] == r["label"] for r in mine) / len(mine))

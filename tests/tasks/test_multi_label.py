@@ -13,13 +13,12 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score, hamming_loss
 
 import visiontune as vt
-from conftest import make_multilabel_data
+from conftest import StopAfter, make_multilabel_data
 from visiontune.bundle import load_bundle
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
 from visiontune.tasks.catalog import make_task
 from visiontune.tasks.multi_label import MultiLabel
-from visiontune.train.callbacks import Callback
 
 
 def _csv(path: Path, rows: list[list[str]]) -> Path:
@@ -202,18 +201,11 @@ def test_interpret_cv_and_resume_on_a_multi_label_set(ml_run: tuple[Path, Path],
                                                                   output=str(tmp_path / "cv")))
     assert set(cv.mean) == {"mAP", "macro_f1", "loss"} and "mAP" in cv.format()
     part = vt.fit(root, csv="labels.csv", **dict(TINY, strategy="gradual", epochs=3, output=str(tmp_path / "r")),
-                  callbacks=[_StopAfter(2)])
+                  callbacks=[StopAfter(2)])
     resumed = vt.fit(resume=part.run_dir)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
-class _StopAfter(Callback):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_epoch_end(self, trainer) -> None:
-        if trainer.state.epoch + 1 >= self.n:
-            trainer.state.should_stop = True
 
 
 def test_a_prediction_with_no_label_above_threshold_prints_none_and_the_top_k() -> None:

@@ -12,11 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import visiontune as vt
-from conftest import make_class_folders, make_image
+from conftest import StopAfter, make_class_folders, make_image
 from visiontune.bundle import load_checkpoint, save_checkpoint
 from visiontune.config import ModelConfig
 from visiontune.models.classifier import create_classifier
-from visiontune.train.callbacks import Callback
 
 
 @pytest.mark.parametrize("num_classes", [2, 10])
@@ -117,7 +116,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_resume_matches_an_uninterrupted_run(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
     kw = dict(tiny, strategy="gradual", freeze_epochs=1, lr=3e-3, output=str(tmp_path / "runs"))
     full = vt.fit(flat_data, name="full", epochs=4, **kw)
-    part = vt.fit(flat_data, name="part", epochs=4, **kw, callbacks=[_StopAfter(2)])
+    part = vt.fit(flat_data, name="part", epochs=4, **kw, callbacks=[StopAfter(2)])
     assert len(part.history) == 2
     resumed = vt.fit(resume=part.run_dir)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
@@ -127,16 +126,6 @@ def test_resume_matches_an_uninterrupted_run(flat_data: Path, tmp_path: Path, ti
     last_res = load_checkpoint(Path(resumed.run_dir) / "checkpoints" / "last.pt")["model"]
     assert all(torch.allclose(last_full[k].float(), last_res[k].float(), atol=1e-6) for k in last_full)
 
-
-class _StopAfter(Callback):
-    """Stops a run after `n` epochs, as a crash would (the checkpoint of epoch n is on disk)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_epoch_end(self, trainer) -> None:
-        if trainer.state.epoch + 1 >= self.n:
-            trainer.state.should_stop = True
 
 
 def test_more_classes_in_resume_data_is_refused(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
@@ -148,7 +137,7 @@ def test_more_classes_in_resume_data_is_refused(flat_data: Path, tmp_path: Path,
 
 def test_resume_refuses_data_that_changed(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
     r = vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=2, output=str(tmp_path / "runs")),
-               callbacks=[_StopAfter(1)])
+               callbacks=[StopAfter(1)])
     make_image(flat_data / "red" / "red_new.png", (220, 40, 40), seed=99)
     with pytest.raises(vt.DataError, match=r"1 image added \(e\.g\. .*red_new\.png\).*start a new run"):
         vt.fit(resume=r.run_dir)

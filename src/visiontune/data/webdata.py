@@ -13,8 +13,8 @@ and `<key>.json` (label or labels, group, original path, digest of the image byt
 (brace patterns; labels then come from each sample's .json / .cls / .txt member, read in
 one pass) stream the samples: no random access. An item's path is `<shard>#<key>`. The
 training stream shuffles shard order and samples in a buffer, seeded by (seed, epoch);
-shards are split across torchrun processes (`split_by_node`) and DataLoader workers
-(`split_by_worker`), so no sample is read twice in an epoch. The feature cache keys shard
+shards are split across torchrun processes (rank r takes every world-th shard) and
+DataLoader workers (webdataset's per-worker split), so no sample is read twice in an epoch. The feature cache keys shard
 samples by the digest stored at shard time, so frozen phases read each image once.
 """
 

@@ -38,7 +38,6 @@ from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.data.webdata import ShardStream, is_shard_item, shard_digests, shard_items
 from visiontune.files import cache_root
 from visiontune.runtime.device import to_device
-from visiontune.runtime.prefetch import Prefetch
 from visiontune.train.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
@@ -161,8 +160,7 @@ def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: tor
     numbers = torch.arange(len(paths))
     dataset = (ShardStream(shard_items(paths), numbers, eval_transform(pre), eval_side(pre))
                if is_shard_item(paths[0]) else eval_dataset(paths, numbers, pre))
-    loader = make_loader(dataset, batch_size, num_workers, device)
-    for x, index in Prefetch(loader) if loader.num_workers == 0 else loader:  # decode overlaps the forward
+    for x, index in make_loader(dataset, batch_size, num_workers, device):
         yield from zip(index.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
     backbone.train(was_training)
 
