@@ -40,6 +40,8 @@ def test_sigkill_and_resume_loses_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "VISIONTUNE_OFFLINE": "1"}
     subprocess.run(_cli("train", str(data), *ARGS, "--output", str(tmp_path), "--name", "calm"), env=env,
                    check=True, capture_output=True)
+    history = [json.loads(line) for line in (tmp_path / "calm" / "history.jsonl").read_text().splitlines()]
+    epoch_s = sum(h["seconds"] for h in history) / len(history)  # kill within about one epoch of a new one
     run = tmp_path / "crashy"
     rng = random.Random(0)
     kills = 0
@@ -49,7 +51,7 @@ def test_sigkill_and_resume_loses_nothing(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and _epochs_logged(run) <= done:  # wait until this process trains
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.6))  # then kill anywhere: mid-epoch, mid-checkpoint, between
+        time.sleep(rng.uniform(0.0, 1.5 * epoch_s))  # then kill anywhere: mid-epoch, mid-checkpoint, between
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
