@@ -210,7 +210,10 @@ def _torchvision_model(arch: str, weights: str) -> tuple[nn.Module, Preprocess]:
             raise WeightsUnavailableError(W.offline_help(f"torchvision:{arch}"))
         model = torchvision.models.get_model(arch, weights=default)
     else:
-        model = torchvision.models.get_model(arch, weights=None)
+        # GoogLeNet / Inception-v3 warn that their default init will change: choose it (the
+        # future default; the old one samples a truncated normal through scipy, slowly)
+        extra = {"init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(arch, weights=None, **extra)
         if weights != "none":
             _load_file_into(model, weights, arch)
     _drop_aux_heads(model)
