@@ -121,3 +121,15 @@ def test_unknown_or_missing_tracker_is_a_clear_error_before_training(flat_data: 
     with pytest.raises(vt.ConfigError, match=r"pip install 'visiontune\[track\]'"):
         vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow")
     assert not list((tmp_path / "runs").glob("*/model.safetensors"))
+
+
+def test_a_resumed_run_continues_its_mlflow_run(flat_data: Path, tmp_path: Path, mlruns: str) -> None:
+    from conftest import StopAfter
+
+    part = vt.fit(flat_data, **dict(FINETUNE, epochs=3), output=str(tmp_path / "runs"), track="mlflow",
+                  callbacks=[StopAfter(2)])
+    vt.fit(resume=part.run_dir)
+    client, exp = _client(mlruns)
+    (run,) = client.search_runs([exp])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
+    assert run.info.status == "FINISHED"

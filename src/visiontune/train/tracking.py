@@ -11,8 +11,8 @@
   named like the run directory, every config field as a param (`train.lr`...), metrics
   per epoch (step = epoch), tags (backbone, strategy, task, run_dir), and the artifacts
   model.safetensors, config.yaml, metrics.json (report.html when `interpret` runs later:
-  the MLflow run id is kept in `RUN/tracking.json`). `cv` and `compare` open a parent run
-  with one child per fold / strategy.
+  the MLflow run id is kept in `RUN/tracking.json`; `--resume` continues that MLflow run).
+  `cv` and `compare` open a parent run with one child per fold / strategy.
 
 A backend that fails mid-run (an unwritable store, a server gone) is reported once as a
 warning and switched off; training and the run directory are untouched. A backend whose
@@ -225,6 +225,10 @@ class MlflowTracker(Tracker):
 
     def start(self, trainer: TrainerView) -> None:
         self.client, experiment = mlflow_client()
+        if (previous := self._previous_run()) is not None:  # --resume: the same MLflow run goes on
+            self.run_id = previous
+            self.client.update_run(previous, status="RUNNING")
+            return
         m = self.cfg.model
         tags = {"backbone": m.backbone, "strategy": self.cfg.strategy.name, "task": self.task.name,
                 "run_dir": str(self.run_dir), "weights": m.weights}
@@ -234,6 +238,17 @@ class MlflowTracker(Tracker):
         _log_params(self.client, self.run_id, flat_params(self.cfg))
         (self.run_dir / "tracking.json").write_text(json.dumps(
             {"mlflow": {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}}))
+
+    def _previous_run(self) -> str | None:
+        """The MLflow run this run directory was tracked in before (a resumed run), if any
+        and if it is in the same store."""
+        try:
+            entry = json.loads((self.run_dir / "tracking.json").read_text())["mlflow"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if entry.get("tracking_uri") != self.client.tracking_uri:
+            return None
+        return str(entry["run_id"])
 
     def epoch(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
