@@ -38,9 +38,11 @@ from visiontune.models.backbones import create_source_model
 from visiontune.train.callbacks import Callback
 
 
-def run_fastai(data: str, mode: str, epochs: int, size: int, lr: float, bs: int) -> tuple[float, float, list]:
-    """(wall s, final val accuracy, [(s since start, val accuracy) per epoch])."""
-    from fastai.callback.core import Callback as FastaiCallback
+def fastai_learner(folder: str | os.PathLike, valid: str, size: int, bs: int, cbs: tuple = (),
+                   seed: int | None = None):
+    """A fastai Learner on FOLDER/train and FOLDER/<valid>: the same packaged Lite0 body as
+    visiontune's default, a linear head, Lite0's 0.5/0.5 normalisation, no workers. With SEED,
+    fastai's `set_seed` first (head init, shuffling and augmentation repeat run to run)."""
     from fastai.vision.all import (
         CrossEntropyLossFlat,
         ImageDataLoaders,
@@ -49,7 +51,23 @@ def run_fastai(data: str, mode: str, epochs: int, size: int, lr: float, bs: int)
         Resize,
         accuracy,
         params,
+        set_seed,
     )
+
+    if seed is not None:
+        set_seed(seed, reproducible=True)
+    dls = ImageDataLoaders.from_folder(folder, train="train", valid=valid, item_tfms=Resize(size), bs=bs,
+                                       batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3), num_workers=0,
+                                       seed=seed)
+    body, width, _, _ = create_source_model("timm:tf_efficientnet_lite0", "pretrained")
+    model = torch.nn.Sequential(body, torch.nn.Linear(width, dls.c))
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                   splitter=lambda m: [params(m[0]), params(m[1])], cbs=list(cbs))
+
+
+def run_fastai(data: str, mode: str, epochs: int, size: int, lr: float, bs: int) -> tuple[float, float, list]:
+    """(wall s, final val accuracy, [(s since start, val accuracy) per epoch])."""
+    from fastai.callback.core import Callback as FastaiCallback
 
     started = time.perf_counter()
     curve: list[tuple[float, float]] = []
@@ -60,12 +78,7 @@ def run_fastai(data: str, mode: str, epochs: int, size: int, lr: float, bs: int)
         def after_epoch(self) -> None:
             curve.append((time.perf_counter() - started, float(self.recorder.values[-1][-1])))  # accuracy
 
-    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(size), bs=bs,
-                                       batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3), num_workers=0)
-    body, width, _, _ = create_source_model("timm:tf_efficientnet_lite0", "pretrained")
-    model = torch.nn.Sequential(body, torch.nn.Linear(width, dls.c))
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                    splitter=lambda m: [params(m[0]), params(m[1])], cbs=[FastaiClock()])
+    learn = fastai_learner(data, "val", size, bs, cbs=(FastaiClock(),))
     with learn.no_bar(), learn.no_logging():
         if mode == "frozen":
             learn.freeze()

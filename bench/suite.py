@@ -190,29 +190,13 @@ def run(out: Path, only: list[str] | None, recipes: list[str] | None) -> None:
 def run_fastai(out: Path, only: list[str] | None) -> None:
     """fastai `fine_tune(EPOCHS - 1, freeze_epochs=1)` with the same Lite0 weights and
     normalisation, image size and batch; test accuracy from the same test folder."""
-    import torch
-    from fastai.vision.all import (
-        CrossEntropyLossFlat,
-        ImageDataLoaders,
-        Learner,
-        Normalize,
-        Resize,
-        accuracy,
-        params,
-    )
-
-    from visiontune.models.backbones import create_source_model
+    from fastai_compare import fastai_learner  # bench/ is on the path of a script run from it
 
     with open(out / "results.jsonl", "a") as fh:
         for name in only or list(SETS):
             started = time.perf_counter()
-            dls = ImageDataLoaders.from_folder(out / name, train="train", valid="valid", item_tfms=Resize(SETS[name]),
-                                               bs=32, batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3),
-                                               num_workers=0, seed=0)
-            body, width, _, _ = create_source_model("timm:tf_efficientnet_lite0", "pretrained")
-            model = torch.nn.Sequential(body, torch.nn.Linear(width, dls.c))
-            learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                            splitter=lambda m: [params(m[0]), params(m[1])])
+            learn = fastai_learner(out / name, "valid", SETS[name], 32, seed=0)
+            dls = learn.dls
             with learn.no_bar(), learn.no_logging():
                 learn.fine_tune(EPOCHS - 1, 2e-3, freeze_epochs=1)
             seconds = time.perf_counter() - started
