@@ -126,3 +126,53 @@ def test_help_is_fast_and_lists_commands() -> None:
                          text=True, check=True)
     assert all(c in out.stdout for c in ("train", "predict", "evaluate", "inspect", "demo"))
     assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines()}
+
+
+def test_predict_stream_decodes_a_batch_at_a_time(trained: tuple[Path, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontune.data import loaders
+
+    run, _ = trained
+    photos = tmp_path / "photos"
+    for i in range(6):
+        make_image(photos / f"{i}.png", (200, 40, 40), seed=20 + i)
+    (photos / "broken.jpg").write_bytes(b"nope")  # sorts last
+    everything, _ = vt.predict(run, photos)
+    opened: list[str] = []
+    real = loaders.load_rgb
+    monkeypatch.setattr(loaders, "load_rgb", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    stream = vt.predict_stream(run, photos, batch_size=2, num_workers=0)
+    assert len(stream) == 7 and opened == []  # listed, nothing decoded yet
+    it = iter(stream)
+    first = next(it)
+    assert len(opened) == 2  # only the first batch
+    streamed = [first, *it]
+    assert [(p.path, p.label) for p in streamed] == [(p.path, p.label) for p in everything]
+    assert all(a.probs == pytest.approx(b.probs, abs=1e-6) for a, b in zip(streamed, everything))
+    assert [Path(p).name for p, _ in stream.skipped] == ["broken.jpg"]
+
+
+def test_cli_predict_output_keeps_the_old_file_when_it_fails_midway(trained: tuple[Path, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    from visiontune import api
+
+    run, data = trained
+    out, out_json = tmp_path / "p.csv", tmp_path / "p.json"
+    assert main(["predict", str(run), str(data / "test"), "--output", str(out), "--batch-size", "3"]) == 0
+    assert main(["predict", str(run), str(data / "test"), "--output", str(out_json), "--top-k", "1"]) == 0
+    before = out.read_text()
+    rows = list(csv.reader(before.splitlines()))
+    assert rows[0] == ["path", "label", "prob", "label2", "prob2"] and len(rows) == 9
+    assert [(r["path"], len(r["top_k"])) for r in json.loads(out_json.read_text())] == [(r[0], 1) for r in rows[1:]]
+    real = api.eval_batches
+
+    def failing(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        yield next(batches)
+        raise vt.DataError("the disk went away")
+
+    monkeypatch.setattr(api, "eval_batches", failing)
+    assert main(["predict", str(run), str(data / "test"), "--output", str(out), "--batch-size", "3"]) == 2
+    assert out.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.json"]

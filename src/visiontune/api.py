@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.files import write_json
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
-from visiontune.runtime.inference import EvalOutput, run_eval
+from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.selection.budget import plan_budget
 from visiontune.tasks.base import UNREADABLE, row_markers
@@ -34,7 +35,8 @@ from visiontune.train.session import FitResult, train_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "FitResult", "Prediction", "evaluate", "fit", "inspect", "predict"]
+__all__ = ["EvalResult", "FitResult", "Prediction", "PredictionStream", "evaluate", "fit", "inspect", "predict",
+           "predict_stream"]
 
 
 def fit(
@@ -160,28 +162,65 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
             top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
             tta: bool = False, engine: str = "auto") -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Classify image files and folders (searched recursively) with a run directory, its
-    model.safetensors, or an exported .onnx / .ts file. Returns the predictions and the
-    (path, reason) of inputs that were skipped (hidden, not images, unreadable). `tta`:
-    average the logits of 4 views per image.
+    model.safetensors, or an exported .onnx / .pt2 / .ts file. Returns the predictions and
+    the (path, reason) of inputs that were skipped (hidden, not images, unreadable). `tta`:
+    average the logits of 4 views per image. For many images, `predict_stream` yields them
+    one at a time instead of holding the list.
 
     `engine` (CPU only): "auto" runs ONNX Runtime when the run has a current model.onnx or
     when onnxruntime is installed and there are at least 2,000 images (exporting model.onnx
     once, ~10 s for Lite0), else PyTorch; "onnx" / "torch" force one."""
+    stream = predict_stream(run, inputs, top_k=top_k, batch_size=batch_size, device=device,
+                            num_workers=num_workers, tta=tta, engine=engine)
+    preds = list(stream)
+    return preds, stream.skipped
+
+
+class PredictionStream:
+    """Predictions in input order, one image at a time as the model produces them: memory
+    stays flat however many images there are. One pass. `len()` is the number of images
+    found; `skipped` holds the (path, reason) of inputs left out, complete once the
+    stream is exhausted (unreadable files are found while decoding)."""
+
+    def __init__(self, paths: list[str], skipped: list[tuple[str, str]], task: Any,
+                 batches: Iterator[tuple[np.ndarray, np.ndarray, float, float]], top_k: int) -> None:
+        self.paths, self.skipped, self.task = paths, skipped, task
+        self._predictions = self._run(batches, top_k)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return self._predictions
+
+    def _run(self, batches: Iterator[tuple[np.ndarray, np.ndarray, float, float]], top_k: int) -> Iterator[Prediction]:
+        task, start = self.task, 0
+        for probs, targets, _, _ in batches:
+            paths, start = self.paths[start:start + len(probs)], start + len(probs)
+            bad = row_markers(targets) == UNREADABLE
+            self.skipped.extend((p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b)
+            kept = [p for p, b in zip(paths, bad) if not b]
+            probs = probs[~bad]
+            for path, d, row in zip(kept, task.decode(probs, top_k), probs):
+                yield Prediction(path, " ".join(d.labels), max(d.probs, default=0.0), d.ranked, d.labels,
+                                 dict(zip(task.classes, map(float, row))), task.name)
+
+
+def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
+                   top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
+                   tta: bool = False, engine: str = "auto") -> PredictionStream:
+    """`predict`, streamed: the model is loaded and the inputs listed now; iterating the
+    result classifies the images batch by batch (see PredictionStream)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths, skipped = collect_images([str(p) for p in inputs])
     dev, bundle, channels_last = _predictor(run, device, engine, len(paths))
-    if not paths:
-        return [], skipped
-    ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
-    out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
-                   channels_last=channels_last)
-    paths, unreadable = _drop_unreadable_rows(paths, out)
-    task = bundle.task
-    preds = [Prediction(path, " ".join(d.labels), max(d.probs, default=0.0), d.ranked, d.labels,
-                        dict(zip(task.classes, map(float, row))), task.name)
-             for path, d, row in zip(paths, task.decode(out.probs, top_k), out.probs)]
-    return preds, skipped + unreadable
+    batches: Iterator[tuple[np.ndarray, np.ndarray, float, float]] = iter(())
+    if paths:
+        ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
+        batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
+                               channels_last=channels_last)
+    return PredictionStream(paths, skipped, bundle.task, batches, top_k)
 
 
 def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",

@@ -118,8 +118,9 @@ def _add_use_commands(sub: Any) -> None:
                    "model.ts (a .ts file runs TorchScript code when loaded: use only .ts files you trust; prefer "
                    ".onnx)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--output", help="write all predictions to a .csv or .json file")
+    p.add_argument("--top-k", type=int, default=3, help="most probable labels shown per image (default 3)")
+    p.add_argument("--output", help="also write the predictions to a .csv or .json file, row by row as they come "
+                   "(the file is replaced only when complete)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image "
                    "(center, mirrored, whole image, mirrored); ~4x the time")
     p.add_argument("--batch-size", type=int, default=64)

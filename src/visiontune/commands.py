@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from visiontune import api
@@ -21,7 +21,7 @@ from visiontune.demo import run_demo
 from visiontune.deploy.export import export
 from visiontune.deploy.serve import serve
 from visiontune.errors import ConfigError
-from visiontune.files import write_csv, write_json, write_text
+from visiontune.files import atomic_write, write_csv, write_json
 from visiontune.selection.advisor import advise
 from visiontune.selection.compare import compare, format_compare
 from visiontune.selection.cv import cross_validate
@@ -79,15 +79,26 @@ def find_lr(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    preds, skipped = api.predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                                 device=args.device, tta=args.tta, engine=args.engine)
-    for p in preds:
-        print(_prediction_line(p))
-    for path, why in skipped:
+    """Each prediction is printed (and written to --output) as it comes: memory stays flat."""
+    stream = api.predict_stream(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                                device=args.device, tta=args.tta, engine=args.engine)
+    printed = 0
+
+    def printing() -> Iterator[api.Prediction]:
+        nonlocal printed
+        for p in stream:
+            print(_prediction_line(p))
+            printed += 1
+            yield p
+
+    if args.output:  # written to a temporary file and renamed at the end: an old file survives a failure
+        _write_predictions(args.output, printing(), stream.task, args.top_k)
+    else:
+        for _ in printing():
+            pass
+    for path, why in stream.skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    if args.output:
-        _write_predictions(args.output, preds)
-    return 0 if preds else 1
+    return 0 if printed else 1
 
 
 def _prediction_line(p: api.Prediction) -> str:
@@ -101,18 +112,28 @@ def _prediction_line(p: api.Prediction) -> str:
     return f"{p.path}\t{p.label}\t{p.prob:.4f}" + (f"\t({others})" if others else "")
 
 
-def _write_predictions(path: str, preds: list[api.Prediction]) -> None:
+def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, top_k: int) -> None:
+    """PATH.json: a list of objects; else CSV: path,label,prob + the runners-up
+    (multi-label: path,labels + one probability column per label). Rows are written as
+    `preds` yields them."""
     if path.endswith(".json"):
-        write_text(path, json.dumps([{"path": p.path, "label": p.label, "labels": p.labels, "prob": p.prob,
-                                      "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k],
-                                      **({"probs": p.probs} if p.task == MULTI else {})} for p in preds], indent=2))
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("[")
+                for i, p in enumerate(preds):
+                    item = {"path": p.path, "label": p.label, "labels": p.labels, "prob": p.prob,
+                            "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k],
+                            **({"probs": p.probs} if p.task == MULTI else {})}
+                    fh.write(("," if i else "") + "\n  " + json.dumps(item))
+                fh.write("\n]\n")
+
+        atomic_write(path, write)
         return
-    if preds and preds[0].task == MULTI:  # path,labels + one probability column per label
-        names = list(preds[0].probs)
-        write_csv(path, ["path", "labels", *[f"prob_{n}" for n in names]],
-                  ([p.path, " ".join(p.labels), *[f"{p.probs[n]:.6f}" for n in names]] for p in preds))
+    if task.name == MULTI:
+        write_csv(path, ["path", "labels", *[f"prob_{n}" for n in task.classes]],
+                  ([p.path, " ".join(p.labels), *[f"{p.probs[n]:.6f}" for n in task.classes]] for p in preds))
         return
-    k = max((len(p.top_k) for p in preds), default=1)
+    k = max(1, min(top_k, task.num_classes))
     write_csv(path, ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")],
               ([p.path, p.label, f"{p.prob:.6f}"] + [v for lb, pr in p.top_k[1:] for v in (lb, f"{pr:.6f}")]
                for p in preds))

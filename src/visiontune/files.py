@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -52,12 +51,15 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    """A header and rows as CSV, written atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    """A header and rows as CSV, written atomically; `rows` may be a generator (it is
+    consumed while writing; if it raises, `path` keeps what it held)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

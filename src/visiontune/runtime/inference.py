@@ -3,6 +3,7 @@ micro-batches that halve themselves after an out-of-memory error."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +56,14 @@ def forward_chunks(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, devic
 
 
 @torch.inference_mode()
-def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
-             channels_last: bool = True, precision: str = "auto", micro: MicroBatcher | None = None) -> EvalOutput:
-    """The task's mean loss over labelled rows, all targets and the task's probabilities."""
+def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
+                 channels_last: bool = True, precision: str = "auto",
+                 micro: MicroBatcher | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, float, float]]:
+    """Per batch, in loader order: the task's probabilities, the targets (markers for
+    unlabelled / unreadable rows), the summed loss over its labelled rows and their count."""
     model.eval()
     micro = micro or MicroBatcher()
     criterion = task.loss()
-    total, count, probs, targets = 0.0, 0.0, [], []
     for x, y in progress(loader, show_progress, "eval"):
         views = x.shape[1] if x.ndim == 5 else 0  # test-time augmentation: (B, V, 3, H, W)
         x, y = to_device(x.flatten(0, 1) if views else x, device, channels_last), y.to(device)
@@ -69,12 +71,22 @@ def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: T
         if views:
             logits = logits.view(-1, views, logits.shape[-1]).mean(dim=1)  # logits averaged over the views
         known = row_markers(y) >= 0  # NO_LABEL (predict) and UNREADABLE rows carry no loss
+        total, count = 0.0, 0.0
         if known.any():
-            total += criterion.total(logits[known], y[known]).item()
-            count += float(criterion.norm(y[known]).item())
-        probs.append(task.probabilities(logits).cpu())
-        targets.append(y.cpu())
+            total = criterion.total(logits[known], y[known]).item()
+            count = float(criterion.norm(y[known]).item())
+        yield task.probabilities(logits).cpu().numpy(), y.cpu().numpy(), total, count
+
+
+def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
+             channels_last: bool = True, precision: str = "auto", micro: MicroBatcher | None = None) -> EvalOutput:
+    """The task's mean loss over labelled rows, all targets and the task's probabilities."""
+    total, count, probs, targets = 0.0, 0.0, [], []
+    for p, y, batch_total, batch_count in eval_batches(model, loader, device, task, show_progress, channels_last,
+                                                       precision, micro):
+        total, count = total + batch_total, count + batch_count
+        probs.append(p)
+        targets.append(y)
     if not probs:
         return EvalOutput(float("nan"), np.zeros(0, dtype=int), np.zeros((0, task.num_classes)))
-    return EvalOutput(total / count if count else float("nan"), torch.cat(targets).numpy(),
-                      torch.cat(probs).numpy())
+    return EvalOutput(total / count if count else float("nan"), np.concatenate(targets), np.concatenate(probs))

@@ -1,0 +1,63 @@
+"""Peak memory of predict on many images: the streamed CLI against the list-returning API.
+
+    python bench/predict_memory.py RUN DATA [--engine onnx]
+
+Each in a fresh process, RssAnon of /proc/PID/status sampled every 20 ms (anonymous memory:
+what the process allocated, without the model file and libraries mapped from disk):
+- stream: `visiontune predict RUN DATA --output P.csv` (rows printed and written as they come)
+- list:   `vt.predict(RUN, DATA)` (every Prediction held, ~1.5 KB each)
+Run it on the same run with a small and a large DATA (bench/scale.py makes both) to see
+growth with the image count. Linux only (reads /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def peak_anon_mb(cmd: list[str]) -> tuple[float, float]:
+    """(peak anonymous RSS in MB, wall seconds) of CMD, sampled every 20 ms."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.02)
+    if proc.returncode:
+        sys.exit(f"{cmd[:4]} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return peak / 1024, time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("data")
+    ap.add_argument("--engine", default="onnx", choices=("auto", "onnx", "torch"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "p.csv"
+        stream = peak_anon_mb([sys.executable, "-m", "visiontune", "predict", args.run, args.data,
+                               "--engine", args.engine, "--output", str(out)])
+        rows = sum(1 for _ in open(out)) - 1
+    code = (f"import visiontune as vt; p, _ = vt.predict({args.run!r}, {args.data!r}, engine={args.engine!r}); "
+            f"print(len(p))")
+    listed = peak_anon_mb([sys.executable, "-c", code])
+    print(f"{rows} images, engine {args.engine}")
+    print(f"stream (CLI --output): peak anonymous {stream[0]:7.0f} MB, {stream[1]:6.1f} s")
+    print(f"list (vt.predict):     peak anonymous {listed[0]:7.0f} MB, {listed[1]:6.1f} s")
+    print(f"stream / list memory: {stream[0] / listed[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
