@@ -104,3 +104,48 @@ def test_training_on_a_pattern_of_shards_with_a_valid_pattern(split_data: Path, 
                **dict(tiny, strategy="finetune", epochs=2, output=str(tmp_path / "runs")))
     assert len(r.history) == 2 and np.isfinite(r.history[-1]["val_loss"])
     assert r.data is not None and len(r.data.split("train")) == 20 and len(r.data.split("valid")) == 8
+
+
+def test_a_script_without_a_main_guard_runs_once_when_the_scan_uses_workers(tmp_path: Path) -> None:
+    """Scan workers must not re-run the user's script: a spawned worker imports __main__ again,
+    so an unguarded `vt.fit(...)` at the top of train.py would run once per worker."""
+    import subprocess
+    import sys
+
+    root = make_class_folders(tmp_path / "d", {"red": 6, "green": 6})
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from visiontune.data import scan\n"
+        "print('top level ran', flush=True)\n"
+        "scan.PARALLEL_FROM = 4\n"
+        f"paths = sorted(str(p) for p in __import__('pathlib').Path({str(root)!r}).rglob('*.png'))\n"
+        "print(sum(r is None for r, _ in scan.scan(paths, None, workers=2)), 'usable')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["top level ran", "12 usable"]
+
+
+def test_a_broken_worker_pool_falls_back_to_checking_in_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Broken:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def map(self, *args, **kwargs):
+            raise BrokenProcessPool("a worker died")
+
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 3})
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    expected = scanning.scan(paths, None, workers=1)
+    monkeypatch.setattr(scanning, "PARALLEL_FROM", 2)
+    monkeypatch.setattr(scanning, "ProcessPoolExecutor", Broken)
+    assert scanning.scan(paths, None, workers=2) == expected
+    assert "__main__" in caplog.text

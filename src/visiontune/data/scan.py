@@ -7,7 +7,9 @@ and hashes nothing (the feature cache keys entries by those digests). An edited 
 replaced file has a new size or mtime and is checked again. Safe to delete at any time.
 
 Files not in the cache are checked (`check_image` + `file_digest`) by a pool of worker
-processes when there are many (PARALLEL_FROM), in this process otherwise.
+processes when there are many (PARALLEL_FROM), in this process otherwise. Workers are
+forked on Linux (an unguarded script is not re-run) and spawned elsewhere; a pool that
+breaks falls back to checking in this process.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import logging
 import multiprocessing
 import os
 import sqlite3
+import sys
 import time
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from pathlib import Path
 
@@ -120,9 +125,20 @@ def _check_all(paths: list[str], workers: int | None) -> list[Verdict]:
     workers = workers or os.cpu_count() or 1
     if len(paths) < PARALLEL_FROM or workers < 2:
         return [check_and_digest(p) for p in paths]
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(check_and_digest, paths, chunksize=CHUNK))
+    # fork where the platform has it, as torch's DataLoader workers do on Linux: a spawned
+    # worker imports the user's __main__ again, so a script without an `if __name__ ==
+    # "__main__":` guard would re-run (and break the pool). The workers only decode with PIL
+    # and hash bytes: nothing of the parent's threads (torch's) is used in them.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    try:
+        with warnings.catch_warnings():  # Python >= 3.12 warns about fork in a threaded process
+            warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                return list(pool.map(check_and_digest, paths, chunksize=CHUNK))
+    except BrokenProcessPool:
+        log.warning("scan: the worker processes failed (on this platform a script that trains must put that code "
+                    "under `if __name__ == \"__main__\":`); checking %d files in this process instead", len(paths))
+        return [check_and_digest(p) for p in paths]
 
 
 def digests_of(paths: list[str], cache: ScanCache | None) -> list[str]:
