@@ -28,9 +28,17 @@ def test_quickstart_notebook_executes_and_shows_tables_and_figures(tmp_path: Pat
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    # the suite's warning policy (pyproject.toml) inside the kernel too: a deprecated call in
+    # the notebook's path fails its cell
+    nb.cells.insert(0, nbformat.v4.new_code_cell(
+        "import warnings\n"
+        "warnings.filterwarnings('error', category=DeprecationWarning, module='visiontune|torch|torchvision|PIL')\n"
+        "warnings.filterwarnings('error', category=FutureWarning)"))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
+    printed = [o.get("text", "") for c in code for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert not [t for t in printed if "Warning" in t], printed
     by_source = {c.source.splitlines()[-1]: _outputs(c) for c in code}
     assert "image/png" in by_source['vt.show_batch(root, n=8, image_size=96)']
     fit = by_source["result"]["text/html"]
