@@ -197,9 +197,8 @@ class PredictionStream:
         task, start = self.task, 0
         for probs, targets, _, _ in batches:
             paths, start = self.paths[start:start + len(probs)], start + len(probs)
-            bad = row_markers(targets) == UNREADABLE
-            self.skipped.extend((p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b)
-            kept = [p for p, b in zip(paths, bad) if not b]
+            bad, kept, unreadable = _split_unreadable(paths, targets)
+            self.skipped.extend(unreadable)
             probs = probs[~bad]
             for path, d, row in zip(kept, task.decode(probs, top_k), probs):
                 yield Prediction(path, " ".join(d.labels), max(d.probs, default=0.0), d.ranked, d.labels,
@@ -241,11 +240,18 @@ def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
 def _drop_unreadable_rows(paths: list[str], out: EvalOutput) -> tuple[list[str], list[tuple[str, str]]]:
     """Leave the files ImageDataset marked UNREADABLE out of `out` (in place) and `paths`;
     return the kept paths and (path, reason) of the others."""
-    bad = row_markers(out.targets) == UNREADABLE
+    bad, kept, unreadable = _split_unreadable(paths, out.targets)
+    if unreadable:
+        out.keep(~bad)
+    return kept, unreadable
+
+
+def _split_unreadable(paths: list[str], targets: np.ndarray) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """(mask of the rows ImageDataset marked UNREADABLE, the other paths, (path, reason) of those)."""
+    bad = row_markers(targets) == UNREADABLE
     if not bad.any():
-        return paths, []
-    out.keep(~bad)
-    return ([p for p, b in zip(paths, bad) if not b],
+        return bad, paths, []
+    return (bad, [p for p, b in zip(paths, bad) if not b],
             [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b])
 
 
