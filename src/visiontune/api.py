@@ -90,8 +90,7 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
         ckpt = None
     return train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir), run_dir=run_dir,
-                     ckpt=ckpt,
-                     callbacks=callbacks)
+                     ckpt=ckpt, callbacks=callbacks)
 
 
 # -- evaluate ---------------------------------------------------------------------------

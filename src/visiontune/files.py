@@ -5,6 +5,7 @@
 - `cache_root`, `save_entry`, `file_digest`: the root of visiontune's caches, one atomic
   cache entry (no fsync: a torn entry fails to load and is recomputed), and the content
   hash that keys entries by a file's bytes (feature cache, duplicates).
+- `select_in`: a lookup of many keys in an SQLite index (scan cache, feature shards).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import csv
 import hashlib
 import json
 import os
+import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,17 @@ def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[It
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+SQLITE_MAX_PARAMS = 900  # under SQLite's limit on bound parameters per statement
+
+
+def select_in(db: sqlite3.Connection, query: str, keys: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    """The rows of `query` (a SELECT ending in `WHERE <column> IN`) for every key, asked in
+    batches that SQLite accepts."""
+    for i in range(0, len(keys), SQLITE_MAX_PARAMS):
+        batch = list(keys[i:i + SQLITE_MAX_PARAMS])
+        yield from db.execute(f"{query} ({','.join('?' * len(batch))})", batch)
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -80,7 +80,7 @@ class InterpretResult:
     def _repr_html_(self) -> str:
         """The summary, then every figure inline (Jupyter)."""
         figures = "".join(display.image(path, title=name.removesuffix(".png").replace("_", " "))
-                          for name, path in sorted(self.files.items()) if name.endswith(".png"))
+                          for name, path in sorted(self.figures().items()))
         return display.metrics_table(self.metrics, "interpretation") + display.pre(self.format()) + figures
 
     def figures(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ from contextlib import closing
 from pathlib import Path
 
 from visiontune.data.images import check_image
-from visiontune.files import cache_root, file_digest
+from visiontune.files import cache_root, file_digest, select_in
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,10 @@ class ScanCache:
         wanted = {p: (s, m) for p, s, m in keys}
         found: dict[str, Verdict] = {}
         with closing(self._connect()) as db:
-            for i in range(0, len(keys), 900):  # SQLite's limit on bound parameters
-                batch = [p for p, _, _ in keys[i:i + 900]]
-                rows = db.execute(f"SELECT path, size, mtime, reason, digest FROM files WHERE path IN "
-                                  f"({','.join('?' * len(batch))})", batch)
-                for path, size, mtime, reason, digest in rows:
-                    if wanted.get(path) == (size, mtime):
-                        found[path] = (reason, digest)
+            for path, size, mtime, reason, digest in select_in(
+                    db, "SELECT path, size, mtime, reason, digest FROM files WHERE path IN", list(wanted)):
+                if wanted.get(path) == (size, mtime):
+                    found[path] = (reason, digest)
         return found
 
     def store(self, rows: Iterable[tuple[str, int, int, str | None, str]]) -> None:

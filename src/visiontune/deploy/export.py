@@ -211,9 +211,7 @@ def onnx_engine(run: str | os.PathLike[str], engine: str, images: int) -> Bundle
     if engine == "torch" or not run_dir.is_dir():
         return None
     existing = current_onnx(run_dir)
-    if engine == "auto" and existing is None and (images < ONNX_MIN_IMAGES or not onnx_available()):
-        return None
-    if engine == "auto" and not onnx_available():
+    if engine == "auto" and (not onnx_available() or (existing is None and images < ONNX_MIN_IMAGES)):
         return None
     try:
         return load_exported(existing or export(run_dir, "onnx").path)

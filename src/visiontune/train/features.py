@@ -133,17 +133,20 @@ def extract_features(
             else:
                 missing.append(start + j)
     pending: list[tuple[str, np.ndarray]] = []  # computed, not yet written to the cache
+
+    def flush() -> None:
+        if cache and pending:
+            cache.put_many([d for d, _ in pending], np.stack([r for _, r in pending]))
+        pending.clear()
+
     for j, row in _compute(backbone, [paths[i] for i in missing], pre, device, batch_size, num_workers,
                            channels_last):
-        i = missing[j]
-        matrix.put(i, row)
+        matrix.put(missing[j], row)
         if cache:
-            pending.append((digests[i], row))
-            if len(pending) >= SHARD_ROWS:
-                cache.put_many([d for d, _ in pending], np.stack([r for _, r in pending]))
-                pending = []
-    if cache and pending:
-        cache.put_many([d for d, _ in pending], np.stack([r for _, r in pending]))
+            pending.append((digests[missing[j]], row))
+        if len(pending) >= SHARD_ROWS:
+            flush()
+    flush()
     stats = FeatureStats(n - len(missing), len(missing), time.perf_counter() - started)
     log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
     return matrix.tensor(), stats

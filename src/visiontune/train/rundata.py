@@ -164,14 +164,15 @@ class RunData:
         shards split across processes and workers; under torchrun every process takes the
         same number of steps (the smallest share, in whole batches)."""
         t, pre, env = self.cfg.train, self.preprocess, self.env
+        world = env.world_size if env.parallel else 1
         if t.balance == "oversample":
             raise ConfigError("--balance oversample needs random access to the images; shards are read as a stream: "
                               "use --balance weights")
         items = self.source.split(TRAIN)
         stream = ShardStream(items, self.task.encode([it.label for it in items]),
                              train_transform(pre, t.augment, t.hflip, t.min_scale), train_side(pre), shuffle=True,
-                             seed=self.cfg.seed, rank=env.rank, world=env.world_size if env.parallel else 1)
-        per_step = t.batch_size // (env.world_size if env.parallel else 1)
+                             seed=self.cfg.seed, rank=env.rank, world=world)
+        per_step = t.batch_size // world
         train = make_loader(stream, per_step, t.num_workers, self.device)
         if env.parallel:
             train = Cut(train, math.ceil(len(stream) / per_step))
@@ -179,7 +180,7 @@ class RunData:
         valid = None
         if valid_items:
             vstream = ShardStream(valid_items, self.task.encode([it.label for it in valid_items]), eval_transform(pre),
-                                  eval_side(pre), rank=env.rank, world=env.world_size if env.parallel else 1)
+                                  eval_side(pre), rank=env.rank, world=world)
             valid = make_loader(vstream, t.batch_size, t.num_workers, self.device)
         return PhaseData(train, valid)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.files import save_entry
+from visiontune.files import save_entry, select_in
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,14 @@ class ShardStore:
             self.put_many(list(legacy), np.stack(list(legacy.values())))
             for digest in legacy:
                 with contextlib.suppress(OSError):
-                    (self.dir / digest[:2] / f"{digest}.npy").unlink()
+                    self._legacy_path(digest).unlink()
         return {**found, **legacy}
 
     def count_known(self, digests: list[str]) -> int:
         """How many of `digests` have a vector here (indexed, or in the old one-file layout),
         without reading any."""
         indexed = {d for d, _, _ in self._locate(digests)}
-        return sum(d in indexed or (self.dir / d[:2] / f"{d}.npy").is_file() for d in digests)
+        return sum(d in indexed or self._legacy_path(d).is_file() for d in digests)
 
     def put_many(self, digests: list[str], vectors: np.ndarray) -> None:
         """Write `vectors` (n, D) as new shards of at most SHARD_ROWS and index them."""
@@ -84,14 +84,9 @@ class ShardStore:
                                [(d, name, i) for i, d in enumerate(part)])
 
     def _locate(self, digests: list[str]) -> list[tuple[str, str, int]]:
-        out: list[tuple[str, str, int]] = []
         with closing(self._connect()) as db:
-            unique = list(dict.fromkeys(digests))
-            for i in range(0, len(unique), 900):
-                batch = unique[i:i + 900]
-                out += db.execute(f"SELECT digest, shard, row FROM vectors WHERE digest IN "
-                                  f"({','.join('?' * len(batch))})", batch).fetchall()
-        return out
+            return list(select_in(db, "SELECT digest, shard, row FROM vectors WHERE digest IN",
+                                  list(dict.fromkeys(digests))))
 
     def _forget(self, shards: list[str]) -> None:
         with closing(self._connect()) as db, db:
@@ -100,10 +95,14 @@ class ShardStore:
             with contextlib.suppress(OSError):
                 (self.dir / shard).unlink()
 
+    def _legacy_path(self, digest: str) -> Path:
+        """Where the one-file-per-image layout kept a digest's vector."""
+        return self.dir / digest[:2] / f"{digest}.npy"
+
     def _legacy(self, digest: str) -> np.ndarray | None:
         """A vector of the one-file-per-image layout, if there."""
         try:
-            return np.load(self.dir / digest[:2] / f"{digest}.npy", allow_pickle=False)
+            return np.load(self._legacy_path(digest), allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError):
             return None
 

@@ -117,11 +117,7 @@ class ParentRun:
         if self.run_id is None:
             return
         try:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                                        if np.isfinite(v)])
+            _log_metrics(self.client, self.run_id, metrics, step=0)
         except Exception as exc:  # noqa: BLE001
             log.warning("mlflow: parent run metrics not logged (%s)", exc)
 
@@ -130,6 +126,22 @@ class ParentRun:
             with contextlib.suppress(Exception):
                 self.client.set_terminated(self.run_id, status)
             self.run_id = None
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """The finite values of `metrics` at `step`, in one batch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)])
+
+
+def _tracked_run(run_dir: Path) -> dict[str, str] | None:
+    """{run_id, tracking_uri} of the MLflow run RUN/tracking.json names, if any."""
+    try:
+        return dict(json.loads((run_dir / "tracking.json").read_text())["mlflow"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
@@ -242,28 +254,17 @@ class MlflowTracker(Tracker):
     def _previous_run(self) -> str | None:
         """The MLflow run this run directory was tracked in before (a resumed run), if any
         and if it is in the same store."""
-        try:
-            entry = json.loads((self.run_dir / "tracking.json").read_text())["mlflow"]
-        except (OSError, ValueError, KeyError):
-            return None
-        if entry.get("tracking_uri") != self.client.tracking_uri:
+        entry = _tracked_run(self.run_dir)
+        if entry is None or entry.get("tracking_uri") != self.client.tracking_uri:
             return None
         return str(entry["run_id"])
 
     def epoch(self, row: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
         values = {**metrics_of(row, keep_train_loss=True), "lr": row["lr"], "epoch_seconds": row["seconds"]}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(row["epoch"]))
-                                                    for k, v in values.items() if np.isfinite(v)])
+        _log_metrics(self.client, self.run_id, values, step=int(row["epoch"]))
 
     def end(self, result: Any, held: Any) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(f"final_{k}", float(v), now, 0)
-                                                    for k, v in result.metrics.items() if np.isfinite(v)])
+        _log_metrics(self.client, self.run_id, {f"final_{k}": v for k, v in result.metrics.items()}, step=0)
         for name in ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json"):
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
@@ -286,13 +287,14 @@ def make_trackers(track: str, run_dir: Path, cfg: Any, task: Any) -> list[Tracke
 def log_artifact_to_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Attach a file made after training (interpret's report.html) to the run's MLflow run,
     if it was tracked; a failure is a warning."""
-    info = Path(run_dir) / "tracking.json"
-    if not info.is_file():
+    if not (Path(run_dir) / "tracking.json").is_file():
         return
+    entry = _tracked_run(Path(run_dir))
     try:
+        if entry is None:
+            raise ValueError("tracking.json names no MLflow run")
         from mlflow.tracking import MlflowClient
 
-        entry = json.loads(info.read_text())["mlflow"]
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         MlflowClient(tracking_uri=entry["tracking_uri"]).log_artifact(entry["run_id"], str(path))
     except Exception as exc:  # noqa: BLE001
