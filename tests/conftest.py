@@ -98,3 +98,18 @@ class StopAfter(Callback):
     def on_epoch_end(self, trainer) -> None:
         if trainer.state.epoch + 1 >= self.n:
             trainer.state.should_stop = True
+
+
+def original_paths(shards: list[Path]) -> dict[str, str]:
+    """`<shard>#<key>` -> the file each sample was written from (its .json member)."""
+    import json
+
+    from visiontune.data.webdata import read_members
+
+    return {f"{url}#{key}": json.loads(m["json"])["path"]
+            for url in map(str, shards) for key, m in read_members(url, ("json",)).items()}
+
+
+def by_path(preds: list) -> dict[str, np.ndarray]:
+    """Each prediction's probabilities (classes in sorted order) by its path."""
+    return {p.path: np.array([p.probs[c] for c in sorted(p.probs)]) for p in preds}

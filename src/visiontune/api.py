@@ -21,6 +21,7 @@ from visiontune.data.items import TEST, TRAIN, VALID, DataSource, LabelFunc
 from visiontune.data.labels import label_counts
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import collect_images, load_items, resolve_inputs
+from visiontune.data.webdata import is_shard_item
 from visiontune.deploy.export import load_exported, onnx_engine
 from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.files import write_json
@@ -135,10 +136,12 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
     if unknown:
         raise DataError(f"{str(data)!r} has classes {unknown} that the model does not know; "
                         f"it knows {bundle.task.classes}")
-    ds = eval_dataset([it.path for it in items], bundle.task.encode([it.label for it in items]), bundle.preprocess,
-                      mark_unreadable=True, tta=tta)
+    paths = [it.path for it in items]
+    ds = eval_dataset(paths, bundle.task.encode([it.label for it in items]), bundle.preprocess, mark_unreadable=True,
+                      tta=tta)
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task, progress)
-    paths, unreadable = _drop_unreadable_rows([it.path for it in items], out)  # run_eval's loss leaves them out
+    out.require_all(len(paths), paths)  # rows in the order of `items`, whatever order shards were read in
+    paths, unreadable = _drop_unreadable_rows(paths, out)  # run_eval's loss leaves them out
     metrics = {**bundle.task.metrics(out.targets, out.probs), "loss": out.loss}
     report = bundle.task.report(out.targets, out.probs)
     return EvalResult(metrics, report.rows, report.confusion, bundle.task.classes, paths, out.targets, out.probs,
@@ -149,7 +152,7 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
 @dataclass
 class Prediction:
     path: str
-    label: str  # the predicted class; multi-label: the predicted labels joined by spaces ("" for none)
+    label: str  # the predicted class; multi-label: the predicted labels joined by the run's --label-delim ("" for none)
     prob: float  # its probability; multi-label: the highest among the predicted labels (0 for none)
     top_k: list[tuple[str, float]]  # the most probable labels, best first
     labels: list[str] = field(default_factory=list)  # every predicted label (multi-label: above its threshold)
@@ -176,14 +179,19 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
 
 
 class PredictionStream:
-    """Predictions in input order, one image at a time as the model produces them: memory
-    stays flat however many images there are. One pass. `len()` is the number of images
-    found; `skipped` holds the (path, reason) of inputs left out, complete once the
-    stream is exhausted (unreadable files are found while decoding)."""
+    """Predictions one image at a time as the model produces them: memory stays flat however
+    many images there are. One pass. Files come in input order; samples of shards in the
+    order their shards are read (DataLoader workers interleave them): each prediction is
+    paired with its own image by the row the loader yields with it, never by position.
+    `len()` is the number of images found; `skipped` holds the (path, reason) of inputs
+    left out, complete once the stream is exhausted (unreadable files are found while
+    decoding)."""
 
     def __init__(self, paths: list[str], skipped: list[tuple[str, str]], task: Any,
-                 batches: Iterator[tuple[np.ndarray, np.ndarray, float, float]], top_k: int) -> None:
+                 batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]], top_k: int,
+                 label_delim: str = " ") -> None:
         self.paths, self.skipped, self.task = paths, skipped, task
+        self.label_delim = label_delim  # joins a multi-label prediction's labels (no label name holds it)
         self._predictions = self._run(batches, top_k)
 
     def __len__(self) -> int:
@@ -192,16 +200,18 @@ class PredictionStream:
     def __iter__(self) -> Iterator[Prediction]:
         return self._predictions
 
-    def _run(self, batches: Iterator[tuple[np.ndarray, np.ndarray, float, float]], top_k: int) -> Iterator[Prediction]:
-        task, start = self.task, 0
-        for probs, targets, _, _ in batches:
-            paths, start = self.paths[start:start + len(probs)], start + len(probs)
-            bad, kept, unreadable = _split_unreadable(paths, targets)
-            self.skipped.extend(unreadable)
-            probs = probs[~bad]
-            for path, d, row in zip(kept, task.decode(probs, top_k), probs):
-                yield Prediction(path, " ".join(d.labels), max(d.probs, default=0.0), d.ranked, d.labels,
+    def _run(self, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]],
+             top_k: int) -> Iterator[Prediction]:
+        task, read = self.task, np.zeros(len(self.paths), dtype=bool)
+        for probs, targets, rows, _, _ in batches:
+            read[rows] = True
+            bad = row_markers(targets) == UNREADABLE
+            self.skipped.extend(_unreadable([self.paths[i] for i in rows[bad]]))
+            for i, d, row in zip(rows[~bad], task.decode(probs[~bad], top_k), probs[~bad]):
+                yield Prediction(self.paths[i], self.label_delim.join(d.labels), max(d.probs, default=0.0), d.ranked,
+                                 d.labels,
                                  dict(zip(task.classes, map(float, row))), task.name)
+        self.skipped.extend((self.paths[i], "not read: its shard does not hold it") for i in np.flatnonzero(~read))
 
 
 def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
@@ -213,12 +223,20 @@ def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[s
         inputs = [inputs]
     paths, skipped = collect_images([str(p) for p in inputs])
     dev, bundle, channels_last = _predictor(run, device, engine, len(paths))
-    batches: Iterator[tuple[np.ndarray, np.ndarray, float, float]] = iter(())
+    batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = iter(())
     if paths:
         ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
         batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                                channels_last=channels_last)
-    return PredictionStream(paths, skipped, bundle.task, batches, top_k)
+    return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle))
+
+
+def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:
+    """The delimiter the run wrote label sets with (its config; " " for an exported file)."""
+    config = bundle.config
+    if config is None and Path(run, "config.yaml").is_file():
+        config = read_config(Path(run, "config.yaml"))
+    return config.data.label_delim if config is not None else " "
 
 
 def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
@@ -237,21 +255,19 @@ def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
 
 
 def _drop_unreadable_rows(paths: list[str], out: EvalOutput) -> tuple[list[str], list[tuple[str, str]]]:
-    """Leave the files ImageDataset marked UNREADABLE out of `out` (in place) and `paths`;
-    return the kept paths and (path, reason) of the others."""
-    bad, kept, unreadable = _split_unreadable(paths, out.targets)
+    """Leave the rows ImageDataset / ShardStream marked UNREADABLE out of `out` (in place);
+    return the paths of the rows kept and (path, reason) of the others."""
+    bad = row_markers(out.targets) == UNREADABLE
+    unreadable = _unreadable([paths[i] for i in out.ids[bad]])
     if unreadable:
         out.keep(~bad)
-    return kept, unreadable
+    return [paths[i] for i in out.ids], unreadable
 
 
-def _split_unreadable(paths: list[str], targets: np.ndarray) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """(mask of the rows ImageDataset marked UNREADABLE, the other paths, (path, reason) of those)."""
-    bad = row_markers(targets) == UNREADABLE
-    if not bad.any():
-        return bad, paths, []
-    return (bad, [p for p, b in zip(paths, bad) if not b],
-            [(p, check_image(p) or "cannot decode") for p, b in zip(paths, bad) if b])
+def _unreadable(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, why it did not decode) of files (or shard samples) the reader marked UNREADABLE."""
+    return [(p, "cannot decode (a sample in a shard)" if is_shard_item(p) else check_image(p) or "cannot decode")
+            for p in paths]
 
 
 # -- inspect ----------------------------------------------------------------------------

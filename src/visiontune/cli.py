@@ -200,6 +200,8 @@ def _add_data_commands(sub: Any) -> None:
     p.add_argument("data", nargs="?", help="folder of images (or --csv), as for train")
     p.add_argument("--out", required=True, help="folder for the shards")
     p.add_argument("--size", type=int, default=1000, help="samples per shard (1000)")
+    p.add_argument("--shard-bytes", type=float, default=3e9,
+                   help="a shard also ends once it holds this many bytes (3e9, webdataset's maxsize)")
     add_run_options(p, DataConfig)
     p.add_argument("--seed", type=int, help="seed of the valid split and of the training samples' order (0)")
 

@@ -92,7 +92,7 @@ def predict(args: argparse.Namespace) -> int:
             yield p
 
     if args.output:  # written to a temporary file and renamed at the end: an old file survives a failure
-        _write_predictions(args.output, printing(), stream.task, args.top_k)
+        _write_predictions(args.output, printing(), stream.task, args.top_k, stream.label_delim)
     else:
         for _ in printing():
             pass
@@ -112,10 +112,10 @@ def _prediction_line(p: api.Prediction) -> str:
     return f"{p.path}\t{p.label}\t{p.prob:.4f}" + (f"\t({others})" if others else "")
 
 
-def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, top_k: int) -> None:
+def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, top_k: int, delim: str = " ") -> None:
     """PATH.json: a list of objects; else CSV: path,label,prob + the runners-up
-    (multi-label: path,labels + one probability column per label). Rows are written as
-    `preds` yields them."""
+    (multi-label: path,labels (joined by the run's `delim`, as `train --csv` reads them) +
+    one probability column per label). Rows are written as `preds` yields them."""
     if path.endswith(".json"):
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -131,7 +131,7 @@ def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, to
         return
     if task.name == MULTI:
         write_csv(path, ["path", "labels", *[f"prob_{n}" for n in task.classes]],
-                  ([p.path, " ".join(p.labels), *[f"{p.probs[n]:.6f}" for n in task.classes]] for p in preds))
+                  ([p.path, delim.join(p.labels), *[f"{p.probs[n]:.6f}" for n in task.classes]] for p in preds))
         return
     k = max(1, min(top_k, task.num_classes))
     write_csv(path, ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")],
@@ -194,7 +194,7 @@ def interpret_run(args: argparse.Namespace) -> int:
 
 def shard(args: argparse.Namespace) -> int:
     cfg, source = resolve_inputs(args.data, _base_config(args), None, _overrides(args))
-    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim)
+    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim, args.shard_bytes)
     for split, part in described["splits"].items():
         print(f"{split}: {part['samples']} samples in {len(part['shards'])} shards")
     print(f"shards and dataset.json: {args.out}  (train with: visiontune train {args.out})")

@@ -5,7 +5,12 @@
 - `cache_root`, `save_entry`, `file_digest`: the root of visiontune's caches, one atomic
   cache entry (no fsync: a torn entry fails to load and is recomputed), and the content
   hash that keys entries by a file's bytes (feature cache, duplicates).
+- `file_identity`, `identity_digest`: the one key for "this file, unchanged" without
+  reading it (scan cache, decoded-image cache, stand-in digests of foreign shards).
 - `select_in`: a lookup of many keys in an SQLite index (scan cache, feature shards).
+- `guarded`: every cache read and write goes through it: a cache that fails (read-only,
+  locked by another process past `lock_wait()`, disk or file-size limit full) is turned
+  off for the rest of the process with one warning, and the run goes on without it.
 """
 
 from __future__ import annotations
@@ -13,14 +18,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CACHE_ERRORS = (OSError, sqlite3.Error)  # read-only, locked, disk full, file too large, vanished
+_TURNED_OFF: set[str] = set()  # caches that failed in this process: not tried again
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -68,6 +80,57 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def claim_dir(parent: str | os.PathLike[str], name: str) -> Path:
+    """A new folder `parent/name`, or `name-2`, `name-3`... when taken, made by an exclusive
+    mkdir: two processes asking at once never get the same folder."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    suffix = 1
+    while True:
+        folder = Path(parent) / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            suffix += 1
+
+
+def guarded(cache: str, action: Callable[[], T], default: T) -> T:
+    """`action()`, or `default` when the cache named `cache` fails (or failed before in this
+    process): a cache that cannot be read or written costs time, never the run. The first
+    failure is logged once, naming the cache and the cause."""
+    if cache in _TURNED_OFF:
+        return default
+    try:
+        return action()
+    except CACHE_ERRORS as exc:
+        _TURNED_OFF.add(cache)
+        log.warning("%s cannot be used (%s: %s); going on without it: this run only takes longer", cache,
+                    type(exc).__name__, exc)
+        return default
+
+
+def lock_wait() -> float:
+    """Seconds to wait for a cache database another process holds locked
+    ($VISIONTUNE_LOCK_WAIT, default 60) before going on without that cache."""
+    return float(os.environ.get("VISIONTUNE_LOCK_WAIT", "60"))
+
+
+def preallocate(path: str | os.PathLike[str], size: int) -> None:
+    """Reserve `size` bytes for the file at `path` (posix_fallocate), so that a memory map of
+    it can never meet a full disk mid-write (SIGBUS): OSError now instead."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # no fallocate on this platform: ask the file system for room first
+            free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+            if free < size:
+                raise OSError(28, f"{size} bytes needed, {free} free", str(path))
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 SQLITE_MAX_PARAMS = 900  # under SQLite's limit on bound parameters per statement
 
 
@@ -103,6 +166,27 @@ def save_entry(target: Path, array: np.ndarray) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(absolute path, what stands for its content without reading it) or None when it
+    cannot be stat'ed. Size and modification time are not enough: `rsync -a`, `cp -p`,
+    `tar x` and `unzip` keep both while replacing the bytes; the inode and the change time
+    (which no program can set back) tell a replaced or rewritten file from the old one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+
+
+def identity_digest(path: str | os.PathLike[str], extra: str = "") -> str | None:
+    """A hash of `file_identity(path)` (and `extra`): a cache key that changes when the file
+    may have; None when the file cannot be stat'ed."""
+    identity = file_identity(path)
+    if identity is None:
+        return None
+    return hashlib.blake2b("|".join((*identity, extra)).encode(), digest_size=16).hexdigest()
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -1,6 +1,7 @@
 """Run by torchrun in tests/runtime/test_distributed.py: one tiny training run per process,
 recording what each process saw. `python ddp_worker.py DATA OUT SCENARIO`; SCENARIO may
-contain "oom1" (rank 1 runs out of memory on more than 2 images at once)."""
+contain "oom1" (rank 1 runs out of memory on more than 2 images at once), "workers2" (2
+DataLoader workers), "shards" (DATA is a shard folder: a gentler recipe, 4 epochs)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,14 @@ class Record(Callback):
     def __init__(self) -> None:
         self.rng: list[str] = []
         self.micro: int | None = None
+        self.steps: list[int] = []  # optimizer steps per epoch
 
     def on_epoch_start(self, trainer) -> None:  # the random stream this epoch's augmentation draws from
         self.rng.append(hashlib.sha1(torch.random.get_rng_state().numpy().tobytes()).hexdigest())
+        self.steps.append(0)
+
+    def on_step_end(self, trainer) -> None:
+        self.steps[-1] += 1
 
     def on_fit_end(self, trainer) -> None:
         self.micro = trainer.micro.size
@@ -43,17 +49,20 @@ def _small_memory_on_rank_1() -> None:
 
 def main() -> None:
     data, out, scenario = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    valid = sys.argv[4] if len(sys.argv) > 4 else None  # shards named by a pattern: their validation shards
     rank = int(os.environ["RANK"])
     if "oom1" in scenario and rank == 1:
         _small_memory_on_rank_1()
     record = Record()
+    recipe = dict(epochs=4, lr=3e-3, augment="none") if "shards" in scenario else dict(epochs=3, lr=1e-2, min_delta=1e9)
     result = vt.fit(data, callbacks=[record], backbone="timm:test_efficientnet", weights="none", image_size=32,
-                    epochs=3, strategy="finetune", batch_size=12, num_workers=0, progress=False, patience=0,
-                    trainable_bn="eval", lr=1e-2, seed=1, min_delta=1e9, output=str(out / "runs"), name="run")
+                    strategy="finetune", batch_size=12, num_workers=2 if "workers2" in scenario else 0,
+                    progress=False, patience=0, trainable_bn="eval", seed=1, output=str(out / "runs"), name="run",
+                    **recipe, **({"valid": valid} if valid else {}))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"rng": record.rng, "micro": record.micro,
+    (out / f"rank{rank}.json").write_text(json.dumps({"rng": record.rng, "micro": record.micro, "steps": record.steps,
                                                       "history": result.history, "best_epoch": result.best_epoch}))
 
 

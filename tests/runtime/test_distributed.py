@@ -54,10 +54,11 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, task: str) -> None
     assert json.loads((two / "environment.json").read_text())["world_size"] == 2
 
 
-def _launch(n: int, data: Path, out: Path, scenario: str) -> list[dict]:
+def _launch(n: int, data: Path | str, out: Path, scenario: str, *extra: str) -> list[dict]:
     env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", str(WORKER), str(data), str(out), scenario],
-                   env=env, check=True, capture_output=True, timeout=300)
+    done = subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", str(WORKER), str(data), str(out),
+                           scenario, *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
@@ -112,7 +113,7 @@ def test_every_collective_tensor_is_on_the_training_device(monkeypatch: pytest.M
     env, meta = D.DistEnv(rank=0, world_size=2, launched=True), torch.device("meta")
     model = torch.nn.Linear(3, 2).to(meta)
     model.weight.grad = torch.zeros_like(model.weight)
-    calls = [lambda: D.reduce_mean(1.0, 2, env, meta), lambda: D.agree_step(False, False, 4, env, meta),
+    calls = [lambda: D.reduce_totals(1.0, 2, env, meta), lambda: D.agree_step(False, False, 4, env, meta),
              lambda: D.average_gradients(list(model.parameters()), env, meta),
              lambda: D.broadcast_state(model, env, meta)]
     for call in calls:
@@ -127,7 +128,7 @@ def test_the_trainer_passes_the_models_device_to_every_collective(split_data: Pa
     from visiontune.train import trainer as T
 
     devices: list[torch.device] = []
-    for name in ("reduce_mean", "agree_step", "average_gradients", "broadcast_state"):
+    for name in ("reduce_totals", "agree_step", "average_gradients", "broadcast_state"):
         real = getattr(D, name)
 
         def spy(*args, _real=real, **kwargs):
@@ -172,3 +173,70 @@ def test_two_processes_extract_each_image_once_and_match_one_process(tmp_path: P
     a = load_file(str(tmp_path / "w1" / "run" / "model.safetensors"))
     b = load_file(str(tmp_path / "w2" / "run" / "model.safetensors"))
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+
+
+def _uneven_shards(data: Path, out: Path, sizes: list[int]) -> tuple[str, str]:
+    """data/train and data/valid written as tar shards of `sizes` samples (labels in .txt),
+    training samples in a seeded random order; returns (train pattern, valid pattern)."""
+    import random
+
+    import webdataset as wds
+
+    train = sorted((data / "train").rglob("*.png"))
+    random.Random(0).shuffle(train)
+    assert sum(sizes) == len(train)
+    out.mkdir()
+    start = 0
+    for shard, size in enumerate(sizes):
+        with wds.TarWriter(str(out / f"train-{shard:06d}.tar")) as sink:
+            for i, png in enumerate(train[start:start + size]):
+                sink.write({"__key__": f"{i:06d}", "png": png.read_bytes(), "txt": png.parent.name.encode()})
+        start += size
+    with wds.TarWriter(str(out / "valid-000000.tar")) as sink:
+        for i, png in enumerate(sorted((data / "valid").rglob("*.png"))):
+            sink.write({"__key__": f"{i:06d}", "png": png.read_bytes(), "txt": png.parent.name.encode()})
+    return str(out / f"train-{{000000..{len(sizes) - 1:06d}}}.tar"), str(out / "valid-000000.tar")
+
+
+@pytest.mark.slow
+def test_three_processes_over_few_or_uneven_shards_all_train_the_same_nonzero_steps(tmp_path: Path) -> None:
+    """2 shards for 3 processes (samples spread), and 7 uneven shards that restart their keys
+    read by 2 DataLoader workers per process: every process takes the same, nonzero number
+    of steps each epoch, and the run ends where one process ends."""
+    from visiontune.config import DataConfig
+    from visiontune.data.sources import load_items
+    from visiontune.data.webdata import write_shards
+
+    data = tmp_path / "d"
+    make_class_folders(data / "train", {"red": 12, "green": 12, "blue": 12}, 0)
+    make_class_folders(data / "valid", {"red": 3, "green": 3, "blue": 3}, 100)
+    write_shards(load_items(DataConfig(path=str(data))), tmp_path / "two", size=18)
+    one = _launch(1, data, tmp_path / "one", "shards")[0]
+    two = _launch(3, tmp_path / "two", tmp_path / "r2", "shards")
+    train7, valid7 = _uneven_shards(data, tmp_path / "seven", [6, 5, 7, 4, 6, 1, 7])  # whole shards: 12 each
+    seven = _launch(3, train7, tmp_path / "r7", "shards workers2", valid7)
+    for ranks in (two, seven):
+        steps = [r["steps"] for r in ranks]
+        assert steps == [one["steps"]] * 3 and min(one["steps"]) > 0, steps  # as many as one process takes
+        final, reference = ranks[0]["history"][-1], one["history"][-1]
+        for key in ("train_loss", "val_loss"):
+            assert final[key] == pytest.approx(reference[key], abs=0.05), key
+        timeless = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in ranks]
+        assert timeless[1:] == [timeless[0]] * 2  # the metrics of gathered validation: every process agrees
+
+
+@pytest.mark.slow
+def test_a_frozen_phase_with_fewer_validation_images_than_processes_finishes(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    make_class_folders(data / "train", {"red": 6, "green": 6}, 0)
+    make_class_folders(data / "valid", {"red": 1, "green": 1}, 100)
+    env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VISIONTUNE_CACHE": str(tmp_path / "c")}
+    for strategy in ("feature-extract", "finetune"):
+        done = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node=3", "-m", "visiontune", "-q", "train",
+                               str(data), "--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size",
+                               "32", "--strategy", strategy, "--epochs", "1", "--batch-size", "6", "--num-workers",
+                               "0", "--no-progress", "--output", str(tmp_path / "runs"), "--name", strategy],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        history = [json.loads(x) for x in (tmp_path / "runs" / strategy / "history.jsonl").read_text().splitlines()]
+        assert len(history) == 1 and history[0]["accuracy"] in (0.0, 0.5, 1.0)

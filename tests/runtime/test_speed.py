@@ -38,7 +38,7 @@ def test_micro_batches_give_the_whole_batch_step(split_data: Path, tiny: dict) -
     results = []
     for micro in (None, 3):
         trainer, data = _trainer(split_data, tiny)
-        x, y = next(iter(data.images().train))
+        x, y, _ = next(iter(data.images().train))
         trainer.model.train()
         from visiontune.train.plan import set_train_modes
 

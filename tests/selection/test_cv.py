@@ -97,7 +97,7 @@ def test_oversampling_draws_classes_equally(tmp_path: Path) -> None:
     root = make_class_folders(tmp_path / "d", {"red": 25, "green": 5})
     data = _rundata(root, "oversample")
     assert data.source.class_counts(TRAIN) == {"green": 4, "red": 20}
-    drawn = Counter(int(y) for _ in range(20) for _, ys in data.features().train for y in ys)
+    drawn = Counter(int(y) for _ in range(20) for _, ys, _ in data.features().train for y in ys)
     share = drawn[0] / sum(drawn.values())  # class 0 = green, 1/6 of the train images
     assert 0.42 < share < 0.58
     assert _rundata(root, "weights").class_weights().tolist() == pytest.approx([3.0, 0.6])

@@ -217,3 +217,33 @@ def test_a_prediction_with_no_label_above_threshold_prints_none_and_the_top_k() 
     two = Prediction("y.png", "red blue", 0.9, [("red", 0.9), ("blue", 0.7)], ["red", "blue"],
                      {"red": 0.9, "blue": 0.7}, "multi-label")
     assert _prediction_line(two) == "y.png\tred 0.900, blue 0.700"
+
+
+def test_after_resume_tuned_thresholds_and_valid_probs_are_the_best_epochs(tmp_path: Path) -> None:
+    """The best epoch comes before the interruption: the thresholds stored with its weights
+    must be tuned on its outputs, as in the uninterrupted run, not on the last epoch's."""
+    from conftest import TINY
+
+    root = make_multilabel_data(tmp_path / "d", n=48)
+    kw = dict(TINY, csv="labels.csv", strategy="finetune", epochs=3, lr=3e-3, thresholds="tuned", min_delta=1e9,
+              augment="none", output=str(tmp_path / "runs"))
+    full = vt.fit(root, name="full", **kw)
+    part = vt.fit(root, name="part", **kw, callbacks=[StopAfter(2)])
+    resumed = vt.fit(resume=part.run_dir)
+    assert full.best_epoch == resumed.best_epoch == 1 and len(resumed.history) == 3
+    assert not np.allclose(resumed.valid_probs, _last_epoch_probs(resumed), atol=1e-4)  # best != last epoch
+    assert np.allclose(resumed.valid_probs, full.valid_probs, atol=1e-6)
+    thresholds = [json.loads((Path(r.run_dir) / "thresholds.json").read_text())["thresholds"] for r in (full, resumed)]
+    assert thresholds[0] == thresholds[1]
+    assert load_bundle(resumed.run_dir).task.thresholds == pytest.approx(load_bundle(full.run_dir).task.thresholds)
+
+
+def _last_epoch_probs(result) -> np.ndarray:
+    """Validation probabilities of the weights the run's last epoch ended with."""
+    from visiontune.bundle import load_checkpoint
+    from visiontune.runtime.inference import run_eval
+
+    setup = result.setup
+    model = load_bundle(result.run_dir).model
+    model.load_state_dict(load_checkpoint(Path(result.run_dir) / "checkpoints" / "last.pt")["model"])
+    return run_eval(model, setup.data.images().valid, setup.device, setup.task).probs

@@ -43,7 +43,7 @@ def test_one_batch_can_be_overfit_by_the_trainer(tmp_path: Path, tiny: dict) -> 
     trainer = Trainer(prepare_run(cfg, load_items(cfg.data)), [])
     trainer.enter_phase(0)
     trainer.train_mode()
-    x, y = next(iter(trainer.data(0).train))
+    x, y, _ = next(iter(trainer.data(0).train))
     losses = [trainer.train_step(trainer.model, x, y) for _ in range(150)]
     assert losses[0] > 1.0 and losses[-1] < 0.05
     trainer.model.eval()
@@ -172,3 +172,41 @@ def test_without_restore_best_the_model_file_holds_the_last_epoch(flat_data: Pat
     saved = load_file(str(Path(r.run_dir) / "model.safetensors"))
     held = r.model.state_dict()
     assert r.best_epoch == 1 and all(torch.equal(held[k].cpu(), saved[k]) for k in saved)
+
+
+def test_a_last_batch_of_one_image_trains_with_batch_norm_in_training_mode(tmp_path: Path, tiny: dict) -> None:
+    """17 training images in batches of 8 end with a batch of one: BatchNorm cannot take
+    batch statistics of a single image (at 32 px its last map is 1 x 1), so that batch uses
+    the running ones instead of failing the run."""
+    make_class_folders(tmp_path / "d" / "train", {"red": 9, "green": 8})
+    make_class_folders(tmp_path / "d" / "valid", {"red": 2, "green": 2}, 100)
+    r = vt.fit(tmp_path / "d", **dict(tiny, strategy="finetune", epochs=1, trainable_bn="train",
+                                      output=str(tmp_path / "runs")))
+    assert len(r.history) == 1 and math.isfinite(r.history[0]["train_loss"])
+
+
+def test_two_runs_started_at_once_never_share_a_run_directory(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visiontune.config import RunConfig
+    from visiontune.train.session import new_run_dir
+
+    named = RunConfig.create(None, path=str(tmp_path), output=str(tmp_path / "a"), name="same")
+    first, second = new_run_dir(named), new_run_dir(named)  # neither has written its files yet
+    assert first != second and first.is_dir() and second.is_dir()
+    timed = RunConfig.create(None, path=str(tmp_path), output=str(tmp_path / "b"))  # time-stamped names
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: new_run_dir(timed), range(8)))
+    assert len(set(folders)) == 8
+
+
+def test_a_run_restarted_before_its_first_checkpoint_describes_the_data_it_trains_on(
+        flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    r = vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=2, output=str(tmp_path / "runs")),
+               callbacks=[StopAfter(1)])
+    (Path(r.run_dir) / "checkpoints" / "last.pt").unlink()  # as if killed during its first epoch
+    make_class_folders(flat_data, {"blue": 6}, start_seed=50)
+    resumed = vt.fit(resume=r.run_dir)
+    run = Path(resumed.run_dir)
+    assert json.loads((run / "classes.json").read_text()) == resumed.classes == ["blue", "green", "red"]
+    assert "blue_000.png" in (run / "splits.csv").read_text() and len(resumed.history) == 2

@@ -159,8 +159,11 @@ def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tu
     split = VALID if VALID in splits else TEST if TEST in splits else TRAIN
     chosen = [it for it in ctx.items if it[2] == split]
     task = ctx.bundle.task
-    ds = eval_dataset([p for p, _, _ in chosen], task.encode([lb for _, lb, _ in chosen]), ctx.bundle.preprocess)
-    return ds.paths, run_eval(ctx.bundle.model, make_loader(ds, batch_size, num_workers, ctx.device), ctx.device, task)
+    paths = [p for p, _, _ in chosen]
+    ds = eval_dataset(paths, task.encode([lb for _, lb, _ in chosen]), ctx.bundle.preprocess)
+    out = run_eval(ctx.bundle.model, make_loader(ds, batch_size, num_workers, ctx.device), ctx.device, task)
+    out.require_all(len(paths), paths)
+    return paths, out
 
 
 def write_confusion(ctx: Context, report: Report) -> None:

@@ -35,14 +35,29 @@ def label_text(label: Label, delim: str = " ") -> str:
 def parse_label_set(text: str, delim: str, where: str) -> tuple[str, ...]:
     """'cat dog' -> ('cat', 'dog') with delimiter ' '; '' -> (). A token holding another
     delimiter (e.g. 'red,leather' with ' ') means the column mixes delimiters: DataError."""
-    tokens = [t.strip() for t in (text.split(delim) if delim != " " else text.split())]
-    tokens = [t for t in tokens if t]
+    tokens = split_labels(text, delim)
     for token in tokens:
         other = next((d for d in DELIMITERS if d not in (delim, " ") and d in token), None)
         if other is not None:
             raise DataError(f"{where}: {text!r} mixes delimiters ({other!r} inside a label split by {delim!r}); "
                             f"use one delimiter throughout, or pass --label-delim {other!r}")
     return tuple(sorted(set(tokens)))
+
+
+def split_labels(text: str, delim: str) -> list[str]:
+    """The label names in `text` written with `delim` (blank ones dropped)."""
+    tokens = [t.strip() for t in (text.split(delim) if delim != " " else text.split())]
+    return [t for t in tokens if t]
+
+
+def check_label_names(labels: Iterable[Label], delim: str) -> None:
+    """Label sets are written joined by `delim` (splits.csv, shard indexes, predictions):
+    a label name holding it would come back as two labels, so it is refused here."""
+    bad = sorted({name for label in labels for name in label_set(label) if delim in name or name != name.strip()})
+    if bad:
+        other = next((d for d in DELIMITERS if not any(d in name for name in bad)), ";")
+        raise DataError(f"label names {bad[:5]} contain the label delimiter {delim!r} (or surrounding spaces), so "
+                        f"label sets written with it could not be read back; pass --label-delim {other!r}")
 
 
 def label_counts(labels: Iterable[Label]) -> Counter[str]:

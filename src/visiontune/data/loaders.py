@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,9 +21,9 @@ from visiontune.data.transforms import (
     train_transform,
     tta_transform,
 )
-from visiontune.data.webdata import ShardStream, is_shard_item, shard_items
-from visiontune.files import cache_root, save_entry
-from visiontune.tasks.base import NO_LABEL, UNREADABLE
+from visiontune.data.webdata import ShardStream, blank_image, is_shard_item, shard_items
+from visiontune.files import cache_root, guarded, identity_digest, save_entry
+from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
 
 
 class DecodedCache:
@@ -34,8 +32,8 @@ class DecodedCache:
     multi-megapixel JPEG again.
 
     Layout: `<root>/<side>/<ab>/<key>.npy` (H x W x 3 uint8, shorter side = `side`), written
-    atomically; key = hash of the file's absolute path, size and modification time, so an
-    edited or replaced file is decoded again. Only images larger than `side` are stored
+    atomically; key = hash of the file's identity (files.file_identity: path, size,
+    modification time, inode, change time), so an edited or replaced file is decoded again. Only images larger than `side` are stored
     (smaller ones decode as fast as the cache reads). Safe to delete at any time. With
     `root` None nothing is stored: every load decodes and downsizes, to the same pixels.
     """
@@ -45,15 +43,8 @@ class DecodedCache:
         self.side = side
 
     def _path(self, path: str) -> Path | None:
-        if self.dir is None:
-            return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = hashlib.blake2b(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode(),
-                              digest_size=16).hexdigest()
-        return self.dir / key[:2] / f"{key}.npy"
+        key = identity_digest(path) if self.dir is not None else None
+        return None if key is None else self.dir / key[:2] / f"{key}.npy"  # type: ignore[operator]
 
     def load(self, path: str) -> Image.Image:
         """The image at `path` with its shorter side at most `side`, from the cache if there."""
@@ -67,15 +58,16 @@ class DecodedCache:
         if min(image.size) <= self.side:
             return image
         image = shrink(image, self.side)
-        if entry is not None:
-            with contextlib.suppress(OSError):  # a read-only or full cache only costs speed
-                save_entry(entry, np.asarray(image))
+        if entry is not None:  # a read-only or full cache only costs speed (files.guarded)
+            guarded(f"the decoded-image cache {self.dir}", lambda: save_entry(entry, np.asarray(image)), None)
         return image
 
 
 class ImageDataset(Dataset):
-    """Reads `paths` as RGB, applies `transform`; `targets` (one row per path) may be None
-    (predict: every target is NO_LABEL).
+    """Reads `paths` as RGB, applies `transform`; yields (image, target, row). `targets`
+    (one row per path) may be None (predict: every target is NO_LABEL). `ids`: each
+    path's row in the caller's list (default 0..n-1), so results are stored by identity
+    (a process validating every world-th image passes its global rows).
 
     `decode_side`: JPEGs are decoded at reduced scale down to this shorter side (the
     transform never needs more); `cache`: a DecodedCache reads (and downsizes) instead.
@@ -85,9 +77,11 @@ class ImageDataset(Dataset):
 
     def __init__(self, paths: Sequence[str], targets: torch.Tensor | None, transform: Callable,
                  decode_side: int | None = None, cache: DecodedCache | None = None,
-                 unreadable_size: int | None = None, unreadable_views: int = 0) -> None:
+                 unreadable_size: int | None = None, unreadable_views: int = 0,
+                 ids: Sequence[int] | None = None) -> None:
         self.paths = list(paths)
         self.targets = targets
+        self.ids = list(ids) if ids is not None else None
         self.unreadable_views = unreadable_views  # TTA: a blank stack of this many views
         self.transform = transform
         self.decode_side = decode_side
@@ -97,37 +91,35 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.paths[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        path, row = self.paths[index], self.ids[index] if self.ids is not None else index
         try:
             image = self.cache.load(path) if self.cache is not None else load_rgb(path, self.decode_side)
         except Exception:
             if self.unreadable_size is None:
                 raise
-            size = self.unreadable_size
-            blank = torch.zeros(self.unreadable_views, 3, size, size) if self.unreadable_views else torch.zeros(3, size, size)
-            return blank, self._marker(UNREADABLE)
-        target = self.targets[index] if self.targets is not None else self._marker(NO_LABEL)
-        return self.transform(image), target
-
-    def _marker(self, value: int) -> torch.Tensor:
-        """A target row holding a marker, shaped like the other targets."""
-        if self.targets is None or self.targets.ndim == 1:
-            return torch.tensor(value)
-        return torch.full(self.targets.shape[1:], value, dtype=self.targets.dtype)
+            return blank_image(self.unreadable_size, self.unreadable_views), marker_like(self.targets, UNREADABLE), row
+        target = self.targets[index] if self.targets is not None else marker_like(None, NO_LABEL)
+        return self.transform(image), target, row
 
 
 def eval_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Preprocess,
-                 mark_unreadable: bool = False, tta: bool = False) -> ImageDataset:
+                 mark_unreadable: bool = False, tta: bool = False, rank: int = 0,
+                 world: int = 1) -> ImageDataset | ShardStream:
     """Images through the backbone's eval pipeline (resize, center crop, normalise), or
-    with `tta` the stacked test-time views of each (transforms.TTAViews);
-    `mark_unreadable`: see ImageDataset's `unreadable_size`."""
+    with `tta` the stacked test-time views of each (transforms.TTAViews), yielding
+    (image, target, row); `mark_unreadable`: see ImageDataset's `unreadable_size`.
+    Under torchrun (`world` > 1) this process's part: every world-th file, or its shards;
+    rows stay those of `paths`."""
     transform = tta_transform(pre) if tta else eval_transform(pre)
+    unreadable = {"unreadable_size": pre.input_size if mark_unreadable else None,
+                  "unreadable_views": TTA_VIEWS if tta else 0}
     if paths and is_shard_item(paths[0]):  # samples of WebDataset shards: streamed, in shard order
-        return ShardStream(shard_items(list(paths)), targets, transform, eval_side(pre))  # type: ignore[return-value]
-    return ImageDataset(paths, targets, transform, decode_side=eval_side(pre),
-                        unreadable_size=pre.input_size if mark_unreadable else None,
-                        unreadable_views=TTA_VIEWS if tta else 0)
+        return ShardStream(shard_items(list(paths)), targets, transform, eval_side(pre), rank=rank, world=world,
+                           **unreadable)
+    ids = range(rank, len(paths), world)
+    return ImageDataset([paths[i] for i in ids], targets[rank::world] if targets is not None else None, transform,
+                        decode_side=eval_side(pre), ids=ids, **unreadable)
 
 
 def train_dataset(paths: Sequence[str], targets: torch.Tensor, pre: Preprocess, augment: str, hflip: float,

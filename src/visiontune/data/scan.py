@@ -2,9 +2,10 @@
 
 The scan cache (`<cache root>/scan.sqlite`, SQLite) keeps, per file, the verdict of a full
 decode and the digest of its bytes, keyed by the absolute path and valid while the file's
-size and modification time are unchanged: a re-run over unchanged data decodes nothing
-and hashes nothing (the feature cache keys entries by those digests). An edited or
-replaced file has a new size or mtime and is checked again. Safe to delete at any time.
+identity (files.file_identity: size, modification time, inode, change time) is unchanged:
+a re-run over unchanged data decodes nothing and hashes nothing (the feature cache keys
+entries by those digests). An edited or replaced file (even one copied with its size and
+times preserved) is checked again. Safe to delete at any time.
 
 Files not in the cache are checked (`check_image` + `file_digest`) by a pool of worker
 processes when there are many (PARALLEL_FROM), in this process otherwise. Workers are
@@ -28,7 +29,7 @@ from contextlib import closing
 from pathlib import Path
 
 from visiontune.data.images import check_image
-from visiontune.files import cache_root, file_digest, select_in
+from visiontune.files import cache_root, file_digest, file_identity, guarded, lock_wait, select_in
 
 log = logging.getLogger(__name__)
 
@@ -49,44 +50,49 @@ def check_and_digest(path: str) -> Verdict:
 
 
 class ScanCache:
-    """(path, size, mtime) -> verdict, in one SQLite file (concurrent runs may share it)."""
+    """(path, identity) -> verdict, in one SQLite file (concurrent runs may share it). A
+    cache that cannot be created, read or written (read-only, locked by another process
+    past `lock_wait()`, full) is turned off with one warning (files.guarded)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as db, db:
-                db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
-                           "reason TEXT, digest TEXT)")
-            self.ok = True
-        except (OSError, sqlite3.Error) as exc:  # an unwritable cache only costs time
-            log.warning("scan cache %s unusable (%s): checking every file", self.path, exc)
-            self.ok = False
+        self.name = f"the scan cache {self.path}"
+        self.ok = guarded(self.name, self._create, False)
+
+    def _create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS checked (path TEXT PRIMARY KEY, identity TEXT, reason TEXT, "
+                       "digest TEXT)")
+        return True
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+        return sqlite3.connect(self.path, timeout=lock_wait())
 
-    def lookup(self, keys: list[tuple[str, int, int]]) -> dict[str, Verdict]:
-        """Verdicts of the files whose (path, size, mtime) match what was stored."""
+    def lookup(self, keys: list[tuple[str, str]]) -> dict[str, Verdict]:
+        """Verdicts of the files whose (path, identity) match what was stored."""
         if not self.ok or not keys:
             return {}
-        wanted = {p: (s, m) for p, s, m in keys}
+        return guarded(self.name, lambda: self._lookup(keys), {})
+
+    def _lookup(self, keys: list[tuple[str, str]]) -> dict[str, Verdict]:
+        wanted = dict(keys)
         found: dict[str, Verdict] = {}
         with closing(self._connect()) as db:
-            for path, size, mtime, reason, digest in select_in(
-                    db, "SELECT path, size, mtime, reason, digest FROM files WHERE path IN", list(wanted)):
-                if wanted.get(path) == (size, mtime):
+            for path, identity, reason, digest in select_in(
+                    db, "SELECT path, identity, reason, digest FROM checked WHERE path IN", list(wanted)):
+                if wanted.get(path) == identity:
                     found[path] = (reason, digest)
         return found
 
-    def store(self, rows: Iterable[tuple[str, int, int, str | None, str]]) -> None:
+    def store(self, rows: Iterable[tuple[str, str, str | None, str]]) -> None:
         if not self.ok:
             return
-        try:
-            with closing(self._connect()) as db, db:
-                db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", list(rows))
-        except sqlite3.Error as exc:
-            log.warning("scan cache %s not updated (%s)", self.path, exc)
+        guarded(self.name, lambda: self._store(list(rows)), None)
+
+    def _store(self, rows: list[tuple[str, str, str | None, str]]) -> None:
+        with closing(self._connect()) as db, db:
+            db.executemany("INSERT OR REPLACE INTO checked VALUES (?, ?, ?, ?)", rows)
 
 
 def scan_cache(cache_dir: str | os.PathLike[str] | None = None) -> ScanCache:
@@ -97,25 +103,17 @@ def scan(paths: list[str], cache: ScanCache | None = None, workers: int | None =
     """The verdict and digest of every path, from the cache where the file is unchanged,
     else checked (in parallel when there are many) and remembered."""
     started = time.perf_counter()
-    keys = [_key(p) for p in paths]
+    keys = [file_identity(p) for p in paths]
     known = cache.lookup([k for k in keys if k is not None]) if cache else {}
-    todo = [p for p, k in zip(paths, keys) if k is not None and os.path.abspath(p) not in known]
+    todo = [p for p, k in zip(paths, keys) if k is not None and k[0] not in known]
     fresh = dict(zip(todo, _check_all(todo, workers)))
     if cache and fresh:
-        cache.store((k[0], k[1], k[2], *fresh[p]) for p, k in zip(paths, keys) if k is not None and p in fresh)
+        cache.store((k[0], k[1], *fresh[p]) for p, k in zip(paths, keys) if k is not None and p in fresh)
     out = [("not readable (it vanished or cannot be opened)", "") if k is None else
            fresh[p] if p in fresh else known[k[0]] for p, k in zip(paths, keys)]
     log.info("scan: %d files, %d remembered, %d checked (%.1fs)", len(paths), len(paths) - len(todo), len(todo),
              time.perf_counter() - started)
     return out
-
-
-def _key(path: str) -> tuple[str, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
 
 def _check_all(paths: list[str], workers: int | None) -> list[Verdict]:
@@ -141,7 +139,7 @@ def _check_all(paths: list[str], workers: int | None) -> list[Verdict]:
 def digests_of(paths: list[str], cache: ScanCache | None) -> list[str]:
     """The digest of each file's bytes: remembered where the file is unchanged since a scan,
     else read and hashed (not remembered: no verdict goes with it)."""
-    keys = [_key(p) for p in paths]
+    keys = [file_identity(p) for p in paths]
     known = cache.lookup([k for k in keys if k is not None]) if cache else {}
     return [known[k[0]][1] if k is not None and k[0] in known and known[k[0]][1] else file_digest(p)
             for p, k in zip(paths, keys)]

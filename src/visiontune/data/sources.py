@@ -17,7 +17,15 @@ from typing import Any
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
-from visiontune.data.labels import MULTI, SINGLE, is_multi, label_counts, parse_label_set, task_of
+from visiontune.data.labels import (
+    MULTI,
+    SINGLE,
+    check_label_names,
+    is_multi,
+    label_counts,
+    parse_label_set,
+    task_of,
+)
 from visiontune.data.scan import scan, scan_cache
 from visiontune.data.splits import assign_validation
 from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column
@@ -85,7 +93,7 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         if label_func is None and cfg.label_regex:
             label_func = _regex_labeller(cfg.label_regex)
         source = _from_folders(root, label_func)
-    _settle_task(source, cfg.task)
+    _settle_task(source, cfg.task, cfg.label_delim)
     if cfg.relabel or cfg.exclude:
         _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim)
     _attach_groups(source, cfg.groups or _default_groups_file(root, cfg))
@@ -100,15 +108,16 @@ def _from_shards(cfg: DataConfig) -> DataSource:
     """WebDataset shards (data/webdata.py): a folder written by `visiontune shard` keeps its
     splits; training shards given by a pattern without --valid give --valid-pct of their
     samples to validation."""
-    source = shard_source(cfg.path, cfg.valid, multi=cfg.task == MULTI)
+    source = shard_source(cfg.path, cfg.valid, multi=cfg.task == MULTI, delim=cfg.label_delim)
     if not (Path(cfg.path) / DATASET_FILE).is_file() and not cfg.valid:
         source.items = [replace(it, split="") for it in source.items]
     return source
 
 
-def _settle_task(source: DataSource, task: str) -> None:
+def _settle_task(source: DataSource, task: str, delim: str = " ") -> None:
     """Every label in the task's shape: with --task multi-label, single classes become
-    one-label sets; with --task single-label, a label set is an error naming the image."""
+    one-label sets; with --task single-label, a label set is an error naming the image.
+    Label sets are written joined by `delim`: no label name may hold it."""
     if task == MULTI:
         source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
     elif task == SINGLE:
@@ -118,6 +127,8 @@ def _settle_task(source: DataSource, task: str) -> None:
                             "use --task multi-label")
     elif task_of(it.label for it in source.items) == MULTI:  # auto: any set makes every label a set
         source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
+    if source.task == MULTI:
+        check_label_names((it.label for it in source.items), delim)
 
 
 def _default_groups_file(root: Path, cfg: DataConfig) -> str | None:

@@ -7,6 +7,7 @@ label sets with groups fall back to scikit-learn's group splits, unstratified.""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,6 +27,8 @@ from visiontune.data.labels import Label, indicator, is_multi, label_counts
 from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+MIN_PER_CLASS = 50  # a stratified sample keeps at least this many rows of each class (or all it has)
 
 
 def fold_count(labels: list[Label], folds: int) -> int:
@@ -131,27 +134,60 @@ def _multi_label_split(labels: list[Label], valid_pct: float, seed: int, groups:
 def fold_indices(items: list[Item], folds: int, seed: int) -> Iterator[np.ndarray]:
     """The validation indices of each of `folds` stratified folds (groups kept whole)."""
     labels, groups = [it.label for it in items], group_keys(items)
-    if labels and is_multi(labels[0]):
-        yield from _multi_label_folds(labels, groups, folds, seed)
-        return
-    if groups is None:
-        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(items)), labels)
-    else:
-        n_groups = len(set(groups))
-        if n_groups < folds:
-            raise DataError(f"{n_groups} groups cannot fill {folds} folds without splitting a group; "
-                            f"use --folds {n_groups} or fewer")
-        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
-            np.zeros(len(items)), labels, groups)
-    for _, valid in splits:
-        yield valid
+    if groups is not None and len(set(groups)) < folds:
+        raise DataError(f"{len(set(groups))} groups cannot fill {folds} folds without splitting a group; "
+                        f"use --folds {len(set(groups))} or fewer")
+    y = multi_hot(labels) if labels and is_multi(labels[0]) else np.asarray(labels)
+    yield from fold_splits(y, groups, folds, seed)
 
 
-def _multi_label_folds(labels: list[Label], groups: list[str] | None, folds: int, seed: int) -> Iterator[np.ndarray]:
-    x = np.zeros(len(labels))
-    if groups is None:
-        splits = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, multi_hot(labels))
+def fold_splits(y: np.ndarray, groups: list[str] | None, folds: int, seed: int) -> list[np.ndarray]:
+    """The validation indices of `folds` folds over rows stratified by `y`: one class per row
+    (StratifiedKFold, StratifiedGroupKFold with `groups`), or a 0/1 matrix of label sets
+    (iterative stratification; GroupKFold, unstratified, with `groups`). Groups stay whole.
+    A class with fewer rows than folds is in some folds only (scikit-learn warns; silenced)."""
+    x = np.zeros(len(y))
+    if y.ndim == 2:
+        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if groups is None \
+            else GroupKFold(n_splits=folds)
+        return [valid for _, valid in splitter.split(x, y, groups)]
+    stratified = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if groups is None \
+        else StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return [valid for _, valid in stratified.split(x, y, groups)]
+
+
+def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None:
+    """At most about `limit` row indices (sorted) drawn at random with every class kept: `y`
+    holds one class per row, or is a 0/1 matrix of label sets (rows without a label count as
+    one more class). Each class gets its share of `limit` and at least min(its rows,
+    MIN_PER_CLASS), the first rows of it in a seeded random order, so a rare class never
+    vanishes from the sample. None when there are no more than `limit` rows (take all)."""
+    n = len(y)
+    if n <= limit:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    if y.ndim == 1:
+        _, cls = np.unique(y, return_inverse=True)
+        counts = np.bincount(cls)
+        drawn = cls[order]
+        by_class = np.argsort(drawn, kind="stable")  # each class's rows in drawn order
+        rank = np.empty(n, dtype=np.int64)
+        rank[by_class] = np.arange(n) - np.searchsorted(drawn[by_class], drawn[by_class])
+        take = rank < _quota(counts, limit, n)[drawn]
     else:
-        splits = GroupKFold(n_splits=folds).split(x, groups=groups)
-    for _, valid in splits:
-        yield valid
+        columns = np.concatenate([y > 0.5, ~(y > 0.5).any(axis=1, keepdims=True)], axis=1)
+        quota = _quota(columns.sum(axis=0), limit, n)
+        take = np.zeros(n, dtype=bool)
+        for k in range(columns.shape[1]):  # memory stays one column, whatever the number of labels
+            drawn = columns[order, k]
+            take |= drawn & (np.cumsum(drawn) <= quota[k])
+    return np.sort(order[take])
+
+
+def _quota(counts: np.ndarray, limit: int, n: int) -> np.ndarray:
+    """Rows to keep of each class: the fraction limit / n of its rows (so all classes take
+    about the same first rows of the random order), at least min(count, MIN_PER_CLASS)."""
+    share = np.round(limit * counts / n)
+    return np.maximum(share, np.minimum(counts, MIN_PER_CLASS)).astype(np.int64)

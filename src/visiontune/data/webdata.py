@@ -6,22 +6,26 @@ format timm and large-scale training use).
 `<key>.<jpg|png|...>` (the file's own bytes), `<key>.cls` (the class index, single-label)
 and `<key>.json` (label or labels, group, original path, digest of the image bytes), plus
 `SHARDS/dataset.json` (classes, task, the shards and sample count of each split) and
-`SHARDS/index.csv` (key, split, label, group, digest, shard of every sample).
+`SHARDS/index.csv` (key, split, label, group, digest, shard of every sample). A shard
+ends at `--size` samples or at `--shard-bytes` (webdataset's `maxsize`), whichever comes
+first; the index names the shard each sample was actually written to, and reading a shard
+folder checks dataset.json against the tar files on disk.
 
 `visiontune train SHARDS` (a folder holding dataset.json), or
 `visiontune train 'shards/train-{0000..0099}.tar' --valid 'shards/valid-{0000..0009}.tar'`
 (brace patterns; labels then come from each sample's .json / .cls / .txt member, read in
-one pass) stream the samples: no random access. An item's path is `<shard>#<key>`. The
-training stream shuffles shard order and samples in a buffer, seeded by (seed, epoch);
-shards are split across torchrun processes (rank r takes every world-th shard) and
-DataLoader workers (webdataset's per-worker split), so no sample is read twice in an epoch. The feature cache keys shard
-samples by the digest stored at shard time, so frozen phases read each image once.
+one pass) stream the samples: no random access. An item's path is `<shard>#<key>`: a
+sample is known by its shard and its key, and every stream yields each sample's row with
+it (ShardStream), so predictions, features and out-of-fold rows are stored by identity
+whatever order workers and processes read in. The training stream shuffles shard order and
+samples in a buffer, seeded by (seed, epoch); how torchrun processes and DataLoader
+workers share the shards is ShardStream's docstring. The feature cache keys shard samples
+by the digest stored at shard time, so frozen phases read each image once.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -30,29 +34,39 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
+from webdataset.tariterators import base_plus_ext
 
 from visiontune.data.images import has_image_extension, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import Label, is_multi, label_set, label_text
+from visiontune.data.labels import Label, is_multi, label_set, label_text, parse_label_set, split_labels
 from visiontune.errors import DataError
-from visiontune.files import file_digest, write_csv, write_json
-from visiontune.tasks.base import NO_LABEL
+from visiontune.files import file_digest, identity_digest, write_csv, write_json
+from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
 
 log = logging.getLogger(__name__)
 
 DATASET_FILE, INDEX_FILE = "dataset.json", "index.csv"
 SHUFFLE_BUFFER = 1000
+SHARD_BYTES = 3_000_000_000  # webdataset's default maxsize: a shard ends past this many bytes
+MAX_IDLE = 0.05  # training under torchrun: whole shards per process while at most this share of samples waits
 
 
 def is_shard_item(path: str) -> bool:
     """An item path of a sample inside a shard: `<shard>.tar#<key>`."""
     return ".tar#" in path
+
+
+def split_item(path: str) -> tuple[str, str]:
+    """`<shard>.tar#<key>` -> (shard, key)."""
+    at = path.index(".tar#") + len(".tar")
+    return path[:at], path[at + 1:]
 
 
 def is_shards(path: str) -> bool:
@@ -62,33 +76,45 @@ def is_shards(path: str) -> bool:
 
 # -- writing -------------------------------------------------------------------------------
 def write_shards(source: DataSource, out: str | os.PathLike[str], size: int = 1000, seed: int = 0,
-                 delim: str = " ") -> dict[str, Any]:
-    """Every item of `source` into `out/<split>-NNNNNN.tar`, at most `size` samples per
-    shard; the training samples in a seeded random order. Returns dataset.json's content."""
+                 delim: str = " ", max_bytes: float = SHARD_BYTES) -> dict[str, Any]:
+    """Every item of `source` into `out/<split>-NNNNNN.tar`, at most `size` samples and
+    about `max_bytes` per shard; the training samples in a seeded random order. `out` must
+    hold no shards yet. Returns dataset.json's content."""
     out = Path(out)
+    _require_empty(out)
     out.mkdir(parents=True, exist_ok=True)
     index = {c: i for i, c in enumerate(source.classes)}
     described: dict[str, Any] = {"classes": source.classes, "task": source.task, "label_delim": delim, "splits": {}}
     rows = []
-    key = 0
     for split in (TRAIN, VALID, TEST):
         items = source.split(split)
         if not items:
             continue
         if split == TRAIN:
             items = random.Random(seed).sample(items, len(items))
-        pattern = str(out / f"{split}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=size, verbose=0) as sink:  # shard n: samples n*size ...
-            for n, it in enumerate(items):
-                sample, digest = _sample(it, f"{key:09d}", index)
-                sink.write(sample)
-                rows.append([f"{key:09d}", split, label_text(it.label, delim), it.group, digest,
-                             Path(pattern % (n // size)).name])
-                key += 1
-        described["splits"][split] = {"shards": sorted({r[5] for r in rows if r[1] == split}), "samples": len(items)}
+        written: list[str] = []
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=size, maxsize=max_bytes, verbose=0) as sink:
+            for it in items:
+                key = f"{len(rows):09d}"
+                sample, digest = _sample(it, key, index)
+                sink.write(sample)  # the writer starts a new tar at `size` samples or `max_bytes`
+                shard = Path(sink.fname).name
+                written += [] if written and written[-1] == shard else [shard]
+                rows.append([key, split, label_text(it.label, delim), it.group, digest, shard])
+        described["splits"][split] = {"shards": written, "samples": len(items)}
     write_csv(out / INDEX_FILE, ["key", "split", "label", "group", "digest", "shard"], rows)
     write_json(out / DATASET_FILE, described)
     return described
+
+
+def _require_empty(out: Path) -> None:
+    """Shards are written into a folder without any: old tar files would mix with the new."""
+    if not out.is_dir():
+        return
+    found = sorted(p.name for p in out.iterdir() if p.suffix == ".tar" or p.name in (DATASET_FILE, INDEX_FILE))
+    if found:
+        raise DataError(f"{str(out)!r} already holds shards ({', '.join(found[:3])}"
+                        f"{', ...' if len(found) > 3 else ''}); write into a new or empty folder, or remove them first")
 
 
 def _sample(item: Item, key: str, index: dict[str, int]) -> tuple[dict[str, Any], str]:
@@ -103,7 +129,7 @@ def _sample(item: Item, key: str, index: dict[str, int]) -> tuple[dict[str, Any]
 
 
 # -- reading -------------------------------------------------------------------------------
-def shard_source(path: str, valid: str | None, multi: bool) -> DataSource:
+def shard_source(path: str, valid: str | None, multi: bool, delim: str = " ") -> DataSource:
     """The samples of a shard folder (its index) or of patterns (read once for labels)."""
     folder = Path(path)
     if (folder / DATASET_FILE).is_file():
@@ -113,7 +139,7 @@ def shard_source(path: str, valid: str | None, multi: bool) -> DataSource:
     for split, names in urls.items():
         for url in names:
             for key, members in read_members(url, ("json", "cls", "txt")).items():
-                label = _label_of(members, multi)
+                label = _label_of(members, multi, delim, f"{url}#{key}")
                 if label is None:
                     source.excluded.append((f"{url}#{key}", "no .json/.cls/.txt label member"))
                 else:
@@ -123,18 +149,19 @@ def shard_source(path: str, valid: str | None, multi: bool) -> DataSource:
 
 def read_members(url: str, wanted: tuple[str, ...] = ()) -> dict[str, dict[str, bytes]]:
     """key -> {extension: bytes} of the `wanted` members of each sample in a tar file, in
-    order (tar headers are read and image bytes skipped: the file is seekable)."""
+    order (tar headers are read and image bytes skipped: the file is seekable). Keys and
+    extensions are split as webdataset splits them (`base_plus_ext`)."""
     if not os.path.isfile(url):
         raise DataError(f"shard {url!r} does not exist")
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(url) as tar:
         for member in tar:
-            if not member.isfile() or "." not in os.path.basename(member.name):
+            key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if key is None:
                 continue
-            key, ext = member.name.split(".", 1)
             members = samples.setdefault(key, {})
-            if ext in wanted:
-                members[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if ext.lower() in wanted:
+                members[ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
     return samples
 
 
@@ -152,10 +179,35 @@ def _indexed_source(folder: Path) -> DataSource:
     source = DataSource(root=str(folder), classes=[], items=[])
     with open(folder / INDEX_FILE, newline="") as fh:
         for row in csv.DictReader(fh):
-            label: Label = tuple(sorted(row["label"].split(delim))) if multi and row["label"] else (
-                () if multi else row["label"])
+            label: Label = tuple(sorted(set(split_labels(row["label"], delim)))) if multi else row["label"]
             source.items.append(Item(f"{folder / row['shard']}#{row['key']}", label, row["split"], row["group"]))
+    check_shard_folder(folder, described, source.items)
     return source
+
+
+def check_shard_folder(folder: Path, described: dict[str, Any], items: list[Item]) -> None:
+    """dataset.json, index.csv and the tar files on disk must agree: every shard listed
+    exists, every `<split>-*.tar` on disk is listed, every split has the samples it says.
+    A folder that disagrees would train on part of the data without a word: DataError."""
+    problems = []
+    for split, part in described.get("splits", {}).items():
+        listed = set(part["shards"])
+        on_disk = {p.name for p in folder.glob(f"{split}-*.tar")}
+        indexed = Counter(split_item(it.path)[0] for it in items if it.split == split)
+        if on_disk - listed:
+            problems.append(f"{len(on_disk - listed)} {split} shard(s) on disk that dataset.json does not list "
+                            f"(e.g. {sorted(on_disk - listed)[0]})")
+        if listed - on_disk:
+            problems.append(f"{len(listed - on_disk)} {split} shard(s) listed but missing (e.g. {sorted(listed - on_disk)[0]})")
+        if sum(indexed.values()) != part["samples"]:
+            problems.append(f"{split}: dataset.json says {part['samples']} samples, {INDEX_FILE} lists "
+                            f"{sum(indexed.values())}")
+        unlisted = {Path(u).name for u in indexed} - listed
+        if unlisted:
+            problems.append(f"{INDEX_FILE} names {split} shard(s) dataset.json does not list (e.g. {sorted(unlisted)[0]})")
+    if problems:
+        raise DataError(f"the shard folder {str(folder)!r} is inconsistent: {'; '.join(problems)}. Its index does not "
+                        "describe its files; write the shards again with `visiontune shard` into an empty folder")
 
 
 def expand(pattern: str) -> list[str]:
@@ -163,21 +215,25 @@ def expand(pattern: str) -> list[str]:
     return list(wds.shardlists.expand_urls(pattern))
 
 
-def _label_of(sample: dict[str, bytes], multi: bool) -> Label | None:
+def _label_of(sample: dict[str, bytes], multi: bool, delim: str, where: str) -> Label | None:
+    """A sample's label from its .json ("label": a name or a list of names), else .txt / .cls
+    (text; a label set split by `delim`)."""
     if "json" in sample:
         label = json.loads(sample["json"]).get("label")
+        if isinstance(label, list):
+            return tuple(sorted({str(x) for x in label}))
         if label is not None:
-            return tuple(sorted(map(str, label))) if isinstance(label, list) or multi else str(label)
+            return parse_label_set(str(label), delim, where) if multi else str(label)
     for member in ("txt", "cls"):
         if member in sample:
             text = sample[member].decode().strip()
-            return tuple(sorted(text.split())) if multi else text
+            return parse_label_set(text, delim, where) if multi else text
     return None
 
 
 def shard_digests(paths: list[str]) -> list[str]:
     """The digest of each sample's image bytes: from the shard folder's index; for shards
-    without one, a hash of the shard's name, size and mtime and the sample's key."""
+    without one, a hash of the shard's identity and the sample's key."""
     indexed: dict[str, str] = {}
     for folder in {os.path.dirname(p.split("#")[0]) for p in paths}:
         index = Path(folder) / INDEX_FILE
@@ -189,54 +245,138 @@ def shard_digests(paths: list[str]) -> list[str]:
 
 
 def _stand_in_digest(path: str) -> str:
-    shard = path.split("#")[0]
-    st = os.stat(shard)
-    return hashlib.blake2b(f"{os.path.abspath(shard)}|{st.st_size}|{st.st_mtime_ns}|{path}".encode(),
-                           digest_size=16).hexdigest()
+    """A sample of a shard without an index: its shard's identity (files.file_identity) and
+    its key stand for its bytes."""
+    digest = identity_digest(split_item(path)[0], path)
+    if digest is None:
+        raise DataError(f"shard {split_item(path)[0]!r} cannot be read")
+    return digest
 
 
 def shard_items(paths: list[str]) -> list[Item]:
     return [Item(p, "", "") for p in paths]
 
 
+def plan_shards(sizes: dict[str, int], world: int, seed: int) -> list[list[str]]:
+    """The shards of each of `world` processes: the largest first, each to the process
+    holding the fewest samples so far (equal sizes in a seeded random order), so the
+    shares differ by at most one shard's samples."""
+    order = sorted(sizes)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda url: -sizes[url])  # stable: shards of one size keep the seeded order
+    loads, plan = [0] * world, [[] for _ in range(world)]  # type: list[int], list[list[str]]
+    for url in order:
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        plan[rank].append(url)
+        loads[rank] += sizes[url]
+    return plan
+
+
+def shard_share(paths: list[str], rank: int, world: int) -> list[str]:
+    """The samples among `paths` whose shards `plan_shards` gives to process `rank`: each
+    process reads only its own shards."""
+    sizes = Counter(split_item(p)[0] for p in paths)
+    mine = set(plan_shards(sizes, world, 0)[rank])
+    return [p for p in paths if split_item(p)[0] in mine]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one process reads in one epoch: its shards, its rows when samples are spread
+    across processes (None: every sample of its shards), and how many samples it yields."""
+
+    urls: list[str]
+    rows: frozenset[int] | None
+    length: int
+
+
 class ShardStream(IterableDataset):
-    """Samples of `items` (paths `<shard>#<key>`) streamed from their shards: each yields
-    (transform(image), target). `shuffle`: shard order and a sample buffer, seeded by
-    (seed, epoch) (`set_epoch`); shards split across processes (rank, world) and workers."""
+    """Samples of `items` (paths `<shard>.tar#<key>`) streamed from their shards. Each yields
+    (transform(image), target, row), `row` being the sample's index in `items`: workers
+    and processes read in their own order, so results are stored by row, never by position.
+    A sample is identified by its shard and key (two shards may reuse a key).
+
+    `shuffle` (training): shard order and a sample buffer, seeded by (seed, epoch)
+    (`set_epoch`). Across torchrun processes (rank, world) training takes whole shards,
+    balanced anew each epoch, and every process yields the same number of samples (the
+    smallest share); when shards are too few or too uneven for that (more than
+    MAX_IDLE of the samples would wait), every process reads every shard and keeps its
+    own 1/world of the samples instead (a seeded permutation per epoch). Evaluation
+    (`shuffle` False) takes whole shards per process, as balanced; a process may get none.
+    DataLoader workers split a process's shards (webdataset's per-worker split).
+    `unreadable_size`: a sample that fails to decode yields a blank image of this size and
+    the UNREADABLE marker instead of an error (predict, evaluate)."""
 
     def __init__(self, items: list[Item], targets: torch.Tensor | None, transform: Callable[[Any], torch.Tensor],
-                 decode_side: int | None, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1) -> None:
-        per_url = Counter(it.path.split("#")[0] for it in items)
-        self.urls = sorted(per_url)
-        self.row = {it.path.split("#", 1)[1]: i for i, it in enumerate(items)}
+                 decode_side: int | None, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
+                 unreadable_size: int | None = None, unreadable_views: int = 0) -> None:
+        self.rows: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            self.rows.setdefault(it.path, []).append(i)
+        self.sizes = dict(Counter(split_item(it.path)[0] for it in items))
+        self.count = len(items)
         self.targets, self.transform, self.decode_side = targets, transform, decode_side
+        self.unreadable_size, self.unreadable_views = unreadable_size, unreadable_views
         self.shuffle, self.seed, self.rank, self.world, self.epoch = shuffle, seed, rank, world, 0
-        # under torchrun every process must take the same number of training steps: the
-        # loader is cut to the smallest share (selection of which samples wait: the shuffle)
-        shares = [sum(per_url[u] for u in self.urls[r::world]) for r in range(world)]
-        self.length = min(shares) if shuffle and world > 1 else shares[rank]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return self.assignment().length
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        urls = self.urls[self.rank::self.world] if self.world > 1 else self.urls
-        stream = wds.WebDataset(urls, shardshuffle=len(urls) if self.shuffle else False, empty_check=False,
-                                seed=self.seed * 100_003 + self.epoch, nodesplitter=_this_process_only)
+    def epoch_seed(self) -> int:
+        return self.seed * 100_003 + self.epoch
+
+    def assignment(self) -> Assignment:
+        """This process's part of this epoch (see the class docstring)."""
+        if self.world == 1:
+            return Assignment(sorted(self.sizes), None, self.count)
+        plan = plan_shards(self.sizes, self.world, self.epoch_seed() if self.shuffle else 0)
+        shares = [sum(self.sizes[u] for u in urls) for urls in plan]
+        if not self.shuffle:
+            return Assignment(plan[self.rank], None, shares[self.rank])
+        if self.world * min(shares) >= (1 - MAX_IDLE) * self.count:
+            return Assignment(plan[self.rank], None, min(shares))
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.epoch_seed())).tolist()
+        return Assignment(sorted(self.sizes), frozenset(order[self.rank::self.world]), self.count // self.world)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        part = self.assignment()
+        if not part.urls:
+            return
+        stream = wds.WebDataset(part.urls, shardshuffle=len(part.urls) if self.shuffle else False,
+                                empty_check=False, seed=self.epoch_seed(), nodesplitter=_this_process_only)
+        if part.rows is not None:  # samples spread across processes: keep this one's before decoding
+            stream = stream.select(lambda s: any(r in part.rows for r in self._rows_of(s)))  # type: ignore[operator]
         if self.shuffle:
-            stream = stream.shuffle(SHUFFLE_BUFFER, rng=random.Random(self.seed * 100_003 + self.epoch))
+            stream = stream.shuffle(SHUFFLE_BUFFER, rng=random.Random(self.epoch_seed()))
         for sample in stream:
-            i = self.row.get(sample["__key__"])
-            if i is not None:
-                target = self.targets[i] if self.targets is not None else torch.tensor(NO_LABEL)
-                yield self.transform(_image(sample, self.decode_side)), target
+            for row in self._rows_of(sample):
+                if part.rows is None or row in part.rows:
+                    yield self._load(sample, row)
+
+    def _rows_of(self, sample: dict[str, Any]) -> list[int]:
+        return self.rows.get(f"{sample['__url__']}#{sample['__key__']}", [])
+
+    def _load(self, sample: dict[str, Any], row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        try:
+            image = _image(sample, self.decode_side)
+        except Exception:
+            if self.unreadable_size is None:
+                raise
+            return blank_image(self.unreadable_size, self.unreadable_views), marker_like(self.targets, UNREADABLE), row
+        target = self.targets[row] if self.targets is not None else marker_like(None, NO_LABEL)
+        return self.transform(image), target, row
+
+
+def blank_image(size: int, views: int = 0) -> torch.Tensor:
+    """What an unreadable image stands in as: zeros of the input size (a stack of `views`)."""
+    return torch.zeros(views, 3, size, size) if views else torch.zeros(3, size, size)
 
 
 def _this_process_only(urls: Any) -> Any:
-    """The shards are split by rank before the stream is built (ShardStream.__iter__)."""
+    """The shards are split by rank before the stream is built (ShardStream.assignment)."""
     return urls
 
 

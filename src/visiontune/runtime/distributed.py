@@ -71,13 +71,13 @@ def device_for(env: DistEnv, device: torch.device) -> torch.device:
     return device
 
 
-def reduce_mean(total: float, count: int, env: DistEnv, device: torch.device) -> float:
-    """sum(total) / sum(count) over all processes."""
+def reduce_totals(total: float, count: int, env: DistEnv, device: torch.device) -> tuple[float, int]:
+    """(sum(total), sum(count)) over all processes."""
     if not env.parallel:
-        return total / max(1, count)
+        return total, count
     t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t[0].item() / max(1.0, t[1].item()))
+    return float(t[0].item()), int(t[1].item())
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ micro-batches that halve themselves after an out-of-memory error."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from visiontune.errors import DataError
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, to_device
 from visiontune.tasks.base import Task, row_markers
@@ -20,19 +21,45 @@ from visiontune.tasks.base import Task, row_markers
 
 @dataclass
 class EvalOutput:
+    """Outputs over a list of images, one row per image in the list's order: loaders may
+    read in any order (shards, workers, processes); rows are put back by each image's own
+    row number (`ids`)."""
+
     loss: float  # mean loss over the labelled rows (NaN when none)
     targets: np.ndarray  # one row per image; negative markers for unlabelled / unreadable
     probs: np.ndarray
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each row's place in the list
 
     def keep(self, mask: np.ndarray) -> None:
-        self.targets, self.probs = self.targets[mask], self.probs[mask]
+        self.targets, self.probs, self.ids = self.targets[mask], self.probs[mask], self.ids[mask]
+
+    def require_all(self, n: int, names: Sequence[str] | None = None) -> None:
+        """Every row 0..n-1 exactly once, else DataError naming what was not read (a shard
+        index that names samples its tar files lack, a sample read twice)."""
+        if len(self.ids) == n and np.array_equal(self.ids, np.arange(n)):
+            return
+        missing = sorted(set(range(n)) - set(self.ids.tolist()))
+        twice = len(self.ids) - len(set(self.ids.tolist()))
+        example = f" (e.g. {names[missing[0]]})" if names is not None and missing else ""
+        raise DataError(f"{len(missing)} of {n} images were not read{example} and {twice} were read twice; "
+                        "if they come from shards, the shards do not hold what their index lists: write them again "
+                        "with `visiontune shard`")
 
 
-def merge_outputs(parts: list[tuple[float, np.ndarray, np.ndarray]]) -> EvalOutput:
-    """Outputs of several processes as one: (loss sum, targets, probs) each."""
-    n = sum(len(t) for _, t, _ in parts)
-    return EvalOutput(sum(s for s, _, _ in parts) / max(1, n), np.concatenate([t for _, t, _ in parts]),
-                      np.concatenate([p for _, _, p in parts]))
+def ordered(loss: float, targets: list[np.ndarray], probs: list[np.ndarray], ids: list[np.ndarray]) -> EvalOutput:
+    """Parts read in any order, as one output sorted by row number."""
+    row_ids = np.concatenate(ids).astype(np.int64)
+    order = np.argsort(row_ids, kind="stable")
+    return EvalOutput(loss, np.concatenate(targets)[order], np.concatenate(probs)[order], row_ids[order])
+
+
+def merge_outputs(parts: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]) -> EvalOutput:
+    """Outputs of several processes as one, rows in list order: (loss sum, targets, probs,
+    ids) each (a process may have had no rows)."""
+    full = [p for p in parts if len(p[1])] or parts[:1]
+    n = sum(len(t) for _, t, _, _ in full)
+    return ordered(sum(s for s, _, _, _ in full) / max(1, n) if n else float("nan"), [t for _, t, _, _ in full],
+                   [p for _, _, p, _ in full], [i for _, _, _, i in full])
 
 
 def progress(loader: Any, enabled: bool, desc: str) -> Any:
@@ -58,13 +85,15 @@ def forward_chunks(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, devic
 @torch.inference_mode()
 def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
                  channels_last: bool = True, precision: str = "auto",
-                 micro: MicroBatcher | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, float, float]]:
-    """Per batch, in loader order: the task's probabilities, the targets (markers for
-    unlabelled / unreadable rows), the summed loss over its labelled rows and their count."""
+                 micro: MicroBatcher | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]]:
+    """Per batch, in the order the loader reads: the task's probabilities, the targets
+    (markers for unlabelled / unreadable rows), each row's number in the caller's list (the
+    loader's datasets yield it: ImageDataset, ShardStream, FeatureDataset), the summed loss
+    over its labelled rows and their count."""
     model.eval()
     micro = micro or MicroBatcher()
     criterion = task.loss()
-    for x, y in progress(loader, show_progress, "eval"):
+    for x, y, ids in progress(loader, show_progress, "eval"):
         views = x.shape[1] if x.ndim == 5 else 0  # test-time augmentation: (B, V, 3, H, W)
         x, y = to_device(x.flatten(0, 1) if views else x, device, channels_last), y.to(device)
         logits = forward_chunks(model, x, micro, device, precision)
@@ -75,18 +104,20 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
         if known.any():
             total = criterion.total(logits[known], y[known]).item()
             count = float(criterion.norm(y[known]).item())
-        yield task.probabilities(logits).cpu().numpy(), y.cpu().numpy(), total, count
+        yield task.probabilities(logits).cpu().numpy(), y.cpu().numpy(), np.asarray(ids), total, count
 
 
 def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
              channels_last: bool = True, precision: str = "auto", micro: MicroBatcher | None = None) -> EvalOutput:
-    """The task's mean loss over labelled rows, all targets and the task's probabilities."""
-    total, count, probs, targets = 0.0, 0.0, [], []
-    for p, y, batch_total, batch_count in eval_batches(model, loader, device, task, show_progress, channels_last,
-                                                       precision, micro):
+    """The task's mean loss over labelled rows, all targets and the task's probabilities,
+    rows in the order of the loader's list (by row number, whatever order it read in)."""
+    total, count, probs, targets, ids = 0.0, 0.0, [], [], []
+    for p, y, i, batch_total, batch_count in eval_batches(model, loader, device, task, show_progress, channels_last,
+                                                          precision, micro):
         total, count = total + batch_total, count + batch_count
         probs.append(p)
         targets.append(y)
+        ids.append(i)
     if not probs:
         return EvalOutput(float("nan"), np.zeros(0, dtype=int), np.zeros((0, task.num_classes)))
-    return EvalOutput(total / count if count else float("nan"), np.concatenate(targets), np.concatenate(probs))
+    return ordered(total / count if count else float("nan"), targets, probs, ids)

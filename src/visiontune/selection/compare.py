@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from visiontune import display
@@ -22,7 +21,7 @@ from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFun
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import group_keys, stratified_split
 from visiontune.errors import ConfigError
-from visiontune.files import write_json, write_text
+from visiontune.files import claim_dir, write_json, write_text
 from visiontune.selection.cv import SELECTIONS, cross_validate
 from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
@@ -83,7 +82,7 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
     if unknown:
         raise ConfigError(f"unknown strategies {unknown}; choose from {', '.join(strategy_names())}")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
+    out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
     holdout = None if folds else holdout_for(source, cfg)
     headline = TASKS[source.task].headline
     rows = CompareTable()

@@ -74,7 +74,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
                                      lambda x, y: backbone(x))
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     cache = setup.data._cache()
-    missing = len(pool) - cache.store.count_known(cache.digests([it.path for it in pool]))
+    missing = len(pool) - cache.count_known(cache.digests([it.path for it in pool]))
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
                   setup.preprocess.input_size)
     log.info("costs %s", costs.describe())
@@ -87,7 +87,7 @@ def _seconds_per_image(loader: DataLoader, setup: RunSetup, work: Callable[[torc
     batches = list(itertools.islice(iter(loader), WARMUP + TIMED))
     warm = min(WARMUP, len(batches) - 1)
     times, counted = [], 0
-    for i, (x, y) in enumerate(batches):
+    for i, (x, y, *_) in enumerate(batches):
         started = time.perf_counter()
         work(to_device(x, setup.device, setup.cfg.train.channels_last), y.to(setup.device))
         if i >= warm:

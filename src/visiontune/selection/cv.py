@@ -34,9 +34,10 @@ from visiontune.data.labels import label_text
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
 from visiontune.errors import ConfigError
-from visiontune.files import write_csv, write_json
+from visiontune.files import claim_dir, write_csv, write_json
 from visiontune.selection.advisor import resolve_strategy
-from visiontune.tasks.catalog import TASKS
+from visiontune.tasks.catalog import TASKS, make_task
+from visiontune.tasks.metrics import present_classes
 from visiontune.train.session import score_items, train_run
 from visiontune.train.tracking import flat_params, parent_run
 
@@ -94,16 +95,18 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     k = fold_count([it.label for it in pool], folds)
     headline = TASKS[source.task].headline
-    out_dir = Path(cfg.output) / (cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
+    out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
     probs = np.zeros((len(pool), len(source.classes)), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
+    folds_held = list(fold_indices(pool, k, cfg.seed))
+    scored = common_labels(pool, folds_held, source)
     with parent_run(cfg.train.track, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
                                                    "selection": selection}, flat_params(cfg)) as parent:
-        for i, held in enumerate(fold_indices(pool, k, cfg.seed)):
+        for i, held in enumerate(folds_held):
             log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))
             fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
-            metrics = _run_fold(fold_cfg, source, pool, held, selection, probs)
+            metrics = _run_fold(fold_cfg, source, pool, held, selection, probs, scored)
             rows.append({m: float(metrics.get(m, float("nan"))) for m in headline})
             fold_of[held] = i + 1
         mean = {m: statistics.fmean(r[m] for r in rows) for m in headline}
@@ -113,15 +116,32 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     oof_path = out_dir / "oof.csv"
     _write_oof(oof_path, pool, fold_of, probs, source.classes, cfg.data.label_delim)
     write_json(out_dir / "cv_summary.json", {"folds": rows, "mean": mean, "std": std, "num_folds": k,
-                                             "strategy": cfg.strategy.name, "selection": SELECTIONS[selection]})
+                                             "strategy": cfg.strategy.name, "selection": SELECTIONS[selection],
+                                             "labels_averaged": [source.classes[i] for i in scored]})
     return CVResult(rows, mean, std, str(oof_path), str(out_dir), k, probs, [it.path for it in pool],
                     [it.label for it in pool], source.classes, time.perf_counter() - started, selection, headline)
 
 
+def common_labels(pool: list[Item], folds: list[np.ndarray], source: DataSource) -> list[int]:
+    """The classes (labels) present in every held-out fold: each fold's class averages
+    (macro-F1, mAP) are taken over these, so the folds' figures measure the same thing and
+    their mean is one metric. The ones left out are named in the log."""
+    targets = make_task(source.task, source.classes).encode([it.label for it in pool]).numpy()
+    common = set(range(len(source.classes)))
+    for held in folds:
+        common &= set(present_classes(targets[held], len(source.classes)))
+    left_out = [source.classes[i] for i in range(len(source.classes)) if i not in common]
+    if left_out:
+        log.warning("cv: %d of %d labels are missing from some held-out fold (%s); every fold averages the %d "
+                    "present in all", len(left_out), len(source.classes), ", ".join(left_out[:10]), len(common))
+    return sorted(common)
+
+
 def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.ndarray, selection: str,
-              probs: np.ndarray) -> dict[str, float]:
+              probs: np.ndarray, labels: list[int]) -> dict[str, float]:
     """Train on the fold's training part as `selection` says; score the held-out part
-    (its probabilities go into `probs`); return the task's metrics and "loss" on it."""
+    (its probabilities go into `probs`; class averages over `labels`); return the task's
+    metrics and "loss" on it."""
     held_set = set(held.tolist())
     rest = [it for j, it in enumerate(pool) if j not in held_set]
     if selection == "inner":
@@ -134,7 +154,7 @@ def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.nda
     outer = [replace(pool[j], split=TEST) for j in held]
     fold_source = DataSource(source.root, source.classes, rest + outer, source.excluded, source.hidden)
     cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only
-    metrics, out = score_items(train_run(cfg, fold_source), outer)
+    metrics, out = score_items(train_run(cfg, fold_source), outer, labels)
     probs[held] = out.probs
     return metrics
 

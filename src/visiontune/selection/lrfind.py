@@ -83,7 +83,7 @@ def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tu
         lr = start_lr * (end_lr / start_lr) ** (i / max(1, num_iter - 1))
         for g, r in zip(trainer.optimizer.param_groups, ratios):
             g["lr"] = lr * r
-        x, y = next(batches)
+        x, y, *_ = next(batches)  # (images, targets, rows)
         loss = trainer.train_step(net, to_device(x, trainer.device, trainer.cfg.train.channels_last),
                                   y.to(trainer.device))
         avg = 0.98 * avg + 0.02 * loss

@@ -33,6 +33,14 @@ def row_markers(targets: torch.Tensor | np.ndarray) -> Any:
     return targets if targets.ndim == 1 else targets[:, 0]
 
 
+def marker_like(targets: torch.Tensor | None, value: int) -> torch.Tensor:
+    """One target row holding a marker (NO_LABEL / UNREADABLE), shaped like a row of
+    `targets` (None: a scalar, as class indices are)."""
+    if targets is None or targets.ndim == 1:
+        return torch.tensor(value)
+    return torch.full(targets.shape[1:], value, dtype=targets.dtype)
+
+
 class TaskLoss(nn.Module):
     """A loss whose batch mean is `total(logits, y) / norm(y)`, so micro-batches can each
     contribute their exact share (`total(chunk) / norm(whole batch)`)."""
@@ -109,8 +117,10 @@ class Task(ABC):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-        """Validation metrics of labelled rows; NaN for every metric when there are none."""
+    def metrics(self, targets: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
+        """Validation metrics of labelled rows; NaN for every metric when there are none.
+        Averages over classes (macro-F1, mAP) take the classes in `labels`, by default those
+        present in `targets` (cv passes the ones present in every fold)."""
 
     @abstractmethod
     def report(self, targets: np.ndarray, probs: np.ndarray) -> Report: ...

@@ -8,6 +8,7 @@ Direction is explicit: `HIGHER_IS_BETTER` names every metric and whether to maxi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,13 +24,37 @@ from sklearn.metrics import (
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "error_rate": False, "val_loss": False, "train_loss": False}
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
+                           labels: Sequence[int] | None = None) -> dict[str, float]:
+    """Accuracy, error rate and macro-F1. Macro-F1 averages the classes in `labels`, by
+    default those present in `y_true`: a class absent from the split has no F1 to measure
+    (scoring it 0 would deflate every split that lacks a rare class)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.size == 0:
         return {"accuracy": float("nan"), "error_rate": float("nan"), "macro_f1": float("nan")}
     acc = float((y_true == y_pred).mean())
-    f1 = f1_score(y_true, y_pred, labels=list(range(num_classes)), average="macro", zero_division=0)
+    scored = present_classes(y_true, num_classes) if labels is None else list(labels)
+    f1 = f1_score(y_true, y_pred, labels=scored, average="macro", zero_division=0) if scored else float("nan")
     return {"accuracy": acc, "error_rate": 1.0 - acc, "macro_f1": float(f1)}
+
+
+def present_classes(y_true: np.ndarray, num_classes: int) -> list[int]:
+    """The classes (labels) with at least one image in `y_true`: class indices, or the
+    columns of a 0/1 matrix with a positive."""
+    y = np.asarray(y_true)
+    if y.ndim == 2:
+        return np.flatnonzero((y > 0.5).sum(axis=0) > 0).tolist()
+    return sorted(set(np.unique(y[y >= 0]).tolist()) & set(range(num_classes)))
+
+
+def absent_note(y_true: np.ndarray, classes: list[str]) -> str:
+    """A line naming the classes a split lacks (left out of the macro averages), or ""."""
+    absent = sorted(set(range(len(classes))) - set(present_classes(y_true, len(classes))))
+    if not absent:
+        return ""
+    names = ", ".join(classes[i] for i in absent[:10]) + (", ..." if len(absent) > 10 else "")
+    return (f"macro averages over the {len(classes) - len(absent)} of {len(classes)} labels present here; "
+            f"{len(absent)} absent ({names}) left out")
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -50,17 +75,21 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
 MULTILABEL_METRICS = ("mAP", "micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "hamming_loss")
 
 
-def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """`y_true`, `y_pred`: (N, C) 0/1; `probs`: (N, C) sigmoid outputs."""
+def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray,
+                       labels: Sequence[int] | None = None) -> dict[str, float]:
+    """`y_true`, `y_pred`: (N, C) 0/1; `probs`: (N, C) sigmoid outputs. mAP and macro-F1
+    average the labels in `labels`, by default those with a positive in `y_true` (AP and F1
+    are undefined for a label that never occurs); the other metrics count every label."""
     if len(y_true) == 0:
         return {k: float("nan") for k in MULTILABEL_METRICS}
     y = (np.asarray(y_true) > 0.5).astype(int)
-    present = y.sum(axis=0) > 0  # AP is undefined for a label with no positive
-    ap = average_precision_score(y[:, present], probs[:, present], average="macro") if present.any() else float("nan")
+    scored = present_classes(y, y.shape[1]) if labels is None else list(labels)
+    ap = average_precision_score(y[:, scored], probs[:, scored], average="macro") if scored else float("nan")
+    macro = f1_score(y[:, scored], y_pred[:, scored], average="macro", zero_division=0) if scored else float("nan")
     return {
         "mAP": float(ap),
         "micro_f1": float(f1_score(y, y_pred, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(y, y_pred, average="macro", zero_division=0)),
+        "macro_f1": float(macro),
         "samples_f1": float(f1_score(y, y_pred, average="samples", zero_division=1)),
         "subset_accuracy": float(accuracy_score(y, y_pred)),
         "hamming_loss": float(hamming_loss(y, y_pred)),

@@ -20,7 +20,13 @@ from sklearn.metrics import precision_recall_curve
 from torch import nn
 
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
-from visiontune.tasks.metrics import format_matrix, format_table, multilabel_metrics, per_label_report
+from visiontune.tasks.metrics import (
+    absent_note,
+    format_matrix,
+    format_table,
+    multilabel_metrics,
+    per_label_report,
+)
 
 MIN_POSITIVES = 5  # a label needs this many positives in validation to get a threshold of its own
 MAX_POS_WEIGHT = 100.0
@@ -90,8 +96,8 @@ class MultiLabel(Task):
     def predictions(self, probs: np.ndarray) -> np.ndarray:
         return (probs >= self.thresholds[None, :]).astype(int) if len(probs) else np.zeros((0, self.num_classes), int)
 
-    def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-        return multilabel_metrics(np.asarray(targets), probs, self.predictions(probs))
+    def metrics(self, targets: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
+        return multilabel_metrics(np.asarray(targets), probs, self.predictions(probs), labels)
 
     def report(self, targets: np.ndarray, probs: np.ndarray) -> Report:
         y, preds = np.asarray(targets).astype(int), self.predictions(probs)
@@ -100,7 +106,8 @@ class MultiLabel(Task):
         fn, tn = (y * (1 - preds)).sum(0), ((1 - y) * (1 - preds)).sum(0)
         matrix = np.stack([tp, fp, fn, tn], axis=1)
         text = "\n".join(format_table(rows, self.classes) + [""] + format_matrix(
-            matrix, self.classes, ["TP", "FP", "FN", "TN"], "per-label confusion (rows: labels)"))
+            matrix, self.classes, ["TP", "FP", "FN", "TN"], "per-label confusion (rows: labels)")
+            + list(filter(None, [absent_note(y, self.classes)])))
         return Report(rows, matrix, text, self.confused_pairs(y, preds), ("TP", "FP", "FN", "TN"))
 
     def confused_pairs(self, y: np.ndarray, preds: np.ndarray) -> list[tuple[int, str, str]]:

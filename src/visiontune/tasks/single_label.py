@@ -14,6 +14,7 @@ from torch import nn
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
 from visiontune.tasks.metrics import (
     HIGHER_IS_BETTER,
+    absent_note,
     classification_metrics,
     confusion,
     format_report,
@@ -81,14 +82,15 @@ class SingleLabel(Task):
     def predictions(self, probs: np.ndarray) -> np.ndarray:
         return probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
 
-    def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-        return classification_metrics(targets, self.predictions(probs), self.num_classes)
+    def metrics(self, targets: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
+        return classification_metrics(targets, self.predictions(probs), self.num_classes, labels)
 
     def report(self, targets: np.ndarray, probs: np.ndarray) -> Report:
         preds = self.predictions(probs)
         rows = per_class_report(targets, preds, self.classes)
         matrix = confusion(targets, preds, self.num_classes)
-        return Report(rows, matrix, format_report(rows, matrix, self.classes), most_confused(matrix, self.classes))
+        text = "\n".join(filter(None, [format_report(rows, matrix, self.classes), absent_note(targets, self.classes)]))
+        return Report(rows, matrix, text, most_confused(matrix, self.classes))
 
     def sample_losses(self, targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0))

@@ -17,11 +17,14 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from visiontune.bundle import save_model
 from visiontune.errors import ConfigError
 from visiontune.files import write_text
+from visiontune.runtime.inference import EvalOutput
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ class Checkpoint(Callback):
         self.write = write  # False in processes other than rank 0: track, never write
         self.tracker = Monitor(monitor, mode, min_delta)  # same notion of "better" as EarlyStopping
         self.restore_best = restore_best
-        self.best_eval: Any = None  # validation outputs (probabilities) of the best epoch
+        self.best_eval: EvalOutput | None = None  # validation outputs (probabilities) of the best epoch
 
     def on_epoch_end(self, trainer: TrainerView) -> None:
         state = trainer.state
@@ -174,10 +177,20 @@ class Checkpoint(Callback):
                  self.tracker.metric, self.tracker.best)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict()}
+        """The monitor and the best epoch's validation outputs (tensors: a checkpoint holds
+        no pickled objects), so a resumed run tunes thresholds and reports probabilities of
+        the epoch whose weights it keeps."""
+        best = self.best_eval
+        outputs = {} if best is None else {"loss": best.loss, "targets": torch.from_numpy(np.asarray(best.targets)),
+                                           "probs": torch.from_numpy(np.asarray(best.probs)),
+                                           "ids": torch.from_numpy(np.asarray(best.ids))}
+        return {"tracker": self.tracker.state_dict(), "best_eval": outputs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state.get("tracker", {}))
+        saved = state.get("best_eval") or {}
+        self.best_eval = EvalOutput(float(saved["loss"]), saved["targets"].numpy(), saved["probs"].numpy(),
+                                    saved["ids"].numpy()) if saved else None
 
 
 class HistoryLogger(Callback):

@@ -34,9 +34,9 @@ from torch import nn
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.scan import ScanCache, digests_of
-from visiontune.data.transforms import eval_side, eval_transform
-from visiontune.data.webdata import ShardStream, is_shard_item, shard_digests, shard_items
-from visiontune.files import cache_root
+from visiontune.data.webdata import is_shard_item, shard_digests
+from visiontune.errors import DataError
+from visiontune.files import cache_root, guarded, preallocate
 from visiontune.runtime.device import to_device
 from visiontune.train.shards import SHARD_ROWS, ShardStore
 
@@ -60,10 +60,13 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
 
 
 class FeatureCache:
-    """Vectors keyed by file digest under one model fingerprint, in shards (train/shards.py)."""
+    """Vectors keyed by file digest under one model fingerprint, in shards (train/shards.py).
+    Every read and write is guarded (files.guarded): a cache that is read-only, locked or
+    full turns itself off with one warning and features are computed instead."""
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: str) -> None:
         self.dir = Path(root) / fingerprint
+        self.name = cache_name(self.dir)
         self.scans = ScanCache(Path(root).parent / "scan.sqlite")  # digests of unchanged files, remembered
         self._store: ShardStore | None = None
 
@@ -74,19 +77,25 @@ class FeatureCache:
         return self._store
 
     def get_many(self, digests: list[str]) -> dict[str, np.ndarray]:
-        return self.store.get_many(digests)
+        return guarded(self.name, lambda: self.store.get_many(digests), {})
 
     def put_many(self, digests: list[str], vectors: np.ndarray) -> None:
-        try:
-            self.store.put_many(digests, vectors)
-        except OSError as exc:  # a full or read-only cache only costs time
-            log.warning("feature cache %s not written (%s)", self.dir, exc)
+        guarded(self.name, lambda: self.store.put_many(digests, vectors), None)
+
+    def count_known(self, digests: list[str]) -> int:
+        """How many of `digests` have a vector here (0 when the cache cannot be read)."""
+        return guarded(self.name, lambda: self.store.count_known(digests), 0)
 
     def digests(self, paths: Sequence[str]) -> list[str]:
         """Digests of the files' bytes (shard samples: from their index)."""
         if paths and is_shard_item(paths[0]):
             return shard_digests(list(paths))
         return digests_of(list(paths), self.scans)
+
+
+def cache_name(directory: str | os.PathLike[str]) -> str:
+    """How warnings name the feature cache of one model fingerprint (one name: one warning)."""
+    return f"the feature cache {directory}"
 
 
 def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
@@ -154,18 +163,23 @@ def extract_features(
 
 def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: torch.device, batch_size: int,
              num_workers: int | None, channels_last: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """(index into `paths`, backbone features) of every path (eval mode, eval transform):
-    files in order, shard samples in the order their shards stream them."""
+    """(index into `paths`, backbone features) of every path (eval mode, eval transform), in
+    the order the loader reads (shard samples: as their shards stream them); the loader
+    yields each image's row, so no row is paired with another image's features. Every
+    path yields once, else DataError."""
     if not paths:
         return
     was_training = backbone.training
     backbone.eval()
-    numbers = torch.arange(len(paths))
-    dataset = (ShardStream(shard_items(paths), numbers, eval_transform(pre), eval_side(pre))
-               if is_shard_item(paths[0]) else eval_dataset(paths, numbers, pre))
-    for x, index in make_loader(dataset, batch_size, num_workers, device):
-        yield from zip(index.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
+    seen = np.zeros(len(paths), dtype=bool)
+    for x, _, rows in make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device):
+        seen[rows.numpy()] = True
+        yield from zip(rows.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
     backbone.train(was_training)
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
+        raise DataError(f"{len(missing)} of {len(paths)} images yielded no features (e.g. {paths[missing[0]]}): "
+                        "their shards do not hold what the index lists; write the shards again with `visiontune shard`")
 
 
 class _Rows:
@@ -184,18 +198,22 @@ class _Rows:
     def _allocate(self, shape: tuple[int, int]) -> np.ndarray:
         if self.dir is None:
             return np.empty(shape, dtype=np.float32)
+        mapped = guarded(cache_name(self.dir), lambda: self._mapped(shape), None)  # else: in memory
+        return mapped if mapped is not None else np.empty(shape, dtype=np.float32)
+
+    def _mapped(self, shape: tuple[int, int]) -> np.ndarray:
+        """A memory-mapped matrix in a file unlinked at once (a crash leaves nothing), its
+        blocks reserved first: a full disk is an OSError now, never a SIGBUS later."""
+        Path(self.dir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+        fd, name = tempfile.mkstemp(dir=self.dir, suffix=".features.npy")
+        os.close(fd)
         try:
-            Path(self.dir).mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.dir, suffix=".features.npy")
-            os.close(fd)
-        except OSError as exc:  # unwritable cache folder: keep the matrix in memory
-            log.warning("cannot map features in %s (%s); keeping them in memory", self.dir, exc)
-            return np.empty(shape, dtype=np.float32)
-        try:
-            return np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape)
+            array = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape)
+            preallocate(name, os.path.getsize(name))
+            return array
         finally:
             with contextlib.suppress(OSError):
-                os.unlink(name)  # the mapping stays valid; a crash leaves no file behind
+                os.unlink(name)  # the mapping stays valid
 
     def tensor(self) -> torch.Tensor:
         if self.array is None:

@@ -8,10 +8,13 @@ warm-started from ImageNet (models/warmstart.py), towards zero elsewhere (plain 
 warm start is a prior the data can move, not something the fit throws away. Features are
 centred and scaled by one global RMS (per-feature scaling would give near-constant
 features huge weights, which explode once fine-tuning moves them). The strength follows
-scikit-learn's C: penalty = ||W - W0||^2 / (2 C N), C chosen from C_GRID by stratified
-k-fold cross-validation on the training features (held-out log loss). The result is
-folded back into the head: W = W' / scale, b = b' - W @ mean. Seconds on thousands of
-images.
+scikit-learn's C: penalty = ||W - W0||^2 / (2 C N), C chosen from C_GRID by k-fold
+cross-validation on the training features (held-out log loss), the folds made by the one
+stratifier of the package (data/splits.py: stratified by class, iterative stratification
+for label sets, the run's groups kept whole so images of one patient or recording never
+sit on both sides). Above SEARCH_ROWS / FIT_ROWS images the search and the fit look at a
+stratified sample that keeps every class. The result is folded back into the head:
+W = W' / scale, b = b' - W @ mean. Seconds on thousands of images.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 from torch import nn
+
+from visiontune.data.splits import fold_splits, stratified_sample
 
 log = logging.getLogger(__name__)
 
 C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)  # inverse penalty strength, as scikit-learn's C
-SEARCH_ROWS = 20_000  # the C search looks at most at this many rows
+DEFAULT_C = 1.0  # too few images to cross-validate: scikit-learn's default
+CV_FOLDS = 5
+MIN_SEARCH_ROWS = 10  # fewer images: no search
+SEARCH_ROWS = 20_000  # the C search looks at most at this many rows (a stratified sample)
 MAX_ITER = 300
-FIT_ROWS = 50_000  # the final fit looks at most at this many rows (drawn at random)
+FIT_ROWS = 50_000  # the final fit looks at most at this many rows (a stratified sample)
 
 
 @dataclass
@@ -42,11 +49,16 @@ class ProbeFit:
 
 
 def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, start: nn.Linear | None = None,
-              balanced: bool = False, seed: int = 0) -> ProbeFit:
+              balanced: bool = False, seed: int = 0, groups: list[str] | None = None) -> ProbeFit:
     """Fit a linear head on `features` (N, D) for `targets`: class indices (N,) or multi-hot
     (N, C). `start`: the head's current linear layer, the prior the penalty pulls towards
-    (None: zero). `balanced` weights classes by their inverse frequency."""
-    rows = _fit_rows(len(targets), seed)
+    (None: zero). `balanced` weights classes by their inverse frequency. `groups`: each
+    row's group (None: every row its own), kept whole by the C search's folds."""
+    rows = stratified_sample(np.asarray(targets), FIT_ROWS, seed)
+    if rows is not None:
+        log.info("converged probe: fitting on %d of %d images, a stratified sample (memory stays bounded)",
+                 len(rows), len(targets))
+        groups = [groups[i] for i in rows] if groups is not None else None
     x = torch.tensor(np.asarray(features[rows] if rows is not None else features), dtype=torch.float32)
     targets = np.asarray(targets)[rows] if rows is not None else targets
     mean = x.mean(dim=0)
@@ -60,19 +72,10 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, star
     b0 = (start.bias.detach().float().cpu() + start.weight.detach().float().cpu() @ mean) if start is not None \
         else torch.zeros(classes)
     weights = _class_weights(y, classes, multi_label) if balanced else None
-    c, folds = _choose_c(x, y, w0, b0, multi_label, weights, seed)
+    c, folds = _choose_c(x, y, w0, b0, multi_label, weights, seed, groups)
     w, b = _lbfgs(x, y, w0, b0, c, multi_label, weights)
     w = w / scale
     return ProbeFit(w.numpy(), (b - w @ mean).numpy(), c, folds)
-
-
-def _fit_rows(n: int, seed: int) -> np.ndarray | None:
-    """At most FIT_ROWS rows, drawn at random (sorted, for memory-mapped reads); None: all.
-    A linear probe on 50k images is as converged as on more, and memory stays bounded."""
-    if n <= FIT_ROWS:
-        return None
-    log.info("converged probe: fitting on %d of %d images drawn at random (memory stays bounded)", FIT_ROWS, n)
-    return np.sort(np.random.default_rng(seed).choice(n, FIT_ROWS, replace=False))
 
 
 def load_into(head: nn.Module, fit: ProbeFit) -> None:
@@ -112,33 +115,27 @@ def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
 
 
 def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, multi_label: bool,
-              weights: torch.Tensor | None, seed: int) -> tuple[float, int]:
-    """The C of the grid with the best held-out log loss over stratified folds (stratified
-    by each image's rarest label for label sets); 1.0 when a class is too small to fold."""
-    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:SEARCH_ROWS]
-    xs, ys = x[rows], y[rows]
-    strata = _strata(ys, multi_label)
-    folds = int(min(5, np.unique(strata, return_counts=True)[1].min()))
-    if folds < 2:
-        return 1.0, 0
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(strata, strata))
+              weights: torch.Tensor | None, seed: int, groups: list[str] | None) -> tuple[float, int]:
+    """The C of the grid with the best held-out log loss over CV_FOLDS folds (data/splits.py:
+    stratified, groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C
+    when there are too few images or groups to fold."""
+    rows = stratified_sample(y.numpy(), SEARCH_ROWS, seed)
+    xs, ys = (x[rows], y[rows]) if rows is not None else (x, y)
+    if groups is not None and rows is not None:
+        groups = [groups[i] for i in rows]
+    folds = min(CV_FOLDS, len(ys) // 2, len(set(groups)) if groups is not None else len(ys))
+    if len(ys) < MIN_SEARCH_ROWS or folds < 2:
+        return DEFAULT_C, 0
+    held_out = fold_splits(ys.numpy(), groups, folds, seed)
     scores = []
     for c in C_GRID:
-        held = 0.0
-        for train, test in splits:
+        total = 0.0
+        for test in held_out:
+            train = np.setdiff1d(np.arange(len(ys)), test)
             w, b = _lbfgs(xs[train], ys[train], w0, b0, c, multi_label, weights)
-            held += float(_loss(xs[test] @ w.T + b, ys[test], multi_label, None)) * len(test)
-        scores.append(held)
+            total += float(_loss(xs[test] @ w.T + b, ys[test], multi_label, None)) * len(test)
+        scores.append(total)
     return float(C_GRID[int(np.argmin(scores))]), folds
-
-
-def _strata(y: torch.Tensor, multi_label: bool) -> np.ndarray:
-    if not multi_label:
-        return y.numpy()
-    counts = y.sum(dim=0)
-    rarest = torch.where(y > 0.5, counts[None, :], torch.full_like(y, float("inf"))).argmin(dim=1)
-    rarest[(y > 0.5).sum(dim=1) == 0] = y.shape[1]  # images with no label: a stratum of their own
-    return rarest.numpy()
 
 
 def _class_weights(y: torch.Tensor, classes: int, multi_label: bool) -> torch.Tensor:

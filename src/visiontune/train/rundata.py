@@ -18,8 +18,9 @@ from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.transforms import eval_side, eval_transform, train_side, train_transform
-from visiontune.data.webdata import ShardStream, is_shard_item
+from visiontune.data.splits import group_keys
+from visiontune.data.transforms import train_side, train_transform
+from visiontune.data.webdata import ShardStream, is_shard_item, shard_share
 from visiontune.errors import ConfigError
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
@@ -31,17 +32,18 @@ log = logging.getLogger(__name__)
 
 
 class Cut:
-    """The first `batches` batches of a loader, every epoch (equal steps on every process)."""
+    """The first `batches(stream)` batches of a loader over a stream, every epoch: the same
+    number of steps on every process (ShardStream's share of the epoch, in whole batches)."""
 
-    def __init__(self, loader: DataLoader, batches: int) -> None:
-        self.loader, self.batches = loader, batches
+    def __init__(self, loader: DataLoader, per_step: int) -> None:
+        self.loader, self.per_step = loader, per_step
         self.dataset = loader.dataset
 
     def __len__(self) -> int:
-        return self.batches
+        return math.ceil(len(self.dataset) / self.per_step)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.loader), self.batches)
+        return itertools.islice(iter(self.loader), len(self))
 
 
 @dataclass
@@ -50,18 +52,23 @@ class PhaseData:
     (`on_features`), in which case only `model.head` runs."""
 
     train: DataLoader
-    valid: DataLoader | None
+    valid: DataLoader | None  # None: no validation split (on every process alike)
     on_features: bool = False
+    valid_rows: int = 0  # validation images over all processes (each process reads its part)
+    groups: list[str] | None = None  # on features: each training row's group (the probe's folds keep them whole)
 
 
 class FeatureDataset(TensorDataset):
-    """Rows of a (memory-mapped) feature matrix; a whole batch is gathered in one indexing
-    operation (DataLoader calls `__getitems__`) instead of row by row."""
+    """Rows of a (memory-mapped) feature matrix with their targets and row numbers (`ids`:
+    each row's place in the caller's list, default 0..n-1); a whole batch is gathered in
+    one indexing operation (DataLoader calls `__getitems__`) instead of row by row."""
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        super().__init__(feats, targets, torch.arange(len(targets)) if ids is None else torch.as_tensor(ids))
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices)
-        feats, targets = self.tensors
-        return feats[index], targets[index]
+        return tuple(t[index] for t in self.tensors)
 
 
 def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,94 +139,122 @@ class RunData:
         return cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.train.cache_dir)
 
     def images(self) -> PhaseData:
-        if self._images is None and self._from_shards():
-            self._images = self._shard_images()
         if self._images is None:
-            t, pre = self.cfg.train, self.preprocess
-            paths, targets = self._targets(TRAIN)
-            train = train_dataset(paths, targets, pre, t.augment, t.hflip, t.min_scale, t.image_cache, t.cache_dir)
-            valid = None
-            vpaths, vtargets = self._targets(VALID)
-            if self.env.launched:  # each process validates every world_size-th image; outputs are gathered
-                step = self.env.world_size
-                if 0 < len(vpaths) < step:  # a process with nothing to validate would wait forever
-                    raise ConfigError(f"{len(vpaths)} validation images for {step} processes; "
-                                      "use fewer processes or more validation images")
-                vpaths, vtargets = vpaths[self.env.rank :: step], vtargets[self.env.rank :: step]
-            if vpaths:
-                valid = make_loader(eval_dataset(vpaths, vtargets, pre), t.batch_size, t.num_workers, self.device)
-            if self.env.launched:
-                train_loader = self._distributed_loader(train)
-            else:
-                train_loader = make_loader(train, t.batch_size, t.num_workers, self.device,
-                                           **self._shuffle_args(targets))
-            self._images = PhaseData(train_loader, valid)
+            self._images = self._shard_images() if self._from_shards() else self._file_images()
         return self._images
+
+    def _world(self) -> tuple[int, int]:
+        """(rank, processes) that share the data: (0, 1) outside torchrun."""
+        return (self.env.rank, self.env.world_size) if self.env.parallel else (0, 1)
+
+    def _file_images(self) -> PhaseData:
+        t, pre = self.cfg.train, self.preprocess
+        paths, targets = self._targets(TRAIN)
+        train = train_dataset(paths, targets, pre, t.augment, t.hflip, t.min_scale, t.image_cache, t.cache_dir)
+        if self.env.launched:
+            train_loader = self._distributed_loader(train)
+        else:
+            train_loader = make_loader(train, t.batch_size, t.num_workers, self.device, **self._shuffle_args(targets))
+        return PhaseData(train_loader, self._valid_images(), valid_rows=len(self.source.split(VALID)))
+
+    def _valid_images(self) -> DataLoader | None:
+        """Validation images; under torchrun this process's part (every world-th file, or its
+        shards; a process may have none): the outputs are gathered and put back by row."""
+        items = self.source.split(VALID)
+        if not items:
+            return None
+        t = self.cfg.train
+        rank, world = self._world()
+        paths, targets = self._paths_targets(items)
+        return make_loader(eval_dataset(paths, targets, self.preprocess, rank=rank, world=world), t.batch_size,
+                           t.num_workers, self.device)
 
     def _from_shards(self) -> bool:
         return any(is_shard_item(it.path) for it in self.source.items[:1])
 
     def _shard_images(self) -> PhaseData:
-        """Streams of WebDataset shards (data/webdata.py): training shuffled per epoch,
-        shards split across processes and workers; under torchrun every process takes the
-        same number of steps (the smallest share, in whole batches)."""
-        t, pre, env = self.cfg.train, self.preprocess, self.env
-        world = env.world_size if env.parallel else 1
+        """Streams of WebDataset shards (data/webdata.py): training shuffled per epoch; under
+        torchrun every process takes the same, nonzero number of steps (ShardStream)."""
+        t, pre = self.cfg.train, self.preprocess
+        rank, world = self._world()
         if t.balance == "oversample":
             raise ConfigError("--balance oversample needs random access to the images; shards are read as a stream: "
                               "use --balance weights")
+        per_step = self._per_process_batch(world)
         items = self.source.split(TRAIN)
         stream = ShardStream(items, self.task.encode([it.label for it in items]),
                              train_transform(pre, t.augment, t.hflip, t.min_scale), train_side(pre), shuffle=True,
-                             seed=self.cfg.seed, rank=env.rank, world=world)
-        per_step = t.batch_size // world
+                             seed=self.cfg.seed, rank=rank, world=world)
         train = make_loader(stream, per_step, t.num_workers, self.device)
-        if env.parallel:
-            train = Cut(train, math.ceil(len(stream) / per_step))
-        valid_items = self.source.split(VALID)
-        valid = None
-        if valid_items:
-            vstream = ShardStream(valid_items, self.task.encode([it.label for it in valid_items]), eval_transform(pre),
-                                  eval_side(pre), rank=env.rank, world=world)
-            valid = make_loader(vstream, t.batch_size, t.num_workers, self.device)
-        return PhaseData(train, valid)
+        if world > 1:
+            part = stream.assignment()
+            if part.length == 0:
+                raise ConfigError(f"{len(items)} training samples cannot give each of {world} processes one; "
+                                  "use fewer processes")
+            log.info("torchrun: %d training shards, %s; %d of %d samples per epoch", len(stream.sizes),
+                     "whole shards per process" if part.rows is None else
+                     f"too few or too uneven to split whole: each process reads them all and keeps 1/{world}",
+                     part.length * world, len(items))
+            train = Cut(train, per_step)
+        return PhaseData(train, self._valid_images(), valid_rows=len(self.source.split(VALID)))
+
+    def _per_process_batch(self, world: int) -> int:
+        batch_size = self.cfg.train.batch_size
+        if batch_size % world:
+            raise ConfigError(f"batch_size {batch_size} must be a multiple of the {world} processes")
+        return batch_size // world
 
     def _distributed_loader(self, train: ImageDataset) -> DataLoader:
         t, world = self.cfg.train, self.env.world_size
-        if t.batch_size % world:
-            raise ConfigError(f"batch_size {t.batch_size} must be a multiple of the {world} processes")
+        per_step = self._per_process_batch(world)
         if t.balance == "oversample":
             raise ConfigError("--balance oversample is not supported under torchrun; use --balance weights")
         sampler = DistributedSampler(train, num_replicas=world, rank=self.env.rank, shuffle=True, seed=self.cfg.seed)
-        return make_loader(train, t.batch_size // world, t.num_workers, self.device, sampler=sampler)
+        return make_loader(train, per_step, t.num_workers, self.device, sampler=sampler)
 
     def features(self) -> PhaseData:
         """Loaders over the frozen backbone's features. Under torchrun each process first
-        extracts its share of the uncached images into the shared cache, then every process
-        reads them all: each process trains the head on every training feature (as one
-        process would; their gradients agree) and validates its share."""
+        extracts its share of the uncached training images into the shared cache, then every
+        process reads them all: each process trains the head on every training feature (as
+        one process would; their gradients agree) and validates its part (which may be
+        empty: the outputs are gathered by row)."""
         if self._features is None:
-            loaders: list[DataLoader | None] = []
-            for split in (TRAIN, VALID):
-                paths, targets = self._targets(split)
-                if split == VALID and self.env.parallel:
-                    paths, targets = paths[self.env.rank:: self.env.world_size], targets[self.env.rank:: self.env.world_size]
-                loaders.append(self._feature_loader(paths, targets, shuffle=split == TRAIN) if paths else None)
-            assert loaders[0] is not None
-            self._features = PhaseData(loaders[0], loaders[1], on_features=True)
+            paths, targets = self._targets(TRAIN)
+            train = self._feature_loader(paths, targets, shuffle=True)
+            vpaths, vtargets = self._targets(VALID)
+            valid = None
+            if vpaths:
+                rows = self._part(vpaths)
+                valid = self._feature_loader([vpaths[i] for i in rows], vtargets[rows], shuffle=False,
+                                             ids=torch.as_tensor(rows, dtype=torch.long), shared=False)
+            self._features = PhaseData(train, valid, on_features=True, valid_rows=len(vpaths),
+                                       groups=group_keys(self.source.split(TRAIN)))
         return self._features
 
-    def _feature_loader(self, paths: list[str], targets: torch.Tensor, shuffle: bool) -> DataLoader:
+    def _part(self, paths: list[str]) -> list[int]:
+        """The rows of `paths` this process reads: every world-th file, or the samples of its
+        shards (each process reads only its own shards)."""
+        rank, world = self._world()
+        if world == 1:
+            return list(range(len(paths)))
+        if paths and is_shard_item(paths[0]):
+            mine = set(shard_share(paths, rank, world))
+            return [i for i, p in enumerate(paths) if p in mine]
+        return list(range(rank, len(paths), world))
+
+    def _feature_loader(self, paths: list[str], targets: torch.Tensor, shuffle: bool, ids: torch.Tensor | None = None,
+                        shared: bool = True) -> DataLoader:
+        """Features of `paths` (rows `ids` of the caller's list). `shared`: every process
+        needs all of them, so under torchrun each extracts its share into the cache first."""
         t = self.cfg.train
         cache = self._cache() if t.feature_cache else None  # the probe without a disk cache: in memory
-        if cache is not None and self.env.parallel:  # this process's share first, then everyone's from the cache
-            mine = paths[self.env.rank:: self.env.world_size]
-            _, stats = extract_features(self.model.backbone, mine, self.preprocess, self.device, cache, t.batch_size,
-                                        t.num_workers, t.channels_last)
+        if cache is not None and shared and self.env.parallel:  # this process's share first, then all from the cache
+            _, stats = extract_features(self.model.backbone, [paths[i] for i in self._part(paths)], self.preprocess,
+                                        self.device, cache, t.batch_size, t.num_workers, t.channels_last)
             self.feature_stats.append(stats)
             barrier(self.env)
         feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache, t.batch_size,
                                         t.num_workers, t.channels_last, memmap_dir=cache.dir if cache else None)
         self.feature_stats.append(stats)
         order = self._shuffle_args(targets) if shuffle else {}
-        return DataLoader(FeatureDataset(feats, targets), batch_size=t.batch_size, collate_fn=_as_batch, **order)
+        return DataLoader(FeatureDataset(feats, targets, ids), batch_size=t.batch_size, collate_fn=_as_batch, **order)

@@ -21,7 +21,7 @@ from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
 from visiontune.data.labels import label_text
 from visiontune.errors import DataError
-from visiontune.files import write_csv, write_json, write_text
+from visiontune.files import claim_dir, write_csv, write_json, write_text
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
@@ -63,16 +63,19 @@ class FitResult:
                 + display.table([[row.get(k, "") for k in keys] for row in self.history], keys, "history"))
 
 
-def score_items(result: FitResult, items: list[Item]) -> tuple[dict[str, float], EvalOutput]:
+def score_items(result: FitResult, items: list[Item], labels: list[int] | None = None) -> tuple[dict[str, float],
+                                                                                                EvalOutput]:
     """The task's metrics (and "loss") and the outputs of the trained model on `items`, e.g.
-    a held-out fold or a test split that no selection looked at."""
+    a held-out fold or a test split that no selection looked at; class averages over
+    `labels` (default: the classes present in `items`)."""
     setup = result.setup
     assert setup is not None, "score_items needs a FitResult from train_run"
     loader, on_features = setup.data.held_out(items)
     net = setup.model.head if on_features else setup.model
     out = run_eval(net, loader, setup.device, setup.task, channels_last=setup.cfg.train.channels_last,
                    precision=setup.cfg.train.precision)
-    return {**setup.task.metrics(out.targets, out.probs), "loss": out.loss}, out
+    out.require_all(len(items), [it.path for it in items])  # rows in the order of `items`, every one read
+    return {**setup.task.metrics(out.targets, out.probs, labels), "loss": out.loss}, out
 
 
 @dataclass
@@ -90,11 +93,11 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     `deadline` (time.perf_counter()) ends it on time (--time-budget)."""
     started = time.perf_counter() if started is None else started
     log.info("%s", source.summary())
-    if ckpt is not None and run_dir is not None:
-        check_same_data(run_dir, source, cfg.data.label_delim)
+    if run_dir is not None:
+        _check_resumed_data(run_dir, source, cfg.data.label_delim, restart=ckpt is None)
     setup = prepare_run(cfg, source, resuming=ckpt is not None)
     watch = choose_monitor(setup.cfg.train, source, setup.task)
-    run_dir = open_run_dir(setup, source, run_dir)
+    run_dir = open_run_dir(setup, source, run_dir, restart=ckpt is None)
     checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,
                             setup.cfg.train.min_delta, write=setup.env.is_main)
     stopper = _early_stopping(setup.cfg.train, watch)
@@ -172,14 +175,29 @@ def _default_task(source: DataSource) -> Task:
     return make_task("single-label", source.classes)
 
 
-def open_run_dir(setup: RunSetup, source: DataSource, run_dir: Path | None) -> Path:
+def _check_resumed_data(run_dir: Path, source: DataSource, delim: str, restart: bool) -> None:
+    """A run resumed from a checkpoint must see the data it started with (DataError
+    otherwise); one restarted in place (killed before its first checkpoint) starts from
+    nothing, so it only says what changed: its files are written again for the data now."""
+    try:
+        check_same_data(run_dir, source, delim)
+    except DataError as exc:
+        if not restart:
+            raise
+        log.warning("%s had no checkpoint yet and starts again on the data as it is now (%s)", run_dir, exc)
+
+
+def open_run_dir(setup: RunSetup, source: DataSource, run_dir: Path | None, restart: bool = False) -> Path:
     """A new run directory with the run's files (rank 0 only; other processes write to
-    os.devnull), or the resumed one with its config brought up to date."""
+    os.devnull); a run restarted in place gets them anew; a resumed one its config brought
+    up to date."""
     main = setup.env.is_main
     if run_dir is None:
         run_dir = new_run_dir(setup.cfg) if main else Path(os.devnull)
         if main:
             write_run_files(run_dir, setup, source)
+    elif main and restart:
+        write_run_files(run_dir, setup, source)
     elif main:
         write_config(run_dir, setup.cfg)
     if setup.model.warm_start and main:
@@ -227,6 +245,8 @@ def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None
     """Resuming must train on the images the run started with: the same classes, and the
     same (path, label, split) rows as its splits.csv. Anything else is refused, naming what
     changed."""
+    if not (run_dir / "classes.json").is_file():
+        return
     saved_classes = json.loads((run_dir / "classes.json").read_text())
     if saved_classes != source.classes:
         raise DataError(f"the data now has classes {source.classes} but the run to resume has {saved_classes}")
@@ -250,19 +270,16 @@ def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
+    """A run directory no other run has: `--name` (or time-backbone-strategy), with -2, -3...
+    when taken. Claimed by an exclusive mkdir, so two runs started in the same second (or
+    under one --name) never share one."""
     parent = Path(cfg.output)
     if cfg.name:
         name = cfg.name
     else:
         arch = cfg.model.backbone.split(":")[-1]
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{arch}-{cfg.strategy.name}"
-    run_dir = parent / name
-    suffix = 1
-    while (run_dir / "config.yaml").exists():
-        suffix += 1
-        run_dir = parent / f"{name}-{suffix}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return claim_dir(parent, name)
 
 
 def write_run_files(run_dir: Path, setup: RunSetup, source: DataSource) -> None:

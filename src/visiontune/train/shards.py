@@ -9,7 +9,8 @@ few at 10^6 images); shards are read memory-mapped. A shard is written to a temp
 name and renamed, then indexed in one transaction, so readers see whole shards only;
 concurrent writers (torchrun ranks) use unique shard names and SQLite's locking. A shard
 that fails to load (torn by a crash, deleted) drops out of the index and its vectors are
-computed again. Entries of the earlier layout (`<fingerprint>/<ab>/<digest>.npy`, one file
+computed again; any other failure (read-only, locked past `lock_wait()`, full) is the
+caller's to handle (FeatureCache turns the cache off). Entries of the earlier layout (`<fingerprint>/<ab>/<digest>.npy`, one file
 per image) are read when found and moved into shards as they are used. Safe to delete.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.files import save_entry, select_in
+from visiontune.files import lock_wait, save_entry, select_in
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class ShardStore:
             db.execute("CREATE TABLE IF NOT EXISTS vectors (digest TEXT PRIMARY KEY, shard TEXT, row INTEGER)")
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.dir / "index.sqlite", timeout=120)
+        return sqlite3.connect(self.dir / "index.sqlite", timeout=lock_wait())
 
     def get_many(self, digests: list[str]) -> dict[str, np.ndarray]:
         """The stored vectors among `digests` (torn or missing shards: left out, unindexed)."""

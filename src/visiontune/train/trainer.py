@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from visiontune.bundle import save_checkpoint
-from visiontune.errors import VisiontuneError
+from visiontune.errors import DataError, VisiontuneError
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, resolve_precision, seed_everything, to_device
 from visiontune.runtime.distributed import (
@@ -24,7 +26,7 @@ from visiontune.runtime.distributed import (
     broadcast_state,
     broadcast_tensors,
     gather,
-    reduce_mean,
+    reduce_totals,
     training_norm_buffers,
 )
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
@@ -37,6 +39,23 @@ from visiontune.train.schedules import lr_factor
 from visiontune.train.setup import RunSetup
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def batch_norm_for(net: nn.Module, images: int) -> Iterator[None]:
+    """A (micro-)batch of one image (the tail of an epoch, of a worker's stream, of a
+    micro-batched step) cannot give BatchNorm batch statistics: for it, the BatchNorm
+    layers in training mode use their running statistics, as at inference, instead of
+    failing; the image still trains the weights, and no process skips a step."""
+    training = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if images == 1 else []
+    for m in training:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.train()
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -128,7 +147,7 @@ class Trainer:
         running, seen = 0.0, 0
         bar = progress(data.train, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         loop_started = time.perf_counter()
-        for i, (x, y) in enumerate(bar):
+        for i, (x, y, *_) in enumerate(bar):  # (images, targets, rows): training needs no row numbers
             if self._out_of_time(self._validation_estimate(data, seen, time.perf_counter() - loop_started)):
                 log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
                 break
@@ -151,7 +170,12 @@ class Trainer:
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
-        return reduce_mean(running, seen, self.env, self.device)
+        running, images = reduce_totals(running, seen, self.env, self.device)
+        if images == 0 and not self._out_of_time(0.0):
+            raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
+                            f" ({len(data.train)} steps planned): the training data yielded nothing. Check that the "
+                            "shards hold the samples their index lists")
+        return running / max(1, images)
 
     def _validation_estimate(self, data: PhaseData, trained: int, seconds: float) -> float:
         """Seconds the coming validation will take: the last one's, or, where that ran on
@@ -164,19 +188,29 @@ class Trainer:
         return self.deadline is not None and time.perf_counter() + still_needed > self.deadline
 
     def fit_probe(self, data: PhaseData) -> float:
-        """Fit the head to convergence on this phase's training features (train/probe.py);
-        return its training loss."""
-        feats, targets = data.train.dataset.tensors  # type: ignore[attr-defined]
+        """Fit the head to convergence on this phase's training features (train/probe.py;
+        its C search keeps the run's groups whole); return its training loss."""
+        feats, targets, _ = data.train.dataset.tensors  # type: ignore[attr-defined]
         t = self.cfg.train
         start = head_linear(self.model.head)  # warm-started rows are the prior the fit is pulled towards
         fit = fit_probe(np.asarray(feats), targets.numpy(), multi_label=targets.ndim == 2, start=start,
-                        balanced=t.balance != "none", seed=self.cfg.seed)
+                        balanced=t.balance != "none", seed=self.cfg.seed, groups=data.groups)
         load_into(self.model.head, fit)
         log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)", len(targets),
-                 fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images per class to cross-validate")
-        with torch.inference_mode():
-            logits = self.model.head(torch.as_tensor(np.asarray(feats)).to(self.device))
-            return float(self.criterion(logits.float(), targets.to(self.device)).item())
+                 fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images or groups to cross-validate")
+        return self._head_loss(feats, targets)
+
+    @torch.inference_mode()
+    def _head_loss(self, feats: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> float:
+        """The head's mean training loss over the features, a chunk at a time on the device
+        (the whole matrix never is)."""
+        total, norm = 0.0, 0.0
+        for x, y in zip(feats.split(chunk), targets.split(chunk)):
+            y = y.to(self.device)
+            logits = self.model.head(torch.as_tensor(np.asarray(x)).to(self.device)).float()
+            total += float(self.criterion.total(logits, y).item())
+            norm += float(self.criterion.norm(y).item())
+        return total / max(norm, 1e-12)
 
     def net_for(self, data: PhaseData) -> nn.Module:
         """What the batches go through: the head alone on cached features, else the model
@@ -241,7 +275,7 @@ class Trainer:
         whole = size >= len(y)
         total = 0.0
         for xs, ys in zip(x.split(size), y.split(size)):
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.precision), batch_norm_for(net, len(xs)):
                 logits = net(xs)
             loss = criterion(logits.float(), ys) if whole else criterion.total(logits.float(), ys) / criterion.norm(y)
             if not torch.isfinite(loss):
@@ -298,7 +332,7 @@ class Trainer:
         metrics = {"train_loss": train_loss}
         data = self.data(self.state.phase)
         self.state.ema_held = False
-        if data.valid is None or len(data.valid.dataset) == 0:
+        if data.valid is None:  # no validation split (the same on every process)
             return metrics
         started = time.perf_counter()
         out, scores = self._evaluate(self.net_for(data), data)
@@ -314,8 +348,10 @@ class Trainer:
     def _evaluate(self, net: nn.Module, data: PhaseData) -> tuple[EvalOutput, dict[str, float]]:
         out = run_eval(net, data.valid, self.device, self.task, channels_last=self.cfg.train.channels_last,
                        precision=self.precision, micro=self.micro)
-        if self.env.launched:
-            out = merge_outputs(gather((out.loss * len(out.targets), out.targets, out.probs), self.env))
+        if self.env.launched:  # each process validated its part: rows put back in order
+            out = merge_outputs(gather((out.loss * len(out.targets) if len(out.targets) else 0.0, out.targets,
+                                        out.probs, out.ids), self.env))
+        out.require_all(data.valid_rows)
         return out, {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs)}
 
     def _better(self, a: dict[str, float], b: dict[str, float]) -> bool:
