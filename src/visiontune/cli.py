@@ -148,6 +148,8 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-pixels", type=int, default=50_000_000,
                    help="refuse images whose header announces more pixels (413), before decoding (50000000)")
+    p.add_argument("--max-pending", type=int, default=64,
+                   help="requests decoding or waiting for the model at once; more get 503 + Retry-After (64)")
 
 
 def _add_share_commands(sub: Any) -> None:

@@ -182,7 +182,7 @@ def push_run(args: argparse.Namespace) -> int:
 
 def serve_run(args: argparse.Namespace) -> int:
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.run, args.host, args.port, args.top_k, args.max_pixels)
+    serve(args.run, args.host, args.port, args.top_k, args.max_pixels, args.max_pending)
     return 0
 
 

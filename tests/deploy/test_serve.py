@@ -189,3 +189,62 @@ def test_inference_does_not_block_the_page_and_concurrent_requests_are_batched(
     assert results == [200] * 5
     assert page_seconds < 0.5  # the page does not wait for the model
     assert len(batches) <= 3 and sum(batches) == 5 and total < 3.5  # not five 1 s runs one after another
+
+
+def test_an_image_pil_takes_for_a_decompression_bomb_is_413_not_415(run: Path, tmp_path: Path) -> None:
+    """Past PIL's own limit (2 x 89.5 megapixels) PIL raises DecompressionBombError itself, even
+    when --max-pixels allows more: too large, not "not an image"."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from visiontune.deploy.serve import create_app
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (15000, 15000)).save(bomb, optimize=True)  # 225 megapixels
+    client = TestClient(create_app(run, max_pixels=10**9), raise_server_exceptions=False)
+    r = client.post("/api/predict", files={"file": ("bomb.png", bomb.read_bytes(), "image/png")})
+    assert r.status_code == 413 and "too large an image" in r.json()["detail"]
+
+
+def test_decodes_and_the_backlog_are_bounded_and_a_full_server_answers_503(
+        run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from visiontune.deploy import serve
+
+    decoding, most = [0], [0]
+    real_load, lock = serve.load_rgb, threading.Lock()
+
+    def slow_load(*args, **kwargs):  # a slow decoder, counted
+        with lock:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        time.sleep(0.3)
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(serve, "load_rgb", slow_load)
+    port, server, thread = _start(serve.create_app(run, max_pending=4, max_decodes=2))
+    red = make_image(tmp_path / "red.png", (220, 40, 40), seed=5).read_bytes()
+    answers: list[httpx.Response] = []
+    try:
+        def post() -> None:
+            answers.append(httpx.post(f"http://127.0.0.1:{port}/api/predict",
+                                      files={"file": ("r.png", red, "image/png")}, timeout=30))
+
+        posts = [threading.Thread(target=post) for _ in range(10)]
+        for t in posts:
+            t.start()
+        for t in posts:
+            t.join()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    codes = sorted(r.status_code for r in answers)
+    assert most[0] == 2  # never more than max_decodes images decoded at once
+    assert codes.count(200) >= 4 and codes.count(503) >= 1 and set(codes) == {200, 503}, codes
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]

@@ -7,9 +7,13 @@ Built to stay responsive under load on a small machine:
 - an image whose header announces more than `max_pixels` pixels is refused (413) before
   it is decoded (a 17 KB PNG can announce 144 megapixels); anything that does not decode
   as an image gets 415; every refusal has a JSON `detail`;
-- decoding runs in the thread pool and inference in one model thread that batches the
-  requests waiting at that moment (up to `max_batch`), so the event loop never blocks:
-  the page and other requests are answered while the model works.
+- an image PIL itself takes for a decompression bomb (past its own limit) gets 413 too;
+- decoding runs in the thread pool, at most `max_decodes` at once (a decoded 50 MP image is
+  150 MB), and inference in one model thread that batches the requests waiting at that
+  moment (up to `max_batch`), so the event loop never blocks: the page and other requests
+  are answered while the model works;
+- at most `max_pending` requests are decoding or waiting for the model at once; past that a
+  request gets 503 with Retry-After at once, so the backlog (and its memory) stays bounded.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from visiontune.bundle import Bundle, load_bundle
 from visiontune.data.images import TooManyPixels, load_rgb
@@ -35,6 +40,8 @@ from visiontune.errors import VisiontuneError
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 48 MP phone photo fits; a 12000 x 12000 decompression bomb does not
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a request body
+MAX_PENDING = 64  # requests decoding or waiting for the model; more get 503 + Retry-After
+RETRY_AFTER_S = 1
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune</title>
 <style>body{font-family:system-ui,sans-serif;max-width:640px;margin:3em auto}
@@ -162,7 +169,9 @@ class BatchPredictor:
 
 
 def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS) -> Any:
+               max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, max_decodes: int | None = None) -> Any:
+    """The app (see the module docstring); `max_decodes`: images decoded at once (default:
+    the CPU count)."""
     try:
         from fastapi import FastAPI, HTTPException, UploadFile
         from fastapi.concurrency import run_in_threadpool
@@ -180,7 +189,7 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
     def decode(data: bytes, name: str | None) -> torch.Tensor:
         try:
             return transform(load_rgb(io.BytesIO(data), side, max_pixels=max_pixels))
-        except TooManyPixels as exc:
+        except (TooManyPixels, Image.DecompressionBombError) as exc:
             raise HTTPException(413, f"{name!r} is too large an image: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
             raise HTTPException(415, f"{name!r} is not an image we can read ({type(exc).__name__})") from None
@@ -189,22 +198,35 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
     async def index() -> str:
         return page
 
+    decodes = asyncio.Semaphore(max_decodes or os.cpu_count() or 2)
+    pending = 0  # requests admitted and not answered yet (the event loop's thread only)
+
     @app.post("/api/predict")
     async def predict(file: UploadFile) -> dict[str, Any]:
-        data = await file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(413, f"upload larger than {max_bytes} bytes")
-        x = await run_in_threadpool(decode, data, file.filename)
-        decoded = await asyncio.wrap_future(predictor.submit(x))
+        nonlocal pending
+        if pending >= max_pending:
+            raise HTTPException(503, f"busy: {pending} images are waiting to be classified; retry shortly",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        pending += 1
+        try:
+            data = await file.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise HTTPException(413, f"upload larger than {max_bytes} bytes")
+            async with decodes:
+                x = await run_in_threadpool(decode, data, file.filename)
+            decoded = await asyncio.wrap_future(predictor.submit(x))
+        finally:
+            pending -= 1
         return {"file": file.filename, **decoded}
 
     return LimitRequestBody(app, max_bytes + MULTIPART_SLACK)
 
 
 def serve(run: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, top_k: int = 3,
-          max_pixels: int = MAX_PIXELS) -> None:
+          max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING) -> None:
     try:
         import uvicorn
     except ImportError:
         raise VisiontuneError("serve needs uvicorn: pip install 'visiontune[serve]'") from None
-    uvicorn.run(create_app(run, top_k, max_pixels=max_pixels), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending), host=host, port=port,
+                log_level="warning")
