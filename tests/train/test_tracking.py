@@ -133,3 +133,32 @@ def test_a_resumed_run_continues_its_mlflow_run(flat_data: Path, tmp_path: Path,
     (run,) = client.search_runs([exp])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
     assert run.info.status == "FINISHED"
+
+
+def test_credentials_in_the_tracking_uri_are_never_written_or_printed(
+        flat_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A store URI with a token (MLflow's file store takes the query string) is used as
+    given but written to tracking.json without it; a resumed run still finds its MLflow
+    run; a store that fails is named in the warning without its password."""
+    from conftest import StopAfter
+    from visiontune.train.tracking import log_artifact_to_run
+
+    uri = (tmp_path / "mlruns").as_uri() + "?token=s3cr3t-token"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    part = vt.fit(flat_data, **dict(FINETUNE, epochs=3), output=str(tmp_path / "runs"), track="mlflow",
+                  callbacks=[StopAfter(2)])
+    recorded = (Path(part.run_dir) / "tracking.json").read_text()
+    assert "s3cr3t" not in recorded and "token=***" in recorded
+    vt.fit(resume=part.run_dir)
+    (tmp_path / "note.txt").write_text("attached later")
+    log_artifact_to_run(part.run_dir, tmp_path / "note.txt")
+    client, exp = _client(uri)
+    (run,) = client.search_runs([exp])  # the resumed run went on in the same MLflow run
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
+    assert "note.txt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert not [f for f in Path(part.run_dir).rglob("*") if f.is_file() and b"s3cr3t" in f.read_bytes()]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://alice:hunter2@127.0.0.1:9/mlflow")
+    with caplog.at_level(logging.WARNING):
+        vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow")
+    assert "127.0.0.1:9" in caplog.text and "hunter2" not in caplog.text and "***@" in caplog.text

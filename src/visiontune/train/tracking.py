@@ -27,6 +27,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,7 +111,7 @@ class ParentRun:
             self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
             _log_params(self.client, self.run_id, params)
         except Exception as exc:  # noqa: BLE001 - tracking never stops the work
-            log.warning("mlflow: parent run not created (%s); the runs are tracked without it", exc)
+            log.warning("mlflow: parent run not created (%s); the runs are tracked without it", redact(exc))
             self.run_id = None
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -119,7 +120,7 @@ class ParentRun:
         try:
             _log_metrics(self.client, self.run_id, metrics, step=0)
         except Exception as exc:  # noqa: BLE001
-            log.warning("mlflow: parent run metrics not logged (%s)", exc)
+            log.warning("mlflow: parent run metrics not logged (%s)", redact(exc))
 
     def end(self, status: str) -> None:
         if self.run_id is not None:
@@ -134,6 +135,34 @@ def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int)
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)])
+
+
+SECRET_QUERY_KEYS = re.compile(r"(?i)(pass(word)?|pwd|token|secret|key|sig(nature)?|credential|auth)")
+
+
+def redact(text: Any) -> str:
+    """`text` (a URI, or a message quoting one) without credentials: the user:password@ of
+    every URL and the values of password/token/secret/key... query parameters become ***.
+    Tracking URIs are redacted wherever visiontune writes or prints them."""
+    text = re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", r"\1***@", str(text))
+
+    def query(match: re.Match[str]) -> str:
+        key = match.group(2)
+        return f"{match.group(1)}{key}=***" if SECRET_QUERY_KEYS.search(key) else match.group(0)
+
+    return re.sub(r"([?&;])([^=&;\s#]+)=([^&;\s#]*)", query, text)
+
+
+def _store_uri(recorded: str) -> str:
+    """The store a tracking.json names. It is recorded without credentials: the store's URI
+    with them is $MLFLOW_TRACKING_URI when that is the same store."""
+    current = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if current and redact(current) == recorded:
+        return current
+    if "***" in recorded:
+        raise ValueError(f"tracking.json names the store {recorded}; set MLFLOW_TRACKING_URI to it (with its "
+                         "credentials, which are not kept in the run directory)")
+    return recorded
 
 
 def _tracked_run(run_dir: Path) -> dict[str, str] | None:
@@ -169,7 +198,7 @@ class Tracker(Callback):
         except Exception as exc:  # noqa: BLE001 - tracking never stops training
             self.alive = False
             log.warning("%s tracking failed while %s (%s: %s); training goes on without it, the run directory has "
-                        "everything", self.name, what, type(exc).__name__, exc)
+                        "everything", self.name, what, type(exc).__name__, redact(exc))
 
     def on_fit_start(self, trainer: TrainerView) -> None:
         self._safely("starting", self.start, trainer)
@@ -248,14 +277,14 @@ class MlflowTracker(Tracker):
             tags["mlflow.parentRunId"] = parent
         self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
         _log_params(self.client, self.run_id, flat_params(self.cfg))
-        (self.run_dir / "tracking.json").write_text(json.dumps(
-            {"mlflow": {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}}))
+        (self.run_dir / "tracking.json").write_text(json.dumps(  # no credentials in a file that gets shared
+            {"mlflow": {"run_id": self.run_id, "tracking_uri": redact(self.client.tracking_uri)}}))
 
     def _previous_run(self) -> str | None:
         """The MLflow run this run directory was tracked in before (a resumed run), if any
         and if it is in the same store."""
         entry = _tracked_run(self.run_dir)
-        if entry is None or entry.get("tracking_uri") != self.client.tracking_uri:
+        if entry is None or entry.get("tracking_uri") != redact(self.client.tracking_uri):
             return None
         return str(entry["run_id"])
 
@@ -296,6 +325,6 @@ def log_artifact_to_run(run_dir: str | os.PathLike[str], path: str | os.PathLike
         from mlflow.tracking import MlflowClient
 
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        MlflowClient(tracking_uri=entry["tracking_uri"]).log_artifact(entry["run_id"], str(path))
+        MlflowClient(tracking_uri=_store_uri(entry["tracking_uri"])).log_artifact(entry["run_id"], str(path))
     except Exception as exc:  # noqa: BLE001
-        log.warning("mlflow: %s not attached to the run (%s)", path, exc)
+        log.warning("mlflow: %s not attached to the run (%s)", path, redact(exc))
