@@ -180,3 +180,17 @@ def test_class_only_in_valid_is_an_error(tmp_path: Path) -> None:
     make_class_folders(tmp_path / "d" / "valid", {"red": 1, "blue": 1})
     with pytest.raises(DataError, match=r"\['blue'\].*not in train"):
         load_items(DataConfig(path=str(tmp_path / "d")))
+
+
+def test_a_relative_csv_is_the_one_in_data_before_one_in_the_current_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 3})
+    (root / "labels.csv").write_text("path,label\n" + "".join(
+        f"{c}/{c}_{i:03d}.png,{c}\n" for c in ("red", "green") for i in range(3)))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "labels.csv").write_text("path,label\nred/red_000.png,green\nred/red_001.png,green\n")
+    monkeypatch.chdir(elsewhere)
+    source = load_items(DataConfig(path=str(root), csv="labels.csv", valid_pct=0.0))
+    assert len(source.items) == 6 and {it.label for it in source.items} == {"red", "green"}
+    assert "not ./labels.csv in the current folder" in caplog.text

@@ -74,11 +74,43 @@ def test_predict_engine_onnx_exports_once_matches_torch_and_auto_reuses_only_a_c
     assert max(abs(a.prob - b.prob) for a, b in zip(by_onnx, by_torch)) < 1e-4
     assert _engine_of(run_dir, "auto", 10) == "onnx"  # a current export is used whatever the count
     weights = run_dir / "model.safetensors"
-    later = (run_dir / "model.onnx").stat().st_mtime + 10
-    os.utime(weights, (later, later))  # the weights changed after the export (resume, retrain)
+    before = (run_dir / "model.onnx").stat().st_mtime_ns
+    _other_weights(weights)  # the weights changed after the export (resume, retrain), their time set back
+    os.utime(weights, ns=(before - 10**10, before - 10**10))
     assert _engine_of(run_dir, "auto", 10) == "torch"
     with pytest.raises(vt.ConfigError, match="engine 'tpu' unknown"):
         _engine_of(run_dir, "tpu", 10)
+
+
+def _other_weights(path: Path) -> None:
+    """Rewrite a model file with different head weights, its metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    for k in tensors:
+        if k.startswith("head") and tensors[k].is_floating_point():
+            tensors[k] = -2 * tensors[k]  # other predictions, not just other bytes
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_predict_from_another_weights_file_never_runs_the_runs_own_onnx_export(run, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir, data = tmp_path / "run", run[1]
+    shutil.copytree(run[0], run_dir)
+    export(run_dir, "onnx")  # model.onnx of model.safetensors
+    other = run_dir / "other.safetensors"
+    shutil.copy(run_dir / "model.safetensors", other)
+    _other_weights(other)
+    by_torch, _ = vt.predict(other, data, engine="torch")
+    by_onnx, _ = vt.predict(other, data, engine="onnx")
+    assert max(abs(a.probs[c] - b.probs[c]) for a, b in zip(by_onnx, by_torch) for c in a.probs) < 1e-4
+    assert (run_dir / "other.onnx").is_file() and _engine_of(other, "auto", 10) == "onnx"
+    own, _ = vt.predict(run_dir, data, engine="onnx")
+    assert max(abs(a.probs[c] - b.probs[c]) for a, b in zip(own, by_torch) for c in a.probs) > 1e-3
 
 
 def test_onnx_and_pt2_exports_emit_no_deprecation_warnings(run, tmp_path: Path) -> None:

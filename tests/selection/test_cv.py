@@ -144,3 +144,15 @@ def test_compare_with_folds_reports_mean_and_std(flat_data: Path, tmp_path: Path
                       **dict(tiny, epochs=10, lr=0.1, output=str(tmp_path / "cmp")))
     assert rows[0].accuracy_std is not None and rows[0].accuracy >= 0.8  # red vs green on frozen features
     assert "+-" in format_compare(rows) and "3-fold CV" in format_compare(rows)
+
+
+def test_a_class_too_small_for_an_inner_split_is_refused_before_any_fold_trains(tmp_path: Path, tiny: dict) -> None:
+    """2 images of a class allow 2 folds, but each fold's training part then holds one of
+    them, which an inner validation split cannot divide: said up front, with the way out."""
+    data = make_class_folders(tmp_path / "d", {"red": 8, "green": 2})
+    with pytest.raises(vt.DataError, match="--selection last"):
+        vt.cross_validate(data, folds=5, **dict(tiny, strategy="feature-extract", output=str(tmp_path / "cv")))
+    assert not (tmp_path / "cv").exists() or not list((tmp_path / "cv").rglob("model.safetensors"))
+    result = vt.cross_validate(data, folds=5, selection="last",
+                               **dict(tiny, strategy="feature-extract", output=str(tmp_path / "cv")))
+    assert result.num_folds == 2

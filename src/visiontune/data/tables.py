@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from visiontune.errors import DataError
 VALID_DIR_NAMES = ("valid", "val", "validation")
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_name", "fname")
 LABEL_COLUMNS = ("label", "class", "target", "category", *MULTI_LABEL_COLUMNS)
+
+log = logging.getLogger(__name__)
 
 
 def read_path_column(path: str, what: str) -> list[list[str]]:
@@ -29,9 +32,21 @@ def read_path_column(path: str, what: str) -> list[list[str]]:
     return rows
 
 
+def _locate_csv(root: Path, csv_path: Path) -> Path:
+    """A relative --csv names a file in DATA first (`train DATA --csv labels.csv`), then in
+    the current folder; when both exist, DATA's is used and the other named in a warning."""
+    if csv_path.is_absolute() or str(root) in ("", ".") or not root.is_dir():
+        return csv_path
+    in_data = root / csv_path
+    if in_data.is_file():
+        if csv_path.is_file() and not os.path.samefile(csv_path, in_data):
+            log.warning("--csv %s: using %s (in DATA), not ./%s in the current folder", csv_path, in_data, csv_path)
+        return in_data
+    return csv_path
+
+
 def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
-    if not csv_path.is_absolute() and not csv_path.exists() and root.is_dir():
-        csv_path = root / csv_path
+    csv_path = _locate_csv(root, csv_path)
     if not csv_path.is_file():
         raise DataError(f"label file {str(csv_path)!r} does not exist")
     base = root if str(root) not in ("", ".") and root.is_dir() else csv_path.parent

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.bundle import Bundle, load_bundle
+from visiontune.bundle import Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import ConfigError, VisiontuneError
-from visiontune.files import atomic_write
+from visiontune.files import atomic_write, file_digest
 from visiontune.tasks.catalog import make_task
 from visiontune.version import __version__
 
@@ -51,7 +51,7 @@ class ExportResult:
     max_abs_diff: float
 
 
-def _metadata(bundle: Bundle) -> dict[str, str]:
+def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
     cfg = bundle.config
     return {
         "visiontune_version": __version__,
@@ -59,6 +59,7 @@ def _metadata(bundle: Bundle) -> dict[str, str]:
         "preprocess": json.dumps(bundle.preprocess.to_dict()),
         "backbone": cfg.model.backbone if cfg else "",
         "task": json.dumps(bundle.task.metadata()),
+        "weights_digest": file_digest(weights),  # which weights file this export is of (onnx_engine)
     }
 
 
@@ -71,12 +72,13 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
 
         folder, diff = export_timm(run, output)
         return ExportResult(str(folder), format, diff)
-    bundle = load_bundle(run)
+    weights = model_file(run)
+    bundle = load_bundle(weights)
     model = bundle.model.to(memory_format=torch.contiguous_format).eval()
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    target = Path(output) if output else Path(bundle.path) / f"model{FORMATS[format]}"
-    meta = _metadata(bundle)
+    target = Path(output) if output else weights.with_suffix(FORMATS[format])  # model.safetensors -> model.onnx
+    meta = _metadata(bundle, weights)
     if format == "onnx":
         _export_onnx(model, example, target, meta, opset)
     elif format == "pt2":
@@ -188,35 +190,44 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
-def current_onnx(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The run's model.onnx when it was exported from the current weights (not older than
-    model.safetensors: a resumed or retrained run makes an old export stale)."""
-    onnx_file, weights = Path(run_dir) / "model.onnx", Path(run_dir) / "model.safetensors"
-    if onnx_file.is_file() and weights.is_file() and onnx_file.stat().st_mtime >= weights.stat().st_mtime:
-        return onnx_file
-    return None
+def current_onnx(weights: str | os.PathLike[str]) -> Path | None:
+    """The ONNX export of the weights file `weights` (beside it: model.safetensors ->
+    model.onnx) when it was exported from exactly these weights: the digest of the weights
+    it records must match the file's now (a resumed, retrained or replaced model makes an
+    old export stale, whatever the files' times say)."""
+    onnx_file = Path(weights).with_suffix(".onnx")
+    if not onnx_file.is_file() or not Path(weights).is_file():
+        return None
+    try:
+        import onnx
+
+        recorded = {m.key: m.value for m in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - an unreadable export is no export
+        return None
+    return onnx_file if recorded.get("weights_digest") == file_digest(weights) else None
 
 
 def onnx_engine(run: str | os.PathLike[str], engine: str, images: int) -> Bundle | None:
     """The run as an ONNX Runtime bundle when `engine` asks for it, else None (PyTorch).
 
-    "onnx": always (exports model.onnx into the run once, if missing or stale). "auto": when
-    a current model.onnx exists, or when onnx + onnxruntime are installed and there are at
-    least ONNX_MIN_IMAGES images; an export that fails then falls back to PyTorch with a
-    warning. ONNX Runtime ran the CPU forward pass at ~1.1x eager PyTorch (bench/speed.py).
+    "onnx": always (exports the weights file once, beside it: model.safetensors ->
+    model.onnx, if missing or not of these weights). "auto": when a current export exists,
+    or when onnx + onnxruntime are installed and there are at least ONNX_MIN_IMAGES images;
+    an export that fails then falls back to PyTorch with a warning. bench/RESULTS.md has the
+    measured speed of ONNX Runtime against eager PyTorch on this CPU.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} unknown; choose one of {', '.join(ENGINES)}")
-    run_dir = Path(run).parent if Path(run).is_file() else Path(run)
-    if engine == "torch" or not run_dir.is_dir():
+    if engine == "torch":
         return None
-    existing = current_onnx(run_dir)
+    weights = model_file(run)  # the run's model.safetensors, or the weights file asked for
+    existing = current_onnx(weights) if onnx_available() else None
     if engine == "auto" and (not onnx_available() or (existing is None and images < ONNX_MIN_IMAGES)):
         return None
     try:
-        return load_exported(existing or export(run_dir, "onnx").path)
+        return load_exported(existing or export(weights, "onnx").path)
     except (VisiontuneError, OSError) as exc:
         if engine == "onnx":
             raise
-        log.warning("predicting with PyTorch: ONNX Runtime not usable for %s (%s)", run_dir, exc)
+        log.warning("predicting with PyTorch: ONNX Runtime not usable for %s (%s)", weights, exc)
         return None

@@ -18,9 +18,11 @@ backbone features once for all folds.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,10 @@ import numpy as np
 from visiontune import display
 from visiontune.config import RunConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
-from visiontune.data.labels import label_text
+from visiontune.data.labels import is_multi, label_text
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 from visiontune.files import claim_dir, write_csv, write_json
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.tasks.catalog import TASKS, make_task
@@ -94,6 +96,8 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
         cfg = RunConfig.create(config, **overrides)
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     k = fold_count([it.label for it in pool], folds)
+    if selection == "inner":
+        _check_inner_split(pool, k)
     headline = TASKS[source.task].headline
     out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
     probs = np.zeros((len(pool), len(source.classes)), dtype=np.float64)
@@ -120,6 +124,18 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
                                              "labels_averaged": [source.classes[i] for i in scored]})
     return CVResult(rows, mean, std, str(oof_path), str(out_dir), k, probs, [it.path for it in pool],
                     [it.label for it in pool], source.classes, time.perf_counter() - started, selection, headline)
+
+
+def _check_inner_split(pool: list[Item], folds: int) -> None:
+    """selection "inner" splits each fold's training part again, which needs two images of
+    every class there: a class of n images leaves n - ceil(n / folds) in a training part.
+    Too few is refused before any fold trains."""
+    counts = Counter(it.label for it in pool if not is_multi(it.label))
+    short = sorted(c for c, n in counts.items() if n - math.ceil(n / folds) < 2)
+    if short:
+        raise DataError(f"classes {short[:10]} have too few images for {folds}-fold cv with an inner validation "
+                        f"split (each fold's training part needs 2 images of every class: at least 3 per class "
+                        "overall); add images, or use --selection last (a fixed epoch budget, no inner split)")
 
 
 def common_labels(pool: list[Item], folds: list[np.ndarray], source: DataSource) -> list[int]:
