@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
 from visiontune.selection.advisor import resolve_strategy
-from visiontune.selection.budget import plan_budget
+from visiontune.selection.budget import BudgetPlan, plan_budget
 from visiontune.tasks.base import UNREADABLE, row_markers
 from visiontune.train.callbacks import Callback
 from visiontune.train.session import FitResult, train_run
@@ -71,11 +72,23 @@ def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] |
     plan = plan_budget(cfg, source, budget, started)
     log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,
              plan.epochs, plan.image_size, plan.expected_s, "; ".join(plan.reasons))
-    result = train_run(RunConfig.create(cfg, **plan.overrides()), source, callbacks=callbacks, started=started,
-                       deadline=started + budget)
+    result = train_run(RunConfig.create(cfg, **plan.overrides()), source,
+                       callbacks=[*(callbacks or []), _PlanWriter(plan)], started=started, deadline=started + budget)
     write_json(Path(result.run_dir) / "time_budget.json",
                {**plan.as_dict(), "actual_s": time.perf_counter() - started})
     return result
+
+
+class _PlanWriter(Callback):
+    """time_budget.json (the plan) into the run directory when training starts, so a run
+    killed on the way and resumed still has it (completed with the time taken at the end)."""
+
+    def __init__(self, plan: BudgetPlan) -> None:
+        self.plan = plan
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if trainer.env.is_main:
+            write_json(Path(trainer.run_dir) / "time_budget.json", self.plan.as_dict())
 
 
 def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: LabelFunc | None,
@@ -90,8 +103,12 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     else:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
         ckpt = None
-    return train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir), run_dir=run_dir,
-                     ckpt=ckpt, callbacks=callbacks)
+    result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
+                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks)
+    budget_file = run_dir / "time_budget.json"
+    if cfg.train.time_budget and budget_file.is_file():  # the plan, with the time taken over every session
+        write_json(budget_file, {**json.loads(budget_file.read_text()), "actual_s": result.seconds, "resumed": True})
+    return result
 
 
 # -- evaluate ---------------------------------------------------------------------------

@@ -129,6 +129,8 @@ class ModelConfig:
     weights: str = option("pretrained", "pretrained | none | PATH to a .pth/.pt/.safetensors state dict | "
                                         "local-dir:DIR or hf-hub:USER/NAME (a folder in timm's Hub layout, e.g. from "
                                         "export --format timm)")
+    trust_pickle: bool = option(False, "let --weights local-dir:/hf-hub: load .bin/.pth pickle weights when the "
+                                       "folder has no safetensors (a pickle can run code: only files you trust)")
     image_size: int | None = option(None, "input size in pixels (default: the backbone's own)", ge=8)
     drop_path: float = option(0.0, "stochastic depth rate of a timm backbone (timm's drop_path_rate)", ge=0.0, lt=1.0)
     head_hidden: int = option(0, "hidden units in the head; 0: a single linear layer", ge=0)

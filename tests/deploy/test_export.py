@@ -180,3 +180,29 @@ def test_push_and_hf_hub_weights_fail_fast_offline(run, tmp_path: Path, capsys: 
                               output=str(tmp_path / "r")))
     assert time.perf_counter() - started < 30
     assert not (run[0] / "timm").exists()  # nothing written before failing
+
+
+def test_a_hub_folder_with_pickle_weights_only_is_refused_unless_trusted(
+        run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """timm would unpickle pytorch_model.bin (older timm with weights_only=False): a pickle
+    can run code, so such a folder needs --trust-pickle; then it loads the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from visiontune.bundle import load_bundle
+
+    run_dir, data = run
+    hub = tmp_path / "hub"
+    export(run_dir, "timm", hub)
+    torch.save(load_file(str(hub / "model.safetensors")), hub / "pytorch_model.bin")
+    (hub / "model.safetensors").unlink()
+    kw = dict(TINY, strategy="feature-extract", epochs=1, weights=f"local-dir:{hub}")
+    with pytest.raises(vt.ConfigError, match=r"pickle weights only \(pytorch_model.bin\).*--trust-pickle"):
+        vt.fit(data, **kw, output=str(tmp_path / "refused"))
+    assert not list(tmp_path.glob("refused/*/model.safetensors"))
+    trusted = vt.fit(data, **kw, trust_pickle=True, output=str(tmp_path / "trusted"))
+    body, fine_tuned = load_bundle(trusted.run_dir).model.backbone.state_dict(), load_bundle(run_dir).model.backbone
+    assert all(torch.equal(v, body[k]) for k, v in fine_tuned.state_dict().items())  # the folder's weights
+    assert main(["train", str(data), "--weights", f"local-dir:{hub}", "--backbone", "timm:test_efficientnet",
+                 "--image-size", "32", "--strategy", "feature-extract", "--output", str(tmp_path / "cli")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err

@@ -17,12 +17,12 @@ from visiontune.train.trainer import Trainer
 
 # 400 train + 100 valid images at 224 px: 20 ms per image to extract, 100 ms per training step image
 COSTS = Costs(extract_per_image=0.02, step_per_image=0.1, images_to_extract=500, train_images=400,
-              valid_images=100, input_size=224)
+              valid_images=100, input_size=224, probe_fit_s=2.8)
 
 
 def test_the_plan_fits_fine_tuning_epochs_after_the_probe() -> None:
     probe, epoch = COSTS.probe_seconds(), COSTS.epoch_seconds()
-    assert probe == pytest.approx(500 * 0.02 + 2.0 + 0.002 * 400) and epoch == pytest.approx(42.0)
+    assert probe == pytest.approx(500 * 0.02 + 2.8) and epoch == pytest.approx(42.0)
     plan = decide_plan(COSTS, "gradual", "why", budget_s=600, spent=20)
     expected = int((600 * 0.97 - 20 - probe) // epoch)
     assert (plan.strategy, plan.epochs, plan.image_size) == ("gradual", expected + 1, 224)
@@ -35,8 +35,11 @@ def test_a_tight_budget_shrinks_the_image_then_falls_back_to_the_probe() -> None
     probe_only = decide_plan(COSTS, "gradual", "why", budget_s=40, spent=5)
     assert (probe_only.strategy, probe_only.epochs) == ("feature-extract", 1)
     assert "the converged probe alone" in probe_only.reasons[-1]
+    small_probe = decide_plan(COSTS, "gradual", "why", budget_s=12, spent=2)  # the probe at 224 px does not fit
+    assert (small_probe.strategy, small_probe.image_size) == ("feature-extract", 160)
+    assert small_probe.expected_s <= 12 * 0.97 and "features at 160 px" in small_probe.reasons[-1]
     with pytest.raises(vt.ConfigError, match="too short"):
-        decide_plan(COSTS, "gradual", "why", budget_s=10, spent=5)
+        decide_plan(COSTS, "gradual", "why", budget_s=6, spent=5)
     generous = decide_plan(COSTS, "finetune", "why", budget_s=10**6, spent=5)
     assert generous.epochs == MAX_EPOCHS + 1
     assert decide_plan(COSTS, "feature-extract", "why", 600, 5).strategy == "feature-extract"
@@ -78,3 +81,93 @@ def test_a_run_with_a_time_budget_ends_on_time(flat_data: Path, tmp_path: Path, 
     assert 0.9 * 15 <= took <= 15 * 1.05  # it used the budget, and ended on time
     assert plan["budget_s"] == 15
     assert vt.RunConfig.create(None, time_budget="1h30m").train.time_budget == 5400.0
+
+
+def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a batch is part of what an epoch costs: a slow decoder (50 ms an image) shows."""
+    from visiontune.config import RunConfig
+    from visiontune.data import loaders
+    from visiontune.data.sources import load_items
+    from visiontune.selection.costs import measure_costs
+
+    real = loaders.load_rgb
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    cfg = RunConfig.create(None, path=str(flat_data), **tiny)
+    source = load_items(cfg.data)
+    quick = measure_costs(cfg, source)
+    monkeypatch.setattr(loaders, "load_rgb", slow)
+    slowed = measure_costs(cfg, source)
+    assert slowed.extract_per_image >= quick.extract_per_image + 0.04
+    assert slowed.step_per_image >= quick.step_per_image + 0.04
+
+
+def test_the_probes_cost_grows_with_classes_and_feature_width() -> None:
+    from visiontune.train.probe import estimate_seconds
+
+    small, wide = estimate_seconds(2000, 64, 2, False), estimate_seconds(2000, 1280, 50, False)
+    assert wide > 3 * small > 0
+    assert estimate_seconds(20000, 256, 5, False) > 3 * estimate_seconds(2000, 256, 5, False)
+
+
+def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import torch
+
+    from conftest import make_class_folders
+    from visiontune.config import RunConfig
+    from visiontune.data import loaders
+    from visiontune.models.classifier import create_classifier
+    from visiontune.train import probe
+    from visiontune.train.features import extract_features
+
+    data = make_class_folders(tmp_path / "d", {"red": 20, "green": 20})
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    cfg = RunConfig.create(None, path=str(data), backbone="timm:test_efficientnet", weights="none", image_size=32)
+    model, pre = create_classifier(cfg.model, 2)
+    real = loaders.load_rgb
+    monkeypatch.setattr(loaders, "load_rgb", lambda *a, **k: time.sleep(0.05) or real(*a, **k))  # 50 ms an image
+    started = time.perf_counter()
+    feats, stats = extract_features(model.backbone, paths, pre, torch.device("cpu"), None, batch_size=4,
+                                    num_workers=0, deadline=started + 0.8)
+    assert time.perf_counter() - started < 1.4
+    assert 0 < len(stats.left_out) < 40 and stats.misses == 40 - len(stats.left_out)
+    assert stats.left_out != list(range(40 - len(stats.left_out), 40))  # a random sample is left out, not the tail
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 2, 300)
+    fit = probe.fit_probe(x, y, multi_label=False, deadline=time.perf_counter() - 1)  # already past
+    assert fit.c == probe.SEARCH_ORDER[0] and fit.folds == 5 and np.allclose(fit.weight, 0)  # one C, no fit
+
+
+def test_a_resumed_run_keeps_what_is_left_of_its_time_budget(flat_data: Path, tmp_path: Path, tiny: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import StopAfter
+    from visiontune.selection import budget
+
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, net, x, y, **kw: time.sleep(0.15) or real(self, net, x, y,
+                                                                                                       **kw))
+    real_advice = budget.advise_source
+
+    def fine_tune_please(cfg, source, costs=None):
+        advice = real_advice(cfg, source, costs)
+        advice.strategy = "gradual"
+        return advice
+
+    monkeypatch.setattr(budget, "advise_source", fine_tune_please)
+    real_epoch = Costs.epoch_seconds
+    monkeypatch.setattr(Costs, "epoch_seconds", lambda self, size=None: real_epoch(self, size) / 4)  # optimistic
+    part = vt.fit(flat_data, **dict(tiny, time_budget="15s", trainable_bn="eval", output=str(tmp_path / "r")),
+                  callbacks=[StopAfter(2)])
+    used = part.seconds
+    assert (Path(part.run_dir) / "time_budget.json").is_file()  # written when training started
+    started = time.perf_counter()
+    resumed = vt.fit(resume=part.run_dir)
+    took = time.perf_counter() - started
+    assert len(resumed.history) > 2 and took <= (15 - used) * 1.05 + 1.0  # the rest of the budget, not a new one
+    assert resumed.seconds <= 15 * 1.05 + 1.0
+    plan = json.loads((Path(part.run_dir) / "time_budget.json").read_text())
+    assert plan["resumed"] and plan["actual_s"] == pytest.approx(resumed.seconds)

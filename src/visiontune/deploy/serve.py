@@ -168,6 +168,24 @@ class BatchPredictor:
                 for decoded in task.decode(np.asarray(probs), self.top_k)]
 
 
+def _decoder(bundle: Bundle, max_pixels: int) -> Any:
+    """upload bytes -> the model's input tensor, or HTTPException: 413 for an image with too
+    many pixels (by its header, or by PIL's own bomb guard), 415 for anything unreadable."""
+    from fastapi import HTTPException
+
+    transform, side = eval_transform(bundle.preprocess), eval_side(bundle.preprocess)
+
+    def decode(data: bytes, name: str | None) -> torch.Tensor:
+        try:
+            return transform(load_rgb(io.BytesIO(data), side, max_pixels=max_pixels))
+        except (TooManyPixels, Image.DecompressionBombError) as exc:
+            raise HTTPException(413, f"{name!r} is too large an image: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
+            raise HTTPException(415, f"{name!r} is not an image we can read ({type(exc).__name__})") from None
+
+    return decode
+
+
 def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX_BYTES,
                max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, max_decodes: int | None = None) -> Any:
     """The app (see the module docstring); `max_decodes`: images decoded at once (default:
@@ -180,19 +198,11 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
         raise VisiontuneError("serve needs fastapi, uvicorn and python-multipart: pip install 'visiontune[serve]'") \
             from None
     bundle = load_bundle(run)
-    transform, side = eval_transform(bundle.preprocess), eval_side(bundle.preprocess)
+    decode = _decoder(bundle, max_pixels)
     predictor = BatchPredictor(bundle, max(1, min(top_k, len(bundle.classes))))
     app = FastAPI(title="visiontune", docs_url=None, redoc_url=None)
     page = PAGE.replace("__NAME__", html.escape(os.path.basename(os.path.abspath(run)))).replace(
         "__CLASSES__", html.escape(", ".join(bundle.classes)))
-
-    def decode(data: bytes, name: str | None) -> torch.Tensor:
-        try:
-            return transform(load_rgb(io.BytesIO(data), side, max_pixels=max_pixels))
-        except (TooManyPixels, Image.DecompressionBombError) as exc:
-            raise HTTPException(413, f"{name!r} is too large an image: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad upload
-            raise HTTPException(415, f"{name!r} is not an image we can read ({type(exc).__name__})") from None
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:

@@ -36,6 +36,7 @@ class BuildSpec:
     weights: str = "pretrained"
     image_size: int | None = None
     drop_path: float = 0.0
+    trust_pickle: bool = False  # a local-dir:/hf-hub: folder may load pickle weights (see _require_safe_weights)
 
 
 class BackboneSource(Protocol):
@@ -88,13 +89,13 @@ def parse_backbone(name: str) -> tuple[str, str]:
     return source, arch
 
 
-def create_source_model(backbone: str, weights: str, image_size: int | None = None,
-                        drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess, nn.Linear | None]:
+def create_source_model(backbone: str, weights: str, image_size: int | None = None, drop_path: float = 0.0,
+                        trust_pickle: bool = False) -> tuple[nn.Module, int, Preprocess, nn.Linear | None]:
     """Build `backbone` with `weights` (for `image_size` when given); return (body without
     classifier, feature width, preprocessing, the source classifier layer or None). A
     backbone that cannot take `image_size` is a ConfigError here, before any training."""
     source, arch = parse_backbone(backbone)
-    model, pre = SOURCES[source].build(BuildSpec(arch, weights, image_size, drop_path))
+    model, pre = SOURCES[source].build(BuildSpec(arch, weights, image_size, drop_path, trust_pickle))
     body, num_features, head = SOURCES[source].strip(model)
     if image_size and image_size != pre.input_size:
         check_input_size(body, image_size, backbone, pre.input_size)
@@ -142,7 +143,7 @@ def _timm_model(spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
     if weights == "pretrained":
         model = _timm_pretrained(arch, kwargs)
     elif weights.startswith(HUB_PREFIXES):
-        model = _timm_hub_folder(arch, weights, kwargs)
+        model = _timm_hub_folder(arch, weights, kwargs, spec.trust_pickle)
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
         if weights != "none":
@@ -161,9 +162,10 @@ def _timm_model(spec: BuildSpec) -> tuple[nn.Module, Preprocess]:
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
 
 
-def _timm_hub_folder(arch: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm_hub_folder(arch: str, weights: str, kwargs: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
     """Weights from a folder in timm's Hub layout (`visiontune export --format timm`, timm's
-    save_for_hf): `local-dir:DIR` on disk, `hf-hub:user/name` from the Hub (online only)."""
+    save_for_hf): `local-dir:DIR` on disk, `hf-hub:user/name` from the Hub (online only).
+    Only safetensors, unless `trust_pickle` (see _require_safe_weights)."""
     kind, _, where = weights.partition(":")
     if kind == "local-dir" and not (Path(where) / "config.json").is_file():
         raise ConfigError(f"--weights {weights}: {where} has no config.json; give a folder written by "
@@ -172,11 +174,40 @@ def _timm_hub_folder(arch: str, weights: str, kwargs: dict[str, Any]) -> nn.Modu
         raise WeightsUnavailableError(f"--weights {weights}: huggingface.co is not reachable from this machine. "
                                       "Download the repository where you are online and pass "
                                       "--weights local-dir:<folder>")
+    if not trust_pickle:
+        _require_safe_weights(weights, _folder_files(kind, where))
     model = timm.create_model(weights, pretrained=True, **kwargs)
     stored = model.pretrained_cfg.get("architecture")
     if stored and stored != arch:
         raise ConfigError(f"--weights {weights} holds a {stored}, not a {arch}: use --backbone timm:{stored}")
     return model
+
+
+SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")  # what timm's hub loader reads first
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
+
+
+def _folder_files(kind: str, where: str) -> list[str]:
+    """The file names in a local-dir folder or an hf-hub repository."""
+    if kind == "local-dir":
+        return sorted(p.name for p in Path(where).iterdir())
+    from huggingface_hub import list_repo_files
+
+    return sorted(Path(f).name for f in list_repo_files(where))
+
+
+def _require_safe_weights(weights: str, files: list[str]) -> None:
+    """timm loads a folder's model.safetensors when there is one; otherwise its pickle file
+    (pytorch_model.bin), and older timm releases did so with torch.load(weights_only=False),
+    which runs whatever code the pickle holds. A folder with pickle weights only is refused
+    unless the user trusts it (--trust-pickle)."""
+    if any(name in files for name in SAFE_WEIGHTS):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ConfigError(f"--weights {weights} holds pickle weights only ({', '.join(pickles[:3])}); loading a pickle "
+                          "can run code. Convert them to model.safetensors (safetensors.torch.save_file), or pass "
+                          "--trust-pickle if you trust whoever made them")
 
 
 def _timm_pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -42,7 +42,7 @@ def create_classifier(cfg: ModelConfig, num_classes: int,
     With `classes` and `cfg.warm_start`, head rows of classes named like ImageNet classes
     start from the source classifier's rows; `model.warm_start` records the matches."""
     body, num_features, pre, source_head = create_source_model(cfg.backbone, cfg.weights, cfg.image_size,
-                                                               cfg.drop_path)
+                                                               cfg.drop_path, cfg.trust_pickle)
     head = build_head(num_features, num_classes, cfg.head_hidden, cfg.head_dropout, cfg.head_init_gain)
     model = Classifier(body, head, num_features)
     if classes and cfg.warm_start and cfg.weights != "none" and source_head is not None and not cfg.head_hidden:

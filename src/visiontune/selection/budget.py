@@ -5,10 +5,15 @@
 3. Plan: the converged probe always fits first (features + one fit); when the advisor
    calls for fine-tuning, `gradual` at the backbone's size gets as many epochs as the
    remaining time holds (at most MAX_EPOCHS), or a smaller image size when fewer than
-   MIN_EPOCHS would fit, or the probe alone when no size gives MIN_EPOCHS.
+   MIN_EPOCHS would fit, or the probe alone when no size gives MIN_EPOCHS (itself at a
+   smaller size when its features at the backbone's size do not fit).
 4. Train with a deadline: an epoch that would end after it is not started, an epoch
-   running late is cut short (validated, then stopped), and the best weights by
-   validation are kept. The plan and its reasons go to the log and `time_budget.json`.
+   running late is cut short (validated, then stopped), feature extraction stops at the
+   deadline (the probe fits the images extracted, a random sample), the probe's C search
+   stops trying values when the rest would not fit, and the best weights by validation are
+   kept. `--resume` keeps the deadline: the budget less the time the run had used. The plan
+   and its reasons go to the log and `time_budget.json` (written when training starts,
+   completed with the time taken at the end).
 """
 
 from __future__ import annotations
@@ -61,23 +66,36 @@ def decide_plan(costs: Costs, advised: str, why: str, budget_s: float, spent: fl
     """The plan for `advised` within `budget_s` of which `spent` are gone (pure: testable);
     `head_epochs`: gradual's head-only epochs before the fine-tuning ones."""
     left = budget_s * SAFETY - spent
-    probe = costs.probe_seconds()
     reasons = [f"measured {costs.describe()}", f"advisor: {advised} ({why})"]
-    if probe > left:
-        raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring took {spent:.0f} s and "
-                          f"the converged probe alone needs ~{probe:.0f} s; raise --time-budget or lower --image-size")
-    native = costs.input_size
+    sizes = [costs.input_size] + [max(32, int(round(costs.input_size * f / 32)) * 32) for f in SIZE_STEPS[1:]]
     if advised != "feature-extract":
-        for fraction in SIZE_STEPS:
-            size = max(32, int(round(native * fraction / 32)) * 32) if fraction < 1 else native
-            epochs = min(MAX_EPOCHS, math.floor((left - probe) / costs.epoch_seconds(size)))
-            if epochs >= MIN_EPOCHS:
-                reasons.append(f"{epochs} fine-tuning epochs of ~{costs.epoch_seconds(size):.0f} s at {size} px fit "
-                               f"after the probe" + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})"))
-                return BudgetPlan(budget_s, "gradual", epochs + head_epochs, size,
-                                  spent + probe + epochs * costs.epoch_seconds(size), reasons)
-        reasons.append(f"fewer than {MIN_EPOCHS} fine-tuning epochs fit even at {int(native * SIZE_STEPS[-1])} px: "
-                       "the converged probe alone")
+        plan = _fine_tuning_plan(costs, sizes, left, budget_s, spent, head_epochs, reasons)
+        if plan is not None:
+            return plan
+        reasons.append(f"fewer than {MIN_EPOCHS} fine-tuning epochs fit even at {sizes[-1]} px: the converged probe "
+                       "alone")
     else:
         reasons.append("the converged probe is what the data calls for; the budget is not the limit")
-    return BudgetPlan(budget_s, "feature-extract", 1, native, spent + probe, reasons)
+    for size in sizes:  # the probe at the backbone's size if it fits, else at a smaller one
+        if costs.probe_seconds(size) <= left:
+            if size != costs.input_size:
+                reasons.append(f"the probe needs ~{costs.probe_seconds():.0f} s at {costs.input_size} px: features at "
+                               f"{size} px (~{costs.probe_seconds(size):.0f} s)")
+            return BudgetPlan(budget_s, "feature-extract", 1, size, spent + costs.probe_seconds(size), reasons)
+    raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring took {spent:.0f} s and the "
+                      f"converged probe alone needs ~{costs.probe_seconds(sizes[-1]):.0f} s even at {sizes[-1]} px; "
+                      "raise --time-budget")
+
+
+def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: float, spent: float, head_epochs: int,
+                      reasons: list[str]) -> BudgetPlan | None:
+    """gradual at the largest size where the probe and at least MIN_EPOCHS fine-tuning
+    epochs fit (as many as fit, at most MAX_EPOCHS), or None."""
+    for size in sizes:
+        probe, epoch = costs.probe_seconds(size), costs.epoch_seconds(size)
+        epochs = min(MAX_EPOCHS, math.floor((left - probe) / epoch))
+        if epochs >= MIN_EPOCHS:
+            reasons.append(f"{epochs} fine-tuning epochs of ~{epoch:.0f} s at {size} px fit after the probe (~{probe:.0f} s)"
+                           + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})"))
+            return BudgetPlan(budget_s, "gradual", epochs + head_epochs, size, spent + probe + epochs * epoch, reasons)
+    return None

@@ -2,13 +2,13 @@
 
 `measure_costs` times the backbone's eval forward (feature extraction, decoding included)
 and a full fine-tuning step (decode, augment, forward, backward, optimizer) on real batches
-of the data, and counts the features already cached. The advisor quotes these numbers and
+of the data, the converged probe's fit on features of this width and number of classes
+(train/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
 the time budget (selection/budget.py) plans with them.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -21,35 +21,38 @@ from torch.utils.data import DataLoader
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.runtime.device import to_device
+from visiontune.train.probe import estimate_seconds
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-PROBE_FIT_PER_IMAGE = 0.002  # s per training image for the converged probe's C search and fit (measured on
-PROBE_FIT_FIXED = 2.0  # hymenoptera and the suite: ~3 s for 400 images of 1280 features on 2 cores)
 MEASURE_BATCH = 8
 WARMUP, TIMED = 2, 3  # batches
 
 
 @dataclass(frozen=True)
 class Costs:
-    extract_per_image: float  # s: backbone forward in eval mode, decoding included
-    step_per_image: float  # s: one fine-tuning step, per image
-    images_to_extract: int  # train + valid images whose features are not cached yet
+    extract_per_image: float  # s: decoding and the backbone's eval forward, per image
+    step_per_image: float  # s: decoding, augmenting and one fine-tuning step, per image
+    images_to_extract: int  # train + valid images whose features (at input_size) are not cached yet
     train_images: int
     valid_images: int
     input_size: int
+    probe_fit_s: float  # s: the converged probe's C search and fit on the training features (measured)
 
-    def probe_seconds(self) -> float:
-        """Features of the uncached images, then the converged probe."""
-        return self.images_to_extract * self.extract_per_image + PROBE_FIT_FIXED + \
-            PROBE_FIT_PER_IMAGE * self.train_images
+    def _scale(self, size: int | None) -> float:
+        return ((size or self.input_size) / self.input_size) ** 2  # cost ~ pixels
+
+    def probe_seconds(self, size: int | None = None) -> float:
+        """Features of the images not cached yet at `size` px (another size than the cached
+        one: all of them), then the converged probe."""
+        todo = self.images_to_extract if size in (None, self.input_size) else self.train_images + self.valid_images
+        return todo * self.extract_per_image * self._scale(size) + self.probe_fit_s
 
     def epoch_seconds(self, size: int | None = None) -> float:
-        """One fine-tuning epoch and its validation at `size` px (cost ~ pixels)."""
-        scale = ((size or self.input_size) / self.input_size) ** 2
-        return scale * (self.train_images * self.step_per_image + self.valid_images * self.extract_per_image)
+        """One fine-tuning epoch and its validation at `size` px."""
+        return self._scale(size) * (self.train_images * self.step_per_image + self.valid_images * self.extract_per_image)
 
     def describe(self) -> str:
         return (f"here: features {self.extract_per_image * 1000:.0f} ms per image ({self.images_to_extract} not cached "
@@ -75,22 +78,27 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     cache = setup.data._cache()
     missing = len(pool) - cache.count_known(cache.digests([it.path for it in pool]))
+    label_sets = setup.task.encode([source.items[0].label]).ndim == 2  # the probe fits one column per label
+    fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes, label_sets)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
-                  setup.preprocess.input_size)
+                  setup.preprocess.input_size, fit)
     log.info("costs %s", costs.describe())
     return costs
 
 
 def _seconds_per_image(loader: DataLoader, setup: RunSetup, work: Callable[[torch.Tensor, torch.Tensor], Any]) -> float:
-    """Seconds per image of loading a batch and `work` on it: up to WARMUP batches first,
-    then up to TIMED batches timed (small data: at least one batch is timed)."""
-    batches = list(itertools.islice(iter(loader), WARMUP + TIMED))
-    warm = min(WARMUP, len(batches) - 1)
-    times, counted = [], 0
-    for i, (x, y, *_) in enumerate(batches):
+    """Seconds per image of reading a batch (decoding and transforming its files) and `work`
+    on it: up to WARMUP batches first, then up to TIMED batches timed (small data: at least
+    one batch is timed)."""
+    batches = min(len(loader), WARMUP + TIMED)
+    warm = min(WARMUP, batches - 1)
+    reader = iter(loader)
+    seconds, counted = 0.0, 0
+    for i in range(batches):
         started = time.perf_counter()
+        x, y, *_ = next(reader)  # the clock runs while the batch is read: decoding is a cost too
         work(to_device(x, setup.device, setup.cfg.train.channels_last), y.to(setup.device))
         if i >= warm:
-            times.append(time.perf_counter() - started)
+            seconds += time.perf_counter() - started
             counted += len(y)
-    return sum(times) / max(1, counted)
+    return seconds / max(1, counted)

@@ -48,6 +48,8 @@ class TrainerView(Protocol):
     task: Any
     preprocess: Any
     total_epochs: int
+    env: Any  # DistEnv: rank, world size
+    run_dir: Path  # os.devnull on processes other than rank 0
 
     def save_checkpoint(self, path: Path) -> None: ...
     def broadcast_weights(self) -> None: ...

@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +107,9 @@ def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
 @dataclass
 class FeatureStats:
     hits: int
-    misses: int
+    misses: int  # computed here
     seconds: float
+    left_out: list[int] = field(default_factory=list)  # rows not computed: the deadline came first
 
 
 @torch.inference_mode()
@@ -122,18 +123,64 @@ def extract_features(
     num_workers: int | None = None,
     channels_last: bool = True,
     memmap_dir: str | os.PathLike[str] | None = None,
+    deadline: float | None = None,
 ) -> tuple[torch.Tensor, FeatureStats]:
     """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode.
 
     With `memmap_dir` the matrix is a memory-mapped file there (unlinked at once, so
     nothing is left behind) and rows stream into it: memory stays flat as N grows, the
-    pages the head reads are the kernel's to keep or drop."""
+    pages the head reads are the kernel's to keep or drop. With `deadline`
+    (time.perf_counter()) the images to compute are taken in a seeded random order and the
+    work stops at the deadline: the rows not computed (a random sample of them) are in
+    `stats.left_out` and hold no features."""
     started = time.perf_counter()
     n = len(paths)
     matrix: _Rows = _Rows(n, memmap_dir)
     digests = cache.digests(paths) if cache else [""] * n
+    missing = _cached_rows(matrix, digests, cache)
+    if deadline is not None:  # cut short, what was computed is a random sample
+        missing = [missing[i] for i in np.random.default_rng(0).permutation(len(missing))]
+    done = np.ones(n, dtype=bool)
+    done[missing] = False
+    writer = _CacheWriter(cache)
+    for j, row in _compute(backbone, [paths[i] for i in missing], pre, device, batch_size, num_workers,
+                           channels_last, deadline):
+        matrix.put(missing[j], row)
+        done[missing[j]] = True
+        writer.add(digests[missing[j]], row)
+    writer.flush()
+    left_out = np.flatnonzero(~done).tolist()
+    if left_out and not (deadline is not None and time.perf_counter() > deadline):
+        raise DataError(f"{len(left_out)} of {n} images yielded no features (e.g. {paths[left_out[0]]}): their "
+                        "shards do not hold what the index lists; write the shards again with `visiontune shard`")
+    stats = FeatureStats(n - len(missing), len(missing) - len(left_out), time.perf_counter() - started, left_out)
+    log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
+    return matrix.tensor(), stats
+
+
+class _CacheWriter:
+    """Computed vectors on their way to the cache, written a shard's worth at a time."""
+
+    def __init__(self, cache: FeatureCache | None) -> None:
+        self.cache, self.pending = cache, []  # type: FeatureCache | None, list[tuple[str, np.ndarray]]
+
+    def add(self, digest: str, row: np.ndarray) -> None:
+        if self.cache is not None:
+            self.pending.append((digest, row))
+            if len(self.pending) >= SHARD_ROWS:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.cache is not None and self.pending:
+            self.cache.put_many([d for d, _ in self.pending], np.stack([r for _, r in self.pending]))
+        self.pending.clear()
+
+
+def _cached_rows(matrix: _Rows, digests: list[str], cache: FeatureCache | None) -> list[int]:
+    """Fill `matrix` with the cached vectors (read a shard's worth at a time: memory stays
+    flat); return the rows still to compute."""
     missing: list[int] = []
-    for start in range(0, n, SHARD_ROWS):  # cached rows read a shard's worth at a time: memory stays flat
+    for start in range(0, len(digests), SHARD_ROWS):
         part = digests[start:start + SHARD_ROWS]
         known = cache.get_many(part) if cache else {}
         for j, digest in enumerate(part):
@@ -141,45 +188,26 @@ def extract_features(
                 matrix.put(start + j, known[digest])
             else:
                 missing.append(start + j)
-    pending: list[tuple[str, np.ndarray]] = []  # computed, not yet written to the cache
-
-    def flush() -> None:
-        if cache and pending:
-            cache.put_many([d for d, _ in pending], np.stack([r for _, r in pending]))
-        pending.clear()
-
-    for j, row in _compute(backbone, [paths[i] for i in missing], pre, device, batch_size, num_workers,
-                           channels_last):
-        matrix.put(missing[j], row)
-        if cache:
-            pending.append((digests[missing[j]], row))
-        if len(pending) >= SHARD_ROWS:
-            flush()
-    flush()
-    stats = FeatureStats(n - len(missing), len(missing), time.perf_counter() - started)
-    log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
-    return matrix.tensor(), stats
+    return missing
 
 
 def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: torch.device, batch_size: int,
-             num_workers: int | None, channels_last: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """(index into `paths`, backbone features) of every path (eval mode, eval transform), in
-    the order the loader reads (shard samples: as their shards stream them); the loader
-    yields each image's row, so no row is paired with another image's features. Every
-    path yields once, else DataError."""
+             num_workers: int | None, channels_last: bool,
+             deadline: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(index into `paths`, backbone features) of the paths (eval mode, eval transform), in
+    the order the loader reads (shard samples: as their shards stream them), until
+    `deadline`; the loader yields each image's row, so no row is paired with another
+    image's features."""
     if not paths:
         return
     was_training = backbone.training
     backbone.eval()
-    seen = np.zeros(len(paths), dtype=bool)
     for x, _, rows in make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device):
-        seen[rows.numpy()] = True
+        if deadline is not None and time.perf_counter() > deadline:
+            log.warning("time budget: feature extraction stopped at the deadline")
+            break
         yield from zip(rows.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
     backbone.train(was_training)
-    if not seen.all():
-        missing = np.flatnonzero(~seen)
-        raise DataError(f"{len(missing)} of {len(paths)} images yielded no features (e.g. {paths[missing[0]]}): "
-                        "their shards do not hold what the index lists; write the shards again with `visiontune shard`")
 
 
 class _Rows:

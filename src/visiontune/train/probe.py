@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ from visiontune.data.splits import fold_splits, stratified_sample
 log = logging.getLogger(__name__)
 
 C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)  # inverse penalty strength, as scikit-learn's C
+SEARCH_ORDER = (1e-2, 0.1, 1e-3, 1.0, 1e-4, 10.0)  # the grid from the middle out (a cut-short search)
 DEFAULT_C = 1.0  # too few images to cross-validate: scikit-learn's default
 CV_FOLDS = 5
 MIN_SEARCH_ROWS = 10  # fewer images: no search
@@ -49,11 +51,14 @@ class ProbeFit:
 
 
 def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, start: nn.Linear | None = None,
-              balanced: bool = False, seed: int = 0, groups: list[str] | None = None) -> ProbeFit:
+              balanced: bool = False, seed: int = 0, groups: list[str] | None = None,
+              deadline: float | None = None) -> ProbeFit:
     """Fit a linear head on `features` (N, D) for `targets`: class indices (N,) or multi-hot
     (N, C). `start`: the head's current linear layer, the prior the penalty pulls towards
     (None: zero). `balanced` weights classes by their inverse frequency. `groups`: each
-    row's group (None: every row its own), kept whole by the C search's folds."""
+    row's group (None: every row its own), kept whole by the C search's folds. `deadline`
+    (time.perf_counter()): the search stops trying C values when the rest would end after
+    it, and the final fit stops there with the weights it has reached."""
     rows = stratified_sample(np.asarray(targets), FIT_ROWS, seed)
     if rows is not None:
         log.info("converged probe: fitting on %d of %d images, a stratified sample (memory stays bounded)",
@@ -72,8 +77,8 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, star
     b0 = (start.bias.detach().float().cpu() + start.weight.detach().float().cpu() @ mean) if start is not None \
         else torch.zeros(classes)
     weights = _class_weights(y, classes, multi_label) if balanced else None
-    c, folds = _choose_c(x, y, w0, b0, multi_label, weights, seed, groups)
-    w, b = _lbfgs(x, y, w0, b0, c, multi_label, weights)
+    c, folds = _choose_c(x, y, w0, b0, multi_label, weights, seed, groups, deadline)
+    w, b = _lbfgs(x, y, w0, b0, c, multi_label, weights, deadline)
     w = w / scale
     return ProbeFit(w.numpy(), (b - w @ mean).numpy(), c, folds)
 
@@ -96,29 +101,41 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool, weights: tor
     return nn.functional.cross_entropy(logits, y, weight=weights)
 
 
+class _OutOfTime(Exception):
+    """The deadline passed inside an L-BFGS fit."""
+
+
 def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, c: float, multi_label: bool,
-           weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmin mean loss + ||W - w0||^2 / (2 c N), from (w0, b0)."""
+           weights: torch.Tensor | None, deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin mean loss + ||W - w0||^2 / (2 c N), from (w0, b0); past `deadline`, the
+    iterate reached so far."""
     w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITER, history_size=20, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-6, tolerance_change=1e-9)
     strength = 1.0 / (2.0 * c * len(y))
 
     def closure() -> torch.Tensor:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _OutOfTime
         optimizer.zero_grad()
         value = _loss(x @ w.T + b, y, multi_label, weights) + strength * ((w - w0) ** 2).sum()
         value.backward()
         return value
 
-    optimizer.step(closure)
+    try:
+        optimizer.step(closure)
+    except _OutOfTime:
+        log.warning("time budget: the converged probe stops short of convergence at the deadline")
     return w.detach(), b.detach()
 
 
 def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, multi_label: bool,
-              weights: torch.Tensor | None, seed: int, groups: list[str] | None) -> tuple[float, int]:
+              weights: torch.Tensor | None, seed: int, groups: list[str] | None,
+              deadline: float | None = None) -> tuple[float, int]:
     """The C of the grid with the best held-out log loss over CV_FOLDS folds (data/splits.py:
     stratified, groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C
-    when there are too few images or groups to fold."""
+    when there are too few images or groups to fold. The grid is tried from its middle out
+    (SEARCH_ORDER), so a search that the deadline stops early has tried the likeliest."""
     rows = stratified_sample(y.numpy(), SEARCH_ROWS, seed)
     xs, ys = (x[rows], y[rows]) if rows is not None else (x, y)
     if groups is not None and rows is not None:
@@ -127,15 +144,55 @@ def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tens
     if len(ys) < MIN_SEARCH_ROWS or folds < 2:
         return DEFAULT_C, 0
     held_out = fold_splits(ys.numpy(), groups, folds, seed)
-    scores = []
-    for c in C_GRID:
+    scores: dict[float, float] = {}
+    started = time.perf_counter()
+    for c in SEARCH_ORDER:
+        if deadline is not None and scores and _search_overruns(started, len(scores), folds, len(y) / len(ys),
+                                                                deadline):
+            log.warning("time budget: the C search stops after %d of %d values", len(scores), len(C_GRID))
+            break
         total = 0.0
         for test in held_out:
             train = np.setdiff1d(np.arange(len(ys)), test)
             w, b = _lbfgs(xs[train], ys[train], w0, b0, c, multi_label, weights)
             total += float(_loss(xs[test] @ w.T + b, ys[test], multi_label, None)) * len(test)
-        scores.append(total)
-    return float(C_GRID[int(np.argmin(scores))]), folds
+        scores[c] = total
+    return min(scores, key=lambda c: (scores[c], C_GRID.index(c))), folds
+
+
+def _search_overruns(started: float, done: int, folds: int, rows_ratio: float, deadline: float) -> bool:
+    """Would one more C value and then the final fit end after `deadline`? One C value costs
+    what the last ones did; the final fit about one fold's fit on `rows_ratio` as many rows."""
+    per_c = (time.perf_counter() - started) / done
+    final = per_c / folds * rows_ratio
+    return time.perf_counter() + per_c + final > deadline
+
+
+def estimate_seconds(rows: int, dim: int, classes: int, multi_label: bool) -> float:
+    """Seconds `fit_probe` takes on `rows` feature vectors of width `dim` for `classes`,
+    measured here: one L-BFGS fit on synthetic data of that shape at two sizes gives a
+    fixed cost per fit and a cost per row, then the search's fits (C values x folds on
+    (k-1)/k of at most SEARCH_ROWS) and the final fit (at most FIT_ROWS) add up."""
+    _time_one_fit(16, dim, classes, multi_label)  # the first fit of a process pays for warming up
+    sizes = sorted({min(rows, 256), min(rows, 1024)})
+    times = [_time_one_fit(n, dim, classes, multi_label) for n in sizes]
+    per_row = (times[-1] - times[0]) / (sizes[-1] - sizes[0]) if len(sizes) > 1 else times[0] / max(1, sizes[0])
+    fixed = max(0.0, times[0] - per_row * sizes[0])
+    search = min(rows, SEARCH_ROWS)
+    folds = min(CV_FOLDS, search // 2) if search >= MIN_SEARCH_ROWS else 0
+    fits = len(C_GRID) * folds + 1
+    rows_fitted = len(C_GRID) * (folds - 1) * search + min(rows, FIT_ROWS) if folds else min(rows, FIT_ROWS)
+    return fits * fixed + max(per_row, 0.0) * rows_fitted
+
+
+def _time_one_fit(n: int, dim: int, classes: int, multi_label: bool) -> float:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dim, generator=g)
+    logits = x @ torch.randn(dim, classes, generator=g) / math.sqrt(dim) + 0.5 * torch.randn(n, classes, generator=g)
+    y = (logits > 0).float() if multi_label else logits.argmax(dim=1)
+    started = time.perf_counter()
+    _lbfgs(x, y, torch.zeros(classes, dim), torch.zeros(classes), 0.1, multi_label, None)
+    return time.perf_counter() - started
 
 
 def _class_weights(y: torch.Tensor, classes: int, multi_label: bool) -> torch.Tensor:

@@ -54,7 +54,7 @@ class PhaseData:
     train: DataLoader
     valid: DataLoader | None  # None: no validation split (on every process alike)
     on_features: bool = False
-    valid_rows: int = 0  # validation images over all processes (each process reads its part)
+    valid_rows: int = 0  # validation images over all processes (each reads its part; 0: not checked)
     groups: list[str] | None = None  # on features: each training row's group (the probe's folds keep them whole)
 
 
@@ -91,6 +91,7 @@ class RunData:
         self._images: PhaseData | None = None
         self._features: PhaseData | None = None
         self.feature_stats: list[FeatureStats] = []
+        self.deadline: float | None = None  # --time-budget: feature extraction stops here (time.perf_counter())
 
     def __call__(self, phase_index: int) -> PhaseData:
         return self.features() if self.uses_features(phase_index) else self.images()
@@ -220,15 +221,17 @@ class RunData:
         empty: the outputs are gathered by row)."""
         if self._features is None:
             paths, targets = self._targets(TRAIN)
-            train = self._feature_loader(paths, targets, shuffle=True)
+            train, kept = self._feature_loader(paths, targets, shuffle=True)
+            groups = group_keys(self.source.split(TRAIN))
             vpaths, vtargets = self._targets(VALID)
             valid = None
             if vpaths:
                 rows = self._part(vpaths)
-                valid = self._feature_loader([vpaths[i] for i in rows], vtargets[rows], shuffle=False,
-                                             ids=torch.as_tensor(rows, dtype=torch.long), shared=False)
-            self._features = PhaseData(train, valid, on_features=True, valid_rows=len(vpaths),
-                                       groups=group_keys(self.source.split(TRAIN)))
+                valid, _ = self._feature_loader([vpaths[i] for i in rows], vtargets[rows], shuffle=False,
+                                                ids=torch.as_tensor(rows, dtype=torch.long), shared=False)
+            self._features = PhaseData(train, valid, on_features=True,  # cut by a deadline: not every row
+                                       valid_rows=len(vpaths) if self.deadline is None else 0,
+                                       groups=[groups[i] for i in kept] if groups is not None else None)
         return self._features
 
     def _part(self, paths: list[str]) -> list[int]:
@@ -243,18 +246,30 @@ class RunData:
         return list(range(rank, len(paths), world))
 
     def _feature_loader(self, paths: list[str], targets: torch.Tensor, shuffle: bool, ids: torch.Tensor | None = None,
-                        shared: bool = True) -> DataLoader:
-        """Features of `paths` (rows `ids` of the caller's list). `shared`: every process
-        needs all of them, so under torchrun each extracts its share into the cache first."""
+                        shared: bool = True) -> tuple[DataLoader, list[int]]:
+        """Features of `paths` (rows `ids` of the caller's list) and the rows of `paths` they
+        hold: all, unless the time budget's deadline stopped the extraction (a random sample
+        then, said in the log). `shared`: every process needs all of them, so under torchrun
+        each extracts its share into the cache first."""
         t = self.cfg.train
         cache = self._cache() if t.feature_cache else None  # the probe without a disk cache: in memory
         if cache is not None and shared and self.env.parallel:  # this process's share first, then all from the cache
             _, stats = extract_features(self.model.backbone, [paths[i] for i in self._part(paths)], self.preprocess,
-                                        self.device, cache, t.batch_size, t.num_workers, t.channels_last)
+                                        self.device, cache, t.batch_size, t.num_workers, t.channels_last,
+                                        deadline=self.deadline)
             self.feature_stats.append(stats)
             barrier(self.env)
         feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache, t.batch_size,
-                                        t.num_workers, t.channels_last, memmap_dir=cache.dir if cache else None)
+                                        t.num_workers, t.channels_last, memmap_dir=cache.dir if cache else None,
+                                        deadline=self.deadline)
         self.feature_stats.append(stats)
+        kept = list(range(len(paths)))
+        if stats.left_out:
+            kept = sorted(set(kept) - set(stats.left_out))
+            log.warning("time budget: features of %d of %d images were computed before the deadline; the head "
+                        "%s on those (a random sample)", len(kept), len(paths), "fits" if shared else "is validated")
+            feats, targets = feats[kept], targets[kept]
+            ids = (ids if ids is not None else torch.arange(len(paths)))[kept]
         order = self._shuffle_args(targets) if shuffle else {}
-        return DataLoader(FeatureDataset(feats, targets, ids), batch_size=t.batch_size, collate_fn=_as_batch, **order)
+        loader = DataLoader(FeatureDataset(feats, targets, ids), batch_size=t.batch_size, collate_fn=_as_batch, **order)
+        return loader, kept

@@ -104,8 +104,9 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     trackers = make_trackers(setup.cfg.train.track, run_dir, setup.cfg, setup.task) if setup.env.is_main else []
     trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]))
     trainer.watch = (watch.monitor, watch.mode)
-    trainer.deadline = deadline
+    trainer.started, trainer.run_dir = started, run_dir
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
+    trainer.deadline = setup.data.deadline = _deadline(setup.cfg.train, deadline, trainer)
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
@@ -121,6 +122,16 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     for tracker in trackers:
         tracker.finish(result, _held_eval(setup, trainer, checkpoint))
     return result
+
+
+def _deadline(t: TrainConfig, given: float | None, trainer: Trainer) -> float | None:
+    """When the run must end: `given`, or for a resumed --time-budget run the budget less
+    the time the run had already used (its checkpoint says)."""
+    if given is not None or not t.time_budget or not trainer.elapsed_before:
+        return given
+    left = float(t.time_budget) - trainer.elapsed_before
+    log.info("time budget: %.0f s of %.0f s left after resuming", max(0.0, left), t.time_budget)
+    return trainer.started + left
 
 
 def _held_eval(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
@@ -235,7 +246,7 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     held_eval = _held_eval(setup, trainer, checkpoint)
     return FitResult(
         run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
-        stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=time.perf_counter() - started,
+        stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=trainer.elapsed(),
         trainable_params=setup.plan.most_trainable_params(), valid_probs=None if held_eval is None else held_eval.probs,
         model=setup.model, data=source, setup=setup,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class Trainer:
         self.micro = MicroBatcher()
         self.watch = ("val_loss", "min")  # what "better" means when EMA and raw weights compete (session sets it)
         self.deadline: float | None = None  # time.perf_counter() by which the run must end (--time-budget)
+        self.started = time.perf_counter()  # when this process's part of the run began (train_run sets it)
+        self.elapsed_before = 0.0  # seconds the run had used before it was resumed (from the checkpoint)
+        self.run_dir = Path(os.devnull)  # the run directory (train_run sets it; os.devnull off rank 0)
         self._valid_seconds = 0.0  # how long the last validation took
         self.mixup = mixup_for(self.cfg.train, self.task)
         self.soft_criterion = setup.task.loss(setup.data.class_weights()) if self.mixup else None  # smoothing: in mixup
@@ -194,7 +198,7 @@ class Trainer:
         t = self.cfg.train
         start = head_linear(self.model.head)  # warm-started rows are the prior the fit is pulled towards
         fit = fit_probe(np.asarray(feats), targets.numpy(), multi_label=targets.ndim == 2, start=start,
-                        balanced=t.balance != "none", seed=self.cfg.seed, groups=data.groups)
+                        balanced=t.balance != "none", seed=self.cfg.seed, groups=data.groups, deadline=self.deadline)
         load_into(self.model.head, fit)
         log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)", len(targets),
                  fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images or groups to cross-validate")
@@ -351,7 +355,8 @@ class Trainer:
         if self.env.launched:  # each process validated its part: rows put back in order
             out = merge_outputs(gather((out.loss * len(out.targets) if len(out.targets) else 0.0, out.targets,
                                         out.probs, out.ids), self.env))
-        out.require_all(data.valid_rows)
+        if data.valid_rows:
+            out.require_all(data.valid_rows)
         return out, {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs)}
 
     def _better(self, a: dict[str, float], b: dict[str, float]) -> bool:
@@ -404,7 +409,12 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema is not None else {},
             "history": self.state.history,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "elapsed_s": self.elapsed(),
         }
+
+    def elapsed(self) -> float:
+        """Seconds the run has taken so far, over every time it was resumed."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def save_checkpoint(self, path: Path) -> None:
         save_checkpoint(path, self.checkpoint_state())
@@ -419,6 +429,7 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
         self.state.history = list(ckpt.get("history", []))
         self.state.global_step = int(ckpt.get("global_step", 0))
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         saved = ckpt.get("callbacks", {})
         for cb in self.callbacks:
             cb.load_state_dict(saved.get(type(cb).__name__, {}))
