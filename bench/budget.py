@@ -1,0 +1,83 @@
+"""Does --time-budget hold on data 10x larger than it was tuned on? (issue 21 item 7)
+
+    python bench/budget.py WORK [--sizes 1000,10000] [--budgets 120,300]
+
+For each size, 64 px JPEGs of 10 classes (bench/scale.py's generator); for each budget,
+`visiontune train DATA --time-budget B` with the default backbone (packaged Lite0 weights)
+in a fresh process with a cold cache (scan, features: nothing reused), timed from the
+command's start to its end. Prints and appends to WORK/budget.jsonl: the plan (strategy,
+epochs, image size, expected seconds), the seconds the whole command took, the run's own
+`actual_s` and the ratio to the budget. Target: every ratio <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import make_images  # noqa: E402
+
+
+def run_one(work: Path, n: int, budget: int) -> dict:
+    data = work / str(n) / "data"
+    if not (data / "done").is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        make_images(data, n)
+        (data / "done").write_text("")
+    cache, runs = work / str(n) / f"cache-{budget}", work / str(n) / "runs"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "VISIONTUNE_CACHE": str(cache)}
+    name = f"budget-{budget}"
+    shutil.rmtree(runs / name, ignore_errors=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "visiontune", "train", str(data), "--time-budget", f"{budget}s",
+                           "--output", str(runs), "--name", name, "--no-progress"], env=env, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"images": n, "budget_s": budget, "error": done.stderr.strip().splitlines()[-1]}
+    plan = json.loads((runs / name / "time_budget.json").read_text())
+    metrics = json.loads((runs / name / "metrics.json").read_text())
+    return {"images": n, "budget_s": budget, "strategy": plan["strategy"], "epochs": plan["epochs"],
+            "image_size": plan["image_size"], "expected_s": round(plan["expected_s"], 1),
+            "actual_s": round(plan["actual_s"], 1), "command_s": round(wall, 1),
+            "ratio": round(wall / budget, 3), "epochs_run": metrics["epochs_run"],
+            "accuracy": metrics.get("accuracy"), "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work")
+    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--budgets", default="120,300")
+    a = parser.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in map(int, a.sizes.split(",")):
+        for budget in map(int, a.budgets.split(",")):
+            row = run_one(work, n, budget)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(work / "budget.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    print("\n| images | budget | plan | expected s | command s | ratio | epochs run | accuracy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['images']} | {r['budget_s']} s | error: {r['error']} | | | | | |")
+        else:
+            print(f"| {r['images']} | {r['budget_s']} s | {r['strategy']} x{r['epochs']} at {r['image_size']} px | "
+                  f"{r['expected_s']} | {r['command_s']} | {r['ratio']} | {r['epochs_run']} | {r['accuracy']:.3f} |")
+    return 0 if all("error" not in r and r["ratio"] <= 1.05 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Scale soak (issue 21): the shard, torchrun, cache and resume paths on a data set large
+enough for the cases that only happen at scale, checked sample by sample.
+
+    python bench/soak.py WORK [--images 50000] [--processes 3] [--workers 2]
+
+1. Generate IMAGES 64 px JPEGs whose class (10) is visible in the pixels (bench/scale.py's
+   generator), as a folder split 80/10/10 into train/valid/test.
+2. `visiontune shard` them with --shard-bytes small enough that the writer starts most
+   shards by size, not by count; check that dataset.json and index.csv name every tar on
+   disk and every sample once.
+3. Train on the shards under `torchrun --nproc-per-node PROCESSES` (gloo, CPU) with WORKERS
+   DataLoader workers per process (a tiny timm model at 32 px: the soak checks the
+   plumbing, not accuracy): every process must take the same, nonzero number of steps.
+4. Predict the test shards listed in shuffled order (2 workers): every sample exactly once,
+   and each prediction equal, file by file, to the prediction from the folder.
+5. cv (3 folds, --selection last) on the shards: every out-of-fold row equal to its fold's
+   model's prediction of that row's own file.
+6. The same training again, one process SIGKILLed mid-epoch 2, then `--resume`: the
+   history and weights must equal the uninterrupted run's.
+
+Prints one line per check and a JSON summary (also WORK/soak.json); exit status 1 when a
+check fails. Each stage runs in its own process; nothing is shared with other benches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import make_images  # noqa: E402 - bench/scale.py's generator
+
+RECIPE = {"backbone": "timm:test_efficientnet", "weights": "none", "image_size": 32, "strategy": "finetune",
+          "batch_size": 96, "progress": False, "patience": 0, "lr": 3e-3, "augment": "none", "seed": 7}
+EPOCHS = 3
+
+
+def _torchrun(processes: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VISIONTUNE_CACHE": str(cache)}
+
+
+def make_data(work: Path, n: int) -> Path:
+    """WORK/data/{train,valid,test}/<class>/*.jpg."""
+    data = work / "data"
+    if (data / "done").is_file():
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    flat = work / "flat"
+    paths = make_images(flat, n)
+    rng = random.Random(0)
+    for p in map(Path, paths):
+        split = "test" if rng.random() < 0.1 else "valid" if rng.random() < 1 / 9 else "train"
+        target = data / split / p.parent.name / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    shutil.rmtree(flat)
+    (data / "done").write_text("")
+    return data
+
+
+def shard(work: Path, data: Path, report: dict) -> Path:
+    shards = work / "shards"
+    shutil.rmtree(shards, ignore_errors=True)
+    sizes = [p.stat().st_size for p in data.rglob("*.jpg")]
+    shard_bytes = int(np.mean(sizes) * 150)  # about 150 samples a shard by size; --size 1000 by count
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "visiontune", "-q", "shard", str(data), "--out", str(shards), "--size",
+                    "1000", "--shard-bytes", str(shard_bytes)], check=True, env=_env(work / "cache"))
+    described = json.loads((shards / "dataset.json").read_text())
+    listed = sorted(s for part in described["splits"].values() for s in part["shards"])
+    on_disk = sorted(p.name for p in shards.glob("*.tar"))
+    with open(shards / "index.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_count = sum(-(-part["samples"] // 1000) for part in described["splits"].values())
+    report["shard"] = {"seconds": time.perf_counter() - started, "tars": len(on_disk), "tars_by_count_alone": by_count,
+                       "samples": len(rows), "shard_bytes": shard_bytes}
+    check(report, "index names every tar on disk", listed == on_disk and {r["shard"] for r in rows} == set(on_disk))
+    check(report, "the writer split shards by size", len(on_disk) > 2 * by_count)
+    check(report, "every sample indexed once", len({r["key"] for r in rows}) == len(rows) == len(sizes))
+    return shards
+
+
+WORKER = """
+import json, os, sys
+import visiontune as vt
+from visiontune.train.callbacks import Callback
+
+class Steps(Callback):
+    def __init__(self):
+        self.steps = []
+    def on_epoch_start(self, trainer):
+        self.steps.append(0)
+    def on_step_end(self, trainer):
+        self.steps[-1] += 1
+
+steps = Steps()
+args = json.loads(sys.argv[1])
+result = vt.fit(**args, callbacks=[steps]) if "resume" not in args else vt.fit(resume=args["resume"], callbacks=[steps])
+rank = int(os.environ.get("RANK", 0))
+out = os.path.join(args["output"], f"{os.path.basename(args.get('resume') or args['name'])}-steps{rank}.json")
+json.dump({"steps": steps.steps, "history": result.history}, open(out, "w"))
+"""
+
+
+def train(work: Path, shards: Path, name: str, processes: int, workers: int, kill_at: float | None = None) -> Path:
+    """The torchrun training `name`; with `kill_at`, one process is SIGKILLed that many
+    seconds into its second epoch and the run resumed."""
+    out = work / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    args = {"data": str(shards), "output": str(out), "name": name, "epochs": EPOCHS, "num_workers": workers, **RECIPE}
+    (work / "worker.py").write_text(WORKER)
+    cmd = _torchrun(processes, str(work / "worker.py"), json.dumps(args))
+    env = _env(work / "cache")
+    if kill_at is None:
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        return out / name
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / name / "history.jsonl"
+    while proc.poll() is None and not (history.is_file() and history.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    time.sleep(kill_at)
+    victims = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "worker.py"], capture_output=True, text=True)
+    pids = [int(p) for p in victims.stdout.split()]
+    if proc.poll() is None and pids:
+        os.kill(pids[-1], signal.SIGKILL)  # one rank dies; torchrun stops the others
+    proc.wait()
+    resume = {"resume": str(out / name), "output": str(out)}
+    subprocess.run(_torchrun(processes, str(work / "worker.py"), json.dumps(resume)), check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return out / name
+
+
+def check(report: dict, what: str, ok: bool, detail: object = "") -> None:
+    report.setdefault("checks", {})[what] = bool(ok)
+    print(f"{'PASS' if ok else 'FAIL'}  {what}" + (f"  ({detail})" if detail else ""), flush=True)
+
+
+def original_paths(tars: list[Path]) -> dict[str, str]:
+    from visiontune.data.webdata import read_members
+
+    return {f"{t}#{k}": json.loads(m["json"])["path"] for t in tars for k, m in read_members(str(t), ("json",)).items()}
+
+
+def check_training(report: dict, run: Path, processes: int) -> None:
+    ranks = [json.loads((run.parent / f"{run.name}-steps{r}.json").read_text()) for r in range(processes)]
+    steps = [r["steps"] for r in ranks]
+    report["train"] = {"steps_per_rank": steps, "history": ranks[0]["history"]}
+    check(report, "every process took the same nonzero steps", all(s == steps[0] for s in steps) and min(steps[0]) > 0,
+          steps[0])
+
+
+def check_predict(report: dict, run: Path, shards: Path, data: Path) -> None:
+    import visiontune as vt
+
+    tars = sorted(shards.glob("test-*.tar"))
+    random.Random(1).shuffle(tars)
+    started = time.perf_counter()
+    preds, skipped = vt.predict(run, [str(t) for t in tars], num_workers=2, batch_size=256)
+    origin = original_paths(tars)
+    files, _ = vt.predict(run, [origin[p.path] for p in preds], batch_size=256)
+    probs = {p.path: np.array([p.probs[c] for c in sorted(p.probs)]) for p in files}
+    diff = max(float(np.abs(np.array([p.probs[c] for c in sorted(p.probs)]) - probs[origin[p.path]]).max())
+               for p in preds)
+    report["predict"] = {"samples": len(preds), "seconds": time.perf_counter() - started, "max_abs_diff": diff}
+    check(report, "every test sample predicted exactly once",
+          len(preds) == len(origin) == len({p.path for p in preds}) and not skipped, len(preds))
+    check(report, "every shard prediction equals its file's", diff < 1e-5, f"max |diff| {diff:.1e}")
+
+
+def check_cv(report: dict, work: Path, shards: Path, workers: int) -> None:
+    import visiontune as vt
+
+    started = time.perf_counter()
+    result = vt.cross_validate(str(shards), folds=3, selection="last",
+                               **{**RECIPE, "epochs": 1, "num_workers": workers, "output": str(work / "cv"), "name": "cv"})
+    rows = list(csv.DictReader(open(result.oof_path)))
+    origin = original_paths(sorted(shards.glob("*.tar")))
+    worst = 0.0
+    for fold in (1, 2, 3):
+        mine = [r for r in rows if r["fold"] == str(fold)]
+        preds, _ = vt.predict(Path(result.out_dir) / f"fold{fold}", [origin[r["path"]] for r in mine], batch_size=256)
+        for row, pred in zip(mine, preds):
+            worst = max(worst, max(abs(float(row[f"prob_{c}"]) - pred.probs[c]) for c in result.classes))
+    report["cv"] = {"rows": len(rows), "seconds": time.perf_counter() - started, "max_abs_diff": worst,
+                    "mean": result.mean}
+    check(report, "every out-of-fold row equals its file's prediction", worst < 1e-5 and len(rows) > 0,
+          f"{len(rows)} rows, max |diff| {worst:.1e}")
+
+
+def check_resume(report: dict, work: Path, shards: Path, processes: int, workers: int, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    started = time.perf_counter()
+    crashed = train(work, shards, "crashed", processes, workers, kill_at=3.0)
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
+    weights = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    h1 = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (crashed / "history.jsonl").read_text().splitlines()]
+    losses = max(abs(x[k] - y[k]) for x, y in zip(h1, h2) for k in ("train_loss", "val_loss"))
+    report["resume"] = {"seconds": time.perf_counter() - started, "max_weight_diff": weights,
+                        "max_loss_diff": losses, "epochs": len(h2)}
+    check(report, "killed mid-epoch and resumed = uninterrupted", len(h1) == len(h2) == EPOCHS and weights < 1e-4
+          and losses < 1e-4, f"weights {weights:.1e}, losses {losses:.1e}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work")
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    a = parser.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    shutil.rmtree(work / "cv", ignore_errors=True)
+    report: dict = {"images": a.images, "processes": a.processes, "workers": a.workers, "cpus": os.cpu_count(),
+                    "date": time.strftime("%Y-%m-%d %H:%M")}
+    started = time.perf_counter()
+    data = make_data(work, a.images)
+    shards = shard(work, data, report)
+    t = time.perf_counter()
+    run = train(work, shards, "calm", a.processes, a.workers)
+    report["train_seconds"] = time.perf_counter() - t
+    check_training(report, run, a.processes)
+    check_predict(report, run, shards, data)
+    check_cv(report, work, shards, a.workers)
+    check_resume(report, work, shards, a.processes, a.workers, run)
+    report["seconds"] = time.perf_counter() - started
+    (work / "soak.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
+    return 0 if all(report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
