@@ -117,9 +117,10 @@ json.dump({"steps": steps.steps, "history": result.history}, open(out, "w"))
 """
 
 
-def train(work: Path, shards: Path, name: str, processes: int, workers: int, kill_at: float | None = None) -> Path:
+def train(work: Path, shards: Path, name: str, processes: int, workers: int, kill_at: float | None = None,
+          report: dict | None = None) -> Path:
     """The torchrun training `name`; with `kill_at`, one process is SIGKILLed that many
-    seconds into its second epoch and the run resumed."""
+    seconds into its second epoch (what happened goes into `report`) and the run resumed."""
     out = work / "runs"
     out.mkdir(parents=True, exist_ok=True)
     args = {"data": str(shards), "output": str(out), "name": name, "epochs": EPOCHS, "num_workers": workers, **RECIPE}
@@ -136,9 +137,13 @@ def train(work: Path, shards: Path, name: str, processes: int, workers: int, kil
     time.sleep(kill_at)
     victims = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "worker.py"], capture_output=True, text=True)
     pids = [int(p) for p in victims.stdout.split()]
-    if proc.poll() is None and pids:
+    killed = proc.poll() is None and bool(pids)
+    if killed:
         os.kill(pids[-1], signal.SIGKILL)  # one rank dies; torchrun stops the others
     proc.wait()
+    if report is not None:
+        report.update(killed=killed, torchrun_status=proc.returncode,
+                      epochs_logged_at_kill=history.read_text().count("\n") if history.is_file() else 0)
     resume = {"resume": str(out / name), "output": str(out)}
     subprocess.run(_torchrun(processes, str(work / "worker.py"), json.dumps(resume)), check=True, env=env,
                    stdout=subprocess.DEVNULL)
@@ -206,14 +211,17 @@ def check_resume(report: dict, work: Path, shards: Path, processes: int, workers
     from safetensors.torch import load_file
 
     started = time.perf_counter()
-    crashed = train(work, shards, "crashed", processes, workers, kill_at=3.0)
+    kill: dict = {}
+    crashed = train(work, shards, "crashed", processes, workers, kill_at=3.0, report=kill)
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
     weights = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     h1 = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
     h2 = [json.loads(x) for x in (crashed / "history.jsonl").read_text().splitlines()]
     losses = max(abs(x[k] - y[k]) for x, y in zip(h1, h2) for k in ("train_loss", "val_loss"))
     report["resume"] = {"seconds": time.perf_counter() - started, "max_weight_diff": weights,
-                        "max_loss_diff": losses, "epochs": len(h2)}
+                        "max_loss_diff": losses, "epochs": len(h2), **kill}
+    check(report, "a process was killed mid-run (torchrun failed)", kill["killed"] and kill["torchrun_status"] != 0
+          and 1 <= kill["epochs_logged_at_kill"] < EPOCHS, kill)
     check(report, "killed mid-epoch and resumed = uninterrupted", len(h1) == len(h2) == EPOCHS and weights < 1e-4
           and losses < 1e-4, f"weights {weights:.1e}, losses {losses:.1e}")
 
