@@ -1,8 +1,10 @@
 """Does --time-budget hold on data 10x larger than it was tuned on? (issue 21 item 7)
 
-    python bench/budget.py WORK [--sizes 1000,10000] [--budgets 120,300]
+    python bench/budget.py WORK [--sizes 1000,10000] [--budgets 120,300] [--noise 0.15]
 
-For each size, 64 px JPEGs of 10 classes (bench/scale.py's generator); for each budget,
+For each size, 64 px JPEGs of 10 classes (bench/scale.py's generator), NOISE of them moved
+to another class (label noise: the frozen-feature probe then stays under 0.97, so the
+advisor asks for fine-tuning and the plan has epochs to fit); for each budget,
 `visiontune train DATA --time-budget B` with the default backbone (packaged Lite0 weights)
 in a fresh process with a cold cache (scan, features: nothing reused), timed from the
 command's start to its end. Prints and appends to WORK/budget.jsonl: the plan (strategy,
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,12 +28,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scale import make_images  # noqa: E402
 
 
-def run_one(work: Path, n: int, budget: int) -> dict:
+def make_data(data: Path, n: int, noise: float) -> None:
+    """bench/scale.py's images, a `noise` share of them moved to another class's folder."""
+    if (data / "done").is_file():
+        return
+    shutil.rmtree(data, ignore_errors=True)
+    paths = make_images(data, n)
+    rng = random.Random(0)
+    for p in map(Path, rng.sample(paths, int(noise * n))):
+        other = rng.choice([c for c in sorted(os.listdir(data)) if c != p.parent.name])
+        os.replace(p, data / other / p.name)
+    (data / "done").write_text("")
+
+
+def run_one(work: Path, n: int, budget: int, noise: float) -> dict:
     data = work / str(n) / "data"
-    if not (data / "done").is_file():
-        shutil.rmtree(data, ignore_errors=True)
-        make_images(data, n)
-        (data / "done").write_text("")
+    make_data(data, n, noise)
     cache, runs = work / str(n) / f"cache-{budget}", work / str(n) / "runs"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "VISIONTUNE_CACHE": str(cache)}
@@ -57,13 +70,14 @@ def main() -> int:
     parser.add_argument("work")
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--budgets", default="120,300")
+    parser.add_argument("--noise", type=float, default=0.15)
     a = parser.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in map(int, a.sizes.split(",")):
         for budget in map(int, a.budgets.split(",")):
-            row = run_one(work, n, budget)
+            row = run_one(work, n, budget, a.noise)
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(work / "budget.jsonl", "a") as fh:

@@ -171,3 +171,28 @@ def test_a_resumed_run_keeps_what_is_left_of_its_time_budget(flat_data: Path, tm
     assert resumed.seconds <= 15 * 1.05 + 1.0
     plan = json.loads((Path(part.run_dir) / "time_budget.json").read_text())
     assert plan["resumed"] and plan["actual_s"] == pytest.approx(resumed.seconds)
+
+
+def test_the_advisor_looks_at_what_the_budget_allows_and_the_plan_counts_what_it_cached(
+        flat_data: Path, tiny: dict) -> None:
+    from dataclasses import replace
+
+    from visiontune.config import RunConfig
+    from visiontune.data.items import DataSource, Item
+    from visiontune.data.sources import load_items
+    from visiontune.selection.budget import advisor_sample, plan_budget
+
+    items = [Item(f"{i}.png", "rare" if i < 5 else f"c{i % 4}", "train") for i in range(10_000)]
+    big = DataSource("root", ["c0", "c1", "c2", "c3", "rare"], items)
+    costs = replace(COSTS, images_to_extract=10_000, train_images=10_000, valid_images=0)
+    sample = advisor_sample(big, costs, left_s=100, seed=0)  # 0.02 s x 1.25 an image: 1,000 fit in 25 s
+    assert 900 <= len(sample.items) <= 1100 and {it.label for it in sample.items} == set(big.classes)
+    assert advisor_sample(big, replace(costs, images_to_extract=0), left_s=10_000, seed=0) is big
+    import timm
+    import torch
+
+    weights = flat_data.parent / "backbone.pth"  # weights of our own: the advisor then uses this backbone
+    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
+    cfg = RunConfig.create(None, path=str(flat_data), **dict(tiny, weights=str(weights)))
+    plan = plan_budget(cfg, load_items(cfg.data), 600, time.perf_counter())
+    assert "(0 not cached yet)" in plan.reasons[0]  # the advisor extracted them all: the probe needs none

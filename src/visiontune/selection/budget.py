@@ -21,20 +21,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from visiontune.config import RunConfig
-from visiontune.data.items import DataSource
+from visiontune.data.items import TRAIN, VALID, DataSource
+from visiontune.data.labels import indicator
+from visiontune.data.splits import stratified_sample
 from visiontune.errors import ConfigError
 from visiontune.selection.advisor import advise_source
-from visiontune.selection.costs import Costs, measure_costs
+from visiontune.selection.costs import Costs, measure_costs, uncached_images
 
 log = logging.getLogger(__name__)
 
 MIN_EPOCHS, MAX_EPOCHS = 3, 30  # fine-tuning epochs worth planning; more than MAX rarely helps
 SIZE_STEPS = (1.0, 0.75, 0.5)  # image sizes tried, as fractions of the backbone's own
 SAFETY = 0.97  # plan to end before the budget: estimates drift a little
+ADVISOR_SHARE = 0.25  # of the budget left after measuring, at most, for the advisor
+ADVISOR_PIXELS = 0.25  # the advisor's raw-pixel baseline reads every image: about this much of an extraction
+MIN_ADVISOR_IMAGES = 200
 
 
 @dataclass
@@ -54,11 +59,31 @@ class BudgetPlan:
 
 
 def plan_budget(cfg: RunConfig, source: DataSource, budget_s: float, started: float) -> BudgetPlan:
-    """Measure, ask the advisor, plan (see the module docstring)."""
+    """Measure, ask the advisor (on as many images as ADVISOR_SHARE of the budget allows:
+    its features are the probe's, it caches them), count what is still to extract, plan."""
     costs = measure_costs(cfg, source)
-    advice = advise_source(cfg, source, costs)
+    sample = advisor_sample(source, costs, budget_s - (time.perf_counter() - started), cfg.seed)
+    advice = advise_source(cfg, sample, costs)
+    costs = replace(costs, images_to_extract=uncached_images(cfg, source))  # the advisor cached some
     spent = time.perf_counter() - started
-    return decide_plan(costs, advice.strategy, advice.explanation, budget_s, spent, cfg.strategy.freeze_epochs)
+    why = advice.explanation + (f" (the advisor looked at a stratified sample of {len(sample.items)} of "
+                                f"{len(source.items)} images, what the budget allows)" if sample is not source else "")
+    return decide_plan(costs, advice.strategy, why, budget_s, spent, cfg.strategy.freeze_epochs)
+
+
+def advisor_sample(source: DataSource, costs: Costs, left_s: float, seed: int) -> DataSource:
+    """`source`, or a stratified sample of its train + valid images small enough for the
+    advisor (features of the uncached ones, then raw pixels of all for its baseline, about
+    ADVISOR_PIXELS of an extraction) to take at most ADVISOR_SHARE of the time left."""
+    pool = [it for it in source.items if it.split in (TRAIN, VALID)]
+    per_image = costs.extract_per_image * (costs.images_to_extract / max(1, len(pool)) + ADVISOR_PIXELS)
+    fits = int(ADVISOR_SHARE * max(0.0, left_s) / max(per_image, 1e-9))
+    if fits >= len(pool):
+        return source
+    rows = stratified_sample(indicator([it.label for it in pool], source.classes), max(MIN_ADVISOR_IMAGES, fits), seed)
+    chosen = pool if rows is None else [pool[i] for i in rows]
+    log.info("time budget: the advisor looks at %d of %d images", len(chosen), len(pool))
+    return DataSource(source.root, source.classes, chosen, source.excluded, source.hidden, source.detected)
 
 
 def decide_plan(costs: Costs, advised: str, why: str, budget_s: float, spent: float,
@@ -82,7 +107,8 @@ def decide_plan(costs: Costs, advised: str, why: str, budget_s: float, spent: fl
                 reasons.append(f"the probe needs ~{costs.probe_seconds():.0f} s at {costs.input_size} px: features at "
                                f"{size} px (~{costs.probe_seconds(size):.0f} s)")
             return BudgetPlan(budget_s, "feature-extract", 1, size, spent + costs.probe_seconds(size), reasons)
-    raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring took {spent:.0f} s and the "
+    raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring and advising took "
+                      f"{spent:.0f} s and the "
                       f"converged probe alone needs ~{costs.probe_seconds(sizes[-1]):.0f} s even at {sizes[-1]} px; "
                       "raise --time-budget")
 

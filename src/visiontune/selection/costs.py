@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
+from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import to_device
+from visiontune.train.features import FeatureCache, cache_for
 from visiontune.train.probe import estimate_seconds
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.trainer import Trainer
@@ -75,9 +77,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
         backbone.eval()
         extract = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
                                      lambda x, y: backbone(x))
-    pool = [it for it in source.items if it.split in (TRAIN, VALID)]
-    cache = setup.data._cache()
-    missing = len(pool) - cache.count_known(cache.digests([it.path for it in pool]))
+    missing = _uncached(setup.data._cache(), source)
     label_sets = setup.task.encode([source.items[0].label]).ndim == 2  # the probe fits one column per label
     fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes, label_sets)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
@@ -102,3 +102,15 @@ def _seconds_per_image(loader: DataLoader, setup: RunSetup, work: Callable[[torc
             seconds += time.perf_counter() - started
             counted += len(y)
     return seconds / max(1, counted)
+
+
+def uncached_images(cfg: RunConfig, source: DataSource) -> int:
+    """Train + valid images of `source` whose features for `cfg`'s backbone and size are not
+    in the feature cache (the model is built to know its fingerprint)."""
+    model, pre = create_classifier(cfg.model, len(source.classes))
+    return _uncached(cache_for(cfg.model.backbone, model.backbone, pre, cfg.train.cache_dir), source)
+
+
+def _uncached(cache: FeatureCache, source: DataSource) -> int:
+    pool = [it.path for it in source.items if it.split in (TRAIN, VALID)]
+    return len(pool) - cache.count_known(cache.digests(pool))
