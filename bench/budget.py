@@ -54,6 +54,7 @@ def run_one(work: Path, n: int, budget: int, noise: float) -> dict:
                            "--output", str(runs), "--name", name, "--no-progress"], env=env, capture_output=True,
                           text=True)
     wall = time.perf_counter() - started
+    (work / str(n) / f"{name}.log").write_text(done.stderr)  # the run's log: plan, features, epochs
     if done.returncode != 0:
         return {"images": n, "budget_s": budget, "error": done.stderr.strip().splitlines()[-1]}
     plan = json.loads((runs / name / "time_budget.json").read_text())

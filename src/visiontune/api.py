@@ -48,6 +48,7 @@ def fit(
     label_func: LabelFunc | None = None,
     resume: str | os.PathLike[str] | None = None,
     callbacks: list[Callback] | None = None,
+    started: float | None = None,
     **overrides: Any,
 ) -> FitResult:
     """Fine-tune a pretrained backbone on the images at `data`; return the run's results.
@@ -55,11 +56,12 @@ def fit(
     Options are RunConfig field names, e.g. `fit("images/", strategy="gradual", epochs=5,
     backbone="timm:resnet50", lr=1e-3)`. `label_func(path) -> label` takes labels from file
     names (fastai style). `resume="runs/<run>"` continues an interrupted run from its last
-    checkpoint (pass `epochs=` to extend it).
+    checkpoint (pass `epochs=` to extend it). `started` (time.perf_counter()): when the
+    clock of `time_budget` began (default: now; the CLI passes when the command began).
     """
     if resume is not None:
         return _resume(Path(resume), data, label_func, callbacks, overrides)
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     if cfg.train.time_budget:
         return _fit_in_time(cfg, source, callbacks, started)

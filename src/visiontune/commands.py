@@ -43,7 +43,7 @@ def train(args: argparse.Namespace) -> int:
     else:
         if not args.data and not args.csv:
             raise ConfigError("train needs DATA (a folder of images) or --csv")
-        result = api.fit(args.data, config=_base_config(args), **overrides)
+        result = api.fit(args.data, config=_base_config(args), started=args.started, **overrides)
     print(f"run: {result.run_dir}")
     print(f"best epoch: {result.best_epoch} of {len(result.history)}  ({result.seconds:.1f}s)")
     print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))

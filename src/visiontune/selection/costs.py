@@ -29,8 +29,9 @@ from visiontune.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-MEASURE_BATCH = 8
-WARMUP, TIMED = 2, 3  # batches
+MEASURE_BATCH = 16
+WARMUP = 2  # batches
+MIN_TIMED_S, MAX_TIMED = 2.0, 12  # time batches until this many seconds have passed (at most this many batches)
 
 
 @dataclass(frozen=True)
@@ -42,24 +43,29 @@ class Costs:
     valid_images: int
     input_size: int
     probe_fit_s: float  # s: the converged probe's C search and fit on the training features (measured)
+    read_per_image: float = 0.0  # s of the above spent reading a file (decoding, resizing): not the model's
 
-    def _scale(self, size: int | None) -> float:
-        return ((size or self.input_size) / self.input_size) ** 2  # cost ~ pixels
+    def _per_image(self, total: float, size: int | None) -> float:
+        """A per-image cost at `size` px: reading the file costs the same at any size, the
+        model's part grows with the pixels."""
+        scale = ((size or self.input_size) / self.input_size) ** 2
+        read = min(self.read_per_image, total)
+        return read + (total - read) * scale
 
     def probe_seconds(self, size: int | None = None) -> float:
         """Features of the images not cached yet at `size` px (another size than the cached
         one: all of them), then the converged probe."""
         todo = self.images_to_extract if size in (None, self.input_size) else self.train_images + self.valid_images
-        return todo * self.extract_per_image * self._scale(size) + self.probe_fit_s
+        return todo * self._per_image(self.extract_per_image, size) + self.probe_fit_s
 
     def epoch_seconds(self, size: int | None = None) -> float:
         """One fine-tuning epoch and its validation at `size` px."""
-        return self._scale(size) * (self.train_images * self.step_per_image + self.valid_images * self.extract_per_image)
+        return (self.train_images * self._per_image(self.step_per_image, size)
+                + self.valid_images * self._per_image(self.extract_per_image, size))
 
     def describe(self) -> str:
         return (f"here: features {self.extract_per_image * 1000:.0f} ms per image ({self.images_to_extract} not cached "
                 f"yet), converged probe ~{self.probe_seconds():.0f} s, one fine-tuning epoch ~{self.epoch_seconds():.0f} s")
-
 
 def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
     """Time two fine-tuning steps and two feature batches of `MEASURE_BATCH` real images
@@ -70,38 +76,53 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
     trainer = Trainer(setup, [])
     trainer.enter_phase(0)
     trainer.train_mode()
-    step = _seconds_per_image(setup.data.images().train, setup,
-                              lambda x, y: trainer.train_step(setup.model, x, y))
+    step, _ = _seconds_per_image(setup.data.images().train, setup,
+                                 lambda x, y: trainer.train_step(setup.model, x, y))
     backbone = setup.model.backbone
     with torch.inference_mode():
         backbone.eval()
-        extract = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
-                                     lambda x, y: backbone(x))
+        extract, read = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
+                                           lambda x, y: backbone(x))
     missing = _uncached(setup.data._cache(), source)
     label_sets = setup.task.encode([source.items[0].label]).ndim == 2  # the probe fits one column per label
     fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes, label_sets)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
-                  setup.preprocess.input_size, fit)
+                  setup.preprocess.input_size, fit, read)
     log.info("costs %s", costs.describe())
     return costs
 
 
-def _seconds_per_image(loader: DataLoader, setup: RunSetup, work: Callable[[torch.Tensor, torch.Tensor], Any]) -> float:
-    """Seconds per image of reading a batch (decoding and transforming its files) and `work`
-    on it: up to WARMUP batches first, then up to TIMED batches timed (small data: at least
-    one batch is timed)."""
-    batches = min(len(loader), WARMUP + TIMED)
-    warm = min(WARMUP, batches - 1)
-    reader = iter(loader)
-    seconds, counted = 0.0, 0
-    for i in range(batches):
+def _seconds_per_image(loader: DataLoader, setup: RunSetup,
+                       work: Callable[[torch.Tensor, torch.Tensor], Any]) -> tuple[float, float]:
+    """(seconds per image of reading a batch (decoding and transforming its files) and `work`
+    on it, of which reading): WARMUP batches first, then batches timed until MIN_TIMED_S
+    have passed (at most MAX_TIMED; small data: at least one batch is timed)."""
+    warm = min(WARMUP, len(loader) - 1)
+    total = read = 0.0
+    counted = 0
+    for i, batch in enumerate(_timed_reads(loader)):
+        seconds_to_read, (x, y) = batch
         started = time.perf_counter()
-        x, y, *_ = next(reader)  # the clock runs while the batch is read: decoding is a cost too
         work(to_device(x, setup.device, setup.cfg.train.channels_last), y.to(setup.device))
         if i >= warm:
-            seconds += time.perf_counter() - started
+            total += seconds_to_read + time.perf_counter() - started
+            read += seconds_to_read
             counted += len(y)
-    return seconds / max(1, counted)
+        if i >= warm + MAX_TIMED - 1 or (i >= warm and total >= MIN_TIMED_S):
+            break
+    return total / max(1, counted), read / max(1, counted)
+
+
+def _timed_reads(loader: DataLoader) -> Any:
+    """(seconds it took to read, (images, targets)) of each batch of `loader`."""
+    reader = iter(loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            x, y, *_ = next(reader)
+        except StopIteration:
+            return
+        yield time.perf_counter() - started, (x, y)
 
 
 def uncached_images(cfg: RunConfig, source: DataSource) -> int:
