@@ -75,7 +75,8 @@ def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] |
     log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,
              plan.epochs, plan.image_size, plan.expected_s, "; ".join(plan.reasons))
     result = train_run(RunConfig.create(cfg, **plan.overrides()), source,
-                       callbacks=[*(callbacks or []), _PlanWriter(plan)], started=started, deadline=started + budget)
+                       callbacks=[*(callbacks or []), _PlanWriter(plan)], started=started, deadline=started + budget,
+                       reserve_s=plan.reserve_s)
     write_json(Path(result.run_dir) / "time_budget.json",
                {**plan.as_dict(), "actual_s": time.perf_counter() - started})
     return result
@@ -105,11 +106,12 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     else:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
         ckpt = None
-    result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
-                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks)
     budget_file = run_dir / "time_budget.json"
-    if cfg.train.time_budget and budget_file.is_file():  # the plan, with the time taken over every session
-        write_json(budget_file, {**json.loads(budget_file.read_text()), "actual_s": result.seconds, "resumed": True})
+    plan = json.loads(budget_file.read_text()) if cfg.train.time_budget and budget_file.is_file() else {}
+    result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
+                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, reserve_s=float(plan.get("reserve_s", 0.0)))
+    if plan:  # the plan, with the time taken over every session
+        write_json(budget_file, {**plan, "actual_s": result.seconds, "resumed": True})
     return result
 
 

@@ -137,9 +137,11 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     assert 0 < len(stats.left_out) < 40 and stats.misses == 40 - len(stats.left_out)
     assert stats.left_out != list(range(40 - len(stats.left_out), 40))  # a random sample is left out, not the tail
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 2, 300)
+    y = rng.integers(0, 2, 300)
+    x = (rng.normal(size=(300, 16)) + 2.0 * np.eye(2, 16)[y]).astype(np.float32)
     fit = probe.fit_probe(x, y, multi_label=False, deadline=time.perf_counter() - 1)  # already past
-    assert fit.c == probe.SEARCH_ORDER[0] and fit.folds == 5 and np.allclose(fit.weight, 0)  # one C, no fit
+    assert fit.c == probe.SEARCH_ORDER[0] and fit.folds == 5  # no C tried: the middle of the grid
+    assert ((x @ fit.weight.T + fit.bias).argmax(1) == y).mean() > 0.9  # a short fit still, not the zero head
 
 
 def test_a_resumed_run_keeps_what_is_left_of_its_time_budget(flat_data: Path, tmp_path: Path, tiny: dict,
@@ -196,3 +198,18 @@ def test_the_advisor_looks_at_what_the_budget_allows_and_the_plan_counts_what_it
     cfg = RunConfig.create(None, path=str(flat_data), **dict(tiny, weights=str(weights)))
     plan = plan_budget(cfg, load_items(cfg.data), 600, time.perf_counter())
     assert "(0 not cached yet)" in plan.reasons[0]  # the advisor extracted them all: the probe needs none
+
+
+def test_when_no_image_size_fits_every_feature_the_probe_fits_the_sample_extracted_in_time() -> None:
+    from dataclasses import replace
+
+    many = replace(COSTS, images_to_extract=100_000, train_images=90_000, valid_images=10_000)
+    plan = decide_plan(many, "feature-extract", "why", budget_s=300, spent=10)
+    assert (plan.strategy, plan.image_size) == ("feature-extract", 128)  # the smallest size tried
+    import re
+
+    fit = int(re.search(r"features of about (\d+) of 100000 images fit", plan.reasons[-1]).group(1))
+    per_image = 0.02 * (128 / 224) ** 2
+    assert fit == pytest.approx((300 * 0.97 - 10 - 7.8) / per_image, rel=0.01) and plan.reserve_s == pytest.approx(7.8)
+    with pytest.raises(vt.ConfigError, match="too short"):
+        decide_plan(many, "feature-extract", "why", budget_s=15, spent=10)

@@ -39,7 +39,10 @@ SIZE_STEPS = (1.0, 0.75, 0.5)  # image sizes tried, as fractions of the backbone
 SAFETY = 0.97  # plan to end before the budget: estimates drift a little
 ADVISOR_SHARE = 0.25  # of the budget left after measuring, at most, for the advisor
 ADVISOR_PIXELS = 0.25  # the advisor's raw-pixel baseline reads every image: about this much of an extraction
+ADVISOR_FIT_SHARE = 6  # the advisor's probe (one C, 5 folds) costs about the probe's search over 6 C values / 6
 MIN_ADVISOR_IMAGES = 200
+MIN_PROBE_IMAGES = 200  # fewer images' features in the time: the budget is too short
+RESERVE_MARGIN_S = 5.0  # besides the probe's fit, kept after feature extraction (validation, saving)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class BudgetPlan:
     image_size: int
     expected_s: float
     reasons: list[str] = field(default_factory=list)
+    reserve_s: float = 0.0  # feature extraction stops this long before the deadline: the probe's fit needs it
 
     def overrides(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "epochs": self.epochs, "image_size": self.image_size}
@@ -76,7 +80,8 @@ def advisor_sample(source: DataSource, costs: Costs, left_s: float, seed: int) -
     advisor (features of the uncached ones, then raw pixels of all for its baseline, about
     ADVISOR_PIXELS of an extraction) to take at most ADVISOR_SHARE of the time left."""
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
-    per_image = costs.extract_per_image * (costs.images_to_extract / max(1, len(pool)) + ADVISOR_PIXELS)
+    fit_per_image = costs.probe_fit_s / max(1, costs.train_images) / ADVISOR_FIT_SHARE  # its one-C 5-fold probe
+    per_image = costs.extract_per_image * (costs.images_to_extract / max(1, len(pool)) + ADVISOR_PIXELS) + fit_per_image
     fits = int(ADVISOR_SHARE * max(0.0, left_s) / max(per_image, 1e-9))
     if fits >= len(pool):
         return source
@@ -101,16 +106,30 @@ def decide_plan(costs: Costs, advised: str, why: str, budget_s: float, spent: fl
                        "alone")
     else:
         reasons.append("the converged probe is what the data calls for; the budget is not the limit")
-    for size in sizes:  # the probe at the backbone's size if it fits, else at a smaller one
+    return _probe_plan(costs, sizes, left, budget_s, spent, reasons)
+
+
+def _probe_plan(costs: Costs, sizes: list[int], left: float, budget_s: float, spent: float,
+                reasons: list[str]) -> BudgetPlan:
+    """The probe at the backbone's size if it fits, else at a smaller one; else at the
+    smallest on the random sample of images whose features fit (extraction stops at the
+    deadline less the fit's time), when that is at least MIN_PROBE_IMAGES."""
+    reserve = costs.probe_fit_s + RESERVE_MARGIN_S
+    for size in sizes:
         if costs.probe_seconds(size) <= left:
             if size != costs.input_size:
                 reasons.append(f"the probe needs ~{costs.probe_seconds():.0f} s at {costs.input_size} px: features at "
                                f"{size} px (~{costs.probe_seconds(size):.0f} s)")
-            return BudgetPlan(budget_s, "feature-extract", 1, size, spent + costs.probe_seconds(size), reasons)
-    raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring and advising took "
-                      f"{spent:.0f} s and the "
-                      f"converged probe alone needs ~{costs.probe_seconds(sizes[-1]):.0f} s even at {sizes[-1]} px; "
-                      "raise --time-budget")
+            return BudgetPlan(budget_s, "feature-extract", 1, size, spent + costs.probe_seconds(size), reasons, reserve)
+    size, todo = sizes[-1], costs.train_images + costs.valid_images
+    fit = int(max(0.0, left - reserve) / max(1e-9, costs.probe_seconds(size) - costs.probe_fit_s) * todo)
+    if fit < MIN_PROBE_IMAGES:
+        raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring and advising took "
+                          f"{spent:.0f} s and the converged probe needs ~{costs.probe_seconds(size):.0f} s even at "
+                          f"{size} px (features of {fit} images would fit); raise --time-budget")
+    reasons.append(f"the probe needs ~{costs.probe_seconds(size):.0f} s even at {size} px: features of about {fit} of "
+                   f"{todo} images fit, and the probe fits the random sample extracted by then")
+    return BudgetPlan(budget_s, "feature-extract", 1, size, spent + left, reasons, reserve)
 
 
 def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: float, spent: float, head_epochs: int,
@@ -123,5 +142,6 @@ def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: flo
         if epochs >= MIN_EPOCHS:
             reasons.append(f"{epochs} fine-tuning epochs of ~{epoch:.0f} s at {size} px fit after the probe (~{probe:.0f} s)"
                            + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})"))
-            return BudgetPlan(budget_s, "gradual", epochs + head_epochs, size, spent + probe + epochs * epoch, reasons)
+            return BudgetPlan(budget_s, "gradual", epochs + head_epochs, size, spent + probe + epochs * epoch, reasons,
+                              costs.probe_fit_s + RESERVE_MARGIN_S)
     return None

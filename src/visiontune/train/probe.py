@@ -39,6 +39,7 @@ CV_FOLDS = 5
 MIN_SEARCH_ROWS = 10  # fewer images: no search
 SEARCH_ROWS = 20_000  # the C search looks at most at this many rows (a stratified sample)
 MAX_ITER = 300
+MIN_FINAL_ITER = 20  # iterations the final fit takes even when the deadline has passed
 EVALS_PER_FIT = 200  # loss evaluations of an L-BFGS fit on real features (Lite0, 2,000 images: 57-330 by C, mean ~225)
 FIT_ROWS = 50_000  # the final fit looks at most at this many rows (a stratified sample)
 
@@ -78,8 +79,9 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, star
     b0 = (start.bias.detach().float().cpu() + start.weight.detach().float().cpu() @ mean) if start is not None \
         else torch.zeros(classes)
     weights = _class_weights(y, classes, multi_label) if balanced else None
-    c, folds = _choose_c(x, y, w0, b0, multi_label, weights, seed, groups, deadline)
-    w, b = _lbfgs(x, y, w0, b0, c, multi_label, weights, deadline)
+    search = _choose_c(x, y, w0, b0, multi_label, weights, seed, groups, deadline)
+    c, folds = search.c, search.folds
+    w, b = _final_fit(x, y, w0, b0, search, multi_label, weights, deadline)
     w = w / scale
     return ProbeFit(w.numpy(), (b - w @ mean).numpy(), c, folds)
 
@@ -107,11 +109,14 @@ class _OutOfTime(Exception):
 
 
 def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, c: float, multi_label: bool,
-           weights: torch.Tensor | None, deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmin mean loss + ||W - w0||^2 / (2 c N), from (w0, b0); past `deadline`, the
-    iterate reached so far."""
-    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITER, history_size=20, line_search_fn="strong_wolfe",
+           weights: torch.Tensor | None, deadline: float | None = None,
+           init: tuple[torch.Tensor, torch.Tensor] | None = None,
+           max_iter: int = MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin mean loss + ||W - w0||^2 / (2 c N), from `init` (default (w0, b0)); past
+    `deadline`, the iterate reached so far."""
+    start_w, start_b = init if init is not None else (w0, b0)
+    w, b = start_w.clone().requires_grad_(True), start_b.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-6, tolerance_change=1e-9)
     strength = 1.0 / (2.0 * c * len(y))
 
@@ -126,44 +131,76 @@ def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
     try:
         optimizer.step(closure)
     except _OutOfTime:
-        log.warning("time budget: the converged probe stops short of convergence at the deadline")
+        pass
     return w.detach(), b.detach()
+
+
+@dataclass
+class _Search:
+    c: float  # the chosen C
+    folds: int  # 0: no search
+    start: tuple[torch.Tensor, torch.Tensor] | None = None  # a fold's fit at that C: where the final fit starts
+
+
+def _final_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, search: _Search,
+               multi_label: bool, weights: torch.Tensor | None, deadline: float | None) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+    """The fit on every row at the chosen C, from the search's fold fit when there is one
+    (4/5 of the way there). With a deadline it stops there; if the deadline has passed
+    already, it still takes MIN_FINAL_ITER iterations (seconds at most): a head that never
+    moved from its start would waste the features extracted."""
+    if deadline is not None and time.perf_counter() > deadline:
+        log.warning("time budget: no time left for the converged probe; %d iterations from %s", MIN_FINAL_ITER,
+                    "a fold's fit" if search.start is not None else "the head's start")
+        return _lbfgs(x, y, w0, b0, search.c, multi_label, weights, None, search.start, MIN_FINAL_ITER)
+    w, b = _lbfgs(x, y, w0, b0, search.c, multi_label, weights, deadline, search.start)
+    if deadline is not None and time.perf_counter() > deadline:
+        log.warning("time budget: the converged probe stops short of convergence at the deadline")
+    return w, b
 
 
 def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, multi_label: bool,
               weights: torch.Tensor | None, seed: int, groups: list[str] | None,
-              deadline: float | None = None) -> tuple[float, int]:
+              deadline: float | None = None) -> _Search:
     """The C of the grid with the best held-out log loss over CV_FOLDS folds (data/splits.py:
     stratified, groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C
     when there are too few images or groups to fold. The grid is tried from its middle out
-    (SEARCH_ORDER), so a search that the deadline stops early has tried the likeliest."""
+    (SEARCH_ORDER), so a search that the deadline stops early has tried the likeliest (no
+    time at all: the middle of the grid)."""
     rows = stratified_sample(y.numpy(), SEARCH_ROWS, seed)
     xs, ys = (x[rows], y[rows]) if rows is not None else (x, y)
     if groups is not None and rows is not None:
         groups = [groups[i] for i in rows]
     folds = min(CV_FOLDS, len(ys) // 2, len(set(groups)) if groups is not None else len(ys))
     if len(ys) < MIN_SEARCH_ROWS or folds < 2:
-        return DEFAULT_C, 0
+        return _Search(DEFAULT_C, 0)
     held_out = fold_splits(ys.numpy(), groups, folds, seed)
     scores: dict[float, float] = {}
+    best = _Search(SEARCH_ORDER[0], folds)
     started = time.perf_counter()
     for c in SEARCH_ORDER:
-        if deadline is not None and scores and _search_overruns(started, len(scores), folds, len(y) / len(ys),
-                                                                deadline):
+        if _search_overruns(deadline, started, len(scores), folds, len(y) / len(ys)):
             log.warning("time budget: the C search stops after %d of %d values", len(scores), len(C_GRID))
             break
-        total = 0.0
-        for test in held_out:
+        total, fit = 0.0, None
+        for test in held_out:  # each fit stops at the deadline too
             train = np.setdiff1d(np.arange(len(ys)), test)
-            w, b = _lbfgs(xs[train], ys[train], w0, b0, c, multi_label, weights)
-            total += float(_loss(xs[test] @ w.T + b, ys[test], multi_label, None)) * len(test)
+            fit = _lbfgs(xs[train], ys[train], w0, b0, c, multi_label, weights, deadline)
+            total += float(_loss(xs[test] @ fit[0].T + fit[1], ys[test], multi_label, None)) * len(test)
+        if not scores or total < min(scores.values()):
+            best = _Search(c, folds, fit)
         scores[c] = total
-    return min(scores, key=lambda c: (scores[c], C_GRID.index(c))), folds
+    return best
 
 
-def _search_overruns(started: float, done: int, folds: int, rows_ratio: float, deadline: float) -> bool:
+def _search_overruns(deadline: float | None, started: float, done: int, folds: int, rows_ratio: float) -> bool:
     """Would one more C value and then the final fit end after `deadline`? One C value costs
-    what the last ones did; the final fit about one fold's fit on `rows_ratio` as many rows."""
+    what the last ones did; the final fit about one fold's fit on `rows_ratio` as many rows.
+    Before the first value: only whether the deadline has passed."""
+    if deadline is None:
+        return False
+    if not done:
+        return time.perf_counter() > deadline
     per_c = (time.perf_counter() - started) / done
     final = per_c / folds * rows_ratio
     return time.perf_counter() + per_c + final > deadline

@@ -88,9 +88,10 @@ class Watch:
 
 def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None, ckpt: dict[str, Any] | None = None,
               callbacks: list[Callback] | None = None, started: float | None = None,
-              deadline: float | None = None) -> FitResult:
+              deadline: float | None = None, reserve_s: float = 0.0) -> FitResult:
     """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run;
-    `deadline` (time.perf_counter()) ends it on time (--time-budget)."""
+    `deadline` (time.perf_counter()) ends it on time (--time-budget), feature extraction
+    `reserve_s` before it (what the probe's fit needs)."""
     started = time.perf_counter() if started is None else started
     log.info("%s", source.summary())
     if run_dir is not None:
@@ -106,7 +107,8 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     trainer.watch = (watch.monitor, watch.mode)
     trainer.started, trainer.run_dir = started, run_dir
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
-    trainer.deadline = setup.data.deadline = _deadline(setup.cfg.train, deadline, trainer)
+    trainer.deadline = _deadline(setup.cfg.train, deadline, trainer)
+    setup.data.deadline = None if trainer.deadline is None else trainer.deadline - reserve_s
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
