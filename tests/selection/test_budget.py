@@ -209,7 +209,8 @@ def test_when_no_image_size_fits_every_feature_the_probe_fits_the_sample_extract
     import re
 
     fit = int(re.search(r"features of about (\d+) of 100000 images fit", plan.reasons[-1]).group(1))
-    per_image = 0.02 * (128 / 224) ** 2
-    assert fit == pytest.approx((300 * 0.97 - 10 - 7.8) / per_image, rel=0.01) and plan.reserve_s == pytest.approx(7.8)
+    per_image, fit_per_image = 0.02 * (128 / 224) ** 2, 2.8 / 100_000  # extraction, and the fit's share
+    assert fit == pytest.approx((300 * 0.97 - 10 - 5.0) / (per_image + fit_per_image), rel=0.01)
+    assert plan.reserve_s == pytest.approx(fit * fit_per_image + 5.0)
     with pytest.raises(vt.ConfigError, match="too short"):
         decide_plan(many, "feature-extract", "why", budget_s=15, spent=10)

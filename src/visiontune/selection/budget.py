@@ -122,7 +122,10 @@ def _probe_plan(costs: Costs, sizes: list[int], left: float, budget_s: float, sp
                                f"{size} px (~{costs.probe_seconds(size):.0f} s)")
             return BudgetPlan(budget_s, "feature-extract", 1, size, spent + costs.probe_seconds(size), reasons, reserve)
     size, todo = sizes[-1], costs.train_images + costs.valid_images
-    fit = int(max(0.0, left - reserve) / max(1e-9, costs.probe_seconds(size) - costs.probe_fit_s) * todo)
+    extract = (costs.probe_seconds(size) - costs.probe_fit_s) / max(1, todo)  # an image's features at `size`
+    fit_per_image = costs.probe_fit_s / max(1, todo)  # the fit grows with the images it fits
+    fit = int(max(0.0, left - RESERVE_MARGIN_S) / max(1e-9, extract + fit_per_image))
+    reserve = fit * fit_per_image + RESERVE_MARGIN_S
     if fit < MIN_PROBE_IMAGES:
         raise ConfigError(f"the time budget of {budget_s:.0f} s is too short here: measuring and advising took "
                           f"{spent:.0f} s and the converged probe needs ~{costs.probe_seconds(size):.0f} s even at "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,18 +222,28 @@ class RunData:
         empty: the outputs are gathered by row)."""
         if self._features is None:
             paths, targets = self._targets(TRAIN)
-            train, kept = self._feature_loader(paths, targets, shuffle=True)
-            groups = group_keys(self.source.split(TRAIN))
             vpaths, vtargets = self._targets(VALID)
+            train, kept = self._feature_loader(paths, targets, shuffle=True,
+                                               deadline=self._share_of_deadline(len(paths), len(vpaths)))
+            groups = group_keys(self.source.split(TRAIN))
             valid = None
             if vpaths:
                 rows = self._part(vpaths)
                 valid, _ = self._feature_loader([vpaths[i] for i in rows], vtargets[rows], shuffle=False,
-                                                ids=torch.as_tensor(rows, dtype=torch.long), shared=False)
+                                                ids=torch.as_tensor(rows, dtype=torch.long), shared=False,
+                                                deadline=self.deadline)
             self._features = PhaseData(train, valid, on_features=True,  # cut by a deadline: not every row
                                        valid_rows=len(vpaths) if self.deadline is None else 0,
                                        groups=[groups[i] for i in kept] if groups is not None else None)
         return self._features
+
+    def _share_of_deadline(self, train: int, valid: int) -> float | None:
+        """When extracting training features must stop so that validation features get
+        their share of the time left (a cut extraction then samples both alike)."""
+        if self.deadline is None:
+            return None
+        now = time.perf_counter()
+        return now + (self.deadline - now) * train / max(1, train + valid)
 
     def _part(self, paths: list[str]) -> list[int]:
         """The rows of `paths` this process reads: every world-th file, or the samples of its
@@ -246,7 +257,7 @@ class RunData:
         return list(range(rank, len(paths), world))
 
     def _feature_loader(self, paths: list[str], targets: torch.Tensor, shuffle: bool, ids: torch.Tensor | None = None,
-                        shared: bool = True) -> tuple[DataLoader, list[int]]:
+                        shared: bool = True, deadline: float | None = None) -> tuple[DataLoader, list[int]]:
         """Features of `paths` (rows `ids` of the caller's list) and the rows of `paths` they
         hold: all, unless the time budget's deadline stopped the extraction (a random sample
         then, said in the log). `shared`: every process needs all of them, so under torchrun
@@ -256,12 +267,12 @@ class RunData:
         if cache is not None and shared and self.env.parallel:  # this process's share first, then all from the cache
             _, stats = extract_features(self.model.backbone, [paths[i] for i in self._part(paths)], self.preprocess,
                                         self.device, cache, t.batch_size, t.num_workers, t.channels_last,
-                                        deadline=self.deadline)
+                                        deadline=deadline)
             self.feature_stats.append(stats)
             barrier(self.env)
         feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache, t.batch_size,
                                         t.num_workers, t.channels_last, memmap_dir=cache.dir if cache else None,
-                                        deadline=self.deadline)
+                                        deadline=deadline)
         self.feature_stats.append(stats)
         kept = list(range(len(paths)))
         if stats.left_out:
