@@ -101,6 +101,88 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+# The layers of ARCHITECTURE.md ("Packages, bottom to top"), by longest module-name prefix.
+# A module may import its own layer's modules of its own package and anything below.
+LAYERS = [
+    ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots"),
+    ("visiontune.train.strategies", "visiontune.data.labels"),
+    ("visiontune.config",),
+    ("visiontune.tasks",),
+    ("visiontune.data",),
+    ("visiontune.models",),
+    ("visiontune.runtime",),
+    ("visiontune.bundle",),
+    ("visiontune.train",),
+    ("visiontune.analysis", "visiontune.selection", "visiontune.deploy"),
+    ("visiontune.prediction",),
+    ("visiontune.api",),
+    ("visiontune.demo",),
+    ("visiontune.commands",),
+    ("visiontune.cli",),
+    ("visiontune.__main__",),
+]
+
+
+def _layer(module: str) -> tuple[int, str]:
+    """(layer, the prefix that placed it) of a module: the longest matching prefix."""
+    found = [(len(prefix), i, prefix) for i, names in enumerate(LAYERS) for prefix in names
+             if module == prefix or module.startswith(prefix + ".")]
+    if not found:
+        raise AssertionError(f"{module} is in no layer of ARCHITECTURE.md; add it to LAYERS and the docs")
+    _, layer, prefix = max(found)
+    return layer, prefix
+
+
+def _layer_violations(graph: dict[str, set[str]], packages: set[str]) -> list[str]:
+    """Imports that go up a layer, or sideways into another package of the same layer.
+    Package __init__ modules are namespaces (importing one runs nothing of its layer)."""
+    bad = []
+    for module, deps in graph.items():
+        if module in packages or module == "visiontune":
+            continue
+        layer, prefix = _layer(module)
+        for dep in sorted(deps - packages - {"visiontune"}):
+            dep_layer, dep_prefix = _layer(dep)
+            if dep_layer > layer or (dep_layer == layer and dep_prefix != prefix and len(LAYERS[layer]) > 1
+                                     and layer not in (0, 1)):
+                bad.append(f"{module} (layer {layer + 1}) imports {dep} (layer {dep_layer + 1})")
+    return bad
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    modules = _modules()
+    graph = {name: _imports(path, name, modules) for name, path in modules.items()}
+    packages = {name for name, path in modules.items() if path.name == "__init__.py"}
+    assert _layer_violations(graph, packages) == []
+
+
+def test_the_layer_check_finds_an_upward_and_a_sideways_import() -> None:
+    graph = {"visiontune.train.tracking": {"visiontune.analysis.report"},
+             "visiontune.selection.advisor": {"visiontune.analysis.mislabels", "visiontune.train.probe"},
+             "visiontune.analysis.report": set(), "visiontune.analysis.mislabels": set(), "visiontune.train.probe": set()}
+    assert set(_layer_violations(graph, set())) == {
+        "visiontune.selection.advisor (layer 10) imports visiontune.analysis.mislabels (layer 10)",
+        "visiontune.train.tracking (layer 9) imports visiontune.analysis.report (layer 10)"}
+
+
+def test_a_prediction_never_loads_the_training_stack(flat_data: Path, tmp_path: Path) -> None:
+    """ARCHITECTURE.md: prediction never imports the training loop (vt.predict lives in
+    visiontune.prediction)."""
+    from conftest import TINY
+
+    run = vt.fit(flat_data, output=str(tmp_path), strategy="feature-extract", epochs=1, **TINY)
+    code = ("import sys, visiontune as vt; preds, _ = vt.predict(sys.argv[1], sys.argv[2]); "
+            "print(len(preds)); print(' '.join(sorted(m for m in sys.modules if m.startswith('visiontune.'))))")
+    out = subprocess.run([sys.executable, "-c", code, run.run_dir, str(flat_data)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    loaded = set(out[1].split())
+    assert int(out[0]) == 24 and "visiontune.prediction" in loaded
+    training = sorted(m for m in loaded if m.startswith(("visiontune.train.", "visiontune.selection",
+                                                         "visiontune.analysis", "visiontune.api"))
+                      and m != "visiontune.train.strategies")  # layer 2: the registry config reads
+    assert training == []
+
+
 def test_nothing_imports_the_package_root_or_the_cli() -> None:
     """The root's names are lazy re-exports, and only the entry point uses the CLI."""
     modules = _modules()
@@ -210,12 +292,109 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 
 
 def test_tasks_registry_and_markers() -> None:
-    from visiontune.data.labels import TASK_CHOICES
+    from visiontune.data.labels import task_choices
     from visiontune.tasks.catalog import TASKS, make_task
 
     task = make_task("single-label", ["a", "b"])
-    assert set(TASKS) == set(TASK_CHOICES) - {"auto"}  # what --task offers is what the catalog has
+    assert set(TASKS) == set(task_choices()) - {"auto"}  # what --task offers is what the catalog has
     assert task.encode(["b", "a"]).tolist() == [1, 0]
     assert make_task("multi-label", ["a", "b"]).encode([("a", "b"), ()]).tolist() == [[1, 1], [0, 0]]
     with pytest.raises(ConfigError, match="single-label"):
-        make_task("regression", ["a"])
+        make_task("ordinal", ["a"])
+
+
+# -- the task seam: a fourth task, defined here only ----------------------------------------
+@pytest.fixture
+def toy_task():
+    """Two classes scored by ONE logit (sigmoid): a task shape the package does not have,
+    written against the Task interface alone and registered from here."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from visiontune.data.labels import TASK_NAMES
+    from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+    from visiontune.tasks.catalog import TASKS, register_task
+
+    class OneLogitLoss(TaskLoss):
+        def total(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets, reduction="sum")
+
+        def norm(self, targets: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(float(len(targets)))
+
+    class OneLogit(Task):
+        name, description, headline = "one-logit", "two classes, one sigmoid", ("accuracy", "accuracy", "loss")
+        higher_is_better = {"accuracy": True, "val_loss": False, "train_loss": False}
+
+        @property
+        def num_classes(self) -> int:
+            return 1  # the head's width: one logit for the second class
+
+        def encode(self, labels):
+            return torch.tensor([float(self.index[lb]) for lb in labels])
+
+        def marker(self, value):
+            return marker_like(torch.zeros(0), value)
+
+        def loss(self, weights=None, label_smoothing=0.0):
+            return OneLogitLoss()
+
+        def balance_weights(self, labels):
+            return []
+
+        def oversample_weights(self, targets):
+            return torch.ones(len(targets))
+
+        def probabilities(self, logits):
+            return logits.sigmoid()
+
+        def metrics(self, targets, probs, labels=None):
+            hit = (probs[:, 0] >= 0.5) == (np.asarray(targets) > 0.5)
+            return {"accuracy": float(hit.mean()) if len(hit) else float("nan")}
+
+        def report(self, targets, probs):
+            return Report([{"class": "all", **self.metrics(targets, probs)}], None, "one logit")
+
+        def sample_losses(self, targets, probs):
+            return np.abs(probs[:, 0] - np.asarray(targets))
+
+        def describe(self, target, probs):
+            return self.classes[int(probs[0] >= 0.5)], self.classes[int(target)]
+
+        def decode(self, probs, top_k):
+            return [Decoded([self.classes[int(p >= 0.5)]], [float(max(p, 1 - p))],
+                            [(self.classes[int(p >= 0.5)], float(max(p, 1 - p)))]) for p in probs[:, 0]]
+
+        def default_monitor(self, imbalance):
+            return "val_loss"
+
+        def present_labels(self, targets):
+            return [0]
+
+    register_task(OneLogit)
+    yield OneLogit
+    TASKS.pop(OneLogit.name)
+    TASK_NAMES.remove(OneLogit.name)
+
+
+def test_a_registered_task_trains_predicts_and_exports(toy_task, flat_data: Path, tmp_path: Path) -> None:
+    """The seam: a task defined in this test alone goes through --task, the data side,
+    the converged probe, fine-tuning, predict, evaluate, export and the CLI's writers."""
+    from conftest import TINY
+    from visiontune.cli import main
+
+    run = vt.fit(flat_data, task="one-logit", strategy="gradual", epochs=2, output=str(tmp_path), **TINY)
+    assert run.setup.task.name == "one-logit" and run.setup.model.head[-1].out_features == 1
+    assert run.metrics["accuracy"] > 0.8, run.metrics
+    preds, _ = vt.predict(run.run_dir, flat_data)
+    assert sum(p.label == Path(p.path).parent.name for p in preds) >= 0.8 * len(preds)
+    assert vt.evaluate(run.run_dir, flat_data).metrics["accuracy"] > 0.8
+    assert main(["predict", run.run_dir, str(flat_data), "--output", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,label,prob"
+    pytest.importorskip("onnxruntime")
+    from visiontune.deploy.export import export
+
+    assert export(run.run_dir, "onnx", tmp_path / "m.onnx").max_abs_diff < 1e-3
+    again, _ = vt.predict(str(tmp_path / "m.onnx"), flat_data)
+    assert [p.label for p in again] == [p.label for p in preds]

@@ -156,7 +156,6 @@ def test_cli_predict_output_keeps_the_old_file_when_it_fails_midway(trained: tup
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import csv
 
-    from visiontune import api
 
     run, data = trained
     out, out_json = tmp_path / "p.csv", tmp_path / "p.json"
@@ -165,14 +164,16 @@ def test_cli_predict_output_keeps_the_old_file_when_it_fails_midway(trained: tup
     before = out.read_text()
     rows = list(csv.reader(before.splitlines()))
     assert rows[0] == ["path", "label", "prob", "label2", "prob2"] and len(rows) == 9
-    assert [(r["path"], len(r["top_k"])) for r in json.loads(out_json.read_text())] == [(r[0], 1) for r in rows[1:]]
-    real = api.eval_batches
+    assert [(r["path"], len(r["predictions"])) for r in json.loads(out_json.read_text())] == [(r[0], 1) for r in rows[1:]]
+    from visiontune import prediction
+
+    real = prediction.eval_batches
 
     def failing(*args, **kwargs):
         batches = real(*args, **kwargs)
         yield next(batches)
         raise vt.DataError("the disk went away")
 
-    monkeypatch.setattr(api, "eval_batches", failing)
+    monkeypatch.setattr(prediction, "eval_batches", failing)
     assert main(["predict", str(run), str(data / "test"), "--output", str(out), "--batch-size", "3"]) == 2
     assert out.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.json"]

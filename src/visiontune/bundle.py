@@ -100,12 +100,12 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
         backbone=meta["backbone"], weights="none", image_size=pre.input_size,
         head_hidden=int(meta["head_hidden"]), head_dropout=float(meta["head_dropout"]),
     )
-    model, _ = create_classifier(model_cfg, len(meta["classes"]))
+    task = make_task(meta.get("task", "single-label"), list(meta["classes"]), meta)
+    model, _ = create_classifier(model_cfg, task.num_classes)  # the head's width is the task's
     model.load_state_dict(load_file(str(file)), strict=True)
     model.to(device, memory_format=torch.channels_last).eval()  # inputs follow in run_eval
     cfg_path = file.parent / "config.yaml"
     cfg = read_config(cfg_path) if cfg_path.is_file() else None
-    task = make_task(meta.get("task", "single-label"), list(meta["classes"]), meta)
     return Bundle(model, task, pre, str(file.parent), cfg)
 
 

@@ -61,7 +61,8 @@ def _add_option(group: Any, f: Any) -> None:
     flag = meta.get("flag") or ("--" + key.replace("_", "-"))
     shown = "" if f.default is None or f.default == "" else f" ({f.default})"
     group.add_argument(flag, dest=key, type=_annotation_type(f), choices=choices_of(f), default=None,
-                       metavar=meta.get("metavar"), help=meta["help"] + shown)
+                       metavar=meta.get("metavar"), help=meta["help"] + shown,
+                       **({"nargs": meta["nargs"]} if meta.get("nargs") else {}))
     for alias, value in (meta.get("aliases") or {}).items():
         group.add_argument(alias, dest=key, action="store_const", const=value, help=f"same as {flag} {value}")
 

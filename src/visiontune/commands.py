@@ -14,7 +14,6 @@ from visiontune.analysis.interpret import interpret
 from visiontune.bundle import read_config
 from visiontune.config import RunConfig, cli_option_keys
 from visiontune.data.imagify import imagify
-from visiontune.data.labels import MULTI
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.webdata import write_shards
 from visiontune.demo import run_demo
@@ -102,41 +101,27 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _prediction_line(p: api.Prediction) -> str:
-    """path, label, probability, runners-up; multi-label: every label above its threshold
-    with its probability, or "(none)" and the most probable ones."""
-    if p.task == MULTI:
-        chosen = ", ".join(f"{label} {p.probs[label]:.3f}" for label in p.labels)
-        top = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
-        return f"{p.path}\t{chosen}" if chosen else f"{p.path}\t(none)\t(top: {top})"
-    others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])
-    return f"{p.path}\t{p.label}\t{p.prob:.4f}" + (f"\t({others})" if others else "")
+    """As the task prints a prediction (tasks/: path, label, probability, runners-up; label
+    sets: every label above its threshold; regression: path and number)."""
+    return p.line()
 
 
 def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, top_k: int, delim: str = " ") -> None:
-    """PATH.json: a list of objects; else CSV: path,label,prob + the runners-up
-    (multi-label: path,labels (joined by the run's `delim`, as `train --csv` reads them) +
-    one probability column per label). Rows are written as `preds` yields them."""
+    """PATH.json: a list of {"path", ...the task's record (serve answers the same)}; else
+    CSV in the task's columns (single-label: path,label,prob + the runners-up; multi-label:
+    path,labels joined by the run's `delim`, as `train --csv` reads them, + one probability
+    per label; regression: path,prediction). Rows are written as `preds` yields them."""
     if path.endswith(".json"):
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write("[")
                 for i, p in enumerate(preds):
-                    item = {"path": p.path, "label": p.label, "labels": p.labels, "prob": p.prob,
-                            "top_k": [{"label": lb, "prob": pr} for lb, pr in p.top_k],
-                            **({"probs": p.probs} if p.task == MULTI else {})}
-                    fh.write(("," if i else "") + "\n  " + json.dumps(item))
+                    fh.write(("," if i else "") + "\n  " + json.dumps(p.record()))
                 fh.write("\n]\n")
 
         atomic_write(path, write)
         return
-    if task.name == MULTI:
-        write_csv(path, ["path", "labels", *[f"prob_{n}" for n in task.classes]],
-                  ([p.path, delim.join(p.labels), *[f"{p.probs[n]:.6f}" for n in task.classes]] for p in preds))
-        return
-    k = max(1, min(top_k, task.num_classes))
-    write_csv(path, ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")],
-              ([p.path, p.label, f"{p.prob:.6f}"] + [v for lb, pr in p.top_k[1:] for v in (lb, f"{pr:.6f}")]
-               for p in preds))
+    write_csv(path, task.csv_header(top_k), (task.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -147,7 +132,8 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"excluded {path}: {why}", file=sys.stderr)
     if args.output:
         write_json(args.output, {"metrics": result.metrics, "per_class": result.report,
-                                 "confusion": result.confusion.tolist(), "classes": result.classes})
+                                 "confusion": None if result.confusion is None else result.confusion.tolist(),
+                                 "classes": result.classes})
     return 0
 
 

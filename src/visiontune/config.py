@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from visiontune.data.labels import TASK_CHOICES
+from visiontune.data.labels import task_choices
 from visiontune.errors import ConfigError
 from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choices
 
@@ -39,7 +39,7 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
            flag: str | None = None, key: str | None = None, cli: bool = True, metavar: str | None = None,
            parse: Callable[[str], Any] | None = None, aliases: dict[str, Any] | None = None,
-           coerce: Callable[[Any], Any] | None = None) -> Any:
+           coerce: Callable[[Any], Any] | None = None, nargs: int | None = None) -> Any:
     """A config field with its documentation: `help` (shown by --help), `choices` (a tuple
     or a function returning one, e.g. the strategy registry), bounds (`ge`/`gt`/`le`/`lt`,
     checked by `validate`; None values are not checked), `flag` (default `--field-name`;
@@ -48,9 +48,10 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
     `RunConfig.create` and the CLI; default the field name), `cli=False` for Python-only
     options, `parse` for values argparse cannot type from the annotation, `aliases` for
     extra flags that set a fixed value (e.g. {"--no-augment": "none"}) and `coerce` for
-    values older configs spelled differently."""
+    values older configs spelled differently, `nargs` for a flag taking several values (each
+    parsed by `parse`)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag, "key": key,
-            "cli": cli, "metavar": metavar, "parse": parse, "aliases": aliases or {}, "coerce": coerce}
+            "cli": cli, "metavar": metavar, "parse": parse, "aliases": aliases or {}, "coerce": coerce, "nargs": nargs}
     return field(default=default, metadata=meta)
 
 
@@ -106,9 +107,10 @@ class DataConfig:
     csv_path_col: str | None = option(None, "CSV column holding the paths (path/file/filename/image, else the 1st)")
     csv_label_col: str | None = option(None, "CSV column holding the labels (label/class/target, else the 2nd)")
     label_regex: str | None = option(None, r"label = group 1 of this regex on the file name, e.g. '^(.+)_\d+\.jpg$'")
-    task: str = option("auto", "single-label (one class per image) or multi-label (a set of labels, maybe empty); "
-                               "auto: multi-label for a CSV 'labels'/'tags' column or a label function returning "
-                               "lists", choices=TASK_CHOICES)
+    task: str = option("auto", "single-label (one class per image), multi-label (a set of labels, maybe empty) or "
+                               "regression (a number per image: a CSV column, a --label-regex capture, a label "
+                               "function's value); auto: multi-label for a CSV 'labels'/'tags' column or a label "
+                               "function returning lists, regression for one returning floats", choices=task_choices)
     label_delim: str = option(" ", "separator of the labels in a multi-label CSV cell (fastai's: a space)")
     label_func: str | None = option(None, "name of the Python label function used (recorded, not re-run)", cli=False)
     valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
@@ -181,6 +183,11 @@ class TrainConfig:
     step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)
     gamma: float = option(0.1, "step schedule: LR factor per drop", gt=0.0, le=1.0)
     label_smoothing: float = option(0.0, "label smoothing of the loss", ge=0.0, lt=1.0)
+    loss: str = option("mse", "regression: the loss on standardised targets (huber: delta 1 std, robust to outliers)",
+                       choices=("mse", "huber"))
+    target_range: tuple[float, float] | None = option(
+        None, "regression: squash the output into LOW..HIGH by a sigmoid (fastai's y_range)", nargs=2,
+        metavar=("LOW", "HIGH"), parse=float, coerce=lambda v: tuple(float(x) for x in v) if v is not None else None)
     thresholds: str = option("global", "multi-label: one --threshold for every label (global), or per label the "
                                        "one with the best F1 on the validation split (tuned)",
                              choices=("global", "tuned"))

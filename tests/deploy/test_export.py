@@ -51,7 +51,7 @@ def test_a_foreign_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def _engine_of(run_dir: Path, engine: str, images: int) -> str:
-    from visiontune.api import _predictor
+    from visiontune.prediction import _predictor
 
     _, bundle, _ = _predictor(run_dir, "cpu", engine, images)
     return "onnx" if type(bundle.model).__name__ == "_OnnxModule" else "torch"

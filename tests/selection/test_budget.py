@@ -13,6 +13,7 @@ import visiontune as vt
 from visiontune.selection.advisor import weigh_cost
 from visiontune.selection.budget import MAX_EPOCHS, decide_plan
 from visiontune.selection.costs import Costs
+from visiontune.tasks.single_label import SingleLabel
 from visiontune.train.trainer import Trainer
 
 # 400 train + 100 valid images at 224 px: 20 ms per image to extract, 100 ms per training step image
@@ -108,9 +109,9 @@ def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatc
 def test_the_probes_cost_grows_with_classes_and_feature_width() -> None:
     from visiontune.train.probe import estimate_seconds
 
-    small, wide = estimate_seconds(2000, 64, 2, False), estimate_seconds(2000, 1280, 50, False)
+    small, wide = estimate_seconds(2000, 64, 2), estimate_seconds(2000, 1280, 50)
     assert wide > 3 * small > 0
-    assert estimate_seconds(20000, 256, 5, False) > 3 * estimate_seconds(2000, 256, 5, False)
+    assert estimate_seconds(20000, 256, 5) > 3 * estimate_seconds(2000, 256, 5)
 
 
 def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,7 +140,7 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     x = (rng.normal(size=(300, 16)) + 2.0 * np.eye(2, 16)[y]).astype(np.float32)
-    fit = probe.fit_probe(x, y, multi_label=False, deadline=time.perf_counter() - 1)  # already past
+    fit = probe.fit_probe(x, y, SingleLabel([str(i) for i in range(int(y.max()) + 1)]), deadline=time.perf_counter() - 1)  # already past
     assert fit.c == probe.SEARCH_ORDER[0] and fit.folds == 5  # no C tried: the middle of the grid
     assert ((x @ fit.weight.T + fit.bias).argmax(1) == y).mean() > 0.9  # a short fit still, not the zero head
 

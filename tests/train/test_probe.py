@@ -13,7 +13,18 @@ from sklearn.linear_model import LogisticRegression
 
 import visiontune as vt
 from conftest import make_class_folders
+from visiontune.tasks.multi_label import MultiLabel
+from visiontune.tasks.single_label import SingleLabel
 from visiontune.train.probe import fit_probe, load_into
+
+
+def single(y: np.ndarray | None, n: int | None = None) -> SingleLabel:
+    """The single-label task over the classes 0..max(y) (or n classes)."""
+    return SingleLabel([str(i) for i in range(n or int(np.max(y)) + 1)])
+
+
+def multi(y: np.ndarray) -> MultiLabel:
+    return MultiLabel([str(i) for i in range(np.asarray(y).shape[1])])
 
 
 def _blobs(classes: int, n: int = 90, dim: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +39,7 @@ def test_with_no_prior_the_fit_is_scikit_learns_logistic_regression(classes: int
     """Mean cross-entropy + ||W||^2 / (2 C N) is scikit-learn's objective: the same
     probabilities (two classes: two softmax rows share the penalty, i.e. sklearn's C x 2)."""
     x, y = _blobs(classes)
-    fit = fit_probe(x, y, multi_label=False)
+    fit = fit_probe(x, y, single(y))
     head = torch.nn.Sequential(torch.nn.Linear(x.shape[1], classes))
     load_into(head, fit)
     probs = head(torch.from_numpy(x)).softmax(1).detach().numpy()
@@ -54,7 +65,7 @@ def test_a_warm_started_head_is_a_prior_the_fit_keeps() -> None:
         start.bias.zero_()
     accuracy = {}
     for name, prior in (("prior", start), ("zero", None)):
-        fit = fit_probe(x[:12], y[:12], multi_label=False, start=prior)
+        fit = fit_probe(x[:12], y[:12], single(y, 2), start=prior)
         logits = x[12:] @ fit.weight.T + fit.bias
         accuracy[name] = float((logits.argmax(1) == y[12:]).mean())
     assert accuracy["prior"] > accuracy["zero"] + 0.05 and accuracy["prior"] > 0.75, accuracy
@@ -63,7 +74,7 @@ def test_a_warm_started_head_is_a_prior_the_fit_keeps() -> None:
 def test_label_sets_get_one_binary_probe_each_and_constant_labels_a_constant() -> None:
     x, y = _blobs(3)
     targets = np.stack([y == 0, y == 1, np.zeros_like(y, dtype=bool)], axis=1).astype(float)
-    fit = fit_probe(x, targets, multi_label=True)
+    fit = fit_probe(x, targets, multi(targets))
     head = torch.nn.Linear(x.shape[1], 3)
     load_into(head, fit)
     probs = head(torch.from_numpy(x)).sigmoid().detach().numpy()
@@ -102,7 +113,7 @@ def test_probe_on_more_rows_than_fit_rows_fits_a_stratified_sample_that_keeps_a_
     x[np.arange(400), y] += 4
     monkeypatch.setattr(probe, "FIT_ROWS", 100)
     monkeypatch.setattr(probe, "SEARCH_ROWS", 60)
-    fit = probe.fit_probe(x, y, multi_label=False)
+    fit = probe.fit_probe(x, y, single(y))
     predicted = (x @ fit.weight.T + fit.bias).argmax(1)
     assert (predicted == y).mean() > 0.95 and (predicted[:3] == 2).all() and fit.folds == 5
 
@@ -110,9 +121,9 @@ def test_probe_on_more_rows_than_fit_rows_fits_a_stratified_sample_that_keeps_a_
 def test_the_search_regularises_noise_strongly_and_separable_classes_weakly() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 32)).astype(np.float32)
-    noise = fit_probe(x, rng.integers(0, 2, 200), multi_label=False)
+    noise = fit_probe(x, rng.integers(0, 2, 200), single(None, 2))
     y = np.arange(200) % 3
-    clear = fit_probe(x + 6.0 * np.eye(3, 32, dtype=np.float32)[y], y, multi_label=False)  # apart by 6 sd
+    clear = fit_probe(x + 6.0 * np.eye(3, 32, dtype=np.float32)[y], y, single(y))  # apart by 6 sd
     assert noise.c <= 1e-3 < 1.0 <= clear.c, (noise.c, clear.c)
 
 
@@ -124,8 +135,8 @@ def test_the_search_keeps_groups_whole() -> None:
     centres, labels = rng.normal(size=(30, 32)), rng.integers(0, 2, 30)
     x = (np.repeat(centres, 10, axis=0) + 0.01 * rng.normal(size=(300, 32))).astype(np.float32)
     y, groups = np.repeat(labels, 10), [f"g{i}" for i in np.repeat(np.arange(30), 10)]
-    leaky = fit_probe(x, y, multi_label=False)
-    whole = fit_probe(x, y, multi_label=False, groups=groups)
+    leaky = fit_probe(x, y, single(y))
+    whole = fit_probe(x, y, single(y), groups=groups)
     assert whole.folds == 5 and whole.c <= 1e-2 and leaky.c >= 1.0, (whole.c, leaky.c)
 
 
@@ -133,12 +144,12 @@ def test_a_singleton_class_or_a_rare_label_set_does_not_switch_the_search_off() 
     x, y = _blobs(3, n=61)
     y[-1] = 3  # one image of a fourth class
     x = np.concatenate([x, np.zeros((0, x.shape[1]), np.float32)])
-    assert fit_probe(x, y, multi_label=False).folds == 5
+    assert fit_probe(x, y, single(y)).folds == 5
     rng = np.random.default_rng(2)
     labels = (rng.random((120, 6)) < 0.3).astype(float)
     labels[0] = [1, 1, 1, 1, 1, 1]  # a label set no other image has: its own "stratum" of one
     features = (labels @ rng.normal(size=(6, 16)) + rng.normal(size=(120, 16))).astype(np.float32)
-    assert fit_probe(features, labels, multi_label=True).folds == 5
+    assert fit_probe(features, labels, multi(labels)).folds == 5
 
 
 def test_feature_phases_give_the_probe_the_runs_groups(tmp_path: Path, tiny: dict) -> None:

@@ -26,26 +26,28 @@ from visiontune.analysis.duplicates import DuplicatePair, find_duplicates
 from visiontune.analysis.mislabels import (
     Suspect,
     flag_method,
+    oof_outputs,
     oof_probabilities,
     rank_mislabels,
     rank_outliers,
+    rank_residuals,
 )
-from visiontune.analysis.plots import save_confusion, save_curves, save_filters, save_grid
 from visiontune.analysis.report import write_report
 from visiontune.analysis.saliency import first_layer_filters, grad_cam
 from visiontune.bundle import Bundle, load_bundle
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
-from visiontune.data.labels import MULTI, Label, label_set, parse_label_set
+from visiontune.data.labels import Label
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.files import write_csv
+from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
-from visiontune.tasks.base import Report
+from visiontune.tasks.base import Decoded, Report
 from visiontune.train.features import cache_for, extract_features
 from visiontune.train.tracking import log_artifact_to_run
 
@@ -111,7 +113,7 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     paths, out = evaluate_split(ctx, batch_size, num_workers)
     res.metrics = ctx.bundle.task.metrics(out.targets, out.probs)
     report = ctx.bundle.task.report(out.targets, out.probs)
-    write_confusion(ctx, report)
+    write_confusion(ctx, report, out)
     order = write_top_losses(ctx, paths, out, top_n)
     write_saliency(ctx.out / "gradcam.png", ctx, [paths[i] for i in order[:8]])
     if saliency:
@@ -132,22 +134,20 @@ def _context(run: Path, data: str | os.PathLike[str] | None, device: str) -> Con
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
     items = _items(run, str(data) if data else None, bundle)
-    known = set(bundle.classes)
     out = run / "interpret"
     out.mkdir(parents=True, exist_ok=True)
-    return Context(run, bundle, dev, out, [it for it in items if set(label_set(it[1])) <= known])
+    return Context(run, bundle, dev, out, [it for it in items if not bundle.task.unknown_labels([it[1]])])
 
 
 def _items(run: Path, data: str | None, bundle: Bundle) -> Items:
     """(path, label, split) of the run's own images (splits.csv), or of `data`, in the
     run's task shape."""
     cfg = bundle.config or RunConfig()
-    delim, multi = cfg.data.label_delim, bundle.task.name == MULTI
+    delim, parse = cfg.data.label_delim, bundle.task.parse_label
     if data is None:
         with open(run / "splits.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
-        return [(r["path"], parse_label_set(r["label"], delim, "splits.csv") if multi else r["label"], r["split"])
-                for r in rows]
+        return [(r["path"], parse(r["label"], delim, "splits.csv"), r["split"]) for r in rows]
     source = load_items(DataConfig(path=str(data), valid_pct=cfg.data.valid_pct, task=bundle.task.name,
                                    label_delim=delim), cfg.seed, min_classes=1)
     return [(it.path, it.label, it.split) for it in source.items]
@@ -166,10 +166,17 @@ def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tu
     return paths, out
 
 
-def write_confusion(ctx: Context, report: Report) -> None:
+def write_confusion(ctx: Context, report: Report, out: EvalOutput) -> None:
     """confusion.png/.csv (+ confusion_normalized.csv for classes x classes), per_class.csv,
-    most_confused.csv. Multi-label: one row of TP/FP/FN/TN per label."""
+    most_confused.csv. Multi-label: one row of TP/FP/FN/TN per label. A task without a
+    confusion matrix (regression): residuals.png (predicted vs true, residual by target)
+    and per_class.csv with the task's rows (residuals by target range)."""
     classes, matrix = ctx.bundle.classes, report.confusion
+    if matrix is None:
+        save_residuals(ctx.out / "residuals.png", out.targets, out.probs, classes[0])
+        write_csv(ctx.out / "per_class.csv", list(report.rows[0]) if report.rows else [],
+                  [list(r.values()) for r in report.rows])
+        return
     columns = list(report.columns) if report.columns else None
     save_confusion(ctx.out / "confusion.png", matrix, classes, columns)
     header = ["actual \\ predicted" if columns is None else "label", *(columns or classes)]
@@ -210,7 +217,7 @@ def write_saliency(target: Path, ctx: Context, paths: list[str]) -> None:
             image = load_rgb(p, side)
             x = tf(image).unsqueeze(0).to(ctx.device)
             shown = np.asarray(image.resize((size, size), Image.BILINEAR))
-            for name in _explained_labels(bundle, x):  # each predicted label (multi-label: up to 3)
+            for name in bundle.task.explained(_decoded(bundle, x)):  # each predicted output (label sets: up to 3)
                 heat, _ = grad_cam(bundle.model, x, bundle.task.index[name])
                 images.append(shown)
                 heats.append(heat)
@@ -221,12 +228,11 @@ def write_saliency(target: Path, ctx: Context, paths: list[str]) -> None:
         log.warning("saliency skipped: %s", exc)
 
 
-def _explained_labels(bundle: Bundle, x: torch.Tensor, most: int = 3) -> list[str]:
-    """The labels the model predicts for `x` (the most probable one when none passes)."""
+def _decoded(bundle: Bundle, x: torch.Tensor) -> Decoded:
+    """The task's decoding of the model's prediction for the one image `x`."""
     with torch.inference_mode():
         probs = bundle.task.probabilities(bundle.model.eval()(x)).float().cpu().numpy()
-    decoded = bundle.task.decode(probs, 1)[0]
-    return decoded.labels[:most] or [decoded.ranked[0][0]]
+    return bundle.task.decode(probs, 1)[0]
 
 
 def _features(ctx: Context) -> np.ndarray:
@@ -254,21 +260,27 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
                     include_test: bool = False) -> list[Suspect]:
     """mislabels.csv/.png: images ranked by out-of-fold self-confidence (from `oof`, else a
     cross-validated probe on `feats`), among train + valid (+ test with `include_test`)."""
-    classes = ctx.bundle.classes
+    classes, task = ctx.bundle.classes, ctx.bundle.task
+    cfg = ctx.bundle.config or RunConfig()
     if oof:
         with open(oof, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        cfg = ctx.bundle.config or RunConfig()
         paths = [r["path"] for r in rows]
-        labels: list[Label] = [parse_label_set(r["label"], cfg.data.label_delim, str(oof))
-                               if ctx.bundle.task.name == MULTI else r["label"] for r in rows]
-        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+        labels: list[Label] = [task.parse_label(r["label"], cfg.data.label_delim, str(oof)) for r in rows]
+        probs = np.array([[float(r[column]) for column in task.oof_columns()] for r in rows])
     else:
         keep = [i for i, (_, _, split) in enumerate(ctx.items) if include_test or split != TEST]
         paths, labels = [ctx.items[i][0] for i in keep], [ctx.items[i][1] for i in keep]
-        cfg = ctx.bundle.config
-        probs = oof_probabilities(feats[keep], labels, classes, cfg.seed if cfg else 0)
-    suspects = rank_mislabels(paths, labels, probs, classes)
+        probs = None
+    if task.confusable:
+        if probs is None:
+            probs = oof_probabilities(feats[keep], labels, classes, cfg.seed)
+        suspects = rank_mislabels(paths, labels, probs, classes)
+    else:  # numbers have no classes to confuse: suspicious targets by out-of-fold residuals of the probe
+        targets = task.encode(labels).numpy()
+        if probs is None:
+            probs, _ = oof_outputs(feats[keep], targets, task, cfg.seed)
+        suspects = rank_residuals(paths, targets, probs, task)
     write_csv(ctx.out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
               [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged]
                for k, s in enumerate(suspects)])

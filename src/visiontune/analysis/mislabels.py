@@ -15,20 +15,19 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import torch
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn import config_context
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import NearestNeighbors
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from visiontune.data.labels import Label, indicator, is_multi, label_set
-from visiontune.data.splits import fold_count
+from visiontune.data.splits import fold_count, fold_splits
+from visiontune.tasks.base import Task
+from visiontune.train.probe import fit_probe, probe_estimator
 
 
 @dataclass(frozen=True)
@@ -125,12 +124,6 @@ def _cleanlab_version() -> str | None:
         return None
 
 
-def probe_estimator() -> Any:
-    """The linear probe used on frozen features (here and by the advisor): standardised
-    features, L2-regularised logistic regression."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-
-
 def oof_probabilities(features: np.ndarray, labels: list[Label], classes: list[str], seed: int = 0,
                       folds: int = 5) -> np.ndarray:
     """Out-of-fold class probabilities from a logistic-regression probe on `features`
@@ -151,6 +144,33 @@ def oof_probabilities(features: np.ndarray, labels: list[Label], classes: list[s
     probs = np.zeros((len(y), len(classes)))
     probs[:, present] = raw
     return probs
+
+
+def oof_outputs(features: np.ndarray, targets: np.ndarray, task: Task, seed: int = 0,
+                folds: int = 5) -> tuple[np.ndarray, float]:
+    """Out-of-fold outputs of the package's own probe (train/probe.py, the task's loss): C
+    chosen once by its cross-validation on every row, then one fit per fold (folds by
+    `task.strata`); and that C. Regression's "suspicious targets" rank images by these."""
+    first = fit_probe(features, targets, task, seed=seed)
+    out = np.zeros((len(targets), task.num_classes))
+    for held in fold_splits(task.strata(targets), None, min(folds, max(2, len(targets) // 2)), seed):
+        train = np.setdiff1d(np.arange(len(targets)), held)
+        fit = fit_probe(features[train], targets[train], task, seed=seed, c=first.c)
+        logits = torch.from_numpy(features[held].astype(np.float32) @ fit.weight.T + fit.bias)
+        out[held] = task.probabilities(logits).numpy()
+    return out, first.c
+
+
+def rank_residuals(paths: list[str], targets: np.ndarray, outputs: np.ndarray, task: Task,
+                   flag_z: float = 3.0) -> list[Suspect]:
+    """Every image, largest out-of-fold |residual| first: `predicted` is the probe's number,
+    `p_label` the robust z-score of the residual (|r - median| / (1.4826 MAD)); flagged
+    above `flag_z` (a target that far from what the image shows is worth a look)."""
+    residual = outputs.reshape(-1) - targets.reshape(-1)
+    mad = 1.4826 * np.median(np.abs(residual - np.median(residual))) or float(np.std(residual)) or 1.0
+    z = np.abs(residual - np.median(residual)) / mad
+    return [Suspect(paths[i], task.label_text(float(targets[i])), f"{outputs.reshape(-1)[i]:.4g}", float(z[i]),
+                    float(residual[i]), bool(z[i] > flag_z)) for i in np.argsort(-z, kind="stable")]
 
 
 OUTLIER_MEMORY_MB = 256  # working memory of the neighbour search, whatever the number of images

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from visiontune.analysis.plots import grid_figure
 from visiontune.bundle import read_config
 from visiontune.config import RunConfig
 from visiontune.data.images import load_rgb
@@ -23,6 +22,7 @@ from visiontune.data.preprocess import Preprocess
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.transforms import train_transform
 from visiontune.models.classifier import create_classifier
+from visiontune.plots import grid_figure
 
 
 def show_batch(data_or_run: str | os.PathLike[str], n: int = 16, *, cols: int = 4, seed: int = 0,

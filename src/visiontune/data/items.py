@@ -1,6 +1,7 @@
 """Labelled images as the pipeline sees them: `Item` (path, label, split, group) and
 `DataSource` (the classes, the items, and what was left out and why). A label is a class
-name or, for multi-label data, a tuple of label names (data/labels.py)."""
+name, a tuple of label names (multi-label) or a float (regression) (data/labels.py); the
+task's class (tasks/) reads and summarises it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.labels import MULTI, Label, label_counts, multi_label_lines, task_of
+from visiontune.data.labels import MULTI, REGRESSION, Label, label_counts, multi_label_lines, task_of
+from visiontune.tasks.catalog import task_class
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 
@@ -34,11 +36,14 @@ class DataSource:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     hidden: list[str] = field(default_factory=list)
     detected: str = ""  # how the task shape was found, for the summary (e.g. "a 'labels' column")
+    target_name: str = ""  # regression: the label column's name (the one output's name)
+    task_name: str = ""  # the task chosen (--task, else found from the labels): data/sources.py sets it once
 
     @property
     def task(self) -> str:
-        """single-label, or multi-label when labels are label sets."""
-        return task_of(it.label for it in self.items)
+        """The task chosen for these labels; without a choice, the labels' shape (label
+        sets: multi-label, numbers: regression, else single-label)."""
+        return self.task_name or task_of(it.label for it in self.items)
 
     def split(self, name: str) -> list[Item]:
         return [it for it in self.items if it.split == name]
@@ -47,7 +52,9 @@ class DataSource:
         return {c: i for i, c in enumerate(self.classes)}
 
     def class_counts(self, split: str = TRAIN) -> dict[str, int]:
-        """Images per class (per label: an image counts for each of its labels)."""
+        """Images per class (per label: an image counts for each of its labels); none for a number."""
+        if self.task == REGRESSION:
+            return {}
         counts = label_counts(it.label for it in self.split(split))
         return {c: counts.get(c, 0) for c in self.classes}
 
@@ -57,22 +64,26 @@ class DataSource:
         return max(counts) / min(counts) if counts else 1.0
 
     def summary(self) -> str:
-        multi = self.task == MULTI
-        head = f"data: {self.root}  {'labels' if multi else 'classes'}: {len(self.classes)}"
+        multi, number = self.task == MULTI, self.task == REGRESSION
+        head = f"data: {self.root}  " + (f"target: {self.classes[0] if self.classes else '?'}" if number else
+                                         f"{'labels' if multi else 'classes'}: {len(self.classes)}")
         lines = [head + (f"  task: {self.task}" + (f" (detected: {self.detected})" if self.detected else "")
-                         if multi else "")]
+                         if multi or number else "")]
         for split in (TRAIN, VALID, TEST):
             items = self.split(split)
             if not items:
                 continue
-            if multi:
+            if number:
+                lines.append(f"  {split}: {len(items)} images")
+                lines += task_class(REGRESSION).summary_lines([it.label for it in items], self.classes)
+            elif multi:
                 lines.append(f"  {split}: {len(items)} images")
                 lines += multi_label_lines([it.label for it in items], self.classes)
             else:
                 counts = label_counts(it.label for it in items)
                 lines.append(f"  {split}: {len(items)} images ("
                              + ", ".join(f"{c}={counts.get(c, 0)}" for c in self.classes) + ")")
-        if self.split(TRAIN):
+        if self.split(TRAIN) and not number:
             lines.append(f"  imbalance (largest/smallest train {'label' if multi else 'class'}): "
                          f"{self.imbalance_ratio():.2f}")
         missing = self.missing_from_valid()

@@ -12,9 +12,14 @@ import numpy as np
 
 from visiontune.errors import DataError
 
-Label = str | tuple[str, ...]
-SINGLE, MULTI = "single-label", "multi-label"
-TASK_CHOICES = ("auto", SINGLE, MULTI)  # the task shapes tasks/catalog.py implements, and auto
+Label = str | tuple[str, ...] | float
+SINGLE, MULTI, REGRESSION = "single-label", "multi-label", "regression"
+TASK_NAMES = [SINGLE, MULTI, REGRESSION]  # the task shapes tasks/catalog.py registers (register_task adds to it)
+
+
+def task_choices() -> tuple[str, ...]:
+    """What --task offers: auto and every registered task (no torch needed for --help)."""
+    return ("auto", *TASK_NAMES)
 MULTI_LABEL_COLUMNS = ("labels", "tags")  # a CSV column by one of these names holds label sets
 DELIMITERS = (" ", ",", ";", "|")
 
@@ -76,7 +81,14 @@ def indicator(labels: Iterable[Label], classes: list[str]) -> np.ndarray:
 
 
 def task_of(labels: Iterable[Label]) -> str:
-    return MULTI if any(is_multi(label) for label in labels) else SINGLE
+    """The task shape labels are in: numbers (regression), label sets, else classes."""
+    shape = SINGLE
+    for label in labels:
+        if isinstance(label, float):
+            return REGRESSION
+        if is_multi(label):
+            shape = MULTI
+    return shape
 
 
 def multi_label_lines(labels: list[Label], classes: list[str], top_pairs: int = 5) -> list[str]:

@@ -19,11 +19,11 @@ from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import (
     MULTI,
+    REGRESSION,
     SINGLE,
     check_label_names,
     is_multi,
     label_counts,
-    parse_label_set,
     task_of,
 )
 from visiontune.data.scan import scan, scan_cache
@@ -31,6 +31,7 @@ from visiontune.data.splits import assign_validation
 from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column
 from visiontune.data.webdata import DATASET_FILE, is_shards, sample_paths, shard_source
 from visiontune.errors import ConfigError, DataError
+from visiontune.tasks.catalog import task_class
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _from_shards(cfg: DataConfig) -> DataSource:
     """WebDataset shards (data/webdata.py): a folder written by `visiontune shard` keeps its
     splits; training shards given by a pattern without --valid give --valid-pct of their
     samples to validation."""
-    source = shard_source(cfg.path, cfg.valid, multi=cfg.task == MULTI, delim=cfg.label_delim)
+    source = shard_source(cfg.path, cfg.valid, cfg.task, delim=cfg.label_delim)
     if not (Path(cfg.path) / DATASET_FILE).is_file() and not cfg.valid:
         source.items = [replace(it, split="") for it in source.items]
     return source
@@ -116,9 +117,14 @@ def _from_shards(cfg: DataConfig) -> DataSource:
 
 def _settle_task(source: DataSource, task: str, delim: str = " ") -> None:
     """Every label in the task's shape: with --task multi-label, single classes become
-    one-label sets; with --task single-label, a label set is an error naming the image.
-    Label sets are written joined by `delim`: no label name may hold it."""
-    if task == MULTI:
+    one-label sets; with --task single-label, a label set is an error naming the image;
+    with --task regression, every label is read as a number (a file-name regex's capture,
+    a class folder's name, a label function's value). Label sets are written joined by
+    `delim`: no label name may hold it."""
+    if task not in ("auto", SINGLE, MULTI):  # regression, or a registered task: it reads every label
+        parse = task_class(task).parse_label
+        source.items = [replace(it, label=parse(it.label, delim, it.path)) for it in source.items]
+    elif task == MULTI:
         source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
     elif task == SINGLE:
         bad = next((it for it in source.items if is_multi(it.label)), None)
@@ -126,7 +132,9 @@ def _settle_task(source: DataSource, task: str, delim: str = " ") -> None:
             raise DataError(f"{bad.path} has the label set {list(bad.label)} but --task is single-label; "
                             "use --task multi-label")
     elif task_of(it.label for it in source.items) == MULTI:  # auto: any set makes every label a set
+        # (auto reads text as classes, even numbers like folders 0-9; a label function's floats are regression)
         source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
+    source.task_name = task if task != "auto" else source.task  # chosen once: what every later step reads
     if source.task == MULTI:
         check_label_names((it.label for it in source.items), delim)
 
@@ -222,8 +230,8 @@ def _collect_named(source: DataSource, folder: Path, split: str, label_func: Lab
         if isinstance(label, (list, tuple, set, frozenset)):  # a label set: multi-label
             source.detected = "a label function returning label sets"
             source.items.append(Item(p, tuple(sorted({str(x) for x in label})), split))
-        else:
-            source.items.append(Item(p, str(label), split))
+        else:  # a number stays a number (read as a class unless --task regression)
+            source.items.append(Item(p, label if isinstance(label, float) else str(label), split))
 
 
 def _regex_labeller(pattern: str) -> LabelFunc:
@@ -277,11 +285,12 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
 
     dropped = {key(r[0].strip()) for r in read_path_column(exclude, "--exclude")} if exclude else set()
     fixes = {}
+    parse = task_class(source.task).parse_label
     for row in read_path_column(relabel, "--relabel") if relabel else []:
-        if len(row) < 2 or (not row[1].strip() and source.task != MULTI):
+        label = parse(row[1], delim, f"--relabel row {row}") if len(row) > 1 else ""
+        if label == "" and source.task != MULTI:  # an empty set is a label; an empty class or number is not
             raise DataError(f"--relabel row {row} needs path,label")
-        fixes[key(row[0].strip())] = (parse_label_set(row[1], delim, f"--relabel row {row}") if source.task == MULTI
-                                      else row[1].strip())
+        fixes[key(row[0].strip())] = label
     keys = [key(it.path) for it in source.items]
     kept = []
     for it, k in zip(source.items, keys):
@@ -312,6 +321,11 @@ def _check_classes(source: DataSource, min_classes: int = 2) -> None:
     if not source.items:
         raise DataError(f"no usable images found in {source.root!r}\n{source.summary()}")
     train_like = [it for it in source.items if it.split in ("", TRAIN)]
+    if source.task == REGRESSION:  # one output, the target; values need no "class" in train
+        if not train_like:
+            raise DataError(f"no training images in {source.root!r}")
+        source.classes = task_class(REGRESSION).classes_of([it.label for it in train_like], source.target_name)
+        return
     classes = sorted(label_counts(it.label for it in train_like))
     multi = source.task == MULTI  # one label is a task too: it is there or it is not
     if len(classes) < (1 if multi else min_classes):

@@ -1,7 +1,8 @@
 """Splitting labelled images: a stratified validation split and k-fold, both keeping every
 group (a recording, a patient: `Item.group`) whole when groups are given (scikit-learn's
-StratifiedKFold / StratifiedGroupKFold). Label sets (multi-label) are stratified by
-iterative stratification (the `iterative-stratification` package, Sechidis et al. 2011);
+StratifiedKFold / StratifiedGroupKFold). What is stratified comes from the task
+(`Task.strata`, via `strata_of`): classes as they are, numbers by quantile bins, label
+sets as a 0/1 matrix; label sets are stratified by iterative stratification (the `iterative-stratification` package, Sechidis et al. 2011);
 label sets with groups fall back to scikit-learn's group splits, unstratified."""
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from sklearn.model_selection import (
 )
 
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import Label, indicator, is_multi, label_counts
+from visiontune.data.labels import REGRESSION, Label, label_counts, task_of
 from visiontune.errors import ConfigError, DataError
+from visiontune.tasks.catalog import task_class
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,12 @@ def fold_count(labels: list[Label], folds: int) -> int:
     keep `folds` (a rare label is in some folds only; a warning names them)."""
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
-    if labels and is_multi(labels[0]):
+    shape = task_of(labels)
+    if shape == REGRESSION:
+        if len(labels) < 2 * folds:
+            raise DataError(f"{len(labels)} images cannot fill {folds} folds; use fewer --folds")
+        return folds
+    if shape != "single-label":
         rare = sorted(c for c, n in label_counts(labels).items() if n < folds)
         if rare:
             log.warning("labels %s have fewer images than %d folds: some folds cannot validate them", rare, folds)
@@ -82,8 +89,10 @@ def stratified_split(labels: list[Label], valid_pct: float, seed: int, groups: l
     `groups`, whole groups (one fold of StratifiedGroupKFold with 1 / valid_pct folds)."""
     if valid_pct <= 0:
         return []
-    if labels and is_multi(labels[0]):
-        return _multi_label_split(labels, valid_pct, seed, groups)
+    y = strata_of(labels)
+    if y.ndim == 2:
+        return _multi_label_split(y, valid_pct, seed, groups)
+    labels = y.tolist()  # a class per row (numbers: their quantile bin)
     if groups is not None:
         return _group_split(labels, groups, valid_pct, seed)
     counts = Counter(labels)
@@ -117,17 +126,18 @@ def _group_split(labels: list[str], groups: list[str], valid_pct: float, seed: i
     return sorted(valid.tolist())
 
 
-def multi_hot(labels: list[Label]) -> np.ndarray:
-    return indicator(labels, sorted(label_counts(labels)))
+def strata_of(labels: list[Label]) -> np.ndarray:
+    """What to stratify `labels` by, as their task says (Task.strata)."""
+    return task_class(task_of(labels)).strata(labels)
 
 
-def _multi_label_split(labels: list[Label], valid_pct: float, seed: int, groups: list[str] | None) -> list[int]:
-    x = np.zeros(len(labels))
+def _multi_label_split(y: np.ndarray, valid_pct: float, seed: int, groups: list[str] | None) -> list[int]:
+    x = np.zeros(len(y))
     if groups is not None:
         _, valid = next(GroupShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed).split(x, groups=groups))
     else:
         splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed)
-        _, valid = next(splitter.split(x, multi_hot(labels)))
+        _, valid = next(splitter.split(x, y))
     return sorted(valid.tolist())
 
 
@@ -137,7 +147,7 @@ def fold_indices(items: list[Item], folds: int, seed: int) -> Iterator[np.ndarra
     if groups is not None and len(set(groups)) < folds:
         raise DataError(f"{len(set(groups))} groups cannot fill {folds} folds without splitting a group; "
                         f"use --folds {len(set(groups))} or fewer")
-    y = multi_hot(labels) if labels and is_multi(labels[0]) else np.asarray(labels)
+    y = strata_of(labels)
     yield from fold_splits(y, groups, folds, seed)
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
+from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, REGRESSION, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
+from visiontune.tasks.catalog import task_class
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_name", "fname")
@@ -56,7 +57,8 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
         raise DataError(f"label file {str(csv_path)!r} is empty")
     path_i, label_i, split_i, group_i, body = _csv_columns(rows, cfg, csv_path)
     task, detected = _csv_task(rows, label_i, body is not rows, cfg)
-    source = DataSource(root=str(base), classes=[], items=[], detected=detected)
+    source = DataSource(root=str(base), classes=[], items=[], detected=detected,
+                        target_name=rows[0][label_i].strip() if body is not rows and label_i < len(rows[0]) else "")
     base_real = os.path.realpath(base)
     for lineno, row in enumerate(body, start=2 if body is not rows else 1):
         if len(row) <= max(path_i, label_i) or not row[path_i].strip():
@@ -92,8 +94,8 @@ def _csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataCo
 def _row_label(text: str, task: str, cfg: DataConfig, where: str) -> Label:
     """A row's label: the set (multi-label) or the class. With an explicit --task
     single-label, a cell holding several labels is an error naming the row."""
-    if task == MULTI:
-        return parse_label_set(text, cfg.label_delim, where)
+    if task in (MULTI, REGRESSION):
+        return task_class(task).parse_label(text, cfg.label_delim, where)
     label = text.strip()
     if cfg.task == SINGLE and len(parse_label_set(label, cfg.label_delim, where)) > 1:
         raise DataError(f"{where}: {label!r} holds several labels but --task is single-label; use --task "

@@ -45,10 +45,11 @@ from webdataset.tariterators import base_plus_ext
 
 from visiontune.data.images import has_image_extension, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import Label, is_multi, label_set, label_text, parse_label_set, split_labels
+from visiontune.data.labels import MULTI, SINGLE, Label, is_multi, label_set
 from visiontune.errors import DataError
 from visiontune.files import file_digest, identity_digest, write_csv, write_json
 from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
+from visiontune.tasks.catalog import task_class
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def write_shards(source: DataSource, out: str | os.PathLike[str], size: int = 10
                 sink.write(sample)  # the writer starts a new tar at `size` samples or `max_bytes`
                 shard = Path(sink.fname).name
                 written += [] if written and written[-1] == shard else [shard]
-                rows.append([key, split, label_text(it.label, delim), it.group, digest, shard])
+                rows.append([key, split, task_class(source.task).label_text(it.label, delim), it.group, digest, shard])
         described["splits"][split] = {"shards": written, "samples": len(items)}
     write_csv(out / INDEX_FILE, ["key", "split", "label", "group", "digest", "shard"], rows)
     write_json(out / DATASET_FILE, described)
@@ -120,16 +121,16 @@ def _require_empty(out: Path) -> None:
 def _sample(item: Item, key: str, index: dict[str, int]) -> tuple[dict[str, Any], str]:
     data = Path(item.path).read_bytes()
     ext = Path(item.path).suffix.lower().lstrip(".").replace("jpeg", "jpg") or "jpg"
-    meta = {"label": list(label_set(item.label)) if is_multi(item.label) else item.label, "group": item.group,
+    meta = {"label": list(label_set(item.label)) if is_multi(item.label) else item.label, "group": item.group,  # json keeps the type
             "path": item.path, "digest": file_digest(item.path)}
     sample = {"__key__": key, ext: data, "json": json.dumps(meta).encode()}
-    if not is_multi(item.label):
+    if item.label in index:  # a class (webdataset's .cls convention): an index
         sample["cls"] = str(index[item.label]).encode()
     return sample, str(meta["digest"])
 
 
 # -- reading -------------------------------------------------------------------------------
-def shard_source(path: str, valid: str | None, multi: bool, delim: str = " ") -> DataSource:
+def shard_source(path: str, valid: str | None, task: str, delim: str = " ") -> DataSource:
     """The samples of a shard folder (its index) or of patterns (read once for labels)."""
     folder = Path(path)
     if (folder / DATASET_FILE).is_file():
@@ -139,7 +140,7 @@ def shard_source(path: str, valid: str | None, multi: bool, delim: str = " ") ->
     for split, names in urls.items():
         for url in names:
             for key, members in read_members(url, ("json", "cls", "txt")).items():
-                label = _label_of(members, multi, delim, f"{url}#{key}")
+                label = _label_of(members, task, delim, f"{url}#{key}")
                 if label is None:
                     source.excluded.append((f"{url}#{key}", "no .json/.cls/.txt label member"))
                 else:
@@ -175,11 +176,11 @@ def sample_paths(inputs: str) -> list[str]:
 
 def _indexed_source(folder: Path) -> DataSource:
     described = json.loads((folder / DATASET_FILE).read_text())
-    multi, delim = described["task"] == "multi-label", described.get("label_delim", " ")
+    task, delim = task_class(described["task"]), described.get("label_delim", " ")
     source = DataSource(root=str(folder), classes=[], items=[])
     with open(folder / INDEX_FILE, newline="") as fh:
         for row in csv.DictReader(fh):
-            label: Label = tuple(sorted(set(split_labels(row["label"], delim)))) if multi else row["label"]
+            label: Label = task.parse_label(row["label"], delim, f"{INDEX_FILE}: {row['key']}")
             source.items.append(Item(f"{folder / row['shard']}#{row['key']}", label, row["split"], row["group"]))
     check_shard_folder(folder, described, source.items)
     return source
@@ -215,20 +216,20 @@ def expand(pattern: str) -> list[str]:
     return list(wds.shardlists.expand_urls(pattern))
 
 
-def _label_of(sample: dict[str, bytes], multi: bool, delim: str, where: str) -> Label | None:
-    """A sample's label from its .json ("label": a name or a list of names), else .txt / .cls
-    (text; a label set split by `delim`)."""
+def _label_of(sample: dict[str, bytes], task: str, delim: str, where: str) -> Label | None:
+    """A sample's label from its .json ("label": a name, a list of names or a number), else
+    .txt / .cls (text), read as `task` ("auto": a list is a label set, anything else a
+    class) reads labels."""
+    value: Any = None
     if "json" in sample:
-        label = json.loads(sample["json"]).get("label")
-        if isinstance(label, list):
-            return tuple(sorted({str(x) for x in label}))
-        if label is not None:
-            return parse_label_set(str(label), delim, where) if multi else str(label)
+        value = json.loads(sample["json"]).get("label")
     for member in ("txt", "cls"):
-        if member in sample:
-            text = sample[member].decode().strip()
-            return parse_label_set(text, delim, where) if multi else text
-    return None
+        if value is None and member in sample:
+            value = sample[member].decode().strip()
+    if value is None:
+        return None
+    shape = task if task != "auto" else MULTI if isinstance(value, list) else SINGLE
+    return task_class(shape).parse_label(value, delim, where)
 
 
 def shard_digests(paths: list[str]) -> list[str]:

@@ -58,7 +58,7 @@ def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
         "classes": json.dumps(bundle.classes),
         "preprocess": json.dumps(bundle.preprocess.to_dict()),
         "backbone": cfg.model.backbone if cfg else "",
-        "task": json.dumps(bundle.task.metadata()),
+        "task": json.dumps({**bundle.task.metadata(), "outputs_mapped": True}),  # output_module is inside
         "weights_digest": file_digest(weights),  # which weights file this export is of (onnx_engine)
     }
 
@@ -75,6 +75,9 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
     weights = model_file(run)
     bundle = load_bundle(weights)
     model = bundle.model.to(memory_format=torch.contiguous_format).eval()
+    mapping = bundle.task.output_module()  # regression: real units out of the file (classification: the logits)
+    if not isinstance(mapping, nn.Identity):
+        model = nn.Sequential(model, mapping).eval()
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     target = Path(output) if output else weights.with_suffix(FORMATS[format])  # model.safetensors -> model.onnx

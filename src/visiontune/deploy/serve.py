@@ -61,6 +61,10 @@ async function send(file) {
   if (!r.ok) { result.innerHTML = '<p class="err" id="error"></p>';
                document.getElementById('error').textContent = data.detail; return; }
   result.innerHTML = '<p id="labels"></p><table id="predictions"></table>';
+  if ('prediction' in data) {  // regression: one number
+    document.getElementById('labels').textContent = 'Predicted: ' + Number(data.prediction).toPrecision(4);
+    return;
+  }
   document.getElementById('labels').textContent = data.labels.length
     ? 'Predicted: ' + data.labels.join(', ') : 'No label above its threshold; the most probable:';
   const table = document.getElementById('predictions');
@@ -163,9 +167,7 @@ class BatchPredictor:
         task = self.bundle.task
         logits = self.bundle.model(x.to(memory_format=torch.channels_last))
         probs = task.probabilities(logits).float().numpy()
-        return [{"labels": decoded.labels,
-                 "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked]}
-                for decoded in task.decode(np.asarray(probs), self.top_k)]
+        return [task.record(decoded) for decoded in task.decode(np.asarray(probs), self.top_k)]
 
 
 def _decoder(bundle: Bundle, max_pixels: int) -> Any:

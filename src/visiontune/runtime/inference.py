@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from visiontune.errors import DataError
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, to_device
-from visiontune.tasks.base import Task, row_markers
+from visiontune.tasks.base import Task, known_rows
 
 
 @dataclass
@@ -26,7 +26,7 @@ class EvalOutput:
     row number (`ids`)."""
 
     loss: float  # mean loss over the labelled rows (NaN when none)
-    targets: np.ndarray  # one row per image; negative markers for unlabelled / unreadable
+    targets: np.ndarray  # one row per image; markers for unlabelled / unreadable (tasks/base.py)
     probs: np.ndarray
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each row's place in the list
 
@@ -99,7 +99,7 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
         logits = forward_chunks(model, x, micro, device, precision)
         if views:
             logits = logits.view(-1, views, logits.shape[-1]).mean(dim=1)  # logits averaged over the views
-        known = row_markers(y) >= 0  # NO_LABEL (predict) and UNREADABLE rows carry no loss
+        known = known_rows(y)  # NO_LABEL (predict) and UNREADABLE rows carry no loss
         total, count = 0.0, 0.0
         if known.any():
             total = criterion.total(logits[known], y[known]).item()

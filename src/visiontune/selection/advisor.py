@@ -20,25 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+from sklearn.linear_model import RidgeCV
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.multiclass import OneVsRestClassifier
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from visiontune import display
-from visiontune.analysis.mislabels import probe_estimator
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
-from visiontune.data.labels import Label, indicator, is_multi, label_counts
+from visiontune.data.labels import REGRESSION, Label, indicator, is_multi, label_counts
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import prepare_model, resolve_device
 from visiontune.selection.costs import Costs, measure_costs
+from visiontune.tasks.regression import Regression
 from visiontune.train.features import cache_for, extract_features
+from visiontune.train.probe import probe_estimator
 from visiontune.train.strategies import AUTO, get_strategy
 
 log = logging.getLogger(__name__)
@@ -135,21 +137,16 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
     `costs` (selection/costs.py) the explanation quotes what each choice costs here."""
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     labels = [it.label for it in pool]
-    counts = np.array(list(label_counts(labels).values()))
     model_cfg = cfg.model if cfg.model.weights != "none" else RunConfig().model
     feats = _frozen_features(cfg, model_cfg, source, [it.path for it in pool])
     folds = fold_count(labels, 5)
-    score = _scorer(labels, source.classes, folds, cfg.seed)
-    probe = score(probe_estimator(), feats)
-    knn = KNeighborsClassifier(n_neighbors=min(5, max(1, len(labels) // (2 * folds))))
-    baseline = score(make_pipeline(StandardScaler(), knn), _pixels([it.path for it in pool]))
-    multi = bool(labels) and is_multi(labels[0])
-    # chance: the majority class's accuracy; for label sets, a random ranking's AP = the label's prevalence
-    chance = float(counts.mean() / len(labels)) if multi else float(counts.max() / counts.sum())
+    m = _measures(labels, source, folds, cfg.seed)
+    counts, chance, (what, unit, units) = m.counts, m.chance, m.words
+    probe = m.score(m.probe, feats)
+    baseline = m.score(m.baseline(min(5, max(1, len(labels) // (2 * folds)))), _pixels([it.path for it in pool]))
     similarity = (probe - chance) / max(1e-9, 1 - chance)
     median = float(statistics.median(counts[counts > 0]))
     strategy, reason = weigh_cost(*decide(median, similarity, probe, baseline), probe, costs)
-    what, unit, units = ("mAP", "label", "labels") if multi else ("accuracy", "class", "classes")
     explanation = (
         f"{len(pool)} images, {len(source.classes)} {units} (median {median:.0f} images per {unit}, largest/smallest "
         f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). A linear probe on frozen {model_cfg.backbone} "
@@ -172,6 +169,36 @@ def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource,
         feats, _ = extract_features(model.backbone, paths, pre, device, cache, batch, cfg.train.num_workers,
                                     cfg.train.channels_last)
     return feats.numpy()
+
+
+@dataclass
+class _Measures:
+    """How the advisor scores this task's labels: a cross-validated score of an estimator
+    on features, the probe and the pixel baseline to score, chance, images per class."""
+
+    score: Callable[[Any, np.ndarray], float]
+    probe: Any
+    baseline: Callable[[int], Any]  # neighbours -> a k-nearest-neighbours estimator
+    chance: float
+    counts: np.ndarray  # images per class (per label; numbers: all images, one target)
+    words: tuple[str, str, str]  # (the score, one class, classes)
+
+
+def _measures(labels: list[Label], source: DataSource, folds: int, seed: int) -> _Measures:
+    if source.task == REGRESSION:  # numbers: R^2 of ridge / k-NN regression; predicting the mean (chance) scores 0
+        y = np.asarray(labels, dtype=float)
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, Regression.strata(y)))
+        probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
+        return _Measures(lambda est, x: float(cross_val_score(est, x, y, cv=splits, scoring="r2").mean()), probe,
+                         lambda k: make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=k)), 0.0,
+                         np.array([len(y)]), ("R^2", "target", "target"))
+    counts = np.array(list(label_counts(labels).values()))
+    multi = bool(labels) and is_multi(labels[0])
+    # chance: the majority class's accuracy; for label sets, a random ranking's AP = the label's prevalence
+    chance = float(counts.mean() / len(labels)) if multi else float(counts.max() / counts.sum())
+    return _Measures(_scorer(labels, source.classes, folds, seed), probe_estimator(),
+                     lambda k: make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k)), chance, counts,
+                     ("mAP", "label", "labels") if multi else ("accuracy", "class", "classes"))
 
 
 def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> Callable[[Any, np.ndarray], float]:

@@ -88,7 +88,7 @@ def advisor_sample(source: DataSource, costs: Costs, left_s: float, seed: int) -
     rows = stratified_sample(indicator([it.label for it in pool], source.classes), max(MIN_ADVISOR_IMAGES, fits), seed)
     chosen = pool if rows is None else [pool[i] for i in rows]
     log.info("time budget: the advisor looks at %d of %d images", len(chosen), len(pool))
-    return DataSource(source.root, source.classes, chosen, source.excluded, source.hidden, source.detected)
+    return replace(source, items=chosen)
 
 
 def decide_plan(costs: Costs, advised: str, why: str, budget_s: float, spent: float,

@@ -110,7 +110,7 @@ def holdout_for(source: DataSource, cfg: RunConfig) -> Holdout:
     inner = set(stratified_split([it.label for it in train], cfg.data.valid_pct or 0.2, cfg.seed, group_keys(train)))
     items = [replace(it, split=VALID if j in inner else TRAIN) for j, it in enumerate(train)]
     report = [replace(it, split=TEST) for it in valid]
-    fit_on = DataSource(source.root, source.classes, items + report, source.excluded, source.hidden)
+    fit_on = replace(source, items=items + report)
     return Holdout(fit_on, report, "epochs chosen on an inner split of train; metrics on valid")
 
 

@@ -84,8 +84,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
         extract, read = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
                                            lambda x, y: backbone(x))
     missing = _uncached(setup.data._cache(), source)
-    label_sets = setup.task.encode([source.items[0].label]).ndim == 2  # the probe fits one column per label
-    fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes, label_sets)
+    fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
                   setup.preprocess.input_size, fit, read)
     log.info("costs %s", costs.describe())

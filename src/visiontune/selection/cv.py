@@ -32,14 +32,13 @@ import numpy as np
 from visiontune import display
 from visiontune.config import RunConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
-from visiontune.data.labels import is_multi, label_text
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import claim_dir, write_csv, write_json
 from visiontune.selection.advisor import resolve_strategy
-from visiontune.tasks.catalog import TASKS, make_task
-from visiontune.tasks.metrics import present_classes
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
 from visiontune.train.session import score_items, train_run
 from visiontune.train.tracking import flat_params, parent_run
 
@@ -98,9 +97,10 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     k = fold_count([it.label for it in pool], folds)
     if selection == "inner":
         _check_inner_split(pool, k)
-    headline = TASKS[source.task].headline
+    task = make_task(source.task, source.classes)
+    headline = task.headline
     out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
-    probs = np.zeros((len(pool), len(source.classes)), dtype=np.float64)
+    probs = np.zeros((len(pool), task.num_classes), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
     folds_held = list(fold_indices(pool, k, cfg.seed))
@@ -118,7 +118,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
         parent.log_metrics({**{f"cv_mean_{m}": v for m, v in mean.items()},
                             **{f"cv_std_{m}": v for m, v in std.items()}})
     oof_path = out_dir / "oof.csv"
-    _write_oof(oof_path, pool, fold_of, probs, source.classes, cfg.data.label_delim)
+    _write_oof(oof_path, pool, fold_of, probs, task, cfg.data.label_delim)
     write_json(out_dir / "cv_summary.json", {"folds": rows, "mean": mean, "std": std, "num_folds": k,
                                              "strategy": cfg.strategy.name, "selection": SELECTIONS[selection],
                                              "labels_averaged": [source.classes[i] for i in scored]})
@@ -130,7 +130,7 @@ def _check_inner_split(pool: list[Item], folds: int) -> None:
     """selection "inner" splits each fold's training part again, which needs two images of
     every class there: a class of n images leaves n - ceil(n / folds) in a training part.
     Too few is refused before any fold trains."""
-    counts = Counter(it.label for it in pool if not is_multi(it.label))
+    counts = Counter(it.label for it in pool if isinstance(it.label, str))  # classes (numbers are binned: no check)
     short = sorted(c for c, n in counts.items() if n - math.ceil(n / folds) < 2)
     if short:
         raise DataError(f"classes {short[:10]} have too few images for {folds}-fold cv with an inner validation "
@@ -142,10 +142,11 @@ def common_labels(pool: list[Item], folds: list[np.ndarray], source: DataSource)
     """The classes (labels) present in every held-out fold: each fold's class averages
     (macro-F1, mAP) are taken over these, so the folds' figures measure the same thing and
     their mean is one metric. The ones left out are named in the log."""
-    targets = make_task(source.task, source.classes).encode([it.label for it in pool]).numpy()
+    task = make_task(source.task, source.classes)
+    targets = task.encode([it.label for it in pool]).numpy()
     common = set(range(len(source.classes)))
     for held in folds:
-        common &= set(present_classes(targets[held], len(source.classes)))
+        common &= set(task.present_labels(targets[held]))
     left_out = [source.classes[i] for i in range(len(source.classes)) if i not in common]
     if left_out:
         log.warning("cv: %d of %d labels are missing from some held-out fold (%s); every fold averages the %d "
@@ -168,16 +169,17 @@ def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.nda
         rest = [replace(it, split=TRAIN) for it in rest]
         cfg = RunConfig.create(cfg, patience=0, restore_best=False, monitor="train_loss")
     outer = [replace(pool[j], split=TEST) for j in held]
-    fold_source = DataSource(source.root, source.classes, rest + outer, source.excluded, source.hidden)
+    fold_source = replace(source, items=rest + outer)  # the same task, classes and exclusions
     cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only
     metrics, out = score_items(train_run(cfg, fold_source), outer, labels)
     probs[held] = out.probs
     return metrics
 
 
-def _write_oof(path: Path, pool: list[Item], fold_of: np.ndarray, probs: np.ndarray, classes: list[str],
+def _write_oof(path: Path, pool: list[Item], fold_of: np.ndarray, probs: np.ndarray, task: Task,
                delim: str) -> None:
-    """One row per image: its label(s), fold, the most probable class and every probability."""
-    write_csv(path, ["path", "label", "fold", "predicted", *[f"prob_{c}" for c in classes]],
-              ([it.path, label_text(it.label, delim), int(fold), classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]]
+    """One row per image: its label(s), fold, the prediction as decoded (the class, the
+    label set above the thresholds, the number) and the task's output columns."""
+    write_csv(path, ["path", "label", "fold", "predicted", *task.oof_columns()],
+              ([it.path, task.label_text(it.label, delim), int(fold), *task.oof_cells(p, delim)]
                for it, fold, p in zip(pool, fold_of, probs)))

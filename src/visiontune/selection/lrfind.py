@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from visiontune.analysis.plots import save_lr_curve
 from visiontune.config import RunConfig
 from visiontune.data.items import LabelFunc
 from visiontune.data.sources import resolve_inputs
 from visiontune.errors import ConfigError
+from visiontune.plots import save_lr_curve
 from visiontune.runtime.device import to_device
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.train.setup import prepare_run

@@ -5,9 +5,19 @@ probabilities (`probabilities`), scores them (`metrics`, `report`, `sample_losse
 turns them back into labels (`decode`). The training loop, evaluation, prediction,
 export and interpret call these and never look at the label shape themselves.
 
-Targets are one row per image: a class index (single-label) or a vector (multi-label).
-Two markers stand in for a missing label: NO_LABEL (prediction) and UNREADABLE (a file
-that did not decode); in a vector target every element holds the marker.
+Targets are one row per image: a class index (single-label), a vector (multi-label) or a
+number (regression). Two markers stand in for a missing label: NO_LABEL (prediction) and
+UNREADABLE (a file that did not decode). A marker is a value no target can take: a
+negative class index, or, for float targets (label sets, numbers, where -1 is a real
+value), NaN (NO_LABEL) and -inf (UNREADABLE); in a vector every element holds it.
+`known_rows` / `unreadable_rows` read them, by dtype, never by shape or value range.
+
+The Task also owns the label on the data side (classmethods, no classes needed yet):
+parsing a table cell or a label function's value (`parse_label`), writing it back
+(`label_text`), what splits and folds stratify by (`strata`), the class list
+(`classes_of`) and the summary lines; and the output side: the printed line, the CSV
+columns and the JSON record of a prediction (`line`, `csv_header`/`csv_row`, `record`),
+used by the CLI, `api.Prediction` and serve alike.
 
 Adding a task shape = one subclass and its line in `tasks/catalog.py`.
 """
@@ -23,22 +33,48 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.data.labels import label_counts
+from visiontune.errors import ConfigError
+from visiontune.tasks.metrics import present_classes
+
 NO_LABEL = -1  # target of an image without a label (predict)
 UNREADABLE = -2  # target of a file that could not be decoded
 
 
 def row_markers(targets: torch.Tensor | np.ndarray) -> Any:
-    """One value per row: the target itself (class indices) or its first element (vectors);
-    negative values are NO_LABEL / UNREADABLE."""
+    """One value per row: the target itself (class indices, numbers) or its first element
+    (vectors), where a marker would be."""
     return targets if targets.ndim == 1 else targets[:, 0]
 
 
+def _floating(targets: torch.Tensor | np.ndarray) -> bool:
+    return targets.is_floating_point() if isinstance(targets, torch.Tensor) else np.issubdtype(targets.dtype,
+                                                                                                 np.floating)
+
+
+def known_rows(targets: torch.Tensor | np.ndarray) -> Any:
+    """True for each row with a real target (not NO_LABEL, not UNREADABLE)."""
+    first = row_markers(targets)
+    if _floating(targets):
+        return torch.isfinite(first) if isinstance(first, torch.Tensor) else np.isfinite(first)
+    return first >= 0
+
+
+def unreadable_rows(targets: torch.Tensor | np.ndarray) -> Any:
+    """True for each row the reader marked UNREADABLE."""
+    first = row_markers(targets)
+    if _floating(targets):
+        return torch.isneginf(first) if isinstance(first, torch.Tensor) else np.isneginf(first)
+    return first == UNREADABLE
+
+
 def marker_like(targets: torch.Tensor | None, value: int) -> torch.Tensor:
-    """One target row holding a marker (NO_LABEL / UNREADABLE), shaped like a row of
-    `targets` (None: a scalar, as class indices are)."""
-    if targets is None or targets.ndim == 1:
+    """One target row holding a marker (NO_LABEL / UNREADABLE), shaped and typed like a row
+    of `targets` (None: a class index)."""
+    if targets is None or not targets.is_floating_point():
         return torch.tensor(value)
-    return torch.full(targets.shape[1:], value, dtype=targets.dtype)
+    fill = float("nan") if value == NO_LABEL else float("-inf")
+    return torch.full(targets.shape[1:], fill, dtype=targets.dtype)
 
 
 class TaskLoss(nn.Module):
@@ -63,6 +99,8 @@ class Decoded:
     labels: list[str]
     probs: list[float]
     ranked: list[tuple[str, float]] = field(default_factory=list)
+    value: float | None = None  # regression: the predicted number
+    scores: dict[str, float] = field(default_factory=dict, repr=False)  # every class's probability
 
 
 @dataclass
@@ -71,7 +109,7 @@ class Report:
     (rows: actual, columns: predicted; per task shape)."""
 
     rows: list[dict[str, Any]]
-    confusion: np.ndarray
+    confusion: np.ndarray | None  # None: the task has no classes to confuse (regression)
     text: str
     confused: list[tuple[int, str, str]] = field(default_factory=list)  # (count, actual, predicted)
     columns: tuple[str, ...] | None = None  # the confusion matrix's columns (None: the classes)
@@ -84,6 +122,9 @@ class Task(ABC):
     description: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]]  # every metric `metrics` returns, and the losses
     headline: ClassVar[tuple[str, ...]]  # what cv and compare report: two metrics and "loss"
+    mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)
+    label_kind: ClassVar[str] = "class"
+    confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)  # what one output is called in summaries ("class", "label", "number")
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -91,7 +132,93 @@ class Task(ABC):
 
     @property
     def num_classes(self) -> int:
+        """The head's outputs: one per class (regression: one, the target)."""
         return len(self.classes)
+
+    def maximise(self, metric: str) -> bool:
+        """Whether larger values of `metric` are better (ConfigError for one the task lacks)."""
+        if metric not in self.higher_is_better:
+            raise ConfigError(f"--monitor {metric!r} is not a metric of the {self.name} task; available: "
+                              f"{', '.join(self.higher_is_better)}")
+        return self.higher_is_better[metric]
+
+    # -- the data side (classmethods: the classes are not known yet) ----------------------
+
+    @classmethod
+    def parse_label(cls, text: Any, delim: str, where: str) -> Any:
+        """A table cell (or a label function's value) as this task's label ("" if empty)."""
+        return str(text).strip()
+
+    @classmethod
+    def label_text(cls, label: Any, delim: str = " ") -> str:
+        """The label as a table cell (splits.csv, shard indexes, --relabel)."""
+        return str(label)
+
+    @classmethod
+    def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """What stratified splits, folds and samples keep in proportion, one row per label:
+        a class per row (1-D), or a 0/1 matrix of label sets (2-D)."""
+        return np.asarray(labels)
+
+    def unknown_labels(self, labels: Sequence[Any]) -> list[str]:
+        """Class (label) names among `labels` that this task's classes lack (sorted)."""
+        return sorted(set(label_counts(labels)) - set(self.classes))
+
+    def warm_start_names(self) -> list[str] | None:
+        """Names to match against the pretrained classifier's classes (models/warmstart.py);
+        None: nothing to warm-start (a number is no ImageNet class)."""
+        return self.classes
+
+    def fit_labels(self, labels: Sequence[Any]) -> None:
+        """Learn what the task needs from the training labels (regression: their scale)."""
+        return None
+
+    def check(self, balance: str, label_smoothing: float) -> None:
+        """ConfigError for options that mean nothing to this task."""
+        return None
+
+    def output_module(self) -> nn.Module:
+        """What export appends to the model so the file outputs what a user reads
+        (classification: the logits themselves; the task's probabilities follow them)."""
+        return nn.Identity()
+
+    # -- the output side -----------------------------------------------------------------
+
+    def explained(self, decoded: Decoded, most: int = 3) -> list[str]:
+        """The outputs (class names) Grad-CAM explains for one prediction: the predicted
+        label(s), at most `most`, else the most probable."""
+        return decoded.labels[:most] or [decoded.ranked[0][0]]
+
+    def oof_columns(self) -> list[str]:
+        """The columns of cv's oof.csv holding the out-of-fold outputs, one per output."""
+        return [f"prob_{c}" for c in self.classes]
+
+    def oof_cells(self, probs: np.ndarray, delim: str) -> list[str]:
+        """One oof.csv row's "predicted" cell (as decoded: the class, the label set) and
+        its output cells (`oof_columns`)."""
+        return [delim.join(self.decode(probs[None, :], 1)[0].labels), *[f"{v:.6f}" for v in probs]]
+
+    def present_labels(self, targets: np.ndarray) -> list[int]:
+        """The outputs (classes) with a positive among `targets`: what class averages cover."""
+        return present_classes(targets, self.num_classes)
+
+    def record(self, decoded: Decoded) -> dict[str, Any]:
+        """A prediction as JSON (predict --output x.json, serve)."""
+        return {"labels": decoded.labels,
+                "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked]}
+
+    def csv_header(self, top_k: int) -> list[str]:
+        k = max(1, min(top_k, self.num_classes))
+        return ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")]
+
+    def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
+        return [path, decoded.labels[0], f"{decoded.probs[0]:.6f}"] + [
+            v for label, prob in decoded.ranked[1:] for v in (label, f"{prob:.6f}")]
+
+    def line(self, path: str, decoded: Decoded) -> str:
+        """The printed line: path, label, probability, runners-up."""
+        others = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked[1:])
+        return f"{path}\t{decoded.labels[0]}\t{decoded.probs[0]:.4f}" + (f"\t({others})" if others else "")
 
     @abstractmethod
     def encode(self, labels: Sequence[Any]) -> torch.Tensor:

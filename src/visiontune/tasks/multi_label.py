@@ -19,7 +19,8 @@ import torch
 from sklearn.metrics import precision_recall_curve
 from torch import nn
 
-from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
+from visiontune.data.labels import indicator, label_counts, parse_label_set
+from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
 from visiontune.tasks.metrics import (
     absent_note,
     format_matrix,
@@ -57,6 +58,41 @@ class MultiLabel(Task):
     higher_is_better = {"mAP": True, "micro_f1": True, "macro_f1": True, "samples_f1": True,
                         "subset_accuracy": True, "hamming_loss": False, "val_loss": False, "train_loss": False}
 
+    label_kind = "label"
+    mixup_targets = "multi-hot"
+
+    @classmethod
+    def parse_label(cls, text: Any, delim: str, where: str) -> Any:
+        if isinstance(text, (list, tuple, set, frozenset)):
+            return tuple(sorted({str(x) for x in text}))
+        return parse_label_set(str(text), delim, where)
+
+    @classmethod
+    def label_text(cls, label: Any, delim: str = " ") -> str:
+        return delim.join(label) if isinstance(label, tuple) else str(label)
+
+    @classmethod
+    def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Label sets as a 0/1 matrix (iterative stratification); a 2-D target array as is."""
+        if isinstance(labels, np.ndarray) and labels.ndim == 2:
+            return labels
+        return indicator(labels, sorted(label_counts(labels)))
+
+    def record(self, decoded: Decoded) -> dict[str, Any]:
+        return {**super().record(decoded), "probs": decoded.scores}
+
+    def csv_header(self, top_k: int) -> list[str]:
+        return ["path", "labels", *[f"prob_{n}" for n in self.classes]]
+
+    def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
+        return [path, delim.join(decoded.labels), *[f"{decoded.scores[n]:.6f}" for n in self.classes]]
+
+    def line(self, path: str, decoded: Decoded) -> str:
+        """Every label above its threshold with its probability, or "(none)" and the top ones."""
+        chosen = ", ".join(f"{label} {prob:.3f}" for label, prob in zip(decoded.labels, decoded.probs))
+        top = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked)
+        return f"{path}\t{chosen}" if chosen else f"{path}\t(none)\t(top: {top})"
+
     def __init__(self, classes: Sequence[str], thresholds: Sequence[float] | None = None,
                  threshold: float = 0.5) -> None:
         super().__init__(classes)
@@ -71,7 +107,7 @@ class MultiLabel(Task):
         return y
 
     def marker(self, value: int) -> torch.Tensor:
-        return torch.full((self.num_classes,), float(value))
+        return marker_like(torch.zeros(0, self.num_classes), value)
 
     def loss(self, weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> TaskLoss:
         return BinaryCrossEntropy(weights, label_smoothing)
@@ -136,7 +172,8 @@ class MultiLabel(Task):
             order = np.argsort(-row, kind="stable")
             above = [i for i in order if row[i] >= self.thresholds[i]]
             ranked = [(self.classes[i], float(row[i])) for i in order[:max(k, len(above))]]
-            out.append(Decoded([self.classes[i] for i in above], [float(row[i]) for i in above], ranked))
+            out.append(Decoded([self.classes[i] for i in above], [float(row[i]) for i in above], ranked,
+                               scores=dict(zip(self.classes, map(float, row)))))
         return out
 
     def default_monitor(self, imbalance: float) -> str:

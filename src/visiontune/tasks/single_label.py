@@ -105,7 +105,7 @@ class SingleLabel(Task):
         out = []
         for row, idx in zip(probs, order):
             ranked = [(self.classes[i], float(row[i])) for i in idx]
-            out.append(Decoded([ranked[0][0]], [ranked[0][1]], ranked))
+            out.append(Decoded([ranked[0][0]], [ranked[0][1]], ranked, scores=dict(zip(self.classes, map(float, row)))))
         return out
 
     def default_monitor(self, imbalance: float) -> str:

@@ -1,17 +1,19 @@
 """The converged linear probe (LP of LP-FT, Kumar et al. 2022): while the backbone is frozen,
 fit the head to convergence on the cached features instead of for a few SGD epochs.
 
-The head's linear layer is fitted by full-batch L-BFGS (torch) to the mean cross-entropy
-(multi-label: binary cross-entropy per label) plus an L2 penalty that pulls the weights
+The head's linear layer is fitted by full-batch L-BFGS (torch) to the task's own mean
+loss (`Task.loss`, with the run's --balance weights: cross-entropy, binary cross-entropy
+per label, or, for regression, squared error on standardised targets, which makes the
+probe ridge regression) plus an L2 penalty that pulls the weights
 towards where the head started: towards the pretrained classifier's rows for classes
 warm-started from ImageNet (models/warmstart.py), towards zero elsewhere (plain L2). So a
 warm start is a prior the data can move, not something the fit throws away. Features are
 centred and scaled by one global RMS (per-feature scaling would give near-constant
 features huge weights, which explode once fine-tuning moves them). The strength follows
 scikit-learn's C: penalty = ||W - W0||^2 / (2 C N), C chosen from C_GRID by k-fold
-cross-validation on the training features (held-out log loss), the folds made by the one
-stratifier of the package (data/splits.py: stratified by class, iterative stratification
-for label sets, the run's groups kept whole so images of one patient or recording never
+cross-validation on the training features (held-out task loss), the folds made by the one
+stratifier of the package (data/splits.py over `Task.strata`: by class, iterative
+stratification for label sets, target quantile bins for numbers, the run's groups kept whole so images of one patient or recording never
 sit on both sides). Above SEARCH_ROWS / FIT_ROWS images the search and the fit look at a
 stratified sample that keeps every class. The result is folded back into the head:
 W = W' / scale, b = b' - W @ mean. Seconds on thousands of images.
@@ -23,12 +25,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from visiontune.data.splits import fold_splits, stratified_sample
+from visiontune.tasks.base import Task, TaskLoss
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +59,18 @@ class ProbeFit:
     folds: int  # of the cross-validation that chose it (0: no search, too little data)
 
 
-def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, start: nn.Linear | None = None,
-              balanced: bool = False, seed: int = 0, groups: list[str] | None = None,
-              deadline: float | None = None) -> ProbeFit:
-    """Fit a linear head on `features` (N, D) for `targets`: class indices (N,) or multi-hot
-    (N, C). `start`: the head's current linear layer, the prior the penalty pulls towards
-    (None: zero). `balanced` weights classes by their inverse frequency. `groups`: each
-    row's group (None: every row its own), kept whole by the C search's folds. `deadline`
-    (time.perf_counter()): the search stops trying C values when the rest would end after
-    it, and the final fit stops there with the weights it has reached."""
-    rows = stratified_sample(np.asarray(targets), FIT_ROWS, seed)
+def fit_probe(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.Linear | None = None,
+              weights: torch.Tensor | None = None, seed: int = 0, groups: list[str] | None = None,
+              deadline: float | None = None, c: float | None = None) -> ProbeFit:
+    """Fit a linear head on `features` (N, D) for `targets` as `task` encodes them (class
+    indices, multi-hot rows, numbers). `start`: the head's current linear layer, the prior
+    the penalty pulls towards (None: zero). `weights`: the loss weights of --balance (the
+    trainer's, None for none). `groups`: each row's group (None: every row its own), kept
+    whole by the C search's folds. `deadline` (time.perf_counter()): the search stops
+    trying C values when the rest would end after it, and the final fit stops there with
+    the weights it has reached. `c`: fit at this C, without a search."""
+    criterion = task.loss(weights.cpu() if weights is not None else None)
+    rows = stratified_sample(task.strata(np.asarray(targets)), FIT_ROWS, seed)
     if rows is not None:
         log.info("converged probe: fitting on %d of %d images, a stratified sample (memory stays bounded)",
                  len(rows), len(targets))
@@ -73,17 +82,22 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, multi_label: bool, star
     scale = math.sqrt(sum(float((c * c).sum()) for c in x.split(4096)) / max(1, x.numel())) + 1e-6
     x.div_(scale)
     y = torch.as_tensor(np.asarray(targets))
-    y = y.float() if multi_label else y.long()
-    classes = y.shape[1] if multi_label else int(start.out_features if start is not None else y.max() + 1)
+    classes = task.num_classes
     w0 = (start.weight.detach().float().cpu() * scale) if start is not None else torch.zeros(classes, x.shape[1])
     b0 = (start.bias.detach().float().cpu() + start.weight.detach().float().cpu() @ mean) if start is not None \
         else torch.zeros(classes)
-    weights = _class_weights(y, classes, multi_label) if balanced else None
-    search = _choose_c(x, y, w0, b0, multi_label, weights, seed, groups, deadline)
+    search = _choose_c(x, y, w0, b0, criterion, task, seed, groups, deadline) if c is None else _Search(c, 0)
     c, folds = search.c, search.folds
-    w, b = _final_fit(x, y, w0, b0, search, multi_label, weights, deadline)
+    w, b = _final_fit(x, y, w0, b0, search, criterion, deadline)
     w = w / scale
     return ProbeFit(w.numpy(), (b - w @ mean).numpy(), c, folds)
+
+
+def probe_estimator() -> Any:
+    """The quick scikit-learn probe that interpret's mislabel search and the advisor fit on
+    frozen features (many fits, no C search): standardised features, L2-regularised
+    logistic regression with C = 0.1. (Two probes remain: see ARCHITECTURE.md.)"""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
 def load_into(head: nn.Module, fit: ProbeFit) -> None:
@@ -98,18 +112,12 @@ def head_linear(head: nn.Module) -> nn.Linear:
     return head[-1] if isinstance(head, nn.Sequential) else head  # type: ignore[return-value]
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool, weights: torch.Tensor | None) -> torch.Tensor:
-    if multi_label:
-        return nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weights)
-    return nn.functional.cross_entropy(logits, y, weight=weights)
-
-
 class _OutOfTime(Exception):
     """The deadline passed inside an L-BFGS fit."""
 
 
-def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, c: float, multi_label: bool,
-           weights: torch.Tensor | None, deadline: float | None = None,
+def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, c: float, criterion: TaskLoss,
+           deadline: float | None = None,
            init: tuple[torch.Tensor, torch.Tensor] | None = None,
            max_iter: int = MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin mean loss + ||W - w0||^2 / (2 c N), from `init` (default (w0, b0)); past
@@ -124,7 +132,7 @@ def _lbfgs(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
         if deadline is not None and time.perf_counter() > deadline:
             raise _OutOfTime
         optimizer.zero_grad()
-        value = _loss(x @ w.T + b, y, multi_label, weights) + strength * ((w - w0) ** 2).sum()
+        value = criterion(x @ w.T + b, y) + strength * ((w - w0) ** 2).sum()
         value.backward()
         return value
 
@@ -143,8 +151,7 @@ class _Search:
 
 
 def _final_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, search: _Search,
-               multi_label: bool, weights: torch.Tensor | None, deadline: float | None) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
+               criterion: TaskLoss, deadline: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fit on every row at the chosen C, from the search's fold fit when there is one
     (4/5 of the way there). With a deadline it stops there; if the deadline has passed
     already, it still takes MIN_FINAL_ITER iterations (seconds at most): a head that never
@@ -152,29 +159,29 @@ def _final_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Ten
     if deadline is not None and time.perf_counter() > deadline:
         log.warning("time budget: no time left for the converged probe; %d iterations from %s", MIN_FINAL_ITER,
                     "a fold's fit" if search.start is not None else "the head's start")
-        return _lbfgs(x, y, w0, b0, search.c, multi_label, weights, None, search.start, MIN_FINAL_ITER)
-    w, b = _lbfgs(x, y, w0, b0, search.c, multi_label, weights, deadline, search.start)
+        return _lbfgs(x, y, w0, b0, search.c, criterion, None, search.start, MIN_FINAL_ITER)
+    w, b = _lbfgs(x, y, w0, b0, search.c, criterion, deadline, search.start)
     if deadline is not None and time.perf_counter() > deadline:
         log.warning("time budget: the converged probe stops short of convergence at the deadline")
     return w, b
 
 
-def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, multi_label: bool,
-              weights: torch.Tensor | None, seed: int, groups: list[str] | None,
-              deadline: float | None = None) -> _Search:
-    """The C of the grid with the best held-out log loss over CV_FOLDS folds (data/splits.py:
+def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, criterion: TaskLoss,
+              task: Task, seed: int, groups: list[str] | None, deadline: float | None = None) -> _Search:
+    """The C of the grid with the best held-out task loss (unweighted) over CV_FOLDS folds (data/splits.py:
     stratified, groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C
     when there are too few images or groups to fold. The grid is tried from its middle out
     (SEARCH_ORDER), so a search that the deadline stops early has tried the likeliest (no
     time at all: the middle of the grid)."""
-    rows = stratified_sample(y.numpy(), SEARCH_ROWS, seed)
+    rows = stratified_sample(task.strata(y.numpy()), SEARCH_ROWS, seed)
     xs, ys = (x[rows], y[rows]) if rows is not None else (x, y)
     if groups is not None and rows is not None:
         groups = [groups[i] for i in rows]
     folds = min(CV_FOLDS, len(ys) // 2, len(set(groups)) if groups is not None else len(ys))
     if len(ys) < MIN_SEARCH_ROWS or folds < 2:
         return _Search(DEFAULT_C, 0)
-    held_out = fold_splits(ys.numpy(), groups, folds, seed)
+    held_out = fold_splits(task.strata(ys.numpy()), groups, folds, seed)
+    plain = task.loss()
     scores: dict[float, float] = {}
     best = _Search(SEARCH_ORDER[0], folds)
     started = time.perf_counter()
@@ -185,8 +192,8 @@ def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tens
         total, fit = 0.0, None
         for test in held_out:  # each fit stops at the deadline too
             train = np.setdiff1d(np.arange(len(ys)), test)
-            fit = _lbfgs(xs[train], ys[train], w0, b0, c, multi_label, weights, deadline)
-            total += float(_loss(xs[test] @ fit[0].T + fit[1], ys[test], multi_label, None)) * len(test)
+            fit = _lbfgs(xs[train], ys[train], w0, b0, c, criterion, deadline)
+            total += float(plain(xs[test] @ fit[0].T + fit[1], ys[test])) * len(test)
         if not scores or total < min(scores.values()):
             best = _Search(c, folds, fit)
         scores[c] = total
@@ -206,17 +213,18 @@ def _search_overruns(deadline: float | None, started: float, done: int, folds: i
     return time.perf_counter() + per_c + final > deadline
 
 
-def estimate_seconds(rows: int, dim: int, classes: int, multi_label: bool) -> float:
+def estimate_seconds(rows: int, dim: int, classes: int) -> float:
     """Seconds `fit_probe` takes on `rows` feature vectors of width `dim` for `classes`,
     measured here: the time of one evaluation of the loss and its gradient on synthetic data
     of that shape, at two sizes (a fixed cost and a cost per row), times EVALS_PER_FIT
     evaluations for each fit of the search (C values x folds on (k-1)/k of at most
     SEARCH_ROWS) and the final fit (at most FIT_ROWS). On real backbone features most fits
     run to about MAX_ITER iterations (synthetic data converges in a tenth of that, which is
-    why evaluations are timed, not fits)."""
-    _time_evals(16, dim, classes, multi_label)  # the first evaluations of a process pay for warming up
+    why evaluations are timed, not fits). The loss is timed as binary cross-entropy: every
+    task's loss costs about what the (N, classes) logits' matrix product does."""
+    _time_evals(16, dim, classes)  # the first evaluations of a process pay for warming up
     sizes = sorted({min(rows, 256), min(rows, 2048)})
-    times = [_time_evals(n, dim, classes, multi_label) for n in sizes]
+    times = [_time_evals(n, dim, classes) for n in sizes]
     per_row = (times[-1] - times[0]) / (sizes[-1] - sizes[0]) if len(sizes) > 1 else times[0] / max(1, sizes[0])
     fixed = max(0.0, times[0] - per_row * sizes[0])
     search = min(rows, SEARCH_ROWS)
@@ -226,23 +234,16 @@ def estimate_seconds(rows: int, dim: int, classes: int, multi_label: bool) -> fl
     return EVALS_PER_FIT * (fits * fixed + max(per_row, 0.0) * rows_fitted)
 
 
-def _time_evals(n: int, dim: int, classes: int, multi_label: bool, evals: int = 8) -> float:
+def _time_evals(n: int, dim: int, classes: int, evals: int = 8) -> float:
     """Seconds per evaluation of the probe's loss and gradient on `n` synthetic rows."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, dim, generator=g)
-    y = (torch.rand(n, classes, generator=g) > 0.5).float() if multi_label else torch.randint(classes, (n,), generator=g)
+    y = (torch.rand(n, classes, generator=g) > 0.5).float()
     w = torch.zeros(classes, dim, requires_grad=True)
     b = torch.zeros(classes, requires_grad=True)
     started = time.perf_counter()
     for _ in range(evals):
         w.grad = b.grad = None
-        (_loss(x @ w.T + b, y, multi_label, None) + 1e-3 * (w ** 2).sum()).backward()
+        (nn.functional.binary_cross_entropy_with_logits(x @ w.T + b, y) + 1e-3 * (w ** 2).sum()).backward()
     return (time.perf_counter() - started) / evals
 
-
-def _class_weights(y: torch.Tensor, classes: int, multi_label: bool) -> torch.Tensor:
-    if multi_label:  # pos_weight: negatives / positives per label
-        pos = y.sum(dim=0)
-        return torch.where(pos > 0, (len(y) - pos) / pos.clamp(min=1), torch.ones_like(pos))
-    counts = torch.bincount(y, minlength=classes).float()
-    return torch.where(counts > 0, len(y) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))

@@ -3,10 +3,14 @@ augmentation preset (data/transforms.py lists the presets)."""
 
 from __future__ import annotations
 
+import logging
+
 from timm.data import Mixup
 
 from visiontune.config import TrainConfig
 from visiontune.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.8, 1.0  # timm's ImageNet recipes
 
@@ -16,6 +20,9 @@ def mixup_for(t: TrainConfig, task: Task) -> Mixup | None:
     Label smoothing is applied here, to the mixed targets (the soft-target loss has none)."""
     if t.augment != "heavy":
         return None
+    if task.mixup_targets is None:
+        log.info("--augment heavy: no mixup / cutmix for the %s task (its targets do not mix as classes do)", task.name)
+        return None
     return Mixup(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=0.5, mode="batch",
                  label_smoothing=t.label_smoothing, num_classes=task.num_classes,
-                 multi_label=task.name == "multi-label")
+                 multi_label=task.mixup_targets == "multi-hot")

@@ -167,7 +167,8 @@ def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> 
 
 def choose_monitor(t: TrainConfig, source: DataSource, task: Task) -> Watch:
     monitor = resolve_monitor(t.monitor, source, task)
-    mode = t.mode if t.mode != "auto" else ("min" if "loss" in monitor else "max")
+    maximise = task.maximise(monitor)  # the task says which way is better (and refuses a metric it lacks)
+    mode = t.mode if t.mode != "auto" else ("max" if maximise else "min")
     if not source.split(VALID) and monitor != "train_loss":
         log.warning("no validation images: monitoring train_loss instead of %s", monitor)
         return Watch("train_loss", "min")

@@ -46,16 +46,27 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
     distributed.init(env, device)
     seed_everything(cfg.seed)  # the same initial weights in every process
     model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model
-    model, pre = create_classifier(model_cfg, len(source.classes), source.classes)
+    task = make_run_task(cfg, source)
+    model, pre = create_classifier(model_cfg, task.num_classes, task.warm_start_names())
     prepare_model(model, device, cfg.train.channels_last)
     if cfg.train.batch_size == "auto":
         cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
-    task = make_task(source.task, source.classes, {"threshold": cfg.train.threshold})
     plan = make_plan(model, cfg.strategy, cfg.train, converged_probe=_probe_applies(cfg, model, env),
                      keeps_bn_statistics=cfg.bn_modes()[1] == "eval")
     optimizer = build_optimizer(model, plan, cfg.train)
     data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)
     return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env)
+
+
+def make_run_task(cfg: RunConfig, source: DataSource) -> Task:
+    """The run's task over the source's classes, its options checked and what it learns
+    from the training labels learnt (regression: their mean and std)."""
+    t = cfg.train
+    task = make_task(source.task, source.classes, {"threshold": t.threshold, "target_range": t.target_range,
+                                                   "loss": t.loss})
+    task.check(t.balance, t.label_smoothing)
+    task.fit_labels([it.label for it in source.split(TRAIN)])
+    return task
 
 
 def _probe_applies(cfg: RunConfig, model: Classifier, env: DistEnv) -> bool:

@@ -244,7 +244,7 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def end(self, result: Any, held: Any) -> None:
-        from visiontune.analysis.plots import confusion_figure, curves_figure
+        from visiontune.plots import confusion_figure, curves_figure
 
         if result.history:
             self.writer.add_figure("curves", curves_figure(result.history), len(result.history))

@@ -91,7 +91,8 @@ class Trainer:
         self.classes = setup.task.classes
         self.callbacks, self.device, self.env = callbacks, setup.device, setup.env
         self.generator = setup.data.generator
-        self.criterion = setup.task.loss(setup.data.class_weights(), setup.cfg.train.label_smoothing)
+        self.criterion_weights = setup.data.class_weights()  # --balance weights (None: none); the probe's too
+        self.criterion = setup.task.loss(self.criterion_weights, setup.cfg.train.label_smoothing)
         self.state = TrainState()
         self.total_epochs = sum(p.epochs for p in self.plan.phases)
         self.precision = resolve_precision(self.cfg.train.precision, self.device)
@@ -195,10 +196,9 @@ class Trainer:
         """Fit the head to convergence on this phase's training features (train/probe.py;
         its C search keeps the run's groups whole); return its training loss."""
         feats, targets, _ = data.train.dataset.tensors  # type: ignore[attr-defined]
-        t = self.cfg.train
         start = head_linear(self.model.head)  # warm-started rows are the prior the fit is pulled towards
-        fit = fit_probe(np.asarray(feats), targets.numpy(), multi_label=targets.ndim == 2, start=start,
-                        balanced=t.balance != "none", seed=self.cfg.seed, groups=data.groups, deadline=self.deadline)
+        fit = fit_probe(np.asarray(feats), targets.numpy(), self.task, start=start, weights=self.criterion_weights,
+                        seed=self.cfg.seed, groups=data.groups, deadline=self.deadline)
         load_into(self.model.head, fit)
         log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)", len(targets),
                  fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images or groups to cross-validate")

@@ -67,6 +67,30 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], columns: list[str] 
     return fig
 
 
+def save_residuals(path: Path, targets: np.ndarray, predictions: np.ndarray, name: str) -> None:
+    residuals_figure(targets, predictions, name).savefig(path, dpi=90)
+
+
+def residuals_figure(targets: np.ndarray, predictions: np.ndarray, name: str) -> Figure:
+    """Regression: predicted vs true (the diagonal is perfect) and the residual by target
+    (a trend means the model shrinks towards the mean, or misses a range)."""
+    y, p = np.asarray(targets, float).reshape(-1), np.asarray(predictions, float).reshape(-1)
+    fig, (left, right) = _subplots(1, 2, (10, 4.5))
+    lo, hi = (float(min(y.min(), p.min())), float(max(y.max(), p.max()))) if len(y) else (0.0, 1.0)
+    left.scatter(y, p, s=10, alpha=0.6)
+    left.plot([lo, hi], [lo, hi], color="grey", linewidth=1)
+    left.set_xlabel(f"true {name}")
+    left.set_ylabel(f"predicted {name}")
+    left.set_title("predicted vs true")
+    right.scatter(y, p - y, s=10, alpha=0.6)
+    right.axhline(0, color="grey", linewidth=1)
+    right.set_xlabel(f"true {name}")
+    right.set_ylabel("residual (predicted - true)")
+    right.set_title("residual by target")
+    fig.tight_layout()
+    return fig
+
+
 def save_grid(path: Path, images: list[np.ndarray], titles: list[str], overlays: list[np.ndarray] | None = None,
               cols: int = 4) -> None:
     grid_figure(images, titles, overlays, cols).savefig(path, dpi=80)
@@ -88,22 +112,31 @@ def grid_figure(images: list[np.ndarray], titles: list[str], overlays: list[np.n
     return fig
 
 
+NOT_METRICS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "phase", "steps")
+HEADLINE_METRICS = ("accuracy", "macro_f1", "mAP", "mae", "r2")  # what the curves show when the history has them
+
+
 def save_curves(path: Path, history: list[dict[str, Any]]) -> None:
     curves_figure(history).savefig(path, dpi=90)
 
 
 def curves_figure(history: list[dict[str, Any]]) -> Figure:
-    """Losses and the validation metrics per epoch."""
+    """Losses and the validation metrics per epoch (`metrics`: by default the task's
+    headline ones found in the history, else every other number in it)."""
     epochs = [h["epoch"] for h in history]
     fig, axes = _subplots(1, 2, (10, 3.8))
-    panels = ((("train_loss", "val_loss"), "loss"), (("accuracy", "macro_f1", "mAP"), "validation metrics"))
+    shown = [k for k in dict.fromkeys(k for h in history for k in h)
+             if k not in NOT_METRICS and all(isinstance(h.get(k, 0.0), (int, float)) for h in history)]
+    headline = [k for k in HEADLINE_METRICS if k in shown]
+    panels = ((("train_loss", "val_loss"), "loss"), (tuple(headline or shown), "validation metrics"))
     for ax, (keys, title) in zip(axes, panels):
         for key in keys:
             if any(key in h for h in history):
                 ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
         ax.set_xlabel("epoch")
         ax.set_title(title)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     return fig
 
