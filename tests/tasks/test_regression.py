@@ -283,3 +283,22 @@ def test_time_budget_plans_a_regression(reg_data: Path, tmp_path: Path) -> None:
                  **{k: v for k, v in TINY.items() if k != "patience"})
     plan = json.loads(Path(run.run_dir, "time_budget.json").read_text())
     assert np.isfinite(run.metrics["mae"]) and plan["actual_s"] <= 20 * 1.1
+
+
+def test_tensorboard_gets_the_residuals_and_resume_keeps_the_scaling(reg_data: Path, tmp_path: Path) -> None:
+    """Tracking draws the residual figure (a regression has no confusion matrix); a run
+    resumed from its checkpoint ends with the same target mean and std in its weights."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from visiontune.bundle import load_bundle
+    from conftest import StopAfter
+
+    base = dict(csv="targets.csv", task="regression", strategy="finetune", epochs=3, output=str(tmp_path), **TINY)
+    run = vt.fit(reg_data, track="tensorboard", **base)
+    events = EventAccumulator(str(Path(run.run_dir) / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "residuals" in events.Tags()["images"] and "mae" in events.Tags()["scalars"]
+    part = vt.fit(reg_data, callbacks=[StopAfter(1)], **base)
+    resumed = vt.fit(resume=part.run_dir)
+    a, b = load_bundle(run.run_dir).task, load_bundle(resumed.run_dir).task
+    assert (a.mean, a.std) == pytest.approx((b.mean, b.std)) and len(resumed.history) == 3

@@ -43,7 +43,7 @@ class Suspect:
 def rank_mislabels(paths: list[str], labels: list[Label], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
     """Every image, lowest self-confidence first, with its most likely other class and
     whether confident learning flags it. Label sets: see `rank_label_sets`."""
-    if labels and is_multi(labels[0]):
+    if labels and is_multi(labels[0]):  # label sets: per-label evidence, cleanlab's multi-label filter
         return rank_label_sets(paths, labels, probs, classes)
     idx = {c: i for i, c in enumerate(classes)}
     y = np.array([idx[lb] for lb in labels])
@@ -128,7 +128,7 @@ def oof_probabilities(features: np.ndarray, labels: list[Label], classes: list[s
                       folds: int = 5) -> np.ndarray:
     """Out-of-fold class probabilities from a logistic-regression probe on `features`
     (one probe per label, iteratively stratified folds, for label sets)."""
-    if labels and is_multi(labels[0]):
+    if labels and is_multi(labels[0]):  # label sets: one scikit-learn probe per label (see ARCHITECTURE's debts)
         y = indicator(labels, classes)
         cv = MultilabelStratifiedKFold(n_splits=fold_count(labels, folds), shuffle=True, random_state=seed)
         with warnings.catch_warnings():  # a label absent from a training fold is predicted constant

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.labels import MULTI, REGRESSION, Label, label_counts, multi_label_lines, task_of
+from visiontune.data.labels import Label, task_of
 from visiontune.tasks.catalog import task_class
 
 TRAIN, VALID, TEST = "train", "valid", "test"
@@ -52,11 +52,9 @@ class DataSource:
         return {c: i for i, c in enumerate(self.classes)}
 
     def class_counts(self, split: str = TRAIN) -> dict[str, int]:
-        """Images per class (per label: an image counts for each of its labels); none for a number."""
-        if self.task == REGRESSION:
-            return {}
-        counts = label_counts(it.label for it in self.split(split))
-        return {c: counts.get(c, 0) for c in self.classes}
+        """Images per class (per label: an image counts for each of its labels; none for a
+        number), as the task counts them."""
+        return task_class(self.task).counts([it.label for it in self.split(split)], self.classes)
 
     def imbalance_ratio(self, split: str = TRAIN) -> float:
         """Largest class count / smallest (1.0 = balanced) over the training split."""
@@ -64,28 +62,16 @@ class DataSource:
         return max(counts) / min(counts) if counts else 1.0
 
     def summary(self) -> str:
-        multi, number = self.task == MULTI, self.task == REGRESSION
-        head = f"data: {self.root}  " + (f"target: {self.classes[0] if self.classes else '?'}" if number else
-                                         f"{'labels' if multi else 'classes'}: {len(self.classes)}")
-        lines = [head + (f"  task: {self.task}" + (f" (detected: {self.detected})" if self.detected else "")
-                         if multi or number else "")]
+        task = task_class(self.task)
+        lines = [f"data: {self.root}  {task.summary_head(self.classes)}"
+                 + (f"  task: {self.task}" + (f" (detected: {self.detected})" if self.detected else "")
+                    if task.named_in_summary else "")]
         for split in (TRAIN, VALID, TEST):
             items = self.split(split)
-            if not items:
-                continue
-            if number:
-                lines.append(f"  {split}: {len(items)} images")
-                lines += task_class(REGRESSION).summary_lines([it.label for it in items], self.classes)
-            elif multi:
-                lines.append(f"  {split}: {len(items)} images")
-                lines += multi_label_lines([it.label for it in items], self.classes)
-            else:
-                counts = label_counts(it.label for it in items)
-                lines.append(f"  {split}: {len(items)} images ("
-                             + ", ".join(f"{c}={counts.get(c, 0)}" for c in self.classes) + ")")
-        if self.split(TRAIN) and not number:
-            lines.append(f"  imbalance (largest/smallest train {'label' if multi else 'class'}): "
-                         f"{self.imbalance_ratio():.2f}")
+            if items:
+                lines += task.split_lines(split, [it.label for it in items], self.classes)
+        if self.class_counts():
+            lines.append(f"  imbalance (largest/smallest train {task.label_kind}): {self.imbalance_ratio():.2f}")
         missing = self.missing_from_valid()
         if missing:
             lines.append(f"  labels in train but not in valid (not validated): {', '.join(missing)}")
@@ -101,7 +87,7 @@ class DataSource:
     def missing_from_valid(self) -> list[str]:
         """Classes with training images but none among the validation images (when any)."""
         valid = self.split(VALID)
-        if not valid or self.task != MULTI:
+        if not valid:
             return []
-        seen = label_counts(it.label for it in valid)
-        return [c for c in self.classes if not seen.get(c)]
+        seen = task_class(self.task).counts([it.label for it in valid], self.classes)
+        return [c for c, n in seen.items() if not n]

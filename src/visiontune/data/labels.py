@@ -34,7 +34,7 @@ def label_set(label: Label) -> tuple[str, ...]:
 
 def label_text(label: Label, delim: str = " ") -> str:
     """The label as written in a table: the class, or the set joined by `delim`."""
-    return delim.join(label) if isinstance(label, tuple) else label
+    return delim.join(label) if isinstance(label, tuple) else str(label)
 
 
 def parse_label_set(text: str, delim: str, where: str) -> tuple[str, ...]:

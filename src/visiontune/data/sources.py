@@ -18,12 +18,6 @@ from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import (
-    MULTI,
-    REGRESSION,
-    SINGLE,
-    check_label_names,
-    is_multi,
-    label_counts,
     task_of,
 )
 from visiontune.data.scan import scan, scan_cache
@@ -116,27 +110,14 @@ def _from_shards(cfg: DataConfig) -> DataSource:
 
 
 def _settle_task(source: DataSource, task: str, delim: str = " ") -> None:
-    """Every label in the task's shape: with --task multi-label, single classes become
-    one-label sets; with --task single-label, a label set is an error naming the image;
-    with --task regression, every label is read as a number (a file-name regex's capture,
-    a class folder's name, a label function's value). Label sets are written joined by
-    `delim`: no label name may hold it."""
-    if task not in ("auto", SINGLE, MULTI):  # regression, or a registered task: it reads every label
-        parse = task_class(task).parse_label
-        source.items = [replace(it, label=parse(it.label, delim, it.path)) for it in source.items]
-    elif task == MULTI:
-        source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
-    elif task == SINGLE:
-        bad = next((it for it in source.items if is_multi(it.label)), None)
-        if bad is not None:
-            raise DataError(f"{bad.path} has the label set {list(bad.label)} but --task is single-label; "
-                            "use --task multi-label")
-    elif task_of(it.label for it in source.items) == MULTI:  # auto: any set makes every label a set
-        # (auto reads text as classes, even numbers like folders 0-9; a label function's floats are regression)
-        source.items = [it if is_multi(it.label) else replace(it, label=(it.label,)) for it in source.items]
-    source.task_name = task if task != "auto" else source.task  # chosen once: what every later step reads
-    if source.task == MULTI:
-        check_label_names((it.label for it in source.items), delim)
+    """Choose the task once (`--task`; auto: label sets make multi-label, a label
+    function's floats regression, else single-label) and put every label in its shape
+    (Task.settle: single classes become one-label sets under multi-label, a label set
+    under single-label is an error naming the image, regression reads numbers)."""
+    chosen = task if task != "auto" else task_of(it.label for it in source.items)
+    settled = task_class(chosen).settle([it.label for it in source.items], [it.path for it in source.items], delim)
+    source.items = [replace(it, label=label) for it, label in zip(source.items, settled)]
+    source.task_name = chosen  # what every later step reads
 
 
 def _default_groups_file(root: Path, cfg: DataConfig) -> str | None:
@@ -288,7 +269,7 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     parse = task_class(source.task).parse_label
     for row in read_path_column(relabel, "--relabel") if relabel else []:
         label = parse(row[1], delim, f"--relabel row {row}") if len(row) > 1 else ""
-        if label == "" and source.task != MULTI:  # an empty set is a label; an empty class or number is not
+        if label == "":  # an empty class or number (an empty label set is () and a label)
             raise DataError(f"--relabel row {row} needs path,label")
         fixes[key(row[0].strip())] = label
     keys = [key(it.path) for it in source.items]
@@ -320,26 +301,6 @@ def _drop_unreadable(source: DataSource, cache_dir: str | None) -> None:
 def _check_classes(source: DataSource, min_classes: int = 2) -> None:
     if not source.items:
         raise DataError(f"no usable images found in {source.root!r}\n{source.summary()}")
-    train_like = [it for it in source.items if it.split in ("", TRAIN)]
-    if source.task == REGRESSION:  # one output, the target; values need no "class" in train
-        if not train_like:
-            raise DataError(f"no training images in {source.root!r}")
-        source.classes = task_class(REGRESSION).classes_of([it.label for it in train_like], source.target_name)
-        return
-    classes = sorted(label_counts(it.label for it in train_like))
-    multi = source.task == MULTI  # one label is a task too: it is there or it is not
-    if len(classes) < (1 if multi else min_classes):
-        raise DataError(
-            f"found {'no label' if multi else f'a single class {classes}'} in {source.root!r}; classification "
-            "needs at least two classes (one folder per class, or labels that take two or more values)"
-        )
-    other = sorted(set(label_counts(it.label for it in source.items)) - set(classes))
-    if other:
-        what = "labels" if multi else "classes"
-        raise DataError(
-            f"{what} {other} appear in valid/test but not in train under {source.root!r}; "
-            "add training images for them or remove them"
-        )
-    source.classes = classes
-
-
+    train_like = [it.label for it in source.items if it.split in ("", TRAIN)]
+    source.classes = task_class(source.task).classes_of(train_like, [it.label for it in source.items], source.root,
+                                                        source.target_name, min_classes)

@@ -24,7 +24,7 @@ from sklearn.model_selection import (
 )
 
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import REGRESSION, Label, label_counts, task_of
+from visiontune.data.labels import Label, task_of
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import task_class
 
@@ -34,31 +34,10 @@ MIN_PER_CLASS = 50  # a stratified sample keeps at least this many rows of each 
 
 
 def fold_count(labels: list[Label], folds: int) -> int:
-    """`folds`, or fewer when a class has fewer images (each fold needs one of each class);
-    a class with a single image cannot be validated on in any fold: DataError. Label sets
-    keep `folds` (a rare label is in some folds only; a warning names them)."""
+    """How many folds `labels` can fill, as their task says (Task.fold_count)."""
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
-    shape = task_of(labels)
-    if shape == REGRESSION:
-        if len(labels) < 2 * folds:
-            raise DataError(f"{len(labels)} images cannot fill {folds} folds; use fewer --folds")
-        return folds
-    if shape != "single-label":
-        rare = sorted(c for c, n in label_counts(labels).items() if n < folds)
-        if rare:
-            log.warning("labels %s have fewer images than %d folds: some folds cannot validate them", rare, folds)
-        return folds
-    counts = Counter(labels)
-    smallest = min(counts.values())
-    if smallest >= folds:
-        return folds
-    small = sorted(c for c, n in counts.items() if n < folds)
-    if smallest < 2:
-        raise DataError(f"classes {small} have fewer than 2 images: no fold split can validate on them; add images")
-    log.warning("classes %s have fewer images than %d folds: using %d folds (the smallest class size)",
-                small, folds, smallest)
-    return smallest
+    return task_class(task_of(labels)).fold_count(labels, folds)
 
 
 def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:

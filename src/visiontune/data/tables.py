@@ -10,7 +10,7 @@ from pathlib import Path
 
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, REGRESSION, SINGLE, Label, parse_label_set
+from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
 from visiontune.tasks.catalog import task_class
 
@@ -94,9 +94,11 @@ def _csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataCo
 def _row_label(text: str, task: str, cfg: DataConfig, where: str) -> Label:
     """A row's label: the set (multi-label) or the class. With an explicit --task
     single-label, a cell holding several labels is an error naming the row."""
-    if task in (MULTI, REGRESSION):
+    if task != SINGLE:
         return task_class(task).parse_label(text, cfg.label_delim, where)
     label = text.strip()
+    # only an explicit --task single-label refuses a cell that reads as a set: under auto,
+    # "golden retriever" is one class (a set needs a 'labels'/'tags' column)
     if cfg.task == SINGLE and len(parse_label_set(label, cfg.label_delim, where)) > 1:
         raise DataError(f"{where}: {label!r} holds several labels but --task is single-label; use --task "
                         f"multi-label (or, if class names contain {cfg.label_delim!r}, a --label-delim they do not "

@@ -45,7 +45,7 @@ from webdataset.tariterators import base_plus_ext
 
 from visiontune.data.images import has_image_extension, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI, SINGLE, Label, is_multi, label_set
+from visiontune.data.labels import MULTI, SINGLE, Label
 from visiontune.errors import DataError
 from visiontune.files import file_digest, identity_digest, write_csv, write_json
 from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
@@ -121,7 +121,7 @@ def _require_empty(out: Path) -> None:
 def _sample(item: Item, key: str, index: dict[str, int]) -> tuple[dict[str, Any], str]:
     data = Path(item.path).read_bytes()
     ext = Path(item.path).suffix.lower().lstrip(".").replace("jpeg", "jpg") or "jpg"
-    meta = {"label": list(label_set(item.label)) if is_multi(item.label) else item.label, "group": item.group,  # json keeps the type
+    meta = {"label": item.label, "group": item.group,  # JSON keeps the label's type: a name, a list, a number
             "path": item.path, "digest": file_digest(item.path)}
     sample = {"__key__": key, ext: data, "json": json.dumps(meta).encode()}
     if item.label in index:  # a class (webdataset's .cls convention): an index
@@ -228,7 +228,7 @@ def _label_of(sample: dict[str, bytes], task: str, delim: str, where: str) -> La
             value = sample[member].decode().strip()
     if value is None:
         return None
-    shape = task if task != "auto" else MULTI if isinstance(value, list) else SINGLE
+    shape = task if task != "auto" else MULTI if isinstance(value, list) else SINGLE  # auto: a list is a set
     return task_class(shape).parse_label(value, delim, where)
 
 

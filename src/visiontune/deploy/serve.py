@@ -36,6 +36,9 @@ from visiontune.bundle import Bundle, load_bundle
 from visiontune.data.images import TooManyPixels, load_rgb
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
+from visiontune.runtime.batchsize import MicroBatcher
+from visiontune.runtime.device import to_device
+from visiontune.runtime.inference import forward_chunks
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 48 MP phone photo fits; a 12000 x 12000 decompression bomb does not
@@ -135,6 +138,7 @@ class BatchPredictor:
 
     def __init__(self, bundle: Bundle, top_k: int, max_batch: int = 16) -> None:
         self.bundle, self.top_k, self.max_batch = bundle, top_k, max_batch
+        self.micro = MicroBatcher()
         self.queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue()
         threading.Thread(target=self._run, name="visiontune-model", daemon=True).start()
 
@@ -164,8 +168,9 @@ class BatchPredictor:
     def _predict(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """Per image: the predicted labels (one class; multi-label: every label above its
         threshold, maybe none) and the top-k ranked with probabilities."""
-        task = self.bundle.task
-        logits = self.bundle.model(x.to(memory_format=torch.channels_last))
+        task, device = self.bundle.task, torch.device("cpu")  # load_bundle's device
+        # the runtime's forward pass, as predict's: autocast by --precision auto, halved on out-of-memory
+        logits = forward_chunks(self.bundle.model, to_device(x, device, True), self.micro, device, "auto")
         probs = task.probabilities(logits).float().numpy()
         return [task.record(decoded) for decoded in task.decode(np.asarray(probs), self.top_k)]
 

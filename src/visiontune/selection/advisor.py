@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.linear_model import RidgeCV
-from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
@@ -38,6 +37,7 @@ from visiontune.data.splits import fold_count
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import prepare_model, resolve_device
 from visiontune.selection.costs import Costs, measure_costs
+from visiontune.tasks.metrics import mean_average_precision
 from visiontune.tasks.regression import Regression
 from visiontune.train.features import cache_for, extract_features
 from visiontune.train.probe import probe_estimator
@@ -203,7 +203,7 @@ def _measures(labels: list[Label], source: DataSource, folds: int, seed: int) ->
 
 def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> Callable[[Any, np.ndarray], float]:
     """estimator, features -> cross-validated accuracy (classes) or mAP (label sets)."""
-    if labels and is_multi(labels[0]):
+    if labels and is_multi(labels[0]):  # label sets score by mAP over one probe per label
         y = indicator(labels, classes)
         cv = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
 
@@ -211,8 +211,7 @@ def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> C
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 probs = cross_val_predict(OneVsRestClassifier(est), x, y, cv=cv, method="predict_proba")
-            present = y.sum(axis=0) > 0
-            return float(average_precision_score(y[:, present], probs[:, present], average="macro"))
+            return mean_average_precision(y, probs)
 
         return mean_ap
     index = {c: i for i, c in enumerate(classes)}

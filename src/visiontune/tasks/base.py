@@ -24,7 +24,9 @@ Adding a task shape = one subclass and its line in `tasks/catalog.py`.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -34,8 +36,10 @@ import torch
 from torch import nn
 
 from visiontune.data.labels import label_counts
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.metrics import present_classes
+
+log = logging.getLogger(__name__)
 
 NO_LABEL = -1  # target of an image without a label (predict)
 UNREADABLE = -2  # target of a file that could not be decoded
@@ -124,6 +128,7 @@ class Task(ABC):
     headline: ClassVar[tuple[str, ...]]  # what cv and compare report: two metrics and "loss"
     mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)
     label_kind: ClassVar[str] = "class"
+    named_in_summary: ClassVar[bool] = False  # the data summary names the task (the default task is not named)
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)  # what one output is called in summaries ("class", "label", "number")
 
     def __init__(self, classes: Sequence[str]) -> None:
@@ -159,6 +164,60 @@ class Task(ABC):
         """What stratified splits, folds and samples keep in proportion, one row per label:
         a class per row (1-D), or a 0/1 matrix of label sets (2-D)."""
         return np.asarray(labels)
+
+    @classmethod
+    def settle(cls, labels: list[Any], where: list[str], delim: str) -> list[Any]:
+        """Every label in this task's shape (`where`: each label's image, for errors):
+        registered tasks read each one with `parse_label`."""
+        return [cls.parse_label(label, delim, w) for label, w in zip(labels, where)]
+
+    @classmethod
+    def classes_of(cls, train: list[Any], every: list[Any], root: str, name: str = "",
+                   min_classes: int = 2) -> list[str]:
+        """The sorted class list from the training labels (DataError for fewer than
+        `min_classes`, or for classes only valid/test have)."""
+        classes = sorted(label_counts(train))
+        if len(classes) < min_classes:
+            raise DataError(f"found a single class {classes} in {root!r}; classification needs at least two classes "
+                            "(one folder per class, or labels that take two or more values)")
+        other = sorted(set(label_counts(every)) - set(classes))
+        if other:
+            kind = "classes" if cls.label_kind == "class" else f"{cls.label_kind}s"
+            raise DataError(f"{kind} {other} appear in valid/test but not in train under {root!r}; "
+                            "add training images for them or remove them")
+        return classes
+
+    @classmethod
+    def fold_count(cls, labels: list[Any], folds: int) -> int:
+        """`folds`, or fewer when a class has fewer images (each fold needs one of each
+        class); a class with a single image cannot be validated on in any fold: DataError."""
+        counts = Counter(labels)
+        smallest = min(counts.values())
+        if smallest >= folds:
+            return folds
+        small = sorted(c for c, n in counts.items() if n < folds)
+        if smallest < 2:
+            raise DataError(f"classes {small} have fewer than 2 images: no fold split can validate on them; "
+                            "add images")
+        log.warning("classes %s have fewer images than %d folds: using %d folds (the smallest class size)",
+                    small, folds, smallest)
+        return smallest
+
+    @classmethod
+    def counts(cls, labels: Sequence[Any], classes: list[str]) -> dict[str, int]:
+        """Images per class (per label: an image counts once for each of its labels)."""
+        found = label_counts(labels)
+        return {c: found.get(c, 0) for c in classes}
+
+    @classmethod
+    def summary_head(cls, classes: list[str]) -> str:
+        return f"classes: {len(classes)}"
+
+    @classmethod
+    def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
+        """A split's lines in the data summary."""
+        return [f"  {split}: {len(labels)} images ("
+                + ", ".join(f"{c}={n}" for c, n in cls.counts(labels, classes).items()) + ")"]
 
     def unknown_labels(self, labels: Sequence[Any]) -> list[str]:
         """Class (label) names among `labels` that this task's classes lack (sorted)."""

@@ -84,7 +84,7 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray
         return {k: float("nan") for k in MULTILABEL_METRICS}
     y = (np.asarray(y_true) > 0.5).astype(int)
     scored = present_classes(y, y.shape[1]) if labels is None else list(labels)
-    ap = average_precision_score(y[:, scored], probs[:, scored], average="macro") if scored else float("nan")
+    ap = mean_average_precision(y, probs, scored)
     macro = f1_score(y[:, scored], y_pred[:, scored], average="macro", zero_division=0) if scored else float("nan")
     return {
         "mAP": float(ap),
@@ -94,6 +94,15 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray
         "subset_accuracy": float(accuracy_score(y, y_pred)),
         "hamming_loss": float(hamming_loss(y, y_pred)),
     }
+
+
+def mean_average_precision(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> float:
+    """mAP: the macro average of each label's average precision over `labels` (default:
+    the labels with a positive; AP is undefined for one that never occurs). The one mAP of
+    the package (metrics, cv, the advisor)."""
+    y = (np.asarray(y_true) > 0.5).astype(int)
+    scored = present_classes(y, y.shape[1]) if labels is None else list(labels)
+    return float(average_precision_score(y[:, scored], probs[:, scored], average="macro")) if scored else float("nan")
 
 
 def per_label_report(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, labels: list[str],

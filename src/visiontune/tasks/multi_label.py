@@ -9,6 +9,7 @@ stored with the weights (`metadata`) and used wherever predictions become label 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from itertools import product
@@ -19,7 +20,14 @@ import torch
 from sklearn.metrics import precision_recall_curve
 from torch import nn
 
-from visiontune.data.labels import indicator, label_counts, parse_label_set
+from visiontune.data.labels import (
+    check_label_names,
+    indicator,
+    label_counts,
+    multi_label_lines,
+    parse_label_set,
+)
+from visiontune.errors import DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
 from visiontune.tasks.metrics import (
     absent_note,
@@ -28,6 +36,8 @@ from visiontune.tasks.metrics import (
     multilabel_metrics,
     per_label_report,
 )
+
+log = logging.getLogger(__name__)
 
 MIN_POSITIVES = 5  # a label needs this many positives in validation to get a threshold of its own
 MAX_POS_WEIGHT = 100.0
@@ -59,6 +69,7 @@ class MultiLabel(Task):
                         "subset_accuracy": True, "hamming_loss": False, "val_loss": False, "train_loss": False}
 
     label_kind = "label"
+    named_in_summary = True
     mixup_targets = "multi-hot"
 
     @classmethod
@@ -77,6 +88,38 @@ class MultiLabel(Task):
         if isinstance(labels, np.ndarray) and labels.ndim == 2:
             return labels
         return indicator(labels, sorted(label_counts(labels)))
+
+    @classmethod
+    def settle(cls, labels: list[Any], where: list[str], delim: str) -> list[Any]:
+        """A single class becomes a one-label set; label sets are written joined by `delim`,
+        so no label name may hold it."""
+        settled = [label if isinstance(label, tuple) else (str(label),) for label in labels]
+        check_label_names(settled, delim)
+        return settled
+
+    @classmethod
+    def classes_of(cls, train: list[Any], every: list[Any], root: str, name: str = "",
+                   min_classes: int = 2) -> list[str]:
+        """One label is a task too: it is there or it is not."""
+        if not label_counts(train):
+            raise DataError(f"found no label in {root!r}; give each image a label set (an empty one means none)")
+        return super().classes_of(train, every, root, name, 1)
+
+    @classmethod
+    def fold_count(cls, labels: list[Any], folds: int) -> int:
+        """Label sets keep `folds`: a rare label is in some folds only (a warning names them)."""
+        rare = sorted(c for c, n in label_counts(labels).items() if n < folds)
+        if rare:
+            log.warning("labels %s have fewer images than %d folds: some folds cannot validate them", rare, folds)
+        return folds
+
+    @classmethod
+    def summary_head(cls, classes: list[str]) -> str:
+        return f"labels: {len(classes)}"
+
+    @classmethod
+    def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
+        return [f"  {split}: {len(labels)} images", *multi_label_lines(labels, classes)]
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
         return {**super().record(decoded), "probs": decoded.scores}

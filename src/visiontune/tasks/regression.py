@@ -61,6 +61,7 @@ class Regression(Task):
     higher_is_better = {"mae": False, "rmse": False, "r2": True, "spearman": True,
                         "val_loss": False, "train_loss": False}
     label_kind = "number"
+    named_in_summary = True
     mixup_targets = None
     confusable = False
 
@@ -113,17 +114,36 @@ class Regression(Task):
         return strata
 
     @classmethod
-    def classes_of(cls, labels: Sequence[Any], name: str = "") -> list[str]:
+    def classes_of(cls, train: list[Any], every: list[Any], root: str, name: str = "",
+                   min_classes: int = 2) -> list[str]:
+        """One output, named after the target (a CSV column's name, else "target")."""
+        if not train:
+            raise DataError(f"no training images in {root!r}")
         return [name or "target"]
 
     @classmethod
-    def summary_lines(cls, labels: Sequence[Any], classes: list[str]) -> list[str]:
+    def fold_count(cls, labels: list[Any], folds: int) -> int:
+        if len(labels) < 2 * folds:
+            raise DataError(f"{len(labels)} images cannot fill {folds} folds; use fewer --folds")
+        return folds
+
+    @classmethod
+    def counts(cls, labels: Sequence[Any], classes: list[str]) -> dict[str, int]:
+        return {}  # a number has no classes to count (or to balance)
+
+    @classmethod
+    def summary_head(cls, classes: list[str]) -> str:
+        return f"target: {classes[0] if classes else '?'}"
+
+    @classmethod
+    def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
         y = np.asarray(labels, dtype=float)
-        if not len(y):
-            return []
-        q = np.quantile(y, [0, 0.25, 0.5, 0.75, 1])
-        return [f"    {classes[0]}: mean {y.mean():.4g}, std {y.std():.4g}, min {q[0]:.4g}, quartiles "
-                f"{q[1]:.4g} / {q[2]:.4g} / {q[3]:.4g}, max {q[4]:.4g}"]
+        lines = [f"  {split}: {len(y)} images"]
+        if len(y):
+            q = np.quantile(y, [0, 0.25, 0.5, 0.75, 1])
+            lines.append(f"    {classes[0] if classes else 'target'}: mean {y.mean():.4g}, std {y.std():.4g}, min "
+                         f"{q[0]:.4g}, quartiles {q[1]:.4g} / {q[2]:.4g} / {q[3]:.4g}, max {q[4]:.4g}")
+        return lines
 
     def fit_labels(self, labels: Sequence[Any]) -> None:
         """Mean and std of the training targets: what the head's output is scaled by."""

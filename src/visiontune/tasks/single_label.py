@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.errors import DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
 from visiontune.tasks.metrics import (
     HIGHER_IS_BETTER,
@@ -57,6 +58,15 @@ class SingleLabel(Task):
     description = "one class per image: softmax + cross-entropy; accuracy, macro-F1"
     headline = ("accuracy", "macro_f1", "loss")
     higher_is_better = HIGHER_IS_BETTER
+
+    @classmethod
+    def settle(cls, labels: list[Any], where: list[str], delim: str) -> list[Any]:
+        """A label set is an error naming its image (use --task multi-label)."""
+        for label, w in zip(labels, where):
+            if isinstance(label, tuple):
+                raise DataError(f"{w} has the label set {list(label)} but --task is single-label; "
+                                "use --task multi-label")
+        return [label if isinstance(label, str) else str(label) for label in labels]
 
     def encode(self, labels: Sequence[Any]) -> torch.Tensor:
         return torch.tensor([self.index[label] for label in labels], dtype=torch.long)

@@ -19,12 +19,11 @@ from visiontune import display
 from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
-from visiontune.data.labels import label_text
 from visiontune.errors import DataError
 from visiontune.files import claim_dir, write_csv, write_json, write_text
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
-from visiontune.tasks.catalog import make_task
+from visiontune.tasks.catalog import make_task, task_class
 from visiontune.train.callbacks import (
     Callback,
     Checkpoint,
@@ -269,7 +268,8 @@ def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None
         return
     with open(splits, newline="") as fh:
         before = {r["path"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
-    now = {it.path: (label_text(it.label, delim), it.split) for it in source.items}
+    text = task_class(source.task).label_text
+    now = {it.path: (text(it.label, delim), it.split) for it in source.items}
     changes = [(what, paths) for what, paths in (
         ("added", sorted(now.keys() - before.keys())),
         ("removed", sorted(before.keys() - now.keys())),
@@ -302,8 +302,9 @@ def write_run_files(run_dir: Path, setup: RunSetup, source: DataSource) -> None:
     write_json(run_dir / "preprocess.json", setup.preprocess.to_dict())
     write_json(run_dir / "environment.json", environment(setup.cfg, str(setup.device)))
     delim = setup.cfg.data.label_delim
-    write_csv(run_dir / "splits.csv", ["path", "label", "split"],
-              ((it.path, label_text(it.label, delim), it.split) for it in source.items))
+    text = task_class(source.task).label_text
+    write_csv(run_dir / "splits.csv", ["path", "label", "split"], ((it.path, text(it.label, delim), it.split)
+                                                                   for it in source.items))
     excluded = [f"{p}\t{why}" for p, why in source.excluded] + [f"{p}\thidden" for p in source.hidden]
     write_text(run_dir / "excluded.txt", "".join(line + "\n" for line in excluded))
 

@@ -244,14 +244,17 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def end(self, result: Any, held: Any) -> None:
-        from visiontune.plots import confusion_figure, curves_figure
+        from visiontune.plots import confusion_figure, curves_figure, residuals_figure
 
         if result.history:
             self.writer.add_figure("curves", curves_figure(result.history), len(result.history))
         if held is not None and len(held.targets):
             report = self.task.report(held.targets, held.probs)
-            self.writer.add_figure("confusion", confusion_figure(report.confusion, self.task.classes,
-                                                                 list(report.columns) if report.columns else None))
+            if report.confusion is None:  # a task without classes to confuse (regression): its residuals
+                self.writer.add_figure("residuals", residuals_figure(held.targets, held.probs, self.task.classes[0]))
+            else:
+                self.writer.add_figure("confusion", confusion_figure(report.confusion, self.task.classes,
+                                                                     list(report.columns) if report.columns else None))
         finals = {f"final/{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)}
         self.writer.add_hparams(flat_params(self.cfg), finals or {"final/none": 0.0}, run_name="hparams")
         self.writer.close()
