@@ -52,27 +52,30 @@ def test_advice_prefers_the_probe_when_fine_tuning_cannot_gain_enough() -> None:
     assert weigh_cost("gradual", "r", probe=0.90, costs=COSTS) == ("gradual", "r")
 
 
-def test_a_run_with_a_time_budget_ends_on_time(flat_data: Path, tmp_path: Path, tiny: dict,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Trainer.train_step
-
-    def slow(self, net, x, y, **kw):  # a slow machine: 0.15 s per step
-        time.sleep(0.15)
-        return real(self, net, x, y, **kw)
-
-    monkeypatch.setattr(Trainer, "train_step", slow)
+def _slow_machine_that_wants_fine_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow machine (0.15 s per training step), an advisor that asks for fine-tuning (the
+    red/green probe is perfect) and an optimistic epoch estimate (a quarter of the measured):
+    the budget must hold anyway. The clock, the plan and the trainer are the real ones."""
     from visiontune.selection import budget
 
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, net, x, y, **kw: time.sleep(0.15) or real(self, net, x, y,
+                                                                                                       **kw))
     real_advice = budget.advise_source
 
-    def fine_tune_please(cfg, source, costs=None):  # the red/green probe is perfect; make the advisor ask for more
+    def fine_tune_please(cfg, source, costs=None):
         advice = real_advice(cfg, source, costs)
         advice.strategy = "gradual"
         return advice
 
     monkeypatch.setattr(budget, "advise_source", fine_tune_please)
     real_epoch = Costs.epoch_seconds
-    monkeypatch.setattr(Costs, "epoch_seconds", lambda self, size=None: real_epoch(self, size) / 4)  # optimistic
+    monkeypatch.setattr(Costs, "epoch_seconds", lambda self, size=None: real_epoch(self, size) / 4)
+
+
+def test_a_run_with_a_time_budget_ends_on_time(flat_data: Path, tmp_path: Path, tiny: dict,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_machine_that_wants_fine_tuning(monkeypatch)
     started = time.perf_counter()
     r = vt.fit(flat_data, **dict(tiny, time_budget="15s", trainable_bn="eval", output=str(tmp_path / "r")))
     took = time.perf_counter() - started
@@ -140,7 +143,7 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     x = (rng.normal(size=(300, 16)) + 2.0 * np.eye(2, 16)[y]).astype(np.float32)
-    fit = probe.fit_probe(x, y, SingleLabel([str(i) for i in range(int(y.max()) + 1)]), deadline=time.perf_counter() - 1)  # already past
+    fit = probe.fit_probe(x, y, SingleLabel(["0", "1"]), deadline=time.perf_counter() - 1)  # already past
     assert fit.c == probe.SEARCH_ORDER[0] and fit.folds == 5  # no C tried: the middle of the grid
     assert ((x @ fit.weight.T + fit.bias).argmax(1) == y).mean() > 0.9  # a short fit still, not the zero head
 
@@ -148,21 +151,8 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
 def test_a_resumed_run_keeps_what_is_left_of_its_time_budget(flat_data: Path, tmp_path: Path, tiny: dict,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import StopAfter
-    from visiontune.selection import budget
 
-    real = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", lambda self, net, x, y, **kw: time.sleep(0.15) or real(self, net, x, y,
-                                                                                                       **kw))
-    real_advice = budget.advise_source
-
-    def fine_tune_please(cfg, source, costs=None):
-        advice = real_advice(cfg, source, costs)
-        advice.strategy = "gradual"
-        return advice
-
-    monkeypatch.setattr(budget, "advise_source", fine_tune_please)
-    real_epoch = Costs.epoch_seconds
-    monkeypatch.setattr(Costs, "epoch_seconds", lambda self, size=None: real_epoch(self, size) / 4)  # optimistic
+    _slow_machine_that_wants_fine_tuning(monkeypatch)
     part = vt.fit(flat_data, **dict(tiny, time_budget="15s", trainable_bn="eval", output=str(tmp_path / "r")),
                   callbacks=[StopAfter(2)])
     used = part.seconds

@@ -291,8 +291,8 @@ def test_tensorboard_gets_the_residuals_and_resume_keeps_the_scaling(reg_data: P
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from visiontune.bundle import load_bundle
     from conftest import StopAfter
+    from visiontune.bundle import load_bundle
 
     base = dict(csv="targets.csv", task="regression", strategy="finetune", epochs=3, output=str(tmp_path), **TINY)
     run = vt.fit(reg_data, track="tensorboard", **base)

@@ -21,9 +21,8 @@ from visiontune.data.transforms import (
     train_transform,
     tta_transform,
 )
-from visiontune.data.webdata import ShardStream, blank_image, is_shard_item, shard_items
+from visiontune.data.webdata import ShardStream, is_shard_item, read_marked, shard_items
 from visiontune.files import cache_root, guarded, identity_digest, save_entry
-from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
 
 
 class DecodedCache:
@@ -93,14 +92,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         path, row = self.paths[index], self.ids[index] if self.ids is not None else index
-        try:
-            image = self.cache.load(path) if self.cache is not None else load_rgb(path, self.decode_side)
-        except Exception:
-            if self.unreadable_size is None:
-                raise
-            return blank_image(self.unreadable_size, self.unreadable_views), marker_like(self.targets, UNREADABLE), row
-        target = self.targets[index] if self.targets is not None else marker_like(None, NO_LABEL)
-        return self.transform(image), target, row
+        return read_marked(lambda: self.cache.load(path) if self.cache is not None else load_rgb(path, self.decode_side),
+                           self, index, row)
 
 
 def eval_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Preprocess,

@@ -361,14 +361,22 @@ class ShardStream(IterableDataset):
         return self.rows.get(f"{sample['__url__']}#{sample['__key__']}", [])
 
     def _load(self, sample: dict[str, Any], row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        try:
-            image = _image(sample, self.decode_side)
-        except Exception:
-            if self.unreadable_size is None:
-                raise
-            return blank_image(self.unreadable_size, self.unreadable_views), marker_like(self.targets, UNREADABLE), row
-        target = self.targets[row] if self.targets is not None else marker_like(None, NO_LABEL)
-        return self.transform(image), target, row
+        return read_marked(lambda: _image(sample, self.decode_side), self, row, row)
+
+
+def read_marked(read: Callable[[], Any], ds: Any, index: int, row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ds.transform(read()), its target, row): the one way ImageDataset and ShardStream
+    yield a sample. A file that does not decode is an error, or, when the dataset marks
+    them (`ds.unreadable_size`), a blank image with the UNREADABLE marker; without targets
+    (predict) the target is NO_LABEL."""
+    try:
+        image = read()
+    except Exception:
+        if ds.unreadable_size is None:
+            raise
+        return blank_image(ds.unreadable_size, ds.unreadable_views), marker_like(ds.targets, UNREADABLE), row
+    target = ds.targets[index] if ds.targets is not None else marker_like(None, NO_LABEL)
+    return ds.transform(image), target, row
 
 
 def blank_image(size: int, views: int = 0) -> torch.Tensor:
