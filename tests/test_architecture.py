@@ -104,7 +104,8 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 # The layers of ARCHITECTURE.md ("Packages, bottom to top"), by longest module-name prefix.
 # A module may import its own layer's modules of its own package and anything below.
 LAYERS = [
-    ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots"),
+    ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots",
+     "visiontune.registry"),
     ("visiontune.train.strategies", "visiontune.data.labels"),
     ("visiontune.config",),
     ("visiontune.tasks",),
@@ -289,6 +290,23 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 
     assert main(["train", str(flat_data), "--min-scale", "2"]) == 2
     assert "min_scale must be <= 1" in capsys.readouterr().err
+
+
+def test_every_registry_is_the_one_helper() -> None:
+    """Strategies, tasks, backbone sources, export formats and trackers: one Registry type,
+    one error for an unknown name; --track's names are the tracker classes'."""
+    from visiontune.config import TRACKERS
+    from visiontune.deploy.export import FORMATS
+    from visiontune.models.backbones import SOURCES
+    from visiontune.registry import Registry
+    from visiontune.tasks.catalog import TASKS
+    from visiontune.train.tracking import TRACKER_CLASSES
+
+    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, TRACKER_CLASSES):
+        assert isinstance(registry, Registry) and len(registry) >= 2
+        with pytest.raises(ConfigError, match=f"unknown {registry.what} 'nope'; choose one of: "):
+            registry.find("nope")
+    assert set(TRACKER_CLASSES) == set(TRACKERS)
 
 
 def test_tasks_registry_and_markers() -> None:

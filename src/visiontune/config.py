@@ -21,6 +21,7 @@ from typing import Any
 
 from visiontune.data.labels import task_choices
 from visiontune.errors import ConfigError
+from visiontune.registry import Registry
 from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choices
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -55,7 +56,8 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
     return field(default=default, metadata=meta)
 
 
-TRACKERS = ("tensorboard", "mlflow")
+TRACKERS: Registry[str] = Registry("tracker", {"tensorboard": "TensorBoard event files in the run directory",
+                                               "mlflow": "an MLflow run (MLFLOW_TRACKING_URI, else ./mlruns)"})
 
 
 def parse_track(value: Any) -> str:

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn import config_context
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import cross_val_predict
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import NearestNeighbors
 
-from visiontune.data.labels import Label, indicator, is_multi, label_set
-from visiontune.data.splits import fold_count, fold_splits
+from visiontune.data.labels import Label, class_index, indicator, is_multi, label_set
+from visiontune.data.splits import fold_count, fold_pairs, fold_splits
 from visiontune.tasks.base import Task
 from visiontune.train.probe import fit_probe, probe_estimator
 
@@ -45,7 +44,7 @@ def rank_mislabels(paths: list[str], labels: list[Label], probs: np.ndarray, cla
     whether confident learning flags it. Label sets: see `rank_label_sets`."""
     if labels and is_multi(labels[0]):  # label sets: per-label evidence, cleanlab's multi-label filter
         return rank_label_sets(paths, labels, probs, classes)
-    idx = {c: i for i, c in enumerate(classes)}
+    idx = class_index(classes)
     y = np.array([idx[lb] for lb in labels])
     self_conf = probs[np.arange(len(y)), y]
     flagged = flag_label_issues(y, probs)
@@ -130,15 +129,15 @@ def oof_probabilities(features: np.ndarray, labels: list[Label], classes: list[s
     (one probe per label, iteratively stratified folds, for label sets)."""
     if labels and is_multi(labels[0]):  # label sets: one scikit-learn probe per label (see ARCHITECTURE's debts)
         y = indicator(labels, classes)
-        cv = MultilabelStratifiedKFold(n_splits=fold_count(labels, folds), shuffle=True, random_state=seed)
+        cv = fold_pairs(y, fold_count(labels, folds), seed)  # iterative stratification over the 0/1 matrix
         with warnings.catch_warnings():  # a label absent from a training fold is predicted constant
             warnings.simplefilter("ignore", UserWarning)
             return cross_val_predict(OneVsRestClassifier(probe_estimator()), features, y, cv=cv,
                                      method="predict_proba")
-    idx = {c: i for i, c in enumerate(classes)}
+    idx = class_index(classes)
     y = np.array([idx[lb] for lb in labels])
     k = fold_count(labels, folds)
-    raw = cross_val_predict(probe_estimator(), features, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+    raw = cross_val_predict(probe_estimator(), features, y, cv=fold_pairs(y, k, seed),
                             method="predict_proba")
     present = sorted(set(y.tolist()))
     probs = np.zeros((len(y), len(classes)))

@@ -48,9 +48,6 @@ class DataSource:
     def split(self, name: str) -> list[Item]:
         return [it for it in self.items if it.split == name]
 
-    def class_index(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
-
     def class_counts(self, split: str = TRAIN) -> dict[str, int]:
         """Images per class (per label: an image counts for each of its labels; none for a
         number), as the task counts them."""

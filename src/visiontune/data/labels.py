@@ -65,6 +65,11 @@ def check_label_names(labels: Iterable[Label], delim: str) -> None:
                         f"label sets written with it could not be read back; pass --label-delim {other!r}")
 
 
+def class_index(classes: Iterable[str]) -> dict[str, int]:
+    """Each class (label) name's column: the one class-to-index map of the package."""
+    return {c: i for i, c in enumerate(classes)}
+
+
 def label_counts(labels: Iterable[Label]) -> Counter[str]:
     """Images per class (single-label) or per label (an image counts once for each of its labels)."""
     return Counter(name for label in labels for name in label_set(label))
@@ -72,7 +77,7 @@ def label_counts(labels: Iterable[Label]) -> Counter[str]:
 
 def indicator(labels: Iterable[Label], classes: list[str]) -> np.ndarray:
     """(N, C) 0/1 matrix: row i has a 1 for each class (label) of labels[i]."""
-    index = {c: i for i, c in enumerate(classes)}
+    index = class_index(classes)
     rows = list(labels)
     y = np.zeros((len(rows), len(classes)), dtype=int)
     for row, label in enumerate(rows):

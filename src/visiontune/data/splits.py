@@ -147,6 +147,13 @@ def fold_splits(y: np.ndarray, groups: list[str] | None, folds: int, seed: int) 
         return [valid for _, valid in stratified.split(x, y, groups)]
 
 
+def fold_pairs(y: np.ndarray, folds: int, seed: int, groups: list[str] | None = None) -> list[tuple[np.ndarray,
+                                                                                                  np.ndarray]]:
+    """`fold_splits` as scikit-learn's `cv=` takes them: (train rows, validation rows) per fold."""
+    rows = np.arange(len(y))
+    return [(np.setdiff1d(rows, valid), valid) for valid in fold_splits(y, groups, folds, seed)]
+
+
 def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None:
     """At most about `limit` row indices (sorted) drawn at random with every class kept: `y`
     holds one class per row, or is a 0/1 matrix of label sets (rows without a label count as

@@ -45,7 +45,7 @@ from webdataset.tariterators import base_plus_ext
 
 from visiontune.data.images import has_image_extension, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI, SINGLE, Label
+from visiontune.data.labels import MULTI, SINGLE, Label, class_index
 from visiontune.errors import DataError
 from visiontune.files import file_digest, identity_digest, write_csv, write_json
 from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
@@ -84,7 +84,7 @@ def write_shards(source: DataSource, out: str | os.PathLike[str], size: int = 10
     out = Path(out)
     _require_empty(out)
     out.mkdir(parents=True, exist_ok=True)
-    index = {c: i for i, c in enumerate(source.classes)}
+    index = class_index(source.classes)
     described: dict[str, Any] = {"classes": source.classes, "task": source.task, "label_delim": delim, "splits": {}}
     rows = []
     for split in (TRAIN, VALID, TEST):

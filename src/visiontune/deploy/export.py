@@ -35,12 +35,14 @@ from visiontune.bundle import Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import atomic_write, file_digest
+from visiontune.registry import Registry
 from visiontune.tasks.catalog import make_task
 from visiontune.version import __version__
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts", "timm": ""}
+FORMATS: Registry[str] = Registry("export format", {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts",
+                                                    "timm": ""})  # format -> the file's suffix
 PARITY_TOLERANCE = 1e-3
 
 
@@ -65,8 +67,7 @@ def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
 
 def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.PathLike[str] | None = None,
            opset: int = 18) -> ExportResult:
-    if format not in FORMATS:
-        raise ConfigError(f"format {format!r} unknown; choose one of {', '.join(FORMATS)}")
+    FORMATS.find(format)  # ConfigError naming the formats for another
     if format == "timm":
         from visiontune.deploy.hub import export_timm
 

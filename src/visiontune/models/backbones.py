@@ -23,6 +23,7 @@ from torch import nn
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import ConfigError, WeightsUnavailableError
 from visiontune.models import weights as W
+from visiontune.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class TorchvisionSource:
         return model, num_features, linear
 
 
-SOURCES: dict[str, BackboneSource] = {"timm": TimmSource(), "torchvision": TorchvisionSource()}
+SOURCES: Registry[BackboneSource] = Registry("backbone source", {"timm": TimmSource(),
+                                                                  "torchvision": TorchvisionSource()})
 
 
 def parse_backbone(name: str) -> tuple[str, str]:

@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.linear_model import RidgeCV
-from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
+from sklearn.model_selection import cross_val_predict, cross_val_score
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
@@ -31,9 +30,9 @@ from visiontune import display
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
-from visiontune.data.labels import REGRESSION, Label, indicator, is_multi, label_counts
+from visiontune.data.labels import REGRESSION, Label, class_index, indicator, is_multi, label_counts
 from visiontune.data.sources import resolve_inputs
-from visiontune.data.splits import fold_count
+from visiontune.data.splits import fold_count, fold_pairs
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import prepare_model, resolve_device
 from visiontune.selection.costs import Costs, measure_costs
@@ -187,7 +186,7 @@ class _Measures:
 def _measures(labels: list[Label], source: DataSource, folds: int, seed: int) -> _Measures:
     if source.task == REGRESSION:  # numbers: R^2 of ridge / k-NN regression; predicting the mean (chance) scores 0
         y = np.asarray(labels, dtype=float)
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, Regression.strata(y)))
+        splits = fold_pairs(Regression.strata(y), folds, seed)
         probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
         return _Measures(lambda est, x: float(cross_val_score(est, x, y, cv=splits, scoring="r2").mean()), probe,
                          lambda k: make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=k)), 0.0,
@@ -205,7 +204,7 @@ def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> C
     """estimator, features -> cross-validated accuracy (classes) or mAP (label sets)."""
     if labels and is_multi(labels[0]):  # label sets score by mAP over one probe per label
         y = indicator(labels, classes)
-        cv = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        cv = fold_pairs(y, folds, seed)  # iterative stratification over the 0/1 matrix
 
         def mean_ap(est: Any, x: np.ndarray) -> float:
             with warnings.catch_warnings():
@@ -214,9 +213,9 @@ def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> C
             return mean_average_precision(y, probs)
 
         return mean_ap
-    index = {c: i for i, c in enumerate(classes)}
+    index = class_index(classes)
     target = np.array([index[lb] for lb in labels])
-    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = fold_pairs(target, folds, seed)
     return lambda est, x: float(cross_val_score(est, x, target, cv=splits).mean())
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.labels import label_counts
+from visiontune.data.labels import class_index, label_counts
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.metrics import present_classes
 
@@ -133,7 +133,7 @@ class Task(ABC):
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
-        self.index = {c: i for i, c in enumerate(self.classes)}
+        self.index = class_index(self.classes)
 
     @property
     def num_classes(self) -> int:

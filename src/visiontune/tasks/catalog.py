@@ -7,28 +7,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from visiontune.data.labels import TASK_NAMES
-from visiontune.errors import ConfigError
+from visiontune.registry import Registry
 from visiontune.tasks.base import Task
 from visiontune.tasks.multi_label import MultiLabel
 from visiontune.tasks.regression import Regression
 from visiontune.tasks.single_label import SingleLabel
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (SingleLabel, MultiLabel, Regression)}
+TASKS: Registry[type[Task]] = Registry("task", {t.name: t for t in (SingleLabel, MultiLabel, Regression)})
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Make `cls` a task choice (usable as a class decorator); returns it."""
-    TASKS[cls.name] = cls
     if cls.name not in TASK_NAMES:
         TASK_NAMES.append(cls.name)
-    return cls
+    return TASKS.add(cls.name, cls)
 
 
 def task_class(name: str) -> type[Task]:
     """The Task subclass called `name` (ConfigError naming the choices otherwise)."""
-    if name not in TASKS:
-        raise ConfigError(f"task {name!r} is not valid; choose one of: {', '.join(TASKS)}")
-    return TASKS[name]
+    return TASKS.find(name)
 
 
 def make_task(name: str, classes: Sequence[str], metadata: dict[str, Any] | None = None) -> Task:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from visiontune.errors import ConfigError
+from visiontune.registry import Registry
 
 AUTO = "auto"  # not a strategy: ask the advisor (selection/advisor.py) to pick one
 
@@ -102,7 +103,7 @@ class Strategy:
     check: Callable[[Any], str | None] | None = None  # RunConfig -> why it cannot run, or None
 
 
-STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
 def register_strategy(name: str, description: str, *, random_init: bool = False,
@@ -113,20 +114,18 @@ def register_strategy(name: str, description: str, *, random_init: bool = False,
         raise ConfigError(f"{AUTO!r} is reserved for the advisor's choice")
 
     def add(fn: Callable[[StrategyContext], list[Phase]]) -> Callable[[StrategyContext], list[Phase]]:
-        STRATEGIES[name] = Strategy(name, description, fn, random_init, check)
+        STRATEGIES.add(name, Strategy(name, description, fn, random_init, check))
         return fn
 
     return add
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(strategy_names())}")
-    return STRATEGIES[name]
+    return STRATEGIES.find(name)
 
 
 def strategy_names() -> tuple[str, ...]:
-    return tuple(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def strategy_choices() -> tuple[str, ...]:

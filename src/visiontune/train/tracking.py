@@ -37,6 +37,7 @@ import numpy as np
 
 from visiontune.config import parse_track
 from visiontune.errors import ConfigError
+from visiontune.registry import Registry
 from visiontune.train.callbacks import Callback, TrainerView, metrics_of
 
 log = logging.getLogger(__name__)
@@ -307,13 +308,16 @@ class MlflowTracker(Tracker):
             self.client.set_terminated(self.run_id, "FAILED")
 
 
+TRACKER_CLASSES: Registry[type[Tracker]] = Registry(
+    "tracker", {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker})  # config.TRACKERS names them for --track
+
+
 def make_trackers(track: str, run_dir: Path, cfg: Any, task: Any) -> list[Tracker]:
     """The trackers `track` names (packages checked first: a ConfigError names the install)."""
     names = parse_track(track).split(",") if track else []
     for name in names:
         _require(name)
-    kinds = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker}
-    return [kinds[n](run_dir, cfg, task) for n in names if n]
+    return [TRACKER_CLASSES.find(n)(run_dir, cfg, task) for n in names if n]
 
 
 def log_artifact_to_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
