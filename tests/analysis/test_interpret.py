@@ -42,8 +42,9 @@ def test_outliers_put_the_odd_one_first() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera")
 def test_ten_injected_label_flips_rank_in_the_top_20(tmp_path: Path) -> None:
-    from visiontune.analysis.mislabels import oof_probabilities
+    from visiontune.analysis.mislabels import oof_outputs
     from visiontune.models.classifier import create_classifier
+    from visiontune.tasks.single_label import SingleLabel
     from visiontune.train.features import FeatureCache, extract_features, model_fingerprint
 
     copy = tmp_path / "hym"
@@ -68,8 +69,9 @@ def test_ten_injected_label_flips_rank_in_the_top_20(tmp_path: Path) -> None:
 
     feats, _ = extract_features(model.backbone, [it.path for it in items], pre, torch.device("cpu"), cache)
     labels = [it.label for it in items]
-    ranked = rank_mislabels([it.path for it in items], labels, oof_probabilities(feats.numpy(), labels,
-                                                                                 source.classes), source.classes)
+    task = SingleLabel(source.classes)
+    probs, _ = oof_outputs(feats.numpy(), task.encode(labels).numpy(), task)  # what interpret uses
+    ranked = rank_mislabels([it.path for it in items], labels, probs, source.classes)
     found = flips & {s.path for s in ranked[:20]}
     print(f"{len(found)} of 10 injected flips in the top 20")
     assert len(flips) == 10 and len(found) >= 7, f"{len(found)} of 10 flips in the top 20"
@@ -187,16 +189,18 @@ def test_outliers_match_the_dense_computation_with_bounded_memory() -> None:
 
 def _noisy_probe(seed: int = 0):
     """3 overlapping Gaussian classes, 10% of labels flipped; out-of-fold probe probabilities."""
-    from visiontune.analysis.mislabels import oof_probabilities
+    from visiontune.analysis.mislabels import oof_outputs
+    from visiontune.tasks.single_label import SingleLabel
 
     rng = np.random.default_rng(seed)
     y = np.repeat([0, 1, 2], 200)
-    feats = rng.normal(size=(600, 8)) + 2.0 * np.eye(3, 8)[y]
+    feats = (rng.normal(size=(600, 8)) + 2.0 * np.eye(3, 8)[y]).astype(np.float32)
     noisy = y.copy()
     flips = rng.choice(600, 60, replace=False)
     noisy[flips] = (y[flips] + rng.integers(1, 3, 60)) % 3
     labels = [str(v) for v in noisy]
-    return noisy, oof_probabilities(feats, labels, ["0", "1", "2"], seed), set(flips.tolist())
+    task = SingleLabel(["0", "1", "2"])
+    return noisy, oof_outputs(feats, task.encode(labels).numpy(), task, seed)[0], set(flips.tolist())
 
 
 def test_cleanlab_flags_flips_better_than_the_plain_off_diagonal() -> None:

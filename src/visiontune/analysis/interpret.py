@@ -27,7 +27,6 @@ from visiontune.analysis.mislabels import (
     Suspect,
     flag_method,
     oof_outputs,
-    oof_probabilities,
     rank_mislabels,
     rank_outliers,
     rank_residuals,
@@ -268,19 +267,14 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
         paths = [r["path"] for r in rows]
         labels: list[Label] = [task.parse_label(r["label"], cfg.data.label_delim, str(oof)) for r in rows]
         probs = np.array([[float(r[column]) for column in task.oof_columns()] for r in rows])
-    else:
+    else:  # out of fold from the converged probe (bench/mislabels.py: more precise than a fixed-C probe)
         keep = [i for i, (_, _, split) in enumerate(ctx.items) if include_test or split != TEST]
         paths, labels = [ctx.items[i][0] for i in keep], [ctx.items[i][1] for i in keep]
-        probs = None
+        probs, _ = oof_outputs(feats[keep], task.encode(labels).numpy(), task, cfg.seed)
     if task.confusable:
-        if probs is None:
-            probs = oof_probabilities(feats[keep], labels, classes, cfg.seed)
         suspects = rank_mislabels(paths, labels, probs, classes)
-    else:  # numbers have no classes to confuse: suspicious targets by out-of-fold residuals of the probe
-        targets = task.encode(labels).numpy()
-        if probs is None:
-            probs, _ = oof_outputs(feats[keep], targets, task, cfg.seed)
-        suspects = rank_residuals(paths, targets, probs, task)
+    else:  # numbers have no classes to confuse: suspicious targets by out-of-fold residuals
+        suspects = rank_residuals(paths, task.encode(labels).numpy(), probs, task)
     write_csv(ctx.out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
               [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged]
                for k, s in enumerate(suspects)])

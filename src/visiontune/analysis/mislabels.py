@@ -1,7 +1,9 @@
 """Suspected label errors over the whole dataset, from out-of-fold evidence.
 
-Out-of-fold probabilities come from `visiontune cv` (oof.csv) when given, otherwise from a
-quick cross-validated logistic regression on cached frozen features. Each image is ranked
+Out-of-fold probabilities come from `visiontune cv` (oof.csv) when given, otherwise from the
+converged probe (train/probe.py: C chosen once by its cross-validation, then one fit per
+fold) on cached frozen features (`oof_outputs`; bench/mislabels.py: more precise than a
+fixed-C scikit-learn probe on hymenoptera and digits). Each image is ranked
 by self-confidence, p(given label) (lowest first). Which images are flagged is confident
 learning (Northcutt et al. 2021) as cleanlab implements it: `find_label_issues` with
 `prune_by_noise_rate` (install the optional extra `visiontune[cleanlab]`). Without
@@ -19,14 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn import config_context
-from sklearn.model_selection import cross_val_predict
-from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import NearestNeighbors
 
 from visiontune.data.labels import Label, class_index, indicator, is_multi, label_set
-from visiontune.data.splits import fold_count, fold_pairs, fold_splits
+from visiontune.data.splits import fold_splits
 from visiontune.tasks.base import Task
-from visiontune.train.probe import fit_probe, probe_estimator
+from visiontune.train.probe import fit_probe
 
 
 @dataclass(frozen=True)
@@ -121,28 +121,6 @@ def _cleanlab_version() -> str | None:
         return importlib.metadata.version("cleanlab")
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def oof_probabilities(features: np.ndarray, labels: list[Label], classes: list[str], seed: int = 0,
-                      folds: int = 5) -> np.ndarray:
-    """Out-of-fold class probabilities from a logistic-regression probe on `features`
-    (one probe per label, iteratively stratified folds, for label sets)."""
-    if labels and is_multi(labels[0]):  # label sets: one scikit-learn probe per label (see ARCHITECTURE's debts)
-        y = indicator(labels, classes)
-        cv = fold_pairs(y, fold_count(labels, folds), seed)  # iterative stratification over the 0/1 matrix
-        with warnings.catch_warnings():  # a label absent from a training fold is predicted constant
-            warnings.simplefilter("ignore", UserWarning)
-            return cross_val_predict(OneVsRestClassifier(probe_estimator()), features, y, cv=cv,
-                                     method="predict_proba")
-    idx = class_index(classes)
-    y = np.array([idx[lb] for lb in labels])
-    k = fold_count(labels, folds)
-    raw = cross_val_predict(probe_estimator(), features, y, cv=fold_pairs(y, k, seed),
-                            method="predict_proba")
-    present = sorted(set(y.tolist()))
-    probs = np.zeros((len(y), len(classes)))
-    probs[:, present] = raw
-    return probs
 
 
 def oof_outputs(features: np.ndarray, targets: np.ndarray, task: Task, seed: int = 0,
