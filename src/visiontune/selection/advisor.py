@@ -121,13 +121,15 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
 
 
 def weigh_cost(strategy: str, reason: str, probe: float, costs: Costs | None) -> tuple[str, str]:
-    """A fine-tuning recommendation becomes the converged probe when the probe is already
+    """A fine-tuning recommendation becomes the converged probe (feature-extract) when the
+    advisor's scikit-learn probe (C = 0.1, the one still apart from train/probe.py) is already
     within PROBE_CEILING of a perfect score: fine-tuning cannot gain more than that, at the
     measured cost of every epoch."""
     if strategy == "feature-extract" or 1 - probe >= PROBE_CEILING:
         return strategy, reason
     cost = f" at ~{costs.epoch_seconds():.0f} s per epoch here" if costs else ""
-    return "feature-extract", (f"the converged probe already scores {probe:.3f}: fine-tuning{cost} could gain at "
+    return "feature-extract", (f"a linear probe on the frozen features already scores {probe:.3f} (cross-validated): "
+                               f"fine-tuning{cost} could gain at "
                                f"most {100 * (1 - probe):.1f} points, so the probe (seconds) is the better buy")
 
 

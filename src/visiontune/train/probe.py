@@ -94,9 +94,9 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.L
 
 
 def probe_estimator() -> Any:
-    """The quick scikit-learn probe that interpret's mislabel search and the advisor fit on
-    frozen features (many fits, no C search): standardised features, L2-regularised
-    logistic regression with C = 0.1. (Two probes remain: see ARCHITECTURE.md.)"""
+    """The quick scikit-learn probe the advisor scores frozen features with (no C search):
+    standardised features, L2-regularised logistic regression with C = 0.1. The one probe
+    still apart from `fit_probe` (ARCHITECTURE.md, known debts)."""
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
