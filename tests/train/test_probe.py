@@ -163,3 +163,29 @@ def test_feature_phases_give_the_probe_the_runs_groups(tmp_path: Path, tiny: dic
     source = load_items(cfg.data)
     phase = prepare_run(cfg, source).data.features()
     assert phase.groups == [it.group for it in source.split("train")] and all(phase.groups)
+
+
+def test_an_unchanged_rerun_remembers_the_probe_and_a_changed_label_does_not(tmp_path: Path, tiny: dict,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 23: the second feature-extract over the same features skips the C search and
+    ends with the same head; one relabelled image is a different fit."""
+    import logging
+
+    from visiontune.bundle import load_bundle
+
+    data = make_class_folders(tmp_path / "d", {"red": 12, "green": 12})
+    opts = dict(tiny, strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"))
+    with caplog.at_level(logging.INFO, logger="visiontune.train.trainer"):
+        first = vt.fit(data, **opts)
+        assert "remembered" not in caplog.text
+        caplog.clear()
+        second = vt.fit(data, **opts)
+        assert "remembered from an earlier run" in caplog.text
+    a, b = (load_bundle(r.run_dir).model.head[-1].weight.detach() for r in (first, second))
+    assert torch.equal(a, b) and first.metrics["accuracy"] == second.metrics["accuracy"]
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text(f"path,label\n{data / 'red' / 'red_000.png'},green\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="visiontune.train.trainer"):
+        vt.fit(data, relabel=str(relabel), **opts)
+    assert "converged probe" in caplog.text and "remembered" not in caplog.text

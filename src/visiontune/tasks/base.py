@@ -127,9 +127,9 @@ class Task(ABC):
     higher_is_better: ClassVar[dict[str, bool]]  # every metric `metrics` returns, and the losses
     headline: ClassVar[tuple[str, ...]]  # what cv and compare report: two metrics and "loss"
     mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)
-    label_kind: ClassVar[str] = "class"
+    label_kind: ClassVar[str] = "class"  # what one output is called in summaries ("class", "label", "number")
     named_in_summary: ClassVar[bool] = False  # the data summary names the task (the default task is not named)
-    confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)  # what one output is called in summaries ("class", "label", "number")
+    confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)

@@ -34,6 +34,7 @@ from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, ru
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.probe import fit_probe, head_linear, load_into
+from visiontune.train.probememo import ProbeMemory, probe_key
 from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
@@ -197,11 +198,16 @@ class Trainer:
         its C search keeps the run's groups whole); return its training loss."""
         feats, targets, _ = data.train.dataset.tensors  # type: ignore[attr-defined]
         start = head_linear(self.model.head)  # warm-started rows are the prior the fit is pulled towards
-        fit = fit_probe(np.asarray(feats), targets.numpy(), self.task, start=start, weights=self.criterion_weights,
-                        seed=self.cfg.seed, groups=data.groups, deadline=self.deadline)
+        x, y = np.asarray(feats), targets.numpy()
+        key = probe_key(x, y, self.task, start, self.criterion_weights, self.cfg.seed, data.groups)
+        fit, remembered = ProbeMemory(self.cfg.train.cache_dir).fit(
+            key, lambda: fit_probe(x, y, self.task, start=start, weights=self.criterion_weights, seed=self.cfg.seed,
+                                   groups=data.groups, deadline=self.deadline),
+            storable=lambda: self.deadline is None)  # a fit a deadline cut short is not remembered
         load_into(self.model.head, fit)
-        log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)", len(targets),
-                 fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images or groups to cross-validate")
+        log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)%s", len(targets),
+                 fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images or groups to cross-validate",
+                 "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
         return self._head_loss(feats, targets)
 
     @torch.inference_mode()
