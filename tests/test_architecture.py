@@ -173,7 +173,8 @@ def test_a_prediction_never_loads_the_training_stack(flat_data: Path, tmp_path: 
 
     run = vt.fit(flat_data, output=str(tmp_path), strategy="feature-extract", epochs=1, **TINY)
     code = ("import sys, visiontune as vt; preds, _ = vt.predict(sys.argv[1], sys.argv[2]); "
-            "print(len(preds)); print(' '.join(sorted(m for m in sys.modules if m.startswith('visiontune.'))))")
+            "print(len(preds)); print(' '.join(sorted(m for m in sys.modules if m.startswith('visiontune.') "
+            "or m in ('sklearn', 'scipy', 'iterstrat'))))")
     out = subprocess.run([sys.executable, "-c", code, run.run_dir, str(flat_data)], capture_output=True, text=True,
                          check=True).stdout.splitlines()
     loaded = set(out[1].split())
@@ -182,6 +183,7 @@ def test_a_prediction_never_loads_the_training_stack(flat_data: Path, tmp_path: 
                                                          "visiontune.analysis", "visiontune.api"))
                       and m != "visiontune.train.strategies")  # layer 2: the registry config reads
     assert training == []
+    assert not loaded & {"sklearn", "scipy", "iterstrat"}  # metrics and splitters: a second of start-up, unused
 
 
 def test_nothing_imports_the_package_root_or_the_cli() -> None:

@@ -12,16 +12,9 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
-from sklearn.model_selection import (
-    GroupKFold,
-    GroupShuffleSplit,
-    StratifiedGroupKFold,
-    StratifiedKFold,
-    train_test_split,
-)
 
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.labels import Label, task_of
@@ -29,6 +22,21 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import task_class
 
 log = logging.getLogger(__name__)
+
+def sk() -> Any:
+    """scikit-learn's model_selection, imported when data is first split: predict and serve
+    split nothing, and the import is a second of their start-up (issue 23)."""
+    import sklearn.model_selection
+
+    return sklearn.model_selection
+
+
+def ms() -> Any:
+    """iterative-stratification's multi-label splitters (imported when first used, as `sk`)."""
+    import iterstrat.ml_stratifiers
+
+    return iterstrat.ml_stratifiers
+
 
 MIN_PER_CLASS = 50  # a stratified sample keeps at least this many rows of each class (or all it has)
 
@@ -87,7 +95,7 @@ def stratified_split(labels: list[Label], valid_pct: float, seed: int, groups: l
             f"valid_pct={valid_pct} leaves no training image for some class among "
             f"{len(labels)} images and {len(counts)} classes; lower --valid-pct"
         )
-    _, valid = train_test_split(
+    _, valid = sk().train_test_split(
         list(range(len(labels))), test_size=n_valid, stratify=labels, random_state=seed
     )
     return sorted(valid)
@@ -100,7 +108,7 @@ def _group_split(labels: list[str], groups: list[str], valid_pct: float, seed: i
                         "into train and valid without putting parts of it in both; give more groups, or a valid/ "
                         "folder")
     k = min(n_groups, max(2, round(1 / valid_pct)))
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    splitter = sk().StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     _, valid = next(splitter.split(np.zeros(len(labels)), labels, groups))
     return sorted(valid.tolist())
 
@@ -113,9 +121,9 @@ def strata_of(labels: list[Label]) -> np.ndarray:
 def _multi_label_split(y: np.ndarray, valid_pct: float, seed: int, groups: list[str] | None) -> list[int]:
     x = np.zeros(len(y))
     if groups is not None:
-        _, valid = next(GroupShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed).split(x, groups=groups))
+        _, valid = next(sk().GroupShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed).split(x, groups=groups))
     else:
-        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed)
+        splitter = ms().MultilabelStratifiedShuffleSplit(n_splits=1, test_size=valid_pct, random_state=seed)
         _, valid = next(splitter.split(x, y))
     return sorted(valid.tolist())
 
@@ -137,11 +145,11 @@ def fold_splits(y: np.ndarray, groups: list[str] | None, folds: int, seed: int) 
     A class with fewer rows than folds is in some folds only (scikit-learn warns; silenced)."""
     x = np.zeros(len(y))
     if y.ndim == 2:
-        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if groups is None \
-            else GroupKFold(n_splits=folds)
+        splitter = ms().MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if groups is None \
+            else sk().GroupKFold(n_splits=folds)
         return [valid for _, valid in splitter.split(x, y, groups)]
-    stratified = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if groups is None \
-        else StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    stratified = sk().StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if groups is None \
+        else sk().StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         return [valid for _, valid in stratified.split(x, y, groups)]

@@ -12,14 +12,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    confusion_matrix,
-    f1_score,
-    hamming_loss,
-    precision_recall_fscore_support,
-)
+
+
+def sk_metrics() -> Any:
+    """scikit-learn's metrics, imported when a metric is first computed: predict and serve
+    compute none, and the import is a second of their start-up (issue 23)."""
+    import sklearn.metrics
+
+    return sklearn.metrics
+
 
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "error_rate": False, "val_loss": False, "train_loss": False}
 
@@ -34,7 +35,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
         return {"accuracy": float("nan"), "error_rate": float("nan"), "macro_f1": float("nan")}
     acc = float((y_true == y_pred).mean())
     scored = present_classes(y_true, num_classes) if labels is None else list(labels)
-    f1 = f1_score(y_true, y_pred, labels=scored, average="macro", zero_division=0) if scored else float("nan")
+    f1 = sk_metrics().f1_score(y_true, y_pred, labels=scored, average="macro", zero_division=0) if scored else float("nan")
     return {"accuracy": acc, "error_rate": 1.0 - acc, "macro_f1": float(f1)}
 
 
@@ -59,11 +60,11 @@ def absent_note(y_true: np.ndarray, classes: list[str]) -> str:
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: actual class; columns: predicted class."""
-    return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+    return sk_metrics().confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
 
 
 def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
-    p, r, f, s = precision_recall_fscore_support(
+    p, r, f, s = sk_metrics().precision_recall_fscore_support(
         y_true, y_pred, labels=list(range(len(classes))), zero_division=0
     )
     return [
@@ -85,14 +86,14 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray
     y = (np.asarray(y_true) > 0.5).astype(int)
     scored = present_classes(y, y.shape[1]) if labels is None else list(labels)
     ap = mean_average_precision(y, probs, scored)
-    macro = f1_score(y[:, scored], y_pred[:, scored], average="macro", zero_division=0) if scored else float("nan")
+    macro = sk_metrics().f1_score(y[:, scored], y_pred[:, scored], average="macro", zero_division=0) if scored else float("nan")
     return {
         "mAP": float(ap),
-        "micro_f1": float(f1_score(y, y_pred, average="micro", zero_division=0)),
+        "micro_f1": float(sk_metrics().f1_score(y, y_pred, average="micro", zero_division=0)),
         "macro_f1": float(macro),
-        "samples_f1": float(f1_score(y, y_pred, average="samples", zero_division=1)),
-        "subset_accuracy": float(accuracy_score(y, y_pred)),
-        "hamming_loss": float(hamming_loss(y, y_pred)),
+        "samples_f1": float(sk_metrics().f1_score(y, y_pred, average="samples", zero_division=1)),
+        "subset_accuracy": float(sk_metrics().accuracy_score(y, y_pred)),
+        "hamming_loss": float(sk_metrics().hamming_loss(y, y_pred)),
     }
 
 
@@ -102,16 +103,16 @@ def mean_average_precision(y_true: np.ndarray, probs: np.ndarray, labels: Sequen
     the package (metrics, cv, the advisor)."""
     y = (np.asarray(y_true) > 0.5).astype(int)
     scored = present_classes(y, y.shape[1]) if labels is None else list(labels)
-    return float(average_precision_score(y[:, scored], probs[:, scored], average="macro")) if scored else float("nan")
+    return float(sk_metrics().average_precision_score(y[:, scored], probs[:, scored], average="macro")) if scored else float("nan")
 
 
 def per_label_report(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, labels: list[str],
                      thresholds: np.ndarray) -> list[dict[str, Any]]:
     y = (np.asarray(y_true) > 0.5).astype(int)
-    p, r, f, s = precision_recall_fscore_support(y, y_pred, zero_division=0) if len(y) else ([0.0] * len(labels),) * 4
+    p, r, f, s = sk_metrics().precision_recall_fscore_support(y, y_pred, zero_division=0) if len(y) else ([0.0] * len(labels),) * 4
     rows = []
     for i, name in enumerate(labels):
-        ap = float(average_precision_score(y[:, i], probs[:, i])) if len(y) and y[:, i].any() else float("nan")
+        ap = float(sk_metrics().average_precision_score(y[:, i], probs[:, i])) if len(y) and y[:, i].any() else float("nan")
         rows.append({"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "ap": ap,
                      "threshold": float(thresholds[i]), "support": int(s[i])})
     return rows

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_curve
 from torch import nn
 
 from visiontune.data.labels import (
@@ -35,6 +34,7 @@ from visiontune.tasks.metrics import (
     format_table,
     multilabel_metrics,
     per_label_report,
+    sk_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class MultiLabel(Task):
         tuned = np.full(self.num_classes, self.threshold)
         for c in range(self.num_classes):
             if y[:, c].sum() >= MIN_POSITIVES:
-                precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
+                precision, recall, cuts = sk_metrics().precision_recall_curve(y[:, c], probs[:, c])
                 f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(1e-12, precision[:-1] + recall[:-1])
                 best = int(np.argmax(f1))
                 # midway to the next lower score: the same F1 here, and no image sits on the threshold

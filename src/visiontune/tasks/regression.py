@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from torch import nn
 
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.metrics import sk_metrics
 
 LOSSES = ("mse", "huber")
 STRATA_BINS = 10  # quantile bins of the target for stratified splits and folds
@@ -204,9 +203,12 @@ class Regression(Task):
         y, p = np.asarray(targets, dtype=float).reshape(-1), np.asarray(probs, dtype=float).reshape(-1)
         if len(y) == 0:
             return {k: float("nan") for k in ("mae", "rmse", "r2", "spearman")}
+        from scipy.stats import spearmanr  # with scikit-learn's metrics: only where metrics are computed
+
+        sk = sk_metrics()
         constant = len(y) < 2 or np.ptp(y) == 0 or np.ptp(p) == 0
-        return {"mae": float(mean_absolute_error(y, p)), "rmse": float(math.sqrt(mean_squared_error(y, p))),
-                "r2": float(r2_score(y, p)) if len(y) > 1 and np.ptp(y) > 0 else float("nan"),
+        return {"mae": float(sk.mean_absolute_error(y, p)), "rmse": float(math.sqrt(sk.mean_squared_error(y, p))),
+                "r2": float(sk.r2_score(y, p)) if len(y) > 1 and np.ptp(y) > 0 else float("nan"),
                 "spearman": float("nan") if constant else float(spearmanr(y, p).statistic)}
 
     def report(self, targets: np.ndarray, probs: np.ndarray) -> Report:
