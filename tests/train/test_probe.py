@@ -174,7 +174,8 @@ def test_an_unchanged_rerun_remembers_the_probe_and_a_changed_label_does_not(tmp
     from visiontune.bundle import load_bundle
 
     data = make_class_folders(tmp_path / "d", {"red": 12, "green": 12})
-    opts = dict(tiny, strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"))
+    opts = dict(tiny, strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"),
+                cache_dir=str(tmp_path / "cache"))  # its own cache: other tests fit the same images
     with caplog.at_level(logging.INFO, logger="visiontune.train.trainer"):
         first = vt.fit(data, **opts)
         assert "remembered" not in caplog.text
