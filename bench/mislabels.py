@@ -24,13 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from visiontune.analysis.mislabels import (
     _off_diagonal,
     flag_label_issues,
     flag_method,
-    oof_outputs,
 )
 from visiontune.config import ModelConfig
 from visiontune.data.sources import collect_images
@@ -40,7 +42,7 @@ from visiontune.runtime.device import resolve_device
 from visiontune.selection.cv import cross_validate
 from visiontune.tasks.single_label import SingleLabel
 from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import probe_estimator
+from visiontune.train.probe import oof_outputs
 
 
 def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str], seed: int = 0,
@@ -48,7 +50,8 @@ def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str
     """The reference: out-of-fold class probabilities of a scikit-learn logistic-regression
     probe (standardised features, C = 0.1, interpret's default before the converged probe)."""
     y = np.array([classes.index(lb) for lb in labels])
-    raw = cross_val_predict(probe_estimator(), features, y, cv=fold_pairs(y, fold_count(labels, folds), seed),
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    raw = cross_val_predict(probe, features, y, cv=fold_pairs(y, fold_count(labels, folds), seed),
                             method="predict_proba")
     probs = np.zeros((len(y), len(classes)))
     probs[:, sorted(set(y.tolist()))] = raw

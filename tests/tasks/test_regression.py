@@ -242,7 +242,7 @@ def test_advise_and_compare_measure_numbers(reg_data: Path, tmp_path: Path) -> N
     """The advisor scores the frozen features by cross-validated R^2 (ridge) against k-NN
     on pixels and the mean (0); compare ranks strategies by MAE."""
     advice = vt.advise(reg_data, csv="targets.csv", task="regression", epochs=3, **TINY)
-    assert "R^2" in advice.explanation and advice.chance == 0.0 and advice.probe_accuracy <= 1.0
+    assert "r2 (5-fold CV)" in advice.explanation and advice.chance == 0.0 and advice.probe_accuracy <= 1.0
     table, _ = vt.compare(reg_data, csv="targets.csv", task="regression", strategies=["feature-extract", "finetune"],
                         epochs=2, output=str(tmp_path), **TINY)
     assert [row.strategy for row in table] == ["feature-extract", "finetune"]

@@ -26,7 +26,6 @@ from visiontune.analysis.duplicates import DuplicatePair, find_duplicates
 from visiontune.analysis.mislabels import (
     Suspect,
     flag_method,
-    oof_outputs,
     rank_mislabels,
     rank_outliers,
     rank_residuals,
@@ -48,6 +47,7 @@ from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Decoded, Report
 from visiontune.train.features import cache_for, extract_features
+from visiontune.train.probe import oof_outputs
 from visiontune.train.tracking import log_artifact_to_run
 
 log = logging.getLogger(__name__)

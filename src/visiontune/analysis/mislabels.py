@@ -2,7 +2,7 @@
 
 Out-of-fold probabilities come from `visiontune cv` (oof.csv) when given, otherwise from the
 converged probe (train/probe.py: C chosen once by its cross-validation, then one fit per
-fold) on cached frozen features (`oof_outputs`; bench/mislabels.py: more precise than a
+fold) on cached frozen features (`train.probe.oof_outputs`; bench/mislabels.py: more precise than a
 fixed-C scikit-learn probe on hymenoptera and digits). Each image is ranked
 by self-confidence, p(given label) (lowest first). Which images are flagged is confident
 learning (Northcutt et al. 2021) as cleanlab implements it: `find_label_issues` with
@@ -19,14 +19,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from sklearn import config_context
 from sklearn.neighbors import NearestNeighbors
 
 from visiontune.data.labels import Label, class_index, indicator, is_multi, label_set
-from visiontune.data.splits import fold_splits
 from visiontune.tasks.base import Task
-from visiontune.train.probe import fit_probe
 
 
 @dataclass(frozen=True)
@@ -121,21 +118,6 @@ def _cleanlab_version() -> str | None:
         return importlib.metadata.version("cleanlab")
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def oof_outputs(features: np.ndarray, targets: np.ndarray, task: Task, seed: int = 0,
-                folds: int = 5) -> tuple[np.ndarray, float]:
-    """Out-of-fold outputs of the package's own probe (train/probe.py, the task's loss): C
-    chosen once by its cross-validation on every row, then one fit per fold (folds by
-    `task.strata`); and that C. Regression's "suspicious targets" rank images by these."""
-    first = fit_probe(features, targets, task, seed=seed)
-    out = np.zeros((len(targets), task.num_classes))
-    for held in fold_splits(task.strata(targets), None, min(folds, max(2, len(targets) // 2)), seed):
-        train = np.setdiff1d(np.arange(len(targets)), held)
-        fit = fit_probe(features[train], targets[train], task, seed=seed, c=first.c)
-        logits = torch.from_numpy(features[held].astype(np.float32) @ fit.weight.T + fit.bias)
-        out[held] = task.probabilities(logits).numpy()
-    return out, first.c
 
 
 def rank_residuals(paths: list[str], targets: np.ndarray, outputs: np.ndarray, task: Task,

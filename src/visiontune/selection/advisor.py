@@ -1,10 +1,13 @@
 """Which strategy fits this task? Measure, then decide, then say why with the numbers.
 
 Measured: images per class and imbalance; how well the pretrained features already
-separate the classes (a cross-validated logistic-regression probe on cached, frozen
-features) against a baseline that knows nothing of ImageNet (k-nearest neighbours on
-16x16 pixels) and chance. The probe's share of the possible gain over chance is the
-task similarity: near 1, the source features already solve the task.
+separate the classes: the converged probe (train/probe.py, the same probe as training's
+frozen phases), scored out of fold by the task's `score_metric` (accuracy, mAP, R^2) on
+cached, frozen features, against a baseline that knows nothing of ImageNet (k-nearest
+neighbours on 16x16 pixels, the same folds) and chance (`Task.chance`). The probe's share
+of the possible gain over chance is the task similarity: near 1, the source features
+already solve the task. Nothing here branches on the label shape: the task says how to
+score, what chance is and what its targets look like to the neighbours.
 """
 
 from __future__ import annotations
@@ -12,17 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import RidgeCV
-from sklearn.model_selection import cross_val_predict, cross_val_score
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+from sklearn.model_selection import cross_val_predict
+from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -30,16 +29,15 @@ from visiontune import display
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
-from visiontune.data.labels import REGRESSION, Label, class_index, indicator, is_multi, label_counts
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_pairs
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import prepare_model, resolve_device
 from visiontune.selection.costs import Costs, measure_costs
-from visiontune.tasks.metrics import mean_average_precision
-from visiontune.tasks.regression import Regression
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
 from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import probe_estimator
+from visiontune.train.probe import oof_outputs
 from visiontune.train.strategies import AUTO, get_strategy
 
 log = logging.getLogger(__name__)
@@ -122,13 +120,13 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
 
 def weigh_cost(strategy: str, reason: str, probe: float, costs: Costs | None) -> tuple[str, str]:
     """A fine-tuning recommendation becomes the converged probe (feature-extract) when the
-    advisor's scikit-learn probe (C = 0.1, the one still apart from train/probe.py) is already
+    converged probe's cross-validated score is already
     within PROBE_CEILING of a perfect score: fine-tuning cannot gain more than that, at the
     measured cost of every epoch."""
     if strategy == "feature-extract" or 1 - probe >= PROBE_CEILING:
         return strategy, reason
     cost = f" at ~{costs.epoch_seconds():.0f} s per epoch here" if costs else ""
-    return "feature-extract", (f"a linear probe on the frozen features already scores {probe:.3f} (cross-validated): "
+    return "feature-extract", (f"the converged probe already scores {probe:.3f} (cross-validated): "
                                f"fine-tuning{cost} could gain at "
                                f"most {100 * (1 - probe):.1f} points, so the probe (seconds) is the better buy")
 
@@ -141,16 +139,22 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
     model_cfg = cfg.model if cfg.model.weights != "none" else RunConfig().model
     feats = _frozen_features(cfg, model_cfg, source, [it.path for it in pool])
     folds = fold_count(labels, 5)
-    m = _measures(labels, source, folds, cfg.seed)
-    counts, chance, (what, unit, units) = m.counts, m.chance, m.words
-    probe = m.score(m.probe, feats)
-    baseline = m.score(m.baseline(min(5, max(1, len(labels) // (2 * folds)))), _pixels([it.path for it in pool]))
+    task = make_task(source.task, source.classes)
+    task.fit_labels(labels)
+    targets = task.encode(labels).numpy()
+    probe = _score(task, targets, oof_outputs(feats, targets, task, cfg.seed, folds)[0])
+    neighbours = min(5, max(1, len(labels) // (2 * folds)))
+    baseline = _score(task, targets, _knn_outputs(_pixels([it.path for it in pool]), task, targets, neighbours, folds,
+                                                  cfg.seed))
+    chance = task.chance(targets)
     similarity = (probe - chance) / max(1e-9, 1 - chance)
+    counts = np.array(list(task.counts(labels, source.classes).values()) or [len(labels)])  # numbers: all, one target
     median = float(statistics.median(counts[counts > 0]))
     strategy, reason = weigh_cost(*decide(median, similarity, probe, baseline), probe, costs)
+    (unit, units), what = task.units, task.score_metric
     explanation = (
         f"{len(pool)} images, {len(source.classes)} {units} (median {median:.0f} images per {unit}, largest/smallest "
-        f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). A linear probe on frozen {model_cfg.backbone} "
+        f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). The converged probe on frozen {model_cfg.backbone} "
         f"features scores {probe:.3f} {what} ({folds}-fold CV) against {baseline:.3f} for nearest neighbours on raw "
         f"pixels and {chance:.3f} for chance, i.e. {similarity:.0%} of the possible gain over chance. So "
         f"{strategy}: {reason} ({get_strategy(strategy).description})."
@@ -158,6 +162,21 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
     )
     return Advice(strategy, explanation, len(pool), len(source.classes), median,
                   float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity)
+
+
+def _score(task: Task, targets: np.ndarray, outputs: np.ndarray) -> float:
+    """The task's `score_metric` of out-of-fold outputs."""
+    return float(task.metrics(targets, outputs)[task.score_metric])
+
+
+def _knn_outputs(pixels: np.ndarray, task: Task, targets: np.ndarray, neighbours: int, folds: int,
+                 seed: int) -> np.ndarray:
+    """Out-of-fold outputs of k nearest neighbours on standardised pixels: the mean of the
+    neighbours' targets in output space (class votes, label votes, or numbers), with the
+    probe's folds."""
+    knn = make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=neighbours))
+    y = task.output_targets(targets)
+    return cross_val_predict(knn, pixels, y, cv=fold_pairs(task.strata(targets), folds, seed)).reshape(len(y), -1)
 
 
 def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource, paths: list[str]) -> np.ndarray:
@@ -170,55 +189,6 @@ def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource,
         feats, _ = extract_features(model.backbone, paths, pre, device, cache, batch, cfg.train.num_workers,
                                     cfg.train.channels_last)
     return feats.numpy()
-
-
-@dataclass
-class _Measures:
-    """How the advisor scores this task's labels: a cross-validated score of an estimator
-    on features, the probe and the pixel baseline to score, chance, images per class."""
-
-    score: Callable[[Any, np.ndarray], float]
-    probe: Any
-    baseline: Callable[[int], Any]  # neighbours -> a k-nearest-neighbours estimator
-    chance: float
-    counts: np.ndarray  # images per class (per label; numbers: all images, one target)
-    words: tuple[str, str, str]  # (the score, one class, classes)
-
-
-def _measures(labels: list[Label], source: DataSource, folds: int, seed: int) -> _Measures:
-    if source.task == REGRESSION:  # numbers: R^2 of ridge / k-NN regression; predicting the mean (chance) scores 0
-        y = np.asarray(labels, dtype=float)
-        splits = fold_pairs(Regression.strata(y), folds, seed)
-        probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
-        return _Measures(lambda est, x: float(cross_val_score(est, x, y, cv=splits, scoring="r2").mean()), probe,
-                         lambda k: make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=k)), 0.0,
-                         np.array([len(y)]), ("R^2", "target", "target"))
-    counts = np.array(list(label_counts(labels).values()))
-    multi = bool(labels) and is_multi(labels[0])
-    # chance: the majority class's accuracy; for label sets, a random ranking's AP = the label's prevalence
-    chance = float(counts.mean() / len(labels)) if multi else float(counts.max() / counts.sum())
-    return _Measures(_scorer(labels, source.classes, folds, seed), probe_estimator(),
-                     lambda k: make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k)), chance, counts,
-                     ("mAP", "label", "labels") if multi else ("accuracy", "class", "classes"))
-
-
-def _scorer(labels: list[Label], classes: list[str], folds: int, seed: int) -> Callable[[Any, np.ndarray], float]:
-    """estimator, features -> cross-validated accuracy (classes) or mAP (label sets)."""
-    if labels and is_multi(labels[0]):  # label sets score by mAP over one probe per label
-        y = indicator(labels, classes)
-        cv = fold_pairs(y, folds, seed)  # iterative stratification over the 0/1 matrix
-
-        def mean_ap(est: Any, x: np.ndarray) -> float:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                probs = cross_val_predict(OneVsRestClassifier(est), x, y, cv=cv, method="predict_proba")
-            return mean_average_precision(y, probs)
-
-        return mean_ap
-    index = class_index(classes)
-    target = np.array([index[lb] for lb in labels])
-    splits = fold_pairs(target, folds, seed)
-    return lambda est, x: float(cross_val_score(est, x, target, cv=splits).mean())
 
 
 def _pixels(paths: list[str], size: int = 16) -> np.ndarray:

@@ -26,8 +26,7 @@ from typing import Any
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
-from visiontune.data.labels import indicator
-from visiontune.data.splits import stratified_sample
+from visiontune.data.splits import strata_of, stratified_sample
 from visiontune.errors import ConfigError
 from visiontune.selection.advisor import advise_source
 from visiontune.selection.costs import Costs, measure_costs, uncached_images
@@ -39,7 +38,7 @@ SIZE_STEPS = (1.0, 0.75, 0.5)  # image sizes tried, as fractions of the backbone
 SAFETY = 0.97  # plan to end before the budget: estimates drift a little
 ADVISOR_SHARE = 0.25  # of the budget left after measuring, at most, for the advisor
 ADVISOR_PIXELS = 0.25  # the advisor's raw-pixel baseline reads every image: about this much of an extraction
-ADVISOR_FIT_SHARE = 6  # the advisor's probe (one C, 5 folds) costs about the probe's search over 6 C values / 6
+ADVISOR_FIT_FACTOR = 1.15  # the advisor's converged probe: the search and fit on every row, then 5 fold fits at its C
 MIN_ADVISOR_IMAGES = 200
 MIN_PROBE_IMAGES = 200  # fewer images' features in the time: the budget is too short
 RESERVE_MARGIN_S = 5.0  # besides the probe's fit, kept after feature extraction (validation, saving)
@@ -80,12 +79,12 @@ def advisor_sample(source: DataSource, costs: Costs, left_s: float, seed: int) -
     advisor (features of the uncached ones, then raw pixels of all for its baseline, about
     ADVISOR_PIXELS of an extraction) to take at most ADVISOR_SHARE of the time left."""
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
-    fit_per_image = costs.probe_fit_s / max(1, costs.train_images) / ADVISOR_FIT_SHARE  # its one-C 5-fold probe
+    fit_per_image = costs.probe_fit_s / max(1, costs.train_images) * ADVISOR_FIT_FACTOR  # its out-of-fold probe
     per_image = costs.extract_per_image * (costs.images_to_extract / max(1, len(pool)) + ADVISOR_PIXELS) + fit_per_image
     fits = int(ADVISOR_SHARE * max(0.0, left_s) / max(per_image, 1e-9))
     if fits >= len(pool):
         return source
-    rows = stratified_sample(indicator([it.label for it in pool], source.classes), max(MIN_ADVISOR_IMAGES, fits), seed)
+    rows = stratified_sample(strata_of([it.label for it in pool]), max(MIN_ADVISOR_IMAGES, fits), seed)
     chosen = pool if rows is None else [pool[i] for i in rows]
     log.info("time budget: the advisor looks at %d of %d images", len(chosen), len(pool))
     return replace(source, items=chosen)

@@ -129,6 +129,8 @@ class Task(ABC):
     mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)
     label_kind: ClassVar[str] = "class"  # what one output is called in summaries ("class", "label", "number")
     named_in_summary: ClassVar[bool] = False  # the data summary names the task (the default task is not named)
+    score_metric: ClassVar[str] = "accuracy"  # the advisor's score (higher is better, 1 perfect; chance below)
+    units: ClassVar[tuple[str, str]] = ("class", "classes")  # one output / many, in the advisor's words
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
 
     def __init__(self, classes: Sequence[str]) -> None:
@@ -222,6 +224,17 @@ class Task(ABC):
     def unknown_labels(self, labels: Sequence[Any]) -> list[str]:
         """Class (label) names among `labels` that this task's classes lack (sorted)."""
         return sorted(set(label_counts(labels)) - set(self.classes))
+
+    def chance(self, targets: np.ndarray) -> float:
+        """`score_metric` of a model that knows nothing of the images: the largest class's
+        share (it always predicts that class)."""
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=self.num_classes)
+        return float(counts.max() / max(1, counts.sum()))
+
+    def output_targets(self, targets: np.ndarray) -> np.ndarray:
+        """Targets in the outputs' space, one column per output (a one-hot row per class
+        index): what averaging neighbours' targets turns into outputs (the advisor's k-NN)."""
+        return np.eye(self.num_classes)[np.asarray(targets, dtype=np.int64)]
 
     def warm_start_names(self) -> list[str] | None:
         """Names to match against the pretrained classifier's classes (models/warmstart.py);

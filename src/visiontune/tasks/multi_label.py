@@ -70,6 +70,8 @@ class MultiLabel(Task):
 
     label_kind = "label"
     named_in_summary = True
+    score_metric = "mAP"
+    units = ("label", "labels")
     mixup_targets = "multi-hot"
 
     @classmethod
@@ -120,6 +122,15 @@ class MultiLabel(Task):
     @classmethod
     def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
         return [f"  {split}: {len(labels)} images", *multi_label_lines(labels, classes)]
+
+    def chance(self, targets: np.ndarray) -> float:
+        """A random ranking's AP is the label's prevalence: their mean."""
+        y = np.asarray(targets) > 0.5
+        present = y.any(axis=0)
+        return float(y[:, present].mean()) if present.any() else 0.0
+
+    def output_targets(self, targets: np.ndarray) -> np.ndarray:
+        return np.asarray(targets, dtype=float)
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
         return {**super().record(decoded), "probs": decoded.scores}

@@ -61,6 +61,8 @@ class Regression(Task):
                         "val_loss": False, "train_loss": False}
     label_kind = "number"
     named_in_summary = True
+    score_metric = "r2"
+    units = ("target", "target")
     mixup_targets = None
     confusable = False
 
@@ -260,6 +262,12 @@ class Regression(Task):
 
     def present_labels(self, targets: np.ndarray) -> list[int]:
         return [0]
+
+    def chance(self, targets: np.ndarray) -> float:
+        return 0.0  # predicting the mean: R^2 = 0
+
+    def output_targets(self, targets: np.ndarray) -> np.ndarray:
+        return np.asarray(targets, dtype=float).reshape(-1, 1)
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
         return {"prediction": decoded.value}

@@ -25,13 +25,9 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from visiontune.data.splits import fold_splits, stratified_sample
@@ -93,11 +89,19 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.L
     return ProbeFit(w.numpy(), (b - w @ mean).numpy(), c, folds)
 
 
-def probe_estimator() -> Any:
-    """The quick scikit-learn probe the advisor scores frozen features with (no C search):
-    standardised features, L2-regularised logistic regression with C = 0.1. The one probe
-    still apart from `fit_probe` (ARCHITECTURE.md, known debts)."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+def oof_outputs(features: np.ndarray, targets: np.ndarray, task: Task, seed: int = 0,
+                folds: int = 5) -> tuple[np.ndarray, float]:
+    """Out-of-fold outputs of the converged probe (the task's loss): C
+    chosen once by its cross-validation on every row, then one fit per fold (folds by
+    `task.strata`); and that C. Regression's "suspicious targets" rank images by these."""
+    first = fit_probe(features, targets, task, seed=seed)
+    out = np.zeros((len(targets), task.num_classes))
+    for held in fold_splits(task.strata(targets), None, min(folds, max(2, len(targets) // 2)), seed):
+        train = np.setdiff1d(np.arange(len(targets)), held)
+        fit = fit_probe(features[train], targets[train], task, seed=seed, c=first.c)
+        logits = torch.from_numpy(features[held].astype(np.float32) @ fit.weight.T + fit.bias)
+        out[held] = task.probabilities(logits).numpy()
+    return out, first.c
 
 
 def load_into(head: nn.Module, fit: ProbeFit) -> None:
