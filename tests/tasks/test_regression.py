@@ -315,3 +315,21 @@ def test_target_range_from_the_cli_survives_the_run_config(tmp_path: Path) -> No
     assert cfg.train.target_range == (0.0, 120.0) and cfg.train.loss == "huber"
     write_config(tmp_path, cfg)
     assert read_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("fmt,suffix", [("pt2", ".pt2"), ("torchscript", ".ts")])
+def test_pt2_and_torchscript_exports_output_real_units(reg_run: Any, reg_data: Path, tmp_path: Path, fmt: str,
+                                                        suffix: str) -> None:
+    from visiontune.deploy.export import export
+
+    assert export(reg_run.run_dir, fmt, tmp_path / f"model{suffix}").max_abs_diff < 1e-3
+    a, _ = vt.predict(reg_run.run_dir, reg_data / "images")
+    b, _ = vt.predict(str(tmp_path / f"model{suffix}"), reg_data / "images")
+    assert max(abs(p.value - q.value) for p, q in zip(a, b)) < 1e-3
+
+
+def test_show_batch_titles_the_numbers(reg_data: Path) -> None:
+    figure = vt.show_batch(reg_data, n=4, csv="targets.csv", task="regression", image_size=32)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    truth = {float(r["age"]) for r in csv.DictReader(open(reg_data / "targets.csv"))}
+    assert len(titles) == 4 and all(float(t) in truth for t in titles)
