@@ -236,6 +236,8 @@ def test_interpret_shows_residuals_and_suspicious_targets(reg_data: Path, tmp_pa
     res = vt.interpret(run.run_dir)
     assert {"residuals.png", "top_losses.png", "mislabels.csv", "report.html"} <= set(res.files)
     assert res.suspects[0].path.endswith(rows[5][0].split("/")[-1]) and res.suspects[0].flagged
+    page = Path(res.files["report.html"]).read_text()
+    assert "<td>images</td>" in page and "<td>age</td><td>0</td>" not in page  # a number has no class counts
 
 
 def test_advise_and_compare_measure_numbers(reg_data: Path, tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     res.mislabel_method = flag_method()
     res.duplicates, res.leaks = write_duplicates(ctx)
     write_curves(ctx)
-    write_report(ctx.out / "report.html", ctx.run, res, ctx.items, ctx.bundle.classes, report.rows, report.confused)
+    write_report(ctx.out / "report.html", ctx.run, res, ctx.items, ctx.bundle.task, report.rows, report.confused)
     log_artifact_to_run(ctx.run, ctx.out / "report.html")  # a run tracked with MLflow gets the report
     res.files = {p.name: str(p) for p in sorted(ctx.out.iterdir()) if p.is_file()}
     return res

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import base64
 import html
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.labels import label_set
 from visiontune.files import write_text
+from visiontune.tasks.base import Task
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -36,12 +35,13 @@ def _section(ident: str, title: str, body: str) -> str:
     return f'<section id="{ident}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
-def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, str]], classes: list[str],
+def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, str]], task: Task,
                  per_class: list[dict[str, Any]], confused: list[tuple[int, str, str]]) -> None:
     out = path.parent
-    counts = Counter((s, name) for _, lb, s in items for name in label_set(lb))
     splits = sorted({s for _, _, s in items})
-    data_rows = [[c, *[counts.get((s, c), 0) for s in splits]] for c in classes]
+    counts = {s: task.counts([lb for _, lb, split in items if split == s], task.classes) for s in splits}
+    data_rows = ([[c, *[counts[s][c] for s in splits]] for c in task.classes] if any(counts.values())  # per class
+                 else [["images", *[sum(split == s for _, _, split in items) for s in splits]]])  # a number: no classes
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "(no config.yaml)"
     flagged = [s for s in res.suspects if s.flagged]
     leak = (f'<p class="warn">{res.leaks} duplicate pairs cross splits: validation scores are optimistic.</p>'
