@@ -25,7 +25,7 @@ from visiontune.registry import Registry
 from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choices
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("onecycle", "cosine", "step", "constant")
+SCHEDULES = ("onecycle", "cosine", "step", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENT_PRESETS = ("none", "light", "medium", "heavy")  # data/transforms.py says what each adds
 
@@ -180,7 +180,9 @@ class TrainConfig:
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", ge=0.0, lt=1.0)
     weight_decay: float | None = option(None, "default: 0.01 adamw, 1e-4 sgd; never on biases/norms", ge=0.0)
-    schedule: str = option("onecycle", "LR schedule within each phase", choices=SCHEDULES)
+    schedule: str = option("onecycle", "LR schedule within each phase; wsd = warmup-stable-decay, whose decay "
+                                       "under --time-budget starts when the time left equals its length (the "
+                                       "budget's choice)", choices=SCHEDULES)
     pct_start: float = option(0.25, "onecycle warm-up fraction of each phase", ge=0.0, lt=1.0)
     step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)
     gamma: float = option(0.1, "step schedule: LR factor per drop", gt=0.0, le=1.0)
@@ -217,6 +219,9 @@ class TrainConfig:
     channels_last: bool = option(True, "keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
     precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
                             choices=PRECISIONS)
+    engine: str = option("auto", "what runs frozen forward passes (features of a frozen backbone) on the CPU: "
+                                 "auto = ONNX Runtime when installed (exported once per weights into the cache, "
+                                 "checked against PyTorch), torch, onnx", choices=("auto", "torch", "onnx"))
     time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
                                              "seconds): costs are measured, then strategy, image size and epochs "
                                              "planned, and the run stops on time with the best weights so far",

@@ -54,7 +54,7 @@ def _engine_of(run_dir: Path, engine: str, images: int) -> str:
     from visiontune.prediction import _predictor
 
     _, bundle, _ = _predictor(run_dir, "cpu", engine, images)
-    return "onnx" if type(bundle.model).__name__ == "_OnnxModule" else "torch"
+    return "onnx" if type(bundle.model).__name__ == "OnnxModule" else "torch"
 
 
 def test_predict_engine_onnx_exports_once_matches_torch_and_auto_reuses_only_a_current_export(

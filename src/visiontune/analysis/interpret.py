@@ -240,7 +240,9 @@ def _features(ctx: Context) -> np.ndarray:
     backbone = cfg.model.backbone if cfg else "model"
     cache = cache_for(backbone, ctx.bundle.model.backbone, ctx.bundle.preprocess, cfg.train.cache_dir if cfg else None)
     paths = [p for p, _, _ in ctx.items]
-    return extract_features(ctx.bundle.model.backbone, paths, ctx.bundle.preprocess, ctx.device, cache)[0].numpy()
+    return extract_features(ctx.bundle.model.backbone, paths, ctx.bundle.preprocess, ctx.device, cache,
+                            engine=cfg.train.engine if cfg else "auto",
+                            cache_dir=cfg.train.cache_dir if cfg else None)[0].numpy()
 
 
 def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:

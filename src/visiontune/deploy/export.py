@@ -27,15 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from visiontune.bundle import Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
-from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
 from visiontune.registry import Registry
+from visiontune.runtime.engine import check_engine, onnx_available, onnx_session, write_onnx
 from visiontune.tasks.catalog import make_task
 from visiontune.version import __version__
 
@@ -106,37 +106,7 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
-    try:
-        import onnx
-        import onnxscript  # noqa: F401 - the torch.export-based exporter needs it
-    except ImportError:
-        raise VisiontuneError("ONNX export needs onnx, onnxscript and onnxruntime: "
-                              "pip install 'visiontune[export]'") from None
-
-    def write(tmp: str) -> None:
-        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
-                                    dynamo=True, verbose=False)
-        program.save(tmp)  # weights inside the one file (small models) or beside it (> 2 GB)
-        proto = onnx.load(tmp)
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, tmp)
-
-    atomic_write(target, write)
-
-
-class _OnnxModule(nn.Module):
-    """Runs an ONNX Runtime session behind the nn.Module interface `run_eval` uses."""
-
-    def __init__(self, session: Any) -> None:
-        super().__init__()
-        self.session = session
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"image": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})[0]
-        return torch.from_numpy(out)
+    write_onnx(model, example, target, meta, opset)
 
 
 class _ProgramModule(nn.Module):
@@ -157,11 +127,11 @@ def load_exported(path: str | os.PathLike[str]) -> Bundle:
     if p.suffix == ".onnx":
         try:
             import onnx
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401 - onnx_session's
         except ImportError:
             raise VisiontuneError("running ONNX needs onnxruntime: pip install 'visiontune[export]'") from None
         meta = {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
-        model: nn.Module = _OnnxModule(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]))
+        model: nn.Module = onnx_session(p)
     elif p.suffix == ".pt2":
         extra = {"visiontune.json": ""}
         model = _ProgramModule(torch.export.load(str(p), extra_files=extra).module())
@@ -185,15 +155,6 @@ def load_exported(path: str | os.PathLike[str]) -> Bundle:
 # Below this many images `engine="auto"` does not export: the one-time export (~10 s for Lite0
 # with the torch.export-based exporter) saves ~10 ms per image at 224 px but ~0.6 ms at 64 px.
 ONNX_MIN_IMAGES = 2000
-ENGINES = ("auto", "torch", "onnx")
-
-
-def onnx_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-
-
 def current_onnx(weights: str | os.PathLike[str]) -> Path | None:
     """The ONNX export of the weights file `weights` (beside it: model.safetensors ->
     model.onnx) when it was exported from exactly these weights: the digest of the weights
@@ -220,9 +181,7 @@ def onnx_engine(run: str | os.PathLike[str], engine: str, images: int) -> Bundle
     an export that fails then falls back to PyTorch with a warning. bench/RESULTS.md has the
     measured speed of ONNX Runtime against eager PyTorch on this CPU.
     """
-    if engine not in ENGINES:
-        raise ConfigError(f"engine {engine!r} unknown; choose one of {', '.join(ENGINES)}")
-    if engine == "torch":
+    if check_engine(engine) == "torch":
         return None
     weights = model_file(run)  # the run's model.safetensors, or the weights file asked for
     existing = current_onnx(weights) if onnx_available() else None

@@ -187,7 +187,7 @@ def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource,
     batch = cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 64
     with torch.no_grad():
         feats, _ = extract_features(model.backbone, paths, pre, device, cache, batch, cfg.train.num_workers,
-                                    cfg.train.channels_last)
+                                    cfg.train.channels_last, engine=cfg.train.engine, cache_dir=cfg.train.cache_dir)
     return feats.numpy()
 
 

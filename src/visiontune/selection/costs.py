@@ -1,6 +1,7 @@
 """What training costs on this machine, measured: a few real steps, not a guess.
 
-`measure_costs` times the backbone's eval forward (feature extraction, decoding included)
+`measure_costs` times the backbone's eval forward (feature extraction, decoding included,
+on the engine that will extract: runtime/engine.py)
 and a full fine-tuning step (decode, augment, forward, backward, optimizer) on real batches
 of the data, the converged probe's fit on features of this width and number of classes
 (train/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
@@ -22,6 +23,7 @@ from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import to_device
+from visiontune.runtime.engine import frozen_engine
 from visiontune.train.features import FeatureCache, cache_for
 from visiontune.train.probe import estimate_seconds
 from visiontune.train.setup import RunSetup, prepare_run
@@ -79,11 +81,13 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
     step, _ = _seconds_per_image(setup.data.images().train, setup,
                                  lambda x, y: trainer.train_step(setup.model, x, y))
     backbone = setup.model.backbone
+    missing = _uncached(setup.data._cache(), source)
+    t = setup.cfg.train
+    engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, t.engine, t.cache_dir, missing)
     with torch.inference_mode():
         backbone.eval()
         extract, read = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
-                                           lambda x, y: backbone(x))
-    missing = _uncached(setup.data._cache(), source)
+                                           lambda x, y: engine(x))
     fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
                   setup.preprocess.input_size, fit, read)

@@ -38,6 +38,7 @@ from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
 from visiontune.files import cache_root, guarded, preallocate
 from visiontune.runtime.device import to_device
+from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.train.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
     h.update(backbone_name.encode())
     h.update(DECODE_VERSION.encode())
     h.update(repr(sorted(pre.to_dict().items())).encode())
-    for name, tensor in backbone.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    h.update(module_digest(backbone).encode())
     return h.hexdigest()
 
 
@@ -124,6 +123,8 @@ def extract_features(
     channels_last: bool = True,
     memmap_dir: str | os.PathLike[str] | None = None,
     deadline: float | None = None,
+    engine: str = "torch",
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, FeatureStats]:
     """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode.
 
@@ -132,7 +133,9 @@ def extract_features(
     pages the head reads are the kernel's to keep or drop. With `deadline`
     (time.perf_counter()) the images to compute are taken in a seeded random order and the
     work stops at the deadline: the rows not computed (a random sample of them) are in
-    `stats.left_out` and hold no features."""
+    `stats.left_out` and hold no features. `engine` (runtime/engine.py): what computes the
+    missing rows on the CPU, "torch", "onnx" or "auto" (ONNX Runtime when usable; exported
+    once per weights under `cache_dir`'s engines/); all rows cached: nothing is loaded."""
     started = time.perf_counter()
     n = len(paths)
     matrix: _Rows = _Rows(n, memmap_dir)
@@ -143,7 +146,8 @@ def extract_features(
     done = np.ones(n, dtype=bool)
     done[missing] = False
     writer = _CacheWriter(cache)
-    for j, row in _compute(backbone, [paths[i] for i in missing], pre, device, batch_size, num_workers,
+    model = frozen_engine(backbone, pre.input_size, device, engine, cache_dir, len(missing)) if missing else backbone
+    for j, row in _compute(model, [paths[i] for i in missing], pre, device, batch_size, num_workers,
                            channels_last, deadline):
         matrix.put(missing[j], row)
         done[missing[j]] = True
@@ -154,7 +158,8 @@ def extract_features(
         raise DataError(f"{len(left_out)} of {n} images yielded no features (e.g. {paths[left_out[0]]}): their "
                         "shards do not hold what the index lists; write the shards again with `visiontune shard`")
     stats = FeatureStats(n - len(missing), len(missing) - len(left_out), time.perf_counter() - started, left_out)
-    log.info("features: %d cached, %d computed (%.1fs)", stats.hits, stats.misses, stats.seconds)
+    log.info("features: %d cached, %d computed%s (%.1fs)", stats.hits, stats.misses,
+             (" by ONNX Runtime" if model is not backbone else " by PyTorch") if missing else "", stats.seconds)
     return matrix.tensor(), stats
 
 

@@ -132,7 +132,8 @@ class RunData:
         paths, targets = self._paths_targets(items)
         if all(self.uses_features(i) for i in range(len(self.plan.phases))):
             feats, _ = extract_features(self.model.backbone, paths, self.preprocess, self.device, self._cache(),
-                                        t.batch_size, t.num_workers, t.channels_last)
+                                        t.batch_size, t.num_workers, t.channels_last, engine=t.engine,
+                                        cache_dir=t.cache_dir)
             return DataLoader(FeatureDataset(feats, targets), batch_size=t.batch_size, collate_fn=_as_batch), True
         return make_loader(eval_dataset(paths, targets, self.preprocess), t.batch_size, t.num_workers,
                            self.device), False
@@ -267,12 +268,12 @@ class RunData:
         if cache is not None and shared and self.env.parallel:  # this process's share first, then all from the cache
             _, stats = extract_features(self.model.backbone, [paths[i] for i in self._part(paths)], self.preprocess,
                                         self.device, cache, t.batch_size, t.num_workers, t.channels_last,
-                                        deadline=deadline)
+                                        deadline=deadline, engine=t.engine, cache_dir=t.cache_dir)
             self.feature_stats.append(stats)
             barrier(self.env)
         feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache, t.batch_size,
                                         t.num_workers, t.channels_last, memmap_dir=cache.dir if cache else None,
-                                        deadline=deadline)
+                                        deadline=deadline, engine=t.engine, cache_dir=t.cache_dir)
         self.feature_stats.append(stats)
         kept = list(range(len(paths)))
         if stats.left_out:

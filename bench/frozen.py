@@ -1,0 +1,112 @@
+"""The frozen path (features + converged probe) cold and warm, by engine (issue 23).
+
+    python bench/frozen.py WORK [--images 1000] [--image-size 224] [--repeats 1]
+
+N photo-like 400x300 JPEGs (bench/speed.py's, two classes), `feature-extract` at the
+backbone's 224 px, each run a fresh process (`visiontune -q train`), timed whole:
+0. with `--before SRC`: the package of an older source tree, cold caches (the reference);
+1. `--engine torch`, cold caches: the frozen path without ONNX Runtime;
+2. `--engine auto`, cold caches and no export yet: ONNX Runtime, the backbone exported on
+   the way (once per weights, into the cache);
+3. `--engine auto`, cold feature cache, the export already there (what every later data
+   set with this backbone pays);
+4. an unchanged re-run of 3 (features and probe remembered).
+Also the backbone's own speed on the same tensors: eager vs the ONNX Runtime session
+(batch 64, after a warm-up), and the export's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import make_jpegs  # noqa: E402
+
+
+def run(data: Path, out: Path, cache: Path, engine: str | None, size: int, src: str | None = None) -> float:
+    """Seconds of one `visiontune -q train` (`engine` None: the flag left out; `src`: the
+    package from that source tree, e.g. a worktree of an older commit)."""
+    env = {**os.environ, "VISIONTUNE_CACHE": str(cache), "VISIONTUNE_OFFLINE": "1",
+           **({"PYTHONPATH": src} if src else {})}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "visiontune", "-q", "train", str(data), "--strategy", "feature-extract",
+                    "--image-size", str(size), *(["--engine", engine] if engine else []), "--output", str(out),
+                    "--valid-pct", "0.2"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def engine_speed(size: int, cache: Path) -> tuple[float, float, float]:
+    """(eager img/s, ONNX Runtime img/s, export seconds) of Lite0's backbone."""
+    import torch
+
+    from visiontune.config import ModelConfig
+    from visiontune.models.classifier import create_classifier
+    from visiontune.runtime.engine import frozen_engine
+
+    model, _ = create_classifier(ModelConfig(), 2)
+    backbone = model.backbone.eval().to(memory_format=torch.channels_last)
+    started = time.perf_counter()
+    session = frozen_engine(backbone, size, torch.device("cpu"), "onnx", cache)
+    export_s = time.perf_counter() - started
+    x = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
+    rates = []
+    with torch.inference_mode():
+        for net in (backbone, session):
+            net(x)
+            started = time.perf_counter()
+            for _ in range(3):
+                net(x)
+            rates.append(3 * 64 / (time.perf_counter() - started))
+    return rates[0], rates[1], export_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--before", help="also time a cold run of the package in this source tree (an older commit's "
+                                     "src/, e.g. from `git worktree add`): the reference the ratios divide")
+    a = ap.parse_args()
+    data = a.work / "data"
+    if not data.is_dir():
+        make_jpegs(data, a.images)
+    size = a.image_size
+    print(f"{a.images} JPEGs of 400x300, feature-extract at {size} px, {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    rows = []
+    if a.before:
+        shutil.rmtree(a.work / "cache-before", ignore_errors=True)
+        rows.append(("before (older source), cold", run(data, a.work / "runs", a.work / "cache-before", None, size,
+                                                        a.before)))
+        print(f"  {rows[-1][0]:40s} {rows[-1][1]:7.1f} s", flush=True)
+    for name, engine, keep_export in (("torch, cold", "torch", False), ("auto, cold, export on the way", "auto", False),
+                                      ("auto, cold features, export cached", "auto", True)):
+        cache = a.work / "cache"
+        if keep_export and (cache / "engines").is_dir():
+            shutil.move(str(cache / "engines"), str(a.work / "engines.keep"))
+        shutil.rmtree(cache, ignore_errors=True)
+        if keep_export:
+            cache.mkdir()
+            shutil.move(str(a.work / "engines.keep"), str(cache / "engines"))
+        rows.append((name, run(data, a.work / "runs", cache, engine, size)))
+        print(f"  {name:40s} {rows[-1][1]:7.1f} s", flush=True)
+    rows.append(("unchanged re-run", run(data, a.work / "runs", a.work / "cache", "auto", size)))
+    print(f"  {'unchanged re-run':40s} {rows[-1][1]:7.1f} s", flush=True)
+    eager, ort, export_s = engine_speed(size, a.work / "engine-speed")
+    base = rows[0][1]
+    print(f"\n| run | seconds | {rows[0][0]} / this |\n|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.1f} | {base / seconds:.2f}x |")
+    print(f"\nbackbone alone, batch 64: eager {eager:.1f} img/s, ONNX Runtime {ort:.1f} img/s ({ort / eager:.2f}x); "
+          f"export + check {export_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""What runs a frozen forward pass on the CPU: PyTorch eager, or ONNX Runtime.
+
+ONNX Runtime runs the same Lite0 at 224 px about 2.8x faster than eager PyTorch on this
+machine's CPU (bench/RESULTS.md, "predict at raw speed"), so every pass whose weights do not
+change (frozen features for feature-extract, gradual's head phase, the advisor, interpret;
+and predict/evaluate through deploy/export.py) can run there.
+
+- `ENGINES`: "auto" (ONNX Runtime on the CPU when onnx + onnxruntime are installed and the
+  export works), "torch", "onnx" (insist; an error when it cannot).
+- `write_onnx`: the one ONNX writer (PyTorch's torch.export-based exporter, dynamic batch,
+  metadata inside); deploy/export.py writes whole models with it.
+- `frozen_engine`: the backbone as an ONNX Runtime session, exported once per weights
+  digest and input size into `<cache>/engines/` (never into the user's run folder) and
+  checked against eager on every load: a session whose outputs differ by more than
+  FEATURE_TOLERANCE is not used (PyTorch runs, with a warning). So the feature cache does
+  not name the engine: what either engine computes is the same features within that
+  tolerance (tests/runtime/test_engine.py).
+- On a GPU PyTorch stays (bf16, channels_last): `frozen_engine` returns the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.files import atomic_write, cache_root, guarded
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnx")
+FEATURE_TOLERANCE = 1e-3  # max |eager - ONNX Runtime| over a check batch, relative to the features' largest value
+ONNX_OPSET = 18
+EXPORT_PAYS_AT = 600  # images (counted at 224 px, by pixels) from which "auto" exports: see below
+_REFUSED: dict[str, str] = {}  # engines that failed in this process (key -> why): not tried again
+
+
+def onnx_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r} unknown; choose one of {', '.join(ENGINES)}")
+    return engine
+
+
+def module_digest(module: nn.Module) -> str:
+    """The digest of every tensor of `module` (parameters and buffers) and their names."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_onnx(model: nn.Module, example: torch.Tensor, target: str | os.PathLike[str], meta: dict[str, str],
+               opset: int = ONNX_OPSET, output_name: str = "logits") -> None:
+    """`model` as ONNX at `target` (written atomically): input "image" with a dynamic
+    batch, output `output_name`, `meta` in the file's metadata_props."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 - the torch.export-based exporter needs it
+    except ImportError:
+        raise VisiontuneError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                              "pip install 'visiontune[export]'") from None
+
+    def write(tmp: str) -> None:
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=[output_name],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                                    dynamo=True, verbose=False)
+        program.save(tmp)  # weights inside the one file (small models) or beside it (> 2 GB)
+        proto = onnx.load(tmp)
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, tmp)
+
+    atomic_write(target, write)
+
+
+class OnnxModule(nn.Module):
+    """An ONNX Runtime session behind the nn.Module interface of a forward pass."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.input = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
+        return torch.from_numpy(out[0])
+
+
+def onnx_session(path: str | os.PathLike[str]) -> OnnxModule:
+    """An ONNX Runtime session of the file on the CPU, with PyTorch's thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return OnnxModule(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+
+
+def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, engine: str = "auto",
+                  cache_dir: str | os.PathLike[str] | None = None, images: int | None = None) -> nn.Module:
+    """What computes `backbone(x)` for x of (N, 3, image_size, image_size) in eval mode:
+    `backbone` itself, or its ONNX Runtime session (see the module docstring). "auto" with
+    `images` (how many it will see): an export made earlier is always used; a new one only
+    when the images are enough to pay for it (EXPORT_PAYS_AT, in 224 px images)."""
+    check_engine(engine)
+    if engine == "torch" or device.type != "cpu":
+        if engine == "onnx" and device.type != "cpu":
+            raise ConfigError(f"engine 'onnx' runs on the CPU only; use --device cpu or --engine torch "
+                              f"(device: {device})")
+        return backbone
+    if not onnx_available():
+        if engine == "onnx":
+            raise VisiontuneError("engine 'onnx' needs onnx, onnxscript and onnxruntime: "
+                                  "pip install 'visiontune[export]'")
+        return backbone
+    key = f"{module_digest(backbone)}-{image_size}"
+    target = cache_root(cache_dir) / "engines" / f"{key}.onnx"
+    if engine == "auto" and images is not None and images * (image_size / 224) ** 2 < EXPORT_PAYS_AT \
+            and not target.is_file():
+        return backbone
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        if key in _REFUSED:
+            raise VisiontuneError(_REFUSED[key])
+        return _checked_session(backbone, image_size, key, target)
+    except Exception as exc:  # noqa: BLE001 - any failure of the exporter or the runtime: PyTorch runs
+        _REFUSED[key] = str(exc)
+        if engine == "onnx":
+            raise VisiontuneError(f"ONNX Runtime cannot run this backbone: {exc}") from exc
+        log.warning("frozen forward passes run in PyTorch: ONNX Runtime is not usable for this backbone (%s)", exc)
+        return backbone
+    finally:
+        backbone.train(was_training)
+
+
+def _checked_session(backbone: nn.Module, image_size: int, key: str, target: Path) -> nn.Module:
+    """The session of the export at `target` (exported now if missing), checked against eager."""
+    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    if not target.is_file():
+        with torch.inference_mode(False), torch.no_grad():
+            stored = guarded("the engine cache", lambda: write_onnx(backbone, example, target, {"digest": key},
+                                                                  output_name="features") or True, False)
+        if not stored:  # a cache that cannot be written: export beside the process, used once
+            import tempfile
+
+            target = Path(tempfile.mkdtemp(prefix="visiontune-engine-")) / f"{key}.onnx"
+            write_onnx(backbone, example, target, {"digest": key}, output_name="features")
+        log.info("frozen forward passes: backbone exported to ONNX once for these weights (%s)", target)
+    session = onnx_session(target)
+    with torch.inference_mode():
+        eager = backbone(example).float()
+        ours = session(example).float()
+    diff = float((eager - ours).abs().max()) / max(1.0, float(eager.abs().max()))
+    if ours.shape != eager.shape or not diff <= FEATURE_TOLERANCE:
+        raise VisiontuneError(f"its outputs differ from PyTorch's by {diff:.2e} (> {FEATURE_TOLERANCE})")
+    return session
