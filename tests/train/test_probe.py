@@ -152,6 +152,16 @@ def test_a_singleton_class_or_a_rare_label_set_does_not_switch_the_search_off() 
     assert fit_probe(features, labels, multi(labels)).folds == 5
 
 
+def test_a_few_images_per_class_fit_with_as_many_folds_as_the_classes_allow() -> None:
+    """Ten classes of 2 and 3 images (the few-shot end: a label budget of a few per class):
+    scikit-learn refuses 5 stratified folds when no class has 5 rows; the search uses 3."""
+    x, y = _blobs(10, n=30, dim=16)
+    fit = fit_probe(x, y, single(y))
+    assert fit.folds == 3 and np.mean((x @ fit.weight.T + fit.bias).argmax(1) == y) > 0.9
+    x2, y2 = _blobs(10, n=20, dim=16)
+    assert fit_probe(x2, y2, single(y2)).folds == 2
+
+
 def test_feature_phases_give_the_probe_the_runs_groups(tmp_path: Path, tiny: dict) -> None:
     from visiontune.config import RunConfig
     from visiontune.data.sources import load_items

@@ -138,6 +138,14 @@ def fold_indices(items: list[Item], folds: int, seed: int) -> Iterator[np.ndarra
     yield from fold_splits(y, groups, folds, seed)
 
 
+def most_folds(y: np.ndarray) -> int:
+    """The most folds `fold_splits` can make of strata `y`: a class per row needs its
+    largest class to reach every fold (scikit-learn refuses more folds than that); label
+    sets and bins are limited by the rows alone."""
+    y = np.asarray(y)
+    return int(np.bincount(y.astype(np.int64)).max()) if y.ndim == 1 and len(y) else len(y)
+
+
 def fold_splits(y: np.ndarray, groups: list[str] | None, folds: int, seed: int) -> list[np.ndarray]:
     """The validation indices of `folds` folds over rows stratified by `y`: one class per row
     (StratifiedKFold, StratifiedGroupKFold with `groups`), or a 0/1 matrix of label sets

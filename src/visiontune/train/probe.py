@@ -10,8 +10,12 @@ warm-started from ImageNet (models/warmstart.py), towards zero elsewhere (plain 
 warm start is a prior the data can move, not something the fit throws away. Features are
 centred and scaled by one global RMS (per-feature scaling would give near-constant
 features huge weights, which explode once fine-tuning moves them). The strength follows
-scikit-learn's C: penalty = ||W - W0||^2 / (2 C N), C chosen from C_GRID by k-fold
-cross-validation on the training features (held-out task loss), the folds made by the one
+scikit-learn's C: penalty = ||W - W0||^2 / (2 C N), C chosen by k-fold cross-validation
+on the training features: the decade grid C_GRID (moved out while the best is on its edge),
+then refined to a quarter decade around the best, each fold's fit warm-started along the
+path; picked as the lowest held-out loss among the C values whose held-out score
+(accuracy, mAP, R^2) is within one standard error of the best (the score decides where it
+differs beyond noise; bench/probe_c.py and bench/RESULTS.md). The folds are made by the one
 stratifier of the package (data/splits.py over `Task.strata`: by class, iterative
 stratification for label sets, target quantile bins for numbers, the run's groups kept whole so images of one patient or recording never
 sit on both sides). Above SEARCH_ROWS / FIT_ROWS images the search and the fit look at a
@@ -30,13 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.splits import fold_splits, stratified_sample
+from visiontune.data.splits import fold_splits, most_folds, stratified_sample
 from visiontune.tasks.base import Task, TaskLoss
 
 log = logging.getLogger(__name__)
 
 C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)  # inverse penalty strength, as scikit-learn's C
 SEARCH_ORDER = (1e-2, 0.1, 1e-3, 1.0, 1e-4, 10.0)  # the grid from the middle out (a cut-short search)
+C_LIMITS = (1e-6, 1e3)  # how far the search goes past the grid while the best sits on its edge
+REFINE = 2  # halvings of the step in log C around the best decade: half, then a quarter of a decade
+CRITERION = "metric-1se"  # what picks C: "loss", "metric" or "metric-1se" (_CSearch.best_c)
 DEFAULT_C = 1.0  # too few images to cross-validate: scikit-learn's default
 CV_FOLDS = 5
 MIN_SEARCH_ROWS = 10  # fewer images: no search
@@ -172,36 +179,125 @@ def _final_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Ten
 
 def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, criterion: TaskLoss,
               task: Task, seed: int, groups: list[str] | None, deadline: float | None = None) -> _Search:
-    """The C of the grid with the best held-out task loss (unweighted) over CV_FOLDS folds (data/splits.py:
-    stratified, groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C
-    when there are too few images or groups to fold. The grid is tried from its middle out
-    (SEARCH_ORDER), so a search that the deadline stops early has tried the likeliest (no
-    time at all: the middle of the grid)."""
+    """The C with the best held-out score over CV_FOLDS folds (data/splits.py: stratified,
+    groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C when there
+    are too few images or groups to fold. The score is CRITERION's: "loss", the held-out
+    task loss (unweighted), or "metric", the task's `score_metric` on the out-of-fold
+    outputs with ties broken by the loss. First the decade grid C_GRID, from its middle
+    out (SEARCH_ORDER: a search the deadline stops early has tried the likeliest), moved
+    out by a decade while the best sits on its edge (down to C_LIMITS); then REFINE
+    halvings of the step in log C around the best (half a decade, then a quarter). Each
+    fold's fit starts from that fold's fit at the nearest C already tried (the path
+    warm-started, as glmnet and scikit-learn's LogisticRegressionCV do)."""
     rows = stratified_sample(task.strata(y.numpy()), SEARCH_ROWS, seed)
     xs, ys = (x[rows], y[rows]) if rows is not None else (x, y)
     if groups is not None and rows is not None:
         groups = [groups[i] for i in rows]
-    folds = min(CV_FOLDS, len(ys) // 2, len(set(groups)) if groups is not None else len(ys))
+    strata = task.strata(ys.numpy())
+    folds = min(CV_FOLDS, len(ys) // 2, most_folds(strata), len(set(groups)) if groups is not None else len(ys))
     if len(ys) < MIN_SEARCH_ROWS or folds < 2:
         return _Search(DEFAULT_C, 0)
-    held_out = fold_splits(task.strata(ys.numpy()), groups, folds, seed)
-    plain = task.loss()
-    scores: dict[float, float] = {}
-    best = _Search(SEARCH_ORDER[0], folds)
-    started = time.perf_counter()
+    search = _CSearch(xs, ys, w0, b0, criterion, task, fold_splits(strata, groups, folds, seed),
+                      deadline, len(y) / len(ys))
     for c in SEARCH_ORDER:
-        if _search_overruns(deadline, started, len(scores), folds, len(y) / len(ys)):
-            log.warning("time budget: the C search stops after %d of %d values", len(scores), len(C_GRID))
+        if not search.trial(c):
+            return search.result()
+    lowest, highest = C_LIMITS
+    while search.scores:  # the best on the grid's edge: the optimum may lie beyond it
+        best = search.best_c()
+        edge = best / 10 if best == min(search.scores) and best / 10 >= lowest else \
+            best * 10 if best == max(search.scores) and best * 10 <= highest else None
+        if edge is None or edge in search.scores:
             break
-        total, fit = 0.0, None
-        for test in held_out:  # each fit stops at the deadline too
-            train = np.setdiff1d(np.arange(len(ys)), test)
-            fit = _lbfgs(xs[train], ys[train], w0, b0, c, criterion, deadline)
-            total += float(plain(xs[test] @ fit[0].T + fit[1], ys[test])) * len(test)
-        if not scores or total < min(scores.values()):
-            best = _Search(c, folds, fit)
-        scores[c] = total
-    return best
+        if not search.trial(edge):
+            return search.result()
+    step = 1.0
+    for _ in range(REFINE):
+        step /= 2
+        best = search.best_c()
+        for c in (best * 10 ** -step, best * 10 ** step):
+            if lowest <= c <= highest and not search.trial(c):
+                return search.result()
+    return search.result()
+
+
+class _CSearch:
+    """Scores of C values by cross-validation, each fold's fit warm-started along the path."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, criterion: TaskLoss,
+                 task: Task, held_out: list[np.ndarray], deadline: float | None, rows_ratio: float) -> None:
+        self.x, self.y, self.w0, self.b0, self.criterion, self.task = x, y, w0, b0, criterion, task
+        self.held_out = held_out
+        self.train = [np.setdiff1d(np.arange(len(y)), test) for test in held_out]
+        self.deadline, self.rows_ratio = deadline, rows_ratio
+        self.plain = task.loss()
+        self.scores: dict[float, tuple[float, float, float]] = {}  # C -> held-out (loss, score_metric, its SE)
+        self.fits: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.started = time.perf_counter()
+        self.stopped = False
+
+    def trial(self, c: float) -> bool:
+        """Score `c` (once); False when the deadline stops the search before it."""
+        c = float(f"{c:.6g}")
+        if c in self.scores:
+            return True
+        if _search_overruns(self.deadline, self.started, len(self.scores), len(self.held_out), self.rows_ratio):
+            log.warning("time budget: the C search stops after %d values", len(self.scores))
+            self.stopped = True
+            return False
+        near = min(self.fits, key=lambda d: abs(math.log(d / c))) if self.fits else None
+        total, fits = 0.0, []
+        outputs = np.zeros((len(self.y), self.task.num_classes))
+        for k, (train, test) in enumerate(zip(self.train, self.held_out)):  # each fit stops at the deadline too
+            fit = _lbfgs(self.x[train], self.y[train], self.w0, self.b0, c, self.criterion, self.deadline,
+                         self.fits[near][k] if near is not None else None)
+            logits = self.x[test] @ fit[0].T + fit[1]
+            total += float(self.plain(logits, self.y[test])) * len(test)
+            outputs[test] = self.task.probabilities(logits).numpy()
+            fits.append(fit)
+        y = self.y.numpy()
+        name = self.task.score_metric
+        metric = self.task.metrics(y, outputs).get(name, float("nan"))
+        per_fold = [self.task.metrics(y[test], outputs[test]).get(name, float("nan")) for test in self.held_out]
+        per_fold = [m for m in per_fold if m == m]
+        se = float(np.std(per_fold, ddof=1) / math.sqrt(len(per_fold))) if len(per_fold) > 1 else 0.0
+        self.scores[c], self.fits[c] = (total / len(self.y), float(metric), se), fits
+        return True
+
+    def best_c(self) -> float:
+        """By CRITERION: "loss", the lowest held-out loss; "metric", the best score (ties:
+        the loss); "metric-1se", the lowest loss among the C values whose score is within one
+        standard error (over the folds) of the best score: the score decides where its
+        differences are larger than its noise, the loss (a proper scoring rule, smooth where
+        accuracy is a staircase) decides among the rest. On data without signal the score
+        differs by noise only, and the loss keeps the strong penalty it calls for."""
+        def score(c: float) -> float:
+            value = self.scores[c][1]
+            return value if value == value else -math.inf
+
+        def loss(c: float) -> float:
+            return self.scores[c][0]
+
+        if CRITERION == "loss":
+            return min(self.scores, key=lambda c: (loss(c), -score(c)))
+        best = max(self.scores, key=lambda c: (score(c), -loss(c)))
+        if CRITERION == "metric":
+            return best
+        near = [c for c in self.scores if score(c) >= score(best) - self.scores[best][2]]
+        return min(near, key=loss)
+
+    def result(self) -> _Search:
+        if not self.scores:
+            return _Search(SEARCH_ORDER[0], len(self.held_out))
+        c = self.best_c()
+        ranked = sorted(self.scores.items())
+        how = {"loss": "the lowest held-out loss", "metric": f"the best held-out {self.task.score_metric}",
+               "metric-1se": f"the lowest held-out loss within one standard error of the best "
+                             f"{self.task.score_metric}"}[CRITERION]
+        log.info("converged probe: C = %g by %d-fold CV (%s%s); held-out loss / %s (+-SE) by C: %s", c,
+                 len(self.held_out), how, ", stopped by the deadline" if self.stopped else "",
+                 self.task.score_metric, ", ".join(f"{k:g}: {v[0]:.4f}/{v[1]:.4f}+-{v[2]:.4f}" for k, v in ranked))
+        return _Search(c, len(self.held_out), self.fits[c][-1])
 
 
 def _search_overruns(deadline: float | None, started: float, done: int, folds: int, rows_ratio: float) -> bool:
@@ -233,8 +329,9 @@ def estimate_seconds(rows: int, dim: int, classes: int) -> float:
     fixed = max(0.0, times[0] - per_row * sizes[0])
     search = min(rows, SEARCH_ROWS)
     folds = min(CV_FOLDS, search // 2) if search >= MIN_SEARCH_ROWS else 0
-    fits = len(C_GRID) * folds + 1
-    rows_fitted = len(C_GRID) * (folds - 1) * search + min(rows, FIT_ROWS) if folds else min(rows, FIT_ROWS)
+    values = len(C_GRID) + 2 * REFINE  # C values the search tries (more only when the best is on the grid's edge)
+    fits = values * folds + 1
+    rows_fitted = values * (folds - 1) * search + min(rows, FIT_ROWS) if folds else min(rows, FIT_ROWS)
     return EVALS_PER_FIT * (fits * fixed + max(per_row, 0.0) * rows_fitted)
 
 

@@ -28,7 +28,7 @@ from visiontune.train.probe import ProbeFit
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the probe's maths changes: old entries are then never read
+VERSION = 2  # bump when the probe's maths changes: old entries are then never read
 
 
 def probe_key(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.Linear | None,
@@ -42,7 +42,7 @@ def probe_key(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.L
     for tensor in ((start.weight, start.bias) if start is not None else ()) + ((weights,) if weights is not None else ()):
         h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps([VERSION, task.name, task.classes, task.metadata(), seed, groups, probe.C_GRID,
-                         probe.MAX_ITER, probe.CV_FOLDS, probe.SEARCH_ROWS, probe.FIT_ROWS, start is not None,
+                         probe.C_LIMITS, probe.REFINE, probe.CRITERION, probe.MAX_ITER, probe.CV_FOLDS, probe.SEARCH_ROWS, probe.FIT_ROWS, start is not None,
                          weights is not None], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
