@@ -14,7 +14,7 @@ from visiontune.bundle import LAST_CHECKPOINT, load_bundle, load_checkpoint, rea
 from visiontune.config import RunConfig
 from visiontune.data.items import DataSource, LabelFunc
 from visiontune.data.sources import load_items, resolve_inputs
-from visiontune.errors import VisiontuneError
+from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import write_json
 from visiontune.models.classifier import create_classifier
 from visiontune.prediction import (  # noqa: F401 - evaluate and predict live there (no training stack); re-exported
@@ -25,6 +25,7 @@ from visiontune.prediction import (  # noqa: F401 - evaluate and predict live th
     predict,
     predict_stream,
 )
+from visiontune.runtime import distributed
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.selection.budget import BudgetPlan, plan_budget
 from visiontune.train.callbacks import Callback
@@ -65,6 +66,9 @@ def fit(
 
 def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] | None, started: float) -> FitResult:
     """--time-budget: measure, plan, train with a deadline (selection/budget.py)."""
+    if distributed.from_env().parallel:  # each process would judge its own clock: their steps could part ways
+        raise ConfigError("--time-budget plans for one process; under torchrun with several processes leave it "
+                          "out and set --epochs")
     budget = float(cfg.train.time_budget or 0)
     plan = plan_budget(cfg, source, budget, started)
     log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,

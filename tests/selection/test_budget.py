@@ -26,8 +26,10 @@ def test_the_plan_fits_fine_tuning_epochs_after_the_probe() -> None:
     assert probe == pytest.approx(500 * 0.02 + 2.8) and epoch == pytest.approx(42.0)
     plan = decide_plan(COSTS, "gradual", "why", budget_s=600, spent=20)
     expected = int((600 * 0.97 - 20 - probe) // epoch)
-    assert (plan.strategy, plan.epochs, plan.image_size) == ("gradual", expected + 1, 224)
-    assert plan.expected_s <= 600 and any("fine-tuning epochs" in r for r in plan.reasons)
+    # as many epochs as the clock holds (at most MAX_EPOCHS): warmup-stable-decay decides the length late
+    assert (plan.strategy, plan.epochs, plan.image_size, plan.schedule) == ("gradual", MAX_EPOCHS + 1, 224, "wsd")
+    assert plan.overrides()["schedule"] == "wsd"
+    assert plan.expected_s <= 600 and any(f"about {expected} fine-tuning epochs" in r for r in plan.reasons)
 
 
 def test_a_tight_budget_shrinks_the_image_then_falls_back_to_the_probe() -> None:
@@ -85,6 +87,35 @@ def test_a_run_with_a_time_budget_ends_on_time(flat_data: Path, tmp_path: Path, 
     assert 0.9 * 15 <= took <= 15 * 1.05  # it used the budget, and ended on time
     assert plan["budget_s"] == 15
     assert vt.RunConfig.create(None, time_budget="1h30m").train.time_budget == 5400.0
+
+
+def test_a_pessimistic_plan_still_spends_the_budget_and_ends_decayed(flat_data: Path, tmp_path: Path, tiny: dict,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epochs cost half of what the plan expects (the estimate twice too high): a schedule
+    fixed up front would end after the few epochs it planned, with most of the budget unused.
+    Warmup-stable-decay by the clock runs on, and its decay ends at the deadline."""
+    from visiontune.train.callbacks import Callback
+
+    _slow_machine_that_wants_fine_tuning(monkeypatch)
+    real_epoch = Costs.epoch_seconds
+    monkeypatch.setattr(Costs, "epoch_seconds", lambda self, size=None: real_epoch(self, size) * 8)  # twice too high
+
+    class LearningRates(Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_step_end(self, trainer) -> None:
+            self.lrs.append(trainer.optimizer.param_groups[-1]["lr"] / trainer.optimizer.param_groups[-1]["peak_lr"])
+
+    lrs = LearningRates()
+    started = time.perf_counter()
+    r = vt.fit(flat_data, callbacks=[lrs], **dict(tiny, time_budget="15s", trainable_bn="eval",
+                                                  output=str(tmp_path / "r")))
+    took = time.perf_counter() - started
+    plan = json.loads((Path(r.run_dir) / "time_budget.json").read_text())
+    assert plan["strategy"] == "gradual" and plan["schedule"] == "wsd"
+    assert 0.85 * 15 <= took <= 15 * 1.05  # the time was used, and the run ended on time
+    assert max(lrs.lrs) == pytest.approx(1.0) and lrs.lrs[-1] < 0.05  # it reached the peak, then decayed by the end
 
 
 def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,3 +236,13 @@ def test_when_no_image_size_fits_every_feature_the_probe_fits_the_sample_extract
     assert plan.reserve_s == pytest.approx(fit * fit_per_image + 5.0)
     with pytest.raises(vt.ConfigError, match="too short"):
         decide_plan(many, "feature-extract", "why", budget_s=15, spent=10)
+
+
+def test_a_time_budget_under_torchrun_with_several_processes_is_refused(flat_data: Path, tiny: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each process would judge the deadline by its own clock and could stop at another step
+    than the others (a collective then waits forever): refused before anything starts."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(vt.ConfigError, match="torchrun"):
+        vt.fit(flat_data, **dict(tiny, time_budget="30s"))

@@ -22,3 +22,13 @@ def test_cosine_step_constant() -> None:
     step = TrainConfig(schedule="step", step_size=2, gamma=0.1)
     assert [lr_factor(step, 0, e) for e in range(5)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
     assert lr_factor(TrainConfig(schedule="constant"), 0.7, 3) == 1.0
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_in_its_last_fifth() -> None:
+    from visiontune.train.schedules import WSD_DECAY, WSD_WARMUP
+
+    t = TrainConfig(schedule="wsd")
+    assert lr_factor(t, 0.0, 0) == pytest.approx(1 / ONECYCLE_DIV)
+    assert all(lr_factor(t, p, 0) == 1.0 for p in (WSD_WARMUP, 0.5, 1 - WSD_DECAY))
+    decay = [lr_factor(t, 1 - WSD_DECAY + WSD_DECAY * i / 20, 0) for i in range(21)]
+    assert decay == sorted(decay, reverse=True) and decay[-1] == pytest.approx(1 / ONECYCLE_DIV_FINAL)

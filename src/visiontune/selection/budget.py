@@ -3,10 +3,13 @@
 1. Measure (selection/costs.py): a few real fine-tuning steps and feature batches.
 2. Ask the advisor which strategy the data calls for (it knows these costs too).
 3. Plan: the converged probe always fits first (features + one fit); when the advisor
-   calls for fine-tuning, `gradual` at the backbone's size gets as many epochs as the
-   remaining time holds (at most MAX_EPOCHS), or a smaller image size when fewer than
-   MIN_EPOCHS would fit, or the probe alone when no size gives MIN_EPOCHS (itself at a
-   smaller size when its features at the backbone's size do not fit).
+   calls for fine-tuning, `gradual` at the backbone's size, or a smaller image size when
+   fewer than MIN_EPOCHS would fit by the measured costs, or the probe alone when no size
+   gives MIN_EPOCHS (itself at a smaller size when its features at the backbone's size do
+   not fit). Fine-tuning runs a warmup-stable-decay schedule whose length is decided late
+   (train/schedules.py): as many epochs as the time holds (at most MAX_EPOCHS), the
+   decay starting when the time left equals its length, re-planned from the epoch times
+   measured as the run goes, so an estimate that was off costs no unused time.
 4. Train with a deadline: an epoch that would end after it is not started, an epoch
    running late is cut short (validated, then stopped), feature extraction stops at the
    deadline (the probe fits the images extracted, a random sample), the probe's C search
@@ -54,8 +57,11 @@ class BudgetPlan:
     reasons: list[str] = field(default_factory=list)
     reserve_s: float = 0.0  # feature extraction stops this long before the deadline: the probe's fit needs it
 
+    schedule: str | None = None  # "wsd" for fine-tuning: its length follows the clock
+
     def overrides(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "epochs": self.epochs, "image_size": self.image_size}
+        return {"strategy": self.strategy, "epochs": self.epochs, "image_size": self.image_size,
+                **({"schedule": self.schedule} if self.schedule else {})}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,8 +148,11 @@ def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: flo
         probe, epoch = costs.probe_seconds(size), costs.epoch_seconds(size)
         epochs = min(MAX_EPOCHS, math.floor((left - probe) / epoch))
         if epochs >= MIN_EPOCHS:
-            reasons.append(f"{epochs} fine-tuning epochs of ~{epoch:.0f} s at {size} px fit after the probe (~{probe:.0f} s)"
-                           + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})"))
-            return BudgetPlan(budget_s, "gradual", epochs + head_epochs, size, spent + probe + epochs * epoch, reasons,
-                              costs.probe_fit_s + RESERVE_MARGIN_S)
+            reasons.append(f"about {epochs} fine-tuning epochs of ~{epoch:.0f} s at {size} px fit after the probe "
+                           f"(~{probe:.0f} s)" + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})")
+                           + "; warmup-stable-decay by the clock: as many epochs as the time holds, the decay in its "
+                             "last fifth")
+            expected = spent + probe + epochs * epoch if epochs == MAX_EPOCHS else spent + left
+            return BudgetPlan(budget_s, "gradual", MAX_EPOCHS + head_epochs, size, expected, reasons,
+                              costs.probe_fit_s + RESERVE_MARGIN_S, schedule="wsd")
     return None

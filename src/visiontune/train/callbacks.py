@@ -120,6 +120,8 @@ class EarlyStopping(Callback):
         if self.tracker.update(state.metrics, state.epoch):
             self.wait = 0
             return
+        if getattr(trainer, "holding_peak", False):
+            return  # warmup-stable-decay by the clock, before its decay: the peak LR's epochs say little of the end
         self.wait += 1
         if self.patience and self.wait >= self.patience:
             state.should_stop = True
@@ -175,8 +177,12 @@ class Checkpoint(Callback):
         if self.write:
             trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))
         trainer.broadcast_weights()
-        log.info("restored best weights from epoch %d (%s=%.4f)", self.tracker.best_epoch + 1,
-                 self.tracker.metric, self.tracker.best)
+        plan = getattr(trainer, "plan", None)
+        probe_won = plan is not None and plan.phases[plan.phase_index(self.tracker.best_epoch)].probe and \
+            trainer.state.epoch > self.tracker.best_epoch
+        log.info("restored best weights from epoch %d (%s=%.4f)%s", self.tracker.best_epoch + 1,
+                 self.tracker.metric, self.tracker.best,
+                 ": the converged probe's; fine-tuning did not beat it on validation" if probe_won else "")
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor and the best epoch's validation outputs (tensors: a checkpoint holds

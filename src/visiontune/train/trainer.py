@@ -37,10 +37,12 @@ from visiontune.train.probe import fit_probe, head_linear, load_into
 from visiontune.train.probememo import ProbeMemory, probe_key
 from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
-from visiontune.train.schedules import lr_factor
+from visiontune.train.schedules import WSD_DECAY, lr_factor, wsd_factor
 from visiontune.train.setup import RunSetup
 
 log = logging.getLogger(__name__)
+
+SAVE_MARGIN_S = 0.5  # kept after the last validation under a deadline: writing the run's files
 
 
 @contextlib.contextmanager
@@ -106,6 +108,10 @@ class Trainer:
         self.elapsed_before = 0.0  # seconds the run had used before it was resumed (from the checkpoint)
         self.run_dir = Path(os.devnull)  # the run directory (train_run sets it; os.devnull off rank 0)
         self._valid_seconds = 0.0  # how long the last validation took
+        self._phase_started = time.perf_counter()  # when the current phase (or this process's part of it) began
+        self._phase_epoch_s: list[float] = []  # measured epoch times (training + validation) in this phase
+        self._decayed = False  # the time-decided schedule finished its decay: no further epoch
+        self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
         self.mixup = mixup_for(self.cfg.train, self.task)
         self.soft_criterion = setup.task.loss(setup.data.class_weights()) if self.mixup else None  # smoothing: in mixup
         self.ema = ModelEmaV3(self.model, decay=self.cfg.train.ema_decay, use_warmup=True) if self.cfg.train.ema \
@@ -122,6 +128,7 @@ class Trainer:
     def fit(self, start_epoch: int = 0) -> TrainState:
         self.broadcast_weights()  # identical by construction; made certain under torchrun
         self._emit("on_fit_start")
+        self._phase_started = time.perf_counter()
         for epoch in range(start_epoch, self.total_epochs):
             self.state.epoch = epoch
             self.enter_phase(self.plan.phase_index(epoch))
@@ -129,10 +136,19 @@ class Trainer:
             self._emit("on_epoch_start")
             started = time.perf_counter()
             train_loss = self.train_one_epoch(epoch)
+            if train_loss is None:  # the time-decided schedule had finished before this epoch's first step
+                log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to "
+                         "the deadline); stopping with the best weights", epoch)
+                break
             self.state.metrics = self._validate(train_loss)
             self.state.history.append(self._history_row(epoch, started))
+            self._phase_epoch_s.append(time.perf_counter() - started)
             self._emit("on_epoch_end")
-            if self._out_of_time(time.perf_counter() - started):
+            if self._decayed:
+                log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to "
+                         "the deadline); stopping with the best weights", epoch + 1)
+                self.state.should_stop = True
+            elif self._out_of_time(time.perf_counter() - started) and not self._timed(self.state.phase):
                 log.info("time budget: the next epoch would end after the deadline; stopping with the best weights")
                 self.state.should_stop = True
             if self.state.should_stop:
@@ -140,7 +156,9 @@ class Trainer:
         self._emit("on_fit_end")
         return self.state
 
-    def train_one_epoch(self, epoch: int) -> float:
+    def train_one_epoch(self, epoch: int) -> float | None:
+        """The epoch's mean training loss; None when a time-decided schedule had already
+        ended its decay before the first step (no epoch to validate or record)."""
         phase_i = self.plan.phase_index(epoch)
         phase = self.plan.phases[phase_i]
         epoch_in_phase = epoch - self.plan.phase_start(phase_i)
@@ -157,7 +175,13 @@ class Trainer:
             if self._out_of_time(self._validation_estimate(data, seen, time.perf_counter() - loop_started)):
                 log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
                 break
-            factor = lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / total_steps, epoch_in_phase)
+            factor = self._lr_factor(data, phase_i, epoch_in_phase, (epoch_in_phase * steps + i) / total_steps, seen,
+                                     loop_started)
+            if factor is None:  # the time-decided decay is complete
+                if i == 0:
+                    return None
+                log.info("time budget: the decay is complete after %d of %d steps of epoch %d", i, steps, epoch + 1)
+                break
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
@@ -188,6 +212,37 @@ class Trainer:
         cached features and this phase runs on images, a third of a training step per image."""
         n_valid = len(data.valid.dataset) if data.valid is not None else 0
         return max(self._valid_seconds, n_valid * seconds / max(1, trained) / 3)
+
+    def _lr_factor(self, data: PhaseData, phase_index: int, epoch_in_phase: int, progress: float, seen: int,
+                   loop_started: float) -> float | None:
+        """The peak-LR multiplier of the next step: by the phase's progress in steps, or, for
+        a time-decided schedule, in time (None once its decay is complete)."""
+        if not self._timed(phase_index):
+            return lr_factor(self.cfg.train, progress, epoch_in_phase)
+        progress_t = self._time_progress(data, self.plan.phases[phase_index], epoch_in_phase, seen, loop_started)
+        self._decayed = progress_t >= 1.0
+        self.holding_peak = progress_t < 1.0 - WSD_DECAY
+        return None if self._decayed else wsd_factor(progress_t)
+
+    def _timed(self, phase_index: int) -> bool:
+        """Whether this phase's learning rate follows the clock: warmup-stable-decay under a
+        deadline, in a phase whose weights train by steps (not the converged probe)."""
+        return self.deadline is not None and self.cfg.train.schedule == "wsd" and \
+            not self.plan.phases[phase_index].probe
+
+    def _time_progress(self, data: PhaseData, phase: Any, epoch_in_phase: int, seen: int,
+                       loop_started: float) -> float:
+        """How far through its time the phase is (0..1, past 1: the decay is done). It ends
+        when the last validation must start to end by the deadline, or, where the phase's
+        epochs run out first by the epoch times measured so far, when they do: re-planned
+        at every step from what the run has measured, never from the estimate up front."""
+        now = time.perf_counter()
+        validation = self._validation_estimate(data, seen, now - loop_started)
+        end = self.deadline - validation - SAVE_MARGIN_S  # type: ignore[operator]
+        if self._phase_epoch_s:
+            per_epoch = sum(self._phase_epoch_s) / len(self._phase_epoch_s)
+            end = min(end, loop_started + (phase.epochs - epoch_in_phase) * per_epoch - validation)
+        return (now - self._phase_started) / max(1e-9, end - self._phase_started)
 
     def _out_of_time(self, still_needed: float) -> bool:
         """Past the deadline once `still_needed` more seconds are spent (no deadline: never)."""
@@ -320,6 +375,7 @@ class Trainer:
         if index != self.state.phase:
             apply_phase(self.model, self.optimizer, self.plan, index)
             self.state.phase = index
+            self._phase_started, self._phase_epoch_s = time.perf_counter(), []
             phase = self.plan.phases[index]
             log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
 
