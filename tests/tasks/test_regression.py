@@ -335,3 +335,14 @@ def test_show_batch_titles_the_numbers(reg_data: Path) -> None:
     titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
     truth = {float(r["age"]) for r in csv.DictReader(open(reg_data / "targets.csv"))}
     assert len(titles) == 4 and all(float(t) in truth for t in titles)
+
+
+def test_written_predictions_keep_every_digit_of_a_large_target() -> None:
+    """A price of 1,234,567.8 must not come back from the CSV as 1.23457e+06."""
+    from visiontune.tasks.regression import Regression
+
+    task = Regression(["price"], mean=1e6, std=2e5)
+    value = float(np.float32(1234567.8))
+    [decoded] = task.decode(np.array([[value]], dtype=np.float32), 1)
+    assert float(task.csv_row("a.jpg", decoded, ",", 1)[1]) == value
+    assert float(task.oof_cells(np.array([value]), ",")[1]) == value

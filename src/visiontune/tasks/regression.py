@@ -258,7 +258,7 @@ class Regression(Task):
         return ["prediction"]
 
     def oof_cells(self, probs: np.ndarray, delim: str) -> list[str]:
-        return [f"{float(probs[0]):.6g}", f"{float(probs[0]):.6f}"]
+        return [f"{float(probs[0]):.6g}", f"{float(probs[0]):.9g}"]  # the file keeps what a float32 holds
 
     def present_labels(self, targets: np.ndarray) -> list[int]:
         return [0]
@@ -276,7 +276,7 @@ class Regression(Task):
         return ["path", "prediction"]
 
     def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        return [path, f"{decoded.value:.6g}"]
+        return [path, f"{decoded.value:.9g}"]  # every digit of the float32 output (6 digits turned 1234567.8 into 1.23457e+06)
 
     def line(self, path: str, decoded: Decoded) -> str:
         return f"{path}\t{decoded.value:.6g}"
