@@ -12,7 +12,8 @@ backbone's 224 px, each run a fresh process (`visiontune -q train`), timed whole
    set with this backbone pays);
 4. an unchanged re-run of 3 (features and probe remembered).
 Also the backbone's own speed on the same tensors: eager vs the ONNX Runtime session
-(batch 64, after a warm-up), and the export's time.
+(batch 64, after a warm-up), and the export's time; OpenVINO on the same export when it
+is installed (`--engines-only`: this part alone).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def run(data: Path, out: Path, cache: Path, engine: str | None, size: int, src: 
     return time.perf_counter() - started
 
 
-def engine_speed(size: int, cache: Path) -> tuple[float, float, float]:
-    """(eager img/s, ONNX Runtime img/s, export seconds) of Lite0's backbone."""
+def engine_speed(size: int, cache: Path) -> tuple[float, float, float, dict[str, tuple[float, float]] | None]:
+    """(eager img/s, ONNX Runtime img/s, export seconds, OpenVINO's {precision: (img/s, max
+    |difference| to eager / the features' scale)} or None when it is not installed) of
+    Lite0's backbone."""
     import torch
 
     from visiontune.config import ModelConfig
@@ -55,15 +58,39 @@ def engine_speed(size: int, cache: Path) -> tuple[float, float, float]:
     session = frozen_engine(backbone, size, torch.device("cpu"), "onnx", cache)
     export_s = time.perf_counter() - started
     x = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
-    rates = []
+    nets = [backbone, session]
+    try:  # OpenVINO on the same export, when installed (issue 23: adopt it only if it is worth a dependency)
+        import numpy as np
+        import openvino
+
+        [onnx_file] = (cache / "engines").glob("*.onnx")
+        for precision in ("f32", None):  # None: its default (bf16 on a CPU that has it)
+            compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {"PERFORMANCE_HINT": "LATENCY", **(
+                {"INFERENCE_PRECISION_HINT": precision} if precision else {})})
+            nets.append(lambda t, c=compiled: torch.from_numpy(c(np.ascontiguousarray(t.numpy()))[0]))
+    except ImportError:
+        pass
+    rates, outputs = [], []
     with torch.inference_mode():
-        for net in (backbone, session):
-            net(x)
+        for net in nets:
+            outputs.append(net(x).float())
             started = time.perf_counter()
             for _ in range(3):
                 net(x)
             rates.append(3 * 64 / (time.perf_counter() - started))
-    return rates[0], rates[1], export_s
+    openvino_rates = None
+    if len(rates) > 2:
+        scale = float(outputs[0].abs().max())
+        openvino_rates = {f"OpenVINO {name}": (rate, float((out - outputs[0]).abs().max()) / scale)
+                          for name, rate, out in zip(("f32", "default precision"), rates[2:], outputs[2:])}
+    return rates[0], rates[1], export_s, openvino_rates
+
+
+def _openvino(rates: dict[str, tuple[float, float]] | None, eager: float) -> str:
+    if not rates:
+        return "; OpenVINO not installed"
+    return "".join(f"; {name} {rate:.1f} img/s ({rate / eager:.2f}x, features off by {diff:.1e} of their scale)"
+                   for name, (rate, diff) in rates.items())
 
 
 def main() -> None:
@@ -71,13 +98,19 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--engines-only", action="store_true", help="only the backbone's speed by engine")
     ap.add_argument("--before", help="also time a cold run of the package in this source tree (an older commit's "
                                      "src/, e.g. from `git worktree add`): the reference the ratios divide")
     a = ap.parse_args()
+    size = a.image_size
+    if a.engines_only:
+        eager, ort, export_s, ov = engine_speed(size, a.work / "engine-speed")
+        print(f"backbone alone, batch 64: eager {eager:.1f} img/s, ONNX Runtime {ort:.1f} img/s ({ort / eager:.2f}x)"
+              + _openvino(ov, eager))
+        return
     data = a.work / "data"
     if not data.is_dir():
         make_jpegs(data, a.images)
-    size = a.image_size
     print(f"{a.images} JPEGs of 400x300, feature-extract at {size} px, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     rows = []
@@ -99,13 +132,13 @@ def main() -> None:
         print(f"  {name:40s} {rows[-1][1]:7.1f} s", flush=True)
     rows.append(("unchanged re-run", run(data, a.work / "runs", a.work / "cache", "auto", size)))
     print(f"  {'unchanged re-run':40s} {rows[-1][1]:7.1f} s", flush=True)
-    eager, ort, export_s = engine_speed(size, a.work / "engine-speed")
+    eager, ort, export_s, ov = engine_speed(size, a.work / "engine-speed")
     base = rows[0][1]
     print(f"\n| run | seconds | {rows[0][0]} / this |\n|---|---|---|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.1f} | {base / seconds:.2f}x |")
     print(f"\nbackbone alone, batch 64: eager {eager:.1f} img/s, ONNX Runtime {ort:.1f} img/s ({ort / eager:.2f}x); "
-          f"export + check {export_s:.1f} s")
+          f"export + check {export_s:.1f} s" + _openvino(ov, eager))
 
 
 if __name__ == "__main__":

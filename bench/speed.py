@@ -19,7 +19,9 @@ c. inference img/s: `visiontune.predict` (--engine onnx, and --engine torch) ove
    ONNX Runtime vs eager on the same tensors.
 d. `--large N`: N generated 4000x3000 JPEGs (phone-photo size), one epoch with the
    decoded-image cache off, then epochs with it on (first fills it, second reads it).
-Both sides use the same threads, channels_last and fixed BatchNorm statistics.
+Both sides use the same threads, channels_last and fixed BatchNorm statistics. Section a
+also reports the step's FLOP rate (the model's FLOPs per training image, counted by
+torch.utils.flop_counter, x img/s) as a fraction of this CPU's fp32 matrix-product rate.
 """
 
 from __future__ import annotations
@@ -81,6 +83,27 @@ def raw_train(size: int, batch: int, images: int, compiled: bool = False, bf16: 
     return steps * batch / (time.perf_counter() - started)
 
 
+def train_flops_per_image(size: int) -> float:
+    """FLOPs of one training image through the raw model: 3x its forward (forward, and a
+    backward of about twice the forward), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = raw_model().eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 3, size, size))
+    return 3 * counter.get_total_flops() / 2
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's fp32 matrix-product rate (FLOP/s), the practical peak a step is measured against."""
+    a = torch.randn(n, n)
+    a @ a
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return repeats * 2 * n ** 3 / (time.perf_counter() - started)
+
+
 def vt_train(data: Path, out: Path, size: int, batch: int, images: int, epochs: int, **opts) -> tuple[float, float]:
     """(loop img/s over the epochs after the first, whole-command img/s)."""
     started = time.perf_counter()
@@ -116,11 +139,15 @@ def section_training(args: argparse.Namespace, data: Path, work: Path) -> None:
             opts = {} if w == "auto" else {"num_workers": int(w)}
             ours[w].append(vt_train(data, work / "runs", size, batch, n, args.epochs, **opts))
     raw = median(raws)
-    print(f"a. training: raw step {raw:6.1f} img/s (runs: {', '.join(f'{v:.1f}' for v in raws)})", flush=True)
+    flops, peak = train_flops_per_image(size), matmul_flops()
+    print(f"a. training: raw step {raw:6.1f} img/s (runs: {', '.join(f'{v:.1f}' for v in raws)}); "
+          f"{flops / 1e9:.2f} GFLOP per training image: {raw * flops / 1e9:.1f} GFLOP/s, "
+          f"{raw * flops / peak:.1%} of this CPU's fp32 matrix-product rate ({peak / 1e9:.0f} GFLOP/s)", flush=True)
     for w, runs in ours.items():
         loop, whole = median([r[0] for r in runs]), median([r[1] for r in runs])
         print(f"   visiontune workers={w:<4} loop {loop:6.1f} img/s  ratio {loop / raw:.3f}   "
-              f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}", flush=True)
+              f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}   "
+              f"({loop * flops / peak:.1%} of the matrix-product rate)", flush=True)
     if args.bf16:
         fp32, bf16 = raw_train(size, batch, 2 * batch), raw_train(size, batch, 2 * batch, bf16=True)
         print(f"   precision: raw step fp32 {fp32:6.1f} img/s   bf16 autocast {bf16:6.1f} img/s   "
