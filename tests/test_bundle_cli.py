@@ -177,3 +177,53 @@ def test_cli_predict_output_keeps_the_old_file_when_it_fails_midway(trained: tup
     monkeypatch.setattr(prediction, "eval_batches", failing)
     assert main(["predict", str(run), str(data / "test"), "--output", str(out), "--batch-size", "3"]) == 2
     assert out.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.json"]
+
+
+def test_version_and_verbosity_after_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from visiontune.cli import build_parser
+    from visiontune.version import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"visiontune {__version__}"
+    parser = build_parser()
+    after = parser.parse_args(["inspect", "timm:test_efficientnet", "-q"])
+    before = parser.parse_args(["-q", "inspect", "timm:test_efficientnet"])
+    neither = parser.parse_args(["inspect", "timm:test_efficientnet"])
+    assert (after.quiet, before.quiet, neither.quiet, neither.verbose) == (True, True, False, False)
+    assert parser.parse_args(["inspect", "x", "--verbose"]).verbose
+
+
+@pytest.mark.parametrize("text, expected", [("epoch: 10\n", "'epochs'"), ("train:\n  epoch: 10\n", "'epochs'"),
+                                            ("trian:\n  epochs: 10\n", "'train'")])
+def test_an_unknown_config_key_is_an_error_naming_the_closest(tmp_path: Path, text: str, expected: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in a YAML config used to be ignored: the run trained with the default instead."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["train", str(tmp_path), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option" in err and expected in err and str(config) in err
+
+
+def test_a_config_takes_flat_or_sectioned_keys_and_is_refused_with_resume(trained: tuple[Path, Path], tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from visiontune.bundle import read_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 7\nmodel:\n  image_size: 48\nseed: 3\n")
+    cfg = read_config(config, strict=True)
+    assert (cfg.train.epochs, cfg.model.image_size, cfg.seed) == (7, 48, 3)
+    run, _ = trained
+    assert main(["train", "--resume", str(run), "--config", str(config)]) == 2
+    assert "--config" in capsys.readouterr().err and (run / "model.safetensors").is_file()
+
+
+def test_predict_and_evaluate_say_what_they_wrote(trained: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = trained
+    assert main(["predict", str(run), str(data / "test"), "--output", str(tmp_path / "p.csv")]) == 0
+    out, err = capsys.readouterr()
+    assert f"wrote 8 predictions to {tmp_path / 'p.csv'}" in err and "wrote" not in out  # stdout: predictions only
+    assert main(["evaluate", str(run), str(data / "test"), "--output", str(tmp_path / "e.json")]) == 0
+    assert f"wrote {tmp_path / 'e.json'}" in capsys.readouterr().out

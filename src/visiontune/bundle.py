@@ -32,7 +32,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from visiontune.config import ModelConfig, RunConfig
+from visiontune.config import ModelConfig, RunConfig, checked_dict
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, write_text
@@ -109,9 +109,13 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return Bundle(model, task, pre, str(file.parent), cfg)
 
 
-def read_config(path: str | os.PathLike[str]) -> RunConfig:
+def read_config(path: str | os.PathLike[str], strict: bool = False) -> RunConfig:
+    """The RunConfig in a YAML file. `strict` (a user's --config): every key must be an
+    option (in its section or flat); else keys from newer versions are ignored (a run's
+    own config.yaml)."""
     with open(path, encoding="utf-8") as fh:
-        return RunConfig.from_dict(yaml.safe_load(fh) or {})
+        raw = yaml.safe_load(fh) or {}
+    return RunConfig.from_dict(checked_dict(raw, str(path)) if strict else raw)
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
 from visiontune.errors import VisiontuneError
 from visiontune.train.strategies import describe_strategies, strategy_names
+from visiontune.version import __version__
 
 EXAMPLES = """examples:
   visiontune train data/hymenoptera --strategy gradual --epochs 5
@@ -78,7 +79,8 @@ def add_run_options(p: argparse.ArgumentParser, section: type | None = None) -> 
             groups[name] = p.add_argument_group(SECTION_TITLES.get(name, name))
         _add_option(groups[name], f)
     groups.setdefault("", p.add_argument_group("run")).add_argument(
-        "--config", metavar="YAML", help="start from this config.yaml (e.g. a run's)")
+        "--config", metavar="YAML", help="start from this config.yaml (e.g. a run's); keys in sections (train: {epochs: 10}) or flat "
+                    "(epochs: 10); an unknown key is an error naming the closest; not with --resume")
 
 
 def _add_training_commands(sub: Any) -> None:
@@ -238,22 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=epilog(),
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--version", action="version", version=f"visiontune {__version__}")
+    _add_verbosity(parser, argparse.SUPPRESS)
+    parser.set_defaults(quiet=False, verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
     _add_use_commands(sub)
     _add_share_commands(sub)
     _add_look_commands(sub)
     _add_data_commands(sub)
+    for command in sub.choices.values():  # -q / -v after the command too
+        _add_verbosity(command, argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-q / -v; SUPPRESS as the default, so a subcommand's unset flag never overrides the
+    one given before the command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and results")
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="visiontune's debug messages too")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()  # --time-budget counts from here: the imports below are part of the run
     args = build_parser().parse_args(argv)
     args.started = started
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    if args.quiet and args.verbose:
+        build_parser().error("-q and -v: choose one")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.verbose:
+        logging.getLogger("visiontune").setLevel(logging.DEBUG)  # ours only: the libraries' debug output is noise
     for noisy in ("timm", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

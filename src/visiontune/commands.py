@@ -32,12 +32,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _base_config(args: argparse.Namespace) -> RunConfig | None:
-    return read_config(args.config) if args.config else None
+    return read_config(args.config, strict=True) if args.config else None
 
 
 def train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume:
+        if args.config:
+            raise ConfigError(f"--config {args.config} with --resume: a resumed run continues with its own "
+                              f"config.yaml ({args.resume}); leave --config out (--epochs N extends the run)")
         result = api.fit(args.data, resume=args.resume, **overrides)
     else:
         if not args.data and not args.csv:
@@ -92,6 +95,7 @@ def predict(args: argparse.Namespace) -> int:
 
     if args.output:  # written to a temporary file and renamed at the end: an old file survives a failure
         _write_predictions(args.output, printing(), stream.task, args.top_k, stream.label_delim)
+        print(f"wrote {printed} predictions to {args.output}", file=sys.stderr)  # stdout holds the predictions
     else:
         for _ in printing():
             pass
@@ -134,6 +138,7 @@ def evaluate(args: argparse.Namespace) -> int:
         write_json(args.output, {"metrics": result.metrics, "per_class": result.report,
                                  "confusion": None if result.confusion is None else result.confusion.tolist(),
                                  "classes": result.classes})
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -327,6 +327,39 @@ class RunConfig:
         return cls(**kwargs)
 
 
+def checked_dict(raw: Any, where: str) -> dict[str, Any]:
+    """A user's YAML config checked key by key, in `to_dict()`'s shape: a section's keys
+    under it (`train: {epochs: 10}`) or flat, as on the command line (`epochs: 10`). An
+    unknown key is a ConfigError that names the closest known one, never silently ignored."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of option names to values, got {type(raw).__name__}")
+    sections = {f.name: {g.name for g in fields(f.default_factory)}  # type: ignore[arg-type]
+                for f in fields(RunConfig) if f.name in SECTION_TITLES}
+    top = {f.name for f in fields(RunConfig)} - set(sections)
+    flat = {n: s for s, names in sections.items() for n in names}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: section {key!r} must be a mapping of its options")
+            for name in value:
+                if name not in sections[key]:
+                    close = difflib.get_close_matches(str(name), sorted(sections[key]), n=3)
+                    raise ConfigError(f"{where}: unknown option {name!r} in section {key!r}"
+                                      + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else
+                                         f"; its options: {', '.join(sorted(sections[key]))}"))
+            out.setdefault(key, {}).update(value)
+        elif key in top:
+            out[key] = value
+        elif key in flat:
+            out.setdefault(flat[key], {})[key] = value
+        else:
+            close = difflib.get_close_matches(str(key), sorted(top | set(flat) | set(sections)), n=3)
+            raise ConfigError(f"{where}: unknown option {key!r}"
+                              + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""))
+    return out
+
+
 def _coerced(section: str, name: str, value: Any) -> Any:
     field_ = next((f for s, f in option_fields() if s == section and f.name == name), None)
     coerce = field_.metadata.get("coerce") if field_ is not None else None
