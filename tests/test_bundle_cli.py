@@ -227,3 +227,24 @@ def test_predict_and_evaluate_say_what_they_wrote(trained: tuple[Path, Path], tm
     assert f"wrote 8 predictions to {tmp_path / 'p.csv'}" in err and "wrote" not in out  # stdout: predictions only
     assert main(["evaluate", str(run), str(data / "test"), "--output", str(tmp_path / "e.json")]) == 0
     assert f"wrote {tmp_path / 'e.json'}" in capsys.readouterr().out
+
+
+def test_output_is_the_one_name_and_out_still_works_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from visiontune.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["shard", "data", "--output", "s"]).out == "s" and "--out" not in capsys.readouterr().err
+    assert parser.parse_args(["imagify", "t.csv", "--out", "d"]).out == "d"
+    assert "--out is now --output" in capsys.readouterr().err
+    assert parser.parse_args(["demo"]).out == "demo"
+
+
+def test_lr_find_writes_its_plot_into_the_output_folder_not_the_current_one(tmp_path: Path, tiny: dict,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "d", {"red": 8, "green": 8})
+    monkeypatch.chdir(tmp_path)
+    assert main(["lr-find", str(data), "--num-iter", "12", "--backbone", "timm:test_efficientnet", "--weights", "none",
+                 "--image-size", "32", "--output", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / "lr_find.png").is_file() and not (tmp_path / "lr_find.png").exists()

@@ -60,7 +60,8 @@ def _add_option(group: Any, f: Any) -> None:
                            help=meta["help"])
         return
     flag = meta.get("flag") or ("--" + key.replace("_", "-"))
-    shown = "" if f.default is None or f.default == "" else f" ({f.default})"
+    shown = "" if f.default is None or f.default == "" else f" ({f.default!r})" if isinstance(f.default, str) and \
+        not f.default.strip() else f" ({f.default})"  # a blank default shown as ' ', not as ( )
     group.add_argument(flag, dest=key, type=_annotation_type(f), choices=choices_of(f), default=None,
                        metavar=meta.get("metavar"), help=meta["help"] + shown,
                        **({"nargs": meta["nargs"]} if meta.get("nargs") else {}))
@@ -104,7 +105,7 @@ def _add_training_commands(sub: Any) -> None:
 
     p = sub.add_parser("lr-find", help="learning-rate range test: suggested LR and a plot")
     p.add_argument("data", help="folder of images")
-    p.add_argument("--plot", default="lr_find.png", help="where to save the plot (lr_find.png)")
+    p.add_argument("--plot", default=None, help="where to save the plot (default: lr_find.png in --output, runs/)")
     p.add_argument("--num-iter", type=int, default=100)
     add_run_options(p)
 
@@ -204,7 +205,7 @@ def _add_data_commands(sub: Any) -> None:
     p = sub.add_parser("shard", help="write any source train accepts as WebDataset tar shards (SHARDS/train-000000.tar, "
                        "valid-, test-; dataset.json, index.csv), for `visiontune train SHARDS`")
     p.add_argument("data", nargs="?", help="folder of images (or --csv), as for train")
-    p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--output", "--out", dest="out", action=_Output, required=True, help="folder for the shards")
     p.add_argument("--size", type=int, default=1000, help="samples per shard (1000)")
     p.add_argument("--shard-bytes", type=float, default=3e9,
                    help="a shard also ends once it holds this many bytes (3e9, webdataset's maxsize)")
@@ -215,7 +216,7 @@ def _add_data_commands(sub: Any) -> None:
                        "in OUT/<label>/, ready for train")
     p.add_argument("table", help="CSV: one series per row plus a label column (or a long table with --value-col)")
     p.add_argument("--kind", choices=("gadf", "gasf", "recurrence"), default="gadf")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--output", "--out", dest="out", action=_Output, required=True, help="output folder")
     p.add_argument("--label-col", default="label")
     p.add_argument("--value-col", help="long table: the column holding the series (one point per row)")
     p.add_argument("--group-col", help="column naming each row's recording (subject, session...): windows never "
@@ -227,10 +228,21 @@ def _add_data_commands(sub: Any) -> None:
 
     p = sub.add_parser("demo", help="the main job: write scikit-image's faces/non-faces set as an image "
                        "folder, fine-tune the default pretrained backbone on it, print validation metrics")
-    p.add_argument("--out", default="demo", help="working folder (demo)")
+    p.add_argument("--output", "--out", dest="out", action=_Output, default="demo", help="working folder (demo)")
     p.add_argument("--strategy", choices=strategy_names(), default="gradual")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--image-size", type=int, default=128)
+
+
+class _Output(argparse.Action):
+    """--output, where every command writes; --out (its old name in shard, imagify and demo)
+    still works and says so."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string == "--out":
+            print("warning: --out is now --output (--out still works)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,7 +73,7 @@ def advise_strategy(args: argparse.Namespace) -> int:
 
 
 def find_lr(args: argparse.Namespace) -> int:
-    result = lr_find(args.data, num_iter=args.num_iter, plot=args.plot, config=_base_config(args),
+    result = lr_find(args.data, num_iter=args.num_iter, plot=args.plot or True, config=_base_config(args),
                      **_overrides(args))
     print(f"suggested lr (steepest descent): {result.suggested_lr:.2e}   loss minimum / 10: {result.min_loss_lr:.2e}")
     print(f"plot: {result.plot}")

@@ -113,7 +113,7 @@ class DataConfig:
                                "regression (a number per image: a CSV column, a --label-regex capture, a label "
                                "function's value); auto: multi-label for a CSV 'labels'/'tags' column or a label "
                                "function returning lists, regression for one returning floats", choices=task_choices)
-    label_delim: str = option(" ", "separator of the labels in a multi-label CSV cell (fastai's: a space)")
+    label_delim: str = option(" ", "separator of the labels in a multi-label CSV cell (a space, as fastai's)")
     label_func: str | None = option(None, "name of the Python label function used (recorded, not re-run)", cli=False)
     valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
     relabel: str | None = option(None, "CSV path,label of corrected labels (your files stay untouched)")

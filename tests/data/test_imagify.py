@@ -85,7 +85,7 @@ def test_sine_vs_square_waves_train_well_above_chance(tmp_path: Path) -> None:
         square = np.sign(np.sin(t)) + rng.normal(0, 0.3, 128)
         rows.append(["sine", *sine] if i % 2 == 0 else ["square", *square])
     table = _write(tmp_path / "waves.csv", rows)
-    assert main(["imagify", str(table), "--kind", "gadf", "--out", str(tmp_path / "img"), "--size", "64"]) == 0
+    assert main(["imagify", str(table), "--kind", "gadf", "--output", str(tmp_path / "img"), "--size", "64"]) == 0
     result = vt.fit(tmp_path / "img", strategy="feature-extract", epochs=8, image_size=64, valid_pct=0.3,
                     output=str(tmp_path / "runs"), progress=False, num_workers=0, patience=0)
     assert result.metrics["accuracy"] >= 0.8  # chance is 0.5

@@ -48,10 +48,12 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
 
 
 def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_iter: int = 100, plot: str | os.PathLike[str] | None = "lr_find.png", config: RunConfig | None = None,
-            label_func: LabelFunc | None = None, **overrides: Any) -> LRFindResult:
+            num_iter: int = 100, plot: str | os.PathLike[str] | bool | None = True,
+            config: RunConfig | None = None, label_func: LabelFunc | None = None, **overrides: Any) -> LRFindResult:
     """Sweep the first phase's LR exponentially; each step is the Trainer's own (precision,
-    class weights, label smoothing, micro-batching after out-of-memory)."""
+    class weights, label smoothing, micro-batching after out-of-memory). `plot`: True saves
+    the curve as `<output>/lr_find.png` (the folder runs go to, never the current one), a
+    path saves it there, None/False saves none."""
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
@@ -62,7 +64,9 @@ def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-
     steep, valley = suggest(lrs, losses)
     result = LRFindResult(steep, valley, lrs, losses)
     if plot:
-        result.plot = str(save_lr_curve(Path(plot), lrs, losses, steep))
+        target = Path(cfg.output) / "lr_find.png" if plot is True else Path(plot)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        result.plot = str(save_lr_curve(target, lrs, losses, steep))
     return result
 
 
