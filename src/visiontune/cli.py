@@ -18,6 +18,7 @@ from typing import Any
 
 from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
 from visiontune.errors import VisiontuneError
+from visiontune.files import CACHE_AREAS
 from visiontune.train.strategies import describe_strategies, strategy_names
 from visiontune.version import __version__
 
@@ -211,6 +212,16 @@ def _add_data_commands(sub: Any) -> None:
                    help="a shard also ends once it holds this many bytes (3e9, webdataset's maxsize)")
     add_run_options(p, DataConfig)
     p.add_argument("--seed", type=int, help="seed of the valid split and of the training samples' order (0)")
+
+    p = sub.add_parser("cache", help="what the cache holds (features, decoded images, probe fits, ONNX exports) and "
+                       "clearing it", epilog="examples:\n  visiontune cache info\n  visiontune cache clear "
+                       "--older-than 30d\n  visiontune cache clear --only images",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("info", "clear"))
+    p.add_argument("--older-than", metavar="DURATION", help="clear: only entries unused this long (30d, 12h)")
+    p.add_argument("--only", default=",".join(CACHE_AREAS), metavar="AREAS",
+                   help=f"clear: comma-separated areas ({', '.join(CACHE_AREAS)}; default all)")
+    p.add_argument("--cache-dir", help="the cache's root ($VISIONTUNE_CACHE or ~/.cache/visiontune)")
 
     p = sub.add_parser("imagify", help="time series in a CSV -> Gramian Angular Field / recurrence images "
                        "in OUT/<label>/, ready for train")

@@ -196,8 +196,35 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
+def cache(args: argparse.Namespace) -> int:
+    """`visiontune cache info|clear`: sizes by area and the cap; clearing by age or all."""
+    from visiontune.config import parse_duration
+    from visiontune.files import CACHE_AREAS, cache_max, cache_root, cache_usage, evict
+
+    root = cache_root(args.cache_dir)
+    if args.action == "info":
+        usage = cache_usage(root)
+        print(f"cache: {root}  (cap {cache_max() / 1024 ** 3:.1f} GB, $VISIONTUNE_CACHE_MAX; least recently used "
+              "entries are removed after a run that passes it)")
+        for area, (size, count) in usage.items():
+            print(f"  {area:9s} {size / 1e6:10.1f} MB  {count} entries")
+        print(f"  {'total':9s} {sum(v[0] for v in usage.values()) / 1e6:10.1f} MB")
+        return 0
+    areas = [a.strip() for a in args.only.split(",") if a.strip()]
+    unknown = sorted(set(areas) - set(CACHE_AREAS))
+    if unknown:
+        raise ConfigError(f"--only {','.join(unknown)}: unknown area; choose from {', '.join(CACHE_AREAS)}")
+    try:
+        older = parse_duration(args.older_than) if args.older_than else None
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from None
+    removed, freed = evict(root, max_bytes=None if older is not None else 0, older_than_s=older, areas=areas)
+    print(f"removed {removed} entries ({freed / 1e6:.1f} MB) from {root}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train, "cv": cv, "compare": compare_strategies, "advise": advise_strategy, "lr-find": find_lr,
     "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run, "push": push_run,
-    "serve": serve_run, "interpret": interpret_run, "demo": demo, "shard": shard,
+    "serve": serve_run, "interpret": interpret_run, "demo": demo, "shard": shard, "cache": cache,
 }

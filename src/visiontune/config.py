@@ -72,18 +72,18 @@ def parse_track(value: Any) -> str:
 
 
 def parse_duration(text: Any) -> float | None:
-    """'10m', '90s', '1h30m', '2h' or plain seconds -> seconds."""
+    """'10m', '90s', '1h30m', '2h', '30d' or plain seconds -> seconds."""
     if text is None or isinstance(text, (int, float)):
         return None if text is None else float(text)
     value = str(text).strip().lower()
-    units, total, number = {"h": 3600.0, "m": 60.0, "s": 1.0}, 0.0, ""
+    units, total, number = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}, 0.0, ""
     for ch in value:
         if ch.isdigit() or ch == ".":
             number += ch
         elif ch in units and number:
             total, number = total + float(number) * units[ch], ""
         else:
-            raise ValueError(f"expected a duration like 10m, 90s or 1h30m, got {text!r}")
+            raise ValueError(f"expected a duration like 10m, 90s, 1h30m or 30d, got {text!r}")
     return total + (float(number) if number else 0.0)
 
 

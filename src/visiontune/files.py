@@ -196,3 +196,90 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# -- the cache's size: what `visiontune cache` shows and clears, and the cap ------------
+CACHE_AREAS = ("features", "images", "probes", "engines")  # scan.sqlite (small) is never evicted
+DEFAULT_CACHE_MAX = 10 * 1024 ** 3
+
+
+def parse_size(text: str) -> int:
+    """'10G', '500M', '2.5GB', '800k' or plain bytes -> bytes."""
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}.get(value[-1:], 1)
+    try:
+        return int(float(value[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise ValueError(f"expected a size like 10G, 500M or 800k, got {text!r}") from None
+
+
+def cache_max() -> int:
+    """The cache's size cap: $VISIONTUNE_CACHE_MAX (e.g. 20G; 0: no cap) or 10 GB."""
+    text = os.environ.get("VISIONTUNE_CACHE_MAX")
+    return parse_size(text) if text else DEFAULT_CACHE_MAX
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry used now (eviction removes the least recently used first)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def cache_entries(root: Path) -> list[tuple[str, Path, int, float]]:
+    """(area, path, bytes, last used) of every evictable entry under the cache `root`: a
+    file of images/, probes/, engines/; a whole model's folder of features/ (its shards
+    and index only make sense together; used = the newest time in it)."""
+    out: list[tuple[str, Path, int, float]] = []
+    for area in CACHE_AREAS:
+        base = root / area
+        if not base.is_dir():
+            continue
+        if area == "features":
+            for folder in (p for p in base.iterdir() if p.is_dir()):
+                stats = [f.stat() for f in folder.rglob("*") if f.is_file()]
+                out.append((area, folder, sum(st.st_size for st in stats),
+                            max([folder.stat().st_mtime, *(st.st_mtime for st in stats)])))
+            continue
+        for f in base.rglob("*"):
+            if f.is_file():
+                st = f.stat()
+                out.append((area, f, st.st_size, st.st_mtime))
+    return out
+
+
+def cache_usage(root: Path) -> dict[str, tuple[int, int]]:
+    """{area: (bytes, entries)} under the cache `root`."""
+    usage = {area: (0, 0) for area in CACHE_AREAS}
+    for area, _, size, _ in cache_entries(root):
+        usage[area] = (usage[area][0] + size, usage[area][1] + 1)
+    return usage
+
+
+def evict(root: Path, max_bytes: int | None = None, older_than_s: float | None = None,
+          areas: Sequence[str] = CACHE_AREAS, now: float | None = None) -> tuple[int, int]:
+    """Remove cache entries of `areas`: those unused for `older_than_s`, then the least
+    recently used until all areas together hold at most `max_bytes` (None: no cap).
+    Returns (entries removed, bytes freed). Every entry is safe to delete: what is missing
+    is computed again."""
+    import shutil
+    import time
+
+    now = time.time() if now is None else now
+    entries = sorted(cache_entries(root), key=lambda e: e[3])
+    total = sum(e[2] for e in entries)
+    removed = freed = 0
+    for area, path, size, used in entries:
+        if area not in areas:
+            continue
+        stale = older_than_s is not None and now - used > older_than_s
+        over = max_bytes is not None and total > max_bytes
+        if not (stale or over):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:
+            continue
+        total, removed, freed = total - size, removed + 1, freed + size
+    return removed, freed

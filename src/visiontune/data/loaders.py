@@ -22,7 +22,7 @@ from visiontune.data.transforms import (
     tta_transform,
 )
 from visiontune.data.webdata import ShardStream, is_shard_item, read_marked, shard_items
-from visiontune.files import cache_root, guarded, identity_digest, save_entry
+from visiontune.files import cache_root, guarded, identity_digest, save_entry, touch
 
 
 class DecodedCache:
@@ -50,7 +50,9 @@ class DecodedCache:
         entry = self._path(path)
         if entry is not None:
             try:
-                return Image.fromarray(np.load(entry, allow_pickle=False))
+                image = Image.fromarray(np.load(entry, allow_pickle=False))
+                touch(entry)  # used now: the size cap evicts the least recently used (files.evict)
+                return image
             except (FileNotFoundError, ValueError, OSError, TypeError):
                 pass  # not cached yet, or torn by a crash: decode again
         image = load_rgb(path, min_side=self.side)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, VisiontuneError
-from visiontune.files import atomic_write, cache_root, guarded
+from visiontune.files import atomic_write, cache_root, guarded, touch
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def _checked_session(backbone: nn.Module, image_size: int, key: str, target: Pat
             target = Path(tempfile.mkdtemp(prefix="visiontune-engine-")) / f"{key}.onnx"
             write_onnx(backbone, example, target, {"digest": key}, output_name="features")
         log.info("frozen forward passes: backbone exported to ONNX once for these weights (%s)", target)
+    touch(target)  # used now: the size cap evicts the least recently used (files.evict)
     session = onnx_session(target)
     with torch.inference_mode():
         eager = backbone(example).float()

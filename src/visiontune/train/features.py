@@ -36,7 +36,7 @@ from visiontune.data.preprocess import Preprocess
 from visiontune.data.scan import ScanCache, digests_of
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
-from visiontune.files import cache_root, guarded, preallocate
+from visiontune.files import cache_root, guarded, preallocate, touch
 from visiontune.runtime.device import to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.train.shards import SHARD_ROWS, ShardStore
@@ -76,6 +76,8 @@ class FeatureCache:
         return self._store
 
     def get_many(self, digests: list[str]) -> dict[str, np.ndarray]:
+        if self.dir.is_dir():
+            touch(self.dir)  # used now: the size cap evicts the least recently used (files.evict)
         return guarded(self.name, lambda: self.store.get_many(digests), {})
 
     def put_many(self, digests: list[str], vectors: np.ndarray) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.files import cache_root, guarded, save_entry
+from visiontune.files import cache_root, guarded, save_entry, touch
 from visiontune.tasks.base import Task
 from visiontune.train import probe
 from visiontune.train.probe import ProbeFit
@@ -77,5 +77,6 @@ def _read(entry: Path) -> ProbeFit | None:
     if not entry.is_file():
         return None
     packed = np.load(entry, allow_pickle=False)
+    touch(entry)  # used now: the size cap evicts the least recently used (files.evict)
     return ProbeFit(packed[:, :-3].astype(np.float32), packed[:, -3].astype(np.float32), float(packed[0, -2]),
                     int(packed[0, -1]))

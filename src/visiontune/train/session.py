@@ -20,7 +20,16 @@ from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
 from visiontune.errors import DataError
-from visiontune.files import claim_dir, write_csv, write_json, write_text
+from visiontune.files import (
+    cache_max,
+    cache_root,
+    claim_dir,
+    evict,
+    guarded,
+    write_csv,
+    write_json,
+    write_text,
+)
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
@@ -122,7 +131,23 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
         raise
     for tracker in trackers:
         tracker.finish(result, _held_eval(setup, trainer, checkpoint))
+    if setup.env.is_main:
+        keep_cache_in_bounds(setup.cfg.train.cache_dir)
     return result
+
+
+def keep_cache_in_bounds(cache_dir: str | None) -> None:
+    """The cache's size cap (files.cache_max: $VISIONTUNE_CACHE_MAX, 10 GB by default),
+    enforced after each run: the least recently used entries go first. A cache that cannot
+    be read or cleaned costs nothing but the space."""
+    cap = cache_max()
+    if cap <= 0:
+        return
+    root = cache_root(cache_dir)
+    removed, freed = guarded(f"the cache {root}", lambda: evict(root, max_bytes=cap), (0, 0))
+    if removed:
+        log.info("cache: %d least recently used entries removed (%.1f MB) to stay under %.1f GB "
+                 "($VISIONTUNE_CACHE_MAX)", removed, freed / 1e6, cap / 1024 ** 3)
 
 
 def _deadline(t: TrainConfig, given: float | None, trainer: Trainer) -> float | None:
