@@ -248,3 +248,24 @@ def test_lr_find_writes_its_plot_into_the_output_folder_not_the_current_one(tmp_
     assert main(["lr-find", str(data), "--num-iter", "12", "--backbone", "timm:test_efficientnet", "--weights", "none",
                  "--image-size", "32", "--output", str(tmp_path / "runs")]) == 0
     assert (tmp_path / "runs" / "lr_find.png").is_file() and not (tmp_path / "lr_find.png").exists()
+
+
+def test_every_command_shows_examples_that_its_parser_accepts() -> None:
+    """The examples in each command's --help parse with the real parser, abbreviations
+    refused (a renamed flag must fail here, not in a user's terminal)."""
+    import argparse
+    import shlex
+
+    from visiontune.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        assert command.epilog and "examples:" in command.epilog, name
+        lines = [line.strip() for line in command.epilog.splitlines() if line.strip().startswith("visiontune ")]
+        assert lines, name
+        for line in lines:
+            args = shlex.split(line.split("  #")[0])[1:]
+            for p in (parser, *sub.choices.values()):
+                p.allow_abbrev = False
+            parser.parse_args(args)  # SystemExit on a bad flag

@@ -178,7 +178,8 @@ def _add_share_commands(sub: Any) -> None:
 
 def _add_look_commands(sub: Any) -> None:
     p = sub.add_parser("inspect", help="module tree, trainable parameters and LR of every group",
-                       epilog="example: visiontune inspect tf_efficientnet_lite0 --strategy freeze-k --freeze 3")
+                       epilog="examples:\n  visiontune inspect tf_efficientnet_lite0 --strategy freeze-k --freeze 3\n"
+                              "  visiontune inspect runs/<run>", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="backbone name (timm:<name>, torchvision:<name>) or a run directory")
     p.add_argument("--strategy", choices=strategy_names(), default="gradual")
     p.add_argument("--freeze", type=int, help="freeze-k: leading groups to freeze")
@@ -272,9 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_share_commands(sub)
     _add_look_commands(sub)
     _add_data_commands(sub)
-    for command in sub.choices.values():  # -q / -v after the command too
+    for name, command in sub.choices.items():  # -q / -v after the command too; examples in every --help
         _add_verbosity(command, argparse.SUPPRESS)
+        if name in COMMAND_EXAMPLES and not command.epilog:
+            command.epilog = "examples:\n" + "\n".join(f"  visiontune {line}" for line in COMMAND_EXAMPLES[name])
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+# Each command's examples, shown by its --help (tests/test_bundle_cli.py parses every one).
+COMMAND_EXAMPLES = {
+    "cv": ["cv data/hymenoptera --folds 5", "cv data/photos --strategy feature-extract --groups patient"],
+    "advise": ["advise data/hymenoptera", "advise data/photos --image-size 160"],
+    "lr-find": ["lr-find data/hymenoptera --strategy finetune", "lr-find data/photos --num-iter 200 --plot lr.png"],
+    "compare": ["compare data/hymenoptera --epochs 3", "compare data/photos --strategies feature-extract,gradual"],
+    "predict": ["predict runs/<run> photo.jpg photos/", "predict runs/<run> photos/ --top-k 1 --output preds.csv",
+                "predict runs/<run>/model.onnx photos/"],
+    "evaluate": ["evaluate runs/<run> data/hymenoptera/val", "evaluate runs/<run> test/ --output metrics.json"],
+    "serve": ["serve runs/<run>", "serve runs/<run> --port 8080"],
+    "export": ["export runs/<run> --format onnx", "export runs/<run> --format timm --output hub/"],
+    "push": ["push runs/<run> me/ants-vs-bees --private"],
+    "interpret": ["interpret runs/<run>", "interpret runs/<run> data/hymenoptera --top-n 24"],
+    "shard": ["shard data/photos --output shards/ --size 1000", "shard --csv labels.csv --output shards/"],
+    "imagify": ["imagify waves.csv --kind gadf --output waves_img --size 64"],
+    "demo": ["demo", "demo --strategy feature-extract --output demo"],
+}
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
