@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "visiontune needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1)." >&2
+    echo "Install one (e.g. apt-get install python3.11 python3.11-venv, or pyenv) or set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+# Note: on Linux, PyPI's torch wheel pulls several GB of CUDA libraries; on a CPU-only machine
+# set PIP_INDEX_URL=https://download.pytorch.org/whl/cpu for the torch line below if the
+# pinned versions are available there (here a local constraint provides them).
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
