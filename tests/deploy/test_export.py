@@ -159,6 +159,21 @@ def test_timm_folder_loads_in_timm_offline_with_the_fine_tuned_head(run, tmp_pat
             assert torch.equal(value, again[key]), key
 
 
+def test_the_timm_folder_carries_a_model_card_of_the_run(run, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = run
+    assert main(["export", str(run_dir), "--format", "timm", "--output", str(tmp_path / "hub")]) == 0
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert card.data.library_name == "timm" and "image-classification" in card.data.tags
+    text = card.text
+    assert "single-label" in text and "green, red" in text or "red, green" in text
+    assert "13 train images" in text and "3 valid images" in text  # 16 images, valid_pct 0.2 (stratified)
+    assert f"accuracy {metrics['accuracy']:.4f}" in text and "timm:test_efficientnet" in text
+    assert "feature-extract" in text and "Intended use and limits" in text and vt.__version__ in text
+
+
 def test_timm_format_refuses_what_timm_cannot_hold(tmp_path: Path) -> None:
     data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
     r = vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, head_hidden=8, output=str(tmp_path / "r")))

@@ -43,9 +43,9 @@ def test_onnx_features_match_pytorch_and_the_export_lives_in_the_cache(tmp_path:
     assert float((eager - onnx).abs().max()) / scale <= FEATURE_TOLERANCE
     exported = list((tmp_path / "cache" / "engines").glob("*.onnx"))
     assert len(exported) == 1 and not list(data.rglob("*.onnx"))  # the cache holds it, not the data or a run
-    stamp = exported[0].stat().st_mtime_ns
+    inode = exported[0].stat().st_ino  # a new export is written atomically: a new file, a new inode
     assert isinstance(frozen_engine(backbone, 32, CPU, "auto", tmp_path / "cache"), OnnxModule)
-    assert exported[0].stat().st_mtime_ns == stamp  # exported once for these weights, then reused
+    assert exported[0].stat().st_ino == inode  # exported once for these weights, then reused
 
 
 def test_an_export_that_disagrees_with_pytorch_is_never_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -3,7 +3,9 @@
     visiontune export runs/<run> --format timm --output DIR   # DIR/config.json + DIR/model.safetensors
     visiontune push runs/<run> user/my-model                   # the same folder, uploaded with huggingface_hub
 
-The folder is written by timm itself (`timm.models.save_for_hf`): `config.json` holds the
+The folder is written by timm itself (`timm.models.save_for_hf`), with a model card
+(`README.md`, huggingface_hub's ModelCard: task, labels, images per split, validation
+metrics, recipe, intended use and limits): `config.json` holds the
 architecture, num_classes, label_names and a pretrained_cfg with this run's mean, std,
 input size, interpolation and crop; `model.safetensors` the backbone with the fine-tuned
 head as timm's own classifier. So anyone can load it without visiontune:
@@ -78,7 +80,58 @@ def export_timm(run: str | os.PathLike[str], output: str | os.PathLike[str] | No
     meta = {**bundle.task.metadata(), "version": __version__, "classes": bundle.task.classes}
     save_for_hf(model, str(out), model_config={"label_names": list(bundle.task.classes), "visiontune": meta},
                 safe_serialization=True, data_config=data_config)
+    write_model_card(bundle, out)
     return out, diff
+
+
+def write_model_card(bundle: Bundle, out: Path) -> Path:
+    """`out/README.md`, a Hugging Face model card (huggingface_hub.ModelCard): task and
+    labels, images per split, the validation metrics of the weights kept, the recipe,
+    intended use and limits, and how to load it. From the run's own files."""
+    import csv
+    import json
+    from collections import Counter
+
+    from huggingface_hub import ModelCard
+
+    run = Path(bundle.path)
+    cfg = bundle.config
+    task = bundle.task
+    splits: Counter[str] = Counter()
+    if (run / "splits.csv").is_file():
+        with open(run / "splits.csv", newline="", encoding="utf-8") as fh:
+            splits.update(row["split"] for row in csv.DictReader(fh))
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    labels = ", ".join(task.classes) if task.name != "regression" else f"one number: {task.classes[0]}"
+    recipe = (f"backbone `{cfg.model.backbone}` ({cfg.model.weights} weights), strategy `{cfg.strategy.name}`, "
+              f"{metrics.get('epochs_run', cfg.train.epochs)} epochs run (best: {metrics.get('best_epoch', '?')}), "
+              f"{cfg.model.image_size or bundle.preprocess.input_size} px, augmentation `{cfg.train.augment}`, "
+              f"lr {cfg.train.lr}, seed {cfg.seed}") if cfg is not None else "unknown (no config.yaml in the run)"
+    lines = [
+        "---", "library_name: timm", "tags:", "- image-classification" if task.name != "regression" else
+        "- image-regression", "- timm", "- visiontune", "---", "",
+        f"# {run.name}", "",
+        f"A {task.name} model fine-tuned with visiontune {__version__}.", "",
+        f"- **Task**: {task.name}; outputs: {labels}",
+        "- **Data**: " + (", ".join(f"{n} {split} images" for split, n in sorted(splits.items())) or "not recorded"),
+        "- **Validation metrics** (the validation split of the run; the weights kept are the best epoch's): "
+        + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "none recorded"),
+        f"- **Recipe**: {recipe}",
+        f"- **Preprocessing**: {bundle.preprocess.input_size} px, mean {list(bundle.preprocess.mean)}, std "
+        f"{list(bundle.preprocess.std)}, {bundle.preprocess.interpolation} resize, crop {bundle.preprocess.crop_pct}",
+        "", "## Intended use and limits", "",
+        "For images like the training data: the metrics above hold for images drawn the way the validation split "
+        "was, not for other cameras, sites or label definitions. They come from a validation split that also chose "
+        "the best epoch (slightly optimistic); a held-out test set is the honest measure. Check the data's label "
+        "noise and duplicates (`visiontune interpret`) before trusting small differences.",
+        "", "## Use", "", "```python", "import timm", "",
+        'model = timm.create_model("hf-hub:USER/NAME", pretrained=True)  # or "local-dir:THIS_FOLDER"',
+        "```", "",
+    ]
+    card = ModelCard("\n".join(lines))
+    card.save(out / "README.md")
+    return out / "README.md"
 
 
 def push(run: str | os.PathLike[str], repo_id: str, private: bool = False, token: str | None = None) -> str:
