@@ -103,14 +103,13 @@ def write_model_card(bundle: Bundle, out: Path) -> Path:
             splits.update(row["split"] for row in csv.DictReader(fh))
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    labels = ", ".join(task.classes) if task.name != "regression" else f"one number: {task.classes[0]}"
+    labels = f"{task.summary_head(task.classes)} ({', '.join(task.classes)})"
     recipe = (f"backbone `{cfg.model.backbone}` ({cfg.model.weights} weights), strategy `{cfg.strategy.name}`, "
               f"{metrics.get('epochs_run', cfg.train.epochs)} epochs run (best: {metrics.get('best_epoch', '?')}), "
               f"{cfg.model.image_size or bundle.preprocess.input_size} px, augmentation `{cfg.train.augment}`, "
               f"lr {cfg.train.lr}, seed {cfg.seed}") if cfg is not None else "unknown (no config.yaml in the run)"
     lines = [
-        "---", "library_name: timm", "tags:", "- image-classification" if task.name != "regression" else
-        "- image-regression", "- timm", "- visiontune", "---", "",
+        "---", "library_name: timm", "tags:", f"- {task.card_tag}", "- timm", "- visiontune", "---", "",
         f"# {run.name}", "",
         f"A {task.name} model fine-tuned with visiontune {__version__}.", "",
         f"- **Task**: {task.name}; outputs: {labels}",

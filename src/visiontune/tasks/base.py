@@ -131,6 +131,7 @@ class Task(ABC):
     named_in_summary: ClassVar[bool] = False  # the data summary names the task (the default task is not named)
     score_metric: ClassVar[str] = "accuracy"  # the advisor's score (higher is better, 1 perfect; chance below)
     units: ClassVar[tuple[str, str]] = ("class", "classes")  # one output / many, in the advisor's words
+    card_tag: ClassVar[str] = "image-classification"  # the model card's tag (deploy/hub.py)
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
 
     def __init__(self, classes: Sequence[str]) -> None:

@@ -63,6 +63,7 @@ class Regression(Task):
     named_in_summary = True
     score_metric = "r2"
     units = ("target", "target")
+    card_tag = "image-regression"
     mixup_targets = None
     confusable = False
 

@@ -50,6 +50,8 @@ class TrainerView(Protocol):
     total_epochs: int
     env: Any  # DistEnv: rank, world size
     run_dir: Path  # os.devnull on processes other than rank 0
+    holding_peak: bool  # a time-decided schedule before its decay (EarlyStopping waits)
+    plan: Any  # Plan: the phases (which epoch a converged probe fitted)
 
     def save_checkpoint(self, path: Path) -> None: ...
     def broadcast_weights(self) -> None: ...
@@ -120,7 +122,7 @@ class EarlyStopping(Callback):
         if self.tracker.update(state.metrics, state.epoch):
             self.wait = 0
             return
-        if getattr(trainer, "holding_peak", False):
+        if trainer.holding_peak:
             return  # warmup-stable-decay by the clock, before its decay: the peak LR's epochs say little of the end
         self.wait += 1
         if self.patience and self.wait >= self.patience:
@@ -177,8 +179,8 @@ class Checkpoint(Callback):
         if self.write:
             trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))
         trainer.broadcast_weights()
-        plan = getattr(trainer, "plan", None)
-        probe_won = plan is not None and plan.phases[plan.phase_index(self.tracker.best_epoch)].probe and \
+        plan = trainer.plan
+        probe_won = plan.phases[plan.phase_index(self.tracker.best_epoch)].probe and \
             trainer.state.epoch > self.tracker.best_epoch
         log.info("restored best weights from epoch %d (%s=%.4f)%s", self.tracker.best_epoch + 1,
                  self.tracker.metric, self.tracker.best,
