@@ -68,3 +68,14 @@ def test_a_run_keeps_the_cache_under_its_cap(flat_data: Path, tmp_path: Path, ti
     assert vt.fit(flat_data, **dict(tiny, strategy="feature-extract", cache_dir=str(cache),
                                     output=str(tmp_path / "r"))).metrics == r.metrics
     assert parse_size("10G") == 10 * 1024 ** 3 and parse_size("500M") == 500 * 1024 ** 2 and parse_size("800") == 800
+
+
+def test_a_bad_cap_is_a_clear_error_in_cache_info_and_never_fails_a_finished_run(
+        flat_data: Path, tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("VISIONTUNE_CACHE_MAX", "ten gigs")
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "VISIONTUNE_CACHE_MAX" in capsys.readouterr().err
+    r = vt.fit(flat_data, **dict(tiny, strategy="feature-extract", cache_dir=str(tmp_path / "c"),
+                                 output=str(tmp_path / "r")))
+    assert r.metrics and (Path(r.run_dir) / "model.safetensors").is_file()

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog(),
     )
     parser.add_argument("--version", action="version", version=f"visiontune {__version__}")
-    _add_verbosity(parser, argparse.SUPPRESS)
+    _add_verbosity(parser)
     parser.set_defaults(quiet=False, verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_look_commands(sub)
     _add_data_commands(sub)
     for name, command in sub.choices.items():  # -q / -v after the command too; examples in every --help
-        _add_verbosity(command, argparse.SUPPRESS)
+        _add_verbosity(command)
         if name in COMMAND_EXAMPLES and not command.epilog:
             command.epilog = "examples:\n" + "\n".join(f"  visiontune {line}" for line in COMMAND_EXAMPLES[name])
             command.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -300,12 +300,14 @@ COMMAND_EXAMPLES = {
 }
 
 
-def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
-    """-q / -v; SUPPRESS as the default, so a subcommand's unset flag never overrides the
-    one given before the command."""
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-q / -v, defaulting to SUPPRESS so that a command's unset flag never overrides the one
+    given before the command (the top-level parser sets the real defaults)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and results")
-    group.add_argument("-v", "--verbose", action="store_true", default=default, help="visiontune's debug messages too")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and results")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="visiontune's debug messages too")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

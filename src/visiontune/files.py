@@ -21,12 +21,15 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from visiontune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +219,10 @@ def parse_size(text: str) -> int:
 def cache_max() -> int:
     """The cache's size cap: $VISIONTUNE_CACHE_MAX (e.g. 20G; 0: no cap) or 10 GB."""
     text = os.environ.get("VISIONTUNE_CACHE_MAX")
-    return parse_size(text) if text else DEFAULT_CACHE_MAX
+    try:
+        return parse_size(text) if text else DEFAULT_CACHE_MAX
+    except ValueError as exc:
+        raise ConfigError(f"$VISIONTUNE_CACHE_MAX: {exc}") from None
 
 
 def touch(path: Path) -> None:
@@ -238,15 +244,24 @@ def cache_entries(root: Path) -> list[tuple[str, Path, int, float]]:
             continue
         if area == "features":
             for folder in (p for p in base.iterdir() if p.is_dir()):
-                stats = [f.stat() for f in folder.rglob("*") if f.is_file()]
+                stats = [st for st in map(_stat, folder.rglob("*")) if st is not None]
                 out.append((area, folder, sum(st.st_size for st in stats),
                             max([folder.stat().st_mtime, *(st.st_mtime for st in stats)])))
             continue
         for f in base.rglob("*"):
-            if f.is_file():
-                st = f.stat()
+            st = _stat(f)
+            if st is not None:
                 out.append((area, f, st.st_size, st.st_mtime))
     return out
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """A regular file's stat; None for a folder or a file another process removed meanwhile."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def cache_usage(root: Path) -> dict[str, tuple[int, int]]:

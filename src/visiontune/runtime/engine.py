@@ -44,7 +44,9 @@ _REFUSED: dict[str, str] = {}  # engines that failed in this process (key -> why
 
 
 def onnx_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+    """Whether an ONNX file can be run here (onnx + onnxruntime; writing one also needs
+    onnxscript, which write_onnx asks for)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def check_engine(engine: str) -> str:
@@ -123,8 +125,7 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
         return backbone
     if not onnx_available():
         if engine == "onnx":
-            raise VisiontuneError("engine 'onnx' needs onnx, onnxscript and onnxruntime: "
-                                  "pip install 'visiontune[export]'")
+            raise VisiontuneError("engine 'onnx' needs onnx and onnxruntime: pip install 'visiontune[export]'")
         return backbone
     key = f"{module_digest(backbone)}-{image_size}"
     target = cache_root(cache_dir) / "engines" / f"{key}.onnx"

@@ -179,11 +179,11 @@ def _final_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Ten
 
 def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, criterion: TaskLoss,
               task: Task, seed: int, groups: list[str] | None, deadline: float | None = None) -> _Search:
-    """The C with the best held-out score over CV_FOLDS folds (data/splits.py: stratified,
+    """The best C by cross-validation over CV_FOLDS folds (data/splits.py: stratified,
     groups whole) of a stratified sample of at most SEARCH_ROWS rows; DEFAULT_C when there
-    are too few images or groups to fold. The score is CRITERION's: "loss", the held-out
-    task loss (unweighted), or "metric", the task's `score_metric` on the out-of-fold
-    outputs with ties broken by the loss. First the decade grid C_GRID, from its middle
+    are too few images or groups to fold. Which C is best is CRITERION's rule
+    (`_CSearch.best_c`; by default the lowest held-out loss within one standard error of the
+    best held-out `score_metric`). First the decade grid C_GRID, from its middle
     out (SEARCH_ORDER: a search the deadline stops early has tried the likeliest), moved
     out by a decade while the best sits on its edge (down to C_LIMITS); then REFINE
     halvings of the step in log C around the best (half a decade, then a quarter). Each

@@ -19,7 +19,7 @@ from visiontune import display
 from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
-from visiontune.errors import DataError
+from visiontune.errors import ConfigError, DataError
 from visiontune.files import (
     cache_max,
     cache_root,
@@ -139,8 +139,13 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
 def keep_cache_in_bounds(cache_dir: str | None) -> None:
     """The cache's size cap (files.cache_max: $VISIONTUNE_CACHE_MAX, 10 GB by default),
     enforced after each run: the least recently used entries go first. A cache that cannot
-    be read or cleaned costs nothing but the space."""
-    cap = cache_max()
+    be read or cleaned, or a cap that cannot be read, costs nothing but the space: the run
+    is done by then."""
+    try:
+        cap = cache_max()
+    except ConfigError as exc:
+        log.warning("%s; the cache is not trimmed", exc)
+        return
     if cap <= 0:
         return
     root = cache_root(cache_dir)
