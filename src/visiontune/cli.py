@@ -16,7 +16,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
+from visiontune.config import (
+    SECTION_TITLES,
+    SUGGEST_METHODS,
+    DataConfig,
+    choices_of,
+    option_fields,
+    option_key,
+)
 from visiontune.errors import VisiontuneError
 from visiontune.files import CACHE_AREAS
 from visiontune.train.strategies import describe_strategies, strategy_names
@@ -116,6 +123,30 @@ def _add_training_commands(sub: Any) -> None:
                    help=f"comma-separated (default: all of {', '.join(strategy_names())})")
     p.add_argument("--folds", type=int, help="cross-validate each strategy: mean +- std")
     add_run_options(p)
+
+
+def _add_suggest_command(sub: Any) -> None:
+    p = sub.add_parser("suggest", help="which unlabelled images to label next (typical images first, then the "
+                       "model's least sure ones, spread out), written to a CSV that train --csv reads back")
+    p.add_argument("pool", nargs="+", help="folders (searched recursively) and files of unlabelled images")
+    p.add_argument("--run", help="a trained run: its model's uncertainty; its own images count as labelled")
+    p.add_argument("--labelled", metavar="DATA", help="images labelled so far: a folder as train reads it, or the "
+                   "folder --csv paths are relative to")
+    p.add_argument("--csv", help="labels so far: a CSV of path,label (e.g. a filled-in to_label.csv)")
+    p.add_argument("--n", type=int, default=100, help="images to suggest (100)")
+    p.add_argument("--method", choices=SUGGEST_METHODS, default="auto",
+                   help="auto: typical while the median class has under 5 labels (or nothing is labelled), else "
+                   "diverse; typical: the most typical image of each unlabelled cluster (TypiClust); uncertain: "
+                   "the model's least sure; diverse: least sure and unlike each other (uncertainty-weighted "
+                   "k-means++); random: a seeded sample")
+    p.add_argument("--output", default="to_label.csv", help="CSV to write: path, label (empty: fill it in), "
+                   "prediction, reason, score (to_label.csv)")
+    for flag, what in (("--backbone", "frozen model without --run (the default backbone)"),
+                       ("--weights", "its weights (pretrained)"), ("--image-size", "its input size"),
+                       ("--task", "shape of the --labelled labels (auto)"), ("--label-delim", "separator of label sets"),
+                       ("--device", "auto | cpu | cuda"), ("--engine", "auto | torch | onnx, for the features"),
+                       ("--cache-dir", "root of the feature cache"), ("--seed", "seed of k-means and random (0)")):
+        p.add_argument(flag, type=int if flag in ("--image-size", "--seed") else str, help=what)
 
 
 def _add_use_commands(sub: Any) -> None:
@@ -269,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(quiet=False, verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
+    _add_suggest_command(sub)
     _add_use_commands(sub)
     _add_share_commands(sub)
     _add_look_commands(sub)
@@ -296,6 +328,8 @@ COMMAND_EXAMPLES = {
     "interpret": ["interpret runs/<run>", "interpret runs/<run> data/hymenoptera --top-n 24"],
     "shard": ["shard data/photos --output shards/ --size 1000", "shard --csv labels.csv --output shards/"],
     "imagify": ["imagify waves.csv --kind gadf --output waves_img --size 64"],
+    "suggest": ["suggest photos/ --n 100 --output to_label.csv",
+                "suggest photos/ --run runs/<run> --n 50 --method diverse", "suggest photos/ --csv to_label.csv"],
     "demo": ["demo", "demo --strategy feature-extract --output demo"],
 }
 

@@ -25,6 +25,7 @@ from visiontune.selection.advisor import advise
 from visiontune.selection.compare import compare, format_compare
 from visiontune.selection.cv import cross_validate
 from visiontune.selection.lrfind import lr_find
+from visiontune.selection.suggest import filled_rows, suggest
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,6 +70,24 @@ def compare_strategies(args: argparse.Namespace) -> int:
 
 def advise_strategy(args: argparse.Namespace) -> int:
     print(advise(args.data, config=_base_config(args), **_overrides(args)).format())
+    return 0
+
+
+def suggest_labels(args: argparse.Namespace) -> int:
+    overrides = {key: getattr(args, key) for key in ("backbone", "weights", "image_size", "task", "label_delim",
+                                                     "device", "engine", "cache_dir", "seed")
+                 if getattr(args, key) is not None}
+    csv_path = args.csv
+    if csv_path is None and args.labelled is None and filled_rows(args.output):
+        csv_path = args.output  # the labels filled in so far count: they are not suggested again
+        print(f"labelled so far: the filled-in rows of {args.output}")
+    result = suggest(args.pool if len(args.pool) > 1 else args.pool[0], run=args.run, labelled=args.labelled,
+                     csv=csv_path, n=args.n, method=args.method, **overrides)
+    kept = result.write_csv(args.output)
+    print(result.format())
+    print(f"wrote {args.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
+          + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), then "
+          f"`visiontune train --csv {args.output} --task {result.task}` trains on the rows you filled in")
     return 0
 
 
@@ -225,6 +244,7 @@ def cache(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train, "cv": cv, "compare": compare_strategies, "advise": advise_strategy, "lr-find": find_lr,
+    "suggest": suggest_labels,
     "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run, "push": push_run,
     "serve": serve_run, "interpret": interpret_run, "demo": demo, "shard": shard, "cache": cache,
 }

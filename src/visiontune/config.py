@@ -56,6 +56,9 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
     return field(default=default, metadata=meta)
 
 
+# `visiontune suggest --method` (selection/suggest.py); here so that --help needs no torch
+SUGGEST_METHODS = ("auto", "typical", "uncertain", "diverse", "random")
+
 TRACKERS: Registry[str] = Registry("tracker", {"tensorboard": "TensorBoard event files in the run directory",
                                                "mlflow": "an MLflow run (MLFLOW_TRACKING_URI, else ./mlruns)"})
 

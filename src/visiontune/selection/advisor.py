@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
@@ -32,11 +31,10 @@ from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_pairs
 from visiontune.models.classifier import create_classifier
-from visiontune.runtime.device import prepare_model, resolve_device
 from visiontune.selection.costs import Costs, measure_costs
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
-from visiontune.train.features import cache_for, extract_features
+from visiontune.train.features import backbone_features
 from visiontune.train.probe import oof_outputs
 from visiontune.train.strategies import AUTO, get_strategy
 
@@ -181,14 +179,7 @@ def _knn_outputs(pixels: np.ndarray, task: Task, targets: np.ndarray, neighbours
 
 def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource, paths: list[str]) -> np.ndarray:
     model, pre = create_classifier(model_cfg, len(source.classes))
-    device = resolve_device(cfg.train.device)
-    prepare_model(model, device, cfg.train.channels_last)
-    cache = cache_for(model_cfg.backbone, model.backbone, pre, cfg.train.cache_dir)
-    batch = cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 64
-    with torch.no_grad():
-        feats, _ = extract_features(model.backbone, paths, pre, device, cache, batch, cfg.train.num_workers,
-                                    cfg.train.channels_last, engine=cfg.train.engine, cache_dir=cfg.train.cache_dir)
-    return feats.numpy()
+    return backbone_features(model_cfg.backbone, model.backbone, pre, paths, cfg.train)
 
 
 def _pixels(paths: list[str], size: int = 16) -> np.ndarray:

@@ -133,6 +133,8 @@ class Task(ABC):
     units: ClassVar[tuple[str, str]] = ("class", "classes")  # one output / many, in the advisor's words
     card_tag: ClassVar[str] = "image-classification"  # the model card's tag (deploy/hub.py)
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
+    label_column: ClassVar[str] = "label"  # the CSV column `suggest` writes, named so `train --csv` reads this shape
+    ensemble: ClassVar[int] = 1  # fits whose disagreement `uncertainty` reads (1: one model's outputs say it)
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -236,6 +238,14 @@ class Task(ABC):
         """Targets in the outputs' space, one column per output (a one-hot row per class
         index): what averaging neighbours' targets turns into outputs (the advisor's k-NN)."""
         return np.eye(self.num_classes)[np.asarray(targets, dtype=np.int64)]
+
+    def uncertainty(self, members: np.ndarray) -> np.ndarray:
+        """(N,) how unsure the model is of each image, higher = less sure, from `members`
+        (M, N, outputs): the outputs of M fits (`suggest` ranks images to label by it).
+        Classes: 1 - the margin between the two most probable classes of the mean output."""
+        probs = np.sort(np.asarray(members).mean(axis=0), axis=1)
+        second = probs[:, -2] if probs.shape[1] > 1 else 1 - probs[:, -1]
+        return 1 - (probs[:, -1] - second)
 
     def warm_start_names(self) -> list[str] | None:
         """Names to match against the pretrained classifier's classes (models/warmstart.py);

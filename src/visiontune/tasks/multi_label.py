@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from visiontune.data.labels import (
+    MULTI_LABEL_COLUMNS,
     check_label_names,
     indicator,
     label_counts,
@@ -73,6 +74,7 @@ class MultiLabel(Task):
     score_metric = "mAP"
     units = ("label", "labels")
     mixup_targets = "multi-hot"
+    label_column = MULTI_LABEL_COLUMNS[0]  # a 'labels' column reads as label sets under --task auto
 
     @classmethod
     def parse_label(cls, text: Any, delim: str, where: str) -> Any:
@@ -182,6 +184,12 @@ class MultiLabel(Task):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid()
+
+    def uncertainty(self, members: np.ndarray) -> np.ndarray:
+        """Label sets: each label's binary entropy (in bits, 1 = a coin flip) of the mean
+        output, averaged over the labels."""
+        p = np.clip(np.asarray(members).mean(axis=0), 1e-7, 1 - 1e-7)
+        return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).mean(axis=1)
 
     def predictions(self, probs: np.ndarray) -> np.ndarray:
         return (probs >= self.thresholds[None, :]).astype(int) if len(probs) else np.zeros((0, self.num_classes), int)

@@ -66,6 +66,7 @@ class Regression(Task):
     card_tag = "image-regression"
     mixup_targets = None
     confusable = False
+    ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty
 
     def __init__(self, classes: Sequence[str], mean: float = 0.0, std: float = 1.0,
                  target_range: Sequence[float] | None = None, loss: str = "mse", outputs_mapped: bool = False) -> None:
@@ -201,6 +202,14 @@ class Regression(Task):
 
     def output_module(self) -> nn.Module:
         return _Scale(self)
+
+    def uncertainty(self, members: np.ndarray) -> np.ndarray:
+        """Numbers: the spread (standard deviation, real units) of the fits' predictions; one
+        fit alone says nothing of its doubt, so this needs `ensemble` fits."""
+        members = np.asarray(members)
+        if len(members) < 2:
+            raise ValueError("regression's uncertainty needs the predictions of several fits")
+        return members[..., 0].std(axis=0)
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
         y, p = np.asarray(targets, dtype=float).reshape(-1), np.asarray(probs, dtype=float).reshape(-1)

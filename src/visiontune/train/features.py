@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from visiontune.data.scan import ScanCache, digests_of
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
 from visiontune.files import cache_root, guarded, preallocate, touch
-from visiontune.runtime.device import to_device
+from visiontune.runtime.device import prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.train.shards import SHARD_ROWS, ShardStore
 
@@ -103,6 +104,19 @@ def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
               cache_dir: str | os.PathLike[str] | None = None) -> FeatureCache:
     """The cache of this backbone (weights) and preprocessing, under `cache_dir` or the default."""
     return FeatureCache(cache_root(cache_dir) / "features", model_fingerprint(backbone_name, backbone, pre))
+
+
+def backbone_features(backbone_name: str, backbone: nn.Module, pre: Preprocess, paths: Sequence[str],
+                      train_cfg: Any) -> np.ndarray:
+    """(N, D) features of `paths` through `backbone` on the run options' device, engine and
+    cache (`train_cfg`: a TrainConfig): what the advisor and `suggest` measure on."""
+    device = resolve_device(train_cfg.device)
+    prepare_model(backbone, device, train_cfg.channels_last)
+    cache = cache_for(backbone_name, backbone, pre, train_cfg.cache_dir)
+    batch = train_cfg.batch_size if isinstance(train_cfg.batch_size, int) else 64
+    feats, _ = extract_features(backbone, list(paths), pre, device, cache, batch, train_cfg.num_workers,
+                                train_cfg.channels_last, engine=train_cfg.engine, cache_dir=train_cfg.cache_dir)
+    return feats.numpy()
 
 
 @dataclass

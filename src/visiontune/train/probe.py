@@ -101,14 +101,30 @@ def oof_outputs(features: np.ndarray, targets: np.ndarray, task: Task, seed: int
     """Out-of-fold outputs of the converged probe (the task's loss): C
     chosen once by its cross-validation on every row, then one fit per fold (folds by
     `task.strata`); and that C. Regression's "suspicious targets" rank images by these."""
-    first = fit_probe(features, targets, task, seed=seed)
+    fits, c = fold_fits(features, targets, task, seed, folds)
     out = np.zeros((len(targets), task.num_classes))
+    for held, fit in fits:
+        out[held] = probe_outputs(fit, features[held], task)
+    return out, c
+
+
+def fold_fits(features: np.ndarray, targets: np.ndarray, task: Task, seed: int = 0,
+              folds: int = 5) -> tuple[list[tuple[np.ndarray, ProbeFit]], float]:
+    """(held-out rows, the probe fitted on the other rows) per fold, all at the C that the
+    search chose once on every row; and that C."""
+    c = fit_probe(features, targets, task, seed=seed).c
+    fits = []
     for held in fold_splits(task.strata(targets), None, min(folds, max(2, len(targets) // 2)), seed):
         train = np.setdiff1d(np.arange(len(targets)), held)
-        fit = fit_probe(features[train], targets[train], task, seed=seed, c=first.c)
-        logits = torch.from_numpy(features[held].astype(np.float32) @ fit.weight.T + fit.bias)
-        out[held] = task.probabilities(logits).numpy()
-    return out, first.c
+        fits.append((held, fit_probe(features[train], targets[train], task, seed=seed, c=c)))
+    return fits, c
+
+
+def probe_outputs(fit: ProbeFit, features: np.ndarray, task: Task) -> np.ndarray:
+    """The task's outputs (probabilities, numbers) of `fit` on `features` (N, D)."""
+    logits = torch.from_numpy(np.asarray(features, dtype=np.float32) @ fit.weight.T.astype(np.float32)
+                              + fit.bias.astype(np.float32))
+    return task.probabilities(logits).numpy()
 
 
 def load_into(head: nn.Module, fit: ProbeFit) -> None:

@@ -1,0 +1,414 @@
+"""What to label next: rank unlabelled images by how much labelling them would help.
+
+Everything is measured on frozen backbone features (train/features.py: computed once,
+cached), so a pool that was seen before ranks in seconds. The methods:
+
+- **typical** (TypiClust, Hacohen et al., ICML 2022): cluster the pool (with the images
+  already labelled) into n + labelled clusters with k-means, and take the most typical
+  image (the densest: smallest mean distance to its nearest neighbours) of each of the n
+  largest clusters that hold no labelled image. With few labels a model's uncertainty is
+  noise, and typical images are what a classifier learns most from (the paper's
+  low-budget regime).
+- **uncertain**: the images the model is least sure of (`Task.uncertainty`: 1 - the
+  margin of the two likeliest classes; each label's entropy for label sets; the spread of
+  the probe's cross-validation fits for numbers).
+- **diverse**: uncertainty and diversity together, as BADGE (Ash et al., ICLR 2020) does:
+  among the n x CANDIDATES most uncertain images, k-means++ seeding weighted by the
+  uncertainty (scikit-learn's `kmeans_plusplus`), so one batch does not hold near-copies.
+- **random**: a seeded sample, the baseline every other method must beat.
+- **auto**: typical while there is no model or the median class has fewer than
+  TYPICAL_BELOW labels; diverse from there.
+
+The model whose uncertainty counts is the run's (`--run`: its fine-tuned backbone and
+head), else the converged probe (train/probe.py) fitted on the labelled images' features.
+Images already labelled, files with the same bytes, and near-copies (features with cosine
+similarity >= NEAR_COPY to a labelled image's) are never suggested. Nothing here branches
+on the label shape: the Task says what uncertainty is, how many fits it needs, how a
+prediction reads and which CSV column holds labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans, MiniBatchKMeans, kmeans_plusplus
+from sklearn.decomposition import PCA
+
+from visiontune.bundle import load_bundle
+from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
+from visiontune.data.items import TEST
+from visiontune.data.scan import digests_of, scan_cache
+from visiontune.data.sources import collect_images, load_items
+from visiontune.data.webdata import is_shard_item, shard_digests
+from visiontune.errors import ConfigError, DataError
+from visiontune.files import atomic_write
+from visiontune.models.classifier import create_classifier
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
+from visiontune.train.features import backbone_features
+from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
+
+log = logging.getLogger(__name__)
+
+METHODS = SUGGEST_METHODS
+TYPICAL_BELOW = 5  # labels per class (median) under which auto picks typical images
+NEAR_COPY = 0.98  # cosine similarity of features at which a pool image counts as a copy of a labelled one
+CANDIDATES = 10  # diverse: picks among the n x CANDIDATES most uncertain images
+EMBED_DIMS = 64  # typical: k-means runs on the features' first principal components
+DENSITY_NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours (TypiClust's k)
+COVERED_CLUSTERS = 1000  # typical: at most this many extra clusters for the labelled images (k-means' cost)
+PCA_SAMPLE = 10_000  # the principal components are fitted on a random sample of this many images
+LARGE_POOL = 50_000  # pools larger than this are clustered by mini-batch k-means
+DENSITY_SAMPLE = 2000  # typicality is measured on at most this many images of one cluster
+
+
+@dataclass
+class Suggestion:
+    path: str
+    reason: str
+    score: float  # typicality (typical), uncertainty (uncertain, diverse); 0 for random
+    prediction: str = ""  # the model's label, as a pre-filled suggestion ("" without a model)
+
+
+@dataclass
+class Suggestions:
+    rows: list[Suggestion]
+    method: str  # the method that ran (auto resolved)
+    why: str  # why that method
+    pool: int  # images considered, after the exclusions
+    labelled: int  # images already labelled
+    label_column: str = "label"  # the CSV column train --csv reads labels from (the task's)
+    task: str = "single-label"
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out of the pool
+
+    def write_csv(self, path: str | os.PathLike[str]) -> int:
+        """path, an empty label column to fill in, the model's prediction, reason, score:
+        `visiontune train --csv` reads the rows whose label is filled in. The rows of an
+        earlier file at `path` whose label is filled in are kept, first (nothing labelled is
+        lost); returns how many."""
+        kept = filled_rows(path)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                out = csv.writer(fh)
+                out.writerow(["path", self.label_column, "prediction", "reason", "score"])
+                out.writerows(kept)
+                out.writerows([r.path, "", r.prediction, r.reason, f"{r.score:.6g}"] for r in self.rows)
+        atomic_write(Path(path), write)
+        return len(kept)
+
+    def format(self) -> str:
+        lines = [f"suggested {len(self.rows)} of {self.pool} unlabelled images ({self.labelled} already labelled) by "
+                 f"{self.method}: {self.why}"]
+        if self.excluded:
+            lines.append(f"left out of the pool: {len(self.excluded)} ({_reasons(self.excluded)})")
+        lines += [f"  {r.path}  {r.reason}" + (f"  (model: {r.prediction})" if r.prediction else "")
+                  for r in self.rows[:10]]
+        if len(self.rows) > 10:
+            lines.append(f"  ... {len(self.rows) - 10} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Known:
+    """What is known before ranking: the feature model, the task, the labelled images."""
+
+    cfg: RunConfig
+    backbone_name: str
+    backbone: torch.nn.Module
+    preprocess: Any
+    task: Task | None  # None: no labels and no run
+    paths: list[str]  # labelled images (every split: none of them is suggested)
+    labels: list[Any]  # of the labelled train + valid images, what a probe may fit
+    fit_rows: list[int]  # their rows in `paths`
+    head: torch.nn.Module | None = None  # the run's head
+
+
+def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+            run: str | os.PathLike[str] | None = None, labelled: str | os.PathLike[str] | None = None,
+            csv: str | None = None, n: int = 100, method: str = "auto", config: RunConfig | None = None,
+            **overrides: Any) -> Suggestions:
+    """Rank the images of `pool` (folders searched recursively, or files) and return the `n`
+    to label next. `run`: a trained run (its model's uncertainty; its splits.csv images
+    count as labelled). `labelled` / `csv`: images labelled so far (a folder tree or a CSV,
+    as `train` reads them). `overrides`: run options (backbone, image_size, seed, cache_dir...)
+    for the frozen model when there is no run."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if n < 1:
+        raise ConfigError(f"--n {n}: ask for at least one image")
+    known = _known(run, labelled, csv, config, overrides)
+    paths, excluded = _pool_paths(pool, known)
+    if not paths:
+        raise DataError(f"no unlabelled images in {pool}: every image there is labelled already or was left out "
+                        f"({_reasons(excluded) or 'no image files'})")
+    train = known.cfg.train
+    feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, paths + known.paths, train)
+    pool_feats, lab_feats = feats[:len(paths)], feats[len(paths):]
+    keep = ~_near_copies(pool_feats, lab_feats)
+    excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
+    paths, pool_feats = [p for p, k in zip(paths, keep) if k], pool_feats[keep]
+    members, predicted = _members(known, pool_feats, lab_feats)
+    chosen, why = choose_method(method, known, members is not None)
+    uncertainty = known.task.uncertainty(members) if members is not None and known.task else None
+    picks, scores, reasons = rank(pool_feats, min(n, len(paths)), chosen, uncertainty=uncertainty,
+                                  labelled=lab_feats, seed=known.cfg.seed)
+    rows = [Suggestion(paths[i], r, float(s), _prediction(known, predicted, i)) for i, s, r in zip(picks, scores, reasons)]
+    task = known.task
+    return Suggestions(rows, chosen, why, len(paths), len(known.paths), task.label_column if task else "label",
+                       task.name if task else "single-label", excluded)
+
+
+def filled_rows(path: str | os.PathLike[str]) -> list[list[str]]:
+    """The rows of a suggestions CSV at `path` whose label is filled in ([] if there is no
+    file). A file of another shape is refused rather than overwritten."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.reader(fh))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if header[:1] != ["path"] or len(header) < 2:
+        raise ConfigError(f"--output {path} exists and is not a suggestions CSV (path,label,...): choose another "
+                          "--output, so that nothing in it is overwritten")
+    return [r for r in rows[1:] if len(r) > 1 and r[1].strip()]
+
+
+def rank(features: np.ndarray, n: int, method: str, *, uncertainty: np.ndarray | None = None,
+         labelled: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The `n` rows of `features` (N, D) to label next by `method` (not auto), their scores and
+    why each: the core of `suggest`, on features alone (bench/label_efficiency.py calls it)."""
+    n = min(n, len(features))
+    if method == "random":
+        picks = np.random.default_rng(seed).choice(len(features), n, replace=False)
+        return picks, np.zeros(n), ["random"] * n
+    if method == "typical":
+        return typical(features, n, labelled, seed)
+    if uncertainty is None:
+        raise ConfigError(f"--method {method} needs a model: a run (--run) or labelled images (--labelled/--csv)")
+    if method == "uncertain":
+        picks = np.argsort(-uncertainty, kind="stable")[:n]
+        return picks, uncertainty[picks], [f"uncertain ({uncertainty[i]:.3g})" for i in picks]
+    picks = diverse(features, uncertainty, n, seed)
+    return picks, uncertainty[picks], [f"uncertain ({uncertainty[i]:.3g}) and unlike the other picks" for i in picks]
+
+
+def typical(features: np.ndarray, n: int, labelled: np.ndarray | None = None,
+            seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """TypiClust: the most typical image of each of the n largest clusters without a label."""
+    lab = labelled if labelled is not None else np.zeros((0, features.shape[1]), np.float32)
+    x = _embedding(np.concatenate([features, lab]) if len(lab) else features, seed)
+    k = min(len(features), n + min(len(lab), COVERED_CLUSTERS))
+    clusters = _kmeans(k, len(x), seed).fit_predict(x)
+    mine, covered = clusters[:len(features)], set(clusters[len(features):].tolist())
+    sizes = np.bincount(mine, minlength=k)
+    order = sorted(range(k), key=lambda c: (c in covered, -sizes[c]))  # uncovered first, largest first
+    picks, scores, reasons = [], [], []
+    for c in order:
+        rows = np.flatnonzero(mine == c)
+        if len(picks) == n or not len(rows):
+            continue
+        best, score = _most_typical(x[rows], seed)
+        picks.append(rows[best])
+        scores.append(score)
+        reasons.append(f"typical of a cluster of {len(rows)} images" + (" (holds labelled images)" if c in covered
+                                                                           else " with no label yet"))
+    return np.array(picks, dtype=np.int64), np.array(scores), reasons
+
+
+def diverse(features: np.ndarray, uncertainty: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """`n` rows among the n x CANDIDATES most uncertain, by k-means++ seeding on the
+    normalised features weighted by uncertainty: far from the picks so far, and unsure."""
+    candidates = np.argsort(-uncertainty, kind="stable")[:min(len(features), max(n, CANDIDATES * n))]
+    x = _normalised(features[candidates])
+    _, chosen = kmeans_plusplus(x, n, sample_weight=uncertainty[candidates] + 1e-6, random_state=seed)
+    return candidates[chosen]
+
+
+def choose_method(method: str, known: _Known, has_model: bool) -> tuple[str, str]:
+    """auto resolved, and why, in words."""
+    if method != "auto":
+        if method in ("uncertain", "diverse") and not has_model:
+            raise ConfigError(f"--method {method} needs a model: a run (--run) or labelled images (--labelled/--csv)")
+        return method, "as asked"
+    if not has_model or known.task is None:
+        return "typical", "nothing is labelled yet, so the most typical image of each cluster of the pool (TypiClust)"
+    counts = list(known.task.counts(known.labels, known.task.classes).values()) or [0]
+    median = statistics.median(counts)
+    if median < TYPICAL_BELOW:
+        return "typical", (f"{median:g} labels per {known.task.units[0]} (median) is under {TYPICAL_BELOW}, where a "
+                           "model's uncertainty is still noise, so typical images of unlabelled clusters (TypiClust)")
+    return "diverse", (f"{median:g} labels per {known.task.units[0]} (median), so the model's least sure images, "
+                       "spread over the pool (uncertainty-weighted k-means++)")
+
+
+def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] | None, csv_path: str | None,
+           config: RunConfig | None, overrides: dict[str, Any]) -> _Known:
+    """The feature model, the task and the labelled images, from a run and/or labelled data."""
+    if run is not None:
+        bundle = load_bundle(run)
+        cfg = RunConfig.create(bundle.config, **overrides) if overrides else (bundle.config or RunConfig())
+        known = _Known(cfg, cfg.model.backbone, bundle.model.backbone, bundle.preprocess, bundle.task, [], [], [],
+                       bundle.model.head.eval())
+        _add_labelled(known, _run_items(Path(bundle.path), bundle.task, cfg.data.label_delim))
+    else:
+        cfg = RunConfig.create(config, **overrides)
+        model, pre = create_classifier(cfg.model, 1)
+        known = _Known(cfg, cfg.model.backbone, model.backbone, pre, None, [], [], [])
+    if labelled is not None or csv_path:
+        task = known.task.name if known.task else cfg.data.task
+        source = load_items(DataConfig(path=str(labelled or ""), csv=csv_path, task=task,
+                                       label_delim=cfg.data.label_delim), cfg.seed, min_classes=1,
+                            cache_dir=cfg.train.cache_dir)
+        if known.task is None:
+            known.task = make_task(source.task, source.classes)
+        _add_labelled(known, [(it.path, it.label, it.split) for it in source.items])
+    if known.task is not None and run is None:
+        known.task.fit_labels(known.labels)
+    return known
+
+
+def _run_items(run: Path, task: Task, delim: str) -> list[tuple[str, Any, str]]:
+    """(path, label, split) of the images the run was trained, validated and tested on."""
+    if not (run / "splits.csv").is_file():
+        return []
+    with open(run / "splits.csv", newline="", encoding="utf-8") as fh:
+        return [(r["path"], task.parse_label(r["label"], delim, "splits.csv"), r["split"]) for r in csv.DictReader(fh)]
+
+
+def _add_labelled(known: _Known, items: list[tuple[str, Any, str]]) -> None:
+    seen = {os.path.realpath(p) for p in known.paths}
+    for path, label, split in items:
+        if os.path.realpath(path) in seen or not os.path.isfile(path):
+            continue
+        seen.add(os.path.realpath(path))
+        if split != TEST and (known.task is None or not known.task.unknown_labels([label])):
+            known.fit_rows.append(len(known.paths))
+            known.labels.append(label)
+        known.paths.append(path)
+
+
+def _pool_paths(pool: Any, known: _Known) -> tuple[list[str], list[tuple[str, str]]]:
+    """The pool's images less the labelled ones (by path, or by the same bytes) and exact
+    copies within the pool (the first is kept); (path, why) for what was left out."""
+    inputs = [str(pool)] if isinstance(pool, (str, os.PathLike)) else [str(p) for p in pool]
+    found, excluded = collect_images(inputs)
+    found = [p if is_shard_item(p) else os.path.abspath(p) for p in found]  # the CSV reads back from anywhere
+    labelled = {os.path.realpath(p) for p in known.paths}
+    cache = scan_cache(known.cfg.train.cache_dir)
+    lab_digests = set(_digests(known.paths, cache))
+    digests = _digests(found, cache)
+    paths, seen = [], set()
+    for path, digest in zip(found, digests):
+        if os.path.realpath(path) in labelled:
+            excluded.append((path, "labelled already"))
+        elif digest in lab_digests:
+            excluded.append((path, "the same bytes as a labelled image"))
+        elif digest in seen:
+            excluded.append((path, "the same bytes as another pool image"))
+        else:
+            seen.add(digest)
+            paths.append(path)
+    return paths, excluded
+
+
+def _digests(paths: list[str], cache: Any) -> list[str]:
+    """Digests of the files' bytes (shard samples: from their index)."""
+    if not paths:
+        return []
+    return shard_digests(paths) if is_shard_item(paths[0]) else digests_of(paths, cache)
+
+
+def _members(known: _Known, pool: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(the fits' outputs on the pool (M, N, outputs), the prediction to pre-fill (N, outputs)):
+    the run's head, and where the task reads uncertainty from several fits (or there is no
+    run) the probe fitted on the labelled train + valid features. (None, None): no model."""
+    task = known.task
+    predicted = None
+    if known.head is not None:
+        with torch.no_grad():
+            predicted = task.probabilities(known.head(torch.from_numpy(pool))).numpy()
+        if task.ensemble == 1:
+            return predicted[None], predicted
+    if task is None or len(known.labels) < 2:
+        return None, predicted
+    x, y = lab[known.fit_rows], task.encode(known.labels).numpy()
+    if task.ensemble == 1:
+        outputs = probe_outputs(fit_probe(x, y, task, seed=known.cfg.seed), pool, task)
+        return outputs[None], outputs
+    fits, _ = fold_fits(x, y, task, known.cfg.seed, task.ensemble)
+    members = np.stack([probe_outputs(fit, pool, task) for _, fit in fits])
+    return members, predicted if predicted is not None else members.mean(axis=0)
+
+
+def _prediction(known: _Known, predicted: np.ndarray | None, row: int) -> str:
+    if predicted is None or known.task is None:
+        return ""
+    return known.cfg.data.label_delim.join(known.task.decode(predicted[row:row + 1], 1)[0].labels)
+
+
+def _near_copies(pool: np.ndarray, lab: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Pool rows whose features are near-copies of a labelled image's (cosine >= NEAR_COPY)."""
+    out = np.zeros(len(pool), dtype=bool)
+    if not len(lab):
+        return out
+    lab_n = _normalised(lab)
+    for start in range(0, len(pool), chunk):
+        out[start:start + chunk] = (_normalised(pool[start:start + chunk]) @ lab_n.T).max(axis=1) >= NEAR_COPY
+    return out
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+
+def _embedding(x: np.ndarray, seed: int) -> np.ndarray:
+    """Normalised features, reduced to their EMBED_DIMS first principal components."""
+    x = _normalised(x)
+    dims = min(EMBED_DIMS, x.shape[1], len(x))
+    if dims < x.shape[1] and len(x) > dims:
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(len(x), PCA_SAMPLE, replace=False)] if len(x) > PCA_SAMPLE else x
+        x = PCA(dims, svd_solver="randomized", random_state=seed).fit(sample).transform(x).astype(np.float32)
+    return x
+
+
+def _kmeans(k: int, rows: int, seed: int) -> Any:
+    """Lloyd's k-means (k-means++ start); mini-batch k-means past LARGE_POOL rows, where
+    full passes would take most of the ranking's time."""
+    if rows > LARGE_POOL:
+        return MiniBatchKMeans(k, n_init=3, batch_size=4096, random_state=seed)
+    return KMeans(k, n_init=1, max_iter=100, random_state=seed)
+
+
+def _most_typical(x: np.ndarray, seed: int) -> tuple[int, float]:
+    """(row of `x` with the highest typicality, that typicality): the inverse of the mean
+    distance to its nearest neighbours (a random DENSITY_SAMPLE rows of a large cluster)."""
+    if len(x) == 1:
+        return 0, 0.0
+    rows = np.arange(len(x))
+    if len(x) > DENSITY_SAMPLE:
+        rows = np.sort(np.random.default_rng(seed).choice(len(x), DENSITY_SAMPLE, replace=False))
+    sub = x[rows]
+    sq = (sub * sub).sum(axis=1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * sub @ sub.T, 0))
+    k = min(DENSITY_NEIGHBOURS, len(sub) - 1)
+    nearest = np.partition(dist, k, axis=1)[:, :k + 1]  # the k nearest and the image itself (distance 0)
+    typicality = 1 / (nearest.sum(axis=1) / k + 1e-12)
+    best = int(np.argmax(typicality))
+    return int(rows[best]), float(typicality[best])
+
+
+def _reasons(excluded: list[tuple[str, str]]) -> str:
+    counts: dict[str, int] = {}
+    for _, why in excluded:
+        counts[why] = counts.get(why, 0) + 1
+    return ", ".join(f"{c} {why}" for why, c in sorted(counts.items(), key=lambda kv: -kv[1]))

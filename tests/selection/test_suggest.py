@@ -1,0 +1,152 @@
+"""`visiontune suggest`: what to label next. The ranking on constructed features (typical
+images of uncovered clusters, uncertainty spread by diversity), each task's uncertainty,
+and the command end to end on generated images: cold start, a filled-in CSV read back by
+`suggest` and by `train --csv`, a run's own images and byte-copies never suggested, label
+sets and numbers."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visiontune as vt
+from conftest import TINY, make_class_folders, make_multilabel_data
+from tasks.test_regression import make_regression_data
+from visiontune.cli import main
+from visiontune.errors import ConfigError
+from visiontune.selection.suggest import diverse, rank, suggest, typical
+from visiontune.tasks.catalog import make_task
+
+FROZEN = dict(backbone=TINY["backbone"], weights="none", image_size=TINY["image_size"])
+FLAGS = ["--backbone", TINY["backbone"], "--weights", "none", "--image-size", str(TINY["image_size"])]
+
+
+def clusters(sizes: list[int], dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian clusters of `sizes` around far-apart centres, each with one far outlier:
+    (features, cluster of each row, centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (len(sizes), dim)) * 10
+    rows, which = [], []
+    for c, size in enumerate(sizes):
+        rows += [centres[c] + rng.normal(0, 1, (size, dim)), centres[c] + rng.normal(0, 4, (1, dim))]
+        which += [c] * (size + 1)
+    return np.concatenate(rows).astype(np.float32), np.array(which), centres
+
+
+def test_typical_takes_the_densest_image_of_each_uncovered_cluster() -> None:
+    x, which, centres = clusters([40, 30, 20, 12, 8])
+    picks, scores, reasons = typical(x, 5)
+    assert sorted(which[picks].tolist()) == [0, 1, 2, 3, 4]  # one per cluster
+    for p in picks:  # near its cluster's centre: among the 25% closest, never the outlier
+        members = np.flatnonzero(which == which[p])
+        dist = np.linalg.norm(x[members] - centres[which[p]], axis=1)
+        assert np.linalg.norm(x[p] - centres[which[p]]) <= np.quantile(dist, 0.25)
+    assert all("no label yet" in r for r in reasons) and (scores > 0).all()
+    # clusters 0 and 1 hold labelled images: the 3 picks come from the other three
+    labelled = np.concatenate([x[which == 0][:2], x[which == 1][:2]])
+    picks, _, _ = typical(x, 3, labelled=labelled)
+    assert sorted(which[picks].tolist()) == [2, 3, 4]
+
+
+def test_diverse_spreads_a_batch_that_uncertainty_alone_piles_up() -> None:
+    x, which, _ = clusters([30, 10, 10, 10])
+    uncertainty = np.where(which == 0, 0.9, 0.6) + np.random.default_rng(1).uniform(0, 0.01, len(x))
+    alone, _, _ = rank(x, 4, "uncertain", uncertainty=uncertainty)
+    assert set(which[alone].tolist()) == {0}  # four near-copies of one kind of image
+    spread = diverse(x, uncertainty, 4)
+    assert len(set(which[spread].tolist())) == 4
+
+
+def test_each_task_says_how_unsure_it_is() -> None:
+    single = make_task("single-label", ["a", "b", "c"])
+    members = np.array([[[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.5, 0.5, 0.0]]])
+    assert np.argsort(single.uncertainty(members)).tolist() == [0, 1, 2]  # margin 0.85, 0.05, 0
+    multi = make_task("multi-label", ["a", "b"])
+    u = multi.uncertainty(np.array([[[0.99, 0.01], [0.5, 0.99], [0.5, 0.5]]]))
+    assert u[0] < u[1] < u[2] and u[2] == pytest.approx(1.0)
+    numbers = make_task("regression", ["age"])
+    spread = numbers.uncertainty(np.array([[[1.0], [5.0]], [[1.0], [9.0]], [[1.0], [1.0]]]))
+    assert spread[0] == 0 and spread[1] > 3
+    with pytest.raises(ValueError, match="several fits"):
+        numbers.uncertainty(np.array([[[1.0], [2.0]]]))
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cold_start_then_filled_in_labels_are_read_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pool = make_class_folders(tmp_path / "pool", {"red": 15, "green": 15, "blue": 15})
+    out = tmp_path / "to_label.csv"
+    assert main(["suggest", str(pool), "--n", "6", "--output", str(out), *FLAGS]) == 0
+    first = read(out)
+    assert len(first) == 6 and all(Path(r["path"]).is_absolute() and r["label"] == "" for r in first)
+    assert {Path(r["path"]).parent.name for r in first} == {"red", "green", "blue"}  # typical covers the clusters
+    assert "by typical: nothing is labelled yet" in capsys.readouterr().out
+    for r in first:  # the annotator labels what was asked
+        r["label"] = Path(r["path"]).parent.name
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(first[0]))
+        writer.writeheader()
+        writer.writerows(first)
+    assert main(["suggest", str(pool), "--n", "6", "--output", str(out), *FLAGS]) == 0
+    second = read(out)
+    said = capsys.readouterr().out
+    assert "6 labelled rows kept" in said and "(6 already labelled)" in said
+    assert second[:6] == first  # nothing labelled is lost
+    asked = {r["path"] for r in second[6:]}
+    assert len(asked) == 6 and not asked & {r["path"] for r in first}  # never asked twice
+    assert all(r["label"] == "" and r["prediction"] in ("red", "green", "blue") for r in second[6:])
+    run = vt.fit(None, csv=str(out), strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"),
+                 **dict(TINY, valid_pct=0.34))
+    assert len(read(Path(run.run_dir) / "splits.csv")) == 6  # the filled-in rows, not the pending ones
+
+
+def test_a_runs_images_and_their_copies_are_never_suggested(tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "data", {"red": 8, "green": 8})
+    run = vt.fit(data, strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"), **TINY)
+    pool = make_class_folders(tmp_path / "pool", {"red": 10, "green": 10}, start_seed=300)
+    shutil.copy(data / "red" / "red_000.png", pool / "red" / "copy_of_a_training_image.png")
+    result = suggest([pool, data / "green"], run=run.run_dir, n=8, seed=0)
+    assert len(result.rows) == 8 and all(Path(r.path).parent.parent == pool for r in result.rows)
+    why = dict(result.excluded)
+    assert why[str(pool / "red" / "copy_of_a_training_image.png")] == "the same bytes as a labelled image"
+    assert sum(w == "labelled already" for w in why.values()) == 8  # data/green, the run's own images
+    assert result.method == "diverse" and "8 labels per class" in result.why  # 16 images, 2 classes
+    assert all(r.prediction in ("red", "green") for r in result.rows)
+
+
+def test_label_sets_and_numbers(tmp_path: Path) -> None:
+    tags = make_multilabel_data(tmp_path / "tags", n=36)
+    pool = make_multilabel_data(tmp_path / "tagpool", n=20, seed=5) / "images"
+    result = suggest(pool, labelled=tags, csv="labels.csv", n=5, method="uncertain", **FROZEN)
+    assert result.label_column == "labels" and result.task == "multi-label" and len(result.rows) == 5
+    assert all(set(r.prediction.split()) <= {"red", "green", "blue"} for r in result.rows)
+    scores = [r.score for r in result.rows]
+    assert scores == sorted(scores, reverse=True) and 0 <= min(scores) and max(scores) <= 1  # mean entropy, bits
+
+    numbers = make_regression_data(tmp_path / "numbers", n=40)
+    run = vt.fit(numbers, csv="targets.csv", task="regression", strategy="feature-extract", epochs=1,
+                 output=str(tmp_path / "runs"), **TINY)
+    pool = make_regression_data(tmp_path / "numpool", n=15, seed=9) / "images"
+    result = suggest(pool, run=run.run_dir, n=4, method="uncertain")
+    assert result.method == "uncertain" and len(result.rows) == 4
+    assert all(float(r.prediction) == pytest.approx(float(r.prediction)) for r in result.rows)  # a number
+    assert all(r.score >= 0 for r in result.rows) and result.rows[0].score > 0  # the fits' spread
+
+
+def test_bad_requests_are_refused_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    pool = make_class_folders(tmp_path / "pool", {"red": 4, "green": 4})
+    with pytest.raises(ConfigError, match="needs a model"):
+        suggest(pool, n=2, method="diverse", **FROZEN)
+    with pytest.raises(ConfigError, match="--method 'best'"):
+        suggest(pool, n=2, method="best", **FROZEN)
+    mine = tmp_path / "my_labels.csv"
+    mine.write_text("file,class\na.png,red\n")
+    assert main(["suggest", str(pool), "--n", "2", "--output", str(mine), *FLAGS]) == 2
+    assert mine.read_text() == "file,class\na.png,red\n"
