@@ -65,7 +65,7 @@ NEAR_COPY = 0.98  # cosine similarity of features at which a pool image counts a
 CANDIDATES = 10  # diverse: picks among the n x CANDIDATES most uncertain images
 EMBED_DIMS = 64  # typical: k-means runs on the features' first principal components
 DENSITY_NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours (TypiClust's k)
-COVERED_CLUSTERS = 1000  # typical: at most this many extra clusters for the labelled images (k-means' cost)
+COVERED_CLUSTERS = 400  # typical: at most this many extra clusters for the labelled images (k-means' cost)
 PCA_SAMPLE = 10_000  # the principal components are fitted on a random sample of this many images
 LARGE_POOL = 50_000  # pools larger than this are clustered by mini-batch k-means
 DENSITY_SAMPLE = 2000  # typicality is measured on at most this many images of one cluster
@@ -239,14 +239,20 @@ def choose_method(method: str, known: _Known, has_model: bool) -> tuple[str, str
             raise ConfigError(f"--method {method} needs a model: a run (--run) or labelled images (--labelled/--csv)")
         return method, "as asked"
     if not has_model or known.task is None:
-        return "typical", "nothing is labelled yet, so the most typical image of each cluster of the pool (TypiClust)"
+        return auto_method(None)
     counts = list(known.task.counts(known.labels, known.task.classes).values()) or [0]
-    median = statistics.median(counts)
-    if median < TYPICAL_BELOW:
-        return "typical", (f"{median:g} labels per {known.task.units[0]} (median) is under {TYPICAL_BELOW}, where a "
-                           "model's uncertainty is still noise, so typical images of unlabelled clusters (TypiClust)")
-    return "diverse", (f"{median:g} labels per {known.task.units[0]} (median), so the model's least sure images, "
-                       "spread over the pool (uncertainty-weighted k-means++)")
+    return auto_method(statistics.median(counts), known.task.units[0])
+
+
+def auto_method(per_class: float | None, unit: str = "class") -> tuple[str, str]:
+    """What auto picks with `per_class` labels per class (the median; None: no model), and why."""
+    if per_class is None:
+        return "typical", "nothing is labelled yet, so the most typical image of each cluster of the pool (TypiClust)"
+    if per_class < TYPICAL_BELOW:
+        return "typical", (f"{per_class:g} labels per {unit} (median) is under {TYPICAL_BELOW}, where a model's "
+                           "uncertainty is still noise, so typical images of unlabelled clusters (TypiClust)")
+    return "diverse", (f"{per_class:g} labels per {unit} (median), so the model's least sure images, spread over "
+                       "the pool (uncertainty-weighted k-means++)")
 
 
 def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] | None, csv_path: str | None,
@@ -264,7 +270,7 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
         known = _Known(cfg, cfg.model.backbone, model.backbone, pre, None, [], [], [])
     if labelled is not None or csv_path:
         task = known.task.name if known.task else cfg.data.task
-        source = load_items(DataConfig(path=str(labelled or ""), csv=csv_path, task=task,
+        source = load_items(DataConfig(path=str(labelled or ""), csv=csv_path, task=task, valid_pct=0.0,
                                        label_delim=cfg.data.label_delim), cfg.seed, min_classes=1,
                             cache_dir=cfg.train.cache_dir)
         if known.task is None:
@@ -339,13 +345,17 @@ def _members(known: _Known, pool: np.ndarray, lab: np.ndarray) -> tuple[np.ndarr
             return predicted[None], predicted
     if task is None or len(known.labels) < 2:
         return None, predicted
-    x, y = lab[known.fit_rows], task.encode(known.labels).numpy()
-    if task.ensemble == 1:
-        outputs = probe_outputs(fit_probe(x, y, task, seed=known.cfg.seed), pool, task)
-        return outputs[None], outputs
-    fits, _ = fold_fits(x, y, task, known.cfg.seed, task.ensemble)
-    members = np.stack([probe_outputs(fit, pool, task) for _, fit in fits])
+    members = probe_members(lab[known.fit_rows], task.encode(known.labels).numpy(), task, pool, known.cfg.seed)
     return members, predicted if predicted is not None else members.mean(axis=0)
+
+
+def probe_members(x: np.ndarray, y: np.ndarray, task: Task, pool: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(M, N, outputs): the converged probe fitted on labelled features `x`, `y` (encoded),
+    applied to `pool`; M = `task.ensemble` fits (one on every row, or one per CV fold)."""
+    if task.ensemble == 1:
+        return probe_outputs(fit_probe(x, y, task, seed=seed), pool, task)[None]
+    fits, _ = fold_fits(x, y, task, seed, task.ensemble)
+    return np.stack([probe_outputs(fit, pool, task) for _, fit in fits])
 
 
 def _prediction(known: _Known, predicted: np.ndarray | None, row: int) -> str:
