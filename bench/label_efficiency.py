@@ -17,7 +17,11 @@ method asks for until the pool holds 1, 2, 5, 10, 20 labels per class on average
 - random: the same number of images drawn at random from what is not labelled yet.
 After each round the converged probe (train/probe.py, its own C search) is fitted on the
 labelled images and scored on the test split (accuracy). The learner is the probe only:
-gradual fine-tuning at every round would take hours on this CPU.
+gradual fine-tuning at every round would take hours on this CPU. With `--unlabeled`, each
+method again with the rest of the pool as unlabelled images, fitted as `train --unlabeled`
+fits the probe (train/pseudo.py: spread labels, the surest share chosen by CV on the
+labelled images). `--select` chooses variants without the test split: the pool is the
+train split and the score is the validation split's.
 
     python bench/label_efficiency.py --scale 100000
 
@@ -41,8 +45,10 @@ from visiontune.data.sources import load_items
 from visiontune.selection.suggest import auto_method, probe_members, rank
 from visiontune.train.features import backbone_features
 from visiontune.train.probe import fit_probe, probe_outputs
+from visiontune.train.pseudo import with_pool
 from visiontune.train.setup import prepare_run
 
+METHODS = ["suggest", "random"]
 SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
 
 
@@ -60,11 +66,17 @@ def features(root: Path, name: str):
     return out, setup.task
 
 
-def score(task, x, y, xt, yt, seed) -> float:
-    """Test accuracy (the task's score) of the probe fitted on the labelled rows."""
+def score(task, x, y, xt, yt, seed, pool=None) -> float:
+    """Test accuracy (the task's score) of the probe fitted on the labelled rows; with
+    `pool` (unlabelled features), as `train --unlabeled` fits it (train/pseudo.py)."""
     if len(np.unique(y)) < 2:  # one class seen: the probe can only say that class
         return float((yt == y[0]).mean())
-    fit = fit_probe(x, y, task, seed=seed)
+    c = None
+    if pool is not None:
+        x, y, _, report = with_pool(x, y, pool, task, lambda a, b, c, g: fit_probe(a, b, task, seed=seed, c=c,
+                                                                                   groups=g), seed)
+        c = report.c
+    fit = fit_probe(x, y, task, seed=seed, c=c)
     return float(task.metrics(yt, probe_outputs(fit, xt, task))[task.score_metric])
 
 
@@ -83,7 +95,8 @@ def next_round(method: str, pool: np.ndarray, labelled: list[int], y: np.ndarray
     return free[picks].tolist(), chosen
 
 
-def curve(data, task, method: str, budgets: list[int], seed: int, select: bool = False) -> list[tuple[int, float, str]]:
+def curve(data, task, method: str, budgets: list[int], seed: int, select: bool = False,
+          unlabeled: bool = False) -> list[tuple[int, float, str]]:
     """Accuracy after each round. `select`: the pool is the train split and the score is the
     validation split's (how variants are chosen; the test split is not read)."""
     (xa, ya), (xb, yb) = data["train"], data["valid"]
@@ -95,7 +108,8 @@ def curve(data, task, method: str, budgets: list[int], seed: int, select: bool =
         n = per_class * task.num_classes - len(labelled)
         picks, chosen = next_round(method, pool, labelled, y, task, n, seed)
         labelled += picks
-        out.append((per_class, score(task, pool[labelled], y[labelled], xt, yt, seed), chosen))
+        rest = np.delete(pool, labelled, axis=0) if unlabeled else None
+        out.append((per_class, score(task, pool[labelled], y[labelled], xt, yt, seed, rest), chosen))
     return out
 
 
@@ -108,18 +122,23 @@ def main() -> None:
     ap.add_argument("--budgets", default="1,2,5,10,20")
     ap.add_argument("--select", action="store_true", help="choose variants: pool = train split, scored on the "
                     "validation split (the test split is not read)")
+    ap.add_argument("--unlabeled", action="store_true", help="also each method with the rest of the pool as "
+                    "unlabelled images (train --unlabeled's pseudo-labels, train/pseudo.py)")
     ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("label_efficiency.png"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.scale:
         return scale(args.scale)
     budgets = [int(b) for b in args.budgets.split(",")]
+    if args.unlabeled:
+        METHODS.extend(["suggest+pool", "random+pool"])
     results: dict[tuple[str, str], list[list[float]]] = {}
     for name in args.sets:
         started = time.perf_counter()
         data, task = features(args.suite, name)
-        for method in ("suggest", "random"):
-            runs = [curve(data, task, method, budgets, seed, args.select) for seed in range(args.seeds)]
+        for method in METHODS:
+            runs = [curve(data, task, method.split("+")[0], budgets, seed, args.select, method.endswith("+pool"))
+                    for seed in range(args.seeds)]
             results[name, method] = [[acc for _, acc, _ in run] for run in runs]
             if method == "suggest":
                 print(f"{name}: suggest's method by round: {[c for _, _, c in runs[0]]}")
@@ -151,7 +170,7 @@ def table(results, sets: list[str], budgets: list[int]) -> None:
     print("\n| set | method | " + " | ".join(f"{b}/class" for b in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
     for name in sets:
-        for method in ("suggest", "random"):
+        for method in METHODS:
             runs = np.array(results[name, method])
             print(f"| {name} | {method} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in
                                                          zip(runs.mean(0), runs.std(0))) + " |")
@@ -160,6 +179,11 @@ def table(results, sets: list[str], budgets: list[int]) -> None:
     mean_gain = np.mean([np.array(results[s, "suggest"]).mean(0) - np.array(results[s, "random"]).mean(0)
                          for s in sets], axis=0)
     print("| **mean over sets** | gain (points) | " + " | ".join(f"**{100 * g:+.1f}**" for g in mean_gain) + " |")
+    for method in (m for m in METHODS if m.endswith("+pool")):
+        base = method.split("+")[0]
+        gains = [np.array(results[s, method]).mean(0) - np.array(results[s, base]).mean(0) for s in sets]
+        for name, gain in zip(sets, gains):
+            print(f"| {name} | {method} over {base} (points) | " + " | ".join(f"{100 * g:+.1f}" for g in gain) + " |")
 
 
 def plot(results, sets: list[str], budgets: list[int], path: Path) -> None:
@@ -170,7 +194,7 @@ def plot(results, sets: list[str], budgets: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3), squeeze=False)
     for ax, name in zip(axes[0], sets):
-        for method, style in (("suggest", "o-"), ("random", "s--")):
+        for method, style in zip(METHODS, ("o-", "s--", "^-", "v--")):
             runs = np.array(results[name, method])
             ax.errorbar(budgets, runs.mean(0), yerr=runs.std(0), fmt=style, capsize=2, label=method)
         ax.set_xscale("log")

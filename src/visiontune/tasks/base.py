@@ -247,6 +247,13 @@ class Task(ABC):
         second = probs[:, -2] if probs.shape[1] > 1 else 1 - probs[:, -1]
         return 1 - (probs[:, -1] - second)
 
+    def pseudo_targets(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(encoded targets, confidence in 0..1) of unlabelled images from the model's
+        `outputs` (train --unlabeled keeps the most confident). Classes: the most probable
+        class and its probability."""
+        outputs = np.asarray(outputs)
+        return outputs.argmax(axis=1), outputs.max(axis=1)
+
     def warm_start_names(self) -> list[str] | None:
         """Names to match against the pretrained classifier's classes (models/warmstart.py);
         None: nothing to warm-start (a number is no ImageNet class)."""

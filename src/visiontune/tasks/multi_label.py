@@ -191,6 +191,13 @@ class MultiLabel(Task):
         p = np.clip(np.asarray(members).mean(axis=0), 1e-7, 1 - 1e-7)
         return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).mean(axis=1)
 
+    def pseudo_targets(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Label sets: each label present at its threshold; the confidence is the least sure
+        label's (the probability of the side it is on)."""
+        outputs = np.asarray(outputs)
+        present = outputs >= self.thresholds[None, :]
+        return present.astype(np.float32), np.where(present, outputs, 1 - outputs).min(axis=1)
+
     def predictions(self, probs: np.ndarray) -> np.ndarray:
         return (probs >= self.thresholds[None, :]).astype(int) if len(probs) else np.zeros((0, self.num_classes), int)
 

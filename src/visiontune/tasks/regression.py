@@ -203,6 +203,10 @@ class Regression(Task):
     def output_module(self) -> nn.Module:
         return _Scale(self)
 
+    def pseudo_targets(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise ConfigError("--unlabeled: a regression probe gives no confidence to choose pseudo-labels by; train "
+                          "without --unlabeled (or label more images: `visiontune suggest` says which)")
+
     def uncertainty(self, members: np.ndarray) -> np.ndarray:
         """Numbers: the spread (standard deviation, real units) of the fits' predictions; one
         fit alone says nothing of its doubt, so this needs `ensemble` fits."""

@@ -114,7 +114,7 @@ def fold_fits(features: np.ndarray, targets: np.ndarray, task: Task, seed: int =
     search chose once on every row; and that C."""
     c = fit_probe(features, targets, task, seed=seed).c
     fits = []
-    for held in fold_splits(task.strata(targets), None, min(folds, max(2, len(targets) // 2)), seed):
+    for held in fold_splits(task.strata(targets), None, max(2, min(folds, most_folds(task.strata(targets)))), seed):
         train = np.setdiff1d(np.arange(len(targets)), held)
         fits.append((held, fit_probe(features[train], targets[train], task, seed=seed, c=c)))
     return fits, c

@@ -7,11 +7,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 
@@ -19,10 +21,11 @@ from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
 from visiontune.data.preprocess import Preprocess
+from visiontune.data.sources import collect_images
 from visiontune.data.splits import group_keys
 from visiontune.data.transforms import train_side, train_transform
 from visiontune.data.webdata import ShardStream, is_shard_item, shard_share
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
@@ -57,6 +60,8 @@ class PhaseData:
     on_features: bool = False
     valid_rows: int = 0  # validation images over all processes (each reads its part; 0: not checked)
     groups: list[str] | None = None  # on features: each training row's group (the probe's folds keep them whole)
+    pool: np.ndarray | None = None  # on features, with --unlabeled: the unlabelled images' features
+    pool_paths: list[str] = field(default_factory=list)  # their files, row by row
 
 
 class FeatureDataset(TensorDataset):
@@ -236,7 +241,28 @@ class RunData:
             self._features = PhaseData(train, valid, on_features=True,  # cut by a deadline: not every row
                                        valid_rows=len(vpaths) if self.deadline is None else 0,
                                        groups=[groups[i] for i in kept] if groups is not None else None)
+            if self.cfg.data.unlabeled:
+                self._features.pool_paths, self._features.pool = self._pool()
         return self._features
+
+    def _pool(self) -> tuple[list[str], np.ndarray]:
+        """--unlabeled: the pool's image files that are not among the run's own images, and
+        their features (through the feature cache)."""
+        found, skipped = collect_images([self.cfg.data.unlabeled])
+        own = {os.path.realpath(it.path) for it in self.source.items}
+        paths = [p for p in found if os.path.realpath(p) not in own]
+        if len(found) > len(paths) or skipped:
+            log.info("unlabelled pool: %d of %d files left out (%d labelled in this run, %d not images or hidden)",
+                     len(found) - len(paths) + len(skipped), len(found) + len(skipped), len(found) - len(paths),
+                     len(skipped))
+        if not paths:
+            raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there (every image is "
+                            "labelled in this run, or none was found)")
+        t = self.cfg.train
+        feats, _ = extract_features(self.model.backbone, paths, self.preprocess, self.device,
+                                    self._cache() if t.feature_cache else None, t.batch_size, t.num_workers,
+                                    t.channels_last, engine=t.engine, cache_dir=t.cache_dir)
+        return paths, np.asarray(feats)
 
     def _share_of_deadline(self, train: int, valid: int) -> float | None:
         """When extracting training features must stop so that validation features get

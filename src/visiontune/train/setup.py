@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, DataSource
 from visiontune.data.preprocess import Preprocess
+from visiontune.errors import ConfigError
 from visiontune.models.classifier import Classifier, create_classifier
 from visiontune.runtime import distributed
 from visiontune.runtime.batchsize import auto_batch_size
@@ -53,6 +55,7 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
         cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
     plan = make_plan(model, cfg.strategy, cfg.train, converged_probe=_probe_applies(cfg, model, env),
                      keeps_bn_statistics=cfg.bn_modes()[1] == "eval")
+    _check_unlabeled(cfg, task, plan)
     optimizer = build_optimizer(model, plan, cfg.train)
     data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)
     return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env)
@@ -67,6 +70,17 @@ def make_run_task(cfg: RunConfig, source: DataSource) -> Task:
     task.check(t.balance, t.label_smoothing)
     task.fit_labels([it.label for it in source.split(TRAIN)])
     return task
+
+
+def _check_unlabeled(cfg: RunConfig, task: Task, plan: Plan) -> None:
+    """--unlabeled works through the converged probe, on a task whose outputs say how sure they are."""
+    if not cfg.data.unlabeled:
+        return
+    if not any(phase.probe for phase in plan.phases):
+        raise ConfigError(f"--unlabeled {cfg.data.unlabeled}: pseudo-labels are fitted by the converged probe, and "
+                          f"this run has no converged-probe phase (strategy {cfg.strategy.name}, --probe "
+                          f"{cfg.strategy.probe}); use --strategy feature-extract or gradual with --probe converged")
+    task.pseudo_targets(np.zeros((0, task.num_classes)))  # a task without confidences refuses here, before any work
 
 
 def _probe_applies(cfg: RunConfig, model: Classifier, env: DistEnv) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 
 from visiontune.bundle import save_checkpoint
 from visiontune.errors import DataError, VisiontuneError
+from visiontune.files import write_csv
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, resolve_precision, seed_everything, to_device
 from visiontune.runtime.distributed import (
@@ -33,8 +34,9 @@ from visiontune.runtime.distributed import (
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.plan import apply_phase, set_train_modes
-from visiontune.train.probe import fit_probe, head_linear, load_into
+from visiontune.train.probe import ProbeFit, fit_probe, head_linear, load_into
 from visiontune.train.probememo import ProbeMemory, probe_key
+from visiontune.train.pseudo import PseudoLabels, with_pool
 from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import WSD_DECAY, lr_factor, wsd_factor
@@ -250,20 +252,40 @@ class Trainer:
 
     def fit_probe(self, data: PhaseData) -> float:
         """Fit the head to convergence on this phase's training features (train/probe.py;
-        its C search keeps the run's groups whole); return its training loss."""
+        its C search keeps the run's groups whole), with --unlabeled's pseudo-labelled pool
+        rows (train/pseudo.py); return its training loss."""
         feats, targets, _ = data.train.dataset.tensors  # type: ignore[attr-defined]
         start = head_linear(self.model.head)  # warm-started rows are the prior the fit is pulled towards
-        x, y = np.asarray(feats), targets.numpy()
-        key = probe_key(x, y, self.task, start, self.criterion_weights, self.cfg.seed, data.groups)
-        fit, remembered = ProbeMemory(self.cfg.train.cache_dir).fit(
-            key, lambda: fit_probe(x, y, self.task, start=start, weights=self.criterion_weights, seed=self.cfg.seed,
-                                   groups=data.groups, deadline=self.deadline),
+        x, y, groups, c = np.asarray(feats), targets.numpy(), data.groups, None
+
+        def fit(a: np.ndarray, b: np.ndarray, c: float | None, g: list[str] | None) -> ProbeFit:
+            return fit_probe(a, b, self.task, start=start, weights=self.criterion_weights, seed=self.cfg.seed,
+                             groups=g, deadline=self.deadline, c=c)
+
+        if data.pool is not None:
+            x, y, groups, pseudo = with_pool(x, y, data.pool, self.task, fit, self.cfg.seed, groups)
+            c = pseudo.c
+            log.info("%s", pseudo.describe(self.task))
+            self._write_pseudo_labels(data.pool_paths, pseudo)
+        key = probe_key(x, y, self.task, start, self.criterion_weights, self.cfg.seed, groups)
+        fit_, remembered = ProbeMemory(self.cfg.train.cache_dir).fit(
+            key, lambda: fit(x, y, c, groups),
             storable=lambda: self.deadline is None)  # a fit a deadline cut short is not remembered
-        load_into(self.model.head, fit)
-        log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)%s", len(targets),
-                 fit.c, f"{fit.folds}-fold CV" if fit.folds else "too few images or groups to cross-validate",
+        load_into(self.model.head, fit_)
+        log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)%s", len(y),
+                 fit_.c, f"{fit_.folds}-fold CV" if fit_.folds else
+                 "chosen with the pseudo-labels" if c is not None else "too few images or groups to cross-validate",
                  "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
         return self._head_loss(feats, targets)
+
+    def _write_pseudo_labels(self, paths: list[str], pseudo: PseudoLabels) -> None:
+        """<run>/pseudo_labels.csv: every pool image, its pseudo-label, confidence, and whether it joined."""
+        if not self.env.is_main or str(self.run_dir) == os.devnull:
+            return
+        delim = self.cfg.data.label_delim
+        rows = ((p, delim.join(d.labels), f"{conf:.6g}", int(kept)) for p, d, conf, kept in
+                zip(paths, pseudo.decoded(self.task), pseudo.confidence, pseudo.kept))
+        write_csv(Path(self.run_dir) / "pseudo_labels.csv", ["path", "label", "confidence", "used"], rows)
 
     @torch.inference_mode()
     def _head_loss(self, feats: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> float:

@@ -1,0 +1,117 @@
+"""The README cannot drift from the code: every `visiontune` command in its code blocks
+parses with the real parser, and every Python snippet's visiontune imports (and `vt.`
+names) resolve. Also the CHANGELOG, ARCHITECTURE and the examples in `--help`."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import visiontune
+from visiontune.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "CHANGELOG.md"]
+
+
+def code_blocks(path: Path) -> list[tuple[str, str, int]]:
+    """(language, text, first line) of each fenced block."""
+    blocks, lines = [], path.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            lang, start, i = lines[i][3:].strip(), i + 1, i + 1
+            while i < len(lines) and not lines[i].startswith("```"):
+                i += 1
+            blocks.append((lang, "\n".join(lines[start:i]), start + 1))
+        i += 1
+    return blocks
+
+
+def commands(path: Path) -> list[tuple[int, list[str]]]:
+    """(line, argv after `visiontune`) of every command line in the file's shell blocks."""
+    found = []
+    for lang, text, first in code_blocks(path):
+        if lang not in ("bash", "sh", "shell", ""):
+            continue
+        for offset, line in enumerate(text.replace("\\\n", " ").splitlines()):
+            words = shlex.split(line, comments=True)
+            if "visiontune" in words:  # also `torchrun ... -m visiontune train ...`
+                argv = [w for w in words[words.index("visiontune") + 1:] if w != "..."]
+                found.append((first + offset, argv))
+    return found
+
+
+README_COMMANDS = commands(ROOT / "README.md")
+
+
+def test_the_readme_shows_commands() -> None:
+    assert len(README_COMMANDS) > 30
+
+
+@pytest.mark.parametrize("line,argv", README_COMMANDS, ids=[f"README:{n}" for n, _ in README_COMMANDS])
+def test_every_readme_command_parses(line: int, argv: list[str]) -> None:
+    parser = build_parser()
+    for p in (parser, *parser._subparsers._group_actions[0].choices.values()):  # noqa: SLF001
+        p.allow_abbrev = False  # `--epoch 3` must not pass for `--epochs 3`
+    try:
+        parser.parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"README.md line {line}: `visiontune {' '.join(argv)}` does not parse (exit {exc.code})")
+
+
+def python_snippets() -> list[tuple[str, int, str]]:
+    return [(p.name, first, text) for p in DOCS for lang, text, first in code_blocks(p) if lang == "python"]
+
+
+@pytest.mark.parametrize("name,line,text", python_snippets(), ids=lambda v: str(v)[:20])
+def test_every_python_snippet_imports_what_exists(name: str, line: int, text: str) -> None:
+    tree = ast.parse(text)
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("visiontune"):
+            module = importlib.import_module(node.module)
+            missing = [a.name for a in node.names if not hasattr(module, a.name)]
+            assert not missing, f"{name}:{line}: {node.module} has no {missing}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("visiontune"):
+                    importlib.import_module(a.name)
+                    aliases[a.asname or a.name] = a.name
+    for node in ast.walk(tree):  # vt.fit, vt.predict...: names the package really exports
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            module = importlib.import_module(aliases[node.value.id])
+            assert hasattr(module, node.attr), f"{name}:{line}: {aliases[node.value.id]} has no {node.attr!r}"
+
+
+def test_every_command_is_in_the_readme_table() -> None:
+    table = (ROOT / "README.md").read_text(encoding="utf-8")
+    names = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    missing = [n for n in names if not re.search(rf"\| `visiontune {re.escape(n)}\b", table)]
+    assert not missing, f"commands without a row in the README's table: {missing}"
+
+
+def test_named_modules_exist() -> None:
+    """Every `visiontune/...py` or dotted `visiontune.x.y` module ARCHITECTURE and README
+    name is a real module."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
+    files = ("json", "yaml", "csv", "md", "onnx", "safetensors")  # `visiontune.json` is a file name
+    dotted = {n for n in re.findall(r"`(visiontune(?:\.[a-z_]+)+)", text) if n.rsplit(".", 1)[1] not in files}
+    missing = []
+    for name in sorted(dotted):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            parent, _, attr = name.rpartition(".")
+            try:
+                if not hasattr(importlib.import_module(parent), attr):
+                    missing.append(name)
+            except ModuleNotFoundError:
+                missing.append(name)
+    assert not missing, f"named in the docs but not in the code: {missing}"
+    assert visiontune.__version__

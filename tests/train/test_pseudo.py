@@ -1,0 +1,92 @@
+"""`train --unlabeled POOL`: the probe's pseudo-labels (train/pseudo.py). The choice of how
+much of the pool joins, the rows that join, the run end to end (pool files that are the
+run's own images left out, pseudo_labels.csv recorded), and the refusals."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visiontune as vt
+from conftest import TINY, make_class_folders
+from tasks.test_regression import make_regression_data
+from visiontune.errors import ConfigError
+from visiontune.tasks.catalog import make_task
+from visiontune.train import pseudo
+from visiontune.train.probe import fit_probe
+
+
+def blobs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.integers(0, 3, n)
+    return (np.eye(3, 12)[y] * 4 + rng.normal(0, 1, (n, 12))).astype(np.float32), y
+
+
+def test_the_surest_share_joins_with_the_probes_labels() -> None:
+    rng = np.random.default_rng(0)
+    task = make_task("single-label", ["a", "b", "c"])
+    x, y = blobs(rng, 30)
+    pool, truth = blobs(rng, 200)
+    calls = []
+
+    def fit(a, b, c, g):
+        calls.append(c)
+        return fit_probe(a, b, task, c=c, groups=g)
+
+    x2, y2, groups, report = pseudo.with_pool(x, y, pool, task, fit, seed=0, groups=[f"g{i}" for i in range(30)])
+    assert calls[0] is None and all(c == report.c for c in calls[1:])  # C searched once, on the labelled rows
+    assert set(report.scores) == set(pseudo.FRACTIONS) and report.fraction in pseudo.FRACTIONS
+    kept = int(report.kept.sum())
+    assert kept == round(report.fraction * 200) and len(x2) == 30 + kept and len(groups) == 30 + kept
+    assert (x2[:30] == x).all() and (y2[:30] == y).all()  # the labelled rows are untouched
+    if kept:  # the surest rows joined, labelled as the probe says (these blobs: correctly)
+        assert report.confidence[report.kept].min() >= report.confidence[~report.kept].max() if kept < 200 else True
+        assert (y2[30:] == truth[report.kept]).mean() > 0.95
+    best = max(report.scores.values())  # (mean, SE) of the best held-out score, on the training split's folds
+    within = [f for f, (s, _) in report.scores.items() if s >= best[0] - best[1]]
+    assert report.fraction == min(within)  # the fewest pseudo-labels that score within one SE of the best
+
+
+def test_a_run_pseudo_labels_its_pool_and_records_it(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"  # the labelled folder inside the pool: its 12 images are the run's own
+    data = make_class_folders(photos / "data", {"red": 6, "green": 6})
+    make_class_folders(photos / "pool", {"red": 12, "green": 12}, start_seed=400)
+    run = vt.fit(data, unlabeled=str(photos), strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"),
+                 **TINY)
+    with open(Path(run.run_dir) / "pseudo_labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 24 and not any("/data/" in r["path"] for r in rows)  # the run's own images left out
+    used = [r for r in rows if r["used"] == "1"]
+    assert all(r["label"] == Path(r["path"]).parent.name for r in used)  # red and green are easy
+    assert all(0.5 <= float(r["confidence"]) <= 1 for r in rows)
+    assert vt.bundle.read_config(Path(run.run_dir) / "config.yaml").data.unlabeled == str(photos)
+
+
+def test_runs_that_cannot_pseudo_label_are_refused_before_any_work(tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
+    pool = make_class_folders(tmp_path / "pool", {"red": 3})
+    with pytest.raises(ConfigError, match="no converged-probe phase"):
+        vt.fit(data, unlabeled=str(pool), strategy="finetune", epochs=1, output=str(tmp_path / "r"), **TINY)
+    numbers = make_regression_data(tmp_path / "numbers", n=20)
+    with pytest.raises(ConfigError, match="no confidence"):
+        vt.fit(numbers, csv="targets.csv", task="regression", unlabeled=str(pool), strategy="feature-extract",
+               epochs=1, output=str(tmp_path / "r"), **TINY)
+
+
+def test_few_images_per_class_never_crash_the_choice() -> None:
+    """Found by bench/label_efficiency.py: 10 classes of 1 to 3 labelled images made
+    scikit-learn refuse 5 folds. The folds follow the largest class; with no class of two
+    images there is nothing to judge the pool by, and it stays out."""
+    rng = np.random.default_rng(1)
+    task = make_task("single-label", [str(c) for c in range(10)])
+    y = np.array([c for c in range(10) for _ in range(1 + c % 3)])
+    x = (np.eye(10, 16)[y] * 4 + rng.normal(0, 1, (len(y), 16))).astype(np.float32)
+    pool = (np.eye(10, 16)[rng.integers(0, 10, 60)] * 4 + rng.normal(0, 1, (60, 16))).astype(np.float32)
+    fit = lambda a, b, c, g: fit_probe(a, b, task, c=c, groups=g)  # noqa: E731
+    *_, report = pseudo.with_pool(x, y, pool, task, fit, seed=0)
+    assert report.fraction in pseudo.FRACTIONS and np.isfinite(report.scores[report.fraction][0])
+    single = np.arange(10)
+    *_, report = pseudo.with_pool(x[[list(y).index(c) for c in range(10)]], single, pool, task, fit, seed=0)
+    assert report.fraction == 0 and not report.kept.any()
