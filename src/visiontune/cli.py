@@ -149,6 +149,16 @@ def _add_suggest_command(sub: Any) -> None:
         p.add_argument(flag, type=int if flag in ("--image-size", "--seed") else str, help=what)
 
 
+def _add_review_command(sub: Any) -> None:
+    p = sub.add_parser("review", help="label the images of a suggestions CSV in the browser, one by one (Enter: "
+                       "accept the guess, 1-9: a class, s: skip); answers go into the CSV at once")
+    p.add_argument("--label", required=True, metavar="CSV", help="the CSV `suggest` wrote (to_label.csv)")
+    p.add_argument("--classes", help="comma-separated class names for the buttons and keys (default: the labels "
+                   "and guesses in the CSV)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+
+
 def _add_use_commands(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files and folders with a trained run")
     p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.pt2 / "
@@ -301,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
     _add_suggest_command(sub)
+    _add_review_command(sub)
     _add_use_commands(sub)
     _add_share_commands(sub)
     _add_look_commands(sub)
@@ -330,6 +341,7 @@ COMMAND_EXAMPLES = {
     "imagify": ["imagify waves.csv --kind gadf --output waves_img --size 64"],
     "suggest": ["suggest photos/ --n 100 --output to_label.csv",
                 "suggest photos/ --run runs/<run> --n 50 --method diverse", "suggest photos/ --csv to_label.csv"],
+    "review": ["review --label to_label.csv", "review --label to_label.csv --classes ants,bees --port 8080"],
     "demo": ["demo", "demo --strategy feature-extract --output demo"],
 }
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from visiontune import api
 from visiontune.analysis.interpret import interpret
+from visiontune.analysis.review import create_review_app, review
 from visiontune.bundle import read_config
 from visiontune.config import RunConfig, cli_option_keys
 from visiontune.data.imagify import imagify
@@ -88,6 +89,14 @@ def suggest_labels(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
           + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), then "
           f"`visiontune train --csv {args.output} --task {result.task}` trains on the rows you filled in")
+    return 0
+
+
+def review_labels(args: argparse.Namespace) -> int:
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    create_review_app(args.label, classes)  # a bad file is an error before the server starts
+    print(f"review: http://{args.host}:{args.port}/  (answers go into {args.label} at once; Ctrl+C stops)")
+    review(args.label, classes, args.host, args.port)
     return 0
 
 
@@ -244,7 +253,7 @@ def cache(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train, "cv": cv, "compare": compare_strategies, "advise": advise_strategy, "lr-find": find_lr,
-    "suggest": suggest_labels,
+    "suggest": suggest_labels, "review": review_labels,
     "predict": predict, "evaluate": evaluate, "inspect": inspect, "imagify": imagify_table, "export": export_run, "push": push_run,
     "serve": serve_run, "interpret": interpret_run, "demo": demo, "shard": shard, "cache": cache,
 }
