@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +91,35 @@ def make_multilabel_data(root: Path, n: int = 48, seed: int = 0, with_split: boo
 
         csv.writer(fh).writerows(rows)
     return root
+
+
+def chromium() -> str:
+    """The Chromium the browser tests drive: a failure in CI (.ci/run installs it), a skip elsewhere."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium (.ci/run installs it)")
+        pytest.skip("no chromium on this machine")
+    return path
+
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def serve_in_thread(app):
+    """uvicorn serving `app` on a free port in a thread: (port, server, thread)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return port, server, thread
 
 
 class StopAfter(Callback):

@@ -6,14 +6,11 @@ The API refuses rows outside the file and bad files."""
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import make_class_folders
-from deploy.test_serve import _start
+from conftest import CHROMIUM_FLAGS, chromium, make_class_folders, serve_in_thread
 from visiontune.analysis.review import create_review_app
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
@@ -39,18 +36,13 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def test_labelling_in_headless_chromium(tmp_path: Path) -> None:
-    browser_path = shutil.which("chromium")
-    if browser_path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium (.ci/run installs it)")
-        pytest.skip("no chromium on this machine")
+    browser_path = chromium()
     playwright = pytest.importorskip("playwright.sync_api")
     out = suggestions(tmp_path)
-    port, server, thread = _start(create_review_app(out, ["red", "green", "blue"]))
+    port, server, thread = serve_in_thread(create_review_app(out, ["red", "green", "blue"]))
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of 3')")

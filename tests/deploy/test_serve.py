@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
-from conftest import TINY, make_class_folders, make_image
+from conftest import CHROMIUM_FLAGS, TINY, chromium, make_class_folders, make_image, serve_in_thread
 
 pytest.importorskip("fastapi")
 
@@ -49,41 +47,16 @@ def test_api_predicts_and_rejects_bad_uploads_with_4xx(run: Path, tmp_path: Path
     assert "Drop an image" in client.get("/").text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(app):
-    """uvicorn serving `app` on a free port in a thread: (port, server, thread)."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    return port, server, thread
-
-
 def test_page_in_headless_chromium_shows_the_right_label(run: Path, tmp_path: Path) -> None:
-    browser_path = shutil.which("chromium")
-    if browser_path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium (.ci/run installs it)")
-        pytest.skip("no chromium on this machine")
+    browser_path = chromium()
     playwright = pytest.importorskip("playwright.sync_api")
     from visiontune.deploy.serve import create_app
 
-    port, server, thread = _start(create_app(run))
+    port, server, thread = serve_in_thread(create_app(run))
     try:
         image = make_image(tmp_path / "upload_green.png", (40, 200, 60), seed=11)
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
             page.set_input_files("#file", str(image))
@@ -161,7 +134,7 @@ def test_inference_does_not_block_the_page_and_concurrent_requests_are_batched(
         return real(self, x)
 
     monkeypatch.setattr(serve.BatchPredictor, "_predict", slow)
-    port, server, thread = _start(serve.create_app(run))
+    port, server, thread = serve_in_thread(serve.create_app(run))
     red = make_image(tmp_path / "red.png", (220, 40, 40), seed=5).read_bytes()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -227,7 +200,7 @@ def test_decodes_and_the_backlog_are_bounded_and_a_full_server_answers_503(
                 decoding[0] -= 1
 
     monkeypatch.setattr(serve, "load_rgb", slow_load)
-    port, server, thread = _start(serve.create_app(run, max_pending=4, max_decodes=2))
+    port, server, thread = serve_in_thread(serve.create_app(run, max_pending=4, max_decodes=2))
     red = make_image(tmp_path / "red.png", (220, 40, 40), seed=5).read_bytes()
     answers: list[httpx.Response] = []
     try:
