@@ -1,0 +1,49 @@
+"""mkdocs hooks: pages that include the repository's own files (README, ARCHITECTURE,
+bench/RESULTS.md, CHANGELOG: one copy of each text, the docs site renders it), the CLI
+reference generated from the real parser, and the benchmark figures copied alongside."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parents[1]
+INCLUDE = re.compile(r"<!-- include (\S+) -->")
+FIGURES = ("scale.png", "label_efficiency.png")
+
+
+def on_files(files, config):
+    """The benchmark figures RESULTS.md shows, served next to results.md."""
+    for name in FIGURES:
+        if (ROOT / "bench" / name).is_file():
+            files.append(File(name, str(ROOT / "bench"), config["site_dir"], config["use_directory_urls"]))
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    markdown = INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(encoding="utf-8"), markdown)
+    markdown = markdown.replace("](ARCHITECTURE.md)", "](architecture.md)")
+    if "<!-- cli-reference -->" in markdown:
+        markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
+    return markdown
+
+
+def cli_reference() -> str:
+    from visiontune.cli import build_parser
+
+    parser = build_parser()
+    out = []
+    for name, command in parser._subparsers._group_actions[0].choices.items():  # noqa: SLF001
+        out.append(f"## visiontune {name}\n\n{_help_of(parser, name)}\n")
+        out.append("```text\n" + command.format_help().replace("```", "'''") + "```\n")
+    return "\n".join(out)
+
+
+def _help_of(parser: argparse.ArgumentParser, name: str) -> str:
+    for action in parser._subparsers._group_actions[0]._choices_actions:  # noqa: SLF001
+        if action.dest == name:
+            return action.help or ""
+    return ""
