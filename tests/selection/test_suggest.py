@@ -17,7 +17,7 @@ import visiontune as vt
 from conftest import TINY, make_class_folders, make_multilabel_data
 from tasks.test_regression import make_regression_data
 from visiontune.cli import main
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 from visiontune.selection.suggest import diverse, rank, suggest, typical
 from visiontune.tasks.catalog import make_task
 
@@ -150,3 +150,17 @@ def test_bad_requests_are_refused_and_nothing_is_overwritten(tmp_path: Path) -> 
     mine.write_text("file,class\na.png,red\n")
     assert main(["suggest", str(pool), "--n", "2", "--output", str(mine), *FLAGS]) == 2
     assert mine.read_text() == "file,class\na.png,red\n"
+
+
+def test_a_pool_of_near_copies_only_is_a_clear_error(tmp_path: Path) -> None:
+    """One pixel changed: other bytes, the same picture. It is a near-copy of a labelled
+    image, so nothing is left to suggest (this crashed in k-means before)."""
+    from PIL import Image
+
+    data = make_class_folders(tmp_path / "data", {"red": 3, "green": 3})
+    image = Image.open(data / "red" / "red_000.png").convert("RGB")
+    image.putpixel((0, 0), (0, 0, 0))
+    (tmp_path / "pool").mkdir()
+    image.save(tmp_path / "pool" / "retouched.png")
+    with pytest.raises(DataError, match="1 a near-copy of a labelled image"):
+        suggest(tmp_path / "pool", labelled=data, n=2, **FROZEN)

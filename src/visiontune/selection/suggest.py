@@ -147,15 +147,14 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
         raise ConfigError(f"--n {n}: ask for at least one image")
     known = _known(run, labelled, csv, config, overrides)
     paths, excluded = _pool_paths(pool, known)
-    if not paths:
-        raise DataError(f"no unlabelled images in {pool}: every image there is labelled already or was left out "
-                        f"({_reasons(excluded) or 'no image files'})")
+    _require_pool(paths, pool, excluded)
     train = known.cfg.train
     feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, paths + known.paths, train)
     pool_feats, lab_feats = feats[:len(paths)], feats[len(paths):]
     keep = ~_near_copies(pool_feats, lab_feats)
     excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
     paths, pool_feats = [p for p, k in zip(paths, keep) if k], pool_feats[keep]
+    _require_pool(paths, pool, excluded)
     members, predicted = _members(known, pool_feats, lab_feats)
     chosen, why = choose_method(method, known, members is not None)
     uncertainty = known.task.uncertainty(members) if members is not None and known.task else None
@@ -165,6 +164,12 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     task = known.task
     return Suggestions(rows, chosen, why, len(paths), len(known.paths), task.label_column if task else "label",
                        task.name if task else "single-label", excluded)
+
+
+def _require_pool(paths: list[str], pool: Any, excluded: list[tuple[str, str]]) -> None:
+    if not paths:
+        raise DataError(f"no unlabelled images in {pool}: every image there is labelled already or was left out "
+                        f"({_reasons(excluded) or 'no image files'})")
 
 
 def filled_rows(path: str | os.PathLike[str]) -> list[list[str]]:
