@@ -120,10 +120,11 @@ class DataConfig:
     label_func: str | None = option(None, "name of the Python label function used (recorded, not re-run)", cli=False)
     valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
     relabel: str | None = option(None, "CSV path,label of corrected labels (your files stay untouched)")
-    unlabeled: str | None = option(None, "folder of unlabelled images (searched recursively): the converged probe "
-                                   "pseudo-labels the share of them it is surest of (the share chosen by "
-                                   "cross-validation on the training split) and fits again with them; frozen phases "
-                                   "(feature-extract, gradual's first); pseudo_labels.csv in the run")
+    unlabeled: str | None = option(None, "folder of unlabelled images (searched recursively): the labels spread "
+                                   "over the frozen features' nearest neighbours, and the share of the pool that "
+                                   "spreading is surest of (chosen by cross-validation on the training split) joins "
+                                   "the converged probe's fit; frozen phases (feature-extract, gradual's first); "
+                                   "pseudo_labels.csv in the run")
     exclude: str | None = option(None, "file listing images to leave out (one path per line, or a CSV's 1st column)")
     valid: str | None = option(None, "validation shards when DATA is a shard pattern, e.g. "
                                       "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")
