@@ -25,7 +25,8 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     markdown = INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(encoding="utf-8"), markdown)
-    markdown = markdown.replace("](ARCHITECTURE.md)", "](architecture.md)")
+    markdown = markdown.replace("](ARCHITECTURE.md)", "](architecture.md)")  # README's links, as the site lays
+    markdown = markdown.replace("](docs/guides/", "](guides/").replace("](bench/", "](")  # the pages out
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
     return markdown

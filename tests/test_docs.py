@@ -1,5 +1,5 @@
-"""The README cannot drift from the code: every `visiontune` command in its code blocks
-parses with the real parser, and every Python snippet's visiontune imports (and `vt.`
+"""The README and the guides cannot drift from the code: every `visiontune` command in their
+code blocks parses with the real parser, and every Python snippet's visiontune imports (and `vt.`
 names) resolve. Also the CHANGELOG, ARCHITECTURE and the examples in `--help`."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import visiontune
 from visiontune.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "CHANGELOG.md"]
+GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md"))
+DOCS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "CHANGELOG.md", *GUIDES]
 
 
 def code_blocks(path: Path) -> list[tuple[str, str, int]]:
@@ -50,22 +51,22 @@ def commands(path: Path) -> list[tuple[int, list[str]]]:
     return found
 
 
-README_COMMANDS = commands(ROOT / "README.md")
+README_COMMANDS = [(f"{p.name}:{n}", argv) for p in [ROOT / "README.md", *GUIDES] for n, argv in commands(p)]
 
 
-def test_the_readme_shows_commands() -> None:
-    assert len(README_COMMANDS) > 30
+def test_the_docs_show_commands() -> None:
+    assert len(GUIDES) >= 5 and len(README_COMMANDS) > 30
 
 
-@pytest.mark.parametrize("line,argv", README_COMMANDS, ids=[f"README:{n}" for n, _ in README_COMMANDS])
-def test_every_readme_command_parses(line: int, argv: list[str]) -> None:
+@pytest.mark.parametrize("line,argv", README_COMMANDS, ids=[n for n, _ in README_COMMANDS])
+def test_every_readme_command_parses(line: str, argv: list[str]) -> None:
     parser = build_parser()
     for p in (parser, *parser._subparsers._group_actions[0].choices.values()):  # noqa: SLF001
         p.allow_abbrev = False  # `--epoch 3` must not pass for `--epochs 3`
     try:
         parser.parse_args(argv)
     except SystemExit as exc:
-        pytest.fail(f"README.md line {line}: `visiontune {' '.join(argv)}` does not parse (exit {exc.code})")
+        pytest.fail(f"{line}: `visiontune {' '.join(argv)}` does not parse (exit {exc.code})")
 
 
 def python_snippets() -> list[tuple[str, int, str]]:
