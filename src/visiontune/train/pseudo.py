@@ -48,7 +48,7 @@ Fit = Callable[[np.ndarray, np.ndarray, "float | None", "list[str] | None"], Pro
 
 @dataclass
 class PseudoLabels:
-    outputs: np.ndarray  # the probe's outputs on the pool (fitted on every labelled row)
+    outputs: np.ndarray  # label spreading's outputs on the pool (from every labelled row)
     targets: np.ndarray  # encoded pseudo-targets of every pool row
     confidence: np.ndarray  # of every pool row
     kept: np.ndarray  # bool: the rows that joined the training rows
@@ -60,7 +60,7 @@ class PseudoLabels:
         counts = Counter(name for d in self.decoded(task, self.kept) for name in d.labels)
         by_fraction = ", ".join(f"{f:.0%}: {s:.4f}" for f, (s, _) in self.scores.items())
         return (f"unlabelled pool: {len(self.kept)} images; {int(self.kept.sum())} pseudo-labelled "
-                f"(the {self.fraction:.0%} the probe is surest of; held-out {task.score_metric} by the share of the "
+                f"(the {self.fraction:.0%} label spreading is surest of; held-out {task.score_metric} by the share of the "
                 f"pool that joins, {FOLDS}-fold CV on the training split: {by_fraction})"
                 + (f"; per {task.units[0]}: " + ", ".join(f"{k} {counts[k]}" for k in task.classes if counts[k])
                    if counts else ""))
@@ -82,10 +82,15 @@ def with_pool(x: np.ndarray, y: np.ndarray, pool: np.ndarray, task: Task, fit: F
     outputs = propagate(x, y, pool, task)
     targets, confidence = task.pseudo_targets(outputs)
     kept = _most_confident(confidence, fraction)
-    report = PseudoLabels(outputs, targets, confidence, kept, fraction, scores, first.c)
+    return (*_joined(x, y, groups, pool, targets, kept),
+            PseudoLabels(outputs, targets, confidence, kept, fraction, scores, first.c))
+
+
+def _joined(x: np.ndarray, y: np.ndarray, groups: list[str] | None, pool: np.ndarray, targets: np.ndarray,
+            kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Rows, targets and groups with the `kept` pool rows after them (each pool row its own group)."""
     joined_groups = None if groups is None else groups + [f"\0pool{i}" for i in np.flatnonzero(kept)]
-    return (np.concatenate([x, pool[kept]]), np.concatenate([y, targets[kept].astype(y.dtype)]), joined_groups,
-            report)
+    return np.concatenate([x, pool[kept]]), np.concatenate([y, targets[kept].astype(y.dtype)]), joined_groups
 
 
 def propagate(x: np.ndarray, targets: np.ndarray, pool: np.ndarray, task: Task, neighbours: int = 10,
@@ -111,9 +116,9 @@ def propagate(x: np.ndarray, targets: np.ndarray, pool: np.ndarray, task: Task, 
 
 
 def _fraction_scores(x: np.ndarray, y: np.ndarray, pool: np.ndarray, task: Task, fit: Fit, c: float, seed: int,
-                     groups: list[str] | None) -> dict[float, float]:
-    """Mean held-out score of the probe at `c` with each fraction of the pool joining, the
-    pool labelled by each fold's own probe."""
+                     groups: list[str] | None) -> dict[float, tuple[float, float]]:
+    """(mean, standard error) over the folds of the held-out score of the probe at `c` with
+    each fraction of the pool joining, the pool labelled by spreading each fold's own labels."""
     totals: dict[float, list[float]] = {f: [] for f in FRACTIONS}
     folds = min(FOLDS, most_folds(task.strata(y)))
     if folds < 2:  # no class has two images: nothing to judge the pool by, so it stays out
@@ -125,17 +130,15 @@ def _fraction_scores(x: np.ndarray, y: np.ndarray, pool: np.ndarray, task: Task,
         targets, confidence = task.pseudo_targets(propagate(x[train], y[train], pool, task))
         for f in FRACTIONS:
             kept = _most_confident(confidence, f)
-            model = base if not kept.any() else fit(
-                np.concatenate([x[train], pool[kept]]), np.concatenate([y[train], targets[kept].astype(y.dtype)]), c,
-                None if part_groups is None else part_groups + [f"\0pool{i}" for i in np.flatnonzero(kept)])
+            model = base
+            if kept.any():
+                jx, jy, jg = _joined(x[train], y[train], part_groups, pool, targets, kept)
+                model = fit(jx, jy, c, jg)
             score = task.metrics(y[held], probe_outputs(model, x[held], task))[task.score_metric]
             if np.isfinite(score):
                 totals[f].append(float(score))
     return {f: (float(np.mean(v)), float(np.std(v) / np.sqrt(len(v)))) if v else (float("-inf"), 0.0)
             for f, v in totals.items()}
-
-
-
 
 
 def _choose(scores: dict[float, tuple[float, float]]) -> float:

@@ -274,7 +274,7 @@ class Trainer:
         load_into(self.model.head, fit_)
         log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)%s", len(y),
                  fit_.c, f"{fit_.folds}-fold CV" if fit_.folds else
-                 "chosen with the pseudo-labels" if c is not None else "too few images or groups to cross-validate",
+                 "chosen on the labelled rows before the pool joined" if c is not None else "too few images or groups to cross-validate",
                  "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
         return self._head_loss(feats, targets)
 
