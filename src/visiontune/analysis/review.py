@@ -19,10 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from visiontune.data.tables import suggestion_table
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import atomic_write
-
-LABEL_COLUMNS = ("label", "labels")
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune review</title>
 <style>body{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto}
@@ -86,13 +85,14 @@ class LabelFile:
         if not self.path.is_file():
             raise DataError(f"--label {self.path}: no such file (write one with `visiontune suggest POOL --output "
                             f"{self.path}`)")
-        with open(self.path, newline="", encoding="utf-8-sig") as fh:
-            self.rows = list(csv.reader(fh))
-        header = [h.strip().lower() for h in self.rows[0]] if self.rows else []
-        if not header or header[0] != "path" or not set(LABEL_COLUMNS) & set(header):
+        table = suggestion_table(self.path)
+        if table is None:
+            with open(self.path, newline="", encoding="utf-8-sig") as fh:
+                first = next(csv.reader(fh), None)
             raise DataError(f"--label {self.path}: not a suggestions CSV (path,label,...): its header is "
-                            f"{self.rows[0] if self.rows else 'empty'}")
-        self.label_i = next(header.index(c) for c in LABEL_COLUMNS if c in header)
+                            f"{first or 'empty'}")
+        self.rows, self.label_i = table
+        header = [h.strip().lower() for h in self.rows[0]]
         self.cells = {name: header.index(name) for name in ("prediction", "reason") if name in header}
         self.lock = threading.Lock()
 

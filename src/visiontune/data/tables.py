@@ -21,6 +21,20 @@ LABEL_COLUMNS = ("label", "class", "target", "category", *MULTI_LABEL_COLUMNS)
 log = logging.getLogger(__name__)
 
 
+SUGGESTION_LABELS = ("label", *MULTI_LABEL_COLUMNS[:1])  # the label columns `suggest` writes ('labels': sets)
+
+
+def suggestion_table(path: str | os.PathLike[str]) -> tuple[list[list[str]], int] | None:
+    """The rows (header first) of a suggestions CSV (`visiontune suggest`: path, label or
+    labels, prediction, ...) and its label column's index; None for a file of another shape."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.reader(fh))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if header[:1] != ["path"] or not set(SUGGESTION_LABELS) & set(header):
+        return None
+    return rows, next(header.index(c) for c in SUGGESTION_LABELS if c in header)
+
+
 def read_path_column(path: str, what: str) -> list[list[str]]:
     """Rows of a path list (one path per row, or a CSV whose first column is the path;
     a header row naming the path column is skipped)."""

@@ -48,6 +48,7 @@ from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST
 from visiontune.data.scan import digests_of, scan_cache
 from visiontune.data.sources import collect_images, load_items
+from visiontune.data.tables import suggestion_table
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import atomic_write
@@ -177,13 +178,12 @@ def filled_rows(path: str | os.PathLike[str]) -> list[list[str]]:
     file). A file of another shape is refused rather than overwritten."""
     if not os.path.isfile(path):
         return []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    if header[:1] != ["path"] or len(header) < 2:
+    table = suggestion_table(path)
+    if table is None:
         raise ConfigError(f"--output {path} exists and is not a suggestions CSV (path,label,...): choose another "
                           "--output, so that nothing in it is overwritten")
-    return [r for r in rows[1:] if len(r) > 1 and r[1].strip()]
+    rows, label_i = table
+    return [r for r in rows[1:] if len(r) > label_i and r[label_i].strip()]
 
 
 def rank(features: np.ndarray, n: int, method: str, *, uncertainty: np.ndarray | None = None,
