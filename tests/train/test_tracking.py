@@ -15,9 +15,10 @@ FINETUNE = dict(TINY, strategy="finetune", epochs=2, lr=1e-2)
 
 @pytest.fixture
 def mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = (tmp_path / "mlruns").as_uri()
+    """The store MLflow 3 recommends for local use, named as users name it (issue 24: with
+    mlflow-skinny alone it failed while starting and trained untracked)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     return uri
 
 
@@ -75,6 +76,30 @@ def test_cv_is_a_parent_run_with_one_child_per_fold(flat_data: Path, tmp_path: P
     assert sorted(r.info.run_name for r in children) == ["fold1", "fold2"]
 
 
+def test_without_a_uri_the_store_is_sqlite_beside_the_runs_and_nothing_lands_in_the_cwd(
+        flat_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No $MLFLOW_TRACKING_URI: RUNS/mlflow.db (not the deprecated ./mlruns file store), its
+    artifacts in RUNS/mlartifacts; cv's folds (in RUNS/NAME/) join the parent's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    runs = tmp_path / "runs"
+    r = vt.fit(flat_data, **FINETUNE, output=str(runs), track="mlflow")
+    vt.cross_validate(flat_data, folds=2, **dict(TINY, strategy="feature-extract", epochs=1),
+                      output=str(runs), track="mlflow")
+    assert not list(cwd.iterdir())
+    assert sorted(p.name for p in runs.glob("*.db")) == ["mlflow.db"]
+    client, exp = _client(f"sqlite:///{runs / 'mlflow.db'}")
+    found = {run.info.run_name: run for run in client.search_runs([exp])}
+    assert set(found) == {Path(r.run_dir).name, "fold1", "fold2"} | {n for n in found if "cv" in n}
+    run_id = found[Path(r.run_dir).name].info.run_id
+    assert [round(m.value, 5) for m in client.get_metric_history(run_id, "val_loss")] == \
+        [round(h["val_loss"], 5) for h in r.history]
+    assert "model.safetensors" in {a.path for a in client.list_artifacts(run_id)}
+    assert list((runs / "mlartifacts").rglob("model.safetensors"))
+
+
 def test_a_store_failing_mid_run_warns_and_training_goes_on(flat_data: Path, tmp_path: Path, mlruns: str,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
@@ -115,7 +140,7 @@ def test_unknown_or_missing_tracker_is_a_clear_error_before_training(flat_data: 
     import importlib.util
 
     with pytest.raises(vt.ConfigError, match="unknown tracker; choose from tensorboard, mlflow"):
-        vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="wandb")
+        vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="neptune")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(vt.ConfigError, match=r"pip install 'visiontune\[track\]'"):

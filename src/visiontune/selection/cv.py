@@ -105,7 +105,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     rows = []
     folds_held = list(fold_indices(pool, k, cfg.seed))
     scored = common_labels(pool, folds_held, source)
-    with parent_run(cfg.train.track, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
+    with parent_run(cfg.train.track, out_dir.parent, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
                                                    "selection": selection}, flat_params(cfg)) as parent:
         for i, held in enumerate(folds_held):
             log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))

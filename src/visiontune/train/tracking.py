@@ -7,7 +7,9 @@
   per step (`lr/<group>`), the confusion matrix and the curves as images at the end, and
   the hyper-parameters with the final metrics (the HPARAMS tab). `tensorboard --logdir runs`.
 - **MLflow** (`MlflowClient`, no global active run): `MLFLOW_TRACKING_URI` when set, else
-  a `./mlruns` file store; experiment `$MLFLOW_EXPERIMENT_NAME` or "visiontune". A run
+  a SQLite store beside the runs, `sqlite:///RUNS/mlflow.db` with its artifacts in
+  `RUNS/mlartifacts/` (RUNS: the `--output` folder; the store MLflow 3 recommends for
+  local use, in place of the deprecated `./mlruns` file store); experiment `$MLFLOW_EXPERIMENT_NAME` or "visiontune". A run
   named like the run directory, every config field as a param (`train.lr`...), metrics
   per epoch (step = epoch), tags (backbone, strategy, task, run_dir), and the artifacts
   model.safetensors, config.yaml, metrics.json (report.html when `interpret` runs later:
@@ -43,7 +45,9 @@ from visiontune.train.callbacks import Callback, TrainerView, metrics_of
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'visiontune[track]'"
-_parent: contextvars.ContextVar[str | None] = contextvars.ContextVar("visiontune_mlflow_parent", default=None)
+# the MLflow parent run (cv, compare) the runs trained inside belong to: (run id, store URI)
+_parent: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("visiontune_mlflow_parent",
+                                                                                default=None)
 
 
 def flat_params(cfg: Any) -> dict[str, str]:
@@ -66,28 +70,56 @@ def _require(name: str) -> None:
 
 
 # -- MLflow -------------------------------------------------------------------------------
-def mlflow_client() -> tuple[Any, str]:
-    """(MlflowClient, experiment id): $MLFLOW_TRACKING_URI, else a ./mlruns file store."""
+def default_store(runs: Path) -> str:
+    """The store used when $MLFLOW_TRACKING_URI is not set: SQLite in the runs folder."""
+    return "sqlite:///" + str(Path(runs).resolve() / "mlflow.db")
+
+
+def store_uri(runs: Path) -> str:
+    """$MLFLOW_TRACKING_URI, else the parent run's store, else `default_store(runs)`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (parent[1] if (parent := _parent.get()) else "") \
+        or default_store(runs)
+
+
+def mlflow_client(runs: Path) -> tuple[Any, str]:
+    """(MlflowClient, experiment id) in `store_uri(runs)`; the default store's experiment
+    keeps its artifacts in RUNS/mlartifacts."""
     from mlflow.tracking import MlflowClient
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        # MLflow 3 keeps the file store in maintenance mode and asks for this opt-in
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        uri = Path("mlruns").resolve().as_uri()
-    client = MlflowClient(tracking_uri=uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "visiontune")
-    found = client.get_experiment_by_name(name)
-    return client, found.experiment_id if found else client.create_experiment(name)
+    uri, artifacts = store_uri(runs), None
+    if uri == default_store(runs):
+        Path(runs).mkdir(parents=True, exist_ok=True)
+        artifacts = (Path(runs).resolve() / "mlartifacts").as_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store the user named: MLflow 3 asks this
+    with _quiet_migrations():
+        client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "visiontune")
+        found = client.get_experiment_by_name(name)
+        return client, found.experiment_id if found else client.create_experiment(name, artifacts)
 
 
 @contextlib.contextmanager
-def parent_run(track: str, name: str, tags: dict[str, str], params: dict[str, str] | None = None
+def _quiet_migrations() -> Iterator[None]:
+    """MLflow logs its SQL schema set-up at INFO on a new store: not the user's business."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def parent_run(track: str, runs: Path, name: str, tags: dict[str, str], params: dict[str, str] | None = None
                ) -> Iterator[ParentRun]:
     """An MLflow parent run (cv, compare) whose id the runs trained inside take as
-    `mlflow.parentRunId`; a no-op unless `track` names mlflow."""
-    parent = ParentRun(track, name, tags, params or {})
-    token = _parent.set(parent.run_id if parent.run_id is not None else _parent.get())
+    `mlflow.parentRunId`, in the same store; a no-op unless `track` names mlflow. `runs`:
+    the folder whose mlflow.db is the default store."""
+    parent = ParentRun(track, runs, name, tags, params or {})
+    token = _parent.set((parent.run_id, parent.client.tracking_uri) if parent.run_id is not None
+                        else _parent.get())
     try:
         yield parent
     except BaseException:
@@ -99,16 +131,16 @@ def parent_run(track: str, name: str, tags: dict[str, str], params: dict[str, st
 
 
 class ParentRun:
-    def __init__(self, track: str, name: str, tags: dict[str, str], params: dict[str, str]) -> None:
+    def __init__(self, track: str, runs: Path, name: str, tags: dict[str, str], params: dict[str, str]) -> None:
         self.run_id: str | None = None
         self.client: Any = None
         if "mlflow" not in parse_track(track):
             return
         _require("mlflow")
         try:
-            self.client, experiment = mlflow_client()
+            self.client, experiment = mlflow_client(runs)
             if (outer := _parent.get()) is not None:  # compare --folds: a cv inside a compare
-                tags = {**tags, "mlflow.parentRunId": outer}
+                tags = {**tags, "mlflow.parentRunId": outer[0]}
             self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
             _log_params(self.client, self.run_id, params)
         except Exception as exc:  # noqa: BLE001 - tracking never stops the work
@@ -198,8 +230,8 @@ class Tracker(Callback):
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - tracking never stops training
             self.alive = False
-            log.warning("%s tracking failed while %s (%s: %s); training goes on without it, the run directory has "
-                        "everything", self.name, what, type(exc).__name__, redact(exc))
+            log.warning("%s tracking failed while %s (%s%s: %s); training goes on without it, the run directory "
+                        "has everything", self.name, what, self.where(), type(exc).__name__, redact(exc))
 
     def on_fit_start(self, trainer: TrainerView) -> None:
         self._safely("starting", self.start, trainer)
@@ -217,6 +249,10 @@ class Tracker(Callback):
 
     def fail(self) -> None:
         self._safely("closing a failed run", self.abort)
+
+    def where(self) -> str:
+        """Where the backend writes, for its warnings ('store URI: ')."""
+        return ""
 
     def start(self, trainer: TrainerView) -> None: ...
     def step(self, trainer: TrainerView) -> None: ...
@@ -268,8 +304,11 @@ class TensorBoardTracker(Tracker):
 class MlflowTracker(Tracker):
     name = "mlflow"
 
+    def where(self) -> str:
+        return f"store {redact(store_uri(self.run_dir.parent))}: "
+
     def start(self, trainer: TrainerView) -> None:
-        self.client, experiment = mlflow_client()
+        self.client, experiment = mlflow_client(self.run_dir.parent)
         if (previous := self._previous_run()) is not None:  # --resume: the same MLflow run goes on
             self.run_id = previous
             self.client.update_run(previous, status="RUNNING")
@@ -278,7 +317,7 @@ class MlflowTracker(Tracker):
         tags = {"backbone": m.backbone, "strategy": self.cfg.strategy.name, "task": self.task.name,
                 "run_dir": str(self.run_dir), "weights": m.weights}
         if (parent := _parent.get()) is not None:
-            tags["mlflow.parentRunId"] = parent
+            tags["mlflow.parentRunId"] = parent[0]
         self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
         _log_params(self.client, self.run_id, flat_params(self.cfg))
         (self.run_dir / "tracking.json").write_text(json.dumps(  # no credentials in a file that gets shared
