@@ -60,7 +60,9 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
 SUGGEST_METHODS = ("auto", "typical", "uncertain", "diverse", "random")
 
 TRACKERS: Registry[str] = Registry("tracker", {"tensorboard": "TensorBoard event files in the run directory",
-                                               "mlflow": "an MLflow run (MLFLOW_TRACKING_URI, else sqlite:///RUNS/mlflow.db)"})
+                                               "mlflow": "an MLflow run (MLFLOW_TRACKING_URI, else sqlite:///RUNS/mlflow.db)",
+                                               "wandb": "a Weights & Biases run (files in RUN/wandb; WANDB_MODE=offline "
+                                                        "to sync later)"})
 
 
 def parse_track(value: Any) -> str:
@@ -242,7 +244,8 @@ class TrainConfig:
     cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
                                          "~/.cache/visiontune)")
     track: str = option("", "experiment tracking, comma-separated: tensorboard (event files in RUN/tensorboard), "
-                            "mlflow ($MLFLOW_TRACKING_URI, else RUNS/mlflow.db beside the runs); off by default", parse=parse_track,
+                            "mlflow ($MLFLOW_TRACKING_URI, else RUNS/mlflow.db beside the runs), wandb ($WANDB_PROJECT, "
+                            "$WANDB_MODE); off by default", parse=parse_track,
                         coerce=parse_track, metavar="BACKENDS")
     progress: bool = option(True, "no progress bars")
 

@@ -1,6 +1,7 @@
-"""Experiment tracking: TensorBoard and MLflow, with the real packages (`--track`).
+"""Experiment tracking: TensorBoard, MLflow and Weights & Biases, with the real packages
+(`--track`).
 
-    visiontune train DATA --track tensorboard,mlflow
+    visiontune train DATA --track tensorboard,mlflow,wandb
 
 - **TensorBoard** (`torch.utils.tensorboard`): event files in `RUN/tensorboard/`: every
   loss and metric per epoch (step = epoch), the learning rate of every optimizer group
@@ -15,6 +16,14 @@
   model.safetensors, config.yaml, metrics.json (report.html when `interpret` runs later:
   the MLflow run id is kept in `RUN/tracking.json`; `--resume` continues that MLflow run).
   `cv` and `compare` open a parent run with one child per fold / strategy.
+- **Weights & Biases** (`wandb.init`, its files in `RUN/wandb/`): project `$WANDB_PROJECT`
+  or "visiontune", the run named like the run directory, the config (nested as in
+  config.yaml), tags (backbone, strategy, task), per-epoch metrics against `epoch`, the
+  final metrics in the summary, the curves and confusion matrix as images. `cv` and
+  `compare` runs share a group named after their folder. `--resume` continues the same
+  W&B run (its id is in `RUN/tracking.json`). The model is logged as an artifact only when
+  `$WANDB_LOG_MODEL` is `end` or `true` (the Hugging Face Trainer's convention). W&B's own
+  settings apply: `WANDB_MODE=offline` logs locally for `wandb sync` later.
 
 A backend that fails mid-run (an unwritable store, a server gone) is reported once as a
 warning and switched off; training and the run directory are untouched. A backend whose
@@ -45,6 +54,8 @@ from visiontune.train.callbacks import Callback, TrainerView, metrics_of
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'visiontune[track]'"
+# the folder of a cv / compare whose runs are grouped (W&B's group)
+_group: contextvars.ContextVar[str | None] = contextvars.ContextVar("visiontune_track_group", default=None)
 # the MLflow parent run (cv, compare) the runs trained inside belong to: (run id, store URI)
 _parent: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("visiontune_mlflow_parent",
                                                                                 default=None)
@@ -64,9 +75,10 @@ def flat_params(cfg: Any) -> dict[str, str]:
 def _require(name: str) -> None:
     import importlib.util
 
-    module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[name]
+    module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"--track {name} needs the {module} package: {INSTALL}")
+        install = "pip install 'visiontune[wandb]'" if name == "wandb" else INSTALL
+        raise ConfigError(f"--track {name} needs the {module} package: {install}")
 
 
 # -- MLflow -------------------------------------------------------------------------------
@@ -120,6 +132,7 @@ def parent_run(track: str, runs: Path, name: str, tags: dict[str, str], params: 
     parent = ParentRun(track, runs, name, tags, params or {})
     token = _parent.set((parent.run_id, parent.client.tracking_uri) if parent.run_id is not None
                         else _parent.get())
+    group = _group.set(_group.get() or name)  # compare --folds: the folds join the compare's group
     try:
         yield parent
     except BaseException:
@@ -127,6 +140,7 @@ def parent_run(track: str, runs: Path, name: str, tags: dict[str, str], params: 
         raise
     finally:
         _parent.reset(token)
+        _group.reset(group)
     parent.end("FINISHED")
 
 
@@ -198,12 +212,23 @@ def _store_uri(recorded: str) -> str:
     return recorded
 
 
-def _tracked_run(run_dir: Path) -> dict[str, str] | None:
-    """{run_id, tracking_uri} of the MLflow run RUN/tracking.json names, if any."""
+def _tracked_run(run_dir: Path, backend: str = "mlflow") -> dict[str, str] | None:
+    """What RUN/tracking.json records of `backend`'s run ({run_id, tracking_uri} for MLflow,
+    {run_id, project} for W&B), if anything."""
     try:
-        return dict(json.loads((run_dir / "tracking.json").read_text())["mlflow"])
+        return dict(json.loads((run_dir / "tracking.json").read_text())[backend])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _record_run(run_dir: Path, backend: str, entry: dict[str, str]) -> None:
+    """Add `backend`'s entry to RUN/tracking.json, keeping the other backends'."""
+    path = run_dir / "tracking.json"
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):
+        held = {}
+    path.write_text(json.dumps({**(held if isinstance(held, dict) else {}), backend: entry}))
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
@@ -320,8 +345,8 @@ class MlflowTracker(Tracker):
             tags["mlflow.parentRunId"] = parent[0]
         self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
         _log_params(self.client, self.run_id, flat_params(self.cfg))
-        (self.run_dir / "tracking.json").write_text(json.dumps(  # no credentials in a file that gets shared
-            {"mlflow": {"run_id": self.run_id, "tracking_uri": redact(self.client.tracking_uri)}}))
+        _record_run(self.run_dir, "mlflow",  # no credentials in a file that gets shared
+                    {"run_id": self.run_id, "tracking_uri": redact(self.client.tracking_uri)})
 
     def _previous_run(self) -> str | None:
         """The MLflow run this run directory was tracked in before (a resumed run), if any
@@ -347,8 +372,78 @@ class MlflowTracker(Tracker):
             self.client.set_terminated(self.run_id, "FAILED")
 
 
+class WandbTracker(Tracker):
+    name = "wandb"
+
+    def where(self) -> str:
+        return "W&B: run `wandb login`, or set WANDB_MODE=offline and `wandb sync` the run later; "
+
+    def start(self, trainer: TrainerView) -> None:
+        import wandb
+
+        m = self.cfg.model
+        previous = _tracked_run(self.run_dir, "wandb")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "visiontune"), dir=str(self.run_dir), name=self.run_dir.name,
+            config=self.cfg.to_dict(), tags=[m.backbone, self.cfg.strategy.name, self.task.name],
+            group=_group.get(), id=previous["run_id"] if previous else None, resume="allow" if previous else None,
+            settings=wandb.Settings(console="off", init_timeout=60, quiet=True))
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
+        _record_run(self.run_dir, "wandb", {"run_id": self.run.id, "project": self.run.project})
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.run.log({**metrics_of(row, keep_train_loss=True), "lr": row["lr"], "epoch_seconds": row["seconds"],
+                      "epoch": int(row["epoch"])})
+
+    def end(self, result: Any, held: Any) -> None:
+        try:
+            self._end(result, held)
+        finally:
+            self.run.finish()
+
+    def _end(self, result: Any, held: Any) -> None:
+        import wandb
+
+        from visiontune.plots import confusion_figure, curves_figure
+
+        self.run.summary.update({f"final_{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)})
+        images = {}
+        if result.history:
+            images["curves"] = _image(curves_figure(result.history))
+        if held is not None and len(held.targets):
+            report = self.task.report(held.targets, held.probs)
+            if report.confusion is not None:
+                images["confusion"] = _image(confusion_figure(report.confusion, self.task.classes,
+                                                              list(report.columns) if report.columns else None))
+        if images:
+            self.run.log({k: wandb.Image(v) for k, v in images.items()})
+        if os.environ.get("WANDB_LOG_MODEL", "false").lower() in ("end", "true", "1"):
+            artifact = wandb.Artifact(f"model-{self.run.id}", type="model")
+            for name in ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json"):
+                if (self.run_dir / name).is_file():
+                    artifact.add_file(str(self.run_dir / name))
+            self.run.log_artifact(artifact)
+
+    def abort(self) -> None:
+        if hasattr(self, "run"):
+            self.run.finish(exit_code=1)
+
+
+def _image(figure: Any) -> Any:
+    """A matplotlib figure (plots.py's, not pyplot's) as a PIL image."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
 TRACKER_CLASSES: Registry[type[Tracker]] = Registry(
-    "tracker", {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker})  # config.TRACKERS names them for --track
+    "tracker", {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker})  # config.TRACKERS names them for --track
 
 
 def make_trackers(track: str, run_dir: Path, cfg: Any, task: Any) -> list[Tracker]:
