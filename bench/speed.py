@@ -1,7 +1,7 @@
 """Overhead of visiontune over the raw model, on one machine, in one run.
 
     /usr/bin/time -v python bench/speed.py [--images 256] [--image-size 224] [--batch-size 32]
-        [--workers auto,0,2] [--repeats 2] [--large 32] [--compile] [--bf16]
+        [--workers auto,0,2] [--repeats 2] [--large 32] [--compile] [--bf16] [--int8-run RUN]
 
 a. training img/s: `visiontune` fine-tuning (finetune: every parameter trains; images
    decoded from JPEG files, augmentation on, no validation) vs a raw PyTorch step (forward,
@@ -19,6 +19,10 @@ c. inference img/s: `visiontune.predict` (--engine onnx, and --engine torch) ove
    ONNX Runtime vs eager on the same tensors.
 d. `--large N`: N generated 4000x3000 JPEGs (phone-photo size), one epoch with the
    decoded-image cache off, then epochs with it on (first fills it, second reads it).
+e. int8 (`export --int8`): eager PyTorch vs ONNX Runtime fp32 vs ONNX Runtime int8 on the
+   same tensors (img/s, the median of `--repeats`), the files' sizes, and the validation
+   score of fp32 and int8 as export reports it. `--int8-run RUN` uses a trained run (real
+   images: the score means something); else a feature-extract run on the generated JPEGs.
 Both sides use the same threads, channels_last and fixed BatchNorm statistics. Section a
 also reports the step's FLOP rate (the model's FLOPs per training image, counted by
 torch.utils.flop_counter, x img/s) as a fraction of this CPU's fp32 matrix-product rate.
@@ -212,6 +216,43 @@ def section_inference(args: argparse.Namespace, data: Path, work: Path) -> str:
     return "\n".join(lines)
 
 
+def _loop(model: torch.nn.Module, x: torch.Tensor, images: int) -> float:
+    model(x)
+    steps = max(2, images // len(x))
+    started = time.perf_counter()
+    for _ in range(steps):
+        model(x)
+    return steps * len(x) / (time.perf_counter() - started)
+
+
+def section_int8(args: argparse.Namespace, data: Path, work: Path) -> str:
+    from visiontune.deploy.export import load_exported
+    from visiontune.deploy.quantize import export_int8
+
+    run = args.int8_run or vt.fit(data, strategy="feature-extract", epochs=1, image_size=args.image_size,
+                                  valid_pct=0.25, progress=False, output=str(work / "runs"), patience=0).run_dir
+    result = export_int8(run, "onnx", output=str(work / "int8" / "model.onnx"), max_drop=100.0)
+    q = result.int8
+    bundle = vt.bundle.load_bundle(run)
+    bundle.model.to(memory_format=torch.channels_last)
+    size = bundle.preprocess.input_size
+    fp32, int8 = load_exported(result.path).model, load_exported(q.path).model
+    x = torch.randn(args.batch_size, 3, size, size)
+    eager, f, i = [], [], []
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            eager.append(_loop(bundle.model, x.contiguous(memory_format=torch.channels_last), args.images))
+            f.append(_loop(fp32, x, args.images))
+            i.append(_loop(int8, x, args.images))
+    e_i, f_i, i_i = median(eager), median(f), median(i)
+    return "\n".join([
+        f"e. int8 ({q.method}, {size}px, batch {args.batch_size}): eager {e_i:6.1f} img/s   ONNX fp32 {f_i:6.1f} img/s "
+        f"({f_i / e_i:.2f}x eager)   ONNX int8 {i_i:6.1f} img/s ({i_i / f_i:.2f}x fp32, {i_i / e_i:.2f}x eager)",
+        f"   size: fp32 {q.sizes['fp32'] / 1e6:.1f} MB, int8 {q.sizes['int8'] / 1e6:.1f} MB "
+        f"({q.sizes['int8'] / q.sizes['fp32']:.2f}x)   run: {run}",
+        *[f"   {line}" for line in q.lines()[:-1]]])
+
+
 def section_large(args: argparse.Namespace, work: Path) -> str:
     data = make_jpegs(work / "large", args.large, 4000, 3000)
     mb = sum(p.stat().st_size for p in data.rglob("*.jpg")) / 1e6
@@ -238,7 +279,8 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=0, help="also time N 4000x3000 JPEGs with and without the image cache")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--bf16", action="store_true", help="also time the raw step under bf16 autocast")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,c")
+    ap.add_argument("--int8-run", help="section e on this trained run (default: one on the generated JPEGs)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,c,e")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="vt-speed-"))
@@ -253,6 +295,8 @@ def main() -> None:
         print(section_inference(args, data, work), flush=True)
     if args.large:
         print(section_large(args, work), flush=True)
+    if "e" not in skip:
+        print(section_int8(args, data, work), flush=True)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,18 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return Bundle(model, task, pre, str(file.parent), cfg)
 
 
+def run_splits(run: str | os.PathLike[str], task: Task, delim: str = " ") -> list[tuple[str, Any, str]]:
+    """(path, label, split) of every image the run was trained, validated and tested on
+    (its splits.csv), labels in the task's shape; [] when the run has no splits.csv."""
+    import csv
+
+    path = Path(run) / "splits.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [(r["path"], task.parse_label(r["label"], delim, "splits.csv"), r["split"]) for r in csv.DictReader(fh)]
+
+
 def read_config(path: str | os.PathLike[str], strict: bool = False) -> RunConfig:
     """The RunConfig in a YAML file. `strict` (a user's --config): every key must be an
     option (in its section or flat); else keys from newer versions are ignored (a run's

@@ -186,9 +186,16 @@ def imagify_table(args: argparse.Namespace) -> int:
 
 
 def export_run(args: argparse.Namespace) -> int:
-    result = export(args.run, args.format, args.output)
+    if args.int8:
+        from visiontune.deploy.quantize import export_int8
+
+        result = export_int8(args.run, args.format, args.output, args.max_drop, args.calibration)
+    else:
+        result = export(args.run, args.format, args.output)
     print(f"{result.format}: {result.path}")
     print(f"parity check: max |eager - exported| = {result.max_abs_diff:.2e}")
+    if result.int8 is not None:
+        print("\n".join(result.int8.lines()))
     return 0
 
 

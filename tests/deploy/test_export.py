@@ -221,3 +221,37 @@ def test_a_hub_folder_with_pickle_weights_only_is_refused_unless_trusted(
     assert main(["train", str(data), "--weights", f"local-dir:{hub}", "--backbone", "timm:test_efficientnet",
                  "--image-size", "32", "--strategy", "feature-extract", "--output", str(tmp_path / "cli")]) == 2
     assert "--trust-pickle" in capsys.readouterr().err
+
+
+def test_int8_export_is_checked_on_validation_runs_in_predict_and_is_refused_past_max_drop(
+        run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--int8: ONNX Runtime's static quantisation calibrated on the run's validation
+    images; the file carries the metadata and predict runs it; the validation score is
+    reported against fp32; a drop past --max-drop writes nothing and keeps fp32."""
+    import onnx
+
+    from visiontune.deploy.quantize import Int8Refused, export_int8
+
+    run_dir, data = run
+    fp32 = tmp_path / "m.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--output", str(fp32), "--int8",
+                 "--max-drop", "100"]) == 0
+    out = capsys.readouterr().out
+    int8 = tmp_path / "m.int8.onnx"
+    assert "static int8:" in out and f"int8 (static): {int8}" in out and "validation accuracy on 3 images" in out
+    meta = {m.key: m.value for m in onnx.load(str(int8)).metadata_props}
+    assert meta["quantization"].startswith("int8 static") and json.loads(meta["classes"]) == ["green", "red"]
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    eager, _ = vt.predict(run_dir, data, engine="torch")
+    quantized, _ = vt.predict(int8, data, engine="onnx")
+    assert [p.path for p in quantized] == [p.path for p in eager]
+    assert sum(a.label == b.label for a, b in zip(quantized, eager)) >= 0.75 * len(eager)
+
+    int8.unlink()
+    with pytest.raises(Int8Refused, match=r"(?s)static int8: .*dynamic int8: .*refused.*m.onnx is kept"):
+        export_int8(run_dir, "onnx", fp32, max_drop=-101)  # asks int8 to beat fp32 by 101 points: none can
+    assert fp32.is_file() and not int8.exists()
+    with pytest.raises(vt.ConfigError, match="--int8 quantises ONNX models; use --format onnx"):
+        export_int8(run_dir, "pt2", tmp_path / "m.pt2")
+    assert not (tmp_path / "m.pt2").exists()

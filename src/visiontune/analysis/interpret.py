@@ -32,7 +32,7 @@ from visiontune.analysis.mislabels import (
 )
 from visiontune.analysis.report import write_report
 from visiontune.analysis.saliency import first_layer_filters, grad_cam
-from visiontune.bundle import Bundle, load_bundle
+from visiontune.bundle import Bundle, load_bundle, run_splits
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
@@ -142,11 +142,9 @@ def _items(run: Path, data: str | None, bundle: Bundle) -> Items:
     """(path, label, split) of the run's own images (splits.csv), or of `data`, in the
     run's task shape."""
     cfg = bundle.config or RunConfig()
-    delim, parse = cfg.data.label_delim, bundle.task.parse_label
+    delim = cfg.data.label_delim
     if data is None:
-        with open(run / "splits.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        return [(r["path"], parse(r["label"], delim, "splits.csv"), r["split"]) for r in rows]
+        return run_splits(run, bundle.task, delim)
     source = load_items(DataConfig(path=str(data), valid_pct=cfg.data.valid_pct, task=bundle.task.name,
                                    label_delim=delim), cfg.seed, min_classes=1)
     return [(it.path, it.label, it.split) for it in source.items]

@@ -1,6 +1,7 @@
 """Export a trained run, carrying its labels and preprocessing.
 
     visiontune export runs/<run> --format onnx          -> runs/<run>/model.onnx
+    visiontune export runs/<run> --format onnx --int8   -> also runs/<run>/model.int8.onnx (deploy/quantize.py)
     visiontune export runs/<run> --format pt2           -> runs/<run>/model.pt2
     visiontune export runs/<run> --format timm          -> runs/<run>/timm/ (deploy/hub.py)
     visiontune export runs/<run> --format torchscript   -> runs/<run>/model.ts (legacy)
@@ -51,6 +52,7 @@ class ExportResult:
     path: str
     format: str
     max_abs_diff: float
+    int8: Any = None  # deploy/quantize.Int8Result (quantize.export_int8)
 
 
 def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
@@ -67,6 +69,7 @@ def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
 
 def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.PathLike[str] | None = None,
            opset: int = 18) -> ExportResult:
+    """Export the run (see the module docstring); int8: deploy/quantize.export_int8."""
     FORMATS.find(format)  # ConfigError naming the formats for another
     if format == "timm":
         from visiontune.deploy.hub import export_timm

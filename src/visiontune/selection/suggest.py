@@ -43,7 +43,7 @@ import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans, kmeans_plusplus
 from sklearn.decomposition import PCA
 
-from visiontune.bundle import load_bundle
+from visiontune.bundle import load_bundle, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST
 from visiontune.data.scan import digests_of, scan_cache
@@ -268,7 +268,7 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
         cfg = RunConfig.create(bundle.config, **overrides) if overrides else (bundle.config or RunConfig())
         known = _Known(cfg, cfg.model.backbone, bundle.model.backbone, bundle.preprocess, bundle.task, [], [], [],
                        bundle.model.head.eval())
-        _add_labelled(known, _run_items(Path(bundle.path), bundle.task, cfg.data.label_delim))
+        _add_labelled(known, run_splits(bundle.path, bundle.task, cfg.data.label_delim))
     else:
         cfg = RunConfig.create(config, **overrides)
         model, pre = create_classifier(cfg.model, 1)
@@ -284,14 +284,6 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
     if known.task is not None and run is None:
         known.task.fit_labels(known.labels)
     return known
-
-
-def _run_items(run: Path, task: Task, delim: str) -> list[tuple[str, Any, str]]:
-    """(path, label, split) of the images the run was trained, validated and tested on."""
-    if not (run / "splits.csv").is_file():
-        return []
-    with open(run / "splits.csv", newline="", encoding="utf-8") as fh:
-        return [(r["path"], task.parse_label(r["label"], delim, "splits.csv"), r["split"]) for r in csv.DictReader(fh)]
 
 
 def _add_labelled(known: _Known, items: list[tuple[str, Any, str]]) -> None:
