@@ -109,10 +109,14 @@ def parse_batch_size(text: str) -> int | str:
 class DataConfig:
     """Where the images are and how labels and splits are found."""
 
-    path: str = option("", "folder of images (the DATA argument)", cli=False)
+    path: str = option("", "folder of images, shards, or a Hugging Face dataset (hf:NAME[:CONFIG] or a "
+                           "save_to_disk folder): the DATA argument", cli=False)
     csv: str | None = option(None, "CSV of path,label[,split] (paths relative to DATA or the CSV's folder)")
     csv_path_col: str | None = option(None, "CSV column holding the paths (path/file/filename/image, else the 1st)")
     csv_label_col: str | None = option(None, "CSV column holding the labels (label/class/target, else the 2nd)")
+    image_col: str | None = option(None, "Hugging Face dataset: the image column (default: the one of type Image)")
+    label_col: str | None = option(None, "Hugging Face dataset: the label column (default: the first ClassLabel, "
+                                         "else one named label/labels/class/target/tags)")
     label_regex: str | None = option(None, r"label = group 1 of this regex on the file name, e.g. '^(.+)_\d+\.jpg$'")
     task: str = option("auto", "single-label (one class per image), multi-label (a set of labels, maybe empty) or "
                                "regression (a number per image: a CSV column, a --label-regex capture, a label "

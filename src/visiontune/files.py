@@ -202,7 +202,8 @@ def file_digest(path: str | os.PathLike[str]) -> str:
 
 
 # -- the cache's size: what `visiontune cache` shows and clears, and the cap ------------
-CACHE_AREAS = ("features", "images", "probes", "engines")  # scan.sqlite (small) is never evicted
+# scan.sqlite (small) is never evicted; datasets/: a Hugging Face dataset's images (data/hf.py)
+CACHE_AREAS = ("features", "images", "probes", "engines", "datasets")
 DEFAULT_CACHE_MAX = 10 * 1024 ** 3
 
 
@@ -236,13 +237,14 @@ def touch(path: Path) -> None:
 def cache_entries(root: Path) -> list[tuple[str, Path, int, float]]:
     """(area, path, bytes, last used) of every evictable entry under the cache `root`: a
     file of images/, probes/, engines/; a whole model's folder of features/ (its shards
-    and index only make sense together; used = the newest time in it)."""
+    and index only make sense together) or of datasets/ (one dataset's images; used = the
+    newest time in it)."""
     out: list[tuple[str, Path, int, float]] = []
     for area in CACHE_AREAS:
         base = root / area
         if not base.is_dir():
             continue
-        if area == "features":
+        if area in ("features", "datasets"):
             for folder in (p for p in base.iterdir() if p.is_dir()):
                 stats = [st for st in map(_stat, folder.rglob("*")) if st is not None]
                 out.append((area, folder, sum(st.st_size for st in stats),

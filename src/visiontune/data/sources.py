@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.config import DataConfig, RunConfig
+from visiontune.data.hf import hf_source, is_hf
 from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import (
@@ -71,7 +72,8 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
                min_classes: int = 2, cache_dir: str | None = None) -> DataSource:
     """Find images and labels as `cfg` says, check them, and split them.
 
-    Layouts: `cfg.csv` (path,label[,split]); labels from file names (`cfg.label_regex`
+    Layouts: a Hugging Face dataset (`hf:NAME[:CONFIG]` or a save_to_disk folder:
+    data/hf.py); WebDataset shards; `cfg.csv` (path,label[,split]); labels from file names (`cfg.label_regex`
     or `label_func`, e.g. fastai's `lambda p: p.name[0].isupper()`); otherwise class
     folders, either `root/train/<class>/`, `root/valid|val/<class>/`, `root/test/<class>/`
     or a flat `root/<class>/` tree split by `cfg.valid_pct` (stratified, seeded).
@@ -79,7 +81,9 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
     """
     root = Path(cfg.path).expanduser()
     shards = bool(cfg.path) and is_shards(cfg.path)
-    if shards:
+    if is_hf(cfg.path) and not cfg.csv:
+        source = hf_source(cfg, cache_dir)
+    elif shards:
         source = _from_shards(cfg)
     elif cfg.csv:
         source = from_csv(root, Path(cfg.csv).expanduser(), cfg)

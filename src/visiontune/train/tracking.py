@@ -104,23 +104,10 @@ def mlflow_client(runs: Path) -> tuple[Any, str]:
         artifacts = (Path(runs).resolve() / "mlartifacts").as_uri()
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store the user named: MLflow 3 asks this
-    with _quiet_migrations():
-        client = MlflowClient(tracking_uri=uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "visiontune")
-        found = client.get_experiment_by_name(name)
-        return client, found.experiment_id if found else client.create_experiment(name, artifacts)
-
-
-@contextlib.contextmanager
-def _quiet_migrations() -> Iterator[None]:
-    """MLflow logs its SQL schema set-up at INFO on a new store: not the user's business."""
-    logger = logging.getLogger("mlflow.store.db.utils")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    client = MlflowClient(tracking_uri=uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "visiontune")
+    found = client.get_experiment_by_name(name)
+    return client, found.experiment_id if found else client.create_experiment(name, artifacts)
 
 
 @contextlib.contextmanager
