@@ -263,7 +263,8 @@ def _add_data_commands(sub: Any) -> None:
     add_run_options(p, DataConfig)
     p.add_argument("--seed", type=int, help="seed of the valid split and of the training samples' order (0)")
 
-    p = sub.add_parser("cache", help="what the cache holds (features, decoded images, probe fits, ONNX exports) and "
+    p = sub.add_parser("cache", help="what the cache holds (features, decoded images, probe fits, ONNX exports, "
+                       "Hugging Face datasets) and "
                        "clearing it", epilog="examples:\n  visiontune cache info\n  visiontune cache clear "
                        "--older-than 30d\n  visiontune cache clear --only images",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
