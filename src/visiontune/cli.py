@@ -150,9 +150,14 @@ def _add_suggest_command(sub: Any) -> None:
 
 
 def _add_review_command(sub: Any) -> None:
-    p = sub.add_parser("review", help="label the images of a suggestions CSV in the browser, one by one (Enter: "
-                       "accept the guess, 1-9: a class, s: skip); answers go into the CSV at once")
-    p.add_argument("--label", required=True, metavar="CSV", help="the CSV `suggest` wrote (to_label.csv)")
+    p = sub.add_parser("review", help="in the browser: a run's suspected mislabels, top losses, duplicates and "
+                       "outliers (keep / relabel / exclude, into RUN/review/ for train --relabel/--exclude), or "
+                       "--label: the images of a suggestions CSV to label one by one")
+    p.add_argument("run", nargs="?", help="a run directory: review what interpret flagged (interpret runs first if "
+                   "it has not)")
+    p.add_argument("data", nargs="?", help="with RUN: the data interpret looks at (default: the run's own images)")
+    p.add_argument("--label", metavar="CSV", help="instead of RUN: the CSV `suggest` wrote (to_label.csv); answers go "
+                   "into it at once")
     p.add_argument("--classes", help="comma-separated class names for the buttons and keys (default: the labels "
                    "and guesses in the CSV)")
     p.add_argument("--host", default="127.0.0.1")
@@ -351,7 +356,8 @@ COMMAND_EXAMPLES = {
     "imagify": ["imagify waves.csv --kind gadf --output waves_img --size 64"],
     "suggest": ["suggest photos/ --n 100 --output to_label.csv",
                 "suggest photos/ --run runs/<run> --n 50 --method diverse", "suggest photos/ --csv to_label.csv"],
-    "review": ["review --label to_label.csv", "review --label to_label.csv --classes ants,bees --port 8080"],
+    "review": ["review runs/<run>", "review --label to_label.csv",
+               "review --label to_label.csv --classes ants,bees --port 8080"],
     "demo": ["demo", "demo --strategy feature-extract --output demo"],
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -93,6 +94,17 @@ def suggest_labels(args: argparse.Namespace) -> int:
 
 
 def review_labels(args: argparse.Namespace) -> int:
+    if (args.run is None) == (args.label is None):
+        raise ConfigError("review: give a run directory (review RUN [DATA]) or --label CSV, not both or neither")
+    if args.run is not None:
+        from visiontune.analysis.review import serve_page
+        from visiontune.analysis.run_review import REVIEW_DIR, create_run_review_app
+
+        app = create_run_review_app(args.run, args.data)  # a bad run is an error before the server starts
+        print(f"review: http://{args.host}:{args.port}/  (decisions go into {os.path.join(args.run, REVIEW_DIR)} "
+              "at once; Ctrl+C stops)")
+        serve_page(app, args.host, args.port)
+        return 0
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     create_review_app(args.label, classes)  # a bad file is an error before the server starts
     print(f"review: http://{args.host}:{args.port}/  (answers go into {args.label} at once; Ctrl+C stops)")

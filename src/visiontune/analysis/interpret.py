@@ -205,24 +205,30 @@ def write_top_losses(ctx: Context, paths: list[str], out: EvalOutput, top_n: int
 def write_saliency(target: Path, ctx: Context, paths: list[str]) -> None:
     """filters.png and a Grad-CAM grid of `paths` at `target` (skipped with a warning for
     backbones without a spatial feature map)."""
-    bundle = ctx.bundle
-    tf, side, size = eval_transform(bundle.preprocess), eval_side(bundle.preprocess), bundle.preprocess.input_size
     try:
-        save_filters(ctx.out / "filters.png", first_layer_filters(bundle.model))
+        save_filters(ctx.out / "filters.png", first_layer_filters(ctx.bundle.model))
         images, heats, titles = [], [], []
         for p in paths:
-            image = load_rgb(p, side)
-            x = tf(image).unsqueeze(0).to(ctx.device)
-            shown = np.asarray(image.resize((size, size), Image.BILINEAR))
-            for name in bundle.task.explained(_decoded(bundle, x)):  # each predicted output (label sets: up to 3)
-                heat, _ = grad_cam(bundle.model, x, bundle.task.index[name])
+            for shown, heat, title in explain(ctx.bundle, ctx.device, p):
                 images.append(shown)
                 heats.append(heat)
-                titles.append(f"Grad-CAM: {name}")
+                titles.append(title)
         if images:
             save_grid(target, images, titles, overlays=heats)
     except VisiontuneError as exc:
         log.warning("saliency skipped: %s", exc)
+
+
+def explain(bundle: Bundle, device: torch.device, path: str) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(the image as the model sees it, its Grad-CAM heat map, title) for each output the
+    model predicts for the image at `path` (label sets: up to 3); VisiontuneError for a
+    backbone without a spatial feature map."""
+    tf, side, size = eval_transform(bundle.preprocess), eval_side(bundle.preprocess), bundle.preprocess.input_size
+    image = load_rgb(path, side)
+    x = tf(image).unsqueeze(0).to(device)
+    shown = np.asarray(image.resize((size, size), Image.BILINEAR))
+    return [(shown, grad_cam(bundle.model, x, bundle.task.index[name])[0], f"Grad-CAM: {name}")
+            for name in bundle.task.explained(_decoded(bundle, x))]
 
 
 def _decoded(bundle: Bundle, x: torch.Tensor) -> Decoded:

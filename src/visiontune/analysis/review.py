@@ -177,9 +177,13 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
 
 def review(label_file: str | os.PathLike[str], classes: list[str] | None = None, host: str = "127.0.0.1",
            port: int = 8001) -> None:
+    serve_page(create_review_app(label_file, classes), host, port)
+
+
+def serve_page(app: Any, host: str = "127.0.0.1", port: int = 8001) -> None:
+    """Serve a review page (this one, or analysis/run_review.py's) until Ctrl+C."""
     try:
         import uvicorn
     except ImportError:
         raise VisiontuneError("review needs uvicorn: pip install 'visiontune[serve]'") from None
-    app = create_review_app(label_file, classes)
     uvicorn.run(app, host=host, port=port, log_level="warning")
