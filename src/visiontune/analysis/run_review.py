@@ -189,6 +189,50 @@ fetch('/api/queue').then((r) => r.json()).then((q) => { queue = q.items; show();
 </script></body></html>"""
 
 
+class RunReview:
+    """What the page shows and records: the flagged cases, the decisions, Grad-CAMs."""
+
+    def __init__(self, run: str | os.PathLike[str], data: str | None = None, device: str = "auto") -> None:
+        from visiontune.runtime.device import resolve_device
+
+        self.run = Path(run)
+        self.bundle = load_bundle(self.run)  # a bad run is an error before the page exists
+        self.cases = flagged(self.run, self.bundle, data)
+        self.decisions = Decisions(self.run)
+        self.device = resolve_device(device)
+        self.bundle.model.to(self.device)
+        self.cams = self.run / REVIEW_DIR / "gradcam"
+
+    def case(self, index: int) -> Case:
+        if not 0 <= index < len(self.cases):
+            raise DataError(f"no case {index}")
+        return self.cases[index]
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The cases not decided yet, by their place in the list."""
+        return [{"index": i, "name": os.path.basename(c.path), "path": c.path, "label": c.label,
+                 "suggested": c.suggested, "reasons": c.reasons}
+                for i, c in enumerate(self.cases) if not self.decisions.decided(c.path)]
+
+    def cam(self, index: int) -> Path:
+        """The case's Grad-CAM as a PNG (made once, kept in RUN/review/gradcam/)."""
+        from visiontune.analysis.interpret import explain
+        from visiontune.plots import grid_figure
+
+        target = self.cams / f"{index}.png"
+        if not target.is_file():
+            views = explain(self.bundle, self.device, self.case(index).path)
+            figure = grid_figure([v[0] for v in views], [v[2] for v in views], [v[1] for v in views],
+                                 cols=max(1, len(views)))
+            atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+        return target
+
+    def page(self) -> str:
+        return PAGE.replace("__RUN__", html.escape(self.run.name)).replace(
+            "__DIR__", html.escape(str(self.run / REVIEW_DIR))).replace(
+            "__CLASSES__", json.dumps(self.bundle.task.classes).replace("</", "<\\/"))
+
+
 def create_run_review_app(run: str | os.PathLike[str], data: str | None = None, device: str = "auto") -> Any:
     """The page and its API over the cases interpret flagged in `run` (see the module
     docstring)."""
@@ -197,63 +241,36 @@ def create_run_review_app(run: str | os.PathLike[str], data: str | None = None, 
         from fastapi.responses import FileResponse, HTMLResponse
     except ImportError:
         raise VisiontuneError("review needs fastapi: pip install 'visiontune[serve]'") from None
-    run = Path(run)
-    bundle = load_bundle(run)  # a bad run is an error before the page exists
-    cases = flagged(run, bundle, data)
-    decisions = Decisions(run)
-    from visiontune.runtime.device import resolve_device
-
-    dev = resolve_device(device)
-    bundle.model.to(dev)
-    cams = run / REVIEW_DIR / "gradcam"
-    page = PAGE.replace("__RUN__", html.escape(run.name)).replace(
-        "__DIR__", html.escape(str(run / REVIEW_DIR))).replace(
-        "__CLASSES__", json.dumps(bundle.task.classes).replace("</", "<\\/"))
+    review = RunReview(run, data, device)
     app = FastAPI(title="visiontune review")
-
-    def case(index: int) -> Case:
-        if not 0 <= index < len(cases):
-            raise HTTPException(404, f"no case {index}")
-        return cases[index]
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        return page
+        return review.page()
 
     @app.get("/api/queue")
     def queue() -> dict:
-        return {"classes": bundle.task.classes, "decided": len(cases) - sum(not decisions.decided(c.path)
-                                                                               for c in cases),
-                "items": [{"index": i, "name": os.path.basename(c.path), "path": c.path, "label": c.label,
-                           "suggested": c.suggested, "reasons": c.reasons}
-                          for i, c in enumerate(cases) if not decisions.decided(c.path)]}
+        return {"classes": review.bundle.task.classes, "items": review.queue()}
 
     @app.get("/image/{index}")
     def image(index: int) -> Any:
-        return FileResponse(case(index).path)
+        try:
+            return FileResponse(review.case(index).path)
+        except DataError as exc:
+            raise HTTPException(404, str(exc)) from None
 
     @app.get("/cam/{index}")
     def cam(index: int) -> Any:
-        from visiontune.analysis.interpret import explain
-        from visiontune.plots import grid_figure
-
-        target = cams / f"{index}.png"
-        if not target.is_file():
-            try:
-                views = explain(bundle, dev, case(index).path)
-            except (VisiontuneError, OSError) as exc:
-                raise HTTPException(404, f"no Grad-CAM: {exc}") from None
-            cams.mkdir(parents=True, exist_ok=True)
-            figure = grid_figure([v[0] for v in views], [v[2] for v in views], [v[1] for v in views],
-                                 cols=max(1, len(views)))
-            atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-        return FileResponse(target, media_type="image/png")
+        try:
+            return FileResponse(review.cam(index), media_type="image/png")
+        except (VisiontuneError, OSError) as exc:
+            raise HTTPException(404, f"no Grad-CAM: {exc}") from None
 
     @app.post("/api/decide")
     def decide(answer: dict) -> dict:
         try:
-            decisions.decide(case(int(answer.get("index", -1))), str(answer.get("action", "")),
-                             str(answer.get("label", "")))
+            review.decisions.decide(review.case(int(answer.get("index", -1))), str(answer.get("action", "")),
+                                    str(answer.get("label", "")))
         except (DataError, ValueError) as exc:
             raise HTTPException(400, str(exc)) from None
         return {"ok": True}
