@@ -381,8 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the libraries' warnings, and our own messages; their info (ORT's quantiser, MLflow's
     # schema set-up, timm's loading) is noise here
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("visiontune").setLevel(logging.WARNING if args.quiet else
-                                             logging.DEBUG if args.verbose else logging.INFO)
+    ours = logging.getLogger("visiontune")
+    level = ours.level  # put back after: main() called in-process (tests, notebooks) leaves no trace
+    ours.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         commands = importlib.import_module("visiontune.commands")  # heavy imports only once a command runs
         return int(commands.COMMANDS[args.command](args))
@@ -392,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is kept in the run directory (--resume RUN)", file=sys.stderr)
         return 130
+    finally:
+        ours.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ def test_cached_training_equals_training_on_images(flat_data: Path, tmp_path: Pa
     """Without augmentation the two paths see the same numbers: same losses, same head. A
     frozen backbone with stochastic depth computes the same function on images as when its
     features were cached (every frozen module in eval mode)."""
+    # engine "torch": an ONNX export of this backbone left in the session's cache by another test would
+    # make `auto` extract with ONNX Runtime, equal to PyTorch within 1e-3, not the 1e-5 asked here
     kw = dict(tiny, strategy="feature-extract", epochs=3, lr=1e-2, augment=False, output=str(tmp_path / "runs"),
-              backbone=backbone, drop_path=drop_path)
+              backbone=backbone, drop_path=drop_path, engine="torch")
     cached = vt.fit(flat_data, name="cached", **kw)
     images = vt.fit(flat_data, name="images", feature_cache=False, **kw)
     for key in ("train_loss", "val_loss", "accuracy"):

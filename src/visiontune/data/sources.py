@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,15 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]
         else:
             skipped.append((item, "no such file or folder"))
     return found, skipped
+
+
+def unlabelled_images(inputs: list[str], labelled: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files among `inputs` (as collect_images finds them) that are not the
+    `labelled` files (compared by resolved location); (path, reason) for the rest."""
+    found, skipped = collect_images(inputs)
+    known = {os.path.realpath(p) for p in labelled}
+    kept = [p for p in found if os.path.realpath(p) not in known]
+    return kept, skipped + [(p, "labelled already") for p in found if os.path.realpath(p) in known]
 
 
 def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = None,

@@ -47,7 +47,7 @@ from visiontune.bundle import load_bundle, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST
 from visiontune.data.scan import digests_of, scan_cache
-from visiontune.data.sources import collect_images, load_items
+from visiontune.data.sources import load_items, unlabelled_images
 from visiontune.data.tables import suggestion_table
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import ConfigError, DataError
@@ -302,17 +302,14 @@ def _pool_paths(pool: Any, known: _Known) -> tuple[list[str], list[tuple[str, st
     """The pool's images less the labelled ones (by path, or by the same bytes) and exact
     copies within the pool (the first is kept); (path, why) for what was left out."""
     inputs = [str(pool)] if isinstance(pool, (str, os.PathLike)) else [str(p) for p in pool]
-    found, excluded = collect_images(inputs)
+    found, excluded = unlabelled_images(inputs, known.paths)
     found = [p if is_shard_item(p) else os.path.abspath(p) for p in found]  # the CSV reads back from anywhere
-    labelled = {os.path.realpath(p) for p in known.paths}
     cache = scan_cache(known.cfg.train.cache_dir)
     lab_digests = set(_digests(known.paths, cache))
     digests = _digests(found, cache)
     paths, seen = [], set()
     for path, digest in zip(found, digests):
-        if os.path.realpath(path) in labelled:
-            excluded.append((path, "labelled already"))
-        elif digest in lab_digests:
+        if digest in lab_digests:
             excluded.append((path, "the same bytes as a labelled image"))
         elif digest in seen:
             excluded.append((path, "the same bytes as another pool image"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.sources import collect_images
+from visiontune.data.sources import unlabelled_images
 from visiontune.data.splits import group_keys
 from visiontune.data.transforms import train_side, train_transform
 from visiontune.data.webdata import ShardStream, is_shard_item, shard_share
@@ -248,13 +247,11 @@ class RunData:
     def _pool(self) -> tuple[list[str], np.ndarray]:
         """--unlabeled: the pool's image files that are not among the run's own images, and
         their features (through the feature cache)."""
-        found, skipped = collect_images([self.cfg.data.unlabeled])
-        own = {os.path.realpath(it.path) for it in self.source.items}
-        paths = [p for p in found if os.path.realpath(p) not in own]
-        if len(found) > len(paths) or skipped:
+        paths, skipped = unlabelled_images([self.cfg.data.unlabeled], (it.path for it in self.source.items))
+        if skipped:
+            own = sum(why == "labelled already" for _, why in skipped)
             log.info("unlabelled pool: %d of %d files left out (%d labelled in this run, %d not images or hidden)",
-                     len(found) - len(paths) + len(skipped), len(found) + len(skipped), len(found) - len(paths),
-                     len(skipped))
+                     len(skipped), len(paths) + len(skipped), own, len(skipped) - own)
         if not paths:
             raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there (every image is "
                             "labelled in this run, or none was found)")
