@@ -126,11 +126,16 @@ class DataConfig:
     label_func: str | None = option(None, "name of the Python label function used (recorded, not re-run)", cli=False)
     valid_pct: float = option(0.2, "validation fraction when there is no valid/ folder", ge=0.0, lt=1.0)
     relabel: str | None = option(None, "CSV path,label of corrected labels (your files stay untouched)")
-    unlabeled: str | None = option(None, "folder of unlabelled images (searched recursively): the labels spread "
-                                   "over the frozen features' nearest neighbours, and the share of the pool that "
-                                   "spreading is surest of (chosen by cross-validation on the training split) joins "
-                                   "the converged probe's fit; frozen phases (feature-extract, gradual's first); "
-                                   "pseudo_labels.csv in the run")
+    unlabeled: str | None = option(None, "folder of unlabelled images (searched recursively). Frozen phases "
+                                   "(feature-extract, gradual's first): the labels spread over the frozen features' "
+                                   "nearest neighbours, and the share of the pool that spreading is surest of (chosen "
+                                   "by cross-validation on the training split) joins the converged probe's fit "
+                                   "(pseudo_labels.csv in the run); phases that train the backbone: FixMatch's "
+                                   "consistency term (see --consistency-threshold)")
+    consistency_threshold: float = option(0.95, "--unlabeled, phases that train the backbone: a pool image's "
+                                                "pseudo-label (from its weakly augmented view) counts in the loss "
+                                                "of its strongly augmented view when the model is this sure "
+                                                "(FixMatch's 0.95)", ge=0.0, le=1.0)
     exclude: str | None = option(None, "file listing images to leave out (one path per line, or a CSV's 1st column)")
     valid: str | None = option(None, "validation shards when DATA is a shard pattern, e.g. "
                                       "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")

@@ -67,8 +67,9 @@ def test_a_run_pseudo_labels_its_pool_and_records_it(tmp_path: Path) -> None:
 def test_runs_that_cannot_pseudo_label_are_refused_before_any_work(tmp_path: Path) -> None:
     data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
     pool = make_class_folders(tmp_path / "pool", {"red": 3})
-    with pytest.raises(ConfigError, match="no converged-probe phase"):
-        vt.fit(data, unlabeled=str(pool), strategy="finetune", epochs=1, output=str(tmp_path / "r"), **TINY)
+    with pytest.raises(ConfigError, match="this run has neither"):
+        vt.fit(data, unlabeled=str(pool), strategy="feature-extract", probe="sgd", epochs=1,
+               output=str(tmp_path / "r"), **TINY)
     numbers = make_regression_data(tmp_path / "numbers", n=20)
     with pytest.raises(ConfigError, match="no confidence"):
         vt.fit(numbers, csv="targets.csv", task="regression", unlabeled=str(pool), strategy="feature-extract",

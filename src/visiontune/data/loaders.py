@@ -117,13 +117,15 @@ def eval_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Prepro
                         decode_side=eval_side(pre), ids=ids, **unreadable)
 
 
-def train_dataset(paths: Sequence[str], targets: torch.Tensor, pre: Preprocess, augment: str, hflip: float,
-                  min_scale: float, image_cache: bool, cache_dir: str | None = None) -> ImageDataset:
+def train_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Preprocess, augment: str, hflip: float,
+                  min_scale: float, image_cache: bool, cache_dir: str | None = None,
+                  transform: Callable | None = None) -> ImageDataset:
     """Training images: decoded at reduced scale and brought down to `train_side` (kept on
-    disk when `image_cache`), then randomly cropped and flipped."""
+    disk when `image_cache`), then randomly cropped and flipped (`transform`: another
+    training transform over the same decoded images, e.g. --unlabeled's two views)."""
     side = train_side(pre)
     cache = DecodedCache(cache_root(cache_dir) / "images" if image_cache else None, side)
-    return ImageDataset(paths, targets, train_transform(pre, augment, hflip, min_scale), cache=cache)
+    return ImageDataset(paths, targets, transform or train_transform(pre, augment, hflip, min_scale), cache=cache)
 
 
 def default_num_workers(device: torch.device | None = None) -> int:

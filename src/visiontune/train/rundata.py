@@ -28,6 +28,7 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
+from visiontune.train.consistency import TwoViews
 from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features
 from visiontune.train.plan import Plan
 
@@ -61,6 +62,7 @@ class PhaseData:
     groups: list[str] | None = None  # on features: each training row's group (the probe's folds keep them whole)
     pool: np.ndarray | None = None  # on features, with --unlabeled: the unlabelled images' features
     pool_paths: list[str] = field(default_factory=list)  # their files, row by row
+    pool_views: DataLoader | None = None  # on images, with --unlabeled: (weak, strong) views of the pool (consistency.py)
 
 
 class FeatureDataset(TensorDataset):
@@ -97,6 +99,7 @@ class RunData:
         self._features: PhaseData | None = None
         self.feature_stats: list[FeatureStats] = []
         self.deadline: float | None = None  # --time-budget: feature extraction stops here (time.perf_counter())
+        self._pool_found: list[str] | None = None
 
     def __call__(self, phase_index: int) -> PhaseData:
         return self.features() if self.uses_features(phase_index) else self.images()
@@ -162,7 +165,20 @@ class RunData:
             train_loader = self._distributed_loader(train)
         else:
             train_loader = make_loader(train, t.batch_size, t.num_workers, self.device, **self._shuffle_args(targets))
-        return PhaseData(train_loader, self._valid_images(), valid_rows=len(self.source.split(VALID)))
+        return PhaseData(train_loader, self._valid_images(), valid_rows=len(self.source.split(VALID)),
+                         pool_views=self._pool_views() if self.cfg.data.unlabeled else None)
+
+    def _pool_views(self) -> DataLoader:
+        """--unlabeled in phases that train the backbone: the pool's images as (weak, strong)
+        views (train/consistency.py), shuffled, one batch per step."""
+        t, pre = self.cfg.train, self.preprocess
+        views = TwoViews(train_transform(pre, "light", t.hflip, t.min_scale),
+                         train_transform(pre, "medium", t.hflip, t.min_scale))
+        pool = train_dataset(self._pool_files(), None, pre, "light", t.hflip, t.min_scale, t.image_cache, t.cache_dir,
+                             transform=views)
+        if self.env.launched:
+            return self._distributed_loader(pool)
+        return make_loader(pool, t.batch_size, t.num_workers, self.device, shuffle=True, generator=self.generator)
 
     def _valid_images(self) -> DataLoader | None:
         """Validation images; under torchrun this process's part (every world-th file, or its
@@ -203,7 +219,8 @@ class RunData:
                      f"too few or too uneven to split whole: each process reads them all and keeps 1/{world}",
                      part.length * world, len(items))
             train = Cut(train, per_step)
-        return PhaseData(train, self._valid_images(), valid_rows=len(self.source.split(VALID)))
+        return PhaseData(train, self._valid_images(), valid_rows=len(self.source.split(VALID)),
+                         pool_views=self._pool_views() if self.cfg.data.unlabeled else None)
 
     def _per_process_batch(self, world: int) -> int:
         batch_size = self.cfg.train.batch_size
@@ -244,17 +261,24 @@ class RunData:
                 self._features.pool_paths, self._features.pool = self._pool()
         return self._features
 
+    def _pool_files(self) -> list[str]:
+        """--unlabeled: the pool's image files that are not among the run's own images (found once)."""
+        if self._pool_found is None:
+            paths, skipped = unlabelled_images([self.cfg.data.unlabeled], (it.path for it in self.source.items))
+            if skipped:
+                own = sum(why == "labelled already" for _, why in skipped)
+                log.info("unlabelled pool: %d of %d files left out (%d labelled in this run, %d not images or hidden)",
+                         len(skipped), len(paths) + len(skipped), own, len(skipped) - own)
+            if not paths:
+                raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there (every image is "
+                                "labelled in this run, or none was found)")
+            self._pool_found = paths
+        return self._pool_found
+
     def _pool(self) -> tuple[list[str], np.ndarray]:
-        """--unlabeled: the pool's image files that are not among the run's own images, and
-        their features (through the feature cache)."""
-        paths, skipped = unlabelled_images([self.cfg.data.unlabeled], (it.path for it in self.source.items))
-        if skipped:
-            own = sum(why == "labelled already" for _, why in skipped)
-            log.info("unlabelled pool: %d of %d files left out (%d labelled in this run, %d not images or hidden)",
-                     len(skipped), len(paths) + len(skipped), own, len(skipped) - own)
-        if not paths:
-            raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there (every image is "
-                            "labelled in this run, or none was found)")
+        """--unlabeled: the pool's image files (`_pool_files`) and their features (through the
+        feature cache)."""
+        paths = self._pool_files()
         t = self.cfg.train
         feats, _ = extract_features(self.model.backbone, paths, self.preprocess, self.device,
                                     self._cache() if t.feature_cache else None, t.batch_size, t.num_workers,

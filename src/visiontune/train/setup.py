@@ -73,13 +73,16 @@ def make_run_task(cfg: RunConfig, source: DataSource) -> Task:
 
 
 def _check_unlabeled(cfg: RunConfig, task: Task, plan: Plan) -> None:
-    """--unlabeled works through the converged probe, on a task whose outputs say how sure they are."""
+    """--unlabeled works through the converged probe (frozen phases) or the consistency
+    term (phases that train the backbone), on a task whose outputs say how sure they are."""
     if not cfg.data.unlabeled:
         return
-    if not any(phase.probe for phase in plan.phases):
-        raise ConfigError(f"--unlabeled {cfg.data.unlabeled}: pseudo-labels are fitted by the converged probe, and "
-                          f"this run has no converged-probe phase (strategy {cfg.strategy.name}, --probe "
-                          f"{cfg.strategy.probe}); use --strategy feature-extract or gradual with --probe converged")
+    trains_body = any(on and not g.is_head for phase in plan.phases for on, g in zip(phase.trainable, plan.groups))
+    if not trains_body and not any(phase.probe for phase in plan.phases):
+        raise ConfigError(f"--unlabeled {cfg.data.unlabeled}: the pool joins the converged probe's fit or the "
+                          "consistency term of phases that train the backbone, and this run has neither (strategy "
+                          f"{cfg.strategy.name}, --probe {cfg.strategy.probe}); use --probe converged, or a strategy "
+                          "that fine-tunes (gradual, finetune)")
     task.pseudo_targets(np.zeros((0, task.num_classes)))  # a task without confidences refuses here, before any work
 
 

@@ -33,6 +33,7 @@ from visiontune.runtime.distributed import (
 )
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.train.callbacks import Callback, metrics_of
+from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.probe import ProbeFit, fit_probe, head_linear, load_into
 from visiontune.train.probememo import ProbeMemory, probe_key
@@ -114,6 +115,8 @@ class Trainer:
         self._phase_epoch_s: list[float] = []  # measured epoch times (training + validation) in this phase
         self._decayed = False  # the time-decided schedule finished its decay: no further epoch
         self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
+        self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
+                                       self.precision, self.cfg.train.channels_last) if self.cfg.data.unlabeled else None
         self.mixup = mixup_for(self.cfg.train, self.task)
         self.soft_criterion = setup.task.loss(setup.data.class_weights()) if self.mixup else None  # smoothing: in mixup
         self.ema = ModelEmaV3(self.model, decay=self.cfg.train.ema_decay, use_warmup=True) if self.cfg.train.ema \
@@ -167,13 +170,16 @@ class Trainer:
         data = self.data(phase_i)
         if phase.probe:
             return self.fit_probe(data)
-        steps = max(1, len(data.train))
+        batches = Paired(data.train, data.pool_views if self.consistency is not None else None)
+        steps = max(1, len(batches))
         total_steps = phase.epochs * steps
         self.train_mode()
         running, seen = 0.0, 0
-        bar = progress(data.train, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
+        if self.consistency is not None:
+            self.consistency.reset()
+        bar = progress(batches, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         loop_started = time.perf_counter()
-        for i, (x, y, *_) in enumerate(bar):  # (images, targets, rows): training needs no row numbers
+        for i, (x, y, views) in enumerate(bar):  # views: --unlabeled's pool batch (weak, strong), else None
             if self._out_of_time(self._validation_estimate(data, seen, time.perf_counter() - loop_started)):
                 log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
                 break
@@ -186,28 +192,35 @@ class Trainer:
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
-            x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
-            soft = self.mixup is not None and not data.on_features and len(y) % 2 == 0  # timm mixes pairs
-            if soft:
-                x, y = self.mixup(x, y)  # type: ignore[misc]
-            loss = self.train_step(self.net_for(data), x, y, soft=soft)
-            if not np.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss became {loss} at epoch {epoch + 1}, step {i + 1}; lower --lr "
-                    "(the last good checkpoint is kept in the run directory)"
-                )
-            self.state.global_step += 1
-            self._emit("on_step_end")
+            loss = self._step(data, x, y, views, f"epoch {epoch + 1}, step {i + 1}")
             running += loss * len(y)
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
+        if self.consistency is not None and self.consistency.seen:
+            log.info("epoch %d %s", epoch + 1, self.consistency.summary())
         running, images = reduce_totals(running, seen, self.env, self.device)
         if images == 0 and not self._out_of_time(0.0):
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
                             f" ({len(data.train)} steps planned): the training data yielded nothing. Check that the "
                             "shards hold the samples their index lists")
         return running / max(1, images)
+
+    def _step(self, data: PhaseData, x: torch.Tensor, y: torch.Tensor,
+              views: tuple[torch.Tensor, torch.Tensor] | None, where: str) -> float:
+        """One optimizer step on a training batch (mixed by mixup when on), with the pool's
+        views when given; its mean loss. A non-finite loss stops the run."""
+        x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
+        soft = self.mixup is not None and not data.on_features and len(y) % 2 == 0  # timm mixes pairs
+        if soft:
+            x, y = self.mixup(x, y)  # type: ignore[misc]
+        loss = self.train_step(self.net_for(data), x, y, soft=soft, views=views)
+        if not np.isfinite(loss):
+            raise TrainingDivergedError(f"loss became {loss} at {where}; lower --lr (the last good checkpoint is "
+                                        "kept in the run directory)")
+        self.state.global_step += 1
+        self._emit("on_step_end")
+        return loss
 
     def _validation_estimate(self, data: PhaseData, trained: int, seconds: float) -> float:
         """Seconds the coming validation will take: the last one's, or, where that ran on
@@ -306,16 +319,18 @@ class Trainer:
             return self.model.head
         return self.compiled if self.compiled is not None else self.model
 
-    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, soft: bool = False) -> float:
+    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, soft: bool = False,
+                   views: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         """One optimizer step on the batch (x, y); returns its mean loss (a non-finite loss
         on any process skips the step everywhere). The batch goes through in micro-batches
         whose gradients add up to the whole batch's; after an out-of-memory error on any
         process, every process halves its micro-batches to the same size and the step
-        starts again (see runtime/distributed.py). `soft`: `y` are mixed (mixup) targets."""
+        starts again (see runtime/distributed.py). `soft`: `y` are mixed (mixup) targets;
+        `views`: a pool batch whose consistency term (train/consistency.py) joins the step."""
         criterion = self.soft_criterion if soft and self.soft_criterion is not None else self.criterion
         while True:
             try:
-                loss, oom = self._backward(net, x, y, criterion)
+                loss, oom = self._backward(net, x, y, criterion, views)
             except Exception as exc:  # noqa: BLE001 - a first compiled step that fails falls back to eager
                 if not self._compile_failed(net, exc):
                     raise
@@ -333,12 +348,17 @@ class Trainer:
             self._apply_step()
             return loss
 
-    def _backward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: Any) -> tuple[float, bool]:
-        """Forward and backward of every micro-batch, gradients summed, no collective:
-        (the batch's mean loss, whether this process ran out of memory)."""
+    def _backward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: Any,
+                  views: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, bool]:
+        """Forward and backward of every micro-batch (and of the pool batch's consistency
+        term), gradients summed, no collective: (the labelled batch's mean loss, whether
+        this process ran out of memory)."""
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            return self._accumulate(net, x, y, criterion), False
+            loss = self._accumulate(net, x, y, criterion)
+            if views is not None and self.consistency is not None and math.isfinite(loss):
+                self.consistency.backward(net, views, self.micro.chunks(len(views[0])), self.scaler)
+            return loss, False
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if not is_oom(exc):
                 raise

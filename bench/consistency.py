@@ -1,0 +1,90 @@
+"""FixMatch's consistency term (issue 25): gradual with and without `--unlabeled`, few labels.
+
+    python bench/consistency.py SUITE [--sets hymenoptera faces] [--per-class 5] [--seeds 1]
+                                      [--epochs 5] [--threshold 0.95]
+
+SUITE is bench/suite.py's folder. For each set and seed, `--per-class` training images per
+class are drawn at random (seeded) and labelled; the set's validation split stays labelled
+(early stopping and the best epoch; the same for both arms); the rest of the training
+split is the pool. Two runs of `visiontune train --strategy gradual`, in fresh processes:
+without the pool, and with `--unlabeled SET/train` (the labelled images are left out of the
+pool by the run itself), so the frozen phase gets label spreading and the fine-tuning phase
+the consistency term. `visiontune evaluate RUN SET/test` scores each; the test split is
+never looked at by any choice. Prints one row per run and the difference per set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
+
+
+def labelled_csv(root: Path, per_class: int, seed: int, out: Path) -> Path:
+    """path,label,split: `per_class` random training images per class, and every valid image."""
+    rng = random.Random(seed)
+    rows = []
+    for folder in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
+        files = sorted(str(f) for f in folder.iterdir() if f.is_file())
+        rows += [(f, folder.name, "train") for f in rng.sample(files, min(per_class, len(files)))]
+    for folder in sorted(p for p in (root / "valid").iterdir() if p.is_dir()):
+        rows += [(str(f), folder.name, "valid") for f in sorted(folder.iterdir()) if f.is_file()]
+    with open(out, "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label", "split"), *rows])
+    return out
+
+
+def run(args: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "visiontune", "-q", *args], check=True)
+    return time.perf_counter() - started
+
+
+def test_accuracy(run_dir: Path, test: Path, work: Path) -> float:
+    out = work / f"{run_dir.name}-test.json"
+    subprocess.run([sys.executable, "-m", "visiontune", "-q", "evaluate", str(run_dir), str(test), "--output",
+                    str(out)], check=True, stdout=subprocess.DEVNULL)
+    return float(json.loads(out.read_text())["metrics"]["accuracy"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("suite", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/consistency"))
+    ap.add_argument("--sets", nargs="+", default=["hymenoptera", "faces"])
+    ap.add_argument("--per-class", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--threshold", type=float, default=0.95)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}  gradual, {args.epochs} epochs, {args.per_class} labels per class, "
+          f"threshold {args.threshold}", flush=True)
+    for name in args.sets:
+        root = args.suite / name
+        for seed in range(args.seeds):
+            table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv")
+            scores = {}
+            for arm, extra in (("labels only", []), ("with the pool", ["--unlabeled", str(root / "train"),
+                                                                          "--consistency-threshold",
+                                                                          str(args.threshold)])):
+                tag = f"{name}-{seed}-{'pool' if extra else 'plain'}"
+                seconds = run(["train", str(root), "--csv", str(table), "--strategy", "gradual", "--epochs",
+                               str(args.epochs), "--image-size", str(SIZES[name]), "--seed", str(seed),
+                               "--output", str(args.work / "runs"), "--name", tag, *extra])
+                scores[arm] = test_accuracy(args.work / "runs" / tag, root / "test", args.work)
+                print(f"{name:12s} seed {seed}  {arm:14s} test accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
+                      flush=True)
+            print(f"{name:12s} seed {seed}  pool - labels only: {100 * (scores['with the pool'] - scores['labels only']):+.1f}"
+                  " points", flush=True)
+
+
+if __name__ == "__main__":
+    main()

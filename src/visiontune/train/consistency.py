@@ -1,0 +1,118 @@
+"""FixMatch's consistency term for phases that train the backbone, with `--unlabeled POOL`
+(Sohn et al. 2020, "FixMatch: Simplifying Semi-Supervised Learning with Consistency and
+Confidence").
+
+Each step also takes a batch of pool images in two views: a weak one (the `light`
+augmentation: random crop and flip) and a strong one (`medium`: timm's RandAugment and
+random erasing, data/transforms.py). The model's output on the weak view, without
+gradient, gives a pseudo-label (`Task.pseudo_targets`: the most probable class, or each
+label at its threshold); where its confidence reaches `--consistency-threshold` (0.95,
+FixMatch's), the task's own loss on the strong view against it is added to the step's
+loss, divided by the whole pool batch (FixMatch's normalisation) and weighted by
+`WEIGHT` (1, FixMatch's lambda_u). An epoch is as long as the longer of the labelled
+images and the pool (the shorter one cycles), so every pool image is seen at least once
+per epoch.
+How many pool images passed the threshold, and as which classes, is logged every epoch.
+The frozen phases use the pool through label spreading instead (train/pseudo.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.runtime.device import autocast, to_device
+from visiontune.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+WEIGHT = 1.0  # lambda_u: the consistency term's weight against the labelled loss (FixMatch's 1)
+
+
+class TwoViews:
+    """One image -> (weak view, strong view)."""
+
+    def __init__(self, weak: Any, strong: Any) -> None:
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weak(image), self.strong(image)
+
+
+class Paired:
+    """(x, y, pool views or None) per step: the labelled loader, and when there is a pool
+    loader, both cycled until the longer one is through."""
+
+    def __init__(self, train: Any, pool: Any | None) -> None:
+        self.train, self.pool = train, pool
+
+    def __len__(self) -> int:
+        return max(len(self.train), len(self.pool)) if self.pool is not None else len(self.train)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+        if self.pool is None:
+            for x, y, *_ in self.train:
+                yield x, y, None
+            return
+        labelled, pool = _cycle(self.train), _cycle(self.pool)
+        for _ in range(len(self)):
+            x, y, *_ = next(labelled)
+            views, *_ = next(pool)
+            yield x, y, views
+
+
+def _cycle(loader: Any) -> Iterator[Any]:
+    """The loader's batches again and again (each pass reshuffled by the loader)."""
+    return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+
+
+class Consistency:
+    """The term, and what passed the threshold this epoch."""
+
+    def __init__(self, task: Task, criterion: Any, threshold: float, device: torch.device, precision: str,
+                 channels_last: bool) -> None:
+        self.task, self.criterion, self.threshold = task, criterion, threshold
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen, self.used = 0, np.zeros(self.task.num_classes)
+        self.passed = 0
+
+    def backward(self, net: nn.Module, views: tuple[torch.Tensor, torch.Tensor], chunk: int,
+                 scaler: Any = None) -> float:
+        """Add the term's gradients for this pool batch (in chunks of `chunk` images);
+        returns the term's value (0 when no image passed the threshold)."""
+        weak, strong = (to_device(v, self.device, self.channels_last) for v in views)
+        total = 0.0
+        for w, s in zip(weak.split(chunk), strong.split(chunk)):
+            with torch.no_grad(), autocast(self.device, self.precision):
+                probs = self.task.probabilities(net(w).float())
+            targets, confidence = self.task.pseudo_targets(probs.cpu().numpy())
+            keep = confidence >= self.threshold
+            self.seen += len(w)
+            if not keep.any():
+                continue
+            self.passed += int(keep.sum())
+            self.used += self.task.output_targets(targets[keep]).sum(axis=0)
+            index = torch.as_tensor(np.flatnonzero(keep), device=self.device)
+            y = torch.as_tensor(targets[keep], device=self.device)
+            with autocast(self.device, self.precision):
+                logits = net(s.index_select(0, index))
+            # the mean over the kept images, scaled to the whole pool batch: FixMatch's sum / (mu B)
+            loss = WEIGHT * self.criterion(logits.float(), y) * len(index) / len(weak)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += float(loss.item())
+        return total
+
+    def summary(self) -> str:
+        """'12 of 40 pool images passed 0.95 (ants 5, bees 7)'."""
+        used = ", ".join(f"{c} {int(n)}" for c, n in zip(self.task.classes, self.used) if n)
+        return (f"consistency: {self.passed} of {self.seen} pool images passed the {self.threshold:g} confidence"
+                + (f" ({used})" if used else ""))
