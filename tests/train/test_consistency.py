@@ -4,6 +4,7 @@ pseudo-label passes the threshold count, per class, and change the training."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 from pathlib import Path
@@ -37,6 +38,10 @@ def test_each_epoch_covers_the_pool_and_what_passes_the_threshold_counts(tmp_pat
     assert len(lines) == 2 and all("40 of 40 pool images passed the 0 confidence" in m for m in lines)
     counts = [int(n) for n in re.findall(r"(?:green|red) (\d+)", lines[0])]
     assert sum(counts) == 40  # each image counted once, as the class its weak view says
+    with open(Path(everything.run_dir) / "consistency.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["seen"] == r["passed"] == "40" for r in rows)
+    assert int(rows[0]["green"]) + int(rows[0]["red"]) == 40
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="visiontune"):
         nothing = vt.fit(data, unlabeled=str(pool), consistency_threshold=1.0, **opts)

@@ -12,21 +12,25 @@ loss, divided by the whole pool batch (FixMatch's normalisation) and weighted by
 `WEIGHT` (1, FixMatch's lambda_u). An epoch is as long as the longer of the labelled
 images and the pool (the shorter one cycles), so every pool image is seen at least once
 per epoch.
-How many pool images passed the threshold, and as which classes, is logged every epoch.
+How many pool images passed the threshold, and as which classes, is logged every epoch
+and kept in RUN/consistency.csv (epoch, seen, passed, one column per class).
 The frozen phases use the pool through label spreading instead (train/pseudo.py).
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from visiontune.files import write_csv
 from visiontune.runtime.device import autocast, to_device
 from visiontune.tasks.base import Task
 
@@ -110,6 +114,16 @@ class Consistency:
             (scaler.scale(loss) if scaler is not None else loss).backward()
             total += float(loss.item())
         return total
+
+    def record(self, path: Path, epoch: int) -> None:
+        """Write this epoch's row into `path` (consistency.csv), after the rows of the
+        epochs before it (a resumed run replaces what it runs again)."""
+        rows = []
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) < epoch]
+        rows.append([epoch, self.seen, self.passed, *(int(n) for n in self.used)])
+        write_csv(path, ["epoch", "seen", "passed", *self.task.classes], rows)
 
     def summary(self) -> str:
         """'12 of 40 pool images passed 0.95 (ants 5, bees 7)'."""

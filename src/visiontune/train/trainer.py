@@ -199,6 +199,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         if self.consistency is not None and self.consistency.seen:
             log.info("epoch %d %s", epoch + 1, self.consistency.summary())
+            if self.run_dir != Path(os.devnull):
+                self.consistency.record(self.run_dir / "consistency.csv", epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
         if images == 0 and not self._out_of_time(0.0):
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
