@@ -1,7 +1,7 @@
 """FixMatch's consistency term (issue 25): gradual with and without `--unlabeled`, few labels.
 
-    python bench/consistency.py SUITE [--sets hymenoptera faces] [--per-class 5] [--seeds 1]
-                                      [--epochs 5] [--threshold 0.95]
+    python bench/consistency.py SUITE [--sets hymenoptera faces] [--per-class 5] [--seeds 0 1]
+                                      [--epochs 5] [--threshold 0.95] [--ablate]
 
 SUITE is bench/suite.py's folder. For each set and seed, `--per-class` training images per
 class are drawn at random (seeded) and labelled; the set's validation split stays labelled
@@ -9,8 +9,10 @@ class are drawn at random (seeded) and labelled; the set's validation split stay
 split is the pool. Two runs of `visiontune train --strategy gradual`, in fresh processes:
 without the pool, and with `--unlabeled SET/train` (the labelled images are left out of the
 pool by the run itself), so the frozen phase gets label spreading and the fine-tuning phase
-the consistency term. `visiontune evaluate RUN SET/test` scores each; the test split is
-never looked at by any choice. Prints one row per run and the difference per set.
+the consistency term. `--ablate` adds a third run with the pool but
+`--consistency-threshold 1` (no pool image passes: label spreading in the frozen phase
+only), to tell the two apart. `visiontune evaluate RUN SET/test` scores each; the test
+split is never looked at by any choice. Prints one row per run and the differences.
 """
 
 from __future__ import annotations
@@ -60,30 +62,35 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/consistency"))
     ap.add_argument("--sets", nargs="+", default=["hymenoptera", "faces"])
     ap.add_argument("--per-class", type=int, default=5)
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--ablate", action="store_true", help="also the pool without the consistency term")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  gradual, {args.epochs} epochs, {args.per_class} labels per class, "
           f"threshold {args.threshold}", flush=True)
     for name in args.sets:
         root = args.suite / name
-        for seed in range(args.seeds):
+        pool = ["--unlabeled", str(root / "train"), "--consistency-threshold"]
+        arms = {"labels only": [], "with the pool": [*pool, str(args.threshold)]}
+        if args.ablate:
+            arms["pool, no term"] = [*pool, "1"]
+        for seed in args.seeds:
             table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv")
             scores = {}
-            for arm, extra in (("labels only", []), ("with the pool", ["--unlabeled", str(root / "train"),
-                                                                          "--consistency-threshold",
-                                                                          str(args.threshold)])):
-                tag = f"{name}-{seed}-{'pool' if extra else 'plain'}"
+            for n, (arm, extra) in enumerate(arms.items()):
+                tag = f"{name}-{seed}-{n}"
                 seconds = run(["train", str(root), "--csv", str(table), "--strategy", "gradual", "--epochs",
                                str(args.epochs), "--image-size", str(SIZES[name]), "--seed", str(seed),
                                "--output", str(args.work / "runs"), "--name", tag, *extra])
                 scores[arm] = test_accuracy(args.work / "runs" / tag, root / "test", args.work)
                 print(f"{name:12s} seed {seed}  {arm:14s} test accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
                       flush=True)
-            print(f"{name:12s} seed {seed}  pool - labels only: {100 * (scores['with the pool'] - scores['labels only']):+.1f}"
-                  " points", flush=True)
+            base = scores["labels only"]
+            print(f"{name:12s} seed {seed}  " + ", ".join(f"{arm} - labels only: {100 * (v - base):+.1f}"
+                                                          for arm, v in scores.items() if arm != "labels only")
+                  + " points", flush=True)
 
 
 if __name__ == "__main__":
