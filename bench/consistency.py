@@ -9,9 +9,11 @@ class are drawn at random (seeded) and labelled; the set's validation split stay
 split is the pool. Two runs of `visiontune train --strategy gradual`, in fresh processes:
 without the pool, and with `--unlabeled SET/train` (the labelled images are left out of the
 pool by the run itself), so the frozen phase gets label spreading and the fine-tuning phase
-the consistency term. `--ablate` adds a third run with the pool but
-`--consistency-threshold 1` (no pool image passes: label spreading in the frozen phase
-only), to tell the two apart. `visiontune evaluate RUN SET/test` scores each; the test
+the consistency term. `--ablate` adds two controls: the pool with
+`--consistency-threshold 1` (no pool image passes: label spreading in the frozen phase and
+the pool-long epochs, without the term), and the labels alone for as many optimizer steps
+as the pool's epochs take (with the pool an epoch cycles the labelled images along the
+whole pool, so it has more labelled steps). `visiontune evaluate RUN SET/test` scores each; the test
 split is never looked at by any choice. Prints one row per run and the differences.
 """
 
@@ -41,6 +43,15 @@ def labelled_csv(root: Path, per_class: int, seed: int, out: Path) -> Path:
     with open(out, "w", newline="") as fh:
         csv.writer(fh).writerows([("path", "label", "split"), *rows])
     return out
+
+
+def _same_steps(root: Path, per_class: int, epochs: int, batch: int = 32) -> int:
+    """gradual's epochs (one probe epoch, then fine-tuning) for the labelled images alone to
+    take as many fine-tuning steps as with the pool (whose epochs are pool-long)."""
+    classes = [p for p in (root / "train").iterdir() if p.is_dir()]
+    labelled = sum(min(per_class, len(list(c.iterdir()))) for c in classes)
+    pool = sum(len(list(c.iterdir())) for c in classes) - labelled
+    return 1 + (epochs - 1) * -(-pool // batch) // -(-labelled // batch)
 
 
 def run(args: list[str]) -> float:
@@ -76,6 +87,7 @@ def main() -> None:
         arms = {"labels only": [], "with the pool": [*pool, str(args.threshold)]}
         if args.ablate:
             arms["pool, no term"] = [*pool, "1"]
+            arms["labels, same steps"] = ["--epochs", str(_same_steps(root, args.per_class, args.epochs))]
         for seed in args.seeds:
             table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv")
             scores = {}
@@ -83,7 +95,7 @@ def main() -> None:
                 tag = f"{name}-{seed}-{n}"
                 seconds = run(["train", str(root), "--csv", str(table), "--strategy", "gradual", "--epochs",
                                str(args.epochs), "--image-size", str(SIZES[name]), "--seed", str(seed),
-                               "--output", str(args.work / "runs"), "--name", tag, *extra])
+                               "--output", str(args.work / "runs"), "--name", tag, *extra])  # a later --epochs wins
                 scores[arm] = test_accuracy(args.work / "runs" / tag, root / "test", args.work)
                 print(f"{name:12s} seed {seed}  {arm:14s} test accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
                       flush=True)
