@@ -63,6 +63,9 @@ def test_mlflow_run_has_params_metric_histories_tags_and_artifacts(flat_data: Pa
     assert {"model.safetensors", "config.yaml", "metrics.json"} <= artifacts
     vt.interpret(r.run_dir, flat_data)  # report.html joins the tracked run
     assert "report.html" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # beside mlflow.db, not in MLflow's default ./mlruns (of the folder the process started in)
+    assert client.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert list((tmp_path / "mlartifacts").rglob("report.html"))
 
 
 def test_cv_is_a_parent_run_with_one_child_per_fold(flat_data: Path, tmp_path: Path, mlruns: str) -> None:

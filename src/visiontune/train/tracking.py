@@ -8,9 +8,9 @@
   per step (`lr/<group>`), the confusion matrix and the curves as images at the end, and
   the hyper-parameters with the final metrics (the HPARAMS tab). `tensorboard --logdir runs`.
 - **MLflow** (`MlflowClient`, no global active run): `MLFLOW_TRACKING_URI` when set, else
-  a SQLite store beside the runs, `sqlite:///RUNS/mlflow.db` with its artifacts in
-  `RUNS/mlartifacts/` (RUNS: the `--output` folder; the store MLflow 3 recommends for
-  local use, in place of the deprecated `./mlruns` file store); experiment `$MLFLOW_EXPERIMENT_NAME` or "visiontune". A run
+  a SQLite store beside the runs, `sqlite:///RUNS/mlflow.db` (RUNS: the `--output` folder;
+  the store MLflow 3 recommends for local use, in place of the deprecated `./mlruns` file
+  store); a SQLite store's artifacts go to `mlartifacts/` beside its database; experiment `$MLFLOW_EXPERIMENT_NAME` or "visiontune". A run
   named like the run directory, every config field as a param (`train.lr`...), metrics
   per epoch (step = epoch), tags (backbone, strategy, task, run_dir), and the artifacts
   model.safetensors, config.yaml, metrics.json (report.html when `interpret` runs later:
@@ -94,14 +94,16 @@ def store_uri(runs: Path) -> str:
 
 
 def mlflow_client(runs: Path) -> tuple[Any, str]:
-    """(MlflowClient, experiment id) in `store_uri(runs)`; the default store's experiment
-    keeps its artifacts in RUNS/mlartifacts."""
+    """(MlflowClient, experiment id) in `store_uri(runs)`. An experiment created in a SQLite
+    store keeps its artifacts in `mlartifacts/` beside the database (RUNS/mlartifacts for
+    the default store), not in MLflow's ./mlruns of the current folder."""
     from mlflow.tracking import MlflowClient
 
     uri, artifacts = store_uri(runs), None
     if uri == default_store(runs):
         Path(runs).mkdir(parents=True, exist_ok=True)
-        artifacts = (Path(runs).resolve() / "mlartifacts").as_uri()
+    if uri.startswith("sqlite:///"):  # a local database: its artifacts beside it (MLflow's default is ./mlruns)
+        artifacts = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store the user named: MLflow 3 asks this
     client = MlflowClient(tracking_uri=uri)
