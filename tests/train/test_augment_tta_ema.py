@@ -53,9 +53,9 @@ def test_heavy_trains_on_mixed_soft_targets(flat_data: Path, tmp_path: Path, tin
     seen: list[torch.Tensor] = []
     real = Trainer.train_step
 
-    def spy(self, net, x, y, soft=False):
+    def spy(self, net, x, y, soft=False, views=None):
         seen.append(y.detach().clone())
-        return real(self, net, x, y, soft=soft)
+        return real(self, net, x, y, soft=soft, views=views)
 
     monkeypatch.setattr(Trainer, "train_step", spy)
     r = vt.fit(flat_data, **dict(tiny, strategy="finetune", augment="heavy", epochs=2, output=str(tmp_path / "r")))

@@ -23,6 +23,13 @@ from visiontune.data.tables import suggestion_table
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import atomic_write
 
+# both review pages: a button per class (keys 1-9), each calling the page's own pick(c)
+CLASS_BUTTONS = """const CLASSES = __CLASSES__;
+const $ = (id) => document.getElementById(id);
+CLASSES.forEach((c, i) => { const b = document.createElement('button');
+  b.innerHTML = (i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + c.replace(/</g, '&lt;');
+  b.onclick = () => pick(c); $('classes').appendChild(b); });"""
+
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune review</title>
 <style>body{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto}
 img{max-width:100%;max-height:60vh;display:block;margin:1em 0;image-rendering:pixelated;min-width:224px}
@@ -36,12 +43,9 @@ button{margin:.2em;padding:.4em .8em}.key{font-weight:bold;color:#555}#guess{fon
 <div id="classes"></div><input id="text" placeholder="another label" autocomplete="off"></div>
 <p id="done" hidden></p>
 <script>
-const CLASSES = __CLASSES__;
+__BUTTONS__
 let queue = [], at = 0, answered = 0;
-const $ = (id) => document.getElementById(id);
-CLASSES.forEach((c, i) => { const b = document.createElement('button');
-  b.innerHTML = (i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + c.replace(/</g, '&lt;');
-  b.onclick = () => answer(c); $('classes').appendChild(b); });
+function pick(c) { answer(c); }
 function show() {
   if (at >= queue.length) { $('item').hidden = true; $('done').hidden = false;
     $('done').textContent = 'Done: ' + answered + ' labelled, ' + (queue.length - answered) + ' skipped.'; return; }
@@ -73,7 +77,7 @@ document.addEventListener('keydown', (e) => {
   if (n >= 1 && n <= Math.min(9, CLASSES.length)) answer(CLASSES[n - 1]);
 });
 fetch('/api/queue').then((r) => r.json()).then((q) => { queue = q.items; show(); });
-</script></body></html>"""
+</script></body></html>""".replace("__BUTTONS__", CLASS_BUTTONS)
 
 
 class LabelFile:

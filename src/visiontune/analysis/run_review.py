@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visiontune.analysis.review import CLASS_BUTTONS
 from visiontune.bundle import Bundle, load_bundle, run_splits
 from visiontune.data.labels import label_text
 from visiontune.errors import DataError, VisiontuneError
@@ -149,12 +150,9 @@ button{margin:.2em;padding:.4em .8em}.key{font-weight:bold;color:#555}.muted{col
 <button id="exclude"><span class="key">x</span> exclude</button></div>
 <p id="done" hidden></p>
 <script>
-const CLASSES = __CLASSES__;
+__BUTTONS__
 let queue = [], at = 0, decided = 0;
-const $ = (id) => document.getElementById(id);
-CLASSES.forEach((c, i) => { const b = document.createElement('button');
-  b.innerHTML = (i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + c.replace(/</g, '&lt;');
-  b.onclick = () => decide('relabel', c); $('classes').appendChild(b); });
+function pick(c) { decide('relabel', c); }
 $('keep').onclick = () => decide('keep'); $('exclude').onclick = () => decide('exclude');
 function show() {
   if (at >= queue.length) { $('item').hidden = true; $('done').hidden = false;
@@ -186,7 +184,7 @@ document.addEventListener('keydown', (e) => {
   if (n >= 1 && n <= Math.min(9, CLASSES.length)) decide('relabel', CLASSES[n - 1]);
 });
 fetch('/api/queue').then((r) => r.json()).then((q) => { queue = q.items; show(); });
-</script></body></html>"""
+</script></body></html>""".replace("__BUTTONS__", CLASS_BUTTONS)
 
 
 class RunReview:
