@@ -92,7 +92,8 @@ class Consistency:
     def backward(self, net: nn.Module, views: tuple[torch.Tensor, torch.Tensor], chunk: int,
                  scaler: Any = None) -> float:
         """Add the term's gradients for this pool batch (in chunks of `chunk` images);
-        returns the term's value (0 when no image passed the threshold)."""
+        returns the term's value (0 when no image passed the threshold; not finite, and
+        no gradient added for that chunk, when the loss is not)."""
         weak, strong = (to_device(v, self.device, self.channels_last) for v in views)
         total = 0.0
         for w, s in zip(weak.split(chunk), strong.split(chunk)):
@@ -111,6 +112,8 @@ class Consistency:
                 logits = net(s.index_select(0, index))
             # the mean over the kept images, scaled to the whole pool batch: FixMatch's sum / (mu B)
             loss = WEIGHT * self.criterion(logits.float(), y) * len(index) / len(weak)
+            if not torch.isfinite(loss):
+                return float(loss.item())
             (scaler.scale(loss) if scaler is not None else loss).backward()
             total += float(loss.item())
         return total

@@ -359,7 +359,9 @@ class Trainer:
         try:
             loss = self._accumulate(net, x, y, criterion)
             if views is not None and self.consistency is not None and math.isfinite(loss):
-                self.consistency.backward(net, views, self.micro.chunks(len(views[0])), self.scaler)
+                term = self.consistency.backward(net, views, self.micro.chunks(len(views[0])), self.scaler)
+                if not math.isfinite(term):  # a step is taken only when every loss in it is finite
+                    return term, False
             return loss, False
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if not is_oom(exc):
