@@ -1,7 +1,7 @@
 """FixMatch's consistency term (issue 25): gradual with and without `--unlabeled`, few labels.
 
     python bench/consistency.py SUITE [--sets hymenoptera faces] [--per-class 5] [--seeds 0 1]
-                                      [--epochs 5] [--threshold 0.95] [--ablate]
+                                      [--epochs 5] [--threshold 0.95] [--ablate] [--select]
 
 SUITE is bench/suite.py's folder. For each set and seed, `--per-class` training images per
 class are drawn at random (seeded) and labelled; the set's validation split stays labelled
@@ -15,6 +15,11 @@ the pool-long epochs, without the term), and the labels alone for as many optimi
 as the pool's epochs take (with the pool an epoch cycles the labelled images along the
 whole pool, so it has more labelled steps). `visiontune evaluate RUN SET/test` scores each; the test
 split is never looked at by any choice. Prints one row per run and the differences.
+
+`--select` is the protocol for choosing (the threshold, whether to use the term): the
+validation split is neither labelled nor in the pool, each run validates on a fifth of
+its own labelled images (`--valid-pct 0.2`), and the score is the suite's validation
+split; the test split is not read.
 """
 
 from __future__ import annotations
@@ -31,17 +36,19 @@ from pathlib import Path
 SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
 
 
-def labelled_csv(root: Path, per_class: int, seed: int, out: Path) -> Path:
-    """path,label,split: `per_class` random training images per class, and every valid image."""
+def labelled_csv(root: Path, per_class: int, seed: int, out: Path, with_valid: bool = True) -> Path:
+    """path,label,split: `per_class` random training images per class, and every valid image
+    (`with_valid`; else no split column: the run splits its own labelled images)."""
     rng = random.Random(seed)
     rows = []
     for folder in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
         files = sorted(str(f) for f in folder.iterdir() if f.is_file())
         rows += [(f, folder.name, "train") for f in rng.sample(files, min(per_class, len(files)))]
-    for folder in sorted(p for p in (root / "valid").iterdir() if p.is_dir()):
+    for folder in sorted(p for p in (root / "valid").iterdir() if p.is_dir() and with_valid):
         rows += [(str(f), folder.name, "valid") for f in sorted(folder.iterdir()) if f.is_file()]
     with open(out, "w", newline="") as fh:
-        csv.writer(fh).writerows([("path", "label", "split"), *rows])
+        csv.writer(fh).writerows([("path", "label", "split") if with_valid else ("path", "label"),
+                                  *(r if with_valid else r[:2] for r in rows)])
     return out
 
 
@@ -77,6 +84,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--ablate", action="store_true", help="also the pool without the consistency term")
+    ap.add_argument("--select", action="store_true", help="score on the validation split, which no run sees")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  gradual, {args.epochs} epochs, {args.per_class} labels per class, "
@@ -89,15 +97,16 @@ def main() -> None:
             arms["pool, no term"] = [*pool, "1"]
             arms["labels, same steps"] = ["--epochs", str(_same_steps(root, args.per_class, args.epochs))]
         for seed in args.seeds:
-            table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv")
+            table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv", not args.select)
+            scored = root / ("valid" if args.select else "test")
             scores = {}
             for n, (arm, extra) in enumerate(arms.items()):
                 tag = f"{name}-{seed}-{n}"
                 seconds = run(["train", str(root), "--csv", str(table), "--strategy", "gradual", "--epochs",
                                str(args.epochs), "--image-size", str(SIZES[name]), "--seed", str(seed),
                                "--output", str(args.work / "runs"), "--name", tag, *extra])  # a later --epochs wins
-                scores[arm] = test_accuracy(args.work / "runs" / tag, root / "test", args.work)
-                print(f"{name:12s} seed {seed}  {arm:14s} test accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
+                scores[arm] = test_accuracy(args.work / "runs" / tag, scored, args.work)
+                print(f"{name:12s} seed {seed}  {arm:14s} {scored.name} accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
                       flush=True)
             base = scores["labels only"]
             print(f"{name:12s} seed {seed}  " + ", ".join(f"{arm} - labels only: {100 * (v - base):+.1f}"
