@@ -59,3 +59,29 @@ def test_label_sets_count_each_label(tmp_path: Path, caplog: pytest.LogCaptureFi
     (line,) = [m for m in caplog.messages if "consistency:" in m]
     assert "40 of 40 pool images passed" in line and re.search(r"\((blue|green|red) \d+", line)
 
+
+
+def test_a_step_retried_after_out_of_memory_counts_its_pool_images_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first strong-view forward runs out of memory once: the step starts again with
+    smaller micro-batches, and the pool images of that step are counted once, not twice."""
+    from visiontune.models.classifier import Classifier
+
+    forward, state = Classifier.forward, {"after_no_grad": False, "raised": False}
+
+    def once(self: Classifier, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and state["after_no_grad"] and not state["raised"]:
+            state["raised"] = True  # the strong view's forward, right after the weak view's
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        state["after_no_grad"] = not torch.is_grad_enabled()
+        return forward(self, x)
+
+    monkeypatch.setattr(Classifier, "forward", once)
+    data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
+    pool = make_class_folders(tmp_path / "pool", {"red": 20, "green": 20}, start_seed=300)
+    run = vt.fit(data, unlabeled=str(pool), consistency_threshold=0.0, **dict(
+        TINY, strategy="finetune", epochs=1, valid_pct=0.25, output=str(tmp_path / "runs")))
+    assert state["raised"]
+    with open(Path(run.run_dir) / "consistency.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["seen"] == row["passed"] == "40"

@@ -86,26 +86,26 @@ class Consistency:
         self.reset()
 
     def reset(self) -> None:
-        self.seen, self.used = 0, np.zeros(self.task.num_classes)
-        self.passed = 0
+        self.seen, self.passed, self.used = 0, 0, np.zeros(self.task.num_classes)
 
     def backward(self, net: nn.Module, views: tuple[torch.Tensor, torch.Tensor], chunk: int,
                  scaler: Any = None) -> float:
         """Add the term's gradients for this pool batch (in chunks of `chunk` images);
         returns the term's value (0 when no image passed the threshold; not finite, and
-        no gradient added for that chunk, when the loss is not)."""
+        no gradient added for that chunk, when the loss is not). The batch is counted
+        (seen, passed, per class) only once all of it went through: a step that runs out
+        of memory starts again with the same batch."""
         weak, strong = (to_device(v, self.device, self.channels_last) for v in views)
-        total = 0.0
+        total, passed, used = 0.0, 0, np.zeros_like(self.used)
         for w, s in zip(weak.split(chunk), strong.split(chunk)):
             with torch.no_grad(), autocast(self.device, self.precision):
                 probs = self.task.probabilities(net(w).float())
             targets, confidence = self.task.pseudo_targets(probs.cpu().numpy())
             keep = confidence >= self.threshold
-            self.seen += len(w)
             if not keep.any():
                 continue
-            self.passed += int(keep.sum())
-            self.used += self.task.output_targets(targets[keep]).sum(axis=0)
+            passed += int(keep.sum())
+            used += self.task.output_targets(targets[keep]).sum(axis=0)
             index = torch.as_tensor(np.flatnonzero(keep), device=self.device)
             y = torch.as_tensor(targets[keep], device=self.device)
             with autocast(self.device, self.precision):
@@ -116,6 +116,7 @@ class Consistency:
                 return float(loss.item())
             (scaler.scale(loss) if scaler is not None else loss).backward()
             total += float(loss.item())
+        self.seen, self.passed, self.used = self.seen + len(weak), self.passed + passed, self.used + used
         return total
 
     def record(self, path: Path, epoch: int) -> None:
