@@ -12,7 +12,7 @@ from typing import Any
 
 from visiontune import api
 from visiontune.analysis.interpret import interpret
-from visiontune.analysis.review import create_review_app, review
+from visiontune.analysis.review import create_review_app, serve_page
 from visiontune.bundle import read_config
 from visiontune.config import RunConfig, cli_option_keys
 from visiontune.data.imagify import imagify
@@ -96,19 +96,18 @@ def suggest_labels(args: argparse.Namespace) -> int:
 def review_labels(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.label is None):
         raise ConfigError("review: give a run directory (review RUN [DATA]) or --label CSV, not both or neither")
+    # the app is built first: a bad run or file is an error before the server starts
     if args.run is not None:
-        from visiontune.analysis.review import serve_page
         from visiontune.analysis.run_review import REVIEW_DIR, create_run_review_app
 
-        app = create_run_review_app(args.run, args.data)  # a bad run is an error before the server starts
-        print(f"review: http://{args.host}:{args.port}/  (decisions go into {os.path.join(args.run, REVIEW_DIR)} "
-              "at once; Ctrl+C stops)")
-        serve_page(app, args.host, args.port)
-        return 0
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    create_review_app(args.label, classes)  # a bad file is an error before the server starts
-    print(f"review: http://{args.host}:{args.port}/  (answers go into {args.label} at once; Ctrl+C stops)")
-    review(args.label, classes, args.host, args.port)
+        app = create_run_review_app(args.run, args.data)
+        where = f"decisions go into {os.path.join(args.run, REVIEW_DIR)}"
+    else:
+        app = create_review_app(args.label, [c.strip() for c in args.classes.split(",") if c.strip()]
+                                if args.classes else None)
+        where = f"answers go into {args.label}"
+    print(f"review: http://{args.host}:{args.port}/  ({where} at once; Ctrl+C stops)")
+    serve_page(app, args.host, args.port)
     return 0
 
 

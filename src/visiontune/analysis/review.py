@@ -179,11 +179,6 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
     return app
 
 
-def review(label_file: str | os.PathLike[str], classes: list[str] | None = None, host: str = "127.0.0.1",
-           port: int = 8001) -> None:
-    serve_page(create_review_app(label_file, classes), host, port)
-
-
 def serve_page(app: Any, host: str = "127.0.0.1", port: int = 8001) -> None:
     """Serve a review page (this one, or analysis/run_review.py's) until Ctrl+C."""
     try:

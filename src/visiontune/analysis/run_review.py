@@ -275,9 +275,3 @@ def create_run_review_app(run: str | os.PathLike[str], data: str | None = None, 
 
     return app
 
-
-def review_run(run: str | os.PathLike[str], data: str | None = None, host: str = "127.0.0.1", port: int = 8001,
-               device: str = "auto") -> None:
-    from visiontune.analysis.review import serve_page
-
-    serve_page(create_run_review_app(run, data, device), host, port)

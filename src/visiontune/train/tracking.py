@@ -19,7 +19,8 @@
 - **Weights & Biases** (`wandb.init`, its files in `RUN/wandb/`): project `$WANDB_PROJECT`
   or "visiontune", the run named like the run directory, the config (nested as in
   config.yaml), tags (backbone, strategy, task), per-epoch metrics against `epoch`, the
-  final metrics in the summary, the curves and confusion matrix as images. `cv` and
+  final metrics in the summary, the curves and confusion matrix (residuals for numbers)
+  as images. `cv` and
   `compare` runs share a group named after their folder. `--resume` continues the same
   W&B run (its id is in `RUN/tracking.json`). The model is logged as an artifact only when
   `$WANDB_LOG_MODEL` is `end` or `true` (the Hugging Face Trainer's convention). W&B's own
@@ -275,6 +276,25 @@ class Tracker(Callback):
     def abort(self) -> None: ...
 
 
+RUN_ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json")  # what a tracked run keeps
+
+
+def run_figures(result: Any, held: Any, task: Any) -> dict[str, Any]:
+    """The figures a tracker logs at the end: the training curves, and the validation
+    outputs' confusion matrix (residuals for a task without classes to confuse)."""
+    from visiontune.plots import confusion_figure, curves_figure, residuals_figure
+
+    figures = {"curves": curves_figure(result.history)} if result.history else {}
+    if held is not None and len(held.targets):
+        report = task.report(held.targets, held.probs)
+        if report.confusion is None:  # regression: its residuals
+            figures["residuals"] = residuals_figure(held.targets, held.probs, task.classes[0])
+        else:
+            figures["confusion"] = confusion_figure(report.confusion, task.classes,
+                                                    list(report.columns) if report.columns else None)
+    return figures
+
+
 class TensorBoardTracker(Tracker):
     name = "tensorboard"
 
@@ -295,17 +315,8 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def end(self, result: Any, held: Any) -> None:
-        from visiontune.plots import confusion_figure, curves_figure, residuals_figure
-
-        if result.history:
-            self.writer.add_figure("curves", curves_figure(result.history), len(result.history))
-        if held is not None and len(held.targets):
-            report = self.task.report(held.targets, held.probs)
-            if report.confusion is None:  # a task without classes to confuse (regression): its residuals
-                self.writer.add_figure("residuals", residuals_figure(held.targets, held.probs, self.task.classes[0]))
-            else:
-                self.writer.add_figure("confusion", confusion_figure(report.confusion, self.task.classes,
-                                                                     list(report.columns) if report.columns else None))
+        for name, figure in run_figures(result, held, self.task).items():
+            self.writer.add_figure(name, figure, len(result.history))
         finals = {f"final/{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)}
         self.writer.add_hparams(flat_params(self.cfg), finals or {"final/none": 0.0}, run_name="hparams")
         self.writer.close()
@@ -351,7 +362,7 @@ class MlflowTracker(Tracker):
 
     def end(self, result: Any, held: Any) -> None:
         _log_metrics(self.client, self.run_id, {f"final_{k}": v for k, v in result.metrics.items()}, step=0)
-        for name in ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json"):
+        for name in RUN_ARTIFACTS:
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -394,22 +405,13 @@ class WandbTracker(Tracker):
     def _end(self, result: Any, held: Any) -> None:
         import wandb
 
-        from visiontune.plots import confusion_figure, curves_figure
-
         self.run.summary.update({f"final_{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)})
-        images = {}
-        if result.history:
-            images["curves"] = _image(curves_figure(result.history))
-        if held is not None and len(held.targets):
-            report = self.task.report(held.targets, held.probs)
-            if report.confusion is not None:
-                images["confusion"] = _image(confusion_figure(report.confusion, self.task.classes,
-                                                              list(report.columns) if report.columns else None))
-        if images:
-            self.run.log({k: wandb.Image(v) for k, v in images.items()})
+        figures = run_figures(result, held, self.task)
+        if figures:
+            self.run.log({name: wandb.Image(_image(figure)) for name, figure in figures.items()})
         if os.environ.get("WANDB_LOG_MODEL", "false").lower() in ("end", "true", "1"):
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model")
-            for name in ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json"):
+            for name in RUN_ARTIFACTS:
                 if (self.run_dir / name).is_file():
                     artifact.add_file(str(self.run_dir / name))
             self.run.log_artifact(artifact)

@@ -199,8 +199,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         if self.consistency is not None and self.consistency.seen:
             log.info("epoch %d %s", epoch + 1, self.consistency.summary())
-            if self.run_dir != Path(os.devnull):
-                self.consistency.record(self.run_dir / "consistency.csv", epoch + 1)
+            if (path := self._run_file("consistency.csv")) is not None:
+                self.consistency.record(path, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
         if images == 0 and not self._out_of_time(0.0):
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
@@ -293,14 +293,18 @@ class Trainer:
                  "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
         return self._head_loss(feats, targets)
 
+    def _run_file(self, name: str) -> Path | None:
+        """RUN/name, for the process that writes the run directory (None on the others)."""
+        return None if not self.env.is_main or str(self.run_dir) == os.devnull else Path(self.run_dir) / name
+
     def _write_pseudo_labels(self, paths: list[str], pseudo: PseudoLabels) -> None:
         """<run>/pseudo_labels.csv: every pool image, its pseudo-label, confidence, and whether it joined."""
-        if not self.env.is_main or str(self.run_dir) == os.devnull:
+        if (path := self._run_file("pseudo_labels.csv")) is None:
             return
         delim = self.cfg.data.label_delim
         rows = ((p, delim.join(d.labels), f"{conf:.6g}", int(kept)) for p, d, conf, kept in
                 zip(paths, pseudo.decoded(self.task), pseudo.confidence, pseudo.kept))
-        write_csv(Path(self.run_dir) / "pseudo_labels.csv", ["path", "label", "confidence", "used"], rows)
+        write_csv(path, ["path", "label", "confidence", "used"], rows)
 
     @torch.inference_mode()
     def _head_loss(self, feats: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> float:
