@@ -85,7 +85,6 @@ def hf_source(cfg: DataConfig, cache_dir: str | None = None) -> DataSource:
     done = folder / DONE
     for name, (split, part) in splits.items():
         source.items += _items(part, name, split, image_col, label_col, folder, source.excluded, done.is_file())
-    folder.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"dataset": cfg.path, "image": image_col, "label": label_col,
                                 "rows": {n: len(p) for n, (_, p) in splits.items()}}))
     touch(folder)
