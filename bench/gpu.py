@@ -14,7 +14,9 @@ a. training img/s in bf16 + channels_last (precision auto) for Lite0 and ResNet-
    bf16 peak (989 TFLOP/s dense on the H100/H200 data sheet; also against the matrix
    product's measured rate here);
 b. frozen path: feature extraction img/s (visiontune's feature-extract, features
-   computed from the JPEGs) against raw inference, and which ONNX Runtime providers exist;
+   computed from the JPEGs, then an unchanged re-run) against raw inference in bf16 and in
+   fp32 (as feature extraction computes) for both models, and which ONNX Runtime
+   providers exist;
 c. fp16 + GradScaler: a Lite0 run in fp16 (the scaler must be on, losses finite) against
    the same run in bf16;
 d. `--batch-size auto`: the batch chosen on the GPU, and the search's own time;
@@ -22,7 +24,16 @@ e. torchrun with nccl (world size 1): the run completes with backend "cpu:gloo,c
    and matches the same run without torchrun;
 f. crash + resume: a run SIGKILLed in its third epoch and resumed against the same run
    uninterrupted, with two uninterrupted runs as the noise floor (GPU kernels are not
-   bit-exact run to run).
+   bit-exact run to run);
+g. `--unlabeled` (issue 25): fine-tuning with the FixMatch consistency term on the GPU
+   against the same run without the pool: completes, losses finite, pool images counted,
+   seconds per epoch;
+h. the input pipeline: Lite0 fine-tuning img/s with the default DataLoader workers, with
+   every core but one, and with workers kept across epochs (persistent_workers, patched in
+   here only to measure it), against the raw step of section a.
+
+The report is written after each section (`--out`), so a run stopped at its limit keeps
+what it measured. `--only g,h` runs just those sections.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from visiontune.models.classifier import create_classifier  # noqa: E402
 DEV = "cuda"  # --dry-run: "cpu", tiny models, to check this script before a lease
 PEAK_BF16 = 989e12  # dense bf16 tensor-core peak, H100/H200 SXM data sheet
 REPORT: dict = {}
+OUT: Path | None = None
 MODELS = [("tf_efficientnet_lite0", "pretrained"), ("timm:resnet50", "none")]
 
 
@@ -62,6 +74,8 @@ def section(name: str):
                 REPORT[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
             REPORT[name]["section_s"] = round(time.perf_counter() - started, 1)
             print(f"== {name}: {json.dumps(REPORT[name], default=str)[:3000]}", flush=True)
+            if OUT is not None:  # after each section: a run stopped at its limit keeps what it measured
+                OUT.write_text(json.dumps(REPORT, indent=1, default=str))
         return run
     return wrap
 
@@ -126,14 +140,14 @@ def raw_step_rate(model: torch.nn.Module, size: int, batch: int, steps: int = 20
 
 
 @torch.inference_mode()
-def raw_infer_rate(model: torch.nn.Module, size: int, batch: int, steps: int = 20) -> float:
+def raw_infer_rate(model: torch.nn.Module, size: int, batch: int, steps: int = 20, bf16: bool = True) -> float:
     model.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=DEV).contiguous(memory_format=torch.channels_last)
     for i in range(steps + 3):
         if i == 3:
             sync()
             started = time.perf_counter()
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda" and bf16):
             model(x)
     sync()
     return steps * batch / (time.perf_counter() - started)
@@ -175,9 +189,13 @@ def training(data: Path, work: Path, images: int, batch: int, models: list[tuple
 
 @section("b_frozen")
 def frozen(data: Path, work: Path, images: int, batch: int) -> dict:
-    model = model_for(*MODELS[0]).to(DEV)
-    raw = raw_infer_rate(model, px(224), 256)
-    del model
+    raws, fp32 = {}, {}
+    for backbone, weights in MODELS:
+        model = model_for(backbone, weights).to(DEV)
+        raws[backbone] = round(raw_infer_rate(model, px(224), 256), 1)
+        fp32[backbone] = round(raw_infer_rate(model, px(224), 256, bf16=False), 1)  # as feature-extract computes
+        del model
+    raw = raws[MODELS[0][0]]
     started = time.perf_counter()
     r = vt.fit(data, backbone=MODELS[0][0], weights=MODELS[0][1], strategy="feature-extract", image_size=px(224), valid_pct=0.2, progress=False,
                output=str(work / "runs"), batch_size=batch)
@@ -192,7 +210,9 @@ def frozen(data: Path, work: Path, images: int, batch: int) -> dict:
         providers = ort.get_available_providers()
     except ImportError:
         providers = ["onnxruntime not installed"]
-    return {"raw_bf16_inference_img_s": round(raw, 1), "feature_extract_cold_s": round(cold, 2),
+    return {"raw_bf16_inference_img_s": raws, "raw_fp32_inference_img_s": fp32,
+            "tf32_convolutions": torch.backends.cudnn.allow_tf32, "feature_extract_cold_s": round(cold, 2),
+            "feature_extract_cold_ratio_to_raw": round(images / cold / raw, 3),
             "feature_extract_cold_img_s": round(images / cold, 1), "feature_extract_rerun_s": round(warm, 2),
             "rerun_speedup": round(cold / warm, 2), "onnxruntime_providers": providers,
             "valid_accuracy": r.metrics.get("accuracy")}
@@ -327,6 +347,57 @@ def crash_resume(data: Path, work: Path) -> dict:
             "ok": killed and 1 <= at_kill < epochs and resumed_l <= max(10 * noise_l, 1e-3)}
 
 
+@section("g_unlabeled")
+def unlabeled(data: Path, work: Path, batch: int) -> dict:
+    pool = make_jpegs(work / "pool", 1024 if DEV == "cuda" else 16, seed=1, flat=True)
+    out = {}
+    for name, extra in (("without_pool", {}), ("with_pool", {"unlabeled": str(pool)})):
+        r = vt.fit(data, backbone=MODELS[0][0], weights=MODELS[0][1], strategy="finetune", epochs=3, image_size=px(160),
+                   batch_size=batch, valid_pct=0.2, progress=False, output=str(work / "runs"), seed=5, patience=0,
+                   name=f"unlabeled_{name}", **extra)
+        run = Path(r.run_dir)
+        rows = (run / "consistency.csv").read_text().splitlines() if (run / "consistency.csv").is_file() else []
+        losses = [row["train_loss"] for row in r.history]
+        out[name] = {"epoch_s": [round(row["seconds"], 2) for row in r.history],
+                     "train_losses": [round(x, 4) for x in losses],
+                     "finite": all(x == x and abs(x) < 1e9 for x in losses), "val_metrics": r.metrics,
+                     "consistency_csv": rows[:5]}
+    out["ok"] = out["with_pool"]["finite"] and len(out["with_pool"]["consistency_csv"]) > 1
+    return out
+
+
+@section("h_pipeline")
+def pipeline(data: Path, work: Path, images: int, batch: int) -> dict:
+    import visiontune.data.loaders as loaders
+
+    model = model_for(*MODELS[0]).to(DEV)
+    raw = raw_step_rate(model, px(224), batch)
+    del model
+    cores = os.cpu_count() or 1
+    out = {"raw_bf16_step_img_s": round(raw, 1), "default_workers": loaders.default_num_workers(torch.device(DEV))}
+    plain = loaders.DataLoader
+
+    def kept(*args, **kwargs):  # workers kept across epochs: what this section measures
+        return plain(*args, persistent_workers=kwargs.get("num_workers", 0) > 0, **kwargs)
+
+    if DEV != "cuda":
+        cores = 3  # the dry run: 2 workers
+    variants = (("default", None, False), ("cores_minus_1", max(1, cores - 1), False),
+                ("default_persistent", None, True), ("cores_minus_1_persistent", max(1, cores - 1), True))
+    for name, workers, persistent in variants:
+        loaders.DataLoader = kept if persistent else plain
+        try:
+            r = vt.fit(data, backbone=MODELS[0][0], weights=MODELS[0][1], strategy="finetune", epochs=4,
+                       image_size=px(224), batch_size=batch, valid_pct=0.0, progress=False, patience=0,
+                       output=str(work / "runs"), num_workers=workers)
+        finally:
+            loaders.DataLoader = plain
+        ours = loop_rate(r, images)
+        out[name] = {"loop_img_s": round(ours, 1), "ratio_to_raw": round(ours / raw, 3),
+                     "epoch_seconds": [round(row["seconds"], 2) for row in r.history]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work")
@@ -334,9 +405,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", default=None, help="write the report as JSON here")
     ap.add_argument("--dry-run", action="store_true", help="check this script on a CPU with tiny models")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,b,c,d,e,f")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,b,c,d,e,f,g,h")
+    ap.add_argument("--only", default="", help="comma-separated sections to run, in this order (default: all)")
     a = ap.parse_args()
-    global DEV, MODELS
+    global DEV, MODELS, OUT
+    OUT = Path(a.out) if a.out else None
     if a.dry_run:  # this script's own check, on a CPU: tiny model, 32 px
         DEV, MODELS = "cpu", [("timm:test_efficientnet", "none"), ("timm:test_resnet", "none")]
         RECIPE.update(backbone=MODELS[0][0], weights="none", image_size=32, num_workers=0)
@@ -352,21 +425,21 @@ def main() -> int:
                      "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print("== env:", REPORT["env"], flush=True)
     data = make_jpegs(work / "data", a.images)
+    sections = {
+        "a": lambda: training(data, work, a.images, a.batch_size, MODELS),
+        "b": lambda: frozen(data, work, a.images, a.batch_size),
+        "c": lambda: fp16(data, work, a.batch_size),
+        "d": lambda: batch_auto(data, work),
+        "e": lambda: torchrun_nccl(data, work),
+        "f": lambda: crash_resume(data, work),
+        "g": lambda: unlabeled(data, work, a.batch_size),
+        "h": lambda: pipeline(data, work, a.images, a.batch_size),
+    }
+    order = [x for x in a.only.split(",") if x] or list(sections)
     skip = set(a.skip.split(","))
-    if "a" not in skip:
-        training(data, work, a.images, a.batch_size, MODELS)
-    if "b" not in skip:
-        frozen(data, work, a.images, a.batch_size)
-    if "c" not in skip:
-        fp16(data, work, a.batch_size)
-    if "d" not in skip:
-        batch_auto(data, work)
-    if "e" not in skip:
-        torchrun_nccl(data, work)
-    if "f" not in skip:
-        crash_resume(data, work)
-    if a.out:
-        Path(a.out).write_text(json.dumps(REPORT, indent=1, default=str))
+    for key in order:
+        if key not in skip:
+            sections[key]()
     return 0
 
 

@@ -47,11 +47,12 @@ from visiontune.config import ModelConfig
 from visiontune.models.classifier import create_classifier
 
 
-def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300) -> Path:
-    """Photo-like JPEGs (smooth colour fields plus noise), two classes."""
-    rng = np.random.default_rng(0)
+def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300, seed: int = 0, flat: bool = False) -> Path:
+    """Photo-like JPEGs (smooth colour fields plus noise), two classes (`flat`: one folder
+    with no classes, an unlabelled pool)."""
+    rng = np.random.default_rng(seed)
     for i in range(n):
-        cls = "a" if i % 2 else "b"
+        cls = "" if flat else "a" if i % 2 else "b"
         (root / cls).mkdir(parents=True, exist_ok=True)
         coarse = Image.fromarray(rng.integers(0, 255, (height // 50 + 1, width // 50 + 1, 3), dtype=np.uint8))
         arr = np.asarray(coarse.resize((width, height), Image.BICUBIC)).astype(np.int16)
