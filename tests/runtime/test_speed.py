@@ -261,7 +261,7 @@ def test_worker_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> N
     from visiontune.data.loaders import default_num_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for cores, on_cpu, on_gpu in ((1, 0, 0), (2, 0, 1), (4, 0, 3), (16, 2, 8), (64, 4, 8)):
+    for cores, on_cpu, on_gpu in ((1, 0, 0), (2, 0, 1), (4, 0, 3), (16, 2, 15), (64, 4, 16)):
         monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
         assert (default_num_workers(cpu), default_num_workers(cuda)) == (on_cpu, on_gpu)
 

@@ -210,3 +210,34 @@ def test_a_run_restarted_before_its_first_checkpoint_describes_the_data_it_train
     run = Path(resumed.run_dir)
     assert json.loads((run / "classes.json").read_text()) == resumed.classes == ["blue", "green", "red"]
     assert "blue_000.png" in (run / "splits.csv").read_text() and len(resumed.history) == 2
+
+
+@pytest.mark.parametrize("with_pool", [False, True], ids=["labelled", "with-unlabeled-pool"])
+def test_the_model_does_not_depend_on_the_worker_count(tmp_path: Path, tiny: dict, with_pool: bool) -> None:
+    """Each image's augmentation is seeded by its own (seed, epoch, position), not by the
+    worker process that decodes it: 0 workers and 2 (kept across epochs) train the same
+    model, also with the --unlabeled pool's weak and strong views (RandAugment draws from
+    NumPy and `random`). Before, each worker drew from its own stream: the runs differed."""
+    data = make_class_folders(tmp_path / "data", {"red": 10, "green": 10})
+    kw = dict(tiny, strategy="finetune", epochs=3, augment="light", lr=3e-3, valid_pct=0.25,
+              output=str(tmp_path / "runs"))
+    if with_pool:
+        kw.update(unlabeled=str(make_class_folders(tmp_path / "pool", {"red": 9, "green": 9}, start_seed=300)),
+                  consistency_threshold=0.0)
+    runs = [vt.fit(data, name=f"w{n}", **dict(kw, num_workers=n)) for n in (0, 2)]
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in runs[1].history] == pytest.approx([h[key] for h in runs[0].history], abs=1e-6)
+    a, b = (load_checkpoint(Path(r.run_dir) / "checkpoints" / "last.pt")["model"] for r in runs)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_resume_with_worker_processes_matches_an_uninterrupted_run(flat_data: Path, tmp_path: Path,
+                                                                   tiny: dict) -> None:
+    """Workers kept across epochs (persistent_workers) start at the resumed epoch: the
+    augmentations must still be those of the uninterrupted run."""
+    kw = dict(tiny, strategy="finetune", lr=3e-3, num_workers=2, augment="light", output=str(tmp_path / "runs"))
+    full = vt.fit(flat_data, name="full", epochs=3, **kw)
+    part = vt.fit(flat_data, name="part", epochs=3, **kw, callbacks=[StopAfter(1)])
+    resumed = vt.fit(resume=part.run_dir)
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in resumed.history] == pytest.approx([h[key] for h in full.history], abs=1e-6)

@@ -15,7 +15,12 @@ and predict/evaluate through deploy/export.py) can run there.
   FEATURE_TOLERANCE is not used (PyTorch runs, with a warning). So the feature cache does
   not name the engine: what either engine computes is the same features within that
   tolerance (tests/runtime/test_engine.py).
-- On a GPU PyTorch stays (bf16, channels_last): `frozen_engine` returns the backbone.
+- On a GPU PyTorch stays (channels_last, fp32 with TF32 convolutions): `frozen_engine`
+  returns the backbone. Not bf16: it would move the features by ~2% of their scale (20x
+  FEATURE_TOLERANCE, so the cache would have to name the precision) for nothing: on an
+  H200 Lite0's raw forward runs at 16,000 img/s in fp32 and 22,700 in bf16, so bf16 would
+  save 0.04 s of a cold feature-extract over 2,048 JPEGs that took 19.5 s (decoding, the
+  probe's search, start-up; bench/gpu.py b).
 """
 
 from __future__ import annotations

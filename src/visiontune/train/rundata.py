@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, Weig
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
-from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, train_dataset
+from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, mix_seed, train_dataset
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.sources import unlabelled_images
 from visiontune.data.splits import group_keys
@@ -33,6 +33,7 @@ from visiontune.train.features import FeatureCache, FeatureStats, cache_for, ext
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)
+POOL_STREAM = 1  # mixed into the run's seed for the --unlabeled pool's augmentations (the training images: the seed itself)
 
 
 class Cut:
@@ -118,13 +119,15 @@ class RunData:
         labels = [it.label for it in self.source.split(TRAIN)]
         return torch.tensor(self.task.balance_weights(labels), dtype=torch.float32, device=self.device)
 
-    def _shuffle_args(self, targets: torch.Tensor) -> dict:
-        """balance='oversample': draw with replacement, rare classes (labels) as often as common ones."""
+    def _shuffle_args(self, targets: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """balance='oversample': draw with replacement, rare classes (labels) as often as common
+        ones. The draws come from `generator` (features: the run's, seeded each epoch), or
+        else from the image loader's SeededSampler (make_loader's `seed`)."""
         if self.cfg.train.balance != "oversample":
-            return {"shuffle": True, "generator": self.generator}
+            return {"shuffle": True, **({"generator": generator} if generator is not None else {})}
         weights = self.task.oversample_weights(targets)
         return {"sampler": WeightedRandomSampler(weights.double(), len(targets), replacement=True,
-                                                 generator=self.generator)}
+                                                 generator=generator)}
 
     def _targets(self, split: str) -> tuple[list[str], torch.Tensor]:
         return self._paths_targets(self.source.split(split))
@@ -164,7 +167,8 @@ class RunData:
         if self.env.launched:
             train_loader = self._distributed_loader(train)
         else:
-            train_loader = make_loader(train, t.batch_size, t.num_workers, self.device, **self._shuffle_args(targets))
+            train_loader = make_loader(train, t.batch_size, t.num_workers, self.device, seed=self.cfg.seed,
+                                       persistent=True, **self._shuffle_args(targets))
         return PhaseData(train_loader, self._valid_images(), valid_rows=len(self.source.split(VALID)),
                          pool_views=self._pool_views() if self.cfg.data.unlabeled else None)
 
@@ -176,9 +180,11 @@ class RunData:
                          train_transform(pre, "medium", t.hflip, t.min_scale))
         pool = train_dataset(self._pool_files(), None, pre, "light", t.hflip, t.min_scale, t.image_cache, t.cache_dir,
                              transform=views)
+        seed = mix_seed(self.cfg.seed, POOL_STREAM)
         if self.env.launched:
-            return self._distributed_loader(pool)
-        return make_loader(pool, t.batch_size, t.num_workers, self.device, shuffle=True, generator=self.generator)
+            return self._distributed_loader(pool, seed)
+        return make_loader(pool, t.batch_size, t.num_workers, self.device, shuffle=True, seed=seed,
+                           persistent=True)
 
     def _valid_images(self) -> DataLoader | None:
         """Validation images; under torchrun this process's part (every world-th file, or its
@@ -190,7 +196,7 @@ class RunData:
         rank, world = self._world()
         paths, targets = self._paths_targets(items)
         return make_loader(eval_dataset(paths, targets, self.preprocess, rank=rank, world=world), t.batch_size,
-                           t.num_workers, self.device)
+                           t.num_workers, self.device, persistent=True)
 
     def _from_shards(self) -> bool:
         return any(is_shard_item(it.path) for it in self.source.items[:1])
@@ -228,13 +234,15 @@ class RunData:
             raise ConfigError(f"batch_size {batch_size} must be a multiple of the {world} processes")
         return batch_size // world
 
-    def _distributed_loader(self, train: ImageDataset) -> DataLoader:
+    def _distributed_loader(self, train: ImageDataset, seed: int | None = None) -> DataLoader:
+        """`seed`: of the samples' augmentations (default: the run's)."""
         t, world = self.cfg.train, self.env.world_size
         per_step = self._per_process_batch(world)
         if t.balance == "oversample":
             raise ConfigError("--balance oversample is not supported under torchrun; use --balance weights")
         sampler = DistributedSampler(train, num_replicas=world, rank=self.env.rank, shuffle=True, seed=self.cfg.seed)
-        return make_loader(train, per_step, t.num_workers, self.device, sampler=sampler)
+        return make_loader(train, per_step, t.num_workers, self.device, sampler=sampler,
+                           seed=self.cfg.seed if seed is None else seed, rank=self.env.rank, persistent=True)
 
     def features(self) -> PhaseData:
         """Loaders over the frozen backbone's features. Under torchrun each process first
@@ -329,6 +337,6 @@ class RunData:
                         "%s on those (a random sample)", len(kept), len(paths), "fits" if shared else "is validated")
             feats, targets = feats[kept], targets[kept]
             ids = (ids if ids is not None else torch.arange(len(paths)))[kept]
-        order = self._shuffle_args(targets) if shuffle else {}
+        order = self._shuffle_args(targets, self.generator) if shuffle else {}
         loader = DataLoader(FeatureDataset(feats, targets, ids), batch_size=t.batch_size, collate_fn=_as_batch, **order)
         return loader, kept

@@ -433,14 +433,17 @@ class Trainer:
         """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch, rank) only,
         so a resumed run repeats exactly what the uninterrupted one would have done, and
         under torchrun each process draws its own augmentations (the DistributedSampler's
-        shuffle stays common: it is seeded by (seed, epoch) on its own)."""
+        shuffle stays common: it is seeded by (seed, epoch) on its own). An image's
+        augmentation is seeded by its own (seed, rank, epoch, position) through the loader's
+        SeededSampler (data/loaders.py), whatever worker process decodes it."""
         seed_everything(epoch_seed(self.cfg.seed, epoch, self.env.rank))
         if self.generator is not None:
             self.generator.manual_seed(epoch_seed(self.cfg.seed, epoch))
-        loader = self.data(self.plan.phase_index(epoch)).train
-        for seeded in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):  # sampler or shard stream
-            if hasattr(seeded, "set_epoch"):
-                seeded.set_epoch(epoch)
+        data = self.data(self.plan.phase_index(epoch))
+        for loader in (data.train, data.pool_views):
+            for seeded in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):  # sampler or stream
+                if hasattr(seeded, "set_epoch"):
+                    seeded.set_epoch(epoch)
 
     def _validate(self, train_loss: float) -> dict[str, float]:
         """Validation metrics of this epoch's weights; with --ema also of the EMA weights,

@@ -1,0 +1,84 @@
+"""Training loaders: each sample's order and augmentation come from (seed, rank, epoch,
+pass, position) through SeededSampler, whatever the worker processes do."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import WeightedRandomSampler
+
+from conftest import make_class_folders
+from visiontune.data.loaders import SeededSampler, make_loader, seeded_randomness, train_dataset
+from visiontune.data.preprocess import Preprocess
+
+
+def _pairs(sampler: SeededSampler) -> list[tuple[int, int]]:
+    return list(sampler)
+
+
+def test_the_order_and_seeds_depend_on_epoch_and_pass_only() -> None:
+    a, b = SeededSampler(range(10), seed=3), SeededSampler(range(10), seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    first = _pairs(a)
+    assert first == _pairs(b)  # the same epoch and pass: the same seeds
+    assert sorted(i for i, _ in first) == list(range(10))
+    second_pass = _pairs(a)
+    assert {s for _, s in second_pass}.isdisjoint(s for _, s in first)  # a pass again: new seeds
+    a.set_epoch(2)
+    assert _pairs(a) == first  # set_epoch starts the epoch's passes again (a resumed run)
+    a.set_epoch(3)
+    assert _pairs(a) != first
+    assert _pairs(SeededSampler(range(10), seed=3, rank=1)) != _pairs(SeededSampler(range(10), seed=3))
+
+
+def test_a_shared_generator_drawn_elsewhere_does_not_move_the_order() -> None:
+    """The wrapped sampler draws from the SeededSampler's own generator, reseeded each pass:
+    draws made elsewhere in between (another loader, prefetching) change nothing."""
+    weights = torch.tensor([1.0, 1.0, 4.0, 1.0])
+    a = SeededSampler(WeightedRandomSampler(weights, 8, generator=torch.Generator()), seed=1)
+    b = SeededSampler(WeightedRandomSampler(weights, 8), seed=1)
+    reference = list(a)
+    torch.rand(100, generator=a.generator)  # drawn elsewhere
+    b.passes = a.passes = 0
+    assert list(a) == reference == list(b)
+
+
+def test_seeded_randomness_gives_the_global_generators_back() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    expected = (torch.rand(1).item(), random.random(), np.random.rand())
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    with seeded_randomness(12345):
+        inside = (torch.rand(1).item(), random.random(), np.random.rand())
+    assert (torch.rand(1).item(), random.random(), np.random.rand()) == expected
+    with seeded_randomness(12345):
+        assert (torch.rand(1).item(), random.random(), np.random.rand()) == inside
+
+
+def test_workers_kept_across_epochs_give_the_batches_of_no_workers(tmp_path: Path) -> None:
+    """Two epochs through a loader with 2 worker processes kept between them
+    (persistent_workers) yield the same augmented batches as the same loader with none."""
+    data = make_class_folders(tmp_path / "d", {"red": 6, "green": 5})
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    pre = Preprocess(input_size=32, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    dataset = train_dataset(paths, torch.zeros(len(paths), dtype=torch.long), pre, "medium", 0.5, 0.35, False)
+    epochs = {}
+    for workers in (0, 2):
+        loader = make_loader(dataset, 4, workers, shuffle=True, seed=7, persistent=True)
+        assert loader.persistent_workers == (workers > 0)
+        batches = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            batches += [(x, rows) for x, _, rows in loader]
+        epochs[workers] = batches
+    assert len(epochs[0]) == len(epochs[2]) == 6
+    for (x0, r0), (x2, r2) in zip(epochs[0], epochs[2]):
+        assert torch.equal(r0, r2) and torch.equal(x0, x2)
+    assert not torch.equal(epochs[0][0][0], epochs[0][3][0])  # the second epoch is not the first again
