@@ -8,26 +8,18 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from visiontune import api
-from visiontune.analysis.interpret import interpret
-from visiontune.analysis.review import create_review_app, serve_page
-from visiontune.bundle import read_config
-from visiontune.config import RunConfig, cli_option_keys
-from visiontune.data.imagify import imagify
-from visiontune.data.sources import resolve_inputs
-from visiontune.data.webdata import write_shards
-from visiontune.demo import run_demo
-from visiontune.deploy.export import export
-from visiontune.deploy.serve import serve
+from visiontune.config import cli_option_keys
 from visiontune.errors import ConfigError
 from visiontune.files import atomic_write, write_csv, write_json
-from visiontune.selection.advisor import advise
-from visiontune.selection.compare import compare, format_compare
-from visiontune.selection.cv import cross_validate
-from visiontune.selection.lrfind import lr_find
-from visiontune.selection.suggest import filled_rows, suggest
+
+if TYPE_CHECKING:
+    from visiontune.config import RunConfig
+    from visiontune.prediction import Prediction
+
+# Each command imports what it uses inside its body: `visiontune predict RUN one.jpg` loads
+# neither scikit-learn nor the training stack, the web server or the exporters.
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,10 +27,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _base_config(args: argparse.Namespace) -> RunConfig | None:
+    from visiontune.bundle import read_config
+
     return read_config(args.config, strict=True) if args.config else None
 
 
 def train(args: argparse.Namespace) -> int:
+    from visiontune import api
+
     overrides = _overrides(args)
     if args.resume:
         if args.config:
@@ -56,12 +52,16 @@ def train(args: argparse.Namespace) -> int:
 
 
 def cv(args: argparse.Namespace) -> int:
+    from visiontune.selection.cv import cross_validate
+
     print(cross_validate(args.data, folds=args.folds, selection=args.selection, config=_base_config(args),
                          **_overrides(args)).format())
     return 0
 
 
 def compare_strategies(args: argparse.Namespace) -> int:
+    from visiontune.selection.compare import compare, format_compare
+
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     rows, out_dir = compare(args.data, strategies=strategies, folds=args.folds, config=_base_config(args),
                             **_overrides(args))
@@ -71,11 +71,15 @@ def compare_strategies(args: argparse.Namespace) -> int:
 
 
 def advise_strategy(args: argparse.Namespace) -> int:
+    from visiontune.selection.advisor import advise
+
     print(advise(args.data, config=_base_config(args), **_overrides(args)).format())
     return 0
 
 
 def suggest_labels(args: argparse.Namespace) -> int:
+    from visiontune.selection.suggest import filled_rows, suggest
+
     overrides = {key: getattr(args, key) for key in ("backbone", "weights", "image_size", "task", "label_delim",
                                                      "device", "engine", "cache_dir", "seed")
                  if getattr(args, key) is not None}
@@ -94,6 +98,8 @@ def suggest_labels(args: argparse.Namespace) -> int:
 
 
 def review_labels(args: argparse.Namespace) -> int:
+    from visiontune.analysis.review import create_review_app, serve_page
+
     if (args.run is None) == (args.label is None):
         raise ConfigError("review: give a run directory (review RUN [DATA]) or --label CSV, not both or neither")
     # the app is built first: a bad run or file is an error before the server starts
@@ -112,6 +118,8 @@ def review_labels(args: argparse.Namespace) -> int:
 
 
 def find_lr(args: argparse.Namespace) -> int:
+    from visiontune.selection.lrfind import lr_find
+
     result = lr_find(args.data, num_iter=args.num_iter, plot=args.plot or True, config=_base_config(args),
                      **_overrides(args))
     print(f"suggested lr (steepest descent): {result.suggested_lr:.2e}   loss minimum / 10: {result.min_loss_lr:.2e}")
@@ -121,11 +129,13 @@ def find_lr(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """Each prediction is printed (and written to --output) as it comes: memory stays flat."""
-    stream = api.predict_stream(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                                device=args.device, tta=args.tta, engine=args.engine)
+    from visiontune.prediction import predict_stream
+
+    stream = predict_stream(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                            device=args.device, tta=args.tta, engine=args.engine)
     printed = 0
 
-    def printing() -> Iterator[api.Prediction]:
+    def printing() -> Iterator[Prediction]:
         nonlocal printed
         for p in stream:
             print(_prediction_line(p))
@@ -143,13 +153,13 @@ def predict(args: argparse.Namespace) -> int:
     return 0 if printed else 1
 
 
-def _prediction_line(p: api.Prediction) -> str:
+def _prediction_line(p: Prediction) -> str:
     """As the task prints a prediction (tasks/: path, label, probability, runners-up; label
     sets: every label above its threshold; regression: path and number)."""
     return p.line()
 
 
-def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, top_k: int, delim: str = " ") -> None:
+def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k: int, delim: str = " ") -> None:
     """PATH.json: a list of {"path", ...the task's record (serve answers the same)}; else
     CSV in the task's columns (single-label: path,label,prob + the runners-up; multi-label:
     path,labels joined by the run's `delim`, as `train --csv` reads them, + one probability
@@ -168,7 +178,9 @@ def _write_predictions(path: str, preds: Iterator[api.Prediction], task: Any, to
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    result = api.evaluate(args.run, args.data, csv=args.csv, label_delim=args.label_delim,
+    from visiontune.prediction import evaluate as evaluate_run
+
+    result = evaluate_run(args.run, args.data, csv=args.csv, label_delim=args.label_delim,
                           batch_size=args.batch_size, device=args.device, tta=args.tta)
     print(result.format())
     for path, why in result.excluded:
@@ -182,6 +194,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from visiontune import api
+
     extra = {k: getattr(args, k) for k in ("freeze", "lr", "optimizer", "head_lr_mult") if getattr(args, k) is not None}
     print(api.inspect(args.target, strategy=args.strategy, num_classes=args.num_classes, depth=args.depth,
                       weights=args.weights, parameters=args.parameters, **extra))
@@ -189,6 +203,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def imagify_table(args: argparse.Namespace) -> int:
+    from visiontune.data.imagify import imagify
+
     report = imagify(args.table, args.out, kind=args.kind, label_col=args.label_col, value_col=args.value_col,
                      window=args.window, stride=args.stride, size=args.size, min_length=args.min_length,
                      group_col=args.group_col)
@@ -197,6 +213,8 @@ def imagify_table(args: argparse.Namespace) -> int:
 
 
 def export_run(args: argparse.Namespace) -> int:
+    from visiontune.deploy.export import export
+
     if args.int8:
         from visiontune.deploy.quantize import export_int8
 
@@ -218,18 +236,25 @@ def push_run(args: argparse.Namespace) -> int:
 
 
 def serve_run(args: argparse.Namespace) -> int:
+    from visiontune.deploy.serve import serve
+
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(args.run, args.host, args.port, args.top_k, args.max_pixels, args.max_pending)
     return 0
 
 
 def interpret_run(args: argparse.Namespace) -> int:
+    from visiontune.analysis.interpret import interpret
+
     print(interpret(args.run, args.data, top_n=args.top_n, oof=args.oof, device=args.device,
                     saliency=args.saliency, mislabels_in_test=args.mislabels_in_test).format())
     return 0
 
 
 def shard(args: argparse.Namespace) -> int:
+    from visiontune.data.sources import resolve_inputs
+    from visiontune.data.webdata import write_shards
+
     cfg, source = resolve_inputs(args.data, _base_config(args), None, _overrides(args))
     described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim, args.shard_bytes)
     for split, part in described["splits"].items():
@@ -239,6 +264,8 @@ def shard(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    from visiontune.demo import run_demo
+
     return run_demo(args.out, args.strategy, args.epochs, args.image_size)
 
 
