@@ -241,3 +241,26 @@ def test_resume_with_worker_processes_matches_an_uninterrupted_run(flat_data: Pa
     resumed = vt.fit(resume=part.run_dir)
     for key in ("train_loss", "val_loss"):
         assert [h[key] for h in resumed.history] == pytest.approx([h[key] for h in full.history], abs=1e-6)
+
+
+def test_a_finished_run_holds_no_worker_process(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Training loaders keep their workers across epochs; when the run ends they end too,
+    though the result (and cv's folds, compare's strategies) stays referenced. Before,
+    each finished run kept its 2 + 2 workers until its result was dropped."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())  # whatever other tests left
+    results = [vt.fit(flat_data, **dict(tiny, strategy="gradual", epochs=2, num_workers=2, name=f"r{i}",
+                                         output=str(tmp_path / "runs"))) for i in range(2)]
+    assert set(multiprocessing.active_children()) <= before
+    assert all(r.metrics for r in results)
+    with pytest.raises(RuntimeError, match="planted"):  # a run that fails ends its workers too
+        vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=2, num_workers=2, name="fails",
+                                 output=str(tmp_path / "runs")), callbacks=[_FailAt(1)])
+    assert set(multiprocessing.active_children()) <= before
+
+
+class _FailAt(StopAfter):
+    def on_epoch_end(self, trainer) -> None:
+        if trainer.state.epoch + 1 >= self.n:
+            raise RuntimeError("planted")

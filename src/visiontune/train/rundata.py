@@ -102,6 +102,13 @@ class RunData:
         self.deadline: float | None = None  # --time-budget: feature extraction stops here (time.perf_counter())
         self._pool_found: list[str] | None = None
 
+    def release(self) -> None:
+        """Drop the phases' loaders (rebuilt if asked for again): their kept worker processes
+        (persistent_workers) end with them, and the features leave memory, so a finished
+        run that stays referenced (a FitResult, cv's folds, compare's strategies) holds no
+        worker process."""
+        self._images = self._features = None
+
     def __call__(self, phase_index: int) -> PhaseData:
         return self.features() if self.uses_features(phase_index) else self.images()
 

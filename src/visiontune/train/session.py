@@ -128,9 +128,11 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     except BaseException:
         for tracker in trackers:
             tracker.fail()
+        setup.data.release()
         raise
     for tracker in trackers:
         tracker.finish(result, _held_eval(setup, trainer, checkpoint))
+    setup.data.release()  # the loaders' kept workers end here, not when the result is dropped
     if setup.env.is_main:
         keep_cache_in_bounds(setup.cfg.train.cache_dir)
     return result
