@@ -258,6 +258,8 @@ def test_a_finished_run_holds_no_worker_process(flat_data: Path, tmp_path: Path,
         vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=2, num_workers=2, name="fails",
                                  output=str(tmp_path / "runs")), callbacks=[_FailAt(1)])
     assert set(multiprocessing.active_children()) <= before
+    vt.lr_find(flat_data, num_iter=4, plot=False, **dict(tiny, num_workers=2, output=str(tmp_path / "runs")))
+    assert set(multiprocessing.active_children()) <= before  # the LR sweep's loaders too
 
 
 class _FailAt(StopAfter):

@@ -75,19 +75,22 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
     probe_cfg = RunConfig.create(cfg, strategy="finetune", epochs=1, batch_size=MEASURE_BATCH, probe="sgd",
                                  patience=0, compile=False)
     setup = prepare_run(probe_cfg, source)
-    trainer = Trainer(setup, [])
-    trainer.enter_phase(0)
-    trainer.train_mode()
-    step, _ = _seconds_per_image(setup.data.images().train, setup,
-                                 lambda x, y: trainer.train_step(setup.model, x, y))
-    backbone = setup.model.backbone
-    missing = _uncached(setup.data._cache(), source)
-    t = setup.cfg.train
-    engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, t.engine, t.cache_dir, missing)
-    with torch.inference_mode():
-        backbone.eval()
-        extract, read = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
-                                           lambda x, y: engine(x))
+    try:
+        trainer = Trainer(setup, [])
+        trainer.enter_phase(0)
+        trainer.train_mode()
+        step, _ = _seconds_per_image(setup.data.images().train, setup,
+                                     lambda x, y: trainer.train_step(setup.model, x, y))
+        backbone = setup.model.backbone
+        missing = _uncached(setup.data._cache(), source)
+        t = setup.cfg.train
+        engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, t.engine, t.cache_dir, missing)
+        with torch.inference_mode():
+            backbone.eval()
+            extract, read = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
+                                               lambda x, y: engine(x))
+    finally:
+        setup.data.release()  # the loaders' kept workers end here
     fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
                   setup.preprocess.input_size, fit, read)

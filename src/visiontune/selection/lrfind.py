@@ -57,8 +57,11 @@ def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    trainer = Trainer(prepare_run(resolve_strategy(cfg, source), source), [])
-    lrs, losses = sweep(trainer, start_lr, end_lr, num_iter)
+    setup = prepare_run(resolve_strategy(cfg, source), source)
+    try:
+        lrs, losses = sweep(Trainer(setup, []), start_lr, end_lr, num_iter)
+    finally:
+        setup.data.release()  # the loaders' kept workers end here
     if len(lrs) < 3:
         raise ConfigError("the loss diverged at once; lower start_lr")
     steep, valley = suggest(lrs, losses)
