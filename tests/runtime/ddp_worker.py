@@ -1,7 +1,8 @@
 """Run by torchrun in tests/runtime/test_distributed.py: one tiny training run per process,
 recording what each process saw. `python ddp_worker.py DATA OUT SCENARIO`; SCENARIO may
 contain "oom1" (rank 1 runs out of memory on more than 2 images at once), "workers2" (2
-DataLoader workers), "shards" (DATA is a shard folder: a gentler recipe, 4 epochs)."""
+DataLoader workers), "shards" (DATA is a shard folder: a gentler recipe, 4 epochs), "pool"
+(--unlabeled DATA/../pool with the consistency threshold at 0: every pool image counts)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def main() -> None:
     result = vt.fit(data, callbacks=[record], backbone="timm:test_efficientnet", weights="none", image_size=32,
                     strategy="finetune", batch_size=12, num_workers=2 if "workers2" in scenario else 0,
                     progress=False, patience=0, trainable_bn="eval", seed=1, output=str(out / "runs"), name="run",
-                    **recipe, **({"valid": valid} if valid else {}))
+                    **recipe, **({"valid": valid} if valid else {}),
+                    **({"unlabeled": str(Path(data).parent / "pool"), "consistency_threshold": 0.0}
+                       if "pool" in scenario else {}))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(out / f"rank{rank}.safetensors"))

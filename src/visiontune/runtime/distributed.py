@@ -73,11 +73,17 @@ def device_for(env: DistEnv, device: torch.device) -> torch.device:
 
 def reduce_totals(total: float, count: int, env: DistEnv, device: torch.device) -> tuple[float, int]:
     """(sum(total), sum(count)) over all processes."""
+    summed, images = sum_over_processes([total, float(count)], env, device)
+    return summed, int(images)
+
+
+def sum_over_processes(values: list[float], env: DistEnv, device: torch.device) -> list[float]:
+    """Each of `values` summed over all processes (every process must call it)."""
     if not env.parallel:
-        return total, count
-    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t[0].item()), int(t[1].item())
+    return t.tolist()
 
 
 @dataclass(frozen=True)

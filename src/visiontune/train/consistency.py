@@ -32,6 +32,7 @@ from torch import nn
 
 from visiontune.files import write_csv
 from visiontune.runtime.device import autocast, to_device
+from visiontune.runtime.distributed import DistEnv, sum_over_processes
 from visiontune.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,13 @@ class Consistency:
             total += float(loss.item())
         self.seen, self.passed, self.used = self.seen + len(weak), self.passed + passed, self.used + used
         return total
+
+    def sum_over_processes(self, env: DistEnv, device: torch.device) -> None:
+        """Under torchrun each process saw its share of the pool: the epoch's counts become
+        the sums over every process (each must call this), so the log and consistency.csv,
+        which rank 0 writes, count the whole pool."""
+        sums = sum_over_processes([self.seen, self.passed, *self.used.tolist()], env, device)
+        self.seen, self.passed, self.used = int(sums[0]), int(sums[1]), np.asarray(sums[2:])
 
     def record(self, path: Path, epoch: int) -> None:
         """Write this epoch's row into `path` (consistency.csv), after the rows of the

@@ -197,6 +197,8 @@ class Trainer:
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
+        if self.consistency is not None:
+            self.consistency.sum_over_processes(self.env, self.device)
         if self.consistency is not None and self.consistency.seen:
             log.info("epoch %d %s", epoch + 1, self.consistency.summary())
             if (path := self._run_file("consistency.csv")) is not None:
