@@ -132,8 +132,8 @@ def seeded_randomness(seed: int) -> Iterator[None]:
     transforms draw from: RandAugment uses NumPy and `random`) seeded with `seed` inside.
     In the main process (0 workers) they are given back as they were after, so a sample's
     augmentation leaves the trainer's own draws (dropout, mixup) untouched; a worker
-    process draws for nothing else, so there that costs nothing (7 us a sample instead of
-    ~80: NumPy's state is slow to read and write)."""
+    process draws for nothing else, so there they are not saved (8 us a sample instead of
+    ~90: NumPy's state is slow to read and write)."""
     worker = torch.utils.data.get_worker_info() is not None
     saved = None if worker else (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
     torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed every CUDA device (~90 us)
@@ -249,11 +249,12 @@ def make_loader(
 
     `seed` (training loaders: `shuffle` or a `sampler`; then no `generator`): the order is
     wrapped in a SeededSampler, so the order and each sample's augmentation depend on
-    (seed, rank, epoch, pass, position) alone. `persistent`: the loader is gone through again each epoch, so its worker
-    processes are kept between passes (starting 15 of them cost ~0.3 s an epoch on a GPU
-    host: bench/gpu.py h); only for a map-style dataset, whose samples carry their seed
-    (a shard stream learns its epoch from set_epoch in the main process, which a kept
-    worker's copy would never see)."""
+    (seed, rank, epoch, pass, position) alone. `persistent`: the loader is gone through
+    again each epoch, so its worker processes are kept between passes (starting them again
+    cost 0.4 s an epoch with 8 and 0.8 s with 15 on a GPU host, epochs of 2,048 images:
+    bench/gpu.py h); only for a map-style dataset, whose samples carry their seed (a shard
+    stream learns its epoch from set_epoch in the main process, which a kept worker's copy
+    would never see)."""
     workers = default_num_workers(device) if num_workers is None else num_workers
     if seed is not None and isinstance(dataset, ImageDataset) and (shuffle or sampler is not None):
         if generator is not None:
