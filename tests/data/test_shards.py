@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -206,3 +207,26 @@ def test_a_run_that_reads_no_training_sample_fails_instead_of_succeeding_with_ze
     for strategy in ("finetune", "feature-extract"):
         with pytest.raises(DataError, match="read no training image|yielded no features"):
             vt.fit(shards, **dict(tiny, strategy=strategy, epochs=1, output=str(tmp_path / "runs")))
+
+
+def test_unlabelled_pool_along_shards_counts_every_pool_image(three_class_shards: tuple[Path, Path],
+                                                               tmp_path: Path, tiny: dict,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """--unlabeled with shard training data (read by 2 workers): the frozen phase spreads
+    labels over the pool's features and the fine-tuning phase's consistency term goes
+    through the whole pool each epoch."""
+    import csv
+
+    _, shards = three_class_shards
+    pool = make_class_folders(tmp_path / "pool", {"red": 5, "green": 5, "blue": 5}, 300)
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        result = vt.fit(shards, **dict(tiny, strategy="gradual", freeze_epochs=1, epochs=3, num_workers=2,
+                                       unlabeled=str(pool), consistency_threshold=0.0, output=str(tmp_path / "runs")))
+    assert any("23 of 23 views of the 15 pool images (cycled" in m for m in caplog.messages)
+    with open(Path(result.run_dir) / "consistency.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["2", "3"]  # the fine-tuning epochs
+    # 18 training samples are 3 steps of 8; the 15 pool images are 2 batches (8, 7), so the
+    # pool cycles: 8 + 7 + 8 views an epoch, every pool image at least once
+    assert all(r["seen"] == r["passed"] == "23" for r in rows), rows
+    assert all(sum(int(r[c]) for c in ("red", "green", "blue")) == 23 for r in rows)

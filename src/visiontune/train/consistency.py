@@ -13,7 +13,9 @@ loss, divided by the whole pool batch (FixMatch's normalisation) and weighted by
 images and the pool (the shorter one cycles), so every pool image is seen at least once
 per epoch.
 How many pool images passed the threshold, and as which classes, is logged every epoch
-and kept in RUN/consistency.csv (epoch, seen, passed, one column per class).
+and kept in RUN/consistency.csv (epoch, seen, passed, one column per class); when the
+pool cycled, these count views (an image seen twice counts twice), and the log says so.
+Under torchrun each process takes its share of the pool and the counts are summed.
 The frozen phases use the pool through label spreading instead (train/pseudo.py).
 """
 
@@ -137,8 +139,13 @@ class Consistency:
         rows.append([epoch, self.seen, self.passed, *(int(n) for n in self.used)])
         write_csv(path, ["epoch", "seen", "passed", *self.task.classes], rows)
 
-    def summary(self) -> str:
-        """'12 of 40 pool images passed 0.95 (ants 5, bees 7)'."""
+    def summary(self, pool_size: int | None = None) -> str:
+        """'12 of 40 pool images passed 0.95 (ants 5, bees 7)'; when the labelled epoch was
+        longer than the pool (`pool_size` images), the pool went through more than once and
+        the counts are of views: '23 views of the 15 pool images ...'."""
         used = ", ".join(f"{c} {int(n)}" for c, n in zip(self.task.classes, self.used) if n)
-        return (f"consistency: {self.passed} of {self.seen} pool images passed the {self.threshold:g} confidence"
+        cycled = pool_size is not None and self.seen > pool_size
+        seen = f"{self.seen} views of the {pool_size} pool images (cycled along the labelled batches)" if cycled \
+            else f"{self.seen} pool images"
+        return (f"consistency: {self.passed} of {seen} passed the {self.threshold:g} confidence"
                 + (f" ({used})" if used else ""))

@@ -200,7 +200,7 @@ class Trainer:
         if self.consistency is not None:
             self.consistency.sum_over_processes(self.env, self.device)
         if self.consistency is not None and self.consistency.seen:
-            log.info("epoch %d %s", epoch + 1, self.consistency.summary())
+            log.info("epoch %d %s", epoch + 1, self.consistency.summary(len(data.pool_views.dataset)))
             if (path := self._run_file("consistency.csv")) is not None:
                 self.consistency.record(path, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
