@@ -221,6 +221,9 @@ def test_the_advisor_looks_at_what_the_budget_allows_and_the_plan_counts_what_it
     cfg = RunConfig.create(None, path=str(flat_data), **dict(tiny, weights=str(weights)))
     plan = plan_budget(cfg, load_items(cfg.data), 600, time.perf_counter())
     assert "(0 not cached yet)" in plan.reasons[0]  # the advisor extracted them all: the probe needs none
+    # one figure for what is cached: before, the advisor's reason repeated its own cost note,
+    # measured before it cached them ("24 not cached yet" beside "0 not cached yet")
+    assert sum(r.count("not cached yet") for r in plan.reasons) == 1, plan.reasons
 
 
 def test_when_no_image_size_fits_every_feature_the_probe_fits_the_sample_extracted_in_time() -> None:

@@ -58,16 +58,21 @@ class Advice:
     baseline_accuracy: float
     chance: float
     similarity: float
+    cost_note: str = ""  # what a probe and an epoch cost here, as measured before the advisor ran
 
     def format(self) -> str:
-        return f"strategy: {self.strategy}\n{self.explanation}"
+        return f"strategy: {self.strategy}\n{self.described()}"
+
+    def described(self) -> str:
+        """The explanation and, when costs were measured, what they were."""
+        return self.explanation + (f" {self.cost_note}" if self.cost_note else "")
 
     def _repr_html_(self) -> str:
         facts = [["images", self.images], ["classes", self.classes], ["median per class", self.median_per_class],
                  ["imbalance", self.imbalance], ["probe accuracy", self.probe_accuracy],
                  ["baseline accuracy", self.baseline_accuracy], ["chance", self.chance],
                  ["similarity to ImageNet", self.similarity]]
-        return (f"<h4>recommended strategy: {display.cell(self.strategy)}</h4>" + display.pre(self.explanation)
+        return (f"<h4>recommended strategy: {display.cell(self.strategy)}</h4>" + display.pre(self.described())
                 + display.table(facts, ["measured", "value"]))
 
 
@@ -112,7 +117,7 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
     if cfg.strategy.name != AUTO:
         return cfg
     advice = advise_source(cfg, source, measure_costs(cfg, source))
-    log.info("advisor: %s", advice.explanation)
+    log.info("advisor: %s", advice.described())
     return RunConfig.create(cfg, strategy=advice.strategy)
 
 
@@ -156,10 +161,10 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
         f"features scores {probe:.3f} {what} ({folds}-fold CV) against {baseline:.3f} for nearest neighbours on raw "
         f"pixels and {chance:.3f} for chance, i.e. {similarity:.0%} of the possible gain over chance. So "
         f"{strategy}: {reason} ({get_strategy(strategy).description})."
-        + (f" Cost {costs.describe()}." if costs else "")
     )
     return Advice(strategy, explanation, len(pool), len(source.classes), median,
-                  float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity)
+                  float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity,
+                  f"Cost {costs.describe()}." if costs else "")
 
 
 def _score(task: Task, targets: np.ndarray, outputs: np.ndarray) -> float:

@@ -75,6 +75,7 @@ def plan_budget(cfg: RunConfig, source: DataSource, budget_s: float, started: fl
     advice = advise_source(cfg, sample, costs)
     costs = replace(costs, images_to_extract=uncached_images(cfg, source))  # the advisor cached some
     spent = time.perf_counter() - started
+    # the advisor's reasons without its cost note: the plan states the costs as they are now
     why = advice.explanation + (f" (the advisor looked at a stratified sample of {len(sample.items)} of "
                                 f"{len(source.items)} images, what the budget allows)" if sample is not source else "")
     return decide_plan(costs, advice.strategy, why, budget_s, spent, cfg.strategy.freeze_epochs)
