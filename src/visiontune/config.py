@@ -233,8 +233,8 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay (the warm-up starts lower)", gt=0.0, lt=1.0)
     min_scale: float = option(0.35, "random resized crop: smallest area fraction", gt=0.0, le=1.0)
     num_workers: int | None = option(None, "DataLoader worker processes (default from the device: CPU with <= 4 "
-                                           "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16); training loaders keep "
-                                           "theirs across epochs", ge=0)
+                                           "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16; never more than batches, "
+                                           "none for one batch); training loaders keep theirs across epochs", ge=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     channels_last: bool = option(True, "keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
     precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",

@@ -7,11 +7,12 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
 from conftest import make_class_folders
-from visiontune.data.loaders import SeededSampler, make_loader, seeded_randomness, train_dataset
+from visiontune.data.loaders import SeededSampler, eval_dataset, make_loader, seeded_randomness, train_dataset
 from visiontune.data.preprocess import Preprocess
 
 
@@ -82,3 +83,18 @@ def test_workers_kept_across_epochs_give_the_batches_of_no_workers(tmp_path: Pat
     for (x0, r0), (x2, r2) in zip(epochs[0], epochs[2]):
         assert torch.equal(r0, r2) and torch.equal(x0, x2)
     assert not torch.equal(epochs[0][0][0], epochs[0][3][0])  # the second epoch is not the first again
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers asked on 2 cores
+def test_no_more_workers_than_batches_and_none_for_one(tmp_path: Path) -> None:
+    """The default on a 16-core GPU host is 15 workers: a one-image prediction started them
+    all. A loader of known length takes at most one per batch, and none for one batch."""
+    data = make_class_folders(tmp_path / "d", {"red": 5, "green": 5})
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    pre = Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    dataset = eval_dataset(paths, None, pre)
+    assert make_loader(eval_dataset(paths[:1], None, pre), 64, 15).num_workers == 0
+    assert make_loader(dataset, 64, 15).num_workers == 0  # 10 images: one batch
+    assert make_loader(dataset, 4, 15).num_workers == 3  # 3 batches
+    assert make_loader(dataset, 4, 2).num_workers == 2
+    assert [len(x) for x, _, _ in make_loader(dataset, 4, 2)] == [4, 4, 2]

@@ -245,7 +245,9 @@ def make_loader(
     rank: int = 0,
     persistent: bool = False,
 ) -> DataLoader:
-    """`num_workers` None: default_num_workers(device); memory is pinned for CUDA.
+    """`num_workers` None: default_num_workers(device); memory is pinned for CUDA. A dataset
+    of known length gets at most one worker per batch, and none for a single batch: on a
+    16-core GPU host the default is 15, and `predict RUN one.jpg` would start them all.
 
     `seed` (training loaders: `shuffle` or a `sampler`; then no `generator`): the order is
     wrapped in a SeededSampler, so the order and each sample's augmentation depend on
@@ -256,6 +258,9 @@ def make_loader(
     stream learns its epoch from set_epoch in the main process, which a kept worker's copy
     would never see)."""
     workers = default_num_workers(device) if num_workers is None else num_workers
+    if not isinstance(dataset, IterableDataset):  # at most one worker per batch; one batch: none (no fork to wait for)
+        batches = -(-len(dataset) // batch_size)
+        workers = 0 if batches <= 1 else min(workers, batches)
     if seed is not None and isinstance(dataset, ImageDataset) and (shuffle or sampler is not None):
         if generator is not None:
             raise ValueError("make_loader: a seeded loader draws its order from its seed; pass no generator")
