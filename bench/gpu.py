@@ -31,7 +31,11 @@ g. `--unlabeled` (issue 25): fine-tuning with the FixMatch consistency term on t
 h. the input pipeline: Lite0 fine-tuning img/s with the default DataLoader workers (every
    core but one, kept across epochs) and with 8, each also with the workers started again
    every epoch (persistent_workers off, patched in here only to measure it: how it was
-   before), against the raw bf16 step.
+   before), against the raw bf16 step;
+i. new batch shapes: a Lite0 bf16 training step's first and second time at four shapes
+   (the full batch, a partial last batch, another image size, half the batch), with cuDNN's
+   autotuner off and on: what a process pays each time it meets a shape (run it first,
+   `--only i,...`: a section before it meets some of these shapes).
 
 The report is written after each section (`--out`), so a run stopped at its limit keeps
 what it measured. `--only g,h` runs just those sections.
@@ -396,6 +400,38 @@ def pipeline(data: Path, work: Path, images: int, batch: int) -> dict:
     return out
 
 
+@section("i_new_shapes")
+def new_shapes(batch: int) -> dict:
+    """What a training step costs the first time it meets a batch shape in a process (g paid
+    22 s in its first epoch, d 79 s for Lite0's batch search), with cuDNN's autotuner off
+    (PyTorch's default, and visiontune's) and on: each shape's first step, then its second."""
+    out = {}
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        model = model_for(*MODELS[0]).to(DEV).train().to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        rows = {}
+        for size, n in ((px(224), batch), (px(224), batch - 26), (px(160), batch), (px(224), batch // 2)):
+            times = []
+            for _ in range(2):
+                x = torch.randn(n, 3, size, size, device=DEV).contiguous(memory_format=torch.channels_last)
+                y = torch.randint(0, 2, (n,), device=DEV)
+                sync()
+                started = time.perf_counter()
+                with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sync()
+                times.append(round(time.perf_counter() - started, 3))
+            rows[f"{n}x{size}px"] = {"first_s": times[0], "second_s": times[1]}
+        out[f"cudnn_benchmark_{benchmark}"] = rows
+        del model, opt
+    torch.backends.cudnn.benchmark = False
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work")
@@ -404,7 +440,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the report as JSON here")
     ap.add_argument("--dry-run", action="store_true", help="check this script on a CPU with tiny models")
     ap.add_argument("--log", action="store_true", help="print visiontune's own INFO log (timestamped) too")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,b,c,d,e,f,g,h")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,b,c,d,e,f,g,h,i")
     ap.add_argument("--only", default="", help="comma-separated sections to run, in this order (default: all)")
     a = ap.parse_args()
     global DEV, MODELS, OUT
@@ -440,6 +476,7 @@ def main() -> int:
         "f": lambda: crash_resume(data, work),
         "g": lambda: unlabeled(data, work, a.batch_size),
         "h": lambda: pipeline(data, work, a.images, a.batch_size),
+        "i": lambda: new_shapes(a.batch_size),
     }
     order = [x for x in a.only.split(",") if x] or list(sections)
     skip = set(a.skip.split(","))
