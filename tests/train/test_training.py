@@ -212,14 +212,17 @@ def test_a_run_restarted_before_its_first_checkpoint_describes_the_data_it_train
     assert "blue_000.png" in (run / "splits.csv").read_text() and len(resumed.history) == 2
 
 
-@pytest.mark.parametrize("with_pool", [False, True], ids=["labelled", "with-unlabeled-pool"])
-def test_the_model_does_not_depend_on_the_worker_count(tmp_path: Path, tiny: dict, with_pool: bool) -> None:
+@pytest.mark.parametrize("with_pool,balance", [(False, "none"), (True, "none"), (False, "oversample")],
+                         ids=["labelled", "with-unlabeled-pool", "oversampled"])
+def test_the_model_does_not_depend_on_the_worker_count(tmp_path: Path, tiny: dict, with_pool: bool,
+                                                        balance: str) -> None:
     """Each image's augmentation is seeded by its own (seed, epoch, position), not by the
     worker process that decodes it: 0 workers and 2 (kept across epochs) train the same
     model, also with the --unlabeled pool's weak and strong views (RandAugment draws from
-    NumPy and `random`). Before, each worker drew from its own stream: the runs differed."""
+    NumPy and `random`) and with oversampling's draws. Before, each worker drew from its own
+    stream: the runs differed."""
     data = make_class_folders(tmp_path / "data", {"red": 10, "green": 10})
-    kw = dict(tiny, strategy="finetune", epochs=3, augment="light", lr=3e-3, valid_pct=0.25,
+    kw = dict(tiny, strategy="finetune", epochs=3, augment="light", lr=3e-3, valid_pct=0.25, balance=balance,
               output=str(tmp_path / "runs"))
     if with_pool:
         kw.update(unlabeled=str(make_class_folders(tmp_path / "pool", {"red": 9, "green": 9}, start_seed=300)),
