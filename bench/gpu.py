@@ -135,13 +135,18 @@ def raw_step_rate(model: torch.nn.Module, size: int, batch: int, steps: int = 20
         if i == 3:
             sync()
             started = time.perf_counter()
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y)
     sync()
     return steps * batch / (time.perf_counter() - started)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One raw training step: forward in bf16 autocast (on CUDA), cross-entropy, backward, AdamW."""
+    with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 @torch.inference_mode()
@@ -418,11 +423,7 @@ def new_shapes(batch: int) -> dict:
                 y = torch.randint(0, 2, (n,), device=DEV)
                 sync()
                 started = time.perf_counter()
-                with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
-                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                train_step(model, opt, x, y)
                 sync()
                 times.append(round(time.perf_counter() - started, 3))
             rows[f"{n}x{size}px"] = {"first_s": times[0], "second_s": times[1]}
