@@ -33,7 +33,7 @@ from visiontune.train.features import FeatureCache, FeatureStats, cache_for, ext
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)
-POOL_STREAM = 1  # mixed into the run's seed for the --unlabeled pool's augmentations (the training images: the seed itself)
+POOL_STREAM = 1  # mixed into the run's seed for the --unlabeled pool's augmentations (training: the seed)
 
 
 class Cut:

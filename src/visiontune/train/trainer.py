@@ -198,11 +198,11 @@ class Trainer:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         if self.consistency is not None:
-            self.consistency.sum_over_processes(self.env, self.device)
-        if self.consistency is not None and self.consistency.seen:
-            log.info("epoch %d %s", epoch + 1, self.consistency.summary(len(data.pool_views.dataset)))
-            if (path := self._run_file("consistency.csv")) is not None:
-                self.consistency.record(path, epoch + 1)
+            self.consistency.sum_over_processes(self.env, self.device)  # every process, before any may skip
+            if self.consistency.seen:
+                log.info("epoch %d %s", epoch + 1, self.consistency.summary(len(data.pool_views.dataset)))
+                if (path := self._run_file("consistency.csv")) is not None:
+                    self.consistency.record(path, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
         if images == 0 and not self._out_of_time(0.0):
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
