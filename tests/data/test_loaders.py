@@ -4,6 +4,7 @@ pass, position) through SeededSampler, whatever the worker processes do."""
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from conftest import make_class_folders
-from visiontune.data.loaders import SeededSampler, eval_dataset, make_loader, seeded_randomness, train_dataset
+from visiontune.data.loaders import (
+    SeededSampler,
+    eval_dataset,
+    make_loader,
+    read_ahead,
+    seeded_randomness,
+    train_dataset,
+)
 from visiontune.data.preprocess import Preprocess
 
 
@@ -98,3 +106,58 @@ def test_no_more_workers_than_batches_and_none_for_one(tmp_path: Path) -> None:
     assert make_loader(dataset, 4, 15).num_workers == 3  # 3 batches
     assert make_loader(dataset, 4, 2).num_workers == 2
     assert [len(x) for x, _, _ in make_loader(dataset, 4, 2)] == [4, 4, 2]
+
+
+class _Recording(torch.utils.data.Dataset):
+    """Records which thread read each item; item `fail` raises."""
+
+    def __init__(self, n: int, fail: int | None = None) -> None:
+        self.n, self.fail, self.threads = n, fail, []  # type: int, int | None, list[str]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int | tuple[int, int]) -> torch.Tensor:
+        i = i[0] if isinstance(i, tuple) else i  # (index, seed) from a SeededSampler
+        self.threads.append(threading.current_thread().name)
+        if i == self.fail:
+            raise OSError(f"image {i} is truncated")
+        return torch.tensor([i])
+
+
+def _live_readers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "visiontune-read-ahead"]
+
+
+def test_read_ahead_gives_the_loaders_batches_read_by_another_thread() -> None:
+    data = _Recording(10)
+    loader = make_loader(data, 3, 0)
+    assert [b.tolist() for b in read_ahead(loader)] == [b.tolist() for b in loader]
+    assert set(data.threads) == {"visiontune-read-ahead", "MainThread"}  # the first pass read ahead, the second not
+    assert not _live_readers()
+
+
+def test_read_ahead_raises_the_loaders_error_and_stops_when_the_reader_stops() -> None:
+    with pytest.raises(OSError, match="image 4 is truncated"):
+        for _ in read_ahead(make_loader(_Recording(10, fail=4), 2, 0)):
+            pass
+    assert not _live_readers()
+    data = _Recording(400)
+    for _ in read_ahead(make_loader(data, 2, 0), depth=2):
+        break  # a deadline: the thread stops instead of reading all 200 batches
+    assert not _live_readers()
+    assert len(data.threads) < 20
+
+
+def test_read_ahead_leaves_a_loader_with_workers_to_its_workers() -> None:
+    loader = make_loader(_Recording(8), 2, 2)
+    assert loader.num_workers == 2
+    assert [b.tolist() for b in read_ahead(loader)] == [[[0], [1]], [[2], [3]], [[4], [5]], [[6], [7]]]
+
+
+def test_read_ahead_reads_a_seeded_training_loader_in_the_main_thread() -> None:
+    """Its augmentation seeds the global generators (seeded_randomness) in the main process."""
+    data = _Recording(8)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=SeededSampler(range(8), seed=0))
+    assert sorted(int(i) for b in read_ahead(loader) for i in b[:, 0]) == list(range(8))
+    assert set(data.threads) == {"MainThread"}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -231,6 +234,61 @@ def default_num_workers(device: torch.device | None = None) -> int:
     if device is not None and device.type != "cpu":
         return max(0, min(16, cpus - 1))
     return 0 if cpus <= 4 else min(4, cpus // 8)
+
+
+_T = TypeVar("_T")
+_END = object()  # read_ahead's end of the batches
+
+
+def read_ahead(loader: Iterable[_T], depth: int = 2) -> Iterator[_T]:
+    """The batches of `loader`, read by a background thread up to `depth` ahead, so that
+    decoding the next batch overlaps the model's work on this one (PIL's decoding and
+    resizing, and ONNX Runtime's or PyTorch's kernels, release the GIL). For evaluation
+    loaders without worker processes (the default on a CPU of up to 4 cores: bench/frozen.py
+    measured 1.1x on the frozen path's features). Read in this thread as they are: a loader
+    with workers (they read ahead already), one of a single batch, and a seeded training
+    loader (its augmentation draws from the global generators, which `seeded_randomness`
+    sets in the main process; a second thread must not touch them). An error in the loader
+    is raised here, at the batch that failed; stopping early (a deadline, `break`) stops
+    the thread."""
+    if getattr(loader, "num_workers", 0) or isinstance(getattr(loader, "sampler", None), SeededSampler) or (
+            hasattr(loader, "__len__") and len(loader) <= 1):  # type: ignore[arg-type]
+        yield from loader
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in loader:
+                while not stop.is_set():
+                    try:
+                        ready.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="visiontune-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            if batch is _END:
+                return
+            yield batch
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        thread.join()
 
 
 def make_loader(

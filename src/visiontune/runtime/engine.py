@@ -46,6 +46,8 @@ FEATURE_TOLERANCE = 1e-3  # max |eager - ONNX Runtime| over a check batch, relat
 ONNX_OPSET = 18
 EXPORT_PAYS_AT = 600  # images (counted at 224 px, by pixels) from which "auto" exports: see below
 _REFUSED: dict[str, str] = {}  # engines that failed in this process (key -> why): not tried again
+_SESSIONS: dict[str, nn.Module] = {}  # checked sessions of this process (export file -> session), the last few
+KEEP_SESSIONS = 2  # a run's training and validation passes share one: loading and checking it costs ~0.2 s
 
 
 def onnx_available() -> bool:
@@ -142,7 +144,11 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
     try:
         if key in _REFUSED:
             raise VisiontuneError(_REFUSED[key])
-        return _checked_session(backbone, image_size, key, target)
+        if str(target) not in _SESSIONS or not target.is_file():  # an export deleted since: made, checked again
+            _SESSIONS[str(target)] = _checked_session(backbone, image_size, key, target)
+            while len(_SESSIONS) > KEEP_SESSIONS:
+                _SESSIONS.pop(next(iter(_SESSIONS)))
+        return _SESSIONS[str(target)]
     except Exception as exc:  # noqa: BLE001 - any failure of the exporter or the runtime: PyTorch runs
         _REFUSED[key] = str(exc)
         if engine == "onnx":

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from visiontune.data.loaders import read_ahead
 from visiontune.errors import DataError
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, to_device
@@ -62,10 +63,10 @@ def merge_outputs(parts: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]])
                    [p for _, _, p, _ in full], [i for _, _, _, i in full])
 
 
-def progress(loader: Any, enabled: bool, desc: str) -> Any:
+def progress(loader: Any, enabled: bool, desc: str, total: int | None = None) -> Any:
     if not enabled:
         return loader
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
 def forward_chunks(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, device: torch.device,
@@ -93,7 +94,8 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
     model.eval()
     micro = micro or MicroBatcher()
     criterion = task.loss()
-    for x, y, ids in progress(loader, show_progress, "eval"):
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    for x, y, ids in progress(read_ahead(loader), show_progress, "eval", total):
         views = x.shape[1] if x.ndim == 5 else 0  # test-time augmentation: (B, V, 3, H, W)
         x, y = to_device(x.flatten(0, 1) if views else x, device, channels_last), y.to(device)
         logits = forward_chunks(model, x, micro, device, precision)

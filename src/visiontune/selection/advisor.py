@@ -19,10 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import cross_val_predict
-from sklearn.neighbors import KNeighborsRegressor
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from visiontune import display
 from visiontune.config import ModelConfig, RunConfig
@@ -176,7 +172,13 @@ def _knn_outputs(pixels: np.ndarray, task: Task, targets: np.ndarray, neighbours
                  seed: int) -> np.ndarray:
     """Out-of-fold outputs of k nearest neighbours on standardised pixels: the mean of the
     neighbours' targets in output space (class votes, label votes, or numbers), with the
-    probe's folds."""
+    probe's folds. (scikit-learn's model selection is imported here: `train --strategy X`
+    imports this module and never asks the advisor, 0.5 s of start-up.)"""
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     knn = make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=neighbours))
     y = task.output_targets(targets)
     return cross_val_predict(knn, pixels, y, cv=fold_pairs(task.strata(targets), folds, seed)).reshape(len(y), -1)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.loaders import eval_dataset, make_loader
+from visiontune.data.loaders import eval_dataset, make_loader, read_ahead
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.scan import ScanCache, digests_of
 from visiontune.data.webdata import is_shard_item, shard_digests
@@ -223,7 +223,7 @@ def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: tor
         return
     was_training = backbone.training
     backbone.eval()
-    for x, _, rows in make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device):
+    for x, _, rows in read_ahead(make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device)):
         if deadline is not None and time.perf_counter() > deadline:
             log.warning("time budget: feature extraction stopped at the deadline")
             break

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.neighbors import kneighbors_graph
 
 from visiontune.data.splits import fold_splits, most_folds
 from visiontune.tasks.base import Decoded, Task
@@ -99,6 +98,8 @@ def propagate(x: np.ndarray, targets: np.ndarray, pool: np.ndarray, task: Task, 
     graph of the normalised features of the labelled rows and the pool: each row's output
     is the graph-weighted average of the labelled rows' targets in output space
     (`Task.output_targets`: class votes, label votes, numbers)."""
+    from sklearn.neighbors import kneighbors_graph  # here: every run imports the trainer, few pass a pool
+
     feats = np.concatenate([x, pool]).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12
     graph = kneighbors_graph(feats, min(neighbours, len(feats) - 1), mode="connectivity", include_self=False)
