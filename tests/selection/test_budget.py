@@ -118,6 +118,33 @@ def test_a_pessimistic_plan_still_spends_the_budget_and_ends_decayed(flat_data: 
     assert max(lrs.lrs) == pytest.approx(1.0) and lrs.lrs[-1] < 0.05  # it reached the peak, then decayed by the end
 
 
+def test_when_fine_tuning_cannot_beat_the_probe_the_decay_begins_early_and_the_run_ends_early(
+        flat_data: Path, tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 23: "when the probe is expected to win, stop early and say so". A peak LR far
+    too high (fine-tuning only ever makes the probe worse; a few red images filed as green,
+    so the probe's loss is not zero and the gradients move the weights): validation stalls
+    at the peak, the decay begins after 2 x patience epochs, the run ends after it with the
+    probe's weights, long before the budget (it used to hold the peak until the time left
+    equalled the decay, and end at the deadline)."""
+    import logging
+    import shutil
+
+    for i in range(3):
+        shutil.move(str(flat_data / "red" / f"red_{i:03d}.png"), str(flat_data / "green" / f"moved_{i}.png"))
+    _slow_machine_that_wants_fine_tuning(monkeypatch)
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        r = vt.fit(flat_data, **dict(tiny, time_budget="40s", trainable_bn="eval", patience=2, lr=30.0,
+                                     output=str(tmp_path / "r")))
+    took = time.perf_counter() - started
+    assert "at the peak learning rate (best" in caplog.text and "the converged probe's); the decay begins now" \
+        in caplog.text
+    assert "fine-tuning did not beat it on validation" in caplog.text
+    assert r.best_epoch == 1  # the probe's epoch (1-based)
+    assert len(r.history) <= 12 and took < 0.6 * 40  # ended early (it ran all 31 planned epochs before), said why
+
+
 def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a batch is part of what an epoch costs: a slow decoder (50 ms an image) shows."""
     from visiontune.config import RunConfig

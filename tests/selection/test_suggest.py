@@ -52,6 +52,19 @@ def test_typical_takes_the_densest_image_of_each_uncovered_cluster() -> None:
     assert sorted(which[picks].tolist()) == [2, 3, 4]
 
 
+def test_the_cold_start_pick_covers_every_cluster_where_random_picks_miss_one() -> None:
+    """Issue 25's check: 5 picks from a mixture of 5 clusters of unequal size (41, 31, 21,
+    13, 9 images). A uniform draw covers all five with probability 5! * 41*31*21*13*9 /
+    (115*114*113*112*111), about 2%: nearly every random draw misses a class."""
+    for seed in range(3):
+        x, which, _ = clusters([40, 30, 20, 12, 8], seed=seed)
+        picks, _, _ = rank(x, 5, "typical", seed=seed)
+        assert sorted(which[picks].tolist()) == [0, 1, 2, 3, 4]
+    x, which, _ = clusters([40, 30, 20, 12, 8])
+    missed = sum(len(set(which[rank(x, 5, "random", seed=s)[0]].tolist())) < 5 for s in range(100))
+    assert missed >= 90
+
+
 def test_diverse_spreads_a_batch_that_uncertainty_alone_piles_up() -> None:
     x, which, _ = clusters([30, 10, 10, 10])
     uncertainty = np.where(which == 0, 0.9, 0.6) + np.random.default_rng(1).uniform(0, 0.01, len(x))

@@ -54,6 +54,7 @@ class TrainerView(Protocol):
     plan: Any  # Plan: the phases (which epoch a converged probe fitted)
 
     def save_checkpoint(self, path: Path) -> None: ...
+    def decay_now(self) -> float: ...
     def broadcast_weights(self) -> None: ...
     def held_model(self) -> Any: ...
     def adopt_held_weights(self) -> None: ...
@@ -108,8 +109,22 @@ class Monitor:
         self.best, self.best_epoch = state.get("best"), int(state.get("best_epoch", -1))
 
 
+def _probe_epoch(trainer: TrainerView, epoch: int) -> bool:
+    """Whether `epoch` was a converged probe's (the head fitted on frozen features)."""
+    return epoch >= 0 and bool(trainer.plan.phases[trainer.plan.phase_index(epoch)].probe)
+
+
+PEAK_PATIENCE = 2  # x patience: epochs without improvement at a time-decided schedule's peak LR before its decay
+
+
 class EarlyStopping(Callback):
-    """Stop when `monitor` has not improved for `patience` epochs."""
+    """Stop when `monitor` has not improved for `patience` epochs. Under a time-decided
+    schedule (warmup-stable-decay by the clock, --time-budget) the peak LR's epochs say
+    little of where the decay ends, so there it does not stop: after PEAK_PATIENCE x
+    `patience` epochs without improvement (counting the converged probe's epoch, the one
+    to beat) it begins the decay early (`decay_now`), and the run ends after the decay
+    instead of spending the budget at a peak that no longer improves: where fine-tuning
+    does not beat the probe, the run stops early and says so."""
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
         self.tracker = Monitor(monitor, mode, min_delta)
@@ -122,9 +137,16 @@ class EarlyStopping(Callback):
         if self.tracker.update(state.metrics, state.epoch):
             self.wait = 0
             return
-        if trainer.holding_peak:
-            return  # warmup-stable-decay by the clock, before its decay: the peak LR's epochs say little of the end
         self.wait += 1
+        if trainer.holding_peak:  # warmup-stable-decay by the clock, before its decay
+            if self.patience and self.wait >= PEAK_PATIENCE * self.patience:
+                seconds = trainer.decay_now()
+                log.info("time budget: %s has not improved for %d epochs at the peak learning rate (best %.4f at "
+                         "epoch %d%s); the decay begins now and the run ends after it (about %.0f s)",
+                         self.tracker.metric, self.wait, self.tracker.best, self.tracker.best_epoch + 1,
+                         ", the converged probe's" if _probe_epoch(trainer, self.tracker.best_epoch) else "", seconds)
+                self.wait = 0  # the decay's epochs get their own patience
+            return
         if self.patience and self.wait >= self.patience:
             state.should_stop = True
             self.stopped_epoch = state.epoch
@@ -179,9 +201,7 @@ class Checkpoint(Callback):
         if self.write:
             trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))
         trainer.broadcast_weights()
-        plan = trainer.plan
-        probe_won = plan.phases[plan.phase_index(self.tracker.best_epoch)].probe and \
-            trainer.state.epoch > self.tracker.best_epoch
+        probe_won = _probe_epoch(trainer, self.tracker.best_epoch) and trainer.state.epoch > self.tracker.best_epoch
         log.info("restored best weights from epoch %d (%s=%.4f)%s", self.tracker.best_epoch + 1,
                  self.tracker.metric, self.tracker.best,
                  ": the converged probe's; fine-tuning did not beat it on validation" if probe_won else "")

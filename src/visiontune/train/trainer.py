@@ -115,6 +115,7 @@ class Trainer:
         self._phase_epoch_s: list[float] = []  # measured epoch times (training + validation) in this phase
         self._decayed = False  # the time-decided schedule finished its decay: no further epoch
         self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
+        self._decay_window: tuple[float, float] | None = None  # (start, end) of a decay begun early (decay_now)
         self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
                                        self.precision, self.cfg.train.channels_last) if self.cfg.data.unlabeled else None
         self.mixup = mixup_for(self.cfg.train, self.task)
@@ -239,6 +240,9 @@ class Trainer:
         if not self._timed(phase_index):
             return lr_factor(self.cfg.train, progress, epoch_in_phase)
         progress_t = self._time_progress(data, self.plan.phases[phase_index], epoch_in_phase, seen, loop_started)
+        if self._decay_window is not None:  # begun early: through the window, or by the clock if that is further
+            start, end = self._decay_window
+            progress_t = max(progress_t, 1.0 - WSD_DECAY + WSD_DECAY * (time.perf_counter() - start) / (end - start))
         self._decayed = progress_t >= 1.0
         self.holding_peak = progress_t < 1.0 - WSD_DECAY
         return None if self._decayed else wsd_factor(progress_t)
@@ -262,6 +266,20 @@ class Trainer:
             per_epoch = sum(self._phase_epoch_s) / len(self._phase_epoch_s)
             end = min(end, loop_started + (phase.epochs - epoch_in_phase) * per_epoch - validation)
         return (now - self._phase_started) / max(1e-9, end - self._phase_started)
+
+    def decay_now(self) -> float:
+        """Begin the time-decided schedule's decay at the next step instead of when the time
+        left equals its length (EarlyStopping calls it when validation has stalled at the
+        peak LR): the decay then takes WSD_DECAY of the phase as it now ends, at least one
+        epoch, and the run ends after it, early, with the best weights. Returns the
+        decay's expected seconds. Not kept across a resume (a resumed run finds the stall
+        again)."""
+        now = time.perf_counter()
+        per_epoch = sum(self._phase_epoch_s) / len(self._phase_epoch_s) if self._phase_epoch_s else 0.0
+        length = max(per_epoch, (now - self._phase_started) * WSD_DECAY / (1.0 - WSD_DECAY), 1e-3)
+        self._decay_window = (now, now + length)
+        self.holding_peak = False
+        return length
 
     def _out_of_time(self, still_needed: float) -> bool:
         """Past the deadline once `still_needed` more seconds are spent (no deadline: never)."""
@@ -428,6 +446,7 @@ class Trainer:
             apply_phase(self.model, self.optimizer, self.plan, index)
             self.state.phase = index
             self._phase_started, self._phase_epoch_s = time.perf_counter(), []
+            self._decay_window = None
             phase = self.plan.phases[index]
             log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
 
