@@ -200,7 +200,8 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", ge=0.0, lt=1.0)
     weight_decay: float | None = option(None, "default: 0.01 adamw, 1e-4 sgd; never on biases/norms", ge=0.0)
     schedule: str = option("onecycle", "LR schedule within each phase; wsd = warmup-stable-decay, whose decay "
-                                       "under --time-budget starts when the time left equals its length (the "
+                                       "under --time-budget starts when the time left equals its length, or "
+                                       "when validation stalls at the peak for 2 x --patience epochs (the "
                                        "budget's choice)", choices=SCHEDULES)
     pct_start: float = option(0.25, "onecycle warm-up fraction of each phase", ge=0.0, lt=1.0)
     step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)

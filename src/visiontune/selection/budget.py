@@ -9,7 +9,10 @@
    not fit). Fine-tuning runs a warmup-stable-decay schedule whose length is decided late
    (train/schedules.py): as many epochs as the time holds (at most MAX_EPOCHS), the
    decay starting when the time left equals its length, re-planned from the epoch times
-   measured as the run goes, so an estimate that was off costs no unused time.
+   measured as the run goes, so an estimate that was off costs no unused time; or
+   earlier, when validation has not improved for 2 x patience epochs at the peak
+   (callbacks.EarlyStopping): the run then ends after the decay, and says when the
+   converged probe is what fine-tuning did not beat.
 4. Train with a deadline: an epoch that would end after it is not started, an epoch
    running late is cut short (validated, then stopped), feature extraction stops at the
    deadline (the probe fits the images extracted, a random sample), the probe's C search

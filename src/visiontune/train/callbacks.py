@@ -129,24 +129,25 @@ class EarlyStopping(Callback):
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
         self.tracker = Monitor(monitor, mode, min_delta)
         self.patience = patience
-        self.wait = 0
+        self.wait = 0  # epochs without improvement since the decay began (or, without a time-decided schedule, at all)
+        self.peak_wait = 0  # epochs without improvement at a time-decided schedule's peak
         self.stopped_epoch: int | None = None
 
     def on_epoch_end(self, trainer: TrainerView) -> None:
         state = trainer.state
         if self.tracker.update(state.metrics, state.epoch):
-            self.wait = 0
+            self.wait = self.peak_wait = 0
             return
-        self.wait += 1
-        if trainer.holding_peak:  # warmup-stable-decay by the clock, before its decay
-            if self.patience and self.wait >= PEAK_PATIENCE * self.patience:
+        if trainer.holding_peak:  # warmup-stable-decay by the clock, before its decay: the decay gets its own patience
+            self.peak_wait += 1
+            if self.patience and self.peak_wait >= PEAK_PATIENCE * self.patience:
                 seconds = trainer.decay_now()
                 log.info("time budget: %s has not improved for %d epochs at the peak learning rate (best %.4f at "
                          "epoch %d%s); the decay begins now and the run ends after it (about %.0f s)",
-                         self.tracker.metric, self.wait, self.tracker.best, self.tracker.best_epoch + 1,
+                         self.tracker.metric, self.peak_wait, self.tracker.best, self.tracker.best_epoch + 1,
                          ", the converged probe's" if _probe_epoch(trainer, self.tracker.best_epoch) else "", seconds)
-                self.wait = 0  # the decay's epochs get their own patience
             return
+        self.wait += 1
         if self.patience and self.wait >= self.patience:
             state.should_stop = True
             self.stopped_epoch = state.epoch
@@ -156,11 +157,11 @@ class EarlyStopping(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "wait": self.wait}
+        return {"tracker": self.tracker.state_dict(), "wait": self.wait, "peak_wait": self.peak_wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state.get("tracker", {}))
-        self.wait = int(state.get("wait", 0))
+        self.wait, self.peak_wait = int(state.get("wait", 0)), int(state.get("peak_wait", 0))
 
 
 class Checkpoint(Callback):
