@@ -2,6 +2,7 @@
 
     /usr/bin/time -v python bench/speed.py [--images 256] [--image-size 224] [--batch-size 32]
         [--workers auto,0,2] [--repeats 2] [--large 32] [--compile] [--bf16] [--int8-run RUN]
+        [--compile-modes default,max-autotune-no-cudagraphs]
 
 a. training img/s: `visiontune` fine-tuning (finetune: every parameter trains; images
    decoded from JPEG files, augmentation on, no validation) vs a raw PyTorch step (forward,
@@ -12,7 +13,8 @@ a. training img/s: `visiontune` fine-tuning (finetune: every parameter trains; i
    because this machine's speed drifts by +-20% over minutes.
    `--workers` lists DataLoader worker settings to compare ("auto" = the default).
    `--compile` adds a run with `compile=True` (torch.compile) and a raw compiled step;
-   `--bf16` times the raw step under bf16 autocast against fp32 (2 steps each).
+   `--bf16` times the raw step under bf16 autocast against fp32 (2 steps each);
+   `--compile-modes` times the raw step compiled in each torch.compile mode against eager.
 c. inference img/s: `visiontune.predict` (--engine onnx, and --engine torch) over the folder vs raw `model(x)` on synthetic
    tensors (the call after a warm-up call; loading the run is included, and also
    reported alone);
@@ -61,16 +63,19 @@ def make_jpegs(root: Path, n: int, width: int = 400, height: int = 300, seed: in
     return root
 
 
-def raw_model(compiled: bool = False) -> torch.nn.Module:
+def raw_model(compiled: bool | str = False) -> torch.nn.Module:
+    """Lite0 as visiontune fine-tunes it; `compiled`: torch.compile'd (a string: its mode)."""
     from visiontune.train.plan import set_train_modes
 
     model, _ = create_classifier(ModelConfig(), 2)
     model.train().to(memory_format=torch.channels_last)
     set_train_modes(model, "eval", "eval")  # as visiontune fine-tunes pretrained weights (--trainable-bn auto)
-    return torch.compile(model) if compiled else model
+    if not compiled:
+        return model
+    return torch.compile(model, mode=compiled) if isinstance(compiled, str) else torch.compile(model)
 
 
-def raw_train(size: int, batch: int, images: int, compiled: bool = False, bf16: bool = False) -> float:
+def raw_train(size: int, batch: int, images: int, compiled: bool | str = False, bf16: bool = False) -> float:
     model = raw_model(compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     steps = max(2, images // batch)
@@ -157,6 +162,12 @@ def section_training(args: argparse.Namespace, data: Path, work: Path) -> None:
         fp32, bf16 = raw_train(size, batch, 2 * batch), raw_train(size, batch, 2 * batch, bf16=True)
         print(f"   precision: raw step fp32 {fp32:6.1f} img/s   bf16 autocast {bf16:6.1f} img/s   "
               f"ratio {bf16 / fp32:.3f}", flush=True)
+    for mode in filter(None, args.compile_modes.split(",")):  # the raw step only, against eager just before it
+        eager = raw_train(size, batch, n)
+        started = time.perf_counter()
+        compiled = raw_train(size, batch, n, compiled=mode)
+        print(f"   torch.compile mode={mode}: raw step {compiled:6.1f} img/s against eager {eager:6.1f} "
+              f"({compiled / eager:.3f}x; {time.perf_counter() - started:.0f} s with compiling)", flush=True)
     if args.compile:
         started = time.perf_counter()
         raw_c = raw_train(size, batch, n, compiled=True)
@@ -280,6 +291,8 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=0, help="also time N 4000x3000 JPEGs with and without the image cache")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--bf16", action="store_true", help="also time the raw step under bf16 autocast")
+    ap.add_argument("--compile-modes", default="", help="comma-separated torch.compile modes whose raw step to time "
+                                                        "against eager, e.g. default,max-autotune-no-cudagraphs")
     ap.add_argument("--int8-run", help="section e on this trained run (default: one on the generated JPEGs)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,c,e")
     args = ap.parse_args()

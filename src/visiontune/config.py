@@ -240,7 +240,8 @@ class TrainConfig:
     channels_last: bool = option(True, "keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
     precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
                             choices=PRECISIONS)
-    engine: str = option("auto", "what runs frozen forward passes (features of a frozen backbone) on the CPU: "
+    engine: str = option("auto", "what runs frozen forward passes (features of a frozen backbone, freeze-k's "
+                                 "frozen blocks) on the CPU: "
                                  "auto = ONNX Runtime when installed (exported once per weights into the cache, "
                                  "checked against PyTorch), torch, onnx", choices=("auto", "torch", "onnx"))
     time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "

@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from visiontune.bundle import save_checkpoint
+from visiontune.data.items import TRAIN
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import write_csv
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
@@ -32,6 +33,7 @@ from visiontune.runtime.distributed import (
     training_norm_buffers,
 )
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
+from visiontune.runtime.prefix import frozen_prefix
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.plan import apply_phase, set_train_modes
@@ -116,6 +118,7 @@ class Trainer:
         self._decayed = False  # the time-decided schedule finished its decay: no further epoch
         self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
         self._decay_window: tuple[float, float] | None = None  # (start, end) of a decay begun early (decay_now)
+        self._prefix_net: nn.Module | None = None  # this phase's frozen leading blocks in ONNX Runtime (freeze-k)
         self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
                                        self.precision, self.cfg.train.channels_last) if self.cfg.data.unlabeled else None
         self.mixup = mixup_for(self.cfg.train, self.task)
@@ -340,10 +343,13 @@ class Trainer:
 
     def net_for(self, data: PhaseData) -> nn.Module:
         """What the batches go through: the head alone on cached features, else the model
-        (compiled with --compile)."""
+        (compiled with --compile; its frozen leading blocks in ONNX Runtime where
+        runtime/prefix.py can)."""
         if data.on_features:
             return self.model.head
-        return self.compiled if self.compiled is not None else self.model
+        if self.compiled is not None:
+            return self.compiled
+        return self._prefix_net if self._prefix_net is not None else self.model
 
     def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, soft: bool = False,
                    views: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
@@ -449,6 +455,23 @@ class Trainer:
             self._decay_window = None
             phase = self.plan.phases[index]
             log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
+            self._prefix_net = self._frozen_prefix(phase)
+
+    def _frozen_prefix(self, phase: Any) -> nn.Module | None:
+        """freeze-k's frozen leading blocks as one ONNX Runtime session for this phase's
+        training steps (runtime/prefix.py); None: the steps run the model in PyTorch (also
+        under --compile, under torchrun, and in a head-only phase)."""
+        if phase.probe or self.compiled is not None or self.env.launched:
+            return None
+        t = self.cfg.train
+        images = len(self.data.source.split(TRAIN)) * phase.epochs
+        self.train_mode()  # the modes its steps run in: what is frozen and in eval mode can leave PyTorch
+        try:
+            return frozen_prefix(self.model, self.preprocess.input_size, self.device, t.engine, t.cache_dir, images,
+                                 t.channels_last)
+        except Exception as exc:  # noqa: BLE001 - a model the prefix cannot be traced in: PyTorch runs it all
+            log.warning("freeze-k: the frozen blocks stay in PyTorch (%s: %s)", type(exc).__name__, exc)
+            return None
 
     def _seed_epoch(self, epoch: int) -> None:
         """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch, rank) only,

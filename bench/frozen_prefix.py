@@ -1,0 +1,73 @@
+"""freeze-k on Lite0 at 224 px (half the layer groups frozen: stem and blocks 0-2): what
+the frozen blocks' eager forward costs in a training step, and the same blocks in ONNX
+Runtime (what runtime/prefix.py runs them in). 2 threads, batch 32, synthetic tensors.
+
+    python bench/frozen_prefix.py
+
+The end-to-end comparison is two `visiontune train DATA --strategy freeze-k --epochs 3
+--engine auto|torch` runs, alternated (bench/RESULTS.md, issue 23).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from visiontune.config import ModelConfig
+from visiontune.models.classifier import backbone_groups, create_classifier
+from visiontune.train.plan import set_train_modes
+
+
+def per_batch(fn, repeats: int = 3) -> float:
+    fn()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats * 1000
+
+
+def main() -> None:
+    import onnxruntime as ort
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, _ = create_classifier(ModelConfig(), 2)
+    print("layer groups:", [n for n, _ in backbone_groups(model)])
+    bb = model.backbone
+    prefix = torch.nn.Sequential(bb.conv_stem, bb.bn1, *bb.blocks[:3])
+    prefix.requires_grad_(False)
+    model.train().to(memory_format=torch.channels_last)
+    set_train_modes(model, "eval", "eval")
+    x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (32,))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def eager_prefix() -> None:
+        with torch.no_grad():
+            prefix(x)
+
+    path = os.path.join(tempfile.mkdtemp(), "prefix.onnx")
+    torch.onnx.export(prefix, x[:2].contiguous(), path, dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x.numpy())}
+    for _ in range(2):  # alternated: this machine's speed drifts
+        s, p = per_batch(step), per_batch(eager_prefix)
+        o = per_batch(lambda: session.run(None, feed))
+        print(f"freeze-k step {s:.0f} ms, frozen blocks' eager forward {p:.0f} ms ({p / s:.0%} of the step), "
+              f"the same blocks in ONNX Runtime {o:.0f} ms ({p / o:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
