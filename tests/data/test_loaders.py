@@ -143,10 +143,13 @@ def test_read_ahead_raises_the_loaders_error_and_stops_when_the_reader_stops() -
             pass
     assert not _live_readers()
     data = _Recording(400)
-    for _ in read_ahead(make_loader(data, 2, 0), depth=2):
-        break  # a deadline: the thread stops instead of reading all 200 batches
+    for i, _ in enumerate(read_ahead(make_loader(data, 2, 0), depth=2)):
+        if i == 0:
+            assert len(data.threads) == 2  # the first batch alone, read here
+        if i == 2:
+            break  # a deadline: the thread stops instead of reading all 200 batches
     assert not _live_readers()
-    assert len(data.threads) < 20
+    assert 6 <= len(data.threads) < 20 and "visiontune-read-ahead" in data.threads
 
 
 def test_read_ahead_leaves_a_loader_with_workers_to_its_workers() -> None:

@@ -248,19 +248,27 @@ def read_ahead(loader: Iterable[_T], depth: int = 2) -> Iterator[_T]:
     measured 1.1x on the frozen path's features). Read in this thread as they are: a loader
     with workers (they read ahead already), one of a single batch, and a seeded training
     loader (its augmentation draws from the global generators, which `seeded_randomness`
-    sets in the main process; a second thread must not touch them). An error in the loader
-    is raised here, at the batch that failed; stopping early (a deadline, `break`) stops
-    the thread."""
+    sets in the main process; a second thread must not touch them). The first batch is
+    read here and the thread starts when the second is asked for, so a stream that is
+    never read past its first batch decodes only that one (predict's stream). An error in
+    the loader is raised here, at the batch that failed; stopping early (a deadline,
+    `break`) stops the thread."""
     if getattr(loader, "num_workers", 0) or isinstance(getattr(loader, "sampler", None), SeededSampler) or (
             hasattr(loader, "__len__") and len(loader) <= 1):  # type: ignore[arg-type]
         yield from loader
+        return
+    batches = iter(loader)
+    for batch in batches:  # the first, read in this thread
+        yield batch
+        break
+    else:
         return
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for batch in loader:
+            for batch in batches:
                 while not stop.is_set():
                     try:
                         ready.put((batch, None), timeout=0.1)
