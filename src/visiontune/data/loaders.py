@@ -9,7 +9,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -265,23 +265,7 @@ def read_ahead(loader: Iterable[_T], depth: int = 2) -> Iterator[_T]:
         return
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        ready.put((batch, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ready.put((_END, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            ready.put((_END, exc))
-
-    thread = threading.Thread(target=produce, name="visiontune-read-ahead", daemon=True)
+    thread = threading.Thread(target=_produce, args=(batches, ready, stop), name="visiontune-read-ahead", daemon=True)
     thread.start()
     try:
         while True:
@@ -297,6 +281,24 @@ def read_ahead(loader: Iterable[_T], depth: int = 2) -> Iterator[_T]:
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.1)
         thread.join()
+
+
+def _produce(batches: Iterator[Any], ready: queue.Queue, stop: threading.Event) -> None:
+    """read_ahead's thread: each batch into `ready` (waiting while it is full) until the
+    batches end, `stop` is set, or the loader fails (the error handed on with the end)."""
+    try:
+        for batch in batches:
+            while not stop.is_set():
+                try:
+                    ready.put((batch, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        ready.put((_END, None))
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        ready.put((_END, exc))
 
 
 def make_loader(
