@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, VisiontuneError
-from visiontune.runtime.device import autocast, to_device
+from visiontune.runtime.device import autocast, eval_mode, to_device
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,18 @@ def _trial_step(model: nn.Module, batch: int, size: int, device: torch.device, c
     """One forward and backward pass with every parameter trainable; in eval mode, so
     BatchNorm statistics are untouched; gradients are dropped afterwards."""
     flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     try:
         for p in model.parameters():
             p.requires_grad_(True)
         x = to_device(torch.randn(batch, 3, size, size), device, channels_last)
-        with autocast(device, precision):
-            out = model(x)
-        out.float().logsumexp(dim=1).mean().backward()
+        with eval_mode(model):
+            with autocast(device, precision):
+                out = model(x)
+            out.float().logsumexp(dim=1).mean().backward()
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
             p.grad = None
-        model.train(was_training)
 
 
 def _proc_bytes(file: str, key: str) -> int | None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import atomic_write, cache_root, guarded, touch
+from visiontune.runtime.device import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,12 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
     if engine == "auto" and images is not None and images * (image_size / 224) ** 2 < EXPORT_PAYS_AT \
             and not target.is_file():
         return backbone
-    was_training = backbone.training
-    backbone.eval()
     try:
         if key in _REFUSED:
             raise VisiontuneError(_REFUSED[key])
         if str(target) not in _SESSIONS or not target.is_file():  # an export deleted since: made, checked again
-            _SESSIONS[str(target)] = _checked_session(backbone, image_size, key, target)
+            with eval_mode(backbone):
+                _SESSIONS[str(target)] = _checked_session(backbone, image_size, key, target)
             while len(_SESSIONS) > KEEP_SESSIONS:
                 _SESSIONS.pop(next(iter(_SESSIONS)))
         return _SESSIONS[str(target)]
@@ -155,8 +155,6 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
             raise VisiontuneError(f"ONNX Runtime cannot run this backbone: {exc}") from exc
         log.warning("frozen forward passes run in PyTorch: ONNX Runtime is not usable for this backbone (%s)", exc)
         return backbone
-    finally:
-        backbone.train(was_training)
 
 
 def _checked_session(backbone: nn.Module, image_size: int, key: str, target: Path) -> nn.Module:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from visiontune.runtime.device import eval_mode
 from visiontune.runtime.engine import FEATURE_TOLERANCE, frozen_engine
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,7 @@ def frozen_prefix(model: nn.Module, image_size: int, device: torch.device, engin
     if not named:
         return None
     chain = nn.Sequential(*[m for _, m in named])
-    modes = {m: m.training for m in chain.modules()}
-    chain.eval()  # frozen_engine exports in eval mode and restores this mode
-    try:
-        session = frozen_engine(chain, image_size, device, engine, cache_dir, images)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    session = frozen_engine(chain, image_size, device, engine, cache_dir, images)  # each module's mode kept
     if session is chain:  # no ONNX Runtime here, or too few images to pay for the export
         return None
     net = FrozenPrefix(model, [m for _, m in named], session, channels_last)
@@ -105,16 +100,12 @@ def _leading_frozen(backbone: nn.Module, image_size: int) -> list[tuple[str, nn.
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
              for n, m in chain]
-    modes = {m: m.training for m in backbone.modules()}
     try:
-        backbone.eval()
-        with torch.inference_mode():
+        with eval_mode(backbone), torch.inference_mode():
             backbone(torch.zeros(1, 3, image_size, image_size))
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.train(training)
     by_name = dict(chain)
     prefix: list[tuple[str, nn.Module]] = []
     for name in order:
@@ -150,15 +141,9 @@ def _same_output(model: nn.Module, net: FrozenPrefix, image_size: int) -> bool:
     fixed random batch), within the engine's tolerance."""
     backbone = model.backbone  # type: ignore[union-attr]
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    modes = {m: m.training for m in backbone.modules()}
-    try:
-        backbone.eval()
-        with torch.inference_mode():
-            eager = backbone(x).float()
-            with net._in_place():
-                ours = backbone(x).float()
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    with eval_mode(backbone), torch.inference_mode():
+        eager = backbone(x).float()
+        with net._in_place():
+            ours = backbone(x).float()
     diff = float((eager - ours).abs().max()) / max(1.0, float(eager.abs().max()))
     return ours.shape == eager.shape and diff <= FEATURE_TOLERANCE

@@ -38,7 +38,7 @@ from visiontune.data.scan import ScanCache, digests_of
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
 from visiontune.files import cache_root, guarded, preallocate, touch
-from visiontune.runtime.device import prepare_model, resolve_device, to_device
+from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.train.shards import SHARD_ROWS, ShardStore
 
@@ -221,14 +221,12 @@ def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: tor
     image's features."""
     if not paths:
         return
-    was_training = backbone.training
-    backbone.eval()
-    for x, _, rows in read_ahead(make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device)):
-        if deadline is not None and time.perf_counter() > deadline:
-            log.warning("time budget: feature extraction stopped at the deadline")
-            break
-        yield from zip(rows.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
-    backbone.train(was_training)
+    with eval_mode(backbone):  # each module's own mode back afterwards, also when the caller stops early
+        for x, _, rows in read_ahead(make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device)):
+            if deadline is not None and time.perf_counter() > deadline:
+                log.warning("time budget: feature extraction stopped at the deadline")
+                break
+            yield from zip(rows.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
 
 
 class _Rows:
