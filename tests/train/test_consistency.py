@@ -85,3 +85,37 @@ def test_a_step_retried_after_out_of_memory_counts_its_pool_images_once(tmp_path
     with open(Path(run.run_dir) / "consistency.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["seen"] == row["passed"] == "40"
+
+
+def test_one_pool_image_past_the_threshold_trains_with_the_batch_statistics_of_its_whole_batch() -> None:
+    """Issue 34 item 18: the strong view went through the model with only the images past
+    the threshold; one such image made a BatchNorm batch of one (a failure at 1x1 maps or
+    BatchNorm1d, else one image's statistics). The strong views go through as the batch
+    they came in, the loss counts the images past the threshold."""
+    from torch import nn
+
+    from visiontune.tasks.catalog import make_task
+    from visiontune.train.consistency import Consistency
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).train()
+    task = make_task("single-label", ["a", "b"])
+    weak, strong = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    with torch.no_grad():
+        confidence = torch.softmax(net(weak), dim=1).max(dim=1).values.sort(descending=True).values
+    threshold = float(confidence[:2].mean())  # exactly one image passes
+    term = Consistency(task, task.loss(), threshold, torch.device("cpu"), "fp32", channels_last=False)
+    value = term.backward(net, (weak, strong), chunk=4)
+    assert term.passed == 1 and term.seen == 4 and value > 0
+    assert net[1].weight.grad is not None and torch.isfinite(net[1].weight.grad).all()
+
+
+def test_a_pool_batch_of_one_image_trains(tmp_path: Path) -> None:
+    """Issue 34 item 18: 9 pool images in batches of 8 leave a pool batch of one; with
+    BatchNorm training its statistics at the 1x1 maps of the last blocks its weak and strong
+    forwards failed."""
+    data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
+    pool = make_class_folders(tmp_path / "pool", {"red": 5, "green": 4}, start_seed=300)
+    r = vt.fit(data, unlabeled=str(pool), consistency_threshold=0.0, strategy="finetune", epochs=1,
+               trainable_bn="train", valid_pct=0.25, output=str(tmp_path / "runs"), **TINY)
+    assert len(r.history) == 1 and r.history[0]["train_loss"] > 0

@@ -67,3 +67,20 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.train(training)
+
+
+@contextlib.contextmanager
+def batch_norm_for(net: nn.Module, images: int) -> Iterator[None]:
+    """A (micro-)batch of one image (the tail of an epoch, of a worker's stream, of a
+    micro-batched step) cannot give BatchNorm batch statistics: for it, the BatchNorm
+    layers in training mode use their running statistics, as at inference, instead of
+    failing; the image still trains the weights, and no process skips a step."""
+    training = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if images == 1 else []
+    for m in training:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.train()

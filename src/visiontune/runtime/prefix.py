@@ -35,22 +35,27 @@ _STOCHASTIC = ("Dropout", "DropPath", "DropBlock")  # module class names whose t
 
 class FrozenPrefix(nn.Module):
     """`model(x)` with the backbone's frozen leading modules replaced, for this call, by
-    one session: the first returns the session's output, the others pass it on."""
+    one session: the first returns the session's output, the others pass it on.
+
+    The model is a registered submodule, so what is asked of the wrapper reaches it:
+    `eval()` (validation runs the model in eval mode: no dropout, stochastic depth or
+    BatchNorm statistics moved by validation images), `modules()` (the BatchNorm layers of
+    a one-image batch, trainer.batch_norm_for). Its parameters are the model's own."""
 
     def __init__(self, model: nn.Module, modules: list[nn.Module], session: nn.Module, channels_last: bool) -> None:
         super().__init__()
-        self._parts = (model, modules, session)  # a tuple: not registered (this wrapper owns no parameters)
+        self.model = model
+        self._parts = (modules, session)  # a tuple: not registered (the modules are the model's; the session is ours)
         self.channels_last = channels_last
         self.names: list[str] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        model, _, _ = self._parts
         with self._in_place():
-            return model(x)
+            return self.model(x)
 
     @contextlib.contextmanager
     def _in_place(self) -> Iterator[None]:
-        _, modules, session = self._parts
+        modules, session = self._parts
 
         def first(x: torch.Tensor) -> torch.Tensor:
             out = session(x)

@@ -9,7 +9,10 @@ gradient, gives a pseudo-label (`Task.pseudo_targets`: the most probable class, 
 label at its threshold); where its confidence reaches `--consistency-threshold` (0.95,
 FixMatch's), the task's own loss on the strong view against it is added to the step's
 loss, divided by the whole pool batch (FixMatch's normalisation) and weighted by
-`WEIGHT` (1, FixMatch's lambda_u). An epoch is as long as the longer of the labelled
+`WEIGHT` (1, FixMatch's lambda_u). The strong views go through the model as the whole
+batch they came in (BatchNorm's batch statistics are the batch's, as in FixMatch, never
+those of the few images that passed); a batch of one image uses BatchNorm's running
+statistics (runtime/device.batch_norm_for). An epoch is as long as the longer of the labelled
 images and the pool (the shorter one cycles), so every pool image is seen at least once
 per epoch.
 How many pool images passed the threshold, and as which classes, is logged every epoch
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from visiontune.files import write_csv
-from visiontune.runtime.device import autocast, to_device
+from visiontune.runtime.device import autocast, batch_norm_for, to_device
 from visiontune.runtime.distributed import DistEnv, sum_over_processes
 from visiontune.tasks.base import Task
 
@@ -101,7 +104,7 @@ class Consistency:
         weak, strong = (to_device(v, self.device, self.channels_last) for v in views)
         total, passed, used = 0.0, 0, np.zeros_like(self.used)
         for w, s in zip(weak.split(chunk), strong.split(chunk)):
-            with torch.no_grad(), autocast(self.device, self.precision):
+            with torch.no_grad(), autocast(self.device, self.precision), batch_norm_for(net, len(w)):
                 probs = self.task.probabilities(net(w).float())
             targets, confidence = self.task.pseudo_targets(probs.cpu().numpy())
             keep = confidence >= self.threshold
@@ -111,8 +114,8 @@ class Consistency:
             used += self.task.output_targets(targets[keep]).sum(axis=0)
             index = torch.as_tensor(np.flatnonzero(keep), device=self.device)
             y = torch.as_tensor(targets[keep], device=self.device)
-            with autocast(self.device, self.precision):
-                logits = net(s.index_select(0, index))
+            with autocast(self.device, self.precision), batch_norm_for(net, len(s)):  # BatchNorm: the whole batch
+                logits = net(s).index_select(0, index)
             # the mean over the kept images, scaled to the whole pool batch: FixMatch's sum / (mu B)
             loss = WEIGHT * self.criterion(logits.float(), y) * len(index) / len(weak)
             if not torch.isfinite(loss):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from visiontune.data.items import TRAIN
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import write_csv
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
-from visiontune.runtime.device import autocast, resolve_precision, seed_everything, to_device
+from visiontune.runtime.device import autocast, batch_norm_for, resolve_precision, seed_everything, to_device
 from visiontune.runtime.distributed import (
     agree_step,
     average_gradients,
@@ -48,23 +46,6 @@ from visiontune.train.setup import RunSetup
 log = logging.getLogger(__name__)
 
 SAVE_MARGIN_S = 0.5  # kept after the last validation under a deadline: writing the run's files
-
-
-@contextlib.contextmanager
-def batch_norm_for(net: nn.Module, images: int) -> Iterator[None]:
-    """A (micro-)batch of one image (the tail of an epoch, of a worker's stream, of a
-    micro-batched step) cannot give BatchNorm batch statistics: for it, the BatchNorm
-    layers in training mode use their running statistics, as at inference, instead of
-    failing; the image still trains the weights, and no process skips a step."""
-    training = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
-        if images == 1 else []
-    for m in training:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in training:
-            m.train()
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
