@@ -59,9 +59,10 @@ def fit(
         return _resume(Path(resume), data, label_func, callbacks, overrides)
     started = time.perf_counter() if started is None else started
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    if cfg.train.time_budget:
+    if cfg.train.time_budget and not source.no_validation:
         return _fit_in_time(cfg, source, callbacks, started)
-    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks, started=started)
+    deadline = started + float(cfg.train.time_budget) if cfg.train.time_budget else None  # too few labels to plan
+    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks, started=started, deadline=deadline)
 
 
 def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] | None, started: float) -> FitResult:

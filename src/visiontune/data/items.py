@@ -38,6 +38,7 @@ class DataSource:
     detected: str = ""  # how the task shape was found, for the summary (e.g. "a 'labels' column")
     target_name: str = ""  # regression: the label column's name (the one output's name)
     task_name: str = ""  # the task chosen (--task, else found from the labels): data/sources.py sets it once
+    no_validation: str = ""  # why no validation split could be held out (data/splits.py); "" when one was, or none asked
 
     @property
     def task(self) -> str:

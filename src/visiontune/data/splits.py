@@ -48,20 +48,47 @@ def fold_count(labels: list[Label], folds: int) -> int:
     return task_class(task_of(labels)).fold_count(labels, folds)
 
 
+class TooFewToSplit(DataError):
+    """Some class has a single image: a stratified split cannot give it to both sides."""
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = classes
+        super().__init__(f"classes {classes} have a single image, which cannot be split into train and valid; "
+                         "add images, or give a valid/ folder")
+
+
 def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
-    """Items without a split go to train/valid: stratified by class, seeded, groups whole."""
+    """Items without a split go to train/valid: stratified by class, seeded, groups whole.
+    When some class has a single image (the first rounds of labelling: `suggest` at 1 or
+    2 labels per class), no split can hold one of each class out: every image trains and
+    `source.no_validation` says why (the run then validates by the converged probe's
+    cross-validation: train/setup.py)."""
     loose = [i for i, it in enumerate(source.items) if it.split == ""]
     if not loose:
         if not source.split(VALID):
             log.warning("no valid/ folder under %s: training without validation", source.root)
         return
     items = [source.items[i] for i in loose]
-    chosen = stratified_split([it.label for it in items], valid_pct, seed, group_keys(items))
+    try:
+        chosen = stratified_split([it.label for it in items], valid_pct, seed, group_keys(items))
+    except TooFewToSplit as exc:
+        if source.split(VALID):  # a valid/ folder validates; the loose images train
+            chosen = []
+        else:
+            chosen, source.no_validation = [], f"{_few(exc.classes)} a single labelled image"
     to_valid = {loose[k] for k in chosen}
     source.items = [
         replace(it, split=VALID if i in to_valid else TRAIN) if it.split == "" else it
         for i, it in enumerate(source.items)
     ]
+
+
+def _few(classes: list[str]) -> str:
+    """'class rose has' / '3 classes (a, b, c) have' / '12 classes (a, b, c, ...) have'."""
+    if len(classes) == 1:
+        return f"class {classes[0]!r} has"
+    shown = ", ".join(map(str, classes[:3])) + (", ..." if len(classes) > 3 else "")
+    return f"{len(classes)} classes ({shown}) have"
 
 
 def group_keys(items: list[Item]) -> list[str] | None:
@@ -85,10 +112,7 @@ def stratified_split(labels: list[Label], valid_pct: float, seed: int, groups: l
     counts = Counter(labels)
     tiny = sorted(c for c, n in counts.items() if n < 2)
     if tiny:
-        raise DataError(
-            f"classes {tiny} have a single image, which cannot be split into train and valid; "
-            "add images, or give a valid/ folder"
-        )
+        raise TooFewToSplit(tiny)
     n_valid = max(len(counts), round(valid_pct * len(labels)))
     if n_valid > len(labels) - len(counts):
         raise DataError(

@@ -112,6 +112,10 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
     valid images (test images are never looked at); other strategies unchanged."""
     if cfg.strategy.name != AUTO:
         return cfg
+    if source.no_validation:  # no fold could validate on every class: nothing to compare strategies with
+        log.info("advisor: feature-extract (%s: the converged probe, validated by its cross-validation)",
+                 source.no_validation)
+        return RunConfig.create(cfg, strategy="feature-extract")
     advice = advise_source(cfg, source, measure_costs(cfg, source))
     log.info("advisor: %s", advice.described())
     return RunConfig.create(cfg, strategy=advice.strategy)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +119,42 @@ def fold_fits(features: np.ndarray, targets: np.ndarray, task: Task, seed: int =
         train = np.setdiff1d(np.arange(len(targets)), held)
         fits.append((held, fit_probe(features[train], targets[train], task, seed=seed, c=c)))
     return fits, c
+
+
+LOO_ROWS = 100  # up to this many labelled images (or groups), the run's own cross-validation leaves one out
+
+
+def validation_folds(strata: np.ndarray, seed: int, groups: list[str] | None = None) -> list[np.ndarray]:
+    """The held-out rows of each fold of a cross-validation that stands in for a
+    validation split (train/setup.py: labels too few to hold one out): leave one out (one
+    group, with `groups`) up to LOO_ROWS images or groups, or where no class has two
+    images to stratify by; else CV_FOLDS stratified folds (data/splits.py)."""
+    keys = groups if groups is not None else [str(i) for i in range(len(strata))]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) <= LOO_ROWS or most_folds(strata) < 2:
+        where = {k: i for i, k in enumerate(distinct)}
+        index = np.array([where[k] for k in keys])
+        return [np.flatnonzero(index == i) for i in range(len(distinct))]
+    return fold_splits(strata, groups, max(2, min(CV_FOLDS, most_folds(strata))), seed)
+
+
+def describe_folds(folds: list[np.ndarray], rows: int) -> str:
+    """'leave-one-out cross-validation' or '5-fold cross-validation' (of `rows` rows)."""
+    return "leave-one-out cross-validation" if len(folds) == rows else f"{len(folds)}-fold cross-validation"
+
+
+def held_out_logits(features: np.ndarray, targets: np.ndarray, folds: list[np.ndarray],
+                    fit: Callable[[np.ndarray, np.ndarray], ProbeFit]) -> np.ndarray:
+    """Each row's logits from the probe `fit` on the rows outside its fold."""
+    out = np.zeros((len(targets), 0), dtype=np.float32)
+    for held in folds:
+        rest = np.setdiff1d(np.arange(len(targets)), held)
+        fitted = fit(features[rest], targets[rest])
+        if out.shape[1] == 0:
+            out = np.zeros((len(targets), len(fitted.bias)), dtype=np.float32)
+        out[held] = np.asarray(features[held], dtype=np.float32) @ fitted.weight.T.astype(np.float32) \
+            + fitted.bias.astype(np.float32)
+    return out
 
 
 def probe_outputs(fit: ProbeFit, features: np.ndarray, task: Task) -> np.ndarray:

@@ -105,7 +105,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     if run_dir is not None:
         _check_resumed_data(run_dir, source, cfg.data.label_delim, restart=ckpt is None)
     setup = prepare_run(cfg, source, resuming=ckpt is not None)
-    watch = choose_monitor(setup.cfg.train, source, setup.task)
+    watch = choose_monitor(setup.cfg.train, source, setup.task, cross_validated(setup, source))
     run_dir = open_run_dir(setup, source, run_dir, restart=ckpt is None)
     checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,
                             setup.cfg.train.min_delta, write=setup.env.is_main)
@@ -196,14 +196,22 @@ def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> 
                            for c, t, n in zip(task.classes, tuned, positives)}})
 
 
-def choose_monitor(t: TrainConfig, source: DataSource, task: Task) -> Watch:
+def choose_monitor(t: TrainConfig, source: DataSource, task: Task, by_cv: bool = False) -> Watch:
+    """What early stopping and the best checkpoint look at: `t.monitor` resolved; without
+    validation images, the training loss (`by_cv`: the probe's cross-validation validates)."""
     monitor = resolve_monitor(t.monitor, source, task)
     maximise = task.maximise(monitor)  # the task says which way is better (and refuses a metric it lacks)
     mode = t.mode if t.mode != "auto" else ("max" if maximise else "min")
-    if not source.split(VALID) and monitor != "train_loss":
+    if not source.split(VALID) and monitor != "train_loss" and not by_cv:
         log.warning("no validation images: monitoring train_loss instead of %s", monitor)
         return Watch("train_loss", "min")
     return Watch(monitor, mode)
+
+
+def cross_validated(setup: RunSetup, source: DataSource) -> bool:
+    """Whether the run validates by the converged probe's cross-validation: no split could
+    be held out and the plan is the probe alone (train/setup.py)."""
+    return bool(source.no_validation) and not source.split(VALID) and all(p.probe for p in setup.plan.phases)
 
 
 def resolve_monitor(monitor: str, source: DataSource, task: Task | None = None) -> str:
@@ -273,8 +281,10 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     held = best_epoch if t.restore_best and best_epoch > 0 else len(history)
     final = {k: float(v) for k, v in metrics_of(history[held - 1]).items()} if history else {}
     if setup.env.is_main:
+        how = {"validation": f"the converged probe's cross-validation ({source.no_validation})"} \
+            if cross_validated(setup, source) else {}
         write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
-                                              "epochs_run": len(history)})
+                                              "epochs_run": len(history), **how})
         write_json(run_dir / "environment.json", {**environment(setup.cfg, str(setup.device)),
                                                   "world_size": setup.env.world_size})
     held_eval = _held_eval(setup, trainer, checkpoint)

@@ -35,7 +35,15 @@ from visiontune.runtime.prefix import frozen_prefix
 from visiontune.train.callbacks import Callback, metrics_of
 from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.plan import apply_phase, set_train_modes
-from visiontune.train.probe import ProbeFit, fit_probe, head_linear, load_into
+from visiontune.train.probe import (
+    ProbeFit,
+    describe_folds,
+    fit_probe,
+    head_linear,
+    held_out_logits,
+    load_into,
+    validation_folds,
+)
 from visiontune.train.probememo import ProbeMemory, probe_key
 from visiontune.train.pseudo import PseudoLabels, with_pool
 from visiontune.train.recipe import mixup_for
@@ -100,6 +108,7 @@ class Trainer:
         self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
         self._decay_window: tuple[float, float] | None = None  # (start, end) of a decay begun early (decay_now)
         self._prefix_net: nn.Module | None = None  # this phase's frozen leading blocks in ONNX Runtime (freeze-k)
+        self._cv_eval: EvalOutput | None = None  # the probe's cross-validated outputs, where no split was held out
         self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
                                        self.precision, self.cfg.train.channels_last) if self.cfg.data.unlabeled else None
         self.mixup = mixup_for(self.cfg.train, self.task)
@@ -295,7 +304,23 @@ class Trainer:
                  fit_.c, f"{fit_.folds}-fold CV" if fit_.folds else
                  "chosen on the labelled rows before the pool joined" if c is not None else "too few images or groups to cross-validate",
                  "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
+        if data.valid is None and self.data.source.no_validation:  # too few labels to hold out: CV validates
+            self._cv_eval = self._cross_validate(np.asarray(feats), targets.numpy(), data.groups,
+                                                 lambda a, b: fit(a, b, fit_.c, None))
         return self._head_loss(feats, targets)
+
+    def _cross_validate(self, x: np.ndarray, y: np.ndarray, groups: list[str] | None,
+                        fit: Any) -> EvalOutput:
+        """The converged probe's outputs on each labelled image from a fit without it (leave
+        one out at the smallest: train/probe.validation_folds), at the run's C: the run's
+        validation when no split could be held out."""
+        folds = validation_folds(self.task.strata(y), self.cfg.seed, groups)
+        logits = torch.from_numpy(held_out_logits(x, y, folds, fit))
+        target = torch.as_tensor(y)
+        loss = float(self.criterion.total(logits, target)) / max(float(self.criterion.norm(target)), 1e-12)
+        log.info("validation: the converged probe's %s on the %d labelled images (no split could be held out)",
+                 describe_folds(folds, len(y)), len(y))
+        return EvalOutput(loss, y, self.task.probabilities(logits).numpy(), np.arange(len(y)))
 
     def _run_file(self, name: str) -> Path | None:
         """RUN/name, for the process that writes the run directory (None on the others)."""
@@ -477,7 +502,11 @@ class Trainer:
         data = self.data(self.state.phase)
         self.state.ema_held = False
         if data.valid is None:  # no validation split (the same on every process)
-            return metrics
+            if self._cv_eval is None:
+                return metrics
+            self.state.last_eval, self._cv_eval = self._cv_eval, None  # the probe's cross-validation stands in
+            return {**metrics, "val_loss": self.state.last_eval.loss,
+                    **self.task.metrics(self.state.last_eval.targets, self.state.last_eval.probs)}
         started = time.perf_counter()
         out, scores = self._evaluate(self.net_for(data), data)
         self._valid_seconds = time.perf_counter() - started

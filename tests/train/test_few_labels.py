@@ -1,0 +1,139 @@
+"""Training from the labels a user has at the start of labelling (issue 34 item 8): when
+some class has a single image, no validation split can be held out; every image trains,
+the converged probe's cross-validation (leave one out at the smallest) is the validation,
+a plan that begins with the probe keeps it alone, any other keeps its last epoch, and the
+run says so in one line. The labelling guide's loop end to end at 1 label per class."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+import visiontune as vt
+from conftest import COLORS, TINY, make_image
+from visiontune.cli import main
+
+FLAGS = ["--backbone", TINY["backbone"], "--weights", "none", "--image-size", str(TINY["image_size"])]
+FIVE = {**COLORS, "yellow": (220, 210, 40)}  # five classes
+
+
+def make_pool(root: Path, per_class: int) -> Path:
+    seed = 0
+    for name, color in FIVE.items():
+        for i in range(per_class):
+            make_image(root / name / f"{name}_{i:02d}.png", color, seed=seed)
+            seed += 1
+    return root
+
+
+def write_labels(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_the_labelling_guides_loop_at_one_label_per_class(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`suggest POOL --n 5`, the labels filled in, `train --csv to_label.csv`: it failed
+    with "classes [...] have a single image, which cannot be split into train and valid"."""
+    monkeypatch.chdir(tmp_path)
+    pool = make_pool(tmp_path / "photos", 6)
+    assert main(["suggest", str(pool), "--n", "5", "--output", "to_label.csv", *FLAGS]) == 0
+    rows = read(tmp_path / "to_label.csv")
+    for r in rows:  # the annotator labels what was asked
+        r["label"] = Path(r["path"]).parent.name
+    counts = {c: [r["label"] for r in rows].count(c) for c in {r["label"] for r in rows}}
+    assert len(rows) == 5 and 1 in counts.values()  # about one label per class: some class has a single image
+    with open(tmp_path / "to_label.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        assert main(["train", "--csv", "to_label.csv", "--task", "single-label", "--epochs", "3", "--batch-size", "8",
+                     "--num-workers", "0", "--trainable-bn", "eval", "--output", "runs", *FLAGS]) == 0
+    said = [m for m in caplog.messages if "no validation split can be held out" in m]
+    assert len(said) == 1 and ("have a single labelled image" in said[0] or "has a single labelled image" in said[0])
+    assert "gradual's fine-tuning is skipped" in said[0]
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "cross-validation" in metrics["validation"] and metrics["epochs_run"] == 1
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["val_loss"] > 0
+    assert {r["split"] for r in read(run / "splits.csv")} == {"train"} and len(read(run / "splits.csv")) == 5
+    assert vt.bundle.read_config(run / "config.yaml").strategy.name == "feature-extract"
+    capsys.readouterr()
+    assert main(["predict", str(run), str(pool / "red" / "red_03.png")]) == 0
+    assert "red_03.png" in capsys.readouterr().out
+
+
+def test_at_exactly_one_label_per_class_leave_one_out_can_only_miss(tmp_path: Path) -> None:
+    """Leave one out at one image per class: the held-out image's class is never in its fit,
+    so the cross-validated accuracy is 0 (a probe scored on its own training rows would
+    score near 1): an honest figure, and the run still trains on every image."""
+    pool = make_pool(tmp_path / "photos", 1)
+    labels = write_labels(tmp_path / "labels.csv", [(str(p), p.parent.name) for p in sorted(pool.rglob("*.png"))])
+    r = vt.fit(None, csv=str(labels), output=str(tmp_path / "runs"), trainable_bn="eval", **dict(TINY, epochs=3))
+    assert r.metrics["accuracy"] == 0.0 and r.valid_probs is not None and r.valid_probs.shape == (5, 5)
+    assert vt.predict(r.run_dir, [str(p) for p in sorted(pool.rglob("*.png"))])[0]
+
+
+def test_a_few_labels_validate_by_leave_one_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two classes of three images and one of one: every image trains (none held out), and
+    the probe's leave-one-out outputs are the validation: one row per labelled image, the
+    single image's class never predicted for it."""
+    pool = make_pool(tmp_path / "photos", 3)
+    rows = [(str(pool / c / f"{c}_{i:02d}.png"), c) for c in ("red", "green") for i in range(3)]
+    labels = write_labels(tmp_path / "labels.csv", [*rows, (str(pool / "blue" / "blue_00.png"), "blue")])
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        r = vt.fit(None, csv=str(labels), output=str(tmp_path / "runs"), trainable_bn="eval", **dict(TINY, epochs=3))
+    assert any("class 'blue' has a single labelled image" in m for m in caplog.messages)
+    assert any("leave-one-out cross-validation on the 7 labelled images" in m for m in caplog.messages)
+    assert len(r.history) == 1 and r.valid_probs is not None and r.valid_probs.shape == (7, 3)
+    blue = r.classes.index("blue")
+    assert r.valid_probs[:, blue].argmax() != 6 or r.valid_probs[6].argmax() != blue  # unseen when held out
+    assert 0.0 <= r.metrics["accuracy"] <= 6 / 7 and r.metrics["val_loss"] > 0
+
+
+def test_a_strategy_without_the_probe_keeps_its_last_epoch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(tmp_path / "photos", 1)
+    labels = write_labels(tmp_path / "labels.csv", [(str(p), p.parent.name) for p in sorted(pool.rglob("*.png"))])
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        r = vt.fit(None, csv=str(labels), strategy="finetune", output=str(tmp_path / "runs"), **dict(TINY, epochs=2))
+    assert any("the last epoch's weights are kept" in m for m in caplog.messages)
+    assert len(r.history) == 2 and r.best_epoch and json.loads((Path(r.run_dir) / "metrics.json").read_text())[
+        "epoch"] == 2
+    assert "validation" not in json.loads((Path(r.run_dir) / "metrics.json").read_text())
+
+
+def test_a_valid_folder_still_validates_when_a_loose_class_has_one_image(tmp_path: Path) -> None:
+    """Images without a split beside a valid/ folder: the folder validates, every loose one trains."""
+    pool = make_pool(tmp_path / "photos", 3)
+    (tmp_path / "data" / "valid").mkdir(parents=True)
+    for c in ("red", "green"):
+        (tmp_path / "data" / "valid" / c).mkdir()
+        (pool / c / f"{c}_02.png").rename(tmp_path / "data" / "valid" / c / "v.png")
+    rows = [(str(pool / "red" / f"red_{i:02d}.png"), "red") for i in range(2)] + [(str(pool / "green" / "green_00.png"),
+                                                                                    "green")]
+    rows += [(str(tmp_path / "data" / "valid" / c / "v.png"), c) for c in ("red", "green")]
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    with open(labels, newline="") as fh:
+        table = list(csv.reader(fh))
+    table[0].append("split")
+    for row in table[1:]:
+        row.append("valid" if row[0].endswith("v.png") else "")
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows(table)
+    source = vt.api.load_items(vt.config.RunConfig.create(None, csv=str(labels)).data)
+    assert not source.no_validation and len(source.split("valid")) == 2 and len(source.split("train")) == 3
