@@ -2,6 +2,9 @@
 
 - `atomic_write` and the `write_*` helpers: temporary file + fsync + rename, so a crash
   leaves the previous file or the new one, never a torn one (run directories).
+- `write_csv` / `read_csv` / `read_csv_dicts`: the one CSV writer and its readers. A cell
+  a spreadsheet would run as a formula is written with a leading single quote (`csv_cell`,
+  OWASP's advice on CSV injection) and read back without it (`csv_value`).
 - `cache_root`, `save_entry`, `file_digest`: the root of visiontune's caches, one atomic
   cache entry (no fsync: a torn entry fails to load and is recomputed), and the content
   hash that keys entries by a file's bytes (feature cache, duplicates).
@@ -67,16 +70,63 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, write)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads a cell as a formula by (OWASP)
+CSV_QUOTE = "'"  # the prefix spreadsheets and their exports mark text with
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` as written into a CSV cell: text a spreadsheet would run as a formula (it
+    starts with = + - @, a tab or a carriage return, and is not a number such as -1.5) gets
+    a leading single quote; so does text that starts with a quote itself, so that
+    `csv_value` strips exactly what was added. Other values are written as they are."""
+    if not isinstance(value, str) or not value.startswith((*FORMULA_STARTS, CSV_QUOTE)):
+        return value
+    if value[0] != CSV_QUOTE and _is_number(value):
+        return value
+    return CSV_QUOTE + value
+
+
+def csv_value(cell: str) -> str:
+    """A cell as `csv_cell` wrote it, read back: the value written (its one added quote
+    removed)."""
+    return cell[1:] if cell.startswith(CSV_QUOTE) else cell
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    """A header and rows as CSV, written atomically; `rows` may be a generator (it is
-    consumed while writing; if it raises, `path` keeps what it held)."""
+    """A header and rows as CSV, written atomically, every cell through `csv_cell`; `rows`
+    may be a generator (it is consumed while writing; if it raises, `path` keeps what it
+    held). `read_csv` / `read_csv_dicts` read it back."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
+            writer.writerow([csv_cell(v) for v in header])
+            writer.writerows([csv_cell(v) for v in row] for row in rows)
 
     atomic_write(path, write)
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[list[str]]:
+    """Every row of a CSV file (a UTF-8 byte-order mark is skipped), cells through
+    `csv_value`: what `write_csv` was given, as text."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        return [[csv_value(cell) for cell in row] for row in csv.reader(fh)]
+
+
+def read_csv_dicts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts (csv.DictReader's), read as `read_csv`
+    reads cells."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        reader.fieldnames = [csv_value(name) for name in reader.fieldnames or []]
+        return [{k: csv_value(v) if isinstance(v, str) else v for k, v in row.items()} for row in reader]
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

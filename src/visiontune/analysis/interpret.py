@@ -9,7 +9,6 @@ Each artefact is one function below; `interpret` calls them in order.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
-from visiontune.files import write_csv
+from visiontune.files import read_csv_dicts, write_csv
 from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
@@ -268,8 +267,7 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
     classes, task = ctx.bundle.classes, ctx.bundle.task
     cfg = ctx.bundle.config or RunConfig()
     if oof:
-        with open(oof, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv_dicts(oof)
         paths = [r["path"] for r in rows]
         labels: list[Label] = [task.parse_label(r["label"], cfg.data.label_delim, str(oof)) for r in rows]
         probs = np.array([[float(r[column]) for column in task.oof_columns()] for r in rows])
