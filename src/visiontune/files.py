@@ -2,6 +2,8 @@
 
 - `atomic_write` and the `write_*` helpers: temporary file + fsync + rename, so a crash
   leaves the previous file or the new one, never a torn one (run directories).
+- `append_line` / `read_log`: an append-only log of one-line records (each fsync'ed; a
+  record torn by a crash is dropped on reading).
 - `write_csv` / `read_csv` / `read_csv_dicts`: the one CSV writer and its readers. A cell
   a spreadsheet would run as a formula is written with a leading single quote (`csv_cell`,
   OWASP's advice on CSV injection) and read back without it (`csv_value`).
@@ -41,8 +43,19 @@ CACHE_ERRORS = (OSError, sqlite3.Error)  # read-only, locked, disk full, file to
 _TURNED_OFF: set[str] = set()  # caches that failed in this process: not tried again
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`."""
+class FileChanged(Exception):
+    """The file was written by someone else since it was read (`atomic_write`'s `expected`)."""
+
+
+UNCHECKED = ("", "")  # atomic_write's default `expected`: replace whatever is there
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None],
+                 expected: tuple[str, str] | None = UNCHECKED) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`. With `expected` (the
+    `file_identity` the file had when it was read; None: it did not exist), FileChanged is
+    raised instead of the rename when the file is no longer that one: a read-merge-write
+    then reads again rather than overwrite what another writer wrote meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,6 +64,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        if expected != UNCHECKED and file_identity(path) != expected:
+            raise FileChanged(str(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -100,17 +115,18 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]],
+              expected: tuple[str, str] | None = UNCHECKED) -> None:
     """A header and rows as CSV, written atomically, every cell through `csv_cell`; `rows`
     may be a generator (it is consumed while writing; if it raises, `path` keeps what it
-    held). `read_csv` / `read_csv_dicts` read it back."""
+    held). `read_csv` / `read_csv_dicts` read it back; `expected`: see `atomic_write`."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow([csv_cell(v) for v in header])
             writer.writerows([csv_cell(v) for v in row] for row in rows)
 
-    atomic_write(path, write)
+    atomic_write(path, write, expected)
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[list[str]]:
@@ -131,6 +147,33 @@ def read_csv_dicts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append one record (a line without a line break) to a log, then fsync: a crash leaves
+    every earlier record whole and at worst this one torn, which `read_log` cuts off."""
+    if "\n" in line or "\r" in line:
+        raise ValueError("a log record is one line")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_log(path: str | os.PathLike[str]) -> list[str]:
+    """The whole records of an append-only log (`append_line`); [] when there is none. A
+    torn last record (a crash while it was appended) is cut off the file, with a warning,
+    so that the next record starts on a line of its own."""
+    if not os.path.isfile(path):
+        return []
+    data = Path(path).read_bytes()
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        log.warning("%s: its last record was cut off while written (%d bytes: %r); it is dropped", path,
+                    len(data) - len(whole), data[len(whole):][:80])
+        os.truncate(path, len(whole))
+    return whole.decode("utf-8").splitlines()
 
 
 def claim_dir(parent: str | os.PathLike[str], name: str) -> Path:
