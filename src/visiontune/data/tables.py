@@ -69,7 +69,7 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
     if not rows:
         raise DataError(f"label file {str(csv_path)!r} is empty")
     path_i, label_i, split_i, group_i, body = _csv_columns(rows, cfg, csv_path)
-    task, detected = _csv_task(rows, label_i, body is not rows, cfg)
+    task, detected = csv_task(rows, label_i, body is not rows, cfg)
     source = DataSource(root=str(base), classes=[], items=[], detected=detected,
                         target_name=rows[0][label_i].strip() if body is not rows and label_i < len(rows[0]) else "")
     base_real = os.path.realpath(base)
@@ -93,7 +93,7 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
     return source
 
 
-def _csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:
+def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:
     """(task shape, how it was detected): --task, else multi-label for a label column
     named like fastai's and Kaggle's label sets ("labels", "tags"), else single-label."""
     if cfg.task != "auto":
