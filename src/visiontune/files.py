@@ -3,7 +3,7 @@
 - `atomic_write` and the `write_*` helpers: temporary file + fsync + rename, so a crash
   leaves the previous file or the new one, never a torn one (run directories).
 - `append_line` / `read_log`: an append-only log of one-line records (each fsync'ed; a
-  record torn by a crash is dropped on reading).
+  record torn by a crash is left out on reading and cut off at the next append).
 - `write_csv` / `read_csv` / `read_csv_dicts`: the one CSV writer and its readers. A cell
   a spreadsheet would run as a formula is written with a leading single quote (`csv_cell`,
   OWASP's advice on CSV injection) and read back without it (`csv_value`).
@@ -151,29 +151,36 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def append_line(path: str | os.PathLike[str], line: str) -> None:
     """Append one record (a line without a line break) to a log, then fsync: a crash leaves
-    every earlier record whole and at worst this one torn, which `read_log` cuts off."""
+    every earlier record whole and at worst this one torn. A torn last record found here is
+    cut off first (with a warning), so that this one starts on a line of its own."""
     if "\n" in line or "\r" in line:
         raise ValueError("a log record is one line")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    with open(path, "ab+") as fh:
+        if fh.seek(0, os.SEEK_END):
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                whole = _whole_records(path, Path(path).read_bytes())
+                fh.truncate(len(whole))
+        fh.write(line.encode("utf-8") + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def read_log(path: str | os.PathLike[str]) -> list[str]:
     """The whole records of an append-only log (`append_line`); [] when there is none. A
-    torn last record (a crash while it was appended) is cut off the file, with a warning,
-    so that the next record starts on a line of its own."""
+    torn last record (a crash while it was appended) is left out, with a warning."""
     if not os.path.isfile(path):
         return []
-    data = Path(path).read_bytes()
+    return _whole_records(path, Path(path).read_bytes()).decode("utf-8").splitlines()
+
+
+def _whole_records(path: str | os.PathLike[str], data: bytes) -> bytes:
     whole = data[:data.rfind(b"\n") + 1]
     if len(whole) < len(data):
-        log.warning("%s: its last record was cut off while written (%d bytes: %r); it is dropped", path,
+        log.warning("%s: its last record was cut off while written (%d bytes: %r); it is left out", path,
                     len(data) - len(whole), data[len(whole):][:80])
-        os.truncate(path, len(whole))
-    return whole.decode("utf-8").splitlines()
+    return whole
 
 
 def claim_dir(parent: str | os.PathLike[str], name: str) -> Path:

@@ -14,10 +14,11 @@ whole (each atomically), in the one CSV format `train` reads:
 
 A crash between the log and the files, or between two files, loses nothing and
 duplicates nothing: the files are derived again from the whole log at the next decision
-or review start; a record torn by a crash is dropped (files.read_log). Two pages on the
-same run append to the same log, and each derives the files from all of it. A run folder
-from before the log (the three files only, exclude.txt and kept.txt one path a line) is
-read once, and its decisions become the log's first records.
+or review start; a record torn by a crash is left out (files.read_log) and cut off at
+the next append. Two pages on the same run append to the same log, and each derives the
+files from all of it. A run folder from before the log (the three files only, exclude.txt
+and kept.txt one path a line) is read once, and its decisions become the log's first
+records.
 """
 
 from __future__ import annotations
