@@ -106,7 +106,7 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 # A module may import its own layer's modules of its own package and anything below.
 LAYERS = [
     ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots",
-     "visiontune.registry"),
+     "visiontune.registry", "visiontune.web"),
     ("visiontune.train.strategies", "visiontune.data.labels"),
     ("visiontune.config",),
     ("visiontune.tasks",),

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from visiontune.config import ModelConfig, RunConfig, checked_dict
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
-from visiontune.files import atomic_write, write_text
+from visiontune.files import atomic_write, read_csv_dicts, write_text
 from visiontune.models.classifier import Classifier, create_classifier
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
@@ -112,13 +112,10 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
 def run_splits(run: str | os.PathLike[str], task: Task, delim: str = " ") -> list[tuple[str, Any, str]]:
     """(path, label, split) of every image the run was trained, validated and tested on
     (its splits.csv), labels in the task's shape; [] when the run has no splits.csv."""
-    import csv
-
     path = Path(run) / "splits.csv"
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [(r["path"], task.parse_label(r["label"], delim, "splits.csv"), r["split"]) for r in csv.DictReader(fh)]
+    return [(r["path"], task.parse_label(r["label"], delim, "splits.csv"), r["split"]) for r in read_csv_dicts(path)]
 
 
 def read_config(path: str | os.PathLike[str], strict: bool = False) -> RunConfig:

@@ -24,6 +24,7 @@ from visiontune.config import (
     option_fields,
     option_key,
 )
+from visiontune.data.labels import task_choices
 from visiontune.errors import VisiontuneError
 from visiontune.files import CACHE_AREAS
 from visiontune.train.strategies import describe_strategies, strategy_names
@@ -156,12 +157,26 @@ def _add_review_command(sub: Any) -> None:
     p.add_argument("run", nargs="?", help="a run directory: review what interpret flagged (interpret runs first if "
                    "it has not)")
     p.add_argument("data", nargs="?", help="with RUN: the data interpret looks at (default: the run's own images)")
-    p.add_argument("--label", metavar="CSV", help="instead of RUN: the CSV `suggest` wrote (to_label.csv); answers go "
-                   "into it at once")
+    p.add_argument("--label", metavar="CSV", help="instead of RUN: the CSV `suggest` wrote (to_label.csv); each answer is "
+                   "merged into it at once (rows added and labels typed meanwhile are kept)")
     p.add_argument("--classes", help="comma-separated class names for the buttons and keys (default: the labels "
                    "and guesses in the CSV)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--task", choices=task_choices(), default="auto", help="--label: the shape of the CSV's labels, "
+                   "which says how a label is given (a class chosen, the labels of a set toggled, a number typed); "
+                   "auto: as train --csv reads the file (a 'labels' column holds label sets, else classes)")
+    p.add_argument("--label-delim", default=" ", help="--label: separator of the labels of a set (' ')")
+    add_host_options(p, 8001, "the page can relabel")
+
+
+def add_host_options(p: argparse.ArgumentParser, port: int, what: str) -> None:
+    """--host, --port and --allowed-host of the commands that serve a page (visiontune.web)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 (default) is this machine "
+                   "only; 0.0.0.0 every network interface, so anyone who can reach the port can use the page")
+    p.add_argument("--port", type=int, default=port, help=f"port to listen on ({port})")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help=f"also answer requests addressed to NAME (this machine's name or address as others type it; "
+                   f"'*' any; repeatable). Only localhost, 127.0.0.1, [::1] and --host are answered otherwise (400): "
+                   f"{what}, and another web site must not reach it through DNS rebinding")
 
 
 def _add_use_commands(sub: Any) -> None:
@@ -195,8 +210,7 @@ def _add_use_commands(sub: Any) -> None:
 
     p = sub.add_parser("serve", help="web page + JSON API on localhost: drop an image, see the top-k labels")
     p.add_argument("run", help="run directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    add_host_options(p, 8000, "the page uses the model")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-pixels", type=int, default=50_000_000,
                    help="refuse images whose header announces more pixels (413), before decoding (50000000)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from visiontune.config import cli_option_keys
 from visiontune.errors import ConfigError
 from visiontune.files import atomic_write, write_csv, write_json
+from visiontune.web import allowed_hosts
 
 if TYPE_CHECKING:
     from visiontune.config import RunConfig
@@ -103,17 +104,23 @@ def review_labels(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.label is None):
         raise ConfigError("review: give a run directory (review RUN [DATA]) or --label CSV, not both or neither")
     # the app is built first: a bad run or file is an error before the server starts
+    allowed_hosts(args.host, args.allowed_host)  # a bad --allowed-host is an error before the work starts
     if args.run is not None:
         from visiontune.analysis.run_review import REVIEW_DIR, create_run_review_app
 
+        if args.task != "auto" or args.label_delim != " " or args.classes:
+            raise ConfigError("review RUN: --task, --label-delim and --classes are for --label; a run's review "
+                              "takes its task, delimiter and classes from the run")
         app = create_run_review_app(args.run, args.data)
         where = f"decisions go into {os.path.join(args.run, REVIEW_DIR)}"
     else:
         app = create_review_app(args.label, [c.strip() for c in args.classes.split(",") if c.strip()]
-                                if args.classes else None)
+                                if args.classes else None, args.task, args.label_delim)
         where = f"answers go into {args.label}"
-    print(f"review: http://{args.host}:{args.port}/  ({where} at once; Ctrl+C stops)")
-    serve_page(app, args.host, args.port)
+    print(f"review: http://{args.host}:{args.port}/  ({where} at once; Ctrl+C stops)\n"
+          f"answering requests addressed to {', '.join(allowed_hosts(args.host, args.allowed_host))} "
+          "(--allowed-host adds a name)")
+    serve_page(app, args.host, args.port, args.allowed_host)
     return 0
 
 
@@ -238,8 +245,9 @@ def push_run(args: argparse.Namespace) -> int:
 def serve_run(args: argparse.Namespace) -> int:
     from visiontune.deploy.serve import serve
 
-    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.run, args.host, args.port, args.top_k, args.max_pixels, args.max_pending)
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops), answering requests addressed to "
+          f"{', '.join(allowed_hosts(args.host, args.allowed_host))} (--allowed-host adds a name)")
+    serve(args.run, args.host, args.port, args.top_k, args.max_pixels, args.max_pending, args.allowed_host)
     return 0
 
 

@@ -2,6 +2,11 @@
 
 - `atomic_write` and the `write_*` helpers: temporary file + fsync + rename, so a crash
   leaves the previous file or the new one, never a torn one (run directories).
+- `append_line` / `read_log`: an append-only log of one-line records (each fsync'ed; a
+  record torn by a crash is left out on reading and cut off at the next append).
+- `write_csv` / `read_csv` / `read_csv_dicts`: the one CSV writer and its readers. A cell
+  a spreadsheet would run as a formula is written with a leading single quote (`csv_cell`,
+  OWASP's advice on CSV injection) and read back without it (`csv_value`).
 - `cache_root`, `save_entry`, `file_digest`: the root of visiontune's caches, one atomic
   cache entry (no fsync: a torn entry fails to load and is recomputed), and the content
   hash that keys entries by a file's bytes (feature cache, duplicates).
@@ -38,8 +43,19 @@ CACHE_ERRORS = (OSError, sqlite3.Error)  # read-only, locked, disk full, file to
 _TURNED_OFF: set[str] = set()  # caches that failed in this process: not tried again
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`."""
+class FileChanged(Exception):
+    """The file was written by someone else since it was read (`atomic_write`'s `expected`)."""
+
+
+UNCHECKED = ("", "")  # atomic_write's default `expected`: replace whatever is there
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None],
+                 expected: tuple[str, str] | None = UNCHECKED) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`. With `expected` (the
+    `file_identity` the file had when it was read; None: it did not exist), FileChanged is
+    raised instead of the rename when the file is no longer that one: a read-merge-write
+    then reads again rather than overwrite what another writer wrote meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,6 +64,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        if expected != UNCHECKED and file_identity(path) != expected:
+            raise FileChanged(str(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -67,20 +85,102 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, write)
 
 
-def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    """A header and rows as CSV, written atomically; `rows` may be a generator (it is
-    consumed while writing; if it raises, `path` keeps what it held)."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads a cell as a formula by (OWASP)
+CSV_QUOTE = "'"  # the prefix spreadsheets and their exports mark text with
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` as written into a CSV cell: text a spreadsheet would run as a formula (it
+    starts with = + - @, a tab or a carriage return, and is not a number such as -1.5) gets
+    a leading single quote; so does text that starts with a quote itself, so that
+    `csv_value` strips exactly what was added. Other values are written as they are."""
+    if not isinstance(value, str) or not value.startswith((*FORMULA_STARTS, CSV_QUOTE)):
+        return value
+    if value[0] != CSV_QUOTE and _is_number(value):
+        return value
+    return CSV_QUOTE + value
+
+
+def csv_value(cell: str) -> str:
+    """A cell as `csv_cell` wrote it, read back: the value written (its one added quote
+    removed)."""
+    return cell[1:] if cell.startswith(CSV_QUOTE) else cell
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]],
+              expected: tuple[str, str] | None = UNCHECKED) -> None:
+    """A header and rows as CSV, written atomically, every cell through `csv_cell`; `rows`
+    may be a generator (it is consumed while writing; if it raises, `path` keeps what it
+    held). `read_csv` / `read_csv_dicts` read it back; `expected`: see `atomic_write`."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
+            writer.writerow([csv_cell(v) for v in header])
+            writer.writerows([csv_cell(v) for v in row] for row in rows)
 
-    atomic_write(path, write)
+    atomic_write(path, write, expected)
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[list[str]]:
+    """Every row of a CSV file (a UTF-8 byte-order mark is skipped), cells through
+    `csv_value`: what `write_csv` was given, as text."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        return [[csv_value(cell) for cell in row] for row in csv.reader(fh)]
+
+
+def read_csv_dicts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts (csv.DictReader's), read as `read_csv`
+    reads cells."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        reader.fieldnames = [csv_value(name) for name in reader.fieldnames or []]
+        return [{k: csv_value(v) if isinstance(v, str) else v for k, v in row.items()} for row in reader]
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append one record (a line without a line break) to a log, then fsync: a crash leaves
+    every earlier record whole and at worst this one torn. A torn last record found here is
+    cut off first (with a warning), so that this one starts on a line of its own."""
+    if "\n" in line or "\r" in line:
+        raise ValueError("a log record is one line")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as fh:
+        if fh.seek(0, os.SEEK_END):
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                whole = _whole_records(path, Path(path).read_bytes())
+                fh.truncate(len(whole))
+        fh.write(line.encode("utf-8") + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_log(path: str | os.PathLike[str]) -> list[str]:
+    """The whole records of an append-only log (`append_line`); [] when there is none. A
+    torn last record (a crash while it was appended) is left out, with a warning."""
+    if not os.path.isfile(path):
+        return []
+    return _whole_records(path, Path(path).read_bytes()).decode("utf-8").splitlines()
+
+
+def _whole_records(path: str | os.PathLike[str], data: bytes) -> bytes:
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        log.warning("%s: its last record was cut off while written (%d bytes: %r); it is left out", path,
+                    len(data) - len(whole), data[len(whole):][:80])
+    return whole
 
 
 def claim_dir(parent: str | os.PathLike[str], name: str) -> Path:

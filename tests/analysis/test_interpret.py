@@ -17,9 +17,10 @@ import visiontune as vt
 from conftest import TINY, chromium, make_class_folders
 from visiontune.analysis.duplicates import find_duplicates
 from visiontune.analysis.interpret import interpret
-from visiontune.analysis.mislabels import rank_mislabels, rank_outliers
+from visiontune.analysis.mislabels import rank_label_sets, rank_mislabels, rank_outliers
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
+from visiontune.tasks.multi_label import MultiLabel
 
 HYMENOPTERA = Path(__file__).resolve().parents[3] / "shared" / "data" / "hymenoptera"
 
@@ -30,6 +31,21 @@ def test_rank_mislabels_orders_by_self_confidence_and_flags() -> None:
     ranked = rank_mislabels(["p0", "p1", "p2", "p3"], labels, probs, ["a", "b"])
     assert [s.path for s in ranked[:2]] == ["p2", "p3"]
     assert ranked[0].predicted == "a" and ranked[0].flagged and not ranked[-1].flagged
+
+
+def test_a_suggested_set_is_the_given_set_with_the_changes_applied() -> None:
+    """What review suggests and writes is a label set (never the change list "+dog -cat",
+    which --relabel would read as two classes named '+dog' and '-cat')."""
+    probs = np.array([[0.9, 0.2, 0.8], [0.1, 0.9, 0.1]])  # blue, cat, dog
+    suspects = rank_label_sets(["a.png", "b.png"], [("cat",), ("dog",)], probs, ["blue", "cat", "dog"])
+    first = next(s for s in suspects if s.path == "a.png")
+    assert first.predicted == "+blue -cat +dog" and first.suggested == ("blue", "dog")
+    task = MultiLabel(["blue", "cat", "dog"])
+    assert task.change(("cat",), first.suggested) == "blue, dog (+blue +dog -cat)"
+    assert task.entry(first.suggested) == ["blue", "dog"] and task.shown(()) == "(none)"
+    assert task.parse_label(task.entry(first.suggested), " ", "page") == ("blue", "dog")
+    assert task.label_of(task.decode(np.array([[0.9, 0.1, 0.7]]), 1)[0]) == ("blue", "dog")
+    assert task.label_entry == "toggle"
 
 
 def test_outliers_put_the_odd_one_first() -> None:

@@ -1,32 +1,46 @@
 """`visiontune review --label`: labelling suggested images in the browser. The page in
-headless Chromium (Playwright): Enter accepts the guess, a digit picks a class, `s` skips,
-typed text is a label; every answer is in the CSV at once and `train --csv` reads it.
-The API refuses rows outside the file and bad files."""
+headless Chromium (Playwright), for each task shape: Enter accepts the guess, a digit picks
+a class (or toggles a label of a set; or is typed, for numbers and for class names that
+are numbers), `s` skips, typed text is a label; every answer is in the CSV at once and
+`train --csv` reads it. Answers merge with what the file holds when they are written; the
+API refuses rows outside the file and bad files; labels that look like formulas are
+neutralised; the server answers only the hosts it is told."""
 
 from __future__ import annotations
 
 import csv
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import CHROMIUM_FLAGS, chromium, make_class_folders, serve_in_thread
 from visiontune.analysis.review import create_review_app
+from visiontune.cli import build_parser
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
 from visiontune.errors import DataError
 
 
-def suggestions(tmp_path: Path) -> Path:
-    pool = make_class_folders(tmp_path / "pool", {"red": 2, "green": 2})
+def suggestions(tmp_path: Path, label: str = "label", given: str = "green", guess: str = "red",
+                extra: int = 0) -> Path:
+    """A suggestions CSV over 4 (+ extra) images: the first labelled `given`, the others
+    empty with the guess `guess`."""
+    pool = make_class_folders(tmp_path / "pool", {"red": 2 + extra, "green": 2})
     files = sorted(pool.rglob("*.png"))
     out = tmp_path / "to_label.csv"
     with open(out, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "prediction", "reason", "score"])
-        w.writerow([files[0], "green", "green", "typical", "1"])  # labelled already: not shown
+        w.writerow(["path", label, "prediction", "reason", "score"])
+        w.writerow([files[0], given, given, "typical", "1"])  # labelled already: not shown
         for f in files[1:]:
-            w.writerow([f, "", "red", "uncertain (0.5)", "0.5"])
+            w.writerow([f, "", guess, "uncertain (0.5)", "0.5"])
     return out
 
 
@@ -35,39 +49,165 @@ def read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+class Page:
+    """The labelling page of `app` in headless Chromium; alerts are collected."""
+
+    def __init__(self, playwright: Any, app: Any) -> None:
+        self.port, self.server, self.thread = serve_in_thread(app)
+        self.engine = playwright.sync_playwright().start()
+        self.browser = self.engine.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        self.page = self.browser.new_page()
+        self.alerts: list[str] = []
+        self.page.on("dialog", lambda d: (self.alerts.append(d.message), d.dismiss()))
+
+    def open(self, of: int) -> None:
+        self.page.goto(f"http://127.0.0.1:{self.port}/")
+        self.at(1, of)
+
+    def at(self, n: int, of: int) -> None:
+        self.page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('{n} of {of}')")
+
+    def done(self) -> str:
+        self.page.wait_for_selector("#done:not([hidden])")
+        return self.page.inner_text("#done")
+
+    def close(self) -> None:
+        self.browser.close()
+        self.engine.stop()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 def test_labelling_in_headless_chromium(tmp_path: Path) -> None:
-    browser_path = chromium()
     playwright = pytest.importorskip("playwright.sync_api")
     out = suggestions(tmp_path)
-    port, server, thread = serve_in_thread(create_review_app(out, ["red", "green", "blue"]))
+    web = Page(playwright, create_review_app(out, ["red", "green", "blue"]))
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of 3')")
-            page.wait_for_function("document.getElementById('image').naturalWidth > 0")  # the image is served
-            page.keyboard.press("Enter")  # accept the guess (red)
-            page.wait_for_function("document.getElementById('progress').textContent.startsWith('2 of 3')")
-            page.keyboard.press("2")  # the second class: green
-            page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 of 3')")
-            page.keyboard.press("s")  # skip
-            page.wait_for_selector("#done:not([hidden])")
-            assert "2 labelled, 1 skipped" in page.inner_text("#done")
-            page.goto(f"http://127.0.0.1:{port}/")  # again: only the skipped image is left
-            page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of 1')")
-            page.fill("#text", "grey")  # a label the buttons do not have
-            page.keyboard.press("Enter")
-            page.wait_for_selector("#done:not([hidden])")
-            browser.close()
+        web.open(3)
+        web.page.wait_for_function("document.getElementById('image').naturalWidth > 0")  # the image is served
+        web.page.keyboard.press("Enter")  # accept the guess (red)
+        web.at(2, 3)
+        web.page.keyboard.press("2")  # the second class: green
+        web.at(3, 3)
+        web.page.keyboard.press("s")  # skip
+        assert "2 labelled, 1 skipped" in web.done()
+        web.open(1)  # again: only the skipped image is left
+        web.page.fill("#text", "+grey")  # a label the buttons do not have (and a spreadsheet would compute)
+        web.page.keyboard.press("Enter")
+        web.done()
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        web.close()
     rows = read(out)
-    assert [r["label"] for r in rows] == ["green", "red", "green", "grey"]
+    assert [r["label"] for r in rows] == ["green", "red", "green", "'+grey"]  # neutralised in the file
     assert [r["prediction"] for r in rows] == ["green", "red", "red", "red"]  # nothing else changed
     source = load_items(DataConfig(csv=str(out), valid_pct=0.0), min_classes=1)  # what train --csv reads
-    assert sorted(it.label for it in source.items) == ["green", "green", "grey", "red"]
+    assert sorted(it.label for it in source.items) == ["+grey", "green", "green", "red"]
+
+
+def test_digit_keys_never_store_another_number(tmp_path: Path) -> None:
+    """Numbers in a 'label' column read as class names under --task auto: the buttons are
+    string-sorted (10, 2.5, 3, 7), so the digit 2 must not pick the second one (2.5): with
+    class names that are numbers, digits are typed; pressing 2 and Enter stores 2."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = suggestions(tmp_path, given="10", guess="7")
+    with open(out, "a", newline="") as fh:
+        csv.writer(fh).writerow([str(tmp_path / "labelled_elsewhere.png"), "2.5", "3", "", ""])
+    web = Page(playwright, create_review_app(out))
+    try:
+        web.open(3)
+        assert web.page.evaluate("SPEC.classes") == ["10", "2.5", "3", "7"] and not web.page.evaluate("SPEC.keys")
+        web.page.keyboard.press("2")
+        web.page.keyboard.press("Enter")
+        web.at(2, 3)
+        web.page.keyboard.press("Enter")  # the guess, typed nothing
+        web.at(3, 3)
+    finally:
+        web.close()
+    assert [r["label"] for r in read(out)][1:3] == ["2", "7"]
+
+
+def test_numbers_are_typed_and_checked_with_task_regression(tmp_path: Path) -> None:
+    """--task regression: no class buttons, the box holds the guess (Enter saves it), a
+    typed number is saved as the number, text that is none is refused."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = suggestions(tmp_path, given="1.5", guess="-0.123456789")
+    web = Page(playwright, create_review_app(out, task="regression"))
+    try:
+        web.open(3)
+        assert web.page.locator("#classes button").count() == 0
+        assert web.page.input_value("#text") == "-0.123456789"
+        web.page.keyboard.press("Enter")
+        web.at(2, 3)
+        web.page.fill("#text", "about 3")
+        web.page.keyboard.press("Enter")
+        web.page.wait_for_timeout(300)
+        web.page.fill("#text", "")
+        web.page.keyboard.type("42")  # the box has the focus
+        web.page.keyboard.press("Enter")
+        web.at(3, 3)
+        web.page.keyboard.press("s")  # no number holds an s: it skips
+        web.done()
+    finally:
+        web.close()
+    assert len(web.alerts) == 1 and "is not a number" in web.alerts[0]
+    assert [r["label"] for r in read(out)] == ["1.5", "-0.123456789", "42.0", ""]
+    source = load_items(DataConfig(csv=str(out), task="regression", valid_pct=0.0), min_classes=1)
+    assert sorted(it.label for it in source.items) == [-0.123456789, 1.5, 42.0]
+
+
+def test_label_sets_are_toggled_and_saved_whole(tmp_path: Path) -> None:
+    """A 'labels' column holds sets: the page starts from the guessed set, a digit toggles
+    one label, Enter saves the set shown; typed text is a set too."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = suggestions(tmp_path, label="labels", given="green red", guess="red")
+    web = Page(playwright, create_review_app(out))
+    try:
+        web.open(3)
+        assert web.page.evaluate("SPEC.classes") == ["green", "red"]
+        web.page.keyboard.press("1")  # + green
+        assert "green, red" in web.page.inner_text("#chosen")
+        web.page.keyboard.press("Enter")
+        web.at(2, 3)
+        web.page.keyboard.press("Enter")  # the guessed set as it is
+        web.at(3, 3)
+        web.page.fill("#text", "blue green")
+        web.page.keyboard.press("Enter")
+        web.done()
+    finally:
+        web.close()
+    assert [r["labels"] for r in read(out)] == ["green red", "green red", "red", "blue green"]
+    source = load_items(DataConfig(csv=str(out), valid_pct=0.0), min_classes=1)
+    assert sorted(it.label for it in source.items) == [("blue", "green"), ("green", "red"), ("green", "red"), ("red",)]
+
+
+def test_answers_merge_with_what_the_file_holds_when_written(tmp_path: Path) -> None:
+    """While the page is open, `suggest` rewrites the file (filled rows first, new rows
+    appended) and a label is typed in a spreadsheet: the next answer keeps both, finds
+    its row by path, and the new row is listed; an image labelled otherwise meanwhile is
+    refused (409) and the file is left as it is."""
+    from fastapi.testclient import TestClient
+
+    out = suggestions(tmp_path, extra=2)
+    client = TestClient(create_review_app(out))
+    items = client.get("/api/queue").json()["items"]
+    rows = [list(r.values()) for r in read(out)]
+    newcomer = tmp_path / "pool" / "new.png"
+    newcomer.write_bytes((tmp_path / "pool" / "red" / "red_000.png").read_bytes())
+    rows[2][1] = "green"  # typed in a spreadsheet
+    reordered = [rows[0], rows[2], rows[1], *rows[3:], [str(newcomer), "", "red", "typical", "1"]]
+    with open(out, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", "prediction", "reason", "score"], *reordered])
+    target = next(it for it in items if it["name"] == os.path.basename(rows[1][0]))
+    assert client.post("/api/label", json={"id": target["id"], "label": "red"}).json()["ok"]
+    now = {r["path"]: r["label"] for r in read(out)}
+    assert now[rows[1][0]] == "red" and now[rows[2][0]] == "green" and now[str(newcomer)] == ""
+    assert len(now) == len(rows) + 1
+    assert "new.png" in [it["name"] for it in client.get("/api/queue").json()["items"]]
+    spreadsheet = next(it for it in items if it["name"] == os.path.basename(rows[2][0]))
+    before = out.read_bytes()
+    answer = client.post("/api/label", json={"id": spreadsheet["id"], "label": "red"})
+    assert answer.status_code == 409 and "was labelled 'green'" in answer.json()["detail"]
+    assert out.read_bytes() == before
 
 
 def test_the_api_serves_only_the_files_rows_and_refuses_bad_input(tmp_path: Path) -> None:
@@ -76,13 +216,59 @@ def test_the_api_serves_only_the_files_rows_and_refuses_bad_input(tmp_path: Path
     out = suggestions(tmp_path)
     client = TestClient(create_review_app(out))
     queue = client.get("/api/queue").json()
-    assert queue["classes"] == ["green", "red"] and [i["row"] for i in queue["items"]] == [2, 3, 4]
-    assert client.get("/image/2").status_code == 200
-    assert client.get("/image/0").status_code == 404 and client.get("/image/99").status_code == 404
-    assert client.post("/api/label", json={"row": 2, "label": " "}).status_code == 400
-    assert client.post("/api/label", json={"row": 2, "label": "blue"}).json() == {"ok": True, "remaining": 2}
+    ids = [i["id"] for i in queue["items"]]
+    assert queue["classes"] == ["green", "red"] and ids == [1, 2, 3]
+    assert client.get("/image/1").status_code == 200 and client.get("/image/0").status_code == 200
+    assert client.get("/image/99").status_code == 404 and client.get("/image/-1").status_code == 404
+    assert client.post("/api/label", json={"id": 1, "label": " "}).status_code == 400
+    assert client.post("/api/label", json={"id": 1, "label": "blue"}).json() == {"ok": True, "remaining": 2}
     assert read(out)[1]["label"] == "blue"
     other = tmp_path / "other.csv"
     other.write_text("file,class\na.png,red\n")
     with pytest.raises(DataError, match="not a suggestions CSV"):
         create_review_app(other)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(port: int, host: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/api/queue", headers={"Host": host})
+    return conn.getresponse().status
+
+
+def test_the_server_answers_only_the_hosts_it_is_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`visiontune review --label` (a real server process) answers requests addressed to
+    this machine and to --allowed-host, and refuses others (a page of another site that
+    reaches it through DNS rebinding sends its own name); serve has the same option, and
+    --help says so."""
+    out, port = suggestions(tmp_path), _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "visiontune", "review", "--label", str(out), "--port", str(port),
+                             "--allowed-host", "labels.example"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                first = _status(port, f"127.0.0.1:{port}")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.2)
+        assert first == 200 and _status(port, f"localhost:{port}") == 200 and _status(port, f"[::1]:{port}") == 200
+        assert _status(port, f"labels.example:{port}") == 200
+        assert _status(port, f"attacker.example:{port}") == 400 and _status(port, "192.168.1.7") == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    parser = build_parser()
+    assert parser.parse_args(["serve", "RUN", "--allowed-host", "a", "--allowed-host", "b"]).allowed_host == ["a", "b"]
+    for command in ("review", "serve"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert "--allowed-host NAME" in capsys.readouterr().out

@@ -194,3 +194,20 @@ def test_a_relative_csv_is_the_one_in_data_before_one_in_the_current_folder(
     source = load_items(DataConfig(path=str(root), csv="labels.csv", valid_pct=0.0))
     assert len(source.items) == 6 and {it.label for it in source.items} == {"red", "green"}
     assert "not ./labels.csv in the current folder" in caplog.text
+
+
+def test_exclude_reads_the_review_format_and_reports_paths_that_match_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--exclude reads one format (a CSV whose first column is the path: `review` writes
+    exclude.txt so): a path holding a comma is one path; a listed path that is in no data
+    is reported, as --relabel's are."""
+    data = make_class_folders(tmp_path / "d", {"red": 4, "green": 4})
+    odd = make_image(data / "red" / "a, b.png", (220, 40, 40), seed=9)
+    listed = tmp_path / "exclude.txt"
+    from visiontune.files import write_csv
+
+    write_csv(listed, ["path"], [[str(odd)], [str(data / "red" / "gone.png")]])
+    with caplog.at_level("WARNING"):
+        src = load_items(DataConfig(path=str(data), exclude=str(listed), valid_pct=0.25))
+    assert str(odd) not in {it.path for it in src.items} and (str(odd), "listed in --exclude") in src.excluded
+    assert "--exclude lists 1 paths that are not in the data, e.g. " + str(data / "red" / "gone.png") in caplog.text

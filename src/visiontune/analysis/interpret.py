@@ -9,7 +9,6 @@ Each artefact is one function below; `interpret` calls them in order.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
-from visiontune.files import write_csv
+from visiontune.files import read_csv_dicts, write_csv, write_json
 from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
@@ -52,7 +51,9 @@ from visiontune.train.tracking import log_artifact_to_run
 
 log = logging.getLogger(__name__)
 
-Items = list[tuple[str, str, str]]  # (path, label, split)
+Items = list[tuple[str, Label, str]]  # (path, label, split)
+VIEWS = "interpret"  # RUN/interpret/
+SOURCE = "source.json"  # in VIEWS: {"data": the DATA looked at, resolved; null for the run's own images}
 
 
 @dataclass
@@ -108,6 +109,7 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     with Grad-CAM (`gradcam_chosen.png`). Suspected mislabels are looked for among the
     images training could use (train + valid), and in test too with `mislabels_in_test`."""
     ctx = _context(Path(run), data, device)
+    write_json(ctx.out / SOURCE, {"data": data_key(data)})  # what review checks its views against
     res = InterpretResult(str(ctx.out))
     paths, out = evaluate_split(ctx, batch_size, num_workers)
     res.metrics = ctx.bundle.task.metrics(out.targets, out.probs)
@@ -129,16 +131,21 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     return res
 
 
+def data_key(data: str | os.PathLike[str] | None) -> str | None:
+    """The data interpret looked at, as SOURCE records it (None: the run's own images)."""
+    return os.path.realpath(data) if data else None
+
+
 def _context(run: Path, data: str | os.PathLike[str] | None, device: str) -> Context:
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
-    items = _items(run, str(data) if data else None, bundle)
-    out = run / "interpret"
+    items = items_of(run, str(data) if data else None, bundle)
+    out = run / VIEWS
     out.mkdir(parents=True, exist_ok=True)
     return Context(run, bundle, dev, out, [it for it in items if not bundle.task.unknown_labels([it[1]])])
 
 
-def _items(run: Path, data: str | None, bundle: Bundle) -> Items:
+def items_of(run: Path, data: str | None, bundle: Bundle) -> Items:
     """(path, label, split) of the run's own images (splits.csv), or of `data`, in the
     run's task shape."""
     cfg = bundle.config or RunConfig()
@@ -188,14 +195,18 @@ def write_confusion(ctx: Context, report: Report, out: EvalOutput) -> None:
 
 
 def write_top_losses(ctx: Context, paths: list[str], out: EvalOutput, top_n: int) -> np.ndarray:
-    """top_losses.csv/.png: the `top_n` images the model gets most wrong; returns their rows."""
+    """top_losses.csv/.png: the `top_n` images the model gets most wrong (`suggested`: the
+    model's label for each, as a table cell); returns their rows."""
     task = ctx.bundle.task
     losses = task.sample_losses(out.targets, out.probs)
     order = np.argsort(-losses)[:top_n]
     shown = [(paths[i], *task.describe(out.targets[i], out.probs[i]), losses[i], float(out.probs[i].max()))
              for i in order]
-    write_csv(ctx.out / "top_losses.csv", ["path", "actual", "predicted", "loss", "prob_predicted"],
-              [[p, actual, pred, f"{loss:.4f}", f"{prob:.4f}"] for p, pred, actual, loss, prob in shown])
+    delim = _delim(ctx)
+    suggested = [task.label_text(task.label_of(task.decode(out.probs[i:i + 1], 1)[0]), delim) for i in order]
+    write_csv(ctx.out / "top_losses.csv", ["path", "actual", "predicted", "loss", "prob_predicted", "suggested"],
+              [[p, actual, pred, f"{loss:.4f}", f"{prob:.4f}", label]
+               for (p, pred, actual, loss, prob), label in zip(shown, suggested)])
     _grid(ctx.out / "top_losses.png", [s[0] for s in shown],
           [f"{pred}/{actual} loss {loss:.2f} p {prob:.2f}" for _, pred, actual, loss, prob in shown],
           ctx.bundle.preprocess.input_size)
@@ -254,8 +265,9 @@ def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:
     odd = rank_outliers(feats)
     order = np.argsort(-odd)
     items = ctx.items
+    text = ctx.bundle.task.label_text
     write_csv(ctx.out / "outliers.csv", ["rank", "path", "label", "atypicality"],
-              [[k + 1, items[i][0], items[i][1], f"{odd[i]:.4f}"] for k, i in enumerate(order)])
+              [[k + 1, items[i][0], text(items[i][1], _delim(ctx)), f"{odd[i]:.4f}"] for k, i in enumerate(order)])
     _grid(ctx.out / "outliers.png", [items[i][0] for i in order[:8]],
           [f"{items[i][1]} atypicality {odd[i]:.2f}" for i in order[:8]], ctx.bundle.preprocess.input_size)
     return [(items[i][0], float(odd[i])) for i in order]
@@ -268,8 +280,7 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
     classes, task = ctx.bundle.classes, ctx.bundle.task
     cfg = ctx.bundle.config or RunConfig()
     if oof:
-        with open(oof, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv_dicts(oof)
         paths = [r["path"] for r in rows]
         labels: list[Label] = [task.parse_label(r["label"], cfg.data.label_delim, str(oof)) for r in rows]
         probs = np.array([[float(r[column]) for column in task.oof_columns()] for r in rows])
@@ -281,13 +292,18 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
         suspects = rank_mislabels(paths, labels, probs, classes)
     else:  # numbers have no classes to confuse: suspicious targets by out-of-fold residuals
         suspects = rank_residuals(paths, task.encode(labels).numpy(), probs, task)
-    write_csv(ctx.out / "mislabels.csv", ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged"],
-              [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged]
-               for k, s in enumerate(suspects)])
+    write_csv(ctx.out / "mislabels.csv",
+              ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged", "suggested"],
+              [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged,
+                task.label_text(s.suggested, cfg.data.label_delim)] for k, s in enumerate(suspects)])
     top = suspects[:16]
     _grid(ctx.out / "mislabels.png", [s.path for s in top],
           [f"label {s.label} p {s.p_label:.2f} -> {s.predicted}?" for s in top], ctx.bundle.preprocess.input_size)
     return suspects
+
+
+def _delim(ctx: Context) -> str:
+    return ctx.bundle.config.data.label_delim if ctx.bundle.config else " "
 
 
 def write_duplicates(ctx: Context) -> tuple[list[DuplicatePair], int]:

@@ -34,6 +34,7 @@ class Suspect:
     p_label: float
     p_predicted: float
     flagged: bool  # a label issue by confident learning (see flag_method())
+    suggested: Label = ""  # the label the evidence points to, in the data's shape (review's suggestion)
 
 
 def rank_mislabels(paths: list[str], labels: list[Label], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
@@ -51,24 +52,27 @@ def rank_mislabels(paths: list[str], labels: list[Label], probs: np.ndarray, cla
     for i in np.argsort(self_conf, kind="stable"):
         best = int(np.argmax(others[i]))
         out.append(Suspect(paths[i], labels[i], classes[best], float(self_conf[i]), float(probs[i, best]),
-                           bool(flagged[i])))
+                           bool(flagged[i]), classes[best]))
     return out
 
 
 def rank_label_sets(paths: list[str], labels: list[Label], probs: np.ndarray, classes: list[str]) -> list[Suspect]:
     """Multi-label: an image's self-confidence is its least agreeing label's (p where the
     label is given, 1 - p where it is not); `predicted` names the suspected changes
-    ("+dog" missing, "-cat" extra: out-of-fold p on the other side of 0.5); flags from
-    cleanlab's multi-label find_label_issues (or any suspected change without cleanlab)."""
+    ("+dog" missing, "-cat" extra: out-of-fold p on the other side of 0.5) and `suggested`
+    is the set they lead to; flags from cleanlab's multi-label find_label_issues (or any
+    suspected change without cleanlab)."""
     y = indicator(labels, classes)
     agree = np.where(y == 1, probs, 1 - probs)
     self_conf = agree.min(axis=1)
     flagged = _flag_label_sets(y, probs)
     out = []
     for i in np.argsort(self_conf, kind="stable"):
-        changes = [("-" if y[i, c] else "+") + classes[c] for c in np.flatnonzero(agree[i] < 0.5)]
+        wrong = agree[i] < 0.5
+        changes = [("-" if y[i, c] else "+") + classes[c] for c in np.flatnonzero(wrong)]
+        suggested = tuple(classes[c] for c in np.flatnonzero((y[i] == 1) != wrong))  # the given set, changes applied
         out.append(Suspect(paths[i], " ".join(label_set(labels[i])), " ".join(changes), float(self_conf[i]),
-                           float(1 - self_conf[i]), bool(flagged[i])))
+                           float(1 - self_conf[i]), bool(flagged[i]), suggested))
     return out
 
 
@@ -128,8 +132,9 @@ def rank_residuals(paths: list[str], targets: np.ndarray, outputs: np.ndarray, t
     residual = outputs.reshape(-1) - targets.reshape(-1)
     mad = 1.4826 * np.median(np.abs(residual - np.median(residual))) or float(np.std(residual)) or 1.0
     z = np.abs(residual - np.median(residual)) / mad
-    return [Suspect(paths[i], task.label_text(float(targets[i])), f"{outputs.reshape(-1)[i]:.4g}", float(z[i]),
-                    float(residual[i]), bool(z[i] > flag_z)) for i in np.argsort(-z, kind="stable")]
+    predicted = outputs.reshape(-1)
+    return [Suspect(paths[i], task.label_text(float(targets[i])), f"{predicted[i]:.4g}", float(z[i]),
+                    float(residual[i]), bool(z[i] > flag_z), float(predicted[i])) for i in np.argsort(-z, kind="stable")]
 
 
 OUTLIER_MEMORY_MB = 256  # working memory of the neighbour search, whatever the number of images

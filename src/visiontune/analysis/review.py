@@ -1,65 +1,110 @@
 """`visiontune review --label to_label.csv`: label the suggested images in the browser.
 
 A page on localhost shows the images of a suggestions CSV (`visiontune suggest`) whose
-label is still empty, one by one, with the model's guess pre-filled: Enter accepts it, a
-digit key picks a class (1 = the first, as the page lists them), `s` skips, and the text
-box takes anything else (a new class, a label set, a number). Each answer is written into
-the CSV's label column at once (atomically: the file is whole at every moment), so
+label is still empty, one by one, with the model's guess. How a label is given is the
+task's (`Task.label_entry`; `--task`, auto as `train --csv` reads the file): a class is
+chosen (a button, or a digit key: 1 = the first, as the page lists them), the labels of a
+set are toggled (buttons or digits, then Enter), a number is typed (the box holds the
+guess). Enter accepts what is shown, `s` skips, and the text box takes anything else (a
+new class, a label set written with --label-delim, a number). Digit keys pick nothing
+when a class name is itself a number: a digit would store another class, so it is typed.
+
+Each answer is read with the task's `parse_label` (a number that is not one is refused)
+and written into the CSV's label column at once, merged with what the file holds at that
+moment: rows `suggest` appended and labels typed in a spreadsheet while the page is open
+are kept, rows are found by their path, and an image labelled otherwise in the file
+meanwhile is refused (409: reload the page) rather than overwritten. The file is whole at
+every moment (atomic replace, after checking nobody replaced it since it was read), so
 `visiontune train --csv to_label.csv` and the next `suggest` read it back. Images are
-served by row number only: the page can show the CSV's files and nothing else.
+served by their number in the page's list only: the page can show the CSV's files and
+nothing else.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
 # time (fastapi is an optional extra, imported inside create_review_app).
-import csv
 import html
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.tables import suggestion_table
+from visiontune.config import DataConfig
+from visiontune.data.labels import label_counts
+from visiontune.data.tables import csv_task, suggestion_table
 from visiontune.errors import DataError, VisiontuneError
-from visiontune.files import atomic_write
+from visiontune.files import FileChanged, file_identity, read_csv, write_csv
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import task_class
+from visiontune.web import guard_hosts
 
-# both review pages: a button per class (keys 1-9), each calling the page's own pick(c)
-CLASS_BUTTONS = """const CLASSES = __CLASSES__;
+MERGE_TRIES = 5  # read-merge-write rounds before giving up on a file that keeps changing
+
+# both review pages: how a label is given (SPEC: the task's entry, the class buttons, whether
+# digit keys pick them); each page defines submit(label)
+ENTRY = """const SPEC = __SPEC__;
 const $ = (id) => document.getElementById(id);
-CLASSES.forEach((c, i) => { const b = document.createElement('button');
-  b.innerHTML = (i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + c.replace(/</g, '&lt;');
-  b.onclick = () => pick(c); $('classes').appendChild(b); });"""
+let chosen = new Set();  // toggle: the label set being edited
+const esc = (t) => String(t).replace(/&/g, '&amp;').replace(/</g, '&lt;');
+if (SPEC.entry !== 'type') SPEC.classes.forEach((c, i) => { const b = document.createElement('button');
+  b.dataset.name = c; b.innerHTML = (SPEC.keys && i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + esc(c);
+  b.onclick = () => press(c); $('classes').appendChild(b); });
+function paint() {
+  document.querySelectorAll('#classes button').forEach((b) => b.classList.toggle('on', chosen.has(b.dataset.name)));
+  $('chosen').textContent = 'new: ' + ([...chosen].sort().join(', ') || '(none)') + ' (Enter saves)';
+}
+function setEntry(value) {  // what the entry shows first: a list (toggle), a value's text (type)
+  if (SPEC.entry === 'toggle') { chosen = new Set(value || []); paint(); }
+  if (SPEC.entry === 'type') $('text').value = value == null ? '' : value;
+  $('chosen').hidden = SPEC.entry !== 'toggle';
+}
+function press(c) {
+  if (SPEC.entry !== 'toggle') { submit(c); return; }
+  if (chosen.has(c)) chosen.delete(c); else chosen.add(c);
+  paint();
+}
+function entered() { return SPEC.entry === 'toggle' ? [...chosen].sort() : $('text').value.trim(); }
+function digitKey(e) {
+  const n = parseInt(e.key, 10);
+  if (!SPEC.keys || !(n >= 1 && n <= Math.min(9, SPEC.classes.length))) return false;
+  e.preventDefault(); press(SPEC.classes[n - 1]); return true;
+}"""
+
+STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:__WIDTH__px;margin:2em auto}
+button{margin:.2em;padding:.4em .8em}button.on{background:#cde;border-color:#357}.key{font-weight:bold;color:#555}
+.muted{color:#777}#guess,#labels{font-size:1.2em}</style>"""
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune review</title>
-<style>body{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto}
-img{max-width:100%;max-height:60vh;display:block;margin:1em 0;image-rendering:pixelated;min-width:224px}
-button{margin:.2em;padding:.4em .8em}.key{font-weight:bold;color:#555}#guess{font-size:1.2em}
-.muted{color:#777}</style></head><body>
+__STYLE__<style>img{max-width:100%;max-height:60vh;display:block;margin:1em 0;image-rendering:pixelated;
+min-width:224px}</style></head><body>
 <h1>Label the suggested images</h1>
-<p class="muted">__FILE__ &middot; Enter: accept the guess &middot; 1-9: that class &middot; s: skip
-&middot; or type a label and press Enter</p>
+<p class="muted">__FILE__ &middot; __HELP__ &middot; s: skip &middot; or type a label and press Enter</p>
 <div id="item"><p id="progress"></p><img id="image" alt="">
 <p id="guess"></p><p id="reason" class="muted"></p>
-<div id="classes"></div><input id="text" placeholder="another label" autocomplete="off"></div>
+<div id="classes"></div><p id="chosen" class="muted" hidden></p>
+<input id="text" placeholder="__PLACEHOLDER__" autocomplete="off"> <button id="skip">s skip</button></div>
 <p id="done" hidden></p>
 <script>
-__BUTTONS__
+__ENTRY__
 let queue = [], at = 0, answered = 0;
-function pick(c) { answer(c); }
+async function submit(label) { await answer(label); }
+$('skip').onclick = () => answer(null);
 function show() {
   if (at >= queue.length) { $('item').hidden = true; $('done').hidden = false;
     $('done').textContent = 'Done: ' + answered + ' labelled, ' + (queue.length - answered) + ' skipped.'; return; }
   const it = queue[at];
   $('progress').textContent = (at + 1) + ' of ' + queue.length + ': ' + it.name;
-  $('image').src = '/image/' + it.row;
+  $('image').src = '/image/' + it.id;
   $('guess').textContent = it.prediction ? 'guess: ' + it.prediction : 'no guess (press a key or type)';
-  $('reason').textContent = it.reason; $('text').value = '';
+  $('reason').textContent = it.reason; $('text').value = ''; setEntry(it.entry);
+  if (SPEC.entry === 'type' || !SPEC.keys) $('text').focus(); else $('text').blur();
 }
 async function answer(label) {
   const it = queue[at];
   if (label !== null) {
     const r = await fetch('/api/label', {method: 'POST', headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({row: it.row, label: label})});
+      body: JSON.stringify({id: it.id, label: label})});
     if (!r.ok) { alert((await r.json()).detail); return; }
     answered++;
   }
@@ -67,90 +112,188 @@ async function answer(label) {
 }
 document.addEventListener('keydown', (e) => {
   if (at >= queue.length) return;
-  const typing = document.activeElement === $('text') && $('text').value !== '';
+  const inText = document.activeElement === $('text');
   if (e.key === 'Enter') { e.preventDefault();
-    const label = typing ? $('text').value.trim() : queue[at].prediction;
-    if (label) answer(label); return; }
-  if (typing || document.activeElement === $('text')) return;
-  if (e.key === 's') { answer(null); return; }
-  const n = parseInt(e.key, 10);
-  if (n >= 1 && n <= Math.min(9, CLASSES.length)) answer(CLASSES[n - 1]);
+    const typed = $('text').value.trim();
+    const label = typed !== '' ? typed : SPEC.entry === 'toggle' ? entered() : queue[at].entry;
+    if (label !== null && label !== '') answer(label); return; }
+  if (e.key === 'Escape') { $('text').blur(); return; }
+  if (inText && !(SPEC.entry === 'type' && e.key === 's')) return;  // typing (a number holds no s)
+  if (e.key === 's') { e.preventDefault(); answer(null); return; }
+  digitKey(e);
 });
 fetch('/api/queue').then((r) => r.json()).then((q) => { queue = q.items; show(); });
-</script></body></html>""".replace("__BUTTONS__", CLASS_BUTTONS)
+</script></body></html>"""
+
+HELP = {"choose": "Enter: accept the guess &middot; 1-9: that class",
+        "toggle": "1-9 or a button: add / remove that label &middot; Enter: save the set shown (the guess first)",
+        "type": "type the number (the box holds the guess) &middot; Enter: save it"}
+
+
+def page_spec(task: type[Task] | Task, classes: Sequence[str]) -> dict[str, Any]:
+    """What ENTRY draws: the task's way of giving a label, the class buttons, and whether
+    digit keys pick them (not when a class name is itself a number: a typed 3 would then
+    store the third class, not "3")."""
+    names = [str(c) for c in classes]
+    return {"entry": task.label_entry, "classes": names,
+            "keys": task.label_entry != "type" and bool(names) and not any(_numeric(c) for c in names)}
+
+
+def _numeric(name: str) -> bool:
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
+
+
+def spec_json(spec: dict[str, Any]) -> str:
+    """`spec` as a script literal (no `</` can close the script)."""
+    return json.dumps(spec).replace("</", "<\\/")
 
 
 class LabelFile:
-    """A suggestions CSV (path, label, prediction, reason, score...): its rows, and answers
-    written into its label column, one atomic rewrite each."""
+    """A suggestions CSV (path, label, prediction, reason, score...): its unlabelled rows,
+    and answers merged into what the file holds when each is written."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], task: str = "auto", delim: str = " ") -> None:
+        self.path, self.delim = Path(path), delim
         if not self.path.is_file():
             raise DataError(f"--label {self.path}: no such file (write one with `visiontune suggest POOL --output "
                             f"{self.path}`)")
+        rows, label_i = self._read()
+        name, _ = csv_task(rows, label_i, True, DataConfig(task=task, label_delim=delim))
+        self.task = task_class(name)
+        self.paths: list[str] = []  # every path the page has listed: an item's id is its place here
+        self.lock = threading.Lock()
+        self._note(rows)
+
+    def _read(self) -> tuple[list[list[str]], int]:
+        if not self.path.is_file():
+            raise DataError(f"{self.path} is gone: it was moved or deleted while the page was open")
         table = suggestion_table(self.path)
         if table is None:
-            with open(self.path, newline="", encoding="utf-8-sig") as fh:
-                first = next(csv.reader(fh), None)
+            first = next(iter(read_csv(self.path)), None)
             raise DataError(f"--label {self.path}: not a suggestions CSV (path,label,...): its header is "
                             f"{first or 'empty'}")
-        self.rows, self.label_i = table
-        header = [h.strip().lower() for h in self.rows[0]]
-        self.cells = {name: header.index(name) for name in ("prediction", "reason") if name in header}
-        self.lock = threading.Lock()
+        return table
 
-    def cell(self, row: list[str], name: str) -> str:
-        i = self.cells.get(name)
-        return row[i] if i is not None and i < len(row) else ""
+    def _note(self, rows: list[list[str]]) -> None:
+        known = set(self.paths)
+        for r in rows[1:]:
+            if r and r[0] and r[0] not in known:
+                self.paths.append(r[0])
+                known.add(r[0])
 
     def pending(self) -> list[dict[str, Any]]:
-        """The rows still without a label, by their row number."""
-        return [{"row": n, "name": os.path.basename(r[0]), "prediction": self.cell(r, "prediction"),
-                 "reason": self.cell(r, "reason")}
-                for n, r in enumerate(self.rows[1:], start=1) if r and not self._label(r).strip()]
-
-    def image(self, row: int) -> str:
-        if not 1 <= row < len(self.rows) or not self.rows[row]:
-            raise DataError(f"row {row} is not in {self.path}")
-        path = Path(self.rows[row][0])
-        return str(path if path.is_absolute() else self.path.parent / path)  # as train --csv reads it
-
-    def answer(self, row: int, label: str) -> None:
-        self.image(row)
-        if not label.strip() or "\n" in label:
-            raise DataError(f"label {label!r}: give one line of text")
+        """The rows without a label in the file as it is now (rows appended since are
+        listed too), each path once, with the guess and what the entry starts from."""
+        rows, label_i = self._read()
         with self.lock:
-            cells = self.rows[row] + [""] * (self.label_i + 1 - len(self.rows[row]))
-            cells[self.label_i] = label.strip()
-            self.rows[row] = cells
-            atomic_write(self.path, self._write)
+            self._note(rows)
+        header = [h.strip().lower() for h in rows[0]]
+        cell = {name: header.index(name) for name in ("prediction", "reason") if name in header}
+        ids, seen, out = {p: i for i, p in enumerate(self.paths)}, set(), []
+        for r in rows[1:]:
+            if not r or not r[0] or r[0] in seen or _cell(r, label_i).strip():
+                continue
+            seen.add(r[0])
+            guess = _cell(r, cell.get("prediction"))
+            out.append({"id": ids[r[0]], "name": os.path.basename(r[0]), "prediction": guess,
+                        "entry": self._entry(guess), "reason": _cell(r, cell.get("reason"))})
+        return out
+
+    def _entry(self, guess: str) -> Any:
+        """The guess as the entry edits it (None: no guess, or one the task cannot read)."""
+        try:
+            return self.task.entry(self.task.parse_label(guess, self.delim, "prediction"), self.delim) if guess else None
+        except DataError:
+            return None
 
     def classes(self) -> list[str]:
-        """Class names seen in the file: labels given and the model's guesses."""
-        seen = {self._label(r).strip() for r in self.rows[1:] if r} | {self.cell(r, "prediction") for r in self.rows[1:]}
-        return sorted(s for s in seen if s)
+        """Class (label) names seen in the file: labels given and the model's guesses."""
+        rows, label_i = self._read()
+        header = [h.strip().lower() for h in rows[0]]
+        guess_i = header.index("prediction") if "prediction" in header else None
+        labels = []
+        for text in filter(str.strip, [_cell(r, i) for r in rows[1:] for i in (label_i, guess_i)]):
+            try:
+                labels.append(self.task.parse_label(text, self.delim, str(self.path)))
+            except DataError:
+                continue  # a cell the task cannot read is no class to offer
+        return sorted(str(c) for c in label_counts(labels))
 
-    def _label(self, row: list[str]) -> str:
-        return row[self.label_i] if self.label_i < len(row) else ""
+    def image(self, item: int) -> str:
+        if not 0 <= item < len(self.paths):
+            raise DataError(f"image {item} is not in {self.path}")
+        path = Path(self.paths[item])
+        return str(path if path.is_absolute() else self.path.parent / path)  # as train --csv reads it
 
-    def _write(self, tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows(self.rows)
+    def answer(self, item: int, value: Any) -> None:
+        """Write `value` (the page's entry: text, or a list of labels) as the label of image
+        `item`, read by the task (DataError for one it refuses), merged into the file as it
+        is now (`_merge`; ConflictError when the file contradicts it)."""
+        self.image(item)
+        path = self.paths[item]
+        label = self.task.parse_label(value, self.delim, f"label of {path}")
+        text = self.task.label_text(label, self.delim).strip()
+        if not text:
+            raise DataError(f"label {value!r} for {path}: an empty label cannot be told from an unanswered row in "
+                            f"{self.path.name}; skip the image (s) instead")
+        if "\n" in text or "\r" in text:
+            raise DataError(f"label {value!r}: give one line of text")
+        with self.lock:
+            for _ in range(MERGE_TRIES):
+                try:
+                    self._merge(path, text)
+                    return
+                except FileChanged:
+                    continue  # written by someone else between our read and our write: read it again
+        raise DataError(f"{self.path} kept changing while the answer was written ({MERGE_TRIES} tries); try again")
+
+    def _merge(self, path: str, text: str) -> None:
+        """Read the file as it is now, set the label of `path`'s unlabelled rows, and write
+        it back unless it changed since it was read (FileChanged)."""
+        before = file_identity(self.path)
+        rows, label_i = self._read()
+        mine = [r for r in rows[1:] if r and r[0] == path]
+        if not mine:
+            raise ConflictError(f"{path} is no longer in {self.path} (the file was rewritten while the page was "
+                                "open): reload the page")
+        other = sorted({_cell(r, label_i).strip() for r in mine} - {"", text})
+        if other:
+            raise ConflictError(f"{path} was labelled {other[0]!r} in {self.path.name} meanwhile (in a spreadsheet, "
+                                "or on another page): nothing was changed; reload the page")
+        for r in mine:
+            r.extend([""] * (label_i + 1 - len(r)))
+            r[label_i] = text
+        write_csv(self.path, rows[0], rows[1:], expected=before)
 
 
-def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | None = None) -> Any:
+class ConflictError(DataError):
+    """An answer the file contradicts (409): the row is gone or was labelled otherwise."""
+
+
+def _cell(row: list[str], i: int | None) -> str:
+    return row[i] if i is not None and i < len(row) else ""
+
+
+def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | None = None, task: str = "auto",
+                      delim: str = " ") -> Any:
     """The review page and its API over `label_file`; `classes`: the buttons (default: the
-    labels and guesses in the file)."""
+    labels and guesses in the file); `task`, `delim`: how its labels read (auto: as
+    `train --csv` reads the file)."""
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi.responses import FileResponse, HTMLResponse
     except ImportError:
         raise VisiontuneError("review needs fastapi: pip install 'visiontune[serve]'") from None
-    labels = LabelFile(label_file)
-    names = classes or labels.classes()
-    page = PAGE.replace("__FILE__", html.escape(str(labels.path))).replace(
-        "__CLASSES__", json.dumps(names).replace("</", "<\\/"))
+    labels = LabelFile(label_file, task, delim)
+    spec = page_spec(labels.task, classes or labels.classes())
+    page = (PAGE.replace("__ENTRY__", ENTRY).replace("__STYLE__", STYLE.replace("__WIDTH__", "720"))
+            .replace("__HELP__", HELP[labels.task.label_entry])
+            .replace("__PLACEHOLDER__", "the number" if labels.task.label_entry == "type" else "another label")
+            .replace("__FILE__", html.escape(str(labels.path))).replace("__SPEC__", spec_json(spec)))
     app = FastAPI(title="visiontune review")
 
     @app.get("/", response_class=HTMLResponse)
@@ -159,30 +302,38 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
 
     @app.get("/api/queue")
     def queue() -> dict:
-        return {"classes": names, "items": labels.pending()}
-
-    @app.get("/image/{row}")
-    def image(row: int) -> Any:
         try:
-            return FileResponse(labels.image(row))
+            return {"classes": spec["classes"], "items": labels.pending()}
+        except DataError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.get("/image/{item}")
+    def image(item: int) -> Any:
+        try:
+            return FileResponse(labels.image(item))
         except DataError as exc:
             raise HTTPException(404, str(exc)) from None
 
     @app.post("/api/label")
     def label(answer: dict) -> dict:
         try:
-            labels.answer(int(answer.get("row", -1)), str(answer.get("label", "")))
-        except (DataError, ValueError) as exc:
+            labels.answer(int(answer.get("id", -1)), answer.get("label", ""))
+            return {"ok": True, "remaining": len(labels.pending())}
+        except ConflictError as exc:
+            raise HTTPException(409, str(exc)) from None
+        except (DataError, ValueError, TypeError) as exc:
             raise HTTPException(400, str(exc)) from None
-        return {"ok": True, "remaining": len(labels.pending())}
+        except OSError as exc:
+            raise HTTPException(500, f"could not write {labels.path}: {exc}") from None
 
     return app
 
 
-def serve_page(app: Any, host: str = "127.0.0.1", port: int = 8001) -> None:
-    """Serve a review page (this one, or analysis/run_review.py's) until Ctrl+C."""
+def serve_page(app: Any, host: str = "127.0.0.1", port: int = 8001, allowed_hosts: Sequence[str] = ()) -> None:
+    """Serve a review page (this one, or analysis/run_review.py's) until Ctrl+C, answering
+    only requests addressed to this machine, `host` or `allowed_hosts` (visiontune.web)."""
     try:
         import uvicorn
     except ImportError:
         raise VisiontuneError("review needs uvicorn: pip install 'visiontune[serve]'") from None
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(guard_hosts(app, host, allowed_hosts), host=host, port=port, log_level="warning")

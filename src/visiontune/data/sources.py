@@ -293,9 +293,10 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
             source.excluded.append((it.path, "listed in --exclude"))
         else:
             kept.append(replace(it, label=fixes[k]) if k in fixes else it)
-    unknown = sorted(set(fixes) - set(keys))
-    if unknown:
-        log.warning("--relabel lists %d paths that are not in the data, e.g. %s", len(unknown), unknown[0])
+    for option, listed in (("--relabel", set(fixes)), ("--exclude", dropped)):
+        unknown = sorted(listed - set(keys))
+        if unknown:
+            log.warning("%s lists %d paths that are not in the data, e.g. %s", option, len(unknown), unknown[0])
     source.items = kept
 
 

@@ -1,9 +1,10 @@
 """Labels from tables: a CSV of path,label[,split][,group], and the path lists of
---relabel / --exclude / groups files."""
+--relabel / --exclude / groups files. Cells are read as `files.read_csv` reads them: one
+leading single quote (what visiontune's CSVs, and spreadsheets, put before text that would
+run as a formula) is not part of the value."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
 from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
+from visiontune.files import read_csv
 from visiontune.tasks.catalog import task_class
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
@@ -27,8 +29,7 @@ SUGGESTION_LABELS = ("label", *MULTI_LABEL_COLUMNS[:1])  # the label columns `su
 def suggestion_table(path: str | os.PathLike[str]) -> tuple[list[list[str]], int] | None:
     """The rows (header first) of a suggestions CSV (`visiontune suggest`: path, label or
     labels, prediction, ...) and its label column's index; None for a file of another shape."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
+    rows = read_csv(path)
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if header[:1] != ["path"] or not set(SUGGESTION_LABELS) & set(header):
         return None
@@ -40,8 +41,7 @@ def read_path_column(path: str, what: str) -> list[list[str]]:
     a header row naming the path column is skipped)."""
     if not os.path.isfile(path):
         raise DataError(f"{what} file {path!r} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and r[0].strip()]
+    rows = [r for r in read_csv(path) if r and r[0].strip()]
     if rows and rows[0][0].strip().lower() in PATH_COLUMNS:
         rows = rows[1:]
     return rows
@@ -65,12 +65,11 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
     if not csv_path.is_file():
         raise DataError(f"label file {str(csv_path)!r} does not exist")
     base = root if str(root) not in ("", ".") and root.is_dir() else csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
+    rows = read_csv(csv_path)
     if not rows:
         raise DataError(f"label file {str(csv_path)!r} is empty")
     path_i, label_i, split_i, group_i, body = _csv_columns(rows, cfg, csv_path)
-    task, detected = _csv_task(rows, label_i, body is not rows, cfg)
+    task, detected = csv_task(rows, label_i, body is not rows, cfg)
     source = DataSource(root=str(base), classes=[], items=[], detected=detected,
                         target_name=rows[0][label_i].strip() if body is not rows and label_i < len(rows[0]) else "")
     base_real = os.path.realpath(base)
@@ -94,7 +93,7 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
     return source
 
 
-def _csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:
+def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:
     """(task shape, how it was detected): --task, else multi-label for a label column
     named like fastai's and Kaggle's label sets ("labels", "tags"), else single-label."""
     if cfg.task != "auto":

@@ -25,7 +25,6 @@ by the digest stored at shard time, so frozen phases read each image once.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -47,7 +46,7 @@ from visiontune.data.images import has_image_extension, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
 from visiontune.data.labels import MULTI, SINGLE, Label, class_index
 from visiontune.errors import DataError
-from visiontune.files import file_digest, identity_digest, write_csv, write_json
+from visiontune.files import file_digest, identity_digest, read_csv_dicts, write_csv, write_json
 from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
 from visiontune.tasks.catalog import task_class
 
@@ -178,10 +177,9 @@ def _indexed_source(folder: Path) -> DataSource:
     described = json.loads((folder / DATASET_FILE).read_text())
     task, delim = task_class(described["task"]), described.get("label_delim", " ")
     source = DataSource(root=str(folder), classes=[], items=[])
-    with open(folder / INDEX_FILE, newline="") as fh:
-        for row in csv.DictReader(fh):
-            label: Label = task.parse_label(row["label"], delim, f"{INDEX_FILE}: {row['key']}")
-            source.items.append(Item(f"{folder / row['shard']}#{row['key']}", label, row["split"], row["group"]))
+    for row in read_csv_dicts(folder / INDEX_FILE):
+        label: Label = task.parse_label(row["label"], delim, f"{INDEX_FILE}: {row['key']}")
+        source.items.append(Item(f"{folder / row['shard']}#{row['key']}", label, row["split"], row["group"]))
     check_shard_folder(folder, described, source.items)
     return source
 
@@ -239,9 +237,8 @@ def shard_digests(paths: list[str]) -> list[str]:
     for folder in {os.path.dirname(p.split("#")[0]) for p in paths}:
         index = Path(folder) / INDEX_FILE
         if index.is_file():
-            with open(index, newline="") as fh:
-                indexed.update({os.path.join(folder, r["shard"]) + "#" + r["key"]: r["digest"]
-                                for r in csv.DictReader(fh)})
+            indexed.update({os.path.join(folder, r["shard"]) + "#" + r["key"]: r["digest"]
+                            for r in read_csv_dicts(index)})
     return [indexed.get(p) or _stand_in_digest(p) for p in paths]
 
 

@@ -13,7 +13,9 @@ Built to stay responsive under load on a small machine:
   moment (up to `max_batch`), so the event loop never blocks: the page and other requests
   are answered while the model works;
 - at most `max_pending` requests are decoding or waiting for the model at once; past that a
-  request gets 503 with Retry-After at once, so the backlog (and its memory) stays bounded.
+  request gets 503 with Retry-After at once, so the backlog (and its memory) stays bounded;
+- `serve` answers only requests addressed to this machine, `--host` and `--allowed-host`
+  (visiontune.web: another site's page cannot drive it through DNS rebinding).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
@@ -25,6 +27,7 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -39,6 +42,7 @@ from visiontune.errors import VisiontuneError
 from visiontune.runtime.batchsize import MicroBatcher
 from visiontune.runtime.device import to_device
 from visiontune.runtime.inference import forward_chunks
+from visiontune.web import guard_hosts
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 48 MP phone photo fits; a 12000 x 12000 decompression bomb does not
@@ -240,10 +244,12 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
 
 
 def serve(run: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, top_k: int = 3,
-          max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING) -> None:
+          max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, allowed_hosts: Sequence[str] = ()) -> None:
+    """Serve the app until Ctrl+C, answering only requests addressed to this machine, `host`
+    or `allowed_hosts` (visiontune.web)."""
     try:
         import uvicorn
     except ImportError:
         raise VisiontuneError("serve needs uvicorn: pip install 'visiontune[serve]'") from None
-    uvicorn.run(create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending), host=host, port=port,
-                log_level="warning")
+    app = create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending)
+    uvicorn.run(guard_hosts(app, host, allowed_hosts), host=host, port=port, log_level="warning")

@@ -29,13 +29,11 @@ prediction reads and which CSV column holds labels.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +49,7 @@ from visiontune.data.sources import load_items, unlabelled_images
 from visiontune.data.tables import suggestion_table
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import ConfigError, DataError
-from visiontune.files import atomic_write
+from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
@@ -97,13 +95,8 @@ class Suggestions:
         earlier file at `path` whose label is filled in are kept, first (nothing labelled is
         lost); returns how many."""
         kept = filled_rows(path)
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                out = csv.writer(fh)
-                out.writerow(["path", self.label_column, "prediction", "reason", "score"])
-                out.writerows(kept)
-                out.writerows([r.path, "", r.prediction, r.reason, f"{r.score:.6g}"] for r in self.rows)
-        atomic_write(Path(path), write)
+        write_csv(path, ["path", self.label_column, "prediction", "reason", "score"],  # a formula cell gets a quote
+                  [*kept, *([r.path, "", r.prediction, r.reason, f"{r.score:.6g}"] for r in self.rows)])
         return len(kept)
 
     def format(self) -> str:

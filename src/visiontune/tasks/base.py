@@ -135,6 +135,9 @@ class Task(ABC):
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
     label_column: ClassVar[str] = "label"  # the CSV column `suggest` writes, named so `train --csv` reads this shape
     ensemble: ClassVar[int] = 1  # fits whose disagreement `uncertainty` reads (1: one model's outputs say it)
+    # how a person gives a label on the review pages: "choose" one class, "toggle" the
+    # labels of a set, "type" a value (analysis/review.py draws each)
+    label_entry: ClassVar[str] = "choose"
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -163,6 +166,22 @@ class Task(ABC):
     def label_text(cls, label: Any, delim: str = " ") -> str:
         """The label as a table cell (splits.csv, shard indexes, --relabel)."""
         return str(label)
+
+    @classmethod
+    def entry(cls, label: Any, delim: str = " ") -> Any:
+        """A label as the review pages edit it (JSON: a class name; a list of labels; a
+        number's text); `parse_label` reads what the page sends back."""
+        return cls.label_text(label, delim)
+
+    @classmethod
+    def shown(cls, label: Any) -> str:
+        """A label as the review pages show it."""
+        return cls.label_text(label)
+
+    @classmethod
+    def change(cls, given: Any, suggested: Any) -> str:
+        """What relabelling from `given` to `suggested` means, as the review page shows it."""
+        return cls.shown(suggested)
 
     @classmethod
     def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -273,6 +292,11 @@ class Task(ABC):
         return nn.Identity()
 
     # -- the output side -----------------------------------------------------------------
+
+    def label_of(self, decoded: Decoded) -> Any:
+        """The label a prediction gives an image, in the data's shape (the class; the set
+        above the thresholds; the number): what `review` suggests as its new label."""
+        return decoded.labels[0]
 
     def explained(self, decoded: Decoded, most: int = 3) -> list[str]:
         """The outputs (class names) Grad-CAM explains for one prediction: the predicted

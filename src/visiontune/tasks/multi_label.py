@@ -24,6 +24,7 @@ from visiontune.data.labels import (
     check_label_names,
     indicator,
     label_counts,
+    label_set,
     multi_label_lines,
     parse_label_set,
 )
@@ -75,6 +76,7 @@ class MultiLabel(Task):
     units = ("label", "labels")
     mixup_targets = "multi-hot"
     label_column = MULTI_LABEL_COLUMNS[0]  # a 'labels' column reads as label sets under --task auto
+    label_entry = "toggle"
 
     @classmethod
     def parse_label(cls, text: Any, delim: str, where: str) -> Any:
@@ -85,6 +87,21 @@ class MultiLabel(Task):
     @classmethod
     def label_text(cls, label: Any, delim: str = " ") -> str:
         return delim.join(label) if isinstance(label, tuple) else str(label)
+
+    @classmethod
+    def entry(cls, label: Any, delim: str = " ") -> Any:
+        return list(label_set(label))
+
+    @classmethod
+    def shown(cls, label: Any) -> str:
+        return ", ".join(label_set(label)) or "(none)"
+
+    @classmethod
+    def change(cls, given: Any, suggested: Any) -> str:
+        """The new set and the changes: "dog (+dog -cat)"."""
+        before, after = set(label_set(given)), set(label_set(suggested))
+        changes = [f"+{c}" for c in sorted(after - before)] + [f"-{c}" for c in sorted(before - after)]
+        return f"{cls.shown(suggested)} ({' '.join(changes) or 'no change'})"
 
     @classmethod
     def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -133,6 +150,9 @@ class MultiLabel(Task):
 
     def output_targets(self, targets: np.ndarray) -> np.ndarray:
         return np.asarray(targets, dtype=float)
+
+    def label_of(self, decoded: Decoded) -> Any:
+        return tuple(sorted(decoded.labels))
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
         return {**super().record(decoded), "probs": decoded.scores}

@@ -66,6 +66,7 @@ class Regression(Task):
     card_tag = "image-regression"
     mixup_targets = None
     confusable = False
+    label_entry = "type"
     ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty
 
     def __init__(self, classes: Sequence[str], mean: float = 0.0, std: float = 1.0,
@@ -100,6 +101,10 @@ class Regression(Task):
     @classmethod
     def label_text(cls, label: Any, delim: str = " ") -> str:
         return repr(float(label))
+
+    @classmethod
+    def shown(cls, label: Any) -> str:
+        return f"{float(label):.6g}"
 
     @classmethod
     def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -264,6 +269,9 @@ class Regression(Task):
 
     def default_monitor(self, imbalance: float) -> str:
         return "val_loss"
+
+    def label_of(self, decoded: Decoded) -> Any:
+        return float(decoded.value) if decoded.value is not None else float(decoded.probs[0])
 
     def explained(self, decoded: Decoded, most: int = 3) -> list[str]:
         return self.classes[:1]

@@ -4,7 +4,6 @@ directory, assemble the callbacks, train, summarise. `api.fit` and the selection
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from visiontune.files import (
     claim_dir,
     evict,
     guarded,
+    read_csv_dicts,
     write_csv,
     write_json,
     write_text,
@@ -308,8 +308,7 @@ def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None
     splits = run_dir / "splits.csv"
     if not splits.is_file():
         return
-    with open(splits, newline="") as fh:
-        before = {r["path"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
+    before = {r["path"]: (r["label"], r["split"]) for r in read_csv_dicts(splits)}
     text = task_class(source.task).label_text
     now = {it.path: (text(it.label, delim), it.split) for it in source.items}
     changes = [(what, paths) for what, paths in (
