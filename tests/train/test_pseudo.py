@@ -5,6 +5,10 @@ run's own images left out, pseudo_labels.csv recorded), and the refusals."""
 from __future__ import annotations
 
 import csv
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +95,56 @@ def test_few_images_per_class_never_crash_the_choice() -> None:
     single = np.arange(10)
     *_, report = pseudo.with_pool(x[[list(y).index(c) for c in range(10)]], single, pool, task, fit, seed=0)
     assert report.fraction == 0 and not report.kept.any()
+
+
+def pool_rows(run: vt.FitResult) -> set[str]:
+    with open(Path(run.run_dir) / "pseudo_labels.csv", newline="") as fh:
+        return {os.path.relpath(r["path"], Path(run.run_dir).parent.parent) for r in csv.DictReader(fh)}
+
+
+def test_copies_of_the_runs_images_and_excluded_files_stay_out_of_the_pool(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The pool is compared with the run's images by bytes, not by path alone: a copy of a
+    validation image under another name would be pseudo-labelled and trained on (and
+    inflate validation). A file the user left out with --exclude came back through the
+    pool when the pool held the data folder."""
+    photos = tmp_path / "photos"
+    make_class_folders(photos / "data" / "train", {"red": 5, "green": 5})
+    make_class_folders(photos / "data" / "valid", {"red": 3, "green": 3}, start_seed=100)
+    make_class_folders(photos / "pool", {"red": 6, "green": 6}, start_seed=400)
+    shutil.copy(photos / "data" / "valid" / "red" / "red_000.png", photos / "pool" / "red" / "holiday.png")
+    shutil.copy(photos / "data" / "train" / "green" / "green_001.png", photos / "pool" / "green" / "again.png")
+    (tmp_path / "exclude.txt").write_text(f"{photos / 'data' / 'train' / 'green' / 'green_004.png'}\n")
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        run = vt.fit(photos / "data", unlabeled=str(photos), exclude=str(tmp_path / "exclude.txt"),
+                     strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"), **TINY)
+    assert pool_rows(run) == {f"photos/pool/{c}/{c}_{i:03d}.png" for c in ("red", "green") for i in range(6)}
+    (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
+    assert "12 images to learn from" in said and "2 the same bytes as a labelled image" in said
+    assert "1 left out of the data (--exclude)" in said and "15 labelled already" in said
+
+
+def test_unreadable_pool_files_are_skipped_and_listed_in_every_phase(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated JPEG and a text file named .jpg in the pool: the run checks the pool
+    before any phase, lists both with the reason (as the data summary lists labelled
+    files), and trains on the rest in the probe's phase (pseudo-labels) and in the phase
+    that trains the backbone (the consistency term: BatchNorm statistics kept, so that
+    gradual's first phase is the converged probe). It stopped halfway with a traceback."""
+    from PIL import Image
+
+    data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
+    pool = make_class_folders(tmp_path / "pool", {"red": 6, "green": 6}, start_seed=400)
+    whole = tmp_path / "whole.jpg"
+    Image.open(pool / "red" / "red_000.png").convert("RGB").save(whole, quality=95)
+    (pool / "red" / "truncated.jpg").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    (pool / "green" / "notes.jpg").write_text("a shopping list, not a photo\n")
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        run = vt.fit(data, unlabeled=str(pool), strategy="gradual", epochs=2, consistency_threshold=0.0,
+                     trainable_bn="eval", output=str(tmp_path / "runs"), **dict(TINY, valid_pct=0.25))
+    assert {Path(p).suffix for p in pool_rows(run)} == {".png"} and len(pool_rows(run)) == 12
+    with open(Path(run.run_dir) / "consistency.csv", newline="") as fh:
+        assert [r["seen"] for r in csv.DictReader(fh)] == ["12"]  # the fine-tuning phase saw the 12 good ones
+    (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
+    assert "skipped 2 files that cannot be read:" in said
+    assert re.search(r"truncated\.jpg: cannot decode", said) and re.search(r"notes\.jpg: cannot decode", said)
