@@ -17,7 +17,7 @@ import pytest
 import visiontune as vt
 from conftest import TINY, make_class_folders
 from tasks.test_regression import make_regression_data
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import make_task
 from visiontune.train import pseudo
 from visiontune.train.probe import fit_probe
@@ -84,6 +84,8 @@ def test_runs_that_cannot_pseudo_label_are_refused_before_any_work(tmp_path: Pat
     with pytest.raises(ConfigError, match="this run has neither"):
         vt.fit(data, unlabeled=str(pool), strategy="feature-extract", probe="sgd", epochs=1,
                output=str(tmp_path / "r"), **TINY)
+    with pytest.raises(DataError, match=r"no unlabelled image there \(12 labelled already\)"):
+        vt.fit(data, unlabeled=str(data), strategy="feature-extract", epochs=1, output=str(tmp_path / "r"), **TINY)
     numbers = make_regression_data(tmp_path / "numbers", n=20)
     with pytest.raises(ConfigError, match="no confidence"):
         vt.fit(numbers, csv="targets.csv", task="regression", unlabeled=str(pool), strategy="feature-extract",

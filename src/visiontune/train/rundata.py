@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, Weig
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, mix_seed, train_dataset
-from visiontune.data.pool import Pool, unlabelled_pool
+from visiontune.data.pool import Pool, reason_counts, unlabelled_pool
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.splits import group_keys
 from visiontune.data.transforms import train_side, train_transform
@@ -287,8 +287,9 @@ class RunData:
         if self.env.is_main:
             log.info("%s", pool.report())
         if not pool.paths:
-            raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there (every image is "
-                            "labelled in this run, left out, or unreadable, or none was found)")
+            why = reason_counts(pool.excluded + pool.unreadable) or "no image files"
+            raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there ({why}); give a folder "
+                            "of images that this run is not trained on")
         return pool
 
     def _pool_files(self) -> list[str]:
