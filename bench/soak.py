@@ -17,6 +17,10 @@ enough for the cases that only happen at scale, checked sample by sample.
    model's prediction of that row's own file.
 6. The same training again, one process SIGKILLed mid-epoch 2, then `--resume`: the
    history and weights must equal the uninterrupted run's.
+7. An unlabelled pool of new images (max(300, IMAGES / 100)) with copies of 20 validation
+   images and of 10 pool images under other names, a truncated JPEG and a text file named
+   .jpg: `suggest --run` (on the shard-trained run) picks only new images (50, or all that
+   are not near-copies of labelled ones) and lists what it left out and why; `train --unlabeled` on the shards pseudo-labels exactly the new images.
 
 Prints one line per check and a JSON summary (also WORK/soak.json); exit status 1 when a
 check fails. Each stage runs in its own process; nothing is shared with other benches.
@@ -226,6 +230,53 @@ def check_resume(report: dict, work: Path, shards: Path, processes: int, workers
           and losses < 1e-4, f"weights {weights:.1e}, losses {losses:.1e}")
 
 
+def make_pool(work: Path, data: Path, n: int) -> Path:
+    """WORK/pool: new/ (n images of another seed), zz_copies/ (20 validation images and 10
+    of new/ under other names; sorted after new/, so the originals are the ones kept) and
+    broken/ (a truncated JPEG, a text file named .jpg)."""
+    pool = work / "pool"
+    shutil.rmtree(pool, ignore_errors=True)
+    fresh = make_images(pool / "new", n, seed=1)
+    copies = pool / "zz_copies"
+    copies.mkdir(parents=True)
+    for i, path in enumerate(sorted((data / "valid").rglob("*.jpg"))[:20]):
+        shutil.copy(path, copies / f"valid_{i}.jpg")
+    for i, path in enumerate(fresh[:10]):
+        shutil.copy(path, copies / f"again_{i}.jpg")
+    (pool / "broken").mkdir()
+    whole = Path(fresh[0]).read_bytes()
+    (pool / "broken" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    (pool / "broken" / "notes.jpg").write_text("a shopping list, not a photo\n")
+    return pool
+
+
+def check_pool(report: dict, work: Path, data: Path, shards: Path, run: Path, images: int, workers: int) -> None:
+    import visiontune as vt
+    from visiontune.selection.suggest import suggest
+
+    started = time.perf_counter()
+    pool = make_pool(work, data, max(300, images // 100))
+    fresh = {os.path.realpath(p) for p in (pool / "new").rglob("*.jpg")}
+    result = suggest(pool, run=run, n=50, method="diverse")
+    why: dict[str, int] = {}
+    for _, reason in result.excluded:
+        why[reason] = why.get(reason, 0) + 1
+    check(report, "suggest picks only new pool images", 0 < len(result.rows) == min(50, result.pool)
+          and all(os.path.realpath(r.path) in fresh for r in result.rows), f"{len(result.rows)} of {result.pool}")
+    check(report, "suggest leaves out copies of the run's images and of pool images",
+          why.get("the same bytes as a labelled image") == 20 and why.get("the same bytes as another pool image") == 10,
+          why)
+    check(report, "suggest skips and lists the unreadable pool files",
+          sorted(Path(p).name for p, _ in result.unreadable) == ["notes.jpg", "truncated.jpg"], result.unreadable)
+    learnt = vt.fit(str(shards), unlabeled=str(pool), **{**RECIPE, "strategy": "feature-extract", "epochs": 1,
+                                                          "num_workers": workers, "output": str(work / "runs"),
+                                                          "name": "pool"})
+    with open(Path(learnt.run_dir) / "pseudo_labels.csv", newline="") as fh:
+        rows = [os.path.realpath(r["path"]) for r in csv.DictReader(fh)]
+    report["pool"] = {"images": len(fresh), "left_out": why, "seconds": time.perf_counter() - started}
+    check(report, "--unlabeled pseudo-labels exactly the new pool images", sorted(rows) == sorted(fresh), len(rows))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work")
@@ -249,6 +300,7 @@ def main() -> int:
     check_predict(report, run, shards, data)
     check_cv(report, work, shards, a.workers)
     check_resume(report, work, shards, a.processes, a.workers, run)
+    check_pool(report, work, data, shards, run, a.images, a.workers)
     report["seconds"] = time.perf_counter() - started
     (work / "soak.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))

@@ -6,7 +6,8 @@
     <run>/preprocess.json     input size, mean/std, interpolation, crop_pct
     <run>/history.jsonl|.csv  one row per epoch
     <run>/metrics.json        final validation metrics
-    <run>/environment.json    versions, machine, seed
+    <run>/environment.json    versions, machine, seed, the working folder (splits.csv's relative
+                              paths are relative to it)
     <run>/splits.csv          every image with its label and split
     <run>/excluded.txt        files left out and why
     <run>/checkpoints/last.pt full training state for --resume (tensors only)
@@ -109,13 +110,38 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return Bundle(model, task, pre, str(file.parent), cfg)
 
 
+WORKING_FOLDER = "working_folder"  # environment.json: the folder the run was trained from
+
+
 def run_splits(run: str | os.PathLike[str], task: Task, delim: str = " ") -> list[tuple[str, Any, str]]:
     """(path, label, split) of every image the run was trained, validated and tested on
     (its splits.csv), labels in the task's shape; [] when the run has no splits.csv."""
     path = Path(run) / "splits.csv"
     if not path.is_file():
         return []
-    return [(r["path"], task.parse_label(r["label"], delim, "splits.csv"), r["split"]) for r in read_csv_dicts(path)]
+    base = working_folder(run)
+    return [(_from(base, r["path"]), task.parse_label(r["label"], delim, "splits.csv"), r["split"])
+            for r in read_csv_dicts(path)]
+
+
+def working_folder(run: str | os.PathLike[str]) -> str | None:
+    """The folder the run was trained from (environment.json), which its splits.csv's
+    relative paths are relative to; None for a run that did not record it."""
+    try:
+        with open(Path(run) / "environment.json", encoding="utf-8") as fh:
+            folder = json.load(fh).get(WORKING_FOLDER)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder if isinstance(folder, str) and folder else None
+
+
+def _from(base: str | None, path: str) -> str:
+    """A splits.csv path as it reads from the current folder: a relative one joined to the
+    run's working folder when that is another one (`suggest --run`, `interpret`, `review`
+    from elsewhere), else as written."""
+    if base is None or os.path.isabs(path) or os.path.abspath(base) == os.getcwd():
+        return path
+    return os.path.join(base, path)
 
 
 def read_config(path: str | os.PathLike[str], strict: bool = False) -> RunConfig:
@@ -143,6 +169,7 @@ def environment(cfg: RunConfig, device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "seed": cfg.seed,
+        WORKING_FOLDER: os.getcwd(),  # splits.csv's relative paths are relative to it (run_splits)
     }
 
 

@@ -129,19 +129,22 @@ def _add_training_commands(sub: Any) -> None:
 def _add_suggest_command(sub: Any) -> None:
     p = sub.add_parser("suggest", help="which unlabelled images to label next (typical images first, then the "
                        "model's least sure ones, spread out), written to a CSV that train --csv reads back")
-    p.add_argument("pool", nargs="+", help="folders (searched recursively) and files of unlabelled images")
+    p.add_argument("pool", nargs="+", help="folders (searched recursively) and files of unlabelled images (files "
+                   "that do not decode are skipped and listed)")
     p.add_argument("--run", help="a trained run: its model's uncertainty; its own images count as labelled")
     p.add_argument("--labelled", metavar="DATA", help="images labelled so far: a folder as train reads it, or the "
                    "folder --csv paths are relative to")
     p.add_argument("--csv", help="labels so far: a CSV of path,label (e.g. a filled-in to_label.csv)")
     p.add_argument("--n", type=int, default=100, help="images to suggest (100)")
     p.add_argument("--method", choices=SUGGEST_METHODS, default="auto",
-                   help="auto: typical while the median class has under 5 labels (or nothing is labelled), else "
+                   help="auto: typical while the median class (target) has under 5 labels (or nothing is "
+                   "labelled), else "
                    "diverse; typical: the most typical image of each unlabelled cluster (TypiClust); uncertain: "
                    "the model's least sure; diverse: least sure and unlike each other (uncertainty-weighted "
                    "k-means++); random: a seeded sample")
     p.add_argument("--output", default="to_label.csv", help="CSV to write: path, label (empty: fill it in), "
-                   "prediction, reason, score (to_label.csv)")
+                   "prediction, reason, score (to_label.csv); the rows filled in so far are kept first and count "
+                   "as labelled, besides --run, --labelled and --csv")
     for flag, what in (("--backbone", "frozen model without --run (the default backbone)"),
                        ("--weights", "its weights (pretrained)"), ("--image-size", "its input size"),
                        ("--task", "shape of the --labelled labels (auto)"), ("--label-delim", "separator of label sets"),

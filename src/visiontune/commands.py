@@ -84,12 +84,10 @@ def suggest_labels(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key in ("backbone", "weights", "image_size", "task", "label_delim",
                                                      "device", "engine", "cache_dir", "seed")
                  if getattr(args, key) is not None}
-    csv_path = args.csv
-    if csv_path is None and args.labelled is None and filled_rows(args.output):
-        csv_path = args.output  # the labels filled in so far count: they are not suggested again
+    if filled_rows(args.output):  # the labels filled in so far count, with --labelled / --csv / --run alike
         print(f"labelled so far: the filled-in rows of {args.output}")
     result = suggest(args.pool if len(args.pool) > 1 else args.pool[0], run=args.run, labelled=args.labelled,
-                     csv=csv_path, n=args.n, method=args.method, **overrides)
+                     csv=args.csv, output=args.output, n=args.n, method=args.method, **overrides)
     kept = result.write_csv(args.output)
     print(result.format())
     print(f"wrote {args.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")

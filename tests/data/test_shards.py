@@ -230,3 +230,25 @@ def test_unlabelled_pool_along_shards_counts_every_pool_image(three_class_shards
     # pool cycles: 8 + 7 + 8 views an epoch, every pool image at least once
     assert all(r["seen"] == r["passed"] == "23" for r in rows), rows
     assert all(sum(int(r[c]) for c in ("red", "green", "blue")) == 23 for r in rows)
+
+
+def test_a_shard_trained_runs_images_stay_out_of_the_pool_by_their_bytes(three_class_shards: tuple[Path, Path],
+                                                                          tmp_path: Path, tiny: dict) -> None:
+    """A run trained on shards lists its images as shard samples: a pool file with the same
+    bytes as one of them (the index holds each sample's digest) is neither suggested nor
+    pseudo-labelled. `suggest` took the samples for missing files and suggested the copy."""
+    import csv
+    import shutil
+
+    from visiontune.selection.suggest import suggest
+
+    data, shards = three_class_shards
+    pool = make_class_folders(tmp_path / "pool", {"red": 4, "green": 4}, 300)
+    shutil.copy(data / "valid" / "red" / "red_000.png", pool / "red" / "seen_before.png")
+    run = vt.fit(shards, **dict(tiny, strategy="feature-extract", epochs=1, unlabeled=str(pool),
+                                output=str(tmp_path / "runs")))
+    with open(Path(run.run_dir) / "pseudo_labels.csv", newline="") as fh:
+        assert sorted(Path(r["path"]).name for r in csv.DictReader(fh)) == sorted(p.name for p in pool.rglob("*_0*"))
+    result = suggest(pool, run=run.run_dir, n=9, method="random")
+    assert len(result.rows) == 8 and "seen_before.png" not in {Path(r.path).name for r in result.rows}
+    assert (str(pool / "red" / "seen_before.png"), "the same bytes as a labelled image") in result.excluded

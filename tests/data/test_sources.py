@@ -211,3 +211,24 @@ def test_exclude_reads_the_review_format_and_reports_paths_that_match_nothing(
         src = load_items(DataConfig(path=str(data), exclude=str(listed), valid_pct=0.25))
     assert str(odd) not in {it.path for it in src.items} and (str(odd), "listed in --exclude") in src.excluded
     assert "--exclude lists 1 paths that are not in the data, e.g. " + str(data / "red" / "gone.png") in caplog.text
+
+
+def test_a_path_listed_twice_is_one_image_or_a_clear_error(tmp_path: Path) -> None:
+    """A CSV that lists an image twice (a merged spreadsheet, a label typed again): with
+    the same label it is one image, and the summary says the row was counted once; with
+    another label, or another split, it is an error naming both rows. Before, each row
+    became an item, and the two copies could land in train and valid."""
+    make_class_folders(tmp_path, {"red": 6, "green": 6})
+    rows = [["path", "label"]] + [[f"{c}/{c}_{i:03d}.png", c] for c in ("red", "green") for i in range(6)]
+    _write_csv(tmp_path / "labels.csv", rows + [["./red/red_000.png", "red"]])  # the same file, spelt otherwise
+    source = load_items(DataConfig(path=str(tmp_path), csv="labels.csv", valid_pct=0.5), seed=0)
+    assert len(source.items) == 12 and len({os.path.realpath(it.path) for it in source.items}) == 12
+    assert "listed again on labels.csv:14, as on labels.csv:2: counted once" in source.summary()
+    _write_csv(tmp_path / "labels.csv", rows + [["red/red_000.png", "green"]])
+    with pytest.raises(DataError, match=r"labels\.csv:14 lists .*red_000\.png.* again with another label "
+                                        r"\('green'; labels\.csv:2 says 'red'\)"):
+        load_items(DataConfig(path=str(tmp_path), csv="labels.csv"))
+    split = [["path", "label", "split"]] + [[p, c, "train"] for p, c in rows[1:]] + [["red/red_000.png", "red", "valid"]]
+    _write_csv(tmp_path / "labels.csv", split)
+    with pytest.raises(DataError, match="again with another split"):
+        load_items(DataConfig(path=str(tmp_path), csv="labels.csv"))

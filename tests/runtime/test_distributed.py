@@ -246,18 +246,20 @@ def test_a_frozen_phase_with_fewer_validation_images_than_processes_finishes(tmp
 def test_two_processes_count_the_whole_unlabelled_pool(tmp_path: Path) -> None:
     """--unlabeled under torchrun: each process takes its share of the pool (a
     DistributedSampler, 2 workers each); the consistency counts that rank 0 logs and writes
-    are the sums over both, so consistency.csv counts the whole pool each epoch (before:
-    rank 0's half), and both processes hold the same weights."""
+    are merged over both, so consistency.csv counts the whole pool each epoch (before:
+    rank 0's half), and both processes hold the same weights. 15 pool images: the sampler
+    gives each process 8 (one image twice); the counts are by the images' rows, so they
+    say 15 (they said "16 views of the 15 pool images")."""
     import csv
 
     data = make_class_folders(tmp_path / "d", {"red": 12, "green": 12})
-    make_class_folders(tmp_path / "pool", {"red": 10, "green": 10}, start_seed=300)
+    make_class_folders(tmp_path / "pool", {"red": 8, "green": 7}, start_seed=300)
     ranks = _launch(2, data, tmp_path / "out", "pool workers2")
     assert ranks[0]["steps"] == ranks[1]["steps"]
     with open(tmp_path / "out" / "runs" / "run" / "consistency.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert all(r["seen"] == r["passed"] == "20" for r in rows), rows
-    assert all(int(r["red"]) + int(r["green"]) == 20 for r in rows)
+    assert all(r["seen"] == r["passed"] == "15" for r in rows), rows
+    assert all(int(r["red"]) + int(r["green"]) == 15 for r in rows)
     a, b = (load_file(str(tmp_path / "out" / f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)

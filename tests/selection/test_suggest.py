@@ -7,6 +7,7 @@ sets and numbers."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -149,8 +150,15 @@ def test_label_sets_and_numbers(tmp_path: Path) -> None:
     pool = make_regression_data(tmp_path / "numpool", n=15, seed=9) / "images"
     result = suggest(pool, run=run.run_dir, n=4, method="uncertain")
     assert result.method == "uncertain" and len(result.rows) == 4
-    assert all(float(r.prediction) == pytest.approx(float(r.prediction)) for r in result.rows)  # a number
+    predicted = {p.path: p.value for p in vt.predict(run.run_dir, [r.path for r in result.rows], engine="torch")[0]}
+    for r in result.rows:  # the run's own prediction for that image, as a number
+        assert float(r.prediction) == pytest.approx(predicted[r.path], abs=1e-3)
+    assert len({r.prediction for r in result.rows}) == 4  # four images, four numbers
     assert all(r.score >= 0 for r in result.rows) and result.rows[0].score > 0  # the fits' spread
+    # auto counts the labels of the one target: 40 here (it said "0 labels per target" and picked typical)
+    result = suggest(pool, run=run.run_dir, n=4)
+    assert result.method == "diverse" and "40 labels per target" in result.why
+    assert make_task("regression", ["age"]).labels_per_output([1.5, -2.0, float("nan")]) == {"age": 2}
 
 
 def test_bad_requests_are_refused_and_nothing_is_overwritten(tmp_path: Path) -> None:
@@ -177,3 +185,93 @@ def test_a_pool_of_near_copies_only_is_a_clear_error(tmp_path: Path) -> None:
     image.save(tmp_path / "pool" / "retouched.png")
     with pytest.raises(DataError, match="1 a near-copy of a labelled image"):
         suggest(tmp_path / "pool", labelled=data, n=2, **FROZEN)
+
+
+def fill_in(path: Path, label=lambda p: Path(p).parent.name) -> list[dict[str, str]]:
+    """The annotator's part: every row of the suggestions CSV at `path` labelled."""
+    rows = read(path)
+    for r in rows:
+        r["label"] = r["label"] or label(r["path"])
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+@pytest.mark.parametrize("given", ["--labelled", "--csv"])
+def test_the_filled_in_rows_count_beside_labelled_data(tmp_path: Path, given: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """The labelling loop with labels from elsewhere too (a folder, or a CSV): the second
+    round's output still counts the first round's filled-in rows as labelled, so it never
+    asks for them again (it did: --labelled / --csv replaced the output's rows)."""
+    data = make_class_folders(tmp_path / "data", {"red": 3, "green": 3})
+    (data / "labels.csv").write_text("path,label\n" + "".join(f"{p.parent.name}/{p.name},{p.parent.name}\n"
+                                                            for p in sorted(data.rglob("*.png"))))
+    labels = ["--labelled", str(data)] if given == "--labelled" else ["--csv", str(data / "labels.csv")]
+    pool = make_class_folders(tmp_path / "pool", {"red": 12, "green": 12, "blue": 12}, start_seed=300)
+    out = tmp_path / "to_label.csv"
+    argv = ["suggest", str(pool), "--n", "5", "--output", str(out), *labels, "--method", "typical", *FLAGS]
+    assert main(argv) == 0
+    first = fill_in(out)
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "(11 already labelled)" in said  # 6 from --labelled / --csv, 5 filled in
+    second = read(out)
+    assert second[:5] == first
+    assert len(second) == 10 and not {r["path"] for r in second[5:]} & {r["path"] for r in first}
+
+
+def test_a_run_trained_from_another_folder_knows_its_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained on `data/` (a relative path, as a user types it) and asked from
+    another working folder: its splits.csv's relative paths are found from the folder it
+    was trained in, so its own images are never suggested (they all were)."""
+    project = tmp_path / "project"
+    make_class_folders(project / "photos" / "data", {"red": 6, "green": 6})
+    make_class_folders(project / "photos" / "new", {"red": 5, "green": 5}, start_seed=300)
+    monkeypatch.chdir(project)
+    run = vt.fit("photos/data", strategy="feature-extract", epochs=1, output="runs", **TINY)
+    assert read(Path(run.run_dir) / "splits.csv")[0]["path"].startswith("photos/data/")  # relative, as given
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = suggest(project / "photos", run=project / run.run_dir, n=20, method="random")
+    assert {Path(r.path).parent.parent.name for r in result.rows} == {"new"} and len(result.rows) == 10
+    assert sum(why == "labelled already" for _, why in result.excluded) == 12
+
+
+def test_typical_returns_n_when_clusters_hold_only_labelled_images() -> None:
+    """Two tight groups of pool images among twenty far-apart labelled images: k-means
+    gives the pool fewer clusters than the 5 asked for, and typical went on to return 2.
+    It takes the next most typical images of the pool's clusters instead."""
+    rng = np.random.default_rng(0)
+    pool = np.concatenate([rng.normal(0, 0.1, (4, 8)) + 5, rng.normal(0, 0.1, (4, 8)) - 5]).astype(np.float32)
+    labelled = (rng.normal(0, 1, (20, 8)) * 40).astype(np.float32)
+    picks, scores, reasons = typical(pool, 5, labelled=labelled)
+    assert len(picks) == 5 and len(set(picks.tolist())) == 5 and len(scores) == len(reasons) == 5
+    assert {int(p) < 4 for p in picks} == {True, False}  # both groups, before any second pick of one
+    assert any("2nd most typical" in r for r in reasons)
+    picks, _, _ = typical(pool, 20, labelled=labelled)
+    assert sorted(picks.tolist()) == list(range(8))  # all there are
+
+
+def test_a_corrupt_pool_file_is_skipped_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated JPEG and a text file named .jpg in the pool: `suggest` ranks the rest,
+    lists both with the reason, and never suggests them (it stopped with a traceback in
+    feature extraction)."""
+    from PIL import Image
+
+    pool = make_class_folders(tmp_path / "pool", {"red": 6, "green": 6})
+    whole = tmp_path / "whole.jpg"
+    Image.open(pool / "red" / "red_000.png").convert("RGB").save(whole, quality=95)
+    (pool / "red" / "truncated.jpg").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    (pool / "green" / "notes.jpg").write_text("a shopping list, not a photo\n")
+    out = tmp_path / "to_label.csv"
+    assert main(["suggest", str(pool), "--n", "12", "--output", str(out), *FLAGS]) == 0
+    said = capsys.readouterr().out
+    assert "skipped 2 files that cannot be read:" in said
+    assert re.search(r"truncated\.jpg: cannot decode", said) and re.search(r"notes\.jpg: cannot decode", said)
+    assert {Path(r["path"]).name for r in read(out)} == {p.name for p in pool.rglob("*.png")}  # the 12 good ones
+    result = suggest(pool, n=3, **FROZEN)
+    assert {Path(p).name for p, _ in result.unreadable} == {"truncated.jpg", "notes.jpg"}

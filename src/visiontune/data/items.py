@@ -75,11 +75,7 @@ class DataSource:
             lines.append(f"  labels in train but not in valid (not validated): {', '.join(missing)}")
         if self.hidden:
             lines.append(f"  skipped {len(self.hidden)} hidden files/folders (e.g. {self.hidden[0]})")
-        if self.excluded:
-            lines.append(f"  excluded {len(self.excluded)} files:")
-            lines += [f"    {p}: {why}" for p, why in self.excluded[:10]]
-            if len(self.excluded) > 10:
-                lines.append(f"    ... and {len(self.excluded) - 10} more")
+        lines += excluded_lines(self.excluded)
         return "\n".join(lines)
 
     def missing_from_valid(self) -> list[str]:
@@ -89,3 +85,15 @@ class DataSource:
             return []
         seen = task_class(self.task).counts([it.label for it in valid], self.classes)
         return [c for c, n in seen.items() if not n]
+
+
+def excluded_lines(excluded: list[tuple[str, str]], verb: str = "excluded", what: str = "files",
+                   shown: int = 10) -> list[str]:
+    """How a summary lists files left out: a count, then the first `shown` with the reason
+    each ([] when there are none). The data summary and the unlabelled pool's use it."""
+    if not excluded:
+        return []
+    lines = [f"  {verb} {len(excluded)} {what}:", *(f"    {p}: {why}" for p, why in excluded[:shown])]
+    if len(excluded) > shown:
+        lines.append(f"    ... and {len(excluded) - shown} more")
+    return lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from visiontune.config import DataConfig
@@ -73,6 +74,7 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
     source = DataSource(root=str(base), classes=[], items=[], detected=detected,
                         target_name=rows[0][label_i].strip() if body is not rows and label_i < len(rows[0]) else "")
     base_real = os.path.realpath(base)
+    seen: dict[str, tuple[str, Item]] = {}
     for lineno, row in enumerate(body, start=2 if body is not rows else 1):
         if len(row) <= max(path_i, label_i) or not row[path_i].strip():
             source.excluded.append((f"{csv_path}:{lineno}", "row has no path or no label"))
@@ -89,8 +91,28 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
         else:
             split = _csv_split(row[split_i]) if split_i is not None and len(row) > split_i else ""
             group = row[group_i].strip() if group_i is not None and len(row) > group_i else ""
-            source.items.append(Item(str(base / rel), label, split, group))
+            _add_once(source, seen, Item(str(base / rel), label, split, group), full, f"{csv_path.name}:{lineno}",
+                      lambda lb: task_class(task).label_text(lb, cfg.label_delim))
     return source
+
+
+def _add_once(source: DataSource, seen: dict[str, tuple[str, Item]], item: Item, key: str, where: str,
+              text: Callable[[Label], str]) -> None:
+    """One item per image (`key`: its resolved path): a row that repeats an earlier row's
+    image with the same label, split and group is counted once, and the summary says so;
+    with another label (or split, or group) it is an error naming both rows, since the
+    image would otherwise train twice, or train and validate."""
+    if key not in seen:
+        seen[key] = (where, item)
+        source.items.append(item)
+        return
+    first_where, first = seen[key]
+    for what, mine, theirs in (("label", text(item.label), text(first.label)), ("split", item.split, first.split),
+                               ("group", item.group, first.group)):
+        if mine != theirs:
+            raise DataError(f"{where} lists {item.path!r} again with another {what} ({mine!r}; {first_where} says "
+                            f"{theirs!r}): an image has one row. Keep the right row and delete the other")
+    source.excluded.append((item.path, f"listed again on {where}, as on {first_where}: counted once"))
 
 
 def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:

@@ -151,7 +151,7 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
                                                   cfg.seed))
     chance = task.chance(targets)
     similarity = (probe - chance) / max(1e-9, 1 - chance)
-    counts = np.array(list(task.counts(labels, source.classes).values()) or [len(labels)])  # numbers: all, one target
+    counts = np.array(list(task.labels_per_output(labels).values()))
     median = float(statistics.median(counts[counts > 0]))
     strategy, reason = weigh_cost(*decide(median, similarity, probe, baseline), probe, costs)
     (unit, units), what = task.units, task.score_metric

@@ -16,12 +16,16 @@ cached), so a pool that was seen before ranks in seconds. The methods:
   among the n x CANDIDATES most uncertain images, k-means++ seeding weighted by the
   uncertainty (scikit-learn's `kmeans_plusplus`), so one batch does not hold near-copies.
 - **random**: a seeded sample, the baseline every other method must beat.
-- **auto**: typical while there is no model or the median class has fewer than
-  TYPICAL_BELOW labels; diverse from there.
+- **auto**: typical while there is no model or the median class (target) has fewer than
+  TYPICAL_BELOW labels (`Task.labels_per_output`); diverse from there.
 
 The model whose uncertainty counts is the run's (`--run`: its fine-tuned backbone and
 head), else the converged probe (train/probe.py) fitted on the labelled images' features.
-Images already labelled, files with the same bytes, and near-copies (features with cosine
+The labelled images are the run's (its splits.csv, from whatever folder it was trained),
+those of `--labelled` / `--csv`, and the filled-in rows of the output CSV (`output`): the
+second round of the labelling loop never asks again for what the first one got. The pool
+is found and checked by data/pool.py: files that do not decode are skipped and listed, and
+images already labelled, files with the same bytes, and near-copies (features with cosine
 similarity >= NEAR_COPY to a labelled image's) are never suggested. Nothing here branches
 on the label shape: the Task says what uncertainty is, how many fits it needs, how a
 prediction reads and which CSV column holds labels.
@@ -43,11 +47,11 @@ from sklearn.decomposition import PCA
 
 from visiontune.bundle import load_bundle, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
-from visiontune.data.items import TEST
-from visiontune.data.scan import digests_of, scan_cache
-from visiontune.data.sources import load_items, unlabelled_images
+from visiontune.data.items import TEST, DataSource, excluded_lines
+from visiontune.data.pool import reason_counts, unlabelled_pool
+from visiontune.data.sources import load_items
 from visiontune.data.tables import suggestion_table
-from visiontune.data.webdata import is_shard_item, shard_digests
+from visiontune.data.webdata import is_shard_item, split_item
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
@@ -88,6 +92,7 @@ class Suggestions:
     label_column: str = "label"  # the CSV column train --csv reads labels from (the task's)
     task: str = "single-label"
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out of the pool
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why) pool files that do not decode
 
     def write_csv(self, path: str | os.PathLike[str]) -> int:
         """path, an empty label column to fill in, the model's prediction, reason, score:
@@ -103,7 +108,8 @@ class Suggestions:
         lines = [f"suggested {len(self.rows)} of {self.pool} unlabelled images ({self.labelled} already labelled) by "
                  f"{self.method}: {self.why}"]
         if self.excluded:
-            lines.append(f"left out of the pool: {len(self.excluded)} ({_reasons(self.excluded)})")
+            lines.append(f"left out of the pool: {len(self.excluded)} ({reason_counts(self.excluded)})")
+        lines += excluded_lines(self.unreadable, "skipped", "files that cannot be read")
         lines += [f"  {r.path}  {r.reason}" + (f"  (model: {r.prediction})" if r.prediction else "")
                   for r in self.rows[:10]]
         if len(self.rows) > 10:
@@ -128,23 +134,27 @@ class _Known:
 
 def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
             run: str | os.PathLike[str] | None = None, labelled: str | os.PathLike[str] | None = None,
-            csv: str | None = None, n: int = 100, method: str = "auto", config: RunConfig | None = None,
-            **overrides: Any) -> Suggestions:
+            csv: str | None = None, output: str | os.PathLike[str] | None = None, n: int = 100,
+            method: str = "auto", config: RunConfig | None = None, **overrides: Any) -> Suggestions:
     """Rank the images of `pool` (folders searched recursively, or files) and return the `n`
     to label next. `run`: a trained run (its model's uncertainty; its splits.csv images
     count as labelled). `labelled` / `csv`: images labelled so far (a folder tree or a CSV,
-    as `train` reads them). `overrides`: run options (backbone, image_size, seed, cache_dir...)
-    for the frozen model when there is no run."""
+    as `train` reads them). `output`: the suggestions CSV the result will be written to
+    (`Suggestions.write_csv`): its filled-in rows count as labelled as well. `overrides`:
+    run options (backbone, image_size, seed, cache_dir...) for the frozen model when there
+    is no run."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if n < 1:
         raise ConfigError(f"--n {n}: ask for at least one image")
-    known = _known(run, labelled, csv, config, overrides)
-    paths, excluded = _pool_paths(pool, known)
-    _require_pool(paths, pool, excluded)
+    filled = bool(output) and bool(filled_rows(output))  # an output of another shape is refused before any work
+    known = _known(run, labelled, csv, output if filled else None, config, overrides)
+    paths, excluded, unreadable = _pool_paths(pool, known)
+    _require_pool(paths, pool, excluded + unreadable)
     train = known.cfg.train
-    feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, paths + known.paths, train)
-    pool_feats, lab_feats = feats[:len(paths)], feats[len(paths):]
+    pool_feats, lab_feats = (backbone_features(known.backbone_name, known.backbone, known.preprocess, part, train)
+                             for part in (paths, known.paths))  # apart: files and a shard-trained run's samples
+    lab_feats = lab_feats if len(known.paths) else np.zeros((0, pool_feats.shape[1]), np.float32)
     keep = ~_near_copies(pool_feats, lab_feats)
     excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
     paths, pool_feats = [p for p, k in zip(paths, keep) if k], pool_feats[keep]
@@ -157,13 +167,13 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     rows = [Suggestion(paths[i], r, float(s), _prediction(known, predicted, i)) for i, s, r in zip(picks, scores, reasons)]
     task = known.task
     return Suggestions(rows, chosen, why, len(paths), len(known.paths), task.label_column if task else "label",
-                       task.name if task else "single-label", excluded)
+                       task.name if task else "single-label", excluded, unreadable)
 
 
 def _require_pool(paths: list[str], pool: Any, excluded: list[tuple[str, str]]) -> None:
     if not paths:
         raise DataError(f"no unlabelled images in {pool}: every image there is labelled already or was left out "
-                        f"({_reasons(excluded) or 'no image files'})")
+                        f"({reason_counts(excluded) or 'no image files'})")
 
 
 def filled_rows(path: str | os.PathLike[str]) -> list[list[str]]:
@@ -200,25 +210,41 @@ def rank(features: np.ndarray, n: int, method: str, *, uncertainty: np.ndarray |
 
 def typical(features: np.ndarray, n: int, labelled: np.ndarray | None = None,
             seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """TypiClust: the most typical image of each of the n largest clusters without a label."""
+    """TypiClust: the most typical image of each of the n largest clusters without a label.
+    Where fewer clusters hold pool images (some hold only labelled ones, or k-means left
+    some empty), the clusters are gone through again for their next most typical image,
+    so that n images come back (every image when the pool has no more)."""
+    n = min(n, len(features))
     lab = labelled if labelled is not None else np.zeros((0, features.shape[1]), np.float32)
     x = _embedding(np.concatenate([features, lab]) if len(lab) else features, seed)
     k = min(len(features), n + min(len(lab), COVERED_CLUSTERS))
     clusters = _kmeans(k, len(x), seed).fit_predict(x)
     mine, covered = clusters[:len(features)], set(clusters[len(features):].tolist())
-    sizes = np.bincount(mine, minlength=k)
-    order = sorted(range(k), key=lambda c: (c in covered, -sizes[c]))  # uncovered first, largest first
+    members = {c: np.flatnonzero(mine == c) for c in range(k)}
+    order = sorted((c for c in range(k) if len(members[c])),
+                   key=lambda c: (c in covered, -len(members[c])))  # uncovered first, largest first
+    ranked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     picks, scores, reasons = [], [], []
-    for c in order:
-        rows = np.flatnonzero(mine == c)
-        if len(picks) == n or not len(rows):
-            continue
-        best, score = _most_typical(x[rows], seed)
-        picks.append(rows[best])
-        scores.append(score)
-        reasons.append(f"typical of a cluster of {len(rows)} images" + (" (holds labelled images)" if c in covered
-                                                                           else " with no label yet"))
+    for depth in range(max((len(members[c]) for c in order), default=0)):
+        for c in (c for c in order if len(members[c]) > depth):
+            if len(picks) == n:
+                return np.array(picks, dtype=np.int64), np.array(scores), reasons
+            if c not in ranked:
+                ranked[c] = _by_typicality(x[members[c]], seed)
+            rows, typicality = ranked[c]
+            picks.append(members[c][rows[depth]])
+            scores.append(typicality[depth])
+            reasons.append(_typical_reason(len(members[c]), c in covered, depth))
     return np.array(picks, dtype=np.int64), np.array(scores), reasons
+
+
+def _typical_reason(size: int, covered: bool, depth: int) -> str:
+    which = "typical" if depth == 0 else f"the {_ordinal(depth + 1)} most typical"
+    return f"{which} of a cluster of {size} images" + (" (holds labelled images)" if covered else " with no label yet")
+
+
+def _ordinal(i: int) -> str:
+    return f"{i}{'th' if 10 <= i % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(i % 10, 'th')}"
 
 
 def diverse(features: np.ndarray, uncertainty: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -238,7 +264,7 @@ def choose_method(method: str, known: _Known, has_model: bool) -> tuple[str, str
         return method, "as asked"
     if not has_model or known.task is None:
         return auto_method(None)
-    counts = list(known.task.counts(known.labels, known.task.classes).values()) or [0]
+    counts = list(known.task.labels_per_output(known.labels).values())
     return auto_method(statistics.median(counts), known.task.units[0])
 
 
@@ -254,69 +280,69 @@ def auto_method(per_class: float | None, unit: str = "class") -> tuple[str, str]
 
 
 def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] | None, csv_path: str | None,
-           config: RunConfig | None, overrides: dict[str, Any]) -> _Known:
-    """The feature model, the task and the labelled images, from a run and/or labelled data."""
+           output: str | os.PathLike[str] | None, config: RunConfig | None, overrides: dict[str, Any]) -> _Known:
+    """The feature model, the task and the labelled images, from a run and/or labelled data
+    (a folder, a CSV, the output's filled-in rows)."""
     if run is not None:
         bundle = load_bundle(run)
         cfg = RunConfig.create(bundle.config, **overrides) if overrides else (bundle.config or RunConfig())
         known = _Known(cfg, cfg.model.backbone, bundle.model.backbone, bundle.preprocess, bundle.task, [], [], [],
                        bundle.model.head.eval())
-        _add_labelled(known, run_splits(bundle.path, bundle.task, cfg.data.label_delim))
+        _add_labelled(known, run_splits(bundle.path, bundle.task, cfg.data.label_delim), f"the run {run}")
     else:
         cfg = RunConfig.create(config, **overrides)
         model, pre = create_classifier(cfg.model, 1)
         known = _Known(cfg, cfg.model.backbone, model.backbone, pre, None, [], [], [])
-    if labelled is not None or csv_path:
+    tables = ([(str(labelled or ""), csv_path)] if labelled is not None or csv_path else []) + \
+        ([("", str(output))] if output else [])
+    for root, table in tables:
         task = known.task.name if known.task else cfg.data.task
-        source = load_items(DataConfig(path=str(labelled or ""), csv=csv_path, task=task, valid_pct=0.0,
+        source = load_items(DataConfig(path=root, csv=table, task=task, valid_pct=0.0,
                                        label_delim=cfg.data.label_delim), cfg.seed, min_classes=1,
                             cache_dir=cfg.train.cache_dir)
-        if known.task is None:
-            known.task = make_task(source.task, source.classes)
-        _add_labelled(known, [(it.path, it.label, it.split) for it in source.items])
+        _add_source(known, source, fixed=run is not None)
     if known.task is not None and run is None:
         known.task.fit_labels(known.labels)
     return known
 
 
-def _add_labelled(known: _Known, items: list[tuple[str, Any, str]]) -> None:
+def _add_source(known: _Known, source: DataSource, fixed: bool) -> None:
+    """The labelled images of `source`; the first one sets the task, later ones add the
+    classes the task lacks (unless `fixed`: a run's head has its classes)."""
+    if known.task is None:
+        known.task = make_task(source.task, source.classes)
+    elif not fixed and (new := known.task.unknown_labels([it.label for it in source.items])):
+        known.task = make_task(known.task.name, sorted([*known.task.classes, *new]))
+    _add_labelled(known, [(it.path, it.label, it.split) for it in source.items], source.root or "the labels")
+
+
+def _add_labelled(known: _Known, items: list[tuple[str, Any, str]], where: str) -> None:
+    """Add the images of `items` not added yet (by resolved path); only the train and valid
+    ones whose labels the task knows are what a probe may fit."""
     seen = {os.path.realpath(p) for p in known.paths}
+    missing = []
     for path, label, split in items:
-        if os.path.realpath(path) in seen or not os.path.isfile(path):
-            continue
-        seen.add(os.path.realpath(path))
-        if split != TEST and (known.task is None or not known.task.unknown_labels([label])):
-            known.fit_rows.append(len(known.paths))
-            known.labels.append(label)
-        known.paths.append(path)
+        if not os.path.isfile(split_item(path)[0] if is_shard_item(path) else path):
+            missing.append(path)
+        elif os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            if split != TEST and (known.task is None or not known.task.unknown_labels([label])):
+                known.fit_rows.append(len(known.paths))
+                known.labels.append(label)
+            known.paths.append(path)
+    if missing:
+        log.warning("%d labelled images of %s are not found from here (e.g. %s): a copy of one in the pool can "
+                    "be suggested", len(missing), where, missing[0])
 
 
-def _pool_paths(pool: Any, known: _Known) -> tuple[list[str], list[tuple[str, str]]]:
-    """The pool's images less the labelled ones (by path, or by the same bytes) and exact
-    copies within the pool (the first is kept); (path, why) for what was left out."""
+def _pool_paths(pool: Any, known: _Known) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
+    """The pool's images (data/pool.py: checked, less the labelled ones by path or by the
+    same bytes and exact copies within the pool), as absolute paths; (path, why) for what
+    was left out, and for the files that cannot be read."""
     inputs = [str(pool)] if isinstance(pool, (str, os.PathLike)) else [str(p) for p in pool]
-    found, excluded = unlabelled_images(inputs, known.paths)
-    found = [p if is_shard_item(p) else os.path.abspath(p) for p in found]  # the CSV reads back from anywhere
-    cache = scan_cache(known.cfg.train.cache_dir)
-    lab_digests = set(_digests(known.paths, cache))
-    digests = _digests(found, cache)
-    paths, seen = [], set()
-    for path, digest in zip(found, digests):
-        if digest in lab_digests:
-            excluded.append((path, "the same bytes as a labelled image"))
-        elif digest in seen:
-            excluded.append((path, "the same bytes as another pool image"))
-        else:
-            seen.add(digest)
-            paths.append(path)
-    return paths, excluded
-
-
-def _digests(paths: list[str], cache: Any) -> list[str]:
-    """Digests of the files' bytes (shard samples: from their index)."""
-    if not paths:
-        return []
-    return shard_digests(paths) if is_shard_item(paths[0]) else digests_of(paths, cache)
+    found = unlabelled_pool(inputs, known.paths, known.cfg.train.cache_dir)
+    paths = [p if is_shard_item(p) else os.path.abspath(p) for p in found.paths]  # the CSV reads back from anywhere
+    return paths, found.excluded, found.unreadable
 
 
 def _members(known: _Known, pool: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -386,11 +412,12 @@ def _kmeans(k: int, rows: int, seed: int) -> Any:
     return KMeans(k, n_init=1, max_iter=100, random_state=seed)
 
 
-def _most_typical(x: np.ndarray, seed: int) -> tuple[int, float]:
-    """(row of `x` with the highest typicality, that typicality): the inverse of the mean
-    distance to its nearest neighbours (a random DENSITY_SAMPLE rows of a large cluster)."""
+def _by_typicality(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of `x`, most typical first; their typicality): the inverse of the mean distance
+    to the nearest neighbours, measured on a random DENSITY_SAMPLE rows of a large cluster
+    (the rows outside the sample follow, typicality 0)."""
     if len(x) == 1:
-        return 0, 0.0
+        return np.zeros(1, dtype=np.int64), np.zeros(1)
     rows = np.arange(len(x))
     if len(x) > DENSITY_SAMPLE:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), DENSITY_SAMPLE, replace=False))
@@ -400,12 +427,6 @@ def _most_typical(x: np.ndarray, seed: int) -> tuple[int, float]:
     k = min(DENSITY_NEIGHBOURS, len(sub) - 1)
     nearest = np.partition(dist, k, axis=1)[:, :k + 1]  # the k nearest and the image itself (distance 0)
     typicality = 1 / (nearest.sum(axis=1) / k + 1e-12)
-    best = int(np.argmax(typicality))
-    return int(rows[best]), float(typicality[best])
-
-
-def _reasons(excluded: list[tuple[str, str]]) -> str:
-    counts: dict[str, int] = {}
-    for _, why in excluded:
-        counts[why] = counts.get(why, 0) + 1
-    return ", ".join(f"{c} {why}" for why, c in sorted(counts.items(), key=lambda kv: -kv[1]))
+    order = np.argsort(-typicality, kind="stable")
+    rest = np.setdiff1d(np.arange(len(x)), rows)
+    return np.concatenate([rows[order], rest]), np.concatenate([typicality[order], np.zeros(len(rest))])

@@ -243,6 +243,12 @@ class Task(ABC):
         return [f"  {split}: {len(labels)} images ("
                 + ", ".join(f"{c}={n}" for c, n in cls.counts(labels, classes).items()) + ")"]
 
+    def labels_per_output(self, labels: Sequence[Any]) -> dict[str, int]:
+        """How many of `labels` each output has: images per class (per label: an image
+        counts once for each of its labels). How far labelling has come, in the task's
+        units: `suggest --method auto` and the advisor read its median."""
+        return self.counts(labels, self.classes)
+
     def unknown_labels(self, labels: Sequence[Any]) -> list[str]:
         """Class (label) names among `labels` that this task's classes lack (sorted)."""
         return sorted(set(label_counts(labels)) - set(self.classes))

@@ -160,6 +160,11 @@ class Regression(Task):
             self.mean = float(y.mean())
             self.std = float(y.std()) if y.std() > 1e-12 else 1.0
 
+    def labels_per_output(self, labels: Sequence[Any]) -> dict[str, int]:
+        """Every known number is a label of the one target (`counts` is empty: a number has
+        no classes to balance, but it was labelled)."""
+        return {self.classes[0]: int(np.isfinite(np.asarray(labels, dtype=float)).sum())}
+
     def unknown_labels(self, labels: Sequence[Any]) -> list[str]:
         return []  # every number is a target
 

@@ -18,7 +18,10 @@ per epoch.
 How many pool images passed the threshold, and as which classes, is logged every epoch
 and kept in RUN/consistency.csv (epoch, seen, passed, one column per class); when the
 pool cycled, these count views (an image seen twice counts twice), and the log says so.
-Under torchrun each process takes its share of the pool and the counts are summed.
+Under torchrun each process takes its share of the pool (a DistributedSampler, which
+repeats a few images so that every process gets as many) and the counts are merged by
+identity: each pool batch carries its images' rows and the pass through the pool it
+belongs to, so a view is counted once per (pass, row), and the sampler's repeats are not.
 The frozen phases use the pool through label spreading instead (train/pseudo.py).
 """
 
@@ -29,7 +32,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ from torch import nn
 
 from visiontune.files import write_csv
 from visiontune.runtime.device import autocast, batch_norm_for, to_device
-from visiontune.runtime.distributed import DistEnv, sum_over_processes
+from visiontune.runtime.distributed import DistEnv, gather
 from visiontune.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,18 @@ class TwoViews:
         return self.weak(image), self.strong(image)
 
 
+class PoolBatch(NamedTuple):
+    """A batch of pool images in two views, with their identity: each image's row in the
+    pool and the pass through the pool (0, 1, ... within the epoch) it was read in."""
+
+    weak: torch.Tensor
+    strong: torch.Tensor
+    rows: torch.Tensor
+    turn: int
+
+
 class Paired:
-    """(x, y, pool views or None) per step: the labelled loader, and when there is a pool
+    """(x, y, PoolBatch or None) per step: the labelled loader, and when there is a pool
     loader, both cycled until the longer one is through."""
 
     def __init__(self, train: Any, pool: Any | None) -> None:
@@ -65,21 +78,28 @@ class Paired:
     def __len__(self) -> int:
         return max(len(self.train), len(self.pool)) if self.pool is not None else len(self.train)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, PoolBatch | None]]:
         if self.pool is None:
             for x, y, *_ in self.train:
                 yield x, y, None
             return
-        labelled, pool = _cycle(self.train), _cycle(self.pool)
+        labelled, pool = _cycle(self.train), _passes(self.pool)
         for _ in range(len(self)):
             x, y, *_ = next(labelled)
-            views, *_ = next(pool)
-            yield x, y, views
+            yield x, y, next(pool)
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
     """The loader's batches again and again (each pass reshuffled by the loader)."""
     return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+
+
+def _passes(loader: Any) -> Iterator[PoolBatch]:
+    """The pool loader's batches ((weak, strong), target, rows) again and again, as
+    PoolBatches that say which pass they belong to."""
+    for turn in itertools.count():
+        for (weak, strong), _, rows in loader:
+            yield PoolBatch(weak, strong, torch.as_tensor(rows), turn)
 
 
 class Consistency:
@@ -93,25 +113,24 @@ class Consistency:
 
     def reset(self) -> None:
         self.seen, self.passed, self.used = 0, 0, np.zeros(self.task.num_classes)
+        self.outcomes: dict[tuple[int, int], tuple[int, ...] | None] = {}  # (pass, row) -> classes it passed as, or None
 
-    def backward(self, net: nn.Module, views: tuple[torch.Tensor, torch.Tensor], chunk: int,
-                 scaler: Any = None) -> float:
+    def backward(self, net: nn.Module, views: PoolBatch, chunk: int, scaler: Any = None) -> float:
         """Add the term's gradients for this pool batch (in chunks of `chunk` images);
         returns the term's value (0 when no image passed the threshold; not finite, and
         no gradient added for that chunk, when the loss is not). The batch is counted
-        (seen, passed, per class) only once all of it went through: a step that runs out
-        of memory starts again with the same batch."""
-        weak, strong = (to_device(v, self.device, self.channels_last) for v in views)
-        total, passed, used = 0.0, 0, np.zeros_like(self.used)
+        (by (pass, row): seen, and the classes of those that passed) only once all of it
+        went through: a step that runs out of memory starts again with the same batch."""
+        weak, strong = (to_device(v, self.device, self.channels_last) for v in (views.weak, views.strong))
+        total, outcome = 0.0, []
         for w, s in zip(weak.split(chunk), strong.split(chunk)):
             with torch.no_grad(), autocast(self.device, self.precision), batch_norm_for(net, len(w)):
                 probs = self.task.probabilities(net(w).float())
             targets, confidence = self.task.pseudo_targets(probs.cpu().numpy())
             keep = confidence >= self.threshold
+            outcome += _classes(self.task.output_targets(targets), keep)
             if not keep.any():
                 continue
-            passed += int(keep.sum())
-            used += self.task.output_targets(targets[keep]).sum(axis=0)
             index = torch.as_tensor(np.flatnonzero(keep), device=self.device)
             y = torch.as_tensor(targets[keep], device=self.device)
             with autocast(self.device, self.precision), batch_norm_for(net, len(s)):  # BatchNorm: the whole batch
@@ -122,15 +141,22 @@ class Consistency:
                 return float(loss.item())
             (scaler.scale(loss) if scaler is not None else loss).backward()
             total += float(loss.item())
-        self.seen, self.passed, self.used = self.seen + len(weak), self.passed + passed, self.used + used
+        for row, classes in zip(views.rows.tolist(), outcome):
+            self.outcomes.setdefault((views.turn, int(row)), classes)
         return total
 
     def sum_over_processes(self, env: DistEnv, device: torch.device) -> None:
-        """Under torchrun each process saw its share of the pool: the epoch's counts become
-        the sums over every process (each must call this), so the log and consistency.csv,
-        which rank 0 writes, count the whole pool."""
-        sums = sum_over_processes([self.seen, self.passed, *self.used.tolist()], env, device)
-        self.seen, self.passed, self.used = int(sums[0]), int(sums[1]), np.asarray(sums[2:])
+        """The epoch's counts (every process must call this): the views of every process
+        (under torchrun each saw its share of the pool), each (pass, row) once, so the
+        log and consistency.csv, which rank 0 writes, count the whole pool and nothing
+        twice (DistributedSampler's repeats, which even out the processes' shares)."""
+        merged: dict[tuple[int, int], tuple[int, ...] | None] = {}
+        for part in gather(self.outcomes, env):
+            for key, classes in part.items():
+                merged.setdefault(key, classes)
+        passed = [c for c in merged.values() if c is not None]
+        self.seen, self.passed = len(merged), len(passed)
+        self.used = np.bincount([i for c in passed for i in c], minlength=self.task.num_classes).astype(float)
 
     def record(self, path: Path, epoch: int) -> None:
         """Write this epoch's row into `path` (consistency.csv), after the rows of the
@@ -152,3 +178,9 @@ class Consistency:
             else f"{self.seen} pool images"
         return (f"consistency: {self.passed} of {seen} passed the {self.threshold:g} confidence"
                 + (f" ({used})" if used else ""))
+
+
+def _classes(targets: np.ndarray, keep: np.ndarray) -> list[tuple[int, ...] | None]:
+    """Per image: the outputs its pseudo-label counts for (`targets` in the outputs' space,
+    Task.output_targets) where it passed the threshold, else None."""
+    return [tuple(np.flatnonzero(t > 0).tolist()) if k else None for t, k in zip(targets, keep)]

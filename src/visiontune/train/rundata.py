@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, Weig
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, mix_seed, train_dataset
+from visiontune.data.pool import Pool, reason_counts, unlabelled_pool
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.sources import unlabelled_images
 from visiontune.data.splits import group_keys
 from visiontune.data.transforms import train_side, train_transform
 from visiontune.data.webdata import ShardStream, is_shard_item, shard_share
@@ -100,7 +100,7 @@ class RunData:
         self._features: PhaseData | None = None
         self.feature_stats: list[FeatureStats] = []
         self.deadline: float | None = None  # --time-budget: feature extraction stops here (time.perf_counter())
-        self._pool_found: list[str] | None = None
+        self.pool: Pool | None = self._find_pool() if self.cfg.data.unlabeled else None
 
     def release(self) -> None:
         """Drop the phases' loaders (rebuilt if asked for again): their kept worker processes
@@ -276,19 +276,26 @@ class RunData:
                 self._features.pool_paths, self._features.pool = self._pool()
         return self._features
 
+    def _find_pool(self) -> Pool:
+        """--unlabeled: the pool's images (data/pool.py), found and checked before any phase
+        runs: a file that does not decode is skipped and listed (as the data summary lists
+        labelled files), and the run's own images (every split), the files its data leaves
+        out by --exclude, and copies of any of them under other names stay out."""
+        excluded = [p for p, why in self.source.excluded if why.startswith("listed in --exclude")]  # data/sources.py
+        pool = unlabelled_pool([str(self.cfg.data.unlabeled)], [it.path for it in self.source.items],
+                               self.cfg.train.cache_dir, left_out=excluded, verify=self.cfg.data.verify_images)
+        if self.env.is_main:
+            log.info("%s", pool.report())
+        if not pool.paths:
+            why = reason_counts(pool.excluded + pool.unreadable) or "no image files"
+            raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there ({why}); give a folder "
+                            "of images that this run is not trained on")
+        return pool
+
     def _pool_files(self) -> list[str]:
-        """--unlabeled: the pool's image files that are not among the run's own images (found once)."""
-        if self._pool_found is None:
-            paths, skipped = unlabelled_images([self.cfg.data.unlabeled], (it.path for it in self.source.items))
-            if skipped:
-                own = sum(why == "labelled already" for _, why in skipped)
-                log.info("unlabelled pool: %d of %d files left out (%d labelled in this run, %d not images or hidden)",
-                         len(skipped), len(paths) + len(skipped), own, len(skipped) - own)
-            if not paths:
-                raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: no unlabelled image there (every image is "
-                                "labelled in this run, or none was found)")
-            self._pool_found = paths
-        return self._pool_found
+        """--unlabeled: the pool's image files (checked when the run's data was set up)."""
+        assert self.pool is not None, "_pool_files without --unlabeled"
+        return self.pool.paths
 
     def _pool(self) -> tuple[list[str], np.ndarray]:
         """--unlabeled: the pool's image files (`_pool_files`) and their features (through the
