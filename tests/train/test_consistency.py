@@ -95,7 +95,7 @@ def test_one_pool_image_past_the_threshold_trains_with_the_batch_statistics_of_i
     from torch import nn
 
     from visiontune.tasks.catalog import make_task
-    from visiontune.train.consistency import Consistency
+    from visiontune.train.consistency import Consistency, PoolBatch
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).train()
@@ -105,8 +105,9 @@ def test_one_pool_image_past_the_threshold_trains_with_the_batch_statistics_of_i
         confidence = torch.softmax(net(weak), dim=1).max(dim=1).values.sort(descending=True).values
     threshold = float(confidence[:2].mean())  # exactly one image passes
     term = Consistency(task, task.loss(), threshold, torch.device("cpu"), "fp32", channels_last=False)
-    value = term.backward(net, (weak, strong), chunk=4)
-    assert term.passed == 1 and term.seen == 4 and value > 0
+    value = term.backward(net, PoolBatch(weak, strong, torch.arange(4), 0), chunk=4)
+    passed = [row for (_, row), classes in term.outcomes.items() if classes is not None]
+    assert len(term.outcomes) == 4 and len(passed) == 1 and value > 0
     assert net[1].weight.grad is not None and torch.isfinite(net[1].weight.grad).all()
 
 
