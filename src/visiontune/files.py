@@ -38,20 +38,26 @@ CACHE_ERRORS = (OSError, sqlite3.Error)  # read-only, locked, disk full, file to
 _TURNED_OFF: set[str] = set()  # caches that failed in this process: not tried again
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], sync: bool = True) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`. The temporary file's name is
+    unique, so processes writing the same `path` at once never take each other's file (the
+    last rename wins; each reader sees one whole version). `sync=False`: no fsync, for
+    many files that a marker written after them vouches for (the caller syncs once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if sync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -65,6 +71,10 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
             fh.write(text)
 
     atomic_write(path, write)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, sync: bool = True) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), sync)
 
 
 def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]]) -> None:

@@ -4,6 +4,8 @@ the label's shape from the column's type, and hf:NAME failing fast without the H
 from __future__ import annotations
 
 import csv
+import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,8 +70,6 @@ def test_a_saved_dataset_dict_trains_with_its_own_splits_and_labels_offline(save
     assert {it.path: Path(it.path).stat().st_mtime_ns for it in again.items} == before
     # shard reads it too, with the same splits
     assert main(["shard", str(saved), "--output", str(tmp_path / "shards")]) == 0
-    import json
-
     described = json.loads((tmp_path / "shards" / "dataset.json").read_text())
     assert {s: p["samples"] for s, p in described["splits"].items()} == {"train": 20, "valid": 8, "test": 6}
 
@@ -97,6 +97,70 @@ def test_the_label_shape_comes_from_the_column_type_and_odd_rows_are_listed(tmp_
     assert numbers.task == "regression" and sorted(it.label for it in numbers.items) == [float(i) for i in range(12)]
     with pytest.raises(vt.DataError, match=r"--image-col 'picture' is not a column.*columns: image, tags"):
         load_items(DataConfig(path=str(tmp_path / "multi"), image_col="picture"))
+
+
+_WRITER = """
+import json, sys, time
+from pathlib import Path
+from visiontune.config import DataConfig
+from visiontune.data.hf import hf_source
+saved, cache, rank, world, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+try:
+    for r in range(rounds):  # each round: wait for every process, then all read into one new cache folder
+        (cache / f"ready{r}.{rank}").touch()
+        while len(list(cache.glob(f"ready{r}.*"))) < world:
+            if (cache / "failed").exists():
+                sys.exit(3)
+            time.sleep(0.0005)
+        source = hf_source(DataConfig(path=saved), str(cache / str(r)))
+        (cache / f"items{r}.{rank}.json").write_text(json.dumps(sorted((it.path, it.label) for it in source.items)))
+except BaseException:
+    (cache / "failed").touch()  # the others stop waiting for this one
+    raise
+"""
+
+
+def _save(dd: dict[str, datasets.Dataset], out: Path) -> Path:
+    datasets.DatasetDict(dd).save_to_disk(str(out))
+    return out
+
+
+def test_processes_writing_one_datasets_images_at_once_each_get_every_image_whole(tmp_path: Path) -> None:
+    """torchrun's ranks all read the dataset at once: each writes the images into the one
+    cache folder (no rank may find its file taken by another), and each sees them all.
+    Four processes, six rounds that start together (a race at the first rows: one file
+    name for every process made a rank fail in each of 4 tries of this test)."""
+    import io
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(80):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    part = datasets.Dataset.from_dict({"img": [{"bytes": b, "path": None} for b in blobs],
+                                       "label": [i % 2 for i in range(80)]}, features=features)
+    saved = _save({"train": part}, tmp_path / "saved")
+    cache, world, rounds = tmp_path / "cache", 4, 6
+    cache.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(vt.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(saved), str(cache), str(k), str(world),
+                               str(rounds)], env=env, stderr=subprocess.PIPE, text=True) for k in range(world)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(errors)
+    for r in range(rounds):
+        seen = [json.loads((cache / f"items{r}.{k}.json").read_text()) for k in range(world)]
+        assert all(s == seen[0] for s in seen) and len(seen[0]) == 80
+        by_row = {int(Path(path).stem): Path(path) for path, _ in seen[0]}
+        assert all(by_row[i].read_bytes() == blobs[i] for i in range(80))
+        assert not [f for f in by_row[0].parent.iterdir() if f.name.endswith(".tmp")]  # no temporary file left
 
 
 def test_hf_name_without_the_hub_fails_fast_and_says_how_to_work_offline(tmp_path: Path,

@@ -18,6 +18,9 @@ compare, advise, lr-find, shard, evaluate, interpret):
   (`$VISIONTUNE_CACHE/datasets/<digest>/<split>/<row>.<ext>`; the digest is of the
   dataset's fingerprints), because the rest of visiontune reads files and identifies
   images by path; an image stored as a path to an existing local file is used in place.
+  Processes that read the dataset at once (torchrun's ranks) each write a file under a
+  temporary name of their own and rename it: the last rename wins, every reader sees a
+  whole image.
   `visiontune cache clear --only datasets` removes them; the next run writes them again.
 
 Online, `hf:NAME` is `datasets.load_dataset(NAME, CONFIG)`. When the Hub cannot be reached
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import socket
@@ -41,7 +43,7 @@ from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
 from visiontune.data.tables import LABEL_COLUMNS, VALID_DIR_NAMES
 from visiontune.errors import DataError
-from visiontune.files import cache_root, touch
+from visiontune.files import cache_root, touch, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +85,26 @@ def hf_source(cfg: DataConfig, cache_dir: str | None = None) -> DataSource:
     label_col = _label_column(features, cfg.label_col, image_col, cfg.path)
     folder = cache_root(cache_dir) / "datasets" / _digest(splits, image_col, label_col)
     done = folder / DONE
+    written = done.is_file()
     for name, (split, part) in splits.items():
-        source.items += _items(part, name, split, image_col, label_col, folder, source.excluded, done.is_file())
-    done.write_text(json.dumps({"dataset": cfg.path, "image": image_col, "label": label_col,
-                                "rows": {n: len(p) for n, (_, p) in splits.items()}}))
+        source.items += _items(part, name, split, image_col, label_col, folder, source.excluded, written)
+    if not written:
+        _sync()
+        write_json(done, {"dataset": cfg.path, "image": image_col, "label": label_col,
+                          "rows": {n: len(p) for n, (_, p) in splits.items()}})
     touch(folder)
     kind = type(features[label_col]).__name__
     source.detected = f"the {label_col!r} column ({kind}) of {cfg.path}"
     if _is_number(features[label_col]):
         source.target_name = label_col
     return source
+
+
+def _sync() -> None:
+    """The images written without an fsync each reach the disk before the marker that
+    vouches for them (one sync for all)."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def _require() -> Any:
@@ -270,7 +282,5 @@ def _image_file(image: Any, out_dir: Path, stem: str, known: dict[str, Path]) ->
     if stem in known:
         return known[stem]
     target = out_dir / f"{stem}{_extension(data)}"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_bytes(target, data, sync=False)  # a temporary file of its own: ranks under torchrun write at once
     return target
