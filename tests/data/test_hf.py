@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
-from conftest import COLORS, TINY, make_image
+from conftest import COLORS, TINY, make_class_folders, make_image
 from visiontune.cli import main
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
@@ -95,8 +95,66 @@ def test_the_label_shape_comes_from_the_column_type_and_odd_rows_are_listed(tmp_
     assert sorted({it.label for it in multi.items}) == [(), ("round", "shiny"), ("small",)]
     numbers = load_items(DataConfig(path=str(tmp_path / "multi"), label_col="size", valid_pct=0.25))
     assert numbers.task == "regression" and sorted(it.label for it in numbers.items) == [float(i) for i in range(12)]
+    # a train split alone is split by --valid-pct (stratified by target bins): 3 of 12 validate
+    assert Counter(it.split for it in numbers.items) == {"train": 9, "valid": 3}
     with pytest.raises(vt.DataError, match=r"--image-col 'picture' is not a column.*columns: image, tags"):
         load_items(DataConfig(path=str(tmp_path / "multi"), image_col="picture"))
+
+
+def _save(dd: dict[str, datasets.Dataset], out: Path) -> Path:
+    datasets.DatasetDict(dd).save_to_disk(str(out))
+    return out
+
+
+def test_a_dataset_dict_without_a_validation_split_has_train_split_by_valid_pct_as_folders_are(
+        tmp_path: Path) -> None:
+    """train + test (and train alone): --valid-pct of train validates, stratified and seeded,
+    the same rule and the same counts as the folder layout train/ + test/."""
+    src = tmp_path / "src"
+    train, test = _split(src, {"red": 10, "green": 10}, 0), _split(src, {"red": 3, "green": 3}, 200)
+    with_test = load_items(DataConfig(path=str(_save({"train": train, "test": test}, tmp_path / "tt")),
+                                      valid_pct=0.25))
+    counts = Counter((it.split, it.label) for it in with_test.items)
+    assert counts == {("train", "red"): 8, ("train", "green"): 7, ("valid", "red"): 2, ("valid", "green"): 3,
+                      ("test", "red"): 3, ("test", "green"): 3} or counts == {
+        ("train", "red"): 7, ("train", "green"): 8, ("valid", "red"): 3, ("valid", "green"): 2,
+        ("test", "red"): 3, ("test", "green"): 3}
+    folders = tmp_path / "folders"
+    make_class_folders(folders / "train", {"red": 10, "green": 10}, 0)
+    make_class_folders(folders / "test", {"red": 3, "green": 3}, 200)
+    same = load_items(DataConfig(path=str(folders), valid_pct=0.25))
+    assert Counter(it.split for it in same.items) == Counter(it.split for it in with_test.items)
+    alone = load_items(DataConfig(path=str(_save({"train": train}, tmp_path / "t")), valid_pct=0.5))
+    assert Counter((it.split, it.label) for it in alone.items) == {
+        ("train", "red"): 5, ("train", "green"): 5, ("valid", "red"): 5, ("valid", "green"): 5}
+    # --valid-pct 0 asks for no validation: none is made
+    assert {it.split for it in load_items(DataConfig(path=str(tmp_path / "t"), valid_pct=0)).items} == {"train"}
+    # and a run trained on it monitors validation (its splits.csv holds valid rows)
+    r = vt.fit(tmp_path / "tt", **dict(TINY, strategy="feature-extract", epochs=1), output=str(tmp_path / "runs"))
+    with open(Path(r.run_dir) / "splits.csv", newline="") as fh:
+        assert Counter(row["split"] for row in csv.DictReader(fh)) == {"train": 16, "valid": 4, "test": 6}
+
+
+def test_a_test_split_without_the_label_column_is_listed_and_columns_are_looked_for_in_every_split(
+        tmp_path: Path) -> None:
+    """The label column is found whichever split comes first; a split that lacks it (a
+    test split without labels, as many Hub sets have) is left out and listed."""
+    src = tmp_path / "src"
+    train = _split(src, {"red": 6, "green": 6}, 0)
+    unlabelled = datasets.Dataset.from_dict({"img": _images(src, 4, "red", 300)},
+                                            features=datasets.Features({"img": datasets.Image()}))
+    saved = _save({"test": unlabelled, "train": train}, tmp_path / "saved")  # test first, as some sets are
+    source = load_items(DataConfig(path=str(saved)))
+    assert source.classes == ["green", "red"] and len(source.items) == 12
+    assert Counter(it.split for it in source.items) == {"train": 10, "valid": 2}
+    assert any("'test'" in where and "4 rows" in why and "no 'label' column" in why
+               for where, why in source.excluded)
+    named = load_items(DataConfig(path=str(saved), label_col="label", image_col="img"))
+    assert len(named.items) == 12
+    train_first = load_items(DataConfig(path=str(_save({"train": train, "test": unlabelled}, tmp_path / "tf"))))
+    assert len(train_first.items) == 12 and any("'test'" in where for where, _ in train_first.excluded)
+    assert main(["train", str(saved), "--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size",
+                 "32", "--strategy", "feature-extract", "--epochs", "1", "--output", str(tmp_path / "runs")]) == 0
 
 
 _WRITER = """
@@ -118,11 +176,6 @@ except BaseException:
     (cache / "failed").touch()  # the others stop waiting for this one
     raise
 """
-
-
-def _save(dd: dict[str, datasets.Dataset], out: Path) -> Path:
-    datasets.DatasetDict(dd).save_to_disk(str(out))
-    return out
 
 
 def test_processes_writing_one_datasets_images_at_once_each_get_every_image_whole(tmp_path: Path) -> None:

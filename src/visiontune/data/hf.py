@@ -12,8 +12,10 @@ compare, advise, lr-find, shard, evaluate, interpret):
   (single-label), a list of them a label set (multi-label), a float a number
   (regression); `--task` overrides as for a CSV.
 - **Splits**: the dataset's own (train; validation/valid/val; test); a split of another
-  name (e.g. "unsupervised") is left out and listed. A single `Dataset` is split by
-  `--valid-pct`.
+  name (e.g. "unsupervised"), or one without the label column (a test split without
+  labels), is left out and listed. Without a validation split (a single `Dataset`, train
+  alone, train + test), `--valid-pct` of train validates, as for folders
+  (data/splits.assign_validation). The columns are looked for in every split.
 - **Images** are written once, with their stored bytes unchanged, into the cache
   (`$VISIONTUNE_CACHE/datasets/<digest>/<split>/<row>.<ext>`; the digest is of the
   dataset's fingerprints), because the rest of visiontune reads files and identifies
@@ -71,18 +73,11 @@ def hf_source(cfg: DataConfig, cache_dir: str | None = None) -> DataSource:
     loaded = _load(cfg.path)
     parts = dict(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
     source = DataSource(root=cfg.path, classes=[], items=[])
-    splits: dict[str, Any] = {}
-    for name, part in parts.items():
-        split = _split_of(name)
-        if split is None:
-            source.excluded.append((f"{cfg.path} split {name!r}", f"{len(part)} rows: not train, validation or test"))
-        else:
-            splits[name] = (split, part)
-    if not splits:
-        raise DataError(f"{cfg.path}: no train, validation or test split (it has {', '.join(parts)})")
-    features = next(iter(splits.values()))[1].features
+    splits = _known_splits(parts, source, cfg.path)
+    features = _columns(splits)
     image_col = _image_column(features, cfg.image_col, cfg.path)
     label_col = _label_column(features, cfg.label_col, image_col, cfg.path)
+    splits = _with_columns(splits, (image_col, label_col), source, cfg.path)
     folder = cache_root(cache_dir) / "datasets" / _digest(splits, image_col, label_col)
     done = folder / DONE
     written = done.is_file()
@@ -98,6 +93,52 @@ def hf_source(cfg: DataConfig, cache_dir: str | None = None) -> DataSource:
     if _is_number(features[label_col]):
         source.target_name = label_col
     return source
+
+
+def _known_splits(parts: dict[str, Any], source: DataSource, where: str) -> dict[str, tuple[str, Any]]:
+    """name -> (visiontune's split, the part) of the train, validation and test splits; the
+    others are listed in `source.excluded`. Which images validate is decided later, by one
+    rule for every layout (data/splits.assign_validation: no validation split, then train
+    is split by --valid-pct)."""
+    splits: dict[str, tuple[str, Any]] = {}
+    for name, part in parts.items():
+        split = _split_of(name)
+        if split is None:
+            source.excluded.append((f"{where} split {name!r}", f"{len(part)} rows: not train, validation or test"))
+        else:
+            splits[name] = (split, part)
+    if not splits:
+        raise DataError(f"{where}: no train, validation or test split (it has {', '.join(parts)})")
+    return splits
+
+
+def _columns(splits: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Every split's columns, each with its type in the training split (else the first
+    split holding it): the label column is looked for in all of them, since a test split
+    may come first and hold no labels."""
+    columns: dict[str, Any] = {}
+    for _, part in sorted(splits.values(), key=lambda pair: pair[0] != TRAIN):
+        for name, feature in part.features.items():
+            columns.setdefault(name, feature)
+    return columns
+
+
+def _with_columns(splits: dict[str, tuple[str, Any]], needed: tuple[str, str], source: DataSource,
+                  where: str) -> dict[str, tuple[str, Any]]:
+    """The splits that hold the image and the label column; the others (a test split
+    without labels) are left out and listed in `source.excluded`."""
+    kept = {}
+    for name, (split, part) in splits.items():
+        missing = [c for c in needed if c not in part.features]
+        if missing:
+            source.excluded.append((f"{where} split {name!r}", f"{len(part)} rows: no "
+                                    f"{' or '.join(repr(c) for c in missing)} column (left out)"))
+        else:
+            kept[name] = (split, part)
+    if not kept:
+        raise DataError(f"{where}: no split holds both the image column {needed[0]!r} and the label column "
+                        f"{needed[1]!r}; name the columns with --image-col and --label-col")
+    return kept
 
 
 def _sync() -> None:

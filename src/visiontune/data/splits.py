@@ -49,19 +49,23 @@ def fold_count(labels: list[Label], folds: int) -> int:
 
 
 def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
-    """Items without a split go to train/valid: stratified by class, seeded, groups whole."""
-    loose = [i for i, it in enumerate(source.items) if it.split == ""]
+    """Items without a split go to train/valid: stratified by class, seeded, groups whole.
+    The one rule for every layout: when no item is in a validation split (folders train/
+    [+ test/], a Hugging Face dataset of train [+ test], a CSV whose split column names no
+    valid row), the training items are split the same way (`valid_pct` 0: no validation)."""
+    unsplit = ("", TRAIN) if not source.split(VALID) else ("",)
+    loose = [i for i, it in enumerate(source.items) if it.split in unsplit]
     if not loose:
-        if not source.split(VALID):
-            log.warning("no valid/ folder under %s: training without validation", source.root)
         return
     items = [source.items[i] for i in loose]
     chosen = stratified_split([it.label for it in items], valid_pct, seed, group_keys(items))
     to_valid = {loose[k] for k in chosen}
     source.items = [
-        replace(it, split=VALID if i in to_valid else TRAIN) if it.split == "" else it
+        replace(it, split=VALID if i in to_valid else TRAIN) if it.split in unsplit else it
         for i, it in enumerate(source.items)
     ]
+    if not to_valid and not source.split(VALID):
+        log.warning("no validation split in %s (--valid-pct %g): training without validation", source.root, valid_pct)
 
 
 def group_keys(items: list[Item]) -> list[str] | None:
