@@ -174,11 +174,11 @@ def fold_pairs(y: np.ndarray, folds: int, seed: int, groups: list[str] | None = 
     return [(np.setdiff1d(rows, valid), valid) for valid in fold_splits(y, groups, folds, seed)]
 
 
-def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None:
+def stratified_sample(y: np.ndarray, limit: int, seed: int, at_least: int = MIN_PER_CLASS) -> np.ndarray | None:
     """At most about `limit` row indices (sorted) drawn at random with every class kept: `y`
     holds one class per row, or is a 0/1 matrix of label sets (rows without a label count as
     one more class). Each class gets its share of `limit` and at least min(its rows,
-    MIN_PER_CLASS), the first rows of it in a seeded random order, so a rare class never
+    `at_least`), the first rows of it in a seeded random order, so a rare class never
     vanishes from the sample. None when there are no more than `limit` rows (take all)."""
     n = len(y)
     if n <= limit:
@@ -191,10 +191,10 @@ def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None
         by_class = np.argsort(drawn, kind="stable")  # each class's rows in drawn order
         rank = np.empty(n, dtype=np.int64)
         rank[by_class] = np.arange(n) - np.searchsorted(drawn[by_class], drawn[by_class])
-        take = rank < _quota(counts, limit, n)[drawn]
+        take = rank < _quota(counts, limit, n, at_least)[drawn]
     else:
         columns = np.concatenate([y > 0.5, ~(y > 0.5).any(axis=1, keepdims=True)], axis=1)
-        quota = _quota(columns.sum(axis=0), limit, n)
+        quota = _quota(columns.sum(axis=0), limit, n, at_least)
         take = np.zeros(n, dtype=bool)
         for k in range(columns.shape[1]):  # memory stays one column, whatever the number of labels
             drawn = columns[order, k]
@@ -202,8 +202,8 @@ def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None
     return np.sort(order[take])
 
 
-def _quota(counts: np.ndarray, limit: int, n: int) -> np.ndarray:
+def _quota(counts: np.ndarray, limit: int, n: int, at_least: int) -> np.ndarray:
     """Rows to keep of each class: the fraction limit / n of its rows (so all classes take
-    about the same first rows of the random order), at least min(count, MIN_PER_CLASS)."""
+    about the same first rows of the random order), at least min(count, at_least)."""
     share = np.round(limit * counts / n)
-    return np.maximum(share, np.minimum(counts, MIN_PER_CLASS)).astype(np.int64)
+    return np.maximum(share, np.minimum(counts, at_least)).astype(np.int64)
