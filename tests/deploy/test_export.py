@@ -336,3 +336,50 @@ def test_int8_calibrates_on_a_stratified_sample_held_out_of_the_scoring_and_refu
     with pytest.raises(vt.VisiontuneError, match=r"int8: 1 of the 18 validation images that calibrate cannot be "
                                                   r"read, e.g. .*splits.csv"):
         export_int8(run_dir, max_drop=100)
+
+
+@pytest.mark.parametrize("target_range", [None, (10.0, 90.0)])
+def test_a_regression_exported_for_timm_gives_predicts_numbers_as_its_config_says(
+        tmp_path: Path, target_range: tuple[float, float] | None) -> None:
+    """The timm folder of a regression run, loaded by timm alone and fed by timm's own
+    transform from its pretrained_cfg: its outputs are the numbers in real units (the
+    scaling folded into the classifier), or, with --target-range, the config.json says
+    exactly what to apply (the sigmoid onto the range); either way `predict`'s numbers."""
+    import csv
+
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    rows = [["path", "age"]]
+    for i in range(24):
+        value = 20.0 + 60.0 * i / 23  # brightness grows with the target
+        arr = np.clip(np.full((40, 40, 3), 30 + 2.5 * value) + rng.normal(0, 6, (40, 40, 3)), 0, 255)
+        (data / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr.astype(np.uint8)).save(data / "images" / f"img_{i:02d}.png")
+        rows.append([f"images/img_{i:02d}.png", f"{value:.3f}"])
+    with open(data / "targets.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    run = vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, csv=str(data / "targets.csv"),
+                              task="regression", target_range=target_range, output=str(tmp_path / "runs")))
+    export(run.run_dir, "timm", tmp_path / "hub")
+    described = json.loads((tmp_path / "hub" / "config.json").read_text())["visiontune"]
+
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    images = sorted((data / "images").glob("*.png"))
+    with torch.inference_mode():
+        out = model(torch.stack([transform(Image.open(p).convert("RGB")) for p in images]))[:, 0].double()
+    if target_range is None:
+        numbers = out
+    else:
+        low, high = described["target_range"]
+        numbers = low + (high - low) * torch.sigmoid(out)
+    predicted = {p.path: p.value for p in vt.predict(run.run_dir, [str(p) for p in images], engine="torch")[0]}
+    expected = np.array([predicted[str(p)] for p in images])
+    assert np.ptp(expected) > 1.0  # the numbers differ from image to image: the comparison means something
+    assert numbers.numpy() == pytest.approx(expected, abs=0.05 * np.ptp(expected))
+    assert described["outputs"] == ("the prediction in real units" if target_range is None else
+                                    "z: the prediction is low + (high - low) * sigmoid(z), [low, high] = target_range")
