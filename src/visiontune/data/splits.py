@@ -64,8 +64,6 @@ def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
         replace(it, split=VALID if i in to_valid else TRAIN) if it.split in unsplit else it
         for i, it in enumerate(source.items)
     ]
-    if not to_valid and not source.split(VALID):
-        log.warning("no validation split in %s (--valid-pct %g): training without validation", source.root, valid_pct)
 
 
 def group_keys(items: list[Item]) -> list[str] | None:
