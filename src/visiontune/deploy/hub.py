@@ -125,7 +125,7 @@ def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path
         f"# {run.name}", "",
         f"A {task.name} model fine-tuned with visiontune {__version__}.", "",
         f"- **Task**: {task.name}; outputs: {labels}",
-        f"- **Model outputs**: {outputs} (config.json: `visiontune.outputs`)",
+        f"- **Model outputs**: {outputs} (config.json: the \"visiontune\" section's \"outputs\")",
         "- **Data**: " + (", ".join(f"{n} {split} images" for split, n in sorted(splits.items())) or "not recorded"),
         "- **Validation metrics** (the validation split of the run; the weights kept are the best epoch's): "
         + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "none recorded"),
