@@ -238,7 +238,8 @@ def _add_share_commands(sub: Any) -> None:
                    help="--int8: refuse the int8 model (keeping fp32) when its validation score (accuracy; mAP; "
                    "R²) is this many points under fp32's")
     p.add_argument("--calibration", type=int, default=256, metavar="N",
-                   help="--int8: validation images that calibrate the activation ranges")
+                   help="--int8: about N validation images (a stratified sample) calibrate the activation "
+                   "ranges; with 2 x N or more, the drop is scored on the others")
 
     p = sub.add_parser("push", help="upload the run to the Hugging Face Hub in timm's layout (needs a network "
                        "and a token: huggingface-cli login)")

@@ -51,25 +51,32 @@ UNCHECKED = ("", "")  # atomic_write's default `expected`: replace whatever is t
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None],
-                 expected: tuple[str, str] | None = UNCHECKED) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`. With `expected` (the
+                 expected: tuple[str, str] | None = UNCHECKED, sync: bool = True) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`. The temporary file's name is
+    unique, so processes writing the same `path` at once never take each other's file (the
+    last rename wins; each reader sees one whole version). With `expected` (the
     `file_identity` the file had when it was read; None: it did not exist), FileChanged is
     raised instead of the rename when the file is no longer that one: a read-merge-write
-    then reads again rather than overwrite what another writer wrote meanwhile."""
+    then reads again rather than overwrite what another writer wrote meanwhile.
+    `sync=False`: no fsync, for many files that a marker written after them vouches for
+    (the caller syncs once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if sync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         if expected != UNCHECKED and file_identity(path) != expected:
             raise FileChanged(str(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -113,6 +120,10 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, sync: bool = True) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), sync=sync)
 
 
 def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[Iterable[Any]],

@@ -4,6 +4,8 @@ the label's shape from the column's type, and hf:NAME failing fast without the H
 from __future__ import annotations
 
 import csv
+import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
-from conftest import COLORS, TINY, make_image
+from conftest import COLORS, TINY, make_class_folders, make_image
 from visiontune.cli import main
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
@@ -68,8 +70,6 @@ def test_a_saved_dataset_dict_trains_with_its_own_splits_and_labels_offline(save
     assert {it.path: Path(it.path).stat().st_mtime_ns for it in again.items} == before
     # shard reads it too, with the same splits
     assert main(["shard", str(saved), "--output", str(tmp_path / "shards")]) == 0
-    import json
-
     described = json.loads((tmp_path / "shards" / "dataset.json").read_text())
     assert {s: p["samples"] for s, p in described["splits"].items()} == {"train": 20, "valid": 8, "test": 6}
 
@@ -95,8 +95,125 @@ def test_the_label_shape_comes_from_the_column_type_and_odd_rows_are_listed(tmp_
     assert sorted({it.label for it in multi.items}) == [(), ("round", "shiny"), ("small",)]
     numbers = load_items(DataConfig(path=str(tmp_path / "multi"), label_col="size", valid_pct=0.25))
     assert numbers.task == "regression" and sorted(it.label for it in numbers.items) == [float(i) for i in range(12)]
+    # a train split alone is split by --valid-pct (stratified by target bins): 3 of 12 validate
+    assert Counter(it.split for it in numbers.items) == {"train": 9, "valid": 3}
     with pytest.raises(vt.DataError, match=r"--image-col 'picture' is not a column.*columns: image, tags"):
         load_items(DataConfig(path=str(tmp_path / "multi"), image_col="picture"))
+
+
+def _save(dd: dict[str, datasets.Dataset], out: Path) -> Path:
+    datasets.DatasetDict(dd).save_to_disk(str(out))
+    return out
+
+
+def test_a_dataset_dict_without_a_validation_split_has_train_split_by_valid_pct_as_folders_are(
+        tmp_path: Path) -> None:
+    """train + test (and train alone): --valid-pct of train validates, stratified and seeded,
+    the same rule and the same counts as the folder layout train/ + test/."""
+    src = tmp_path / "src"
+    train, test = _split(src, {"red": 10, "green": 10}, 0), _split(src, {"red": 3, "green": 3}, 200)
+    with_test = load_items(DataConfig(path=str(_save({"train": train, "test": test}, tmp_path / "tt")),
+                                      valid_pct=0.25))
+    counts = Counter((it.split, it.label) for it in with_test.items)
+    assert counts == {("train", "red"): 8, ("train", "green"): 7, ("valid", "red"): 2, ("valid", "green"): 3,
+                      ("test", "red"): 3, ("test", "green"): 3} or counts == {
+        ("train", "red"): 7, ("train", "green"): 8, ("valid", "red"): 3, ("valid", "green"): 2,
+        ("test", "red"): 3, ("test", "green"): 3}
+    folders = tmp_path / "folders"
+    make_class_folders(folders / "train", {"red": 10, "green": 10}, 0)
+    make_class_folders(folders / "test", {"red": 3, "green": 3}, 200)
+    same = load_items(DataConfig(path=str(folders), valid_pct=0.25))
+    assert Counter(it.split for it in same.items) == Counter(it.split for it in with_test.items)
+    alone = load_items(DataConfig(path=str(_save({"train": train}, tmp_path / "t")), valid_pct=0.5))
+    assert Counter((it.split, it.label) for it in alone.items) == {
+        ("train", "red"): 5, ("train", "green"): 5, ("valid", "red"): 5, ("valid", "green"): 5}
+    # --valid-pct 0 asks for no validation: none is made
+    assert {it.split for it in load_items(DataConfig(path=str(tmp_path / "t"), valid_pct=0)).items} == {"train"}
+    # and a run trained on it monitors validation (its splits.csv holds valid rows)
+    r = vt.fit(tmp_path / "tt", **dict(TINY, strategy="feature-extract", epochs=1), output=str(tmp_path / "runs"))
+    with open(Path(r.run_dir) / "splits.csv", newline="") as fh:
+        assert Counter(row["split"] for row in csv.DictReader(fh)) == {"train": 16, "valid": 4, "test": 6}
+
+
+def test_a_test_split_without_the_label_column_is_listed_and_columns_are_looked_for_in_every_split(
+        tmp_path: Path) -> None:
+    """The label column is found whichever split comes first; a split that lacks it (a
+    test split without labels, as many Hub sets have) is left out and listed."""
+    src = tmp_path / "src"
+    train = _split(src, {"red": 6, "green": 6}, 0)
+    unlabelled = datasets.Dataset.from_dict({"img": _images(src, 4, "red", 300)},
+                                            features=datasets.Features({"img": datasets.Image()}))
+    saved = _save({"test": unlabelled, "train": train}, tmp_path / "saved")  # test first, as some sets are
+    source = load_items(DataConfig(path=str(saved)))
+    assert source.classes == ["green", "red"] and len(source.items) == 12
+    assert Counter(it.split for it in source.items) == {"train": 10, "valid": 2}
+    assert any("'test'" in where and "4 rows" in why and "no 'label' column" in why
+               for where, why in source.excluded)
+    named = load_items(DataConfig(path=str(saved), label_col="label", image_col="img"))
+    assert len(named.items) == 12
+    train_first = load_items(DataConfig(path=str(_save({"train": train, "test": unlabelled}, tmp_path / "tf"))))
+    assert len(train_first.items) == 12 and any("'test'" in where for where, _ in train_first.excluded)
+    assert main(["train", str(saved), "--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size",
+                 "32", "--strategy", "feature-extract", "--epochs", "1", "--output", str(tmp_path / "runs")]) == 0
+
+
+_WRITER = """
+import json, sys, time
+from pathlib import Path
+from visiontune.config import DataConfig
+from visiontune.data.hf import hf_source
+saved, cache, rank, world, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+try:
+    for r in range(rounds):  # each round: wait for every process, then all read into one new cache folder
+        (cache / f"ready{r}.{rank}").touch()
+        while len(list(cache.glob(f"ready{r}.*"))) < world:
+            if (cache / "failed").exists():
+                sys.exit(3)
+            time.sleep(0.0005)
+        source = hf_source(DataConfig(path=saved), str(cache / str(r)))
+        (cache / f"items{r}.{rank}.json").write_text(json.dumps(sorted((it.path, it.label) for it in source.items)))
+except BaseException:
+    (cache / "failed").touch()  # the others stop waiting for this one
+    raise
+"""
+
+
+def test_processes_writing_one_datasets_images_at_once_each_get_every_image_whole(tmp_path: Path) -> None:
+    """torchrun's ranks all read the dataset at once: each writes the images into the one
+    cache folder (no rank may find its file taken by another), and each sees them all.
+    Four processes, six rounds that start together (a race at the first rows: one file
+    name for every process made a rank fail in each of 4 tries of this test)."""
+    import io
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(80):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    part = datasets.Dataset.from_dict({"img": [{"bytes": b, "path": None} for b in blobs],
+                                       "label": [i % 2 for i in range(80)]}, features=features)
+    saved = _save({"train": part}, tmp_path / "saved")
+    cache, world, rounds = tmp_path / "cache", 4, 6
+    cache.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(vt.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(saved), str(cache), str(k), str(world),
+                               str(rounds)], env=env, stderr=subprocess.PIPE, text=True) for k in range(world)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(errors)
+    for r in range(rounds):
+        seen = [json.loads((cache / f"items{r}.{k}.json").read_text()) for k in range(world)]
+        assert all(s == seen[0] for s in seen) and len(seen[0]) == 80
+        by_row = {int(Path(path).stem): Path(path) for path, _ in seen[0]}
+        assert all(by_row[i].read_bytes() == blobs[i] for i in range(80))
+        assert not [f for f in by_row[0].parent.iterdir() if f.name.endswith(".tmp")]  # no temporary file left
 
 
 def test_hf_name_without_the_hub_fails_fast_and_says_how_to_work_offline(tmp_path: Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
-from conftest import TINY, make_class_folders
+from conftest import COLORS, TINY, StopAfter, make_class_folders
 from visiontune.cli import main
 from visiontune.deploy.export import export, load_exported
 
@@ -248,10 +248,138 @@ def test_int8_export_is_checked_on_validation_runs_in_predict_and_is_refused_pas
     assert [p.path for p in quantized] == [p.path for p in eager]
     assert sum(a.label == b.label for a, b in zip(quantized, eager)) >= 0.75 * len(eager)
 
-    int8.unlink()
-    with pytest.raises(Int8Refused, match=r"(?s)static int8: .*dynamic int8: .*refused.*m.onnx is kept"):
+    # 3 validation images: too few to hold some out of the calibration, and the output says so
+    assert "static int8 calibrated on 3 of these images" in out and "may look smaller than on new images" in out
+
+    # the int8 file of these weights is still there: a refusal must not leave it beside the new fp32 export
+    with pytest.raises(Int8Refused, match=r"(?s)static int8: .*dynamic int8: .*refused.*m.onnx is kept.*"
+                                          r"the earlier int8 file .*m.int8.onnx was removed"):
         export_int8(run_dir, "onnx", fp32, max_drop=-101)  # asks int8 to beat fp32 by 101 points: none can
     assert fp32.is_file() and not int8.exists()
     with pytest.raises(vt.ConfigError, match="--int8 quantises ONNX models; use --format onnx"):
         export_int8(run_dir, "pt2", tmp_path / "m.pt2")
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_an_int8_file_of_weights_since_resumed_is_refused_by_predict_and_removed_by_the_next_export(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """model.int8.onnx carries the digest of the weights it was quantised from: after a
+    resume changed RUN/model.safetensors, predicting with it (or with the old model.onnx)
+    is refused, saying how to re-export, and a re-export whose int8 is refused leaves no
+    int8 file of the old weights beside the new fp32 one."""
+    from visiontune.deploy.quantize import Int8Refused, export_int8
+    from visiontune.files import file_digest
+
+    data = make_class_folders(tmp_path / "data", {"red": 8, "green": 8})
+    kw = dict(TINY, strategy="finetune", epochs=3, lr=1e-2, output=str(tmp_path / "runs"))
+    run_dir = Path(vt.fit(data, **kw, callbacks=[StopAfter(1)]).run_dir)
+    int8 = run_dir / "model.int8.onnx"
+    assert export_int8(run_dir, max_drop=100).int8.path == str(int8)
+    assert len(vt.predict(int8, data)[0]) == 16  # of these weights: it runs
+    before = file_digest(run_dir / "model.safetensors")
+    vt.fit(resume=run_dir)
+    assert file_digest(run_dir / "model.safetensors") != before  # the resume wrote other weights
+    with pytest.raises(vt.VisiontuneError, match=r"model.int8.onnx was exported from other weights than .*"
+                                                  r"model.safetensors.*Re-export it: visiontune export .* --format "
+                                                  r"onnx --int8$"):
+        vt.predict(int8, data)
+    with pytest.raises(vt.VisiontuneError, match=r"model.onnx was exported from other weights.*--format onnx$"):
+        vt.predict(run_dir / "model.onnx", data)
+    assert main(["predict", str(int8), str(data)]) == 2
+    assert "exported from other weights" in capsys.readouterr().err
+    with pytest.raises(Int8Refused):
+        export_int8(run_dir, max_drop=-101)
+    assert not int8.exists() and (run_dir / "model.onnx").is_file()
+    assert len(vt.predict(run_dir / "model.onnx", data)[0]) == 16  # the new fp32 export: current
+
+
+def test_int8_calibrates_on_a_stratified_sample_held_out_of_the_scoring_and_refuses_unreadable_images(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """splits.csv lists the validation images class by class: the calibration must still see
+    every class; with 2 x --calibration validation images or more, the drop is scored on the
+    others; an image that cannot be read is an error, never a blank calibration image."""
+    import numpy as np
+    import onnxruntime.quantization as ortq
+
+    from visiontune.deploy.quantize import export_int8
+
+    data = make_class_folders(tmp_path / "data", {"red": 12, "green": 12, "blue": 12})
+    run_dir = Path(vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, valid_pct=0.5,
+                                       output=str(tmp_path / "runs"))).run_dir)
+    seen: list[np.ndarray] = []
+    real = ortq.quantize_static
+
+    def recording(model_input, model_output, reader, **kw):  # ONNX Runtime's, not ours: what it calibrates on
+        batches = list(iter(reader.get_next, None))
+        seen.extend(image for b in batches for image in next(iter(b.values())))
+        again = iter(batches)
+
+        class Again(ortq.CalibrationDataReader):
+            def get_next(self):
+                return next(again, None)
+
+        return real(model_input, model_output, Again(), **kw)
+
+    monkeypatch.setattr(ortq, "quantize_static", recording)
+    result = export_int8(run_dir, max_drop=100, calibration=6).int8
+    colour = {0: "red", 1: "green", 2: "blue"}  # each image's strongest channel tells its class
+    assert {colour[int(np.argmax(image.mean(axis=(1, 2))))] for image in seen} == set(COLORS) - {"grey"}
+    assert len(seen) == result.calibration and 6 <= result.calibration <= 7
+    assert result.held_out and result.images + result.calibration == 18  # 18 validation images
+    assert any("calibrated on" in line and "other validation images" in line for line in result.lines())
+
+    with open(run_dir / "splits.csv", newline="") as fh:
+        import csv
+
+        broken = next(row["path"] for row in csv.DictReader(fh) if row["split"] == "valid")
+    Path(broken).write_bytes(Path(broken).read_bytes()[:60])  # truncated: it cannot be decoded
+    with pytest.raises(vt.VisiontuneError, match=r"int8: 1 of the 18 validation images that calibrate cannot be "
+                                                  r"read, e.g. .*splits.csv"):
+        export_int8(run_dir, max_drop=100)
+
+
+@pytest.mark.parametrize("target_range", [None, (10.0, 90.0)])
+def test_a_regression_exported_for_timm_gives_predicts_numbers_as_its_config_says(
+        tmp_path: Path, target_range: tuple[float, float] | None) -> None:
+    """The timm folder of a regression run, loaded by timm alone and fed by timm's own
+    transform from its pretrained_cfg: its outputs are the numbers in real units (the
+    scaling folded into the classifier), or, with --target-range, the config.json says
+    exactly what to apply (the sigmoid onto the range); either way `predict`'s numbers."""
+    import csv
+
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    rows = [["path", "age"]]
+    for i in range(24):
+        value = 20.0 + 60.0 * i / 23  # brightness grows with the target
+        arr = np.clip(np.full((40, 40, 3), 30 + 2.5 * value) + rng.normal(0, 6, (40, 40, 3)), 0, 255)
+        (data / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr.astype(np.uint8)).save(data / "images" / f"img_{i:02d}.png")
+        rows.append([f"images/img_{i:02d}.png", f"{value:.3f}"])
+    with open(data / "targets.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    run = vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, csv=str(data / "targets.csv"),
+                              task="regression", target_range=target_range, output=str(tmp_path / "runs")))
+    export(run.run_dir, "timm", tmp_path / "hub")
+    described = json.loads((tmp_path / "hub" / "config.json").read_text())["visiontune"]
+
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    images = sorted((data / "images").glob("*.png"))
+    with torch.inference_mode():
+        out = model(torch.stack([transform(Image.open(p).convert("RGB")) for p in images]))[:, 0].double()
+    if target_range is None:
+        numbers = out
+    else:
+        low, high = described["target_range"]
+        numbers = low + (high - low) * torch.sigmoid(out)
+    predicted = {p.path: p.value for p in vt.predict(run.run_dir, [str(p) for p in images], engine="torch")[0]}
+    expected = np.array([predicted[str(p)] for p in images])
+    assert np.ptp(expected) > 1.0  # the numbers differ from image to image: the comparison means something
+    assert numbers.numpy() == pytest.approx(expected, abs=0.05 * np.ptp(expected))
+    assert described["outputs"] == ("the prediction in real units" if target_range is None else
+                                    "z: the prediction is low + (high - low) * sigmoid(z), [low, high] = target_range")

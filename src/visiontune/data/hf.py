@@ -12,12 +12,17 @@ compare, advise, lr-find, shard, evaluate, interpret):
   (single-label), a list of them a label set (multi-label), a float a number
   (regression); `--task` overrides as for a CSV.
 - **Splits**: the dataset's own (train; validation/valid/val; test); a split of another
-  name (e.g. "unsupervised") is left out and listed. A single `Dataset` is split by
-  `--valid-pct`.
+  name (e.g. "unsupervised"), or one without the label column (a test split without
+  labels), is left out and listed. Without a validation split (a single `Dataset`, train
+  alone, train + test), `--valid-pct` of train validates, as for folders
+  (data/splits.assign_validation). The columns are looked for in every split.
 - **Images** are written once, with their stored bytes unchanged, into the cache
   (`$VISIONTUNE_CACHE/datasets/<digest>/<split>/<row>.<ext>`; the digest is of the
   dataset's fingerprints), because the rest of visiontune reads files and identifies
   images by path; an image stored as a path to an existing local file is used in place.
+  Processes that read the dataset at once (torchrun's ranks) each write a file under a
+  temporary name of their own and rename it: the last rename wins, every reader sees a
+  whole image.
   `visiontune cache clear --only datasets` removes them; the next run writes them again.
 
 Online, `hf:NAME` is `datasets.load_dataset(NAME, CONFIG)`. When the Hub cannot be reached
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import socket
@@ -41,7 +45,7 @@ from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
 from visiontune.data.tables import LABEL_COLUMNS, VALID_DIR_NAMES
 from visiontune.errors import DataError
-from visiontune.files import cache_root, touch
+from visiontune.files import cache_root, touch, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +73,79 @@ def hf_source(cfg: DataConfig, cache_dir: str | None = None) -> DataSource:
     loaded = _load(cfg.path)
     parts = dict(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
     source = DataSource(root=cfg.path, classes=[], items=[])
-    splits: dict[str, Any] = {}
-    for name, part in parts.items():
-        split = _split_of(name)
-        if split is None:
-            source.excluded.append((f"{cfg.path} split {name!r}", f"{len(part)} rows: not train, validation or test"))
-        else:
-            splits[name] = (split, part)
-    if not splits:
-        raise DataError(f"{cfg.path}: no train, validation or test split (it has {', '.join(parts)})")
-    features = next(iter(splits.values()))[1].features
+    splits = _known_splits(parts, source, cfg.path)
+    features = _columns(splits)
     image_col = _image_column(features, cfg.image_col, cfg.path)
     label_col = _label_column(features, cfg.label_col, image_col, cfg.path)
+    splits = _with_columns(splits, (image_col, label_col), source, cfg.path)
     folder = cache_root(cache_dir) / "datasets" / _digest(splits, image_col, label_col)
     done = folder / DONE
+    written = done.is_file()
     for name, (split, part) in splits.items():
-        source.items += _items(part, name, split, image_col, label_col, folder, source.excluded, done.is_file())
-    done.write_text(json.dumps({"dataset": cfg.path, "image": image_col, "label": label_col,
-                                "rows": {n: len(p) for n, (_, p) in splits.items()}}))
+        source.items += _items(part, name, split, image_col, label_col, folder, source.excluded, written)
+    if not written:
+        _sync()
+        write_json(done, {"dataset": cfg.path, "image": image_col, "label": label_col,
+                          "rows": {n: len(p) for n, (_, p) in splits.items()}})
     touch(folder)
     kind = type(features[label_col]).__name__
     source.detected = f"the {label_col!r} column ({kind}) of {cfg.path}"
     if _is_number(features[label_col]):
         source.target_name = label_col
     return source
+
+
+def _known_splits(parts: dict[str, Any], source: DataSource, where: str) -> dict[str, tuple[str, Any]]:
+    """name -> (visiontune's split, the part) of the train, validation and test splits; the
+    others are listed in `source.excluded`. Which images validate is decided later, by one
+    rule for every layout (data/splits.assign_validation: no validation split, then train
+    is split by --valid-pct)."""
+    splits: dict[str, tuple[str, Any]] = {}
+    for name, part in parts.items():
+        split = _split_of(name)
+        if split is None:
+            source.excluded.append((f"{where} split {name!r}", f"{len(part)} rows: not train, validation or test"))
+        else:
+            splits[name] = (split, part)
+    if not splits:
+        raise DataError(f"{where}: no train, validation or test split (it has {', '.join(parts)})")
+    return splits
+
+
+def _columns(splits: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Every split's columns, each with its type in the training split (else the first
+    split holding it): the label column is looked for in all of them, since a test split
+    may come first and hold no labels."""
+    columns: dict[str, Any] = {}
+    for _, part in sorted(splits.values(), key=lambda pair: pair[0] != TRAIN):
+        for name, feature in part.features.items():
+            columns.setdefault(name, feature)
+    return columns
+
+
+def _with_columns(splits: dict[str, tuple[str, Any]], needed: tuple[str, str], source: DataSource,
+                  where: str) -> dict[str, tuple[str, Any]]:
+    """The splits that hold the image and the label column; the others (a test split
+    without labels) are left out and listed in `source.excluded`."""
+    kept = {}
+    for name, (split, part) in splits.items():
+        missing = [c for c in needed if c not in part.features]
+        if missing:
+            source.excluded.append((f"{where} split {name!r}", f"{len(part)} rows: no "
+                                    f"{' or '.join(repr(c) for c in missing)} column (left out)"))
+        else:
+            kept[name] = (split, part)
+    if not kept:
+        raise DataError(f"{where}: no split holds both the image column {needed[0]!r} and the label column "
+                        f"{needed[1]!r}; name the columns with --image-col and --label-col")
+    return kept
+
+
+def _sync() -> None:
+    """The images written without an fsync each reach the disk before the marker that
+    vouches for them (one sync for all)."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def _require() -> Any:
@@ -270,7 +323,5 @@ def _image_file(image: Any, out_dir: Path, stem: str, known: dict[str, Path]) ->
     if stem in known:
         return known[stem]
     target = out_dir / f"{stem}{_extension(data)}"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_bytes(target, data, sync=False)  # a temporary file of its own: ranks under torchrun write at once
     return target

@@ -181,9 +181,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 def _from_folders(root: Path, label_func: LabelFunc | None) -> DataSource:
     source = DataSource(root=str(root), classes=[], items=[])
-    splits = _split_dirs(root) or {"": root}
-    if TRAIN in splits and VALID not in splits:  # train/ (+ test/) only: split train by valid_pct
-        splits = {("" if k == TRAIN else k): v for k, v in splits.items()}
+    splits = _split_dirs(root) or {"": root}  # train/ (+ test/) alone: assign_validation splits train
     for split, folder in splits.items():
         if label_func is not None:
             _collect_named(source, folder, split, label_func)

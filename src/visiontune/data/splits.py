@@ -59,14 +59,16 @@ class TooFewToSplit(DataError):
 
 def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
     """Items without a split go to train/valid: stratified by class, seeded, groups whole.
+    The one rule for every layout: when no item is in a validation split (folders train/
+    [+ test/], a Hugging Face dataset of train [+ test], a CSV whose split column names no
+    valid row), the training items are split the same way (`valid_pct` 0: no validation).
     When some class has a single image (the first rounds of labelling: `suggest` at 1 or
     2 labels per class), no split can hold one of each class out: every image trains and
     `source.no_validation` says why (the run then validates by the converged probe's
     cross-validation: train/setup.py)."""
-    loose = [i for i, it in enumerate(source.items) if it.split == ""]
+    unsplit = ("", TRAIN) if not source.split(VALID) else ("",)
+    loose = [i for i, it in enumerate(source.items) if it.split in unsplit]
     if not loose:
-        if not source.split(VALID):
-            log.warning("no valid/ folder under %s: training without validation", source.root)
         return
     items = [source.items[i] for i in loose]
     try:
@@ -78,7 +80,7 @@ def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
             chosen, source.no_validation = [], f"{_few(exc.classes)} a single labelled image"
     to_valid = {loose[k] for k in chosen}
     source.items = [
-        replace(it, split=VALID if i in to_valid else TRAIN) if it.split == "" else it
+        replace(it, split=VALID if i in to_valid else TRAIN) if it.split in unsplit else it
         for i, it in enumerate(source.items)
     ]
 
@@ -194,11 +196,11 @@ def fold_pairs(y: np.ndarray, folds: int, seed: int, groups: list[str] | None = 
     return [(np.setdiff1d(rows, valid), valid) for valid in fold_splits(y, groups, folds, seed)]
 
 
-def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None:
+def stratified_sample(y: np.ndarray, limit: int, seed: int, at_least: int = MIN_PER_CLASS) -> np.ndarray | None:
     """At most about `limit` row indices (sorted) drawn at random with every class kept: `y`
     holds one class per row, or is a 0/1 matrix of label sets (rows without a label count as
     one more class). Each class gets its share of `limit` and at least min(its rows,
-    MIN_PER_CLASS), the first rows of it in a seeded random order, so a rare class never
+    `at_least`), the first rows of it in a seeded random order, so a rare class never
     vanishes from the sample. None when there are no more than `limit` rows (take all)."""
     n = len(y)
     if n <= limit:
@@ -211,10 +213,10 @@ def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None
         by_class = np.argsort(drawn, kind="stable")  # each class's rows in drawn order
         rank = np.empty(n, dtype=np.int64)
         rank[by_class] = np.arange(n) - np.searchsorted(drawn[by_class], drawn[by_class])
-        take = rank < _quota(counts, limit, n)[drawn]
+        take = rank < _quota(counts, limit, n, at_least)[drawn]
     else:
         columns = np.concatenate([y > 0.5, ~(y > 0.5).any(axis=1, keepdims=True)], axis=1)
-        quota = _quota(columns.sum(axis=0), limit, n)
+        quota = _quota(columns.sum(axis=0), limit, n, at_least)
         take = np.zeros(n, dtype=bool)
         for k in range(columns.shape[1]):  # memory stays one column, whatever the number of labels
             drawn = columns[order, k]
@@ -222,8 +224,8 @@ def stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None
     return np.sort(order[take])
 
 
-def _quota(counts: np.ndarray, limit: int, n: int) -> np.ndarray:
+def _quota(counts: np.ndarray, limit: int, n: int, at_least: int) -> np.ndarray:
     """Rows to keep of each class: the fraction limit / n of its rows (so all classes take
-    about the same first rows of the random order), at least min(count, MIN_PER_CLASS)."""
+    about the same first rows of the random order), at least min(count, at_least)."""
     share = np.round(limit * counts / n)
-    return np.maximum(share, np.minimum(counts, MIN_PER_CLASS)).astype(np.int64)
+    return np.maximum(share, np.minimum(counts, at_least)).astype(np.int64)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visiontune.bundle import Bundle, load_bundle, model_file
+from visiontune.bundle import MODEL_FILE, Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 FORMATS: Registry[str] = Registry("export format", {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts",
                                                     "timm": ""})  # format -> the file's suffix
 PARITY_TOLERANCE = 1e-3
+INT8 = ".int8"  # MODEL.onnx -> MODEL.int8.onnx (deploy/quantize.py)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
             traced = torch.jit.trace(model, example)
             atomic_write(target, lambda tmp: torch.jit.save(traced, tmp,
                                                             _extra_files={"visiontune.json": json.dumps(meta)}))
-    exported = load_exported(target)
+    exported = load_exported(target, check_weights=False)  # of these weights: just written
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         diff = float((model(check) - exported.model(check)).abs().max())
@@ -124,8 +125,11 @@ class _ProgramModule(nn.Module):
         return self.program(x.contiguous())
 
 
-def load_exported(path: str | os.PathLike[str]) -> Bundle:
-    """A `Bundle` (model, classes, preprocess) from an exported .onnx, .pt2 or .ts file."""
+def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> Bundle:
+    """A `Bundle` (model, classes, preprocess) from an exported .onnx, .pt2 or .ts file.
+    `check_weights`: an export beside the weights file it names (a run directory's
+    model.onnx, model.int8.onnx, model.pt2 -> model.safetensors) must record that file's
+    digest; one made before a resume or a retrain is refused (`require_current`)."""
     p = Path(path)
     if p.suffix == ".onnx":
         try:
@@ -149,9 +153,39 @@ def load_exported(path: str | os.PathLike[str]) -> Bundle:
         raise VisiontuneError(f"{str(p)!r}: not an exported model (.onnx, .pt2 or .ts)")
     if "classes" not in meta:
         raise VisiontuneError(f"{str(p)!r} carries no visiontune metadata (classes, preprocessing); re-export it")
+    if check_weights:
+        require_current(p, meta.get("weights_digest"))
     task_meta = json.loads(meta.get("task", "{}"))
     task = make_task(task_meta.get("task", "single-label"), json.loads(meta["classes"]), task_meta)
     return Bundle(model, task, Preprocess.from_dict(json.loads(meta["preprocess"])), str(p.parent))
+
+
+def weights_beside(path: str | os.PathLike[str]) -> Path | None:
+    """The weights file an export is named after, when it is beside it: RUN/model.onnx,
+    RUN/model.int8.onnx and RUN/model.pt2 are of RUN/model.safetensors."""
+    p = Path(path)
+    stem = p.name[:-len(p.suffix)] if p.suffix else p.name
+    weights = p.with_name(stem.removesuffix(INT8) + ".safetensors")
+    return weights if weights.is_file() else None
+
+
+def require_current(path: str | os.PathLike[str], recorded: str | None) -> None:
+    """Refuse the export `path` when the weights file beside it (`weights_beside`) is not
+    the one it was made from: `recorded` is the digest the export carries. An export of
+    weights that are not beside it (copied elsewhere), or from before digests were
+    recorded, cannot be checked and is allowed."""
+    p = Path(path)
+    weights = weights_beside(p)
+    if weights is None or not recorded or recorded == file_digest(weights):
+        return
+    fp32 = p.with_name(p.name.replace(INT8 + p.suffix, p.suffix))
+    fmt = next((f for f, suffix in FORMATS.items() if suffix and suffix == p.suffix), "onnx")
+    output = "" if fp32 == weights.with_suffix(p.suffix) else f" --output {fp32}"
+    run = p.parent if weights.name == MODEL_FILE else weights
+    raise VisiontuneError(
+        f"{p} was exported from other weights than {weights} beside it (the run was resumed or retrained, or its "
+        f"weights replaced, since): it would predict with the old model. Re-export it: visiontune export "
+        f"{run} --format {fmt}{output}{' --int8' if p.name.endswith(INT8 + p.suffix) else ''}")
 
 
 # -- ONNX Runtime as a predict engine ---------------------------------------------------
@@ -191,7 +225,7 @@ def onnx_engine(run: str | os.PathLike[str], engine: str, images: int) -> Bundle
     if engine == "auto" and (not onnx_available() or (existing is None and images < ONNX_MIN_IMAGES)):
         return None
     try:
-        return load_exported(existing or export(weights, "onnx").path)
+        return load_exported(existing or export(weights, "onnx").path, check_weights=False)  # current by now
     except (VisiontuneError, OSError) as exc:
         if engine == "onnx":
             raise

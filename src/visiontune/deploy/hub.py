@@ -14,13 +14,18 @@ head as timm's own classifier. So anyone can load it without visiontune:
 
 and visiontune can start from it (`--weights local-dir:DIR`). visiontune's own metadata
 (task, thresholds of a multi-label run, version) rides along under "visiontune" in
-config.json. Needs a timm backbone and a linear head (the default, `--head-hidden 0`).
+config.json, with `outputs`: what the model's outputs are (`Task.linear_output`):
+classification's logits; a regression's numbers in real units (the target scaling folded
+into the classifier); with `--target-range`, z, and the prediction is
+low + (high - low) * sigmoid(z) (a sigmoid does not fold into a linear layer). Needs a
+timm backbone and a linear head (the default, `--head-hidden 0`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +39,10 @@ from visiontune.version import __version__
 PARITY_TOLERANCE = 1e-4
 
 
-def timm_model_of(bundle: Bundle) -> nn.Module:
-    """The run's classifier as one plain timm model (backbone + its classifier = our head)."""
+def timm_model_of(bundle: Bundle) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """The run's classifier as one plain timm model (backbone + its classifier = our head,
+    with what of the task's output scaling a linear layer holds: `Task.linear_output`), the
+    rest of the scaling (a module) and what the outputs are (for config.json)."""
     import timm
 
     backbone = bundle.config.model.backbone if bundle.config else ""
@@ -56,38 +63,43 @@ def timm_model_of(bundle: Bundle) -> nn.Module:
     if unexpected or set(missing) - expected:
         raise VisiontuneError(f"the backbone's weights do not fit timm's {arch}: missing "
                               f"{sorted(set(missing) - expected)[:5]}, unexpected {unexpected[:5]}")
+    weight, bias, rest, described = bundle.task.linear_output(linears[0].weight.detach(), linears[0].bias.detach())
     with torch.no_grad():
-        classifier.weight.copy_(linears[0].weight)
-        classifier.bias.copy_(linears[0].bias)
-    return model.eval()
+        classifier.weight.copy_(weight)
+        classifier.bias.copy_(bias)
+    return model.eval(), rest.eval(), described
 
 
 def export_timm(run: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> tuple[Path, float]:
-    """Write the folder; return it and max |bundle logits - timm logits| on random inputs."""
+    """Write the folder; return it and max |run's outputs - timm's| on random inputs (the
+    task's outputs as export writes them: logits, numbers in real units), relative to their
+    size for numbers."""
     from timm.models import save_for_hf
 
     bundle = load_bundle(run)
-    model = timm_model_of(bundle)
+    model, rest, described = timm_model_of(bundle)
     pre = bundle.preprocess
     x = torch.randn(3, 3, pre.input_size, pre.input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        diff = float((model(x) - bundle.model.eval()(x)).abs().max())
+        expected = bundle.task.output_module().eval()(bundle.model.eval()(x))
+        diff = float((rest(model(x)) - expected).abs().max() / max(1.0, float(expected.abs().max())))
     if diff > PARITY_TOLERANCE:
         raise VisiontuneError(f"the timm model differs from the run's by {diff:.2e} (> {PARITY_TOLERANCE})")
     out = Path(output) if output else Path(bundle.path) / "timm"
     data_config = {"input_size": (3, pre.input_size, pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
                    "interpolation": pre.interpolation, "crop_pct": pre.crop_pct}
-    meta = {**bundle.task.metadata(), "version": __version__, "classes": bundle.task.classes}
+    meta = {**bundle.task.metadata(), **described, "version": __version__, "classes": bundle.task.classes}
     save_for_hf(model, str(out), model_config={"label_names": list(bundle.task.classes), "visiontune": meta},
                 safe_serialization=True, data_config=data_config)
-    write_model_card(bundle, out)
+    write_model_card(bundle, out, described["outputs"])
     return out, diff
 
 
-def write_model_card(bundle: Bundle, out: Path) -> Path:
+def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path:
     """`out/README.md`, a Hugging Face model card (huggingface_hub.ModelCard): task and
-    labels, images per split, the validation metrics of the weights kept, the recipe,
-    intended use and limits, and how to load it. From the run's own files."""
+    labels, what the model outputs, images per split, the validation metrics of the
+    weights kept, the recipe, intended use and limits, and how to load it. From the run's
+    own files."""
     import csv
     import json
     from collections import Counter
@@ -113,6 +125,7 @@ def write_model_card(bundle: Bundle, out: Path) -> Path:
         f"# {run.name}", "",
         f"A {task.name} model fine-tuned with visiontune {__version__}.", "",
         f"- **Task**: {task.name}; outputs: {labels}",
+        f"- **Model outputs**: {outputs} (config.json: the \"visiontune\" section's \"outputs\")",
         "- **Data**: " + (", ".join(f"{n} {split} images" for split, n in sorted(splits.items())) or "not recorded"),
         "- **Validation metrics** (the validation split of the run; the weights kept are the best epoch's): "
         + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "none recorded"),

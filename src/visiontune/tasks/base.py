@@ -297,6 +297,15 @@ class Task(ABC):
         (classification: the logits themselves; the task's probabilities follow them)."""
         return nn.Identity()
 
+    def linear_output(self, weight: torch.Tensor,
+                      bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Module, dict[str, Any]]:
+        """The head's linear layer for a format that holds nothing after it (timm's Hub
+        layout): (weight, bias) with as much of `output_module` folded in as a linear layer
+        can hold, the rest of `output_module` (what a user applies to the layer's outputs;
+        the exporter checks rest(outputs) against the run), and what the outputs are, for
+        the format's config (`outputs`, in words)."""
+        return weight, bias, nn.Identity(), {"outputs": "logits"}
+
     # -- the output side -----------------------------------------------------------------
 
     def label_of(self, decoded: Decoded) -> Any:

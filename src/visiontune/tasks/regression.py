@@ -213,6 +213,18 @@ class Regression(Task):
     def output_module(self) -> nn.Module:
         return _Scale(self)
 
+    def linear_output(self, weight: torch.Tensor,
+                      bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Module, dict[str, Any]]:
+        """mean + std * z is linear: folded in, the layer outputs real units. A target
+        range's sigmoid is not: the layer outputs z, and the description says what to apply."""
+        if self.outputs_mapped:
+            return weight, bias, nn.Identity(), {"outputs_mapped": True, "outputs": "the prediction in real units"}
+        if self.target_range is None:
+            return (weight * self.std, bias * self.std + self.mean, nn.Identity(),
+                    {"outputs_mapped": True, "outputs": "the prediction in real units"})
+        return weight, bias, _Scale(self), {
+            "outputs": "z: the prediction is low + (high - low) * sigmoid(z), [low, high] = target_range"}
+
     def pseudo_targets(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError("--unlabeled: a regression probe gives no confidence to choose pseudo-labels by; train "
                           "without --unlabeled (or label more images: `visiontune suggest` says which)")
