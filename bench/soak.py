@@ -20,7 +20,13 @@ enough for the cases that only happen at scale, checked sample by sample.
 7. An unlabelled pool of new images (max(300, IMAGES / 100)) with copies of 20 validation
    images and of 10 pool images under other names, a truncated JPEG and a text file named
    .jpg: `suggest --run` (on the shard-trained run) picks only new images (50, or all that
-   are not near-copies of labelled ones) and lists what it left out and why; `train --unlabeled` on the shards pseudo-labels exactly the new images.
+   are not near-copies of labelled ones) and lists what it left out and why; `train
+   --unlabeled` on the shards pseudo-labels exactly the new images.
+8. Review decisions (check_review): a folder with mislabels, byte-copies, a comma in a
+   name and broken files; two review pages on one run decide from 4 threads at once, one
+   is SIGKILLed half way and restarted, three decisions change: the log holds each
+   image's last decision, the files `train` reads are derived from it, and `train
+   --relabel --exclude` applies every one.
 
 Prints one line per check and a JSON summary (also WORK/soak.json); exit status 1 when a
 check fails. Each stage runs in its own process; nothing is shared with other benches.
@@ -277,6 +283,149 @@ def check_pool(report: dict, work: Path, data: Path, shards: Path, run: Path, im
     check(report, "--unlabeled pseudo-labels exactly the new pool images", sorted(rows) == sorted(fresh), len(rows))
 
 
+def make_review_data(work: Path, data: Path, per_class: int) -> Path:
+    """WORK/review_data/<class>/: `per_class` validation images of each class, with what a
+    real folder holds: 3 images of c0 filed under c1 (mislabels), 5 byte-copies under other
+    names, a copy whose name holds a comma, a truncated JPEG and a text file named .jpg."""
+    root = work / "review_data"
+    shutil.rmtree(root, ignore_errors=True)
+    for folder in sorted(p for p in (data / "valid").iterdir() if p.is_dir()):
+        (root / folder.name).mkdir(parents=True)
+        for path in sorted(folder.glob("*.jpg"))[:per_class]:
+            shutil.copy(path, root / folder.name / path.name)
+    for path in sorted((data / "valid" / "c0").glob("*.jpg"))[per_class:per_class + 3]:
+        shutil.copy(path, root / "c1" / f"filed_wrong_{path.name}")
+    firsts = sorted(root.rglob("*.jpg"))
+    for i, path in enumerate(firsts[:5]):
+        shutil.copy(path, path.parent / f"zz_copy_{i}.jpg")
+    shutil.copy(firsts[5], firsts[5].parent / "zz_one, two.jpg")
+    whole = firsts[6].read_bytes()
+    (root / "c2" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    (root / "c3" / "notes.jpg").write_text("a shopping list, not a photo\n")
+    return root
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _review_server(work: Path, run: Path, data: Path) -> tuple[subprocess.Popen, str]:
+    """`visiontune review RUN DATA` on a free port, once it answers."""
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "visiontune", "review", str(run), str(data), "--port", str(port)],
+                            env=_env(work / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.perf_counter() + 600
+    while time.perf_counter() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(url + "/api/queue", timeout=5).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"review server on {url} did not start (status {proc.poll()})")
+
+
+def _call(url: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _decisions(queue: list[dict], classes: list[str]) -> list[tuple[dict, str, str]]:
+    """(case, action, label) for every case: relabel to the next class, exclude, keep, in turn."""
+    out = []
+    for i, case in enumerate(queue):
+        action = ("relabel", "exclude", "keep")[i % 3]
+        label = classes[(classes.index(case["given"]) + 1) % len(classes)] if action == "relabel" else ""
+        out.append((case, action, label))
+    return out
+
+
+def check_review(report: dict, work: Path, data: Path, workers: int) -> None:
+    """8. Review decisions over a folder with mislabels, copies, a comma and broken files:
+    two review pages on one run take decisions from 4 threads at once, one page is
+    SIGKILLed half way and started again, three decisions are changed; the log holds each
+    image's last decision, the files train reads are derived from it, and `train --relabel
+    --exclude` applies every one (no listed path matching nothing)."""
+    import concurrent.futures
+    import logging
+
+    import visiontune as vt
+    from visiontune.analysis.decisions import CORRECTIONS, EXCLUDE, KEPT, REVIEW_DIR, Decisions
+    from visiontune.files import read_csv_dicts
+
+    started = time.perf_counter()
+    folder = make_review_data(work, data, 30)
+    run = Path(vt.fit(str(folder), **{**RECIPE, "strategy": "feature-extract", "epochs": 1, "num_workers": workers,
+                                      "output": str(work / "runs"), "name": "review"}).run_dir)
+    first, url1 = _review_server(work, run, folder)
+    second, url2 = _review_server(work, run, folder)
+    queue = _call(url1, "/api/queue")
+    planned = _decisions(queue["items"], queue["classes"])
+    half = len(planned) // 2
+
+    def post(job: tuple[int, tuple[dict, str, str]]) -> None:
+        i, (case, action, label) = job
+        target = (url1 if i % 2 else url2) if i < half else url2
+        _call(target, "/api/decide", {"index": case["index"], "action": action, "label": label})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(post, enumerate(planned[:half])))
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(post, [(half + i, job) for i, job in enumerate(planned[half:])]))
+    first, url1 = _review_server(work, run, folder)
+    changed = [(case, "exclude", "") for case, action, _ in planned[:3] if action != "exclude"]
+    for case, action, label in changed:
+        _call(url1, "/api/decide", {"index": case["index"], "action": action, "label": label})
+    for proc in (first, second):
+        proc.terminate()
+        proc.wait()
+    expected = {case["path"]: (action, label) for case, action, label in [*planned, *changed]}
+    latest = {p: (d, label) for p, (d, label) in Decisions(run).latest().items()}
+    review = run / REVIEW_DIR
+    corrections = {r["path"]: r["label"] for r in read_csv_dicts(review / CORRECTIONS)}
+    excluded = {r["path"] for r in read_csv_dicts(review / EXCLUDE)}
+    kept = {r["path"] for r in read_csv_dicts(review / KEPT)}
+    check(report, "the decision log holds each image's last decision, none lost or doubled",
+          latest == expected and len(expected) == len(queue["items"]), f"{len(latest)} of {len(expected)}")
+    check(report, "corrections.csv, exclude.txt and kept.txt are what the log says",
+          corrections == {p: lb for p, (a, lb) in expected.items() if a == "relabel"}
+          and excluded == {p for p, (a, _) in expected.items() if a == "exclude"}
+          and kept == {p for p, (a, _) in expected.items() if a == "keep"}, (len(corrections), len(excluded), len(kept)))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("visiontune").addHandler(handler)
+    try:
+        source = vt.api.load_items(vt.config.RunConfig.create(None, path=str(folder), relabel=str(review / CORRECTIONS),
+                                                              exclude=str(review / EXCLUDE)).data)
+    finally:
+        logging.getLogger("visiontune").removeHandler(handler)
+    labels = {os.path.realpath(it.path): it.label for it in source.items}
+    left_out = {os.path.realpath(p): why for p, why in source.excluded}
+    check(report, "train --relabel --exclude applies every decision",
+          all(labels.get(os.path.realpath(p)) == lb for p, lb in corrections.items())
+          and all("--exclude" in left_out.get(os.path.realpath(p), "") for p in excluded)
+          and not any("not in the data" in r.getMessage() for r in records),
+          f"{len(corrections)} relabelled, {len(excluded)} excluded")
+    check(report, "the broken files are left out and said so",
+          {Path(p).name for p, why in source.excluded if "--exclude" not in why} >= {"truncated.jpg", "notes.jpg"})
+    report["review"] = {"cases": len(queue["items"]), "decisions": len(planned) + len(changed),
+                        "seconds": time.perf_counter() - started}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work")
@@ -301,6 +450,7 @@ def main() -> int:
     check_cv(report, work, shards, a.workers)
     check_resume(report, work, shards, a.processes, a.workers, run)
     check_pool(report, work, data, shards, run, a.images, a.workers)
+    check_review(report, work, data, a.workers)
     report["seconds"] = time.perf_counter() - started
     (work / "soak.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
