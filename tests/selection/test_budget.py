@@ -14,6 +14,7 @@ from visiontune.selection.advisor import weigh_cost
 from visiontune.selection.budget import MAX_EPOCHS, decide_plan
 from visiontune.selection.costs import Costs
 from visiontune.tasks.single_label import SingleLabel
+from visiontune.train.callbacks import Callback
 from visiontune.train.trainer import Trainer
 
 # 400 train + 100 valid images at 224 px: 20 ms per image to extract, 100 ms per training step image
@@ -277,3 +278,103 @@ def test_a_time_budget_under_torchrun_with_several_processes_is_refused(flat_dat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(vt.ConfigError, match="torchrun"):
         vt.fit(flat_data, **dict(tiny, time_budget="30s"))
+
+
+_KILLABLE = """
+import logging, sys, time
+import visiontune as vt
+from visiontune.data.sources import load_items
+from visiontune.train.callbacks import Callback
+from visiontune.train.session import train_run
+
+class Slow(Callback):  # a slower machine: every step takes 0.1 s more
+    def on_step_end(self, trainer):
+        time.sleep(0.1)
+
+class Hold(Callback):  # waits at the start of epoch `epoch` (its checkpoint not written), to be killed there
+    def __init__(self, epoch):
+        self.epoch = epoch
+    def on_epoch_start(self, trainer):
+        if trainer.state.epoch == self.epoch:
+            print("holding", flush=True)
+            time.sleep(600)
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+what, where, hold = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if what == "resume":
+    vt.fit(resume=where, callbacks=[Slow(), Hold(hold)])
+else:  # fine-tuning as a budget runs it (wsd by the clock, more epochs than fit); no planner, no probe: their
+    # times vary too much with the machine's load for a test
+    cfg = vt.RunConfig.create(None, path=what, output=where, backbone="timm:test_efficientnet", weights="none",
+                              image_size=32, batch_size=8, num_workers=0, progress=False, patience=0,
+                              strategy="finetune", epochs=30, schedule="wsd", time_budget=BUDGET, trainable_bn="eval")
+    train_run(cfg, load_items(cfg.data), callbacks=[Slow(), Hold(hold)], clock=Clock(BUDGET))
+"""
+
+
+def _kill_when_holding(args: list[str], log: Path, hold_s: float) -> float:
+    """Run _KILLABLE with `args`, SIGKILL it `hold_s` seconds after it holds; return how
+    long it held (its log in `log`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE.replace("BUDGET", str(_BUDGET)), *args],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
+        try:
+            line = proc.stdout.readline()
+            assert line.strip() == "holding", f"it ended without holding: {log.read_text()[-2000:]}"
+            held = time.perf_counter()
+            time.sleep(hold_s)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    return time.perf_counter() - held
+
+
+_BUDGET = 25.0
+
+
+def test_a_budgeted_run_killed_before_its_first_checkpoint_and_after_its_last_keeps_its_budget(
+        flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Issue 34, item 1 and "time after the last checkpoint is not charged": a budgeted run
+    SIGKILLed before its first checkpoint (here at the start of its first epoch; in real
+    life often during feature extraction) was resumed with no deadline at all and trained
+    every one of its planned epochs; one killed some time after a checkpoint lost that
+    time from the budget. The clock's record (clock.json, kept up to date while the run
+    goes) charges both: each resumed session has what is left of the budget counted from
+    the first start, and the run ends within it."""
+    from visiontune.bundle import load_checkpoint
+    from visiontune.train.clock import CLOCK_FILE, HEARTBEAT_S
+
+    out = tmp_path / "runs"
+    first_hold = _kill_when_holding([str(flat_data), str(out), "0"], tmp_path / "first.log", 3.0)
+    (run,) = out.iterdir()
+    assert not (run / "checkpoints" / "last.pt").exists()  # killed before its first checkpoint
+    used = json.loads((run / CLOCK_FILE).read_text())["used_s"]
+    assert used >= first_hold - HEARTBEAT_S - 0.5  # the time it held is charged
+
+    second_hold = _kill_when_holding(["resume", str(run), "2"], tmp_path / "second.log", 3.0)
+    said = (tmp_path / "second.log").read_text()
+    assert f"s of {_BUDGET:.0f} s left after resuming ({used:.0f} s used before)" in said, said[-3000:]
+    at_checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")["elapsed_s"]  # epoch 2 ended here
+    used_now = json.loads((run / CLOCK_FILE).read_text())["used_s"]
+    assert used_now >= at_checkpoint + second_hold - HEARTBEAT_S - 0.5  # the time after the checkpoint counts
+    assert used_now >= first_hold + second_hold - 2 * (HEARTBEAT_S + 0.5)
+
+    started = time.perf_counter()
+    resumed = vt.fit(resume=str(run), callbacks=[_Slow()])
+    took = time.perf_counter() - started
+    assert took <= (_BUDGET - used_now) * 1.05 + 1.0  # what was left, not a new budget nor no budget
+    assert 2 < len(resumed.history) < 30 and (run / "metrics.json").is_file()
+    assert used_now <= resumed.seconds <= _BUDGET * 1.05 + 1.0
+    assert json.loads((run / CLOCK_FILE).read_text())["used_s"] == pytest.approx(resumed.seconds, abs=0.5)
+
+
+class _Slow(Callback):
+    """A slower machine: every step takes 0.1 s more."""
+
+    def on_step_end(self, trainer) -> None:
+        time.sleep(0.1)
