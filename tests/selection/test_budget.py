@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import visiontune as vt
 from visiontune.selection.advisor import weigh_cost
@@ -15,6 +16,7 @@ from visiontune.selection.budget import MAX_EPOCHS, decide_plan
 from visiontune.selection.costs import Costs
 from visiontune.tasks.single_label import SingleLabel
 from visiontune.train.callbacks import Callback
+from visiontune.train.clock import Clock
 from visiontune.train.trainer import Trainer
 
 # 400 train + 100 valid images at 224 px: 20 ms per image to extract, 100 ms per training step image
@@ -280,11 +282,94 @@ def test_a_time_budget_under_torchrun_with_several_processes_is_refused(flat_dat
         vt.fit(flat_data, **dict(tiny, time_budget="30s"))
 
 
+# -- deadlines at any moment: the run ends with its files and its best weights ----------------
+
+class _HoldUntilTheDeadline(Callback):
+    """At one moment of epoch `epoch` (its start, after its first step, or after its last
+    step: the deadline then falls before a step, between steps, during validation), sleeps
+    until `before` seconds ahead of the deadline, as a machine slowed by another job would."""
+
+    def __init__(self, epoch: int, moment: str, before: float = 0.5) -> None:
+        self.epoch, self.moment, self.before = epoch, moment, before
+        self.steps = self.done = 0
+        self.fired = False
+        self.deadline = float("inf")
+
+    def on_epoch_start(self, trainer) -> None:
+        self.done = 0
+        self.steps = len(trainer.data(trainer.plan.phase_index(trainer.state.epoch)).train)
+        if self.moment == "epoch start":
+            self._hold(trainer)
+
+    def on_step_end(self, trainer) -> None:
+        self.done += 1
+        if (self.moment, self.done) in (("after a step", 1), ("after the last step", self.steps)):
+            self._hold(trainer)
+
+    def _hold(self, trainer) -> None:
+        if trainer.state.epoch == self.epoch and not self.fired:
+            self.fired, self.deadline = True, trainer.clock.deadline
+            time.sleep(max(0.0, self.deadline - self.before - time.perf_counter()))
+
+
+def _slow_decoding(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.03) -> None:
+    """Each image takes `seconds` to decode: with 30 validation images validating takes at
+    least 0.9 s, longer than the 0.5 s the hold leaves, while a training batch of 8 takes
+    0.24 s: the first step's check comes before the deadline."""
+    from visiontune.data import loaders
+
+    real = loaders.load_rgb
+    monkeypatch.setattr(loaders, "load_rgb", lambda *a, **k: time.sleep(seconds) or real(*a, **k))
+
+
+def _fine_tuning_in_time(data: Path, out: Path, tiny: dict, budget: float, callbacks: list):
+    """Fine-tuning as a time budget runs it (warmup-stable-decay by the clock, more epochs
+    than the time holds: the deadline ends it) under a real clock of `budget` seconds;
+    without the planner and the probe, whose times vary with the machine's load."""
+    from visiontune.data.sources import load_items
+    from visiontune.train.session import train_run
+
+    cfg = vt.RunConfig.create(None, path=str(data), **dict(tiny, strategy="finetune", epochs=30, schedule="wsd",
+                                                           time_budget=budget, trainable_bn="eval", valid_pct=0.5,
+                                                           image_cache=False, output=str(out)))
+    return train_run(cfg, load_items(cfg.data), callbacks=callbacks, clock=Clock(budget))
+
+
+@pytest.mark.parametrize("moment", ["epoch start", "after a step", "after the last step"])
+def test_a_deadline_at_any_moment_ends_the_run_with_its_files_and_best_weights(
+        tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """Issue 34, item 13: the deadline falling before the first step of an epoch made the
+    empty-data guard fail the run ("epoch 2 read no training image... the training data
+    yielded nothing", no metrics.json); falling between steps or during validation, the
+    clock-driven schedule went on validating epochs of no step past the deadline. Each
+    ends now at the deadline, with metrics.json and the best epoch's weights."""
+    from safetensors.torch import load_file
+
+    from conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "d", {"red": 30, "green": 30})
+    _slow_decoding(monkeypatch)
+    hold = _HoldUntilTheDeadline(epoch=1, moment=moment)  # validating epoch 1 took >= 0.9 s: so will epoch 2's
+    r = _fine_tuning_in_time(data, tmp_path / "r", tiny, 12.0, [hold])
+    ended = time.perf_counter()
+    assert hold.fired, "the run did not reach epoch 2 in time: the scenario did not happen"
+    assert ended <= hold.deadline + 3.0  # at the deadline: one validation (>= 0.9 s) may end past it, no more
+    assert len(r.history) == (1 if moment == "epoch start" else 2)  # no epoch without a step is recorded
+    assert all(row["train_loss"] > 0 for row in r.history)
+    run = Path(r.run_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == r.best_epoch == metrics["epoch"] >= 1
+    assert metrics["val_loss"] == pytest.approx(r.history[r.best_epoch - 1]["val_loss"])
+    saved, held = load_file(str(run / "model.safetensors")), r.model.state_dict()
+    assert all(torch.equal(saved[k], held[k].cpu()) for k in saved)  # the model holds the best epoch's weights
+
+
 _KILLABLE = """
 import logging, sys, time
 import visiontune as vt
 from visiontune.data.sources import load_items
 from visiontune.train.callbacks import Callback
+from visiontune.train.clock import Clock
 from visiontune.train.session import train_run
 
 class Slow(Callback):  # a slower machine: every step takes 0.1 s more

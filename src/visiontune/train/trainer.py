@@ -138,9 +138,7 @@ class Trainer:
             self._emit("on_epoch_start")
             started = time.perf_counter()
             train_loss = self.train_one_epoch(epoch)
-            if train_loss is None:  # the time-decided schedule had finished before this epoch's first step
-                log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to "
-                         "the deadline); stopping with the best weights", epoch)
+            if train_loss is None:  # the clock ended the run before this epoch's first step (said why)
                 break
             self.state.metrics = self._validate(train_loss)
             self.state.history.append(self._history_row(epoch, started))
@@ -159,17 +157,16 @@ class Trainer:
         return self.state
 
     def train_one_epoch(self, epoch: int) -> float | None:
-        """The epoch's mean training loss; None when a time-decided schedule had already
-        ended its decay before the first step (no epoch to validate or record)."""
+        """The epoch's mean training loss; None when the clock ends the run before its
+        first step (the deadline, or a time-decided schedule's decay already complete):
+        no epoch to validate or record, the run ends with its best weights. An epoch that
+        reads no image without the clock stopping it is an error: the data yielded nothing."""
         phase_i = self.plan.phase_index(epoch)
-        phase = self.plan.phases[phase_i]
-        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
         data = self.data(phase_i)
-        if phase.probe:
+        if self.plan.phases[phase_i].probe:
             return self.fit_probe(data)
         batches = Paired(data.train, data.pool_views if self.consistency is not None else None)
         steps = max(1, len(batches))
-        total_steps = phase.epochs * steps
         self.train_mode()
         running, seen = 0.0, 0
         if self.consistency is not None:
@@ -177,15 +174,10 @@ class Trainer:
         bar = progress(batches, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         loop_started = time.perf_counter()
         for i, (x, y, views) in enumerate(bar):  # views: --unlabeled's pool batch (weak, strong), else None
-            if self._out_of_time(self._validation_estimate(data, seen, time.perf_counter() - loop_started)):
-                log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
-                break
-            factor = self._lr_factor(data, phase_i, epoch_in_phase, (epoch_in_phase * steps + i) / total_steps, seen,
-                                     loop_started)
-            if factor is None:  # the time-decided decay is complete
-                if i == 0:
+            factor = self._step_factor(data, epoch, i, steps, seen, loop_started)
+            if factor is None:  # the clock ends the epoch here (said why)
+                if i == 0:  # the clock, not the data: nothing trained, nothing new to validate
                     return None
-                log.info("time budget: the decay is complete after %d of %d steps of epoch %d", i, steps, epoch + 1)
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
@@ -201,7 +193,7 @@ class Trainer:
                 if (path := self._run_file("consistency.csv")) is not None:
                     self.consistency.record(path, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
-        if images == 0 and not self._out_of_time(0.0):
+        if images == 0:  # the loop ran to its end (the clock returned above): the data yielded nothing
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
                             f" ({len(data.train)} steps planned): the training data yielded nothing. Check that the "
                             "shards hold the samples their index lists")
@@ -222,6 +214,31 @@ class Trainer:
         self.state.global_step += 1
         self._emit("on_step_end")
         return loss
+
+    def _step_factor(self, data: PhaseData, epoch: int, i: int, steps: int, seen: int,
+                     loop_started: float) -> float | None:
+        """The peak-LR multiplier of step `i` of `epoch`, or None when the clock ends the
+        epoch before it (said in the log): validating after one more step would end past
+        the deadline, or the time-decided decay is complete."""
+        validation = self._validation_estimate(data, seen, time.perf_counter() - loop_started)
+        if self._out_of_time(validation):
+            if i == 0:
+                log.info("time budget: no time for a step of epoch %d (validating it takes ~%.1f s, %.1f s are left); "
+                         "stopping with the best weights", epoch + 1, validation, max(0.0, self.clock.left() or 0.0))
+            else:
+                log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
+            return None
+        phase_i = self.plan.phase_index(epoch)
+        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
+        factor = self._lr_factor(data, phase_i, epoch_in_phase,
+                                 (epoch_in_phase * steps + i) / (self.plan.phases[phase_i].epochs * steps), seen,
+                                 loop_started)
+        if factor is None and i == 0:
+            log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to the "
+                     "deadline); stopping with the best weights", epoch)
+        elif factor is None:
+            log.info("time budget: the decay is complete after %d of %d steps of epoch %d", i, steps, epoch + 1)
+        return factor
 
     def _validation_estimate(self, data: PhaseData, trained: int, seconds: float) -> float:
         """Seconds the coming validation will take: the last one's, or, where that ran on
