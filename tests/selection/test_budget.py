@@ -463,3 +463,26 @@ class _Slow(Callback):
 
     def on_step_end(self, trainer) -> None:
         time.sleep(0.1)
+
+
+def test_cv_and_compare_refuse_a_time_budget_instead_of_ignoring_it(flat_data: Path, tmp_path: Path, tiny: dict,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Issue 34: `cv` and `compare` took --time-budget and trained by --epochs, as if it were
+    not there. They measure configurations; a budget chooses the configuration and cuts it by
+    the clock: refused, before any training, saying why and what to set instead."""
+    from visiontune.cli import main
+    from visiontune.selection.compare import compare
+    from visiontune.selection.cv import cross_validate
+
+    options = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32",
+               "--output", str(tmp_path / "runs")]
+    for command in (["cv", str(flat_data), "--folds", "2"], ["compare", str(flat_data)]):
+        assert main([*command, *options, "--time-budget", "1m"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {command[0]} does not take --time-budget (60 s)" in err and "set --epochs" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+    config = vt.RunConfig.create(None, **dict(tiny, time_budget="2m"))  # e.g. a budgeted run's config.yaml
+    with pytest.raises(vt.ConfigError, match="cv does not take --time-budget .* the time_budget key of --config"):
+        cross_validate(flat_data, folds=2, config=config)
+    with pytest.raises(vt.ConfigError, match="compare does not take --time-budget"):
+        compare(flat_data, config=config)
