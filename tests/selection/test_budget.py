@@ -486,3 +486,26 @@ def test_cv_and_compare_refuse_a_time_budget_instead_of_ignoring_it(flat_data: P
         cross_validate(flat_data, folds=2, config=config)
     with pytest.raises(vt.ConfigError, match="compare does not take --time-budget"):
         compare(flat_data, config=config)
+
+
+def test_a_run_that_used_its_whole_budget_before_its_first_checkpoint_is_refused_and_can_be_given_more(
+        flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Nothing to keep and no time left: resuming says so and how to go on; --time-budget on
+    resume sets the whole run's budget, the time used still counted."""
+    from visiontune.data.sources import load_items
+    from visiontune.train.session import train_run
+
+    class Crash(Callback):
+        def on_epoch_start(self, trainer) -> None:
+            raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
+
+    cfg = vt.RunConfig.create(None, path=str(flat_data), **dict(tiny, strategy="finetune", epochs=2, schedule="wsd",
+                                                                time_budget=3.0, output=str(tmp_path / "r")))
+    with pytest.raises(KeyboardInterrupt):  # 5 s of planning already: past the budget of 3 s
+        train_run(cfg, load_items(cfg.data), callbacks=[Crash()], clock=Clock(3.0, time.perf_counter() - 5.0))
+    (run,) = (tmp_path / "r").iterdir()
+    with pytest.raises(vt.ConfigError, match=r"used its whole time budget \([5-9] s of 3 s\) before its first "
+                                             r"checkpoint.*--time-budget"):
+        vt.fit(resume=str(run))
+    resumed = vt.fit(resume=str(run), time_budget="1m")
+    assert len(resumed.history) == 2 and 5.0 < resumed.seconds < 60.0
