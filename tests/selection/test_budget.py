@@ -372,9 +372,9 @@ from visiontune.train.callbacks import Callback
 from visiontune.train.clock import Clock
 from visiontune.train.session import train_run
 
-class Slow(Callback):  # a slower machine: every step takes 0.1 s more
+class Slow(Callback):  # a slower machine: every step takes 0.3 s more (30 epochs of 3 steps: more than the budget)
     def on_step_end(self, trainer):
-        time.sleep(0.1)
+        time.sleep(0.3)
 
 class Hold(Callback):  # waits at the start of epoch `epoch` (its checkpoint not written), to be killed there
     def __init__(self, epoch):
@@ -459,10 +459,11 @@ def test_a_budgeted_run_killed_before_its_first_checkpoint_and_after_its_last_ke
 
 
 class _Slow(Callback):
-    """A slower machine: every step takes 0.1 s more."""
+    """A slower machine: every step takes 0.3 s more (30 epochs of 3 steps take longer
+    than the budget: the deadline ends the run, not its epochs)."""
 
     def on_step_end(self, trainer) -> None:
-        time.sleep(0.1)
+        time.sleep(0.3)
 
 
 def test_cv_and_compare_refuse_a_time_budget_instead_of_ignoring_it(flat_data: Path, tmp_path: Path, tiny: dict,
