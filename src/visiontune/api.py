@@ -29,6 +29,7 @@ from visiontune.runtime import distributed
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.selection.budget import BudgetPlan, plan_budget
 from visiontune.train.callbacks import Callback
+from visiontune.train.clock import Clock
 from visiontune.train.session import FitResult, train_run
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,18 @@ def fit(
     Options are RunConfig field names, e.g. `fit("images/", strategy="gradual", epochs=5,
     backbone="timm:resnet50", lr=1e-3)`. `label_func(path) -> label` takes labels from file
     names (fastai style). `resume="runs/<run>"` continues an interrupted run from its last
-    checkpoint (pass `epochs=` to extend it). `started` (time.perf_counter()): when the
-    clock of `time_budget` began (default: now; the CLI passes when the command began).
+    checkpoint (pass `epochs=` to extend it; a run with `time_budget` keeps what is left of
+    it, counted from its first start). `started` (time.perf_counter()): when the run's
+    clock began (default: now; the CLI passes when the command began).
     """
-    if resume is not None:
-        return _resume(Path(resume), data, label_func, callbacks, overrides)
     started = time.perf_counter() if started is None else started
+    if resume is not None:
+        return _resume(Path(resume), data, label_func, callbacks, overrides, started)
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     if cfg.train.time_budget and not source.no_validation:
         return _fit_in_time(cfg, source, callbacks, started)
-    deadline = started + float(cfg.train.time_budget) if cfg.train.time_budget else None  # too few labels to plan
-    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks, started=started, deadline=deadline)
+    budget = float(cfg.train.time_budget) if cfg.train.time_budget else None  # too few labels to plan: the probe
+    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks, clock=Clock(budget, started))
 
 
 def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] | None, started: float) -> FitResult:
@@ -75,7 +77,7 @@ def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] |
     log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,
              plan.epochs, plan.image_size, plan.expected_s, "; ".join(plan.reasons))
     result = train_run(RunConfig.create(cfg, **plan.overrides()), source,
-                       callbacks=[*(callbacks or []), _PlanWriter(plan)], started=started, deadline=started + budget,
+                       callbacks=[*(callbacks or []), _PlanWriter(plan)], clock=Clock(budget, started),
                        reserve_s=plan.reserve_s)
     write_json(Path(result.run_dir) / "time_budget.json",
                {**plan.as_dict(), "actual_s": time.perf_counter() - started})
@@ -95,7 +97,9 @@ class _PlanWriter(Callback):
 
 
 def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: LabelFunc | None,
-            callbacks: list[Callback] | None, overrides: dict[str, Any]) -> FitResult:
+            callbacks: list[Callback] | None, overrides: dict[str, Any], started: float) -> FitResult:
+    """Continue the run in `run_dir` from its last checkpoint, or from the start when it
+    has none; under a budget its clock goes on from the time the run used (clock.json)."""
     if not (run_dir / "config.yaml").is_file():
         raise VisiontuneError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     if data is not None:
@@ -108,8 +112,10 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
         ckpt = None
     budget_file = run_dir / "time_budget.json"
     plan = json.loads(budget_file.read_text()) if cfg.train.time_budget and budget_file.is_file() else {}
+    clock = Clock.resumed(run_dir, cfg.train.time_budget, started)
     result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
-                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, reserve_s=float(plan.get("reserve_s", 0.0)))
+                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, clock=clock,
+                       reserve_s=float(plan.get("reserve_s", 0.0)))
     if plan:  # the plan, with the time taken over every session
         write_json(budget_file, {**plan, "actual_s": result.seconds, "resumed": True})
     return result

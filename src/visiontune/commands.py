@@ -41,7 +41,7 @@ def train(args: argparse.Namespace) -> int:
         if args.config:
             raise ConfigError(f"--config {args.config} with --resume: a resumed run continues with its own "
                               f"config.yaml ({args.resume}); leave --config out (--epochs N extends the run)")
-        result = api.fit(args.data, resume=args.resume, **overrides)
+        result = api.fit(args.data, resume=args.resume, started=args.started, **overrides)
     else:
         if not args.data and not args.csv:
             raise ConfigError("train needs DATA (a folder of images) or --csv")

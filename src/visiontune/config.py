@@ -247,7 +247,8 @@ class TrainConfig:
                                  "checked against PyTorch), torch, onnx", choices=("auto", "torch", "onnx"))
     time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
                                              "seconds): costs are measured, then strategy, image size and epochs "
-                                             "planned, and the run stops on time with the best weights so far",
+                                             "planned, and the run stops on time with the best weights so far "
+                                             "(train; cv and compare refuse it)",
                                        gt=0.0, parse=parse_duration, coerce=parse_duration, metavar="DURATION")
     compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
                                   "it fails)")

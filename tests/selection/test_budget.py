@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import visiontune as vt
 from visiontune.selection.advisor import weigh_cost
 from visiontune.selection.budget import MAX_EPOCHS, decide_plan
 from visiontune.selection.costs import Costs
 from visiontune.tasks.single_label import SingleLabel
+from visiontune.train.callbacks import Callback
+from visiontune.train.clock import Clock
 from visiontune.train.trainer import Trainer
 
 # 400 train + 100 valid images at 224 px: 20 ms per image to extract, 100 ms per training step image
@@ -277,3 +280,233 @@ def test_a_time_budget_under_torchrun_with_several_processes_is_refused(flat_dat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(vt.ConfigError, match="torchrun"):
         vt.fit(flat_data, **dict(tiny, time_budget="30s"))
+
+
+# -- deadlines at any moment: the run ends with its files and its best weights ----------------
+
+class _HoldUntilTheDeadline(Callback):
+    """At one moment of epoch `epoch` (its start, after its first step, or after its last
+    step: the deadline then falls before a step, between steps, during validation), sleeps
+    until `before` seconds ahead of the deadline, as a machine slowed by another job would."""
+
+    def __init__(self, epoch: int, moment: str, before: float = 0.5) -> None:
+        self.epoch, self.moment, self.before = epoch, moment, before
+        self.steps = self.done = 0
+        self.fired = False
+        self.deadline = float("inf")
+
+    def on_epoch_start(self, trainer) -> None:
+        self.done = 0
+        self.steps = len(trainer.data(trainer.plan.phase_index(trainer.state.epoch)).train)
+        if self.moment == "epoch start":
+            self._hold(trainer)
+
+    def on_step_end(self, trainer) -> None:
+        self.done += 1
+        if (self.moment, self.done) in (("after a step", 1), ("after the last step", self.steps)):
+            self._hold(trainer)
+
+    def _hold(self, trainer) -> None:
+        if trainer.state.epoch == self.epoch and not self.fired:
+            self.fired, self.deadline = True, trainer.clock.deadline
+            time.sleep(max(0.0, self.deadline - self.before - time.perf_counter()))
+
+
+def _slow_decoding(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.03) -> None:
+    """Each image takes `seconds` to decode: with 30 validation images validating takes at
+    least 0.9 s, longer than the 0.5 s the hold leaves, while a training batch of 8 takes
+    0.24 s: the first step's check comes before the deadline."""
+    from visiontune.data import loaders
+
+    real = loaders.load_rgb
+    monkeypatch.setattr(loaders, "load_rgb", lambda *a, **k: time.sleep(seconds) or real(*a, **k))
+
+
+def _fine_tuning_in_time(data: Path, out: Path, tiny: dict, budget: float, callbacks: list):
+    """Fine-tuning as a time budget runs it (warmup-stable-decay by the clock, more epochs
+    than the time holds: the deadline ends it) under a real clock of `budget` seconds;
+    without the planner and the probe, whose times vary with the machine's load."""
+    from visiontune.data.sources import load_items
+    from visiontune.train.session import train_run
+
+    cfg = vt.RunConfig.create(None, path=str(data), **dict(tiny, strategy="finetune", epochs=30, schedule="wsd",
+                                                           time_budget=budget, trainable_bn="eval", valid_pct=0.5,
+                                                           image_cache=False, output=str(out)))
+    return train_run(cfg, load_items(cfg.data), callbacks=callbacks, clock=Clock(budget))
+
+
+@pytest.mark.parametrize("moment", ["epoch start", "after a step", "after the last step"])
+def test_a_deadline_at_any_moment_ends_the_run_with_its_files_and_best_weights(
+        tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """Issue 34, item 13: the deadline falling before the first step of an epoch made the
+    empty-data guard fail the run ("epoch 2 read no training image... the training data
+    yielded nothing", no metrics.json); falling between steps or during validation, the
+    clock-driven schedule went on validating epochs of no step past the deadline. Each
+    ends now at the deadline, with metrics.json and the best epoch's weights."""
+    from safetensors.torch import load_file
+
+    from conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "d", {"red": 30, "green": 30})
+    _slow_decoding(monkeypatch)
+    hold = _HoldUntilTheDeadline(epoch=1, moment=moment)  # validating epoch 1 took >= 0.9 s: so will epoch 2's
+    r = _fine_tuning_in_time(data, tmp_path / "r", tiny, 12.0, [hold])
+    ended = time.perf_counter()
+    assert hold.fired, "the run did not reach epoch 2 in time: the scenario did not happen"
+    assert ended <= hold.deadline + 3.0  # at the deadline: one validation (>= 0.9 s) may end past it, no more
+    assert len(r.history) == (1 if moment == "epoch start" else 2)  # no epoch without a step is recorded
+    assert all(row["train_loss"] > 0 for row in r.history)
+    run = Path(r.run_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == r.best_epoch == metrics["epoch"] >= 1
+    assert metrics["val_loss"] == pytest.approx(r.history[r.best_epoch - 1]["val_loss"])
+    saved, held = load_file(str(run / "model.safetensors")), r.model.state_dict()
+    assert all(torch.equal(saved[k], held[k].cpu()) for k in saved)  # the model holds the best epoch's weights
+
+
+_KILLABLE = """
+import logging, sys, time
+import visiontune as vt
+from visiontune.data.sources import load_items
+from visiontune.train.callbacks import Callback
+from visiontune.train.clock import Clock
+from visiontune.train.session import train_run
+
+class Slow(Callback):  # a slower machine: every step takes 0.3 s more (30 epochs of 3 steps: more than the budget)
+    def on_step_end(self, trainer):
+        time.sleep(0.3)
+
+class Hold(Callback):  # waits at the start of epoch `epoch` (its checkpoint not written), to be killed there
+    def __init__(self, epoch):
+        self.epoch = epoch
+    def on_epoch_start(self, trainer):
+        if trainer.state.epoch == self.epoch:
+            print("holding", flush=True)
+            time.sleep(600)
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+what, where, hold = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if what == "resume":
+    vt.fit(resume=where, callbacks=[Slow(), Hold(hold)])
+else:  # fine-tuning as a budget runs it (wsd by the clock, more epochs than fit); no planner, no probe: their
+    # times vary too much with the machine's load for a test
+    cfg = vt.RunConfig.create(None, path=what, output=where, backbone="timm:test_efficientnet", weights="none",
+                              image_size=32, batch_size=8, num_workers=0, progress=False, patience=0,
+                              strategy="finetune", epochs=30, schedule="wsd", time_budget=BUDGET, trainable_bn="eval")
+    train_run(cfg, load_items(cfg.data), callbacks=[Slow(), Hold(hold)], clock=Clock(BUDGET))
+"""
+
+
+def _kill_when_holding(args: list[str], log: Path, hold_s: float) -> float:
+    """Run _KILLABLE with `args`, SIGKILL it `hold_s` seconds after it holds; return how
+    long it held (its log in `log`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE.replace("BUDGET", str(_BUDGET)), *args],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
+        try:
+            line = proc.stdout.readline()
+            assert line.strip() == "holding", f"it ended without holding: {log.read_text()[-2000:]}"
+            held = time.perf_counter()
+            time.sleep(hold_s)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    return time.perf_counter() - held
+
+
+_BUDGET = 25.0
+
+
+def test_a_budgeted_run_killed_before_its_first_checkpoint_and_after_its_last_keeps_its_budget(
+        flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Issue 34, item 1 and "time after the last checkpoint is not charged": a budgeted run
+    SIGKILLed before its first checkpoint (here at the start of its first epoch; in real
+    life often during feature extraction) was resumed with no deadline at all and trained
+    every one of its planned epochs; one killed some time after a checkpoint lost that
+    time from the budget. The clock's record (clock.json, kept up to date while the run
+    goes) charges both: each resumed session has what is left of the budget counted from
+    the first start, and the run ends within it."""
+    from visiontune.bundle import load_checkpoint
+    from visiontune.train.clock import CLOCK_FILE, HEARTBEAT_S
+
+    out = tmp_path / "runs"
+    first_hold = _kill_when_holding([str(flat_data), str(out), "0"], tmp_path / "first.log", 3.0)
+    (run,) = out.iterdir()
+    assert not (run / "checkpoints" / "last.pt").exists()  # killed before its first checkpoint
+    used = json.loads((run / CLOCK_FILE).read_text())["used_s"]
+    assert used >= first_hold - HEARTBEAT_S - 0.5  # the time it held is charged
+
+    second_hold = _kill_when_holding(["resume", str(run), "2"], tmp_path / "second.log", 3.0)
+    said = (tmp_path / "second.log").read_text()
+    assert f"s of {_BUDGET:.0f} s left after resuming ({used:.0f} s used before)" in said, said[-3000:]
+    at_checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")["elapsed_s"]  # epoch 2 ended here
+    used_now = json.loads((run / CLOCK_FILE).read_text())["used_s"]
+    assert used_now >= at_checkpoint + second_hold - HEARTBEAT_S - 0.5  # the time after the checkpoint counts
+    assert used_now >= first_hold + second_hold - 2 * (HEARTBEAT_S + 0.5)
+
+    started = time.perf_counter()
+    resumed = vt.fit(resume=str(run), callbacks=[_Slow()])
+    took = time.perf_counter() - started
+    assert took <= (_BUDGET - used_now) * 1.05 + 1.0  # what was left, not a new budget nor no budget
+    assert 2 < len(resumed.history) < 30 and (run / "metrics.json").is_file()
+    assert used_now <= resumed.seconds <= _BUDGET * 1.05 + 1.0
+    assert json.loads((run / CLOCK_FILE).read_text())["used_s"] == pytest.approx(resumed.seconds, abs=0.5)
+
+
+class _Slow(Callback):
+    """A slower machine: every step takes 0.3 s more (30 epochs of 3 steps take longer
+    than the budget: the deadline ends the run, not its epochs)."""
+
+    def on_step_end(self, trainer) -> None:
+        time.sleep(0.3)
+
+
+def test_cv_and_compare_refuse_a_time_budget_instead_of_ignoring_it(flat_data: Path, tmp_path: Path, tiny: dict,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Issue 34: `cv` and `compare` took --time-budget and trained by --epochs, as if it were
+    not there. They measure configurations; a budget chooses the configuration and cuts it by
+    the clock: refused, before any training, saying why and what to set instead."""
+    from visiontune.cli import main
+    from visiontune.selection.compare import compare
+    from visiontune.selection.cv import cross_validate
+
+    options = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32",
+               "--output", str(tmp_path / "runs")]
+    for command in (["cv", str(flat_data), "--folds", "2"], ["compare", str(flat_data)]):
+        assert main([*command, *options, "--time-budget", "1m"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {command[0]} does not take --time-budget (60 s)" in err and "set --epochs" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+    config = vt.RunConfig.create(None, **dict(tiny, time_budget="2m"))  # e.g. a budgeted run's config.yaml
+    with pytest.raises(vt.ConfigError, match="cv does not take --time-budget .* the time_budget key of --config"):
+        cross_validate(flat_data, folds=2, config=config)
+    with pytest.raises(vt.ConfigError, match="compare does not take --time-budget"):
+        compare(flat_data, config=config)
+
+
+def test_a_run_that_used_its_whole_budget_before_its_first_checkpoint_is_refused_and_can_be_given_more(
+        flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Nothing to keep and no time left: resuming says so and how to go on; --time-budget on
+    resume sets the whole run's budget, the time used still counted."""
+    from visiontune.data.sources import load_items
+    from visiontune.train.session import train_run
+
+    class Crash(Callback):
+        def on_epoch_start(self, trainer) -> None:
+            raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
+
+    cfg = vt.RunConfig.create(None, path=str(flat_data), **dict(tiny, strategy="finetune", epochs=2, schedule="wsd",
+                                                                time_budget=3.0, output=str(tmp_path / "r")))
+    with pytest.raises(KeyboardInterrupt):  # 5 s of planning already: past the budget of 3 s
+        train_run(cfg, load_items(cfg.data), callbacks=[Crash()], clock=Clock(3.0, time.perf_counter() - 5.0))
+    (run,) = (tmp_path / "r").iterdir()
+    with pytest.raises(vt.ConfigError, match=r"used its whole time budget \([5-9] s of 3 s\) before its first "
+                                             r"checkpoint.*--time-budget"):
+        vt.fit(resume=str(run))
+    resumed = vt.fit(resume=str(run), time_budget="1m")
+    assert len(resumed.history) == 2 and 5.0 < resumed.seconds < 60.0

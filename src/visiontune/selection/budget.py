@@ -17,9 +17,14 @@
    running late is cut short (validated, then stopped), feature extraction stops at the
    deadline (the probe fits the images extracted, a random sample), the probe's C search
    stops trying values when the rest would not fit, and the best weights by validation are
-   kept. `--resume` keeps the deadline: the budget less the time the run had used. The plan
-   and its reasons go to the log and `time_budget.json` (written when training starts,
+   kept, wherever the deadline falls. `--resume` keeps the deadline: the budget less the
+   time the run had used over every session, counted from the first start by the run's
+   clock (train/clock.py: its record, clock.json, is kept up to date while the run goes,
+   so the time before the first checkpoint and after the last one counts). The plan and
+   its reasons go to the log and `time_budget.json` (written when training starts,
    completed with the time taken at the end).
+
+`cv` and `compare` refuse a budget (`refuse_time_budget`): they measure configurations.
 """
 
 from __future__ import annotations
@@ -160,3 +165,17 @@ def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: flo
             return BudgetPlan(budget_s, "gradual", MAX_EPOCHS + head_epochs, size, expected, reasons,
                               costs.probe_fit_s + RESERVE_MARGIN_S, schedule="wsd")
     return None
+
+
+def refuse_time_budget(cfg: RunConfig, command: str, measures: str) -> None:
+    """`cv` and `compare` measure configurations and do not take a time budget (ConfigError):
+    under one the clock chooses the strategy, image size and epochs and cuts each training
+    where this machine's load puts the deadline, so the folds or strategies would each train
+    something else and the figures would measure no one configuration. Splitting the budget
+    would not help: each share trains a weaker model than `train --time-budget` does."""
+    if cfg.train.time_budget:
+        raise ConfigError(f"{command} does not take --time-budget ({cfg.train.time_budget:g} s): it {measures}, while "
+                          "a time budget lets the clock choose the strategy, image size and epochs and cuts each "
+                          "training where this machine's load puts the deadline. Leave --time-budget out (or the "
+                          "time_budget key of --config) and set --epochs; to measure what `train --time-budget` "
+                          "chose, pass the strategy, epochs and image size from its run's time_budget.json")

@@ -41,6 +41,7 @@ from visiontune.train.callbacks import (
     HistoryLogger,
     metrics_of,
 )
+from visiontune.train.clock import Clock
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.tracking import make_trackers
 from visiontune.train.trainer import Trainer
@@ -95,28 +96,28 @@ class Watch:
 
 
 def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None, ckpt: dict[str, Any] | None = None,
-              callbacks: list[Callback] | None = None, started: float | None = None,
-              deadline: float | None = None, reserve_s: float = 0.0) -> FitResult:
-    """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run;
-    `deadline` (time.perf_counter()) ends it on time (--time-budget), feature extraction
-    `reserve_s` before it (what the probe's fit needs)."""
-    started = time.perf_counter() if started is None else started
+              callbacks: list[Callback] | None = None, clock: Clock | None = None, reserve_s: float = 0.0) -> FitResult:
+    """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run (or,
+    without `ckpt`, restart one killed before its first checkpoint, in place); `clock`
+    counts the run's time (default: from now) and, with a budget (--time-budget), ends it
+    on time, feature extraction `reserve_s` before the deadline (what the probe's fit needs)."""
+    clock = clock if clock is not None else Clock()
     log.info("%s", source.summary())
     if run_dir is not None:
         _check_resumed_data(run_dir, source, cfg.data.label_delim, restart=ckpt is None)
+        _check_time_left(clock, run_dir, has_checkpoint=ckpt is not None)
     setup = prepare_run(cfg, source, resuming=ckpt is not None)
     watch = choose_monitor(setup.cfg.train, source, setup.task, cross_validated(setup, source))
-    run_dir = open_run_dir(setup, source, run_dir, restart=ckpt is None)
+    resumed, run_dir = run_dir is not None, open_run_dir(setup, source, run_dir, restart=ckpt is None)
     checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,
                             setup.cfg.train.min_delta, write=setup.env.is_main)
     stopper = _early_stopping(setup.cfg.train, watch)
     trackers = make_trackers(setup.cfg.train.track, run_dir, setup.cfg, setup.task) if setup.env.is_main else []
-    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]))
+    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]), clock)
     trainer.watch = (watch.monitor, watch.mode)
-    trainer.started, trainer.run_dir = started, run_dir
+    trainer.run_dir = run_dir
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
-    trainer.deadline = _deadline(setup.cfg.train, deadline, trainer)
-    setup.data.deadline = None if trainer.deadline is None else trainer.deadline - reserve_s
+    _start_clock(clock, setup, run_dir, resumed, reserve_s)
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
@@ -124,12 +125,14 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
         trainer.fit(start_epoch)
         if setup.cfg.train.thresholds == "tuned":
             tune_thresholds(setup, _held_eval(setup, trainer, checkpoint), run_dir)
-        result = summarise(setup, trainer, checkpoint, stopper, run_dir, source, started)
+        result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
             tracker.fail()
         setup.data.release()
         raise
+    finally:
+        clock.stop()  # the record holds the time used to here, whatever ended the run
     for tracker in trackers:
         tracker.finish(result, _held_eval(setup, trainer, checkpoint))
     setup.data.release()  # the loaders' kept workers end here, not when the result is dropped
@@ -157,14 +160,39 @@ def keep_cache_in_bounds(cache_dir: str | None) -> None:
                  "($VISIONTUNE_CACHE_MAX)", removed, freed / 1e6, cap / 1024 ** 3)
 
 
-def _deadline(t: TrainConfig, given: float | None, trainer: Trainer) -> float | None:
-    """When the run must end: `given`, or for a resumed --time-budget run the budget less
-    the time the run had already used (its checkpoint says)."""
-    if given is not None or not t.time_budget or not trainer.elapsed_before:
-        return given
-    left = float(t.time_budget) - trainer.elapsed_before
-    log.info("time budget: %.0f s of %.0f s left after resuming", max(0.0, left), t.time_budget)
-    return trainer.started + left
+def _start_clock(clock: Clock, setup: RunSetup, run_dir: Path, resumed: bool, reserve_s: float) -> None:
+    """Under a budget: a resumed run says what is left of it; feature extraction stops
+    `reserve_s` before the deadline (the probe's fit needs it); the clock keeps its record
+    of the time used from here on (rank 0)."""
+    if resumed:
+        _say_time_left(clock, run_dir)
+    setup.data.deadline = None if clock.deadline is None else clock.deadline - reserve_s
+    if setup.env.is_main:
+        clock.keep_record(run_dir)
+
+
+def _check_time_left(clock: Clock, run_dir: Path, has_checkpoint: bool) -> None:
+    """A run killed before its first checkpoint that had used its whole budget is refused:
+    there are no weights to end with."""
+    left = clock.left()
+    if left is not None and left <= 0 and not has_checkpoint:
+        raise ConfigError(f"{run_dir} used its whole time budget ({clock.used_before:.0f} s of {clock.budget_s:.0f} s)"
+                          " before its first checkpoint: it has no weights to keep. Give it more time with "
+                          "--time-budget (the whole run's budget, counting the time used), or start a new run")
+
+
+def _say_time_left(clock: Clock, run_dir: Path) -> None:
+    """A resumed run under a budget: what is left of it, counted from the first start
+    (the clock's record, else the checkpoint)."""
+    left = clock.left()
+    if left is None:
+        return
+    if clock.used_before:
+        log.info("time budget: %.0f s of %.0f s left after resuming (%.0f s used before)", max(0.0, left),
+                 clock.budget_s, clock.used_before)
+    else:
+        log.warning("time budget: %s has no record of the time it used before; the whole budget of %.0f s counts "
+                    "from now", run_dir, clock.budget_s)
 
 
 def _held_eval(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
@@ -273,7 +301,7 @@ def _callbacks(setup: RunSetup, run_dir: Path, checkpoint: Checkpoint, stopper: 
 
 
 def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper: EarlyStopping | None,
-              run_dir: Path, source: DataSource, started: float) -> FitResult:
+              run_dir: Path, source: DataSource) -> FitResult:
     """The metrics of the weights the model now holds (the best epoch's with restore_best,
     else the last), written to metrics.json and environment.json on rank 0."""
     t, history = setup.cfg.train, trainer.state.history

@@ -33,6 +33,7 @@ from visiontune.runtime.distributed import (
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.runtime.prefix import frozen_prefix
 from visiontune.train.callbacks import Callback, metrics_of
+from visiontune.train.clock import Clock
 from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.probe import (
@@ -52,8 +53,6 @@ from visiontune.train.schedules import WSD_DECAY, lr_factor, wsd_factor
 from visiontune.train.setup import RunSetup
 
 log = logging.getLogger(__name__)
-
-SAVE_MARGIN_S = 0.5  # kept after the last validation under a deadline: writing the run's files
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -80,8 +79,9 @@ class TrainState:
 class Trainer:
     """Runs `plan` on `model`: per epoch, pick the phase, train, validate, call back."""
 
-    def __init__(self, setup: RunSetup, callbacks: list[Callback]) -> None:
+    def __init__(self, setup: RunSetup, callbacks: list[Callback], clock: Clock | None = None) -> None:
         self.setup = setup
+        self.clock = clock if clock is not None else Clock()  # the time used, the budget, the phase's timings
         self.model, self.plan, self.optimizer = setup.model, setup.plan, setup.optimizer
         self.data = setup.data  # phase index -> PhaseData
         self.cfg, self.task, self.preprocess = setup.cfg, setup.task, setup.preprocess
@@ -97,16 +97,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.micro = MicroBatcher()
         self.watch = ("val_loss", "min")  # what "better" means when EMA and raw weights compete (session sets it)
-        self.deadline: float | None = None  # time.perf_counter() by which the run must end (--time-budget)
-        self.started = time.perf_counter()  # when this process's part of the run began (train_run sets it)
-        self.elapsed_before = 0.0  # seconds the run had used before it was resumed (from the checkpoint)
         self.run_dir = Path(os.devnull)  # the run directory (train_run sets it; os.devnull off rank 0)
         self._valid_seconds = 0.0  # how long the last validation took
-        self._phase_started = time.perf_counter()  # when the current phase (or this process's part of it) began
-        self._phase_epoch_s: list[float] = []  # measured epoch times (training + validation) in this phase
         self._decayed = False  # the time-decided schedule finished its decay: no further epoch
         self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
-        self._decay_window: tuple[float, float] | None = None  # (start, end) of a decay begun early (decay_now)
         self._prefix_net: nn.Module | None = None  # this phase's frozen leading blocks in ONNX Runtime (freeze-k)
         self._cv_eval: EvalOutput | None = None  # the probe's cross-validated outputs, where no split was held out
         self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
@@ -127,7 +121,6 @@ class Trainer:
     def fit(self, start_epoch: int = 0) -> TrainState:
         self.broadcast_weights()  # identical by construction; made certain under torchrun
         self._emit("on_fit_start")
-        self._phase_started = time.perf_counter()
         for epoch in range(start_epoch, self.total_epochs):
             self.state.epoch = epoch
             self.enter_phase(self.plan.phase_index(epoch))
@@ -135,13 +128,11 @@ class Trainer:
             self._emit("on_epoch_start")
             started = time.perf_counter()
             train_loss = self.train_one_epoch(epoch)
-            if train_loss is None:  # the time-decided schedule had finished before this epoch's first step
-                log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to "
-                         "the deadline); stopping with the best weights", epoch)
+            if train_loss is None:  # the clock ended the run before this epoch's first step (said why)
                 break
             self.state.metrics = self._validate(train_loss)
             self.state.history.append(self._history_row(epoch, started))
-            self._phase_epoch_s.append(time.perf_counter() - started)
+            self.clock.end_epoch(time.perf_counter() - started)
             self._emit("on_epoch_end")
             if self._decayed:
                 log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to "
@@ -156,17 +147,16 @@ class Trainer:
         return self.state
 
     def train_one_epoch(self, epoch: int) -> float | None:
-        """The epoch's mean training loss; None when a time-decided schedule had already
-        ended its decay before the first step (no epoch to validate or record)."""
+        """The epoch's mean training loss; None when the clock ends the run before its
+        first step (the deadline, or a time-decided schedule's decay already complete):
+        no epoch to validate or record, the run ends with its best weights. An epoch that
+        reads no image without the clock stopping it is an error: the data yielded nothing."""
         phase_i = self.plan.phase_index(epoch)
-        phase = self.plan.phases[phase_i]
-        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
         data = self.data(phase_i)
-        if phase.probe:
+        if self.plan.phases[phase_i].probe:
             return self.fit_probe(data)
         batches = Paired(data.train, data.pool_views if self.consistency is not None else None)
         steps = max(1, len(batches))
-        total_steps = phase.epochs * steps
         self.train_mode()
         running, seen = 0.0, 0
         if self.consistency is not None:
@@ -174,15 +164,10 @@ class Trainer:
         bar = progress(batches, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         loop_started = time.perf_counter()
         for i, (x, y, views) in enumerate(bar):  # views: --unlabeled's pool batch (weak, strong), else None
-            if self._out_of_time(self._validation_estimate(data, seen, time.perf_counter() - loop_started)):
-                log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
-                break
-            factor = self._lr_factor(data, phase_i, epoch_in_phase, (epoch_in_phase * steps + i) / total_steps, seen,
-                                     loop_started)
-            if factor is None:  # the time-decided decay is complete
-                if i == 0:
+            factor = self._step_factor(data, epoch, i, steps, seen, loop_started)
+            if factor is None:  # the clock ends the epoch here (said why)
+                if i == 0:  # the clock, not the data: nothing trained, nothing new to validate
                     return None
-                log.info("time budget: the decay is complete after %d of %d steps of epoch %d", i, steps, epoch + 1)
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
@@ -198,7 +183,7 @@ class Trainer:
                 if (path := self._run_file("consistency.csv")) is not None:
                     self.consistency.record(path, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
-        if images == 0 and not self._out_of_time(0.0):
+        if images == 0:  # the loop ran to its end (the clock returned above): the data yielded nothing
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
                             f" ({len(data.train)} steps planned): the training data yielded nothing. Check that the "
                             "shards hold the samples their index lists")
@@ -220,6 +205,31 @@ class Trainer:
         self._emit("on_step_end")
         return loss
 
+    def _step_factor(self, data: PhaseData, epoch: int, i: int, steps: int, seen: int,
+                     loop_started: float) -> float | None:
+        """The peak-LR multiplier of step `i` of `epoch`, or None when the clock ends the
+        epoch before it (said in the log): validating after one more step would end past
+        the deadline, or the time-decided decay is complete."""
+        validation = self._validation_estimate(data, seen, time.perf_counter() - loop_started)
+        if self._out_of_time(validation):
+            if i == 0:
+                log.info("time budget: no time for a step of epoch %d (validating it takes ~%.1f s, %.1f s are left); "
+                         "stopping with the best weights", epoch + 1, validation, max(0.0, self.clock.left() or 0.0))
+            else:
+                log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
+            return None
+        phase_i = self.plan.phase_index(epoch)
+        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
+        factor = self._lr_factor(data, phase_i, epoch_in_phase,
+                                 (epoch_in_phase * steps + i) / (self.plan.phases[phase_i].epochs * steps), seen,
+                                 loop_started)
+        if factor is None and i == 0:
+            log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to the "
+                     "deadline); stopping with the best weights", epoch)
+        elif factor is None:
+            log.info("time budget: the decay is complete after %d of %d steps of epoch %d", i, steps, epoch + 1)
+        return factor
+
     def _validation_estimate(self, data: PhaseData, trained: int, seconds: float) -> float:
         """Seconds the coming validation will take: the last one's, or, where that ran on
         cached features and this phase runs on images, a third of a training step per image."""
@@ -233,9 +243,6 @@ class Trainer:
         if not self._timed(phase_index):
             return lr_factor(self.cfg.train, progress, epoch_in_phase)
         progress_t = self._time_progress(data, self.plan.phases[phase_index], epoch_in_phase, seen, loop_started)
-        if self._decay_window is not None:  # begun early: through the window, or by the clock if that is further
-            start, end = self._decay_window
-            progress_t = max(progress_t, 1.0 - WSD_DECAY + WSD_DECAY * (time.perf_counter() - start) / (end - start))
         self._decayed = progress_t >= 1.0
         self.holding_peak = progress_t < 1.0 - WSD_DECAY
         return None if self._decayed else wsd_factor(progress_t)
@@ -248,35 +255,31 @@ class Trainer:
 
     def _time_progress(self, data: PhaseData, phase: Any, epoch_in_phase: int, seen: int,
                        loop_started: float) -> float:
-        """How far through its time the phase is (0..1, past 1: the decay is done). It ends
-        when the last validation must start to end by the deadline, or, where the phase's
-        epochs run out first by the epoch times measured so far, when they do: re-planned
-        at every step from what the run has measured, never from the estimate up front."""
-        now = time.perf_counter()
-        validation = self._validation_estimate(data, seen, now - loop_started)
-        end = self.deadline - validation - SAVE_MARGIN_S  # type: ignore[operator]
-        if self._phase_epoch_s:
-            per_epoch = sum(self._phase_epoch_s) / len(self._phase_epoch_s)
-            end = min(end, loop_started + (phase.epochs - epoch_in_phase) * per_epoch - validation)
-        return (now - self._phase_started) / max(1e-9, end - self._phase_started)
+        """How far through its time the phase is (0..1, past 1: the decay is done; the
+        clock's `phase_progress`): re-planned at every step from what the run has measured,
+        never from the estimate up front. Measured in the run's own seconds, so a resumed
+        run goes on from the progress it had."""
+        validation = self._validation_estimate(data, seen, time.perf_counter() - loop_started)
+        return self.clock.phase_progress(validation, phase.epochs - epoch_in_phase, loop_started)
 
     def decay_now(self) -> float:
         """Begin the time-decided schedule's decay at the next step instead of when the time
         left equals its length (EarlyStopping calls it when validation has stalled at the
         peak LR): the decay then takes WSD_DECAY of the phase as it now ends, at least one
         epoch, and the run ends after it, early, with the best weights. Returns the
-        decay's expected seconds. Not kept across a resume (a resumed run finds the stall
-        again)."""
-        now = time.perf_counter()
-        per_epoch = sum(self._phase_epoch_s) / len(self._phase_epoch_s) if self._phase_epoch_s else 0.0
-        length = max(per_epoch, (now - self._phase_started) * WSD_DECAY / (1.0 - WSD_DECAY), 1e-3)
-        self._decay_window = (now, now + length)
+        decay's expected seconds. The clock keeps it (in the checkpoint too: a resumed run
+        goes on decaying)."""
         self.holding_peak = False
-        return length
+        return self.clock.decay_now()
+
+    @property
+    def deadline(self) -> float | None:
+        """time.perf_counter() by which the run must end (--time-budget; the clock's)."""
+        return self.clock.deadline
 
     def _out_of_time(self, still_needed: float) -> bool:
         """Past the deadline once `still_needed` more seconds are spent (no deadline: never)."""
-        return self.deadline is not None and time.perf_counter() + still_needed > self.deadline
+        return self.clock.out_of_time(still_needed)
 
     def fit_probe(self, data: PhaseData) -> float:
         """Fit the head to convergence on this phase's training features (train/probe.py;
@@ -457,11 +460,10 @@ class Trainer:
         if index != self.state.phase:
             apply_phase(self.model, self.optimizer, self.plan, index)
             self.state.phase = index
-            self._phase_started, self._phase_epoch_s = time.perf_counter(), []
-            self._decay_window = None
             phase = self.plan.phases[index]
             log.info("phase %d/%d: %s (%d epochs)", index + 1, len(self.plan.phases), phase.name, phase.epochs)
             self._prefix_net = self._frozen_prefix(phase)
+        self.clock.enter_phase(index)  # its timings start afresh, unless a resumed run is still in it
 
     def _frozen_prefix(self, phase: Any) -> nn.Module | None:
         """freeze-k's frozen leading blocks as one ONNX Runtime session for this phase's
@@ -579,11 +581,12 @@ class Trainer:
             "history": self.state.history,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "elapsed_s": self.elapsed(),
+            "clock": self.clock.state_dict(),
         }
 
     def elapsed(self) -> float:
         """Seconds the run has taken so far, over every time it was resumed."""
-        return self.elapsed_before + time.perf_counter() - self.started
+        return self.clock.used()
 
     def save_checkpoint(self, path: Path) -> None:
         save_checkpoint(path, self.checkpoint_state())
@@ -598,7 +601,8 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
         self.state.history = list(ckpt.get("history", []))
         self.state.global_step = int(ckpt.get("global_step", 0))
-        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.clock.charge(float(ckpt.get("elapsed_s", 0.0)))  # a record, when the run has one, knows more
+        self.clock.load_state_dict(ckpt.get("clock", {}))
         saved = ckpt.get("callbacks", {})
         for cb in self.callbacks:
             cb.load_state_dict(saved.get(type(cb).__name__, {}))

@@ -1,0 +1,182 @@
+"""The run's clock: the one owner of the time a run has used and of its time budget.
+
+A run's time is counted over every session: a resumed run goes on from the seconds the
+earlier sessions used (`used_before`), so `--resume` keeps what is left of `--time-budget`
+however the run was stopped. Under a budget the clock keeps a record, RUN/clock.json
+({"budget_s", "used_s"}), written when the run directory opens, every HEARTBEAT_S by a
+thread of its own (feature extraction, the probe's fit and the steps alike) and on the way
+out: a run killed before its first checkpoint, or minutes after its last one, is charged
+the time it used, to within HEARTBEAT_S (SIGKILL) or exactly (Ctrl-C, an exception).
+
+It also holds what the time-decided schedule (warmup-stable-decay by the clock,
+train/schedules.py) reads: when the current phase began and how long its epochs took, and
+a decay begun early (`decay_now`), all in the run's own seconds and saved in the
+checkpoint, so a resumed run continues its schedule from the progress it had instead of
+warming up again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from visiontune.files import write_json
+from visiontune.train.schedules import WSD_DECAY
+
+log = logging.getLogger(__name__)
+
+CLOCK_FILE = "clock.json"
+HEARTBEAT_S = 2.0  # the record's period: a SIGKILL loses at most this much of the time used
+SAVE_MARGIN_S = 0.5  # kept after the last validation under a deadline: writing the run's files
+
+
+class Clock:
+    """The seconds a run has used (over every session), when its budget ends in this
+    process's `time.perf_counter()` (`deadline`; None without a budget), and the current
+    phase's timings for the schedule that follows the clock."""
+
+    def __init__(self, budget_s: float | None = None, started: float | None = None, used_before: float = 0.0):
+        self.budget_s = budget_s
+        self.started = time.perf_counter() if started is None else started  # when this session's count began
+        self.used_before = used_before  # seconds the earlier sessions of the run used
+        self.phase = -1  # the phase the timings below are of
+        self.phase_started = 0.0  # the run's seconds when it began
+        self.epoch_seconds: list[float] = []  # its epochs' measured times (training + validation)
+        self.decay_window: tuple[float, float] | None = None  # (start, end) of a decay begun early, run seconds
+        self._record: Path | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._warned = False
+
+    @classmethod
+    def resumed(cls, run_dir: Path, budget_s: float | None, started: float | None = None) -> Clock:
+        """The clock of the run in `run_dir`, going on from the seconds its record says
+        it used (0 when it has none: a run without a budget, or from before the record)."""
+        used = 0.0
+        try:
+            used = float(json.loads((Path(run_dir) / CLOCK_FILE).read_text())["used_s"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s cannot be read (%s); the time used before counts from the last checkpoint",
+                        Path(run_dir) / CLOCK_FILE, exc)
+        return cls(budget_s, started, used)
+
+    # -- the time used, and the budget -------------------------------------------------
+    def used(self) -> float:
+        """Seconds the run has used so far, over every session."""
+        return self.at(time.perf_counter())
+
+    def at(self, moment: float) -> float:
+        """The run's seconds at `moment` (a `time.perf_counter()` of this session)."""
+        return self.used_before + moment - self.started
+
+    @property
+    def deadline(self) -> float | None:
+        """When the budget ends, in this process's `time.perf_counter()` (None: no budget)."""
+        return None if self.budget_s is None else self.started + self.budget_s - self.used_before
+
+    def left(self) -> float | None:
+        """Seconds of the budget left (None: no budget)."""
+        return None if self.budget_s is None else self.budget_s - self.used()
+
+    def out_of_time(self, still_needed: float = 0.0) -> bool:
+        """Past the deadline once `still_needed` more seconds are spent (no budget: never)."""
+        deadline = self.deadline
+        return deadline is not None and time.perf_counter() + still_needed > deadline
+
+    def charge(self, seconds: float) -> None:
+        """Count `seconds` more as used before this session (a checkpoint from before the
+        record knew more than it: the larger count wins)."""
+        self.used_before = max(self.used_before, seconds)
+
+    # -- the record --------------------------------------------------------------------
+    def keep_record(self, run_dir: Path) -> None:
+        """Under a budget: RUN/clock.json now, then every HEARTBEAT_S until `stop`."""
+        if self.budget_s is None or self._beat is not None:
+            return
+        self._record = Path(run_dir) / CLOCK_FILE
+        self._write()
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._beat_loop, name="visiontune-clock", daemon=True)
+        self._beat.start()
+
+    def stop(self) -> None:
+        """End the heartbeat and write the record once more: the time used to the end."""
+        if self._beat is not None:
+            self._stop.set()
+            self._beat.join()
+            self._beat = None
+        if self._record is not None:
+            self._write()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._write()
+
+    def _write(self) -> None:
+        """The record, atomically; a record that cannot be written is said once and costs
+        only its accuracy (a resumed run then counts from the last checkpoint)."""
+        with self._lock:
+            try:
+                write_json(self._record, {"budget_s": self.budget_s, "used_s": round(self.used(), 3)})
+            except OSError as exc:
+                if not self._warned:
+                    log.warning("time budget: %s cannot be written (%s); a resumed run would count the time used "
+                                "from its last checkpoint", self._record, exc)
+                self._warned = True
+
+    # -- the time-decided schedule --------------------------------------------------------
+    def enter_phase(self, index: int) -> None:
+        """The phase `index` runs now: its timings start afresh unless they are its own
+        (a resumed run continues the phase its checkpoint was in)."""
+        if index != self.phase:
+            self.phase, self.phase_started, self.epoch_seconds, self.decay_window = index, self.used(), [], None
+
+    def end_epoch(self, seconds: float) -> None:
+        self.epoch_seconds.append(seconds)
+
+    def per_epoch(self) -> float:
+        """The current phase's mean epoch time so far (0.0 before its first epoch)."""
+        return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else 0.0
+
+    def phase_progress(self, validation_s: float, epochs_left: int, loop_started: float) -> float:
+        """How far through its time the current phase is (0..1; past 1: its decay is done).
+        It ends when the last validation (`validation_s`) must start to end by the deadline,
+        or, where its `epochs_left` (counting the current one, begun at `loop_started`)
+        run out first by the epoch times measured so far, when they do; a decay begun early
+        goes through its window, or by the clock if that is further."""
+        now = self.used()
+        end = float(self.budget_s or 0.0) - validation_s - SAVE_MARGIN_S
+        if self.epoch_seconds:
+            end = min(end, self.at(loop_started) + epochs_left * self.per_epoch() - validation_s)
+        progress = (now - self.phase_started) / max(1e-9, end - self.phase_started)
+        if self.decay_window is not None:
+            start, stop = self.decay_window
+            progress = max(progress, 1.0 - WSD_DECAY + WSD_DECAY * (now - start) / (stop - start))
+        return progress
+
+    def decay_now(self) -> float:
+        """Begin the decay now: it takes WSD_DECAY of the phase as it now ends, at least
+        one epoch; returns its expected seconds."""
+        now = self.used()
+        length = max(self.per_epoch(), (now - self.phase_started) * WSD_DECAY / (1.0 - WSD_DECAY), 1e-3)
+        self.decay_window = (now, now + length)
+        return length
+
+    # -- resumability ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "phase_started": self.phase_started, "epoch_seconds": list(self.epoch_seconds),
+                "decay_window": list(self.decay_window) if self.decay_window is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase = int(state.get("phase", -1))
+        self.phase_started = float(state.get("phase_started", 0.0))
+        self.epoch_seconds = [float(s) for s in state.get("epoch_seconds", [])]
+        window = state.get("decay_window")
+        self.decay_window = (float(window[0]), float(window[1])) if window else None
