@@ -510,3 +510,23 @@ def test_a_run_that_used_its_whole_budget_before_its_first_checkpoint_is_refused
         vt.fit(resume=str(run))
     resumed = vt.fit(resume=str(run), time_budget="1m")
     assert len(resumed.history) == 2 and 5.0 < resumed.seconds < 60.0
+
+
+def test_a_budget_that_ends_before_the_first_step_is_an_error_not_a_run_without_a_model(tmp_path: Path) -> None:
+    """Audit of issue 34: with too few labels to plan (no validation split), a budget
+    shorter than the start-up ended before the first step, and the run exited 0 with an
+    empty history and no model.safetensors (DESIGN rule 5: never succeed with zero steps)."""
+    from conftest import TINY, make_class_folders
+    from visiontune.data.sources import resolve_inputs
+    from visiontune.errors import ConfigError
+    from visiontune.train.session import train_run
+
+    data = make_class_folders(tmp_path / "d", {"red": 3, "green": 1})
+    cfg, source = resolve_inputs(data, None, None, dict(TINY, strategy="finetune", epochs=3, time_budget=60,
+                                                        output=str(tmp_path / "runs")))
+    assert source.no_validation
+    spent = Clock(60.0, started=time.perf_counter() - 120)  # the budget is gone before training starts
+    with pytest.raises(ConfigError, match="ended before the first training step"):
+        train_run(cfg, source, clock=spent)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert not (run / "model.safetensors").exists() and not (run / "metrics.json").exists()

@@ -18,7 +18,7 @@ from visiontune import display
 from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import VALID, DataSource, Item
-from visiontune.errors import ConfigError, DataError
+from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.files import (
     cache_max,
     cache_root,
@@ -123,6 +123,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
     try:
         trainer.fit(start_epoch)
+        _require_an_epoch(trainer, clock)
         if setup.cfg.train.thresholds == "tuned":
             tune_thresholds(setup, _held_eval(setup, trainer, checkpoint), run_dir)
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
@@ -139,6 +140,21 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     if setup.env.is_main:
         keep_cache_in_bounds(setup.cfg.train.cache_dir)
     return result
+
+
+def _require_an_epoch(trainer: Trainer, clock: Clock) -> None:
+    """A run never "succeeds" with nothing trained: when the clock ended it before the
+    first step (a budget shorter than what came before the first epoch), the error says so
+    and how to go on (DESIGN rule 5); the run directory keeps its files, no model."""
+    if trainer.state.history:
+        return
+    if clock.budget_s is None:
+        raise VisiontuneError(f"the run in {trainer.run_dir} trained no epoch (epochs planned: "
+                              f"{trainer.total_epochs}); nothing was written as its model")
+    raise ConfigError(f"the time budget of {clock.budget_s or 0:g} s ended before the first training step "
+                      f"({clock.used():.0f} s were used before it: data checks, measuring, features): nothing was "
+                      f"trained and no model was written in {trainer.run_dir}. Give a longer --time-budget, or resume "
+                      f"with one: `visiontune train --resume {trainer.run_dir} --time-budget SECONDS`")
 
 
 def keep_cache_in_bounds(cache_dir: str | None) -> None:
