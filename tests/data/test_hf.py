@@ -157,6 +157,19 @@ def test_a_test_split_without_the_label_column_is_listed_and_columns_are_looked_
                  "32", "--strategy", "feature-extract", "--epochs", "1", "--output", str(tmp_path / "runs")]) == 0
 
 
+def test_a_training_split_without_the_columns_is_an_error_that_names_it(tmp_path: Path) -> None:
+    """Audit of issue 34: a train split without the label column (the validation split
+    has it), or an --image-col that only the test split has, was left out silently and
+    the run failed with "found a single class []"."""
+    src = tmp_path / "src"
+    valid = _split(src, {"red": 3, "green": 3}, 100)
+    bare = datasets.Dataset.from_dict({"img": _images(src, 6, "red", 0)},
+                                      features=datasets.Features({"img": datasets.Image()}))
+    saved = _save({"train": bare, "validation": valid}, tmp_path / "saved")
+    with pytest.raises(vt.DataError, match=r"the training split 'train' \(6 rows\) has no 'label' column"):
+        load_items(DataConfig(path=str(saved), label_col="label", image_col="img"))
+
+
 _WRITER = """
 import json, sys, time
 from pathlib import Path

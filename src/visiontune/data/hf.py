@@ -130,6 +130,10 @@ def _with_columns(splits: dict[str, tuple[str, Any]], needed: tuple[str, str], s
     kept = {}
     for name, (split, part) in splits.items():
         missing = [c for c in needed if c not in part.features]
+        if missing and split == TRAIN:  # what trains cannot be left out
+            raise DataError(f"{where}: the training split {name!r} ({len(part)} rows) has no "
+                            f"{' or '.join(repr(c) for c in missing)} column (it has {', '.join(part.features)}); "
+                            "name its columns with --image-col and --label-col")
         if missing:
             source.excluded.append((f"{where} split {name!r}", f"{len(part)} rows: no "
                                     f"{' or '.join(repr(c) for c in missing)} column (left out)"))
