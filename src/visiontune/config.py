@@ -248,7 +248,7 @@ class TrainConfig:
     time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
                                              "seconds): costs are measured, then strategy, image size and epochs "
                                              "planned, and the run stops on time with the best weights so far "
-                                             "(train; cv and compare refuse it)",
+                                             "(train only; cv, compare, advise and lr-find refuse it)",
                                        gt=0.0, parse=parse_duration, coerce=parse_duration, metavar="DURATION")
     compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
                                   "it fails)")
@@ -310,6 +310,20 @@ class RunConfig:
         result = dataclasses.replace(cfg, **new, **top)
         result.validate()
         return result
+
+    def refuse_time_budget(self, command: str, measures: str) -> None:
+        """Only `train` takes a time budget (ConfigError elsewhere): `cv`, `compare`, `advise`
+        and `lr-find` measure a configuration, while under a budget the clock chooses the
+        strategy, image size and epochs and cuts each training where this machine's load puts
+        the deadline, so the figures would measure no one configuration (and splitting the
+        budget over folds would train weaker models than `train --time-budget` does)."""
+        if self.train.time_budget:
+            raise ConfigError(f"{command} does not take --time-budget ({self.train.time_budget:g} s): it {measures}, "
+                              "while a time budget lets the clock choose the strategy, image size and epochs and "
+                              "cuts each training where this machine's load puts the deadline. Leave --time-budget "
+                              "out (or the time_budget key of --config) and set --epochs; to measure what `train "
+                              "--time-budget` chose, pass the strategy, epochs and image size from its run's "
+                              "time_budget.json")
 
     def bn_modes(self) -> tuple[str, str]:
         """(frozen_bn, trainable_bn) with 'auto' resolved: pretrained weights keep their

@@ -477,7 +477,8 @@ def test_cv_and_compare_refuse_a_time_budget_instead_of_ignoring_it(flat_data: P
 
     options = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32",
                "--output", str(tmp_path / "runs")]
-    for command in (["cv", str(flat_data), "--folds", "2"], ["compare", str(flat_data)]):
+    for command in (["cv", str(flat_data), "--folds", "2"], ["compare", str(flat_data)], ["advise", str(flat_data)],
+                    ["lr-find", str(flat_data)]):  # advise and lr-find: the audit found them ignoring it too
         assert main([*command, *options, "--time-budget", "1m"]) == 2
         err = capsys.readouterr().err
         assert f"error: {command[0]} does not take --time-budget (60 s)" in err and "set --epochs" in err

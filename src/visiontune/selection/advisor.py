@@ -103,6 +103,7 @@ def decide(median_per_class: float, similarity: float, probe: float, baseline: f
 def advise(data: str | os.PathLike[str] | None = None, *, config: RunConfig | None = None,
            label_func: LabelFunc | None = None, **overrides: Any) -> Advice:
     """Measure the data, the task similarity and the costs here; recommend a strategy."""
+    RunConfig.create(config, **overrides).refuse_time_budget("advise", "measures the data and recommends a strategy")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     return advise_source(cfg, source, measure_costs(cfg, source))
 

@@ -24,7 +24,8 @@
    its reasons go to the log and `time_budget.json` (written when training starts,
    completed with the time taken at the end).
 
-`cv` and `compare` refuse a budget (`refuse_time_budget`): they measure configurations.
+`cv`, `compare`, `advise` and `lr-find` refuse a budget (`RunConfig.refuse_time_budget`): they
+measure configurations.
 """
 
 from __future__ import annotations
@@ -165,17 +166,3 @@ def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: flo
             return BudgetPlan(budget_s, "gradual", MAX_EPOCHS + head_epochs, size, expected, reasons,
                               costs.probe_fit_s + RESERVE_MARGIN_S, schedule="wsd")
     return None
-
-
-def refuse_time_budget(cfg: RunConfig, command: str, measures: str) -> None:
-    """`cv` and `compare` measure configurations and do not take a time budget (ConfigError):
-    under one the clock chooses the strategy, image size and epochs and cuts each training
-    where this machine's load puts the deadline, so the folds or strategies would each train
-    something else and the figures would measure no one configuration. Splitting the budget
-    would not help: each share trains a weaker model than `train --time-budget` does."""
-    if cfg.train.time_budget:
-        raise ConfigError(f"{command} does not take --time-budget ({cfg.train.time_budget:g} s): it {measures}, while "
-                          "a time budget lets the clock choose the strategy, image size and epochs and cuts each "
-                          "training where this machine's load puts the deadline. Leave --time-budget out (or the "
-                          "time_budget key of --config) and set --epochs; to measure what `train --time-budget` "
-                          "chose, pass the strategy, epochs and image size from its run's time_budget.json")

@@ -22,7 +22,6 @@ from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import group_keys, stratified_split
 from visiontune.errors import ConfigError
 from visiontune.files import claim_dir, write_json, write_text
-from visiontune.selection.budget import refuse_time_budget
 from visiontune.selection.cv import SELECTIONS, cross_validate
 from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
@@ -82,7 +81,7 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"unknown strategies {unknown}; choose from {', '.join(strategy_names())}")
-    refuse_time_budget(RunConfig.create(config, **overrides), "compare",
+    RunConfig.create(config, **overrides).refuse_time_budget("compare",
                        "compares strategies at the same epochs on the same split")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")

@@ -37,7 +37,6 @@ from visiontune.data.splits import fold_count, fold_indices, group_keys, stratif
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import claim_dir, write_csv, write_json
 from visiontune.selection.advisor import resolve_strategy
-from visiontune.selection.budget import refuse_time_budget
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
 from visiontune.train.session import score_items, train_run
@@ -90,7 +89,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     if selection not in SELECTIONS:
         raise ConfigError(f"selection {selection!r} is not valid; choose one of: {', '.join(SELECTIONS)}")
     started = time.perf_counter()
-    refuse_time_budget(RunConfig.create(config, **overrides), "cv",
+    RunConfig.create(config, **overrides).refuse_time_budget("cv",
                        "scores one configuration trained the same way on every fold")
     if source is None:
         cfg, source = resolve_inputs(data, config, label_func, overrides)

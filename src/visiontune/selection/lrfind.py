@@ -56,6 +56,8 @@ def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-
     path saves it there, None/False saves none."""
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
+    RunConfig.create(config, **overrides).refuse_time_budget("lr-find", "measures the loss over a range of "
+                                                                        "learning rates")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     setup = prepare_run(resolve_strategy(cfg, source), source)
     try:
