@@ -27,7 +27,7 @@ from visiontune.prediction import (  # noqa: F401 - evaluate and predict live th
 )
 from visiontune.runtime import distributed
 from visiontune.selection.advisor import resolve_strategy
-from visiontune.selection.budget import BudgetPlan, plan_budget
+from visiontune.selection.budget import RESERVE_MARGIN_S, BudgetPlan, plan_budget
 from visiontune.train.callbacks import Callback
 from visiontune.train.clock import Clock
 from visiontune.train.session import FitResult, train_run
@@ -115,9 +115,12 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     clock = Clock.resumed(run_dir, cfg.train.time_budget, started)
     result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
                        run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, clock=clock,
-                       reserve_s=float(plan.get("reserve_s", 0.0)))
-    if plan:  # the plan, with the time taken over every session
-        write_json(budget_file, {**plan, "actual_s": result.seconds, "resumed": True})
+                       reserve_s=float(plan.get("reserve_s", RESERVE_MARGIN_S)))
+    if cfg.train.time_budget:  # the plan (if it was written), the budget now, the time taken over every session
+        given = {"planned_for_s": plan["budget_s"]} if plan.get("budget_s", cfg.train.time_budget) != \
+            cfg.train.time_budget else {}
+        write_json(budget_file, {**plan, **given, "budget_s": cfg.train.time_budget, "actual_s": result.seconds,
+                                 "resumed": True})
     return result
 
 

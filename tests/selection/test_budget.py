@@ -511,6 +511,8 @@ def test_a_run_that_used_its_whole_budget_before_its_first_checkpoint_is_refused
         vt.fit(resume=str(run))
     resumed = vt.fit(resume=str(run), time_budget="1m")
     assert len(resumed.history) == 2 and 5.0 < resumed.seconds < 60.0
+    record = json.loads((run / "time_budget.json").read_text())  # the budget it ended under (audit: no record)
+    assert record["budget_s"] == 60 and record["resumed"] and record["actual_s"] == pytest.approx(resumed.seconds)
 
 
 def test_a_budget_that_ends_before_the_first_step_is_an_error_not_a_run_without_a_model(tmp_path: Path) -> None:
