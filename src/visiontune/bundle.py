@@ -91,8 +91,13 @@ def model_file(path: str | os.PathLike[str]) -> Path:
 def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the trained classifier from a run directory or its model.safetensors."""
     file = model_file(path)
-    with safe_open(str(file), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("visiontune")
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("visiontune")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error for a file of another format
+        raise VisiontuneError(f"{str(file)!r} is not a safetensors file of a visiontune run ({exc}); give the run "
+                              f"directory (an exported .onnx / .pt2 file predicts and evaluates, but this command "
+                              "needs the run's weights)") from None
     if raw is None:
         raise VisiontuneError(f"{str(file)!r} is not a visiontune model (no metadata)")
     meta = json.loads(raw)

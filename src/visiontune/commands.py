@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from visiontune.config import cli_option_keys
 from visiontune.errors import ConfigError
 from visiontune.files import atomic_write, write_csv, write_json
-from visiontune.web import allowed_hosts
+from visiontune.web import allowed_hosts, serve_app
 
 if TYPE_CHECKING:
     from visiontune.config import RunConfig
@@ -97,7 +97,7 @@ def suggest_labels(args: argparse.Namespace) -> int:
 
 
 def review_labels(args: argparse.Namespace) -> int:
-    from visiontune.analysis.review import create_review_app, serve_page
+    from visiontune.analysis.review import create_review_app
 
     if (args.run is None) == (args.label is None):
         raise ConfigError("review: give a run directory (review RUN [DATA]) or --label CSV, not both or neither")
@@ -118,7 +118,7 @@ def review_labels(args: argparse.Namespace) -> int:
     print(f"review: http://{args.host}:{args.port}/  ({where} at once; Ctrl+C stops)\n"
           f"answering requests addressed to {', '.join(allowed_hosts(args.host, args.allowed_host))} "
           "(--allowed-host adds a name)")
-    serve_page(app, args.host, args.port, args.allowed_host)
+    serve_app(app, args.host, args.port, args.allowed_host, "review")
     return 0
 
 
@@ -241,11 +241,13 @@ def push_run(args: argparse.Namespace) -> int:
 
 
 def serve_run(args: argparse.Namespace) -> int:
-    from visiontune.deploy.serve import serve
+    from visiontune.deploy.serve import create_app
 
+    allowed_hosts(args.host, args.allowed_host)  # a bad --allowed-host is an error before the work starts
+    app = create_app(args.run, args.top_k, max_pixels=args.max_pixels, max_pending=args.max_pending)  # a bad run too
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops), answering requests addressed to "
           f"{', '.join(allowed_hosts(args.host, args.allowed_host))} (--allowed-host adds a name)")
-    serve(args.run, args.host, args.port, args.top_k, args.max_pixels, args.max_pending, args.allowed_host)
+    serve_app(app, args.host, args.port, args.allowed_host)
     return 0
 
 

@@ -53,3 +53,12 @@ def guard_hosts(app: Any, host: str, extra: Sequence[str] = ()) -> Any:
     except ImportError:
         raise VisiontuneError("the web pages need fastapi: pip install 'visiontune[serve]'") from None
     return TrustedHostMiddleware(app, allowed_hosts=allowed_hosts(host, extra), www_redirect=False)
+
+
+def serve_app(app: Any, host: str, port: int, extra: Sequence[str] = (), command: str = "serve") -> None:
+    """Run `app` behind the Host check until Ctrl+C (uvicorn)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise VisiontuneError(f"{command} needs uvicorn: pip install 'visiontune[serve]'") from None
+    uvicorn.run(guard_hosts(app, host, extra), host=host, port=port, log_level="warning")

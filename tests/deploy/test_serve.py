@@ -221,3 +221,16 @@ def test_decodes_and_the_backlog_are_bounded_and_a_full_server_answers_503(
     assert codes.count(200) >= 4 and codes.count(503) >= 1 and set(codes) == {200, 503}, codes
     busy = next(r for r in answers if r.status_code == 503)
     assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+
+
+def test_serving_an_exported_file_is_one_error_line_before_it_says_it_serves(run: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """Audit of issue 34: `serve RUN/model.onnx` printed "serving ... on http://..." and then
+    a SafetensorError traceback; serve needs the run's weights."""
+    from visiontune.cli import main
+
+    exported = tmp_path / "model.onnx"
+    exported.write_bytes(b"\x08\x07\x12\x0bnot safetensors at all" * 10)
+    assert main(["serve", str(exported), "--port", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "serving" not in out and "is not a safetensors file of a visiontune run" in err and "Traceback" not in err

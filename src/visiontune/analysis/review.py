@@ -37,7 +37,6 @@ from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import FileChanged, file_identity, read_csv, write_csv
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import task_class
-from visiontune.web import guard_hosts
 
 MERGE_TRIES = 5  # read-merge-write rounds before giving up on a file that keeps changing
 
@@ -327,13 +326,3 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
             raise HTTPException(500, f"could not write {labels.path}: {exc}") from None
 
     return app
-
-
-def serve_page(app: Any, host: str = "127.0.0.1", port: int = 8001, allowed_hosts: Sequence[str] = ()) -> None:
-    """Serve a review page (this one, or analysis/run_review.py's) until Ctrl+C, answering
-    only requests addressed to this machine, `host` or `allowed_hosts` (visiontune.web)."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise VisiontuneError("review needs uvicorn: pip install 'visiontune[serve]'") from None
-    uvicorn.run(guard_hosts(app, host, allowed_hosts), host=host, port=port, log_level="warning")

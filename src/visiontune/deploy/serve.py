@@ -42,7 +42,7 @@ from visiontune.errors import VisiontuneError
 from visiontune.runtime.batchsize import MicroBatcher
 from visiontune.runtime.device import to_device
 from visiontune.runtime.inference import forward_chunks
-from visiontune.web import guard_hosts
+from visiontune.web import serve_app
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 48 MP phone photo fits; a 12000 x 12000 decompression bomb does not
@@ -247,9 +247,4 @@ def serve(run: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000
           max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, allowed_hosts: Sequence[str] = ()) -> None:
     """Serve the app until Ctrl+C, answering only requests addressed to this machine, `host`
     or `allowed_hosts` (visiontune.web)."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise VisiontuneError("serve needs uvicorn: pip install 'visiontune[serve]'") from None
-    app = create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending)
-    uvicorn.run(guard_hosts(app, host, allowed_hosts), host=host, port=port, log_level="warning")
+    serve_app(create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending), host, port, allowed_hosts)
