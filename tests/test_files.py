@@ -14,7 +14,8 @@ from visiontune.bundle import load_bundle, run_splits
 from visiontune.cli import main
 from visiontune.files import read_csv, read_csv_dicts, write_csv
 
-TRICKY = ["=SUM(A1:A9)", "+dog", "-cat", "@home", "'quoted", "''twice", "\tx", "plain", "-3.5", "+1e3", "", "a=b"]
+TRICKY = ["=SUM(A1:A9)", "+dog", "-cat", "@home", "'=quoted", "''twice", "\tx", "plain", "-3.5", "+1e3", "", "a=b",
+          "'90s", "'s-Hertogenbosch"]
 
 
 def raw(path: Path) -> list[list[str]]:
@@ -27,8 +28,9 @@ def test_formula_cells_get_one_quote_and_come_back_unchanged(tmp_path: Path) -> 
     write_csv(out, ["label", "=head"], [[v, 1] for v in TRICKY])
     cells = [r[0] for r in raw(out)[1:]]
     assert raw(out)[0] == ["label", "'=head"]
-    assert cells == ["'=SUM(A1:A9)", "'+dog", "'-cat", "'@home", "''quoted", "'''twice", "'\tx", "plain", "-3.5",
-                     "+1e3", "", "a=b"]  # numbers are no formula; a real quote is kept behind the added one
+    assert cells == ["'=SUM(A1:A9)", "'+dog", "'-cat", "'@home", "''=quoted", "'''twice", "'\tx", "plain", "-3.5",
+                     "+1e3", "", "a=b", "'90s", "'s-Hertogenbosch"]  # numbers are no formula; a real quote
+    # before a formula or a quote is kept behind the added one; before anything else it is text as typed
     assert not any(c.startswith(("=", "+", "-", "@", "\t")) and c not in ("-3.5", "+1e3") for c in cells)
     assert [r[0] for r in read_csv(out)[1:]] == TRICKY
     assert [r["label"] for r in read_csv_dicts(out)] == TRICKY and "=head" in read_csv_dicts(out)[0]
@@ -47,3 +49,68 @@ def test_a_class_named_like_a_formula_trains_and_predicts_to_neutral_csv_cells(t
     cells = [c for row in raw(tmp_path / "p.csv")[1:] for c in row[1:]]
     assert {c for c in cells if c.startswith("'")} == {"'=red", "'@green"}
     assert not any(c.startswith(("=", "@", "+")) for c in cells)
+
+
+def test_a_leading_apostrophe_typed_by_a_person_reads_as_typed(tmp_path: Path) -> None:
+    """Audit of issue 34: every reader removed any leading quote, so a user's label `'90s`
+    trained as the class `90s`; only the quote the writer adds (before a formula or a
+    quote) is removed."""
+    typed = tmp_path / "typed.csv"
+    typed.write_text("path,label\na.png,'90s\nb.png,'s-Hertogenbosch\nc.png,'=guarded\n", encoding="utf-8")
+    assert [r["label"] for r in read_csv_dicts(typed)] == ["'90s", "'s-Hertogenbosch", "=guarded"]
+
+
+def test_a_csv_that_is_not_utf8_is_an_error_that_says_how_to_save_it(tmp_path: Path) -> None:
+    """Audit of issue 34: Excel's plain CSV on Windows (cp1252) gave a UnicodeDecodeError traceback."""
+    import pytest
+
+    legacy = tmp_path / "excel.csv"
+    legacy.write_bytes("path,label\na.png,caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(vt.DataError, match=r"excel\.csv is not UTF-8 text .* 'CSV UTF-8'"):
+        read_csv(legacy)
+    assert main(["train", "--csv", str(legacy), "--output", str(tmp_path / "runs")]) == 2
+
+
+def test_rewritten_files_keep_their_permissions_and_links(tmp_path: Path) -> None:
+    """Audit of issue 34: an atomic rewrite made the file the owner's alone (mkstemp's
+    0600: a cache shared between users could not be read) and replaced a symbolic link by
+    a file."""
+    import os
+    import stat
+
+    from visiontune.files import write_text
+
+    fresh = tmp_path / "fresh.txt"
+    write_text(fresh, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    shared = tmp_path / "shared.txt"
+    shared.write_text("x")
+    shared.chmod(0o664)
+    write_text(shared, "y")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+    target, link = tmp_path / "real" / "labels.csv", tmp_path / "labels.csv"
+    target.parent.mkdir()
+    target.write_text("old")
+    link.symlink_to(target)
+    write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_locked_lets_one_process_at_a_time_through(tmp_path: Path) -> None:
+    """Two processes each add 1 to a counter file 50 times by read-then-write inside
+    `locked`: none of the 100 increments is lost."""
+    import subprocess
+    import sys
+
+    counter = tmp_path / "n.txt"
+    counter.write_text("0")
+    script = ("import sys; from pathlib import Path; from visiontune.files import locked, write_text\n"
+              "p = Path(sys.argv[1])\n"
+              "for _ in range(50):\n"
+              "    with locked(p):\n"
+              "        write_text(p, str(int(p.read_text()) + 1))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(counter)]) for _ in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert counter.read_text() == "100"

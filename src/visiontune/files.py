@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None],
     then reads again rather than overwrite what another writer wrote meanwhile.
     `sync=False`: no fsync, for many files that a marker written after them vouches for
     (the caller syncs once)."""
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)  # a link: its file is rewritten
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _mode_for(path))  # mkstemp's file is the owner's alone; the result is not
         write(tmp)
         if sync:
             with open(tmp, "rb") as fh:
@@ -84,6 +86,40 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None],
         os.close(dir_fd)
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions `path` keeps when rewritten: its own, or a new file's (0o666 less
+    the process's umask, as `open` gives)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read once, when this module is imported (os.umask can only be read by setting it)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[None]:
+    """One process (and thread) at a time inside the block for `path`: a read-merge-write
+    of a file that several processes write (two review pages on one run, two labelling
+    pages on one CSV). The lock is the hidden file `.NAME.lock` beside it (filelock)."""
+    from filelock import FileLock, Timeout
+
+    target = Path(path)
+    try:
+        with FileLock(str(target.parent / f".{target.name}.lock"), timeout=timeout):
+            yield
+    except Timeout:
+        raise ConfigError(f"{target} is being written by another process for over {timeout:.0f} s; try again, or "
+                          f"remove {target.parent / f'.{target.name}.lock'} if no visiontune process runs") from None
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -99,9 +135,10 @@ CSV_QUOTE = "'"  # the prefix spreadsheets and their exports mark text with
 def csv_cell(value: Any) -> Any:
     """`value` as written into a CSV cell: text a spreadsheet would run as a formula (it
     starts with = + - @, a tab or a carriage return, and is not a number such as -1.5) gets
-    a leading single quote; so does text that starts with a quote itself, so that
-    `csv_value` strips exactly what was added. Other values are written as they are."""
-    if not isinstance(value, str) or not value.startswith((*FORMULA_STARTS, CSV_QUOTE)):
+    a leading single quote; so does text that is a quote followed by such a character or
+    by another quote, so that `csv_value` strips exactly what was added. Other values,
+    `'90s` or `'s-Hertogenbosch` among them, are written as they are."""
+    if not isinstance(value, str) or not _quotable(value):
         return value
     if value[0] != CSV_QUOTE and _is_number(value):
         return value
@@ -109,9 +146,16 @@ def csv_cell(value: Any) -> Any:
 
 
 def csv_value(cell: str) -> str:
-    """A cell as `csv_cell` wrote it, read back: the value written (its one added quote
-    removed)."""
-    return cell[1:] if cell.startswith(CSV_QUOTE) else cell
+    """A cell as `csv_cell` wrote it, read back: a leading quote is removed only where it
+    guards a formula character or another quote (what `csv_cell` adds), so text a person
+    typed with a leading apostrophe (`'90s`) reads as typed."""
+    return cell[1:] if cell.startswith(CSV_QUOTE) and _quotable(cell[1:]) else cell
+
+
+def _quotable(text: str) -> bool:
+    """Text that `csv_cell` guards: a formula's start, or a quote before one or before a quote."""
+    return text.startswith(FORMULA_STARTS) or (text.startswith(CSV_QUOTE) and
+                                               text[1:].startswith((*FORMULA_STARTS, CSV_QUOTE)))
 
 
 def _is_number(text: str) -> bool:
@@ -142,18 +186,30 @@ def write_csv(path: str | os.PathLike[str], header: list[str], rows: Iterable[It
 
 def read_csv(path: str | os.PathLike[str]) -> list[list[str]]:
     """Every row of a CSV file (a UTF-8 byte-order mark is skipped), cells through
-    `csv_value`: what `write_csv` was given, as text."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    `csv_value`: what `write_csv` was given, as text. A file that is not UTF-8 (Excel's
+    plain "CSV" on Windows) is a DataError saying how to save it."""
+    with _utf8(path) as fh:
         return [[csv_value(cell) for cell in row] for row in csv.reader(fh)]
 
 
 def read_csv_dicts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """The rows of a CSV file with a header, as dicts (csv.DictReader's), read as `read_csv`
     reads cells."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with _utf8(path) as fh:
         reader = csv.DictReader(fh)
         reader.fieldnames = [csv_value(name) for name in reader.fieldnames or []]
         return [{k: csv_value(v) if isinstance(v, str) else v for k, v in row.items()} for row in reader]
+
+
+@contextlib.contextmanager
+def _utf8(path: str | os.PathLike[str]) -> Iterator[Any]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            yield fh
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                        f"{exc.start}): save it as UTF-8 (Excel: Save As, 'CSV UTF-8'; LibreOffice: character set "
+                        "Unicode (UTF-8))") from None
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
