@@ -147,6 +147,39 @@ def test_resume_refuses_data_that_changed(flat_data: Path, tmp_path: Path, tiny:
         vt.fit(resume=r.run_dir)
 
 
+def test_a_resumed_run_keeps_the_train_valid_split_it_started_with(flat_data: Path, tmp_path: Path,
+                                                                   tiny: dict) -> None:
+    """Audit of issue 34: a run started under a version that split the data otherwise (a
+    train-only Hugging Face dataset or a CSV whose split column names no valid row trained
+    without validation) could not be resumed: "N images moved to another split". The
+    recorded side of the train/valid split is kept, and said; a move to test is refused."""
+    import csv as csv_module
+
+    r = vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=2, output=str(tmp_path / "runs")),
+               callbacks=[StopAfter(1)])
+    splits = Path(r.run_dir) / "splits.csv"
+    with open(splits, newline="") as fh:
+        rows = list(csv_module.DictReader(fh))
+    train = next(i for i, row in enumerate(rows) if row["split"] == "train" and row["label"] == "red")
+    valid = next(i for i, row in enumerate(rows) if row["split"] == "valid" and row["label"] == "red")
+    rows[train]["split"], rows[valid]["split"] = "valid", "train"  # as the run recorded them, another draw
+    with open(splits, "w", newline="") as fh:
+        writer = csv_module.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    resumed = vt.fit(resume=r.run_dir)
+    assert len(resumed.history) == 2
+    with open(splits, newline="") as fh:
+        assert list(csv_module.DictReader(fh)) == rows
+    rows[train]["split"] = "test"
+    with open(splits, "w", newline="") as fh:
+        writer = csv_module.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(vt.DataError, match="1 image moved to another split"):
+        vt.fit(resume=r.run_dir, epochs=3)
+
+
 def test_the_gradient_scaler_state_is_saved_and_restored(split_data: Path, tiny: dict) -> None:
     """fp16 on CUDA trains with a GradScaler; its scale must survive --resume."""
     from visiontune.config import RunConfig

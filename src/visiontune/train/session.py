@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from visiontune import display
 from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
 from visiontune.config import RunConfig, TrainConfig
-from visiontune.data.items import VALID, DataSource, Item
+from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.files import (
     cache_max,
@@ -276,6 +276,8 @@ def _check_resumed_data(run_dir: Path, source: DataSource, delim: str, restart: 
     """A run resumed from a checkpoint must see the data it started with (DataError
     otherwise); one restarted in place (killed before its first checkpoint) starts from
     nothing, so it only says what changed: its files are written again for the data now."""
+    if not restart:
+        keep_recorded_split(run_dir, source)
     try:
         check_same_data(run_dir, source, delim)
     except DataError as exc:
@@ -338,6 +340,27 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
         trainable_params=setup.plan.most_trainable_params(), valid_probs=None if held_eval is None else held_eval.probs,
         model=setup.model, data=source, setup=setup,
     )
+
+
+def keep_recorded_split(run_dir: Path, source: DataSource) -> None:
+    """A resumed run validates on the images it started with: where the train/valid split
+    drawn now differs from the one its splits.csv records (a version whose rule splits
+    another layout, another library's draw), each image keeps its recorded side, and one
+    line says how many. Moves to or from test, and any other change, are check_same_data's."""
+    splits = run_dir / "splits.csv"
+    if not splits.is_file():
+        return
+    sides = (TRAIN, VALID)
+    before = {r["path"]: r["split"] for r in read_csv_dicts(splits) if r["split"] in sides}
+    moved = [i for i, it in enumerate(source.items) if it.split in sides and before.get(it.path, it.split) != it.split]
+    if not moved:
+        return
+    for i in moved:
+        source.items[i] = replace(source.items[i], split=before[source.items[i].path])
+    if source.split(VALID):
+        source.no_validation = ""
+    log.warning("%d images keep the side of the train/valid split that %s started with (e.g. %s: %s), not the one "
+                "drawn now", len(moved), run_dir, source.items[moved[0]].path, source.items[moved[0]].split)
 
 
 def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None:
