@@ -137,3 +137,52 @@ def test_a_valid_folder_still_validates_when_a_loose_class_has_one_image(tmp_pat
         csv.writer(fh).writerows(table)
     source = vt.api.load_items(vt.config.RunConfig.create(None, csv=str(labels)).data)
     assert not source.no_validation and len(source.split("valid")) == 2 and len(source.split("train")) == 3
+
+
+def test_label_sets_at_one_image_per_label_validate_by_cross_validation(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Audit of issue 34: iterative stratification held nothing out at one image per label
+    (or put a label's only images in validation, never trained), silently: no validation,
+    and the best epoch chosen on the training loss. The single-label rule applies: a label
+    with a single image, no split; the probe's cross-validation validates."""
+    pool = make_pool(tmp_path / "photos", 2)
+    sets = ["red", "red green", "blue", "blue grey", "yellow", "green"]  # grey and yellow: one image each
+    paths = sorted(pool.rglob("*.png"))[:len(sets)]
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "labels"], *[[str(p), s] for p, s in zip(paths, sets)]])
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        r = vt.fit(None, csv=str(table), output=str(tmp_path / "runs"), trainable_bn="eval", **dict(TINY, epochs=3))
+    assert any("2 classes (grey, yellow) have a single labelled image" in m for m in caplog.messages)
+    assert len(r.history) == 1 and "val_loss" in r.history[0] and r.valid_probs.shape == (6, 5)
+    assert "cross-validation" in json.loads((Path(r.run_dir) / "metrics.json").read_text())["validation"]
+
+
+def test_groups_with_one_or_two_images_per_class_train(tmp_path: Path) -> None:
+    """Audit of issue 34: a group column with few labels gave scikit-learn's 'n_splits=5
+    cannot be greater than the number of members in each class' traceback."""
+    pool = make_pool(tmp_path / "photos", 2)
+    rows = [(str(p), p.parent.name, f"g{i}") for i, p in enumerate(sorted(pool.rglob("*.png")))]
+    for per_class in (2, 1):
+        chosen = [r for r in rows if int(Path(r[0]).stem[-2:]) < per_class]
+        table = tmp_path / f"labels{per_class}.csv"
+        with open(table, "w", newline="") as fh:
+            csv.writer(fh).writerows([["path", "label", "group"], *chosen])
+        r = vt.fit(None, csv=str(table), output=str(tmp_path / f"runs{per_class}"), trainable_bn="eval",
+                   **dict(TINY, epochs=2, strategy="feature-extract"))
+        assert "val_loss" in r.history[0]
+
+
+def test_a_single_labelled_number_is_a_clear_error_and_two_train(tmp_path: Path) -> None:
+    """Audit of issue 34: regression with one labelled image said 'class 0 has a single
+    labelled image' (a quantile bin) and then failed in the probe (ZeroDivisionError)."""
+    from tasks.test_regression import make_regression_data
+
+    root = make_regression_data(tmp_path / "reg", n=2)
+    rows = read(root / "targets.csv")
+    write_labels(root / "one.csv", [(rows[0]["path"], rows[0]["age"])])
+    with pytest.raises(vt.DataError, match="a single labelled image to train on .* needs at least two"):
+        vt.fit(root, csv="one.csv", task="regression", output=str(tmp_path / "runs"), **dict(TINY, epochs=2))
+    r = vt.fit(root, csv="targets.csv", task="regression", output=str(tmp_path / "runs"), trainable_bn="eval",
+               **dict(TINY, epochs=1, strategy="feature-extract"))
+    assert len(r.history) == 1

@@ -79,18 +79,35 @@ def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
         else:
             chosen, source.no_validation = [], f"{_few(exc.classes)} a single labelled image"
     to_valid = {loose[k] for k in chosen}
-    source.items = [
-        replace(it, split=VALID if i in to_valid else TRAIN) if it.split in unsplit else it
-        for i, it in enumerate(source.items)
-    ]
+    split = [replace(it, split=VALID if i in to_valid else TRAIN) if it.split in unsplit else it
+             for i, it in enumerate(source.items)]
+    why = "" if source.split(VALID) else _too_few(source, split, valid_pct, len(chosen))
+    source.items = split if not why else [replace(it, split=TRAIN) if it.split in unsplit else it
+                                          for it in source.items]
+    source.no_validation = source.no_validation or why
+
+
+def _too_few(source: DataSource, split: list[Item], valid_pct: float, held: int) -> str:
+    """Why a split just drawn holds nothing usable out ("" when it does): no image at all
+    (label sets too few for iterative stratification to give --valid-pct any), or some
+    class (label) with no training image left."""
+    if valid_pct > 0 and not held:
+        return f"{sum(it.split == TRAIN for it in split)} labelled images are too few to hold out {valid_pct:g} of them"
+    task = task_class(source.task)
+    trained = task.counts([it.label for it in split if it.split == TRAIN], source.classes)
+    untrained = [c for c, n in trained.items() if not n]
+    return f"a validation split would leave no training image of {_named(untrained)}" if untrained else ""
 
 
 def _few(classes: list[str]) -> str:
-    """'class rose has' / '3 classes (a, b, c) have' / '12 classes (a, b, c, ...) have'."""
+    """'class 'rose' has' / '3 classes (a, b, c) have' / '12 classes (a, b, c, ...) have'."""
+    return _named(classes) + (" has" if len(classes) == 1 else " have")
+
+
+def _named(classes: list[str]) -> str:
     if len(classes) == 1:
-        return f"class {classes[0]!r} has"
-    shown = ", ".join(map(str, classes[:3])) + (", ..." if len(classes) > 3 else "")
-    return f"{len(classes)} classes ({shown}) have"
+        return f"class {classes[0]!r}"
+    return f"{len(classes)} classes ({', '.join(map(str, classes[:3]))}{', ...' if len(classes) > 3 else ''})"
 
 
 def group_keys(items: list[Item]) -> list[str] | None:
@@ -105,6 +122,9 @@ def stratified_split(labels: list[Label], valid_pct: float, seed: int, groups: l
     `groups`, whole groups (one fold of StratifiedGroupKFold with 1 / valid_pct folds)."""
     if valid_pct <= 0:
         return []
+    single = task_class(task_of(labels)).single_image_classes(labels)
+    if single:
+        raise TooFewToSplit(single)
     y = strata_of(labels)
     if y.ndim == 2:
         return _multi_label_split(y, valid_pct, seed, groups)
@@ -112,9 +132,6 @@ def stratified_split(labels: list[Label], valid_pct: float, seed: int, groups: l
     if groups is not None:
         return _group_split(labels, groups, valid_pct, seed)
     counts = Counter(labels)
-    tiny = sorted(c for c, n in counts.items() if n < 2)
-    if tiny:
-        raise TooFewToSplit(tiny)
     n_valid = max(len(counts), round(valid_pct * len(labels)))
     if n_valid > len(labels) - len(counts):
         raise DataError(
@@ -133,7 +150,7 @@ def _group_split(labels: list[str], groups: list[str], valid_pct: float, seed: i
         raise DataError(f"all {len(labels)} images belong to one group ({groups[0]!r}), which cannot be split "
                         "into train and valid without putting parts of it in both; give more groups, or a valid/ "
                         "folder")
-    k = min(n_groups, max(2, round(1 / valid_pct)))
+    k = min(n_groups, max(2, round(1 / valid_pct)), max(Counter(labels).values()))  # scikit-learn: <= largest class
     splitter = sk().StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     _, valid = next(splitter.split(np.zeros(len(labels)), labels, groups))
     return sorted(valid.tolist())

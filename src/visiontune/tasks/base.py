@@ -212,6 +212,12 @@ class Task(ABC):
         return classes
 
     @classmethod
+    def single_image_classes(cls, labels: list[Any]) -> list[str]:
+        """Classes (labels of a set) that a single image has: no stratified split can give
+        them to both sides (data/splits.py)."""
+        return sorted(c for c, n in label_counts(labels).items() if n < 2)
+
+    @classmethod
     def fold_count(cls, labels: list[Any], folds: int) -> int:
         """`folds`, or fewer when a class has fewer images (each fold needs one of each
         class); a class with a single image cannot be validated on in any fold: DataError."""
@@ -221,8 +227,8 @@ class Task(ABC):
             return folds
         small = sorted(c for c, n in counts.items() if n < folds)
         if smallest < 2:
-            raise DataError(f"classes {small} have fewer than 2 images: no fold split can validate on them; "
-                            "add images")
+            raise DataError(f"classes {cls.single_image_classes(labels)} have a single image: no fold split can "
+                            "validate on them; add images")
         log.warning("classes %s have fewer images than %d folds: using %d folds (the smallest class size)",
                     small, folds, smallest)
         return smallest

@@ -130,6 +130,10 @@ class Regression(Task):
         return [name or "target"]
 
     @classmethod
+    def single_image_classes(cls, labels: list[Any]) -> list[str]:
+        return []  # numbers are stratified by quantile bins, made so that none holds a single image
+
+    @classmethod
     def fold_count(cls, labels: list[Any], folds: int) -> int:
         if len(labels) < 2 * folds:
             raise DataError(f"{len(labels)} images cannot fill {folds} folds; use fewer --folds")
