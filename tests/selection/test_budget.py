@@ -533,3 +533,20 @@ def test_a_budget_that_ends_before_the_first_step_is_an_error_not_a_run_without_
         train_run(cfg, source, clock=spent)
     (run,) = (tmp_path / "runs").iterdir()
     assert not (run / "model.safetensors").exists() and not (run / "metrics.json").exists()
+
+
+def test_a_budget_that_ends_before_any_features_is_a_clear_error(tmp_path: Path) -> None:
+    """Audit of issue 34: few labels and a short budget: 'features of 0 of 5 images were
+    computed before the deadline', then DataLoader's 'num_samples=0' traceback."""
+    from conftest import TINY, make_class_folders
+    from visiontune.data.sources import resolve_inputs
+    from visiontune.errors import ConfigError
+    from visiontune.train.session import train_run
+
+    data = make_class_folders(tmp_path / "d", {"red": 3, "green": 1})
+    cfg, source = resolve_inputs(data, None, None, dict(TINY, strategy="feature-extract", time_budget=30,
+                                                        trainable_bn="eval", feature_cache=False,
+                                                        output=str(tmp_path / "runs")))
+    almost = Clock(30.0, started=time.perf_counter() - 29.99)  # the deadline falls during extraction
+    with pytest.raises(ConfigError, match=r"features of [01] of 4 training images were computed: too few"):
+        train_run(cfg, source, clock=almost)

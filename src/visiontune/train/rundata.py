@@ -347,6 +347,9 @@ class RunData:
         kept = list(range(len(paths)))
         if stats.left_out:
             kept = sorted(set(kept) - set(stats.left_out))
+            if shuffle and len(kept) < 2:  # nothing to fit: the budget ended before any (or a second) image
+                raise ConfigError(f"the time budget ended when the features of {len(kept)} of {len(paths)} training "
+                                  "images were computed: too few to fit a head on. Give a longer --time-budget")
             log.warning("time budget: features of %d of %d images were computed before the deadline; the head "
                         "%s on those (a random sample)", len(kept), len(paths), "fits" if shared else "is validated")
             feats, targets = feats[kept], targets[kept]
