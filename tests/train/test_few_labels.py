@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import visiontune as vt
@@ -110,8 +112,11 @@ def test_a_strategy_without_the_probe_keeps_its_last_epoch(tmp_path: Path, caplo
     pool = make_pool(tmp_path / "photos", 1)
     labels = write_labels(tmp_path / "labels.csv", [(str(p), p.parent.name) for p in sorted(pool.rglob("*.png"))])
     with caplog.at_level(logging.INFO, logger="visiontune"):
-        r = vt.fit(None, csv=str(labels), strategy="finetune", output=str(tmp_path / "runs"), **dict(TINY, epochs=2))
+        r = vt.fit(None, csv=str(labels), strategy="finetune", output=str(tmp_path / "runs"),
+                   **dict(TINY, epochs=2, patience=1))
     assert any("the last epoch's weights are kept" in m for m in caplog.messages)
+    resolved = vt.bundle.read_config(Path(r.run_dir) / "config.yaml").train
+    assert (resolved.restore_best, resolved.patience) == (False, 0)  # early stopping watched the training loss
     assert len(r.history) == 2 and r.best_epoch and json.loads((Path(r.run_dir) / "metrics.json").read_text())[
         "epoch"] == 2
     assert "validation" not in json.loads((Path(r.run_dir) / "metrics.json").read_text())
@@ -186,3 +191,43 @@ def test_a_single_labelled_number_is_a_clear_error_and_two_train(tmp_path: Path)
     r = vt.fit(root, csv="targets.csv", task="regression", output=str(tmp_path / "runs"), trainable_bn="eval",
                **dict(TINY, epochs=1, strategy="feature-extract"))
     assert len(r.history) == 1
+
+
+def test_a_budget_ends_the_cross_validation_between_folds_never_inside_a_fit(tmp_path: Path) -> None:
+    """Audit of issue 34: under a budget each fold's fit was cut to 20 iterations at the
+    deadline while the head kept came whole from the probe memo: the figure was of other
+    fits (val_loss 0.13 against 0.78). Past the deadline the cross-validation stops after
+    the fold it is in; the rows it scored have the outputs they have without a budget."""
+    from visiontune.data.sources import resolve_inputs
+    from visiontune.train.clock import Clock
+    from visiontune.train.session import train_run
+
+    pool = make_pool(tmp_path / "photos", 3)
+    rows = [(str(p), p.parent.name) for p in sorted(pool.rglob("*.png")) if p.parent.name != "blue"
+            or p.name == "blue_00.png"]
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    opts = dict(TINY, csv=str(labels), strategy="feature-extract", trainable_bn="eval", output=str(tmp_path / "r"))
+    cfg, source = resolve_inputs(None, None, None, opts)
+    whole = train_run(cfg, source)  # caches the features and remembers the probe's fit
+    cfg, source = resolve_inputs(None, None, None, {**opts, "time_budget": 60})
+    late = train_run(cfg, source, clock=Clock(60.0, started=time.perf_counter() - 61.0))  # past: cached features
+    n = len(whole.valid_probs)
+    assert 0 < len(late.valid_probs) < n  # stopped between folds
+    ours = {tuple(np.round(p, 4)) for p in late.valid_probs}
+    assert ours <= {tuple(np.round(p, 4)) for p in whole.valid_probs}
+
+
+def test_held_out_logits_stop_between_folds() -> None:
+    from visiontune.train.probe import ProbeFit, held_out_logits
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    fits = []
+
+    def fit(rows: np.ndarray) -> ProbeFit:
+        fits.append(rows)
+        return ProbeFit(np.ones((2, 2), np.float32), np.zeros(2, np.float32), 1.0, 0)
+
+    folds = [np.array([4, 5]), np.array([0, 1]), np.array([2, 3])]
+    logits, rows = held_out_logits(x, folds, fit, stop=lambda: len(fits) >= 2)
+    assert rows.tolist() == [0, 1, 4, 5] and len(fits) == 2
+    assert np.allclose(logits, x[[0, 1, 4, 5]].sum(axis=1, keepdims=True).repeat(2, axis=1))

@@ -121,21 +121,28 @@ def fold_fits(features: np.ndarray, targets: np.ndarray, task: Task, seed: int =
     return fits, c
 
 
-LOO_ROWS = 100  # up to this many labelled images (or groups), the run's own cross-validation leaves one out
+def search_folds(strata: np.ndarray, groups: list[str] | None = None) -> int:
+    """How many folds the C search uses on rows of `strata` (and `groups`); 0: too few
+    images or groups to cross-validate, DEFAULT_C is used."""
+    n = len(strata)
+    folds = min(CV_FOLDS, n // 2, most_folds(strata), len(set(groups)) if groups is not None else n)
+    return folds if n >= MIN_SEARCH_ROWS and folds >= 2 else 0
 
 
 def validation_folds(strata: np.ndarray, seed: int, groups: list[str] | None = None) -> list[np.ndarray]:
     """The held-out rows of each fold of a cross-validation that stands in for a
-    validation split (train/setup.py: labels too few to hold one out): leave one out (one
-    group, with `groups`) up to LOO_ROWS images or groups, or where no class has two
-    images to stratify by; else CV_FOLDS stratified folds (data/splits.py)."""
+    validation split (train/setup.py: labels too few to hold one out). Where the probe's
+    fit chooses no C on these rows (too few images or groups: `search_folds`), leave one
+    out (one group, with `groups`): nothing was chosen on the rows scored. Else the C
+    search's folds, each fold's fit choosing its own C on its own rows (nested), so no
+    choice is made on the rows a fold scores (DESIGN rule 8)."""
+    folds = search_folds(strata, groups)
+    if folds:
+        return fold_splits(strata, groups, folds, seed)
     keys = groups if groups is not None else [str(i) for i in range(len(strata))]
-    distinct = list(dict.fromkeys(keys))
-    if len(distinct) <= LOO_ROWS or most_folds(strata) < 2:
-        where = {k: i for i, k in enumerate(distinct)}
-        index = np.array([where[k] for k in keys])
-        return [np.flatnonzero(index == i) for i in range(len(distinct))]
-    return fold_splits(strata, groups, max(2, min(CV_FOLDS, most_folds(strata))), seed)
+    where = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    index = np.array([where[k] for k in keys])
+    return [np.flatnonzero(index == i) for i in range(len(where))]
 
 
 def describe_folds(folds: list[np.ndarray], rows: int) -> str:
@@ -143,18 +150,21 @@ def describe_folds(folds: list[np.ndarray], rows: int) -> str:
     return "leave-one-out cross-validation" if len(folds) == rows else f"{len(folds)}-fold cross-validation"
 
 
-def held_out_logits(features: np.ndarray, targets: np.ndarray, folds: list[np.ndarray],
-                    fit: Callable[[np.ndarray, np.ndarray], ProbeFit]) -> np.ndarray:
-    """Each row's logits from the probe `fit` on the rows outside its fold."""
-    out = np.zeros((len(targets), 0), dtype=np.float32)
+def held_out_logits(features: np.ndarray, folds: list[np.ndarray], fit: Callable[[np.ndarray], ProbeFit],
+                    stop: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, np.ndarray]:
+    """Each held-out row's logits from `fit(rows)`, the probe fitted on the rows outside
+    its fold, fold by fold until `stop()` says so (after one fold at least): (the logits,
+    their rows), rows in order."""
+    parts, rows = [], []
     for held in folds:
-        rest = np.setdiff1d(np.arange(len(targets)), held)
-        fitted = fit(features[rest], targets[rest])
-        if out.shape[1] == 0:
-            out = np.zeros((len(targets), len(fitted.bias)), dtype=np.float32)
-        out[held] = np.asarray(features[held], dtype=np.float32) @ fitted.weight.T.astype(np.float32) \
-            + fitted.bias.astype(np.float32)
-    return out
+        if parts and stop():
+            break
+        fitted = fit(np.setdiff1d(np.arange(len(features)), held))
+        parts.append(np.asarray(features[held], dtype=np.float32) @ fitted.weight.T.astype(np.float32)
+                     + fitted.bias.astype(np.float32))
+        rows.append(held)
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    return np.concatenate(parts)[order], np.concatenate(rows)[order]
 
 
 def probe_outputs(fit: ProbeFit, features: np.ndarray, task: Task) -> np.ndarray:
@@ -247,8 +257,8 @@ def _choose_c(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tens
     if groups is not None and rows is not None:
         groups = [groups[i] for i in rows]
     strata = task.strata(ys.numpy())
-    folds = min(CV_FOLDS, len(ys) // 2, most_folds(strata), len(set(groups)) if groups is not None else len(ys))
-    if len(ys) < MIN_SEARCH_ROWS or folds < 2:
+    folds = search_folds(strata, groups)
+    if not folds:
         return _Search(DEFAULT_C, 0)
     search = _CSearch(xs, ys, w0, b0, criterion, task, fold_splits(strata, groups, folds, seed),
                       deadline, len(y) / len(ys))

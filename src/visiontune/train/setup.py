@@ -66,8 +66,9 @@ def _without_held_out(cfg: RunConfig, source: DataSource, model: Classifier, pla
     """Labels too few to hold out a validation split (`source.no_validation` says why):
     every image trains. A plan that begins with the converged probe keeps the probe alone
     (feature-extract), whose cross-validation is the run's validation (train/trainer.py):
-    no held-out image could tell whether fine-tuning helps. Any other plan keeps its last
-    epoch (restore_best off: no held-out image can choose one). One line says which."""
+    no held-out image could tell whether fine-tuning helps. Any other plan runs every epoch
+    and keeps the last (restore_best and early stopping off: no held-out image can choose
+    one). One line says which."""
     if not source.no_validation or source.split(VALID):
         return cfg, plan
     n, why = len(source.split(TRAIN)), f"{source.no_validation}, so no validation split can be held out"
@@ -78,10 +79,10 @@ def _without_held_out(cfg: RunConfig, source: DataSource, model: Classifier, pla
                     skipped)
         cfg = RunConfig.create(cfg, strategy="feature-extract")
         return cfg, make_plan(model, cfg.strategy, cfg.train, converged_probe=True)
-    log.warning("%s: all %d images train and the last epoch's weights are kept (nothing held out can choose an "
-                "epoch; a plan that begins with the converged probe would be validated by its cross-validation)",
-                why, n)
-    return RunConfig.create(cfg, restore_best=False), plan
+    log.warning("%s: all %d images train for every epoch and the last epoch's weights are kept (nothing held out "
+                "can choose an epoch or stop early; a plan that begins with the converged probe would be validated by "
+                "its cross-validation)", why, n)
+    return RunConfig.create(cfg, restore_best=False, patience=0), plan  # nothing measures an epoch: all run
 
 
 def make_run_task(cfg: RunConfig, source: DataSource) -> Task:

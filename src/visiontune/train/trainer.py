@@ -308,22 +308,30 @@ class Trainer:
                  "chosen on the labelled rows before the pool joined" if c is not None else "too few images or groups to cross-validate",
                  "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
         if data.valid is None and self.data.source.no_validation:  # too few labels to hold out: CV validates
-            self._cv_eval = self._cross_validate(np.asarray(feats), targets.numpy(), data.groups,
-                                                 lambda a, b: fit(a, b, fit_.c, None))
+            self._cv_eval = self._cross_validate(np.asarray(feats), targets.numpy(), data.groups, start,
+                                                 data.pool is not None)
         return self._head_loss(feats, targets)
 
-    def _cross_validate(self, x: np.ndarray, y: np.ndarray, groups: list[str] | None,
-                        fit: Any) -> EvalOutput:
-        """The converged probe's outputs on each labelled image from a fit without it (leave
-        one out at the smallest: train/probe.validation_folds), at the run's C: the run's
-        validation when no split could be held out."""
+    def _cross_validate(self, x: np.ndarray, y: np.ndarray, groups: list[str] | None, start: nn.Linear,
+                        pooled: bool) -> EvalOutput:
+        """The converged probe's outputs on each labelled image from fits without it, each
+        choosing its own C (train/probe.validation_folds: leave one out at the smallest):
+        the run's validation when no split could be held out. A budget's deadline ends it
+        after the fold it is in (the figure is then of the rows held out so far)."""
         folds = validation_folds(self.task.strata(y), self.cfg.seed, groups)
-        logits = torch.from_numpy(held_out_logits(x, y, folds, fit))
-        target = torch.as_tensor(y)
-        loss = float(self.criterion.total(logits, target)) / max(float(self.criterion.norm(target)), 1e-12)
-        log.info("validation: the converged probe's %s on the %d labelled images (no split could be held out)",
-                 describe_folds(folds, len(y)), len(y))
-        return EvalOutput(loss, y, self.task.probabilities(logits).numpy(), np.arange(len(y)))
+
+        def fit(rows: np.ndarray) -> ProbeFit:
+            return fit_probe(x[rows], y[rows], self.task, start=start, weights=self.criterion_weights,
+                             seed=self.cfg.seed, groups=None if groups is None else [groups[i] for i in rows])
+
+        logits, rows = held_out_logits(x, folds, fit, stop=lambda: self._out_of_time(0.0))
+        target, logits_t = torch.as_tensor(y[rows]), torch.from_numpy(logits)
+        loss = float(self.criterion.total(logits_t, target)) / max(float(self.criterion.norm(target)), 1e-12)
+        log.info("validation: the converged probe's %s on %s labelled images (no split could be held out)%s%s",
+                 describe_folds(folds, len(y)), f"the {len(y)}" if len(rows) == len(y) else f"{len(rows)} of the {len(y)}",
+                 "; the time budget ended it early" if len(rows) < len(y) else "",
+                 "; fitted without the pool's pseudo-labelled rows, which joined the fit kept" if pooled else "")
+        return EvalOutput(loss, y[rows], self.task.probabilities(logits_t).numpy(), rows)
 
     def _run_file(self, name: str) -> Path | None:
         """RUN/name, for the process that writes the run directory (None on the others)."""
