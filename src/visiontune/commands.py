@@ -47,8 +47,11 @@ def train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs DATA (a folder of images) or --csv")
         result = api.fit(args.data, config=_base_config(args), started=args.started, **overrides)
     print(f"run: {result.run_dir}")
-    print(f"best epoch: {result.best_epoch} of {len(result.history)}  ({result.seconds:.1f}s)")
-    print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    kept = f"best epoch: {result.best_epoch}" if result.kept == "best" else "kept: the last epoch"
+    print(f"{kept} of {len(result.history)}  ({result.seconds:.1f}s)")
+    scores = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "train_loss")
+    how = f" ({result.validated_by})" if result.validated_by else ""
+    print(f"validation{how}: {scores}" if scores else "validation: none (no validation images)")
     return 0
 
 

@@ -66,6 +66,8 @@ def test_the_labelling_guides_loop_at_one_label_per_class(tmp_path: Path, capsys
     with caplog.at_level(logging.INFO, logger="visiontune"):
         assert main(["train", "--csv", "to_label.csv", "--task", "single-label", "--epochs", "3", "--batch-size", "8",
                      "--num-workers", "0", "--trainable-bn", "eval", "--output", "runs", *FLAGS]) == 0
+    printed = capsys.readouterr().out
+    assert "best epoch: 1 of 1" in printed and "validation (the converged probe's cross-validation (" in printed
     said = [m for m in caplog.messages if "no validation split can be held out" in m]
     assert len(said) == 1 and ("have a single labelled image" in said[0] or "has a single labelled image" in said[0])
     assert "gradual's fine-tuning is skipped" in said[0]
@@ -115,6 +117,7 @@ def test_a_strategy_without_the_probe_keeps_its_last_epoch(tmp_path: Path, caplo
         r = vt.fit(None, csv=str(labels), strategy="finetune", output=str(tmp_path / "runs"),
                    **dict(TINY, epochs=2, patience=1))
     assert any("the last epoch's weights are kept" in m for m in caplog.messages)
+    assert r.kept == "last" and r.validated_by == "" and not r.metrics.keys() - {"train_loss"}
     resolved = vt.bundle.read_config(Path(r.run_dir) / "config.yaml").train
     assert (resolved.restore_best, resolved.patience) == (False, 0)  # early stopping watched the training loss
     assert len(r.history) == 2 and r.best_epoch and json.loads((Path(r.run_dir) / "metrics.json").read_text())[

@@ -59,7 +59,10 @@ class FitResult:
     stopped_early: bool
     seconds: float
     trainable_params: int = 0  # most parameters training in any phase
-    valid_probs: np.ndarray | None = field(repr=False, default=None)  # rows follow data.split("valid")
+    # rows follow data.split("valid"), or, validated by the probe's cross-validation, the training rows it held out
+    valid_probs: np.ndarray | None = field(repr=False, default=None)
+    validated_by: str = ""  # how the metrics were validated when not on a validation split (metrics.json's "validation")
+    kept: str = "best"  # which epoch's weights the run ends with: "best" (restore_best) or "last"
     model: Any = field(repr=False, default=None)
     data: DataSource | None = field(repr=False, default=None)
     setup: RunSetup | None = field(repr=False, default=None)  # what trained: task, preprocessing, plan, device
@@ -327,8 +330,7 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     held = best_epoch if t.restore_best and best_epoch > 0 else len(history)
     final = {k: float(v) for k, v in metrics_of(history[held - 1]).items()} if history else {}
     if setup.env.is_main:
-        how = {"validation": f"the converged probe's cross-validation ({source.no_validation})"} \
-            if cross_validated(setup, source) else {}
+        how = {"validation": validated_by} if (validated_by := _validated_by(setup, source)) else {}
         write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
                                               "epochs_run": len(history), **how})
         write_json(run_dir / "environment.json", {**environment(setup.cfg, str(setup.device)),
@@ -338,7 +340,8 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
         run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
         stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=trainer.elapsed(),
         trainable_params=setup.plan.most_trainable_params(), valid_probs=None if held_eval is None else held_eval.probs,
-        model=setup.model, data=source, setup=setup,
+        model=setup.model, data=source, setup=setup, validated_by=_validated_by(setup, source),
+        kept="best" if t.restore_best else "last",
     )
 
 
@@ -361,6 +364,13 @@ def keep_recorded_split(run_dir: Path, source: DataSource) -> None:
         source.no_validation = ""
     log.warning("%d images keep the side of the train/valid split that %s started with (e.g. %s: %s), not the one "
                 "drawn now", len(moved), run_dir, source.items[moved[0]].path, source.items[moved[0]].split)
+
+
+def _validated_by(setup: RunSetup, source: DataSource) -> str:
+    """How the run's metrics were validated when not on a validation split ("" when they were)."""
+    if cross_validated(setup, source):
+        return f"the converged probe's cross-validation ({source.no_validation})"
+    return ""
 
 
 def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None:
