@@ -383,3 +383,34 @@ def test_a_regression_exported_for_timm_gives_predicts_numbers_as_its_config_say
     assert numbers.numpy() == pytest.approx(expected, abs=0.05 * np.ptp(expected))
     assert described["outputs"] == ("the prediction in real units" if target_range is None else
                                     "z: the prediction is low + (high - low) * sigmoid(z), [low, high] = target_range")
+
+
+def test_int8_says_how_to_get_a_hugging_face_datasets_images_back_and_checks_calibration_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit of issue 34: after `cache clear --only datasets` the int8 export of a run trained
+    on a Hugging Face dataset said to put the images back where splits.csv says (they are
+    the cache's); and --calibration 0 was refused only after model.onnx was rewritten."""
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    from conftest import make_image
+    from visiontune.deploy.quantize import export_int8
+    from visiontune.files import cache_root
+
+    paths = [str(make_image(tmp_path / "src" / f"{c}{i}.png", COLORS[c], seed=i)) for c in ("red", "green")
+             for i in range(6)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["green", "red"])})
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"image": paths, "label": [p.split("/")[-1][:-5] for p in paths]}, features=features)}).save_to_disk(str(saved))
+    run_dir = Path(vt.fit(str(saved), **dict(TINY, strategy="feature-extract", epochs=1, valid_pct=0.5,
+                                             output=str(tmp_path / "runs"))).run_dir)
+    export(run_dir, "onnx")
+    before = (run_dir / "model.onnx").stat().st_mtime_ns
+    with pytest.raises(vt.ConfigError, match="--calibration 0"):
+        export_int8(run_dir, calibration=0)
+    assert (run_dir / "model.onnx").stat().st_mtime_ns == before  # refused before the fp32 export
+    shutil.rmtree(cache_root() / "datasets")  # what `visiontune cache clear --only datasets` does
+    with pytest.raises(vt.VisiontuneError, match=r"images of the Hugging Face dataset .* writes them again, e\.g\. "
+                                                  r"`visiontune evaluate "):
+        export_int8(run_dir, max_drop=100)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from visiontune.bundle import model_file, read_config, run_splits
+from visiontune.data.hf import is_hf
 from visiontune.data.images import check_image
 from visiontune.data.items import VALID
 from visiontune.data.loaders import eval_dataset, make_loader
@@ -101,6 +102,7 @@ def export_int8(run: str | os.PathLike[str], format: str = "onnx", output: str |
     if format != "onnx":
         raise ConfigError(f"--int8 quantises ONNX models; use --format onnx (not {format})")
     _require_tools()  # before the fp32 export, not after it
+    _check_calibration(calibration)
     result = export(run, "onnx", output)
     result.int8 = quantize(result.path, model_file(run).parent, max_drop=max_drop, calibration=calibration)
     return result
@@ -113,8 +115,7 @@ def quantize(fp32: str | os.PathLike[str], run: str | os.PathLike[str], target: 
     `max_drop` points (no int8 file is left then). An int8 file of other weights at
     `target` is removed first, whatever the outcome."""
     _require_tools()
-    if calibration < 1:
-        raise ConfigError(f"--calibration {calibration}: calibrate on at least 1 validation image (default 256)")
+    _check_calibration(calibration)
     fp32, run = Path(fp32), Path(run)
     target = Path(target) if target else fp32.with_name(fp32.stem + INT8 + ".onnx")
     bundle = load_exported(fp32)  # refused when it is not of the weights beside it
@@ -174,11 +175,17 @@ def _candidate(method: str, files: tuple[Path, Path, Path], inputs: list[np.ndar
     return True
 
 
+def _check_calibration(calibration: int) -> None:
+    if calibration < 1:
+        raise ConfigError(f"--calibration {calibration}: calibrate on at least 1 validation image (default 256)")
+
+
 def _validation(run: Path, task: Any, delim: str) -> list[tuple[str, Any]]:
     valid = [(p, y) for p, y, split in run_splits(run, task, delim) if split == VALID and not task.unknown_labels([y])]
     if not valid:
         raise VisiontuneError(f"int8 needs the run's validation images to calibrate and check it: {run}/splits.csv "
-                              "has no valid rows (train with a validation split, e.g. --valid-pct 0.2)")
+                              "has no valid rows (train with a validation split: a valid/ folder or --valid-pct; a "
+                              "run on too few labels to hold one out cannot be checked, label more)")
     return valid
 
 
@@ -212,8 +219,18 @@ def _require_read(paths: list[str], bad: np.ndarray, run: Path, what: str) -> No
     shown = [f"{paths[i]} ({'a sample in a shard' if is_shard_item(paths[i]) else check_image(paths[i]) or 'unreadable'})"
              for i in sorted(bad.tolist())[:3]]
     raise VisiontuneError(f"int8: {len(bad)} of the {len(paths)} validation images that {what} cannot be read, e.g. "
-                          f"{'; '.join(shown)}. Put them back where {run}/splits.csv says they are (or retrain on "
-                          "the data where it is now), then export again")
+                          f"{'; '.join(shown)}. {_how_to_restore(run)}, then export again")
+
+
+def _how_to_restore(run: Path) -> str:
+    """How the run's images come back: a Hugging Face dataset's are written into the cache
+    again by any command that reads it; files are put back where splits.csv says."""
+    config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    if config is not None and is_hf(config.data.path):
+        return (f"They are the images of the Hugging Face dataset {config.data.path}, which the cache no longer "
+                f"holds (`visiontune cache clear`): any command that reads the dataset writes them again, e.g. "
+                f"`visiontune evaluate {run} {config.data.path}`")
+    return f"Put them back where {run}/splits.csv says they are (or retrain on the data where it is now)"
 
 
 def _score(model: Any, loader: Any, task: Any, paths: list[str] | None = None, run: Path | None = None) -> float:

@@ -108,7 +108,9 @@ def holdout_for(source: DataSource, cfg: RunConfig) -> Holdout:
         return Holdout(source, source.split(TEST), "epochs chosen on valid; metrics on test")
     valid, train = source.split(VALID), source.split(TRAIN)
     if not valid:
-        raise ConfigError("compare needs held-out images to report on: a valid/ or test/ folder, or --valid-pct > 0")
+        why = f" ({source.no_validation}, so none could be held out)" if source.no_validation else ""
+        raise ConfigError(f"compare needs held-out images to report on{why}: a valid/ or test/ folder, "
+                          + ("or more labelled images" if source.no_validation else "or --valid-pct > 0"))
     inner = set(stratified_split([it.label for it in train], cfg.data.valid_pct or 0.2, cfg.seed, group_keys(train)))
     items = [replace(it, split=VALID if j in inner else TRAIN) for j, it in enumerate(train)]
     report = [replace(it, split=TEST) for it in valid]
