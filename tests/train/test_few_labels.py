@@ -234,3 +234,16 @@ def test_held_out_logits_stop_between_folds() -> None:
     logits, rows = held_out_logits(x, folds, fit, stop=lambda: len(fits) >= 2)
     assert rows.tolist() == [0, 1, 4, 5] and len(fits) == 2
     assert np.allclose(logits, x[[0, 1, 4, 5]].sum(axis=1, keepdims=True).repeat(2, axis=1))
+
+
+def test_advise_on_too_few_labels_says_only_what_it_is_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Audit of issue 34: `advise` at 2 labels per class and one singleton named every class
+    as having 'fewer than 2 images' and printed the training run's 'the last epoch's weights
+    are kept' line from its cost measurement."""
+    pool = make_pool(tmp_path / "photos", 2)
+    rows = [(str(p), p.parent.name) for p in sorted(pool.rglob("*.png")) if p.name != "blue_01.png"]
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    with caplog.at_level(logging.INFO, logger="visiontune"), pytest.raises(vt.DataError) as caught:
+        vt.advise(None, csv=str(labels), **{k: v for k, v in TINY.items() if k != "patience"})
+    assert "classes ['blue'] have a single image" in str(caught.value)
+    assert not any("weights are kept" in m or "held out" in m for m in caplog.messages)

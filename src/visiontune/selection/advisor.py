@@ -114,7 +114,7 @@ def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
     if cfg.strategy.name != AUTO:
         return cfg
     if source.no_validation:  # no fold could validate on every class: nothing to compare strategies with
-        log.info("advisor: feature-extract (%s: the converged probe, validated by its cross-validation)",
+        log.info("advisor: feature-extract (%s: too few labels to measure and compare strategies)",
                  source.no_validation)
         return RunConfig.create(cfg, strategy="feature-extract")
     advice = advise_source(cfg, source, measure_costs(cfg, source))

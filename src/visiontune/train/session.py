@@ -110,6 +110,8 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
         _check_resumed_data(run_dir, source, cfg.data.label_delim, restart=ckpt is None)
         _check_time_left(clock, run_dir, has_checkpoint=ckpt is not None)
     setup = prepare_run(cfg, source, resuming=ckpt is not None)
+    if setup.note:
+        log.warning("%s", setup.note)
     watch = choose_monitor(setup.cfg.train, source, setup.task, cross_validated(setup, source))
     resumed, run_dir = run_dir is not None, open_run_dir(setup, source, run_dir, restart=ckpt is None)
     checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,

@@ -38,6 +38,7 @@ class RunSetup:
     data: RunData
     device: torch.device
     env: DistEnv
+    note: str = ""  # what the setup changed that the run says in one line (too few labels to hold out validation)
 
 
 def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> RunSetup:
@@ -55,34 +56,34 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
         cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
     plan = make_plan(model, cfg.strategy, cfg.train, converged_probe=_probe_applies(cfg, model, env),
                      keeps_bn_statistics=cfg.bn_modes()[1] == "eval")
-    cfg, plan = _without_held_out(cfg, source, model, plan)
+    cfg, plan, note = _without_held_out(cfg, source, model, plan)
     _check_unlabeled(cfg, task, plan)
     optimizer = build_optimizer(model, plan, cfg.train)
     data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)
-    return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env)
+    return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env, note)
 
 
-def _without_held_out(cfg: RunConfig, source: DataSource, model: Classifier, plan: Plan) -> tuple[RunConfig, Plan]:
+def _without_held_out(cfg: RunConfig, source: DataSource, model: Classifier,
+                      plan: Plan) -> tuple[RunConfig, Plan, str]:
     """Labels too few to hold out a validation split (`source.no_validation` says why):
     every image trains. A plan that begins with the converged probe keeps the probe alone
     (feature-extract), whose cross-validation is the run's validation (train/trainer.py):
     no held-out image could tell whether fine-tuning helps. Any other plan runs every epoch
     and keeps the last (restore_best and early stopping off: no held-out image can choose
-    one). One line says which."""
+    one). The third value is the one line a run says about it ("" when nothing changed)."""
     if not source.no_validation or source.split(VALID):
-        return cfg, plan
+        return cfg, plan, ""
     n, why = len(source.split(TRAIN)), f"{source.no_validation}, so no validation split can be held out"
     if plan.phases[0].probe:
         skipped = f"; {cfg.strategy.name}'s fine-tuning is skipped" if len(plan.phases) > 1 else ""
-        log.warning("%s: all %d images train, and the converged probe's cross-validation on them is the validation%s "
-                    "(label more, e.g. with `visiontune suggest`, or give a valid/ folder, to fine-tune)", why, n,
-                    skipped)
+        note = (f"{why}: all {n} images train, and the converged probe's cross-validation on them is the validation"
+                f"{skipped} (label more, e.g. with `visiontune suggest`, or give a valid/ folder, to fine-tune)")
         cfg = RunConfig.create(cfg, strategy="feature-extract")
-        return cfg, make_plan(model, cfg.strategy, cfg.train, converged_probe=True)
-    log.warning("%s: all %d images train for every epoch and the last epoch's weights are kept (nothing held out "
-                "can choose an epoch or stop early; a plan that begins with the converged probe would be validated by "
-                "its cross-validation)", why, n)
-    return RunConfig.create(cfg, restore_best=False, patience=0), plan  # nothing measures an epoch: all run
+        return cfg, make_plan(model, cfg.strategy, cfg.train, converged_probe=True), note
+    note = (f"{why}: all {n} images train for every epoch and the last epoch's weights are kept (nothing held out "
+            "can choose an epoch or stop early; a plan that begins with the converged probe would be validated by "
+            "its cross-validation)")
+    return RunConfig.create(cfg, restore_best=False, patience=0), plan, note  # nothing measures an epoch: all run
 
 
 def make_run_task(cfg: RunConfig, source: DataSource) -> Task:
