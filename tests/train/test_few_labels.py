@@ -247,3 +247,18 @@ def test_advise_on_too_few_labels_says_only_what_it_is_about(tmp_path: Path, cap
         vt.advise(None, csv=str(labels), **{k: v for k, v in TINY.items() if k != "patience"})
     assert "classes ['blue'] have a single image" in str(caught.value)
     assert not any("weights are kept" in m or "held out" in m for m in caplog.messages)
+
+
+def test_interpret_on_a_run_without_held_out_images_says_its_figures_are_of_the_training_images(
+        tmp_path: Path) -> None:
+    """Audit of issue 34: interpret printed 'accuracy 1.0000' (report.html too) on the nine
+    training images of a run validated by cross-validation, with nothing saying so."""
+    from visiontune.analysis.interpret import interpret
+
+    pool = make_pool(tmp_path / "photos", 2)
+    rows = [(str(p), p.parent.name) for p in sorted(pool.rglob("*.png")) if p.name != "blue_01.png"]
+    r = vt.fit(None, csv=str(write_labels(tmp_path / "labels.csv", rows)), output=str(tmp_path / "runs"),
+               trainable_bn="eval", **dict(TINY, epochs=2))
+    result = interpret(r.run_dir, top_n=4)
+    assert result.format().startswith("on the training images (no validation or test images: optimistic")
+    assert "on the training images" in (Path(r.run_dir) / "interpret" / "report.html").read_text()

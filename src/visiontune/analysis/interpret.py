@@ -66,12 +66,13 @@ class InterpretResult:
     duplicates: list[DuplicatePair] = field(default_factory=list)
     leaks: int = 0
     mislabel_method: str = ""
+    evaluated_on: str = ""  # which images the metrics are of (the training images, said so, when no others)
 
     def format(self) -> str:
         flagged = sum(s.flagged for s in self.suspects)
         exact = sum(d.kind == "exact" for d in self.duplicates)
         return "\n".join([
-            "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
+            f"{self.evaluated_on}: " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
             f"suspected mislabels: {flagged} flagged of {len(self.suspects)} ranked ({self.mislabel_method})",
             "most atypical images: " + ", ".join(f"{Path(p).name} ({s:.2f})" for p, s in self.outliers[:3]),
             f"duplicates: {len(self.duplicates)} pairs ({exact} exact, {len(self.duplicates) - exact} near); "
@@ -111,7 +112,7 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     ctx = _context(Path(run), data, device)
     write_json(ctx.out / SOURCE, {"data": data_key(data)})  # what review checks its views against
     res = InterpretResult(str(ctx.out))
-    paths, out = evaluate_split(ctx, batch_size, num_workers)
+    paths, out, res.evaluated_on = evaluate_split(ctx, batch_size, num_workers)
     res.metrics = ctx.bundle.task.metrics(out.targets, out.probs)
     report = ctx.bundle.task.report(out.targets, out.probs)
     write_confusion(ctx, report, out)
@@ -157,8 +158,12 @@ def items_of(run: Path, data: str | None, bundle: Bundle) -> Items:
     return [(it.path, it.label, it.split) for it in source.items]
 
 
-def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tuple[list[str], EvalOutput]:
-    """The model's outputs on the validation split (else test, else train)."""
+SPLIT_NAMES = {VALID: "on the validation images", TEST: "on the test images",
+               TRAIN: "on the training images (no validation or test images: optimistic, the model trained on them)"}
+
+
+def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tuple[list[str], EvalOutput, str]:
+    """The model's outputs on the validation split (else test, else train), and which."""
     splits = {s for _, _, s in ctx.items}
     split = VALID if VALID in splits else TEST if TEST in splits else TRAIN
     chosen = [it for it in ctx.items if it[2] == split]
@@ -167,7 +172,7 @@ def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tu
     ds = eval_dataset(paths, task.encode([lb for _, lb, _ in chosen]), ctx.bundle.preprocess)
     out = run_eval(ctx.bundle.model, make_loader(ds, batch_size, num_workers, ctx.device), ctx.device, task)
     out.require_all(len(paths), paths)
-    return paths, out
+    return paths, out, SPLIT_NAMES[split]
 
 
 def write_confusion(ctx: Context, report: Report, out: EvalOutput) -> None:

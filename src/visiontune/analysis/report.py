@@ -48,7 +48,8 @@ def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, st
             if res.leaks else "<p>No duplicates across splits.</p>")
     parts = [
         f"<h1>visiontune report: {html.escape(run.name)}</h1>",
-        _section("summary", "Summary", "<p>" + html.escape(" | ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()))
+        _section("summary", "Summary", "<p>" + html.escape(f"{res.evaluated_on}: " + " | ".join(
+            f"{k} {v:.4f}" for k, v in res.metrics.items()))
                  + f"</p><p>{len(flagged)} suspected mislabels flagged; {len(res.duplicates)} duplicate pairs.</p>"),
         _section("data", "Data", _table(["class", *splits], data_rows)),
         _section("config", "Configuration", f"<pre>{html.escape(config)}</pre>"),
