@@ -232,3 +232,12 @@ def test_a_path_listed_twice_is_one_image_or_a_clear_error(tmp_path: Path) -> No
     _write_csv(tmp_path / "labels.csv", split)
     with pytest.raises(DataError, match="again with another split"):
         load_items(DataConfig(path=str(tmp_path), csv="labels.csv"))
+
+
+def test_a_split_folder_beside_class_folders_is_refused(tmp_path: Path) -> None:
+    """Audit of issue 34: DATA/<class>/ with DATA/valid/<class>/ made 'valid' a class that
+    held the other classes' validation images, silently."""
+    data = make_class_folders(tmp_path / "d", {"red": 4, "green": 4})
+    make_class_folders(data / "valid", {"red": 2, "green": 2}, 50)
+    with pytest.raises(DataError, match=r"valid holds class folders beside .* go under .*train"):
+        load_items(DataConfig(path=str(data)))

@@ -182,12 +182,25 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 def _from_folders(root: Path, label_func: LabelFunc | None) -> DataSource:
     source = DataSource(root=str(root), classes=[], items=[])
     splits = _split_dirs(root) or {"": root}  # train/ (+ test/) alone: assign_validation splits train
+    if "" in splits:
+        _refuse_split_beside_classes(root)
     for split, folder in splits.items():
         if label_func is not None:
             _collect_named(source, folder, split, label_func)
         else:
             _collect_class_folders(source, folder, split)
     return source
+
+
+def _refuse_split_beside_classes(root: Path) -> None:
+    """DATA/<class>/ beside DATA/valid/<class>/ (or test/): the split folder would become a
+    class holding the other classes' images; the layout with splits wants DATA/train/."""
+    for name in (*VALID_DIR_NAMES, TEST):
+        folder = root / name
+        if folder.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+            raise DataError(f"{folder} holds class folders beside the class folders of {root}: with a {name}/ split "
+                            f"the training class folders go under {root / 'train'}/ (DATA/train/<class>/, "
+                            f"DATA/{name}/<class>/)")
 
 
 def _collect_class_folders(source: DataSource, folder: Path, split: str) -> None:
