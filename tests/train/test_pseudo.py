@@ -133,7 +133,7 @@ def test_copies_of_the_runs_images_and_excluded_files_stay_out_of_the_pool(tmp_p
     assert pool_rows(run) == {f"photos/pool/{c}/{c}_{i:03d}.png" for c in ("red", "green") for i in range(6)}
     (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
     assert "12 images to learn from" in said and "2 the same bytes as a labelled image" in said
-    assert "1 left out of the data (--exclude)" in said and "15 labelled already" in said
+    assert "1 listed in --exclude" in said and "15 labelled already" in said
 
 
 def test_unreadable_pool_files_are_skipped_and_listed_in_every_phase(tmp_path: Path,
@@ -160,3 +160,27 @@ def test_unreadable_pool_files_are_skipped_and_listed_in_every_phase(tmp_path: P
     (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
     assert "skipped 2 files that cannot be read:" in said
     assert re.search(r"truncated\.jpg: cannot decode", said) and re.search(r"notes\.jpg: cannot decode", said)
+
+
+def test_an_exclude_line_naming_a_pool_image_leaves_it_and_its_copies_out_of_the_pool(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--exclude naming an image of the --unlabeled pool: the run warned "--exclude lists 1
+    paths that are not in the data" and trained on the image through the pool. It stays
+    out of the pool with its copy under another name, the data summary says it is left
+    out of the pool, and excluded.txt records it (so `suggest --run` leaves it out too)."""
+    data = make_class_folders(tmp_path / "data", {"red": 5, "green": 5})
+    pool = make_class_folders(tmp_path / "pool", {"red": 5, "green": 5}, start_seed=400)
+    unwanted = pool / "red" / "red_000.png"
+    shutil.copy(unwanted, pool / "green" / "copy.png")
+    (tmp_path / "exclude.txt").write_text(f"{unwanted}\n")
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        run = vt.fit(data, unlabeled=str(pool), exclude=str(tmp_path / "exclude.txt"), strategy="feature-extract",
+                     epochs=1, output=str(tmp_path / "runs"), **TINY)
+    assert pool_rows(run) == {f"pool/{c}/{c}_{i:03d}.png" for c in ("red", "green") for i in range(5)} - \
+        {"pool/red/red_000.png"}
+    assert "not in the data" not in caplog.text
+    (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
+    assert "9 images to learn from" in said and "1 listed in --exclude" in said
+    assert "1 the same bytes as an image listed in --exclude" in said
+    recorded = f"{unwanted}\tlisted in --exclude: an image of the --unlabeled pool, left out of the pool"
+    assert recorded in (Path(run.run_dir) / "excluded.txt").read_text()

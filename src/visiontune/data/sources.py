@@ -18,7 +18,7 @@ from typing import Any
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.hf import hf_source, is_hf
 from visiontune.data.images import has_image_extension, is_hidden
-from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.items import LISTED_IN_EXCLUDE, TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import (
     task_of,
 )
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 GROUPS_FILE = "groups.csv"  # at the data root: path,group (imagify writes one)
 
 
+EXCLUDED_FROM_POOL = f"{LISTED_IN_EXCLUDE}: an image of the --unlabeled pool, left out of the pool"
 def resolve_inputs(data: str | os.PathLike[str] | None, config: RunConfig | None,
                    label_func: LabelFunc | None, overrides: dict[str, Any]) -> tuple[RunConfig, DataSource]:
     """The preamble of every command that trains or measures: DATA and the options ->
@@ -104,7 +105,7 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         source = _from_folders(root, label_func)
     _settle_task(source, cfg.task, cfg.label_delim)
     if cfg.relabel or cfg.exclude:
-        _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim)
+        _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim, cfg.unlabeled)
     _attach_groups(source, cfg.groups or _default_groups_file(root, cfg))
     if cfg.verify_images and not shards:  # shard samples were checked when they were written
         _drop_unreadable(source, cache_dir)
@@ -270,9 +271,12 @@ def walk_images(source: DataSource, folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None, delim: str = " ") -> None:
+def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None, delim: str = " ",
+                       pool: str | None = None) -> None:
     """Fix labels and drop images as listed (e.g. from interpret's mislabels.csv); paths match
-    by their resolved location, so relative and absolute spellings both work."""
+    by their resolved location, so relative and absolute spellings both work. An --exclude
+    line naming an image of the --unlabeled `pool` is listed in `source.excluded` too (the
+    pool leaves it out, and RUN/excluded.txt records it for `suggest --run`)."""
     def key(p: str) -> str:
         return os.path.realpath(p)
 
@@ -288,14 +292,22 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     kept = []
     for it, k in zip(source.items, keys):
         if k in dropped:
-            source.excluded.append((it.path, "listed in --exclude"))
+            source.excluded.append((it.path, LISTED_IN_EXCLUDE))
         else:
             kept.append(replace(it, label=fixes[k]) if k in fixes else it)
-    for option, listed in (("--relabel", set(fixes)), ("--exclude", dropped)):
+    source.items = kept
+    pooled = sorted(p for p in dropped - set(keys) if pool and _inside(p, pool))
+    source.excluded += [(p, EXCLUDED_FROM_POOL) for p in pooled]  # the data summary lists them so
+    for option, listed in (("--relabel", set(fixes)), ("--exclude", dropped - set(pooled))):
         unknown = sorted(listed - set(keys))
         if unknown:
             log.warning("%s lists %d paths that are not in the data, e.g. %s", option, len(unknown), unknown[0])
-    source.items = kept
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the resolved `path` is `folder` (resolved) or lies below it."""
+    root = os.path.realpath(folder)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _drop_unreadable(source: DataSource, cache_dir: str | None) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 
 from visiontune.config import RunConfig
-from visiontune.data.items import TRAIN, VALID, DataSource, Item
+from visiontune.data.items import LISTED_IN_EXCLUDE, TRAIN, VALID, DataSource, Item
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, mix_seed, train_dataset
 from visiontune.data.pool import Pool, reason_counts, unlabelled_pool
 from visiontune.data.preprocess import Preprocess
@@ -279,9 +279,9 @@ class RunData:
     def _find_pool(self) -> Pool:
         """--unlabeled: the pool's images (data/pool.py), found and checked before any phase
         runs: a file that does not decode is skipped and listed (as the data summary lists
-        labelled files), and the run's own images (every split), the files its data leaves
-        out by --exclude, and copies of any of them under other names stay out."""
-        excluded = [p for p, why in self.source.excluded if why.startswith("listed in --exclude")]  # data/sources.py
+        labelled files), and the run's own images (every split), the files --exclude lists
+        (in the data or in the pool), and copies of any of them under other names stay out."""
+        excluded = [p for p, why in self.source.excluded if why.startswith(LISTED_IN_EXCLUDE)]  # data/sources.py
         pool = unlabelled_pool([str(self.cfg.data.unlabeled)], [it.path for it in self.source.items],
                                self.cfg.train.cache_dir, left_out=excluded, verify=self.cfg.data.verify_images)
         if self.env.is_main:
