@@ -10,7 +10,9 @@ and by the same bytes under another name, so that a copy of a validation image i
 trained on as unlabelled), the files the user left out on purpose (`--exclude`, in the
 data or in the pool; `suggest --run`: those the run's excluded.txt lists), and exact
 copies within the pool (the first is kept). Samples of WebDataset shards were checked when
-they were written; their digests come from the shards' index.
+they were written; their digests come from the shards' index. A file that cannot be read
+any more when its features are computed (removed, or replaced by one that does not decode)
+is skipped there and listed as these are (train/features.py `skip_unreadable`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ class Pool:
     paths: list[str]  # the images to use, in the order found
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, why): labelled, copies, left out
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): files that do not decode
+
+    def lose(self, unreadable: list[tuple[str, str]]) -> None:
+        """Files found unreadable after the check (removed or replaced since): out of
+        `paths`, listed in `unreadable`."""
+        gone = {p for p, _ in unreadable}
+        self.paths = [p for p in self.paths if p not in gone]
+        self.unreadable += unreadable
 
     def report(self) -> str:
         """The pool in a line, and the files it could not read, as the data summary lists

@@ -24,12 +24,12 @@ head), else the converged probe (train/probe.py) fitted on the labelled images' 
 The labelled images are the run's (its splits.csv, from whatever folder it was trained),
 those of `--labelled` / `--csv`, and the filled-in rows of the output CSV (`output`): the
 second round of the labelling loop never asks again for what the first one got. The pool
-is found and checked by data/pool.py: files that do not decode are skipped and listed, and
-images already labelled, those the run left out by --exclude (its excluded.txt), files
-with the same bytes as either, and near-copies (features with cosine similarity >=
-NEAR_COPY to a labelled image's) are never suggested. Nothing here branches on the label
-shape: the Task says what uncertainty is, how many fits it needs, how a prediction reads
-and which CSV column holds labels.
+is found and checked by data/pool.py: files that do not decode (when checked, or when
+their features are computed) are skipped and listed, and images already labelled, those
+the run left out by --exclude (its excluded.txt), files with the same bytes as either,
+and near-copies (features with cosine similarity >= NEAR_COPY to a labelled image's) are
+never suggested. Nothing here branches on the label shape: the Task says what uncertainty
+is, how many fits it needs, how a prediction reads and which CSV column holds labels.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
-from visiontune.train.features import backbone_features
+from visiontune.train.features import backbone_features, readable_features
 from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ class _Known:
     labels: list[Any]  # of the labelled train + valid images, what a probe may fit
     fit_rows: list[int]  # their rows in `paths`
     head: torch.nn.Module | None = None  # the run's head
-
     left_out: list[str] = field(default_factory=list)  # what the run left out by --exclude: never suggested
+
 
 def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
             run: str | os.PathLike[str] | None = None, labelled: str | os.PathLike[str] | None = None,
@@ -154,8 +154,10 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     paths, excluded, unreadable = _pool_paths(pool, known)
     _require_pool(paths, pool, excluded + unreadable)
     train = known.cfg.train
-    pool_feats, lab_feats = (backbone_features(known.backbone_name, known.backbone, known.preprocess, part, train)
-                             for part in (paths, known.paths))  # apart: files and a shard-trained run's samples
+    pool_feats, paths, gone = readable_features(known.backbone_name, known.backbone, known.preprocess, paths, train)
+    unreadable += gone  # removed or replaced since the check: skipped and listed as the check's are
+    _require_pool(paths, pool, excluded + unreadable)
+    lab_feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, known.paths, train)
     lab_feats = lab_feats if len(known.paths) else np.zeros((0, pool_feats.shape[1]), np.float32)
     keep = ~_near_copies(pool_feats, lab_feats)
     excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
