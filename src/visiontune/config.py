@@ -143,7 +143,10 @@ class DataConfig:
                                       "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")
     groups: str | None = option(None, "CSV of path,group: images of one group (a recording, a patient) stay in "
                                       "one split and one fold (default: DATA/groups.csv when present)")
-    verify_images: bool = option(True, "skip decoding every image while scanning", flag="--no-verify")
+    verify_images: bool = option(True, "skip decoding every image while scanning (and the check for byte-identical "
+                                       "copies across splits): a labelled file that does not decode then stops the "
+                                       "run, naming it; pool files that do not are skipped and listed",
+                                 flag="--no-verify")
 
 
 @dataclass(frozen=True)
