@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,31 @@ def original_paths(shards: list[Path]) -> dict[str, str]:
 def by_path(preds: list) -> dict[str, np.ndarray]:
     """Each prediction's probabilities (classes in sorted order) by its path."""
     return {p.path: np.array([p.probs[c] for c in sorted(p.probs)]) for p in preds}
+
+
+class WhenLogged(logging.Handler):
+    """Runs `action` once, the first time a message holding `text` is logged under the
+    `visiontune` logger: a fault timed to a point of the code under test by the code's own
+    progress (a pool file removed between the pool's check and its read), nothing mocked.
+    A context manager: the logger is set to INFO inside and put back after."""
+
+    def __init__(self, text: str, action: Callable[[], None]) -> None:
+        super().__init__(logging.INFO)
+        self.text, self.action, self.fired = text, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and self.text in record.getMessage():
+            self.fired = True
+            self.action()
+
+    def __enter__(self) -> WhenLogged:
+        logger = logging.getLogger("visiontune")
+        self.level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("visiontune")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)

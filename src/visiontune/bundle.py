@@ -9,7 +9,7 @@
     <run>/environment.json    versions, machine, seed, the working folder (splits.csv's relative
                               paths are relative to it)
     <run>/splits.csv          every image with its label and split
-    <run>/excluded.txt        files left out and why
+    <run>/excluded.txt        files left out and why (path TAB reason per line)
     <run>/checkpoints/last.pt full training state for --resume (tensors only)
 
 Every file is written atomically (temporary file + fsync + rename): a crash leaves either
@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from visiontune.config import ModelConfig, RunConfig, checked_dict
+from visiontune.data.items import LISTED_IN_EXCLUDE
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, read_csv_dicts, write_text
@@ -127,6 +128,18 @@ def run_splits(run: str | os.PathLike[str], task: Task, delim: str = " ") -> lis
     base = working_folder(run)
     return [(_from(base, r["path"]), task.parse_label(r["label"], delim, "splits.csv"), r["split"])
             for r in read_csv_dicts(path)]
+
+
+def run_left_out(run: str | os.PathLike[str]) -> list[str]:
+    """The files the run's data left out by the user's choice (`--exclude`: in its data, or
+    in its --unlabeled pool), as its excluded.txt lists them (path TAB reason), read from
+    the current folder; [] when the run has no excluded.txt."""
+    path = Path(run) / "excluded.txt"
+    if not path.is_file():
+        return []
+    base = working_folder(run)
+    rows = (line.rpartition("\t") for line in path.read_text(encoding="utf-8").splitlines())
+    return [_from(base, file) for file, _, why in rows if file and why.startswith(LISTED_IN_EXCLUDE)]
 
 
 def working_folder(run: str | os.PathLike[str]) -> str | None:

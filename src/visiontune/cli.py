@@ -131,7 +131,8 @@ def _add_suggest_command(sub: Any) -> None:
                        "model's least sure ones, spread out), written to a CSV that train --csv reads back")
     p.add_argument("pool", nargs="+", help="folders (searched recursively) and files of unlabelled images (files "
                    "that do not decode are skipped and listed)")
-    p.add_argument("--run", help="a trained run: its model's uncertainty; its own images count as labelled")
+    p.add_argument("--run", help="a trained run: its model's uncertainty; its own images count as labelled, and "
+                   "those it left out by --exclude (and their copies) are never suggested")
     p.add_argument("--labelled", metavar="DATA", help="images labelled so far: a folder as train reads it, or the "
                    "folder --csv paths are relative to")
     p.add_argument("--csv", help="labels so far: a CSV of path,label (e.g. a filled-in to_label.csv)")

@@ -137,12 +137,16 @@ class DataConfig:
                                                 "of its strongly augmented view when the model is this sure "
                                                 "(FixMatch's 0.95)", ge=0.0, le=1.0)
     exclude: str | None = option(None, "file listing images to leave out (a CSV whose 1st column is the path, as "
-                                       "review writes exclude.txt; or one path per line)")
+                                       "review writes exclude.txt; or one path per line); those of the --unlabeled "
+                                       "pool, and their copies, stay out of the pool")
     valid: str | None = option(None, "validation shards when DATA is a shard pattern, e.g. "
                                       "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")
     groups: str | None = option(None, "CSV of path,group: images of one group (a recording, a patient) stay in "
                                       "one split and one fold (default: DATA/groups.csv when present)")
-    verify_images: bool = option(True, "skip decoding every image while scanning", flag="--no-verify")
+    verify_images: bool = option(True, "skip decoding every image while scanning (and the check for byte-identical "
+                                       "copies across splits): a labelled file that does not decode then stops the "
+                                       "run, naming it; pool files that do not are skipped and listed",
+                                 flag="--no-verify")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
-from conftest import TINY
+from conftest import TINY, make_class_folders
+from visiontune.cli import main
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
 
@@ -63,3 +64,26 @@ def test_csv_bad_rows(corpus: Path) -> None:
     reasons = [why for _, why in src.excluded]
     assert any("missing" in r for r in reasons) and any("leaves" in r for r in reasons)
     assert len(src.items) == 4 and any("ünïcødé" in it.path for it in src.items)
+
+
+@pytest.mark.parametrize("strategy, workers", [("feature-extract", "1"), ("finetune", "0")])
+def test_a_corrupt_labelled_file_under_no_verify_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                     strategy: str, workers: str) -> None:
+    """--no-verify skips the check that leaves files that do not decode out; such a file
+    then stopped the run with a bare UnidentifiedImageError traceback (read by a DataLoader
+    worker: the worker's whole traceback as the message). It is one error line that names
+    the file, says the check was skipped and to drop --no-verify. A labelled file is not
+    skipped there, as a pool file is: the run's split and class counts, drawn with it,
+    are written already (splits.csv)."""
+    data = make_class_folders(tmp_path / "data", {"red": 8, "green": 8})
+    bad = data / "red" / "bad.png"
+    bad.write_text("not an image\n")
+    argv = ["train", str(data), "--no-verify", "--backbone", TINY["backbone"], "--weights", "none", "--image-size",
+            "32", "--batch-size", "8", "--num-workers", workers, "--strategy", strategy, "--epochs", "1",
+            "--output", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Caught" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the image {bad} cannot be read (UnidentifiedImageError: ")
+    assert "it was not checked before the run (--no-verify skips that check: drop --no-verify" in last

@@ -241,3 +241,53 @@ def test_a_split_folder_beside_class_folders_is_refused(tmp_path: Path) -> None:
     make_class_folders(data / "valid", {"red": 2, "green": 2}, 50)
     with pytest.raises(DataError, match=r"valid holds class folders beside .* go under .*train"):
         load_items(DataConfig(path=str(data)))
+
+
+def test_byte_identical_copies_drawn_apart_are_kept_on_one_side(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A labelled image saved twice under two names (a copy in a flat folder tree): the
+    drawn split put one copy in train and the other in valid at some seeds, so validation
+    scored an image the model trained on, without a word. The copy drawn into validation
+    now trains with its twin, a training image of its class validates in its place (the
+    split keeps its size and proportions), and the log says so. The digests are the
+    check's (data/scan.py): no file is read a second time."""
+    import shutil
+
+    data = make_class_folders(tmp_path / "d", {"red": 5, "green": 5, "blue": 5})
+    shutil.copy(data / "red" / "red_001.png", data / "red" / "copy.png")
+    shutil.copy(data / "green" / "green_003.png", data / "green" / "again.png")
+    moved = 0
+    for seed in range(12):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="visiontune"):
+            src = load_items(DataConfig(path=str(data), valid_pct=0.34), seed=seed)
+        side = {Path(it.path).name: it.split for it in src.items}
+        assert side["red_001.png"] == side["copy.png"] and side["green_003.png"] == side["again.png"], seed
+        assert Counter(it.label for it in src.split(VALID)) == {"red": 2, "green": 2, "blue": 2}, seed
+        moved += "byte-identical copies of training images" in caplog.text
+    assert moved  # the draw did put copies apart at some seeds (else this test proves nothing)
+
+
+def test_byte_identical_copies_across_given_splits_are_one_warning(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Copies the layout itself puts in train and in valid / test (folders) cannot move:
+    one warning gives their count and a pair. Without the check (--no-verify) nothing is
+    hashed, so nothing is said."""
+    import shutil
+
+    root = tmp_path / "split"
+    make_class_folders(root / "train", {"red": 4, "green": 4})
+    make_class_folders(root / "valid", {"red": 2, "green": 2}, 100)
+    make_class_folders(root / "test", {"red": 2, "green": 2}, 200)
+    shutil.copy(root / "train" / "red" / "red_000.png", root / "valid" / "red" / "seen.png")
+    shutil.copy(root / "train" / "green" / "green_001.png", root / "test" / "green" / "also_seen.png")
+    with caplog.at_level("INFO", logger="visiontune"):
+        src = load_items(DataConfig(path=str(root)))
+    assert len(src.split(VALID)) == 5 and len(src.split(TEST)) == 5  # nothing moved
+    (said,) = [r.getMessage() for r in caplog.records if "byte-identical" in r.getMessage()]
+    assert said.startswith("2 images in valid or test are byte-identical copies of training images")
+    assert f"{root / 'valid' / 'red' / 'seen.png'} in valid = {root / 'train' / 'red' / 'red_000.png'} in train" in said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="visiontune"):
+        load_items(DataConfig(path=str(root), verify_images=False))
+    assert "byte-identical" not in caplog.text

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import visiontune as vt
-from conftest import TINY, make_class_folders, make_multilabel_data
+from conftest import TINY, WhenLogged, make_class_folders, make_multilabel_data
 from tasks.test_regression import make_regression_data
 from visiontune.cli import main
 from visiontune.errors import ConfigError, DataError
@@ -275,3 +275,51 @@ def test_a_corrupt_pool_file_is_skipped_and_listed(tmp_path: Path, capsys: pytes
     assert {Path(r["path"]).name for r in read(out)} == {p.name for p in pool.rglob("*.png")}  # the 12 good ones
     result = suggest(pool, n=3, **FROZEN)
     assert {Path(p).name for p, _ in result.unreadable} == {"truncated.jpg", "notes.jpg"}
+
+
+def test_what_a_run_left_out_by_exclude_is_never_suggested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with --exclude (a review page's "exclude" decision): `suggest --run`
+    ranked the image the run left out among the pool (its excluded.txt was never read).
+    It stays out, and so does a copy of it under another name, asked from another working
+    folder too (excluded.txt's paths are relative to the folder the run was trained in)."""
+    project = tmp_path / "project"
+    data = make_class_folders(project / "photos", {"red": 6, "green": 6})
+    pool = make_class_folders(project / "pool", {"red": 4, "green": 4}, start_seed=300)
+    left_out = data / "red" / "red_005.png"
+    shutil.copy(left_out, pool / "red" / "the_same_again.png")
+    (project / "exclude.txt").write_text("photos/red/red_005.png\n")
+    monkeypatch.chdir(project)
+    run = vt.fit("photos", exclude="exclude.txt", strategy="feature-extract", epochs=1, output="runs", **TINY)
+    assert "photos/red/red_005.png\tlisted in --exclude" in (project / run.run_dir / "excluded.txt").read_text()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = suggest([project / "photos", project / "pool"], run=project / run.run_dir, n=20, method="random")
+    why = dict(result.excluded)
+    assert why[str(left_out)] == "listed in --exclude"
+    assert why[str(pool / "red" / "the_same_again.png")] == "the same bytes as an image listed in --exclude"
+    assert sum(w == "labelled already" for w in why.values()) == 11
+    assert {Path(r.path).name for r in result.rows} <= {p.name for p in pool.rglob("*_00?.png")}
+
+
+def test_a_pool_file_removed_or_spoilt_after_the_check_is_skipped_and_listed(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """A pool file removed, and another replaced by one that does not decode, after the
+    pool was checked (timed on the check's own log line) and before their features were
+    computed: `suggest` stopped with a FileNotFoundError traceback. It ranks the rest and
+    lists both as the check lists the files it skips."""
+    pool = make_class_folders(tmp_path / "pool", {"red": 6, "green": 6})
+    gone, spoilt = pool / "red" / "red_002.png", pool / "green" / "green_003.png"
+
+    def fault() -> None:
+        gone.unlink()
+        spoilt.write_text("a shopping list, not a photo\n")
+
+    out = tmp_path / "to_label.csv"
+    with WhenLogged("scan: 12 files", fault) as when:
+        assert main(["suggest", str(pool), "--n", "12", "--output", str(out), *FLAGS]) == 0
+    assert when.fired
+    said = capsys.readouterr().out
+    assert "skipped 2 files that cannot be read:" in said
+    assert f"{gone}: not readable (it vanished or cannot be opened)" in said
+    assert f"{spoilt}: cannot decode" in said
+    assert {Path(r["path"]).name for r in read(out)} == {p.name for p in pool.rglob("*.png")} - {spoilt.name}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import visiontune as vt
-from conftest import TINY, make_class_folders
+from conftest import TINY, WhenLogged, make_class_folders
 from tasks.test_regression import make_regression_data
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import make_task
@@ -133,7 +133,7 @@ def test_copies_of_the_runs_images_and_excluded_files_stay_out_of_the_pool(tmp_p
     assert pool_rows(run) == {f"photos/pool/{c}/{c}_{i:03d}.png" for c in ("red", "green") for i in range(6)}
     (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
     assert "12 images to learn from" in said and "2 the same bytes as a labelled image" in said
-    assert "1 left out of the data (--exclude)" in said and "15 labelled already" in said
+    assert "1 listed in --exclude" in said and "15 labelled already" in said
 
 
 def test_unreadable_pool_files_are_skipped_and_listed_in_every_phase(tmp_path: Path,
@@ -160,3 +160,74 @@ def test_unreadable_pool_files_are_skipped_and_listed_in_every_phase(tmp_path: P
     (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
     assert "skipped 2 files that cannot be read:" in said
     assert re.search(r"truncated\.jpg: cannot decode", said) and re.search(r"notes\.jpg: cannot decode", said)
+
+
+def test_an_exclude_line_naming_a_pool_image_leaves_it_and_its_copies_out_of_the_pool(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--exclude naming an image of the --unlabeled pool: the run warned "--exclude lists 1
+    paths that are not in the data" and trained on the image through the pool. It stays
+    out of the pool with its copy under another name, the data summary says it is left
+    out of the pool, and excluded.txt records it (so `suggest --run` leaves it out too)."""
+    data = make_class_folders(tmp_path / "data", {"red": 5, "green": 5})
+    pool = make_class_folders(tmp_path / "pool", {"red": 5, "green": 5}, start_seed=400)
+    unwanted = pool / "red" / "red_000.png"
+    shutil.copy(unwanted, pool / "green" / "copy.png")
+    (tmp_path / "exclude.txt").write_text(f"{unwanted}\n")
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        run = vt.fit(data, unlabeled=str(pool), exclude=str(tmp_path / "exclude.txt"), strategy="feature-extract",
+                     epochs=1, output=str(tmp_path / "runs"), **TINY)
+    assert pool_rows(run) == {f"pool/{c}/{c}_{i:03d}.png" for c in ("red", "green") for i in range(5)} - \
+        {"pool/red/red_000.png"}
+    assert "not in the data" not in caplog.text
+    (said,) = [m for m in caplog.messages if "the unlabelled pool holds" in m]
+    assert "9 images to learn from" in said and "1 listed in --exclude" in said
+    assert "1 the same bytes as an image listed in --exclude" in said
+    recorded = f"{unwanted}\tlisted in --exclude: an image of the --unlabeled pool, left out of the pool"
+    assert recorded in (Path(run.run_dir) / "excluded.txt").read_text()
+
+
+def test_pool_files_removed_after_the_check_are_skipped_and_listed_in_every_phase(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Pool files removed or spoilt after the pool was checked: one removed and one
+    replaced by a text file before the probe's phase computes the pool's features (timed
+    on the pool's report), a third removed after that phase (timed on the probe's log
+    line), before the fine-tuning phase's consistency term reads it. The run died in
+    file_digest with a traceback after the labelled features; it trains on the rest and
+    lists each file as the pool check lists the files it skips."""
+    data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
+    pool = make_class_folders(tmp_path / "pool", {"red": 6, "green": 6}, start_seed=400)
+    gone, spoilt, later = pool / "red" / "red_001.png", pool / "green" / "green_002.png", pool / "red" / "red_004.png"
+
+    def fault() -> None:
+        gone.unlink()
+        spoilt.write_text("a shopping list, not a photo\n")
+
+    with caplog.at_level(logging.INFO, logger="visiontune"), WhenLogged("the unlabelled pool holds 12", fault), \
+            WhenLogged("converged probe:", later.unlink):
+        run = vt.fit(data, unlabeled=str(pool), strategy="gradual", epochs=2, consistency_threshold=0.0,
+                     trainable_bn="eval", output=str(tmp_path / "runs"), **dict(TINY, valid_pct=0.25))
+    assert pool_rows(run) == {f"pool/{c}/{c}_{i:03d}.png" for c in ("red", "green") for i in range(6)} - \
+        {"pool/red/red_001.png", "pool/green/green_002.png"}
+    with open(Path(run.run_dir) / "consistency.csv", newline="") as fh:
+        assert [r["seen"] for r in csv.DictReader(fh)] == ["9"]  # the 12, less the three
+    (lost,) = [m for m in caplog.messages if "images to learn from now" in m]
+    assert "holds 10 images to learn from now" in lost and "skipped 2 files that cannot be read:" in lost
+    assert f"{gone}: not readable (it vanished or cannot be opened)" in lost and f"{spoilt}: cannot decode" in lost
+    (views,) = [m for m in caplog.messages if "(consistency term)" in m]
+    assert "skipped 1 files that cannot be read" in views and f"{later}: not readable" in views
+
+
+def test_a_corrupt_pool_file_under_no_verify_is_skipped_and_listed(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """--no-verify skips the pool's check as it skips the labelled data's: a text file named
+    .jpg in the pool stopped the run with an UnidentifiedImageError traceback. It is
+    skipped when its features are computed, and listed as the check would list it."""
+    data = make_class_folders(tmp_path / "data", {"red": 5, "green": 5})
+    pool = make_class_folders(tmp_path / "pool", {"red": 5, "green": 5}, start_seed=400)
+    (pool / "green" / "notes.jpg").write_text("a shopping list, not a photo\n")
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        run = vt.fit(data, unlabeled=str(pool), verify_images=False, strategy="feature-extract", epochs=1,
+                     output=str(tmp_path / "runs"), **TINY)
+    assert len(pool_rows(run)) == 10 and all(p.endswith(".png") for p in pool_rows(run))
+    (said,) = [m for m in caplog.messages if "images to learn from now" in m]
+    assert "skipped 1 files that cannot be read:" in said and re.search(r"notes\.jpg: cannot decode", said)

@@ -14,6 +14,7 @@ from visiontune.data.labels import Label, task_of
 from visiontune.tasks.catalog import task_class
 
 TRAIN, VALID, TEST = "train", "valid", "test"
+LISTED_IN_EXCLUDE = "listed in --exclude"  # the reason of a file left out by the user's choice (RUN/excluded.txt)
 
 LabelFunc = Callable[[Path], Any]
 

@@ -79,7 +79,8 @@ class ImageDataset(Dataset):
     transform never needs more); `cache`: a DecodedCache reads (and downsizes) instead.
     `unreadable_size`: a file that fails to decode yields a zero image of this size and
     target UNREADABLE instead of an error, so files are decoded once, without a checking
-    pass first (predict)."""
+    pass first (predict), or a file removed since it was checked is skipped (the
+    unlabelled pool); without it such a file is a DataError that names it."""
 
     def __init__(self, paths: Sequence[str], targets: torch.Tensor | None, transform: Callable,
                  decode_side: int | None = None, cache: DecodedCache | None = None,
@@ -109,7 +110,7 @@ class ImageDataset(Dataset):
     def _item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         path, row = self.paths[index], self.ids[index] if self.ids is not None else index
         return read_marked(lambda: self.cache.load(path) if self.cache is not None else load_rgb(path, self.decode_side),
-                           self, index, row)
+                           self, index, row, path)
 
 
 _MASK64 = (1 << 64) - 1
@@ -210,13 +211,15 @@ def eval_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Prepro
 
 def train_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Preprocess, augment: str, hflip: float,
                   min_scale: float, image_cache: bool, cache_dir: str | None = None,
-                  transform: Callable | None = None) -> ImageDataset:
+                  transform: Callable | None = None, mark_unreadable: bool = False) -> ImageDataset:
     """Training images: decoded at reduced scale and brought down to `train_side` (kept on
     disk when `image_cache`), then randomly cropped and flipped (`transform`: another
-    training transform over the same decoded images, e.g. --unlabeled's two views)."""
+    training transform over the same decoded images, e.g. --unlabeled's two views).
+    `mark_unreadable`: see ImageDataset's `unreadable_size` (the --unlabeled pool)."""
     side = train_side(pre)
     cache = DecodedCache(cache_root(cache_dir) / "images" if image_cache else None, side)
-    return ImageDataset(paths, targets, transform or train_transform(pre, augment, hflip, min_scale), cache=cache)
+    return ImageDataset(paths, targets, transform or train_transform(pre, augment, hflip, min_scale), cache=cache,
+                        unreadable_size=pre.input_size if mark_unreadable else None)
 
 
 def default_num_workers(device: torch.device | None = None) -> int:

@@ -7,9 +7,12 @@ files and other extensions reported). Every file is then decoded once and its by
 does not decode is left out with the reason, instead of stopping a run or a ranking
 halfway. Left out as well, each with its reason: the labelled images (by resolved path,
 and by the same bytes under another name, so that a copy of a validation image is never
-trained on as unlabelled), the files a run's data left out on purpose (`--exclude`), and
-exact copies within the pool (the first is kept). Samples of WebDataset shards were
-checked when they were written; their digests come from the shards' index.
+trained on as unlabelled), the files the user left out on purpose (`--exclude`, in the
+data or in the pool; `suggest --run`: those the run's excluded.txt lists), and exact
+copies within the pool (the first is kept). Samples of WebDataset shards were checked when
+they were written; their digests come from the shards' index. A file that cannot be read
+any more when its features are computed (removed, or replaced by one that does not decode)
+is skipped there and listed as these are (train/features.py `skip_unreadable`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from visiontune.data.items import excluded_lines
+from visiontune.data.items import LISTED_IN_EXCLUDE, excluded_lines
 from visiontune.data.scan import ScanCache, digests_of, scan, scan_cache
 from visiontune.data.sources import unlabelled_images
 from visiontune.data.webdata import is_shard_item, shard_digests
 
 SAME_AS_LABELLED = "the same bytes as a labelled image"
-SAME_AS_LEFT_OUT = "the same bytes as an image the data leaves out (--exclude)"
+SAME_AS_LEFT_OUT = f"the same bytes as an image {LISTED_IN_EXCLUDE}"
 SAME_IN_POOL = "the same bytes as another pool image"
-LEFT_OUT = "left out of the data (--exclude)"
+LEFT_OUT = LISTED_IN_EXCLUDE
 
 
 @dataclass
@@ -34,6 +37,13 @@ class Pool:
     paths: list[str]  # the images to use, in the order found
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, why): labelled, copies, left out
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): files that do not decode
+
+    def lose(self, unreadable: list[tuple[str, str]]) -> None:
+        """Files found unreadable after the check (removed or replaced since): out of
+        `paths`, listed in `unreadable`."""
+        gone = {p for p, _ in unreadable}
+        self.paths = [p for p in self.paths if p not in gone]
+        self.unreadable += unreadable
 
     def report(self) -> str:
         """The pool in a line, and the files it could not read, as the data summary lists

@@ -37,6 +37,7 @@ PARALLEL_FROM = 256  # files to check before worker processes pay for themselves
 CHUNK = 64
 
 Verdict = tuple[str | None, str]  # (why the file cannot be used or None, digest of its bytes)
+VANISHED = "not readable (it vanished or cannot be opened)"
 
 
 def check_and_digest(path: str) -> Verdict:
@@ -109,7 +110,7 @@ def scan(paths: list[str], cache: ScanCache | None = None, workers: int | None =
     fresh = dict(zip(todo, _check_all(todo, workers)))
     if cache and fresh:
         cache.store((k[0], k[1], *fresh[p]) for p, k in zip(paths, keys) if k is not None and p in fresh)
-    out = [("not readable (it vanished or cannot be opened)", "") if k is None else
+    out = [(VANISHED, "") if k is None else
            fresh[p] if p in fresh else known[k[0]] for p, k in zip(paths, keys)]
     log.info("scan: %d files, %d remembered, %d checked (%.1fs)", len(paths), len(paths) - len(todo), len(todo),
              time.perf_counter() - started)
@@ -136,10 +137,26 @@ def _check_all(paths: list[str], workers: int | None) -> list[Verdict]:
         return [check_and_digest(p) for p in paths]
 
 
-def digests_of(paths: list[str], cache: ScanCache | None) -> list[str]:
+def digests_of(paths: list[str], cache: ScanCache | None, strict: bool = True) -> list[str]:
     """The digest of each file's bytes: remembered where the file is unchanged since a scan,
-    else read and hashed (not remembered: no verdict goes with it)."""
+    else read and hashed (not remembered: no verdict goes with it). A file that cannot be
+    read is an OSError, or with `strict` False the digest "" (the caller reads it later and
+    learns why: `why_unreadable`)."""
     keys = [file_identity(p) for p in paths]
     known = cache.lookup([k for k in keys if k is not None]) if cache else {}
-    return [known[k[0]][1] if k is not None and k[0] in known and known[k[0]][1] else file_digest(p)
+    return [known[k[0]][1] if k is not None and k[0] in known and known[k[0]][1] else _digest(p, strict)
             for p, k in zip(paths, keys)]
+
+
+def _digest(path: str, strict: bool) -> str:
+    try:
+        return file_digest(path)
+    except OSError:
+        if strict:
+            raise
+        return ""
+
+
+def why_unreadable(path: str) -> str:
+    """Why a file that failed to load cannot be used, in the words of a scan's verdict."""
+    return VANISHED if file_identity(path) is None else check_image(path) or "cannot decode"

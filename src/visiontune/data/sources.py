@@ -15,10 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.hf import hf_source, is_hf
 from visiontune.data.images import has_image_extension, is_hidden
-from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFunc
+from visiontune.data.items import LISTED_IN_EXCLUDE, TEST, TRAIN, VALID, DataSource, Item, LabelFunc
 from visiontune.data.labels import (
     task_of,
 )
@@ -32,6 +34,7 @@ from visiontune.tasks.catalog import task_class
 log = logging.getLogger(__name__)
 
 GROUPS_FILE = "groups.csv"  # at the data root: path,group (imagify writes one)
+EXCLUDED_FROM_POOL = f"{LISTED_IN_EXCLUDE}: an image of the --unlabeled pool, left out of the pool"
 
 
 def resolve_inputs(data: str | os.PathLike[str] | None, config: RunConfig | None,
@@ -88,6 +91,8 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
     folders, either `root/train/<class>/`, `root/valid|val/<class>/`, `root/test/<class>/`
     or a flat `root/<class>/` tree split by `cfg.valid_pct` (stratified, seeded).
     `min_classes=1` accepts a single class (scoring a model on part of its classes).
+    Byte-identical files under two names never train on one side of the split and
+    validate on the other (`_copies_on_one_side`).
     """
     root = Path(cfg.path).expanduser()
     shards = bool(cfg.path) and is_shards(cfg.path)
@@ -104,12 +109,15 @@ def load_items(cfg: DataConfig, seed: int = 0, label_func: LabelFunc | None = No
         source = _from_folders(root, label_func)
     _settle_task(source, cfg.task, cfg.label_delim)
     if cfg.relabel or cfg.exclude:
-        _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim)
+        _apply_corrections(source, cfg.relabel, cfg.exclude, cfg.label_delim, cfg.unlabeled)
     _attach_groups(source, cfg.groups or _default_groups_file(root, cfg))
+    digests = {}  # each file's digest, from the check (no file is read twice); none without it
     if cfg.verify_images and not shards:  # shard samples were checked when they were written
-        _drop_unreadable(source, cache_dir)
+        digests = _drop_unreadable(source, cache_dir)
     _check_classes(source, min_classes)
+    before = [it.split for it in source.items]
     assign_validation(source, cfg.valid_pct, seed)
+    _copies_on_one_side(source, before, digests)
     return source
 
 
@@ -283,9 +291,12 @@ def walk_images(source: DataSource, folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None, delim: str = " ") -> None:
+def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | None, delim: str = " ",
+                       pool: str | None = None) -> None:
     """Fix labels and drop images as listed (e.g. from interpret's mislabels.csv); paths match
-    by their resolved location, so relative and absolute spellings both work."""
+    by their resolved location, so relative and absolute spellings both work. An --exclude
+    line naming an image of the --unlabeled `pool` is listed in `source.excluded` too (the
+    pool leaves it out, and RUN/excluded.txt records it for `suggest --run`)."""
     def key(p: str) -> str:
         return os.path.realpath(p)
 
@@ -301,27 +312,97 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     kept = []
     for it, k in zip(source.items, keys):
         if k in dropped:
-            source.excluded.append((it.path, "listed in --exclude"))
+            source.excluded.append((it.path, LISTED_IN_EXCLUDE))
         else:
             kept.append(replace(it, label=fixes[k]) if k in fixes else it)
-    for option, listed in (("--relabel", set(fixes)), ("--exclude", dropped)):
+    source.items = kept
+    pooled = sorted(p for p in dropped - set(keys) if pool and _inside(p, pool))
+    source.excluded += [(p, EXCLUDED_FROM_POOL) for p in pooled]  # the data summary lists them so
+    for option, listed in (("--relabel", set(fixes)), ("--exclude", dropped - set(pooled))):
         unknown = sorted(listed - set(keys))
         if unknown:
             log.warning("%s lists %d paths that are not in the data, e.g. %s", option, len(unknown), unknown[0])
-    source.items = kept
 
 
-def _drop_unreadable(source: DataSource, cache_dir: str | None) -> None:
+def _inside(path: str, folder: str) -> bool:
+    """Whether the resolved `path` is `folder` (resolved) or lies below it."""
+    root = os.path.realpath(folder)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _drop_unreadable(source: DataSource, cache_dir: str | None) -> dict[str, str]:
     """Decode every image once (in parallel; unchanged files are remembered by the scan
-    cache, data/scan.py) and leave out the ones that do not decode, with the reason."""
-    reasons = [reason for reason, _ in scan([it.path for it in source.items], scan_cache(cache_dir))]
-    kept = []
-    for item, reason in zip(source.items, reasons):
+    cache, data/scan.py) and leave out the ones that do not decode, with the reason; the
+    digest of each file kept, by path."""
+    verdicts = scan([it.path for it in source.items], scan_cache(cache_dir))
+    kept, digests = [], {}
+    for item, (reason, digest) in zip(source.items, verdicts):
         if reason is None:
             kept.append(item)
+            digests[item.path] = digest
         else:
             source.excluded.append((item.path, reason))
     source.items = kept
+    return digests
+
+
+def _copies_on_one_side(source: DataSource, before: list[str], digests: dict[str, str]) -> None:
+    """Byte-identical files (by `digests`, the check's: nothing is read again) on both
+    sides of the split would validate (or test) on images the model trained on. A copy
+    the split drew into validation (`before`: each item's split before the draw) goes to
+    train with its twin, and a training image of its stratum (Task.strata) that was in
+    the same draw and has no copy validates in its place, so validation keeps its size
+    and proportions; a copy with a group stays (moving it would split the group). Copies
+    the layout itself puts on both sides (folders, a split column, a dataset's splits)
+    cannot move: one warning counts them and names a pair."""
+    items = source.items
+    same = _same_bytes(items, digests)
+    twins = [rows for rows in same if len({items[i].split == TRAIN for i in rows}) == 2]
+    drawn = {i: _trained(items, rows) for rows in twins for i in rows
+             if items[i].split == VALID and before[i] != VALID and not items[i].group}
+    if drawn:
+        stand_ins = _stand_ins(source, before, sorted(drawn), {i for rows in same for i in rows})
+        first = min(drawn)
+        log.info("%d images drawn into validation are byte-identical copies of training images (e.g. %s = %s): "
+                 "they train, and %d other training images of their strata validate in their place", len(drawn),
+                 items[first].path, items[drawn[first]].path, len(stand_ins))
+        source.items = items = [replace(it, split=TRAIN) if i in drawn else replace(it, split=VALID)
+                                if i in stand_ins else it for i, it in enumerate(items)]
+    apart = [(i, _trained(items, rows)) for rows in twins for i in rows if items[i].split != TRAIN]
+    if apart:
+        i, j = min(apart)
+        log.warning("%d images in valid or test are byte-identical copies of training images (e.g. %s in %s = %s in "
+                    "train): their scores are inflated; remove the copies", len(apart), items[i].path,
+                    items[i].split, items[j].path)
+
+
+def _same_bytes(items: list[Item], digests: dict[str, str]) -> list[list[int]]:
+    """Rows of byte-identical files, one list per content that two or more files hold."""
+    rows: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        if digests.get(it.path):
+            rows.setdefault(digests[it.path], []).append(i)
+    return [r for r in rows.values() if len(r) > 1]
+
+
+def _trained(items: list[Item], rows: list[int]) -> int:
+    """A row among `rows` that trains."""
+    return next(j for j in rows if items[j].split == TRAIN)
+
+
+def _stand_ins(source: DataSource, before: list[str], drawn: list[int], copies: set[int]) -> set[int]:
+    """For each row of `drawn`, a training row of the same stratum that was in the same
+    draw (the same split before it), without a copy or a group (the first such row)."""
+    strata = task_class(source.task).strata([it.label for it in source.items])
+
+    def key(i: int) -> tuple[str, bytes]:
+        return before[i], np.asarray(strata[i]).tobytes()
+
+    free: dict[tuple[str, bytes], list[int]] = {}
+    for j, it in reversed(list(enumerate(source.items))):
+        if it.split == TRAIN and j not in copies and not it.group:
+            free.setdefault(key(j), []).append(j)
+    return {free[key(i)].pop() for i in drawn if free.get(key(i))}
 
 
 def _check_classes(source: DataSource, min_classes: int = 2) -> None:

@@ -358,22 +358,39 @@ class ShardStream(IterableDataset):
         return self.rows.get(f"{sample['__url__']}#{sample['__key__']}", [])
 
     def _load(self, sample: dict[str, Any], row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return read_marked(lambda: _image(sample, self.decode_side), self, row, row)
+        return read_marked(lambda: _image(sample, self.decode_side), self, row, row,
+                           f"{sample['__url__']}#{sample['__key__']}")
 
 
-def read_marked(read: Callable[[], Any], ds: Any, index: int, row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def read_marked(read: Callable[[], Any], ds: Any, index: int, row: int,
+                name: str = "") -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ds.transform(read()), its target, row): the one way ImageDataset and ShardStream
-    yield a sample. A file that does not decode is an error, or, when the dataset marks
-    them (`ds.unreadable_size`), a blank image with the UNREADABLE marker; without targets
-    (predict) the target is NO_LABEL."""
+    yield a sample. A file (`name`) that does not decode is a DataError naming it, or, when
+    the dataset marks them (`ds.unreadable_size`), a blank image (what the transform says a
+    blank is, when it says: `blank(size)`, e.g. two views) with the UNREADABLE marker;
+    without targets (predict) the target is NO_LABEL."""
     try:
         image = read()
-    except Exception:
-        if ds.unreadable_size is None:
+    except Exception as exc:
+        if ds.unreadable_size is not None:
+            blank = getattr(ds.transform, "blank", None)
+            stand_in = blank(ds.unreadable_size) if blank is not None else blank_image(ds.unreadable_size,
+                                                                                    ds.unreadable_views)
+            return stand_in, marker_like(ds.targets, UNREADABLE), row
+        if isinstance(exc, (DataError, MemoryError)):
             raise
-        return blank_image(ds.unreadable_size, ds.unreadable_views), marker_like(ds.targets, UNREADABLE), row
+        raise DataError(unreadable_message(name, exc)) from exc
     target = ds.targets[index] if ds.targets is not None else marker_like(None, NO_LABEL)
     return ds.transform(image), target, row
+
+
+def unreadable_message(name: str, exc: Exception) -> str:
+    """What a run says of an image that fails to load: which, why, and how to go on."""
+    what = f"the image {name or '(unnamed)'} cannot be read ({type(exc).__name__}: {exc})"
+    if is_shard_item(name):
+        return f"{what}: write the shards again with `visiontune shard`"
+    return (f"{what}: it was not checked before the run (--no-verify skips that check: drop --no-verify and files "
+            "that do not decode are left out and listed), or it changed after the check")
 
 
 def blank_image(size: int, views: int = 0) -> torch.Tensor:

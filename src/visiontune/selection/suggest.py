@@ -24,11 +24,12 @@ head), else the converged probe (train/probe.py) fitted on the labelled images' 
 The labelled images are the run's (its splits.csv, from whatever folder it was trained),
 those of `--labelled` / `--csv`, and the filled-in rows of the output CSV (`output`): the
 second round of the labelling loop never asks again for what the first one got. The pool
-is found and checked by data/pool.py: files that do not decode are skipped and listed, and
-images already labelled, files with the same bytes, and near-copies (features with cosine
-similarity >= NEAR_COPY to a labelled image's) are never suggested. Nothing here branches
-on the label shape: the Task says what uncertainty is, how many fits it needs, how a
-prediction reads and which CSV column holds labels.
+is found and checked by data/pool.py: files that do not decode (when checked, or when
+their features are computed) are skipped and listed, and images already labelled, those
+the run left out by --exclude (its excluded.txt), files with the same bytes as either,
+and near-copies (features with cosine similarity >= NEAR_COPY to a labelled image's) are
+never suggested. Nothing here branches on the label shape: the Task says what uncertainty
+is, how many fits it needs, how a prediction reads and which CSV column holds labels.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans, kmeans_plusplus
 from sklearn.decomposition import PCA
 
-from visiontune.bundle import load_bundle, run_splits
+from visiontune.bundle import load_bundle, run_left_out, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST, DataSource, excluded_lines
 from visiontune.data.pool import reason_counts, unlabelled_pool
@@ -57,7 +58,7 @@ from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
-from visiontune.train.features import backbone_features
+from visiontune.train.features import backbone_features, readable_features
 from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class _Known:
     labels: list[Any]  # of the labelled train + valid images, what a probe may fit
     fit_rows: list[int]  # their rows in `paths`
     head: torch.nn.Module | None = None  # the run's head
+    left_out: list[str] = field(default_factory=list)  # what the run left out by --exclude: never suggested
 
 
 def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
@@ -138,11 +140,11 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
             method: str = "auto", config: RunConfig | None = None, **overrides: Any) -> Suggestions:
     """Rank the images of `pool` (folders searched recursively, or files) and return the `n`
     to label next. `run`: a trained run (its model's uncertainty; its splits.csv images
-    count as labelled). `labelled` / `csv`: images labelled so far (a folder tree or a CSV,
-    as `train` reads them). `output`: the suggestions CSV the result will be written to
-    (`Suggestions.write_csv`): its filled-in rows count as labelled as well. `overrides`:
-    run options (backbone, image_size, seed, cache_dir...) for the frozen model when there
-    is no run."""
+    count as labelled, those it left out by --exclude are never suggested). `labelled` /
+    `csv`: images labelled so far (a folder tree or a CSV, as `train` reads them).
+    `output`: the suggestions CSV the result will be written to (`Suggestions.write_csv`):
+    its filled-in rows count as labelled as well. `overrides`: run options (backbone,
+    image_size, seed, cache_dir...) for the frozen model when there is no run."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if n < 1:
@@ -152,8 +154,10 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     paths, excluded, unreadable = _pool_paths(pool, known)
     _require_pool(paths, pool, excluded + unreadable)
     train = known.cfg.train
-    pool_feats, lab_feats = (backbone_features(known.backbone_name, known.backbone, known.preprocess, part, train)
-                             for part in (paths, known.paths))  # apart: files and a shard-trained run's samples
+    pool_feats, paths, gone = readable_features(known.backbone_name, known.backbone, known.preprocess, paths, train)
+    unreadable += gone  # removed or replaced since the check: skipped and listed as the check's are
+    _require_pool(paths, pool, excluded + unreadable)
+    lab_feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, known.paths, train)
     lab_feats = lab_feats if len(known.paths) else np.zeros((0, pool_feats.shape[1]), np.float32)
     keep = ~_near_copies(pool_feats, lab_feats)
     excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
@@ -287,7 +291,7 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
         bundle = load_bundle(run)
         cfg = RunConfig.create(bundle.config, **overrides) if overrides else (bundle.config or RunConfig())
         known = _Known(cfg, cfg.model.backbone, bundle.model.backbone, bundle.preprocess, bundle.task, [], [], [],
-                       bundle.model.head.eval())
+                       bundle.model.head.eval(), run_left_out(bundle.path))
         _add_labelled(known, run_splits(bundle.path, bundle.task, cfg.data.label_delim), f"the run {run}")
     else:
         cfg = RunConfig.create(config, **overrides)
@@ -336,11 +340,12 @@ def _add_labelled(known: _Known, items: list[tuple[str, Any, str]], where: str) 
 
 
 def _pool_paths(pool: Any, known: _Known) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
-    """The pool's images (data/pool.py: checked, less the labelled ones by path or by the
-    same bytes and exact copies within the pool), as absolute paths; (path, why) for what
-    was left out, and for the files that cannot be read."""
+    """The pool's images (data/pool.py: checked, less the labelled ones and those the run
+    left out by --exclude, by path or by the same bytes, and exact copies within the pool),
+    as absolute paths; (path, why) for what was left out, and for the files that cannot be
+    read."""
     inputs = [str(pool)] if isinstance(pool, (str, os.PathLike)) else [str(p) for p in pool]
-    found = unlabelled_pool(inputs, known.paths, known.cfg.train.cache_dir)
+    found = unlabelled_pool(inputs, known.paths, known.cfg.train.cache_dir, left_out=known.left_out)
     paths = [p if is_shard_item(p) else os.path.abspath(p) for p in found.paths]  # the CSV reads back from anywhere
     return paths, found.excluded, found.unreadable
 

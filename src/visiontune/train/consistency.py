@@ -22,7 +22,9 @@ Under torchrun each process takes its share of the pool (a DistributedSampler, w
 repeats a few images so that every process gets as many) and the counts are merged by
 identity: each pool batch carries its images' rows and the pass through the pool it
 belongs to, so a view is counted once per (pass, row), and the sampler's repeats are not.
-The frozen phases use the pool through label spreading instead (train/pseudo.py).
+The frozen phases use the pool through label spreading instead (train/pseudo.py). A pool
+file that cannot be read when its views are made (removed or replaced since the pool was
+checked) is left out of its batch and listed once, as the pool check lists what it skips.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.data.items import excluded_lines
+from visiontune.data.scan import why_unreadable
 from visiontune.files import write_csv
 from visiontune.runtime.device import autocast, batch_norm_for, to_device
 from visiontune.runtime.distributed import DistEnv, gather
-from visiontune.tasks.base import Task
+from visiontune.tasks.base import Task, unreadable_rows
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,11 @@ class TwoViews:
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weak(image), self.strong(image)
+
+    @staticmethod
+    def blank(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a file that cannot be read stands in as (data/webdata.read_marked): two blank views."""
+        return torch.zeros(3, size, size), torch.zeros(3, size, size)
 
 
 class PoolBatch(NamedTuple):
@@ -86,7 +95,7 @@ class Paired:
         labelled, pool = _cycle(self.train), _passes(self.pool)
         for _ in range(len(self)):
             x, y, *_ = next(labelled)
-            yield x, y, next(pool)
+            yield x, y, next(pool, None)  # None: nothing of the pool can be read any more
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
@@ -96,10 +105,36 @@ def _cycle(loader: Any) -> Iterator[Any]:
 
 def _passes(loader: Any) -> Iterator[PoolBatch]:
     """The pool loader's batches ((weak, strong), target, rows) again and again, as
-    PoolBatches that say which pass they belong to."""
+    PoolBatches that say which pass they belong to. A pool image that cannot be read now
+    (removed or replaced since the pool was checked: the dataset marks it UNREADABLE) is
+    left out of its batch and listed once; a pass that reads nothing ends the batches."""
+    reported: set[int] = set()
     for turn in itertools.count():
-        for (weak, strong), _, rows in loader:
-            yield PoolBatch(weak, strong, torch.as_tensor(rows), turn)
+        read = False
+        for (weak, strong), marks, rows in loader:
+            rows, bad = torch.as_tensor(rows), torch.as_tensor(unreadable_rows(marks))
+            if bad.any():
+                _report_unreadable(loader.dataset, rows[bad].tolist(), reported)
+                weak, strong, rows = weak[~bad], strong[~bad], rows[~bad]
+            if len(rows):
+                read = True
+                yield PoolBatch(weak, strong, rows, turn)
+        if not read:
+            return
+
+
+def _report_unreadable(dataset: Any, rows: list[int], reported: set[int]) -> None:
+    """One warning for the pool files of `rows` not reported yet, as the pool check lists
+    the files it skips (data/pool.py)."""
+    new = sorted(set(rows) - reported)
+    if not new:
+        return
+    reported.update(new)
+    paths = getattr(dataset, "paths", None)
+    lost = [(paths[r], why_unreadable(paths[r])) if paths is not None else (f"pool row {r}", "cannot be read")
+            for r in new]
+    log.warning("%s", "\n".join(["the unlabelled pool (consistency term):",
+                                 *excluded_lines(lost, "skipped", "files that cannot be read")]))
 
 
 class Consistency:

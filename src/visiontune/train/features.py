@@ -34,12 +34,13 @@ from torch import nn
 
 from visiontune.data.loaders import eval_dataset, make_loader, read_ahead
 from visiontune.data.preprocess import Preprocess
-from visiontune.data.scan import ScanCache, digests_of
+from visiontune.data.scan import ScanCache, digests_of, why_unreadable
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
 from visiontune.files import cache_root, guarded, preallocate, touch
 from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
+from visiontune.tasks.base import unreadable_rows
 from visiontune.train.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,12 @@ class FeatureCache:
         """How many of `digests` have a vector here (0 when the cache cannot be read)."""
         return guarded(self.name, lambda: self.store.count_known(digests), 0)
 
-    def digests(self, paths: Sequence[str]) -> list[str]:
-        """Digests of the files' bytes (shard samples: from their index)."""
+    def digests(self, paths: Sequence[str], strict: bool = True) -> list[str]:
+        """Digests of the files' bytes (shard samples: from their index); `strict` False: ""
+        for a file that cannot be read (data/scan.digests_of)."""
         if paths and is_shard_item(paths[0]):
             return shard_digests(list(paths))
-        return digests_of(list(paths), self.scans)
+        return digests_of(list(paths), self.scans, strict)
 
 
 def cache_name(directory: str | os.PathLike[str]) -> str:
@@ -110,13 +112,39 @@ def backbone_features(backbone_name: str, backbone: nn.Module, pre: Preprocess, 
                       train_cfg: Any) -> np.ndarray:
     """(N, D) features of `paths` through `backbone` on the run options' device, engine and
     cache (`train_cfg`: a TrainConfig): what the advisor and `suggest` measure on."""
+    return _features(backbone_name, backbone, pre, paths, train_cfg, False)[0].numpy()
+
+
+def readable_features(backbone_name: str, backbone: nn.Module, pre: Preprocess, paths: Sequence[str],
+                      train_cfg: Any) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """backbone_features of the files that can be read now (an unlabelled pool: files
+    checked earlier may have been removed or replaced since): (their features, their
+    paths, (path, why) of the files skipped)."""
+    feats, stats = _features(backbone_name, backbone, pre, paths, train_cfg, True)
+    return readable_rows(feats.numpy(), list(paths), stats)
+
+
+def _features(backbone_name: str, backbone: nn.Module, pre: Preprocess, paths: Sequence[str], train_cfg: Any,
+              skip_unreadable: bool) -> tuple[torch.Tensor, FeatureStats]:
     device = resolve_device(train_cfg.device)
     prepare_model(backbone, device, train_cfg.channels_last)
     cache = cache_for(backbone_name, backbone, pre, train_cfg.cache_dir)
     batch = train_cfg.batch_size if isinstance(train_cfg.batch_size, int) else 64
-    feats, _ = extract_features(backbone, list(paths), pre, device, cache, batch, train_cfg.num_workers,
-                                train_cfg.channels_last, engine=train_cfg.engine, cache_dir=train_cfg.cache_dir)
-    return feats.numpy()
+    return extract_features(backbone, list(paths), pre, device, cache, batch, train_cfg.num_workers,
+                            train_cfg.channels_last, engine=train_cfg.engine, cache_dir=train_cfg.cache_dir,
+                            skip_unreadable=skip_unreadable)
+
+
+def readable_rows(feats: np.ndarray, paths: list[str],
+                  stats: FeatureStats) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """The rows of `feats` (of `paths`) that hold features, their paths, and (path, why) of
+    the files extract_features skipped (`stats.unreadable`)."""
+    if not stats.unreadable:
+        return feats, paths, []
+    gone = {i for i, _ in stats.unreadable}
+    kept = [i for i in range(len(paths)) if i not in gone]
+    rows = feats[kept] if len(kept) else np.zeros((0, feats.shape[1] if feats.ndim == 2 else 0), np.float32)
+    return rows, [paths[i] for i in kept], [(paths[i], why) for i, why in stats.unreadable]
 
 
 @dataclass
@@ -125,6 +153,7 @@ class FeatureStats:
     misses: int  # computed here
     seconds: float
     left_out: list[int] = field(default_factory=list)  # rows not computed: the deadline came first
+    unreadable: list[tuple[int, str]] = field(default_factory=list)  # (row, why): files skipped (skip_unreadable)
 
 
 @torch.inference_mode()
@@ -141,6 +170,7 @@ def extract_features(
     deadline: float | None = None,
     engine: str = "torch",
     cache_dir: str | os.PathLike[str] | None = None,
+    skip_unreadable: bool = False,
 ) -> tuple[torch.Tensor, FeatureStats]:
     """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode.
 
@@ -151,32 +181,51 @@ def extract_features(
     work stops at the deadline: the rows not computed (a random sample of them) are in
     `stats.left_out` and hold no features. `engine` (runtime/engine.py): what computes the
     missing rows on the CPU, "torch", "onnx" or "auto" (ONNX Runtime when usable; exported
-    once per weights under `cache_dir`'s engines/); all rows cached: nothing is loaded."""
+    once per weights under `cache_dir`'s engines/); all rows cached: nothing is loaded.
+    A file that cannot be read is an error (data/webdata.read_marked: a DataError naming
+    it), or with `skip_unreadable` (the unlabelled pool) a row that holds no features,
+    listed with the reason in `stats.unreadable`."""
     started = time.perf_counter()
     n = len(paths)
     matrix: _Rows = _Rows(n, memmap_dir)
-    digests = cache.digests(paths) if cache else [""] * n
+    digests = cache.digests(paths, strict=not skip_unreadable) if cache else [""] * n
     missing = _cached_rows(matrix, digests, cache)
     if deadline is not None:  # cut short, what was computed is a random sample
         missing = [missing[i] for i in np.random.default_rng(0).permutation(len(missing))]
-    done = np.ones(n, dtype=bool)
-    done[missing] = False
-    writer = _CacheWriter(cache)
     model = frozen_engine(backbone, pre.input_size, device, engine, cache_dir, len(missing)) if missing else backbone
-    for j, row in _compute(model, [paths[i] for i in missing], pre, device, batch_size, num_workers,
-                           channels_last, deadline):
-        matrix.put(missing[j], row)
-        done[missing[j]] = True
-        writer.add(digests[missing[j]], row)
-    writer.flush()
+    done, unreadable = _fill(matrix, _CacheWriter(cache), digests, missing,
+                             _compute(model, [paths[i] for i in missing], pre, device, batch_size, num_workers,
+                                      channels_last, deadline, skip_unreadable))
     left_out = np.flatnonzero(~done).tolist()
     if left_out and not (deadline is not None and time.perf_counter() > deadline):
         raise DataError(f"{len(left_out)} of {n} images yielded no features (e.g. {paths[left_out[0]]}): their "
                         "shards do not hold what the index lists; write the shards again with `visiontune shard`")
-    stats = FeatureStats(n - len(missing), len(missing) - len(left_out), time.perf_counter() - started, left_out)
-    log.info("features: %d cached, %d computed%s (%.1fs)", stats.hits, stats.misses,
-             (" by ONNX Runtime" if model is not backbone else " by PyTorch") if missing else "", stats.seconds)
+    computed = len(missing) - len(left_out) - len(unreadable)
+    stats = FeatureStats(n - len(missing), computed, time.perf_counter() - started, left_out,
+                         [(i, why_unreadable(paths[i])) for i in unreadable])
+    log.info("features: %d cached, %d computed%s%s (%.1fs)", stats.hits, stats.misses,
+             (" by ONNX Runtime" if model is not backbone else " by PyTorch") if missing else "",
+             f", {len(unreadable)} files skipped (cannot be read)" if unreadable else "", stats.seconds)
     return matrix.tensor(), stats
+
+
+def _fill(matrix: _Rows, writer: _CacheWriter, digests: list[str], missing: list[int],
+          computed: Iterator[tuple[int, np.ndarray | None]]) -> tuple[np.ndarray, list[int]]:
+    """Put each computed row into `matrix` and the cache; (which rows are done, the rows
+    whose file could not be read)."""
+    done = np.ones(len(digests), dtype=bool)
+    done[missing] = False
+    unreadable = []
+    for j, row in computed:
+        i = missing[j]
+        done[i] = True
+        if row is None:
+            unreadable.append(i)
+            continue
+        matrix.put(i, row)
+        writer.add(digests[i], row)
+    writer.flush()
+    return done, unreadable
 
 
 class _CacheWriter:
@@ -186,7 +235,7 @@ class _CacheWriter:
         self.cache, self.pending = cache, []  # type: FeatureCache | None, list[tuple[str, np.ndarray]]
 
     def add(self, digest: str, row: np.ndarray) -> None:
-        if self.cache is not None:
+        if self.cache is not None and digest:  # "": the file could not be hashed (read since): nothing to key by
             self.pending.append((digest, row))
             if len(self.pending) >= SHARD_ROWS:
                 self.flush()
@@ -213,20 +262,23 @@ def _cached_rows(matrix: _Rows, digests: list[str], cache: FeatureCache | None) 
 
 
 def _compute(backbone: nn.Module, paths: list[str], pre: Preprocess, device: torch.device, batch_size: int,
-             num_workers: int | None, channels_last: bool,
-             deadline: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
+             num_workers: int | None, channels_last: bool, deadline: float | None = None,
+             skip_unreadable: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
     """(index into `paths`, backbone features) of the paths (eval mode, eval transform), in
     the order the loader reads (shard samples: as their shards stream them), until
     `deadline`; the loader yields each image's row, so no row is paired with another
-    image's features."""
+    image's features. `skip_unreadable`: a file that does not load gives None, not an error."""
     if not paths:
         return
+    dataset = eval_dataset(paths, None, pre, mark_unreadable=skip_unreadable)
     with eval_mode(backbone):  # each module's own mode back afterwards, also when the caller stops early
-        for x, _, rows in read_ahead(make_loader(eval_dataset(paths, None, pre), batch_size, num_workers, device)):
+        for x, marks, rows in read_ahead(make_loader(dataset, batch_size, num_workers, device)):
             if deadline is not None and time.perf_counter() > deadline:
                 log.warning("time budget: feature extraction stopped at the deadline")
                 break
-            yield from zip(rows.tolist(), backbone(to_device(x, device, channels_last)).float().cpu().numpy())
+            feats = backbone(to_device(x, device, channels_last)).float().cpu().numpy()
+            bad = unreadable_rows(marks).tolist()
+            yield from ((row, None if gone else f) for row, f, gone in zip(rows.tolist(), feats, bad))
 
 
 class _Rows:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 
 from visiontune.config import RunConfig
-from visiontune.data.items import TRAIN, VALID, DataSource, Item
+from visiontune.data.items import LISTED_IN_EXCLUDE, TRAIN, VALID, DataSource, Item, excluded_lines
 from visiontune.data.loaders import ImageDataset, eval_dataset, make_loader, mix_seed, train_dataset
 from visiontune.data.pool import Pool, reason_counts, unlabelled_pool
 from visiontune.data.preprocess import Preprocess
@@ -29,7 +29,7 @@ from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
 from visiontune.train.consistency import TwoViews
-from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features
+from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class RunData:
         views = TwoViews(train_transform(pre, "light", t.hflip, t.min_scale),
                          train_transform(pre, "medium", t.hflip, t.min_scale))
         pool = train_dataset(self._pool_files(), None, pre, "light", t.hflip, t.min_scale, t.image_cache, t.cache_dir,
-                             transform=views)
+                             transform=views, mark_unreadable=True)  # a file gone since the check: skipped, listed
         seed = mix_seed(self.cfg.seed, POOL_STREAM)
         if self.env.launched:
             return self._distributed_loader(pool, seed)
@@ -279,9 +279,9 @@ class RunData:
     def _find_pool(self) -> Pool:
         """--unlabeled: the pool's images (data/pool.py), found and checked before any phase
         runs: a file that does not decode is skipped and listed (as the data summary lists
-        labelled files), and the run's own images (every split), the files its data leaves
-        out by --exclude, and copies of any of them under other names stay out."""
-        excluded = [p for p, why in self.source.excluded if why.startswith("listed in --exclude")]  # data/sources.py
+        labelled files), and the run's own images (every split), the files --exclude lists
+        (in the data or in the pool), and copies of any of them under other names stay out."""
+        excluded = [p for p, why in self.source.excluded if why.startswith(LISTED_IN_EXCLUDE)]  # data/sources.py
         pool = unlabelled_pool([str(self.cfg.data.unlabeled)], [it.path for it in self.source.items],
                                self.cfg.train.cache_dir, left_out=excluded, verify=self.cfg.data.verify_images)
         if self.env.is_main:
@@ -299,13 +299,28 @@ class RunData:
 
     def _pool(self) -> tuple[list[str], np.ndarray]:
         """--unlabeled: the pool's image files (`_pool_files`) and their features (through the
-        feature cache)."""
-        paths = self._pool_files()
-        t = self.cfg.train
-        feats, _ = extract_features(self.model.backbone, paths, self.preprocess, self.device,
-                                    self._cache() if t.feature_cache else None, t.batch_size, t.num_workers,
-                                    t.channels_last, engine=t.engine, cache_dir=t.cache_dir)
-        return paths, np.asarray(feats)
+        feature cache). A file that cannot be read now (removed, or replaced by one that
+        does not decode, since the pool was checked) is skipped from here on and listed."""
+        t, paths = self.cfg.train, self._pool_files()
+        feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device,
+                                        self._cache() if t.feature_cache else None, t.batch_size, t.num_workers,
+                                        t.channels_last, engine=t.engine, cache_dir=t.cache_dir, skip_unreadable=True)
+        feats, paths, lost = readable_rows(np.asarray(feats), paths, stats)
+        if lost:
+            self._lose(lost)
+        return paths, feats
+
+    def _lose(self, lost: list[tuple[str, str]]) -> None:
+        """Pool files found unreadable after the check: out of the pool, listed as the check
+        lists what it skips; a pool left with nothing is the error an empty pool is."""
+        assert self.pool is not None, "_lose without --unlabeled"
+        self.pool.lose(lost)
+        if self.env.is_main:
+            log.warning("%s", "\n".join([f"the unlabelled pool holds {len(self.pool.paths)} images to learn from now",
+                                         *excluded_lines(lost, "skipped", "files that cannot be read")]))
+        if not self.pool.paths:
+            raise DataError(f"--unlabeled {self.cfg.data.unlabeled}: none of the pool's images can be read now "
+                            "(removed or replaced since the run checked them); give a folder of images to learn from")
 
     def _share_of_deadline(self, train: int, valid: int) -> float | None:
         """When extracting training features must stop so that validation features get
