@@ -177,8 +177,9 @@ def add_host_options(p: argparse.ArgumentParser, port: int, what: str) -> None:
                    "only; 0.0.0.0 every network interface, so anyone who can reach the port can use the page")
     p.add_argument("--port", type=int, default=port, help=f"port to listen on ({port})")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help=f"also answer requests addressed to NAME (this machine's name or address as others type it; "
-                   f"'*' any; repeatable). Only localhost, 127.0.0.1, [::1] and --host are answered otherwise (400): "
+                   help=f"also answer requests addressed to NAME (this machine's name or address as others type it, "
+                   f"without port: a URL or port given is reduced to the name; '*.example.com' a domain, '*' any; "
+                   f"repeatable). Only localhost, 127.0.0.1, [::1] and --host are answered otherwise (400): "
                    f"{what}, and another web site must not reach it through DNS rebinding")
 
 
