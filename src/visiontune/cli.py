@@ -191,7 +191,8 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3, help="most probable labels shown per image (default 3)")
     p.add_argument("--output", help="also write the predictions to a .csv or .json file, row by row as they come "
-                   "(the file is replaced only when complete)")
+                   "(the file is replaced only when complete). In the CSV, a label a spreadsheet would run as a "
+                   "formula (starting with = + - @) is written with a leading ' (visiontune reads it back without it)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image "
                    "(center, mirrored, whole image, mirrored); ~4x the time")
     p.add_argument("--batch-size", type=int, default=64)
