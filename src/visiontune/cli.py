@@ -142,9 +142,10 @@ def _add_suggest_command(sub: Any) -> None:
                    "diverse; typical: the most typical image of each unlabelled cluster (TypiClust); uncertain: "
                    "the model's least sure; diverse: least sure and unlike each other (uncertainty-weighted "
                    "k-means++); random: a seeded sample")
-    p.add_argument("--output", default="to_label.csv", help="CSV to write: path, label (empty: fill it in), "
-                   "prediction, reason, score (to_label.csv); the rows filled in so far are kept first and count "
-                   "as labelled, besides --run, --labelled and --csv")
+    p.add_argument("--output", default="to_label.csv", help="CSV to write: path, the task's label column (label; "
+                   "labels for label sets, an image with none written (none); value for numbers; empty: not labelled "
+                   "yet, fill it in), prediction, reason, score (to_label.csv); the rows filled in so far are kept "
+                   "first and count as labelled, besides --run, --labelled and --csv")
     for flag, what in (("--backbone", "frozen model without --run (the default backbone)"),
                        ("--weights", "its weights (pretrained)"), ("--image-size", "its input size"),
                        ("--task", "shape of the --labelled labels (auto)"), ("--label-delim", "separator of label sets"),
@@ -166,7 +167,8 @@ def _add_review_command(sub: Any) -> None:
                    "and guesses in the CSV)")
     p.add_argument("--task", choices=task_choices(), default="auto", help="--label: the shape of the CSV's labels, "
                    "which says how a label is given (a class chosen, the labels of a set toggled, a number typed); "
-                   "auto: as train --csv reads the file (a 'labels' column holds label sets, else classes)")
+                   "auto: as train --csv reads the file (a 'labels' column holds label sets, a 'value' column numbers, else "
+                   "classes)")
     p.add_argument("--label-delim", default=" ", help="--label: separator of the labels of a set (' ')")
     add_host_options(p, 8001, "the page can relabel")
 

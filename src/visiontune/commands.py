@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -90,9 +91,12 @@ def suggest_labels(args: argparse.Namespace) -> int:
                      csv=args.csv, output=args.output, n=args.n, method=args.method, **overrides)
     kept = result.write_csv(args.output)
     print(result.format())
+    shape = f"{shlex.quote(args.output)} --task {result.task}" + (
+        f" --label-delim {shlex.quote(args.label_delim)}" if args.label_delim else "")
     print(f"wrote {args.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
-          + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), then "
-          f"`visiontune train --csv {args.output} --task {result.task}` trains on the rows you filled in")
+          + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), or label "
+          f"them in the browser with `visiontune review --label {shape}`; then `visiontune train --csv {shape}` "
+          "trains on the rows you filled in")
     return 0
 
 
