@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -122,6 +126,63 @@ def serve_in_thread(app):
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     return port, server, thread
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A `visiontune` command serving a page in a process of its own (`python -m
+    visiontune ... --port P`), its output in `log`; requests go to 127.0.0.1:P."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path | None = None, timeout: float = 120) -> None:
+        self.port, self.log = free_port(), log
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p),
+               "PYTHONUNBUFFERED": "1"}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "visiontune", *args, "--port", str(self.port)],
+                                         cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise AssertionError(f"the server did not start: {self.output()}") from None
+                time.sleep(0.2)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def request(self, method: str, path: str, body: object = None, host: str | None = None,
+                port: int | None = None, address: str = "127.0.0.1") -> tuple[int, object]:
+        """(status, the JSON answer, else its text)."""
+        conn = http.client.HTTPConnection(address, port or self.port, timeout=60)
+        headers = {"Host": host} if host else {}
+        data = None if body is None else json.dumps(body)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        answer = conn.getresponse()
+        text = answer.read().decode()
+        try:
+            return answer.status, json.loads(text)
+        except ValueError:
+            return answer.status, text
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class StopAfter(Callback):

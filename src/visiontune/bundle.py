@@ -126,7 +126,7 @@ def run_splits(run: str | os.PathLike[str], task: Task, delim: str = " ") -> lis
     if not path.is_file():
         return []
     base = working_folder(run)
-    return [(_from(base, r["path"]), task.parse_label(r["label"], delim, "splits.csv"), r["split"])
+    return [(from_folder(base, r["path"]), task.parse_label(r["label"], delim, "splits.csv"), r["split"])
             for r in read_csv_dicts(path)]
 
 
@@ -139,7 +139,7 @@ def run_left_out(run: str | os.PathLike[str]) -> list[str]:
         return []
     base = working_folder(run)
     rows = (line.rpartition("\t") for line in path.read_text(encoding="utf-8").splitlines())
-    return [_from(base, file) for file, _, why in rows if file and why.startswith(LISTED_IN_EXCLUDE)]
+    return [from_folder(base, file) for file, _, why in rows if file and why.startswith(LISTED_IN_EXCLUDE)]
 
 
 def working_folder(run: str | os.PathLike[str]) -> str | None:
@@ -153,10 +153,11 @@ def working_folder(run: str | os.PathLike[str]) -> str | None:
     return folder if isinstance(folder, str) and folder else None
 
 
-def _from(base: str | None, path: str) -> str:
-    """A splits.csv path as it reads from the current folder: a relative one joined to the
-    run's working folder when that is another one (`suggest --run`, `interpret`, `review`
-    from elsewhere), else as written."""
+def from_folder(base: str | None, path: str) -> str:
+    """A path written relative to the folder `base` (a run's splits.csv: its working
+    folder; interpret's views: the folder interpret ran in) as it reads from the current
+    folder: a relative one joined to `base` when that is another folder (`suggest --run`,
+    `interpret`, `review` from elsewhere), else as written."""
     if base is None or os.path.isabs(path) or os.path.abspath(base) == os.getcwd():
         return path
     return os.path.join(base, path)

@@ -143,9 +143,10 @@ def _add_suggest_command(sub: Any) -> None:
                    "diverse; typical: the most typical image of each unlabelled cluster (TypiClust); uncertain: "
                    "the model's least sure; diverse: least sure and unlike each other (uncertainty-weighted "
                    "k-means++); random: a seeded sample")
-    p.add_argument("--output", default="to_label.csv", help="CSV to write: path, label (empty: fill it in), "
-                   "prediction, reason, score (to_label.csv); the rows filled in so far are kept first and count "
-                   "as labelled, besides --run, --labelled and --csv")
+    p.add_argument("--output", default="to_label.csv", help="CSV to write: path, the task's label column (label; "
+                   "labels for label sets, an image with none written (none); value for numbers; empty: not labelled "
+                   "yet, fill it in), prediction, reason, score (to_label.csv); the rows filled in so far are kept "
+                   "first and count as labelled, besides --run, --labelled and --csv")
     for flag, what in (("--backbone", "frozen model without --run (the default backbone)"),
                        ("--weights", "its weights (pretrained)"), ("--image-size", "its input size"),
                        ("--task", "shape of the --labelled labels (auto)"), ("--label-delim", "separator of label sets"),
@@ -167,7 +168,8 @@ def _add_review_command(sub: Any) -> None:
                    "and guesses in the CSV)")
     p.add_argument("--task", choices=task_choices(), default="auto", help="--label: the shape of the CSV's labels, "
                    "which says how a label is given (a class chosen, the labels of a set toggled, a number typed); "
-                   "auto: as train --csv reads the file (a 'labels' column holds label sets, else classes)")
+                   "auto: as train --csv reads the file (a 'labels' column holds label sets, a 'value' column numbers, else "
+                   "classes)")
     p.add_argument("--label-delim", default=" ", help="--label: separator of the labels of a set (' ')")
     add_host_options(p, 8001, "the page can relabel")
 
@@ -178,8 +180,9 @@ def add_host_options(p: argparse.ArgumentParser, port: int, what: str) -> None:
                    "only; 0.0.0.0 every network interface, so anyone who can reach the port can use the page")
     p.add_argument("--port", type=int, default=port, help=f"port to listen on ({port})")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help=f"also answer requests addressed to NAME (this machine's name or address as others type it; "
-                   f"'*' any; repeatable). Only localhost, 127.0.0.1, [::1] and --host are answered otherwise (400): "
+                   help=f"also answer requests addressed to NAME (this machine's name or address as others type it, "
+                   f"without port: a URL or port given is reduced to the name; '*.example.com' a domain, '*' any; "
+                   f"repeatable). Only localhost, 127.0.0.1, [::1] and --host are answered otherwise (400): "
                    f"{what}, and another web site must not reach it through DNS rebinding")
 
 
@@ -191,7 +194,8 @@ def _add_use_commands(sub: Any) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3, help="most probable labels shown per image (default 3)")
     p.add_argument("--output", help="also write the predictions to a .csv or .json file, row by row as they come "
-                   "(the file is replaced only when complete)")
+                   "(the file is replaced only when complete). In the CSV, a label a spreadsheet would run as a "
+                   "formula (starting with = + - @) is written with a leading ' (visiontune reads it back without it)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image "
                    "(center, mirrored, whole image, mirrored); ~4x the time")
     p.add_argument("--batch-size", type=int, default=64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from visiontune.config import cli_option_keys
 from visiontune.errors import ConfigError
 from visiontune.files import atomic_write, write_csv, write_json
-from visiontune.web import allowed_hosts, serve_app
+from visiontune.web import allowed_hosts, page_url, reach_note, serve_app
 
 if TYPE_CHECKING:
     from visiontune.config import RunConfig
@@ -93,9 +94,12 @@ def suggest_labels(args: argparse.Namespace) -> int:
                      csv=args.csv, output=args.output, n=args.n, method=args.method, **overrides)
     kept = result.write_csv(args.output)
     print(result.format())
+    shape = f"{shlex.quote(args.output)} --task {result.task}" + (
+        f" --label-delim {shlex.quote(args.label_delim)}" if args.label_delim else "")
     print(f"wrote {args.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
-          + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), then "
-          f"`visiontune train --csv {args.output} --task {result.task}` trains on the rows you filled in")
+          + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), or label "
+          f"them in the browser with `visiontune review --label {shape}`; then `visiontune train --csv {shape}` "
+          "trains on the rows you filled in")
     return 0
 
 
@@ -118,9 +122,8 @@ def review_labels(args: argparse.Namespace) -> int:
         app = create_review_app(args.label, [c.strip() for c in args.classes.split(",") if c.strip()]
                                 if args.classes else None, args.task, args.label_delim)
         where = f"answers go into {args.label}"
-    print(f"review: http://{args.host}:{args.port}/  ({where} at once; Ctrl+C stops)\n"
-          f"answering requests addressed to {', '.join(allowed_hosts(args.host, args.allowed_host))} "
-          "(--allowed-host adds a name)")
+    print(f"review: {page_url(args.host, args.port)}  ({where} at once; Ctrl+C stops)\n"
+          + reach_note(args.host, args.port, allowed_hosts(args.host, args.allowed_host)))
     serve_app(app, args.host, args.port, args.allowed_host, "review")
     return 0
 
@@ -248,8 +251,8 @@ def serve_run(args: argparse.Namespace) -> int:
 
     allowed_hosts(args.host, args.allowed_host)  # a bad --allowed-host is an error before the work starts
     app = create_app(args.run, args.top_k, max_pixels=args.max_pixels, max_pending=args.max_pending)  # a bad run too
-    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops), answering requests addressed to "
-          f"{', '.join(allowed_hosts(args.host, args.allowed_host))} (--allowed-host adds a name)")
+    print(f"serving {args.run} on {page_url(args.host, args.port)} (Ctrl-C stops)\n"
+          + reach_note(args.host, args.port, allowed_hosts(args.host, args.allowed_host)))
     serve_app(app, args.host, args.port, args.allowed_host)
     return 0
 

@@ -136,8 +136,9 @@ class DataConfig:
                                                 "pseudo-label (from its weakly augmented view) counts in the loss "
                                                 "of its strongly augmented view when the model is this sure "
                                                 "(FixMatch's 0.95)", ge=0.0, le=1.0)
-    exclude: str | None = option(None, "file listing images to leave out (a CSV whose 1st column is the path, as "
-                                       "review writes exclude.txt; or one path per line); those of the --unlabeled "
+    exclude: str | None = option(None, "file listing images to leave out: a CSV whose header names the path "
+                                       "column (as review writes exclude.txt: path), or one path per line, as "
+                                       "written (no header; a comma is part of the path); those of the --unlabeled "
                                        "pool, and their copies, stay out of the pool")
     valid: str | None = option(None, "validation shards when DATA is a shard pattern, e.g. "
                                       "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")

@@ -7,6 +7,7 @@ format --exclude reads."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,45 @@ def test_a_torn_last_record_is_dropped_and_the_next_starts_on_its_own_line(
     assert [r["path"] for r in records(tmp_path)] == ["a.png", "b.png", "c.png"]
     assert read_csv(tmp_path / "review" / "kept.txt") == [["path"], ["c.png"]]
     log.write_text(log.read_text() + "not json\n")
-    with pytest.raises(DataError, match=r"decisions.jsonl:4 is not a review decision"):
+    with pytest.raises(DataError, match=r"decisions.jsonl:4 is not a review decision") as error:
         Decisions(tmp_path)
+    # the advice works (audit of issue 34: "remove the file to start the review over" did not:
+    # the derived files were read back into a new log)
+    assert f"remove the folder {tmp_path / 'review'}" in str(error.value)
+    shutil.rmtree(tmp_path / "review")
+    assert Decisions(tmp_path).latest() == {} and not (tmp_path / "review" / "decisions.jsonl").exists()
+
+
+def test_hand_edits_of_the_files_are_taken_into_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A row added by hand to corrections.csv or exclude.txt (a label changed too) is a
+    decision, taken into the log at the next decision, with a warning; a row removed by
+    hand comes back with a warning saying to change the decision on the page (audit of
+    issue 34: the next decision rewrote the files from the log and hand edits were lost)."""
+    decisions = Decisions(tmp_path)
+    decisions.record("a.png", "relabel", "red")
+    decisions.record("b.png", "exclude")
+    decisions.record("g.png", "relabel", "green")
+    review = tmp_path / "review"
+    with open(review / "corrections.csv", "a") as fh:
+        fh.write("c.png,blue\n")
+    (review / "corrections.csv").write_text((review / "corrections.csv").read_text().replace("g.png,green",
+                                                                                           "g.png,red"))
+    (review / "exclude.txt").write_text('path\n"d, e.png"\n')  # b.png removed, d added (as a CSV, by hand)
+    with caplog.at_level("WARNING"):
+        Decisions(tmp_path).record("f.png", "keep")  # another page (process) on the run
+    assert read_csv(review / "corrections.csv") == [["path", "label"], ["a.png", "red"], ["c.png", "blue"],
+                                                    ["g.png", "red"]]
+    assert sorted(read_csv(review / "exclude.txt")[1:]) == [["b.png"], ["d, e.png"]]
+    assert {r["path"]: (r["decision"], r["label"]) for r in records(tmp_path)} == {
+        "a.png": ("relabel", "red"), "b.png": ("exclude", ""), "c.png": ("relabel", "blue"),
+        "d, e.png": ("exclude", ""), "f.png": ("keep", ""), "g.png": ("relabel", "red")}
+    assert "taken as decisions" in caplog.text and "relabel c.png blue" in caplog.text
+    assert "removed by hand from exclude.txt come back (e.g. b.png)" in caplog.text
+    assert "change the decision on the review page" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        decisions.record("h.png", "keep")  # nothing edited since: no warning, nothing taken
+    assert caplog.text == "" and len(records(tmp_path)) == 8
 
 
 def test_two_pages_on_one_run_keep_each_others_decisions(tmp_path: Path) -> None:

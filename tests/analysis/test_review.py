@@ -14,13 +14,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import CHROMIUM_FLAGS, chromium, make_class_folders, serve_in_thread
+from conftest import CHROMIUM_FLAGS, ServerProcess, chromium, make_class_folders, serve_in_thread
 from visiontune.analysis.review import create_review_app
 from visiontune.cli import build_parser
 from visiontune.config import DataConfig
@@ -107,23 +108,92 @@ def test_labelling_in_headless_chromium(tmp_path: Path) -> None:
 def test_digit_keys_never_store_another_number(tmp_path: Path) -> None:
     """Numbers in a 'label' column read as class names under --task auto: the buttons are
     string-sorted (10, 2.5, 3, 7), so the digit 2 must not pick the second one (2.5): with
-    class names that are numbers, digits are typed; pressing 2 and Enter stores 2."""
+    class names that are numbers, digits are typed; pressing 2 and Enter stores 2. The help
+    line says so, and skipping is Esc (an `s` is typed into the box: audit of issue 34, it
+    was then stored as the label "s" while the help said "1-9: that class · s: skip")."""
     playwright = pytest.importorskip("playwright.sync_api")
-    out = suggestions(tmp_path, given="10", guess="7")
+    out = suggestions(tmp_path, given="10", guess="7", extra=1)
     with open(out, "a", newline="") as fh:
         csv.writer(fh).writerow([str(tmp_path / "labelled_elsewhere.png"), "2.5", "3", "", ""])
     web = Page(playwright, create_review_app(out))
     try:
-        web.open(3)
+        web.open(4)
         assert web.page.evaluate("SPEC.classes") == ["10", "2.5", "3", "7"] and not web.page.evaluate("SPEC.keys")
+        help_line = web.page.inner_text("#help")
+        assert "1-9" not in help_line and "digits are typed" in help_line and "Esc: skip" in help_line
+        assert "s or Esc" not in help_line
         web.page.keyboard.press("2")
         web.page.keyboard.press("Enter")
-        web.at(2, 3)
+        web.at(2, 4)
         web.page.keyboard.press("Enter")  # the guess, typed nothing
-        web.at(3, 3)
+        web.at(3, 4)
+        web.page.keyboard.press("s")  # typed: a class may hold an s
+        assert web.page.input_value("#text") == "s"
+        web.page.keyboard.press("Escape")  # skips
+        web.at(4, 4)
+        web.page.click("#skip")
+        assert "2 labelled, 2 skipped" in web.done()
     finally:
         web.close()
-    assert [r["label"] for r in read(out)][1:3] == ["2", "7"]
+    assert [r["label"] for r in read(out)][1:5] == ["2", "7", "", ""] and web.alerts == []
+
+
+def test_classes_added_to_the_file_get_a_button(tmp_path: Path) -> None:
+    """A class labelled in the file after the page started (a spreadsheet, another page)
+    gets a button at the next answer, and after a reload: the buttons come with the queue
+    (audit of issue 34: they were fixed at start-up, reload or not)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = suggestions(tmp_path, extra=1)
+    web = Page(playwright, create_review_app(out))
+    try:
+        web.open(4)
+        buttons = "[...document.querySelectorAll('#classes button')].map((b) => b.dataset.name)"
+        assert web.page.evaluate(buttons) == ["green", "red"]
+        with open(out, "a", newline="") as fh:
+            csv.writer(fh).writerow([str(tmp_path / "elsewhere.png"), "purple", "", "", ""])
+        web.page.keyboard.press("Enter")
+        web.at(2, 4)
+        assert web.page.evaluate(buttons) == ["green", "purple", "red"]
+        web.page.keyboard.press("2")  # the second button: purple
+        web.at(3, 4)
+        web.open(2)  # a reload
+        assert web.page.evaluate(buttons) == ["green", "purple", "red"]
+    finally:
+        web.close()
+    assert [r["label"] for r in read(out)][1:3] == ["red", "purple"] and web.alerts == []
+
+
+def test_a_set_with_no_label_is_an_answer_and_an_empty_cell_is_not(tmp_path: Path) -> None:
+    """Label sets: toggling every label off and pressing Enter saves the empty set, written
+    (none) (audit of issue 34: refused, so an image with none of the labels could never be
+    recorded); a row left unanswered (skipped) stays an empty cell, which train --csv leaves
+    out as not labelled yet (it trained as "no labels", though suggest says it trains on
+    the rows filled in)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = suggestions(tmp_path, label="labels", given="green red", guess="red")
+    web = Page(playwright, create_review_app(out))
+    try:
+        web.open(3)
+        web.page.keyboard.press("2")  # red off: the set is empty
+        assert "(none)" in web.page.inner_text("#chosen")
+        web.page.keyboard.press("Enter")
+        web.at(2, 3)
+        web.page.keyboard.press("1")  # + green
+        web.page.keyboard.press("Enter")
+        web.at(3, 3)
+        web.page.keyboard.press("s")  # skipped: unanswered
+        web.done()
+    finally:
+        web.close()
+    assert web.alerts == []
+    assert [r["labels"] for r in read(out)] == ["green red", "(none)", "green red", ""]
+    source = load_items(DataConfig(csv=str(out), valid_pct=0.0), min_classes=1)  # what train --csv reads
+    labels = {Path(it.path).name: it.label for it in source.items}
+    rows = read(out)
+    assert labels == {Path(rows[0]["path"]).name: ("green", "red"), Path(rows[1]["path"]).name: (),
+                      Path(rows[2]["path"]).name: ("green", "red")}
+    assert any("not labelled yet" in why for _, why in source.excluded)
+    assert source.task == "multi-label"
 
 
 def test_numbers_are_typed_and_checked_with_task_regression(tmp_path: Path) -> None:
@@ -221,12 +291,21 @@ def test_the_api_serves_only_the_files_rows_and_refuses_bad_input(tmp_path: Path
     assert client.get("/image/1").status_code == 200 and client.get("/image/0").status_code == 200
     assert client.get("/image/99").status_code == 404 and client.get("/image/-1").status_code == 404
     assert client.post("/api/label", json={"id": 1, "label": " "}).status_code == 400
-    assert client.post("/api/label", json={"id": 1, "label": "blue"}).json() == {"ok": True, "remaining": 2}
+    before = out.read_bytes()
+    for bad, what in ((None, "not null"), (["red"], "not a list"), ({"a": 1}, "not an object"), (3, "not a number")):
+        answer = client.post("/api/label", json={"id": 1, "label": bad})  # stored as 'None', "['red']"... before
+        assert answer.status_code == 400 and what in answer.json()["detail"], (bad, answer.json())
+    assert out.read_bytes() == before
+    answer = client.post("/api/label", json={"id": 1, "label": "blue"}).json()
+    assert answer["ok"] and answer["remaining"] == 2 and answer["spec"]["classes"] == ["blue", "green", "red"]
     assert read(out)[1]["label"] == "blue"
     other = tmp_path / "other.csv"
     other.write_text("file,class\na.png,red\n")
     with pytest.raises(DataError, match="not a suggestions CSV"):
         create_review_app(other)
+    out.write_bytes(out.read_text().replace("green", "grün").encode("cp1252"))  # re-saved by Excel's plain "CSV"
+    answer = client.get("/api/queue")  # a 500 before
+    assert answer.status_code == 400 and "is not UTF-8" in answer.json()["detail"]
 
 
 def _free_port() -> int:
@@ -272,3 +351,37 @@ def test_the_server_answers_only_the_hosts_it_is_told(tmp_path: Path, capsys: py
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--help"])
         assert "--allowed-host NAME" in capsys.readouterr().out
+
+
+def test_two_pages_on_one_file_lose_no_answer(tmp_path: Path) -> None:
+    """Two `review --label` processes on one CSV answer different rows at the same moment:
+    every answer is in the file (audit of issue 34: the check that nobody wrote the file
+    and its replacement were two steps with no lock between processes; 193 of 200 answers
+    landed)."""
+    out, n = tmp_path / "many.csv", 300
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "prediction", "reason", "score"])
+        w.writerows([f"img_{i:03d}.png", "", "red", "typical", "1"] for i in range(n))
+    servers = [ServerProcess(["review", "--label", str(out)], tmp_path / f"page{k}.log") for k in range(2)]
+    try:
+        ids = [{it["name"]: it["id"] for it in server.request("GET", "/api/queue")[1]["items"]} for server in servers]
+        answers: list[tuple[int, object]] = []
+
+        def answer(k: int) -> None:
+            for i in range(k, n, 2):
+                name = f"img_{i:03d}.png"
+                answers.append(servers[k].request("POST", "/api/label", {"id": ids[k][name], "label": f"c{i}"}))
+
+        threads = [threading.Thread(target=answer, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for server in servers:
+            server.stop()
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    labels = {r["path"]: r["label"] for r in read(out)}
+    lost = [p for p, label in labels.items() if label != f"c{int(p[4:7])}"]
+    assert len(labels) == n and lost == [], f"{len(lost)} answers lost"

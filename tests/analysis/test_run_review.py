@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from conftest import (
     CHROMIUM_FLAGS,
     COLORS,
     TINY,
+    ServerProcess,
     chromium,
     make_class_folders,
     make_image,
@@ -32,6 +35,7 @@ from visiontune.analysis.run_review import create_run_review_app
 from visiontune.cli import main
 from visiontune.config import DataConfig
 from visiontune.data.sources import load_items
+from visiontune.errors import DataError
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -129,14 +133,24 @@ def test_single_label_by_keyboard_then_a_retrain_uses_it(colour_run: tuple, tmp_
     assert excluded not in rows and len(rows) == 25
 
 
-def test_multi_label_enter_writes_the_resulting_set_and_digits_toggle(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def label_set_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Label sets (blue, green, red squares) and a run on them."""
+    tmp = tmp_path_factory.mktemp("sets")
+    data = make_multilabel_data(tmp / "ml", n=36)
+    run = Path(vt.fit(data, csv="labels.csv", **dict(TINY, strategy="feature-extract", epochs=2,
+                                                       output=str(tmp / "runs"))).run_dir)
+    vt.interpret(run, device="cpu")
+    return data, run
+
+
+def test_multi_label_enter_writes_the_resulting_set_and_digits_toggle(label_set_run: tuple, tmp_path: Path) -> None:
     """A label set's suggestion is the given set with the suspected changes applied: Enter
     writes that set (not "+dog -cat"), a digit toggles one label of the set shown, and
     what train --relabel reads is the set the page showed."""
     playwright = pytest.importorskip("playwright.sync_api")
-    data = make_multilabel_data(tmp_path / "ml", n=36)
-    run = Path(vt.fit(data, csv="labels.csv", **dict(TINY, strategy="feature-extract", epochs=2,
-                                                       output=str(tmp_path / "runs"))).run_dir)
+    data, run = label_set_run
+    run = _copy(run, tmp_path)
     web = Browser(playwright, create_run_review_app(run, device="cpu"))
     try:
         queue = web.open()
@@ -187,6 +201,10 @@ def test_regression_enter_keeps_every_digit_and_typed_numbers_are_numbers(tmp_pa
     text that is no number is refused; train --relabel reads each one."""
     playwright = pytest.importorskip("playwright.sync_api")
     data = make_numbers(tmp_path / "reg")
+    rows = list(csv.reader(open(data / "targets.csv", newline="")))
+    rows[1][1] = str(20 - 3 * float(rows[1][1]))  # a target far from what its image shows: a suspect
+    with open(data / "targets.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
     run = Path(vt.fit(data, csv="targets.csv", task="regression",
                       **dict(TINY, strategy="feature-extract", epochs=2, output=str(tmp_path / "runs"))).run_dir)
     web = Browser(playwright, create_run_review_app(run, device="cpu"))
@@ -194,6 +212,9 @@ def test_regression_enter_keeps_every_digit_and_typed_numbers_are_numbers(tmp_pa
         queue = web.open()
         assert web.page.locator("#classes button").count() == 0 and web.page.is_visible("#text")
         first = queue[0]
+        # its evidence reads as a residual, not as probabilities (audit of issue 34: "p(given) 3.06, p(0.66) -0.07")
+        assert first["name"] == "img_000.png" and first["reasons"][0].startswith("suspect target #1: the model says ")
+        assert "residual" in first["reasons"][0] and not any("p(" in r for it in queue for r in it["reasons"])
         assert first["suggested"] is not None and web.page.input_value("#text") == first["suggested"]
         web.page.keyboard.press("Enter")  # the model's number
         web.at(2)
@@ -259,7 +280,8 @@ def test_data_is_what_the_page_lists(colour_run: tuple, tmp_path: Path) -> None:
     other = make_class_folders(tmp_path / "other", {"red": 6, "green": 6}, start_seed=900)
     items = TestClient(create_run_review_app(run, str(other), device="cpu")).get("/api/queue").json()["items"]
     assert len(items) == 12 and all(it["path"].startswith(str(other)) for it in items)
-    assert json.loads((run / "interpret" / "source.json").read_text()) == {"data": str(other.resolve())}
+    assert json.loads((run / "interpret" / "source.json").read_text()) == {"data": str(other.resolve()),
+                                                                         "folder": os.getcwd()}
     again = TestClient(create_run_review_app(run, device="cpu")).get("/api/queue").json()["items"]
     assert [it["path"] for it in again] == own
 
@@ -288,3 +310,144 @@ def test_review_needs_a_run_or_a_label_file(tmp_path: Path, capsys: pytest.Captu
     assert "give a run directory (review RUN [DATA]) or --label CSV" in capsys.readouterr().err
     assert main(["review", str(tmp_path)]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def _log_matches_files(review: Path) -> bool:
+    """Whether corrections.csv, exclude.txt and kept.txt say what decisions.jsonl says."""
+    state = {}
+    for line in (review / "decisions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        state[record["path"]] = (record["decision"], record["label"])
+    corrections = {r["path"]: r["label"] for r in _rows(review / "corrections.csv")}
+    return (corrections == {p: lb for p, (d, lb) in state.items() if d == "relabel"}
+            and {r["path"] for r in _rows(review / "exclude.txt")} == {p for p, (d, _) in state.items() if d == "exclude"}
+            and {r["path"] for r in _rows(review / "kept.txt")} == {p for p, (d, _) in state.items() if d == "keep"})
+
+
+def test_two_pages_in_two_processes_keep_the_files_equal_to_the_log(colour_run: tuple, tmp_path: Path) -> None:
+    """Two `review RUN` processes on one run decide at the same moment, again and again:
+    after each pair, the files train reads say what the log says (audit of issue 34: the
+    lock was per process, and in 21 of 200 races a file fell behind the log)."""
+    _, run, _ = colour_run
+    run = _copy(run, tmp_path)
+    servers = [ServerProcess(["review", str(run)], tmp_path / f"page{k}.log") for k in range(2)]
+    try:
+        n = len(servers[0].request("GET", "/api/queue")[1]["items"])
+        rng, behind = np.random.default_rng(1), 0
+
+        def decide(server: ServerProcess, body: dict, barrier: threading.Barrier, answers: list[int]) -> None:
+            barrier.wait()
+            answers.append(server.request("POST", "/api/decide", body)[0])
+
+        for _ in range(100):
+            barrier, answers = threading.Barrier(2), []
+            bodies = [{"index": int(i), "action": str(rng.choice(["keep", "exclude", "relabel"])),
+                       "label": str(rng.choice(["red", "green"]))} for i in rng.choice(n, 2, replace=False)]
+            threads = [threading.Thread(target=decide, args=(servers[k], bodies[k], barrier, answers))
+                       for k in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert answers == [200, 200]
+            behind += not _log_matches_files(run / "review")
+    finally:
+        for server in servers:
+            server.stop()
+    assert behind == 0, f"the files fell behind the log after {behind} of 100 pairs of decisions"
+
+
+def test_the_page_lists_the_flagged_images_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained and interpreted in one folder with relative paths, reviewed from
+    another folder: the page lists what interpret flagged and serves the images (audit of
+    issue 34: the views' relative paths were read from the current folder: it listed
+    nothing)."""
+    from fastapi.testclient import TestClient
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    make_class_folders(work / "data", {"red": 10, "green": 10})
+    make_image(work / "data" / "green" / "oops.png", COLORS["red"], seed=700)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    run = Path(vt.fit("data", **dict(TINY, strategy="feature-extract", epochs=2, output="runs")).run_dir).resolve()
+    vt.interpret(run, device="cpu")
+    here = [it["path"] for it in TestClient(create_run_review_app(run, device="cpu")).get("/api/queue").json()["items"]]
+    monkeypatch.chdir(elsewhere)
+    client = TestClient(create_run_review_app(run, device="cpu"))
+    items = client.get("/api/queue").json()["items"]
+    assert items and [it["path"] for it in items] == here
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in here)
+    assert client.get(f"/image/{items[0]['index']}").status_code == 200
+    assert client.post("/api/decide", json={"index": items[0]["index"], "action": "exclude"}).json()["ok"]
+    monkeypatch.chdir(work)
+    source = load_items(DataConfig(path="data", exclude=str(run / "review" / "exclude.txt")))
+    assert items[0]["path"] not in {os.path.abspath(it.path) for it in source.items}
+
+
+def test_the_api_refuses_labels_that_are_not_a_class_of_the_run(colour_run: tuple, tmp_path: Path) -> None:
+    """null, a list, an object, a class the run lacks: 400 naming what was wrong, nothing
+    recorded (audit of issue 34: null was stored as the class "None", a list as its repr,
+    any class was accepted)."""
+    from fastapi.testclient import TestClient
+
+    _, run, _ = colour_run
+    run = _copy(run, tmp_path)
+    client = TestClient(create_run_review_app(run, device="cpu"))
+    index = client.get("/api/queue").json()["items"][0]["index"]
+    for label, what in ((None, "not null"), (["red"], "not a list"), ({"a": 1}, "not an object"), (1, "not a number"),
+                        ("blue", "blue is not a class of this run")):
+        answer = client.post("/api/decide", json={"index": index, "action": "relabel", "label": label})
+        assert answer.status_code == 400 and what in answer.json()["detail"], (label, answer.json())
+    assert not (run / "review" / "decisions.jsonl").exists() or not (run / "review" / "decisions.jsonl").read_text()
+
+
+def test_an_old_diff_style_correction_is_read_as_the_set_it_leads_to(label_set_run: tuple, tmp_path: Path) -> None:
+    """A run folder from before the decision log, whose corrections.csv holds a label
+    set's changes ("+blue -green", as older review pages wrote them): the log records the
+    set they lead to, which is what train --relabel reads; a change list for an image whose
+    given set is unknown is refused, naming the file (audit of issue 34: imported and
+    trained as the classes "+blue" and "-green", silently)."""
+    data, run = label_set_run
+    run = _copy(run, tmp_path)
+    rows = _rows(run / "splits.csv")
+    image = next(r for r in rows if "green" in r["label"].split() and "blue" not in r["label"].split())
+    want = " ".join(sorted((set(image["label"].split()) | {"blue"}) - {"green"}))
+    (run / "review").mkdir()
+    (run / "review" / "corrections.csv").write_text(f"path,label\n{image['path']},+blue -green\n")
+    create_run_review_app(run, device="cpu")
+    log = [json.loads(line) for line in (run / "review" / "decisions.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["decision"], r["label"]) for r in log] == [(image["path"], "relabel", want or "(none)")]
+    source = load_items(DataConfig(path=str(data), csv="labels.csv", relabel=str(run / "review" / "corrections.csv")))
+    assert {it.path: it.label for it in source.items}[image["path"]] == tuple(want.split())
+    other = _copy(run, tmp_path / "other")
+    shutil.rmtree(other / "review")
+    (other / "review").mkdir()
+    (other / "review" / "corrections.csv").write_text("path,label\nsomewhere/else.png,+blue\n")
+    with pytest.raises(DataError, match=r"corrections.csv: somewhere/else.png: '\+blue' is a list of changes"):
+        create_run_review_app(other, device="cpu")
+
+
+def test_with_numeric_class_names_the_help_says_what_the_keys_do(tmp_path: Path) -> None:
+    """Class names that are numbers: digit keys pick no class (a 1 would pick the first
+    button, not "1"), and the help line says so instead of "1-9: that class" (audit of
+    issue 34)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    data = make_class_folders(tmp_path / "data", {"red": 10, "green": 10})
+    (data / "red").rename(data / "10")
+    (data / "green").rename(data / "2")
+    run = Path(vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=2, output=str(tmp_path / "runs"))).run_dir)
+    web = Browser(playwright, create_run_review_app(run, device="cpu"))
+    try:
+        queue = web.open()
+        help_line = web.page.inner_text("p.muted")
+        assert "1-9" not in help_line and "digit keys pick none" in help_line and "a button: that class" in help_line
+        web.page.keyboard.press("1")
+        web.page.wait_for_timeout(300)
+        web.at(1, len(queue))  # nothing picked
+        web.page.click("#classes button >> nth=1")  # the button: "2"
+        web.at(2, len(queue))
+    finally:
+        web.close()
+    assert web.alerts == []
+    label = _rows(run / "review" / "corrections.csv") or _rows(run / "review" / "kept.txt")
+    assert label[0]["path"] == queue[0]["path"]

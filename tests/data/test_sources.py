@@ -213,6 +213,42 @@ def test_exclude_reads_the_review_format_and_reports_paths_that_match_nothing(
     assert "--exclude lists 1 paths that are not in the data, e.g. " + str(data / "red" / "gone.png") in caplog.text
 
 
+def test_an_exclude_file_without_a_path_header_is_one_path_a_line(tmp_path: Path) -> None:
+    """The old exclude.txt (one path a line, no header: review pages before the decision
+    log wrote it so) given to --exclude: a path holding a comma is one path, not a CSV row
+    split in two (audit of issue 34: the image stayed in training). A file whose header
+    names the path column (interpret's mislabels.csv: rank,path,...) is read by it."""
+    data = make_class_folders(tmp_path / "d", {"red": 4, "green": 4})
+    odd = make_image(data / "red" / "a, b.png", (220, 40, 40), seed=9)
+    listed = tmp_path / "exclude.txt"
+    listed.write_text(f"{odd}\n{data / 'green' / 'green_000.png'}\n")
+    src = load_items(DataConfig(path=str(data), exclude=str(listed), valid_pct=0.25))
+    assert {Path(p).name for p, why in src.excluded if why == "listed in --exclude"} == {"a, b.png", "green_000.png"}
+    _write_csv(listed, [["rank", "path", "label"], ["1", str(odd), "red"]])
+    src = load_items(DataConfig(path=str(data), exclude=str(listed), valid_pct=0.25))
+    assert [Path(p).name for p, why in src.excluded if why == "listed in --exclude"] == ["a, b.png"]
+
+
+def test_relabel_to_a_label_the_data_lacks_is_named_in_a_warning(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A --relabel label that no image has (a typo, or a label a diff-style corrections
+    file made up: '+blue') trains as a new class: a warning names it (audit of issue 34:
+    silent)."""
+    data = make_class_folders(tmp_path / "d", {"red": 4, "green": 4})
+    fixes = tmp_path / "corrections.csv"
+    _write_csv(fixes, [["path", "label"], [str(data / "red" / "red_000.png"), "+blue"],
+                       [str(data / "red" / "red_001.png"), "green"]])
+    with caplog.at_level("WARNING"):
+        src = load_items(DataConfig(path=str(data), relabel=str(fixes), valid_pct=0.25))
+    assert "--relabel gives labels the data does not have: '+blue'" in caplog.text and "green'" not in caplog.text
+    assert "+blue" in src.classes
+    caplog.clear()
+    _write_csv(fixes, [["path", "label"], [str(data / "red" / "red_001.png"), "green"]])
+    with caplog.at_level("WARNING"):
+        load_items(DataConfig(path=str(data), relabel=str(fixes), valid_pct=0.25))
+    assert "does not have" not in caplog.text
+
+
 def test_a_path_listed_twice_is_one_image_or_a_clear_error(tmp_path: Path) -> None:
     """A CSV that lists an image twice (a merged spreadsheet, a label typed again): with
     the same label it is one image, and the summary says the row was counted once; with

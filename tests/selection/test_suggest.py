@@ -18,6 +18,8 @@ import visiontune as vt
 from conftest import TINY, WhenLogged, make_class_folders, make_multilabel_data
 from tasks.test_regression import make_regression_data
 from visiontune.cli import main
+from visiontune.config import DataConfig
+from visiontune.data.sources import load_items
 from visiontune.errors import ConfigError, DataError
 from visiontune.selection.suggest import diverse, rank, suggest, typical
 from visiontune.tasks.catalog import make_task
@@ -159,6 +161,39 @@ def test_label_sets_and_numbers(tmp_path: Path) -> None:
     result = suggest(pool, run=run.run_dir, n=4)
     assert result.method == "diverse" and "40 labels per target" in result.why
     assert make_task("regression", ["age"]).labels_per_output([1.5, -2.0, float("nan")]) == {"age": 2}
+
+
+def test_a_file_of_numbers_to_label_is_read_as_numbers_by_review_and_train(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """suggest on a regression run writes a 'value' column, which review --label and
+    train --csv read as numbers under --task auto, and its closing message gives both
+    commands with the task (audit of issue 34: the column was 'label', read as classes: the
+    page drew class buttons and took "abc")."""
+    from fastapi.testclient import TestClient
+
+    from visiontune.analysis.review import create_review_app
+
+    numbers = make_regression_data(tmp_path / "numbers", n=30)
+    run = vt.fit(numbers, csv="targets.csv", task="regression", strategy="feature-extract", epochs=1,
+                 output=str(tmp_path / "runs"), **TINY)
+    pool = make_regression_data(tmp_path / "numpool", n=10, seed=9) / "images"
+    out = tmp_path / "to_label.csv"
+    assert main(["suggest", str(pool), "--run", run.run_dir, "--n", "3", "--output", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"visiontune review --label {out} --task regression" in said
+    assert f"visiontune train --csv {out} --task regression" in said and "'value' column" in said
+    rows = read(out)
+    assert list(rows[0]) == ["path", "value", "prediction", "reason", "score"] and len(rows) == 3
+    client = TestClient(create_review_app(out))  # --task auto
+    queue = client.get("/api/queue").json()
+    assert queue["spec"]["entry"] == "type"  # a number is typed: no class buttons
+    first = queue["items"][0]["id"]
+    answer = client.post("/api/label", json={"id": first, "label": "abc"})
+    assert answer.status_code == 400 and "is not a number" in answer.json()["detail"]
+    assert client.post("/api/label", json={"id": first, "label": "3.5"}).json()["ok"]
+    source = load_items(DataConfig(csv=str(out), valid_pct=0.0), min_classes=1)  # train --csv, --task auto
+    assert source.task == "regression" and [it.label for it in source.items] == [3.5]
+    assert "detected: a 'value' column of numbers" in source.summary()
 
 
 def test_bad_requests_are_refused_and_nothing_is_overwritten(tmp_path: Path) -> None:

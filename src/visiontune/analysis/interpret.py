@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 Items = list[tuple[str, Label, str]]  # (path, label, split)
 VIEWS = "interpret"  # RUN/interpret/
-SOURCE = "source.json"  # in VIEWS: {"data": the DATA looked at, resolved; null for the run's own images}
+# in VIEWS: {"data": the DATA looked at, resolved (null: the run's own images), "folder": the
+# folder interpret ran in, which the views' relative paths are relative to (bundle.from_folder)}
+SOURCE = "source.json"
 
 
 @dataclass
@@ -110,7 +112,7 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     with Grad-CAM (`gradcam_chosen.png`). Suspected mislabels are looked for among the
     images training could use (train + valid), and in test too with `mislabels_in_test`."""
     ctx = _context(Path(run), data, device)
-    write_json(ctx.out / SOURCE, {"data": data_key(data)})  # what review checks its views against
+    write_json(ctx.out / SOURCE, {"data": data_key(data), "folder": os.getcwd()})  # what review reads the views by
     res = InterpretResult(str(ctx.out))
     paths, out, res.evaluated_on = evaluate_split(ctx, batch_size, num_workers)
     res.metrics = ctx.bundle.task.metrics(out.targets, out.probs)

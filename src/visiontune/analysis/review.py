@@ -1,20 +1,27 @@
 """`visiontune review --label to_label.csv`: label the suggested images in the browser.
 
-A page on localhost shows the images of a suggestions CSV (`visiontune suggest`) whose
-label is still empty, one by one, with the model's guess. How a label is given is the
-task's (`Task.label_entry`; `--task`, auto as `train --csv` reads the file): a class is
-chosen (a button, or a digit key: 1 = the first, as the page lists them), the labels of a
-set are toggled (buttons or digits, then Enter), a number is typed (the box holds the
-guess). Enter accepts what is shown, `s` skips, and the text box takes anything else (a
-new class, a label set written with --label-delim, a number). Digit keys pick nothing
-when a class name is itself a number: a digit would store another class, so it is typed.
+A page on localhost shows the images of a suggestions CSV (`visiontune suggest`: path,
+the task's label column, prediction, ...) whose label is still empty, one by one, with
+the model's guess. How a label is given is the task's (`Task.label_entry`; `--task`, auto
+as `train --csv` reads the file): a class is chosen (a button, or a digit key: 1 = the
+first, as the page lists them), the labels of a set are toggled (buttons or digits, then
+Enter; a set with no label is saved as `(none)`, since an empty cell is a row not
+answered yet), a number is typed (the box holds the guess). Enter accepts what is shown,
+Esc skips (and `s`, where the box does not take the keys), and the text box takes anything
+else (a new class, a label set written with --label-delim, a number). Digit keys pick
+nothing when a class name is itself a number: a digit would store another class, so it
+is typed, and the help line says so. The class buttons come with the queue and each
+answer: classes added to the file later get one.
 
-Each answer is read with the task's `parse_label` (a number that is not one is refused)
-and written into the CSV's label column at once, merged with what the file holds at that
-moment: rows `suggest` appended and labels typed in a spreadsheet while the page is open
-are kept, rows are found by their path, and an image labelled otherwise in the file
-meanwhile is refused (409: reload the page) rather than overwritten. The file is whole at
-every moment (atomic replace, after checking nobody replaced it since it was read), so
+Each answer is read with the task (`Task.from_entry`: text, or a list for a set; null, a
+list for a class, an object are refused, a number that is not one too) and written into
+the CSV's label column at once (`Task.answer_text`), merged with what the file holds at
+that moment: rows `suggest` appended and labels typed in a spreadsheet while the page is
+open are kept, rows are found by their path, and an image labelled otherwise in the file
+meanwhile is refused (409: reload the page) rather than overwritten. Two pages on one
+file (two processes) take turns (`files.locked` around each read-merge-write); the file
+is whole at every moment (atomic replace, after checking nobody replaced it since it was
+read: a spreadsheet saving meanwhile makes the answer read the file again), so
 `visiontune train --csv to_label.csv` and the next `suggest` read it back. Images are
 served by their number in the page's list only: the page can show the CSV's files and
 nothing else.
@@ -34,7 +41,7 @@ from visiontune.config import DataConfig
 from visiontune.data.labels import label_counts
 from visiontune.data.tables import csv_task, suggestion_table
 from visiontune.errors import DataError, VisiontuneError
-from visiontune.files import FileChanged, file_identity, read_csv, write_csv
+from visiontune.files import FileChanged, file_identity, locked, read_csv, write_csv
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import task_class
 
@@ -46,9 +53,18 @@ ENTRY = """const SPEC = __SPEC__;
 const $ = (id) => document.getElementById(id);
 let chosen = new Set();  // toggle: the label set being edited
 const esc = (t) => String(t).replace(/&/g, '&amp;').replace(/</g, '&lt;');
-if (SPEC.entry !== 'type') SPEC.classes.forEach((c, i) => { const b = document.createElement('button');
-  b.dataset.name = c; b.innerHTML = (SPEC.keys && i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + esc(c);
-  b.onclick = () => press(c); $('classes').appendChild(b); });
+function drawClasses() {
+  $('classes').innerHTML = '';
+  if (SPEC.entry !== 'type') SPEC.classes.forEach((c, i) => { const b = document.createElement('button');
+    b.dataset.name = c; b.innerHTML = (SPEC.keys && i < 9 ? '<span class="key">' + (i + 1) + '</span> ' : '') + esc(c);
+    b.onclick = () => press(c); $('classes').appendChild(b); });
+  if ($('help')) $('help').textContent = SPEC.help;
+  if (SPEC.entry === 'toggle') paint();
+}
+function applySpec(spec) {  // the classes (and so the keys and the help) as the server has them now
+  if (!spec || JSON.stringify(spec) === JSON.stringify(SPEC)) return;
+  Object.assign(SPEC, spec); drawClasses();
+}
 function paint() {
   document.querySelectorAll('#classes button').forEach((b) => b.classList.toggle('on', chosen.has(b.dataset.name)));
   $('chosen').textContent = 'new: ' + ([...chosen].sort().join(', ') || '(none)') + ' (Enter saves)';
@@ -68,7 +84,8 @@ function digitKey(e) {
   const n = parseInt(e.key, 10);
   if (!SPEC.keys || !(n >= 1 && n <= Math.min(9, SPEC.classes.length))) return false;
   e.preventDefault(); press(SPEC.classes[n - 1]); return true;
-}"""
+}
+drawClasses();"""
 
 STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:__WIDTH__px;margin:2em auto}
 button{margin:.2em;padding:.4em .8em}button.on{background:#cde;border-color:#357}.key{font-weight:bold;color:#555}
@@ -78,11 +95,11 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune rev
 __STYLE__<style>img{max-width:100%;max-height:60vh;display:block;margin:1em 0;image-rendering:pixelated;
 min-width:224px}</style></head><body>
 <h1>Label the suggested images</h1>
-<p class="muted">__FILE__ &middot; __HELP__ &middot; s: skip &middot; or type a label and press Enter</p>
+<p class="muted">__FILE__ &middot; <span id="help"></span></p>
 <div id="item"><p id="progress"></p><img id="image" alt="">
 <p id="guess"></p><p id="reason" class="muted"></p>
 <div id="classes"></div><p id="chosen" class="muted" hidden></p>
-<input id="text" placeholder="__PLACEHOLDER__" autocomplete="off"> <button id="skip">s skip</button></div>
+<input id="text" placeholder="__PLACEHOLDER__" autocomplete="off"> <button id="skip">Esc skip</button></div>
 <p id="done" hidden></p>
 <script>
 __ENTRY__
@@ -104,8 +121,9 @@ async function answer(label) {
   if (label !== null) {
     const r = await fetch('/api/label', {method: 'POST', headers: {'Content-Type': 'application/json'},
       body: JSON.stringify({id: it.id, label: label})});
-    if (!r.ok) { alert((await r.json()).detail); return; }
-    answered++;
+    const body = await r.json();
+    if (!r.ok) { alert(body.detail); return; }
+    answered++; applySpec(body.spec);
   }
   at++; show();
 }
@@ -116,17 +134,27 @@ document.addEventListener('keydown', (e) => {
     const typed = $('text').value.trim();
     const label = typed !== '' ? typed : SPEC.entry === 'toggle' ? entered() : queue[at].entry;
     if (label !== null && label !== '') answer(label); return; }
-  if (e.key === 'Escape') { $('text').blur(); return; }
+  if (e.key === 'Escape') { e.preventDefault(); answer(null); return; }
   if (inText && !(SPEC.entry === 'type' && e.key === 's')) return;  // typing (a number holds no s)
   if (e.key === 's') { e.preventDefault(); answer(null); return; }
   digitKey(e);
 });
-fetch('/api/queue').then((r) => r.json()).then((q) => { queue = q.items; show(); });
+fetch('/api/queue').then((r) => r.json()).then((q) => { applySpec(q.spec); queue = q.items; show(); });
 </script></body></html>"""
 
-HELP = {"choose": "Enter: accept the guess &middot; 1-9: that class",
-        "toggle": "1-9 or a button: add / remove that label &middot; Enter: save the set shown (the guess first)",
-        "type": "type the number (the box holds the guess) &middot; Enter: save it"}
+HELP = {"choose": ("Enter: accept the guess · 1-9: that class", "Enter: accept the guess · a button: that class"),
+        "toggle": ("1-9 or a button: add / remove that label · Enter: save the set shown (the guess first)",
+                   "a button: add / remove that label · Enter: save the set shown (the guess first)"),
+        "type": ("type the number (the box holds the guess) · Enter: save it",) * 2}
+
+
+def label_help(spec: dict[str, Any]) -> str:
+    """The labelling page's help line for `spec` (page_spec): what the keys do on it."""
+    text = HELP[spec["entry"]][0 if spec["keys"] else 1]
+    if spec["entry"] != "type" and not spec["keys"] and spec["classes"]:
+        text += " · class names are numbers: digits are typed, so type the class and press Enter"
+    skip = "s or Esc: skip" if spec["keys"] or spec["entry"] == "type" else "Esc: skip"
+    return f"{text} · {skip}" + ("" if spec["entry"] == "type" else " · or type a label and press Enter")
 
 
 def page_spec(task: type[Task] | Task, classes: Sequence[str]) -> dict[str, Any]:
@@ -135,7 +163,7 @@ def page_spec(task: type[Task] | Task, classes: Sequence[str]) -> dict[str, Any]
     store the third class, not "3")."""
     names = [str(c) for c in classes]
     return {"entry": task.label_entry, "classes": names,
-            "keys": task.label_entry != "type" and bool(names) and not any(_numeric(c) for c in names)}
+            "keys": task.label_entry != "type" and bool(names) and not any(_numeric(c) for c in names), "help": ""}
 
 
 def _numeric(name: str) -> bool:
@@ -169,12 +197,12 @@ class LabelFile:
 
     def _read(self) -> tuple[list[list[str]], int]:
         if not self.path.is_file():
-            raise DataError(f"{self.path} is gone: it was moved or deleted while the page was open")
+            raise ConflictError(f"{self.path} is gone: it was moved or deleted while the page was open")
         table = suggestion_table(self.path)
         if table is None:
             first = next(iter(read_csv(self.path)), None)
-            raise DataError(f"--label {self.path}: not a suggestions CSV (path,label,...): its header is "
-                            f"{first or 'empty'}")
+            raise DataError(f"--label {self.path}: not a suggestions CSV (path, a label column, prediction, ...: what "
+                            f"`visiontune suggest` writes): its header is {first or 'empty'}")
         return table
 
     def _note(self, rows: list[list[str]]) -> None:
@@ -222,6 +250,15 @@ class LabelFile:
                 continue  # a cell the task cannot read is no class to offer
         return sorted(str(c) for c in label_counts(labels))
 
+    def spec(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
+        """What the page draws now (page_spec and its help line): `classes` first, then
+        the file's classes (`classes`) that they lack, so a class added to the file gets a
+        button."""
+        found = self.classes()
+        names = [*classes, *(c for c in found if c not in classes)] if classes else found
+        spec = page_spec(self.task, names)
+        return {**spec, "help": label_help(spec)}
+
     def image(self, item: int) -> str:
         if not 0 <= item < len(self.paths):
             raise DataError(f"image {item} is not in {self.path}")
@@ -234,20 +271,20 @@ class LabelFile:
         is now (`_merge`; ConflictError when the file contradicts it)."""
         self.image(item)
         path = self.paths[item]
-        label = self.task.parse_label(value, self.delim, f"label of {path}")
-        text = self.task.label_text(label, self.delim).strip()
+        label = self.task.from_entry(value, self.delim, f"label of {path}")
+        text = self.task.answer_text(label, self.delim).strip()
         if not text:
             raise DataError(f"label {value!r} for {path}: an empty label cannot be told from an unanswered row in "
-                            f"{self.path.name}; skip the image (s) instead")
+                            f"{self.path.name}; skip the image (Esc) instead")
         if "\n" in text or "\r" in text:
             raise DataError(f"label {value!r}: give one line of text")
-        with self.lock:
+        with locked(self.path):  # another page (process) on this file waits for this read-merge-write
             for _ in range(MERGE_TRIES):
                 try:
                     self._merge(path, text)
                     return
                 except FileChanged:
-                    continue  # written by someone else between our read and our write: read it again
+                    continue  # written by a program without the lock (a spreadsheet) meanwhile: read it again
         raise DataError(f"{self.path} kept changing while the answer was written ({MERGE_TRIES} tries); try again")
 
     def _merge(self, path: str, text: str) -> None:
@@ -288,11 +325,9 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
     except ImportError:
         raise VisiontuneError("review needs fastapi: pip install 'visiontune[serve]'") from None
     labels = LabelFile(label_file, task, delim)
-    spec = page_spec(labels.task, classes or labels.classes())
     page = (PAGE.replace("__ENTRY__", ENTRY).replace("__STYLE__", STYLE.replace("__WIDTH__", "720"))
-            .replace("__HELP__", HELP[labels.task.label_entry])
             .replace("__PLACEHOLDER__", "the number" if labels.task.label_entry == "type" else "another label")
-            .replace("__FILE__", html.escape(str(labels.path))).replace("__SPEC__", spec_json(spec)))
+            .replace("__FILE__", html.escape(str(labels.path))).replace("__SPEC__", spec_json(labels.spec(classes))))
     app = FastAPI(title="visiontune review")
 
     @app.get("/", response_class=HTMLResponse)
@@ -302,9 +337,12 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
     @app.get("/api/queue")
     def queue() -> dict:
         try:
-            return {"classes": spec["classes"], "items": labels.pending()}
-        except DataError as exc:
+            spec = labels.spec(classes)
+            return {"classes": spec["classes"], "spec": spec, "items": labels.pending()}
+        except ConflictError as exc:
             raise HTTPException(409, str(exc)) from None
+        except DataError as exc:  # a file re-saved in another encoding, or of another shape now
+            raise HTTPException(400, str(exc)) from None
 
     @app.get("/image/{item}")
     def image(item: int) -> Any:
@@ -317,7 +355,7 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
     def label(answer: dict) -> dict:
         try:
             labels.answer(int(answer.get("id", -1)), answer.get("label", ""))
-            return {"ok": True, "remaining": len(labels.pending())}
+            return {"ok": True, "remaining": len(labels.pending()), "spec": labels.spec(classes)}
         except ConflictError as exc:
             raise HTTPException(409, str(exc)) from None
         except (DataError, ValueError, TypeError) as exc:

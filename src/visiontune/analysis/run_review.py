@@ -3,26 +3,31 @@
 fastai's `ImageClassifierCleaner`, for the whole run and outside a notebook. A page on
 localhost lists the images `interpret` flagged (RUN/interpret/: suspected mislabels, top
 losses, near-duplicates, outliers), one by one, with the image, its Grad-CAM, the given
-label, the model's and the reasons. interpret runs first when its views are missing, were
-made for other data than DATA (interpret/source.json says which), or by a version without
-their `suggested` column.
+label, the model's and the reasons (a suspect's evidence as the task reads it:
+`Task.suspicion`, probabilities for classes, residuals for numbers). interpret runs first
+when its views are missing, were made for other data than DATA (interpret/source.json
+says which, and the folder it ran in, which the views' relative paths are relative to:
+the page works from any folder), or by a version without their `suggested` column.
 
 What a label is and how it is given is the run's task's (`Task.label_entry`, `entry`,
 `shown`, `change`): a class is chosen, the labels of a set are toggled (the page starts
 from the set the evidence points to: the given set with the suspected changes applied),
 a number is typed (the box starts from the model's number, every digit). Enter saves what
-the entry shows (choose: the model's label), 1-9 a class, `k` keeps, `x` excludes, `s`
-skips; a relabel to the given label is a keep. Each decision is read with the task's
-`parse_label` (a relabel it refuses is a 400) and recorded at once in RUN/review/
-(analysis/decisions.py: one append-only log, and corrections.csv / exclude.txt / kept.txt
-derived from it, the files `train --relabel/--exclude` read); a later decision on an
-image replaces the earlier one. The user's files are never touched; images are served by
-their place in the list only. Grad-CAMs are kept in RUN/review/gradcam/ under the
-identity of the image and of the weights, so a re-run of interpret or a retrain never
-shows another image's map.
+the entry shows (choose: the model's label), 1-9 a class (not when class names are
+numbers: the help line says so), `k` keeps, `x` excludes, `s` skips; a relabel to the
+given label is a keep. Each decision is read with the task's `from_entry` (null, a list
+for a class, an object, a number that is none, a class the run lacks: a 400 naming it)
+and recorded at once in RUN/review/ (analysis/decisions.py: one append-only log, and
+corrections.csv / exclude.txt / kept.txt derived from it, the files `train
+--relabel/--exclude` read; rows edited into them by hand are taken into the log); a later
+decision on an image replaces the earlier one. The user's files are never touched; images
+are served by their place in the list only. Grad-CAMs are kept in RUN/review/gradcam/
+under the identity of the image and of the weights, so a re-run of interpret or a retrain
+never shows another image's map.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time.
+import functools
 import html
 import json
 import logging
@@ -34,7 +39,7 @@ from typing import Any
 from visiontune.analysis.decisions import REVIEW_DIR, Decisions
 from visiontune.analysis.interpret import SOURCE, VIEWS, data_key, explain, interpret, items_of
 from visiontune.analysis.review import ENTRY, STYLE, page_spec, spec_json
-from visiontune.bundle import Bundle, load_bundle
+from visiontune.bundle import Bundle, from_folder, load_bundle
 from visiontune.data.labels import Label
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import atomic_write, file_identity, identity_digest, read_csv_dicts
@@ -60,55 +65,72 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return read_csv_dicts(path) if path.is_file() else []
 
 
+def _views_source(views: Path) -> dict[str, Any]:
+    """interpret/source.json: what the views were made from, and where ({} when unknown)."""
+    try:
+        source = json.loads((views / SOURCE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return source if isinstance(source, dict) else {}
+
+
 def _views_current(views: Path, data: str | None) -> bool:
     """Whether RUN/interpret/ holds what the page lists, made from `data` by this version."""
-    try:
-        made_from = json.loads((views / SOURCE).read_text())["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    source = _views_source(views)
     header = [next(iter(_rows(views / name)), {}) for name in ("top_losses.csv", "mislabels.csv")]
-    return made_from == data_key(data) and all("suggested" in h for h in header if h)
+    return "data" in source and source["data"] == data_key(data) and all("suggested" in h for h in header if h)
+
+
+class _Flagged:
+    """The cases being gathered from the views: one per image of `items` (by resolved
+    path), its path as it reads from here (the views' relative paths are relative to the
+    folder interpret ran in, `folder`)."""
+
+    def __init__(self, bundle: Bundle, items: list[tuple[str, Label, str]], folder: Any, views: Path) -> None:
+        self.task, self.views = bundle.task, views
+        self.delim = bundle.config.data.label_delim if bundle.config else " "
+        self.folder = folder if isinstance(folder, str) else None
+        self.given = {os.path.realpath(p): label for p, label, _ in items}
+        self.cases: dict[str, Case] = {}
+
+    def case(self, path: str, order: float, suggested: str | None = None) -> Case | None:
+        here = os.path.abspath(from_folder(self.folder, path))
+        key = os.path.realpath(here)
+        if key not in self.given:
+            return None  # not among the images looked at (an --oof file of other data)
+        found = self.cases.setdefault(key, Case(here, self.given[key], order=order))
+        found.order = min(found.order, order)
+        if found.suggested is None and suggested is not None:
+            found.suggested = self.task.parse_label(suggested, self.delim, f"{self.views}: suggested label of {path}")
+        return found
 
 
 def flagged(run: Path, bundle: Bundle, data: str | None = None) -> list[Case]:
     """The images interpret flagged in RUN/interpret/ (for `data`, default the run's own
-    images), one case each (reasons merged), in the order they are best looked at."""
+    images), one case each (reasons merged; paths absolute, from whatever folder), in the
+    order they are best looked at."""
     views = run / VIEWS
     if not _views_current(views, data):
         log.info("review: running interpret first (its views of %s are what the page lists)", data or "the run")
         interpret(run, data)
-    task, delim = bundle.task, bundle.config.data.label_delim if bundle.config else " "
-    given = {os.path.realpath(p): label for p, label, _ in items_of(run, data, bundle)}
-    cases: dict[str, Case] = {}
-
-    def case(path: str, order: float, suggested: str | None = None) -> Case | None:
-        key = os.path.realpath(path)
-        if key not in given:
-            return None  # not among the images looked at (an --oof file of other data)
-        found = cases.setdefault(key, Case(path, given[key], order=order))
-        found.order = min(found.order, order)
-        if found.suggested is None and suggested is not None:
-            found.suggested = task.parse_label(suggested, delim, f"{views}: suggested label of {path}")
-        return found
-
+    found, task = _Flagged(bundle, items_of(run, data, bundle), _views_source(views).get("folder"), views), bundle.task
     for r in _rows(views / "mislabels.csv"):
-        if r.get("flagged", "").lower() in ("true", "1", "yes") and (c := case(r["path"], float(r["rank"]),
-                                                                               r["suggested"])):
-            c.reasons.append(f"suspected mislabel #{r['rank']}: p(given) {float(r['p_label']):.2f}, "
-                             f"p({r['suspected']}) {float(r['p_suspected']):.2f}")
+        if r.get("flagged", "").lower() in ("true", "1", "yes") and (c := found.case(r["path"], float(r["rank"]),
+                                                                                     r["suggested"])):
+            c.reasons.append(task.suspicion(r["rank"], r["suspected"], float(r["p_label"]), float(r["p_suspected"])))
     for i, r in enumerate(_rows(views / "top_losses.csv")):
-        if c := case(r["path"], 1e4 + i, r["suggested"]):
+        if c := found.case(r["path"], 1e4 + i, r["suggested"]):
             c.reasons.append(f"top loss #{i + 1}: loss {float(r['loss']):.2f}, predicted {r['predicted']}")
     for i, r in enumerate(_rows(views / "duplicates.csv")):
         crosses = r.get("crosses_splits", "").lower() in ("true", "1", "yes")
         for this, other, split in ((r["a"], r["b"], r["split_b"]), (r["b"], r["a"], r["split_a"])):
-            if c := case(this, 2e4 + i):
+            if c := found.case(this, 2e4 + i):
                 c.reasons.append(f"{r['kind']} duplicate of {os.path.basename(other)} ({split}"
                                  f"{', across splits: a leak' if crosses else ''})")
     for r in _rows(views / "outliers.csv"):
-        if c := case(r["path"], 3e4 + float(r["rank"])):
+        if c := found.case(r["path"], 3e4 + float(r["rank"])):
             c.reasons.append(f"outlier #{r['rank']}: atypicality {float(r['atypicality']):.2f}")
-    return sorted(cases.values(), key=lambda c: c.order)
+    return sorted(found.cases.values(), key=lambda c: c.order)
 
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune review: __RUN__</title>
@@ -165,9 +187,18 @@ document.addEventListener('keydown', (e) => {
 fetch('/api/queue').then((r) => r.json()).then((q) => { queue = q.items; show(); });
 </script></body></html>"""
 
-HELP = {"choose": "Enter: the model's label &middot; 1-9: that class (the given one: keep)",
-        "toggle": "1-9 or a button: add / remove that label &middot; Enter: save the set shown (the model's first)",
-        "type": "type the value (the box holds the model's) &middot; Enter: save it"}
+HELP = {"choose": ("Enter: the model's label · 1-9: that class (the given one: keep)",
+                   "Enter: the model's label · a button: that class (the given one: keep; the class names are "
+                   "numbers, so digit keys pick none)"),
+        "toggle": ("1-9 or a button: add / remove that label · Enter: save the set shown (the model's first)",
+                   "a button: add / remove that label (the label names are numbers, so digit keys pick none) · "
+                   "Enter: save the set shown (the model's first)"),
+        "type": ("type the value (the box holds the model's) · Enter: save it",) * 2}
+
+
+def review_help(spec: dict[str, Any]) -> str:
+    """The run page's help line for `spec` (review.page_spec): what the keys do on it."""
+    return HELP[spec["entry"]][0 if spec["keys"] or spec["entry"] == "type" else 1]
 
 
 class RunReview:
@@ -179,8 +210,9 @@ class RunReview:
         self.run = Path(run)
         self.bundle = load_bundle(self.run)  # a bad run is an error before the page exists
         self.delim = self.bundle.config.data.label_delim if self.bundle.config else " "
+        self.data = data
         self.cases = flagged(self.run, self.bundle, data)
-        self.decisions = Decisions(self.run)
+        self.decisions = Decisions(self.run, self._old_label)
         self.device = resolve_device(device)
         self.bundle.model.to(self.device)
         self.cams = self.run / REVIEW_DIR / "gradcam"
@@ -190,26 +222,46 @@ class RunReview:
             raise DataError(f"no case {index}")
         return self.cases[index]
 
+    def _old_label(self, path: str, cell: str) -> str:
+        """A label cell of a corrections.csv from before the decision log, as the log
+        records it: the task reads it against the image's given label (`Task.read_change`:
+        "+dog -cat" from an older page of label sets is the set it leads to)."""
+        task, where = self.bundle.task, f"{self.run / REVIEW_DIR / 'corrections.csv'}: {path}"
+        label = task.read_change(self._given.get(os.path.realpath(path)), cell, self.delim, where)
+        return task.answer_text(label, self.delim)
+
+    @functools.cached_property
+    def _given(self) -> dict[str, Label]:
+        """Resolved path -> given label of the run's images and DATA's."""
+        items = [*items_of(self.run, None, self.bundle), *(items_of(self.run, self.data, self.bundle) if self.data else [])]
+        return {os.path.realpath(p): label for p, label, _ in items}
+
     def queue(self) -> list[dict[str, Any]]:
-        """The cases not decided yet, by their place in the list; labels as the task shows
-        (`label`, `change`) and edits them (`given`, `suggested`)."""
-        task, decided = self.bundle.task, self.decisions.latest()
+        """The cases not decided yet (hand edits of the decision files included), by their
+        place in the list; labels as the task shows (`label`, `change`) and edits them
+        (`given`, `suggested`)."""
+        task, decided = self.bundle.task, {os.path.realpath(p) for p in self.decisions.current()}
         return [{"index": i, "name": os.path.basename(c.path), "path": c.path, "label": task.shown(c.label),
                  "given": task.entry(c.label, self.delim), "reasons": c.reasons,
                  "suggested": None if c.suggested is None else task.entry(c.suggested, self.delim),
                  "change": "" if c.suggested is None else task.change(c.label, c.suggested)}
-                for i, c in enumerate(self.cases) if c.path not in decided]
+                for i, c in enumerate(self.cases) if os.path.realpath(c.path) not in decided]
 
     def decide(self, index: int, action: str, value: Any = "") -> None:
-        """Record keep / exclude, or relabel to `value` (the page's entry, read by the task;
-        the given label again is a keep)."""
+        """Record keep / exclude, or relabel to `value` (the page's entry, read by the task:
+        text, a list for a set; a class the run lacks is refused; the given label again is
+        a keep)."""
         case, task, text = self.case(index), self.bundle.task, ""
         if action == "relabel":
             where = f"relabel {case.path}"
-            label = task.parse_label(value, self.delim, where)
-            text = task.label_text(label, self.delim)
+            label = task.from_entry(value, self.delim, where)
+            text = task.answer_text(label, self.delim)
             if label == "" or "\n" in text or "\r" in text:
                 raise DataError(f"{where}: give the new label (one line)")
+            if unknown := task.unknown_labels([label]):
+                raise DataError(f"{where}: {', '.join(unknown)} is not a {task.label_kind} of this run (it has "
+                                f"{', '.join(task.classes)}); for a new one, add the row to "
+                                f"{self.run / REVIEW_DIR / 'corrections.csv'} by hand (it is taken into the decisions)")
             if label == case.label:
                 action, text = "keep", ""
         self.decisions.record(case.path, action, text)
@@ -234,7 +286,7 @@ class RunReview:
         task = self.bundle.task
         spec = page_spec(task, task.classes)
         return (PAGE.replace("__ENTRY__", ENTRY).replace("__STYLE__", STYLE.replace("__WIDTH__", "960"))
-                .replace("__HELP__", HELP[task.label_entry]).replace("__RUN__", html.escape(self.run.name))
+                .replace("__HELP__", html.escape(review_help(spec))).replace("__RUN__", html.escape(self.run.name))
                 .replace("__DIR__", html.escape(str(self.run / REVIEW_DIR))).replace("__SPEC__", spec_json(spec)))
 
 

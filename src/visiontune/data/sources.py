@@ -21,15 +21,13 @@ from visiontune.config import DataConfig, RunConfig
 from visiontune.data.hf import hf_source, is_hf
 from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import LISTED_IN_EXCLUDE, TEST, TRAIN, VALID, DataSource, Item, LabelFunc
-from visiontune.data.labels import (
-    task_of,
-)
+from visiontune.data.labels import label_counts, task_of
 from visiontune.data.scan import scan, scan_cache
 from visiontune.data.splits import assign_validation
-from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column
+from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column, read_path_list
 from visiontune.data.webdata import DATASET_FILE, is_shards, sample_paths, shard_source
 from visiontune.errors import ConfigError, DataError
-from visiontune.tasks.catalog import task_class
+from visiontune.tasks.catalog import make_task, task_class
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +298,7 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     def key(p: str) -> str:
         return os.path.realpath(p)
 
-    dropped = {key(r[0].strip()) for r in read_path_column(exclude, "--exclude")} if exclude else set()
+    dropped = {key(p) for p in read_path_list(exclude, "--exclude")} if exclude else set()
     fixes = {}
     parse = task_class(source.task).parse_label
     for row in read_path_column(relabel, "--relabel") if relabel else []:
@@ -309,6 +307,7 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
             raise DataError(f"--relabel row {row} needs path,label")
         fixes[key(row[0].strip())] = label
     keys = [key(it.path) for it in source.items]
+    known = sorted(label_counts(it.label for it in source.items))  # the data's labels before --relabel
     kept = []
     for it, k in zip(source.items, keys):
         if k in dropped:
@@ -322,6 +321,11 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
         unknown = sorted(listed - set(keys))
         if unknown:
             log.warning("%s lists %d paths that are not in the data, e.g. %s", option, len(unknown), unknown[0])
+    new = make_task(source.task, known).unknown_labels(list(fixes.values()))
+    if new:
+        log.warning("--relabel gives labels the data does not have: %s; they are trained as new %ss (check the "
+                    "spelling if that is not what you meant)", ", ".join(repr(c) for c in new),
+                    task_class(source.task).label_kind)
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI, MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
+from visiontune.data.labels import MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
 from visiontune.files import read_csv
-from visiontune.tasks.catalog import task_class
+from visiontune.tasks.catalog import TASKS, task_class
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_name", "fname")
@@ -24,17 +24,22 @@ LABEL_COLUMNS = ("label", "class", "target", "category", *MULTI_LABEL_COLUMNS)
 log = logging.getLogger(__name__)
 
 
-SUGGESTION_LABELS = ("label", *MULTI_LABEL_COLUMNS[:1])  # the label columns `suggest` writes ('labels': sets)
+def suggestion_label(header: list[str]) -> int | None:
+    """The label column's index when `header` (lower case) is a suggestions CSV's (what
+    `visiontune suggest` writes: path, the task's label column, prediction, ...); None for
+    a table of another shape."""
+    columns = ["label", *(t.label_column for t in TASKS.values())]
+    if header[:1] != ["path"] or "prediction" not in header:
+        return None
+    return next((header.index(c) for c in columns if c in header), None)
 
 
 def suggestion_table(path: str | os.PathLike[str]) -> tuple[list[list[str]], int] | None:
-    """The rows (header first) of a suggestions CSV (`visiontune suggest`: path, label or
-    labels, prediction, ...) and its label column's index; None for a file of another shape."""
+    """The rows (header first) of a suggestions CSV (`suggestion_label`) and its label
+    column's index; None for a file of another shape."""
     rows = read_csv(path)
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    if header[:1] != ["path"] or not set(SUGGESTION_LABELS) & set(header):
-        return None
-    return rows, next(header.index(c) for c in SUGGESTION_LABELS if c in header)
+    label_i = suggestion_label([h.strip().lower() for h in rows[0]] if rows else [])
+    return None if label_i is None else (rows, label_i)
 
 
 def read_path_column(path: str, what: str) -> list[list[str]]:
@@ -46,6 +51,22 @@ def read_path_column(path: str, what: str) -> list[list[str]]:
     if rows and rows[0][0].strip().lower() in PATH_COLUMNS:
         rows = rows[1:]
     return rows
+
+
+def read_path_list(path: str | os.PathLike[str], what: str) -> list[str]:
+    """The paths of an image list (--exclude, review's exclude.txt and kept.txt): a CSV
+    whose header names the path column (`path`, `file`, ...: review's files, interpret's
+    mislabels.csv), one path a row; a file without such a header is one path a line, as
+    written (the old exclude.txt: a comma is part of the path, never a column break)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file {str(path)!r} does not exist")
+    rows = read_csv(path)  # a file that is not UTF-8 is a DataError here
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    column = next((header.index(c) for c in PATH_COLUMNS if c in header), None)
+    if column is not None:
+        return [r[column].strip() for r in rows[1:] if len(r) > column and r[column].strip()]
+    with open(path, encoding="utf-8-sig") as fh:
+        return [line.strip() for line in fh.read().splitlines() if line.strip()]
 
 
 def _locate_csv(root: Path, csv_path: Path) -> Path:
@@ -71,6 +92,7 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
         raise DataError(f"label file {str(csv_path)!r} is empty")
     path_i, label_i, split_i, group_i, body = _csv_columns(rows, cfg, csv_path)
     task, detected = csv_task(rows, label_i, body is not rows, cfg)
+    answers = body is not rows and suggestion_label([h.strip().lower() for h in rows[0]]) == label_i
     source = DataSource(root=str(base), classes=[], items=[], detected=detected,
                         target_name=rows[0][label_i].strip() if body is not rows and label_i < len(rows[0]) else "")
     base_real = os.path.realpath(base)
@@ -80,12 +102,15 @@ def from_csv(root: Path, csv_path: Path, cfg: DataConfig) -> DataSource:
             source.excluded.append((f"{csv_path}:{lineno}", "row has no path or no label"))
             continue
         rel = row[path_i].strip()
-        label = _row_label(row[label_i], task, cfg, f"{csv_path.name}:{lineno}")
+        label = _row_label(row[label_i], task, cfg, f"{csv_path.name}:{lineno}", answers, detected)
         full = os.path.realpath(base / rel)
         if not os.path.isabs(rel) and os.path.commonpath([full, base_real]) != base_real:
             source.excluded.append((f"{csv_path}:{lineno}", f"path {rel!r} leaves {base}"))
         elif not os.path.isfile(full):
             source.excluded.append((str(base / rel), f"listed in {csv_path.name}:{lineno} but missing"))
+        elif label is None:
+            source.excluded.append((str(base / rel), f"not labelled yet (an empty cell of a suggestions CSV) in "
+                                                     f"{csv_path.name}:{lineno}"))
         elif label == "":
             source.excluded.append((str(base / rel), f"empty label in {csv_path.name}:{lineno}"))
         else:
@@ -116,25 +141,35 @@ def _add_once(source: DataSource, seen: dict[str, tuple[str, Item]], item: Item,
 
 
 def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataConfig) -> tuple[str, str]:
-    """(task shape, how it was detected): --task, else multi-label for a label column
-    named like fastai's and Kaggle's label sets ("labels", "tags"), else single-label."""
+    """(task shape, how it was detected): --task, else the task whose `label_columns`
+    name the label column (label sets: fastai's and Kaggle's "labels", "tags"; numbers:
+    "value", as `suggest` writes them), else single-label."""
     if cfg.task != "auto":
         return cfg.task, ""
     name = rows[0][label_i].strip().lower() if has_header and label_i < len(rows[0]) else ""
-    if name in MULTI_LABEL_COLUMNS:
-        return MULTI, f"a {name!r} column of {cfg.label_delim!r}-separated labels"
-    return SINGLE, ""
+    found = next((t for t in TASKS.values() if name and name in t.label_columns), None)
+    if found is None:
+        return SINGLE, ""
+    return found.name, f"a {name!r} column of {found.label_kind}s"
 
 
-def _row_label(text: str, task: str, cfg: DataConfig, where: str) -> Label:
-    """A row's label: the set (multi-label) or the class. With an explicit --task
-    single-label, a cell holding several labels is an error naming the row."""
-    if task != SINGLE:
-        return task_class(task).parse_label(text, cfg.label_delim, where)
-    label = text.strip()
+def _row_label(text: str, task: str, cfg: DataConfig, where: str, answers: bool = False,
+               detected: str = "") -> Label | None:
+    """A row's label: the set (multi-label), the number, or the class; None for a row of
+    a suggestions CSV (`answers`) not answered yet (`Task.parse_answer`). With an explicit
+    --task single-label, a cell holding several labels is an error naming the row; a task
+    `detected` from the column's name says so when the cell does not fit it."""
+    shape = task_class(task)
+    try:
+        label = (shape.parse_answer if answers else shape.parse_label)(text, cfg.label_delim, where)
+    except DataError as exc:
+        if not detected:
+            raise
+        raise DataError(f"{exc} (the task, {task}, was read from {detected}; pass --task to read it otherwise)") \
+            from None
     # only an explicit --task single-label refuses a cell that reads as a set: under auto,
     # "golden retriever" is one class (a set needs a 'labels'/'tags' column)
-    if cfg.task == SINGLE and len(parse_label_set(label, cfg.label_delim, where)) > 1:
+    if cfg.task == SINGLE and label and len(parse_label_set(label, cfg.label_delim, where)) > 1:
         raise DataError(f"{where}: {label!r} holds several labels but --task is single-label; use --task "
                         f"multi-label (or, if class names contain {cfg.label_delim!r}, a --label-delim they do not "
                         "contain)")
@@ -147,7 +182,8 @@ def _csv_columns(
     """(path, label, split, group) column indices and the data rows."""
     header = [h.strip().lower() for h in rows[0]]
     named = cfg.csv_path_col or cfg.csv_label_col
-    has_header = named or any(h in PATH_COLUMNS + LABEL_COLUMNS for h in header)
+    labels = (*LABEL_COLUMNS, *(c for t in TASKS.values() for c in t.label_columns if c not in LABEL_COLUMNS))
+    has_header = named or any(h in PATH_COLUMNS + labels for h in header)
     if not has_header:
         if len(header) < 2:
             raise DataError(f"label file {str(csv_path)!r} needs two columns: path,label")
@@ -164,8 +200,7 @@ def _csv_columns(
 
     split_i = next((header.index(c) for c in ("split", "is_valid") if c in header), None)
     group_i = header.index("group") if "group" in header else None
-    return (pick(cfg.csv_path_col, PATH_COLUMNS, 0), pick(cfg.csv_label_col, LABEL_COLUMNS, 1), split_i, group_i,
-            rows[1:])
+    return (pick(cfg.csv_path_col, PATH_COLUMNS, 0), pick(cfg.csv_label_col, labels, 1), split_i, group_i, rows[1:])
 
 
 def _csv_split(value: str) -> str:

@@ -49,6 +49,7 @@ from sklearn.decomposition import PCA
 from visiontune.bundle import load_bundle, run_left_out, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST, DataSource, excluded_lines
+from visiontune.data.labels import SINGLE
 from visiontune.data.pool import reason_counts, unlabelled_pool
 from visiontune.data.sources import load_items
 from visiontune.data.tables import suggestion_table
@@ -57,7 +58,7 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
 from visiontune.tasks.base import Task
-from visiontune.tasks.catalog import make_task
+from visiontune.tasks.catalog import make_task, task_class
 from visiontune.train.features import backbone_features, readable_features
 from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
 
@@ -96,8 +97,10 @@ class Suggestions:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why) pool files that do not decode
 
     def write_csv(self, path: str | os.PathLike[str]) -> int:
-        """path, an empty label column to fill in, the model's prediction, reason, score:
-        `visiontune train --csv` reads the rows whose label is filled in. The rows of an
+        """path, an empty label column to fill in (the task's `label_column`, by whose name
+        `train --csv` and `review --label` read the task under --task auto), the model's
+        prediction, reason, score: `visiontune train --csv` reads the rows whose label is
+        filled in (an empty cell is a row not labelled yet: `Task.parse_answer`). The rows of an
         earlier file at `path` whose label is filled in are kept, first (nothing labelled is
         lost); returns how many."""
         kept = filled_rows(path)
@@ -169,9 +172,10 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     picks, scores, reasons = rank(pool_feats, min(n, len(paths)), chosen, uncertainty=uncertainty,
                                   labelled=lab_feats, seed=known.cfg.seed)
     rows = [Suggestion(paths[i], r, float(s), _prediction(known, predicted, i)) for i, s, r in zip(picks, scores, reasons)]
-    task = known.task
-    return Suggestions(rows, chosen, why, len(paths), len(known.paths), task.label_column if task else "label",
-                       task.name if task else "single-label", excluded, unreadable)
+    shape = type(known.task) if known.task else task_class(known.cfg.data.task if known.cfg.data.task != "auto"
+                                                               else SINGLE)
+    return Suggestions(rows, chosen, why, len(paths), len(known.paths), shape.label_column, shape.name, excluded,
+                       unreadable)
 
 
 def _require_pool(paths: list[str], pool: Any, excluded: list[tuple[str, str]]) -> None:
@@ -187,8 +191,8 @@ def filled_rows(path: str | os.PathLike[str]) -> list[list[str]]:
         return []
     table = suggestion_table(path)
     if table is None:
-        raise ConfigError(f"--output {path} exists and is not a suggestions CSV (path,label,...): choose another "
-                          "--output, so that nothing in it is overwritten")
+        raise ConfigError(f"--output {path} exists and is not a suggestions CSV (path,label,prediction,...): choose "
+                          "another --output, so that nothing in it is overwritten")
     rows, label_i = table
     return [r for r in rows[1:] if len(r) > label_i and r[label_i].strip()]
 

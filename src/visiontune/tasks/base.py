@@ -17,7 +17,11 @@ parsing a table cell or a label function's value (`parse_label`), writing it bac
 (`label_text`), what splits and folds stratify by (`strata`), the class list
 (`classes_of`) and the summary lines; and the output side: the printed line, the CSV
 columns and the JSON record of a prediction (`line`, `csv_header`/`csv_row`, `record`),
-used by the CLI, `api.Prediction` and serve alike.
+used by the CLI, `api.Prediction` and serve alike; and the review pages' side: how a label
+is given and sent back (`label_entry`, `entry`, `from_entry`), written into and read from
+a suggestions CSV, where an empty cell is a row not answered (`answer_text`,
+`parse_answer`), read from an older version's decision files (`read_change`), and how the
+evidence against a label reads (`suspicion`).
 
 Adding a task shape = one subclass and its line in `tasks/catalog.py`.
 """
@@ -119,6 +123,15 @@ class Report:
     columns: tuple[str, ...] | None = None  # the confusion matrix's columns (None: the classes)
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words (for a refusal)."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "true/false"), ((int, float), "a number"), (str, "text"), ((list, tuple), "a list"),
+             (dict, "an object"))
+    return next((f"{name} ({value!r:.40})" for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
+
+
 class Task(ABC):
     """What a label is, and everything that follows from it (see the module docstring)."""
 
@@ -134,6 +147,8 @@ class Task(ABC):
     card_tag: ClassVar[str] = "image-classification"  # the model card's tag (deploy/hub.py)
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
     label_column: ClassVar[str] = "label"  # the CSV column `suggest` writes, named so `train --csv` reads this shape
+    # CSV label columns whose name selects this task under --task auto ('labels': label sets)
+    label_columns: ClassVar[tuple[str, ...]] = ()
     ensemble: ClassVar[int] = 1  # fits whose disagreement `uncertainty` reads (1: one model's outputs say it)
     # how a person gives a label on the review pages: "choose" one class, "toggle" the
     # labels of a set, "type" a value (analysis/review.py draws each)
@@ -172,6 +187,41 @@ class Task(ABC):
         """A label as the review pages edit it (JSON: a class name; a list of labels; a
         number's text); `parse_label` reads what the page sends back."""
         return cls.label_text(label, delim)
+
+    @classmethod
+    def from_entry(cls, value: Any, delim: str, where: str) -> Any:
+        """What a review page sends back (the shape `entry` gives: a class name's text) as
+        a label; DataError for any other JSON (null, a list, an object, a number), which
+        would otherwise be stored as its repr."""
+        if not isinstance(value, str):
+            raise DataError(f"{where}: a {cls.label_kind} is text here, not {_json_kind(value)}")
+        return cls.parse_label(value, delim, where)
+
+    @classmethod
+    def parse_answer(cls, text: str, delim: str, where: str) -> Any | None:
+        """A label cell of a suggestions CSV (`suggest`'s file, filled in on the labelling
+        page or in a spreadsheet): None while it is unanswered (an empty cell), else the
+        label (`answer_text` writes every label so that it reads back as one)."""
+        return None if not str(text).strip() else cls.parse_label(text, delim, where)
+
+    @classmethod
+    def answer_text(cls, label: Any, delim: str = " ") -> str:
+        """A label as written into a suggestions CSV: never an empty cell, which is an
+        unanswered row there (`parse_answer`)."""
+        return cls.label_text(label, delim)
+
+    @classmethod
+    def read_change(cls, given: Any, text: str, delim: str, where: str) -> Any:
+        """A label cell of a review decision file from an older version (RUN/review/
+        corrections.csv): the label it means (`given`: the image's given label, None when
+        unknown). A class was written as itself."""
+        return cls.parse_label(text, delim, where)
+
+    @classmethod
+    def suspicion(cls, rank: str, suspected: str, given_score: float, suspected_score: float) -> str:
+        """How interpret's evidence against an image's label reads on the review page (a
+        row of mislabels.csv: its rank, `suspected`, `p_label`, `p_suspected`)."""
+        return f"suspected mislabel #{rank}: p(given) {given_score:.2f}, p({suspected}) {suspected_score:.2f}"
 
     @classmethod
     def shown(cls, label: Any) -> str:

@@ -27,6 +27,7 @@ from visiontune.data.labels import (
     label_set,
     multi_label_lines,
     parse_label_set,
+    split_labels,
 )
 from visiontune.errors import DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
@@ -41,6 +42,7 @@ from visiontune.tasks.metrics import (
 
 log = logging.getLogger(__name__)
 
+NONE = "(none)"  # a set without labels, as a suggestions CSV holds an answer (an empty cell: not answered yet)
 MIN_POSITIVES = 5  # a label needs this many positives in validation to get a threshold of its own
 MAX_POS_WEIGHT = 100.0
 
@@ -76,17 +78,55 @@ class MultiLabel(Task):
     units = ("label", "labels")
     mixup_targets = "multi-hot"
     label_column = MULTI_LABEL_COLUMNS[0]  # a 'labels' column reads as label sets under --task auto
+    label_columns = MULTI_LABEL_COLUMNS
     label_entry = "toggle"
 
     @classmethod
     def parse_label(cls, text: Any, delim: str, where: str) -> Any:
+        """A set: a list, or a cell of labels joined by `delim`; an empty cell, or NONE
+        alone, is the empty set."""
         if isinstance(text, (list, tuple, set, frozenset)):
             return tuple(sorted({str(x) for x in text}))
-        return parse_label_set(str(text), delim, where)
+        labels = parse_label_set(str(text), delim, where)
+        if NONE in labels:
+            if len(labels) > 1:
+                raise DataError(f"{where}: {text!r}: {NONE} means no label, and stands alone in its cell")
+            return ()
+        return labels
 
     @classmethod
     def label_text(cls, label: Any, delim: str = " ") -> str:
         return delim.join(label) if isinstance(label, tuple) else str(label)
+
+    @classmethod
+    def answer_text(cls, label: Any, delim: str = " ") -> str:
+        """The empty set as NONE: in a suggestions CSV an empty cell is a row not answered."""
+        return cls.label_text(label, delim) if label_set(label) != () else NONE
+
+    @classmethod
+    def from_entry(cls, value: Any, delim: str, where: str) -> Any:
+        """The page's set (a list of label names), or text typed as a cell is written."""
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return cls.parse_label(value, delim, where)
+        return super().from_entry(value, delim, where)
+
+    @classmethod
+    def read_change(cls, given: Any, text: str, delim: str, where: str) -> Any:
+        """Review pages before the decision log wrote the suggested changes ("+dog -cat")
+        as the label: applied to the given set here; refused when that set is unknown."""
+        tokens = split_labels(text, delim)
+        if not tokens or not all(len(t) > 1 and t[0] in "+-" for t in tokens):
+            return cls.parse_label(text, delim, where)
+        if given is None:
+            raise DataError(f"{where}: {text!r} is a list of changes (+label adds, -label removes) written by an older "
+                            "review page, and this image's given labels are not known here to apply them to: write its "
+                            "whole new label set in that cell instead")
+        after = set(label_set(given)) | {t[1:] for t in tokens if t[0] == "+"}
+        return tuple(sorted(after - {t[1:] for t in tokens if t[0] == "-"}))
+
+    @classmethod
+    def suspicion(cls, rank: str, suspected: str, given_score: float, suspected_score: float) -> str:
+        return f"suspected mislabel #{rank}: {suspected} (its least sure label agrees at p {given_score:.2f})"
 
     @classmethod
     def entry(cls, label: Any, delim: str = " ") -> Any:

@@ -67,6 +67,8 @@ class Regression(Task):
     mixup_targets = None
     confusable = False
     label_entry = "type"
+    label_column = "value"  # the column `suggest` writes: under --task auto, a 'value' column holds numbers
+    label_columns = ("value",)
     ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty
 
     def __init__(self, classes: Sequence[str], mean: float = 0.0, std: float = 1.0,
@@ -101,6 +103,20 @@ class Regression(Task):
     @classmethod
     def label_text(cls, label: Any, delim: str = " ") -> str:
         return repr(float(label))
+
+    @classmethod
+    def from_entry(cls, value: Any, delim: str, where: str) -> float | str:
+        """The page's text, or a JSON number."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls.parse_label(value, delim, where)
+        return super().from_entry(value, delim, where)
+
+    @classmethod
+    def suspicion(cls, rank: str, suspected: str, given_score: float, suspected_score: float) -> str:
+        """A number's evidence is its out-of-fold residual (mislabels.csv: `p_suspected`
+        the model's number minus the target, `p_label` its robust z-score)."""
+        return (f"suspect target #{rank}: the model says {suspected} (residual {suspected_score:+.3g}), "
+                f"{given_score:.1f} robust SDs from the typical residual")
 
     @classmethod
     def shown(cls, label: Any) -> str:
