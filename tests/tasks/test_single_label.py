@@ -59,7 +59,7 @@ def test_settle_refuses_a_label_set_and_classes_need_training_images() -> None:
 
 def test_fold_count_shrinks_to_the_smallest_class() -> None:
     assert SingleLabel.fold_count(["a"] * 10 + ["b"] * 3, 5) == 3
-    with pytest.raises(DataError, match="fewer than 2 images"):
+    with pytest.raises(DataError, match="have a single image"):
         SingleLabel.fold_count(["a"] * 10 + ["b"], 5)
 
 
