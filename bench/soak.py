@@ -89,7 +89,7 @@ def shard(work: Path, data: Path, report: dict) -> Path:
     sizes = [p.stat().st_size for p in data.rglob("*.jpg")]
     shard_bytes = int(np.mean(sizes) * 150)  # about 150 samples a shard by size; --size 1000 by count
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "visiontune", "-q", "shard", str(data), "--out", str(shards), "--size",
+    subprocess.run([sys.executable, "-m", "visiontune", "-q", "shard", str(data), "--output", str(shards), "--size",
                     "1000", "--shard-bytes", str(shard_bytes)], check=True, env=_env(work / "cache"))
     described = json.loads((shards / "dataset.json").read_text())
     listed = sorted(s for part in described["splits"].values() for s in part["shards"])

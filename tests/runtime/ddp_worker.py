@@ -6,6 +6,7 @@ DataLoader workers), "shards" (DATA is a shard folder: a gentler recipe, 4 epoch
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -54,6 +55,10 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     if "oom1" in scenario and rank == 1:
         _small_memory_on_rank_1()
+    out.mkdir(parents=True, exist_ok=True)
+    # registered before fit, so it runs after any exit handler fit registers (atexit is LIFO)
+    atexit.register(lambda: (out / f"exit{rank}.json").write_text(
+        json.dumps({"group_alive": torch.distributed.is_initialized()})))
     record = Record()
     recipe = dict(epochs=4, lr=3e-3, augment="none") if "shards" in scenario else dict(epochs=3, lr=1e-2, min_delta=1e9)
     result = vt.fit(data, callbacks=[record], backbone="timm:test_efficientnet", weights="none", image_size=32,
@@ -62,7 +67,6 @@ def main() -> None:
                     **recipe, **({"valid": valid} if valid else {}),
                     **({"unlabeled": str(Path(data).parent / "pool"), "consistency_threshold": 0.0}
                        if "pool" in scenario else {}))
-    out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"rng": record.rng, "micro": record.micro, "steps": record.steps,

@@ -59,6 +59,10 @@ def _launch(n: int, data: Path | str, out: Path, scenario: str, *extra: str) -> 
     done = subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", str(WORKER), str(data), str(out),
                            scenario, *extra], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the process group visiontune started is destroyed before the interpreter exits: gloo's
+    # threads otherwise abort a process at exit now and then ("terminate called without an
+    # active exception", SIGABRT, after a finished run)
+    assert [json.loads((out / f"exit{r}.json").read_text()) for r in range(n)] == [{"group_alive": False}] * n
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 

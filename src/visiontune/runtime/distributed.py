@@ -23,6 +23,7 @@ are broadcast from rank 0, so every process ends with the same model.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,18 @@ def backend_for(device: torch.device) -> str:
 
 
 def init(env: DistEnv, device: torch.device) -> None:
+    """Start the process group under torchrun (once per process). The group visiontune
+    starts is destroyed at interpreter exit: gloo's worker threads left to the interpreter's
+    teardown abort a process now and then (SIGABRT, "terminate called without an active
+    exception") after a run that finished."""
     if env.launched and not dist.is_initialized():
         dist.init_process_group(backend_for(device))
+        atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for(env: DistEnv, device: torch.device) -> torch.device:
