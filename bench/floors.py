@@ -1,6 +1,7 @@
 """Do the version floors in pyproject.toml hold? (issue 21 item 11)
 
-    python bench/floors.py WORK [--tests tests/deploy/test_export.py tests/models/test_weights.py]
+    python -m bench.floors WORK [--tests tests/deploy/test_export.py tests/models/test_weights.py]
+    python -m bench.floors --smoke    # offline: the floors parse and this environment meets them
 
 Creates WORK/venv, installs visiontune with its `export` extra at the OLDEST versions the
 project allows for every direct dependency (uv's --resolution lowest-direct: torch,
@@ -12,28 +13,61 @@ future warnings that old releases raise inside each other (matplotlib 3.7 callin
 WORK/floors.json. Exit status 1 when the install or a test fails: a floor to raise.
 
 Downloads several GB (PyPI's torch builds carry CUDA); run it where PyPI is reachable.
+`--smoke` needs no network: it reads the floors of CHECKED from pyproject.toml and checks
+that the versions installed here meet them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from bench.harness import Recorder, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = ("torch", "torchvision", "timm", "safetensors", "numpy", "scikit-learn", "pillow", "webdataset", "onnx",
            "onnxscript", "onnxruntime", "huggingface-hub")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work")
-    parser.add_argument("--tests", nargs="+", default=["tests/deploy/test_export.py", "tests/models/test_weights.py"])
-    a = parser.parse_args()
+def floors() -> dict[str, Requirement]:
+    """The requirements pyproject.toml states for the CHECKED packages (base and extras)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    listed = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    found = {}
+    for text in listed:
+        req = Requirement(text)
+        if req.name.lower() in CHECKED:
+            found[req.name.lower()] = req
+    return found
+
+
+def smoke(record: Recorder) -> int:
+    """Offline: every CHECKED floor parses, and the installed versions here meet them."""
+    stated = floors()
+    met = {name: req.specifier.contains(metadata.version(name), prereleases=True) for name, req in stated.items()}
+    print("floors:", ", ".join(f"{req} ({'met' if met[n] else 'NOT met'})" for n, req in stated.items()))
+    record("floors in pyproject.toml met by this environment", f"{sum(met.values())} of {len(met)}")
+    return 0 if stated and all(met.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("work", nargs="?")
+    ap.add_argument("--tests", nargs="+", default=["tests/deploy/test_export.py", "tests/models/test_weights.py"])
+    a = ap.parse_args(argv)
+    record = Recorder("floors", a.smoke, argv)
+    if a.smoke:
+        return smoke(record)
+    if a.work is None:
+        ap.error("WORK is required (or --smoke)")
     work = Path(a.work).resolve()
     venv = work / "venv"
     shutil.rmtree(venv, ignore_errors=True)
@@ -66,6 +100,9 @@ def main() -> int:
         print(tests.stdout[-4000:])
     (work / "floors.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k not in ("tests_tail", "install_error")}, indent=2))
+    record("install at the lowest direct versions", "ok" if report["install_ok"] else "failed")
+    if "tests_ok" in report:
+        record("export and weights tests at the floors", report["tests_summary"], note=json.dumps(report["versions"]))
     return 0 if report.get("tests_ok") else 1
 
 

@@ -1,6 +1,7 @@
 """The frozen path (features + converged probe) cold and warm, by engine (issue 23).
 
-    python bench/frozen.py WORK [--images 1000] [--image-size 224] [--repeats 1]
+    python -m bench.frozen WORK [--images 1000] [--image-size 224] [--repeats 1]
+    python -m bench.frozen --smoke    # 8 JPEGs at 32 px, the cold and warm runs only
 
 N photo-like 400x300 JPEGs (bench/speed.py's, two classes), `feature-extract` at the
 backbone's 224 px, each run a fresh process (`visiontune -q train`), timed whole:
@@ -18,16 +19,16 @@ is installed (`--engines-only`: this part alone).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from speed import make_jpegs  # noqa: E402
+from bench.harness import Recorder, parser
+from bench.speed import make_jpegs
 
 
 def run(data: Path, out: Path, cache: Path, engine: str | None, size: int, src: str | None = None) -> float:
@@ -93,15 +94,20 @@ def _openvino(rates: dict[str, tuple[float, float]] | None, eager: float) -> str
                    for name, (rate, diff) in rates.items())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("work", type=Path)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
+    ap.add_argument("work", type=Path, nargs="?")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--engines-only", action="store_true", help="only the backbone's speed by engine")
     ap.add_argument("--before", help="also time a cold run of the package in this source tree (an older commit's "
                                      "src/, e.g. from `git worktree add`): the reference the ratios divide")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    record = Recorder("frozen", a.smoke, argv)
+    if a.smoke:
+        a.work, a.images, a.image_size = Path(tempfile.mkdtemp(prefix="vt-bench-frozen-")), 8, 32
+    elif a.work is None:
+        ap.error("WORK is required (or --smoke)")
     size = a.image_size
     if a.engines_only:
         eager, ort, export_s, ov = engine_speed(size, a.work / "engine-speed")
@@ -119,8 +125,9 @@ def main() -> None:
         rows.append(("before (older source), cold", run(data, a.work / "runs", a.work / "cache-before", None, size,
                                                         a.before)))
         print(f"  {rows[-1][0]:40s} {rows[-1][1]:7.1f} s", flush=True)
-    for name, engine, keep_export in (("torch, cold", "torch", False), ("auto, cold, export on the way", "auto", False),
-                                      ("auto, cold features, export cached", "auto", True)):
+    runs = (("torch, cold", "torch", False), ("auto, cold, export on the way", "auto", False),
+            ("auto, cold features, export cached", "auto", True))
+    for name, engine, keep_export in runs[:1] if a.smoke else runs:
         cache = a.work / "cache"
         if keep_export and (cache / "engines").is_dir():
             shutil.move(str(cache / "engines"), str(a.work / "engines.keep"))
@@ -132,6 +139,10 @@ def main() -> None:
         print(f"  {name:40s} {rows[-1][1]:7.1f} s", flush=True)
     rows.append(("unchanged re-run", run(data, a.work / "runs", a.work / "cache", "auto", size)))
     print(f"  {'unchanged re-run':40s} {rows[-1][1]:7.1f} s", flush=True)
+    for name, seconds in rows:
+        record(f"feature-extract command, {a.images} JPEGs at {size} px: {name}", seconds, "s")
+    if a.smoke:
+        return
     eager, ort, export_s, ov = engine_speed(size, a.work / "engine-speed")
     base = rows[0][1]
     print(f"\n| run | seconds | {rows[0][0]} / this |\n|---|---|---|")

@@ -2,7 +2,9 @@
 the frozen blocks' eager forward costs in a training step, and the same blocks in ONNX
 Runtime (what runtime/prefix.py runs them in). 2 threads, batch 32, synthetic tensors.
 
-    python bench/frozen_prefix.py
+    python -m bench.frozen_prefix [--smoke]
+
+`--smoke`: batch 2 at 64 px, one timing each.
 
 The end-to-end comparison is two `visiontune train DATA --strategy freeze-k --epochs 3
 --engine auto|torch` runs, alternated (bench/RESULTS.md, issue 23).
@@ -17,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from bench.harness import Recorder, parser
 from visiontune.config import ModelConfig
 from visiontune.models.classifier import backbone_groups, create_classifier
 from visiontune.train.plan import set_train_modes
@@ -30,19 +33,22 @@ def per_batch(fn, repeats: int = 3) -> float:
     return (time.perf_counter() - started) / repeats * 1000
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
+    args = parser(__doc__).parse_args(argv)
+    record = Recorder("frozen_prefix", args.smoke, argv)
+    batch, side, rounds = (2, 64, 1) if args.smoke else (32, 224, 2)
     torch.set_num_threads(os.cpu_count() or 1)
     model, _ = create_classifier(ModelConfig(), 2)
     print("layer groups:", [n for n, _ in backbone_groups(model)])
     bb = model.backbone
-    prefix = torch.nn.Sequential(bb.conv_stem, bb.bn1, *bb.blocks[:3])
+    prefix = torch.nn.Sequential(bb.conv_stem, bb.bn1, *bb.blocks[:1 if args.smoke else 3])
     prefix.requires_grad_(False)
     model.train().to(memory_format=torch.channels_last)
     set_train_modes(model, "eval", "eval")
-    x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (32,))
+    x = torch.randn(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch,))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -62,11 +68,13 @@ def main() -> None:
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(x.numpy())}
-    for _ in range(2):  # alternated: this machine's speed drifts
+    for _ in range(rounds):  # alternated: this machine's speed drifts
         s, p = per_batch(step), per_batch(eager_prefix)
         o = per_batch(lambda: session.run(None, feed))
         print(f"freeze-k step {s:.0f} ms, frozen blocks' eager forward {p:.0f} ms ({p / s:.0%} of the step), "
               f"the same blocks in ONNX Runtime {o:.0f} ms ({p / o:.1f}x)")
+    record("frozen blocks' eager forward / freeze-k step", p / s, "x", note=f"Lite0, batch {batch}, {side} px")
+    record("frozen blocks, eager / ONNX Runtime", p / o, "x", note=f"Lite0, batch {batch}, {side} px")
 
 
 if __name__ == "__main__":

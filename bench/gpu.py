@@ -1,9 +1,10 @@
 """GPU checks (issues 21 and 23), one script for one short lease of a GPU machine.
 
-    python bench/gpu.py WORK [--images 2048] [--batch-size 128] [--out report.json] [--skip a,b] [--dry-run]
+    python -m bench.gpu WORK [--images 2048] [--batch-size 128] [--out report.json] [--skip a,b] [--dry-run]
 
 Write its output to a file, not through a pipe filter (grep holds it in a buffer: a run
-stopped at its limit then leaves nothing). `--dry-run` checks the script on a CPU.
+stopped at its limit then leaves nothing). `--dry-run` checks the script on a CPU;
+`--smoke` is a dry run of section a on 16 images (CI).
 
 On one CUDA device, each section on its own (a failure is reported and the next runs):
 a. training img/s in bf16 + channels_last (precision auto) for Lite0 and ResNet-50:
@@ -43,24 +44,24 @@ what it measured. `--only g,h` runs just those sections.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from speed import make_jpegs  # noqa: E402 - bench/speed.py's photo-like JPEGs
-
-import visiontune as vt  # noqa: E402
-from visiontune.config import ModelConfig  # noqa: E402
-from visiontune.models.classifier import create_classifier  # noqa: E402
+import visiontune as vt
+from bench.harness import Recorder, parser
+from bench.speed import make_jpegs  # bench/speed.py's photo-like JPEGs
+from visiontune.config import ModelConfig
+from visiontune.models.classifier import create_classifier
+from visiontune.runtime.batchsize import cuda_search
 
 DEV = "cuda"  # --dry-run: "cpu", tiny models, to check this script before a lease
 PEAK_BF16 = 989e12  # dense bf16 tensor-core peak, H100/H200 SXM data sheet
@@ -263,11 +264,9 @@ def batch_auto(data: Path, work: Path) -> dict:
                          "seconds_with_one_epoch": round(time.perf_counter() - started, 1)}
     if DEV != "cuda":
         return out
-    from visiontune.runtime.batchsize import _cuda_search
-
     model = model_for("timm:resnet50", "none").to(DEV)
     started = time.perf_counter()
-    fitting, _ = _cuda_search(model, 224, 4096, torch.device(DEV), True, "bf16")
+    fitting, _ = cuda_search(model, 224, 4096, torch.device(DEV), True, "bf16")
     out["resnet50_largest_fitting_up_to_4096"] = {"batch": fitting, "search_s": round(time.perf_counter() - started, 1)}
     return out
 
@@ -433,9 +432,9 @@ def new_shapes(batch: int) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("work")
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("work", nargs="?")
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", default=None, help="write the report as JSON here")
@@ -443,7 +442,12 @@ def main() -> int:
     ap.add_argument("--log", action="store_true", help="print visiontune's own INFO log (timestamped) too")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,b,c,d,e,f,g,h,i")
     ap.add_argument("--only", default="", help="comma-separated sections to run, in this order (default: all)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.dry_run, a.images, a.batch_size, a.only = True, 16, 8, a.only or "a"
+        a.work = a.work or tempfile.mkdtemp(prefix="vt-bench-gpu-")
+    elif a.work is None:
+        ap.error("WORK is required (or --smoke)")
     global DEV, MODELS, OUT
     OUT = Path(a.out) if a.out else None
     if a.dry_run:  # this script's own check, on a CPU: tiny model, 32 px
@@ -484,7 +488,19 @@ def main() -> int:
     for key in order:
         if key not in skip:
             sections[key]()
-    return 0
+    return record_report(Recorder("gpu", a.smoke, argv))
+
+
+def record_report(record: Recorder) -> int:
+    """One row per section: its numeric results as JSON, or its error; 1 when one failed."""
+    failed = 0
+    for name, result in REPORT.items():
+        if name == "env":
+            continue
+        failed += "error" in result
+        record(f"{name} ({DEV})", "error" if "error" in result else "ok", note=json.dumps(
+            result.get("error") or {k: v for k, v in result.items() if k != "trace"}, default=str)[:1500])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Peak memory as the data set grows: the same run on 1k and 20k generated images.
 
-    /usr/bin/time -v python bench/memory.py [--sizes 1000,20000] [--image-size 64]
+    /usr/bin/time -v python -m bench.memory [--sizes 1000,20000] [--image-size 64]
+    python -m bench.memory --smoke    # 24 images at 32 px, the tiny model
 
 Each size runs in a fresh process: `gradual` with 2 epochs on the default Lite0 (epoch 1:
 head on cached features, which stream into a memory-mapped matrix; epoch 2: the whole
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.harness import ROOT, SMOKE_MODEL, Recorder, parser
+
 
 def status(key: str) -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
@@ -46,7 +49,7 @@ def make_images(root: Path, n: int, classes: int = 10, side: int = 96) -> Path:
     return root
 
 
-def child(data: str, size: int, out: str) -> None:
+def child(data: str, size: int, out: str, model: dict) -> None:
     import threading
 
     import timm  # noqa: F401 - imported before the baseline is taken
@@ -67,7 +70,8 @@ def child(data: str, size: int, out: str) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    r = vt.fit(data, strategy="gradual", epochs=2, image_size=size, progress=False, patience=0, output=out)
+    r = vt.fit(data, strategy="gradual", epochs=2, output=out, **{"image_size": size, "progress": False, "patience": 0,
+                                                                   **model})
     stop.set()
     sampler.join()
     n = sum(1 for _ in Path(data).rglob("*.jpg"))
@@ -76,14 +80,18 @@ def child(data: str, size: int, out: str) -> None:
                       "features_bytes": n * 1280 * 4, "accuracy": r.metrics.get("accuracy")}))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--sizes", default="1000,20000")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # --smoke's child: the tiny model
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.image_size = "24", 32
+    record = Recorder("memory", args.smoke, argv)
     if args.child:
-        child(args.child, args.image_size, tempfile.mkdtemp(prefix="vt-mem-runs-"))
+        child(args.child, args.image_size, tempfile.mkdtemp(prefix="vt-mem-runs-"), SMOKE_MODEL if args.tiny else {})
         return
     work = Path(tempfile.mkdtemp(prefix="vt-mem-"))
     env = {**os.environ, "VISIONTUNE_CACHE": str(work / "cache")}
@@ -92,8 +100,8 @@ def main() -> None:
     print("images  peak RSS  after imports  growth  peak RssAnon  peak RssFile  features in RAM would be  wall s  acc")
     for n in (int(s) for s in args.sizes.split(",")):
         data = make_images(work / f"data{n}", n)
-        proc = subprocess.run([sys.executable, __file__, "--child", str(data), "--image-size", str(args.image_size)],
-                              env=env, capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, "-m", "bench.memory", "--child", str(data), "--image-size",
+                               str(args.image_size), *(["--tiny"] if args.smoke else [])], env=env, capture_output=True, text=True, check=False, cwd=ROOT)
         if proc.returncode:
             print(proc.stderr[-3000:])
             raise SystemExit(proc.returncode)
@@ -101,6 +109,9 @@ def main() -> None:
         print(f"{m['images']:6d}  {m['peak'] / mib:6.0f} MiB  {m['baseline'] / mib:9.0f} MiB  "
               f"{(m['peak'] - m['baseline']) / mib:5.0f} MiB  {m['anon'] / mib:8.0f} MiB  {m['file'] / mib:8.0f} MiB  "
               f"{m['features_bytes'] / mib:20.0f} MiB  {m['seconds']:6.1f}  {m['accuracy']:.3f}", flush=True)
+        note = f"Lite0 at {args.image_size} px, gradual 2 epochs, {m['seconds']:.1f} s"
+        record(f"peak RSS, {n} images", m["peak"] / mib, "MiB", note=note)
+        record(f"peak anonymous RSS, {n} images", m["anon"] / mib, "MiB", note=note)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from visiontune.analysis.mislabels import (
-    _off_diagonal,
-    flag_label_issues,
-    flag_method,
-)
+from visiontune.analysis.mislabels import flag_label_issues, flag_method, off_diagonal
 from visiontune.config import ModelConfig
 from visiontune.data.sources import collect_images
 from visiontune.data.splits import fold_count, fold_pairs
@@ -81,7 +77,7 @@ def score(name: str, labels: list[str], probs: np.ndarray, classes: list[str], f
     print(f"{name}: flips ranked by self-confidence at median {np.median(ranks):.0f}, "
           f"{sum(r <= 2 * len(flipped) for r in ranks)}/{len(flipped)} within the first {2 * len(flipped)}")
     for method, mask in (("cleanlab find_label_issues", flag_label_issues(y, probs)),
-                         ("confident-joint off-diagonal", _off_diagonal(y, probs))):
+                         ("confident-joint off-diagonal", off_diagonal(y, probs))):
         found = set(np.flatnonzero(mask).tolist())
         hits = len(found & flipped)
         print(f"  {method:<30} flagged {len(found):4d}   precision {hits / max(1, len(found)):.2f}   "

@@ -1,6 +1,7 @@
 """Peak memory of predict on many images: the streamed CLI against the list-returning API.
 
-    python bench/predict_memory.py RUN DATA [--engine onnx]
+    python -m bench.predict_memory RUN DATA [--engine onnx]
+    python -m bench.predict_memory --smoke     # a tiny run trained here on tiny data
 
 Each in a fresh process, RssAnon of /proc/PID/status sampled every 20 ms (anonymous memory:
 what the process allocated, without the model file and libraries mapped from disk):
@@ -12,12 +13,13 @@ growth with the image count. Linux only (reads /proc).
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 
 
 def peak_anon_mb(cmd: list[str]) -> tuple[float, float]:
@@ -39,12 +41,27 @@ def peak_anon_mb(cmd: list[str]) -> tuple[float, float]:
     return peak / 1024, time.perf_counter() - started
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run")
-    ap.add_argument("data")
+def tiny_run(work: Path) -> tuple[str, str]:
+    """--smoke: a feature-extract run of the tiny model on tiny generated folders."""
+    import visiontune as vt
+
+    data = tiny_folders(work / "data")
+    run = vt.fit(str(data), strategy="feature-extract", epochs=1, output=str(work / "runs"), **SMOKE_MODEL)
+    return str(run.run_dir), str(data)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
+    ap.add_argument("run", nargs="?")
+    ap.add_argument("data", nargs="?")
     ap.add_argument("--engine", default="onnx", choices=("auto", "onnx", "torch"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    record = Recorder("predict_memory", args.smoke, argv)
+    if args.smoke:  # the torch engine: no export to wait for
+        args.engine = "torch"
+        args.run, args.data = tiny_run(Path(tempfile.mkdtemp(prefix="vt-bench-pm-")))
+    elif not (args.run and args.data):
+        ap.error("RUN and DATA are required (or --smoke)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "p.csv"
         stream = peak_anon_mb([sys.executable, "-m", "visiontune", "predict", args.run, args.data,
@@ -57,6 +74,8 @@ def main() -> None:
     print(f"stream (CLI --output): peak anonymous {stream[0]:7.0f} MB, {stream[1]:6.1f} s")
     print(f"list (vt.predict):     peak anonymous {listed[0]:7.0f} MB, {listed[1]:6.1f} s")
     print(f"stream / list memory: {stream[0] / listed[0]:.2f}x")
+    record(f"peak anonymous memory, streamed CLI predict, {rows} images", stream[0], "MB", note=f"engine {args.engine}")
+    record(f"peak anonymous memory, vt.predict list, {rows} images", listed[0], "MB", note=f"engine {args.engine}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Load test of `visiontune serve` on localhost (bounded: it stops by itself).
 
-    python bench/serve_load.py [--run RUN] [--clients 16] [--requests 10]
+    python -m bench.serve_load [--run RUN] [--clients 16] [--requests 10]
+    python -m bench.serve_load --smoke    # a tiny run on tiny data, 2 clients x 2 requests
 
 Starts `visiontune serve RUN` in a subprocess (default RUN: a feature-extract Lite0 run at
 224 px trained here on scikit-image's faces / non-faces), then `--clients` concurrent
@@ -11,7 +12,6 @@ load, and every status code seen (no error and no 500 expected).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import socket
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 
 
 def _free_port() -> int:
@@ -82,14 +84,24 @@ async def _load(base: str, clients: int, requests: int) -> dict:
             "page_worst_s": max(pages), "page_median_s": statistics.median(pages), "codes": codes}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _tiny_run(work: Path) -> str:
+    """--smoke: the tiny model on tiny generated folders."""
+    import visiontune as vt
+
+    data = tiny_folders(work / "data")
+    return vt.fit(str(data), strategy="feature-extract", epochs=1, output=str(work / "runs"), **SMOKE_MODEL).run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--run")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=10)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.clients, args.requests = 2, 2
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or _default_run(Path(tmp))
+        run = args.run or (_tiny_run if args.smoke else _default_run)(Path(tmp))
         port = _free_port()
         launch = f"from visiontune.deploy.serve import serve; serve({run!r}, port={port})"
         server = subprocess.Popen([sys.executable, "-c", launch])
@@ -110,6 +122,13 @@ def main() -> None:
           f"{result['wall_s']:.1f} s = {result['throughput_rps']:.1f} req/s; latency p50 {result['p50_s']:.2f} s, "
           f"p99 {result['p99_s']:.2f} s; page during the load: median {result['page_median_s'] * 1000:.0f} ms, "
           f"worst {result['page_worst_s'] * 1000:.0f} ms; status codes {result['codes']}")
+    record = Recorder("serve_load", args.smoke, argv)
+    note = f"{args.clients} clients x {args.requests} requests; status codes {result['codes']}"
+    record("POST /api/predict latency p50", result["p50_s"], "s", note=note)
+    record("POST /api/predict latency p99", result["p99_s"], "s", note=note)
+    record("throughput", result["throughput_rps"], "requests/s", note=note)
+    if set(result["codes"]) != {200}:
+        raise SystemExit(f"status codes other than 200: {result['codes']}")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from scale import make_images  # noqa: E402 - bench/scale.py's generator
+from bench.scale import make_images  # bench/scale.py's generator
 
 RECIPE = {"backbone": "timm:test_efficientnet", "weights": "none", "image_size": 32, "strategy": "finetune",
           "batch_size": 96, "progress": False, "patience": 0, "lr": 3e-3, "augment": "none", "seed": 7}

@@ -1,6 +1,6 @@
 """Overhead of visiontune over the raw model, on one machine, in one run.
 
-    /usr/bin/time -v python bench/speed.py [--images 256] [--image-size 224] [--batch-size 32]
+    /usr/bin/time -v python -m bench.speed [--smoke] [--images 256] [--image-size 224] [--batch-size 32]
         [--workers auto,0,2] [--repeats 2] [--large 32] [--compile] [--bf16] [--int8-run RUN]
         [--compile-modes default,max-autotune-no-cudagraphs]
 
@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 import visiontune as vt
+from bench.harness import Recorder, parser
 from visiontune.config import ModelConfig
 from visiontune.models.classifier import create_classifier
 
@@ -158,6 +159,8 @@ def section_training(args: argparse.Namespace, data: Path, work: Path) -> None:
         print(f"   visiontune workers={w:<4} loop {loop:6.1f} img/s  ratio {loop / raw:.3f}   "
               f"command {whole:6.1f} img/s  ratio {whole / raw:.3f}   "
               f"({loop * flops / peak:.1%} of the matrix-product rate)", flush=True)
+        args.record(f"fine-tuning loop / raw step, img/s, workers={w}", loop / raw, "x",
+                    note=f"Lite0, {size} px, batch {batch}, {n} JPEGs, median of {args.repeats}")
     if args.bf16:
         fp32, bf16 = raw_train(size, batch, 2 * batch), raw_train(size, batch, 2 * batch, bf16=True)
         print(f"   precision: raw step fp32 {fp32:6.1f} img/s   bf16 autocast {bf16:6.1f} img/s   "
@@ -257,6 +260,10 @@ def section_int8(args: argparse.Namespace, data: Path, work: Path) -> str:
             f.append(_loop(fp32, x, args.images))
             i.append(_loop(int8, x, args.images))
     e_i, f_i, i_i = median(eager), median(f), median(i)
+    note = f"{q.method}, {size} px, batch {args.batch_size}, median of {args.repeats}"
+    args.record("int8 ONNX Runtime / fp32 ONNX Runtime, img/s", i_i / f_i, "x", note=note)
+    args.record("int8 ONNX Runtime / eager PyTorch, img/s", i_i / e_i, "x", note=note)
+    args.record("int8 file size / fp32 file size", q.sizes["int8"] / q.sizes["fp32"], "x", note=note)
     return "\n".join([
         f"e. int8 ({q.method}, {size}px, batch {args.batch_size}): eager {e_i:6.1f} img/s   ONNX fp32 {f_i:6.1f} img/s "
         f"({f_i / e_i:.2f}x eager)   ONNX int8 {i_i:6.1f} img/s ({i_i / f_i:.2f}x fp32, {i_i / e_i:.2f}x eager)",
@@ -280,8 +287,8 @@ def section_large(args: argparse.Namespace, work: Path) -> str:
             f"({args.large / warm:.1f} img/s), {s_off / warm:.2f}x faster")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -295,7 +302,11 @@ def main() -> None:
                                                         "against eager, e.g. default,max-autotune-no-cudagraphs")
     ap.add_argument("--int8-run", help="section e on this trained run (default: one on the generated JPEGs)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: a,c,e")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:  # section a on 8 JPEGs at 32 px, one repeat
+        args.images, args.image_size, args.batch_size, args.epochs, args.repeats = 8, 32, 4, 2, 1
+        args.skip, args.workers, args.large = "c,e", "0", 0
+    args.record = Recorder("speed", args.smoke, argv)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="vt-speed-"))
     os.environ.setdefault("VISIONTUNE_CACHE", str(work / "cache"))

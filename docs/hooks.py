@@ -27,6 +27,10 @@ def on_page_markdown(markdown, page, config, files):
     markdown = INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(encoding="utf-8"), markdown)
     markdown = markdown.replace("](ARCHITECTURE.md)", "](architecture.md)")  # README's links, as the site lays
     markdown = markdown.replace("](docs/guides/", "](guides/").replace("](bench/", "](")  # the pages out
+    markdown = markdown.replace("](../docs/decisions/", "](decisions/").replace("](../../scale.png", "](scale.png")
+    markdown = markdown.replace("](../../label_efficiency.png", "](label_efficiency.png")
+    markdown = markdown.replace("](results/archive/2026-11-results-diary.md", "](results-diary.md")
+    markdown = markdown.replace("](../../bench/results/archive/2026-11-results-diary.md", "](../results-diary.md")
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
     return markdown

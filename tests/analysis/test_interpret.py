@@ -212,12 +212,12 @@ def _noisy_probe(seed: int = 0):
 
 
 def test_cleanlab_flags_flips_better_than_the_plain_off_diagonal() -> None:
-    from visiontune.analysis.mislabels import _off_diagonal, flag_label_issues, flag_method
+    from visiontune.analysis.mislabels import flag_label_issues, flag_method, off_diagonal
 
     y, probs, flips = _noisy_probe()
     assert flag_method().startswith("cleanlab")
     scores = {}
-    for name, mask in (("cleanlab", flag_label_issues(y, probs)), ("off-diagonal", _off_diagonal(y, probs))):
+    for name, mask in (("cleanlab", flag_label_issues(y, probs)), ("off-diagonal", off_diagonal(y, probs))):
         found = set(np.flatnonzero(mask).tolist())
         scores[name] = (len(found & flips) / max(1, len(found)), len(found & flips) / len(flips))
     f1 = {name: 2 * p * r / (p + r) for name, (p, r) in scores.items()}

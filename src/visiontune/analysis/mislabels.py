@@ -103,12 +103,14 @@ def flag_label_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
         with warnings.catch_warnings():  # small classes: cleanlab warns it may miss some, and still answers
             warnings.simplefilter("ignore", UserWarning)
             return np.asarray(find_label_issues(y, probs, filter_by="prune_by_noise_rate"), dtype=bool)
-    return _off_diagonal(y, probs)
+    return off_diagonal(y, probs)
 
 
-def _off_diagonal(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Flagged when another class's probability reaches that class's threshold (the mean
-    self-confidence of the images labelled with it)."""
+def off_diagonal(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """The plain confident-joint rule (what `flag_label_issues` falls back to without
+    cleanlab): an image is flagged when another class's probability reaches that class's
+    threshold (the mean self-confidence of the images labelled with it). Y holds class
+    indices, PROBS one row of out-of-sample class probabilities per image."""
     classes = probs.shape[1]
     self_conf = probs[np.arange(len(y)), y]
     thresholds = np.array([self_conf[y == c].mean() if (y == c).any() else 1.0 for c in range(classes)])

@@ -120,7 +120,7 @@ def auto_batch_size(model: nn.Module, size: int, n_train: int, device: torch.dev
     """The batch size `--batch-size auto` trains with (see the module docstring)."""
     cap = min(AUTO_MAX, floor_pow2(n_train // MIN_STEPS))
     if device.type == "cuda":
-        fitting, how = _cuda_search(model, size, cap, device, channels_last, precision)
+        fitting, how = cuda_search(model, size, cap, device, channels_last, precision)
     else:
         estimate = _cpu_estimate(model, size, device, channels_last, precision)
         if estimate is None:
@@ -136,9 +136,11 @@ def auto_batch_size(model: nn.Module, size: int, n_train: int, device: torch.dev
     return chosen
 
 
-def _cuda_search(model: nn.Module, size: int, cap: int, device: torch.device, channels_last: bool,
+def cuda_search(model: nn.Module, size: int, cap: int, device: torch.device, channels_last: bool,
                  precision: str) -> tuple[int, str]:
-    """Doubling search with real steps, stopped by the first out-of-memory error or the cap."""
+    """The largest batch (a power of two up to CAP) whose real training step of MODEL at
+    SIZE px fits on the CUDA DEVICE, by a doubling search stopped by the first out-of-memory
+    error or the cap; returns (batch, how it was found) for the log."""
     def fits(b: int) -> bool:
         try:
             _trial_step(model, b, size, device, channels_last, precision)
