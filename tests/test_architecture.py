@@ -107,7 +107,7 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 LAYERS = [
     ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots",
      "visiontune.registry", "visiontune.web"),
-    ("visiontune.train.strategies", "visiontune.data.labels"),
+    ("visiontune.train.strategies", "visiontune.tasks.labels", "visiontune.tasks.catalog", "visiontune.deploy.formats"),
     ("visiontune.config",),
     ("visiontune.tasks",),
     ("visiontune.data",),
@@ -311,7 +311,7 @@ def test_every_registry_is_the_one_helper() -> None:
     """Strategies, tasks, backbone sources, export formats and trackers: one Registry type,
     one error for an unknown name; --track's names are the tracker classes'."""
     from visiontune.config import TRACKERS
-    from visiontune.deploy.export import FORMATS
+    from visiontune.deploy.formats import FORMATS
     from visiontune.models.backbones import SOURCES
     from visiontune.registry import Registry
     from visiontune.tasks.catalog import TASKS
@@ -325,8 +325,7 @@ def test_every_registry_is_the_one_helper() -> None:
 
 
 def test_tasks_registry_and_markers() -> None:
-    from visiontune.data.labels import task_choices
-    from visiontune.tasks.catalog import TASKS, make_task
+    from visiontune.tasks.catalog import TASKS, make_task, task_choices
 
     task = make_task("single-label", ["a", "b"])
     assert set(TASKS) == set(task_choices()) - {"auto"}  # what --task offers is what the catalog has
@@ -345,7 +344,6 @@ def toy_task():
     import torch
     from torch import nn
 
-    from visiontune.data.labels import TASK_NAMES
     from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
     from visiontune.tasks.catalog import TASKS, register_task
 
@@ -408,7 +406,6 @@ def toy_task():
     register_task(OneLogit)
     yield OneLogit
     TASKS.pop(OneLogit.name)
-    TASK_NAMES.remove(OneLogit.name)
 
 
 def test_a_registered_task_trains_predicts_and_exports(toy_task, flat_data: Path, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from visiontune.bundle import Bundle, load_bundle, run_splits
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
-from visiontune.data.labels import Label
+from visiontune.tasks.labels import Label
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform

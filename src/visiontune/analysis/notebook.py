@@ -17,7 +17,7 @@ from visiontune.bundle import read_config
 from visiontune.config import RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN
-from visiontune.data.labels import label_text
+from visiontune.tasks.labels import label_text
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.transforms import train_transform

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.config import DataConfig
-from visiontune.data.labels import label_counts
+from visiontune.tasks.labels import label_counts
 from visiontune.data.tables import csv_task, suggestion_table
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import FileChanged, file_identity, locked, read_csv, write_csv

@@ -40,7 +40,7 @@ from visiontune.analysis.decisions import REVIEW_DIR, Decisions
 from visiontune.analysis.interpret import SOURCE, VIEWS, data_key, explain, interpret, items_of
 from visiontune.analysis.review import ENTRY, STYLE, page_spec, spec_json
 from visiontune.bundle import Bundle, from_folder, load_bundle
-from visiontune.data.labels import Label
+from visiontune.tasks.labels import Label
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import atomic_write, file_identity, identity_digest, read_csv_dicts
 from visiontune.plots import grid_figure

@@ -1,6 +1,6 @@
 """Labelled images as the pipeline sees them: `Item` (path, label, split, group) and
 `DataSource` (the classes, the items, and what was left out and why). A label is a class
-name, a tuple of label names (multi-label) or a float (regression) (data/labels.py); the
+name, a tuple of label names (multi-label) or a float (regression) (tasks/labels.py); the
 task's class (tasks/) reads and summarises it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.labels import Label, task_of
+from visiontune.tasks.labels import Label, task_of
 from visiontune.tasks.catalog import task_class
 
 TRAIN, VALID, TEST = "train", "valid", "test"

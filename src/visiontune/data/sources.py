@@ -21,7 +21,7 @@ from visiontune.config import DataConfig, RunConfig
 from visiontune.data.hf import hf_source, is_hf
 from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import LISTED_IN_EXCLUDE, TEST, TRAIN, VALID, DataSource, Item, LabelFunc
-from visiontune.data.labels import label_counts, task_of
+from visiontune.tasks.labels import label_counts, task_of
 from visiontune.data.scan import scan, scan_cache
 from visiontune.data.splits import assign_validation
 from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column, read_path_list

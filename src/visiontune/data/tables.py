@@ -12,7 +12,7 @@ from pathlib import Path
 
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
+from visiontune.tasks.labels import MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
 from visiontune.files import read_csv
 from visiontune.tasks.catalog import TASKS, task_class

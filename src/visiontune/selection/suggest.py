@@ -49,7 +49,7 @@ from sklearn.decomposition import PCA
 from visiontune.bundle import load_bundle, run_left_out, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST, DataSource, excluded_lines
-from visiontune.data.labels import SINGLE
+from visiontune.tasks.labels import SINGLE
 from visiontune.data.pool import reason_counts, unlabelled_pool
 from visiontune.data.sources import load_items
 from visiontune.data.tables import suggestion_table

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.labels import class_index, label_counts
 from visiontune.errors import ConfigError, DataError
+from visiontune.tasks.labels import class_index, label_counts
 from visiontune.tasks.metrics import present_classes
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,6 @@ class Task(ABC):
     """What a label is, and everything that follows from it (see the module docstring)."""
 
     name: ClassVar[str]
-    description: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]]  # every metric `metrics` returns, and the losses
     headline: ClassVar[tuple[str, ...]]  # what cv and compare report: two metrics and "loss"
     mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.labels import (
+from visiontune.errors import DataError
+from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.labels import (
     MULTI_LABEL_COLUMNS,
     check_label_names,
     indicator,
@@ -29,8 +31,6 @@ from visiontune.data.labels import (
     parse_label_set,
     split_labels,
 )
-from visiontune.errors import DataError
-from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
 from visiontune.tasks.metrics import (
     absent_note,
     format_matrix,
@@ -67,7 +67,6 @@ class BinaryCrossEntropy(TaskLoss):
 
 class MultiLabel(Task):
     name = "multi-label"
-    description = "a set of labels per image (maybe empty): sigmoid + binary cross-entropy; mAP, F1"
     headline = ("mAP", "macro_f1", "loss")
     higher_is_better = {"mAP": True, "micro_f1": True, "macro_f1": True, "samples_f1": True,
                         "subset_accuracy": True, "hamming_loss": False, "val_loss": False, "train_loss": False}

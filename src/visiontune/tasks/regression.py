@@ -55,7 +55,6 @@ class RegressionLoss(TaskLoss):
 
 class Regression(Task):
     name = "regression"
-    description = "a number per image: linear output, MSE (or Huber) on standardised targets; MAE, RMSE, R², rho"
     headline = ("mae", "r2", "loss")
     higher_is_better = {"mae": False, "rmse": False, "r2": True, "spearman": True,
                         "val_loss": False, "train_loss": False}

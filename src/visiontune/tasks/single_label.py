@@ -55,7 +55,6 @@ def class_weight_values(counts: list[int]) -> list[float]:
 
 class SingleLabel(Task):
     name = "single-label"
-    description = "one class per image: softmax + cross-entropy; accuracy, macro-F1"
     headline = ("accuracy", "macro_f1", "loss")
     higher_is_better = HIGHER_IS_BETTER
 
