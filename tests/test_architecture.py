@@ -308,20 +308,18 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 
 
 def test_every_registry_is_the_one_helper() -> None:
-    """Strategies, tasks, backbone sources, export formats and trackers: one Registry type,
-    one error for an unknown name; --track's names are the tracker classes'."""
-    from visiontune.config import TRACKERS
+    """Strategies, tasks, backbone sources, export formats, trackers and engines: one
+    Registry type, one error for an unknown name (tests/test_registry.py: lazily loaded)."""
+    from visiontune.config import ENGINES, TRACKERS
     from visiontune.deploy.formats import FORMATS
     from visiontune.models.backbones import SOURCES
     from visiontune.registry import Registry
     from visiontune.tasks.catalog import TASKS
-    from visiontune.train.tracking import TRACKER_CLASSES
 
-    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, TRACKER_CLASSES):
+    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, ENGINES):
         assert isinstance(registry, Registry) and len(registry) >= 2
         with pytest.raises(ConfigError, match=f"unknown {registry.what} 'nope'; choose one of: "):
             registry.find("nope")
-    assert set(TRACKER_CLASSES) == set(TRACKERS)
 
 
 def test_tasks_registry_and_markers() -> None:
@@ -359,7 +357,7 @@ def toy_task():
         higher_is_better = {"accuracy": True, "val_loss": False, "train_loss": False}
 
         @property
-        def num_classes(self) -> int:
+        def num_outputs(self) -> int:
             return 1  # the head's width: one logit for the second class
 
         def encode(self, labels):

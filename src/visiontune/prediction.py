@@ -106,11 +106,11 @@ class Prediction:
 
     def line(self) -> str:
         task, decoded = self._task_and_decoded()
-        return task.line(self.path, decoded)
+        return task.output.line(self.path, decoded)
 
     def record(self) -> dict[str, Any]:
         task, decoded = self._task_and_decoded()
-        return {"path": self.path, **task.record(decoded)}
+        return {"path": self.path, **task.output.record(decoded)}
 
     def _task_and_decoded(self) -> tuple[Any, Decoded]:
         """What predict made this from; for one built by hand, rebuilt from its fields."""

@@ -33,9 +33,9 @@ from torch import nn
 
 from visiontune.bundle import MODEL_FILE, Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
+from visiontune.deploy.formats import FORMATS, files_text, format_of, suffix
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
-from visiontune.deploy.formats import FORMATS, files_text, format_of, suffix
 from visiontune.runtime.engine import check_engine, onnx_available, onnx_session, write_onnx
 from visiontune.tasks.catalog import make_task
 from visiontune.version import __version__
