@@ -86,7 +86,7 @@ def next_round(method: str, pool: np.ndarray, labelled: list[int], y: np.ndarray
     free = np.setdiff1d(np.arange(len(pool)), labelled)
     if method == "random":
         return free[np.random.default_rng(seed + 1000 * len(labelled)).permutation(len(free))[:n]].tolist(), "random"
-    counts = np.bincount(y[labelled], minlength=task.num_classes) if labelled else None
+    counts = np.bincount(y[labelled], minlength=task.num_outputs) if labelled else None
     chosen, _ = auto_method(float(statistics.median(counts)) if labelled and len(np.unique(y[labelled])) > 1 else None)
     uncertainty = None
     if chosen == "diverse":
@@ -105,7 +105,7 @@ def curve(data, task, method: str, budgets: list[int], seed: int, select: bool =
     labelled: list[int] = []
     out = []
     for per_class in budgets:
-        n = per_class * task.num_classes - len(labelled)
+        n = per_class * task.num_outputs - len(labelled)
         picks, chosen = next_round(method, pool, labelled, y, task, n, seed)
         labelled += picks
         rest = np.delete(pool, labelled, axis=0) if unlabeled else None
@@ -142,7 +142,7 @@ def main() -> None:
             results[name, method] = [[acc for _, acc, _ in run] for run in runs]
             if method == "suggest":
                 print(f"{name}: suggest's method by round: {[c for _, _, c in runs[0]]}")
-        print(f"{name}: {len(data['train'][1]) + len(data['valid'][1])} pool images, {task.num_classes} classes, "
+        print(f"{name}: {len(data['train'][1]) + len(data['valid'][1])} pool images, {task.num_outputs} classes, "
               f"{len(data['test'][1])} test ({time.perf_counter() - started:.0f}s)", flush=True)
     table(results, args.sets, budgets)
     plot(results, args.sets, budgets, args.plot)

@@ -107,7 +107,7 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 LAYERS = [
     ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots",
      "visiontune.registry", "visiontune.web"),
-    ("visiontune.train.strategies", "visiontune.data.labels"),
+    ("visiontune.train.strategies", "visiontune.tasks.labels", "visiontune.tasks.catalog", "visiontune.deploy.formats"),
     ("visiontune.config",),
     ("visiontune.tasks",),
     ("visiontune.data",),
@@ -308,25 +308,22 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 
 
 def test_every_registry_is_the_one_helper() -> None:
-    """Strategies, tasks, backbone sources, export formats and trackers: one Registry type,
-    one error for an unknown name; --track's names are the tracker classes'."""
-    from visiontune.config import TRACKERS
-    from visiontune.deploy.export import FORMATS
+    """Strategies, tasks, backbone sources, export formats, trackers and engines: one
+    Registry type, one error for an unknown name (tests/test_registry.py: lazily loaded)."""
+    from visiontune.config import ENGINES, TRACKERS
+    from visiontune.deploy.formats import FORMATS
     from visiontune.models.backbones import SOURCES
     from visiontune.registry import Registry
     from visiontune.tasks.catalog import TASKS
-    from visiontune.train.tracking import TRACKER_CLASSES
 
-    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, TRACKER_CLASSES):
+    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, ENGINES):
         assert isinstance(registry, Registry) and len(registry) >= 2
         with pytest.raises(ConfigError, match=f"unknown {registry.what} 'nope'; choose one of: "):
             registry.find("nope")
-    assert set(TRACKER_CLASSES) == set(TRACKERS)
 
 
 def test_tasks_registry_and_markers() -> None:
-    from visiontune.data.labels import task_choices
-    from visiontune.tasks.catalog import TASKS, make_task
+    from visiontune.tasks.catalog import TASKS, make_task, task_choices
 
     task = make_task("single-label", ["a", "b"])
     assert set(TASKS) == set(task_choices()) - {"auto"}  # what --task offers is what the catalog has
@@ -345,7 +342,6 @@ def toy_task():
     import torch
     from torch import nn
 
-    from visiontune.data.labels import TASK_NAMES
     from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
     from visiontune.tasks.catalog import TASKS, register_task
 
@@ -361,7 +357,7 @@ def toy_task():
         higher_is_better = {"accuracy": True, "val_loss": False, "train_loss": False}
 
         @property
-        def num_classes(self) -> int:
+        def num_outputs(self) -> int:
             return 1  # the head's width: one logit for the second class
 
         def encode(self, labels):
@@ -408,7 +404,6 @@ def toy_task():
     register_task(OneLogit)
     yield OneLogit
     TASKS.pop(OneLogit.name)
-    TASK_NAMES.remove(OneLogit.name)
 
 
 def test_a_registered_task_trains_predicts_and_exports(toy_task, flat_data: Path, tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
         head_hidden=int(meta["head_hidden"]), head_dropout=float(meta["head_dropout"]),
     )
     task = make_task(meta.get("task", "single-label"), list(meta["classes"]), meta)
-    model, _ = create_classifier(model_cfg, task.num_classes)  # the head's width is the task's
+    model, _ = create_classifier(model_cfg, task.num_outputs)  # the head's width is the task's
     model.load_state_dict(load_file(str(file)), strict=True)
     model.to(device, memory_format=torch.channels_last).eval()  # inputs follow in run_eval
     cfg_path = file.parent / "config.yaml"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from visiontune.config import (
+    ENGINES,
     SECTION_TITLES,
     SUGGEST_METHODS,
     DataConfig,
@@ -24,9 +25,10 @@ from visiontune.config import (
     option_fields,
     option_key,
 )
-from visiontune.data.labels import task_choices
+from visiontune.deploy.formats import FORMATS, files_text
 from visiontune.errors import VisiontuneError
 from visiontune.files import CACHE_AREAS
+from visiontune.tasks.catalog import task_choices
 from visiontune.train.strategies import describe_strategies, strategy_names
 from visiontune.version import __version__
 
@@ -66,7 +68,7 @@ def _add_option(group: Any, f: Any) -> None:
     if _type_name(f) == "bool":
         flag = meta.get("flag") or (f"--no-{f.name.replace('_', '-')}" if f.default else name)
         group.add_argument(flag, dest=key, action="store_false" if f.default else "store_true", default=None,
-                           help=meta["help"])
+                           help=meta.get("off") or meta["help"] if f.default else meta["help"])
         return
     flag = meta.get("flag") or ("--" + key.replace("_", "-"))
     shown = "" if f.default is None or f.default == "" else f" ({f.default!r})" if isinstance(f.default, str) and \
@@ -188,9 +190,8 @@ def add_host_options(p: argparse.ArgumentParser, port: int, what: str) -> None:
 
 def _add_use_commands(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files and folders with a trained run")
-    p.add_argument("run", help="run directory, its model.safetensors, or an exported model.onnx / model.pt2 / "
-                   "model.ts (a .ts file runs TorchScript code when loaded: use only .ts files you trust; prefer "
-                   ".onnx)")
+    p.add_argument("run", help=f"run directory, its model.safetensors, or an exported {files_text()} (a .ts file runs "
+                   "TorchScript code when loaded: use only .ts files you trust; prefer .onnx)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3, help="most probable labels shown per image (default 3)")
     p.add_argument("--output", help="also write the predictions to a .csv or .json file, row by row as they come "
@@ -200,7 +201,7 @@ def _add_use_commands(sub: Any) -> None:
                    "(center, mirrored, whole image, mirrored); ~4x the time")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+    p.add_argument("--engine", choices=ENGINES.names(), default="auto",
                    help="CPU inference engine. auto: ONNX Runtime when the run has a current model.onnx, or when "
                    "onnxruntime is installed and there are >= 2000 images (model.onnx is exported into the run once); "
                    "else PyTorch")
@@ -230,12 +231,9 @@ def _add_share_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="ONNX, torch.export (pt2), timm/Hub folder or TorchScript, with class names "
                        "and preprocessing inside; checked against the eager model")
     p.add_argument("run", help="run directory")
-    p.add_argument("--format", choices=("onnx", "pt2", "timm", "torchscript"), default="onnx",
-                   help="onnx (torch.export-based exporter; ONNX Runtime), pt2 (torch.export program: "
-                   "torch.export.load(F).module()), timm (folder in timm's Hub layout: "
-                   "timm.create_model('local-dir:DIR', pretrained=True)), torchscript (legacy)")
-    p.add_argument("--output", help="file (folder for timm) to write; default RUN/model.onnx, RUN/model.pt2, "
-                   "RUN/timm/ or RUN/model.ts")
+    p.add_argument("--format", choices=FORMATS.names(), default="onnx", help=FORMATS.choices_help())
+    p.add_argument("--output", help="file (folder for timm) to write; default "
+                   + files_text("RUN/", ", ", " or "))
     p.add_argument("--int8", action="store_true", help="onnx: also write MODEL.int8.onnx, quantised by ONNX "
                    "Runtime (static, calibrated on the run's validation images; dynamic as the fallback) and "
                    "checked on the validation split against fp32")

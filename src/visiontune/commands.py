@@ -165,7 +165,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _prediction_line(p: Prediction) -> str:
-    """As the task prints a prediction (tasks/: path, label, probability, runners-up; label
+    """As the task prints a prediction (tasks/output.py: path, label, probability, runners-up; label
     sets: every label above its threshold; regression: path and number)."""
     return p.line()
 
@@ -185,7 +185,8 @@ def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k:
 
         atomic_write(path, write)
         return
-    write_csv(path, task.csv_header(top_k), (task.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
+    out = task.output
+    write_csv(path, out.csv_header(top_k), (out.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from visiontune.data.labels import task_choices
 from visiontune.errors import ConfigError
 from visiontune.registry import Registry
+from visiontune.tasks.catalog import task_choices
 from visiontune.train.strategies import STRATEGIES, get_strategy, strategy_choices
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -40,29 +40,39 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
            flag: str | None = None, key: str | None = None, cli: bool = True, metavar: str | None = None,
            parse: Callable[[str], Any] | None = None, aliases: dict[str, Any] | None = None,
-           coerce: Callable[[Any], Any] | None = None, nargs: int | None = None) -> Any:
+           coerce: Callable[[Any], Any] | None = None, nargs: int | None = None, off: str | None = None) -> Any:
     """A config field with its documentation: `help` (shown by --help), `choices` (a tuple
     or a function returning one, e.g. the strategy registry), bounds (`ge`/`gt`/`le`/`lt`,
     checked by `validate`; None values are not checked), `flag` (default `--field-name`;
-    booleans get `--no-field-name` when they default to True, and then `help` says what
-    that flag does), `key` (the flat name in
+    booleans get `--no-field-name` when they default to True: `help` says what the field
+    means when true, and `off` what that flag does), `key` (the flat name in
     `RunConfig.create` and the CLI; default the field name), `cli=False` for Python-only
     options, `parse` for values argparse cannot type from the annotation, `aliases` for
     extra flags that set a fixed value (e.g. {"--no-augment": "none"}) and `coerce` for
     values older configs spelled differently, `nargs` for a flag taking several values (each
     parsed by `parse`)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag, "key": key,
-            "cli": cli, "metavar": metavar, "parse": parse, "aliases": aliases or {}, "coerce": coerce, "nargs": nargs}
+            "cli": cli, "metavar": metavar, "parse": parse, "aliases": aliases or {}, "coerce": coerce, "nargs": nargs,
+            "off": off}
     return field(default=default, metadata=meta)
 
 
 # `visiontune suggest --method` (selection/suggest.py); here so that --help needs no torch
 SUGGEST_METHODS = ("auto", "typical", "uncertain", "diverse", "random")
 
-TRACKERS: Registry[str] = Registry("tracker", {"tensorboard": "TensorBoard event files in the run directory",
-                                               "mlflow": "an MLflow run (MLFLOW_TRACKING_URI, else sqlite:///RUNS/mlflow.db)",
-                                               "wandb": "a Weights & Biases run (files in RUN/wandb; WANDB_MODE=offline "
-                                                        "to sync later)"})
+TRACKERS: Registry[Any] = Registry("tracker")  # --track's names; each loads its train/tracking.py class
+TRACKERS.lazy("tensorboard", "visiontune.train.tracking:TensorBoardTracker",
+              "TensorBoard event files in the run directory")
+TRACKERS.lazy("mlflow", "visiontune.train.tracking:MlflowTracker",
+              "an MLflow run (MLFLOW_TRACKING_URI, else sqlite:///RUNS/mlflow.db)")
+TRACKERS.lazy("wandb", "visiontune.train.tracking:WandbTracker",
+              "a Weights & Biases run (files in RUN/wandb; WANDB_MODE=offline to sync later)")
+
+# --engine's names: what runs frozen forward passes and predict on the CPU (runtime/engine.py)
+ENGINES: Registry[str] = Registry("engine")
+ENGINES.add("auto", "auto", "ONNX Runtime when installed and worth its one export, else PyTorch")
+ENGINES.add("torch", "torch", "PyTorch")
+ENGINES.add("onnx", "onnx", "ONNX Runtime on the backbone exported once into the cache, checked against PyTorch")
 
 
 def parse_track(value: Any) -> str:
@@ -144,10 +154,11 @@ class DataConfig:
                                       "'shards/valid-{0000..0009}.tar' (without it, --valid-pct of the training samples)")
     groups: str | None = option(None, "CSV of path,group: images of one group (a recording, a patient) stay in "
                                       "one split and one fold (default: DATA/groups.csv when present)")
-    verify_images: bool = option(True, "skip decoding every image while scanning (and the check for byte-identical "
-                                       "copies across splits): a labelled file that does not decode then stops the "
-                                       "run, naming it; pool files that do not are skipped and listed",
-                                 flag="--no-verify")
+    verify_images: bool = option(True, "decode every image while scanning, and check for byte-identical copies "
+                                       "across splits", flag="--no-verify",
+                                 off="skip decoding every image while scanning (and the check for byte-identical "
+                                     "copies across splits): a labelled file that does not decode then stops the "
+                                     "run, naming it; pool files that do not are skipped and listed")
 
 
 @dataclass(frozen=True)
@@ -165,8 +176,9 @@ class ModelConfig:
     head_hidden: int = option(0, "hidden units in the head; 0: a single linear layer", ge=0)
     head_dropout: float = option(0.0, "dropout in the head", ge=0.0, lt=1.0)
     head_init_gain: float = option(0.1, "xavier gain of the head's last layer (small: starting loss ~ ln C)", gt=0.0)
-    warm_start: bool = option(True, "do not start head rows of ImageNet-named classes (e.g. 'ant') from the source "
-                                    "classifier")
+    warm_start: bool = option(True, "start the head rows of ImageNet-named classes (e.g. 'ant') from the source "
+                                    "classifier", off="do not start head rows of ImageNet-named classes (e.g. 'ant') "
+                                                     "from the source classifier")
 
 
 @dataclass(frozen=True)
@@ -230,7 +242,8 @@ class TrainConfig:
                        choices=("auto", "min", "max"))
     patience: int = option(3, "epochs without improvement before stopping; 0: never", ge=0)
     min_delta: float = option(0.0, "smallest change of --monitor that counts as an improvement", ge=0.0)
-    restore_best: bool = option(True, "end with the last epoch's weights instead of the best ones")
+    restore_best: bool = option(True, "end with the best epoch's weights",
+                                off="end with the last epoch's weights instead of the best ones")
     augment: str = option("light", "augmentation of training images: none, light (random resized crop + flip), "
                                    "medium (+ RandAugment, random erasing), heavy (+ mixup / cutmix): timm's",
                           choices=AUGMENT_PRESETS, aliases={"--no-augment": "none"}, coerce=_augment_preset)
@@ -243,13 +256,14 @@ class TrainConfig:
                                            "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16; never more than batches, "
                                            "none for one batch); training loaders keep theirs across epochs", ge=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
-    channels_last: bool = option(True, "keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
+    channels_last: bool = option(True, "NHWC (channels-last) memory format: ~2x faster for depthwise convs on CPU",
+                                 off="keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
     precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
                             choices=PRECISIONS)
     engine: str = option("auto", "what runs frozen forward passes (features of a frozen backbone, freeze-k's "
                                  "frozen blocks) on the CPU: "
                                  "auto = ONNX Runtime when installed (exported once per weights into the cache, "
-                                 "checked against PyTorch), torch, onnx", choices=("auto", "torch", "onnx"))
+                                 "checked against PyTorch), torch, onnx", choices=ENGINES.names)
     time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
                                              "seconds): costs are measured, then strategy, image size and epochs "
                                              "planned, and the run stops on time with the best weights so far "
@@ -257,16 +271,18 @@ class TrainConfig:
                                        gt=0.0, parse=parse_duration, coerce=parse_duration, metavar="DURATION")
     compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
                                   "it fails)")
-    image_cache: bool = option(True, "decode training images every epoch instead of keeping large ones decoded "
-                                     "and downsized (to 2x the input size) on disk")
-    feature_cache: bool = option(True, "frozen phases run on augmented images instead of cached features")
+    image_cache: bool = option(True, "keep large training images decoded and downsized (to 2x the input size) on "
+                                     "disk", off="decode training images every epoch instead of keeping large ones "
+                                                 "decoded and downsized (to 2x the input size) on disk")
+    feature_cache: bool = option(True, "frozen phases run on cached backbone features",
+                                 off="frozen phases run on augmented images instead of cached features")
     cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
                                          "~/.cache/visiontune)")
     track: str = option("", "experiment tracking, comma-separated: tensorboard (event files in RUN/tensorboard), "
                             "mlflow ($MLFLOW_TRACKING_URI, else RUNS/mlflow.db beside the runs), wandb ($WANDB_PROJECT, "
                             "$WANDB_MODE); off by default", parse=parse_track,
                         coerce=parse_track, metavar="BACKENDS")
-    progress: bool = option(True, "no progress bars")
+    progress: bool = option(True, "progress bars", off="no progress bars")
 
     def resolved_lr(self) -> float:
         if self.lr is not None:

@@ -23,6 +23,7 @@ from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import collect_images, load_items
 from visiontune.data.webdata import is_shard_item
 from visiontune.deploy.export import load_exported, onnx_engine
+from visiontune.deploy.formats import is_exported
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
@@ -105,11 +106,11 @@ class Prediction:
 
     def line(self) -> str:
         task, decoded = self._task_and_decoded()
-        return task.line(self.path, decoded)
+        return task.output.line(self.path, decoded)
 
     def record(self) -> dict[str, Any]:
         task, decoded = self._task_and_decoded()
-        return {"path": self.path, **task.record(decoded)}
+        return {"path": self.path, **task.output.record(decoded)}
 
     def _task_and_decoded(self) -> tuple[Any, Decoded]:
         """What predict made this from; for one built by hand, rebuilt from its fields."""
@@ -203,7 +204,7 @@ def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
                images: int = 0) -> tuple[Any, Bundle, bool]:
     """(device, bundle, channels_last) for a run directory or an exported file (CPU);
     on a CPU, a run directory may run as ONNX (see `predict`'s `engine`)."""
-    if str(run).endswith((".onnx", ".pt2", ".ts")):
+    if is_exported(run):
         return resolve_device("cpu"), load_exported(run), False
     dev = resolve_device(device)
     if engine == "onnx" and dev.type != "cpu":

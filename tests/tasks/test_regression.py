@@ -88,7 +88,7 @@ def test_fit_labels_encode_decode_and_the_bundle_metadata_round_trip() -> None:
     assert (again.mean, again.std, again.target_range, again.loss_kind) == (task.mean, task.std, (0, 120), "huber")
     decoded = task.decode(np.array([[41.25]]), 3)[0]
     assert decoded.value == pytest.approx(41.25)
-    assert task.csv_row("a.png", decoded, " ", 3) == ["a.png", "41.25"] and task.record(decoded) == {"prediction": 41.25}
+    assert task.output.csv_row("a.png", decoded, " ", 3) == ["a.png", "41.25"] and task.output.record(decoded) == {"prediction": 41.25}
 
 
 def test_markers_never_collide_with_negative_targets() -> None:
@@ -344,5 +344,5 @@ def test_written_predictions_keep_every_digit_of_a_large_target() -> None:
     task = Regression(["price"], mean=1e6, std=2e5)
     value = float(np.float32(1234567.8))
     [decoded] = task.decode(np.array([[value]], dtype=np.float32), 1)
-    assert float(task.csv_row("a.jpg", decoded, ",", 1)[1]) == value
-    assert float(task.oof_cells(np.array([value]), ",")[1]) == value
+    assert float(task.output.csv_row("a.jpg", decoded, ",", 1)[1]) == value
+    assert float(task.output.oof_cells(np.array([value]), ",")[1]) == value

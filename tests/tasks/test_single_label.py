@@ -66,9 +66,9 @@ def test_fold_count_shrinks_to_the_smallest_class() -> None:
 def test_output_rows() -> None:
     task = SingleLabel(["ant", "bee"])
     d = task.decode(np.array([[0.25, 0.75]]), 2)[0]
-    assert task.csv_header(2) == ["path", "label", "prob", "label2", "prob2"]
-    assert task.csv_row("x.png", d, " ", 2) == ["x.png", "bee", "0.750000", "ant", "0.250000"]
-    assert task.record(d) == {"labels": ["bee"], "predictions": [{"label": "bee", "prob": 0.75},
+    assert task.output.csv_header(2) == ["path", "label", "prob", "label2", "prob2"]
+    assert task.output.csv_row("x.png", d, " ", 2) == ["x.png", "bee", "0.750000", "ant", "0.250000"]
+    assert task.output.record(d) == {"labels": ["bee"], "predictions": [{"label": "bee", "prob": 0.75},
                                                                  {"label": "ant", "prob": 0.25}]}
-    assert task.line("x.png", d) == "x.png\tbee\t0.7500\t(ant 0.250)"
-    assert task.oof_cells(np.array([0.25, 0.75]), " ") == ["bee", "0.250000", "0.750000"]
+    assert task.output.line("x.png", d) == "x.png\tbee\t0.7500\t(ant 0.250)"
+    assert task.output.oof_cells(np.array([0.25, 0.75]), " ") == ["bee", "0.250000", "0.750000"]

@@ -35,7 +35,6 @@ from visiontune.bundle import Bundle, load_bundle, run_splits
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
-from visiontune.data.labels import Label
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
@@ -45,6 +44,7 @@ from visiontune.plots import save_confusion, save_curves, save_filters, save_gri
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Decoded, Report
+from visiontune.tasks.labels import Label
 from visiontune.train.features import cache_for, extract_features
 from visiontune.train.probe import oof_outputs
 from visiontune.train.tracking import log_artifact_to_run
@@ -290,7 +290,7 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
         rows = read_csv_dicts(oof)
         paths = [r["path"] for r in rows]
         labels: list[Label] = [task.parse_label(r["label"], cfg.data.label_delim, str(oof)) for r in rows]
-        probs = np.array([[float(r[column]) for column in task.oof_columns()] for r in rows])
+        probs = np.array([[float(r[column]) for column in task.output.oof_columns()] for r in rows])
     else:  # out of fold from the converged probe (bench/mislabels.py: more precise than a fixed-C probe)
         keep = [i for i, (_, _, split) in enumerate(ctx.items) if include_test or split != TEST]
         paths, labels = [ctx.items[i][0] for i in keep], [ctx.items[i][1] for i in keep]

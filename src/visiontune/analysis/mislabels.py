@@ -22,8 +22,8 @@ import numpy as np
 from sklearn import config_context
 from sklearn.neighbors import NearestNeighbors
 
-from visiontune.data.labels import Label, class_index, indicator, is_multi, label_set
 from visiontune.tasks.base import Task
+from visiontune.tasks.labels import Label, class_index, indicator, is_multi, label_set
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.config import DataConfig
-from visiontune.data.labels import label_counts
 from visiontune.data.tables import csv_task, suggestion_table
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import FileChanged, file_identity, locked, read_csv, write_csv
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import task_class
+from visiontune.tasks.labels import label_counts
 
 MERGE_TRIES = 5  # read-merge-write rounds before giving up on a file that keeps changing
 

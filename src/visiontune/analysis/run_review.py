@@ -40,10 +40,10 @@ from visiontune.analysis.decisions import REVIEW_DIR, Decisions
 from visiontune.analysis.interpret import SOURCE, VIEWS, data_key, explain, interpret, items_of
 from visiontune.analysis.review import ENTRY, STYLE, page_spec, spec_json
 from visiontune.bundle import Bundle, from_folder, load_bundle
-from visiontune.data.labels import Label
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import atomic_write, file_identity, identity_digest, read_csv_dicts
 from visiontune.plots import grid_figure
+from visiontune.tasks.labels import Label
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class RunReview:
             if label == "" or "\n" in text or "\r" in text:
                 raise DataError(f"{where}: give the new label (one line)")
             if unknown := task.unknown_labels([label]):
-                raise DataError(f"{where}: {', '.join(unknown)} is not a {task.label_kind} of this run (it has "
+                raise DataError(f"{where}: {', '.join(unknown)} is not a {task.wording.label_kind} of this run (it has "
                                 f"{', '.join(task.classes)}); for a new one, add the row to "
                                 f"{self.run / REVIEW_DIR / 'corrections.csv'} by hand (it is taken into the decisions)")
             if label == case.label:

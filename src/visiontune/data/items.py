@@ -1,6 +1,6 @@
 """Labelled images as the pipeline sees them: `Item` (path, label, split, group) and
 `DataSource` (the classes, the items, and what was left out and why). A label is a class
-name, a tuple of label names (multi-label) or a float (regression) (data/labels.py); the
+name, a tuple of label names (multi-label) or a float (regression) (tasks/labels.py); the
 task's class (tasks/) reads and summarises it."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.labels import Label, task_of
 from visiontune.tasks.catalog import task_class
+from visiontune.tasks.labels import Label, task_of
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 LISTED_IN_EXCLUDE = "listed in --exclude"  # the reason of a file left out by the user's choice (RUN/excluded.txt)
@@ -64,13 +64,13 @@ class DataSource:
         task = task_class(self.task)
         lines = [f"data: {self.root}  {task.summary_head(self.classes)}"
                  + (f"  task: {self.task}" + (f" (detected: {self.detected})" if self.detected else "")
-                    if task.named_in_summary else "")]
+                    if task.wording.named_in_summary else "")]
         for split in (TRAIN, VALID, TEST):
             items = self.split(split)
             if items:
                 lines += task.split_lines(split, [it.label for it in items], self.classes)
         if self.class_counts():
-            lines.append(f"  imbalance (largest/smallest train {task.label_kind}): {self.imbalance_ratio():.2f}")
+            lines.append(f"  imbalance (largest/smallest train {task.wording.label_kind}): {self.imbalance_ratio():.2f}")
         missing = self.missing_from_valid()
         if missing:
             lines.append(f"  labels in train but not in valid (not validated): {', '.join(missing)}")

@@ -21,13 +21,13 @@ from visiontune.config import DataConfig, RunConfig
 from visiontune.data.hf import hf_source, is_hf
 from visiontune.data.images import has_image_extension, is_hidden
 from visiontune.data.items import LISTED_IN_EXCLUDE, TEST, TRAIN, VALID, DataSource, Item, LabelFunc
-from visiontune.data.labels import label_counts, task_of
 from visiontune.data.scan import scan, scan_cache
 from visiontune.data.splits import assign_validation
 from visiontune.data.tables import VALID_DIR_NAMES, from_csv, read_path_column, read_path_list
 from visiontune.data.webdata import DATASET_FILE, is_shards, sample_paths, shard_source
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import make_task, task_class
+from visiontune.tasks.labels import label_counts, task_of
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def _apply_corrections(source: DataSource, relabel: str | None, exclude: str | N
     if new:
         log.warning("--relabel gives labels the data does not have: %s; they are trained as new %ss (check the "
                     "spelling if that is not what you meant)", ", ".join(repr(c) for c in new),
-                    task_class(source.task).label_kind)
+                    task_class(source.task).wording.label_kind)
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import Label, task_of
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import task_class
+from visiontune.tasks.labels import Label, task_of
 
 log = logging.getLogger(__name__)
 

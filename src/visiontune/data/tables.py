@@ -12,10 +12,10 @@ from pathlib import Path
 
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 from visiontune.errors import DataError
 from visiontune.files import read_csv
 from visiontune.tasks.catalog import TASKS, task_class
+from visiontune.tasks.labels import MULTI_LABEL_COLUMNS, SINGLE, Label, parse_label_set
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_name", "fname")
@@ -150,7 +150,7 @@ def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataCon
     found = next((t for t in TASKS.values() if name and name in t.label_columns), None)
     if found is None:
         return SINGLE, ""
-    return found.name, f"a {name!r} column of {found.label_kind}s"
+    return found.name, f"a {name!r} column of {found.wording.label_kind}s"
 
 
 def _row_label(text: str, task: str, cfg: DataConfig, where: str, answers: bool = False,

@@ -44,11 +44,11 @@ from webdataset.tariterators import base_plus_ext
 
 from visiontune.data.images import has_image_extension, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
-from visiontune.data.labels import MULTI, SINGLE, Label, class_index
 from visiontune.errors import DataError
 from visiontune.files import file_digest, identity_digest, read_csv_dicts, write_csv, write_json
 from visiontune.tasks.base import NO_LABEL, UNREADABLE, marker_like
 from visiontune.tasks.catalog import task_class
+from visiontune.tasks.labels import MULTI, SINGLE, Label, class_index
 
 log = logging.getLogger(__name__)
 

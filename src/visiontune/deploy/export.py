@@ -33,17 +33,15 @@ from torch import nn
 
 from visiontune.bundle import MODEL_FILE, Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
+from visiontune.deploy.formats import FORMATS, files_text, format_of, suffix
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
-from visiontune.registry import Registry
 from visiontune.runtime.engine import check_engine, onnx_available, onnx_session, write_onnx
 from visiontune.tasks.catalog import make_task
 from visiontune.version import __version__
 
 log = logging.getLogger(__name__)
 
-FORMATS: Registry[str] = Registry("export format", {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts",
-                                                    "timm": ""})  # format -> the file's suffix
 PARITY_TOLERANCE = 1e-3
 INT8 = ".int8"  # MODEL.onnx -> MODEL.int8.onnx (deploy/quantize.py)
 
@@ -71,11 +69,9 @@ def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
 def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.PathLike[str] | None = None,
            opset: int = 18) -> ExportResult:
     """Export the run (see the module docstring); int8: deploy/quantize.export_int8."""
-    FORMATS.find(format)  # ConfigError naming the formats for another
-    if format == "timm":
-        from visiontune.deploy.hub import export_timm
-
-        folder, diff = export_timm(run, output)
+    writer = FORMATS.find(format)  # ConfigError naming the formats for another
+    if FORMATS.meta(format).get("folder"):
+        folder, diff = writer(run, output)
         return ExportResult(str(folder), format, diff)
     weights = model_file(run)
     bundle = load_bundle(weights)
@@ -85,20 +81,9 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
         model = nn.Sequential(model, mapping).eval()
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    target = Path(output) if output else weights.with_suffix(FORMATS[format])  # model.safetensors -> model.onnx
+    target = Path(output) if output else weights.with_suffix(suffix(format))  # model.safetensors -> model.onnx
     meta = _metadata(bundle, weights)
-    if format == "onnx":
-        _export_onnx(model, example, target, meta, opset)
-    elif format == "pt2":
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        atomic_write(target, lambda tmp: torch.export.save(program, tmp,
-                                                           extra_files={"visiontune.json": json.dumps(meta)}))
-    else:
-        with warnings.catch_warnings():  # the legacy format, kept on purpose: torch.jit's deprecation is known
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-            traced = torch.jit.trace(model, example)
-            atomic_write(target, lambda tmp: torch.jit.save(traced, tmp,
-                                                            _extra_files={"visiontune.json": json.dumps(meta)}))
+    writer(model, example, target, meta, opset)
     exported = load_exported(target, check_weights=False)  # of these weights: just written
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -109,8 +94,25 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
     return ExportResult(str(target), format, diff)
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
+    """FORMATS' "onnx" writer (runtime/engine.write_onnx: the one ONNX writer)."""
     write_onnx(model, example, target, meta, opset)
+
+
+def export_pt2(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
+    """FORMATS' "pt2" writer: the torch.export program, a batch dimension free."""
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    atomic_write(target, lambda tmp: torch.export.save(program, tmp, extra_files={"visiontune.json": json.dumps(meta)}))
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str],
+                       opset: int) -> None:
+    """FORMATS' "torchscript" writer (the legacy format)."""
+    with warnings.catch_warnings():  # the legacy format, kept on purpose: torch.jit's deprecation is known
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        traced = torch.jit.trace(model, example)
+        atomic_write(target, lambda tmp: torch.jit.save(traced, tmp,
+                                                        _extra_files={"visiontune.json": json.dumps(meta)}))
 
 
 class _ProgramModule(nn.Module):
@@ -150,7 +152,7 @@ def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> B
             model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
         meta = json.loads(extra["visiontune.json"] or "{}")
     else:
-        raise VisiontuneError(f"{str(p)!r}: not an exported model (.onnx, .pt2 or .ts)")
+        raise VisiontuneError(f"{str(p)!r}: not an exported model ({files_text(sep=', ', last=' or ', names=False)})")
     if "classes" not in meta:
         raise VisiontuneError(f"{str(p)!r} carries no visiontune metadata (classes, preprocessing); re-export it")
     if check_weights:
@@ -179,7 +181,7 @@ def require_current(path: str | os.PathLike[str], recorded: str | None) -> None:
     if weights is None or not recorded or recorded == file_digest(weights):
         return
     fp32 = p.with_name(p.name.replace(INT8 + p.suffix, p.suffix))
-    fmt = next((f for f, suffix in FORMATS.items() if suffix and suffix == p.suffix), "onnx")
+    fmt = format_of(p.suffix)
     output = "" if fp32 == weights.with_suffix(p.suffix) else f" --output {fp32}"
     run = p.parent if weights.name == MODEL_FILE else weights
     raise VisiontuneError(

@@ -55,7 +55,7 @@ def timm_model_of(bundle: Bundle) -> tuple[nn.Module, nn.Module, dict[str, Any]]
         raise ConfigError("the timm format needs a linear head; this run's head has a hidden layer "
                           "(--head-hidden): export --format onnx instead")
     size = bundle.preprocess.input_size
-    model = timm.create_model(arch, pretrained=False, num_classes=bundle.task.num_classes,
+    model = timm.create_model(arch, pretrained=False, num_classes=bundle.task.num_outputs,
                               **_timm_kwargs(BuildSpec(arch, "none", size)))
     missing, unexpected = model.load_state_dict(bundle.model.backbone.state_dict(), strict=False)
     classifier = model.get_classifier()
@@ -121,7 +121,7 @@ def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path
               f"{cfg.model.image_size or bundle.preprocess.input_size} px, augmentation `{cfg.train.augment}`, "
               f"lr {cfg.train.lr}, seed {cfg.seed}") if cfg is not None else "unknown (no config.yaml in the run)"
     lines = [
-        "---", "library_name: timm", "tags:", f"- {task.card_tag}", "- timm", "- visiontune", "---", "",
+        "---", "library_name: timm", "tags:", f"- {task.wording.card_tag}", "- timm", "- visiontune", "---", "",
         f"# {run.name}", "",
         f"A {task.name} model fine-tuned with visiontune {__version__}.", "",
         f"- **Task**: {task.name}; outputs: {labels}",

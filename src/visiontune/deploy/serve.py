@@ -176,7 +176,7 @@ class BatchPredictor:
         # the runtime's forward pass, as predict's: autocast by --precision auto, halved on out-of-memory
         logits = forward_chunks(self.bundle.model, to_device(x, device, True), self.micro, device, "auto")
         probs = task.probabilities(logits).float().numpy()
-        return [task.record(decoded) for decoded in task.decode(np.asarray(probs), self.top_k)]
+        return [task.output.record(decoded) for decoded in task.decode(np.asarray(probs), self.top_k)]
 
 
 def _decoder(bundle: Bundle, max_pixels: int) -> Any:

@@ -1,6 +1,6 @@
 """The classifier: a backbone without its classifier -> pooled features -> a new head.
 
-`create_classifier(ModelConfig, num_classes)` returns a `Classifier` and the `Preprocess`
+`create_classifier(ModelConfig, num_outputs)` returns a `Classifier` and the `Preprocess`
 the backbone's weights expect. Backbones come from the sources in backbones.py.
 """
 
@@ -35,7 +35,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def create_classifier(cfg: ModelConfig, num_classes: int,
+def create_classifier(cfg: ModelConfig, num_outputs: int,
                       classes: list[str] | None = None) -> tuple[Classifier, Preprocess]:
     """The pretrained (or random) backbone without its classifier, plus a new head.
 
@@ -43,7 +43,7 @@ def create_classifier(cfg: ModelConfig, num_classes: int,
     start from the source classifier's rows; `model.warm_start` records the matches."""
     body, num_features, pre, source_head = create_source_model(cfg.backbone, cfg.weights, cfg.image_size,
                                                                cfg.drop_path, cfg.trust_pickle)
-    head = build_head(num_features, num_classes, cfg.head_hidden, cfg.head_dropout, cfg.head_init_gain)
+    head = build_head(num_features, num_outputs, cfg.head_hidden, cfg.head_dropout, cfg.head_init_gain)
     model = Classifier(body, head, num_features)
     if classes and cfg.warm_start and cfg.weights != "none" and source_head is not None and not cfg.head_hidden:
         model.warm_start = warm_start_rows(head[-1], source_head, classes)
@@ -52,12 +52,12 @@ def create_classifier(cfg: ModelConfig, num_classes: int,
     return model, pre
 
 
-def build_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0,
+def build_head(num_features: int, num_outputs: int, hidden: int = 0, dropout: float = 0.0,
                init_gain: float = 0.1) -> nn.Sequential:
-    """A new head: [dropout] -> [linear(hidden) -> ReLU -> dropout] -> linear(num_classes).
+    """A new head: [dropout] -> [linear(hidden) -> ReLU -> dropout] -> linear(num_outputs).
 
     Xavier-uniform weights and zero biases; the final layer's gain is small so the starting
-    loss sits near ln(num_classes) instead of large random logits.
+    loss sits near ln(num_outputs) instead of large random logits.
     """
     layers: list[nn.Module] = []
     width = num_features
@@ -68,7 +68,7 @@ def build_head(num_features: int, num_classes: int, hidden: int = 0, dropout: fl
         width = hidden
     elif dropout:
         layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(width, num_classes))
+    layers.append(nn.Linear(width, num_outputs))
     for i, layer in enumerate(layers):
         if isinstance(layer, nn.Linear):
             last = i == len(layers) - 1

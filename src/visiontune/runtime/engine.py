@@ -5,7 +5,7 @@ machine's CPU (bench/RESULTS.md, "predict at raw speed"), so every pass whose we
 change (frozen features for feature-extract, gradual's head phase, the advisor, interpret;
 and predict/evaluate through deploy/export.py) can run there.
 
-- `ENGINES`: "auto" (ONNX Runtime on the CPU when onnx + onnxruntime are installed and the
+- `ENGINES` (config.py, the registry --engine offers): "auto" (ONNX Runtime on the CPU when onnx + onnxruntime are installed and the
   export works), "torch", "onnx" (insist; an error when it cannot).
 - `write_onnx`: the one ONNX writer (PyTorch's torch.export-based exporter, dynamic batch,
   metadata inside); deploy/export.py writes whole models with it.
@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.config import ENGINES
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import atomic_write, cache_root, guarded, touch
 from visiontune.runtime.device import eval_mode
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnx")
 FEATURE_TOLERANCE = 1e-3  # max |eager - ONNX Runtime| over a check batch, relative to the features' largest value
 ONNX_OPSET = 18
 EXPORT_PAYS_AT = 600  # images (counted at 224 px, by pixels) from which "auto" exports: see below
@@ -58,7 +58,7 @@ def onnx_available() -> bool:
 
 
 def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
+    if engine not in ENGINES:  # the message predates the registry's: kept as users and tests know it
         raise ConfigError(f"engine {engine!r} unknown; choose one of {', '.join(ENGINES)}")
     return engine
 

@@ -121,5 +121,5 @@ def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: T
         targets.append(y)
         ids.append(i)
     if not probs:
-        return EvalOutput(float("nan"), np.zeros(0, dtype=int), np.zeros((0, task.num_classes)))
+        return EvalOutput(float("nan"), np.zeros(0, dtype=int), np.zeros((0, task.num_outputs)))
     return ordered(total / count if count else float("nan"), targets, probs, ids)

@@ -155,7 +155,7 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
     counts = np.array(list(task.labels_per_output(labels).values()))
     median = float(statistics.median(counts[counts > 0]))
     strategy, reason = weigh_cost(*decide(median, similarity, probe, baseline), probe, costs)
-    (unit, units), what = task.units, task.score_metric
+    (unit, units), what = task.wording.units, task.score_metric
     explanation = (
         f"{len(pool)} images, {len(source.classes)} {units} (median {median:.0f} images per {unit}, largest/smallest "
         f"{counts.max() / max(1, counts[counts > 0].min()):.1f}). The converged probe on frozen {model_cfg.backbone} "

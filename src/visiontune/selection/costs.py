@@ -91,7 +91,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
                                                lambda x, y: engine(x))
     finally:
         setup.data.release()  # the loaders' kept workers end here
-    fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_classes)
+    fit = estimate_seconds(len(source.split(TRAIN)), setup.model.num_features, setup.task.num_outputs)
     costs = Costs(extract, step, missing, len(source.split(TRAIN)), len(source.split(VALID)),
                   setup.preprocess.input_size, fit, read)
     log.info("costs %s", costs.describe())

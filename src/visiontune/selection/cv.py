@@ -102,7 +102,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     task = make_task(source.task, source.classes)
     headline = task.headline
     out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
-    probs = np.zeros((len(pool), task.num_classes), dtype=np.float64)
+    probs = np.zeros((len(pool), task.num_outputs), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
     folds_held = list(fold_indices(pool, k, cfg.seed))
@@ -182,6 +182,6 @@ def _write_oof(path: Path, pool: list[Item], fold_of: np.ndarray, probs: np.ndar
                delim: str) -> None:
     """One row per image: its label(s), fold, the prediction as decoded (the class, the
     label set above the thresholds, the number) and the task's output columns."""
-    write_csv(path, ["path", "label", "fold", "predicted", *task.oof_columns()],
-              ([it.path, task.label_text(it.label, delim), int(fold), *task.oof_cells(p, delim)]
+    write_csv(path, ["path", "label", "fold", "predicted", *task.output.oof_columns()],
+              ([it.path, task.label_text(it.label, delim), int(fold), *task.output.oof_cells(p, delim)]
                for it, fold, p in zip(pool, fold_of, probs)))

@@ -49,7 +49,6 @@ from sklearn.decomposition import PCA
 from visiontune.bundle import load_bundle, run_left_out, run_splits
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST, DataSource, excluded_lines
-from visiontune.data.labels import SINGLE
 from visiontune.data.pool import reason_counts, unlabelled_pool
 from visiontune.data.sources import load_items
 from visiontune.data.tables import suggestion_table
@@ -59,6 +58,7 @@ from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
+from visiontune.tasks.labels import SINGLE
 from visiontune.train.features import backbone_features, readable_features
 from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
 
@@ -273,7 +273,7 @@ def choose_method(method: str, known: _Known, has_model: bool) -> tuple[str, str
     if not has_model or known.task is None:
         return auto_method(None)
     counts = list(known.task.labels_per_output(known.labels).values())
-    return auto_method(statistics.median(counts), known.task.units[0])
+    return auto_method(statistics.median(counts), known.task.wording.units[0])
 
 
 def auto_method(per_class: float | None, unit: str = "class") -> tuple[str, str]:

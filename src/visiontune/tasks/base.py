@@ -15,13 +15,13 @@ value), NaN (NO_LABEL) and -inf (UNREADABLE); in a vector every element holds it
 The Task also owns the label on the data side (classmethods, no classes needed yet):
 parsing a table cell or a label function's value (`parse_label`), writing it back
 (`label_text`), what splits and folds stratify by (`strata`), the class list
-(`classes_of`) and the summary lines; and the output side: the printed line, the CSV
-columns and the JSON record of a prediction (`line`, `csv_header`/`csv_row`, `record`),
-used by the CLI, `api.Prediction` and serve alike; and the review pages' side: how a label
+(`classes_of`) and the summary lines; and the review pages' side: how a label
 is given and sent back (`label_entry`, `entry`, `from_entry`), written into and read from
 a suggestions CSV, where an empty cell is a row not answered (`answer_text`,
 `parse_answer`), read from an older version's decision files (`read_change`), and how the
-evidence against a label reads (`suspicion`).
+evidence against a label reads (`suspicion`). How predictions are written (the printed
+line, predict's CSV columns and JSON record, cv's out-of-fold cells) is the companion
+`task.output` (tasks/output.py), which a new shape takes as it is or subclasses.
 
 Adding a task shape = one subclass and its line in `tasks/catalog.py`.
 """
@@ -39,9 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.labels import class_index, label_counts
 from visiontune.errors import ConfigError, DataError
+from visiontune.tasks.labels import class_index, label_counts
 from visiontune.tasks.metrics import present_classes
+from visiontune.tasks.output import Decoded, Output
+from visiontune.tasks.wording import CLASSES, Wording
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +102,6 @@ class TaskLoss(nn.Module):
 
 
 @dataclass
-class Decoded:
-    """One image's prediction: the predicted label(s), their probability, and the ranked
-    (label, probability) list."""
-
-    labels: list[str]
-    probs: list[float]
-    ranked: list[tuple[str, float]] = field(default_factory=list)
-    value: float | None = None  # regression: the predicted number
-    scores: dict[str, float] = field(default_factory=dict, repr=False)  # every class's probability
-
-
-@dataclass
 class Report:
     """Per-class rows (class, precision, recall, f1, support, ...) and a confusion matrix
     (rows: actual, columns: predicted; per task shape)."""
@@ -136,15 +126,10 @@ class Task(ABC):
     """What a label is, and everything that follows from it (see the module docstring)."""
 
     name: ClassVar[str]
-    description: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]]  # every metric `metrics` returns, and the losses
     headline: ClassVar[tuple[str, ...]]  # what cv and compare report: two metrics and "loss"
     mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)
-    label_kind: ClassVar[str] = "class"  # what one output is called in summaries ("class", "label", "number")
-    named_in_summary: ClassVar[bool] = False  # the data summary names the task (the default task is not named)
     score_metric: ClassVar[str] = "accuracy"  # the advisor's score (higher is better, 1 perfect; chance below)
-    units: ClassVar[tuple[str, str]] = ("class", "classes")  # one output / many, in the advisor's words
-    card_tag: ClassVar[str] = "image-classification"  # the model card's tag (deploy/hub.py)
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
     label_column: ClassVar[str] = "label"  # the CSV column `suggest` writes, named so `train --csv` reads this shape
     # CSV label columns whose name selects this task under --task auto ('labels': label sets)
@@ -153,15 +138,23 @@ class Task(ABC):
     # how a person gives a label on the review pages: "choose" one class, "toggle" the
     # labels of a set, "type" a value (analysis/review.py draws each)
     label_entry: ClassVar[str] = "choose"
+    wording: ClassVar[Wording] = CLASSES  # how the shape is named in summaries, errors, the card (tasks/wording.py)
+    output_type: ClassVar[type[Output]] = Output  # how predictions are written (tasks/output.py)
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
         self.index = class_index(self.classes)
 
     @property
-    def num_classes(self) -> int:
+    def num_outputs(self) -> int:
         """The head's outputs: one per class (regression: one, the target)."""
         return len(self.classes)
+
+    @property
+    def output(self) -> Output:
+        """How this task's predictions are written: the printed line, predict's CSV and
+        JSON, cv's out-of-fold cells (tasks/output.py)."""
+        return self.output_type(self)
 
     def maximise(self, metric: str) -> bool:
         """Whether larger values of `metric` are better (ConfigError for one the task lacks)."""
@@ -194,7 +187,7 @@ class Task(ABC):
         a label; DataError for any other JSON (null, a list, an object, a number), which
         would otherwise be stored as its repr."""
         if not isinstance(value, str):
-            raise DataError(f"{where}: a {cls.label_kind} is text here, not {_json_kind(value)}")
+            raise DataError(f"{where}: a {cls.wording.label_kind} is text here, not {_json_kind(value)}")
         return cls.parse_label(value, delim, where)
 
     @classmethod
@@ -256,7 +249,7 @@ class Task(ABC):
                             "(one folder per class, or labels that take two or more values)")
         other = sorted(set(label_counts(every)) - set(classes))
         if other:
-            kind = "classes" if cls.label_kind == "class" else f"{cls.label_kind}s"
+            kind = "classes" if cls.wording.label_kind == "class" else f"{cls.wording.label_kind}s"
             raise DataError(f"{kind} {other} appear in valid/test but not in train under {root!r}; "
                             "add training images for them or remove them")
         return classes
@@ -312,13 +305,13 @@ class Task(ABC):
     def chance(self, targets: np.ndarray) -> float:
         """`score_metric` of a model that knows nothing of the images: the largest class's
         share (it always predicts that class)."""
-        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=self.num_classes)
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=self.num_outputs)
         return float(counts.max() / max(1, counts.sum()))
 
     def output_targets(self, targets: np.ndarray) -> np.ndarray:
         """Targets in the outputs' space, one column per output (a one-hot row per class
         index): what averaging neighbours' targets turns into outputs (the advisor's k-NN)."""
-        return np.eye(self.num_classes)[np.asarray(targets, dtype=np.int64)]
+        return np.eye(self.num_outputs)[np.asarray(targets, dtype=np.int64)]
 
     def uncertainty(self, members: np.ndarray) -> np.ndarray:
         """(N,) how unsure the model is of each image, higher = less sure, from `members`
@@ -374,36 +367,9 @@ class Task(ABC):
         label(s), at most `most`, else the most probable."""
         return decoded.labels[:most] or [decoded.ranked[0][0]]
 
-    def oof_columns(self) -> list[str]:
-        """The columns of cv's oof.csv holding the out-of-fold outputs, one per output."""
-        return [f"prob_{c}" for c in self.classes]
-
-    def oof_cells(self, probs: np.ndarray, delim: str) -> list[str]:
-        """One oof.csv row's "predicted" cell (as decoded: the class, the label set) and
-        its output cells (`oof_columns`)."""
-        return [delim.join(self.decode(probs[None, :], 1)[0].labels), *[f"{v:.6f}" for v in probs]]
-
     def present_labels(self, targets: np.ndarray) -> list[int]:
         """The outputs (classes) with a positive among `targets`: what class averages cover."""
-        return present_classes(targets, self.num_classes)
-
-    def record(self, decoded: Decoded) -> dict[str, Any]:
-        """A prediction as JSON (predict --output x.json, serve)."""
-        return {"labels": decoded.labels,
-                "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked]}
-
-    def csv_header(self, top_k: int) -> list[str]:
-        k = max(1, min(top_k, self.num_classes))
-        return ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")]
-
-    def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        return [path, decoded.labels[0], f"{decoded.probs[0]:.6f}"] + [
-            v for label, prob in decoded.ranked[1:] for v in (label, f"{prob:.6f}")]
-
-    def line(self, path: str, decoded: Decoded) -> str:
-        """The printed line: path, label, probability, runners-up."""
-        others = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked[1:])
-        return f"{path}\t{decoded.labels[0]}\t{decoded.probs[0]:.4f}" + (f"\t({others})" if others else "")
+        return present_classes(targets, self.num_outputs)
 
     @abstractmethod
     def encode(self, labels: Sequence[Any]) -> torch.Tensor:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.data.labels import (
+from visiontune.errors import DataError
+from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.labels import (
     MULTI_LABEL_COLUMNS,
     check_label_names,
     indicator,
@@ -29,8 +31,6 @@ from visiontune.data.labels import (
     parse_label_set,
     split_labels,
 )
-from visiontune.errors import DataError
-from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
 from visiontune.tasks.metrics import (
     absent_note,
     format_matrix,
@@ -39,6 +39,8 @@ from visiontune.tasks.metrics import (
     per_label_report,
     sk_metrics,
 )
+from visiontune.tasks.output import LabelSetOutput
+from visiontune.tasks.wording import LABEL_SETS
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +69,17 @@ class BinaryCrossEntropy(TaskLoss):
 
 class MultiLabel(Task):
     name = "multi-label"
-    description = "a set of labels per image (maybe empty): sigmoid + binary cross-entropy; mAP, F1"
     headline = ("mAP", "macro_f1", "loss")
     higher_is_better = {"mAP": True, "micro_f1": True, "macro_f1": True, "samples_f1": True,
                         "subset_accuracy": True, "hamming_loss": False, "val_loss": False, "train_loss": False}
 
-    label_kind = "label"
-    named_in_summary = True
     score_metric = "mAP"
-    units = ("label", "labels")
     mixup_targets = "multi-hot"
     label_column = MULTI_LABEL_COLUMNS[0]  # a 'labels' column reads as label sets under --task auto
     label_columns = MULTI_LABEL_COLUMNS
     label_entry = "toggle"
+    output_type = LabelSetOutput
+    wording = LABEL_SETS
 
     @classmethod
     def parse_label(cls, text: Any, delim: str, where: str) -> Any:
@@ -194,21 +194,6 @@ class MultiLabel(Task):
     def label_of(self, decoded: Decoded) -> Any:
         return tuple(sorted(decoded.labels))
 
-    def record(self, decoded: Decoded) -> dict[str, Any]:
-        return {**super().record(decoded), "probs": decoded.scores}
-
-    def csv_header(self, top_k: int) -> list[str]:
-        return ["path", "labels", *[f"prob_{n}" for n in self.classes]]
-
-    def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        return [path, delim.join(decoded.labels), *[f"{decoded.scores[n]:.6f}" for n in self.classes]]
-
-    def line(self, path: str, decoded: Decoded) -> str:
-        """Every label above its threshold with its probability, or "(none)" and the top ones."""
-        chosen = ", ".join(f"{label} {prob:.3f}" for label, prob in zip(decoded.labels, decoded.probs))
-        top = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked)
-        return f"{path}\t{chosen}" if chosen else f"{path}\t(none)\t(top: {top})"
-
     def __init__(self, classes: Sequence[str], thresholds: Sequence[float] | None = None,
                  threshold: float = 0.5) -> None:
         super().__init__(classes)
@@ -216,14 +201,14 @@ class MultiLabel(Task):
         self.thresholds = np.full(len(self.classes), threshold) if thresholds is None else np.asarray(thresholds, float)
 
     def encode(self, labels: Sequence[Any]) -> torch.Tensor:
-        y = torch.zeros(len(labels), self.num_classes)
+        y = torch.zeros(len(labels), self.num_outputs)
         for row, label in enumerate(labels):
             names = label if isinstance(label, tuple) else (label,)
             y[row, [self.index[n] for n in names]] = 1.0
         return y
 
     def marker(self, value: int) -> torch.Tensor:
-        return marker_like(torch.zeros(0, self.num_classes), value)
+        return marker_like(torch.zeros(0, self.num_outputs), value)
 
     def loss(self, weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> TaskLoss:
         return BinaryCrossEntropy(weights, label_smoothing)
@@ -259,7 +244,7 @@ class MultiLabel(Task):
         return present.astype(np.float32), np.where(present, outputs, 1 - outputs).min(axis=1)
 
     def predictions(self, probs: np.ndarray) -> np.ndarray:
-        return (probs >= self.thresholds[None, :]).astype(int) if len(probs) else np.zeros((0, self.num_classes), int)
+        return (probs >= self.thresholds[None, :]).astype(int) if len(probs) else np.zeros((0, self.num_outputs), int)
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
         return multilabel_metrics(np.asarray(targets), probs, self.predictions(probs), labels)
@@ -295,7 +280,7 @@ class MultiLabel(Task):
         return " ".join(predicted) or "(none)", " ".join(actual) or "(none)"
 
     def decode(self, probs: np.ndarray, top_k: int) -> list[Decoded]:
-        k = max(1, min(top_k, self.num_classes))
+        k = max(1, min(top_k, self.num_outputs))
         out = []
         for row in probs:
             order = np.argsort(-row, kind="stable")
@@ -312,8 +297,8 @@ class MultiLabel(Task):
         """Per label, the threshold with the best F1 on (targets, probs); the global one
         where a label has fewer than MIN_POSITIVES positives. Sets and returns them."""
         y = np.asarray(targets) > 0.5
-        tuned = np.full(self.num_classes, self.threshold)
-        for c in range(self.num_classes):
+        tuned = np.full(self.num_outputs, self.threshold)
+        for c in range(self.num_outputs):
             if y[:, c].sum() >= MIN_POSITIVES:
                 precision, recall, cuts = sk_metrics().precision_recall_curve(y[:, c], probs[:, c])
                 f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(1e-12, precision[:-1] + recall[:-1])

@@ -27,6 +27,8 @@ from torch import nn
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
 from visiontune.tasks.metrics import sk_metrics
+from visiontune.tasks.output import NumberOutput
+from visiontune.tasks.wording import NUMBERS
 
 LOSSES = ("mse", "huber")
 STRATA_BINS = 10  # quantile bins of the target for stratified splits and folds
@@ -55,20 +57,17 @@ class RegressionLoss(TaskLoss):
 
 class Regression(Task):
     name = "regression"
-    description = "a number per image: linear output, MSE (or Huber) on standardised targets; MAE, RMSE, R², rho"
     headline = ("mae", "r2", "loss")
     higher_is_better = {"mae": False, "rmse": False, "r2": True, "spearman": True,
                         "val_loss": False, "train_loss": False}
-    label_kind = "number"
-    named_in_summary = True
     score_metric = "r2"
-    units = ("target", "target")
-    card_tag = "image-regression"
     mixup_targets = None
     confusable = False
     label_entry = "type"
     label_column = "value"  # the column `suggest` writes: under --task auto, a 'value' column holds numbers
     label_columns = ("value",)
+    output_type = NumberOutput
+    wording = NUMBERS
     ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty
 
     def __init__(self, classes: Sequence[str], mean: float = 0.0, std: float = 1.0,
@@ -313,12 +312,6 @@ class Regression(Task):
     def explained(self, decoded: Decoded, most: int = 3) -> list[str]:
         return self.classes[:1]
 
-    def oof_columns(self) -> list[str]:
-        return ["prediction"]
-
-    def oof_cells(self, probs: np.ndarray, delim: str) -> list[str]:
-        return [f"{float(probs[0]):.6g}", f"{float(probs[0]):.9g}"]  # the file keeps what a float32 holds
-
     def present_labels(self, targets: np.ndarray) -> list[int]:
         return [0]
 
@@ -327,18 +320,6 @@ class Regression(Task):
 
     def output_targets(self, targets: np.ndarray) -> np.ndarray:
         return np.asarray(targets, dtype=float).reshape(-1, 1)
-
-    def record(self, decoded: Decoded) -> dict[str, Any]:
-        return {"prediction": decoded.value}
-
-    def csv_header(self, top_k: int) -> list[str]:
-        return ["path", "prediction"]
-
-    def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        return [path, f"{decoded.value:.9g}"]  # every digit of the float32 output (6 digits turned 1234567.8 into 1.23457e+06)
-
-    def line(self, path: str, decoded: Decoded) -> str:
-        return f"{path}\t{decoded.value:.6g}"
 
     def metadata(self) -> dict[str, Any]:
         return {"task": self.name, "target_mean": self.mean, "target_std": self.std,

@@ -55,7 +55,6 @@ def class_weight_values(counts: list[int]) -> list[float]:
 
 class SingleLabel(Task):
     name = "single-label"
-    description = "one class per image: softmax + cross-entropy; accuracy, macro-F1"
     headline = ("accuracy", "macro_f1", "loss")
     higher_is_better = HIGHER_IS_BETTER
 
@@ -83,7 +82,7 @@ class SingleLabel(Task):
 
     def oversample_weights(self, targets: torch.Tensor) -> torch.Tensor:
         """1 / images of the class: each class equally likely."""
-        counts = torch.bincount(targets, minlength=self.num_classes).float()
+        counts = torch.bincount(targets, minlength=self.num_outputs).float()
         return (1.0 / counts.clamp(min=1))[targets]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -93,12 +92,12 @@ class SingleLabel(Task):
         return probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
-        return classification_metrics(targets, self.predictions(probs), self.num_classes, labels)
+        return classification_metrics(targets, self.predictions(probs), self.num_outputs, labels)
 
     def report(self, targets: np.ndarray, probs: np.ndarray) -> Report:
         preds = self.predictions(probs)
         rows = per_class_report(targets, preds, self.classes)
-        matrix = confusion(targets, preds, self.num_classes)
+        matrix = confusion(targets, preds, self.num_outputs)
         text = "\n".join(filter(None, [format_report(rows, matrix, self.classes), absent_note(targets, self.classes)]))
         return Report(rows, matrix, text, most_confused(matrix, self.classes))
 
@@ -110,7 +109,7 @@ class SingleLabel(Task):
         return self.classes[int(np.argmax(probs))], self.classes[int(target)]
 
     def decode(self, probs: np.ndarray, top_k: int) -> list[Decoded]:
-        k = max(1, min(top_k, self.num_classes))
+        k = max(1, min(top_k, self.num_outputs))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         out = []
         for row, idx in zip(probs, order):

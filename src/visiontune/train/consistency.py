@@ -147,7 +147,7 @@ class Consistency:
         self.reset()
 
     def reset(self) -> None:
-        self.seen, self.passed, self.used = 0, 0, np.zeros(self.task.num_classes)
+        self.seen, self.passed, self.used = 0, 0, np.zeros(self.task.num_outputs)
         self.outcomes: dict[tuple[int, int], tuple[int, ...] | None] = {}  # (pass, row) -> classes it passed as, or None
 
     def backward(self, net: nn.Module, views: PoolBatch, chunk: int, scaler: Any = None) -> float:
@@ -191,7 +191,7 @@ class Consistency:
                 merged.setdefault(key, classes)
         passed = [c for c in merged.values() if c is not None]
         self.seen, self.passed = len(merged), len(passed)
-        self.used = np.bincount([i for c in passed for i in c], minlength=self.task.num_classes).astype(float)
+        self.used = np.bincount([i for c in passed for i in c], minlength=self.task.num_outputs).astype(float)
 
     def record(self, path: Path, epoch: int) -> None:
         """Write this epoch's row into `path` (consistency.csv), after the rows of the

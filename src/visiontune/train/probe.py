@@ -86,7 +86,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.L
     scale = math.sqrt(sum(float((c * c).sum()) for c in x.split(4096)) / max(1, x.numel())) + 1e-6
     x.div_(scale)
     y = torch.as_tensor(np.asarray(targets))
-    classes = task.num_classes
+    classes = task.num_outputs
     w0 = (start.weight.detach().float().cpu() * scale) if start is not None else torch.zeros(classes, x.shape[1])
     b0 = (start.bias.detach().float().cpu() + start.weight.detach().float().cpu() @ mean) if start is not None \
         else torch.zeros(classes)
@@ -103,7 +103,7 @@ def oof_outputs(features: np.ndarray, targets: np.ndarray, task: Task, seed: int
     chosen once by its cross-validation on every row, then one fit per fold (folds by
     `task.strata`); and that C. Regression's "suspicious targets" rank images by these."""
     fits, c = fold_fits(features, targets, task, seed, folds)
-    out = np.zeros((len(targets), task.num_classes))
+    out = np.zeros((len(targets), task.num_outputs))
     for held, fit in fits:
         out[held] = probe_outputs(fit, features[held], task)
     return out, c
@@ -310,7 +310,7 @@ class _CSearch:
             return False
         near = min(self.fits, key=lambda d: abs(math.log(d / c))) if self.fits else None
         total, fits = 0.0, []
-        outputs = np.zeros((len(self.y), self.task.num_classes))
+        outputs = np.zeros((len(self.y), self.task.num_outputs))
         for k, (train, test) in enumerate(zip(self.train, self.held_out)):  # each fit stops at the deadline too
             fit = _lbfgs(self.x[train], self.y[train], self.w0, self.b0, c, self.criterion, self.deadline,
                          self.fits[near][k] if near is not None else None)

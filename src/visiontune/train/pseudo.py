@@ -61,7 +61,7 @@ class PseudoLabels:
         return (f"unlabelled pool: {len(self.kept)} images; {int(self.kept.sum())} pseudo-labelled "
                 f"(the {self.fraction:.0%} label spreading is surest of; held-out {task.score_metric} by the share of the "
                 f"pool that joins, {FOLDS}-fold CV on the training split: {by_fraction})"
-                + (f"; per {task.units[0]}: " + ", ".join(f"{k} {counts[k]}" for k in task.classes if counts[k])
+                + (f"; per {task.wording.units[0]}: " + ", ".join(f"{k} {counts[k]}" for k in task.classes if counts[k])
                    if counts else ""))
 
     def decoded(self, task: Task, rows: np.ndarray | None = None) -> list[Decoded]:
@@ -107,7 +107,7 @@ def propagate(x: np.ndarray, targets: np.ndarray, pool: np.ndarray, task: Task, 
     degree = np.asarray(graph.sum(axis=1)).ravel()
     scale = 1 / np.sqrt(np.maximum(degree, 1e-12))
     spread = graph.multiply(scale[:, None]).multiply(scale[None, :]).tocsr()
-    seeds = np.zeros((len(feats), task.num_classes + 1))
+    seeds = np.zeros((len(feats), task.num_outputs + 1))
     seeds[:len(x), :-1] = task.output_targets(targets)
     seeds[:len(x), -1] = 1  # the mass of labels that reached each row
     out = seeds.copy()

@@ -24,5 +24,5 @@ def mixup_for(t: TrainConfig, task: Task) -> Mixup | None:
         log.info("--augment heavy: no mixup / cutmix for the %s task (its targets do not mix as classes do)", task.name)
         return None
     return Mixup(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=0.5, mode="batch",
-                 label_smoothing=t.label_smoothing, num_classes=task.num_classes,
+                 label_smoothing=t.label_smoothing, num_classes=task.num_outputs,
                  multi_label=task.mixup_targets == "multi-hot")

@@ -50,7 +50,7 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
     seed_everything(cfg.seed)  # the same initial weights in every process
     model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model
     task = make_run_task(cfg, source)
-    model, pre = create_classifier(model_cfg, task.num_classes, task.warm_start_names())
+    model, pre = create_classifier(model_cfg, task.num_outputs, task.warm_start_names())
     prepare_model(model, device, cfg.train.channels_last)
     if cfg.train.batch_size == "auto":
         cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
@@ -108,7 +108,7 @@ def _check_unlabeled(cfg: RunConfig, task: Task, plan: Plan) -> None:
                           "consistency term of phases that train the backbone, and this run has neither (strategy "
                           f"{cfg.strategy.name}, --probe {cfg.strategy.probe}); use --probe converged, or a strategy "
                           "that fine-tunes (gradual, finetune)")
-    task.pseudo_targets(np.zeros((0, task.num_classes)))  # a task without confidences refuses here, before any work
+    task.pseudo_targets(np.zeros((0, task.num_outputs)))  # a task without confidences refuses here, before any work
 
 
 def _probe_applies(cfg: RunConfig, model: Classifier, env: DistEnv) -> bool:

@@ -47,9 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from visiontune.config import parse_track
+from visiontune.config import TRACKERS, parse_track
 from visiontune.errors import ConfigError
-from visiontune.registry import Registry
 from visiontune.train.callbacks import Callback, TrainerView, metrics_of
 
 log = logging.getLogger(__name__)
@@ -433,16 +432,12 @@ def _image(figure: Any) -> Any:
     return Image.open(buffer).convert("RGB")
 
 
-TRACKER_CLASSES: Registry[type[Tracker]] = Registry(
-    "tracker", {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker})  # config.TRACKERS names them for --track
-
-
 def make_trackers(track: str, run_dir: Path, cfg: Any, task: Any) -> list[Tracker]:
     """The trackers `track` names (packages checked first: a ConfigError names the install)."""
     names = parse_track(track).split(",") if track else []
     for name in names:
         _require(name)
-    return [TRACKER_CLASSES.find(n)(run_dir, cfg, task) for n in names if n]
+    return [TRACKERS.find(n)(run_dir, cfg, task) for n in names if n]  # config.TRACKERS: name -> class here
 
 
 def log_artifact_to_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:

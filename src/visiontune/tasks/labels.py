@@ -1,4 +1,4 @@
-"""Label shapes on the data side. An item's label is a class name (`str`, single-label) or a
+"""Label shapes on the data side (no torch: config and the data layer read them). An item's label is a class name (`str`, single-label) or a
 set of labels (`tuple[str, ...]`, sorted, possibly empty: "none of these"; multi-label).
 These helpers let splitting, counting and summaries treat both alike."""
 
@@ -13,13 +13,7 @@ import numpy as np
 from visiontune.errors import DataError
 
 Label = str | tuple[str, ...] | float
-SINGLE, MULTI, REGRESSION = "single-label", "multi-label", "regression"
-TASK_NAMES = [SINGLE, MULTI, REGRESSION]  # the task shapes tasks/catalog.py registers (register_task adds to it)
-
-
-def task_choices() -> tuple[str, ...]:
-    """What --task offers: auto and every registered task (no torch needed for --help)."""
-    return ("auto", *TASK_NAMES)
+SINGLE, MULTI, REGRESSION = "single-label", "multi-label", "regression"  # the built-in shapes (tasks/catalog.py)
 MULTI_LABEL_COLUMNS = ("labels", "tags")  # a CSV column by one of these names holds label sets
 DELIMITERS = (" ", ",", ";", "|")
 

@@ -1,0 +1,28 @@
+"""How predictions are written (tasks/output.py): one companion per output shape, reached
+as `task.output`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from visiontune.tasks.catalog import make_task
+from visiontune.tasks.output import LabelSetOutput, NumberOutput, Output
+
+
+def test_each_shape_has_its_output_companion() -> None:
+    assert type(make_task("single-label", ["a", "b"]).output) is Output
+    assert type(make_task("multi-label", ["a", "b"]).output) is LabelSetOutput
+    assert type(make_task("regression", ["age"]).output) is NumberOutput
+
+
+def test_label_sets_are_written_with_every_probability() -> None:
+    task = make_task("multi-label", ["cat", "dog"])
+    chosen, none = task.decode(np.array([[0.9, 0.7], [0.2, 0.1]]), 2)
+    out = task.output
+    assert out.line("x.png", chosen) == "x.png\tcat 0.900, dog 0.700"
+    assert out.line("y.png", none) == "y.png\t(none)\t(top: cat 0.200, dog 0.100)"
+    assert out.csv_header(2) == ["path", "labels", "prob_cat", "prob_dog"]
+    assert out.csv_row("x.png", chosen, ";", 2) == ["x.png", "cat;dog", "0.900000", "0.700000"]
+    assert out.record(none)["probs"] == {"cat": 0.2, "dog": 0.1} and out.record(none)["labels"] == []
+    assert out.oof_columns() == ["prob_cat", "prob_dog"]
+    assert out.oof_cells(np.array([0.9, 0.1]), " ") == ["cat", "0.900000", "0.100000"]
