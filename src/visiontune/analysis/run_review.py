@@ -210,6 +210,7 @@ class RunReview:
         from visiontune.runtime.device import resolve_device
 
         self.run = Path(run)
+        self.review = RunDir(self.run).review  # RUN/review/: where the decisions go
         self.bundle = load_bundle(self.run)  # a bad run is an error before the page exists
         self.delim = self.bundle.config.data.label_delim if self.bundle.config else " "
         self.data = data
@@ -217,7 +218,6 @@ class RunReview:
         self.decisions = Decisions(self.run, self._old_label)
         self.device = resolve_device(device)
         self.bundle.model.to(self.device)
-        self.review = RunDir(self.run).review
         self.cams = self.review.gradcam
 
     def case(self, index: int) -> Case:
