@@ -7,6 +7,7 @@ import argparse
 import ast
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,7 @@ LAYERS = [
     ("visiontune.data",),
     ("visiontune.models",),
     ("visiontune.runtime",),
+    ("visiontune.rundir",),
     ("visiontune.bundle",),
     ("visiontune.train",),
     ("visiontune.analysis", "visiontune.selection", "visiontune.deploy"),
@@ -163,8 +165,65 @@ def test_the_layer_check_finds_an_upward_and_a_sideways_import() -> None:
              "visiontune.selection.advisor": {"visiontune.analysis.mislabels", "visiontune.train.probe"},
              "visiontune.analysis.report": set(), "visiontune.analysis.mislabels": set(), "visiontune.train.probe": set()}
     assert set(_layer_violations(graph, set())) == {
-        "visiontune.selection.advisor (layer 10) imports visiontune.analysis.mislabels (layer 10)",
-        "visiontune.train.tracking (layer 9) imports visiontune.analysis.report (layer 10)"}
+        "visiontune.selection.advisor (layer 11) imports visiontune.analysis.mislabels (layer 11)",
+        "visiontune.train.tracking (layer 10) imports visiontune.analysis.report (layer 11)"}
+
+
+# -- the run directory: one owner of its file names ---------------------------------------
+# A string literal that is a file name (what the grep of issue 35 looks for).
+FILE_NAME = re.compile(r"[A-Za-z_][\w./-]*\.(json|jsonl|yaml|yml|csv|txt|safetensors|pt|pth|bin|onnx|html|png|md|"
+                       r"sqlite|db|npy|npz)")
+# File names spelled outside visiontune/rundir.py, each with why it is not a run file.
+NOT_RUN_FILES = {
+    ("visiontune.cli", "to_label.csv"): "suggest's default --output: the user's file, in the current folder",
+    ("visiontune.data.hf", "complete.json"): "the marker of a Hugging Face dataset's folder in the cache",
+    ("visiontune.data.hf", "dataset_dict.json"): "the datasets library's save_to_disk format (user data)",
+    ("visiontune.data.hf", "dataset_info.json"): "the datasets library's save_to_disk format (user data)",
+    ("visiontune.data.hf", "state.json"): "the datasets library's save_to_disk format (user data)",
+    ("visiontune.data.imagify", "groups.csv"): "written at the data root beside the images imagify draws",
+    ("visiontune.data.sources", "groups.csv"): "read at the data root (user data)",
+    ("visiontune.data.scan", "scan.sqlite"): "the scan cache",
+    ("visiontune.data.webdata", "dataset.json"): "a shard folder's format (data/webdata.py)",
+    ("visiontune.data.webdata", "index.csv"): "a shard folder's format (data/webdata.py)",
+    ("visiontune.deploy.export", "visiontune.json"): "the metadata entry inside a TorchScript / pt2 file",
+    ("visiontune.deploy.hub", "README.md"): "the model card of timm's Hub folder, a folder the user names",
+    ("visiontune.deploy.quantize", "prepared.onnx"): "a temporary file in a temporary folder",
+    ("visiontune.models.backbones", "config.json"): "a Hugging Face / timm model folder's config (its format)",
+    ("visiontune.models.backbones", "model.safetensors"): "the weights file of a Hugging Face Hub repo (its format)",
+    ("visiontune.models.backbones", "open_clip_model.safetensors"): "an OpenCLIP Hub repo's weights file",
+    ("visiontune.models.weights", "model.safetensors"): "the weights file of a Hugging Face Hub repo (its format)",
+    ("visiontune.models.weights", "pytorch_model.bin"): "a Hugging Face Hub repo's pickled weights (refused)",
+    ("visiontune.selection.lrfind", "lr_find.png"): "in the --output folder of runs, not in a run",
+    ("visiontune.train.features", "scan.sqlite"): "the scan cache",
+    ("visiontune.train.shards", "index.sqlite"): "the feature cache's shard index",
+    ("visiontune.train.tracking", "mlflow.db"): "the MLflow store in the --output folder of runs, not in a run",
+}
+
+
+def _file_literals(path: Path) -> set[str]:
+    """The string literals in `path` that are file names (docstrings left out: prose)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docs and FILE_NAME.fullmatch(node.value)}
+
+
+def test_no_run_file_name_is_spelled_outside_the_run_directory_class() -> None:
+    """rundir.RunDir owns the run directory's layout: any other module that spells a file
+    name is either listed in NOT_RUN_FILES with why it is not a run file, or should ask
+    RunDir (a new run artifact is one property or method there)."""
+    found = {(name, literal) for name, path in _modules().items() if name != "visiontune.rundir"
+             for literal in _file_literals(path)}
+    assert sorted(found - NOT_RUN_FILES.keys()) == []
+    assert sorted(NOT_RUN_FILES.keys() - found) == []  # the allow-list holds nothing stale
+
+
+def test_the_run_file_check_finds_a_run_file_name(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text('"""Writes RUN/metrics.json."""\nNAME = "metrics.json"\nSUFFIX = ".onnx"\n')
+    assert _file_literals(module) == {"metrics.json"}
 
 
 LOADED = ("print(' '.join(sorted(m for m in sys.modules if m.startswith('visiontune.') "

@@ -208,7 +208,7 @@ def test_an_unknown_config_key_is_an_error_naming_the_closest(tmp_path: Path, te
 
 def test_a_config_takes_flat_or_sectioned_keys_and_is_refused_with_resume(trained: tuple[Path, Path], tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from visiontune.bundle import read_config
+    from visiontune.rundir import read_config
 
     config = tmp_path / "c.yaml"
     config.write_text("epochs: 7\nmodel:\n  image_size: 48\nseed: 3\n")

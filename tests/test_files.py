@@ -10,9 +10,10 @@ from pathlib import Path
 
 import visiontune as vt
 from conftest import TINY, make_class_folders
-from visiontune.bundle import load_bundle, run_splits
+from visiontune.bundle import load_bundle
 from visiontune.cli import main
 from visiontune.files import read_csv, read_csv_dicts, write_csv
+from visiontune.rundir import RunDir
 
 TRICKY = ["=SUM(A1:A9)", "+dog", "-cat", "@home", "'=quoted", "''twice", "\tx", "plain", "-3.5", "+1e3", "", "a=b",
           "'90s", "'s-Hertogenbosch"]
@@ -43,7 +44,7 @@ def test_a_class_named_like_a_formula_trains_and_predicts_to_neutral_csv_cells(t
     run = Path(vt.fit(data, **dict(TINY, strategy="feature-extract", epochs=1, output=str(tmp_path / "runs"))).run_dir)
     bundle = load_bundle(run)
     assert bundle.classes == ["=red", "@green"]
-    assert {label for _, label, _ in run_splits(run, bundle.task)} == {"=red", "@green"}  # splits.csv read back
+    assert {label for _, label, _ in RunDir(run).splits(bundle.task)} == {"=red", "@green"}  # splits.csv read back
     assert {r[1] for r in raw(run / "splits.csv")[1:]} == {"'=red", "'@green"}
     assert main(["predict", str(run), str(data), "--output", str(tmp_path / "p.csv"), "--top-k", "2"]) == 0
     cells = [c for row in raw(tmp_path / "p.csv")[1:] for c in row[1:]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -10,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.analysis.inspection import describe
-from visiontune.bundle import LAST_CHECKPOINT, load_bundle, load_checkpoint, read_config
+from visiontune.bundle import load_bundle
 from visiontune.config import RunConfig
 from visiontune.data.items import DataSource, LabelFunc
 from visiontune.data.sources import load_items, resolve_inputs
 from visiontune.errors import ConfigError, VisiontuneError
-from visiontune.files import write_json
 from visiontune.models.classifier import create_classifier
 from visiontune.prediction import (  # noqa: F401 - evaluate and predict live there (no training stack); re-exported
     EvalResult,
@@ -25,6 +23,7 @@ from visiontune.prediction import (  # noqa: F401 - evaluate and predict live th
     predict,
     predict_stream,
 )
+from visiontune.rundir import RunDir
 from visiontune.runtime import distributed
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.selection.budget import RESERVE_MARGIN_S, BudgetPlan, plan_budget
@@ -79,8 +78,7 @@ def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] |
     result = train_run(RunConfig.create(cfg, **plan.overrides()), source,
                        callbacks=[*(callbacks or []), _PlanWriter(plan)], clock=Clock(budget, started),
                        reserve_s=plan.reserve_s)
-    write_json(Path(result.run_dir) / "time_budget.json",
-               {**plan.as_dict(), "actual_s": time.perf_counter() - started})
+    RunDir(result.run_dir).write_time_budget({**plan.as_dict(), "actual_s": time.perf_counter() - started})
     return result
 
 
@@ -93,25 +91,24 @@ class _PlanWriter(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         if trainer.env.is_main:
-            write_json(Path(trainer.run_dir) / "time_budget.json", self.plan.as_dict())
+            RunDir(trainer.run_dir).write_time_budget(self.plan.as_dict())
 
 
 def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: LabelFunc | None,
             callbacks: list[Callback] | None, overrides: dict[str, Any], started: float) -> FitResult:
     """Continue the run in `run_dir` from its last checkpoint, or from the start when it
     has none; under a budget its clock goes on from the time the run used (clock.json)."""
-    if not (run_dir / "config.yaml").is_file():
-        raise VisiontuneError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    run = RunDir(run_dir)
+    saved = run.read_config()
+    if saved is None:
+        raise VisiontuneError(f"{str(run_dir)!r} is not a run directory (no {run.config_file.name})")
     if data is not None:
         overrides["path"] = str(data)
-    cfg = RunConfig.create(read_config(run_dir / "config.yaml"), **overrides)
-    if (run_dir / LAST_CHECKPOINT).is_file():
-        ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
-    else:  # killed before its first epoch ended: start that run again, in place
+    cfg = RunConfig.create(saved, **overrides)
+    ckpt = run.read_checkpoint()
+    if ckpt is None:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
-        ckpt = None
-    budget_file = run_dir / "time_budget.json"
-    plan = json.loads(budget_file.read_text()) if cfg.train.time_budget and budget_file.is_file() else {}
+    plan = run.read_time_budget() if cfg.train.time_budget else {}
     clock = Clock.resumed(run_dir, cfg.train.time_budget, started)
     result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
                        run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, clock=clock,
@@ -119,8 +116,8 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     if cfg.train.time_budget:  # the plan (if it was written), the budget now, the time taken over every session
         given = {"planned_for_s": plan["budget_s"]} if plan.get("budget_s", cfg.train.time_budget) != \
             cfg.train.time_budget else {}
-        write_json(budget_file, {**plan, **given, "budget_s": cfg.train.time_budget, "actual_s": result.seconds,
-                                 "resumed": True})
+        run.write_time_budget({**plan, **given, "budget_s": cfg.train.time_budget, "actual_s": result.seconds,
+                               "resumed": True})
     return result
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _base_config(args: argparse.Namespace) -> RunConfig | None:
-    from visiontune.bundle import read_config
+    from visiontune.rundir import read_config
 
     return read_config(args.config, strict=True) if args.config else None
 
@@ -111,13 +110,14 @@ def review_labels(args: argparse.Namespace) -> int:
     # the app is built first: a bad run or file is an error before the server starts
     allowed_hosts(args.host, args.allowed_host)  # a bad --allowed-host is an error before the work starts
     if args.run is not None:
-        from visiontune.analysis.run_review import REVIEW_DIR, create_run_review_app
+        from visiontune.analysis.run_review import create_run_review_app
+        from visiontune.rundir import RunDir
 
         if args.task != "auto" or args.label_delim != " " or args.classes:
             raise ConfigError("review RUN: --task, --label-delim and --classes are for --label; a run's review "
                               "takes its task, delimiter and classes from the run")
         app = create_run_review_app(args.run, args.data)
-        where = f"decisions go into {os.path.join(args.run, REVIEW_DIR)}"
+        where = f"decisions go into {RunDir(args.run).review.path}"
     else:
         app = create_review_app(args.label, [c.strip() for c in args.classes.split(",") if c.strip()]
                                 if args.classes else None, args.task, args.label_delim)

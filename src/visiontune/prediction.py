@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from visiontune import display
-from visiontune.bundle import Bundle, load_bundle, read_config
+from visiontune.bundle import Bundle, load_bundle
 from visiontune.config import DataConfig
 from visiontune.data.images import check_image
 from visiontune.data.items import TEST, TRAIN, VALID
@@ -25,6 +24,7 @@ from visiontune.data.webdata import is_shard_item
 from visiontune.deploy.export import load_exported, onnx_engine
 from visiontune.deploy.formats import is_exported
 from visiontune.errors import ConfigError, DataError
+from visiontune.rundir import RunDir
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
 from visiontune.tasks.base import Decoded, unreadable_rows
@@ -195,8 +195,8 @@ def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[s
 def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:
     """The delimiter the run wrote label sets with (its config; " " for an exported file)."""
     config = bundle.config
-    if config is None and Path(run, "config.yaml").is_file():
-        config = read_config(Path(run, "config.yaml"))
+    if config is None:
+        config = RunDir(run).read_config()
     return config.data.label_delim if config is not None else " "
 
 

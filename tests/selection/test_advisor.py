@@ -10,6 +10,7 @@ import torch
 import visiontune as vt
 from conftest import make_class_folders
 from visiontune.models.warmstart import match_imagenet_classes, warm_start_rows
+from visiontune.rundir import RunDir
 from visiontune.selection.advisor import advise, decide
 from visiontune.selection.lrfind import lr_find, suggest
 
@@ -46,7 +47,7 @@ def test_advise_measures_and_explains(tmp_path: Path, tiny: dict) -> None:
 
 def test_strategy_auto_runs_the_advisor(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
     result = vt.fit(flat_data, **dict(tiny, strategy="auto", epochs=2, output=str(tmp_path / "r")))
-    assert vt.bundle.read_config(Path(result.run_dir) / "config.yaml").strategy.name != "auto"
+    assert RunDir(result.run_dir).read_config().strategy.name != "auto"
 
 
 def test_class_names_match_imagenet_synonyms() -> None:

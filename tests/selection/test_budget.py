@@ -431,8 +431,8 @@ def test_a_budgeted_run_killed_before_its_first_checkpoint_and_after_its_last_ke
     time from the budget. The clock's record (clock.json, kept up to date while the run
     goes) charges both: each resumed session has what is left of the budget counted from
     the first start, and the run ends within it."""
-    from visiontune.bundle import load_checkpoint
-    from visiontune.train.clock import CLOCK_FILE, HEARTBEAT_S
+    from visiontune.rundir import CLOCK_FILE, load_checkpoint
+    from visiontune.train.clock import HEARTBEAT_S
 
     out = tmp_path / "runs"
     first_hold = _kill_when_holding([str(flat_data), str(out), "0"], tmp_path / "first.log", 3.0)

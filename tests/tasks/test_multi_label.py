@@ -240,7 +240,7 @@ def test_after_resume_tuned_thresholds_and_valid_probs_are_the_best_epochs(tmp_p
 
 def _last_epoch_probs(result) -> np.ndarray:
     """Validation probabilities of the weights the run's last epoch ended with."""
-    from visiontune.bundle import load_checkpoint
+    from visiontune.rundir import load_checkpoint
     from visiontune.runtime.inference import run_eval
 
     setup = result.setup

@@ -307,16 +307,16 @@ def test_tensorboard_gets_the_residuals_and_resume_keeps_the_scaling(reg_data: P
 
 
 def test_target_range_from_the_cli_survives_the_run_config(tmp_path: Path) -> None:
-    from visiontune.bundle import read_config, write_config
     from visiontune.cli import build_parser
     from visiontune.config import RunConfig
+    from visiontune.rundir import RunDir
 
     args = build_parser().parse_args(["train", "d", "--task", "regression", "--target-range", "0", "120",
                                       "--loss", "huber"])
     cfg = RunConfig.create(task=args.task, target_range=args.target_range, loss=args.loss)
     assert cfg.train.target_range == (0.0, 120.0) and cfg.train.loss == "huber"
-    write_config(tmp_path, cfg)
-    assert read_config(tmp_path / "config.yaml") == cfg
+    RunDir(tmp_path).write_config(cfg)
+    assert RunDir(tmp_path).read_config() == cfg
 
 
 @pytest.mark.parametrize("fmt,suffix", [("pt2", ".pt2"), ("torchscript", ".ts")])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from visiontune.train.clock import CLOCK_FILE, HEARTBEAT_S, Clock
+from visiontune.rundir import CLOCK_FILE
+from visiontune.train.clock import HEARTBEAT_S, Clock
 from visiontune.train.schedules import WSD_DECAY
 
 

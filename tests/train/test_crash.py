@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import make_class_folders
-from visiontune.bundle import load_checkpoint
+from visiontune.rundir import load_checkpoint
 
 ARGS = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--epochs", "8",
         "--strategy", "finetune", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--patience", "0",

@@ -18,6 +18,7 @@ import pytest
 import visiontune as vt
 from conftest import COLORS, TINY, make_image
 from visiontune.cli import main
+from visiontune.rundir import RunDir
 
 FLAGS = ["--backbone", TINY["backbone"], "--weights", "none", "--image-size", str(TINY["image_size"])]
 FIVE = {**COLORS, "yellow": (220, 210, 40)}  # five classes
@@ -76,7 +77,7 @@ def test_the_labelling_guides_loop_at_one_label_per_class(tmp_path: Path, capsys
     assert "cross-validation" in metrics["validation"] and metrics["epochs_run"] == 1
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["val_loss"] > 0
     assert {r["split"] for r in read(run / "splits.csv")} == {"train"} and len(read(run / "splits.csv")) == 5
-    assert vt.bundle.read_config(run / "config.yaml").strategy.name == "feature-extract"
+    assert RunDir(run).read_config().strategy.name == "feature-extract"
     capsys.readouterr()
     assert main(["predict", str(run), str(pool / "red" / "red_03.png")]) == 0
     assert "red_03.png" in capsys.readouterr().out
@@ -118,7 +119,7 @@ def test_a_strategy_without_the_probe_keeps_its_last_epoch(tmp_path: Path, caplo
                    **dict(TINY, epochs=2, patience=1))
     assert any("the last epoch's weights are kept" in m for m in caplog.messages)
     assert r.kept == "last" and r.validated_by == "" and not r.metrics.keys() - {"train_loss"}
-    resolved = vt.bundle.read_config(Path(r.run_dir) / "config.yaml").train
+    resolved = RunDir(r.run_dir).read_config().train
     assert (resolved.restore_best, resolved.patience) == (False, 0)  # early stopping watched the training loss
     assert len(r.history) == 2 and r.best_epoch and json.loads((Path(r.run_dir) / "metrics.json").read_text())[
         "epoch"] == 2

@@ -18,6 +18,7 @@ import visiontune as vt
 from conftest import TINY, WhenLogged, make_class_folders
 from tasks.test_regression import make_regression_data
 from visiontune.errors import ConfigError, DataError
+from visiontune.rundir import RunDir
 from visiontune.tasks.catalog import make_task
 from visiontune.train import pseudo
 from visiontune.train.probe import fit_probe
@@ -75,7 +76,7 @@ def test_a_run_pseudo_labels_its_pool_and_records_it(tmp_path: Path, caplog: pyt
     used = sum(r["used"] == "1" for r in rows)
     assert any(f"unlabelled pool: 24 images; {used} pseudo-labelled" in m for m in caplog.messages)
     assert all(0.5 <= float(r["confidence"]) <= 1 for r in rows)
-    assert vt.bundle.read_config(Path(run.run_dir) / "config.yaml").data.unlabeled == str(photos)
+    assert RunDir(run.run_dir).read_config().data.unlabeled == str(photos)
 
 
 def test_runs_that_cannot_pseudo_label_are_refused_before_any_work(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 import visiontune as vt
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
+from visiontune.rundir import RunDir
 from visiontune.selection.cv import cross_validate
 from visiontune.selection.lrfind import lr_find
 from visiontune.train.schedules import lr_factor
@@ -96,7 +97,7 @@ def test_strategy_auto_in_cv_and_lr_find(flat_data: Path, tmp_path: Path, tiny: 
     """Before: "unknown strategy 'auto'". Now each cv fold asks the advisor on its training
     part, and lr-find asks it once."""
     result = cross_validate(flat_data, folds=2, **dict(tiny, strategy="auto", epochs=2, output=str(tmp_path / "cv")))
-    chosen = {vt.bundle.read_config(Path(result.out_dir) / f"fold{i}" / "config.yaml").strategy.name for i in (1, 2)}
+    chosen = {RunDir(Path(result.out_dir) / f"fold{i}").read_config().strategy.name for i in (1, 2)}
     assert chosen and "auto" not in chosen
     found = lr_find(flat_data, num_iter=20, plot=None, **dict(tiny, strategy="auto", output=str(tmp_path)))
     assert len(found.lrs) >= 10

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 import visiontune as vt
 from conftest import StopAfter, make_class_folders, make_image
-from visiontune.bundle import load_checkpoint, save_checkpoint
 from visiontune.config import ModelConfig
 from visiontune.models.classifier import create_classifier
+from visiontune.rundir import load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("num_classes", [2, 10])

@@ -49,12 +49,14 @@ from visiontune.files import (
     write_json,
     write_text,
 )
+from visiontune.rundir import REVIEW_DIR, Review, RunDir
+
+__all__ = ["ACTIONS", "CORRECTIONS", "DERIVED", "EXCLUDE", "KEPT", "LOG", "REVIEW_DIR", "Decisions"]
 
 log = logging.getLogger(__name__)
 
-REVIEW_DIR = "review"
-LOG, CORRECTIONS, EXCLUDE, KEPT = "decisions.jsonl", "corrections.csv", "exclude.txt", "kept.txt"
-DERIVED = "derived.json"  # {file name: its identity when this module last wrote it}
+LOG, CORRECTIONS, EXCLUDE, KEPT = Review.LOG, Review.CORRECTIONS, Review.EXCLUDE, Review.KEPT
+DERIVED = Review.DERIVED  # {file name: its identity when this module last wrote it}
 ACTIONS = ("keep", "exclude", "relabel")
 FILES = ((CORRECTIONS, "relabel"), (EXCLUDE, "exclude"), (KEPT, "keep"))
 State = dict[str, tuple[str, str]]  # path -> (decision, label cell)
@@ -65,7 +67,7 @@ class Decisions:
     """The review decisions of one run (see the module docstring)."""
 
     def __init__(self, run: str | os.PathLike[str], convert: Convert | None = None) -> None:
-        self.dir = Path(run) / REVIEW_DIR
+        self.dir = RunDir(run).review.path
         self.log = self.dir / LOG
         self.dir.mkdir(parents=True, exist_ok=True)
         with locked(self.log):

@@ -9,7 +9,6 @@ Each artefact is one function below; `interpret` calls them in order.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from visiontune.analysis.mislabels import (
 )
 from visiontune.analysis.report import write_report
 from visiontune.analysis.saliency import first_layer_filters, grad_cam
-from visiontune.bundle import Bundle, load_bundle, run_splits
+from visiontune.bundle import Bundle, load_bundle
 from visiontune.config import DataConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
@@ -41,6 +40,7 @@ from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.files import read_csv_dicts, write_csv, write_json
 from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
+from visiontune.rundir import RunDir, Views
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Decoded, Report
@@ -52,10 +52,6 @@ from visiontune.train.tracking import log_artifact_to_run
 log = logging.getLogger(__name__)
 
 Items = list[tuple[str, Label, str]]  # (path, label, split)
-VIEWS = "interpret"  # RUN/interpret/
-# in VIEWS: {"data": the DATA looked at, resolved (null: the run's own images), "folder": the
-# folder interpret ran in, which the views' relative paths are relative to (bundle.from_folder)}
-SOURCE = "source.json"
 
 
 @dataclass
@@ -103,6 +99,11 @@ class Context:
     out: Path
     items: Items
 
+    @property
+    def views(self) -> Views:
+        """The files interpret writes into `out` (RUN/interpret/)."""
+        return Views(self.out)
+
 
 def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None = None, *, top_n: int = 16,
               oof: str | os.PathLike[str] | None = None, device: str = "auto", batch_size: int = 64,
@@ -112,30 +113,30 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     with Grad-CAM (`gradcam_chosen.png`). Suspected mislabels are looked for among the
     images training could use (train + valid), and in test too with `mislabels_in_test`."""
     ctx = _context(Path(run), data, device)
-    write_json(ctx.out / SOURCE, {"data": data_key(data), "folder": os.getcwd()})  # what review reads the views by
+    write_json(ctx.views.source, {"data": data_key(data), "folder": os.getcwd()})  # what review reads the views by
     res = InterpretResult(str(ctx.out))
     paths, out, res.evaluated_on = evaluate_split(ctx, batch_size, num_workers)
     res.metrics = ctx.bundle.task.metrics(out.targets, out.probs)
     report = ctx.bundle.task.report(out.targets, out.probs)
     write_confusion(ctx, report, out)
     order = write_top_losses(ctx, paths, out, top_n)
-    write_saliency(ctx.out / "gradcam.png", ctx, [paths[i] for i in order[:8]])
+    write_saliency(ctx.views.gradcam, ctx, [paths[i] for i in order[:8]])
     if saliency:
-        write_saliency(ctx.out / "gradcam_chosen.png", ctx, [str(p) for p in saliency])
+        write_saliency(ctx.views.gradcam_chosen, ctx, [str(p) for p in saliency])
     feats = _features(ctx)
     res.outliers = write_outliers(ctx, feats)
     res.suspects = write_mislabels(ctx, feats, oof, mislabels_in_test)
     res.mislabel_method = flag_method()
     res.duplicates, res.leaks = write_duplicates(ctx)
     write_curves(ctx)
-    write_report(ctx.out / "report.html", ctx.run, res, ctx.items, ctx.bundle.task, report.rows, report.confused)
-    log_artifact_to_run(ctx.run, ctx.out / "report.html")  # a run tracked with MLflow gets the report
+    write_report(ctx.views.report, ctx.run, res, ctx.items, ctx.bundle.task, report.rows, report.confused)
+    log_artifact_to_run(ctx.run, ctx.views.report)  # a run tracked with MLflow gets the report
     res.files = {p.name: str(p) for p in sorted(ctx.out.iterdir()) if p.is_file()}
     return res
 
 
 def data_key(data: str | os.PathLike[str] | None) -> str | None:
-    """The data interpret looked at, as SOURCE records it (None: the run's own images)."""
+    """The data interpret looked at, as RUN/interpret/source.json records it (Views.source) (None: the run's own images)."""
     return os.path.realpath(data) if data else None
 
 
@@ -143,7 +144,7 @@ def _context(run: Path, data: str | os.PathLike[str] | None, device: str) -> Con
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
     items = items_of(run, str(data) if data else None, bundle)
-    out = run / VIEWS
+    out = RunDir(run).views.path
     out.mkdir(parents=True, exist_ok=True)
     return Context(run, bundle, dev, out, [it for it in items if not bundle.task.unknown_labels([it[1]])])
 
@@ -154,7 +155,7 @@ def items_of(run: Path, data: str | None, bundle: Bundle) -> Items:
     cfg = bundle.config or RunConfig()
     delim = cfg.data.label_delim
     if data is None:
-        return run_splits(run, bundle.task, delim)
+        return RunDir(run).splits(bundle.task, delim)
     source = load_items(DataConfig(path=str(data), valid_pct=cfg.data.valid_pct, task=bundle.task.name,
                                    label_delim=delim), cfg.seed, min_classes=1)
     return [(it.path, it.label, it.split) for it in source.items]
@@ -184,20 +185,20 @@ def write_confusion(ctx: Context, report: Report, out: EvalOutput) -> None:
     and per_class.csv with the task's rows (residuals by target range)."""
     classes, matrix = ctx.bundle.classes, report.confusion
     if matrix is None:
-        save_residuals(ctx.out / "residuals.png", out.targets, out.probs, classes[0])
-        write_csv(ctx.out / "per_class.csv", list(report.rows[0]) if report.rows else [],
+        save_residuals(ctx.views.residuals, out.targets, out.probs, classes[0])
+        write_csv(ctx.views.per_class, list(report.rows[0]) if report.rows else [],
                   [list(r.values()) for r in report.rows])
         return
     columns = list(report.columns) if report.columns else None
-    save_confusion(ctx.out / "confusion.png", matrix, classes, columns)
+    save_confusion(ctx.views.confusion, matrix, classes, columns)
     header = ["actual \\ predicted" if columns is None else "label", *(columns or classes)]
-    write_csv(ctx.out / "confusion.csv", header, [[c, *row.tolist()] for c, row in zip(classes, matrix)])
+    write_csv(ctx.views.confusion_csv, header, [[c, *row.tolist()] for c, row in zip(classes, matrix)])
     if columns is None:
         norm = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
-        write_csv(ctx.out / "confusion_normalized.csv", header,
+        write_csv(ctx.views.confusion_normalized, header,
                   [[c, *[f"{v:.4f}" for v in row]] for c, row in zip(classes, norm)])
-    write_csv(ctx.out / "per_class.csv", list(report.rows[0]), [list(r.values()) for r in report.rows])
-    write_csv(ctx.out / "most_confused.csv", ["actual", "predicted", "count"],
+    write_csv(ctx.views.per_class, list(report.rows[0]), [list(r.values()) for r in report.rows])
+    write_csv(ctx.views.most_confused, ["actual", "predicted", "count"],
               [[a, p, c] for c, a, p in report.confused])
 
 
@@ -211,10 +212,10 @@ def write_top_losses(ctx: Context, paths: list[str], out: EvalOutput, top_n: int
              for i in order]
     delim = _delim(ctx)
     suggested = [task.label_text(task.label_of(task.decode(out.probs[i:i + 1], 1)[0]), delim) for i in order]
-    write_csv(ctx.out / "top_losses.csv", ["path", "actual", "predicted", "loss", "prob_predicted", "suggested"],
+    write_csv(ctx.views.top_losses, ["path", "actual", "predicted", "loss", "prob_predicted", "suggested"],
               [[p, actual, pred, f"{loss:.4f}", f"{prob:.4f}", label]
                for (p, pred, actual, loss, prob), label in zip(shown, suggested)])
-    _grid(ctx.out / "top_losses.png", [s[0] for s in shown],
+    _grid(ctx.views.top_losses_png, [s[0] for s in shown],
           [f"{pred}/{actual} loss {loss:.2f} p {prob:.2f}" for _, pred, actual, loss, prob in shown],
           ctx.bundle.preprocess.input_size)
     return order
@@ -224,7 +225,7 @@ def write_saliency(target: Path, ctx: Context, paths: list[str]) -> None:
     """filters.png and a Grad-CAM grid of `paths` at `target` (skipped with a warning for
     backbones without a spatial feature map)."""
     try:
-        save_filters(ctx.out / "filters.png", first_layer_filters(ctx.bundle.model))
+        save_filters(ctx.views.filters, first_layer_filters(ctx.bundle.model))
         images, heats, titles = [], [], []
         for p in paths:
             for shown, heat, title in explain(ctx.bundle, ctx.device, p):
@@ -273,9 +274,9 @@ def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:
     order = np.argsort(-odd)
     items = ctx.items
     text = ctx.bundle.task.label_text
-    write_csv(ctx.out / "outliers.csv", ["rank", "path", "label", "atypicality"],
+    write_csv(ctx.views.outliers, ["rank", "path", "label", "atypicality"],
               [[k + 1, items[i][0], text(items[i][1], _delim(ctx)), f"{odd[i]:.4f}"] for k, i in enumerate(order)])
-    _grid(ctx.out / "outliers.png", [items[i][0] for i in order[:8]],
+    _grid(ctx.views.outliers_png, [items[i][0] for i in order[:8]],
           [f"{items[i][1]} atypicality {odd[i]:.2f}" for i in order[:8]], ctx.bundle.preprocess.input_size)
     return [(items[i][0], float(odd[i])) for i in order]
 
@@ -299,12 +300,12 @@ def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str]
         suspects = rank_mislabels(paths, labels, probs, classes)
     else:  # numbers have no classes to confuse: suspicious targets by out-of-fold residuals
         suspects = rank_residuals(paths, task.encode(labels).numpy(), probs, task)
-    write_csv(ctx.out / "mislabels.csv",
+    write_csv(ctx.views.mislabels,
               ["rank", "path", "label", "suspected", "p_label", "p_suspected", "flagged", "suggested"],
               [[k + 1, s.path, s.label, s.predicted, f"{s.p_label:.4f}", f"{s.p_predicted:.4f}", s.flagged,
                 task.label_text(s.suggested, cfg.data.label_delim)] for k, s in enumerate(suspects)])
     top = suspects[:16]
-    _grid(ctx.out / "mislabels.png", [s.path for s in top],
+    _grid(ctx.views.mislabels_png, [s.path for s in top],
           [f"label {s.label} p {s.p_label:.2f} -> {s.predicted}?" for s in top], ctx.bundle.preprocess.input_size)
     return suspects
 
@@ -316,7 +317,7 @@ def _delim(ctx: Context) -> str:
 def write_duplicates(ctx: Context) -> tuple[list[DuplicatePair], int]:
     """duplicates.csv: exact and near duplicates; pairs across splits are leakage."""
     pairs = find_duplicates([(p, s) for p, _, s in ctx.items])
-    write_csv(ctx.out / "duplicates.csv", ["a", "b", "split_a", "split_b", "kind", "hamming", "crosses_splits"],
+    write_csv(ctx.views.duplicates, ["a", "b", "split_a", "split_b", "kind", "hamming", "crosses_splits"],
               [[d.a, d.b, d.split_a, d.split_b, d.kind, d.distance, d.crosses_splits] for d in pairs])
     leaks = sum(d.crosses_splits for d in pairs)
     if leaks:
@@ -327,11 +328,9 @@ def write_duplicates(ctx: Context) -> tuple[list[DuplicatePair], int]:
 
 def write_curves(ctx: Context) -> None:
     """curves.png from the run's history.jsonl, when it has one."""
-    history_file = ctx.run / "history.jsonl"
-    if history_file.is_file():
-        history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-        if history:
-            save_curves(ctx.out / "curves.png", history)
+    history = RunDir(ctx.run).read_history()
+    if history:
+        save_curves(ctx.views.curves, history)
 
 
 def _thumb(path: str, size: int) -> np.ndarray:

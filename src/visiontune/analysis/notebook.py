@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from visiontune.bundle import read_config
 from visiontune.config import RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN
@@ -23,6 +21,7 @@ from visiontune.data.transforms import train_transform
 from visiontune.models.classifier import create_classifier
 from visiontune.plots import grid_figure
 from visiontune.tasks.labels import label_text
+from visiontune.rundir import RunDir
 
 
 def show_batch(data_or_run: str | os.PathLike[str], n: int = 16, *, cols: int = 4, seed: int = 0,
@@ -47,14 +46,14 @@ def show_batch(data_or_run: str | os.PathLike[str], n: int = 16, *, cols: int = 
 
 
 def _inputs(target: Path, overrides: dict[str, Any]) -> tuple[RunConfig, Any]:
-    if (target / "config.yaml").is_file():
-        return resolve_inputs(None, read_config(target / "config.yaml"), None, overrides)
+    if (saved := RunDir(target).read_config()) is not None:
+        return resolve_inputs(None, saved, None, overrides)
     return resolve_inputs(target, None, None, {"progress": False, **overrides})
 
 
 def _preprocess(target: Path, cfg: RunConfig) -> Preprocess:
-    if (target / "preprocess.json").is_file():
-        return Preprocess.from_dict(json.loads((target / "preprocess.json").read_text()))
+    if (saved := RunDir(target).read_preprocess()) is not None:
+        return saved
     from dataclasses import replace
 
     _, pre = create_classifier(replace(cfg.model, weights="none"), 2)  # the backbone's own preprocessing

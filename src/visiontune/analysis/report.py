@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.files import write_text
+from visiontune.rundir import RunDir, Views
 from visiontune.tasks.base import Task
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -37,12 +38,13 @@ def _section(ident: str, title: str, body: str) -> str:
 
 def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, str]], task: Task,
                  per_class: list[dict[str, Any]], confused: list[tuple[int, str, str]]) -> None:
-    out = path.parent
+    out = Views(path.parent)
     splits = sorted({s for _, _, s in items})
     counts = {s: task.counts([lb for _, lb, split in items if split == s], task.classes) for s in splits}
     data_rows = ([[c, *[counts[s][c] for s in splits]] for c in task.classes] if any(counts.values())  # per class
                  else [["images", *[sum(split == s for _, _, split in items) for s in splits]]])  # a number: no classes
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "(no config.yaml)"
+    config_file = RunDir(run).config_file
+    config = config_file.read_text() if config_file.is_file() else f"(no {config_file.name})"
     flagged = [s for s in res.suspects if s.flagged]
     leak = (f'<p class="warn">{res.leaks} duplicate pairs cross splits: validation scores are optimistic.</p>'
             if res.leaks else "<p>No duplicates across splits.</p>")
@@ -53,23 +55,23 @@ def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, st
                  + f"</p><p>{len(flagged)} suspected mislabels flagged; {len(res.duplicates)} duplicate pairs.</p>"),
         _section("data", "Data", _table(["class", *splits], data_rows)),
         _section("config", "Configuration", f"<pre>{html.escape(config)}</pre>"),
-        _section("curves", "Training curves", _img(out / "curves.png", "training curves")),
-        _section("confusion", "Confusion matrix", _img(out / "confusion.png", "confusion matrix")
+        _section("curves", "Training curves", _img(out.curves, "training curves")),
+        _section("confusion", "Confusion matrix", _img(out.confusion, "confusion matrix")
                  + _table(["actual", "predicted", "count"], [[a, p, c] for c, a, p in confused[:10]])),
         _section("per-class", "Per-class report", _table(list(per_class[0]) if per_class else [],
                                                           [[f"{v:.3f}" if isinstance(v, float) else v
                                                             for v in r.values()] for r in per_class])),
         _section("top-losses", "Top losses (predicted/actual, loss, probability)",
-                 _img(out / "top_losses.png", "top losses")),
-        _section("saliency", "Grad-CAM on the top losses", _img(out / "gradcam.png", "Grad-CAM")),
-        _section("filters", "First-layer filters", _img(out / "filters.png", "first-layer filters")),
+                 _img(out.top_losses_png, "top losses")),
+        _section("saliency", "Grad-CAM on the top losses", _img(out.gradcam, "Grad-CAM")),
+        _section("filters", "First-layer filters", _img(out.filters, "first-layer filters")),
         _section("mislabels", "Suspected mislabels", f"<p>Ranked by out-of-fold p(label); flagged by "
-                 f"{html.escape(res.mislabel_method)}.</p>" + _img(out / "mislabels.png", "suspected mislabels")
+                 f"{html.escape(res.mislabel_method)}.</p>" + _img(out.mislabels_png, "suspected mislabels")
                  + _table(["path", "label", "suspected", "p(label)", "flagged"],
                           [[Path(s.path).name, s.label, s.predicted, f"{s.p_label:.3f}", s.flagged]
                            for s in res.suspects[:20]])),
         _section("outliers", "Most atypical images (far from their neighbours in feature space)",
-                 _img(out / "outliers.png", "atypical images")
+                 _img(out.outliers_png, "atypical images")
                  + _table(["path", "atypicality"], [[Path(p).name, f"{s:.3f}"] for p, s in res.outliers[:10]])),
         _section("duplicates", "Duplicates and leakage", leak
                  + _table(["a", "b", "splits", "kind", "hamming"],

@@ -36,18 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visiontune.analysis.decisions import REVIEW_DIR, Decisions
-from visiontune.analysis.interpret import SOURCE, VIEWS, data_key, explain, interpret, items_of
+from visiontune.analysis.decisions import Decisions
+from visiontune.analysis.interpret import data_key, explain, interpret, items_of
 from visiontune.analysis.review import ENTRY, STYLE, page_spec, spec_json
-from visiontune.bundle import Bundle, from_folder, load_bundle
+from visiontune.bundle import Bundle, load_bundle
 from visiontune.errors import DataError, VisiontuneError
 from visiontune.files import atomic_write, file_identity, identity_digest, read_csv_dicts
 from visiontune.plots import grid_figure
+from visiontune.rundir import RunDir, Views, from_folder
 from visiontune.tasks.labels import Label
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REVIEW_DIR", "Case", "RunReview", "create_run_review_app", "flagged"]
+__all__ = ["Case", "RunReview", "create_run_review_app", "flagged"]
 
 
 @dataclass
@@ -65,19 +66,19 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return read_csv_dicts(path) if path.is_file() else []
 
 
-def _views_source(views: Path) -> dict[str, Any]:
+def _views_source(views: Views) -> dict[str, Any]:
     """interpret/source.json: what the views were made from, and where ({} when unknown)."""
     try:
-        source = json.loads((views / SOURCE).read_text())
+        source = json.loads(views.source.read_text())
     except (OSError, ValueError):
         return {}
     return source if isinstance(source, dict) else {}
 
 
-def _views_current(views: Path, data: str | None) -> bool:
+def _views_current(views: Views, data: str | None) -> bool:
     """Whether RUN/interpret/ holds what the page lists, made from `data` by this version."""
     source = _views_source(views)
-    header = [next(iter(_rows(views / name)), {}) for name in ("top_losses.csv", "mislabels.csv")]
+    header = [next(iter(_rows(path)), {}) for path in (views.top_losses, views.mislabels)]
     return "data" in source and source["data"] == data_key(data) and all("suggested" in h for h in header if h)
 
 
@@ -86,7 +87,7 @@ class _Flagged:
     path), its path as it reads from here (the views' relative paths are relative to the
     folder interpret ran in, `folder`)."""
 
-    def __init__(self, bundle: Bundle, items: list[tuple[str, Label, str]], folder: Any, views: Path) -> None:
+    def __init__(self, bundle: Bundle, items: list[tuple[str, Label, str]], folder: Any, views: Views) -> None:
         self.task, self.views = bundle.task, views
         self.delim = bundle.config.data.label_delim if bundle.config else " "
         self.folder = folder if isinstance(folder, str) else None
@@ -101,7 +102,8 @@ class _Flagged:
         found = self.cases.setdefault(key, Case(here, self.given[key], order=order))
         found.order = min(found.order, order)
         if found.suggested is None and suggested is not None:
-            found.suggested = self.task.parse_label(suggested, self.delim, f"{self.views}: suggested label of {path}")
+            found.suggested = self.task.parse_label(suggested, self.delim,
+                                                    f"{self.views.path}: suggested label of {path}")
         return found
 
 
@@ -109,25 +111,25 @@ def flagged(run: Path, bundle: Bundle, data: str | None = None) -> list[Case]:
     """The images interpret flagged in RUN/interpret/ (for `data`, default the run's own
     images), one case each (reasons merged; paths absolute, from whatever folder), in the
     order they are best looked at."""
-    views = run / VIEWS
+    views = RunDir(run).views
     if not _views_current(views, data):
         log.info("review: running interpret first (its views of %s are what the page lists)", data or "the run")
         interpret(run, data)
     found, task = _Flagged(bundle, items_of(run, data, bundle), _views_source(views).get("folder"), views), bundle.task
-    for r in _rows(views / "mislabels.csv"):
+    for r in _rows(views.mislabels):
         if r.get("flagged", "").lower() in ("true", "1", "yes") and (c := found.case(r["path"], float(r["rank"]),
                                                                                      r["suggested"])):
             c.reasons.append(task.suspicion(r["rank"], r["suspected"], float(r["p_label"]), float(r["p_suspected"])))
-    for i, r in enumerate(_rows(views / "top_losses.csv")):
+    for i, r in enumerate(_rows(views.top_losses)):
         if c := found.case(r["path"], 1e4 + i, r["suggested"]):
             c.reasons.append(f"top loss #{i + 1}: loss {float(r['loss']):.2f}, predicted {r['predicted']}")
-    for i, r in enumerate(_rows(views / "duplicates.csv")):
+    for i, r in enumerate(_rows(views.duplicates)):
         crosses = r.get("crosses_splits", "").lower() in ("true", "1", "yes")
         for this, other, split in ((r["a"], r["b"], r["split_b"]), (r["b"], r["a"], r["split_a"])):
             if c := found.case(this, 2e4 + i):
                 c.reasons.append(f"{r['kind']} duplicate of {os.path.basename(other)} ({split}"
                                  f"{', across splits: a leak' if crosses else ''})")
-    for r in _rows(views / "outliers.csv"):
+    for r in _rows(views.outliers):
         if c := found.case(r["path"], 3e4 + float(r["rank"])):
             c.reasons.append(f"outlier #{r['rank']}: atypicality {float(r['atypicality']):.2f}")
     return sorted(found.cases.values(), key=lambda c: c.order)
@@ -208,6 +210,7 @@ class RunReview:
         from visiontune.runtime.device import resolve_device
 
         self.run = Path(run)
+        self.review = RunDir(self.run).review  # RUN/review/: where the decisions go
         self.bundle = load_bundle(self.run)  # a bad run is an error before the page exists
         self.delim = self.bundle.config.data.label_delim if self.bundle.config else " "
         self.data = data
@@ -215,7 +218,7 @@ class RunReview:
         self.decisions = Decisions(self.run, self._old_label)
         self.device = resolve_device(device)
         self.bundle.model.to(self.device)
-        self.cams = self.run / REVIEW_DIR / "gradcam"
+        self.cams = self.review.gradcam
 
     def case(self, index: int) -> Case:
         if not 0 <= index < len(self.cases):
@@ -226,7 +229,7 @@ class RunReview:
         """A label cell of a corrections.csv from before the decision log, as the log
         records it: the task reads it against the image's given label (`Task.read_change`:
         "+dog -cat" from an older page of label sets is the set it leads to)."""
-        task, where = self.bundle.task, f"{self.run / REVIEW_DIR / 'corrections.csv'}: {path}"
+        task, where = self.bundle.task, f"{self.review.corrections}: {path}"
         label = task.read_change(self._given.get(os.path.realpath(path)), cell, self.delim, where)
         return task.answer_text(label, self.delim)
 
@@ -261,7 +264,7 @@ class RunReview:
             if unknown := task.unknown_labels([label]):
                 raise DataError(f"{where}: {', '.join(unknown)} is not a {task.wording.label_kind} of this run (it has "
                                 f"{', '.join(task.classes)}); for a new one, add the row to "
-                                f"{self.run / REVIEW_DIR / 'corrections.csv'} by hand (it is taken into the decisions)")
+                                f"{self.review.corrections} by hand (it is taken into the decisions)")
             if label == case.label:
                 action, text = "keep", ""
         self.decisions.record(case.path, action, text)
@@ -270,7 +273,7 @@ class RunReview:
         """The case's Grad-CAM as a PNG, made once and kept in RUN/review/gradcam/ under the
         identity of the image file and of the weights."""
         path = self.case(index).path
-        weights = file_identity(self.run / "model.safetensors")
+        weights = file_identity(RunDir(self.run).model)
         key = identity_digest(path, "|".join(weights) if weights else "")
         if key is None:
             raise DataError(f"{path} cannot be read")
@@ -287,7 +290,7 @@ class RunReview:
         spec = page_spec(task, task.classes)
         return (PAGE.replace("__ENTRY__", ENTRY).replace("__STYLE__", STYLE.replace("__WIDTH__", "960"))
                 .replace("__HELP__", html.escape(review_help(spec))).replace("__RUN__", html.escape(self.run.name))
-                .replace("__DIR__", html.escape(str(self.run / REVIEW_DIR))).replace("__SPEC__", spec_json(spec)))
+                .replace("__DIR__", html.escape(str(self.review.path))).replace("__SPEC__", spec_json(spec)))
 
 
 def create_run_review_app(run: str | os.PathLike[str], data: str | None = None, device: str = "auto") -> Any:
@@ -330,7 +333,7 @@ def create_run_review_app(run: str | os.PathLike[str], data: str | None = None, 
         except (DataError, ValueError, TypeError) as exc:
             raise HTTPException(400, str(exc)) from None
         except OSError as exc:
-            raise HTTPException(500, f"the decision could not be written into {review.run / REVIEW_DIR}: {exc}") \
+            raise HTTPException(500, f"the decision could not be written into {review.review.path}: {exc}") \
                 from None
         return {"ok": True}
 

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from visiontune.bundle import MODEL_FILE, Bundle, load_bundle, model_file
+from visiontune.bundle import Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
 from visiontune.deploy.formats import FORMATS, files_text, format_of, suffix
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
+from visiontune.rundir import RunDir
 from visiontune.runtime.engine import check_engine, onnx_available, onnx_session, write_onnx
 from visiontune.tasks.catalog import make_task
 from visiontune.version import __version__
@@ -183,7 +184,7 @@ def require_current(path: str | os.PathLike[str], recorded: str | None) -> None:
     fp32 = p.with_name(p.name.replace(INT8 + p.suffix, p.suffix))
     fmt = format_of(p.suffix)
     output = "" if fp32 == weights.with_suffix(p.suffix) else f" --output {fp32}"
-    run = p.parent if weights.name == MODEL_FILE else weights
+    run = p.parent if weights == RunDir(p.parent).model else weights
     raise VisiontuneError(
         f"{p} was exported from other weights than {weights} beside it (the run was resumed or retrained, or its "
         f"weights replaced, since): it would predict with the old model. Re-export it: visiontune export "

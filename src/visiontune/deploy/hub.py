@@ -34,6 +34,7 @@ from visiontune.bundle import Bundle, load_bundle
 from visiontune.errors import ConfigError, VisiontuneError, WeightsUnavailableError
 from visiontune.models.backbones import BuildSpec, _timm_kwargs, parse_backbone
 from visiontune.models.weights import hub_reachable
+from visiontune.rundir import RunDir
 from visiontune.version import __version__
 
 PARITY_TOLERANCE = 1e-4
@@ -100,8 +101,6 @@ def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path
     labels, what the model outputs, images per split, the validation metrics of the
     weights kept, the recipe, intended use and limits, and how to load it. From the run's
     own files."""
-    import csv
-    import json
     from collections import Counter
 
     from huggingface_hub import ModelCard
@@ -109,11 +108,8 @@ def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path
     run = Path(bundle.path)
     cfg = bundle.config
     task = bundle.task
-    splits: Counter[str] = Counter()
-    if (run / "splits.csv").is_file():
-        with open(run / "splits.csv", newline="", encoding="utf-8") as fh:
-            splits.update(row["split"] for row in csv.DictReader(fh))
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    splits = Counter(row["split"] for row in RunDir(run).split_rows())
+    metrics = RunDir(run).read_metrics()
     shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
     labels = f"{task.summary_head(task.classes)} ({', '.join(task.classes)})"
     recipe = (f"backbone `{cfg.model.backbone}` ({cfg.model.weights} weights), strategy `{cfg.strategy.name}`, "

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from visiontune.bundle import model_file, read_config, run_splits
+from visiontune.bundle import model_file
 from visiontune.data.hf import is_hf
 from visiontune.data.images import check_image
 from visiontune.data.items import VALID
@@ -47,6 +47,7 @@ from visiontune.data.webdata import is_shard_item
 from visiontune.deploy.export import INT8, ExportResult, export, load_exported
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import write_bytes
+from visiontune.rundir import RunDir
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import run_eval
 from visiontune.tasks.base import unreadable_rows
@@ -121,7 +122,7 @@ def quantize(fp32: str | os.PathLike[str], run: str | os.PathLike[str], target: 
     bundle = load_exported(fp32)  # refused when it is not of the weights beside it
     _remove_stale(target, _onnx_meta(fp32).get("weights_digest", ""))
     task = bundle.task
-    config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    config = RunDir(run).read_config()
     valid = _validation(run, task, config.data.label_delim if config else " ")
     calibrate, scored = _calibration_split(task, valid, calibration, config.seed if config else 0)
     inputs = _calibration_inputs(_loader(calibrate, bundle, batch_size), [p for p, _ in calibrate], run)
@@ -181,9 +182,10 @@ def _check_calibration(calibration: int) -> None:
 
 
 def _validation(run: Path, task: Any, delim: str) -> list[tuple[str, Any]]:
-    valid = [(p, y) for p, y, split in run_splits(run, task, delim) if split == VALID and not task.unknown_labels([y])]
+    splits = RunDir(run).splits_file
+    valid = [(p, y) for p, y, split in RunDir(run).splits(task, delim) if split == VALID and not task.unknown_labels([y])]
     if not valid:
-        raise VisiontuneError(f"int8 needs the run's validation images to calibrate and check it: {run}/splits.csv "
+        raise VisiontuneError(f"int8 needs the run's validation images to calibrate and check it: {splits} "
                               "has no valid rows (train with a validation split: a valid/ folder or --valid-pct; a "
                               "run on too few labels to hold one out cannot be checked, label more)")
     return valid
@@ -225,7 +227,7 @@ def _require_read(paths: list[str], bad: np.ndarray, run: Path, what: str) -> No
 def _how_to_restore(run: Path) -> str:
     """How the run's images come back: a Hugging Face dataset's are written into the cache
     again by any command that reads it; files are put back where splits.csv says."""
-    config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    config = RunDir(run).read_config()
     if config is not None and is_hf(config.data.path):
         return (f"They are the images of the Hugging Face dataset {config.data.path}, which the cache no longer "
                 f"holds (`visiontune cache clear`): any command that reads the dataset writes them again, e.g. "

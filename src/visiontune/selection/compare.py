@@ -21,7 +21,7 @@ from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFun
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import group_keys, stratified_split
 from visiontune.errors import ConfigError
-from visiontune.files import claim_dir, write_json, write_text
+from visiontune.rundir import RunDir
 from visiontune.selection.cv import SELECTIONS, cross_validate
 from visiontune.tasks.catalog import TASKS
 from visiontune.train.session import score_items, train_run
@@ -84,7 +84,8 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
     RunConfig.create(config, **overrides).refuse_time_budget("compare",
                        "compares strategies at the same epochs on the same split")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
+    out = RunDir.claim(cfg.output, cfg.name, "compare")
+    out_dir = out.path
     holdout = None if folds else holdout_for(source, cfg)
     headline = TASKS[source.task].headline
     rows = CompareTable()
@@ -96,8 +97,7 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
             rows.append(_cv_row(scfg, source, folds, started) if folds
                         else _holdout_row(scfg, holdout, headline, started))
             parent.log_metrics({f"{strategy}_{m}": v for m, v in rows[-1].scores.items() if v is not None})
-    write_text(out_dir / "compare.md", format_compare(rows) + "\n")
-    write_json(out_dir / "compare.json", [row.__dict__ for row in rows])
+    out.write_compare(format_compare(rows), [row.__dict__ for row in rows])
     return rows, str(out_dir)
 
 

@@ -35,7 +35,8 @@ from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFun
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
 from visiontune.errors import ConfigError, DataError
-from visiontune.files import claim_dir, write_csv, write_json
+from visiontune.files import write_csv
+from visiontune.rundir import RunDir
 from visiontune.selection.advisor import resolve_strategy
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
@@ -101,7 +102,8 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
         _check_inner_split(pool, k)
     task = make_task(source.task, source.classes)
     headline = task.headline
-    out_dir = claim_dir(cfg.output, cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-cv-{cfg.strategy.name}")
+    out = RunDir.claim(cfg.output, cfg.name, "cv", cfg.strategy.name)
+    out_dir = out.path
     probs = np.zeros((len(pool), task.num_outputs), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
@@ -119,9 +121,9 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
         std = {m: statistics.pstdev(r[m] for r in rows) for m in headline}
         parent.log_metrics({**{f"cv_mean_{m}": v for m, v in mean.items()},
                             **{f"cv_std_{m}": v for m, v in std.items()}})
-    oof_path = out_dir / "oof.csv"
+    oof_path = out.oof
     _write_oof(oof_path, pool, fold_of, probs, task, cfg.data.label_delim)
-    write_json(out_dir / "cv_summary.json", {"folds": rows, "mean": mean, "std": std, "num_folds": k,
+    out.write_cv_summary({"folds": rows, "mean": mean, "std": std, "num_folds": k,
                                              "strategy": cfg.strategy.name, "selection": SELECTIONS[selection],
                                              "labels_averaged": [source.classes[i] for i in scored]})
     return CVResult(rows, mean, std, str(oof_path), str(out_dir), k, probs, [it.path for it in pool],

@@ -46,7 +46,7 @@ import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans, kmeans_plusplus
 from sklearn.decomposition import PCA
 
-from visiontune.bundle import load_bundle, run_left_out, run_splits
+from visiontune.bundle import load_bundle
 from visiontune.config import SUGGEST_METHODS, DataConfig, RunConfig
 from visiontune.data.items import TEST, DataSource, excluded_lines
 from visiontune.data.pool import reason_counts, unlabelled_pool
@@ -56,6 +56,7 @@ from visiontune.data.webdata import is_shard_item, split_item
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
 from visiontune.models.classifier import create_classifier
+from visiontune.rundir import RunDir
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.labels import SINGLE
@@ -295,8 +296,8 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
         bundle = load_bundle(run)
         cfg = RunConfig.create(bundle.config, **overrides) if overrides else (bundle.config or RunConfig())
         known = _Known(cfg, cfg.model.backbone, bundle.model.backbone, bundle.preprocess, bundle.task, [], [], [],
-                       bundle.model.head.eval(), run_left_out(bundle.path))
-        _add_labelled(known, run_splits(bundle.path, bundle.task, cfg.data.label_delim), f"the run {run}")
+                       bundle.model.head.eval(), RunDir(bundle.path).left_out())
+        _add_labelled(known, RunDir(bundle.path).splits(bundle.task, cfg.data.label_delim), f"the run {run}")
     else:
         cfg = RunConfig.create(config, **overrides)
         model, pre = create_classifier(cfg.model, 1)

@@ -9,9 +9,6 @@ resumable. This module does not import the trainer: the trainer imports it.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -21,9 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from visiontune.bundle import save_model
 from visiontune.errors import ConfigError
-from visiontune.files import write_text
+from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput
 
 log = logging.getLogger(__name__)
@@ -189,9 +185,8 @@ class Checkpoint(Callback):
         if not self.write:
             return
         if improved or not self.restore_best:  # the EMA's weights when they validated better
-            save_model(self.run_dir / "model.safetensors", trainer.held_model(), trainer.task, trainer.preprocess,
-                       trainer.cfg.model)
-        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+            RunDir(self.run_dir).write_model(trainer.held_model(), trainer.task, trainer.preprocess, trainer.cfg.model)
+        trainer.save_checkpoint(RunDir(self.run_dir).last_checkpoint)
 
     def on_fit_end(self, trainer: TrainerView) -> None:
         """Rank 0 reads the best weights back; every process then takes rank 0's (the
@@ -200,7 +195,7 @@ class Checkpoint(Callback):
             trainer.adopt_held_weights()  # the last epoch's: the EMA's when they were better
             return
         if self.write:
-            trainer.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors")))
+            trainer.model.load_state_dict(load_file(str(RunDir(self.run_dir).model)))
         trainer.broadcast_weights()
         probe_won = _probe_epoch(trainer, self.tracker.best_epoch) and trainer.state.epoch > self.tracker.best_epoch
         log.info("restored best weights from epoch %d (%s=%.4f)%s", self.tracker.best_epoch + 1,
@@ -231,14 +226,7 @@ class HistoryLogger(Callback):
         self.run_dir = Path(run_dir)
 
     def on_epoch_end(self, trainer: TrainerView) -> None:
-        rows = trainer.state.history
-        write_text(self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        buf = io.StringIO()
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(self.run_dir / "history.csv", buf.getvalue())
+        RunDir(self.run_dir).write_history(trainer.state.history)
 
 
 class EpochPrinter(Callback):

@@ -17,19 +17,17 @@ warming up again.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from visiontune.files import write_json
+from visiontune.rundir import RunDir
 from visiontune.train.schedules import WSD_DECAY
 
 log = logging.getLogger(__name__)
 
-CLOCK_FILE = "clock.json"
 HEARTBEAT_S = 2.0  # the record's period: a SIGKILL loses at most this much of the time used
 SAVE_MARGIN_S = 0.5  # kept after the last validation under a deadline: writing the run's files
 
@@ -47,7 +45,7 @@ class Clock:
         self.phase_started = 0.0  # the run's seconds when it began
         self.epoch_seconds: list[float] = []  # its epochs' measured times (training + validation)
         self.decay_window: tuple[float, float] | None = None  # (start, end) of a decay begun early, run seconds
-        self._record: Path | None = None
+        self._record: RunDir | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -59,12 +57,12 @@ class Clock:
         it used (0 when it has none: a run without a budget, or from before the record)."""
         used = 0.0
         try:
-            used = float(json.loads((Path(run_dir) / CLOCK_FILE).read_text())["used_s"])
+            used = RunDir(run_dir).read_clock()
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s cannot be read (%s); the time used before counts from the last checkpoint",
-                        Path(run_dir) / CLOCK_FILE, exc)
+                        RunDir(run_dir).clock_file, exc)
         return cls(budget_s, started, used)
 
     # -- the time used, and the budget -------------------------------------------------
@@ -100,7 +98,7 @@ class Clock:
         """Under a budget: RUN/clock.json now, then every HEARTBEAT_S until `stop`."""
         if self.budget_s is None or self._beat is not None:
             return
-        self._record = Path(run_dir) / CLOCK_FILE
+        self._record = RunDir(run_dir)
         self._write()
         self._stop.clear()
         self._beat = threading.Thread(target=self._beat_loop, name="visiontune-clock", daemon=True)
@@ -124,11 +122,11 @@ class Clock:
         only its accuracy (a resumed run then counts from the last checkpoint)."""
         with self._lock:
             try:
-                write_json(self._record, {"budget_s": self.budget_s, "used_s": round(self.used(), 3)})
+                self._record.write_clock(self.budget_s, round(self.used(), 3))
             except OSError as exc:
                 if not self._warned:
                     log.warning("time budget: %s cannot be written (%s); a resumed run would count the time used "
-                                "from its last checkpoint", self._record, exc)
+                                "from its last checkpoint", self._record.clock_file, exc)
                 self._warned = True
 
     # -- the time-decided schedule --------------------------------------------------------

@@ -4,10 +4,8 @@ directory, assemble the callbacks, train, summarise. `api.fit` and the selection
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,21 +13,17 @@ from typing import Any
 import numpy as np
 
 from visiontune import display
-from visiontune.bundle import MODEL_FILE, environment, save_model, write_config
+from visiontune.bundle import environment
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.files import (
     cache_max,
     cache_root,
-    claim_dir,
     evict,
     guarded,
-    read_csv_dicts,
-    write_csv,
-    write_json,
-    write_text,
 )
+from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
@@ -237,9 +231,9 @@ def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> 
     log.info("thresholds tuned on the validation split: %s",
              ", ".join(f"{c}={t:.2f}" for c, t in zip(task.classes, tuned)))
     if setup.env.is_main:
-        save_model(run_dir / MODEL_FILE, setup.model, task, setup.preprocess, setup.cfg.model)
+        RunDir(run_dir).write_model(setup.model, task, setup.preprocess, setup.cfg.model)
         positives = (np.asarray(held.targets) > 0.5).sum(axis=0)
-        write_json(run_dir / "thresholds.json", {
+        RunDir(run_dir).write_thresholds({
             "chosen_on": "the validation split (its F1 at these thresholds is optimistic)",
             "thresholds": {c: {"threshold": float(t), "valid_positives": int(n)}
                            for c, t, n in zip(task.classes, tuned, positives)}})
@@ -303,9 +297,9 @@ def open_run_dir(setup: RunSetup, source: DataSource, run_dir: Path | None, rest
     elif main and restart:
         write_run_files(run_dir, setup, source)
     elif main:
-        write_config(run_dir, setup.cfg)
+        RunDir(run_dir).write_config(setup.cfg)
     if setup.model.warm_start and main:
-        write_json(run_dir / "warm_start.json", setup.model.warm_start)
+        RunDir(run_dir).write_warm_start(setup.model.warm_start)
     return run_dir
 
 
@@ -333,10 +327,10 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     final = {k: float(v) for k, v in metrics_of(history[held - 1]).items()} if history else {}
     if setup.env.is_main:
         how = {"validation": validated_by} if (validated_by := _validated_by(setup, source)) else {}
-        write_json(run_dir / "metrics.json", {**final, "epoch": held, "best_epoch": best_epoch,
-                                              "epochs_run": len(history), **how})
-        write_json(run_dir / "environment.json", {**environment(setup.cfg, str(setup.device)),
-                                                  "world_size": setup.env.world_size})
+        RunDir(run_dir).write_metrics({**final, "epoch": held, "best_epoch": best_epoch, "epochs_run": len(history),
+                                       **how})
+        RunDir(run_dir).write_environment({**environment(setup.cfg, str(setup.device)),
+                                           "world_size": setup.env.world_size})
     held_eval = _held_eval(setup, trainer, checkpoint)
     return FitResult(
         run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
@@ -352,11 +346,10 @@ def keep_recorded_split(run_dir: Path, source: DataSource) -> None:
     drawn now differs from the one its splits.csv records (a version whose rule splits
     another layout, another library's draw), each image keeps its recorded side, and one
     line says how many. Moves to or from test, and any other change, are check_same_data's."""
-    splits = run_dir / "splits.csv"
-    if not splits.is_file():
-        return
     sides = (TRAIN, VALID)
-    before = {r["path"]: r["split"] for r in read_csv_dicts(splits) if r["split"] in sides}
+    before = {r["path"]: r["split"] for r in RunDir(run_dir).split_rows() if r["split"] in sides}
+    if not before:
+        return
     moved = [i for i, it in enumerate(source.items) if it.split in sides and before.get(it.path, it.split) != it.split]
     if not moved:
         return
@@ -379,15 +372,15 @@ def check_same_data(run_dir: Path, source: DataSource, delim: str = " ") -> None
     """Resuming must train on the images the run started with: the same classes, and the
     same (path, label, split) rows as its splits.csv. Anything else is refused, naming what
     changed."""
-    if not (run_dir / "classes.json").is_file():
+    run = RunDir(run_dir)
+    saved_classes = run.read_classes()
+    if saved_classes is None:
         return
-    saved_classes = json.loads((run_dir / "classes.json").read_text())
     if saved_classes != source.classes:
         raise DataError(f"the data now has classes {source.classes} but the run to resume has {saved_classes}")
-    splits = run_dir / "splits.csv"
-    if not splits.is_file():
+    if not run.splits_file.is_file():
         return
-    before = {r["path"]: (r["label"], r["split"]) for r in read_csv_dicts(splits)}
+    before = {r["path"]: (r["label"], r["split"]) for r in run.split_rows()}
     text = task_class(source.task).label_text
     now = {it.path: (text(it.label, delim), it.split) for it in source.items}
     changes = [(what, paths) for what, paths in (
@@ -407,24 +400,17 @@ def new_run_dir(cfg: RunConfig) -> Path:
     """A run directory no other run has: `--name` (or time-backbone-strategy), with -2, -3...
     when taken. Claimed by an exclusive mkdir, so two runs started in the same second (or
     under one --name) never share one."""
-    parent = Path(cfg.output)
-    if cfg.name:
-        name = cfg.name
-    else:
-        arch = cfg.model.backbone.split(":")[-1]
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{arch}-{cfg.strategy.name}"
-    return claim_dir(parent, name)
+    return RunDir.claim(cfg.output, cfg.name, cfg.model.backbone.split(":")[-1], cfg.strategy.name).path
 
 
 def write_run_files(run_dir: Path, setup: RunSetup, source: DataSource) -> None:
-    write_config(run_dir, setup.cfg)
-    write_json(run_dir / "classes.json", source.classes)
-    write_json(run_dir / "preprocess.json", setup.preprocess.to_dict())
-    write_json(run_dir / "environment.json", environment(setup.cfg, str(setup.device)))
+    run = RunDir(run_dir)
+    run.write_config(setup.cfg)
+    run.write_classes(source.classes)
+    run.write_preprocess(setup.preprocess)
+    run.write_environment(environment(setup.cfg, str(setup.device)))
     delim = setup.cfg.data.label_delim
     text = task_class(source.task).label_text
-    write_csv(run_dir / "splits.csv", ["path", "label", "split"], ((it.path, text(it.label, delim), it.split)
-                                                                   for it in source.items))
-    excluded = [f"{p}\t{why}" for p, why in source.excluded] + [f"{p}\thidden" for p in source.hidden]
-    write_text(run_dir / "excluded.txt", "".join(line + "\n" for line in excluded))
+    run.write_splits((it.path, text(it.label, delim), it.split) for it in source.items)
+    run.write_excluded([*source.excluded, *((p, "hidden") for p in source.hidden)])
 

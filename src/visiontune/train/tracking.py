@@ -49,6 +49,7 @@ import numpy as np
 
 from visiontune.config import TRACKERS, parse_track
 from visiontune.errors import ConfigError
+from visiontune.rundir import RunDir
 from visiontune.train.callbacks import Callback, TrainerView, metrics_of
 
 log = logging.getLogger(__name__)
@@ -201,25 +202,6 @@ def _store_uri(recorded: str) -> str:
     return recorded
 
 
-def _tracked_run(run_dir: Path, backend: str = "mlflow") -> dict[str, str] | None:
-    """What RUN/tracking.json records of `backend`'s run ({run_id, tracking_uri} for MLflow,
-    {run_id, project} for W&B), if anything."""
-    try:
-        return dict(json.loads((run_dir / "tracking.json").read_text())[backend])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _record_run(run_dir: Path, backend: str, entry: dict[str, str]) -> None:
-    """Add `backend`'s entry to RUN/tracking.json, keeping the other backends'."""
-    path = run_dir / "tracking.json"
-    try:
-        held = json.loads(path.read_text())
-    except (OSError, ValueError):
-        held = {}
-    path.write_text(json.dumps({**(held if isinstance(held, dict) else {}), backend: entry}))
-
-
 def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
@@ -275,7 +257,6 @@ class Tracker(Callback):
     def abort(self) -> None: ...
 
 
-RUN_ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.json", "thresholds.json")  # what a tracked run keeps
 
 
 def run_figures(result: Any, held: Any, task: Any) -> dict[str, Any]:
@@ -344,13 +325,13 @@ class MlflowTracker(Tracker):
             tags["mlflow.parentRunId"] = parent[0]
         self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
         _log_params(self.client, self.run_id, flat_params(self.cfg))
-        _record_run(self.run_dir, "mlflow",  # no credentials in a file that gets shared
+        RunDir(self.run_dir).record_tracking("mlflow",  # no credentials in a file that gets shared
                     {"run_id": self.run_id, "tracking_uri": redact(self.client.tracking_uri)})
 
     def _previous_run(self) -> str | None:
         """The MLflow run this run directory was tracked in before (a resumed run), if any
         and if it is in the same store."""
-        entry = _tracked_run(self.run_dir)
+        entry = RunDir(self.run_dir).tracked("mlflow")
         if entry is None or entry.get("tracking_uri") != redact(self.client.tracking_uri):
             return None
         return str(entry["run_id"])
@@ -361,9 +342,8 @@ class MlflowTracker(Tracker):
 
     def end(self, result: Any, held: Any) -> None:
         _log_metrics(self.client, self.run_id, {f"final_{k}": v for k, v in result.metrics.items()}, step=0)
-        for name in RUN_ARTIFACTS:
-            if (self.run_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        for path in RunDir(self.run_dir).tracked_files():
+            self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def abort(self) -> None:
@@ -381,7 +361,7 @@ class WandbTracker(Tracker):
         import wandb
 
         m = self.cfg.model
-        previous = _tracked_run(self.run_dir, "wandb")
+        previous = RunDir(self.run_dir).tracked("wandb")
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "visiontune"), dir=str(self.run_dir), name=self.run_dir.name,
             config=self.cfg.to_dict(), tags=[m.backbone, self.cfg.strategy.name, self.task.name],
@@ -389,7 +369,7 @@ class WandbTracker(Tracker):
             settings=wandb.Settings(console="off", init_timeout=60, quiet=True))
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
-        _record_run(self.run_dir, "wandb", {"run_id": self.run.id, "project": self.run.project})
+        RunDir(self.run_dir).record_tracking("wandb", {"run_id": self.run.id, "project": self.run.project})
 
     def epoch(self, row: dict[str, Any]) -> None:
         self.run.log({**metrics_of(row, keep_train_loss=True), "lr": row["lr"], "epoch_seconds": row["seconds"],
@@ -410,9 +390,8 @@ class WandbTracker(Tracker):
             self.run.log({name: wandb.Image(_image(figure)) for name, figure in figures.items()})
         if os.environ.get("WANDB_LOG_MODEL", "false").lower() in ("end", "true", "1"):
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model")
-            for name in RUN_ARTIFACTS:
-                if (self.run_dir / name).is_file():
-                    artifact.add_file(str(self.run_dir / name))
+            for path in RunDir(self.run_dir).tracked_files():
+                artifact.add_file(str(path))
             self.run.log_artifact(artifact)
 
     def abort(self) -> None:
@@ -443,9 +422,10 @@ def make_trackers(track: str, run_dir: Path, cfg: Any, task: Any) -> list[Tracke
 def log_artifact_to_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Attach a file made after training (interpret's report.html) to the run's MLflow run,
     if it was tracked; a failure is a warning."""
-    if not (Path(run_dir) / "tracking.json").is_file():
+    run = RunDir(run_dir)
+    if not run.tracking_file.is_file():
         return
-    entry = _tracked_run(Path(run_dir))
+    entry = run.tracked("mlflow")
     try:
         if entry is None:
             raise ValueError("tracking.json names no MLflow run")

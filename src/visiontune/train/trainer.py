@@ -15,10 +15,9 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from visiontune.bundle import save_checkpoint
 from visiontune.data.items import TRAIN
 from visiontune.errors import DataError, VisiontuneError
-from visiontune.files import write_csv
+from visiontune.rundir import RunDir, save_checkpoint
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, batch_norm_for, resolve_precision, seed_everything, to_device
 from visiontune.runtime.distributed import (
@@ -180,8 +179,8 @@ class Trainer:
             self.consistency.sum_over_processes(self.env, self.device)  # every process, before any may skip
             if self.consistency.seen:
                 log.info("epoch %d %s", epoch + 1, self.consistency.summary(len(data.pool_views.dataset)))
-                if (path := self._run_file("consistency.csv")) is not None:
-                    self.consistency.record(path, epoch + 1)
+                if (run := self._written_run()) is not None:
+                    self.consistency.record(run.consistency, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
         if images == 0:  # the loop ran to its end (the clock returned above): the data yielded nothing
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
@@ -333,18 +332,18 @@ class Trainer:
                  "; fitted without the pool's pseudo-labelled rows, which joined the fit kept" if pooled else "")
         return EvalOutput(loss, y[rows], self.task.probabilities(logits_t).numpy(), rows)
 
-    def _run_file(self, name: str) -> Path | None:
-        """RUN/name, for the process that writes the run directory (None on the others)."""
-        return None if not self.env.is_main or str(self.run_dir) == os.devnull else Path(self.run_dir) / name
+    def _written_run(self) -> RunDir | None:
+        """The run directory, for the process that writes it (None on the others)."""
+        return None if not self.env.is_main or str(self.run_dir) == os.devnull else RunDir(self.run_dir)
 
     def _write_pseudo_labels(self, paths: list[str], pseudo: PseudoLabels) -> None:
         """<run>/pseudo_labels.csv: every pool image, its pseudo-label, confidence, and whether it joined."""
-        if (path := self._run_file("pseudo_labels.csv")) is None:
+        if (run := self._written_run()) is None:
             return
         delim = self.cfg.data.label_delim
         rows = ((p, delim.join(d.labels), f"{conf:.6g}", int(kept)) for p, d, conf, kept in
                 zip(paths, pseudo.decoded(self.task), pseudo.confidence, pseudo.kept))
-        write_csv(path, ["path", "label", "confidence", "used"], rows)
+        run.write_pseudo_labels(rows)
 
     @torch.inference_mode()
     def _head_loss(self, feats: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> float:
