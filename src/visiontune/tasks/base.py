@@ -42,6 +42,7 @@ from torch import nn
 from visiontune.data.labels import class_index, label_counts
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.metrics import present_classes
+from visiontune.tasks.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,13 @@ class Task(ABC):
         """The head's outputs: one per class (regression: one, the target)."""
         return len(self.classes)
 
-    def maximise(self, metric: str) -> bool:
-        """Whether larger values of `metric` are better (ConfigError for one the task lacks)."""
+    def objective(self, metric: str, mode: str = "auto") -> Objective:
+        """`metric` and its direction: `mode` ("min" / "max"), or with "auto" the one this
+        task's metric improves in (ConfigError for a metric the task lacks)."""
         if metric not in self.higher_is_better:
             raise ConfigError(f"--monitor {metric!r} is not a metric of the {self.name} task; available: "
                               f"{', '.join(self.higher_is_better)}")
-        return self.higher_is_better[metric]
+        return Objective(metric, mode if mode != "auto" else ("max" if self.higher_is_better[metric] else "min"))
 
     # -- the data side (classmethods: the classes are not known yet) ----------------------
 
