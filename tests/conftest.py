@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visiontune.train.callbacks import Callback
+from visiontune.train.callbacks import Callback, StopTraining
 
 os.environ.setdefault("VISIONTUNE_OFFLINE", "1")  # tests never touch the network
 
@@ -193,7 +193,7 @@ class StopAfter(Callback):
 
     def on_epoch_end(self, trainer) -> None:
         if trainer.state.epoch + 1 >= self.n:
-            trainer.state.should_stop = True
+            raise StopTraining(f"after {self.n} epochs")
 
 
 def original_paths(shards: list[Path]) -> dict[str, str]:

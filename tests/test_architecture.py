@@ -269,6 +269,71 @@ def test_nothing_imports_the_package_root_or_the_cli() -> None:
         assert "visiontune" not in plain, f"{name} imports the package root"
 
 
+# Objects built complete (DESIGN rule 11): nothing sets their attributes from outside the
+# module that defines them. Recognised by name: a variable or attribute called `trainer`
+# (or bound to `Trainer(...)`), `setup` or `clock`, and the data of a setup or trainer.
+BUILT_COMPLETE = {"trainer": "visiontune.train.trainer", "setup": "visiontune.train.setup",
+                  "clock": "visiontune.train.clock"}
+
+
+def _chain(node: ast.expr) -> list[str]:
+    """`a.b.c` -> ["a", "b", "c"] (empty when the expression is not a dotted name)."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        head = _chain(node.value)
+        return [*head, node.attr] if head else []
+    return []
+
+
+def _built_complete(owner: list[str], trainers: set[str]) -> str | None:
+    """Which built-complete object `owner` (a dotted name) is, if any."""
+    if len(owner) == 1 and owner[0] in trainers:
+        return "trainer"
+    if owner and owner[-1] in BUILT_COMPLETE:
+        return owner[-1]
+    if len(owner) >= 2 and owner[-1] == "data" and owner[-2] in ("trainer", "setup"):
+        return owner[-2]  # the run's data: built by prepare_run with everything it reads (the clock)
+    return None
+
+
+def _set_from_outside(tree: ast.AST, module: str) -> list[str]:
+    """`x.attr = ...` in `module` where x is a built-complete object defined elsewhere."""
+    trainers = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                and _chain(n.value.func)[-1:] == ["Trainer"] for t in n.targets if isinstance(t, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]:
+            if not isinstance(target, ast.Attribute):
+                continue
+            kind = _built_complete(_chain(target.value), {"trainer", *trainers})
+            if kind is not None and BUILT_COMPLETE[kind] != module:
+                found.append(f"{module}:{target.lineno} sets {'.'.join(_chain(target))}")
+    return found
+
+
+def test_nothing_sets_an_attribute_of_a_trainer_its_setup_or_its_clock_from_outside() -> None:
+    """Issue 35: `Trainer(...)` receives everything it needs (its objective, its run
+    directory; the clock through the setup) and the run's data reads the deadline from the
+    clock, instead of session.py setting `trainer.watch`, `trainer.run_dir` and
+    `setup.data.deadline` after building them."""
+    found = [hit for name, path in _modules().items() for hit in _set_from_outside(ast.parse(path.read_text()), name)]
+    assert found == []
+
+
+def test_the_built_complete_check_finds_attributes_set_from_outside() -> None:
+    code = ("trainer.watch = ('val_loss', 'min')\nself.trainer.run_dir = d\nsetup.data.deadline = 1.0\n"
+            "t = Trainer(setup, [])\nt.run_dir, other.x = d, 1\nclock.used_before += 3\nself.clock = clock\n"
+            "source.no_validation = ''\n")
+    assert _set_from_outside(ast.parse(code), "visiontune.train.session") == [
+        f"visiontune.train.session:{line} sets {name}" for line, name in (
+            (1, "trainer.watch"), (2, "self.trainer.run_dir"), (3, "setup.data.deadline"), (5, "t.run_dir"),
+            (6, "clock.used_before"))]
+    assert _set_from_outside(ast.parse("clock.used_before = 1.0\n"), "visiontune.train.clock") == []
+
+
 def test_no_function_in_src_is_longer_than_50_lines() -> None:
     long = []
     for name, path in _modules().items():

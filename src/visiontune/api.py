@@ -76,8 +76,8 @@ def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] |
     log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,
              plan.epochs, plan.image_size, plan.expected_s, "; ".join(plan.reasons))
     result = train_run(RunConfig.create(cfg, **plan.overrides()), source,
-                       callbacks=[*(callbacks or []), _PlanWriter(plan)], clock=Clock(budget, started),
-                       reserve_s=plan.reserve_s)
+                       callbacks=[*(callbacks or []), _PlanWriter(plan)],
+                       clock=Clock(budget, started, reserve_s=plan.reserve_s))
     RunDir(result.run_dir).write_time_budget({**plan.as_dict(), "actual_s": time.perf_counter() - started})
     return result
 
@@ -109,10 +109,9 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     if ckpt is None:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
     plan = run.read_time_budget() if cfg.train.time_budget else {}
-    clock = Clock.resumed(run_dir, cfg.train.time_budget, started)
+    clock = Clock.resumed(run_dir, cfg.train.time_budget, started, float(plan.get("reserve_s", RESERVE_MARGIN_S)))
     result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
-                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, clock=clock,
-                       reserve_s=float(plan.get("reserve_s", RESERVE_MARGIN_S)))
+                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, clock=clock)
     if cfg.train.time_budget:  # the plan (if it was written), the budget now, the time taken over every session
         given = {"planned_for_s": plan["budget_s"]} if plan.get("budget_s", cfg.train.time_budget) != \
             cfg.train.time_budget else {}

@@ -19,6 +19,7 @@ from visiontune.data.loaders import eval_dataset
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.transforms import eval_transform, train_transform
 from visiontune.runtime.inference import run_eval
+from visiontune.tasks.objective import Objective
 from visiontune.tasks.single_label import SingleLabel
 from visiontune.train.trainer import Trainer
 
@@ -93,7 +94,7 @@ def test_ema_is_validated_and_its_weights_are_saved_when_better(flat_data: Path,
     kw = dict(tiny, strategy="finetune", epochs=2, ema=True, ema_decay=0.9, output=str(tmp_path / "r"))
     r = vt.fit(flat_data, name="validated", **kw)
     assert {"ema_val_loss", "ema_accuracy"} <= set(r.history[0])
-    monkeypatch.setattr(Trainer, "_better", lambda self, a, b: "ema_marker" not in b)  # the EMA always wins
+    monkeypatch.setattr(Objective, "better", lambda self, a, b: "ema_marker" not in b)  # the EMA always wins
     held: list[dict[str, torch.Tensor]] = []
     real_end = Trainer.adopt_held_weights
 

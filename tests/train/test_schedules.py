@@ -40,52 +40,55 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_in_its_last_fifth() -> N
 
 class _PeakTrainer:
     """What EarlyStopping sees of a trainer under a time-decided schedule: validation
-    metrics per epoch, whether the peak LR is held, and decay_now."""
+    metrics per epoch, and the run's clock (whether the peak LR is held; decay_now)."""
 
     def __init__(self) -> None:
         from types import SimpleNamespace
 
-        self.state = SimpleNamespace(metrics={}, epoch=-1, should_stop=False)
-        self.holding_peak = True
+        from visiontune.train.clock import Clock
+
+        self.state = SimpleNamespace(metrics={}, epoch=-1)
+        self.clock = Clock(budget_s=100.0)
+        self.clock.enter_phase(1)
+        self.clock.end_epoch(1.0)
+        self.clock.holding_peak = True  # what the clock's timed_factor says at the peak
         self.plan = SimpleNamespace(phases=[SimpleNamespace(probe=True), SimpleNamespace(probe=False)],
                                     phase_index=lambda epoch: 0 if epoch == 0 else 1)
-        self.decays = 0
 
-    def decay_now(self) -> float:
-        self.decays += 1
-        self.holding_peak = False
-        return 1.0
+    @property
+    def decays(self) -> int:
+        return int(self.clock.decay_window is not None)
 
     def epoch(self, val_loss: float, peak: bool | None = None) -> None:
         if peak is not None:
-            self.holding_peak = peak
+            self.clock.holding_peak = peak
         self.state.epoch += 1
         self.state.metrics = {"val_loss": val_loss}
 
 
 def test_a_stall_at_the_peak_begins_the_decay_and_the_decay_gets_its_own_patience() -> None:
-    from visiontune.train.callbacks import PEAK_PATIENCE, EarlyStopping
+    from visiontune.train.callbacks import PEAK_PATIENCE, EarlyStopping, StopTraining
 
     stopper, t = EarlyStopping(patience=2), _PeakTrainer()
     for loss in (0.5, 0.6, 0.7, 0.6):  # the probe's 0.5, then 3 epochs worse at the peak (< 2 x 2)
         t.epoch(loss)
         stopper.on_epoch_end(t)
-    assert t.decays == 0 and not t.state.should_stop
+    assert t.decays == 0
     t.epoch(0.7, peak=False)  # the clock begins the decay: its first epoch without improvement is 1 of 2, not 4
     stopper.on_epoch_end(t)
-    assert not t.state.should_stop
     t.epoch(0.7)
-    stopper.on_epoch_end(t)
-    assert t.state.should_stop  # patience 2 in the decay
+    with pytest.raises(StopTraining):  # patience 2 in the decay
+        stopper.on_epoch_end(t)
+    assert stopper.stopped_epoch == t.state.epoch
 
     stopper, t = EarlyStopping(patience=2), _PeakTrainer()
     for loss in (0.5, *[0.6] * PEAK_PATIENCE * 2):  # 2 x patience epochs worse at the peak: the decay begins now
         t.epoch(loss)
         stopper.on_epoch_end(t)
-    assert t.decays == 1 and not t.state.should_stop
+    assert t.decays == 1 and not t.clock.holding_peak and stopper.stopped_epoch is None
     t.epoch(0.6)
-    stopper.on_epoch_end(t)
-    assert not t.state.should_stop  # the decay's own patience counts from its start
+    stopper.on_epoch_end(t)  # the decay's own patience counts from its start: no StopTraining yet
+    assert stopper.stopped_epoch is None
 
 
 class _LearningRates(Callback):

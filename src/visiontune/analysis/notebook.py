@@ -20,8 +20,8 @@ from visiontune.data.sources import resolve_inputs
 from visiontune.data.transforms import train_transform
 from visiontune.models.classifier import create_classifier
 from visiontune.plots import grid_figure
-from visiontune.tasks.labels import label_text
 from visiontune.rundir import RunDir
+from visiontune.tasks.labels import label_text
 
 
 def show_batch(data_or_run: str | os.PathLike[str], n: int = 16, *, cols: int = 4, seed: int = 0,

@@ -42,6 +42,7 @@ from torch import nn
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.labels import class_index, label_counts
 from visiontune.tasks.metrics import present_classes
+from visiontune.tasks.objective import Objective
 from visiontune.tasks.output import Decoded, Output
 from visiontune.tasks.wording import CLASSES, Wording
 
@@ -156,12 +157,13 @@ class Task(ABC):
         JSON, cv's out-of-fold cells (tasks/output.py)."""
         return self.output_type(self)
 
-    def maximise(self, metric: str) -> bool:
-        """Whether larger values of `metric` are better (ConfigError for one the task lacks)."""
+    def objective(self, metric: str, mode: str = "auto") -> Objective:
+        """`metric` and its direction: `mode` ("min" / "max"), or with "auto" the one this
+        task's metric improves in (ConfigError for a metric the task lacks)."""
         if metric not in self.higher_is_better:
             raise ConfigError(f"--monitor {metric!r} is not a metric of the {self.name} task; available: "
                               f"{', '.join(self.higher_is_better)}")
-        return self.higher_is_better[metric]
+        return Objective(metric, mode if mode != "auto" else ("max" if self.higher_is_better[metric] else "min"))
 
     # -- the data side (classmethods: the classes are not known yet) ----------------------
 

@@ -2,15 +2,16 @@
 
 Events: on_fit_start, on_epoch_start, on_step_end (after each optimizer step of an
 epoch on images or features; not the converged probe), on_epoch_end, on_fit_end. Each receives the trainer
-(`TrainerView`: its state, model, config...). A callback that wants to stop training sets
-`trainer.state.should_stop`. `state_dict()` / `load_state_dict()` make a callback
-resumable. This module does not import the trainer: the trainer imports it.
+(`TrainerView`: its state, model, config, clock...). A callback that wants to stop training
+raises `StopTraining`: the run ends when the current epoch ends (the other callbacks still
+see that epoch's end). `state_dict()` / `load_state_dict()` make a callback resumable.
+Early stopping and the best checkpoint compare epochs by the run's `Objective`
+(tasks/objective.py). This module does not import the trainer: the trainer imports it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from visiontune.errors import ConfigError
 from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput
+from visiontune.tasks.objective import VAL_LOSS, Objective
+from visiontune.train.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def metrics_of(row: dict[str, Any], keep_train_loss: bool = False) -> dict[str, 
 class TrainerView(Protocol):
     """What callbacks may use of the trainer."""
 
-    state: Any  # TrainState: epoch, history, metrics, should_stop, last_eval
+    state: Any  # TrainState: epoch, history, metrics, last_eval
     model: Any
     optimizer: Any
     cfg: Any
@@ -46,14 +48,17 @@ class TrainerView(Protocol):
     total_epochs: int
     env: Any  # DistEnv: rank, world size
     run_dir: Path  # os.devnull on processes other than rank 0
-    holding_peak: bool  # a time-decided schedule before its decay (EarlyStopping waits)
+    clock: Clock  # the time budget: holding_peak (EarlyStopping waits), decay_now
     plan: Any  # Plan: the phases (which epoch a converged probe fitted)
 
     def save_checkpoint(self, path: Path) -> None: ...
-    def decay_now(self) -> float: ...
     def broadcast_weights(self) -> None: ...
     def held_model(self) -> Any: ...
     def adopt_held_weights(self) -> None: ...
+
+
+class StopTraining(Exception):  # noqa: N818 - a request, like StopIteration, not an error
+    """Raised by a callback to end the run when the current epoch ends, with the best weights."""
 
 
 class Callback:
@@ -69,40 +74,28 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Monitor:
-    """Tracks the best value of one metric; `mode` says which direction is better."""
+class Best:
+    """The best value of the run's objective so far and its epoch (early stopping's and the
+    checkpoint's): an epoch is better when it beats the best by more than `min_delta`."""
 
-    def __init__(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.metric, self.mode, self.min_delta = metric, mode, min_delta
-        self.best: float | None = None
-        self.best_epoch = -1
-
-    def value(self, metrics: dict[str, float]) -> float:
-        if self.metric not in metrics:
-            raise ConfigError(
-                f"monitor {self.metric!r} is not a metric of this run; available: {', '.join(sorted(metrics))}"
-            )
-        return float(metrics[self.metric])
+    def __init__(self, objective: Objective, min_delta: float = 0.0) -> None:
+        self.objective, self.min_delta = objective, min_delta
+        self.value: float | None = None
+        self.epoch = -1
 
     def update(self, metrics: dict[str, float], epoch: int) -> bool:
         """Record this epoch's value; True when it improves on the best so far."""
-        v = self.value(metrics)
-        if math.isnan(v):
-            return False
-        better = self.best is None or (
-            v < self.best - self.min_delta if self.mode == "min" else v > self.best + self.min_delta
-        )
+        v = self.objective.value(metrics)
+        better = self.objective.improves(v, self.value, self.min_delta)
         if better:
-            self.best, self.best_epoch = v, epoch
+            self.value, self.epoch = v, epoch
         return better
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        return {"best": self.value, "best_epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_epoch = state.get("best"), int(state.get("best_epoch", -1))
+        self.value, self.epoch = state.get("best"), int(state.get("best_epoch", -1))
 
 
 def _probe_epoch(trainer: TrainerView, epoch: int) -> bool:
@@ -114,16 +107,18 @@ PEAK_PATIENCE = 2  # x patience: epochs without improvement at a time-decided sc
 
 
 class EarlyStopping(Callback):
-    """Stop when `monitor` has not improved for `patience` epochs. Under a time-decided
-    schedule (warmup-stable-decay by the clock, --time-budget) the peak LR's epochs say
-    little of where the decay ends, so there it does not stop: after PEAK_PATIENCE x
-    `patience` epochs without improvement (counting the converged probe's epoch, the one
-    to beat) it begins the decay early (`decay_now`), and the run ends after the decay
+    """Stop (raise StopTraining) when the `objective` has not improved for `patience`
+    epochs. Under a time-decided schedule (warmup-stable-decay by the clock, --time-budget)
+    the peak LR's epochs say little of where the decay ends, so there it does not stop:
+    after PEAK_PATIENCE x `patience` epochs without improvement (counting the converged
+    probe's epoch, the one to beat) it begins the decay early (`Clock.decay_now`), and the
+    run ends after the decay
     instead of spending the budget at a peak that no longer improves: where fine-tuning
     does not beat the probe, the run stops early and says so."""
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
-        self.tracker = Monitor(monitor, mode, min_delta)
+    def __init__(self, objective: Objective = VAL_LOSS, patience: int = 3,
+                 min_delta: float = 0.0) -> None:
+        self.best = Best(objective, min_delta)
         self.patience = patience
         self.wait = 0  # epochs without improvement since the decay began (or, without a time-decided schedule, at all)
         self.peak_wait = 0  # epochs without improvement at a time-decided schedule's peak
@@ -131,32 +126,31 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, trainer: TrainerView) -> None:
         state = trainer.state
-        if self.tracker.update(state.metrics, state.epoch):
+        best = self.best
+        if best.update(state.metrics, state.epoch):
             self.wait = self.peak_wait = 0
             return
-        if trainer.holding_peak:  # warmup-stable-decay by the clock, before its decay: the decay gets its own patience
+        if trainer.clock.holding_peak:  # warmup-stable-decay by the clock, before its decay: the decay's own patience
             self.peak_wait += 1
             if self.patience and self.peak_wait >= PEAK_PATIENCE * self.patience:
-                seconds = trainer.decay_now()
+                seconds = trainer.clock.decay_now()
                 log.info("time budget: %s has not improved for %d epochs at the peak learning rate (best %.4f at "
                          "epoch %d%s); the decay begins now and the run ends after it (about %.0f s)",
-                         self.tracker.metric, self.peak_wait, self.tracker.best, self.tracker.best_epoch + 1,
-                         ", the converged probe's" if _probe_epoch(trainer, self.tracker.best_epoch) else "", seconds)
+                         best.objective.metric, self.peak_wait, best.value, best.epoch + 1,
+                         ", the converged probe's" if _probe_epoch(trainer, best.epoch) else "", seconds)
             return
         self.wait += 1
         if self.patience and self.wait >= self.patience:
-            state.should_stop = True
             self.stopped_epoch = state.epoch
-            log.info(
-                "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                self.tracker.metric, self.wait, self.tracker.best, self.tracker.best_epoch + 1,
-            )
+            log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     best.objective.metric, self.wait, best.value, best.epoch + 1)
+            raise StopTraining(f"{best.objective.metric} has not improved for {self.wait} epochs")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "wait": self.wait, "peak_wait": self.peak_wait}
+        return {"tracker": self.best.state_dict(), "wait": self.wait, "peak_wait": self.peak_wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state.get("tracker", {}))
+        self.best.load_state_dict(state.get("tracker", {}))
         self.wait, self.peak_wait = int(state.get("wait", 0)), int(state.get("peak_wait", 0))
 
 
@@ -169,17 +163,17 @@ class Checkpoint(Callback):
     epoch).
     """
 
-    def __init__(self, run_dir: Path, monitor: str, mode: str, restore_best: bool = True,
+    def __init__(self, run_dir: Path, objective: Objective, restore_best: bool = True,
                  min_delta: float = 0.0, write: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.write = write  # False in processes other than rank 0: track, never write
-        self.tracker = Monitor(monitor, mode, min_delta)  # same notion of "better" as EarlyStopping
+        self.best = Best(objective, min_delta)  # same notion of "better" as EarlyStopping
         self.restore_best = restore_best
         self.best_eval: EvalOutput | None = None  # validation outputs (probabilities) of the best epoch
 
     def on_epoch_end(self, trainer: TrainerView) -> None:
         state = trainer.state
-        improved = self.tracker.update(state.metrics, state.epoch)
+        improved = self.best.update(state.metrics, state.epoch)
         if improved:
             self.best_eval = state.last_eval
         if not self.write:
@@ -190,16 +184,16 @@ class Checkpoint(Callback):
 
     def on_fit_end(self, trainer: TrainerView) -> None:
         """Rank 0 reads the best weights back; every process then takes rank 0's (the
-        trackers agree: validation metrics are reduced over the processes)."""
-        if not self.restore_best or self.tracker.best_epoch < 0 or self.tracker.best_epoch == trainer.state.epoch:
+        best epochs agree: validation metrics are reduced over the processes)."""
+        best = self.best
+        if not self.restore_best or best.epoch < 0 or best.epoch == trainer.state.epoch:
             trainer.adopt_held_weights()  # the last epoch's: the EMA's when they were better
             return
         if self.write:
             trainer.model.load_state_dict(load_file(str(RunDir(self.run_dir).model)))
         trainer.broadcast_weights()
-        probe_won = _probe_epoch(trainer, self.tracker.best_epoch) and trainer.state.epoch > self.tracker.best_epoch
-        log.info("restored best weights from epoch %d (%s=%.4f)%s", self.tracker.best_epoch + 1,
-                 self.tracker.metric, self.tracker.best,
+        probe_won = _probe_epoch(trainer, best.epoch) and trainer.state.epoch > best.epoch
+        log.info("restored best weights from epoch %d (%s=%.4f)%s", best.epoch + 1, best.objective.metric, best.value,
                  ": the converged probe's; fine-tuning did not beat it on validation" if probe_won else "")
 
     def state_dict(self) -> dict[str, Any]:
@@ -210,10 +204,10 @@ class Checkpoint(Callback):
         outputs = {} if best is None else {"loss": best.loss, "targets": torch.from_numpy(np.asarray(best.targets)),
                                            "probs": torch.from_numpy(np.asarray(best.probs)),
                                            "ids": torch.from_numpy(np.asarray(best.ids))}
-        return {"tracker": self.tracker.state_dict(), "best_eval": outputs}
+        return {"tracker": self.best.state_dict(), "best_eval": outputs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state.get("tracker", {}))
+        self.best.load_state_dict(state.get("tracker", {}))
         saved = state.get("best_eval") or {}
         self.best_eval = EvalOutput(float(saved["loss"]), saved["targets"].numpy(), saved["probs"].numpy(),
                                     saved["ids"].numpy()) if saved else None

@@ -8,11 +8,18 @@ thread of its own (feature extraction, the probe's fit and the steps alike) and 
 out: a run killed before its first checkpoint, or minutes after its last one, is charged
 the time it used, to within HEARTBEAT_S (SIGKILL) or exactly (Ctrl-C, an exception).
 
+It decides what the deadline asks of the trainer: when feature extraction stops
+(`extraction_deadline`: `reserve_s` before the deadline, the probe's fit needs that
+long), whether one more step leaves time to validate (`validation_estimate`,
+`out_of_time`), and whether the run ends after an epoch (`ends_run`).
+
 It also holds what the time-decided schedule (warmup-stable-decay by the clock,
 train/schedules.py) reads: when the current phase began and how long its epochs took, and
 a decay begun early (`decay_now`), all in the run's own seconds and saved in the
 checkpoint, so a resumed run continues its schedule from the progress it had instead of
-warming up again.
+warming up again; `wsd_factor` turns that progress into the next step's learning rate and
+says whether the peak is still held (`holding_peak`: early stopping waits) and whether
+the decay is complete (`decayed`: no further step).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.rundir import RunDir
-from visiontune.train.schedules import WSD_DECAY
+from visiontune.train.schedules import WSD_DECAY, wsd_factor
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +42,18 @@ SAVE_MARGIN_S = 0.5  # kept after the last validation under a deadline: writing 
 class Clock:
     """The seconds a run has used (over every session), when its budget ends in this
     process's `time.perf_counter()` (`deadline`; None without a budget), and the current
-    phase's timings for the schedule that follows the clock."""
+    phase's timings for the schedule that follows the clock. `reserve_s`: feature
+    extraction stops this long before the deadline (the probe's fit needs it)."""
 
-    def __init__(self, budget_s: float | None = None, started: float | None = None, used_before: float = 0.0):
+    def __init__(self, budget_s: float | None = None, started: float | None = None, used_before: float = 0.0,
+                 reserve_s: float = 0.0):
         self.budget_s = budget_s
         self.started = time.perf_counter() if started is None else started  # when this session's count began
         self.used_before = used_before  # seconds the earlier sessions of the run used
+        self.reserve_s = reserve_s
+        self.validation_s = 0.0  # how long this session's last validation took
+        self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
+        self.decayed = False  # the time-decided schedule finished its decay: no further step
         self.phase = -1  # the phase the timings below are of
         self.phase_started = 0.0  # the run's seconds when it began
         self.epoch_seconds: list[float] = []  # its epochs' measured times (training + validation)
@@ -52,7 +65,8 @@ class Clock:
         self._warned = False
 
     @classmethod
-    def resumed(cls, run_dir: Path, budget_s: float | None, started: float | None = None) -> Clock:
+    def resumed(cls, run_dir: Path, budget_s: float | None, started: float | None = None,
+                reserve_s: float = 0.0) -> Clock:
         """The clock of the run in `run_dir`, going on from the seconds its record says
         it used (0 when it has none: a run without a budget, or from before the record)."""
         used = 0.0
@@ -63,7 +77,7 @@ class Clock:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s cannot be read (%s); the time used before counts from the last checkpoint",
                         RunDir(run_dir).clock_file, exc)
-        return cls(budget_s, started, used)
+        return cls(budget_s, started, used, reserve_s)
 
     # -- the time used, and the budget -------------------------------------------------
     def used(self) -> float:
@@ -78,6 +92,13 @@ class Clock:
     def deadline(self) -> float | None:
         """When the budget ends, in this process's `time.perf_counter()` (None: no budget)."""
         return None if self.budget_s is None else self.started + self.budget_s - self.used_before
+
+    @property
+    def extraction_deadline(self) -> float | None:
+        """When feature extraction stops, in `time.perf_counter()`: `reserve_s` before the
+        deadline, so that the probe's fit ends in time (None: no budget)."""
+        deadline = self.deadline
+        return None if deadline is None else deadline - self.reserve_s
 
     def left(self) -> float | None:
         """Seconds of the budget left (None: no budget)."""
@@ -129,7 +150,43 @@ class Clock:
                                 "from its last checkpoint", self._record.clock_file, exc)
                 self._warned = True
 
+    # -- what the deadline asks of the epochs ---------------------------------------------
+    def validated(self, seconds: float) -> None:
+        """The last validation took `seconds`: what the next one is expected to take."""
+        self.validation_s = seconds
+
+    def validation_estimate(self, images: int, trained: int, seconds: float) -> float:
+        """Seconds validating `images` will take: the last validation's, or, where that ran
+        on cached features and this phase runs on images, a third of a training step per
+        image (`trained` images took `seconds` so far this epoch)."""
+        return max(self.validation_s, images * seconds / max(1, trained) / 3)
+
+    def ends_run(self, epoch: int, next_epoch_s: float, timed: bool) -> str | None:
+        """Why the run ends after `epoch` (1-based), in a line for the log, or None: the
+        time-decided decay is complete, or, in a phase whose learning rate does not follow
+        the clock (`timed`), another epoch of `next_epoch_s` would end past the deadline."""
+        if self.decayed:
+            return (f"time budget: the learning rate's decay ended with epoch {epoch} (warmup-stable-decay, timed to "
+                    "the deadline); stopping with the best weights")
+        if self.out_of_time(next_epoch_s) and not timed:
+            return "time budget: the next epoch would end after the deadline; stopping with the best weights"
+        return None
+
     # -- the time-decided schedule --------------------------------------------------------
+    def follows(self, schedule: str, probe: bool) -> bool:
+        """Whether a phase's learning rate follows the clock: warmup-stable-decay (`schedule`)
+        under a budget, in a phase whose weights train by steps (not the converged `probe`)."""
+        return self.budget_s is not None and schedule == "wsd" and not probe
+
+    def timed_factor(self, validation_s: float, epochs_left: int, loop_started: float) -> float | None:
+        """The next step's peak-LR multiplier under warmup-stable-decay by the clock, from the
+        phase's progress in time (`phase_progress`); None once its decay is complete. Says
+        whether the peak is still held (`holding_peak`) and the decay done (`decayed`)."""
+        progress = self.phase_progress(validation_s, epochs_left, loop_started)
+        self.decayed = progress >= 1.0
+        self.holding_peak = progress < 1.0 - WSD_DECAY
+        return None if self.decayed else wsd_factor(progress)
+
     def enter_phase(self, index: int) -> None:
         """The phase `index` runs now: its timings start afresh unless they are its own
         (a resumed run continues the phase its checkpoint was in)."""
@@ -160,8 +217,12 @@ class Clock:
         return progress
 
     def decay_now(self) -> float:
-        """Begin the decay now: it takes WSD_DECAY of the phase as it now ends, at least
-        one epoch; returns its expected seconds."""
+        """Begin the decay at the next step instead of when the time left equals its length
+        (EarlyStopping calls it when validation has stalled at the peak LR): it takes
+        WSD_DECAY of the phase as it now ends, at least one epoch, and the run ends after
+        it; returns its expected seconds. Kept in the checkpoint: a resumed run goes on
+        decaying."""
+        self.holding_peak = False
         now = self.used()
         length = max(self.per_epoch(), (now - self.phase_started) * WSD_DECAY / (1.0 - WSD_DECAY), 1e-3)
         self.decay_window = (now, now + length)

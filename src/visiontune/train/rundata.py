@@ -28,6 +28,7 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
+from visiontune.train.clock import Clock
 from visiontune.train.consistency import TwoViews
 from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
 from visiontune.train.plan import Plan
@@ -94,12 +95,12 @@ class RunData:
     device: torch.device
     generator: torch.Generator
     env: DistEnv = field(default_factory=DistEnv)
+    clock: Clock = field(default_factory=Clock)  # --time-budget: feature extraction stops at its extraction_deadline
 
     def __post_init__(self) -> None:
         self._images: PhaseData | None = None
         self._features: PhaseData | None = None
         self.feature_stats: list[FeatureStats] = []
-        self.deadline: float | None = None  # --time-budget: feature extraction stops here (time.perf_counter())
         self.pool: Pool | None = self._find_pool() if self.cfg.data.unlabeled else None
 
     def release(self) -> None:
@@ -268,9 +269,9 @@ class RunData:
                 rows = self._part(vpaths)
                 valid, _ = self._feature_loader([vpaths[i] for i in rows], vtargets[rows], shuffle=False,
                                                 ids=torch.as_tensor(rows, dtype=torch.long), shared=False,
-                                                deadline=self.deadline)
+                                                deadline=self.clock.extraction_deadline)
             self._features = PhaseData(train, valid, on_features=True,  # cut by a deadline: not every row
-                                       valid_rows=len(vpaths) if self.deadline is None else 0,
+                                       valid_rows=len(vpaths) if self.clock.extraction_deadline is None else 0,
                                        groups=[groups[i] for i in kept] if groups is not None else None)
             if self.cfg.data.unlabeled:
                 self._features.pool_paths, self._features.pool = self._pool()
@@ -325,10 +326,11 @@ class RunData:
     def _share_of_deadline(self, train: int, valid: int) -> float | None:
         """When extracting training features must stop so that validation features get
         their share of the time left (a cut extraction then samples both alike)."""
-        if self.deadline is None:
+        deadline = self.clock.extraction_deadline
+        if deadline is None:
             return None
         now = time.perf_counter()
-        return now + (self.deadline - now) * train / max(1, train + valid)
+        return now + (deadline - now) * train / max(1, train + valid)
 
     def _part(self, paths: list[str]) -> list[int]:
         """The rows of `paths` this process reads: every world-th file, or the samples of its

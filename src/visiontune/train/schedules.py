@@ -3,7 +3,7 @@
 "wsd" (warmup-stable-decay; Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
 Beyond Fixed Training Durations"; MiniCPM): a short warm-up, the peak LR held, then a
 cosine decay over the last WSD_DECAY of the phase. Its length can be decided late: under
-a deadline (--time-budget) the trainer gives it progress in time, not steps, so the decay
+a deadline (--time-budget) the clock (train/clock.py) gives it progress in time, not steps, so the decay
 starts when the time left equals the decay's length, whatever the epochs turned out to cost.
 
 Written here rather than taken from torch/timm schedulers because a phase change (gradual)

@@ -27,6 +27,7 @@ from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
+from visiontune.tasks.objective import Objective
 from visiontune.train.callbacks import (
     Callback,
     Checkpoint,
@@ -84,39 +85,31 @@ def score_items(result: FitResult, items: list[Item], labels: list[int] | None =
     return {**setup.task.metrics(out.targets, out.probs, labels), "loss": out.loss}, out
 
 
-@dataclass
-class Watch:
-    """What early stopping and the best checkpoint look at."""
-
-    monitor: str
-    mode: str  # min | max
-
-
 def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None, ckpt: dict[str, Any] | None = None,
-              callbacks: list[Callback] | None = None, clock: Clock | None = None, reserve_s: float = 0.0) -> FitResult:
+              callbacks: list[Callback] | None = None, clock: Clock | None = None) -> FitResult:
     """Train `cfg` on already loaded and split items; `run_dir` + `ckpt` resume a run (or,
     without `ckpt`, restart one killed before its first checkpoint, in place); `clock`
     counts the run's time (default: from now) and, with a budget (--time-budget), ends it
-    on time, feature extraction `reserve_s` before the deadline (what the probe's fit needs)."""
+    on time (feature extraction its `reserve_s` before the deadline: what the probe's fit
+    needs)."""
     clock = clock if clock is not None else Clock()
     log.info("%s", source.summary())
     if run_dir is not None:
         _check_resumed_data(run_dir, source, cfg.data.label_delim, restart=ckpt is None)
         _check_time_left(clock, run_dir, has_checkpoint=ckpt is not None)
-    setup = prepare_run(cfg, source, resuming=ckpt is not None)
+    setup = prepare_run(cfg, source, resuming=ckpt is not None, clock=clock)
     if setup.note:
         log.warning("%s", setup.note)
-    watch = choose_monitor(setup.cfg.train, source, setup.task, cross_validated(setup, source))
+    objective = choose_objective(setup.cfg.train, source, setup.task, cross_validated(setup, source))
     resumed, run_dir = run_dir is not None, open_run_dir(setup, source, run_dir, restart=ckpt is None)
-    checkpoint = Checkpoint(run_dir, watch.monitor, watch.mode, setup.cfg.train.restore_best,
-                            setup.cfg.train.min_delta, write=setup.env.is_main)
-    stopper = _early_stopping(setup.cfg.train, watch)
+    checkpoint = Checkpoint(run_dir, objective, setup.cfg.train.restore_best, setup.cfg.train.min_delta,
+                            write=setup.env.is_main)
+    stopper = _early_stopping(setup.cfg.train, objective)
     trackers = make_trackers(setup.cfg.train.track, run_dir, setup.cfg, setup.task) if setup.env.is_main else []
-    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]), clock)
-    trainer.watch = (watch.monitor, watch.mode)
-    trainer.run_dir = run_dir
+    trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]),
+                      objective, run_dir)
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
-    _start_clock(clock, setup, run_dir, resumed, reserve_s)
+    _start_clock(clock, setup, run_dir, resumed)
     log.info("run directory: %s", run_dir)
     log.info("strategy %s: %s trainable of %s parameters at start", setup.cfg.strategy.name,
              f"{setup.plan.trainable_params(0):,}", f"{sum(g.num_params for g in setup.plan.groups):,}")
@@ -175,13 +168,11 @@ def keep_cache_in_bounds(cache_dir: str | None) -> None:
                  "($VISIONTUNE_CACHE_MAX)", removed, freed / 1e6, cap / 1024 ** 3)
 
 
-def _start_clock(clock: Clock, setup: RunSetup, run_dir: Path, resumed: bool, reserve_s: float) -> None:
-    """Under a budget: a resumed run says what is left of it; feature extraction stops
-    `reserve_s` before the deadline (the probe's fit needs it); the clock keeps its record
+def _start_clock(clock: Clock, setup: RunSetup, run_dir: Path, resumed: bool) -> None:
+    """Under a budget: a resumed run says what is left of it; the clock keeps its record
     of the time used from here on (rank 0)."""
     if resumed:
         _say_time_left(clock, run_dir)
-    setup.data.deadline = None if clock.deadline is None else clock.deadline - reserve_s
     if setup.env.is_main:
         clock.keep_record(run_dir)
 
@@ -239,16 +230,16 @@ def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> 
                            for c, t, n in zip(task.classes, tuned, positives)}})
 
 
-def choose_monitor(t: TrainConfig, source: DataSource, task: Task, by_cv: bool = False) -> Watch:
-    """What early stopping and the best checkpoint look at: `t.monitor` resolved; without
-    validation images, the training loss (`by_cv`: the probe's cross-validation validates)."""
+def choose_objective(t: TrainConfig, source: DataSource, task: Task, by_cv: bool = False) -> Objective:
+    """What early stopping, the best checkpoint and the EMA's comparison look at:
+    `t.monitor` resolved, in `t.mode`'s direction (auto: the task's); without validation
+    images, the training loss (`by_cv`: the probe's cross-validation validates)."""
     monitor = resolve_monitor(t.monitor, source, task)
-    maximise = task.maximise(monitor)  # the task says which way is better (and refuses a metric it lacks)
-    mode = t.mode if t.mode != "auto" else ("max" if maximise else "min")
+    objective = task.objective(monitor, t.mode)  # the task says which way is better (and refuses a metric it lacks)
     if not source.split(VALID) and monitor != "train_loss" and not by_cv:
         log.warning("no validation images: monitoring train_loss instead of %s", monitor)
-        return Watch("train_loss", "min")
-    return Watch(monitor, mode)
+        return Objective("train_loss", "min")
+    return objective
 
 
 def cross_validated(setup: RunSetup, source: DataSource) -> bool:
@@ -303,8 +294,8 @@ def open_run_dir(setup: RunSetup, source: DataSource, run_dir: Path | None, rest
     return run_dir
 
 
-def _early_stopping(t: TrainConfig, watch: Watch) -> EarlyStopping | None:
-    return EarlyStopping(watch.monitor, watch.mode, t.patience, t.min_delta) if t.patience > 0 else None
+def _early_stopping(t: TrainConfig, objective: Objective) -> EarlyStopping | None:
+    return EarlyStopping(objective, t.patience, t.min_delta) if t.patience > 0 else None
 
 
 def _callbacks(setup: RunSetup, run_dir: Path, checkpoint: Checkpoint, stopper: EarlyStopping | None,
@@ -322,7 +313,7 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     """The metrics of the weights the model now holds (the best epoch's with restore_best,
     else the last), written to metrics.json and environment.json on rank 0."""
     t, history = setup.cfg.train, trainer.state.history
-    best_epoch = checkpoint.tracker.best_epoch + 1
+    best_epoch = checkpoint.best.epoch + 1
     held = best_epoch if t.restore_best and best_epoch > 0 else len(history)
     final = {k: float(v) for k, v in metrics_of(history[held - 1]).items()} if history else {}
     if setup.env.is_main:

@@ -1,11 +1,11 @@
 """Everything a run needs before its first epoch, as one typed object (`RunSetup`):
 the process environment and device, the model and its preprocessing, the task, the plan
-of phases, the optimizer and the per-phase data."""
+of phases, the optimizer, the per-phase data and the run's clock."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from visiontune.runtime.device import prepare_model, resolve_device, resolve_pre
 from visiontune.runtime.distributed import DistEnv
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
+from visiontune.train.clock import Clock
 from visiontune.train.plan import Plan, build_optimizer, make_plan
 from visiontune.train.rundata import RunData
 
@@ -39,11 +40,14 @@ class RunSetup:
     device: torch.device
     env: DistEnv
     note: str = ""  # what the setup changed that the run says in one line (too few labels to hold out validation)
+    clock: Clock = field(default_factory=Clock)  # the run's time and budget (the data's feature extraction reads it)
 
 
-def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> RunSetup:
+def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False, clock: Clock | None = None) -> RunSetup:
     """Model, preprocessing, task, plan, optimizer, per-phase data and device for `cfg` on
-    `source`. When resuming, the weights come from the checkpoint (none are loaded here)."""
+    `source`, timed by `clock` (default: a clock without a budget, from now). When
+    resuming, the weights come from the checkpoint (none are loaded here)."""
+    clock = clock if clock is not None else Clock()
     env = distributed.from_env()
     device = distributed.device_for(env, resolve_device(cfg.train.device))
     distributed.init(env, device)
@@ -59,8 +63,8 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False) -> R
     cfg, plan, note = _without_held_out(cfg, source, model, plan)
     _check_unlabeled(cfg, task, plan)
     optimizer = build_optimizer(model, plan, cfg.train)
-    data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env)
-    return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env, note)
+    data = RunData(cfg, source, task, model, pre, plan, device, torch.Generator(), env, clock)
+    return RunSetup(cfg, model, pre, task, plan, optimizer, data, device, env, note, clock)
 
 
 def _without_held_out(cfg: RunConfig, source: DataSource, model: Classifier,

@@ -31,8 +31,8 @@ from visiontune.runtime.distributed import (
 )
 from visiontune.runtime.inference import EvalOutput, merge_outputs, progress, run_eval
 from visiontune.runtime.prefix import frozen_prefix
-from visiontune.train.callbacks import Callback, metrics_of
-from visiontune.train.clock import Clock
+from visiontune.tasks.objective import VAL_LOSS, Objective
+from visiontune.train.callbacks import Callback, StopTraining, metrics_of
 from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.probe import (
@@ -48,7 +48,7 @@ from visiontune.train.probememo import ProbeMemory, probe_key
 from visiontune.train.pseudo import PseudoLabels, with_pool
 from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
-from visiontune.train.schedules import WSD_DECAY, lr_factor, wsd_factor
+from visiontune.train.schedules import lr_factor
 from visiontune.train.setup import RunSetup
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,24 @@ class TrainState:
     phase: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-    should_stop: bool = False
     last_eval: EvalOutput | None = None  # validation outputs of the current epoch
     ema_held: bool = False  # this epoch's EMA weights validated better than the raw ones
 
 
 class Trainer:
-    """Runs `plan` on `model`: per epoch, pick the phase, train, validate, call back."""
+    """Runs `plan` on `model`: per epoch, pick the phase, train, validate, call back.
 
-    def __init__(self, setup: RunSetup, callbacks: list[Callback], clock: Clock | None = None) -> None:
+    Built complete: `objective` says which of the raw and the EMA weights validated better
+    (default: the lower val_loss); `run_dir` is where the run's files go (default
+    os.devnull: written nowhere, as on processes other than rank 0). The run's clock (the
+    time used, the budget, the phase's timings) is `setup.clock`."""
+
+    def __init__(self, setup: RunSetup, callbacks: list[Callback], objective: Objective | None = None,
+                 run_dir: Path | None = None) -> None:
         self.setup = setup
-        self.clock = clock if clock is not None else Clock()  # the time used, the budget, the phase's timings
+        self.clock = setup.clock
+        self.objective = objective if objective is not None else VAL_LOSS
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(os.devnull)
         self.model, self.plan, self.optimizer = setup.model, setup.plan, setup.optimizer
         self.data = setup.data  # phase index -> PhaseData
         self.cfg, self.task, self.preprocess = setup.cfg, setup.task, setup.preprocess
@@ -95,11 +102,7 @@ class Trainer:
         use_scaler = self.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.micro = MicroBatcher()
-        self.watch = ("val_loss", "min")  # what "better" means when EMA and raw weights compete (session sets it)
-        self.run_dir = Path(os.devnull)  # the run directory (train_run sets it; os.devnull off rank 0)
-        self._valid_seconds = 0.0  # how long the last validation took
-        self._decayed = False  # the time-decided schedule finished its decay: no further epoch
-        self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
+        self._stop: StopTraining | None = None  # a callback asked to end the run when this epoch ends
         self._prefix_net: nn.Module | None = None  # this phase's frozen leading blocks in ONNX Runtime (freeze-k)
         self._cv_eval: EvalOutput | None = None  # the probe's cross-validated outputs, where no split was held out
         self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
@@ -118,32 +121,37 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------
     def fit(self, start_epoch: int = 0) -> TrainState:
+        """Train from `start_epoch` to the plan's end, or until the run stops: a callback
+        raised StopTraining, or the clock ends it (`Clock.ends_run`, said in the log)."""
         self.broadcast_weights()  # identical by construction; made certain under torchrun
         self._emit("on_fit_start")
         for epoch in range(start_epoch, self.total_epochs):
-            self.state.epoch = epoch
-            self.enter_phase(self.plan.phase_index(epoch))
-            self._seed_epoch(epoch)
-            self._emit("on_epoch_start")
-            started = time.perf_counter()
-            train_loss = self.train_one_epoch(epoch)
-            if train_loss is None:  # the clock ended the run before this epoch's first step (said why)
-                break
-            self.state.metrics = self._validate(train_loss)
-            self.state.history.append(self._history_row(epoch, started))
-            self.clock.end_epoch(time.perf_counter() - started)
-            self._emit("on_epoch_end")
-            if self._decayed:
-                log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to "
-                         "the deadline); stopping with the best weights", epoch + 1)
-                self.state.should_stop = True
-            elif self._out_of_time(time.perf_counter() - started) and not self._timed(self.state.phase):
-                log.info("time budget: the next epoch would end after the deadline; stopping with the best weights")
-                self.state.should_stop = True
-            if self.state.should_stop:
+            if not self._run_epoch(epoch):
                 break
         self._emit("on_fit_end")
         return self.state
+
+    def _run_epoch(self, epoch: int) -> bool:
+        """Train, validate, record and call back one epoch; False when the run ends with it
+        (a callback's StopTraining, the clock), or before it: the clock left no time for its
+        first step (said why; nothing new to validate or record)."""
+        self.state.epoch = epoch
+        self.enter_phase(self.plan.phase_index(epoch))
+        self._seed_epoch(epoch)
+        self._emit("on_epoch_start")
+        started = time.perf_counter()
+        train_loss = self.train_one_epoch(epoch)
+        if train_loss is None:
+            return False
+        self.state.metrics = self._validate(train_loss)
+        self.state.history.append(self._history_row(epoch, started))
+        self.clock.end_epoch(time.perf_counter() - started)
+        self._emit("on_epoch_end")
+        why = self.clock.ends_run(epoch + 1, time.perf_counter() - started, self._timed(self.state.phase))
+        if why is not None:
+            log.info("%s", why)
+        stop, self._stop = self._stop, None
+        return why is None and stop is None
 
     def train_one_epoch(self, epoch: int) -> float | None:
         """The epoch's mean training loss; None when the clock ends the run before its
@@ -210,7 +218,7 @@ class Trainer:
         epoch before it (said in the log): validating after one more step would end past
         the deadline, or the time-decided decay is complete."""
         validation = self._validation_estimate(data, seen, time.perf_counter() - loop_started)
-        if self._out_of_time(validation):
+        if self.clock.out_of_time(validation):
             if i == 0:
                 log.info("time budget: no time for a step of epoch %d (validating it takes ~%.1f s, %.1f s are left); "
                          "stopping with the best weights", epoch + 1, validation, max(0.0, self.clock.left() or 0.0))
@@ -218,10 +226,10 @@ class Trainer:
                 log.info("time budget: ending epoch %d after %d of %d steps to validate in time", epoch + 1, i, steps)
             return None
         phase_i = self.plan.phase_index(epoch)
-        epoch_in_phase = epoch - self.plan.phase_start(phase_i)
-        factor = self._lr_factor(data, phase_i, epoch_in_phase,
-                                 (epoch_in_phase * steps + i) / (self.plan.phases[phase_i].epochs * steps), seen,
-                                 loop_started)
+        epoch_in_phase, phase = epoch - self.plan.phase_start(phase_i), self.plan.phases[phase_i]
+        if not self._timed(phase_i):  # by the phase's progress in steps
+            return lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / (phase.epochs * steps), epoch_in_phase)
+        factor = self.clock.timed_factor(validation, phase.epochs - epoch_in_phase, loop_started)  # in time
         if factor is None and i == 0:
             log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to the "
                      "deadline); stopping with the best weights", epoch)
@@ -230,55 +238,13 @@ class Trainer:
         return factor
 
     def _validation_estimate(self, data: PhaseData, trained: int, seconds: float) -> float:
-        """Seconds the coming validation will take: the last one's, or, where that ran on
-        cached features and this phase runs on images, a third of a training step per image."""
-        n_valid = len(data.valid.dataset) if data.valid is not None else 0
-        return max(self._valid_seconds, n_valid * seconds / max(1, trained) / 3)
-
-    def _lr_factor(self, data: PhaseData, phase_index: int, epoch_in_phase: int, progress: float, seen: int,
-                   loop_started: float) -> float | None:
-        """The peak-LR multiplier of the next step: by the phase's progress in steps, or, for
-        a time-decided schedule, in time (None once its decay is complete)."""
-        if not self._timed(phase_index):
-            return lr_factor(self.cfg.train, progress, epoch_in_phase)
-        progress_t = self._time_progress(data, self.plan.phases[phase_index], epoch_in_phase, seen, loop_started)
-        self._decayed = progress_t >= 1.0
-        self.holding_peak = progress_t < 1.0 - WSD_DECAY
-        return None if self._decayed else wsd_factor(progress_t)
+        """Seconds the coming validation will take (`Clock.validation_estimate`)."""
+        return self.clock.validation_estimate(len(data.valid.dataset) if data.valid is not None else 0, trained,
+                                              seconds)
 
     def _timed(self, phase_index: int) -> bool:
-        """Whether this phase's learning rate follows the clock: warmup-stable-decay under a
-        deadline, in a phase whose weights train by steps (not the converged probe)."""
-        return self.deadline is not None and self.cfg.train.schedule == "wsd" and \
-            not self.plan.phases[phase_index].probe
-
-    def _time_progress(self, data: PhaseData, phase: Any, epoch_in_phase: int, seen: int,
-                       loop_started: float) -> float:
-        """How far through its time the phase is (0..1, past 1: the decay is done; the
-        clock's `phase_progress`): re-planned at every step from what the run has measured,
-        never from the estimate up front. Measured in the run's own seconds, so a resumed
-        run goes on from the progress it had."""
-        validation = self._validation_estimate(data, seen, time.perf_counter() - loop_started)
-        return self.clock.phase_progress(validation, phase.epochs - epoch_in_phase, loop_started)
-
-    def decay_now(self) -> float:
-        """Begin the time-decided schedule's decay at the next step instead of when the time
-        left equals its length (EarlyStopping calls it when validation has stalled at the
-        peak LR): the decay then takes WSD_DECAY of the phase as it now ends, at least one
-        epoch, and the run ends after it, early, with the best weights. Returns the
-        decay's expected seconds. The clock keeps it (in the checkpoint too: a resumed run
-        goes on decaying)."""
-        self.holding_peak = False
-        return self.clock.decay_now()
-
-    @property
-    def deadline(self) -> float | None:
-        """time.perf_counter() by which the run must end (--time-budget; the clock's)."""
-        return self.clock.deadline
-
-    def _out_of_time(self, still_needed: float) -> bool:
-        """Past the deadline once `still_needed` more seconds are spent (no deadline: never)."""
-        return self.clock.out_of_time(still_needed)
+        """Whether this phase's learning rate follows the clock (`Clock.follows`)."""
+        return self.clock.follows(self.cfg.train.schedule, bool(self.plan.phases[phase_index].probe))
 
     def fit_probe(self, data: PhaseData) -> float:
         """Fit the head to convergence on this phase's training features (train/probe.py;
@@ -290,7 +256,7 @@ class Trainer:
 
         def fit(a: np.ndarray, b: np.ndarray, c: float | None, g: list[str] | None) -> ProbeFit:
             return fit_probe(a, b, self.task, start=start, weights=self.criterion_weights, seed=self.cfg.seed,
-                             groups=g, deadline=self.deadline, c=c)
+                             groups=g, deadline=self.clock.deadline, c=c)
 
         if data.pool is not None:
             x, y, groups, pseudo = with_pool(x, y, data.pool, self.task, fit, self.cfg.seed, groups)
@@ -300,7 +266,7 @@ class Trainer:
         key = probe_key(x, y, self.task, start, self.criterion_weights, self.cfg.seed, groups)
         fit_, remembered = ProbeMemory(self.cfg.train.cache_dir).fit(
             key, lambda: fit(x, y, c, groups),
-            storable=lambda: self.deadline is None)  # a fit a deadline cut short is not remembered
+            storable=lambda: self.clock.deadline is None)  # a fit a deadline cut short is not remembered
         load_into(self.model.head, fit_)
         log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)%s", len(y),
                  fit_.c, f"{fit_.folds}-fold CV" if fit_.folds else
@@ -323,7 +289,7 @@ class Trainer:
             return fit_probe(x[rows], y[rows], self.task, start=start, weights=self.criterion_weights,
                              seed=self.cfg.seed, groups=None if groups is None else [groups[i] for i in rows])
 
-        logits, rows = held_out_logits(x, folds, fit, stop=lambda: self._out_of_time(0.0))
+        logits, rows = held_out_logits(x, folds, fit, stop=lambda: self.clock.out_of_time(0.0))
         target, logits_t = torch.as_tensor(y[rows]), torch.from_numpy(logits)
         loss = float(self.criterion.total(logits_t, target)) / max(float(self.criterion.norm(target)), 1e-12)
         log.info("validation: the converged probe's %s on %s labelled images (no split could be held out)%s%s",
@@ -518,11 +484,11 @@ class Trainer:
                     **self.task.metrics(self.state.last_eval.targets, self.state.last_eval.probs)}
         started = time.perf_counter()
         out, scores = self._evaluate(self.net_for(data), data)
-        self._valid_seconds = time.perf_counter() - started
+        self.clock.validated(time.perf_counter() - started)
         if self.ema is not None:
             ema_out, ema_scores = self._evaluate(self.ema.module.head if data.on_features else self.ema.module, data)
             metrics.update({f"ema_{k}": v for k, v in ema_scores.items()})
-            if self._better(ema_scores, scores):
+            if self.objective.better(ema_scores, scores):
                 out, scores, self.state.ema_held = ema_out, ema_scores, True
         self.state.last_eval = out
         return {**metrics, **scores}
@@ -536,12 +502,6 @@ class Trainer:
         if data.valid_rows:
             out.require_all(data.valid_rows)
         return out, {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs)}
-
-    def _better(self, a: dict[str, float], b: dict[str, float]) -> bool:
-        metric, mode = self.watch
-        if metric not in a or metric not in b:
-            return False
-        return a[metric] < b[metric] if mode == "min" else a[metric] > b[metric]
 
     def held_model(self) -> nn.Module:
         """The weights this epoch holds: the EMA's when they validated better."""
@@ -572,8 +532,13 @@ class Trainer:
         broadcast_state(self.model, self.env, self.device)
 
     def _emit(self, event: str) -> None:
+        """Call every callback's `event`; one raising StopTraining ends the run when the
+        current epoch ends (the other callbacks still see the event)."""
         for cb in self.callbacks:
-            getattr(cb, event)(self)
+            try:
+                getattr(cb, event)(self)
+            except StopTraining as stop:
+                self._stop = self._stop or stop
 
     # -- resumability -----------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
