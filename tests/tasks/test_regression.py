@@ -287,6 +287,7 @@ def test_shards_carry_numbers(reg_data: Path, tmp_path: Path) -> None:
     assert labels == pytest.approx(truth) and min(labels) < 0
 
 
+@pytest.mark.xdist_group("deadlines")  # a real clock: with the other deadline tests, one at a time
 def test_time_budget_plans_a_regression(reg_data: Path, tmp_path: Path) -> None:
     run = vt.fit(reg_data, csv="targets.csv", task="regression", time_budget="20s", output=str(tmp_path),
                  **{k: v for k, v in TINY.items() if k != "patience"})
