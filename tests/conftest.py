@@ -12,16 +12,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from visiontune.train.callbacks import Callback, StopTraining
 
 os.environ.setdefault("VISIONTUNE_OFFLINE", "1")  # tests never touch the network
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: each worker (and what it starts) computes on one thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 # A timm test architecture at 32 px: each training step takes milliseconds.
 TINY = dict(backbone="timm:test_efficientnet", weights="none", image_size=32, batch_size=8,
@@ -64,10 +68,34 @@ def split_data(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup`, the tests that share a module-scoped fixture of their module
+    (a run trained once for the module) go to one worker, which trains it once."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs is not None and any(d and d[-1].scope == "module" and d[-1].baseid == module
+                                          for d in defs.name2fixturedefs.values())
+        if shared and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The caches of a module's shared fixtures (a run trained once for the module) go to a
+    folder of the module's own, never ~/.cache: autouse, so it is set before them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cached features go to a per-session temporary folder, never ~/.cache."""
-    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def _test_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's caches (features, probes, engines, decoded images, scans, datasets) go to
+    a folder of its own: no test reads what another cached, whatever the order or worker.
+    (The subprocesses a test starts inherit it.)"""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture

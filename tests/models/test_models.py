@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models import VisionTransformer
 
 import visiontune as vt
 from visiontune.config import ModelConfig
 from visiontune.errors import ConfigError
-from visiontune.models.backbones import parse_backbone
+from visiontune.models.backbones import SOURCES, check_input_size, parse_backbone
 from visiontune.models.classifier import backbone_groups, build_head, create_classifier
 
 
@@ -76,11 +77,18 @@ def test_fixed_size_timm_backbones_are_built_for_the_requested_size(flat_data: P
     assert len(preds) == 12
 
 
-def test_a_size_the_backbone_cannot_take_is_a_clear_error_before_training(flat_data: Path, tmp_path: Path) -> None:
+def test_a_size_the_backbone_cannot_take_is_a_clear_error_before_training() -> None:
+    """torchvision's ViTs are fixed to the size they were built for (vit_b_16: 224 px): the
+    check `create_source_model` runs before any training refuses another size, says which
+    and why, and leaves the body's mode as it was. A one-layer torchvision ViT (the class of
+    vit_b_16, a thousandth of its weights) has the same fixed size."""
+    vit = VisionTransformer(image_size=224, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    body, _, _ = SOURCES["torchvision"].strip(vit)
+    body.train()
     with pytest.raises(ConfigError, match="vit_b_16 cannot take 64 px inputs.*built for 224 px"):
-        vt.fit(flat_data, backbone="torchvision:vit_b_16", weights="none", image_size=64, strategy="finetune",
-               output=str(tmp_path / "runs"))
-    assert not (tmp_path / "runs").exists()  # nothing started
+        check_input_size(body, 64, "torchvision:vit_b_16", 224)
+    assert body.training  # put back as it was
+    check_input_size(body, 224, "torchvision:vit_b_16", 224)  # its own size passes
 
 
 def test_drop_path_reaches_timm_and_is_refused_for_torchvision() -> None:

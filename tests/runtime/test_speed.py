@@ -19,6 +19,7 @@ from visiontune.config import RunConfig
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.batchsize import MicroBatcher, auto_batch_size, is_oom, largest_fitting
+from visiontune.train.plan import set_train_modes
 
 
 def _trainer(split_data: Path, tiny: dict, **extra):
@@ -34,32 +35,48 @@ def _trainer(split_data: Path, tiny: dict, **extra):
     return trainer, setup.data
 
 
-def test_micro_batches_give_the_whole_batch_step(split_data: Path, tiny: dict) -> None:
-    results = []
-    for micro in (None, 3):
-        trainer, data = _trainer(split_data, tiny)
-        x, y, _ = next(iter(data.images().train))
-        trainer.model.train()
-        from visiontune.train.plan import set_train_modes
+def _one_step(split_data: Path, tiny: dict, micro: int | None, weight: torch.Tensor | None = None):
+    """One training step of the trainer on its first batch, whole (`micro` None) or in
+    micro-batches of `micro` images: (the batch's targets, its logits before the step under
+    the step's criterion, the step's loss, the weights after it)."""
+    trainer, data = _trainer(split_data, tiny)
+    if weight is not None:  # and a head that favours the first class: the images' losses differ by class
+        trainer.criterion = trainer.task.loss(weight)
+        with torch.no_grad():
+            trainer.model.head[-1].bias.copy_(torch.tensor([2.0, -2.0]))
+    x, y, _ = next(iter(data.images().train))
+    trainer.model.train()
+    set_train_modes(trainer.model, *trainer.cfg.bn_modes())
+    with torch.no_grad():
+        logits = trainer.model(x)
+    trainer.micro.size = micro
+    loss = trainer.train_step(trainer.model, x, y)
+    return y, logits, loss, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
-        set_train_modes(trainer.model, *trainer.cfg.bn_modes())
-        trainer.micro.size = micro
-        loss = trainer.train_step(trainer.model, x, y)
-        results.append((loss, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
-    (loss_a, state_a), (loss_b, state_b) = results
+
+def test_micro_batches_give_the_whole_batch_step(split_data: Path, tiny: dict) -> None:
+    _, _, loss_a, state_a = _one_step(split_data, tiny, None)
+    _, _, loss_b, state_b = _one_step(split_data, tiny, 3)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for k in state_a:
         torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_micro_batch_share_with_class_weights(split_data: Path, tiny: dict) -> None:
-    trainer, data = _trainer(split_data, tiny)
-    trainer.criterion = trainer.task.loss(torch.tensor([1.0, 3.0]))
-    logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 0, 1])
-    whole = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]))(logits, y)  # PyTorch's weighted mean
-    torch.testing.assert_close(trainer.criterion(logits, y), whole)
-    parts = sum(trainer._part_loss(lc, yc, y) for lc, yc in zip(logits.split(4), y.split(4)))
-    torch.testing.assert_close(parts, whole)
+def test_micro_batch_shares_with_class_weights_add_up_to_the_weighted_mean(split_data: Path, tiny: dict) -> None:
+    """With class weights PyTorch's mean divides by the weights of the true classes, not by
+    the images: each micro-batch of the trainer's step adds `total(chunk) / norm(whole
+    batch)`, so the step's loss is the weighted mean of the whole batch and its weights
+    those of one whole-batch step (a mean of the micro-batches' own means is not)."""
+    weight = torch.tensor([1.0, 3.0])
+    y, logits, whole_loss, whole_state = _one_step(split_data, tiny, None, weight)
+    _, _, loss, state = _one_step(split_data, tiny, 3, weight)
+    weighted_mean = torch.nn.CrossEntropyLoss(weight=weight)(logits, y).item()  # PyTorch's weighted mean
+    means = [torch.nn.CrossEntropyLoss(weight=weight)(lc, yc).item() * len(yc) / len(y)
+             for lc, yc in zip(logits.split(3), y.split(3))]
+    assert abs(sum(means) - weighted_mean) > 1e-3  # the batch tells the exact shares from the chunks' means
+    assert whole_loss == pytest.approx(weighted_mean, rel=1e-4) and loss == pytest.approx(weighted_mean, rel=1e-4)
+    for k in whole_state:
+        torch.testing.assert_close(state[k], whole_state[k], rtol=1e-4, atol=1e-6)
 
 
 def test_out_of_memory_halves_the_micro_batch_and_training_goes_on(

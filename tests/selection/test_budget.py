@@ -19,6 +19,9 @@ from visiontune.train.callbacks import Callback
 from visiontune.train.clock import Clock
 from visiontune.train.trainer import Trainer
 
+# the runs here race a real clock: under pytest-xdist they take one worker, one after another
+pytestmark = pytest.mark.xdist_group("deadlines")
+
 # 400 train + 100 valid images at 224 px: 20 ms per image to extract, 100 ms per training step image
 COSTS = Costs(extract_per_image=0.02, step_per_image=0.1, images_to_extract=500, train_images=400,
               valid_images=100, input_size=224, probe_fit_s=2.8)

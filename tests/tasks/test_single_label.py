@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from visiontune.errors import DataError
+from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.catalog import make_task
 from visiontune.tasks.single_label import SingleLabel
 
@@ -34,6 +34,16 @@ def test_metrics_match_scikit_learn_over_the_classes_present() -> None:
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
     assert m["macro_f1"] == pytest.approx(f1_score(y, pred, labels=[0, 1, 2], average="macro"))
     assert m["error_rate"] == pytest.approx(1 - m["accuracy"])
+
+
+def test_the_monitor_direction_and_a_metric_the_task_lacks() -> None:
+    """--monitor's direction comes from the task; a metric it lacks is a ConfigError (raised
+    before training) that names the metrics it has."""
+    task = SingleLabel(["green", "red"])
+    assert [task.objective(m).mode for m in ("macro_f1", "accuracy", "val_loss")] == ["max", "max", "min"]
+    with pytest.raises(ConfigError, match=r"--monitor 'auc' is not a metric of the single-label task; "
+                                          r"available: .*accuracy.*macro_f1"):
+        task.objective("auc")
 
 
 def test_loss_on_known_values_with_class_weights() -> None:

@@ -133,6 +133,7 @@ def test_a_resumed_step_based_wsd_run_lands_on_the_same_learning_rates(flat_data
     assert max(resumed.factors) == max(calm.factors)
 
 
+@pytest.mark.xdist_group("deadlines")  # a real clock: with the other deadline tests, one at a time
 def test_a_resumed_clock_driven_wsd_run_goes_on_from_its_progress_instead_of_warming_up_again(
         flat_data: Path, tmp_path: Path, tiny: dict) -> None:
     """Issue 34: under a time budget wsd follows the clock; a resumed run restarted its

@@ -90,11 +90,6 @@ def test_monitor_with_mode_max(flat_data: Path, tmp_path: Path, tiny: dict) -> N
     assert result.best_epoch == best + 1
 
 
-def test_unknown_monitor_is_a_clear_error(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
-    with pytest.raises(vt.ConfigError, match="available"):
-        vt.fit(flat_data, **dict(tiny, epochs=2, strategy="finetune", monitor="auc", output=str(tmp_path)))
-
-
 def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})

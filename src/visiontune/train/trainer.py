@@ -424,10 +424,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.global_step)
 
-    def _part_loss(self, logits: torch.Tensor, ys: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's share of the whole batch's mean loss: the shares sum to it."""
-        return self.criterion.total(logits, ys) / self.criterion.norm(y)
-
     # -- pieces ---------------------------------------------------------------------
     def enter_phase(self, index: int) -> None:
         if index != self.state.phase:
