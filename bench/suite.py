@@ -6,7 +6,7 @@ no choice ever looks at, every recipe side by side, fastai's `fine_tune` as the 
     FASTAI_PYTHON=... python -m bench.suite fastai OUT   # fastai fine_tune, run with a python that has fastai
     python -m bench.suite table OUT                # the markdown table
     python -m bench.suite --smoke                  # waves (60 series) and a generated set, the tiny
-                                                   # model, 3 recipes at 1 epoch (fastai left out)
+                                                   # model, 3 recipes at 2 epochs (fastai left out)
 
 Sets (train and valid split once, stratified and seeded, then frozen as folders):
 - hymenoptera: ants vs bees photos (../shared/data), test = its val folder; 224 px
@@ -243,11 +243,11 @@ def table(out: Path, record: Recorder, sets: list[str] | None = None) -> None:
 
 
 def smoke(record: Recorder) -> int:
-    """waves (60 series) and a generated set, the tiny model, three recipes at 1 epoch; fastai left out."""
+    """waves (60 series) and a generated set, the tiny model, three recipes at 2 epochs; fastai left out."""
     out = Path(tempfile.mkdtemp(prefix="vt-bench-suite-"))
     prepare_waves(out / "waves", n=60)
     tiny_folders(out / "tiny", per_class=8, splits=("train", "valid", "test"))
-    model = {**SMOKE_MODEL, "epochs": 1}
+    model = {**SMOKE_MODEL, "epochs": 2}
     run(out, ["waves", "tiny"], ["fe-probe", "gradual", "gradual-sgd"], model)
     table(out, record, ["waves", "tiny"])
     print("fastai fine_tune: left out of --smoke (`FASTAI_PYTHON=... python -m bench.suite fastai OUT`)")
