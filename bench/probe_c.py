@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)  # scikit-learn's convergence notes at tiny C
         warnings.filterwarnings("ignore", message=".*converge.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # LogisticRegressionCV's defaults
         for name in a.sets:
             one_set(a, name, names, rows, smalls, model)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {torch.get_num_threads()} threads\n")
