@@ -1,7 +1,7 @@
 """Does --time-budget hold on data 10x larger than it was tuned on? (issue 21 item 7)
 
     python -m bench.budget WORK [--sizes 1000,10000] [--budgets 120,300] [--noise 0.15]
-    python -m bench.budget --smoke    # 40 images, the tiny model (a 600 s ceiling it ends far below)
+    python -m bench.budget --smoke    # 30 images, the tiny model, --time-budget 20s
 
 For each size, 64 px JPEGs of 10 classes (bench/scale.py's generator), NOISE of them moved
 to another class (label noise: the frozen-feature probe then stays under 0.97, so the
@@ -10,7 +10,9 @@ advisor asks for fine-tuning and the plan has epochs to fit); for each budget,
 in a fresh process with a cold cache (scan, features: nothing reused), timed from the
 command's start to its end. Prints and appends to WORK/budget.jsonl: the plan (strategy,
 epochs, image size, expected seconds), the seconds the whole command took, the run's own
-`actual_s` and the ratio to the budget. Target: every ratio <= 1.05.
+`actual_s` and the ratio to the budget. Target: every ratio <= 1.05 (`--smoke` records
+its ratio and fails only when the command fails for another reason than a budget too short
+for the machine's load: a 20 s budget on a loaded CI machine is not the claim).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     record, extra = Recorder("budget", a.smoke, argv), SMOKE if a.smoke else ()
     if a.smoke:
-        a.work, a.sizes, a.budgets = a.work or tempfile.mkdtemp(prefix="vt-bench-budget-"), "40", "600"
+        a.work, a.sizes, a.budgets = a.work or tempfile.mkdtemp(prefix="vt-bench-budget-"), "30", "20"
     elif a.work is None:
         ap.error("WORK is required (or --smoke)")
     work = Path(a.work)
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"| {r['images']} | {r['budget_s']} s | {r['strategy']} x{r['epochs']} at {r['image_size']} px | "
                   f"{r['expected_s']} | {r['command_s']} | {r['ratio']} | {r['epochs_run']} | {r['accuracy']:.3f} |")
-    return 0 if all("error" not in r and r["ratio"] <= 1.05 for r in rows) else 1  # --smoke: the same bar
+    if a.smoke:  # the command ran and said what it did; on a loaded machine 20 s may be too short to plan
+        return 0 if all("error" not in r or "--time-budget" in r["error"] for r in rows) else 1
+    return 0 if all("error" not in r and r["ratio"] <= 1.05 for r in rows) else 1
 
 
 if __name__ == "__main__":

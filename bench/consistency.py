@@ -1,20 +1,22 @@
 """FixMatch's consistency term (issue 25): gradual with and without `--unlabeled`, few labels.
 
-    python bench/consistency.py SUITE [--sets hymenoptera faces] [--per-class 5] [--seeds 0 1]
+    python -m bench.consistency SUITE [--sets hymenoptera faces] [--per-class 5] [--seeds 0 1]
                                       [--epochs 5] [--threshold 0.95] [--ablate] [--select]
+    python -m bench.consistency --smoke   # a generated 2-class set, the tiny model, 2 epochs
 
 SUITE is bench/suite.py's folder. For each set and seed, `--per-class` training images per
 class are drawn at random (seeded) and labelled; the set's validation split stays labelled
 (early stopping and the best epoch; the same for both arms); the rest of the training
-split is the pool. Two runs of `visiontune train --strategy gradual`, in fresh processes:
-without the pool, and with `--unlabeled SET/train` (the labelled images are left out of the
+split is the pool. Two runs of `visiontune train --strategy gradual` (as `vt.fit`, in this
+process): without the pool, and with `--unlabeled SET/train` (the labelled images are left out of the
 pool by the run itself), so the frozen phase gets label spreading and the fine-tuning phase
 the consistency term. `--ablate` adds two controls: the pool with
 `--consistency-threshold 1` (no pool image passes: label spreading in the frozen phase and
 the pool-long epochs, without the term), and the labels alone for as many optimizer steps
 as the pool's epochs take (with the pool an epoch cycles the labelled images along the
-whole pool, so it has more labelled steps). `visiontune evaluate RUN SET/test` scores each; the test
-split is never looked at by any choice. Prints one row per run and the differences.
+whole pool, so it has more labelled steps). `visiontune evaluate RUN SET/test` (`vt.evaluate`)
+scores each; the test split is never looked at by any choice. Prints one row per run and the
+differences, and records each arm's accuracy and its difference to the labels alone.
 
 `--select` is the protocol for choosing (the threshold, whether to use the term): the
 validation split is neither labelled nor in the pool, each run validates on a fifth of
@@ -24,14 +26,15 @@ split; the test split is not read.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import random
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import visiontune as vt
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 
 SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
 
@@ -61,22 +64,54 @@ def _same_steps(root: Path, per_class: int, epochs: int, batch: int = 32) -> int
     return 1 + (epochs - 1) * -(-pool // batch) // -(-labelled // batch)
 
 
-def run(args: list[str]) -> float:
+def run(root: Path, table: Path, out: Path, tag: str, options: dict) -> float:
+    """One `train --strategy gradual` run (vt.fit); its wall seconds."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "visiontune", "-q", *args], check=True)
+    vt.fit(root, csv=str(table), strategy="gradual", output=str(out), name=tag, **{"progress": False, **options})
     return time.perf_counter() - started
 
 
-def test_accuracy(run_dir: Path, test: Path, work: Path) -> float:
-    out = work / f"{run_dir.name}-test.json"
-    subprocess.run([sys.executable, "-m", "visiontune", "-q", "evaluate", str(run_dir), str(test), "--output",
-                    str(out)], check=True, stdout=subprocess.DEVNULL)
-    return float(json.loads(out.read_text())["metrics"]["accuracy"])
+def test_accuracy(run_dir: Path, test: Path) -> float:
+    return float(vt.evaluate(run_dir, test).metrics["accuracy"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("suite", type=Path)
+def arms(root: Path, args) -> dict[str, dict]:
+    """The runs to compare: their vt.fit options beyond the common ones."""
+    pool = {"unlabeled": str(root / "train")}
+    out = {"labels only": {}, "with the pool": {**pool, "consistency_threshold": args.threshold}}
+    if args.ablate:
+        out["pool, no term"] = {**pool, "consistency_threshold": 1.0}
+        out["labels, same steps"] = {"epochs": _same_steps(root, args.per_class, args.epochs)}
+    return out
+
+
+def compare(name: str, seed: int, args, record: Recorder, model: dict) -> None:
+    """Each arm on one set and seed, scored on the test split (the validation split with --select)."""
+    root = args.suite / name
+    table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv", not args.select)
+    scored = root / ("valid" if args.select else "test")
+    scores = {}
+    for n, (arm, extra) in enumerate(arms(root, args).items()):
+        tag = f"{name}-{seed}-{n}"
+        options = {"epochs": args.epochs, "image_size": SIZES.get(name, 32), "seed": seed, **model, **extra}
+        seconds = run(root, table, args.work / "runs", tag, options)
+        scores[arm] = test_accuracy(args.work / "runs" / tag, scored)
+        print(f"{name:12s} seed {seed}  {arm:14s} {scored.name} accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
+              flush=True)
+        record(f"{arm}, {name}, seed {seed}, {args.per_class} labels per class", scores[arm],
+               note=f"{scored.name} accuracy; gradual x{args.epochs}, threshold {args.threshold}, {seconds:.0f} s")
+    base = scores["labels only"]
+    for arm, v in scores.items():
+        if arm != "labels only":
+            record(f"{arm} - labels only, {name}, seed {seed}", 100 * (v - base), f"points of {scored.name} accuracy")
+    print(f"{name:12s} seed {seed}  " + ", ".join(f"{arm} - labels only: {100 * (v - base):+.1f}"
+                                                  for arm, v in scores.items() if arm != "labels only")
+          + " points", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("suite", type=Path, nargs="?")
     ap.add_argument("--work", type=Path, default=Path("/tmp/consistency"))
     ap.add_argument("--sets", nargs="+", default=["hymenoptera", "faces"])
     ap.add_argument("--per-class", type=int, default=5)
@@ -85,34 +120,23 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--ablate", action="store_true", help="also the pool without the consistency term")
     ap.add_argument("--select", action="store_true", help="score on the validation split, which no run sees")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    record, model = Recorder("consistency", args.smoke, argv), {}
+    if args.smoke:  # one generated set (train/valid/test), 3 labels per class, the tiny model
+        args.work = Path(tempfile.mkdtemp(prefix="vt-bench-consistency-"))
+        args.suite, args.sets, args.per_class, args.epochs = args.work / "suite", ["tiny"], 3, 2
+        tiny_folders(args.suite / "tiny", per_class=8, splits=("train", "valid", "test"))
+        model = dict(SMOKE_MODEL)
+    elif args.suite is None:
+        ap.error("SUITE is required (or --smoke)")
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  gradual, {args.epochs} epochs, {args.per_class} labels per class, "
           f"threshold {args.threshold}", flush=True)
     for name in args.sets:
-        root = args.suite / name
-        pool = ["--unlabeled", str(root / "train"), "--consistency-threshold"]
-        arms = {"labels only": [], "with the pool": [*pool, str(args.threshold)]}
-        if args.ablate:
-            arms["pool, no term"] = [*pool, "1"]
-            arms["labels, same steps"] = ["--epochs", str(_same_steps(root, args.per_class, args.epochs))]
         for seed in args.seeds:
-            table = labelled_csv(root, args.per_class, seed, args.work / f"{name}-{seed}.csv", not args.select)
-            scored = root / ("valid" if args.select else "test")
-            scores = {}
-            for n, (arm, extra) in enumerate(arms.items()):
-                tag = f"{name}-{seed}-{n}"
-                seconds = run(["train", str(root), "--csv", str(table), "--strategy", "gradual", "--epochs",
-                               str(args.epochs), "--image-size", str(SIZES[name]), "--seed", str(seed),
-                               "--output", str(args.work / "runs"), "--name", tag, *extra])  # a later --epochs wins
-                scores[arm] = test_accuracy(args.work / "runs" / tag, scored, args.work)
-                print(f"{name:12s} seed {seed}  {arm:14s} {scored.name} accuracy {scores[arm]:.4f}  ({seconds:.0f} s)",
-                      flush=True)
-            base = scores["labels only"]
-            print(f"{name:12s} seed {seed}  " + ", ".join(f"{arm} - labels only: {100 * (v - base):+.1f}"
-                                                          for arm, v in scores.items() if arm != "labels only")
-                  + " points", flush=True)
+            compare(name, seed, args, record, model)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,7 @@
 
 Write its output to a file, not through a pipe filter (grep holds it in a buffer: a run
 stopped at its limit then leaves nothing). `--dry-run` checks the script on a CPU;
-`--smoke` is a dry run of section a on 16 images (CI).
+`--smoke` is a dry run of section a on 16 images with one tiny model (CI).
 
 On one CUDA device, each section on its own (a failure is reported and the next runs):
 a. training img/s in bf16 + channels_last (precision auto) for Lite0 and ResNet-50:
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== env:", REPORT["env"], flush=True)
     data = make_jpegs(work / "data", a.images)
     sections = {
-        "a": lambda: training(data, work, a.images, a.batch_size, MODELS),
+        "a": lambda: training(data, work, a.images, a.batch_size, MODELS[:1] if a.smoke else MODELS),
         "b": lambda: frozen(data, work, a.images, a.batch_size),
         "c": lambda: fp16(data, work, a.batch_size),
         "d": lambda: batch_auto(data, work),

@@ -1,7 +1,8 @@
 """Label efficiency (issue 25): `suggest`'s picks against random picks, with a simulated annotator.
 
-    python bench/label_efficiency.py SUITE [--sets hymenoptera faces digits waves] [--seeds 3]
+    python -m bench.label_efficiency SUITE [--sets hymenoptera faces digits waves] [--seeds 3]
                                           [--budgets 1,2,5,10,20] [--plot bench/label_efficiency.png]
+    python -m bench.label_efficiency --smoke   # a generated set, the tiny model, budgets 1,2; --scale 500
 
 SUITE is bench/suite.py's folder (train/valid/test per set). The pool is each set's train and
 valid images with their labels hidden; the test split is scored and never looked at by any
@@ -23,7 +24,7 @@ fits the probe (train/pseudo.py: spread labels, the surest share chosen by CV on
 labelled images). `--select` chooses variants without the test split: the pool is the
 train split and the score is the validation split's.
 
-    python bench/label_efficiency.py --scale 100000
+    python -m bench.label_efficiency --scale 100000
 
 times the ranking alone on ROWS generated 1280-d features (100 Gaussian clusters; the
 default backbone's width): typical with nothing labelled, typical with 1,000 labelled
@@ -32,17 +33,20 @@ images, and diverse with the probe fitted on those 1,000 (10 classes), 100 picks
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
 from visiontune.selection.suggest import auto_method, probe_members, rank
+from visiontune.tasks.catalog import make_task
 from visiontune.train.features import backbone_features
 from visiontune.train.probe import fit_probe, probe_outputs
 from visiontune.train.pseudo import with_pool
@@ -52,9 +56,11 @@ METHODS = ["suggest", "random"]
 SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
 
 
-def features(root: Path, name: str):
-    """{split: (features, encoded targets)} of one suite set, and its task."""
-    cfg = RunConfig.create(None, path=str(root / name), image_size=SIZES[name], progress=False)
+def features(root: Path, name: str, model: dict | None = None):
+    """{split: (features, encoded targets)} of one suite set, and its task (`model`: RunConfig
+    overrides for another backbone, as --smoke's tiny one)."""
+    cfg = RunConfig.create(None, path=str(root / name), **{"image_size": SIZES.get(name, 32), "progress": False,
+                                                           **(model or {})})
     source = load_items(cfg.data, cache_dir=cfg.train.cache_dir)
     setup = prepare_run(cfg, source)
     out = {}
@@ -113,8 +119,8 @@ def curve(data, task, method: str, budgets: list[int], seed: int, select: bool =
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("suite", type=Path, nargs="?")
     ap.add_argument("--scale", type=int, metavar="ROWS", help="time the ranking of ROWS generated features instead")
     ap.add_argument("--sets", nargs="+", default=list(SIZES))
@@ -125,32 +131,47 @@ def main() -> None:
     ap.add_argument("--unlabeled", action="store_true", help="also each method with the rest of the pool as "
                     "unlabelled images (train --unlabeled's pseudo-labels, train/pseudo.py)")
     ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("label_efficiency.png"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.scale:
-        return scale(args.scale)
+    record, model = Recorder("label_efficiency", args.smoke, argv), None
+    if args.smoke:  # a generated set of 3 classes, one seed, the tiny model; then a small --scale
+        work = Path(tempfile.mkdtemp(prefix="vt-bench-labeleff-"))
+        tiny_folders(work / "tiny", classes=3, per_class=6, splits=("train", "valid", "test"))
+        args.suite, args.sets, args.seeds, args.budgets, args.plot = work, ["tiny"], 1, "1,2", work / "curve.png"
+        model = dict(SMOKE_MODEL)
+    elif args.scale:
+        return scale(args.scale, record)
+    elif args.suite is None:
+        ap.error("SUITE is required (or --scale ROWS, or --smoke)")
     budgets = [int(b) for b in args.budgets.split(",")]
-    if args.unlabeled:
-        METHODS.extend(["suggest+pool", "random+pool"])
-    results: dict[tuple[str, str], list[list[float]]] = {}
+    methods = [*METHODS, *(["suggest+pool", "random+pool"] if args.unlabeled else [])]
+    results = {}
     for name in args.sets:
-        started = time.perf_counter()
-        data, task = features(args.suite, name)
-        for method in METHODS:
-            runs = [curve(data, task, method.split("+")[0], budgets, seed, args.select, method.endswith("+pool"))
-                    for seed in range(args.seeds)]
-            results[name, method] = [[acc for _, acc, _ in run] for run in runs]
-            if method == "suggest":
-                print(f"{name}: suggest's method by round: {[c for _, _, c in runs[0]]}")
-        print(f"{name}: {len(data['train'][1]) + len(data['valid'][1])} pool images, {task.num_outputs} classes, "
-              f"{len(data['test'][1])} test ({time.perf_counter() - started:.0f}s)", flush=True)
-    table(results, args.sets, budgets)
-    plot(results, args.sets, budgets, args.plot)
+        results.update(run_set(args, name, methods, budgets, model))
+    table(results, args.sets, budgets, methods, record)
+    plot(results, args.sets, budgets, args.plot, methods)
+    if args.smoke:
+        scale(500, record, dim=64, labelled=60, n=20)
+    return 0
 
 
-def scale(rows: int, dim: int = 1280, labelled: int = 1000, n: int = 100) -> None:
-    from visiontune.tasks.catalog import make_task
+def run_set(args, name: str, methods: list[str], budgets: list[int], model: dict | None) -> dict:
+    """{(set, method): accuracy per budget, one list per seed} of one suite set."""
+    started = time.perf_counter()
+    data, task = features(args.suite, name, model)
+    results = {}
+    for method in methods:
+        runs = [curve(data, task, method.split("+")[0], budgets, seed, args.select, method.endswith("+pool"))
+                for seed in range(args.seeds)]
+        results[name, method] = [[acc for _, acc, _ in run] for run in runs]
+        if method == "suggest":
+            print(f"{name}: suggest's method by round: {[c for _, _, c in runs[0]]}")
+    print(f"{name}: {len(data['train'][1]) + len(data['valid'][1])} pool images, {task.num_outputs} classes, "
+          f"{len(data['test'][1])} test ({time.perf_counter() - started:.0f}s)", flush=True)
+    return results
 
+
+def scale(rows: int, record: Recorder, dim: int = 1280, labelled: int = 1000, n: int = 100) -> int:
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (100, dim)).astype(np.float32)
     which = rng.integers(0, 100, rows + labelled)
@@ -163,14 +184,17 @@ def scale(rows: int, dim: int = 1280, labelled: int = 1000, n: int = 100) -> Non
                           pool, n, "diverse", uncertainty=task.uncertainty(probe_members(lab, y, task, pool))))):
         started = time.perf_counter()
         run()
-        print(f"| rank {rows:,} pool features: {what} | {time.perf_counter() - started:.1f} s |", flush=True)
+        seconds = time.perf_counter() - started
+        print(f"| rank {rows:,} pool features: {what} | {seconds:.1f} s |", flush=True)
+        record(f"rank {rows:,} pool features ({dim}-d), {n} picks: {what}", seconds, "s")
+    return 0
 
 
-def table(results, sets: list[str], budgets: list[int]) -> None:
+def table(results, sets: list[str], budgets: list[int], methods: list[str], record: Recorder) -> None:
     print("\n| set | method | " + " | ".join(f"{b}/class" for b in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
     for name in sets:
-        for method in METHODS:
+        for method in methods:
             runs = np.array(results[name, method])
             print(f"| {name} | {method} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in
                                                          zip(runs.mean(0), runs.std(0))) + " |")
@@ -179,14 +203,17 @@ def table(results, sets: list[str], budgets: list[int]) -> None:
     mean_gain = np.mean([np.array(results[s, "suggest"]).mean(0) - np.array(results[s, "random"]).mean(0)
                          for s in sets], axis=0)
     print("| **mean over sets** | gain (points) | " + " | ".join(f"**{100 * g:+.1f}**" for g in mean_gain) + " |")
-    for method in (m for m in METHODS if m.endswith("+pool")):
+    for budget, gain in zip(budgets, mean_gain):
+        record(f"suggest - random, {budget} labels per class (mean of {len(sets)} sets x "
+               f"{len(results[sets[0], 'suggest'])} seeds)", 100 * gain, "points of test accuracy")
+    for method in (m for m in methods if m.endswith("+pool")):
         base = method.split("+")[0]
         gains = [np.array(results[s, method]).mean(0) - np.array(results[s, base]).mean(0) for s in sets]
         for name, gain in zip(sets, gains):
             print(f"| {name} | {method} over {base} (points) | " + " | ".join(f"{100 * g:+.1f}" for g in gain) + " |")
 
 
-def plot(results, sets: list[str], budgets: list[int], path: Path) -> None:
+def plot(results, sets: list[str], budgets: list[int], path: Path, methods: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +221,7 @@ def plot(results, sets: list[str], budgets: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3), squeeze=False)
     for ax, name in zip(axes[0], sets):
-        for method, style in zip(METHODS, ("o-", "s--", "^-", "v--")):
+        for method, style in zip(methods, ("o-", "s--", "^-", "v--")):
             runs = np.array(results[name, method])
             ax.errorbar(budgets, runs.mean(0), yerr=runs.std(0), fmt=style, capsize=2, label=method)
         ax.set_xscale("log")
@@ -209,4 +236,4 @@ def plot(results, sets: list[str], budgets: list[int], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

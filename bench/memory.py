@@ -1,7 +1,7 @@
 """Peak memory as the data set grows: the same run on 1k and 20k generated images.
 
     /usr/bin/time -v python -m bench.memory [--sizes 1000,20000] [--image-size 64]
-    python -m bench.memory --smoke    # 24 images at 32 px, the tiny model
+    python -m bench.memory --smoke    # 20 images at 32 px, the tiny model, on one thread
 
 Each size runs in a fresh process: `gradual` with 2 epochs on the default Lite0 (epoch 1:
 head on cached features, which stream into a memory-mapped matrix; epoch 2: the whole
@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # --smoke's child: the tiny model
     args = ap.parse_args(argv)
     if args.smoke:
-        args.sizes, args.image_size = "24", 32
+        args.sizes, args.image_size = "20", 32
     record = Recorder("memory", args.smoke, argv)
     if args.child:
         child(args.child, args.image_size, tempfile.mkdtemp(prefix="vt-mem-runs-"), SMOKE_MODEL if args.tiny else {})
         return
     work = Path(tempfile.mkdtemp(prefix="vt-mem-"))
-    env = {**os.environ, "VISIONTUNE_CACHE": str(work / "cache")}
+    env = {**os.environ, "VISIONTUNE_CACHE": str(work / "cache"), **({"OMP_NUM_THREADS": "1"} if args.smoke else {})}
     mib = 2**20
     print(f"{os.cpu_count()} CPU cores, Lite0 at {args.image_size}px, gradual 2 epochs, {time.strftime('%Y-%m-%d %H:%M')}")
     print("images  peak RSS  after imports  growth  peak RssAnon  peak RssFile  features in RAM would be  wall s  acc")

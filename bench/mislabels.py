@@ -1,6 +1,7 @@
 """How well suspected mislabels are flagged, on real photos with known flips.
 
-    python bench/mislabels.py [DATA] [--flip 0.1] [--seed 0]
+    python -m bench.mislabels [DATA] [--flip 0.1] [--seed 0]
+    python -m bench.mislabels --smoke    # generated train/ val/ folders, the tiny model, 3 folds
 
 DATA (default ../shared/data/hymenoptera): its train + val images are pooled and `--flip`
 of their labels flipped to another class (seeded). Out-of-fold probabilities come from
@@ -9,16 +10,16 @@ of their labels flipped to another class (seeded). Out-of-fold probabilities com
 same features, and (b) `visiontune cv` (feature-extract, 5 folds, epochs chosen inside each fold). For each,
 the flags of cleanlab's find_label_issues and of the plain confident-joint off-diagonal are
 scored against the true flips: flagged, precision, recall, and where the flips rank by
-self-confidence.
+self-confidence; each method's precision and recall are recorded.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 from visiontune.analysis.mislabels import flag_label_issues, flag_method, off_diagonal
 from visiontune.config import ModelConfig
 from visiontune.data.sources import collect_images
@@ -70,7 +72,8 @@ def noisy_table(data: Path, out: Path, flip: float, seed: int) -> tuple[list[str
     return [p for p, _ in items], labels, flipped, classes
 
 
-def score(name: str, labels: list[str], probs: np.ndarray, classes: list[str], flipped: set[int]) -> None:
+def score(name: str, labels: list[str], probs: np.ndarray, classes: list[str], flipped: set[int],
+          record: Recorder) -> None:
     y = np.array([classes.index(lb) for lb in labels])
     order = np.argsort(probs[np.arange(len(y)), y], kind="stable")
     ranks = sorted(int(np.flatnonzero(order == i)[0]) + 1 for i in flipped)
@@ -82,42 +85,57 @@ def score(name: str, labels: list[str], probs: np.ndarray, classes: list[str], f
         hits = len(found & flipped)
         print(f"  {method:<30} flagged {len(found):4d}   precision {hits / max(1, len(found)):.2f}   "
               f"recall {hits / len(flipped):.2f}")
+        short = name.split(",")[0]
+        note = f"{len(labels)} images, {len(flipped)} flipped, {len(found)} flagged"
+        record(f"{short}, {method}: precision", hits / max(1, len(found)), note=note)
+        record(f"{short}, {method}: recall", hits / len(flipped), note=note)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("data", nargs="?", default=str(default))
     ap.add_argument("--flip", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="vt-mislabels-"))
+    record, work = Recorder("mislabels", args.smoke, argv), Path(tempfile.mkdtemp(prefix="vt-mislabels-"))
+    model, folds, epochs = {}, 5, 10
+    if args.smoke:  # 2 x 20 generated images, 4 of them flipped; the tiny model; 3 folds of 2 epochs
+        args.data, model, folds, epochs = str(tiny_folders(work / "data", per_class=10, splits=("train", "val"))), \
+            dict(SMOKE_MODEL), 3, 2
     paths, labels, flipped, classes = noisy_table(Path(args.data), work / "noisy.csv", args.flip, args.seed)
     print(f"{len(paths)} images, {len(flipped)} labels flipped (seed {args.seed}); flags by {flag_method()}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    model, pre = create_classifier(ModelConfig(), len(classes))
-    device = resolve_device("auto")
-    cache = cache_for(ModelConfig().backbone, model.backbone, pre, os.environ.get("VISIONTUNE_CACHE"))
-    feats = extract_features(model.backbone, paths, pre, device, cache)[0].numpy()
+    feats = frozen_features(paths, len(classes), model)
     started = time.perf_counter()
-    sk = oof_probabilities(feats, labels, classes, args.seed)
+    sk = oof_probabilities(feats, labels, classes, args.seed, folds)
     took = time.perf_counter() - started
-    score(f"(a) 5-fold scikit-learn probe (C = 0.1) on frozen features, {took:.1f}s", labels, sk, classes, flipped)
+    score(f"(a) {folds}-fold scikit-learn probe (C = 0.1) on frozen features, {took:.1f}s", labels, sk, classes,
+          flipped, record)
     task = SingleLabel(classes)
     started = time.perf_counter()
-    converged, c = oof_outputs(feats, task.encode(labels).numpy(), task, args.seed)
+    converged, c = oof_outputs(feats, task.encode(labels).numpy(), task, args.seed, folds)
     took = time.perf_counter() - started
-    score(f"(c) 5-fold converged probe (C = {c:g} by its CV) on frozen features, {took:.1f}s", labels, converged,
-          classes, flipped)
-    cv = cross_validate(args.data, csv=str(work / "noisy.csv"), folds=5, strategy="feature-extract", epochs=10,
-                        progress=False, output=str(work / "cv"), seed=args.seed)
+    score(f"(c) {folds}-fold converged probe (C = {c:g} by its CV) on frozen features, {took:.1f}s", labels,
+          converged, classes, flipped, record)
+    cv = cross_validate(args.data, csv=str(work / "noisy.csv"), folds=folds, strategy="feature-extract",
+                        output=str(work / "cv"), seed=args.seed, **{"epochs": epochs, "progress": False, **model})
     order = {p: i for i, p in enumerate(cv.paths)}
     probs = np.zeros((len(paths), len(classes)))
     for i, p in enumerate(paths):
         probs[i] = cv.oof_probs[order[p]]
-    score("(b) visiontune cv out-of-fold", labels, probs, classes, flipped)
+    score("(b) visiontune cv out-of-fold", labels, probs, classes, flipped, record)
+    return 0
+
+
+def frozen_features(paths: list[str], num_classes: int, model: dict) -> np.ndarray:
+    """The backbone's features of every image (`model`: the backbone, weights and size; default Lite0)."""
+    cfg = ModelConfig(**{k: model[k] for k in ("backbone", "weights", "image_size") if k in model})
+    classifier, pre = create_classifier(cfg, num_classes)
+    cache = cache_for(cfg.backbone, classifier.backbone, pre, os.environ.get("VISIONTUNE_CACHE"))
+    return extract_features(classifier.backbone, paths, pre, resolve_device("auto"), cache)[0].numpy()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

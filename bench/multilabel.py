@@ -1,6 +1,7 @@
 """A real multi-label set from photos we have, and what visiontune makes of it.
 
-    python bench/multilabel.py [--train 400] [--test 200] [--seed 0]
+    python -m bench.multilabel [--train 400] [--test 200] [--seed 0]
+    python -m bench.multilabel --smoke   # mosaics of generated tiles, the tiny model, 2 epochs each
 
 Mosaics of 2 x 2 tiles (224 px): each tile is blank (p = 0.3) or a photo of an ant or a
 bee (hymenoptera) or a face or a non-face (scikit-image's lfw_subset); the labels are the
@@ -10,15 +11,16 @@ photo is in both. The test split is fixed and never used for any choice.
 
 For feature-extract and gradual, thresholds tuned on the validation split (carved from
 train by iterative stratification): test mAP (threshold-free), macro-F1 with the global
-0.5 threshold and with the tuned ones, samples-F1, subset accuracy, wall time.
+0.5 threshold and with the tuned ones, samples-F1, subset accuracy, wall time. `--smoke`
+draws the tiles from generated images of four colours instead of photos.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +29,13 @@ import numpy as np
 from PIL import Image
 
 import visiontune as vt
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 from visiontune.data.images import load_rgb
 from visiontune.demo import write_lfw_subset
 from visiontune.tasks.multi_label import MultiLabel
 
 TILE = 112
+CLASSES = ("ants", "bees", "face", "nonface")
 
 
 def _sources(hymenoptera: Path, lfw: Path, seed: int) -> dict[str, dict[str, list[Path]]]:
@@ -62,9 +66,18 @@ def _mosaic(rng: random.Random, photos: dict[str, list[Path]]) -> tuple[Image.Im
     return canvas, sorted(labels)
 
 
-def build(root: Path, hymenoptera: Path, n_train: int, n_test: int, seed: int) -> Path:
+def _generated(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """--smoke: split -> class -> generated tiles (a colour per class), no tile in both splits."""
+    tiny_folders(root, classes=len(CLASSES), per_class=4, side=32, splits=("train", "test"))
+    return {split: {cls: sorted((root / split / f"c{k}").glob("*.jpg")) for k, cls in enumerate(CLASSES)}
+            for split in ("train", "test")}
+
+
+def build(root: Path, hymenoptera: Path | None, n_train: int, n_test: int, seed: int) -> Path:
+    """root/mosaics/*.jpg and root/labels.csv; tiles of photos, or generated ones without `hymenoptera`."""
     rng = random.Random(seed)
-    sources = _sources(hymenoptera, write_lfw_subset(root / "lfw"), seed)
+    sources = (_sources(hymenoptera, write_lfw_subset(root / "lfw"), seed) if hymenoptera
+               else _generated(root / "tiles"))
     rows = [["path", "labels", "split"]]
     for split, n in (("train", n_train), ("test", n_test)):
         for i in range(n):
@@ -78,10 +91,10 @@ def build(root: Path, hymenoptera: Path, n_train: int, n_test: int, seed: int) -
     return root
 
 
-def run(root: Path, strategy: str, epochs: int, seed: int) -> dict[str, float]:
+def run(root: Path, strategy: str, epochs: int, seed: int, model: dict) -> dict[str, float]:
     started = time.perf_counter()
     r = vt.fit(root, csv="labels.csv", strategy=strategy, epochs=epochs, thresholds="tuned", seed=seed,
-               progress=False, output=str(root / "runs"), name=strategy)
+               output=str(root / "runs"), name=strategy, **{"progress": False, **model})
     seconds = time.perf_counter() - started
     tuned = vt.evaluate(r.run_dir, root, csv="labels.csv")  # the CSV's test split, tuned thresholds
     plain = MultiLabel(tuned.classes).metrics(tuned.targets, tuned.probs)  # the same outputs, 0.5 everywhere
@@ -90,29 +103,37 @@ def run(root: Path, strategy: str, epochs: int, seed: int) -> dict[str, float]:
             "subset acc (tuned)": tuned.metrics["subset_accuracy"], "wall s": seconds}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--hymenoptera", default=str(default))
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    root = build(Path(tempfile.mkdtemp(prefix="vt-mosaics-")), Path(args.hymenoptera), args.train, args.test,
-                 args.seed)
+    record, model, epochs = Recorder("multilabel", args.smoke, argv), {}, {"feature-extract": 10, "gradual": 6}
+    if args.smoke:  # generated tiles, 48 + 16 mosaics, the tiny model, 2 epochs each
+        args.hymenoptera, args.train, args.test, model = None, 48, 16, dict(SMOKE_MODEL)
+        epochs = {"feature-extract": 2, "gradual": 2}
+    root = build(Path(tempfile.mkdtemp(prefix="vt-mosaics-")), args.hymenoptera and Path(args.hymenoptera),
+                 args.train, args.test, args.seed)
     labels = [r["labels"].split() for r in csv.DictReader(open(root / "labels.csv"))]
     print(f"{len(labels)} mosaics ({args.train} train+valid, {args.test} test), labels per image "
           f"{np.mean([len(x) for x in labels]):.2f}, none: {sum(not x for x in labels)}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    results = {s: run(root, s, e, args.seed) for s, e in (("feature-extract", 10), ("gradual", 6))}
+    results = {s: run(root, s, e, args.seed, model) for s, e in epochs.items()}
     keys = list(next(iter(results.values())))
     print("| strategy | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for strategy, row in results.items():
         print(f"| {strategy} | " + " | ".join(f"{row[k]:.1f}" if k == "wall s" else f"{row[k]:.4f}" for k in keys)
               + " |")
+        for key in ("mAP", "macro_f1 (0.5)", "macro_f1 (tuned)"):
+            record(f"{strategy}: test {key}", row[key], note=f"{args.train} + {args.test} mosaics, "
+                                                              f"{epochs[strategy]} epochs, {row['wall s']:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

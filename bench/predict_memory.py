@@ -1,7 +1,7 @@
 """Peak memory of predict on many images: the streamed CLI against the list-returning API.
 
     python -m bench.predict_memory RUN DATA [--engine onnx]
-    python -m bench.predict_memory --smoke     # a tiny run trained here on tiny data
+    python -m bench.predict_memory --smoke     # a tiny run trained here on tiny data, one thread
 
 Each in a fresh process, RssAnon of /proc/PID/status sampled every 20 ms (anonymous memory:
 what the process allocated, without the model file and libraries mapped from disk):
@@ -13,6 +13,7 @@ growth with the image count. Linux only (reads /proc).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,10 +23,10 @@ from pathlib import Path
 from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 
 
-def peak_anon_mb(cmd: list[str]) -> tuple[float, float]:
+def peak_anon_mb(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """(peak anonymous RSS in MB, wall seconds) of CMD, sampled every 20 ms."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
     while proc.poll() is None:
         try:
@@ -62,14 +63,15 @@ def main(argv: list[str] | None = None) -> None:
         args.run, args.data = tiny_run(Path(tempfile.mkdtemp(prefix="vt-bench-pm-")))
     elif not (args.run and args.data):
         ap.error("RUN and DATA are required (or --smoke)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None  # tiny tensors: threads only wait
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "p.csv"
         stream = peak_anon_mb([sys.executable, "-m", "visiontune", "predict", args.run, args.data,
-                               "--engine", args.engine, "--output", str(out)])
+                               "--engine", args.engine, "--output", str(out)], env)
         rows = sum(1 for _ in open(out)) - 1
     code = (f"import visiontune as vt; p, _ = vt.predict({args.run!r}, {args.data!r}, engine={args.engine!r}); "
             f"print(len(p))")
-    listed = peak_anon_mb([sys.executable, "-c", code])
+    listed = peak_anon_mb([sys.executable, "-c", code], env)
     print(f"{rows} images, engine {args.engine}")
     print(f"stream (CLI --output): peak anonymous {stream[0]:7.0f} MB, {stream[1]:6.1f} s")
     print(f"list (vt.predict):     peak anonymous {listed[0]:7.0f} MB, {listed[1]:6.1f} s")

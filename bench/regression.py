@@ -1,7 +1,8 @@
 """Image regression on real photos: counting bees in 3x3 mosaics (issue 22).
 
     pip install fastai   # for the comparison only; not a visiontune dependency
-    python bench/regression.py WORK [--train 480 --valid 120 --test 300] [--epochs 5] [--no-fastai]
+    python -m bench.regression WORK [--train 480 --valid 120 --test 300] [--epochs 5] [--no-fastai]
+    python -m bench.regression --smoke   # mosaics of generated tiles, the tiny model, no fastai
 
 The data: 224 px mosaics of 3x3 tiles, N of them (0-9, uniform) random crops of real bee
 photos (hymenoptera, ../shared/data), the rest a plain grey with noise; target = N.
@@ -16,24 +17,27 @@ Runs, each from a cold start in this process with the packaged Lite0 weights:
 - fastai: a `RegressionBlock` learner, the same Lite0 body, a linear head, MSE,
   `fine_tune(E - 1, freeze_epochs=1)`, the same seed, size and batch size.
 Both keep the last epoch's weights (visiontune: restore_best off, no early stopping).
-Prints MAE, RMSE, R^2 on the test mosaics and the wall time of each.
+Prints MAE, RMSE, R^2 on the test mosaics and the wall time of each, and records them.
+`--smoke` draws the tiles from generated images instead of bee photos and leaves fastai out.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 import visiontune as vt
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 SIZE, GRID = 224, 3
@@ -57,12 +61,13 @@ def mosaic(photos: list[Path], count: int, rng: random.Random) -> Image.Image:
     return image
 
 
-def make_data(root: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0) -> Path:
+def make_data(root: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, photos: Path = SHARED) -> Path:
+    """root/images/*.jpg and root/targets.csv: mosaics of crops of PHOTOS/{train,val}/bees."""
     if (root / "targets.csv").is_file():
         return root
     rng = random.Random(seed)
-    fit_photos = sorted((SHARED / "train" / "bees").glob("*.jpg"))
-    test_photos = sorted((SHARED / "val" / "bees").glob("*.jpg"))
+    fit_photos = sorted((photos / "train" / "bees").glob("*.jpg"))
+    test_photos = sorted((photos / "val" / "bees").glob("*.jpg"))
     rows = [["path", "count", "split"]]
     (root / "images").mkdir(parents=True, exist_ok=True)
     for split, n, photos in (("train", n_train, fit_photos), ("valid", n_valid, fit_photos),
@@ -78,15 +83,14 @@ def make_data(root: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0
 
 
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
-
     return {"mae": mean_absolute_error(y, p), "rmse": math.sqrt(mean_squared_error(y, p)), "r2": r2_score(y, p)}
 
 
-def run_visiontune(data: Path, strategy: str, epochs: int, bs: int, seed: int, out: Path) -> tuple[dict, float]:
+def run_visiontune(data: Path, strategy: str, epochs: int, bs: int, seed: int, out: Path,
+                   model: dict) -> tuple[dict, float]:
     started = time.perf_counter()
-    run = vt.fit(data, csv="targets.csv", task="regression", strategy=strategy, epochs=epochs, batch_size=bs,
-                 seed=seed, patience=0, restore_best=False, progress=False, output=str(out))
+    run = vt.fit(data, csv="targets.csv", task="regression", strategy=strategy, epochs=epochs, seed=seed,
+                 restore_best=False, output=str(out), **{"batch_size": bs, "patience": 0, "progress": False, **model})
     seconds = time.perf_counter() - started
     result = vt.evaluate(run.run_dir, data, csv="targets.csv")  # the test split
     return scores(result.targets.reshape(-1), result.probs.reshape(-1)), seconds
@@ -132,9 +136,9 @@ def run_fastai(data: Path, epochs: int, bs: int, seed: int) -> tuple[dict, float
     return scores(test["count"].to_numpy(float), preds.reshape(-1).numpy()), seconds
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("work")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("work", nargs="?")
     p.add_argument("--train", type=int, default=480)
     p.add_argument("--valid", type=int, default=120)
     p.add_argument("--test", type=int, default=300)
@@ -142,13 +146,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fastai", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    record, model, photos = Recorder("regression", args.smoke, argv), {}, SHARED
+    if args.smoke:  # generated "bee" tiles, 24 / 8 / 12 mosaics, the tiny model, gradual x2, no fastai
+        args.work, args.train, args.valid, args.test, args.epochs = tempfile.mkdtemp(prefix="vt-bench-regr-"), 24, 8, \
+            12, 2
+        args.no_fastai, model = True, dict(SMOKE_MODEL)
+        photos = tiny_folders(Path(args.work) / "photos", classes=1, per_class=6, side=48, splits=("train", "val"))
+        for split in ("train", "val"):
+            (photos / split / "c0").rename(photos / split / "bees")
+    elif args.work is None:
+        p.error("WORK is required (or --smoke)")
     work = Path(args.work)
-    data = make_data(work / "mosaics", args.train, args.valid, args.test, args.seed)
+    data = make_data(work / "mosaics", args.train, args.valid, args.test, args.seed, photos)
     rows = []
     for name, strategy, epochs in (("visiontune feature-extract (ridge probe)", "feature-extract", 1),
                                    (f"visiontune gradual x{args.epochs}", "gradual", args.epochs)):
-        m, s = run_visiontune(data, strategy, epochs, args.batch_size, args.seed, work / "runs")
+        m, s = run_visiontune(data, strategy, epochs, args.batch_size, args.seed, work / "runs", model)
         rows.append((name, m, s))
         print(f"{name}: {m} in {s:.1f}s", flush=True)
     if not args.no_fastai:
@@ -159,7 +173,11 @@ def main() -> None:
     print("| run | test MAE | test RMSE | test R^2 | wall s |\n|---|---|---|---|---|")
     for name, m, s in rows:
         print(f"| {name} | {m['mae']:.3f} | {m['rmse']:.3f} | {m['r2']:.3f} | {s:.1f} |")
+        note = f"{args.train} / {args.valid} / {args.test} mosaics, {s:.0f} s"
+        record(f"{name}: test MAE", m["mae"], "objects", note=note)
+        record(f"{name}: test R^2", m["r2"], note=note)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """How cost grows with data: generated 64 px JPEGs at 1k / 10k / 100k images.
 
-    python bench/scale.py run WORK --sizes 1000,10000    # each size in a fresh process -> WORK/scale.jsonl
-    python bench/scale.py run WORK --sizes 100000        # the large point, separately (~15 min on 2 cores)
-    python bench/scale.py table WORK                     # markdown table + WORK/scale.png (cost vs size)
+    python -m bench.scale run WORK --sizes 1000,10000    # each size in a fresh process -> WORK/scale.jsonl
+    python -m bench.scale run WORK --sizes 100000        # the large point, separately (~15 min on 2 cores)
+    python -m bench.scale table WORK                     # markdown table + WORK/scale.png (cost vs size)
+    python -m bench.scale --smoke                        # 40 images in this process, the tiny model
 
 Per size (10 classes of coloured, textured images; default backbone with its packaged
 Lite0 weights, batch 64, caches under WORK/<size>/cache, nothing shared between sizes):
@@ -21,22 +22,28 @@ Lite0 weights, batch 64, caches under WORK/<size>/cache, nothing shared between 
   features, which the kernel may drop), and the files the caches and runs created.
 
 Targets (issue 15): time per image at 100k <= 1.2x the 1k figure for every stage, RSS
-growth <= 10%, cached re-scan >= 20x faster than cold.
+growth <= 10%, cached re-scan >= 20x faster than cold. Each size's ms per image of every
+stage and its peak anonymous memory are recorded.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from bench.harness import ROOT, SMOKE_MODEL, Recorder, parser
 
 CLASSES = 10
 FINETUNE_SUBSET = 2000
@@ -44,8 +51,6 @@ FINETUNE_SUBSET = 2000
 
 def make_images(root: Path, n: int, seed: int = 0) -> list[str]:
     """n JPEGs of 64x64 in CLASSES folders: class hue + random texture + a random bar."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     hues = np.linspace(0, 255, CLASSES, endpoint=False)
     paths = []
@@ -73,10 +78,12 @@ class AnonPeak:
     reads), which the kernel can drop at any time; anonymous memory is what must fit."""
 
     def __init__(self) -> None:
-        import threading
-
         self.peak = self.now()
+        self.stopped = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     @staticmethod
     def now() -> float:
@@ -87,18 +94,18 @@ class AnonPeak:
         return 0.0
 
     def _watch(self) -> None:
-        while True:
+        while not self.stopped.wait(0.02):
             self.peak = max(self.peak, self.now())
-            time.sleep(0.02)
 
 
 def count_files(*dirs: Path) -> int:
     return sum(len(files) for d in dirs if d.exists() for _, _, files in os.walk(d))
 
 
-def measure(work: Path, n: int) -> dict:
-    """All stages for one size, in this (fresh) process."""
-    import visiontune as vt
+def measure(work: Path, n: int, model: dict | None = None, engine: str = "auto") -> dict:
+    """All stages for one size, in this (fresh) process (`model`: RunConfig overrides for
+    another backbone than the default, as --smoke's tiny one; `engine`: predict's)."""
+    import visiontune as vt  # after the baseline RSS of a fresh process: imported here on purpose
     from visiontune.data.scan import scan, scan_cache
 
     base = work / str(n)
@@ -123,7 +130,7 @@ def measure(work: Path, n: int) -> dict:
     timed("scan_cold", lambda: scan(paths, scan_cache(cache)))
     timed("scan_cached", lambda: scan(paths, scan_cache(cache)))
     common = {"image_size": 64, "batch_size": 64, "valid_pct": 0.1, "progress": False, "patience": 0,
-              "cache_dir": str(cache), "output": str(runs), "seed": 0}
+              "cache_dir": str(cache), "output": str(runs), "seed": 0, **(model or {})}
     fe = {"strategy": "feature-extract", "epochs": 5, "probe": "sgd", **common}
     timed("fe_cold", lambda: vt.fit(data, **fe))
     result = timed("fe_5_epochs", lambda: vt.fit(data, **fe))
@@ -137,8 +144,9 @@ def measure(work: Path, n: int) -> dict:
         target.symlink_to(p)
     timed("finetune_1_epoch", lambda: vt.fit(subset, **{**common, "strategy": "finetune", "epochs": 1,
                                                          "valid_pct": 0.0}))
-    preds, _ = timed("predict", lambda: vt.predict(result.run_dir, data, batch_size=64))
+    preds, _ = timed("predict", lambda: vt.predict(result.run_dir, data, batch_size=64, engine=engine))
     assert len(preds) == n
+    anon.stop()
     row.update(rss_before_mb=rss0, peak_rss_mb=peak_rss_mb(), peak_anon_mb=anon.peak,
                files_created=count_files(cache, runs),
                cache_files=count_files(cache))
@@ -180,8 +188,6 @@ def table(work: Path) -> str:
 
 
 def plot(rows: dict, sizes: list[int], path: Path) -> None:
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for stage, name in STAGES:
@@ -196,23 +202,46 @@ def plot(rows: dict, sizes: list[int], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=("run", "measure", "table"))
-    ap.add_argument("work", type=Path)
+def record_row(record: Recorder, row: dict) -> None:
+    """One size's ms per image of each stage, and its peak anonymous memory."""
+    n = row["images"]
+    for stage, name in STAGES:
+        record(f"{name}, {n:,} images", per_image(row, stage), "ms per image", note=f"{row[f'{stage}_s']:.2f} s")
+    record(f"peak anonymous memory, {n:,} images", row["peak_anon_mb"], "MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("command", nargs="?", choices=("run", "measure", "table"))
+    ap.add_argument("work", type=Path, nargs="?")
     ap.add_argument("--sizes", default="1000,10000")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    record = Recorder("scale", args.smoke, argv)
+    if args.smoke:  # 40 images in this process, the tiny model, predict on the torch engine
+        work = Path(tempfile.mkdtemp(prefix="vt-bench-scale-"))
+        model = {k: SMOKE_MODEL[k] for k in ("backbone", "weights", "image_size", "batch_size", "num_workers")}
+        row = measure(work, 40, model, engine="torch")
+        with open(work / "scale.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(table(work))
+        record_row(record, row)
+        return 0
+    if args.command is None or args.work is None:
+        ap.error("COMMAND and WORK are required (or --smoke)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.command == "measure":  # one size, in a child process
         row = measure(args.work, int(args.sizes))
         with open(args.work / "scale.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        record_row(record, row)
     elif args.command == "run":
         for size in args.sizes.split(","):
-            subprocess.run([sys.executable, __file__, "measure", str(args.work), "--sizes", size], check=True)
+            subprocess.run([sys.executable, "-m", "bench.scale", "measure", str(args.work), "--sizes", size],
+                           check=True, cwd=ROOT)
     else:
         print(table(args.work))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

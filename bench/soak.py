@@ -1,7 +1,10 @@
 """Scale soak (issue 21): the shard, torchrun, cache and resume paths on a data set large
 enough for the cases that only happen at scale, checked sample by sample.
 
-    python bench/soak.py WORK [--images 50000] [--processes 3] [--workers 2]
+    python -m bench.soak WORK [--images 50000] [--processes 3] [--workers 2]
+    python -m bench.soak --smoke   # 300 images, stages 1-5 in this process (6 and 8 need torchrun
+                                   # and review servers; 7 needs more images than the tiny model
+                                   # calls near-copies: skipped, and said so)
 
 1. Generate IMAGES 64 px JPEGs whose class (10) is visible in the pixels (bench/scale.py's
    generator), as a folder split 80/10/10 into train/valid/test.
@@ -28,27 +31,41 @@ enough for the cases that only happen at scale, checked sample by sample.
    image's last decision, the files `train` reads are derived from it, and `train
    --relabel --exclude` applies every one.
 
-Prints one line per check and a JSON summary (also WORK/soak.json); exit status 1 when a
-check fails. Each stage runs in its own process; nothing is shared with other benches.
+Prints one line per check and a JSON summary (also WORK/soak.json) and records how many
+checks passed; exit status 1 when a check fails. Training and the review pages run in
+their own processes; nothing is shared with other benches.
 """
 
 from __future__ import annotations
 
-import argparse
+import concurrent.futures
 import csv
 import json
+import logging
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
 
+import visiontune as vt
+from bench.harness import ROOT, Recorder, parser
 from bench.scale import make_images  # bench/scale.py's generator
+from visiontune import cli
+from visiontune.analysis.decisions import CORRECTIONS, EXCLUDE, KEPT, REVIEW_DIR, Decisions
+from visiontune.data.webdata import read_members
+from visiontune.files import read_csv_dicts
+from visiontune.selection.suggest import suggest
+from visiontune.train.callbacks import Callback
 
 RECIPE = {"backbone": "timm:test_efficientnet", "weights": "none", "image_size": 32, "strategy": "finetune",
           "batch_size": 96, "progress": False, "patience": 0, "lr": 3e-3, "augment": "none", "seed": 7}
@@ -60,7 +77,9 @@ def _torchrun(processes: int, *args: str) -> list[str]:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VISIONTUNE_CACHE": str(cache)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # the worker imports bench
+    return {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VISIONTUNE_CACHE": str(cache),
+            "PYTHONPATH": path}
 
 
 def make_data(work: Path, n: int) -> Path:
@@ -82,20 +101,23 @@ def make_data(work: Path, n: int) -> Path:
     return data
 
 
-def shard(work: Path, data: Path, report: dict) -> Path:
+def shard(work: Path, data: Path, report: dict, per_shard: int = 150) -> Path:
+    """`visiontune shard` (cli.main, in this process), about `per_shard` samples a shard by size."""
     shards = work / "shards"
     shutil.rmtree(shards, ignore_errors=True)
     sizes = [p.stat().st_size for p in data.rglob("*.jpg")]
-    shard_bytes = int(np.mean(sizes) * 150)  # about 150 samples a shard by size; --size 1000 by count
+    shard_bytes = int(np.mean(sizes) * per_shard)  # the writer starts most shards by size; --size by count
+    count = per_shard * 1000 // 150
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "visiontune", "-q", "shard", str(data), "--output", str(shards), "--size",
-                    "1000", "--shard-bytes", str(shard_bytes)], check=True, env=_env(work / "cache"))
+    if cli.main(["-q", "shard", str(data), "--output", str(shards), "--size", str(count), "--shard-bytes",
+                 str(shard_bytes)]) != 0:
+        raise RuntimeError("visiontune shard failed")
     described = json.loads((shards / "dataset.json").read_text())
     listed = sorted(s for part in described["splits"].values() for s in part["shards"])
     on_disk = sorted(p.name for p in shards.glob("*.tar"))
     with open(shards / "index.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    by_count = sum(-(-part["samples"] // 1000) for part in described["splits"].values())
+    by_count = sum(-(-part["samples"] // count) for part in described["splits"].values())
     report["shard"] = {"seconds": time.perf_counter() - started, "tars": len(on_disk), "tars_by_count_alone": by_count,
                        "samples": len(rows), "shard_bytes": shard_bytes}
     check(report, "index names every tar on disk", listed == on_disk and {r["shard"] for r in rows} == set(on_disk))
@@ -104,26 +126,33 @@ def shard(work: Path, data: Path, report: dict) -> Path:
     return shards
 
 
-WORKER = """
-import json, os, sys
-import visiontune as vt
-from visiontune.train.callbacks import Callback
-
 class Steps(Callback):
-    def __init__(self):
-        self.steps = []
-    def on_epoch_start(self, trainer):
+    """The optimizer steps of each epoch."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_epoch_start(self, trainer) -> None:
         self.steps.append(0)
-    def on_step_end(self, trainer):
+
+    def on_step_end(self, trainer) -> None:
         self.steps[-1] += 1
 
-steps = Steps()
-args = json.loads(sys.argv[1])
-result = vt.fit(**args, callbacks=[steps]) if "resume" not in args else vt.fit(resume=args["resume"], callbacks=[steps])
-rank = int(os.environ.get("RANK", 0))
-out = os.path.join(args["output"], f"{os.path.basename(args.get('resume') or args['name'])}-steps{rank}.json")
-json.dump({"steps": steps.steps, "history": result.history}, open(out, "w"))
-"""
+
+def worker(args: dict) -> None:
+    """One training process: vt.fit (or its resume), its steps and history to OUTPUT/<name>-steps<rank>.json."""
+    steps = Steps()
+    if "resume" in args:
+        result = vt.fit(resume=args["resume"], callbacks=[steps])
+    else:
+        result = vt.fit(**args, callbacks=[steps])
+    rank = int(os.environ.get("RANK", 0))
+    out = os.path.join(args["output"], f"{os.path.basename(args.get('resume') or args['name'])}-steps{rank}.json")
+    with open(out, "w") as fh:
+        json.dump({"steps": steps.steps, "history": result.history}, fh)
+
+
+WORKER = "import json, sys\nfrom bench.soak import worker\nworker(json.loads(sys.argv[1]))\n"
 
 
 def train(work: Path, shards: Path, name: str, processes: int, workers: int, kill_at: float | None = None,
@@ -133,6 +162,9 @@ def train(work: Path, shards: Path, name: str, processes: int, workers: int, kil
     out = work / "runs"
     out.mkdir(parents=True, exist_ok=True)
     args = {"data": str(shards), "output": str(out), "name": name, "epochs": EPOCHS, "num_workers": workers, **RECIPE}
+    if processes == 1 and kill_at is None:  # --smoke: one process, this one
+        worker(args)
+        return out / name
     (work / "worker.py").write_text(WORKER)
     cmd = _torchrun(processes, str(work / "worker.py"), json.dumps(args))
     env = _env(work / "cache")
@@ -165,8 +197,6 @@ def check(report: dict, what: str, ok: bool, detail: object = "") -> None:
 
 
 def original_paths(tars: list[Path]) -> dict[str, str]:
-    from visiontune.data.webdata import read_members
-
     return {f"{t}#{k}": json.loads(m["json"])["path"] for t in tars for k, m in read_members(str(t), ("json",)).items()}
 
 
@@ -179,8 +209,6 @@ def check_training(report: dict, run: Path, processes: int) -> None:
 
 
 def check_predict(report: dict, run: Path, shards: Path, data: Path) -> None:
-    import visiontune as vt
-
     tars = sorted(shards.glob("test-*.tar"))
     random.Random(1).shuffle(tars)
     started = time.perf_counter()
@@ -197,8 +225,6 @@ def check_predict(report: dict, run: Path, shards: Path, data: Path) -> None:
 
 
 def check_cv(report: dict, work: Path, shards: Path, workers: int) -> None:
-    import visiontune as vt
-
     started = time.perf_counter()
     result = vt.cross_validate(str(shards), folds=3, selection="last",
                                **{**RECIPE, "epochs": 1, "num_workers": workers, "output": str(work / "cv"), "name": "cv"})
@@ -217,8 +243,6 @@ def check_cv(report: dict, work: Path, shards: Path, workers: int) -> None:
 
 
 def check_resume(report: dict, work: Path, shards: Path, processes: int, workers: int, reference: Path) -> None:
-    from safetensors.torch import load_file
-
     started = time.perf_counter()
     kill: dict = {}
     crashed = train(work, shards, "crashed", processes, workers, kill_at=3.0, report=kill)
@@ -256,9 +280,6 @@ def make_pool(work: Path, data: Path, n: int) -> Path:
 
 
 def check_pool(report: dict, work: Path, data: Path, shards: Path, run: Path, images: int, workers: int) -> None:
-    import visiontune as vt
-    from visiontune.selection.suggest import suggest
-
     started = time.perf_counter()
     pool = make_pool(work, data, max(300, images // 100))
     fresh = {os.path.realpath(p) for p in (pool / "new").rglob("*.jpg")}
@@ -305,8 +326,6 @@ def make_review_data(work: Path, data: Path, per_class: int) -> Path:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -314,8 +333,6 @@ def _free_port() -> int:
 
 def _review_server(work: Path, run: Path, data: Path) -> tuple[subprocess.Popen, str]:
     """`visiontune review RUN DATA` on a free port, once it answers."""
-    import urllib.request
-
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "visiontune", "review", str(run), str(data), "--port", str(port)],
                             env=_env(work / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -332,8 +349,6 @@ def _review_server(work: Path, run: Path, data: Path) -> tuple[subprocess.Popen,
 
 
 def _call(url: str, path: str, body: dict | None = None) -> dict:
-    import urllib.request
-
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -356,13 +371,6 @@ def check_review(report: dict, work: Path, data: Path, workers: int) -> None:
     SIGKILLed half way and started again, three decisions are changed; the log holds each
     image's last decision, the files train reads are derived from it, and `train --relabel
     --exclude` applies every one (no listed path matching nothing)."""
-    import concurrent.futures
-    import logging
-
-    import visiontune as vt
-    from visiontune.analysis.decisions import CORRECTIONS, EXCLUDE, KEPT, REVIEW_DIR, Decisions
-    from visiontune.files import read_csv_dicts
-
     started = time.perf_counter()
     folder = make_review_data(work, data, 30)
     run = Path(vt.fit(str(folder), **{**RECIPE, "strategy": "feature-extract", "epochs": 1, "num_workers": workers,
@@ -425,13 +433,18 @@ def check_review(report: dict, work: Path, data: Path, workers: int) -> None:
                         "seconds": time.perf_counter() - started}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work")
-    parser.add_argument("--images", type=int, default=50_000)
-    parser.add_argument("--processes", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    a = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("work", nargs="?")
+    ap.add_argument("--images", type=int, default=50_000)
+    ap.add_argument("--processes", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args(argv)
+    record = Recorder("soak", a.smoke, argv)
+    if a.smoke:  # 300 images, one process (this one), no DataLoader workers for training
+        a.work, a.images, a.processes, a.workers = a.work or tempfile.mkdtemp(prefix="vt-bench-soak-"), 300, 1, 0
+    elif a.work is None:
+        ap.error("WORK is required (or --smoke)")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "runs", ignore_errors=True)
@@ -439,21 +452,36 @@ def main() -> int:
     report: dict = {"images": a.images, "processes": a.processes, "workers": a.workers, "cpus": os.cpu_count(),
                     "date": time.strftime("%Y-%m-%d %H:%M")}
     started = time.perf_counter()
+    stages = stages_run(report, work, a)
+    report["seconds"] = time.perf_counter() - started
+    (work / "soak.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
+    checks = report["checks"]
+    record(f"checks passed, {a.images:,} images (stages {stages})", f"{sum(checks.values())} of {len(checks)}",
+           note=f"{a.processes} processes, {a.workers} workers, {report['seconds']:.0f} s"
+                + ("; stages 6 (torchrun, SIGKILL, resume), 7 (pool) and 8 (review pages) skipped: --smoke"
+                   if a.smoke else ""))
+    return 0 if all(checks.values()) else 1
+
+
+def stages_run(report: dict, work: Path, a) -> str:
+    """The stages (all of them; --smoke: those that need no torchrun and no servers); which ran."""
     data = make_data(work, a.images)
-    shards = shard(work, data, report)
+    shards = shard(work, data, report, per_shard=15 if a.smoke else 150)
     t = time.perf_counter()
     run = train(work, shards, "calm", a.processes, a.workers)
     report["train_seconds"] = time.perf_counter() - t
     check_training(report, run, a.processes)
     check_predict(report, run, shards, data)
     check_cv(report, work, shards, a.workers)
+    if a.smoke:
+        print("SKIP  stages 6 (a rank SIGKILLed under torchrun, then --resume), 7 (the unlabelled pool: on 300 "
+              "images every new one is a near-copy to the tiny model) and 8 (review pages): --smoke")
+        return "1-5"
     check_resume(report, work, shards, a.processes, a.workers, run)
     check_pool(report, work, data, shards, run, a.images, a.workers)
     check_review(report, work, data, a.workers)
-    report["seconds"] = time.perf_counter() - started
-    (work / "soak.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
-    return 0 if all(report["checks"].values()) else 1
+    return "1-8"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The accuracy suite: real image sets of different kinds, each with a fixed test split that
 no choice ever looks at, every recipe side by side, fastai's `fine_tune` as the reference.
 
-    python bench/suite.py prepare OUT              # write the sets as train/ valid/ test/ folders
-    python bench/suite.py run OUT [--only NAME]    # the visiontune recipes -> OUT/results.jsonl
-    FASTAI_PYTHON=... python bench/suite.py fastai OUT   # fastai fine_tune, run with a python that has fastai
-    python bench/suite.py table OUT                # the markdown table
+    python -m bench.suite prepare OUT              # write the sets as train/ valid/ test/ folders
+    python -m bench.suite run OUT [--only NAME]    # the visiontune recipes -> OUT/results.jsonl
+    FASTAI_PYTHON=... python -m bench.suite fastai OUT   # fastai fine_tune, run with a python that has fastai
+    python -m bench.suite table OUT                # the markdown table
+    python -m bench.suite --smoke                  # waves (60 series) and a generated set, the tiny
+                                                   # model, 3 recipes at 2 epochs (fastai left out)
 
 Sets (train and valid split once, stratified and seeded, then frozen as folders):
 - hymenoptera: ants vs bees photos (../shared/data), test = its val folder; 224 px
@@ -21,12 +23,12 @@ Recipes (default backbone, packaged Lite0 weights, seed 0, batch 32):
 - gradual-none / -medium / -heavy: the other augmentation presets
 - gradual+tta: the new default's model scored with test-time augmentation
 - gradual+ema: the new default with an EMA of the weights
-Each: test accuracy and macro-F1, validation accuracy, wall time of the whole call.
+Each: test accuracy and macro-F1, validation accuracy, wall time of the whole call; `table`
+records each recipe's mean test accuracy over the sets.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,11 +36,17 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import visiontune as vt
+from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
+from visiontune.data.imagify import imagify
+from visiontune.demo import write_lfw_subset
 
 SETS = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
 EPOCHS = 5
@@ -82,8 +90,6 @@ def prepare_hymenoptera(root: Path, shared: Path) -> None:
 
 
 def prepare_faces(root: Path) -> None:
-    from visiontune.demo import write_lfw_subset
-
     tmp = write_lfw_subset(root / "_lfw")
     _split_train_valid(root, {c: list((tmp / "train" / c).glob("*.png")) for c in ("faces", "non-faces")})
     shutil.copytree(tmp / "test", root / "test")
@@ -112,8 +118,6 @@ def prepare_digits(root: Path, n: int = 2000, seed: int = 0) -> None:
 
 
 def prepare_waves(root: Path, n: int = 300, seed: int = 0) -> None:
-    from visiontune.data.imagify import imagify
-
     rng = np.random.default_rng(seed)
     rows = [["label"] + [f"t{i}" for i in range(128)]]
     for i in range(n):
@@ -153,13 +157,12 @@ def prepare(out: Path, shared: Path) -> None:
 
 
 # -- visiontune ----------------------------------------------------------------------------
-def run_recipe(out: Path, name: str, recipe: str) -> list[dict]:
-    import visiontune as vt
-
-    data, size = out / name, SETS[name]
+def run_recipe(out: Path, name: str, recipe: str, model: dict | None = None) -> list[dict]:
+    """One recipe on one set, scored on its test split (`model`: overrides, as --smoke's tiny model)."""
+    data, size = out / name, SETS.get(name, 32)
     started = time.perf_counter()
-    r = vt.fit(data, image_size=size, batch_size=32, seed=0, progress=False, output=str(out / "runs" / name),
-               name=recipe, **RECIPES[recipe])
+    r = vt.fit(data, seed=0, output=str(out / "runs" / name), name=recipe,
+               **{"image_size": size, "batch_size": 32, "progress": False, **RECIPES[recipe], **(model or {})})
     seconds = time.perf_counter() - started
     rows = [_row(name, recipe, r, vt.evaluate(r.run_dir, data), seconds)]
     if recipe == "gradual":
@@ -175,12 +178,12 @@ def _row(name: str, recipe: str, fit, test, seconds: float) -> dict:
             "seconds": seconds, "epochs_run": len(fit.history), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def run(out: Path, only: list[str] | None, recipes: list[str] | None) -> None:
+def run(out: Path, only: list[str] | None, recipes: list[str] | None, model: dict | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     with open(out / "results.jsonl", "a") as fh:
         for name in only or list(SETS):
             for recipe in recipes or list(RECIPES):
-                for row in run_recipe(out, name, recipe):
+                for row in run_recipe(out, name, recipe, model):
                     fh.write(json.dumps(row) + "\n")
                     fh.flush()
                     print(row)
@@ -190,7 +193,7 @@ def run(out: Path, only: list[str] | None, recipes: list[str] | None) -> None:
 def run_fastai(out: Path, only: list[str] | None) -> None:
     """fastai `fine_tune(EPOCHS - 1, freeze_epochs=1)` with the same Lite0 weights and
     normalisation, image size and batch; test accuracy from the same test folder."""
-    from fastai_compare import fastai_learner  # bench/ is on the path of a script run from it
+    from bench.fastai_compare import fastai_learner  # imports fastai: only in the python that has it
 
     with open(out / "results.jsonl", "a") as fh:
         for name in only or list(SETS):
@@ -214,33 +217,56 @@ def run_fastai(out: Path, only: list[str] | None) -> None:
 
 
 # -- the table -----------------------------------------------------------------------------
-def table(out: Path) -> None:
+def table(out: Path, record: Recorder, sets: list[str] | None = None) -> None:
+    """The markdown table of OUT/results.jsonl (the latest row of each set and recipe); each
+    recipe's mean test accuracy over the sets is recorded."""
+    sets = sets or list(SETS)
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
     latest = {(r["set"], r["recipe"]): r for r in rows}
     recipes = list(dict.fromkeys([*RECIPES, "gradual+tta", "fastai fine_tune"]))
-    print("| recipe | " + " | ".join(SETS) + " | mean |")
-    print("|---|" + "---|" * (len(SETS) + 1))
+    print("| recipe | " + " | ".join(sets) + " | mean |")
+    print("|---|" + "---|" * (len(sets) + 1))
     for recipe in recipes:
         cells, accs = [], []
-        for name in SETS:
+        for name in sets:
             r = latest.get((name, recipe))
             if r is None:
                 cells.append("-")
                 continue
             accs.append(r["test_accuracy"])
             cells.append(f"{r['test_accuracy']:.4f} ({r['seconds']:.0f} s)")
-        mean = f"{np.mean(accs):.4f}" if len(accs) == len(SETS) else "-"
+        mean = f"{np.mean(accs):.4f}" if len(accs) == len(sets) else "-"
         print(f"| {recipe} | " + " | ".join(cells) + f" | {mean} |")
+        if len(accs) == len(sets):
+            record(f"{recipe} mean test accuracy, {len(sets)} sets", float(np.mean(accs)), note=", ".join(
+                f"{s} {a:.4f}" for s, a in zip(sets, accs)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("prepare", "run", "fastai", "table"))
-    ap.add_argument("out")
+def smoke(record: Recorder) -> int:
+    """waves (60 series) and a generated set, the tiny model, three recipes at 2 epochs; fastai left out."""
+    out = Path(tempfile.mkdtemp(prefix="vt-bench-suite-"))
+    prepare_waves(out / "waves", n=60)
+    tiny_folders(out / "tiny", per_class=8, splits=("train", "valid", "test"))
+    model = {**SMOKE_MODEL, "epochs": 2}
+    run(out, ["waves", "tiny"], ["fe-probe", "gradual", "gradual-sgd"], model)
+    table(out, record, ["waves", "tiny"])
+    print("fastai fine_tune: left out of --smoke (`FASTAI_PYTHON=... python -m bench.suite fastai OUT`)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("command", nargs="?", choices=("prepare", "run", "fastai", "table"))
+    ap.add_argument("out", nargs="?")
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--only", nargs="+", choices=list(SETS))
     ap.add_argument("--recipes", nargs="+", choices=list(RECIPES))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    record = Recorder("suite", args.smoke, argv)
+    if args.smoke:
+        return smoke(record)
+    if args.command is None or args.out is None:
+        ap.error("COMMAND and OUT are required (or --smoke)")
     out = Path(args.out)
     if args.command == "prepare":
         prepare(out, Path(args.shared))
@@ -248,11 +274,12 @@ def main() -> None:
         run(out, args.only, args.recipes)
     elif args.command == "fastai":
         if "fastai" not in sys.modules and os.environ.get("FASTAI_PYTHON") and sys.executable != os.environ["FASTAI_PYTHON"]:
-            raise SystemExit(subprocess.call([os.environ["FASTAI_PYTHON"], *sys.argv]))
+            raise SystemExit(subprocess.call([os.environ["FASTAI_PYTHON"], "-m", "bench.suite", *sys.argv[1:]]))
         run_fastai(out, args.only)
     else:
-        table(out)
+        table(out, record)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

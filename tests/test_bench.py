@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import importlib
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from bench import report
-from bench.harness import FIELDS, read_rows
+from bench.harness import FIELDS, append_row, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = {"__init__", "harness", "report"}
 SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem not in SUPPORT)
 # Scripts whose --smoke is not written yet (issue 35 item 8): this list only shrinks.
-PENDING = {"consistency", "fastai_compare", "label_efficiency", "mislabels", "multilabel", "probe_c", "regression",
-           "scale", "soak", "suite"}
+PENDING: set[str] = set()
 
 
 def has_smoke(name: str) -> bool:
@@ -33,12 +34,26 @@ def test_every_bench_has_a_smoke_mode_or_is_listed_pending() -> None:
     assert not done, f"remove from PENDING, they have --smoke now: {done}"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the block: a smoke's tensors are tiny, and on 2 shared cores
+    (CI, pytest-xdist) two threads a process mostly wait on each other (a probe fit measured
+    30x slower in wall time than on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SCRIPTS if n not in PENDING])
-def test_smoke(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smoke(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """`python -m bench.NAME --smoke`, in this process: it finishes and appends its rows."""
     monkeypatch.setenv("VISIONTUNE_BENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("VISIONTUNE_OFFLINE", "1")
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the subprocesses some smokes start
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the smokes' work folders go with the test's
     monkeypatch.chdir(tmp_path)
     status = importlib.import_module(f"bench.{name}").main(["--smoke"])
     assert status in (None, 0)
@@ -57,8 +72,6 @@ def test_results_page_is_generated_from_the_csvs() -> None:
 
 
 def test_the_page_shows_only_the_latest_row_of_a_figure(tmp_path: Path) -> None:
-    from bench.harness import append_row
-
     for value in ("1.0", "2.0"):
         append_row(tmp_path / "speed.csv", {"figure": "img/s", "value": value, "date": "d", "command": "c"})
     page = report.render(tmp_path)
