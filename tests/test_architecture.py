@@ -121,6 +121,7 @@ LAYERS = [
     ("visiontune.prediction",),
     ("visiontune.api",),
     ("visiontune.demo",),
+    ("visiontune.command_config",),
     ("visiontune.commands",),
     ("visiontune.cli",),
     ("visiontune.__main__",),
@@ -175,7 +176,8 @@ FILE_NAME = re.compile(r"[A-Za-z_][\w./-]*\.(json|jsonl|yaml|yml|csv|txt|safeten
                        r"sqlite|db|npy|npz)")
 # File names spelled outside visiontune/rundir.py, each with why it is not a run file.
 NOT_RUN_FILES = {
-    ("visiontune.cli", "to_label.csv"): "suggest's default --output: the user's file, in the current folder",
+    ("visiontune.command_config", "to_label.csv"): "suggest's default --output: the user's file, in the current "
+                                                  "folder",
     ("visiontune.data.hf", "complete.json"): "the marker of a Hugging Face dataset's folder in the cache",
     ("visiontune.data.hf", "dataset_dict.json"): "the datasets library's save_to_disk format (user data)",
     ("visiontune.data.hf", "dataset_info.json"): "the datasets library's save_to_disk format (user data)",

@@ -1,9 +1,11 @@
 """The `visiontune` command: the parser, and a dispatcher to the command bodies.
 
-The run options (train, cv, compare, advise, lr-find) are built from the config fields'
-metadata (`config.option`), so an option exists in one place. This module imports only
-the config and the strategy registry (no torch), so `--help` is instant; the command
-bodies (`visiontune.commands`) are imported when a command runs.
+The run options (train, cv, compare, advise, lr-find) and the options of the commands
+that use a run (predict, evaluate, interpret, suggest, serve, export, review:
+command_config.py) are built by the same code from the config fields' metadata
+(`config.option`), so an option exists in one place. This module imports only the config
+and the strategy registry (no torch), so `--help` is instant; the command bodies
+(`visiontune.commands`) are imported when a command runs.
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from visiontune.config import (
-    ENGINES,
-    SECTION_TITLES,
-    SUGGEST_METHODS,
-    DataConfig,
-    choices_of,
-    option_fields,
-    option_key,
+from visiontune.command_config import (
+    EvaluateConfig,
+    ExportConfig,
+    InterpretConfig,
+    PredictConfig,
+    ReviewConfig,
+    ServeConfig,
+    SuggestConfig,
+    command_fields,
 )
-from visiontune.deploy.formats import FORMATS, files_text
+from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
 from visiontune.errors import VisiontuneError
 from visiontune.files import CACHE_AREAS
-from visiontune.tasks.catalog import task_choices
 from visiontune.train.strategies import describe_strategies, strategy_names
 from visiontune.version import __version__
 
@@ -64,6 +66,10 @@ def _type_name(f: Any) -> str:
 
 def _add_option(group: Any, f: Any) -> None:
     meta, key = f.metadata, option_key(f)
+    if meta.get("positional"):  # a command's RUN, DATA...: command_config.argument
+        group.add_argument(f.name, help=meta["help"], metavar=meta.get("metavar"),
+                           **({"nargs": meta["nargs"]} if meta.get("nargs") else {}))
+        return
     name = "--" + f.name.replace("_", "-")
     if _type_name(f) == "bool":
         flag = meta.get("flag") or (f"--no-{f.name.replace('_', '-')}" if f.default else name)
@@ -71,13 +77,30 @@ def _add_option(group: Any, f: Any) -> None:
                            help=meta.get("off") or meta["help"] if f.default else meta["help"])
         return
     flag = meta.get("flag") or ("--" + key.replace("_", "-"))
-    shown = "" if f.default is None or f.default == "" else f" ({f.default!r})" if isinstance(f.default, str) and \
-        not f.default.strip() else f" ({f.default})"  # a blank default shown as ' ', not as ( )
+    if meta.get("append"):  # given once per value: command_config.repeated
+        group.add_argument(flag, dest=key, action="append", default=None, metavar=meta.get("metavar"),
+                           help=meta["help"])
+        return
     group.add_argument(flag, dest=key, type=_annotation_type(f), choices=choices_of(f), default=None,
-                       metavar=meta.get("metavar"), help=meta["help"] + shown,
+                       metavar=meta.get("metavar"), help=meta["help"] + _shown(f.default),
                        **({"nargs": meta["nargs"]} if meta.get("nargs") else {}))
     for alias, value in (meta.get("aliases") or {}).items():
         group.add_argument(alias, dest=key, action="store_const", const=value, help=f"same as {flag} {value}")
+
+
+def _shown(default: Any) -> str:
+    """A default as --help shows it after the help: ' (5)'; a blank one as ' (' ')', none for
+    None, '' or ()."""
+    if default is None or default == "" or default == ():
+        return ""
+    return f" ({default!r})" if isinstance(default, str) and not default.strip() else f" ({default})"
+
+
+def add_command_options(p: argparse.ArgumentParser, config: type) -> None:
+    """A use-command's arguments and options (predict, serve...), one per field of its
+    config (command_config.py), made by the code that makes the run options."""
+    for f in command_fields(config):
+        _add_option(p, f)
 
 
 def add_run_options(p: argparse.ArgumentParser, section: type | None = None) -> None:
@@ -131,118 +154,31 @@ def _add_training_commands(sub: Any) -> None:
 def _add_suggest_command(sub: Any) -> None:
     p = sub.add_parser("suggest", help="which unlabelled images to label next (typical images first, then the "
                        "model's least sure ones, spread out), written to a CSV that train --csv reads back")
-    p.add_argument("pool", nargs="+", help="folders (searched recursively) and files of unlabelled images (files "
-                   "that do not decode are skipped and listed)")
-    p.add_argument("--run", help="a trained run: its model's uncertainty; its own images count as labelled, and "
-                   "those it left out by --exclude (and their copies) are never suggested")
-    p.add_argument("--labelled", metavar="DATA", help="images labelled so far: a folder as train reads it, or the "
-                   "folder --csv paths are relative to")
-    p.add_argument("--csv", help="labels so far: a CSV of path,label (e.g. a filled-in to_label.csv)")
-    p.add_argument("--n", type=int, default=100, help="images to suggest (100)")
-    p.add_argument("--method", choices=SUGGEST_METHODS, default="auto",
-                   help="auto: typical while the median class (target) has under 5 labels (or nothing is "
-                   "labelled), else "
-                   "diverse; typical: the most typical image of each unlabelled cluster (TypiClust); uncertain: "
-                   "the model's least sure; diverse: least sure and unlike each other (uncertainty-weighted "
-                   "k-means++); random: a seeded sample")
-    p.add_argument("--output", default="to_label.csv", help="CSV to write: path, the task's label column (label; "
-                   "labels for label sets, an image with none written (none); value for numbers; empty: not labelled "
-                   "yet, fill it in), prediction, reason, score (to_label.csv); the rows filled in so far are kept "
-                   "first and count as labelled, besides --run, --labelled and --csv")
-    for flag, what in (("--backbone", "frozen model without --run (the default backbone)"),
-                       ("--weights", "its weights (pretrained)"), ("--image-size", "its input size"),
-                       ("--task", "shape of the --labelled labels (auto)"), ("--label-delim", "separator of label sets"),
-                       ("--device", "auto | cpu | cuda"), ("--engine", "auto | torch | onnx, for the features"),
-                       ("--cache-dir", "root of the feature cache"), ("--seed", "seed of k-means and random (0)")):
-        p.add_argument(flag, type=int if flag in ("--image-size", "--seed") else str, help=what)
+    add_command_options(p, SuggestConfig)
 
 
 def _add_review_command(sub: Any) -> None:
     p = sub.add_parser("review", help="in the browser: a run's suspected mislabels, top losses, duplicates and "
                        "outliers (keep / relabel / exclude, into RUN/review/ for train --relabel/--exclude), or "
                        "--label: the images of a suggestions CSV to label one by one")
-    p.add_argument("run", nargs="?", help="a run directory: review what interpret flagged (interpret runs first if "
-                   "it has not)")
-    p.add_argument("data", nargs="?", help="with RUN: the data interpret looks at (default: the run's own images)")
-    p.add_argument("--label", metavar="CSV", help="instead of RUN: the CSV `suggest` wrote (to_label.csv); each answer is "
-                   "merged into it at once (rows added and labels typed meanwhile are kept)")
-    p.add_argument("--classes", help="comma-separated class names for the buttons and keys (default: the labels "
-                   "and guesses in the CSV)")
-    p.add_argument("--task", choices=task_choices(), default="auto", help="--label: the shape of the CSV's labels, "
-                   "which says how a label is given (a class chosen, the labels of a set toggled, a number typed); "
-                   "auto: as train --csv reads the file (a 'labels' column holds label sets, a 'value' column numbers, else "
-                   "classes)")
-    p.add_argument("--label-delim", default=" ", help="--label: separator of the labels of a set (' ')")
-    add_host_options(p, 8001, "the page can relabel")
-
-
-def add_host_options(p: argparse.ArgumentParser, port: int, what: str) -> None:
-    """--host, --port and --allowed-host of the commands that serve a page (visiontune.web)."""
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 (default) is this machine "
-                   "only; 0.0.0.0 every network interface, so anyone who can reach the port can use the page")
-    p.add_argument("--port", type=int, default=port, help=f"port to listen on ({port})")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help=f"also answer requests addressed to NAME (this machine's name or address as others type it, "
-                   f"without port: a URL or port given is reduced to the name; '*.example.com' a domain, '*' any; "
-                   f"repeatable). Only localhost, 127.0.0.1, [::1] and --host are answered otherwise (400): "
-                   f"{what}, and another web site must not reach it through DNS rebinding")
+    add_command_options(p, ReviewConfig)
 
 
 def _add_use_commands(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files and folders with a trained run")
-    p.add_argument("run", help=f"run directory, its model.safetensors, or an exported {files_text()} (a .ts file runs "
-                   "TorchScript code when loaded: use only .ts files you trust; prefer .onnx)")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=3, help="most probable labels shown per image (default 3)")
-    p.add_argument("--output", help="also write the predictions to a .csv or .json file, row by row as they come "
-                   "(the file is replaced only when complete). In the CSV, a label a spreadsheet would run as a "
-                   "formula (starting with = + - @) is written with a leading ' (visiontune reads it back without it)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image "
-                   "(center, mirrored, whole image, mirrored); ~4x the time")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--engine", choices=ENGINES.names(), default="auto",
-                   help="CPU inference engine. auto: ONNX Runtime when the run has a current model.onnx, or when "
-                   "onnxruntime is installed and there are >= 2000 images (model.onnx is exported into the run once); "
-                   "else PyTorch")
+    add_command_options(p, PredictConfig)
 
     p = sub.add_parser("evaluate", help="metrics, per-class (per-label) report and confusion on labelled images")
-    p.add_argument("run", help="run directory (or its model.safetensors)")
-    p.add_argument("data", help="class-folder tree (a dataset root uses its test/ or valid/ split), or the folder "
-                   "the --csv paths are relative to")
-    p.add_argument("--csv", help="CSV of path,label(s)[,split]: its test split, else valid, else every row")
-    p.add_argument("--label-delim", help="separator of a multi-label CSV's labels (default: the run's)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average 4 views per image")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output", help="write metrics, report and confusion matrix to this .json file")
+    add_command_options(p, EvaluateConfig)
 
     p = sub.add_parser("serve", help="web page + JSON API on localhost: drop an image, see the top-k labels")
-    p.add_argument("run", help="run directory")
-    add_host_options(p, 8000, "the page uses the model")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--max-pixels", type=int, default=50_000_000,
-                   help="refuse images whose header announces more pixels (413), before decoding (50000000)")
-    p.add_argument("--max-pending", type=int, default=64,
-                   help="requests decoding or waiting for the model at once; more get 503 + Retry-After (64)")
+    add_command_options(p, ServeConfig)
 
 
 def _add_share_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="ONNX, torch.export (pt2), timm/Hub folder or TorchScript, with class names "
                        "and preprocessing inside; checked against the eager model")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--format", choices=FORMATS.names(), default="onnx", help=FORMATS.choices_help())
-    p.add_argument("--output", help="file (folder for timm) to write; default "
-                   + files_text("RUN/", ", ", " or "))
-    p.add_argument("--int8", action="store_true", help="onnx: also write MODEL.int8.onnx, quantised by ONNX "
-                   "Runtime (static, calibrated on the run's validation images; dynamic as the fallback) and "
-                   "checked on the validation split against fp32")
-    p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
-                   help="--int8: refuse the int8 model (keeping fp32) when its validation score (accuracy; mAP; "
-                   "R²) is this many points under fp32's")
-    p.add_argument("--calibration", type=int, default=256, metavar="N",
-                   help="--int8: about N validation images (a stratified sample) calibrate the activation "
-                   "ranges; with 2 x N or more, the drop is scored on the others")
+    add_command_options(p, ExportConfig)
 
     p = sub.add_parser("push", help="upload the run to the Hugging Face Hub in timm's layout (needs a network "
                        "and a token: huggingface-cli login)")
@@ -268,14 +204,7 @@ def _add_look_commands(sub: Any) -> None:
 
     p = sub.add_parser("interpret", help="confusion, top losses, Grad-CAM, suspected mislabels, duplicates, "
                        "curves and report.html in RUN/interpret/")
-    p.add_argument("run", help="run directory")
-    p.add_argument("data", nargs="?", help="data folder (default: the run's own splits.csv)")
-    p.add_argument("--oof", help="out-of-fold probabilities from `visiontune cv` (oof.csv) for the mislabel ranking")
-    p.add_argument("--top-n", type=int, default=16)
-    p.add_argument("--saliency", nargs="+", metavar="IMAGE", help="also explain these images with Grad-CAM")
-    p.add_argument("--mislabels-in-test", action="store_true",
-                   help="also look for mislabels among test images (default: train + valid, what training uses)")
-    p.add_argument("--device", default="auto")
+    add_command_options(p, InterpretConfig)
 
 
 def _add_data_commands(sub: Any) -> None:

@@ -1,5 +1,7 @@
 """The bodies of the `visiontune` commands: arguments -> one library call -> printed
-summary. `cli.py` parses and imports this module only when a command runs."""
+summary. `cli.py` parses and imports this module only when a command runs. The commands
+that use a run read their typed config (command_config.py, `from_args`: bounds and
+choices checked), the run commands the run options (`RunConfig`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,16 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from visiontune.command_config import (
+    EvaluateConfig,
+    ExportConfig,
+    InterpretConfig,
+    PredictConfig,
+    ReviewConfig,
+    ServeConfig,
+    SuggestConfig,
+    from_args,
+)
 from visiontune.config import cli_option_keys
 from visiontune.errors import ConfigError
 from visiontune.files import atomic_write, write_csv, write_json
@@ -84,18 +96,17 @@ def advise_strategy(args: argparse.Namespace) -> int:
 def suggest_labels(args: argparse.Namespace) -> int:
     from visiontune.selection.suggest import filled_rows, suggest
 
-    overrides = {key: getattr(args, key) for key in ("backbone", "weights", "image_size", "task", "label_delim",
-                                                     "device", "engine", "cache_dir", "seed")
-                 if getattr(args, key) is not None}
-    if filled_rows(args.output):  # the labels filled in so far count, with --labelled / --csv / --run alike
-        print(f"labelled so far: the filled-in rows of {args.output}")
-    result = suggest(args.pool if len(args.pool) > 1 else args.pool[0], run=args.run, labelled=args.labelled,
-                     csv=args.csv, output=args.output, n=args.n, method=args.method, **overrides)
-    kept = result.write_csv(args.output)
+    cfg = from_args(SuggestConfig, args)
+    if filled_rows(cfg.output):  # the labels filled in so far count, with --labelled / --csv / --run alike
+        print(f"labelled so far: the filled-in rows of {cfg.output}")
+    result = suggest(list(cfg.pool) if len(cfg.pool) > 1 else cfg.pool[0], run=cfg.run, labelled=cfg.labelled,
+                     csv=cfg.csv, output=cfg.output, n=cfg.n, method=cfg.method, **cfg.overrides())
+    kept = result.write_csv(cfg.output)
     print(result.format())
-    shape = f"{shlex.quote(args.output)} --task {result.task}" + (
-        f" --label-delim {shlex.quote(args.label_delim)}" if args.label_delim else "")
-    print(f"wrote {args.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
+    delim = cfg.frozen.label_delim
+    shape = f"{shlex.quote(cfg.output)} --task {result.task}" + (
+        f" --label-delim {shlex.quote(delim)}" if delim else "")
+    print(f"wrote {cfg.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
           + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), or label "
           f"them in the browser with `visiontune review --label {shape}`; then `visiontune train --csv {shape}` "
           "trains on the rows you filled in")
@@ -105,26 +116,28 @@ def suggest_labels(args: argparse.Namespace) -> int:
 def review_labels(args: argparse.Namespace) -> int:
     from visiontune.analysis.review import create_review_app
 
-    if (args.run is None) == (args.label is None):
+    cfg = from_args(ReviewConfig, args)
+    if (cfg.run is None) == (cfg.label is None):
         raise ConfigError("review: give a run directory (review RUN [DATA]) or --label CSV, not both or neither")
     # the app is built first: a bad run or file is an error before the server starts
-    allowed_hosts(args.host, args.allowed_host)  # a bad --allowed-host is an error before the work starts
-    if args.run is not None:
+    listen = cfg.listen
+    allowed_hosts(listen.host, listen.allowed_host)  # a bad --allowed-host is an error before the work starts
+    if cfg.run is not None:
         from visiontune.analysis.run_review import create_run_review_app
         from visiontune.rundir import RunDir
 
-        if args.task != "auto" or args.label_delim != " " or args.classes:
+        if cfg.task != "auto" or cfg.label_delim != " " or cfg.classes:
             raise ConfigError("review RUN: --task, --label-delim and --classes are for --label; a run's review "
                               "takes its task, delimiter and classes from the run")
-        app = create_run_review_app(args.run, args.data)
-        where = f"decisions go into {RunDir(args.run).review.path}"
+        app = create_run_review_app(cfg.run, cfg.data)
+        where = f"decisions go into {RunDir(cfg.run).review.path}"
     else:
-        app = create_review_app(args.label, [c.strip() for c in args.classes.split(",") if c.strip()]
-                                if args.classes else None, args.task, args.label_delim)
-        where = f"answers go into {args.label}"
-    print(f"review: {page_url(args.host, args.port)}  ({where} at once; Ctrl+C stops)\n"
-          + reach_note(args.host, args.port, allowed_hosts(args.host, args.allowed_host)))
-    serve_app(app, args.host, args.port, args.allowed_host, "review")
+        app = create_review_app(cfg.label, [c.strip() for c in cfg.classes.split(",") if c.strip()]
+                                if cfg.classes else None, cfg.task, cfg.label_delim)
+        where = f"answers go into {cfg.label}"
+    print(f"review: {page_url(listen.host, listen.port)}  ({where} at once; Ctrl+C stops)\n"
+          + reach_note(listen.host, listen.port, allowed_hosts(listen.host, listen.allowed_host)))
+    serve_app(app, listen.host, listen.port, listen.allowed_host, "review")
     return 0
 
 
@@ -142,8 +155,10 @@ def predict(args: argparse.Namespace) -> int:
     """Each prediction is printed (and written to --output) as it comes: memory stays flat."""
     from visiontune.prediction import predict_stream
 
-    stream = predict_stream(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                            device=args.device, tta=args.tta, engine=args.engine)
+    cfg = from_args(PredictConfig, args)
+    how = cfg.inference
+    stream = predict_stream(cfg.run, list(cfg.inputs), top_k=cfg.top.top_k, batch_size=how.batch_size,
+                            device=how.device, tta=how.tta, engine=cfg.engine)
     printed = 0
 
     def printing() -> Iterator[Prediction]:
@@ -153,9 +168,9 @@ def predict(args: argparse.Namespace) -> int:
             printed += 1
             yield p
 
-    if args.output:  # written to a temporary file and renamed at the end: an old file survives a failure
-        _write_predictions(args.output, printing(), stream.task, args.top_k, stream.label_delim)
-        print(f"wrote {printed} predictions to {args.output}", file=sys.stderr)  # stdout holds the predictions
+    if cfg.output:  # written to a temporary file and renamed at the end: an old file survives a failure
+        _write_predictions(cfg.output, printing(), stream.task, cfg.top.top_k, stream.label_delim)
+        print(f"wrote {printed} predictions to {cfg.output}", file=sys.stderr)  # stdout holds the predictions
     else:
         for _ in printing():
             pass
@@ -192,16 +207,18 @@ def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k:
 def evaluate(args: argparse.Namespace) -> int:
     from visiontune.prediction import evaluate as evaluate_run
 
-    result = evaluate_run(args.run, args.data, csv=args.csv, label_delim=args.label_delim,
-                          batch_size=args.batch_size, device=args.device, tta=args.tta)
+    cfg = from_args(EvaluateConfig, args)
+    how = cfg.inference
+    result = evaluate_run(cfg.run, cfg.data, csv=cfg.csv, label_delim=cfg.label_delim,
+                          batch_size=how.batch_size, device=how.device, tta=how.tta)
     print(result.format())
     for path, why in result.excluded:
         print(f"excluded {path}: {why}", file=sys.stderr)
-    if args.output:
-        write_json(args.output, {"metrics": result.metrics, "per_class": result.report,
+    if cfg.output:
+        write_json(cfg.output, {"metrics": result.metrics, "per_class": result.report,
                                  "confusion": None if result.confusion is None else result.confusion.tolist(),
                                  "classes": result.classes})
-        print(f"wrote {args.output}")
+        print(f"wrote {cfg.output}")
     return 0
 
 
@@ -227,12 +244,13 @@ def imagify_table(args: argparse.Namespace) -> int:
 def export_run(args: argparse.Namespace) -> int:
     from visiontune.deploy.export import export
 
-    if args.int8:
+    cfg = from_args(ExportConfig, args)
+    if cfg.int8:
         from visiontune.deploy.quantize import export_int8
 
-        result = export_int8(args.run, args.format, args.output, args.max_drop, args.calibration)
+        result = export_int8(cfg.run, cfg.format, cfg.output, cfg.max_drop, cfg.calibration)
     else:
-        result = export(args.run, args.format, args.output)
+        result = export(cfg.run, cfg.format, cfg.output)
     print(f"{result.format}: {result.path}")
     print(f"parity check: max |eager - exported| = {result.max_abs_diff:.2e}")
     if result.int8 is not None:
@@ -250,19 +268,23 @@ def push_run(args: argparse.Namespace) -> int:
 def serve_run(args: argparse.Namespace) -> int:
     from visiontune.deploy.serve import create_app
 
-    allowed_hosts(args.host, args.allowed_host)  # a bad --allowed-host is an error before the work starts
-    app = create_app(args.run, args.top_k, max_pixels=args.max_pixels, max_pending=args.max_pending)  # a bad run too
-    print(f"serving {args.run} on {page_url(args.host, args.port)} (Ctrl-C stops)\n"
-          + reach_note(args.host, args.port, allowed_hosts(args.host, args.allowed_host)))
-    serve_app(app, args.host, args.port, args.allowed_host)
+    cfg = from_args(ServeConfig, args)
+    listen = cfg.listen
+    allowed_hosts(listen.host, listen.allowed_host)  # a bad --allowed-host is an error before the work starts
+    app = create_app(cfg.run, cfg.top.top_k, max_pixels=cfg.max_pixels, max_pending=cfg.max_pending)  # a bad run too
+    print(f"serving {cfg.run} on {page_url(listen.host, listen.port)} (Ctrl-C stops)\n"
+          + reach_note(listen.host, listen.port, allowed_hosts(listen.host, listen.allowed_host)))
+    serve_app(app, listen.host, listen.port, listen.allowed_host)
     return 0
 
 
 def interpret_run(args: argparse.Namespace) -> int:
     from visiontune.analysis.interpret import interpret
 
-    print(interpret(args.run, args.data, top_n=args.top_n, oof=args.oof, device=args.device,
-                    saliency=args.saliency, mislabels_in_test=args.mislabels_in_test).format())
+    cfg = from_args(InterpretConfig, args)
+    print(interpret(cfg.run, cfg.data, top_n=cfg.top_n, oof=cfg.oof, device=cfg.device,
+                    saliency=list(cfg.saliency) if cfg.saliency else None,
+                    mislabels_in_test=cfg.mislabels_in_test).format())
     return 0
 
 

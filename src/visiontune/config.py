@@ -469,8 +469,8 @@ def check_fields(obj: Any, section: str = "") -> None:
         if not f.metadata or f.name in SECTION_TITLES:
             continue
         value, key = getattr(obj, f.name), option_key(f)
-        choices = choices_of(f)
-        if choices is not None and value not in choices:
+        choices = choices_of(f)  # None where None is the default: not given (a command's override)
+        if choices is not None and value not in choices and not (value is None and f.default is None):
             raise ConfigError(f"{key} {value!r} is not valid; choose one of: {', '.join(choices)}")
         if value is None or isinstance(value, (str, bool)):
             continue
