@@ -323,10 +323,10 @@ class RunDir:
     def record_tracking(self, backend: str, entry: dict[str, str]) -> None:
         """Add `backend`'s entry to tracking.json, keeping the other backends'."""
         try:
-            held = json.loads(self.tracking_file.read_text())
+            recorded = json.loads(self.tracking_file.read_text())
         except (OSError, ValueError):
-            held = {}
-        write_json(self.tracking_file, {**(held if isinstance(held, dict) else {}), backend: entry})
+            recorded = {}
+        write_json(self.tracking_file, {**(recorded if isinstance(recorded, dict) else {}), backend: entry})
 
     def read_time_budget(self) -> dict[str, Any]:
         """time_budget.json ({} when the run has none)."""

@@ -41,11 +41,11 @@ def test_a_suggested_set_is_the_given_set_with_the_changes_applied() -> None:
     first = next(s for s in suspects if s.path == "a.png")
     assert first.predicted == "+blue -cat +dog" and first.suggested == ("blue", "dog")
     task = MultiLabel(["blue", "cat", "dog"])
-    assert task.change(("cat",), first.suggested) == "blue, dog (+blue +dog -cat)"
-    assert task.entry(first.suggested) == ["blue", "dog"] and task.shown(()) == "(none)"
-    assert task.parse_label(task.entry(first.suggested), " ", "page") == ("blue", "dog")
+    assert task.form.change(("cat",), first.suggested) == "blue, dog (+blue +dog -cat)"
+    assert task.form.entry(first.suggested) == ["blue", "dog"] and task.form.shown(()) == "(none)"
+    assert task.parse_label(task.form.entry(first.suggested), " ", "page") == ("blue", "dog")
     assert task.label_of(task.decode(np.array([[0.9, 0.1, 0.7]]), 1)[0]) == ("blue", "dog")
-    assert task.label_entry == "toggle"
+    assert task.form.label_entry == "toggle"
 
 
 def test_outliers_put_the_odd_one_first() -> None:

@@ -300,7 +300,7 @@ class _HoldUntilTheDeadline(Callback):
 
     def on_epoch_start(self, trainer) -> None:
         self.done = 0
-        self.steps = len(trainer.data(trainer.plan.phase_index(trainer.state.epoch)).train)
+        self.steps = len(trainer.data.for_phase(trainer.plan.phase_index(trainer.state.epoch)).train)
         if self.moment == "epoch start":
             self._hold(trainer)
 

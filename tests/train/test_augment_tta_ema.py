@@ -96,7 +96,7 @@ def test_ema_is_validated_and_its_weights_are_saved_when_better(flat_data: Path,
     assert {"ema_val_loss", "ema_accuracy"} <= set(r.history[0])
     monkeypatch.setattr(Objective, "better", lambda self, a, b: "ema_marker" not in b)  # the EMA always wins
     held: list[dict[str, torch.Tensor]] = []
-    real_end = Trainer.adopt_held_weights
+    real_end = Trainer.adopt_chosen_weights
 
     def keep(self):
         held.append({k: v.detach().clone() for k, v in self.ema.module.state_dict().items()})
@@ -104,7 +104,7 @@ def test_ema_is_validated_and_its_weights_are_saved_when_better(flat_data: Path,
         held.append(raw)
         real_end(self)
 
-    monkeypatch.setattr(Trainer, "adopt_held_weights", keep)
+    monkeypatch.setattr(Trainer, "adopt_chosen_weights", keep)
     r = vt.fit(flat_data, name="ema-wins", **dict(kw, restore_best=False))
     ema, raw = held
     saved = load_file(str(Path(r.run_dir) / "model.safetensors"))

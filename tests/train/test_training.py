@@ -43,7 +43,7 @@ def test_one_batch_can_be_overfit_by_the_trainer(tmp_path: Path, tiny: dict) -> 
     trainer = Trainer(prepare_run(cfg, load_items(cfg.data)), [])
     trainer.enter_phase(0)
     trainer.train_mode()
-    x, y, _ = next(iter(trainer.data(0).train))
+    x, y, _ = next(iter(trainer.data.for_phase(0).train))
     losses = [trainer.train_step(trainer.model, x, y) for _ in range(150)]
     assert losses[0] > 1.0 and losses[-1] < 0.05
     trainer.model.eval()

@@ -2,7 +2,7 @@
 
 A page on localhost shows the images of a suggestions CSV (`visiontune suggest`: path,
 the task's label column, prediction, ...) whose label is still empty, one by one, with
-the model's guess. How a label is given is the task's (`Task.label_entry`; `--task`, auto
+the model's guess. How a label is given is the task's (`task.form.label_entry`, tasks/form.py; `--task`, auto
 as `train --csv` reads the file): a class is chosen (a button, or a digit key: 1 = the
 first, as the page lists them), the labels of a set are toggled (buttons or digits, then
 Enter; a set with no label is saved as `(none)`, since an empty cell is a row not
@@ -13,9 +13,9 @@ nothing when a class name is itself a number: a digit would store another class,
 is typed, and the help line says so. The class buttons come with the queue and each
 answer: classes added to the file later get one.
 
-Each answer is read with the task (`Task.from_entry`: text, or a list for a set; null, a
+Each answer is read with the task (`Form.from_entry`: text, or a list for a set; null, a
 list for a class, an object are refused, a number that is not one too) and written into
-the CSV's label column at once (`Task.answer_text`), merged with what the file holds at
+the CSV's label column at once (`Form.answer_text`), merged with what the file holds at
 that moment: rows `suggest` appended and labels typed in a spreadsheet while the page is
 open are kept, rows are found by their path, and an image labelled otherwise in the file
 meanwhile is refused (409: reload the page) rather than overwritten. Two pages on one
@@ -162,8 +162,8 @@ def page_spec(task: type[Task] | Task, classes: Sequence[str]) -> dict[str, Any]
     digit keys pick them (not when a class name is itself a number: a typed 3 would then
     store the third class, not "3")."""
     names = [str(c) for c in classes]
-    return {"entry": task.label_entry, "classes": names,
-            "keys": task.label_entry != "type" and bool(names) and not any(_numeric(c) for c in names), "help": ""}
+    return {"entry": task.form.label_entry, "classes": names,
+            "keys": task.form.label_entry != "type" and bool(names) and not any(_numeric(c) for c in names), "help": ""}
 
 
 def _numeric(name: str) -> bool:
@@ -233,7 +233,7 @@ class LabelFile:
     def _entry(self, guess: str) -> Any:
         """The guess as the entry edits it (None: no guess, or one the task cannot read)."""
         try:
-            return self.task.entry(self.task.parse_label(guess, self.delim, "prediction"), self.delim) if guess else None
+            return self.task.form.entry(self.task.parse_label(guess, self.delim, "prediction"), self.delim) if guess else None
         except DataError:
             return None
 
@@ -271,8 +271,8 @@ class LabelFile:
         is now (`_merge`; ConflictError when the file contradicts it)."""
         self.image(item)
         path = self.paths[item]
-        label = self.task.from_entry(value, self.delim, f"label of {path}")
-        text = self.task.answer_text(label, self.delim).strip()
+        label = self.task.form.from_entry(value, self.delim, f"label of {path}")
+        text = self.task.form.answer_text(label, self.delim).strip()
         if not text:
             raise DataError(f"label {value!r} for {path}: an empty label cannot be told from an unanswered row in "
                             f"{self.path.name}; skip the image (Esc) instead")
@@ -326,7 +326,7 @@ def create_review_app(label_file: str | os.PathLike[str], classes: list[str] | N
         raise VisiontuneError("review needs fastapi: pip install 'visiontune[serve]'") from None
     labels = LabelFile(label_file, task, delim)
     page = (PAGE.replace("__ENTRY__", ENTRY).replace("__STYLE__", STYLE.replace("__WIDTH__", "720"))
-            .replace("__PLACEHOLDER__", "the number" if labels.task.label_entry == "type" else "another label")
+            .replace("__PLACEHOLDER__", "the number" if labels.task.form.label_entry == "type" else "another label")
             .replace("__FILE__", html.escape(str(labels.path))).replace("__SPEC__", spec_json(labels.spec(classes))))
     app = FastAPI(title="visiontune review")
 

@@ -4,18 +4,18 @@ fastai's `ImageClassifierCleaner`, for the whole run and outside a notebook. A p
 localhost lists the images `interpret` flagged (RUN/interpret/: suspected mislabels, top
 losses, near-duplicates, outliers), one by one, with the image, its Grad-CAM, the given
 label, the model's and the reasons (a suspect's evidence as the task reads it:
-`Task.suspicion`, probabilities for classes, residuals for numbers). interpret runs first
+`task.form.suspicion`, probabilities for classes, residuals for numbers). interpret runs first
 when its views are missing, were made for other data than DATA (interpret/source.json
 says which, and the folder it ran in, which the views' relative paths are relative to:
 the page works from any folder), or by a version without their `suggested` column.
 
-What a label is and how it is given is the run's task's (`Task.label_entry`, `entry`,
+What a label is and how it is given is the run's task's (`task.form`: `label_entry`, `entry`,
 `shown`, `change`): a class is chosen, the labels of a set are toggled (the page starts
 from the set the evidence points to: the given set with the suspected changes applied),
 a number is typed (the box starts from the model's number, every digit). Enter saves what
 the entry shows (choose: the model's label), 1-9 a class (not when class names are
 numbers: the help line says so), `k` keeps, `x` excludes, `s` skips; a relabel to the
-given label is a keep. Each decision is read with the task's `from_entry` (null, a list
+given label is a keep. Each decision is read with the task form's `from_entry` (null, a list
 for a class, an object, a number that is none, a class the run lacks: a 400 naming it)
 and recorded at once in RUN/review/ (analysis/decisions.py: one append-only log, and
 corrections.csv / exclude.txt / kept.txt derived from it, the files `train
@@ -119,7 +119,7 @@ def flagged(run: Path, bundle: Bundle, data: str | None = None) -> list[Case]:
     for r in _rows(views.mislabels):
         if r.get("flagged", "").lower() in ("true", "1", "yes") and (c := found.case(r["path"], float(r["rank"]),
                                                                                      r["suggested"])):
-            c.reasons.append(task.suspicion(r["rank"], r["suspected"], float(r["p_label"]), float(r["p_suspected"])))
+            c.reasons.append(task.form.suspicion(r["rank"], r["suspected"], float(r["p_label"]), float(r["p_suspected"])))
     for i, r in enumerate(_rows(views.top_losses)):
         if c := found.case(r["path"], 1e4 + i, r["suggested"]):
             c.reasons.append(f"top loss #{i + 1}: loss {float(r['loss']):.2f}, predicted {r['predicted']}")
@@ -227,11 +227,11 @@ class RunReview:
 
     def _old_label(self, path: str, cell: str) -> str:
         """A label cell of a corrections.csv from before the decision log, as the log
-        records it: the task reads it against the image's given label (`Task.read_change`:
+        records it: the task reads it against the image's given label (`Form.read_change`:
         "+dog -cat" from an older page of label sets is the set it leads to)."""
         task, where = self.bundle.task, f"{self.review.corrections}: {path}"
-        label = task.read_change(self._given.get(os.path.realpath(path)), cell, self.delim, where)
-        return task.answer_text(label, self.delim)
+        label = task.form.read_change(self._given.get(os.path.realpath(path)), cell, self.delim, where)
+        return task.form.answer_text(label, self.delim)
 
     @functools.cached_property
     def _given(self) -> dict[str, Label]:
@@ -244,10 +244,10 @@ class RunReview:
         place in the list; labels as the task shows (`label`, `change`) and edits them
         (`given`, `suggested`)."""
         task, decided = self.bundle.task, {os.path.realpath(p) for p in self.decisions.current()}
-        return [{"index": i, "name": os.path.basename(c.path), "path": c.path, "label": task.shown(c.label),
-                 "given": task.entry(c.label, self.delim), "reasons": c.reasons,
-                 "suggested": None if c.suggested is None else task.entry(c.suggested, self.delim),
-                 "change": "" if c.suggested is None else task.change(c.label, c.suggested)}
+        return [{"index": i, "name": os.path.basename(c.path), "path": c.path, "label": task.form.shown(c.label),
+                 "given": task.form.entry(c.label, self.delim), "reasons": c.reasons,
+                 "suggested": None if c.suggested is None else task.form.entry(c.suggested, self.delim),
+                 "change": "" if c.suggested is None else task.form.change(c.label, c.suggested)}
                 for i, c in enumerate(self.cases) if os.path.realpath(c.path) not in decided]
 
     def decide(self, index: int, action: str, value: Any = "") -> None:
@@ -257,8 +257,8 @@ class RunReview:
         case, task, text = self.case(index), self.bundle.task, ""
         if action == "relabel":
             where = f"relabel {case.path}"
-            label = task.from_entry(value, self.delim, where)
-            text = task.answer_text(label, self.delim)
+            label = task.form.from_entry(value, self.delim, where)
+            text = task.form.answer_text(label, self.delim)
             if label == "" or "\n" in text or "\r" in text:
                 raise DataError(f"{where}: give the new label (one line)")
             if unknown := task.unknown_labels([label]):

@@ -62,13 +62,13 @@ class DataSource:
 
     def summary(self) -> str:
         task = task_class(self.task)
-        lines = [f"data: {self.root}  {task.summary_head(self.classes)}"
+        lines = [f"data: {self.root}  {task.wording.summary_head(self.classes)}"
                  + (f"  task: {self.task}" + (f" (detected: {self.detected})" if self.detected else "")
                     if task.wording.named_in_summary else "")]
         for split in (TRAIN, VALID, TEST):
             items = self.split(split)
             if items:
-                lines += task.split_lines(split, [it.label for it in items], self.classes)
+                lines += task.wording.split_lines(split, [it.label for it in items], self.classes)
         if self.class_counts():
             lines.append(f"  imbalance (largest/smallest train {task.wording.label_kind}): {self.imbalance_ratio():.2f}")
         missing = self.missing_from_valid()

@@ -87,11 +87,11 @@ def assign_validation(source: DataSource, valid_pct: float, seed: int) -> None:
     source.no_validation = source.no_validation or why
 
 
-def _too_few(source: DataSource, split: list[Item], valid_pct: float, held: int) -> str:
+def _too_few(source: DataSource, split: list[Item], valid_pct: float, n_valid: int) -> str:
     """Why a split just drawn holds nothing usable out ("" when it does): no image at all
     (label sets too few for iterative stratification to give --valid-pct any), or some
     class (label) with no training image left."""
-    if valid_pct > 0 and not held:
+    if valid_pct > 0 and not n_valid:
         return f"{sum(it.split == TRAIN for it in split)} labelled images are too few to hold out {valid_pct:g} of them"
     task = task_class(source.task)
     trained = task.counts([it.label for it in split if it.split == TRAIN], source.classes)

@@ -28,7 +28,7 @@ def suggestion_label(header: list[str]) -> int | None:
     """The label column's index when `header` (lower case) is a suggestions CSV's (what
     `visiontune suggest` writes: path, the task's label column, prediction, ...); None for
     a table of another shape."""
-    columns = ["label", *(t.label_column for t in TASKS.values())]
+    columns = ["label", *(t.form.label_column for t in TASKS.values())]
     if header[:1] != ["path"] or "prediction" not in header:
         return None
     return next((header.index(c) for c in columns if c in header), None)
@@ -147,7 +147,7 @@ def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataCon
     if cfg.task != "auto":
         return cfg.task, ""
     name = rows[0][label_i].strip().lower() if has_header and label_i < len(rows[0]) else ""
-    found = next((t for t in TASKS.values() if name and name in t.label_columns), None)
+    found = next((t for t in TASKS.values() if name and name in t.form.label_columns), None)
     if found is None:
         return SINGLE, ""
     return found.name, f"a {name!r} column of {found.wording.label_kind}s"
@@ -156,12 +156,12 @@ def csv_task(rows: list[list[str]], label_i: int, has_header: bool, cfg: DataCon
 def _row_label(text: str, task: str, cfg: DataConfig, where: str, answers: bool = False,
                detected: str = "") -> Label | None:
     """A row's label: the set (multi-label), the number, or the class; None for a row of
-    a suggestions CSV (`answers`) not answered yet (`Task.parse_answer`). With an explicit
+    a suggestions CSV (`answers`) not answered yet (`Form.parse_answer`, tasks/form.py). With an explicit
     --task single-label, a cell holding several labels is an error naming the row; a task
     `detected` from the column's name says so when the cell does not fit it."""
     shape = task_class(task)
     try:
-        label = (shape.parse_answer if answers else shape.parse_label)(text, cfg.label_delim, where)
+        label = (shape.form.parse_answer if answers else shape.parse_label)(text, cfg.label_delim, where)
     except DataError as exc:
         if not detected:
             raise
@@ -182,7 +182,7 @@ def _csv_columns(
     """(path, label, split, group) column indices and the data rows."""
     header = [h.strip().lower() for h in rows[0]]
     named = cfg.csv_path_col or cfg.csv_label_col
-    labels = (*LABEL_COLUMNS, *(c for t in TASKS.values() for c in t.label_columns if c not in LABEL_COLUMNS))
+    labels = (*LABEL_COLUMNS, *(c for t in TASKS.values() for c in t.form.label_columns if c not in LABEL_COLUMNS))
     has_header = named or any(h in PATH_COLUMNS + labels for h in header)
     if not has_header:
         if len(header) < 2:

@@ -118,7 +118,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, target: Path, me
 
 class _ProgramModule(nn.Module):
     """A torch.export program's module behind the interface `run_eval` uses: that module
-    refuses .eval()/.train() (its graph is fixed in eval mode), so it is held unregistered."""
+    refuses .eval()/.train() (its graph is fixed in eval mode), so it is kept as a plain
+    attribute, not a registered submodule."""
 
     def __init__(self, program_module: Any) -> None:
         super().__init__()

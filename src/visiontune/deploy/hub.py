@@ -111,7 +111,7 @@ def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path
     splits = Counter(row["split"] for row in RunDir(run).split_rows())
     metrics = RunDir(run).read_metrics()
     shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    labels = f"{task.summary_head(task.classes)} ({', '.join(task.classes)})"
+    labels = f"{task.wording.summary_head(task.classes)} ({', '.join(task.classes)})"
     recipe = (f"backbone `{cfg.model.backbone}` ({cfg.model.weights} weights), strategy `{cfg.strategy.name}`, "
               f"{metrics.get('epochs_run', cfg.train.epochs)} epochs run (best: {metrics.get('best_epoch', '?')}), "
               f"{cfg.model.image_size or bundle.preprocess.input_size} px, augmentation `{cfg.train.augment}`, "

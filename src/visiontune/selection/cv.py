@@ -107,16 +107,16 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     probs = np.zeros((len(pool), task.num_outputs), dtype=np.float64)
     fold_of = np.zeros(len(pool), dtype=int)
     rows = []
-    folds_held = list(fold_indices(pool, k, cfg.seed))
-    scored = common_labels(pool, folds_held, source)
+    fold_rows = list(fold_indices(pool, k, cfg.seed))
+    scored = common_labels(pool, fold_rows, source)
     with parent_run(cfg.train.track, out_dir.parent, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
                                                    "selection": selection}, flat_params(cfg)) as parent:
-        for i, held in enumerate(folds_held):
-            log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held), len(pool) - len(held))
+        for i, held_out in enumerate(fold_rows):
+            log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held_out), len(pool) - len(held_out))
             fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
-            metrics = _run_fold(fold_cfg, source, pool, held, selection, probs, scored)
+            metrics = _run_fold(fold_cfg, source, pool, held_out, selection, probs, scored)
             rows.append({m: float(metrics.get(m, float("nan"))) for m in headline})
-            fold_of[held] = i + 1
+            fold_of[held_out] = i + 1
         mean = {m: statistics.fmean(r[m] for r in rows) for m in headline}
         std = {m: statistics.pstdev(r[m] for r in rows) for m in headline}
         parent.log_metrics({**{f"cv_mean_{m}": v for m, v in mean.items()},
@@ -149,8 +149,8 @@ def common_labels(pool: list[Item], folds: list[np.ndarray], source: DataSource)
     task = make_task(source.task, source.classes)
     targets = task.encode([it.label for it in pool]).numpy()
     common = set(range(len(source.classes)))
-    for held in folds:
-        common &= set(task.present_labels(targets[held]))
+    for held_out in folds:
+        common &= set(task.present_labels(targets[held_out]))
     left_out = [source.classes[i] for i in range(len(source.classes)) if i not in common]
     if left_out:
         log.warning("cv: %d of %d labels are missing from some held-out fold (%s); every fold averages the %d "
@@ -158,13 +158,13 @@ def common_labels(pool: list[Item], folds: list[np.ndarray], source: DataSource)
     return sorted(common)
 
 
-def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.ndarray, selection: str,
+def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held_out: np.ndarray, selection: str,
               probs: np.ndarray, labels: list[int]) -> dict[str, float]:
     """Train on the fold's training part as `selection` says; score the held-out part
     (its probabilities go into `probs`; class averages over `labels`); return the task's
     metrics and "loss" on it."""
-    held_set = set(held.tolist())
-    rest = [it for j, it in enumerate(pool) if j not in held_set]
+    held_out_rows = set(held_out.tolist())
+    rest = [it for j, it in enumerate(pool) if j not in held_out_rows]
     if selection == "inner":
         inner = stratified_split([it.label for it in rest], cfg.data.valid_pct or 0.2, cfg.seed, group_keys(rest))
         chosen = set(inner)
@@ -172,11 +172,11 @@ def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held: np.nda
     else:
         rest = [replace(it, split=TRAIN) for it in rest]
         cfg = RunConfig.create(cfg, patience=0, restore_best=False, monitor="train_loss")
-    outer = [replace(pool[j], split=TEST) for j in held]
+    outer = [replace(pool[j], split=TEST) for j in held_out]
     fold_source = replace(source, items=rest + outer)  # the same task, classes and exclusions
     cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only
     metrics, out = score_items(train_run(cfg, fold_source), outer, labels)
-    probs[held] = out.probs
+    probs[held_out] = out.probs
     return metrics
 
 

@@ -79,7 +79,7 @@ def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tu
     """(head LRs, smoothed losses) of training steps at exponentially growing LRs (every
     group keeps its ratio to the head's); stops when the loss exceeds 4x its minimum."""
     trainer.enter_phase(0)
-    data = trainer.data(0)
+    data = trainer.data.for_phase(0)
     net = trainer.net_for(data)
     head_lr = max(trainer.plan.phases[0].lrs)
     ratios = [g["peak_lr"] / head_lr for g in trainer.optimizer.param_groups]

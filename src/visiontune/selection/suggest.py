@@ -98,10 +98,10 @@ class Suggestions:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why) pool files that do not decode
 
     def write_csv(self, path: str | os.PathLike[str]) -> int:
-        """path, an empty label column to fill in (the task's `label_column`, by whose name
+        """path, an empty label column to fill in (the task form's `label_column`, by whose name
         `train --csv` and `review --label` read the task under --task auto), the model's
         prediction, reason, score: `visiontune train --csv` reads the rows whose label is
-        filled in (an empty cell is a row not labelled yet: `Task.parse_answer`). The rows of an
+        filled in (an empty cell is a row not labelled yet: `Form.parse_answer`). The rows of an
         earlier file at `path` whose label is filled in are kept, first (nothing labelled is
         lost); returns how many."""
         kept = filled_rows(path)
@@ -175,7 +175,7 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     rows = [Suggestion(paths[i], r, float(s), _prediction(known, predicted, i)) for i, s, r in zip(picks, scores, reasons)]
     shape = type(known.task) if known.task else task_class(known.cfg.data.task if known.cfg.data.task != "auto"
                                                                else SINGLE)
-    return Suggestions(rows, chosen, why, len(paths), len(known.paths), shape.label_column, shape.name, excluded,
+    return Suggestions(rows, chosen, why, len(paths), len(known.paths), shape.form.label_column, shape.name, excluded,
                        unreadable)
 
 

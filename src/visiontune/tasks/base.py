@@ -14,14 +14,13 @@ value), NaN (NO_LABEL) and -inf (UNREADABLE); in a vector every element holds it
 
 The Task also owns the label on the data side (classmethods, no classes needed yet):
 parsing a table cell or a label function's value (`parse_label`), writing it back
-(`label_text`), what splits and folds stratify by (`strata`), the class list
-(`classes_of`) and the summary lines; and the review pages' side: how a label
-is given and sent back (`label_entry`, `entry`, `from_entry`), written into and read from
-a suggestions CSV, where an empty cell is a row not answered (`answer_text`,
-`parse_answer`), read from an older version's decision files (`read_change`), and how the
-evidence against a label reads (`suspicion`). How predictions are written (the printed
-line, predict's CSV columns and JSON record, cv's out-of-fold cells) is the companion
-`task.output` (tasks/output.py), which a new shape takes as it is or subclasses.
+(`label_text`), what splits and folds stratify by (`strata`) and the class list
+(`classes_of`). Three companions, which a new shape takes as they are or subclasses,
+hold the rest: how predictions are written (the printed line, predict's CSV columns and
+JSON record, cv's out-of-fold cells) is `task.output` (tasks/output.py); how a person
+gives a label on the review pages and in a suggestions CSV is `task.form` (tasks/form.py,
+reachable from the class too); how the shape is named and summarised in text is
+`Task.wording` (tasks/wording.py).
 
 Adding a task shape = one subclass and its line in `tasks/catalog.py`.
 """
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, DataError
+from visiontune.tasks.form import Form, FormOf
 from visiontune.tasks.labels import class_index, label_counts
 from visiontune.tasks.metrics import present_classes
 from visiontune.tasks.objective import Objective
@@ -114,15 +114,6 @@ class Report:
     columns: tuple[str, ...] | None = None  # the confusion matrix's columns (None: the classes)
 
 
-def _json_kind(value: Any) -> str:
-    """What a JSON value is, in words (for a refusal)."""
-    if value is None:
-        return "null"
-    kinds = ((bool, "true/false"), ((int, float), "a number"), (str, "text"), ((list, tuple), "a list"),
-             (dict, "an object"))
-    return next((f"{name} ({value!r:.40})" for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
-
-
 class Task(ABC):
     """What a label is, and everything that follows from it (see the module docstring)."""
 
@@ -132,15 +123,10 @@ class Task(ABC):
     mixup_targets: ClassVar[str | None] = "one-hot"  # how timm's Mixup mixes targets ("multi-hot"; None: it cannot)
     score_metric: ClassVar[str] = "accuracy"  # the advisor's score (higher is better, 1 perfect; chance below)
     confusable: ClassVar[bool] = True  # outputs are classes a label can be confused with (mislabels by confident learning)
-    label_column: ClassVar[str] = "label"  # the CSV column `suggest` writes, named so `train --csv` reads this shape
-    # CSV label columns whose name selects this task under --task auto ('labels': label sets)
-    label_columns: ClassVar[tuple[str, ...]] = ()
     ensemble: ClassVar[int] = 1  # fits whose disagreement `uncertainty` reads (1: one model's outputs say it)
-    # how a person gives a label on the review pages: "choose" one class, "toggle" the
-    # labels of a set, "type" a value (analysis/review.py draws each)
-    label_entry: ClassVar[str] = "choose"
     wording: ClassVar[Wording] = CLASSES  # how the shape is named in summaries, errors, the card (tasks/wording.py)
     output_type: ClassVar[type[Output]] = Output  # how predictions are written (tasks/output.py)
+    form = FormOf(Form)  # how the review pages and a suggestions CSV take a label (tasks/form.py)
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -176,57 +162,6 @@ class Task(ABC):
     def label_text(cls, label: Any, delim: str = " ") -> str:
         """The label as a table cell (splits.csv, shard indexes, --relabel)."""
         return str(label)
-
-    @classmethod
-    def entry(cls, label: Any, delim: str = " ") -> Any:
-        """A label as the review pages edit it (JSON: a class name; a list of labels; a
-        number's text); `parse_label` reads what the page sends back."""
-        return cls.label_text(label, delim)
-
-    @classmethod
-    def from_entry(cls, value: Any, delim: str, where: str) -> Any:
-        """What a review page sends back (the shape `entry` gives: a class name's text) as
-        a label; DataError for any other JSON (null, a list, an object, a number), which
-        would otherwise be stored as its repr."""
-        if not isinstance(value, str):
-            raise DataError(f"{where}: a {cls.wording.label_kind} is text here, not {_json_kind(value)}")
-        return cls.parse_label(value, delim, where)
-
-    @classmethod
-    def parse_answer(cls, text: str, delim: str, where: str) -> Any | None:
-        """A label cell of a suggestions CSV (`suggest`'s file, filled in on the labelling
-        page or in a spreadsheet): None while it is unanswered (an empty cell), else the
-        label (`answer_text` writes every label so that it reads back as one)."""
-        return None if not str(text).strip() else cls.parse_label(text, delim, where)
-
-    @classmethod
-    def answer_text(cls, label: Any, delim: str = " ") -> str:
-        """A label as written into a suggestions CSV: never an empty cell, which is an
-        unanswered row there (`parse_answer`)."""
-        return cls.label_text(label, delim)
-
-    @classmethod
-    def read_change(cls, given: Any, text: str, delim: str, where: str) -> Any:
-        """A label cell of a review decision file from an older version (RUN/review/
-        corrections.csv): the label it means (`given`: the image's given label, None when
-        unknown). A class was written as itself."""
-        return cls.parse_label(text, delim, where)
-
-    @classmethod
-    def suspicion(cls, rank: str, suspected: str, given_score: float, suspected_score: float) -> str:
-        """How interpret's evidence against an image's label reads on the review page (a
-        row of mislabels.csv: its rank, `suspected`, `p_label`, `p_suspected`)."""
-        return f"suspected mislabel #{rank}: p(given) {given_score:.2f}, p({suspected}) {suspected_score:.2f}"
-
-    @classmethod
-    def shown(cls, label: Any) -> str:
-        """A label as the review pages show it."""
-        return cls.label_text(label)
-
-    @classmethod
-    def change(cls, given: Any, suggested: Any) -> str:
-        """What relabelling from `given` to `suggested` means, as the review page shows it."""
-        return cls.shown(suggested)
 
     @classmethod
     def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -283,16 +218,6 @@ class Task(ABC):
         """Images per class (per label: an image counts once for each of its labels)."""
         found = label_counts(labels)
         return {c: found.get(c, 0) for c in classes}
-
-    @classmethod
-    def summary_head(cls, classes: list[str]) -> str:
-        return f"classes: {len(classes)}"
-
-    @classmethod
-    def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
-        """A split's lines in the data summary."""
-        return [f"  {split}: {len(labels)} images ("
-                + ", ".join(f"{c}={n}" for c, n in cls.counts(labels, classes).items()) + ")"]
 
     def labels_per_output(self, labels: Sequence[Any]) -> dict[str, int]:
         """How many of `labels` each output has: images per class (per label: an image

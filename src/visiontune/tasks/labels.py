@@ -15,6 +15,7 @@ from visiontune.errors import DataError
 Label = str | tuple[str, ...] | float
 SINGLE, MULTI, REGRESSION = "single-label", "multi-label", "regression"  # the built-in shapes (tasks/catalog.py)
 MULTI_LABEL_COLUMNS = ("labels", "tags")  # a CSV column by one of these names holds label sets
+NONE = "(none)"  # a set without labels, as a suggestions CSV holds an answer (an empty cell: not answered yet)
 DELIMITERS = (" ", ",", ";", "|")
 
 

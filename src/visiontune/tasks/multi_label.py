@@ -21,15 +21,13 @@ from torch import nn
 
 from visiontune.errors import DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.form import FormOf, LabelSetForm
 from visiontune.tasks.labels import (
-    MULTI_LABEL_COLUMNS,
+    NONE,
     check_label_names,
     indicator,
     label_counts,
-    label_set,
-    multi_label_lines,
     parse_label_set,
-    split_labels,
 )
 from visiontune.tasks.metrics import (
     absent_note,
@@ -44,7 +42,6 @@ from visiontune.tasks.wording import LABEL_SETS
 
 log = logging.getLogger(__name__)
 
-NONE = "(none)"  # a set without labels, as a suggestions CSV holds an answer (an empty cell: not answered yet)
 MIN_POSITIVES = 5  # a label needs this many positives in validation to get a threshold of its own
 MAX_POS_WEIGHT = 100.0
 
@@ -75,9 +72,7 @@ class MultiLabel(Task):
 
     score_metric = "mAP"
     mixup_targets = "multi-hot"
-    label_column = MULTI_LABEL_COLUMNS[0]  # a 'labels' column reads as label sets under --task auto
-    label_columns = MULTI_LABEL_COLUMNS
-    label_entry = "toggle"
+    form = FormOf(LabelSetForm)
     output_type = LabelSetOutput
     wording = LABEL_SETS
 
@@ -97,51 +92,6 @@ class MultiLabel(Task):
     @classmethod
     def label_text(cls, label: Any, delim: str = " ") -> str:
         return delim.join(label) if isinstance(label, tuple) else str(label)
-
-    @classmethod
-    def answer_text(cls, label: Any, delim: str = " ") -> str:
-        """The empty set as NONE: in a suggestions CSV an empty cell is a row not answered."""
-        return cls.label_text(label, delim) if label_set(label) != () else NONE
-
-    @classmethod
-    def from_entry(cls, value: Any, delim: str, where: str) -> Any:
-        """The page's set (a list of label names), or text typed as a cell is written."""
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return cls.parse_label(value, delim, where)
-        return super().from_entry(value, delim, where)
-
-    @classmethod
-    def read_change(cls, given: Any, text: str, delim: str, where: str) -> Any:
-        """Review pages before the decision log wrote the suggested changes ("+dog -cat")
-        as the label: applied to the given set here; refused when that set is unknown."""
-        tokens = split_labels(text, delim)
-        if not tokens or not all(len(t) > 1 and t[0] in "+-" for t in tokens):
-            return cls.parse_label(text, delim, where)
-        if given is None:
-            raise DataError(f"{where}: {text!r} is a list of changes (+label adds, -label removes) written by an older "
-                            "review page, and this image's given labels are not known here to apply them to: write its "
-                            "whole new label set in that cell instead")
-        after = set(label_set(given)) | {t[1:] for t in tokens if t[0] == "+"}
-        return tuple(sorted(after - {t[1:] for t in tokens if t[0] == "-"}))
-
-    @classmethod
-    def suspicion(cls, rank: str, suspected: str, given_score: float, suspected_score: float) -> str:
-        return f"suspected mislabel #{rank}: {suspected} (its least sure label agrees at p {given_score:.2f})"
-
-    @classmethod
-    def entry(cls, label: Any, delim: str = " ") -> Any:
-        return list(label_set(label))
-
-    @classmethod
-    def shown(cls, label: Any) -> str:
-        return ", ".join(label_set(label)) or "(none)"
-
-    @classmethod
-    def change(cls, given: Any, suggested: Any) -> str:
-        """The new set and the changes: "dog (+dog -cat)"."""
-        before, after = set(label_set(given)), set(label_set(suggested))
-        changes = [f"+{c}" for c in sorted(after - before)] + [f"-{c}" for c in sorted(before - after)]
-        return f"{cls.shown(suggested)} ({' '.join(changes) or 'no change'})"
 
     @classmethod
     def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -173,14 +123,6 @@ class MultiLabel(Task):
         if rare:
             log.warning("labels %s have fewer images than %d folds: some folds cannot validate them", rare, folds)
         return folds
-
-    @classmethod
-    def summary_head(cls, classes: list[str]) -> str:
-        return f"labels: {len(classes)}"
-
-    @classmethod
-    def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
-        return [f"  {split}: {len(labels)} images", *multi_label_lines(labels, classes)]
 
     def chance(self, targets: np.ndarray) -> float:
         """A random ranking's AP is the label's prevalence: their mean."""

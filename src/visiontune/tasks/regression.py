@@ -26,6 +26,7 @@ from torch import nn
 
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.form import FormOf, NumberForm
 from visiontune.tasks.metrics import sk_metrics
 from visiontune.tasks.output import NumberOutput
 from visiontune.tasks.wording import NUMBERS
@@ -63,9 +64,7 @@ class Regression(Task):
     score_metric = "r2"
     mixup_targets = None
     confusable = False
-    label_entry = "type"
-    label_column = "value"  # the column `suggest` writes: under --task auto, a 'value' column holds numbers
-    label_columns = ("value",)
+    form = FormOf(NumberForm)
     output_type = NumberOutput
     wording = NUMBERS
     ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty
@@ -104,24 +103,6 @@ class Regression(Task):
         return repr(float(label))
 
     @classmethod
-    def from_entry(cls, value: Any, delim: str, where: str) -> float | str:
-        """The page's text, or a JSON number."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return cls.parse_label(value, delim, where)
-        return super().from_entry(value, delim, where)
-
-    @classmethod
-    def suspicion(cls, rank: str, suspected: str, given_score: float, suspected_score: float) -> str:
-        """A number's evidence is its out-of-fold residual (mislabels.csv: `p_suspected`
-        the model's number minus the target, `p_label` its robust z-score)."""
-        return (f"suspect target #{rank}: the model says {suspected} (residual {suspected_score:+.3g}), "
-                f"{given_score:.1f} robust SDs from the typical residual")
-
-    @classmethod
-    def shown(cls, label: Any) -> str:
-        return f"{float(label):.6g}"
-
-    @classmethod
     def strata(cls, labels: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Quantile bins of the targets (at most STRATA_BINS, fewer when there are few
         values), one per row: what splits and folds stratify by."""
@@ -157,20 +138,6 @@ class Regression(Task):
     @classmethod
     def counts(cls, labels: Sequence[Any], classes: list[str]) -> dict[str, int]:
         return {}  # a number has no classes to count (or to balance)
-
-    @classmethod
-    def summary_head(cls, classes: list[str]) -> str:
-        return f"target: {classes[0] if classes else '?'}"
-
-    @classmethod
-    def split_lines(cls, split: str, labels: list[Any], classes: list[str]) -> list[str]:
-        y = np.asarray(labels, dtype=float)
-        lines = [f"  {split}: {len(y)} images"]
-        if len(y):
-            q = np.quantile(y, [0, 0.25, 0.5, 0.75, 1])
-            lines.append(f"    {classes[0] if classes else 'target'}: mean {y.mean():.4g}, std {y.std():.4g}, min "
-                         f"{q[0]:.4g}, quartiles {q[1]:.4g} / {q[2]:.4g} / {q[3]:.4g}, max {q[4]:.4g}")
-        return lines
 
     def fit_labels(self, labels: Sequence[Any]) -> None:
         """Mean and std of the training targets: what the head's output is scaled by."""

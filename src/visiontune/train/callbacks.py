@@ -53,8 +53,14 @@ class TrainerView(Protocol):
 
     def save_checkpoint(self, path: Path) -> None: ...
     def broadcast_weights(self) -> None: ...
-    def held_model(self) -> Any: ...
-    def adopt_held_weights(self) -> None: ...
+    def chosen_model(self) -> Any: ...
+    def adopt_chosen_weights(self) -> None: ...
+
+
+def _best_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The saved `Best` in a callback's state: "best", or "tracker" in checkpoints written
+    before it was named for what it holds."""
+    return state.get("best", state.get("tracker", {}))
 
 
 class StopTraining(Exception):  # noqa: N818 - a request, like StopIteration, not an error
@@ -147,10 +153,10 @@ class EarlyStopping(Callback):
             raise StopTraining(f"{best.objective.metric} has not improved for {self.wait} epochs")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.best.state_dict(), "wait": self.wait, "peak_wait": self.peak_wait}
+        return {"best": self.best.state_dict(), "wait": self.wait, "peak_wait": self.peak_wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best.load_state_dict(state.get("tracker", {}))
+        self.best.load_state_dict(_best_state(state))
         self.wait, self.peak_wait = int(state.get("wait", 0)), int(state.get("peak_wait", 0))
 
 
@@ -159,7 +165,7 @@ class Checkpoint(Callback):
     `<run>/checkpoints/last.pt`.
 
     With `restore_best` (the default) that is the best epoch's weights (written when the
-    monitor improves, restored at the end); without it, the last epoch's (written every
+    objective improves, restored at the end); without it, the last epoch's (written every
     epoch).
     """
 
@@ -179,7 +185,7 @@ class Checkpoint(Callback):
         if not self.write:
             return
         if improved or not self.restore_best:  # the EMA's weights when they validated better
-            RunDir(self.run_dir).write_model(trainer.held_model(), trainer.task, trainer.preprocess, trainer.cfg.model)
+            RunDir(self.run_dir).write_model(trainer.chosen_model(), trainer.task, trainer.preprocess, trainer.cfg.model)
         trainer.save_checkpoint(RunDir(self.run_dir).last_checkpoint)
 
     def on_fit_end(self, trainer: TrainerView) -> None:
@@ -187,7 +193,7 @@ class Checkpoint(Callback):
         best epochs agree: validation metrics are reduced over the processes)."""
         best = self.best
         if not self.restore_best or best.epoch < 0 or best.epoch == trainer.state.epoch:
-            trainer.adopt_held_weights()  # the last epoch's: the EMA's when they were better
+            trainer.adopt_chosen_weights()  # the last epoch's: the EMA's when they were better
             return
         if self.write:
             trainer.model.load_state_dict(load_file(str(RunDir(self.run_dir).model)))
@@ -197,17 +203,17 @@ class Checkpoint(Callback):
                  ": the converged probe's; fine-tuning did not beat it on validation" if probe_won else "")
 
     def state_dict(self) -> dict[str, Any]:
-        """The monitor and the best epoch's validation outputs (tensors: a checkpoint holds
-        no pickled objects), so a resumed run tunes thresholds and reports probabilities of
+        """The best so far (`Best`) and the best epoch's validation outputs (tensors: a
+        checkpoint holds no pickled objects), so a resumed run tunes thresholds and reports probabilities of
         the epoch whose weights it keeps."""
         best = self.best_eval
         outputs = {} if best is None else {"loss": best.loss, "targets": torch.from_numpy(np.asarray(best.targets)),
                                            "probs": torch.from_numpy(np.asarray(best.probs)),
                                            "ids": torch.from_numpy(np.asarray(best.ids))}
-        return {"tracker": self.best.state_dict(), "best_eval": outputs}
+        return {"best": self.best.state_dict(), "best_eval": outputs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best.load_state_dict(state.get("tracker", {}))
+        self.best.load_state_dict(_best_state(state))
         saved = state.get("best_eval") or {}
         self.best_eval = EvalOutput(float(saved["loss"]), saved["targets"].numpy(), saved["probs"].numpy(),
                                     saved["ids"].numpy()) if saved else None

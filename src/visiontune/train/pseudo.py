@@ -124,8 +124,8 @@ def _fraction_scores(x: np.ndarray, y: np.ndarray, pool: np.ndarray, task: Task,
     folds = min(FOLDS, most_folds(task.strata(y)))
     if folds < 2:  # no class has two images: nothing to judge the pool by, so it stays out
         return {f: (float("-inf") if f else 0.0, 0.0) for f in FRACTIONS}
-    for held in fold_splits(task.strata(y), groups, folds, seed):
-        train = np.setdiff1d(np.arange(len(y)), held)
+    for held_out in fold_splits(task.strata(y), groups, folds, seed):
+        train = np.setdiff1d(np.arange(len(y)), held_out)
         part_groups = None if groups is None else [groups[i] for i in train]
         base = fit(x[train], y[train], c, part_groups)
         targets, confidence = task.pseudo_targets(propagate(x[train], y[train], pool, task))
@@ -135,7 +135,7 @@ def _fraction_scores(x: np.ndarray, y: np.ndarray, pool: np.ndarray, task: Task,
             if kept.any():
                 jx, jy, jg = _joined(x[train], y[train], part_groups, pool, targets, kept)
                 model = fit(jx, jy, c, jg)
-            score = task.metrics(y[held], probe_outputs(model, x[held], task))[task.score_metric]
+            score = task.metrics(y[held_out], probe_outputs(model, x[held_out], task))[task.score_metric]
             if np.isfinite(score):
                 totals[f].append(float(score))
     return {f: (float(np.mean(v)), float(np.std(v) / np.sqrt(len(v)))) if v else (float("-inf"), 0.0)

@@ -110,7 +110,9 @@ class RunData:
         worker process."""
         self._images = self._features = None
 
-    def __call__(self, phase_index: int) -> PhaseData:
+    def for_phase(self, phase_index: int) -> PhaseData:
+        """The loaders phase `phase_index` trains and validates on: cached features where
+        they are exact (`uses_features`), else images."""
         return self.features() if self.uses_features(phase_index) else self.images()
 
     def uses_features(self, phase_index: int) -> bool:

@@ -117,7 +117,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
         if setup.cfg.train.thresholds == "tuned":
-            tune_thresholds(setup, _held_eval(setup, trainer, checkpoint), run_dir)
+            tune_thresholds(setup, _final_outputs(setup, trainer, checkpoint), run_dir)
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -127,7 +127,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     finally:
         clock.stop()  # the record holds the time used to here, whatever ended the run
     for tracker in trackers:
-        tracker.finish(result, _held_eval(setup, trainer, checkpoint))
+        tracker.finish(result, _final_outputs(setup, trainer, checkpoint))
     setup.data.release()  # the loaders' kept workers end here, not when the result is dropped
     if setup.env.is_main:
         keep_cache_in_bounds(setup.cfg.train.cache_dir)
@@ -201,21 +201,21 @@ def _say_time_left(clock: Clock, run_dir: Path) -> None:
                     "from now", run_dir, clock.budget_s)
 
 
-def _held_eval(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
+def _final_outputs(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
     """Validation outputs of the weights the run ends with."""
     if setup.cfg.train.restore_best and checkpoint.best_eval is not None:
         return checkpoint.best_eval
     return trainer.state.last_eval
 
 
-def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> None:
+def tune_thresholds(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> None:
     """Per-label thresholds with the best F1 on the validation outputs, stored with the
     weights and in thresholds.json (their validation F1 is optimistic: chosen there)."""
     task = setup.task
-    if held is None or not len(held.targets):
+    if valid_out is None or not len(valid_out.targets):
         log.warning("--thresholds tuned needs validation images; keeping the global threshold")
         return
-    tuned = task.tune_thresholds(held.targets, held.probs)
+    tuned = task.tune_thresholds(valid_out.targets, valid_out.probs)
     if tuned is None:
         log.warning("--thresholds tuned applies to multi-label tasks; %s predicts the most probable class", task.name)
         return
@@ -223,7 +223,7 @@ def tune_thresholds(setup: RunSetup, held: EvalOutput | None, run_dir: Path) -> 
              ", ".join(f"{c}={t:.2f}" for c, t in zip(task.classes, tuned)))
     if setup.env.is_main:
         RunDir(run_dir).write_model(setup.model, task, setup.preprocess, setup.cfg.model)
-        positives = (np.asarray(held.targets) > 0.5).sum(axis=0)
+        positives = (np.asarray(valid_out.targets) > 0.5).sum(axis=0)
         RunDir(run_dir).write_thresholds({
             "chosen_on": "the validation split (its F1 at these thresholds is optimistic)",
             "thresholds": {c: {"threshold": float(t), "valid_positives": int(n)}
@@ -314,19 +314,19 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
     else the last), written to metrics.json and environment.json on rank 0."""
     t, history = setup.cfg.train, trainer.state.history
     best_epoch = checkpoint.best.epoch + 1
-    held = best_epoch if t.restore_best and best_epoch > 0 else len(history)
-    final = {k: float(v) for k, v in metrics_of(history[held - 1]).items()} if history else {}
+    kept_epoch = best_epoch if t.restore_best and best_epoch > 0 else len(history)
+    final = {k: float(v) for k, v in metrics_of(history[kept_epoch - 1]).items()} if history else {}
     if setup.env.is_main:
         how = {"validation": validated_by} if (validated_by := _validated_by(setup, source)) else {}
-        RunDir(run_dir).write_metrics({**final, "epoch": held, "best_epoch": best_epoch, "epochs_run": len(history),
+        RunDir(run_dir).write_metrics({**final, "epoch": kept_epoch, "best_epoch": best_epoch, "epochs_run": len(history),
                                        **how})
         RunDir(run_dir).write_environment({**environment(setup.cfg, str(setup.device)),
                                            "world_size": setup.env.world_size})
-    held_eval = _held_eval(setup, trainer, checkpoint)
+    final_outputs = _final_outputs(setup, trainer, checkpoint)
     return FitResult(
         run_dir=str(run_dir), classes=setup.task.classes, metrics=final, history=history, best_epoch=best_epoch,
         stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=trainer.elapsed(),
-        trainable_params=setup.plan.most_trainable_params(), valid_probs=None if held_eval is None else held_eval.probs,
+        trainable_params=setup.plan.most_trainable_params(), valid_probs=None if final_outputs is None else final_outputs.probs,
         model=setup.model, data=source, setup=setup, validated_by=_validated_by(setup, source),
         kept="best" if t.restore_best else "last",
     )

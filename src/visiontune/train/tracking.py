@@ -238,10 +238,10 @@ class Tracker(Callback):
     def on_epoch_end(self, trainer: TrainerView) -> None:
         self._safely("logging an epoch", self.epoch, trainer.state.history[-1])
 
-    def finish(self, result: Any, held: Any) -> None:
-        """After the run is summarised (final metrics, files written); `held`: the
+    def finish(self, result: Any, valid_outputs: Any) -> None:
+        """After the run is summarised (final metrics, files written); `valid_outputs`: the
         validation outputs of the weights the run ends with (or None)."""
-        self._safely("finishing", self.end, result, held)
+        self._safely("finishing", self.end, result, valid_outputs)
 
     def fail(self) -> None:
         self._safely("closing a failed run", self.abort)
@@ -253,22 +253,22 @@ class Tracker(Callback):
     def start(self, trainer: TrainerView) -> None: ...
     def step(self, trainer: TrainerView) -> None: ...
     def epoch(self, row: dict[str, Any]) -> None: ...
-    def end(self, result: Any, held: Any) -> None: ...
+    def end(self, result: Any, valid_outputs: Any) -> None: ...
     def abort(self) -> None: ...
 
 
 
 
-def run_figures(result: Any, held: Any, task: Any) -> dict[str, Any]:
+def run_figures(result: Any, valid_outputs: Any, task: Any) -> dict[str, Any]:
     """The figures a tracker logs at the end: the training curves, and the validation
     outputs' confusion matrix (residuals for a task without classes to confuse)."""
     from visiontune.plots import confusion_figure, curves_figure, residuals_figure
 
     figures = {"curves": curves_figure(result.history)} if result.history else {}
-    if held is not None and len(held.targets):
-        report = task.report(held.targets, held.probs)
+    if valid_outputs is not None and len(valid_outputs.targets):
+        report = task.report(valid_outputs.targets, valid_outputs.probs)
         if report.confusion is None:  # regression: its residuals
-            figures["residuals"] = residuals_figure(held.targets, held.probs, task.classes[0])
+            figures["residuals"] = residuals_figure(valid_outputs.targets, valid_outputs.probs, task.classes[0])
         else:
             figures["confusion"] = confusion_figure(report.confusion, task.classes,
                                                     list(report.columns) if report.columns else None)
@@ -294,8 +294,8 @@ class TensorBoardTracker(Tracker):
         self.writer.add_scalar("seconds", row["seconds"], row["epoch"])
         self.writer.flush()
 
-    def end(self, result: Any, held: Any) -> None:
-        for name, figure in run_figures(result, held, self.task).items():
+    def end(self, result: Any, valid_outputs: Any) -> None:
+        for name, figure in run_figures(result, valid_outputs, self.task).items():
             self.writer.add_figure(name, figure, len(result.history))
         finals = {f"final/{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)}
         self.writer.add_hparams(flat_params(self.cfg), finals or {"final/none": 0.0}, run_name="hparams")
@@ -340,7 +340,7 @@ class MlflowTracker(Tracker):
         values = {**metrics_of(row, keep_train_loss=True), "lr": row["lr"], "epoch_seconds": row["seconds"]}
         _log_metrics(self.client, self.run_id, values, step=int(row["epoch"]))
 
-    def end(self, result: Any, held: Any) -> None:
+    def end(self, result: Any, valid_outputs: Any) -> None:
         _log_metrics(self.client, self.run_id, {f"final_{k}": v for k, v in result.metrics.items()}, step=0)
         for path in RunDir(self.run_dir).tracked_files():
             self.client.log_artifact(self.run_id, str(path))
@@ -375,17 +375,17 @@ class WandbTracker(Tracker):
         self.run.log({**metrics_of(row, keep_train_loss=True), "lr": row["lr"], "epoch_seconds": row["seconds"],
                       "epoch": int(row["epoch"])})
 
-    def end(self, result: Any, held: Any) -> None:
+    def end(self, result: Any, valid_outputs: Any) -> None:
         try:
-            self._end(result, held)
+            self._end(result, valid_outputs)
         finally:
             self.run.finish()
 
-    def _end(self, result: Any, held: Any) -> None:
+    def _end(self, result: Any, valid_outputs: Any) -> None:
         import wandb
 
         self.run.summary.update({f"final_{k}": float(v) for k, v in result.metrics.items() if np.isfinite(v)})
-        figures = run_figures(result, held, self.task)
+        figures = run_figures(result, valid_outputs, self.task)
         if figures:
             self.run.log({name: wandb.Image(_image(figure)) for name, figure in figures.items()})
         if os.environ.get("WANDB_LOG_MODEL", "false").lower() in ("end", "true", "1"):

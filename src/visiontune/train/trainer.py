@@ -34,6 +34,7 @@ from visiontune.runtime.prefix import frozen_prefix
 from visiontune.tasks.objective import VAL_LOSS, Objective
 from visiontune.train.callbacks import Callback, StopTraining, metrics_of
 from visiontune.train.consistency import Consistency, Paired
+from visiontune.train.mixup import mixup_for
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.probe import (
     ProbeFit,
@@ -46,7 +47,6 @@ from visiontune.train.probe import (
 )
 from visiontune.train.probememo import ProbeMemory, probe_key
 from visiontune.train.pseudo import PseudoLabels, with_pool
-from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
 from visiontune.train.setup import RunSetup
@@ -71,7 +71,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     last_eval: EvalOutput | None = None  # validation outputs of the current epoch
-    ema_held: bool = False  # this epoch's EMA weights validated better than the raw ones
+    ema_better: bool = False  # this epoch's EMA weights validated better than the raw ones
 
 
 class Trainer:
@@ -159,7 +159,7 @@ class Trainer:
         no epoch to validate or record, the run ends with its best weights. An epoch that
         reads no image without the clock stopping it is an error: the data yielded nothing."""
         phase_i = self.plan.phase_index(epoch)
-        data = self.data(phase_i)
+        data = self.data.for_phase(phase_i)
         if self.plan.phases[phase_i].probe:
             return self.fit_probe(data)
         batches = Paired(data.train, data.pool_views if self.consistency is not None else None)
@@ -460,7 +460,7 @@ class Trainer:
         seed_everything(epoch_seed(self.cfg.seed, epoch, self.env.rank))
         if self.generator is not None:
             self.generator.manual_seed(epoch_seed(self.cfg.seed, epoch))
-        data = self.data(self.plan.phase_index(epoch))
+        data = self.data.for_phase(self.plan.phase_index(epoch))
         for loader in (data.train, data.pool_views):
             for seeded in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):  # sampler or stream
                 if hasattr(seeded, "set_epoch"):
@@ -470,8 +470,8 @@ class Trainer:
         """Validation metrics of this epoch's weights; with --ema also of the EMA weights,
         and the better of the two (by the monitored metric) is what the epoch holds."""
         metrics = {"train_loss": train_loss}
-        data = self.data(self.state.phase)
-        self.state.ema_held = False
+        data = self.data.for_phase(self.state.phase)
+        self.state.ema_better = False
         if data.valid is None:  # no validation split (the same on every process)
             if self._cv_eval is None:
                 return metrics
@@ -485,7 +485,7 @@ class Trainer:
             ema_out, ema_scores = self._evaluate(self.ema.module.head if data.on_features else self.ema.module, data)
             metrics.update({f"ema_{k}": v for k, v in ema_scores.items()})
             if self.objective.better(ema_scores, scores):
-                out, scores, self.state.ema_held = ema_out, ema_scores, True
+                out, scores, self.state.ema_better = ema_out, ema_scores, True
         self.state.last_eval = out
         return {**metrics, **scores}
 
@@ -499,13 +499,13 @@ class Trainer:
             out.require_all(data.valid_rows)
         return out, {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs)}
 
-    def held_model(self) -> nn.Module:
+    def chosen_model(self) -> nn.Module:
         """The weights this epoch holds: the EMA's when they validated better."""
-        return self.ema.module if self.state.ema_held and self.ema is not None else self.model
+        return self.ema.module if self.state.ema_better and self.ema is not None else self.model
 
-    def adopt_held_weights(self) -> None:
+    def adopt_chosen_weights(self) -> None:
         """Let the model take the EMA weights when those are what the run ends with."""
-        if self.state.ema_held and self.ema is not None:
+        if self.state.ema_better and self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
 
     def _history_row(self, epoch: int, started: float) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Pieces of the training recipe taken from timm: mixup / cutmix for the heavy
-augmentation preset (data/transforms.py lists the presets)."""
+"""Mixup / cutmix for the heavy augmentation preset, timm's `Mixup` as its ImageNet
+recipes set it (data/transforms.py lists the presets)."""
 
 from __future__ import annotations
 
