@@ -15,7 +15,7 @@ method asks for until the pool holds 1, 2, 5, 10, 20 labels per class on average
   class has fewer than 5 labels, then diverse: the probe's uncertainty, spread by
   k-means++), with the images labelled so far as `labelled`;
 - random: the same number of images drawn at random from what is not labelled yet.
-After each round the converged probe (train/probe.py, its own C search) is fitted on the
+After each round the converged probe (frozen/probe.py, its own C search) is fitted on the
 labelled images and scored on the test split (accuracy). The learner is the probe only:
 gradual fine-tuning at every round would take hours on this CPU. With `--unlabeled`, each
 method again with the rest of the pool as unlabelled images, fitted as `train --unlabeled`
@@ -43,8 +43,8 @@ import numpy as np
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
 from visiontune.selection.suggest import auto_method, probe_members, rank
-from visiontune.train.features import backbone_features
-from visiontune.train.probe import fit_probe, probe_outputs
+from visiontune.frozen.features import backbone_features
+from visiontune.frozen.probe import fit_probe, probe_outputs
 from visiontune.train.pseudo import with_pool
 from visiontune.train.setup import prepare_run
 

@@ -5,7 +5,7 @@
 DATA (default ../shared/data/hymenoptera): its train + val images are pooled and `--flip`
 of their labels flipped to another class (seeded). Out-of-fold probabilities come from
 (a) a 5-fold scikit-learn logistic-regression probe (C = 0.1) on frozen Lite0 features,
-(c) the converged probe (train/probe.py, C by its own CV once, then one fit per fold) on the
+(c) the converged probe (frozen/probe.py, C by its own CV once, then one fit per fold) on the
 same features, and (b) `visiontune cv` (feature-extract, 5 folds, epochs chosen inside each fold). For each,
 the flags of cleanlab's find_label_issues and of the plain confident-joint off-diagonal are
 scored against the true flips: flagged, precision, recall, and where the flips rank by
@@ -37,8 +37,8 @@ from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.selection.cv import cross_validate
 from visiontune.tasks.single_label import SingleLabel
-from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import oof_outputs
+from visiontune.frozen.features import cache_for, extract_features
+from visiontune.frozen.probe import oof_outputs
 
 
 def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str], seed: int = 0,

@@ -35,9 +35,9 @@ import torch
 
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
-from visiontune.train import probe
-from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import fit_probe, head_linear
+from visiontune.frozen import probe
+from visiontune.frozen.features import cache_for, extract_features
+from visiontune.frozen.probe import fit_probe, head_linear
 from visiontune.train.setup import prepare_run
 
 SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}

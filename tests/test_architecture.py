@@ -114,9 +114,11 @@ LAYERS = [
     ("visiontune.data",),
     ("visiontune.models",),
     ("visiontune.runtime",),
+    ("visiontune.frozen",),
     ("visiontune.rundir",),
     ("visiontune.bundle",),
     ("visiontune.train",),
+    ("visiontune.planning",),
     ("visiontune.analysis", "visiontune.selection", "visiontune.deploy"),
     ("visiontune.prediction",),
     ("visiontune.api",),
@@ -162,11 +164,11 @@ def test_imports_only_go_down_the_layers() -> None:
 
 def test_the_layer_check_finds_an_upward_and_a_sideways_import() -> None:
     graph = {"visiontune.train.tracking": {"visiontune.analysis.report"},
-             "visiontune.selection.advisor": {"visiontune.analysis.mislabels", "visiontune.train.probe"},
-             "visiontune.analysis.report": set(), "visiontune.analysis.mislabels": set(), "visiontune.train.probe": set()}
+             "visiontune.selection.advisor": {"visiontune.analysis.mislabels", "visiontune.frozen.probe"},
+             "visiontune.analysis.report": set(), "visiontune.analysis.mislabels": set(), "visiontune.frozen.probe": set()}
     assert set(_layer_violations(graph, set())) == {
-        "visiontune.selection.advisor (layer 11) imports visiontune.analysis.mislabels (layer 11)",
-        "visiontune.train.tracking (layer 10) imports visiontune.analysis.report (layer 11)"}
+        "visiontune.selection.advisor (layer 13) imports visiontune.analysis.mislabels (layer 13)",
+        "visiontune.train.tracking (layer 11) imports visiontune.analysis.report (layer 13)"}
 
 
 # -- the run directory: one owner of its file names ---------------------------------------
@@ -194,8 +196,8 @@ NOT_RUN_FILES = {
     ("visiontune.models.weights", "model.safetensors"): "the weights file of a Hugging Face Hub repo (its format)",
     ("visiontune.models.weights", "pytorch_model.bin"): "a Hugging Face Hub repo's pickled weights (refused)",
     ("visiontune.selection.lrfind", "lr_find.png"): "in the --output folder of runs, not in a run",
-    ("visiontune.train.features", "scan.sqlite"): "the scan cache",
-    ("visiontune.train.shards", "index.sqlite"): "the feature cache's shard index",
+    ("visiontune.frozen.features", "scan.sqlite"): "the scan cache",
+    ("visiontune.frozen.shards", "index.sqlite"): "the feature cache's shard index",
     ("visiontune.train.tracking", "mlflow.db"): "the MLflow store in the --output folder of runs, not in a run",
 }
 

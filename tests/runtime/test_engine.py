@@ -19,7 +19,7 @@ from visiontune.errors import VisiontuneError
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime import engine as eng
 from visiontune.runtime.engine import FEATURE_TOLERANCE, OnnxModule, frozen_engine
-from visiontune.train.features import extract_features
+from visiontune.frozen.features import extract_features
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -74,7 +74,7 @@ def test_auto_exports_only_when_the_work_pays_for_it(tmp_path: Path) -> None:
 def test_features_are_the_same_whichever_engine_ran(tmp_path: Path) -> None:
     """The feature cache does not name the engine: rows computed by ONNX Runtime and rows
     computed by PyTorch sit in one cache and agree within the tolerance."""
-    from visiontune.train.features import cache_for
+    from visiontune.frozen.features import cache_for
 
     data = make_class_folders(tmp_path / "data", {"red": 4, "green": 4})
     paths = sorted(str(p) for p in data.rglob("*.png"))

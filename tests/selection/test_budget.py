@@ -174,7 +174,7 @@ def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatc
 
 
 def test_the_probes_cost_grows_with_classes_and_feature_width() -> None:
-    from visiontune.train.probe import estimate_seconds
+    from visiontune.frozen.probe import estimate_seconds
 
     small, wide = estimate_seconds(2000, 64, 2), estimate_seconds(2000, 1280, 50)
     assert wide > 3 * small > 0
@@ -190,8 +190,8 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     from visiontune.config import RunConfig
     from visiontune.data import loaders
     from visiontune.models.classifier import create_classifier
-    from visiontune.train import probe
-    from visiontune.train.features import extract_features
+    from visiontune.frozen import probe
+    from visiontune.frozen.features import extract_features
 
     data = make_class_folders(tmp_path / "d", {"red": 20, "green": 20})
     paths = sorted(str(p) for p in data.rglob("*.png"))

@@ -135,7 +135,7 @@ def test_a_file_size_limit_in_the_cache(reference: tuple[Path, dict], tmp_path: 
         logging.basicConfig(level=logging.WARNING, format="WARNING %(message)s")
         from visiontune.config import RunConfig
         from visiontune.models.classifier import create_classifier
-        from visiontune.train.features import cache_for, extract_features
+        from visiontune.frozen.features import cache_for, extract_features
         import torch
         cfg = RunConfig.create(None, path=sys.argv[1], backbone="timm:test_efficientnet", weights="none",
                                image_size=32)
@@ -203,7 +203,7 @@ def test_a_file_replaced_with_the_same_size_and_time_is_read_again(tmp_path: Pat
     from visiontune.data.loaders import DecodedCache
     from visiontune.files import file_digest
     from visiontune.models.classifier import create_classifier
-    from visiontune.train.features import cache_for, extract_features
+    from visiontune.frozen.features import cache_for, extract_features
 
     path = make_image(tmp_path / "a.bmp", (220, 40, 40), size=40)
     cache = scanning.ScanCache(tmp_path / "scan.sqlite")

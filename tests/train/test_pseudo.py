@@ -21,7 +21,7 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.rundir import RunDir
 from visiontune.tasks.catalog import make_task
 from visiontune.train import pseudo
-from visiontune.train.probe import fit_probe
+from visiontune.frozen.probe import fit_probe
 
 
 def blobs(rng: np.random.Generator, n: int, dim: int = 12, scale: float = 4.0,

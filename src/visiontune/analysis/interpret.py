@@ -45,8 +45,8 @@ from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Decoded, Report
 from visiontune.tasks.labels import Label
-from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import oof_outputs
+from visiontune.frozen.features import cache_for, extract_features
+from visiontune.frozen.probe import oof_outputs
 from visiontune.train.tracking import log_artifact_to_run
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Which strategy fits this task? Measure, then decide, then say why with the numbers.
 
 Measured: images per class and imbalance; how well the pretrained features already
-separate the classes: the converged probe (train/probe.py, the same probe as training's
+separate the classes: the converged probe (frozen/probe.py, the same probe as training's
 frozen phases), scored out of fold by the task's `score_metric` (accuracy, mAP, R^2) on
 cached, frozen features, against a baseline that knows nothing of ImageNet (k-nearest
 neighbours on 16x16 pixels, the same folds) and chance (`Task.chance`). The probe's share
@@ -30,8 +30,8 @@ from visiontune.models.classifier import create_classifier
 from visiontune.selection.costs import Costs, measure_costs
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
-from visiontune.train.features import backbone_features
-from visiontune.train.probe import oof_outputs
+from visiontune.frozen.features import backbone_features
+from visiontune.frozen.probe import oof_outputs
 from visiontune.train.strategies import AUTO, get_strategy
 
 log = logging.getLogger(__name__)

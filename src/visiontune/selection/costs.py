@@ -4,7 +4,7 @@
 on the engine that will extract: runtime/engine.py)
 and a full fine-tuning step (decode, augment, forward, backward, optimizer) on real batches
 of the data, the converged probe's fit on features of this width and number of classes
-(train/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
+(frozen/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
 the time budget (selection/budget.py) plans with them.
 """
 
@@ -24,8 +24,8 @@ from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import to_device
 from visiontune.runtime.engine import frozen_engine
-from visiontune.train.features import FeatureCache, cache_for
-from visiontune.train.probe import estimate_seconds
+from visiontune.frozen.features import FeatureCache, cache_for
+from visiontune.frozen.probe import estimate_seconds
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.trainer import Trainer
 

@@ -1,6 +1,6 @@
 """What to label next: rank unlabelled images by how much labelling them would help.
 
-Everything is measured on frozen backbone features (train/features.py: computed once,
+Everything is measured on frozen backbone features (frozen/features.py: computed once,
 cached), so a pool that was seen before ranks in seconds. The methods:
 
 - **typical** (TypiClust, Hacohen et al., ICML 2022): cluster the pool (with the images
@@ -20,7 +20,7 @@ cached), so a pool that was seen before ranks in seconds. The methods:
   TYPICAL_BELOW labels (`Task.labels_per_output`); diverse from there.
 
 The model whose uncertainty counts is the run's (`--run`: its fine-tuned backbone and
-head), else the converged probe (train/probe.py) fitted on the labelled images' features.
+head), else the converged probe (frozen/probe.py) fitted on the labelled images' features.
 The labelled images are the run's (its splits.csv, from whatever folder it was trained),
 those of `--labelled` / `--csv`, and the filled-in rows of the output CSV (`output`): the
 second round of the labelling loop never asks again for what the first one got. The pool
@@ -60,8 +60,8 @@ from visiontune.rundir import RunDir
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.labels import SINGLE
-from visiontune.train.features import backbone_features, readable_features
-from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
+from visiontune.frozen.features import backbone_features, readable_features
+from visiontune.frozen.probe import fit_probe, fold_fits, probe_outputs
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
 from visiontune.train.clock import Clock
 from visiontune.train.consistency import TwoViews
-from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
+from visiontune.frozen.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)

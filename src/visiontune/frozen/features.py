@@ -7,7 +7,7 @@ content) and the head trains on those tensors, so later epochs, runs, folds and
 strategies cost milliseconds instead of a pass over the images.
 
 Layout: `<cache>/features/<model fingerprint>/`: shards of float32 vectors and an index
-keyed by each file's digest (train/shards.py). The fingerprint hashes the backbone name,
+keyed by each file's digest (frozen/shards.py). The fingerprint hashes the backbone name,
 every backbone tensor and the preprocessing, so other weights or another image size never
 reuse stale entries; the digest hashes the file's bytes (remembered by the scan cache,
 data/scan.py, while the file is unchanged), so an edited image is recomputed. The cache is
@@ -41,7 +41,7 @@ from visiontune.files import cache_root, guarded, preallocate, touch
 from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.tasks.base import unreadable_rows
-from visiontune.train.shards import SHARD_ROWS, ShardStore
+from visiontune.frozen.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
 
 
 class FeatureCache:
-    """Vectors keyed by file digest under one model fingerprint, in shards (train/shards.py).
+    """Vectors keyed by file digest under one model fingerprint, in shards (frozen/shards.py).
     Every read and write is guarded (files.guarded): a cache that is read-only, locked or
     full turns itself off with one warning and features are computed instead."""
 
