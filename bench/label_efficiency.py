@@ -42,9 +42,9 @@ import numpy as np
 
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
-from visiontune.selection.suggest import auto_method, probe_members, rank
 from visiontune.frozen.features import backbone_features
 from visiontune.frozen.probe import fit_probe, probe_outputs
+from visiontune.selection.suggest import auto_method, probe_members, rank
 from visiontune.train.pseudo import with_pool
 from visiontune.train.setup import prepare_run
 

@@ -33,12 +33,12 @@ from visiontune.analysis.mislabels import flag_label_issues, flag_method, off_di
 from visiontune.config import ModelConfig
 from visiontune.data.sources import collect_images
 from visiontune.data.splits import fold_count, fold_pairs
+from visiontune.frozen.features import cache_for, extract_features
+from visiontune.frozen.probe import oof_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.selection.cv import cross_validate
 from visiontune.tasks.single_label import SingleLabel
-from visiontune.frozen.features import cache_for, extract_features
-from visiontune.frozen.probe import oof_outputs
 
 
 def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str], seed: int = 0,

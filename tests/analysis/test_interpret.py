@@ -58,10 +58,10 @@ def test_outliers_put_the_odd_one_first() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera")
 def test_ten_injected_label_flips_rank_in_the_top_20(tmp_path: Path) -> None:
-    from visiontune.models.classifier import create_classifier
-    from visiontune.tasks.single_label import SingleLabel
     from visiontune.frozen.features import FeatureCache, extract_features, model_fingerprint
     from visiontune.frozen.probe import oof_outputs
+    from visiontune.models.classifier import create_classifier
+    from visiontune.tasks.single_label import SingleLabel
 
     copy = tmp_path / "hym"
     flips = set()
@@ -197,8 +197,8 @@ def test_outliers_match_the_dense_computation_with_bounded_memory() -> None:
 
 def _noisy_probe(seed: int = 0):
     """3 overlapping Gaussian classes, 10% of labels flipped; out-of-fold probe probabilities."""
-    from visiontune.tasks.single_label import SingleLabel
     from visiontune.frozen.probe import oof_outputs
+    from visiontune.tasks.single_label import SingleLabel
 
     rng = np.random.default_rng(seed)
     y = np.repeat([0, 1, 2], 200)

@@ -11,8 +11,8 @@ import torch
 import visiontune as vt
 from conftest import make_class_folders, make_image
 from visiontune.config import ModelConfig
-from visiontune.models.classifier import Preprocess, create_classifier
 from visiontune.frozen.features import FeatureCache, extract_features, model_fingerprint
+from visiontune.models.classifier import Preprocess, create_classifier
 
 
 def _model(seed: int = 0):

@@ -13,9 +13,9 @@ from sklearn.linear_model import LogisticRegression
 
 import visiontune as vt
 from conftest import make_class_folders
+from visiontune.frozen.probe import fit_probe, load_into
 from visiontune.tasks.multi_label import MultiLabel
 from visiontune.tasks.single_label import SingleLabel
-from visiontune.frozen.probe import fit_probe, load_into
 
 
 def single(y: np.ndarray | None, n: int | None = None) -> SingleLabel:

@@ -16,10 +16,10 @@ from conftest import make_class_folders
 from visiontune.config import ModelConfig
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
+from visiontune.frozen.features import extract_features
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime import engine as eng
 from visiontune.runtime.engine import FEATURE_TOLERANCE, OnnxModule, frozen_engine
-from visiontune.frozen.features import extract_features
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

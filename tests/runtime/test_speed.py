@@ -261,8 +261,8 @@ def test_predict_decodes_each_file_once(split_data: Path, tiny: dict, monkeypatc
 def test_features_memory_mapped(tmp_path: Path, tiny: dict) -> None:
     from conftest import make_class_folders
     from visiontune.config import ModelConfig
-    from visiontune.models.classifier import create_classifier
     from visiontune.frozen.features import extract_features
+    from visiontune.models.classifier import create_classifier
 
     root = make_class_folders(tmp_path / "d", {"red": 3, "green": 2})
     paths = sorted(str(p) for p in root.rglob("*.png"))

@@ -202,8 +202,8 @@ def test_a_file_replaced_with_the_same_size_and_time_is_read_again(tmp_path: Pat
     from visiontune.data import scan as scanning
     from visiontune.data.loaders import DecodedCache
     from visiontune.files import file_digest
-    from visiontune.models.classifier import create_classifier
     from visiontune.frozen.features import cache_for, extract_features
+    from visiontune.models.classifier import create_classifier
 
     path = make_image(tmp_path / "a.bmp", (220, 40, 40), size=40)
     cache = scanning.ScanCache(tmp_path / "scan.sqlite")

@@ -39,14 +39,14 @@ from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.files import read_csv_dicts, write_csv, write_json
+from visiontune.frozen.features import cache_for, extract_features
+from visiontune.frozen.probe import oof_outputs
 from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
 from visiontune.rundir import RunDir, Views
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Decoded, Report
 from visiontune.tasks.labels import Label
-from visiontune.frozen.features import cache_for, extract_features
-from visiontune.frozen.probe import oof_outputs
 from visiontune.train.tracking import log_artifact_to_run
 
 log = logging.getLogger(__name__)

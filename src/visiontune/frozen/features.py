@@ -38,10 +38,10 @@ from visiontune.data.scan import ScanCache, digests_of, why_unreadable
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
 from visiontune.files import cache_root, guarded, preallocate, touch
+from visiontune.frozen.shards import SHARD_ROWS, ShardStore
 from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.tasks.base import unreadable_rows
-from visiontune.frozen.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Which strategy fits this task? Measure, then decide, then say why with the numbers.
+"""Which strategy fits this task? Measure, then decide, then say why with the numbers
+(`advise_source`: what `--strategy auto`, the time budget and the `advise` command ask).
 
 Measured: images per class and imbalance; how well the pretrained features already
 separate the classes: the converged probe (frozen/probe.py, the same probe as training's
@@ -13,26 +14,23 @@ score, what chance is and what its targets look like to the neighbours.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from visiontune import display
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
-from visiontune.data.items import TRAIN, VALID, DataSource, LabelFunc
-from visiontune.data.sources import resolve_inputs
+from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.data.splits import fold_count, fold_pairs
-from visiontune.models.classifier import create_classifier
-from visiontune.selection.costs import Costs, measure_costs
-from visiontune.tasks.base import Task
-from visiontune.tasks.catalog import make_task
 from visiontune.frozen.features import backbone_features
 from visiontune.frozen.probe import oof_outputs
-from visiontune.train.strategies import AUTO, get_strategy
+from visiontune.models.classifier import create_classifier
+from visiontune.planning.costs import Costs
+from visiontune.tasks.base import Task
+from visiontune.tasks.catalog import make_task
+from visiontune.train.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +98,6 @@ def decide(median_per_class: float, similarity: float, probe: float, baseline: f
     return "freeze-k", "the task is far from ImageNet with a medium amount of data: re-train the later layers"
 
 
-def advise(data: str | os.PathLike[str] | None = None, *, config: RunConfig | None = None,
-           label_func: LabelFunc | None = None, **overrides: Any) -> Advice:
-    """Measure the data, the task similarity and the costs here; recommend a strategy."""
-    RunConfig.create(config, **overrides).refuse_time_budget("advise", "measures the data and recommends a strategy")
-    cfg, source = resolve_inputs(data, config, label_func, overrides)
-    return advise_source(cfg, source, measure_costs(cfg, source))
-
-
-def resolve_strategy(cfg: RunConfig, source: DataSource) -> RunConfig:
-    """`cfg` with strategy 'auto' replaced by the advisor's choice on `source`'s train and
-    valid images (test images are never looked at); other strategies unchanged."""
-    if cfg.strategy.name != AUTO:
-        return cfg
-    if source.no_validation:  # no fold could validate on every class: nothing to compare strategies with
-        log.info("advisor: feature-extract (%s: too few labels to measure and compare strategies)",
-                 source.no_validation)
-        return RunConfig.create(cfg, strategy="feature-extract")
-    advice = advise_source(cfg, source, measure_costs(cfg, source))
-    log.info("advisor: %s", advice.described())
-    return RunConfig.create(cfg, strategy=advice.strategy)
-
-
 def weigh_cost(strategy: str, reason: str, probe: float, costs: Costs | None) -> tuple[str, str]:
     """A fine-tuning recommendation becomes the converged probe (feature-extract) when the
     converged probe's cross-validated score is already
@@ -137,7 +113,7 @@ def weigh_cost(strategy: str, reason: str, probe: float, costs: Costs | None) ->
 
 def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None) -> Advice:
     """Measure `source` (train + valid images) and recommend a registered strategy; with
-    `costs` (selection/costs.py) the explanation quotes what each choice costs here."""
+    `costs` (planning/costs.py) the explanation quotes what each choice costs here."""
     pool = [it for it in source.items if it.split in (TRAIN, VALID)]
     labels = [it.label for it in pool]
     model_cfg = cfg.model if cfg.model.weights != "none" else RunConfig().model

@@ -5,7 +5,7 @@ on the engine that will extract: runtime/engine.py)
 and a full fine-tuning step (decode, augment, forward, backward, optimizer) on real batches
 of the data, the converged probe's fit on features of this width and number of classes
 (frozen/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
-the time budget (selection/budget.py) plans with them.
+the time budget (planning/budget.py) plans with them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
+from visiontune.frozen.features import FeatureCache, cache_for
+from visiontune.frozen.probe import estimate_seconds
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import to_device
 from visiontune.runtime.engine import frozen_engine
-from visiontune.frozen.features import FeatureCache, cache_for
-from visiontune.frozen.probe import estimate_seconds
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.trainer import Trainer
 

@@ -55,13 +55,13 @@ from visiontune.data.tables import suggestion_table
 from visiontune.data.webdata import is_shard_item, split_item
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
+from visiontune.frozen.features import backbone_features, readable_features
+from visiontune.frozen.probe import fit_probe, fold_fits, probe_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.rundir import RunDir
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.labels import SINGLE
-from visiontune.frozen.features import backbone_features, readable_features
-from visiontune.frozen.probe import fit_probe, fold_fits, probe_outputs
 
 log = logging.getLogger(__name__)
 

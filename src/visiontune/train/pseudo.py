@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from visiontune.data.splits import fold_splits, most_folds
-from visiontune.tasks.base import Decoded, Task
 from visiontune.frozen.probe import ProbeFit, probe_outputs
+from visiontune.tasks.base import Decoded, Task
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from visiontune.data.splits import group_keys
 from visiontune.data.transforms import train_side, train_transform
 from visiontune.data.webdata import ShardStream, is_shard_item, shard_share
 from visiontune.errors import ConfigError, DataError
+from visiontune.frozen.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
 from visiontune.train.clock import Clock
 from visiontune.train.consistency import TwoViews
-from visiontune.frozen.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)

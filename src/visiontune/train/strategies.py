@@ -33,7 +33,7 @@ from typing import Any
 from visiontune.errors import ConfigError
 from visiontune.registry import Registry
 
-AUTO = "auto"  # not a strategy: ask the advisor (selection/advisor.py) to pick one
+AUTO = "auto"  # not a strategy: ask the advisor to pick one (planning/plan.resolve_strategy)
 
 
 @dataclass(frozen=True)

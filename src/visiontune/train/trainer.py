@@ -17,6 +17,16 @@ from torch import nn
 
 from visiontune.data.items import TRAIN
 from visiontune.errors import DataError, VisiontuneError
+from visiontune.frozen.probe import (
+    ProbeFit,
+    describe_folds,
+    fit_probe,
+    head_linear,
+    held_out_logits,
+    load_into,
+    validation_folds,
+)
+from visiontune.frozen.probememo import ProbeMemory, probe_key
 from visiontune.rundir import RunDir, save_checkpoint
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, batch_norm_for, resolve_precision, seed_everything, to_device
@@ -35,16 +45,6 @@ from visiontune.tasks.objective import VAL_LOSS, Objective
 from visiontune.train.callbacks import Callback, StopTraining, metrics_of
 from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.plan import apply_phase, set_train_modes
-from visiontune.frozen.probe import (
-    ProbeFit,
-    describe_folds,
-    fit_probe,
-    head_linear,
-    held_out_logits,
-    load_into,
-    validation_folds,
-)
-from visiontune.frozen.probememo import ProbeMemory, probe_key
 from visiontune.train.pseudo import PseudoLabels, with_pool
 from visiontune.train.recipe import mixup_for
 from visiontune.train.rundata import PhaseData
