@@ -42,7 +42,7 @@ import numpy as np
 
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
-from visiontune.frozen.features import backbone_features
+from visiontune.frozen.features import FeatureExtractor
 from visiontune.frozen.probe import fit_probe, probe_outputs
 from visiontune.selection.suggest import auto_method, probe_members, rank
 from visiontune.train.pseudo import with_pool
@@ -60,8 +60,8 @@ def features(root: Path, name: str):
     out = {}
     for split in ("train", "valid", "test"):
         items = [it for it in source.items if it.split == split]
-        x = backbone_features(cfg.model.backbone, setup.model.backbone, setup.preprocess, [it.path for it in items],
-                              cfg.train)
+        x = FeatureExtractor.for_run(cfg.model.backbone, setup.model.backbone, setup.preprocess,
+                                     cfg.train).features([it.path for it in items])
         out[split] = (x, setup.task.encode([it.label for it in items]).numpy())
     return out, setup.task
 

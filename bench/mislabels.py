@@ -33,7 +33,7 @@ from visiontune.analysis.mislabels import flag_label_issues, flag_method, off_di
 from visiontune.config import ModelConfig
 from visiontune.data.sources import collect_images
 from visiontune.data.splits import fold_count, fold_pairs
-from visiontune.frozen.features import cache_for, extract_features
+from visiontune.frozen.features import FeatureExtractor, cache_for
 from visiontune.frozen.probe import oof_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
@@ -99,7 +99,7 @@ def main() -> None:
     model, pre = create_classifier(ModelConfig(), len(classes))
     device = resolve_device("auto")
     cache = cache_for(ModelConfig().backbone, model.backbone, pre, os.environ.get("VISIONTUNE_CACHE"))
-    feats = extract_features(model.backbone, paths, pre, device, cache)[0].numpy()
+    feats = FeatureExtractor(model.backbone, pre, device, cache).extract(paths)[0].numpy()
     started = time.perf_counter()
     sk = oof_probabilities(feats, labels, classes, args.seed)
     took = time.perf_counter() - started

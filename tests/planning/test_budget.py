@@ -190,7 +190,7 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     from visiontune.config import RunConfig
     from visiontune.data import loaders
     from visiontune.frozen import probe
-    from visiontune.frozen.features import extract_features
+    from visiontune.frozen.features import FeatureExtractor
     from visiontune.models.classifier import create_classifier
 
     data = make_class_folders(tmp_path / "d", {"red": 20, "green": 20})
@@ -200,8 +200,8 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     real = loaders.load_rgb
     monkeypatch.setattr(loaders, "load_rgb", lambda *a, **k: time.sleep(0.05) or real(*a, **k))  # 50 ms an image
     started = time.perf_counter()
-    feats, stats = extract_features(model.backbone, paths, pre, torch.device("cpu"), None, batch_size=4,
-                                    num_workers=0, deadline=started + 0.8)
+    extractor = FeatureExtractor(model.backbone, pre, torch.device("cpu"), None, batch_size=4, num_workers=0)
+    feats, stats = extractor.extract(paths, deadline=started + 0.8)
     assert time.perf_counter() - started < 1.4
     assert 0 < len(stats.left_out) < 40 and stats.misses == 40 - len(stats.left_out)
     assert stats.left_out != list(range(40 - len(stats.left_out), 40))  # a random sample is left out, not the tail

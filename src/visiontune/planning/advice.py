@@ -24,7 +24,7 @@ from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.data.splits import fold_count, fold_pairs
-from visiontune.frozen.features import backbone_features
+from visiontune.frozen.features import FeatureExtractor
 from visiontune.frozen.probe import oof_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.planning.costs import Costs
@@ -167,7 +167,7 @@ def _knn_outputs(pixels: np.ndarray, task: Task, targets: np.ndarray, neighbours
 
 def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource, paths: list[str]) -> np.ndarray:
     model, pre = create_classifier(model_cfg, len(source.classes))
-    return backbone_features(model_cfg.backbone, model.backbone, pre, paths, cfg.train)
+    return FeatureExtractor.for_run(model_cfg.backbone, model.backbone, pre, cfg.train).features(paths)
 
 
 def _pixels(paths: list[str], size: int = 16) -> np.ndarray:

@@ -82,7 +82,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
         step, _ = _seconds_per_image(setup.data.images().train, setup,
                                      lambda x, y: trainer.train_step(setup.model, x, y))
         backbone = setup.model.backbone
-        missing = _uncached(setup.data._cache(), source)
+        missing = _uncached(setup.data.feature_cache(), source)
         t = setup.cfg.train
         engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, t.engine, t.cache_dir, missing)
         with torch.inference_mode():

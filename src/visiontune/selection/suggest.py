@@ -55,7 +55,7 @@ from visiontune.data.tables import suggestion_table
 from visiontune.data.webdata import is_shard_item, split_item
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
-from visiontune.frozen.features import backbone_features, readable_features
+from visiontune.frozen.features import FeatureExtractor
 from visiontune.frozen.probe import fit_probe, fold_fits, probe_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.rundir import RunDir
@@ -157,11 +157,11 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     known = _known(run, labelled, csv, output if filled else None, config, overrides)
     paths, excluded, unreadable = _pool_paths(pool, known)
     _require_pool(paths, pool, excluded + unreadable)
-    train = known.cfg.train
-    pool_feats, paths, gone = readable_features(known.backbone_name, known.backbone, known.preprocess, paths, train)
+    extractor = FeatureExtractor.for_run(known.backbone_name, known.backbone, known.preprocess, known.cfg.train)
+    pool_feats, paths, gone = extractor.readable(paths)
     unreadable += gone  # removed or replaced since the check: skipped and listed as the check's are
     _require_pool(paths, pool, excluded + unreadable)
-    lab_feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, known.paths, train)
+    lab_feats = extractor.features(known.paths)
     lab_feats = lab_feats if len(known.paths) else np.zeros((0, pool_feats.shape[1]), np.float32)
     keep = ~_near_copies(pool_feats, lab_feats)
     excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
