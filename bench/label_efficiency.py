@@ -16,7 +16,7 @@ method asks for until the pool holds 1, 2, 5, 10, 20 labels per class on average
   class has fewer than 5 labels, then diverse: the probe's uncertainty, spread by
   k-means++), with the images labelled so far as `labelled`;
 - random: the same number of images drawn at random from what is not labelled yet.
-After each round the converged probe (train/probe.py, its own C search) is fitted on the
+After each round the converged probe (frozen/probe.py, its own C search) is fitted on the
 labelled images and scored on the test split (accuracy). The learner is the probe only:
 gradual fine-tuning at every round would take hours on this CPU. With `--unlabeled`, each
 method again with the rest of the pool as unlabelled images, fitted as `train --unlabeled`
@@ -45,10 +45,10 @@ import numpy as np
 from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
+from visiontune.frozen.features import FeatureExtractor
+from visiontune.frozen.probe import fit_probe, probe_outputs
 from visiontune.selection.suggest import auto_method, probe_members, rank
 from visiontune.tasks.catalog import make_task
-from visiontune.train.features import backbone_features
-from visiontune.train.probe import fit_probe, probe_outputs
 from visiontune.train.pseudo import with_pool
 from visiontune.train.setup import prepare_run
 
@@ -66,8 +66,8 @@ def features(root: Path, name: str, model: dict | None = None):
     out = {}
     for split in ("train", "valid", "test"):
         items = [it for it in source.items if it.split == split]
-        x = backbone_features(cfg.model.backbone, setup.model.backbone, setup.preprocess, [it.path for it in items],
-                              cfg.train)
+        x = FeatureExtractor.for_run(cfg.model.backbone, setup.model.backbone, setup.preprocess,
+                                     cfg.train).features([it.path for it in items])
         out[split] = (x, setup.task.encode([it.label for it in items]).numpy())
     return out, setup.task
 

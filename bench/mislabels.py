@@ -6,7 +6,7 @@
 DATA (default ../shared/data/hymenoptera): its train + val images are pooled and `--flip`
 of their labels flipped to another class (seeded). Out-of-fold probabilities come from
 (a) a 5-fold scikit-learn logistic-regression probe (C = 0.1) on frozen Lite0 features,
-(c) the converged probe (train/probe.py, C by its own CV once, then one fit per fold) on the
+(c) the converged probe (frozen/probe.py, C by its own CV once, then one fit per fold) on the
 same features, and (b) `visiontune cv` (feature-extract, 5 folds, epochs chosen inside each fold). For each,
 the flags of cleanlab's find_label_issues and of the plain confident-joint off-diagonal are
 scored against the true flips: flagged, precision, recall, and where the flips rank by
@@ -35,12 +35,12 @@ from visiontune.analysis.mislabels import flag_label_issues, flag_method, off_di
 from visiontune.config import ModelConfig
 from visiontune.data.sources import collect_images
 from visiontune.data.splits import fold_count, fold_pairs
+from visiontune.frozen.features import FeatureExtractor, cache_for
+from visiontune.frozen.probe import oof_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import resolve_device
 from visiontune.selection.cv import cross_validate
 from visiontune.tasks.single_label import SingleLabel
-from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import oof_outputs
 
 
 def oof_probabilities(features: np.ndarray, labels: list[str], classes: list[str], seed: int = 0,
@@ -134,7 +134,7 @@ def frozen_features(paths: list[str], num_classes: int, model: dict) -> np.ndarr
     cfg = ModelConfig(**{k: model[k] for k in ("backbone", "weights", "image_size") if k in model})
     classifier, pre = create_classifier(cfg, num_classes)
     cache = cache_for(cfg.backbone, classifier.backbone, pre, os.environ.get("VISIONTUNE_CACHE"))
-    return extract_features(classifier.backbone, paths, pre, resolve_device("auto"), cache)[0].numpy()
+    return FeatureExtractor(classifier.backbone, pre, resolve_device("auto"), cache).extract(paths)[0].numpy()
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ from sklearn.model_selection import StratifiedKFold
 from bench.harness import SMOKE_MODEL, Recorder, parser, tiny_folders
 from visiontune.config import RunConfig
 from visiontune.data.sources import load_items
-from visiontune.train import probe
-from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import fit_probe, head_linear
+from visiontune.frozen import probe
+from visiontune.frozen.features import FeatureExtractor, cache_for
+from visiontune.frozen.probe import fit_probe, head_linear
 from visiontune.train.setup import prepare_run
 
 SIZES = {"hymenoptera": 224, "faces": 128, "digits": 64, "waves": 64}
@@ -70,8 +70,8 @@ def features(root: Path, name: str, model: dict | None = None):
         items = [it for it in source.items if it.split == split]
         if split == "test" and not items:
             items = load_items(RunConfig.create(None, path=str(root / name / "test")).data).items
-        x, _ = extract_features(backbone, [it.path for it in items], setup.preprocess, setup.device, cache,
-                                64, 0, True)
+        extractor = FeatureExtractor(backbone, setup.preprocess, setup.device, cache, 64, 0, True)
+        x, _ = extractor.extract([it.path for it in items])
         y = setup.task.encode([it.label for it in items]).numpy()
         out[split] = (np.asarray(x), y)
     return out, setup.task, head_linear(setup.model.head)

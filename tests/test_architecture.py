@@ -114,9 +114,11 @@ LAYERS = [
     ("visiontune.data",),
     ("visiontune.models",),
     ("visiontune.runtime",),
+    ("visiontune.frozen",),
     ("visiontune.rundir",),
     ("visiontune.bundle",),
     ("visiontune.train",),
+    ("visiontune.planning",),
     ("visiontune.analysis", "visiontune.selection", "visiontune.deploy"),
     ("visiontune.prediction",),
     ("visiontune.api",),
@@ -163,12 +165,56 @@ def test_imports_only_go_down_the_layers() -> None:
 
 def test_the_layer_check_finds_an_upward_and_a_sideways_import() -> None:
     graph = {"visiontune.train.tracking": {"visiontune.analysis.report"},
-             "visiontune.selection.advisor": {"visiontune.analysis.mislabels", "visiontune.train.probe"},
-             "visiontune.analysis.report": set(), "visiontune.analysis.mislabels": set(), "visiontune.train.probe": set()}
+             "visiontune.selection.advisor": {"visiontune.analysis.mislabels", "visiontune.frozen.probe"},
+             "visiontune.analysis.report": set(), "visiontune.analysis.mislabels": set(), "visiontune.frozen.probe": set()}
     assert set(_layer_violations(graph, set())) == {
-        "visiontune.selection.advisor (layer 11) imports visiontune.analysis.mislabels (layer 11)",
-        "visiontune.train.tracking (layer 10) imports visiontune.analysis.report (layer 11)"}
+        "visiontune.selection.advisor (layer 13) imports visiontune.analysis.mislabels (layer 13)",
+        "visiontune.train.tracking (layer 11) imports visiontune.analysis.report (layer 13)"}
 
+
+
+# Frozen features, their caches and the probe live in visiontune.frozen (below train/):
+# analysis/, the tools that do not train and planning import them from there, never from
+# training (issue 35).
+FROZEN_CONCEPT = re.compile(r"feature|probe|shard", re.IGNORECASE)
+
+
+def _frozen_from_training(tree: ast.AST, module: str) -> list[str]:
+    """Imports in `module` (outside train/) that reach into visiontune.train for a frozen
+    feature, cache, shard or probe name, or into a train module of that name."""
+    if module == "visiontune.train" or module.startswith("visiontune.train."):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("visiontune.train"):
+            names = [a.name for a in node.names]
+            if not FROZEN_CONCEPT.search((node.module or "").rpartition(".")[2]):  # visiontune.train.X: X itself
+                names = [n for n in names if FROZEN_CONCEPT.search(n)]
+            found += [f"{module}:{node.lineno} imports {', '.join(names)} from {node.module}"] if names else []
+        elif isinstance(node, ast.Import):
+            found += [f"{module}:{node.lineno} imports {a.name}" for a in node.names
+                      if a.name.startswith("visiontune.train.") and FROZEN_CONCEPT.search(a.name)]
+    return found
+
+
+def test_no_module_outside_train_reaches_into_it_for_frozen_features_or_the_probe() -> None:
+    modules = _modules()
+    assert not {f"visiontune.train.{m}" for m in ("features", "shards", "probe", "probememo")} & set(modules)
+    assert {"visiontune.frozen.features", "visiontune.frozen.probe"} <= set(modules)
+    found = [hit for name, path in modules.items() for hit in _frozen_from_training(ast.parse(path.read_text()), name)]
+    assert found == []
+
+
+def test_the_frozen_check_finds_features_and_the_probe_taken_from_training() -> None:
+    code = ("from visiontune.train.features import cache_for\nfrom visiontune.train.probe import oof_outputs\n"
+            "from visiontune.train import probe\nimport visiontune.train.shards\n"
+            "from visiontune.train.session import train_run\nfrom visiontune.frozen.features import FeatureExtractor\n")
+    assert _frozen_from_training(ast.parse(code), "visiontune.analysis.interpret") == [
+        "visiontune.analysis.interpret:1 imports cache_for from visiontune.train.features",
+        "visiontune.analysis.interpret:2 imports oof_outputs from visiontune.train.probe",
+        "visiontune.analysis.interpret:3 imports probe from visiontune.train",
+        "visiontune.analysis.interpret:4 imports visiontune.train.shards"]
+    assert _frozen_from_training(ast.parse(code), "visiontune.train.rundata") == []
 
 # -- the run directory: one owner of its file names ---------------------------------------
 # A string literal that is a file name (what the grep of issue 35 looks for).
@@ -196,8 +242,8 @@ NOT_RUN_FILES = {
     ("visiontune.models.weights", "model.safetensors"): "the weights file of a Hugging Face Hub repo (its format)",
     ("visiontune.models.weights", "pytorch_model.bin"): "a Hugging Face Hub repo's pickled weights (refused)",
     ("visiontune.selection.lrfind", "lr_find.png"): "in the --output folder of runs, not in a run",
-    ("visiontune.train.features", "scan.sqlite"): "the scan cache",
-    ("visiontune.train.shards", "index.sqlite"): "the feature cache's shard index",
+    ("visiontune.frozen.features", "scan.sqlite"): "the scan cache",
+    ("visiontune.frozen.shards", "index.sqlite"): "the feature cache's shard index",
     ("visiontune.train.tracking", "mlflow.db"): "the MLflow store in the --output folder of runs, not in a run",
 }
 
@@ -253,7 +299,8 @@ def test_a_prediction_never_loads_the_training_stack(flat_data: Path, tmp_path: 
     loaded = set(out[1].split())
     assert int(out[0]) == 24 and "visiontune.prediction" in loaded
     training = sorted(m for m in loaded if m.startswith(("visiontune.train.", "visiontune.selection",
-                                                         "visiontune.analysis", "visiontune.api"))
+                                                         "visiontune.analysis", "visiontune.api",
+                                                         "visiontune.planning", "visiontune.frozen"))
                       and m != "visiontune.train.strategies")  # layer 2: the registry config reads
     assert training == []
     # metrics and splitters (a second of start-up), the web server, the exporter: unused

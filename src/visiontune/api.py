@@ -11,10 +11,12 @@ from typing import Any
 from visiontune.analysis.inspection import describe
 from visiontune.bundle import load_bundle
 from visiontune.config import RunConfig
-from visiontune.data.items import DataSource, LabelFunc
+from visiontune.data.items import LabelFunc
 from visiontune.data.sources import load_items, resolve_inputs
-from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.errors import VisiontuneError
 from visiontune.models.classifier import create_classifier
+from visiontune.planning.budget import RESERVE_MARGIN_S
+from visiontune.planning.plan import plan_run, resolve_batch_size
 from visiontune.prediction import (  # noqa: F401 - evaluate and predict live there (no training stack); re-exported
     EvalResult,
     Prediction,
@@ -24,9 +26,6 @@ from visiontune.prediction import (  # noqa: F401 - evaluate and predict live th
     predict_stream,
 )
 from visiontune.rundir import RunDir
-from visiontune.runtime import distributed
-from visiontune.selection.advisor import resolve_strategy
-from visiontune.selection.budget import RESERVE_MARGIN_S, BudgetPlan, plan_budget
 from visiontune.train.callbacks import Callback
 from visiontune.train.clock import Clock
 from visiontune.train.session import FitResult, train_run
@@ -60,38 +59,10 @@ def fit(
     if resume is not None:
         return _resume(Path(resume), data, label_func, callbacks, overrides, started)
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    if cfg.train.time_budget and not source.no_validation:
-        return _fit_in_time(cfg, source, callbacks, started)
-    budget = float(cfg.train.time_budget) if cfg.train.time_budget else None  # too few labels to plan: the probe
-    return train_run(resolve_strategy(cfg, source), source, callbacks=callbacks, clock=Clock(budget, started))
-
-
-def _fit_in_time(cfg: RunConfig, source: DataSource, callbacks: list[Callback] | None, started: float) -> FitResult:
-    """--time-budget: measure, plan, train with a deadline (selection/budget.py)."""
-    if distributed.from_env().parallel:  # each process would judge its own clock: their steps could part ways
-        raise ConfigError("--time-budget plans for one process; under torchrun with several processes leave it "
-                          "out and set --epochs")
-    budget = float(cfg.train.time_budget or 0)
-    plan = plan_budget(cfg, source, budget, started)
-    log.info("time budget %.0f s: %s for %d epochs at %d px (expected %.0f s): %s", budget, plan.strategy,
-             plan.epochs, plan.image_size, plan.expected_s, "; ".join(plan.reasons))
-    result = train_run(RunConfig.create(cfg, **plan.overrides()), source,
-                       callbacks=[*(callbacks or []), _PlanWriter(plan)],
-                       clock=Clock(budget, started, reserve_s=plan.reserve_s))
-    RunDir(result.run_dir).write_time_budget({**plan.as_dict(), "actual_s": time.perf_counter() - started})
+    plan = plan_run(cfg, source, started)  # strategy, batch size and time budget resolved once
+    result = train_run(plan.cfg, source, callbacks=[*(callbacks or []), *plan.callbacks()], clock=plan.clock)
+    plan.finish(result.run_dir)
     return result
-
-
-class _PlanWriter(Callback):
-    """time_budget.json (the plan) into the run directory when training starts, so a run
-    killed on the way and resumed still has it (completed with the time taken at the end)."""
-
-    def __init__(self, plan: BudgetPlan) -> None:
-        self.plan = plan
-
-    def on_fit_start(self, trainer: Any) -> None:
-        if trainer.env.is_main:
-            RunDir(trainer.run_dir).write_time_budget(self.plan.as_dict())
 
 
 def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: LabelFunc | None,
@@ -110,8 +81,9 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
     plan = run.read_time_budget() if cfg.train.time_budget else {}
     clock = Clock.resumed(run_dir, cfg.train.time_budget, started, float(plan.get("reserve_s", RESERVE_MARGIN_S)))
-    result = train_run(cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir),
-                       run_dir=run_dir, ckpt=ckpt, callbacks=callbacks, clock=clock)
+    source = load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir)
+    result = train_run(resolve_batch_size(cfg, source), source, run_dir=run_dir, ckpt=ckpt, callbacks=callbacks,
+                       clock=clock)  # the saved plan goes on: only a batch size given again as 'auto' is new
     if cfg.train.time_budget:  # the plan (if it was written), the budget now, the time taken over every session
         given = {"planned_for_s": plan["budget_s"]} if plan.get("budget_s", cfg.train.time_budget) != \
             cfg.train.time_budget else {}

@@ -58,10 +58,10 @@ def test_outliers_put_the_odd_one_first() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data/hymenoptera")
 def test_ten_injected_label_flips_rank_in_the_top_20(tmp_path: Path) -> None:
+    from visiontune.frozen.features import FeatureCache, FeatureExtractor, model_fingerprint
+    from visiontune.frozen.probe import oof_outputs
     from visiontune.models.classifier import create_classifier
     from visiontune.tasks.single_label import SingleLabel
-    from visiontune.train.features import FeatureCache, extract_features, model_fingerprint
-    from visiontune.train.probe import oof_outputs
 
     copy = tmp_path / "hym"
     flips = set()
@@ -83,7 +83,7 @@ def test_ten_injected_label_flips_rank_in_the_top_20(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "cache", model_fingerprint("lite0", model.backbone, pre))
     import torch
 
-    feats, _ = extract_features(model.backbone, [it.path for it in items], pre, torch.device("cpu"), cache)
+    feats, _ = FeatureExtractor(model.backbone, pre, torch.device("cpu"), cache).extract([it.path for it in items])
     labels = [it.label for it in items]
     task = SingleLabel(source.classes)
     probs, _ = oof_outputs(feats.numpy(), task.encode(labels).numpy(), task)  # what interpret uses
@@ -197,8 +197,8 @@ def test_outliers_match_the_dense_computation_with_bounded_memory() -> None:
 
 def _noisy_probe(seed: int = 0):
     """3 overlapping Gaussian classes, 10% of labels flipped; out-of-fold probe probabilities."""
+    from visiontune.frozen.probe import oof_outputs
     from visiontune.tasks.single_label import SingleLabel
-    from visiontune.train.probe import oof_outputs
 
     rng = np.random.default_rng(seed)
     y = np.repeat([0, 1, 2], 200)

@@ -12,7 +12,7 @@ import pytest
 import visiontune as vt
 from conftest import by_path, make_class_folders, make_image, original_paths
 from visiontune.data import scan as scanning
-from visiontune.train.shards import ShardStore
+from visiontune.frozen.shards import ShardStore
 
 
 def _checked(monkeypatch: pytest.MonkeyPatch) -> list[str]:

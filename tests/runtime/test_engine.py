@@ -16,10 +16,10 @@ from conftest import make_class_folders
 from visiontune.config import ModelConfig
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
+from visiontune.frozen.features import FeatureExtractor
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime import engine as eng
 from visiontune.runtime.engine import FEATURE_TOLERANCE, OnnxModule, frozen_engine
-from visiontune.train.features import extract_features
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -37,8 +37,8 @@ def test_onnx_features_match_pytorch_and_the_export_lives_in_the_cache(tmp_path:
     data = make_class_folders(tmp_path / "data", {"red": 6, "green": 6})
     paths = sorted(str(p) for p in data.rglob("*.png"))
     backbone, pre = _backbone(0)
-    eager, _ = extract_features(backbone, paths, pre, CPU, None, engine="torch")
-    onnx, _ = extract_features(backbone, paths, pre, CPU, None, engine="onnx", cache_dir=tmp_path / "cache")
+    eager, _ = FeatureExtractor(backbone, pre, CPU, None, engine="torch").extract(paths)
+    onnx, _ = FeatureExtractor(backbone, pre, CPU, None, engine="onnx", cache_dir=tmp_path / "cache").extract(paths)
     scale = max(1.0, float(eager.abs().max()))
     assert float((eager - onnx).abs().max()) / scale <= FEATURE_TOLERANCE
     exported = list((tmp_path / "cache" / "engines").glob("*.onnx"))
@@ -74,14 +74,14 @@ def test_auto_exports_only_when_the_work_pays_for_it(tmp_path: Path) -> None:
 def test_features_are_the_same_whichever_engine_ran(tmp_path: Path) -> None:
     """The feature cache does not name the engine: rows computed by ONNX Runtime and rows
     computed by PyTorch sit in one cache and agree within the tolerance."""
-    from visiontune.train.features import cache_for
+    from visiontune.frozen.features import cache_for
 
     data = make_class_folders(tmp_path / "data", {"red": 4, "green": 4})
     paths = sorted(str(p) for p in data.rglob("*.png"))
     backbone, pre = _backbone(3)
     cache = cache_for("timm:test_efficientnet", backbone, pre, tmp_path / "c")
-    extract_features(backbone, paths[:4], pre, CPU, cache, engine="onnx", cache_dir=tmp_path / "c")
-    mixed, stats = extract_features(backbone, paths, pre, CPU, cache, engine="torch")
+    FeatureExtractor(backbone, pre, CPU, cache, engine="onnx", cache_dir=tmp_path / "c").extract(paths[:4])
+    mixed, stats = FeatureExtractor(backbone, pre, CPU, cache, engine="torch").extract(paths)
     assert (stats.hits, stats.misses) == (4, 4)
-    eager, _ = extract_features(backbone, paths, pre, CPU, None, engine="torch")
+    eager, _ = FeatureExtractor(backbone, pre, CPU, None, engine="torch").extract(paths)
     assert np.allclose(mixed.numpy(), eager.numpy(), atol=FEATURE_TOLERANCE * max(1.0, float(eager.abs().max())))

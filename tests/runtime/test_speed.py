@@ -261,15 +261,15 @@ def test_predict_decodes_each_file_once(split_data: Path, tiny: dict, monkeypatc
 def test_features_memory_mapped(tmp_path: Path, tiny: dict) -> None:
     from conftest import make_class_folders
     from visiontune.config import ModelConfig
+    from visiontune.frozen.features import FeatureExtractor
     from visiontune.models.classifier import create_classifier
-    from visiontune.train.features import extract_features
 
     root = make_class_folders(tmp_path / "d", {"red": 3, "green": 2})
     paths = sorted(str(p) for p in root.rglob("*.png"))
     model, pre = create_classifier(ModelConfig(backbone=tiny["backbone"], weights="none", image_size=32), 2)
-    in_ram, _ = extract_features(model.backbone, paths, pre, torch.device("cpu"), None, 2, 0)
-    mapped, _ = extract_features(model.backbone, paths, pre, torch.device("cpu"), None, 2, 0,
-                                 memmap_dir=tmp_path / "maps")
+    extractor = FeatureExtractor(model.backbone, pre, torch.device("cpu"), None, 2, 0)
+    in_ram, _ = extractor.extract(paths)
+    mapped, _ = extractor.extract(paths, memmap_dir=tmp_path / "maps")
     torch.testing.assert_close(mapped, in_ram)
     assert list((tmp_path / "maps").iterdir()) == []  # unlinked at once: nothing to clean up
 

@@ -10,8 +10,9 @@ import torch
 import visiontune as vt
 from conftest import make_class_folders
 from visiontune.models.warmstart import match_imagenet_classes, warm_start_rows
+from visiontune.planning.advice import decide
 from visiontune.rundir import RunDir
-from visiontune.selection.advisor import advise, decide
+from visiontune.selection.advisor import advise
 from visiontune.selection.lrfind import lr_find, suggest
 
 

@@ -135,18 +135,19 @@ def test_a_file_size_limit_in_the_cache(reference: tuple[Path, dict], tmp_path: 
         logging.basicConfig(level=logging.WARNING, format="WARNING %(message)s")
         from visiontune.config import RunConfig
         from visiontune.models.classifier import create_classifier
-        from visiontune.train.features import cache_for, extract_features
+        from visiontune.frozen.features import cache_for, FeatureExtractor
         import torch
         cfg = RunConfig.create(None, path=sys.argv[1], backbone="timm:test_efficientnet", weights="none",
                                image_size=32)
         model, pre = create_classifier(cfg.model, 3)
         paths = sorted(str(p) for p in __import__("pathlib").Path(sys.argv[1]).rglob("*.png"))
-        plain, _ = extract_features(model.backbone, paths, pre, torch.device("cpu"), None)
+        plain, _ = FeatureExtractor(model.backbone, pre, torch.device("cpu"), None).extract(paths)
         limit = int(sys.argv[2])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         cache = cache_for("timm:test_efficientnet", model.backbone, pre)
-        got, stats = extract_features(model.backbone, paths, pre, torch.device("cpu"), cache, memmap_dir=cache.dir)
-        again, _ = extract_features(model.backbone, paths, pre, torch.device("cpu"), cache, memmap_dir=cache.dir)
+        extractor = FeatureExtractor(model.backbone, pre, torch.device("cpu"), cache)
+        got, stats = extractor.extract(paths, memmap_dir=cache.dir)
+        again, _ = extractor.extract(paths, memmap_dir=cache.dir)
         print(json.dumps([float((got - plain).abs().max()), float((again - plain).abs().max()), stats.misses]))
     """), str(data), str(limit)], env={**os.environ, "VISIONTUNE_CACHE": str(tmp_path / "cache")},
         capture_output=True, text=True, timeout=300)
@@ -202,8 +203,8 @@ def test_a_file_replaced_with_the_same_size_and_time_is_read_again(tmp_path: Pat
     from visiontune.data import scan as scanning
     from visiontune.data.loaders import DecodedCache
     from visiontune.files import file_digest
+    from visiontune.frozen.features import FeatureExtractor, cache_for
     from visiontune.models.classifier import create_classifier
-    from visiontune.train.features import cache_for, extract_features
 
     path = make_image(tmp_path / "a.bmp", (220, 40, 40), size=40)
     cache = scanning.ScanCache(tmp_path / "scan.sqlite")
@@ -211,13 +212,14 @@ def test_a_file_replaced_with_the_same_size_and_time_is_read_again(tmp_path: Pat
     cfg = RunConfig.create(None, path=str(tmp_path), backbone="timm:test_efficientnet", weights="none", image_size=32)
     model, pre = create_classifier(cfg.model, 2)
     features = cache_for("x", model.backbone, pre, tmp_path / "c")
-    old, _ = extract_features(model.backbone, [str(path)], pre, torch.device("cpu"), features)
+    extractor = FeatureExtractor(model.backbone, pre, torch.device("cpu"), features)
+    old, _ = extractor.extract([str(path)])
     decoded = DecodedCache(tmp_path / "img", 20)
     old_pixels = np.asarray(decoded.load(str(path)))
 
     _replace_keeping_size_and_times(path, (40, 60, 220))
     (_, new_digest), = scanning.scan([str(path)], cache)
     assert new_digest == file_digest(path) != old_digest
-    new, stats = extract_features(model.backbone, [str(path)], pre, torch.device("cpu"), features)
+    new, stats = extractor.extract([str(path)])
     assert stats.misses == 1 and not torch.allclose(new, old)
     assert not np.array_equal(np.asarray(decoded.load(str(path))), old_pixels)

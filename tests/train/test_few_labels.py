@@ -222,7 +222,7 @@ def test_a_budget_ends_the_cross_validation_between_folds_never_inside_a_fit(tmp
 
 
 def test_held_out_logits_stop_between_folds() -> None:
-    from visiontune.train.probe import ProbeFit, held_out_logits
+    from visiontune.frozen.probe import ProbeFit, held_out_logits
 
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     fits = []

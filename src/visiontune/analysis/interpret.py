@@ -39,14 +39,14 @@ from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.files import read_csv_dicts, write_csv, write_json
+from visiontune.frozen.features import FeatureExtractor, cache_for
+from visiontune.frozen.probe import oof_outputs
 from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
 from visiontune.rundir import RunDir, Views
 from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Decoded, Report
 from visiontune.tasks.labels import Label
-from visiontune.train.features import cache_for, extract_features
-from visiontune.train.probe import oof_outputs
 from visiontune.train.tracking import log_artifact_to_run
 
 log = logging.getLogger(__name__)
@@ -261,11 +261,11 @@ def _features(ctx: Context) -> np.ndarray:
     """Frozen backbone features of every item (from the feature cache when present)."""
     cfg = ctx.bundle.config
     backbone = cfg.model.backbone if cfg else "model"
-    cache = cache_for(backbone, ctx.bundle.model.backbone, ctx.bundle.preprocess, cfg.train.cache_dir if cfg else None)
-    paths = [p for p, _, _ in ctx.items]
-    return extract_features(ctx.bundle.model.backbone, paths, ctx.bundle.preprocess, ctx.device, cache,
-                            engine=cfg.train.engine if cfg else "auto",
-                            cache_dir=cfg.train.cache_dir if cfg else None)[0].numpy()
+    cache_dir = cfg.train.cache_dir if cfg else None
+    cache = cache_for(backbone, ctx.bundle.model.backbone, ctx.bundle.preprocess, cache_dir)
+    extractor = FeatureExtractor(ctx.bundle.model.backbone, ctx.bundle.preprocess, ctx.device, cache,
+                                 engine=cfg.train.engine if cfg else "auto", cache_dir=cache_dir)
+    return extractor.features([p for p, _, _ in ctx.items])
 
 
 def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:

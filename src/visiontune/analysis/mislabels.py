@@ -1,8 +1,8 @@
 """Suspected label errors over the whole dataset, from out-of-fold evidence.
 
 Out-of-fold probabilities come from `visiontune cv` (oof.csv) when given, otherwise from the
-converged probe (train/probe.py: C chosen once by its cross-validation, then one fit per
-fold) on cached frozen features (`train.probe.oof_outputs`; bench/mislabels.py: more precise than a
+converged probe (frozen/probe.py: C chosen once by its cross-validation, then one fit per
+fold) on cached frozen features (`frozen.probe.oof_outputs`; bench/mislabels.py: more precise than a
 fixed-C scikit-learn probe on hymenoptera and digits). Each image is ranked
 by self-confidence, p(given label) (lowest first). Which images are flagged is confident
 learning (Northcutt et al. 2021) as cleanlab implements it: `find_label_issues` with

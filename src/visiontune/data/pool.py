@@ -12,7 +12,7 @@ data or in the pool; `suggest --run`: those the run's excluded.txt lists), and e
 copies within the pool (the first is kept). Samples of WebDataset shards were checked when
 they were written; their digests come from the shards' index. A file that cannot be read
 any more when its features are computed (removed, or replaced by one that does not decode)
-is skipped there and listed as these are (train/features.py `skip_unreadable`).
+is skipped there and listed as these are (frozen/features.py `skip_unreadable`).
 """
 
 from __future__ import annotations

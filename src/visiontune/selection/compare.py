@@ -21,6 +21,7 @@ from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item, LabelFun
 from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import group_keys, stratified_split
 from visiontune.errors import ConfigError
+from visiontune.planning.plan import plan_run
 from visiontune.rundir import RunDir
 from visiontune.selection.cv import SELECTIONS, cross_validate
 from visiontune.tasks.catalog import TASKS
@@ -120,7 +121,8 @@ def holdout_for(source: DataSource, cfg: RunConfig) -> Holdout:
 
 def _holdout_row(cfg: RunConfig, holdout: Holdout | None, headline: tuple[str, ...], started: float) -> CompareRow:
     assert holdout is not None
-    result = train_run(cfg, holdout.source)
+    plan = plan_run(cfg, holdout.source)  # --batch-size auto: per strategy, as each trains
+    result = train_run(plan.cfg, holdout.source, clock=plan.clock)
     metrics, _ = score_items(result, holdout.report)
     return CompareRow(cfg.strategy.name, {m: metrics.get(m, float("nan")) for m in headline}, result.best_epoch,
                       len(result.history), time.perf_counter() - started, result.trainable_params,

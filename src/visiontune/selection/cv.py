@@ -36,8 +36,8 @@ from visiontune.data.sources import resolve_inputs
 from visiontune.data.splits import fold_count, fold_indices, group_keys, stratified_split
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
+from visiontune.planning.plan import plan_run
 from visiontune.rundir import RunDir
-from visiontune.selection.advisor import resolve_strategy
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
 from visiontune.train.session import score_items, train_run
@@ -174,8 +174,8 @@ def _run_fold(cfg: RunConfig, source: DataSource, pool: list[Item], held_out: np
         cfg = RunConfig.create(cfg, patience=0, restore_best=False, monitor="train_loss")
     outer = [replace(pool[j], split=TEST) for j in held_out]
     fold_source = replace(source, items=rest + outer)  # the same task, classes and exclusions
-    cfg = resolve_strategy(cfg, fold_source)  # 'auto': the advisor sees the training part only
-    metrics, out = score_items(train_run(cfg, fold_source), outer, labels)
+    plan = plan_run(cfg, fold_source)  # 'auto': the advisor sees the training part only
+    metrics, out = score_items(train_run(plan.cfg, fold_source, clock=plan.clock), outer, labels)
     probs[held_out] = out.probs
     return metrics
 

@@ -22,9 +22,9 @@ from visiontune.config import RunConfig
 from visiontune.data.items import LabelFunc
 from visiontune.data.sources import resolve_inputs
 from visiontune.errors import ConfigError
+from visiontune.planning.plan import plan_run
 from visiontune.plots import save_lr_curve
 from visiontune.runtime.device import to_device
-from visiontune.selection.advisor import resolve_strategy
 from visiontune.train.setup import prepare_run
 from visiontune.train.trainer import Trainer
 
@@ -59,7 +59,7 @@ def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-
     RunConfig.create(config, **overrides).refuse_time_budget("lr-find", "measures the loss over a range of "
                                                                         "learning rates")
     cfg, source = resolve_inputs(data, config, label_func, overrides)
-    setup = prepare_run(resolve_strategy(cfg, source), source)
+    setup = prepare_run(plan_run(cfg, source).cfg, source)
     try:
         lrs, losses = sweep(Trainer(setup, []), start_lr, end_lr, num_iter)
     finally:

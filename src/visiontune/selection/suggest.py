@@ -1,6 +1,6 @@
 """What to label next: rank unlabelled images by how much labelling them would help.
 
-Everything is measured on frozen backbone features (train/features.py: computed once,
+Everything is measured on frozen backbone features (frozen/features.py: computed once,
 cached), so a pool that was seen before ranks in seconds. The methods:
 
 - **typical** (TypiClust, Hacohen et al., ICML 2022): cluster the pool (with the images
@@ -20,7 +20,7 @@ cached), so a pool that was seen before ranks in seconds. The methods:
   TYPICAL_BELOW labels (`Task.labels_per_output`); diverse from there.
 
 The model whose uncertainty counts is the run's (`--run`: its fine-tuned backbone and
-head), else the converged probe (train/probe.py) fitted on the labelled images' features.
+head), else the converged probe (frozen/probe.py) fitted on the labelled images' features.
 The labelled images are the run's (its splits.csv, from whatever folder it was trained),
 those of `--labelled` / `--csv`, and the filled-in rows of the output CSV (`output`): the
 second round of the labelling loop never asks again for what the first one got. The pool
@@ -55,13 +55,13 @@ from visiontune.data.tables import suggestion_table
 from visiontune.data.webdata import is_shard_item, split_item
 from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
+from visiontune.frozen.features import FeatureExtractor
+from visiontune.frozen.probe import fit_probe, fold_fits, probe_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.rundir import RunDir
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.labels import SINGLE
-from visiontune.train.features import backbone_features, readable_features
-from visiontune.train.probe import fit_probe, fold_fits, probe_outputs
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +157,11 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     known = _known(run, labelled, csv, output if filled else None, config, overrides)
     paths, excluded, unreadable = _pool_paths(pool, known)
     _require_pool(paths, pool, excluded + unreadable)
-    train = known.cfg.train
-    pool_feats, paths, gone = readable_features(known.backbone_name, known.backbone, known.preprocess, paths, train)
+    extractor = FeatureExtractor.for_run(known.backbone_name, known.backbone, known.preprocess, known.cfg.train)
+    pool_feats, paths, gone = extractor.readable(paths)
     unreadable += gone  # removed or replaced since the check: skipped and listed as the check's are
     _require_pool(paths, pool, excluded + unreadable)
-    lab_feats = backbone_features(known.backbone_name, known.backbone, known.preprocess, known.paths, train)
+    lab_feats = extractor.features(known.paths)
     lab_feats = lab_feats if len(known.paths) else np.zeros((0, pool_feats.shape[1]), np.float32)
     keep = ~_near_copies(pool_feats, lab_feats)
     excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]

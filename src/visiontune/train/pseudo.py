@@ -5,7 +5,7 @@ frozen features of those images and the pool (label spreading, Zhou et al. 2004:
 image's output is the graph-weighted average of labelled targets, in the task's output
 space); the pool images it is surest of (`Task.pseudo_targets`: the class and its share;
 for label sets, the least sure label's) join the training rows and the converged probe
-(train/probe.py) is fitted on them all. How many join is not a fixed threshold: each
+(frozen/probe.py) is fitted on them all. How many join is not a fixed threshold: each
 share of the pool in FRACTIONS (surest first; none included) is scored by
 cross-validation on the training split, the held-out fold's labels being the judge (the
 fold's own labels spread, so no held-out label leaks in), and the smallest share whose mean
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from visiontune.data.splits import fold_splits, most_folds
+from visiontune.frozen.probe import ProbeFit, probe_outputs
 from visiontune.tasks.base import Decoded, Task
-from visiontune.train.probe import ProbeFit, probe_outputs
 
 log = logging.getLogger(__name__)
 

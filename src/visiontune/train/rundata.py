@@ -25,12 +25,12 @@ from visiontune.data.splits import group_keys
 from visiontune.data.transforms import train_side, train_transform
 from visiontune.data.webdata import ShardStream, is_shard_item, shard_share
 from visiontune.errors import ConfigError, DataError
+from visiontune.frozen.features import FeatureCache, FeatureExtractor, FeatureStats, cache_for, readable_rows
 from visiontune.models.classifier import Classifier
 from visiontune.runtime.distributed import DistEnv, barrier
 from visiontune.tasks.base import Task
 from visiontune.train.clock import Clock
 from visiontune.train.consistency import TwoViews
-from visiontune.train.features import FeatureCache, FeatureStats, cache_for, extract_features, readable_rows
 from visiontune.train.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -151,15 +151,20 @@ class RunData:
         t = self.cfg.train
         paths, targets = self._paths_targets(items)
         if all(self.uses_features(i) for i in range(len(self.plan.phases))):
-            feats, _ = extract_features(self.model.backbone, paths, self.preprocess, self.device, self._cache(),
-                                        t.batch_size, t.num_workers, t.channels_last, engine=t.engine,
-                                        cache_dir=t.cache_dir)
+            feats, _ = self.extractor().extract(paths)
             return DataLoader(FeatureDataset(feats, targets), batch_size=t.batch_size, collate_fn=_as_batch), True
         return make_loader(eval_dataset(paths, targets, self.preprocess), t.batch_size, t.num_workers,
                            self.device), False
 
-    def _cache(self) -> FeatureCache:
+    def feature_cache(self) -> FeatureCache:
+        """The feature cache of the run's backbone as its weights are now."""
         return cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.train.cache_dir)
+
+    def extractor(self, cached: bool = True) -> FeatureExtractor:
+        """The run's backbone features on its device, options and (`cached`) feature cache,
+        keyed by the backbone's weights as they are now."""
+        return FeatureExtractor.for_run(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.train,
+                                        self.device, cached)
 
     def images(self) -> PhaseData:
         if self._images is None:
@@ -304,10 +309,8 @@ class RunData:
         """--unlabeled: the pool's image files (`_pool_files`) and their features (through the
         feature cache). A file that cannot be read now (removed, or replaced by one that
         does not decode, since the pool was checked) is skipped from here on and listed."""
-        t, paths = self.cfg.train, self._pool_files()
-        feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device,
-                                        self._cache() if t.feature_cache else None, t.batch_size, t.num_workers,
-                                        t.channels_last, engine=t.engine, cache_dir=t.cache_dir, skip_unreadable=True)
+        paths = self._pool_files()
+        feats, stats = self.extractor(self.cfg.train.feature_cache).extract(paths, skip_unreadable=True)
         feats, paths, lost = readable_rows(np.asarray(feats), paths, stats)
         if lost:
             self._lose(lost)
@@ -352,16 +355,13 @@ class RunData:
         then, said in the log). `shared`: every process needs all of them, so under torchrun
         each extracts its share into the cache first."""
         t = self.cfg.train
-        cache = self._cache() if t.feature_cache else None  # the probe without a disk cache: in memory
+        extractor = self.extractor(t.feature_cache)  # the probe without a disk cache: in memory
+        cache = extractor.cache
         if cache is not None and shared and self.env.parallel:  # this process's share first, then all from the cache
-            _, stats = extract_features(self.model.backbone, [paths[i] for i in self._part(paths)], self.preprocess,
-                                        self.device, cache, t.batch_size, t.num_workers, t.channels_last,
-                                        deadline=deadline, engine=t.engine, cache_dir=t.cache_dir)
+            _, stats = extractor.extract([paths[i] for i in self._part(paths)], deadline=deadline)
             self.feature_stats.append(stats)
             barrier(self.env)
-        feats, stats = extract_features(self.model.backbone, paths, self.preprocess, self.device, cache, t.batch_size,
-                                        t.num_workers, t.channels_last, memmap_dir=cache.dir if cache else None,
-                                        deadline=deadline, engine=t.engine, cache_dir=t.cache_dir)
+        feats, stats = extractor.extract(paths, memmap_dir=cache.dir if cache else None, deadline=deadline)
         self.feature_stats.append(stats)
         kept = list(range(len(paths)))
         if stats.left_out:

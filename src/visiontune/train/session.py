@@ -37,7 +37,7 @@ from visiontune.train.callbacks import (
     metrics_of,
 )
 from visiontune.train.clock import Clock
-from visiontune.train.setup import RunSetup, prepare_run
+from visiontune.train.setup import RunSetup, prepare_run, require_resolved
 from visiontune.train.tracking import make_trackers
 from visiontune.train.trainer import Trainer
 
@@ -93,6 +93,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     on time (feature extraction its `reserve_s` before the deadline: what the probe's fit
     needs)."""
     clock = clock if clock is not None else Clock()
+    require_resolved(cfg, clock)  # a plan's config (planning/plan.plan_run): nothing "auto", the budget on the clock
     log.info("%s", source.summary())
     if run_dir is not None:
         _check_resumed_data(run_dir, source, cfg.data.label_delim, restart=ckpt is None)

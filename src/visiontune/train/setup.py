@@ -16,21 +16,21 @@ from visiontune.data.preprocess import Preprocess
 from visiontune.errors import ConfigError
 from visiontune.models.classifier import Classifier, create_classifier
 from visiontune.runtime import distributed
-from visiontune.runtime.batchsize import auto_batch_size
-from visiontune.runtime.device import prepare_model, resolve_device, resolve_precision, seed_everything
+from visiontune.runtime.device import prepare_model, resolve_device, seed_everything
 from visiontune.runtime.distributed import DistEnv
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
 from visiontune.train.clock import Clock
 from visiontune.train.plan import Plan, build_optimizer, make_plan
 from visiontune.train.rundata import RunData
+from visiontune.train.strategies import AUTO
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunSetup:
-    cfg: RunConfig  # with batch_size "auto" resolved to a number
+    cfg: RunConfig  # as planned (planning/plan.py): nothing "auto" left in strategy or batch size
     model: Classifier
     preprocess: Preprocess
     task: Task
@@ -46,7 +46,9 @@ class RunSetup:
 def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False, clock: Clock | None = None) -> RunSetup:
     """Model, preprocessing, task, plan, optimizer, per-phase data and device for `cfg` on
     `source`, timed by `clock` (default: a clock without a budget, from now). When
-    resuming, the weights come from the checkpoint (none are loaded here)."""
+    resuming, the weights come from the checkpoint (none are loaded here). `cfg` is a
+    plan's (planning/plan.plan_run): an unresolved one is refused (require_resolved)."""
+    require_resolved(cfg)
     clock = clock if clock is not None else Clock()
     env = distributed.from_env()
     device = distributed.device_for(env, resolve_device(cfg.train.device))
@@ -56,8 +58,6 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False, cloc
     task = make_run_task(cfg, source)
     model, pre = create_classifier(model_cfg, task.num_outputs, task.warm_start_names())
     prepare_model(model, device, cfg.train.channels_last)
-    if cfg.train.batch_size == "auto":
-        cfg = RunConfig.create(cfg, batch_size=_auto_batch(cfg, model, pre, source, device, env))
     plan = make_plan(model, cfg.strategy, cfg.train, converged_probe=_probe_applies(cfg, model, env),
                      keeps_bn_statistics=cfg.bn_modes()[1] == "eval")
     cfg, plan, note = _without_held_out(cfg, source, model, plan)
@@ -126,8 +126,24 @@ def _probe_applies(cfg: RunConfig, model: Classifier, env: DistEnv) -> bool:
     return not why
 
 
-def _auto_batch(cfg: RunConfig, model: Classifier, pre: Preprocess, source: DataSource, device: torch.device,
-                env: DistEnv) -> int:
-    found = auto_batch_size(model, pre.input_size, len(source.split(TRAIN)), device, cfg.train.channels_last,
-                            resolve_precision(cfg.train.precision, device))
-    return found * env.world_size if env.launched else found  # each process takes batch_size / world_size
+class UnplannedRun(RuntimeError):
+    """An internal error: training was given a config that no plan resolved (a caller that
+    skipped planning/plan.plan_run), never a user's mistake."""
+
+
+def unresolved(cfg: RunConfig, clock: Clock | None = None) -> list[str]:
+    """What `cfg` (and the run's `clock`) leave for planning to resolve: `auto` strategy or
+    batch size, a time budget that no clock keeps."""
+    left = [f"{name} 'auto'" for name, value in (("strategy", cfg.strategy.name), ("batch_size", cfg.train.batch_size))
+            if value == AUTO]
+    if clock is not None and cfg.train.time_budget and clock.budget_s is None:
+        left.append(f"time_budget {cfg.train.time_budget:g} s without a clock that keeps it")
+    return left
+
+
+def require_resolved(cfg: RunConfig, clock: Clock | None = None) -> None:
+    """Refuse (UnplannedRun) a config with anything `unresolved`, naming it."""
+    left = unresolved(cfg, clock)
+    if left:
+        raise UnplannedRun(f"training was given an unresolved plan ({'; '.join(left)}): resolve the config with "
+                           "visiontune.planning.plan.plan_run(cfg, source) and train its RunPlan's cfg and clock")

@@ -33,7 +33,7 @@ from typing import Any
 from visiontune.errors import ConfigError
 from visiontune.registry import Registry
 
-AUTO = "auto"  # not a strategy: ask the advisor (selection/advisor.py) to pick one
+AUTO = "auto"  # not a strategy: ask the advisor to pick one (planning/plan.resolve_strategy)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Phase:
     epochs: int
     trainable: tuple[bool, ...]  # one per layer group
     lrs: tuple[float, ...]  # peak LR per layer group (0 where frozen)
-    probe: bool = False  # head only, fitted to convergence in one pass (train/probe.py)
+    probe: bool = False  # head only, fitted to convergence in one pass (frozen/probe.py)
 
     def head_only(self) -> bool:
         return self.trainable[-1] and not any(self.trainable[:-1])

@@ -17,6 +17,16 @@ from torch import nn
 
 from visiontune.data.items import TRAIN
 from visiontune.errors import DataError, VisiontuneError
+from visiontune.frozen.probe import (
+    ProbeFit,
+    describe_folds,
+    fit_probe,
+    head_linear,
+    held_out_logits,
+    load_into,
+    validation_folds,
+)
+from visiontune.frozen.probememo import ProbeMemory, probe_key
 from visiontune.rundir import RunDir, save_checkpoint
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, batch_norm_for, resolve_precision, seed_everything, to_device
@@ -36,16 +46,6 @@ from visiontune.train.callbacks import Callback, StopTraining, metrics_of
 from visiontune.train.consistency import Consistency, Paired
 from visiontune.train.mixup import mixup_for
 from visiontune.train.plan import apply_phase, set_train_modes
-from visiontune.train.probe import (
-    ProbeFit,
-    describe_folds,
-    fit_probe,
-    head_linear,
-    held_out_logits,
-    load_into,
-    validation_folds,
-)
-from visiontune.train.probememo import ProbeMemory, probe_key
 from visiontune.train.pseudo import PseudoLabels, with_pool
 from visiontune.train.rundata import PhaseData
 from visiontune.train.schedules import lr_factor
@@ -247,7 +247,7 @@ class Trainer:
         return self.clock.follows(self.cfg.train.schedule, bool(self.plan.phases[phase_index].probe))
 
     def fit_probe(self, data: PhaseData) -> float:
-        """Fit the head to convergence on this phase's training features (train/probe.py;
+        """Fit the head to convergence on this phase's training features (frozen/probe.py;
         its C search keeps the run's groups whole), with --unlabeled's pseudo-labelled pool
         rows (train/pseudo.py); return its training loss."""
         feats, targets, _ = data.train.dataset.tensors  # type: ignore[attr-defined]
@@ -271,7 +271,7 @@ class Trainer:
         log.info("converged probe: %d feature vectors, L2 towards the head's start with C = %g (%s)%s", len(y),
                  fit_.c, f"{fit_.folds}-fold CV" if fit_.folds else
                  "chosen on the labelled rows before the pool joined" if c is not None else "too few images or groups to cross-validate",
-                 "; remembered from an earlier run on the same features (train/probememo.py)" if remembered else "")
+                 "; remembered from an earlier run on the same features (frozen/probememo.py)" if remembered else "")
         if data.valid is None and self.data.source.no_validation:  # too few labels to hold out: CV validates
             self._cv_eval = self._cross_validate(np.asarray(feats), targets.numpy(), data.groups, start,
                                                  data.pool is not None)
@@ -280,7 +280,7 @@ class Trainer:
     def _cross_validate(self, x: np.ndarray, y: np.ndarray, groups: list[str] | None, start: nn.Linear,
                         pooled: bool) -> EvalOutput:
         """The converged probe's outputs on each labelled image from fits without it, each
-        choosing its own C (train/probe.validation_folds: leave one out at the smallest):
+        choosing its own C (frozen/probe.validation_folds: leave one out at the smallest):
         the run's validation when no split could be held out. A budget's deadline ends it
         after the fold it is in (the figure is then of the rows held out so far)."""
         folds = validation_folds(self.task.strata(y), self.cfg.seed, groups)

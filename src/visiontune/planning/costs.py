@@ -4,8 +4,8 @@
 on the engine that will extract: runtime/engine.py)
 and a full fine-tuning step (decode, augment, forward, backward, optimizer) on real batches
 of the data, the converged probe's fit on features of this width and number of classes
-(train/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
-the time budget (selection/budget.py) plans with them.
+(frozen/probe.estimate_seconds), and counts the features already cached. The advisor quotes these numbers and
+the time budget (planning/budget.py) plans with them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader
 
 from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
+from visiontune.frozen.features import FeatureCache, cache_for
+from visiontune.frozen.probe import estimate_seconds
 from visiontune.models.classifier import create_classifier
 from visiontune.runtime.device import to_device
 from visiontune.runtime.engine import frozen_engine
-from visiontune.train.features import FeatureCache, cache_for
-from visiontune.train.probe import estimate_seconds
 from visiontune.train.setup import RunSetup, prepare_run
 from visiontune.train.trainer import Trainer
 
@@ -82,7 +82,7 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
         step, _ = _seconds_per_image(setup.data.images().train, setup,
                                      lambda x, y: trainer.train_step(setup.model, x, y))
         backbone = setup.model.backbone
-        missing = _uncached(setup.data._cache(), source)
+        missing = _uncached(setup.data.feature_cache(), source)
         t = setup.cfg.train
         engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, t.engine, t.cache_dir, missing)
         with torch.inference_mode():

@@ -11,8 +11,8 @@ import torch
 import visiontune as vt
 from conftest import make_class_folders, make_image
 from visiontune.config import ModelConfig
+from visiontune.frozen.features import FeatureCache, FeatureExtractor, model_fingerprint
 from visiontune.models.classifier import Preprocess, create_classifier
-from visiontune.train.features import FeatureCache, extract_features, model_fingerprint
 
 
 def _model(seed: int = 0):
@@ -22,7 +22,8 @@ def _model(seed: int = 0):
 
 def _extract(model, pre, paths, root):
     cache = FeatureCache(root, model_fingerprint("timm:test_efficientnet", model.backbone, pre))
-    return extract_features(model.backbone, paths, pre, torch.device("cpu"), cache, batch_size=4, num_workers=0)
+    return FeatureExtractor(model.backbone, pre, torch.device("cpu"), cache, batch_size=4, num_workers=0).extract(
+        paths)
 
 
 def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:

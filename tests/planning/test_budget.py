@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import visiontune as vt
-from visiontune.selection.advisor import weigh_cost
-from visiontune.selection.budget import MAX_EPOCHS, decide_plan
-from visiontune.selection.costs import Costs
+from visiontune.planning.advice import weigh_cost
+from visiontune.planning.budget import MAX_EPOCHS, decide_plan
+from visiontune.planning.costs import Costs
 from visiontune.tasks.single_label import SingleLabel
 from visiontune.train.callbacks import Callback
 from visiontune.train.clock import Clock
@@ -64,7 +64,7 @@ def _slow_machine_that_wants_fine_tuning(monkeypatch: pytest.MonkeyPatch) -> Non
     """A slow machine (0.15 s per training step), an advisor that asks for fine-tuning (the
     red/green probe is perfect) and an optimistic epoch estimate (a quarter of the measured):
     the budget must hold anyway. The clock, the plan and the trainer are the real ones."""
-    from visiontune.selection import budget
+    from visiontune.planning import budget
 
     real = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step", lambda self, net, x, y, **kw: time.sleep(0.15) or real(self, net, x, y,
@@ -156,7 +156,7 @@ def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatc
     from visiontune.config import RunConfig
     from visiontune.data import loaders
     from visiontune.data.sources import load_items
-    from visiontune.selection.costs import measure_costs
+    from visiontune.planning.costs import measure_costs
 
     real = loaders.load_rgb
 
@@ -174,7 +174,7 @@ def test_measured_costs_include_decoding(flat_data: Path, tiny: dict, monkeypatc
 
 
 def test_the_probes_cost_grows_with_classes_and_feature_width() -> None:
-    from visiontune.train.probe import estimate_seconds
+    from visiontune.frozen.probe import estimate_seconds
 
     small, wide = estimate_seconds(2000, 64, 2), estimate_seconds(2000, 1280, 50)
     assert wide > 3 * small > 0
@@ -189,9 +189,9 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     from conftest import make_class_folders
     from visiontune.config import RunConfig
     from visiontune.data import loaders
+    from visiontune.frozen import probe
+    from visiontune.frozen.features import FeatureExtractor
     from visiontune.models.classifier import create_classifier
-    from visiontune.train import probe
-    from visiontune.train.features import extract_features
 
     data = make_class_folders(tmp_path / "d", {"red": 20, "green": 20})
     paths = sorted(str(p) for p in data.rglob("*.png"))
@@ -200,8 +200,8 @@ def test_feature_extraction_and_the_c_search_stop_at_the_deadline(tmp_path: Path
     real = loaders.load_rgb
     monkeypatch.setattr(loaders, "load_rgb", lambda *a, **k: time.sleep(0.05) or real(*a, **k))  # 50 ms an image
     started = time.perf_counter()
-    feats, stats = extract_features(model.backbone, paths, pre, torch.device("cpu"), None, batch_size=4,
-                                    num_workers=0, deadline=started + 0.8)
+    extractor = FeatureExtractor(model.backbone, pre, torch.device("cpu"), None, batch_size=4, num_workers=0)
+    feats, stats = extractor.extract(paths, deadline=started + 0.8)
     assert time.perf_counter() - started < 1.4
     assert 0 < len(stats.left_out) < 40 and stats.misses == 40 - len(stats.left_out)
     assert stats.left_out != list(range(40 - len(stats.left_out), 40))  # a random sample is left out, not the tail
@@ -238,7 +238,7 @@ def test_the_advisor_looks_at_what_the_budget_allows_and_the_plan_counts_what_it
     from visiontune.config import RunConfig
     from visiontune.data.items import DataSource, Item
     from visiontune.data.sources import load_items
-    from visiontune.selection.budget import advisor_sample, plan_budget
+    from visiontune.planning.budget import advisor_sample, plan_budget
 
     items = [Item(f"{i}.png", "rare" if i < 5 else f"c{i % 4}", "train") for i in range(10_000)]
     big = DataSource("root", ["c0", "c1", "c2", "c3", "rare"], items)

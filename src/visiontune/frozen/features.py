@@ -7,7 +7,7 @@ content) and the head trains on those tensors, so later epochs, runs, folds and
 strategies cost milliseconds instead of a pass over the images.
 
 Layout: `<cache>/features/<model fingerprint>/`: shards of float32 vectors and an index
-keyed by each file's digest (train/shards.py). The fingerprint hashes the backbone name,
+keyed by each file's digest (frozen/shards.py). The fingerprint hashes the backbone name,
 every backbone tensor and the preprocessing, so other weights or another image size never
 reuse stale entries; the digest hashes the file's bytes (remembered by the scan cache,
 data/scan.py, while the file is unchanged), so an edited image is recomputed. The cache is
@@ -38,10 +38,10 @@ from visiontune.data.scan import ScanCache, digests_of, why_unreadable
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
 from visiontune.files import cache_root, guarded, preallocate, touch
+from visiontune.frozen.shards import SHARD_ROWS, ShardStore
 from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
 from visiontune.tasks.base import unreadable_rows
-from visiontune.train.shards import SHARD_ROWS, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
 
 
 class FeatureCache:
-    """Vectors keyed by file digest under one model fingerprint, in shards (train/shards.py).
+    """Vectors keyed by file digest under one model fingerprint, in shards (frozen/shards.py).
     Every read and write is guarded (files.guarded): a cache that is read-only, locked or
     full turns itself off with one warning and features are computed instead."""
 
@@ -108,37 +108,10 @@ def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
     return FeatureCache(cache_root(cache_dir) / "features", model_fingerprint(backbone_name, backbone, pre))
 
 
-def backbone_features(backbone_name: str, backbone: nn.Module, pre: Preprocess, paths: Sequence[str],
-                      train_cfg: Any) -> np.ndarray:
-    """(N, D) features of `paths` through `backbone` on the run options' device, engine and
-    cache (`train_cfg`: a TrainConfig): what the advisor and `suggest` measure on."""
-    return _features(backbone_name, backbone, pre, paths, train_cfg, False)[0].numpy()
-
-
-def readable_features(backbone_name: str, backbone: nn.Module, pre: Preprocess, paths: Sequence[str],
-                      train_cfg: Any) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """backbone_features of the files that can be read now (an unlabelled pool: files
-    checked earlier may have been removed or replaced since): (their features, their
-    paths, (path, why) of the files skipped)."""
-    feats, stats = _features(backbone_name, backbone, pre, paths, train_cfg, True)
-    return readable_rows(feats.numpy(), list(paths), stats)
-
-
-def _features(backbone_name: str, backbone: nn.Module, pre: Preprocess, paths: Sequence[str], train_cfg: Any,
-              skip_unreadable: bool) -> tuple[torch.Tensor, FeatureStats]:
-    device = resolve_device(train_cfg.device)
-    prepare_model(backbone, device, train_cfg.channels_last)
-    cache = cache_for(backbone_name, backbone, pre, train_cfg.cache_dir)
-    batch = train_cfg.batch_size if isinstance(train_cfg.batch_size, int) else 64
-    return extract_features(backbone, list(paths), pre, device, cache, batch, train_cfg.num_workers,
-                            train_cfg.channels_last, engine=train_cfg.engine, cache_dir=train_cfg.cache_dir,
-                            skip_unreadable=skip_unreadable)
-
-
 def readable_rows(feats: np.ndarray, paths: list[str],
                   stats: FeatureStats) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """The rows of `feats` (of `paths`) that hold features, their paths, and (path, why) of
-    the files extract_features skipped (`stats.unreadable`)."""
+    the files an extraction skipped (`stats.unreadable`)."""
     if not stats.unreadable:
         return feats, paths, []
     gone = {i for i, _ in stats.unreadable}
@@ -156,57 +129,85 @@ class FeatureStats:
     unreadable: list[tuple[int, str]] = field(default_factory=list)  # (row, why): files skipped (skip_unreadable)
 
 
-@torch.inference_mode()
-def extract_features(
-    backbone: nn.Module,
-    paths: Sequence[str],
-    pre: Preprocess,
-    device: torch.device,
-    cache: FeatureCache | None,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    channels_last: bool = True,
-    memmap_dir: str | os.PathLike[str] | None = None,
-    deadline: float | None = None,
-    engine: str = "torch",
-    cache_dir: str | os.PathLike[str] | None = None,
-    skip_unreadable: bool = False,
-) -> tuple[torch.Tensor, FeatureStats]:
-    """(N, D) float32 features of `paths` through the frozen `backbone` in eval mode.
+@dataclass(frozen=True, eq=False)
+class FeatureExtractor:
+    """The frozen `backbone`'s features of image files, with how they are computed fixed
+    once: its preprocessing, the device, the feature cache (None: computed every time), the
+    loader's batch size and workers, channels-last, the engine that computes missing rows
+    on the CPU ("torch", "onnx" or "auto", runtime/engine.py; exported once per weights
+    under `cache_dir`'s engines/)."""
 
-    With `memmap_dir` the matrix is a memory-mapped file there (unlinked at once, so
-    nothing is left behind) and rows stream into it: memory stays flat as N grows, the
-    pages the head reads are the kernel's to keep or drop. With `deadline`
-    (time.perf_counter()) the images to compute are taken in a seeded random order and the
-    work stops at the deadline: the rows not computed (a random sample of them) are in
-    `stats.left_out` and hold no features. `engine` (runtime/engine.py): what computes the
-    missing rows on the CPU, "torch", "onnx" or "auto" (ONNX Runtime when usable; exported
-    once per weights under `cache_dir`'s engines/); all rows cached: nothing is loaded.
-    A file that cannot be read is an error (data/webdata.read_marked: a DataError naming
-    it), or with `skip_unreadable` (the unlabelled pool) a row that holds no features,
-    listed with the reason in `stats.unreadable`."""
-    started = time.perf_counter()
-    n = len(paths)
-    matrix: _Rows = _Rows(n, memmap_dir)
-    digests = cache.digests(paths, strict=not skip_unreadable) if cache else [""] * n
-    missing = _cached_rows(matrix, digests, cache)
-    if deadline is not None:  # cut short, what was computed is a random sample
-        missing = [missing[i] for i in np.random.default_rng(0).permutation(len(missing))]
-    model = frozen_engine(backbone, pre.input_size, device, engine, cache_dir, len(missing)) if missing else backbone
-    done, unreadable = _fill(matrix, _CacheWriter(cache), digests, missing,
-                             _compute(model, [paths[i] for i in missing], pre, device, batch_size, num_workers,
-                                      channels_last, deadline, skip_unreadable))
-    left_out = np.flatnonzero(~done).tolist()
-    if left_out and not (deadline is not None and time.perf_counter() > deadline):
-        raise DataError(f"{len(left_out)} of {n} images yielded no features (e.g. {paths[left_out[0]]}): their "
-                        "shards do not hold what the index lists; write the shards again with `visiontune shard`")
-    computed = len(missing) - len(left_out) - len(unreadable)
-    stats = FeatureStats(n - len(missing), computed, time.perf_counter() - started, left_out,
-                         [(i, why_unreadable(paths[i])) for i in unreadable])
-    log.info("features: %d cached, %d computed%s%s (%.1fs)", stats.hits, stats.misses,
-             (" by ONNX Runtime" if model is not backbone else " by PyTorch") if missing else "",
-             f", {len(unreadable)} files skipped (cannot be read)" if unreadable else "", stats.seconds)
-    return matrix.tensor(), stats
+    backbone: nn.Module
+    pre: Preprocess
+    device: torch.device
+    cache: FeatureCache | None = None
+    batch_size: int = 64
+    num_workers: int | None = None
+    channels_last: bool = True
+    engine: str = "torch"
+    cache_dir: str | os.PathLike[str] | None = None
+
+    @classmethod
+    def for_run(cls, backbone_name: str, backbone: nn.Module, pre: Preprocess, train_cfg: Any,
+                device: torch.device | None = None, cached: bool = True) -> FeatureExtractor:
+        """The extractor a run's options give (`train_cfg`: a TrainConfig): its device (the
+        backbone moved there, unless `device` says where it already is), its cache
+        (`cached` False: none), batch size (64 for "auto"), workers, channels-last, engine."""
+        t = train_cfg
+        if device is None:
+            device = resolve_device(t.device)
+            prepare_model(backbone, device, t.channels_last)
+        cache = cache_for(backbone_name, backbone, pre, t.cache_dir) if cached else None
+        return cls(backbone, pre, device, cache, t.batch_size if isinstance(t.batch_size, int) else 64,
+                   t.num_workers, t.channels_last, t.engine, t.cache_dir)
+
+    def features(self, paths: Sequence[str]) -> np.ndarray:
+        """(N, D) features of `paths`: what the advisor and `suggest` measure on."""
+        return self.extract(paths)[0].numpy()
+
+    def readable(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """The features of the files that can be read now (an unlabelled pool: files checked
+        earlier may have been removed or replaced since): (their features, their paths,
+        (path, why) of the files skipped)."""
+        feats, stats = self.extract(paths, skip_unreadable=True)
+        return readable_rows(feats.numpy(), list(paths), stats)
+
+    @torch.inference_mode()
+    def extract(self, paths: Sequence[str], memmap_dir: str | os.PathLike[str] | None = None,
+                deadline: float | None = None, skip_unreadable: bool = False) -> tuple[torch.Tensor, FeatureStats]:
+        """(N, D) float32 features of `paths` through the frozen backbone in eval mode.
+
+        With `memmap_dir` the matrix is a memory-mapped file there (unlinked at once, so
+        nothing is left behind) and rows stream into it: memory stays flat as N grows, the
+        pages the head reads are the kernel's to keep or drop. With `deadline`
+        (time.perf_counter()) the images to compute are taken in a seeded random order and
+        the work stops at the deadline: the rows not computed (a random sample of them) are
+        in `stats.left_out` and hold no features. All rows cached: no engine is loaded. A
+        file that cannot be read is an error (data/webdata.read_marked: a DataError naming
+        it), or with `skip_unreadable` (the unlabelled pool) a row that holds no features,
+        listed with the reason in `stats.unreadable`."""
+        started, n, cache = time.perf_counter(), len(paths), self.cache
+        matrix: _Rows = _Rows(n, memmap_dir)
+        digests = cache.digests(paths, strict=not skip_unreadable) if cache else [""] * n
+        missing = _cached_rows(matrix, digests, cache)
+        if deadline is not None:  # cut short, what was computed is a random sample
+            missing = [missing[i] for i in np.random.default_rng(0).permutation(len(missing))]
+        model = frozen_engine(self.backbone, self.pre.input_size, self.device, self.engine, self.cache_dir,
+                              len(missing)) if missing else self.backbone
+        done, unreadable = _fill(matrix, _CacheWriter(cache), digests, missing,
+                                 _compute(model, [paths[i] for i in missing], self.pre, self.device, self.batch_size,
+                                          self.num_workers, self.channels_last, deadline, skip_unreadable))
+        left_out = np.flatnonzero(~done).tolist()
+        if left_out and not (deadline is not None and time.perf_counter() > deadline):
+            raise DataError(f"{len(left_out)} of {n} images yielded no features (e.g. {paths[left_out[0]]}): their "
+                            "shards do not hold what the index lists; write the shards again with `visiontune shard`")
+        computed = len(missing) - len(left_out) - len(unreadable)
+        stats = FeatureStats(n - len(missing), computed, time.perf_counter() - started, left_out,
+                             [(i, why_unreadable(paths[i])) for i in unreadable])
+        log.info("features: %d cached, %d computed%s%s (%.1fs)", stats.hits, stats.misses,
+                 (" by ONNX Runtime" if model is not self.backbone else " by PyTorch") if missing else "",
+                 f", {len(unreadable)} files skipped (cannot be read)" if unreadable else "", stats.seconds)
+        return matrix.tensor(), stats
 
 
 def _fill(matrix: _Rows, writer: _CacheWriter, digests: list[str], missing: list[int],

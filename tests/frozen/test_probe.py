@@ -13,9 +13,9 @@ from sklearn.linear_model import LogisticRegression
 
 import visiontune as vt
 from conftest import make_class_folders
+from visiontune.frozen.probe import fit_probe, load_into
 from visiontune.tasks.multi_label import MultiLabel
 from visiontune.tasks.single_label import SingleLabel
-from visiontune.train.probe import fit_probe, load_into
 
 
 def single(y: np.ndarray | None, n: int | None = None) -> SingleLabel:
@@ -104,7 +104,7 @@ def test_gradual_starts_fine_tuning_from_the_converged_probe(tmp_path: Path, tin
 
 
 def test_probe_on_more_rows_than_fit_rows_fits_a_stratified_sample_that_keeps_a_rare_class(monkeypatch) -> None:
-    from visiontune.train import probe
+    from visiontune.frozen import probe
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from visiontune.files import cache_root, guarded, save_entry, touch
+from visiontune.frozen import probe
+from visiontune.frozen.probe import ProbeFit
 from visiontune.tasks.base import Task
-from visiontune.train import probe
-from visiontune.train.probe import ProbeFit
 
 log = logging.getLogger(__name__)
 

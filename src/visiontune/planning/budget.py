@@ -1,6 +1,6 @@
 """`--time-budget`: the best model this machine can train in the time given.
 
-1. Measure (selection/costs.py): a few real fine-tuning steps and feature batches.
+1. Measure (planning/costs.py): a few real fine-tuning steps and feature batches.
 2. Ask the advisor which strategy the data calls for (it knows these costs too).
 3. Plan: the converged probe always fits first (features + one fit); when the advisor
    calls for fine-tuning, `gradual` at the backbone's size, or a smaller image size when
@@ -40,8 +40,8 @@ from visiontune.config import RunConfig
 from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.data.splits import strata_of, stratified_sample
 from visiontune.errors import ConfigError
-from visiontune.selection.advisor import advise_source
-from visiontune.selection.costs import Costs, measure_costs, uncached_images
+from visiontune.planning.advice import advise_source
+from visiontune.planning.costs import Costs, measure_costs, uncached_images
 
 log = logging.getLogger(__name__)
 
