@@ -52,3 +52,15 @@ def test_too_few_labels_to_plan_a_budget_keep_it_on_the_clock(tmp_path: Path, ti
     plan = plan_run(cfg, source, started=5.0)
     assert plan.cfg.strategy.name == "feature-extract" and plan.budget is None
     assert (plan.clock.budget_s, plan.clock.started) == (60.0, 5.0)
+
+
+def test_the_batch_size_is_measured_on_random_weights(split_data: Path, tiny: dict,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory a step takes does not depend on the weights: measuring must not load (or
+    download, on the budget's clock) the pretrained ones a second time. Offline with none
+    cached, loading them is an error, so only a random-weights measurement gets through."""
+    monkeypatch.setenv("VISIONTUNE_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(split_data.parent / "no-hub-cache"))
+    cfg, source = resolve_inputs(str(split_data), None, None, dict(tiny, batch_size="auto", weights="pretrained"))
+    assert plan_run(cfg, source).cfg.train.batch_size == 2

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 import visiontune as vt
+from visiontune.errors import ConfigError
 from visiontune.tasks.objective import Objective
 from visiontune.train.callbacks import Best, Callback, StopTraining
 
@@ -56,3 +59,16 @@ def test_stop_training_ends_the_run_when_the_epoch_ends_and_every_callback_sees_
                                                         ("fit_end", 1)]
         assert sum(e == ("step", 1) for e in after) == 3  # 24 images, 20% held out, batches of 8
         assert not r.stopped_early  # early stopping did not stop it: a callback did
+
+
+class _OldStop(Callback):
+    def on_epoch_end(self, trainer) -> None:
+        trainer.state.should_stop = True  # how a callback stopped a run before StopTraining
+
+
+def test_the_old_stop_flag_is_an_error_that_names_stop_training(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Setting trainer.state.should_stop once stopped a run; now nothing reads it, so it
+    must not be silently ignored (the run would train every epoch)."""
+    with pytest.raises(ConfigError, match="raise visiontune.train.callbacks.StopTraining"):
+        vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=3, output=str(tmp_path / "runs")),
+               callbacks=[_OldStop()])

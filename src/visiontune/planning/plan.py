@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from visiontune.config import RunConfig
@@ -107,7 +107,9 @@ def resolve_batch_size(cfg: RunConfig, source: DataSource) -> RunConfig:
     env = distributed.from_env()
     device = distributed.device_for(env, resolve_device(cfg.train.device))
     task = make_run_task(cfg, source)
-    model, pre = create_classifier(cfg.model, task.num_outputs, task.warm_start_names())
+    # random weights: the memory a step takes does not depend on them, and pretrained ones
+    # would be loaded (or downloaded) a second time, on the budget's clock
+    model, pre = create_classifier(replace(cfg.model, weights="none"), task.num_outputs)
     prepare_model(model, device, cfg.train.channels_last)
     found = auto_batch_size(model, pre.input_size, len(source.split(TRAIN)), device, cfg.train.channels_last,
                             resolve_precision(cfg.train.precision, device))

@@ -16,7 +16,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from visiontune.data.items import TRAIN
-from visiontune.errors import DataError, VisiontuneError
+from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.frozen.probe import (
     ProbeFit,
     describe_folds,
@@ -72,6 +72,16 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     last_eval: EvalOutput | None = None  # validation outputs of the current epoch
     ema_better: bool = False  # this epoch's EMA weights validated better than the raw ones
+
+    @property
+    def should_stop(self) -> bool:
+        return False
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:  # the old way a callback stopped a run: say the new one
+        raise ConfigError("trainer.state.should_stop no longer stops a run: raise "
+                          "visiontune.train.callbacks.StopTraining from the callback instead (the run ends when "
+                          "the epoch ends, every callback seeing that end)")
 
 
 class Trainer:
