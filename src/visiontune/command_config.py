@@ -198,7 +198,7 @@ class ServeConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     run: str = argument("run directory")
-    format: str = option("onnx", FORMATS.choices_help(), choices=FORMATS.names)
+    format: str = option("onnx", FORMATS.choices_help() + "; default", choices=FORMATS.names)
     output: str | None = option(None, "file (folder for timm) to write; default " + files_text("RUN/", ", ", " or "))
     int8: bool = option(False, "onnx: also write MODEL.int8.onnx, quantised by ONNX Runtime (static, calibrated on "
                                "the run's validation images; dynamic as the fallback) and checked on the validation "
