@@ -27,8 +27,10 @@ second round of the labelling loop never asks again for what the first one got. 
 is found and checked by data/pool.py: files that do not decode (when checked, or when
 their features are computed) are skipped and listed, and images already labelled, those
 the run left out by --exclude (its excluded.txt), files with the same bytes as either,
-and near-copies (features with cosine similarity >= NEAR_COPY to a labelled image's) are
-never suggested. Nothing here branches on the label shape: the Task says what uncertainty
+and near-copies (features with cosine similarity >= NEAR_COPY to a labelled image's, and
+COPY_CLOSER times closer to it than the median labelled image is to its nearest labelled
+neighbour: in a feature space where distinct images sit at 0.99, random weights say, 0.98
+is no copy) are never suggested. Nothing here branches on the label shape: the Task says what uncertainty
 is, how many fits it needs, how a prediction reads and which CSV column holds labels.
 """
 
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 METHODS = SUGGEST_METHODS
 TYPICAL_BELOW = 5  # labels per class (median) under which auto picks typical images
 NEAR_COPY = 0.98  # cosine similarity of features at which a pool image counts as a copy of a labelled one
+COPY_CLOSER = 4  # ... and how many times closer than labelled images are to each other (median, in 1 - cosine)
 CANDIDATES = 10  # diverse: picks among the n x CANDIDATES most uncertain images
 EMBED_DIMS = 64  # typical: k-means runs on the features' first principal components
 DENSITY_NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours (TypiClust's k)
@@ -163,8 +166,9 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     _require_pool(paths, pool, excluded + unreadable)
     lab_feats = extractor.features(known.paths)
     lab_feats = lab_feats if len(known.paths) else np.zeros((0, pool_feats.shape[1]), np.float32)
-    keep = ~_near_copies(pool_feats, lab_feats)
-    excluded += [(p, f"a near-copy of a labelled image (cosine >= {NEAR_COPY})") for p, k in zip(paths, keep) if not k]
+    copies, bar = _near_copies(pool_feats, lab_feats)
+    keep = ~copies
+    excluded += [(p, f"a near-copy of a labelled image (cosine >= {bar:.3g})") for p, k in zip(paths, keep) if not k]
     paths, pool_feats = [p for p, k in zip(paths, keep) if k], pool_feats[keep]
     _require_pool(paths, pool, excluded)
     members, predicted = _members(known, pool_feats, lab_feats)
@@ -300,7 +304,9 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
         _add_labelled(known, RunDir(bundle.path).splits(bundle.task, cfg.data.label_delim), f"the run {run}")
     else:
         cfg = RunConfig.create(config, **overrides)
-        model, pre = create_classifier(cfg.model, 1)
+        with torch.random.fork_rng(devices=[]):  # --weights none: the same random features, so the same suggestions, per seed
+            torch.manual_seed(cfg.seed)
+            model, pre = create_classifier(cfg.model, 1)
         known = _Known(cfg, cfg.model.backbone, model.backbone, pre, None, [], [], [])
     tables = ([(str(labelled or ""), csv_path)] if labelled is not None or csv_path else []) + \
         ([("", str(output))] if output else [])
@@ -387,15 +393,37 @@ def _prediction(known: _Known, predicted: np.ndarray | None, row: int) -> str:
     return known.cfg.data.label_delim.join(known.task.decode(predicted[row:row + 1], 1)[0].labels)
 
 
-def _near_copies(pool: np.ndarray, lab: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Pool rows whose features are near-copies of a labelled image's (cosine >= NEAR_COPY)."""
+def _near_copies(pool: np.ndarray, lab: np.ndarray, chunk: int = 4096,
+                 sample: int = 2048) -> tuple[np.ndarray, float]:
+    """Pool rows whose features are near-copies of a labelled image's, and the cosine
+    similarity that counted as one: NEAR_COPY, or, where that is higher, the similarity
+    COPY_CLOSER times closer (in 1 - cosine) than the median labelled image is to its nearest
+    other labelled image (of up to `sample` of them). A feature space in which distinct
+    images are all alike (random weights, a tiny model) so does not call every pool image a
+    copy."""
     out = np.zeros(len(pool), dtype=bool)
     if not len(lab):
-        return out
+        return out, NEAR_COPY
     lab_n = _normalised(lab)
+    bar = max(NEAR_COPY, 1 - (1 - _typical_neighbour(lab_n, sample, chunk)) / COPY_CLOSER)
     for start in range(0, len(pool), chunk):
-        out[start:start + chunk] = (_normalised(pool[start:start + chunk]) @ lab_n.T).max(axis=1) >= NEAR_COPY
-    return out
+        out[start:start + chunk] = (_normalised(pool[start:start + chunk]) @ lab_n.T).max(axis=1) >= bar
+    return out, bar
+
+
+def _typical_neighbour(lab_n: np.ndarray, sample: int, chunk: int) -> float:
+    """The median cosine similarity of a labelled image to its nearest other labelled image
+    (-1 with fewer than two)."""
+    if len(lab_n) < 2:
+        return -1.0
+    rows = np.random.default_rng(0).choice(len(lab_n), min(sample, len(lab_n)), replace=False)
+    nearest = np.full(len(rows), -1.0, dtype=np.float32)
+    for start in range(0, len(lab_n), chunk):
+        sims = lab_n[rows] @ lab_n[start:start + chunk].T
+        own = rows[:, None] == np.arange(start, start + sims.shape[1])[None, :]
+        sims[own] = -1.0
+        nearest = np.maximum(nearest, sims.max(axis=1))
+    return float(np.median(nearest))
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
