@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
-from visiontune.models.classifier import create_classifier
+from visiontune.models.classifier import create_classifier, load_weights
 from visiontune.rundir import MODEL_FILE, WORKING_FOLDER, RunDir
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
@@ -36,6 +36,12 @@ class Bundle:
     preprocess: Preprocess
     path: str
     config: RunConfig | None = None
+
+    uncertainty: dict[str, Any] | None = None  # what the run fitted on held-out outputs (calibration, sets)
+
+    def __post_init__(self) -> None:
+        if self.uncertainty is None:
+            self.uncertainty = getattr(self.model, "uncertainty", None) or {}
 
     @property
     def classes(self) -> list[str]:
@@ -74,7 +80,8 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     )
     task = make_task(meta.get("task", "single-label"), list(meta["classes"]), meta)
     model, _ = create_classifier(model_cfg, task.num_outputs)  # the head's width is the task's
-    model.load_state_dict(load_file(str(file)), strict=True)
+    load_weights(model, load_file(str(file)))
+    model.uncertainty = meta.get("uncertainty") or {}
     model.to(device, memory_format=torch.channels_last).eval()  # inputs follow in run_eval
     return Bundle(model, task, pre, str(file.parent), RunDir(file.parent).read_config())
 

@@ -78,6 +78,22 @@ class TopK:
     top_k: int = option(3, "most probable labels shown per image", ge=1)
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """Prediction sets with a guarantee: predict, evaluate and serve."""
+
+    coverage: float | None = option(None, "also give each image's prediction set: the classes (labels; a number's "
+                                          "interval) that hold the true one for this share of images, e.g. 0.9 "
+                                          "(split conformal on the run's validation split)", gt=0.0, lt=1.0,
+                                    metavar="SHARE")
+
+
+@dataclass(frozen=True)
+class Abstain:
+    abstain: bool = option(False, "single-label, with --coverage: answer 'not sure: a or b' when the set holds more "
+                                  "than one class")
+
+
 def listen_options(port: int, what: str) -> type:
     """The options of a command that serves a page (visiontune.web): --host, --port (default
     `port`) and --allowed-host, whose help says what the page can do (`what`)."""
@@ -109,6 +125,8 @@ class PredictConfig:
                                       "would run as a formula (starting with = + - @) is written with a leading ' "
                                       "(visiontune reads it back without it)")
     inference: InferenceOptions = group(InferenceOptions)
+    sets: Coverage = group(Coverage)
+    abstain: Abstain = group(Abstain)
     engine: str = run_option("engine", help="CPU inference engine. auto: ONNX Runtime when the run has a current "
                                             "model.onnx, or when onnxruntime is installed and there are >= 2000 images "
                                             "(model.onnx is exported into the run once); else PyTorch")
@@ -123,6 +141,7 @@ class EvaluateConfig:
     label_delim: str | None = run_option("label_delim", default=None,
                                          help="separator of a multi-label CSV's labels (default: the run's)")
     inference: InferenceOptions = group(InferenceOptions)
+    sets: Coverage = group(Coverage)
     output: str | None = option(None, "write metrics, report and confusion matrix to this .json file")
 
 

@@ -158,7 +158,8 @@ def predict(args: argparse.Namespace) -> int:
     cfg = from_args(PredictConfig, args)
     how = cfg.inference
     stream = predict_stream(cfg.run, list(cfg.inputs), top_k=cfg.top.top_k, batch_size=how.batch_size,
-                            device=how.device, tta=how.tta, engine=cfg.engine)
+                            device=how.device, tta=how.tta, engine=cfg.engine, coverage=cfg.sets.coverage,
+                            abstain=cfg.abstain.abstain)
     printed = 0
 
     def printing() -> Iterator[Prediction]:
@@ -169,7 +170,8 @@ def predict(args: argparse.Namespace) -> int:
             yield p
 
     if cfg.output:  # written to a temporary file and renamed at the end: an old file survives a failure
-        _write_predictions(cfg.output, printing(), stream.task, cfg.top.top_k, stream.label_delim)
+        _write_predictions(cfg.output, printing(), stream.task, cfg.top.top_k, stream.label_delim,
+                           cfg.sets.coverage is not None)
         print(f"wrote {printed} predictions to {cfg.output}", file=sys.stderr)  # stdout holds the predictions
     else:
         for _ in printing():
@@ -185,11 +187,13 @@ def _prediction_line(p: Prediction) -> str:
     return p.line()
 
 
-def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k: int, delim: str = " ") -> None:
+def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k: int, delim: str = " ",
+                       sets: bool = False) -> None:
     """PATH.json: a list of {"path", ...the task's record (serve answers the same)}; else
     CSV in the task's columns (single-label: path,label,prob + the runners-up; multi-label:
     path,labels joined by the run's `delim`, as `train --csv` reads them, + one probability
-    per label; regression: path,prediction). Rows are written as `preds` yields them."""
+    per label; regression: path,prediction; with `sets` (--coverage) set,set_size or
+    low,high). Rows are written as `preds` yields them."""
     if path.endswith(".json"):
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -201,7 +205,7 @@ def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k:
         atomic_write(path, write)
         return
     out = task.output
-    write_csv(path, out.csv_header(top_k), (out.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
+    write_csv(path, out.csv_header(top_k, sets), (out.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -210,7 +214,7 @@ def evaluate(args: argparse.Namespace) -> int:
     cfg = from_args(EvaluateConfig, args)
     how = cfg.inference
     result = evaluate_run(cfg.run, cfg.data, csv=cfg.csv, label_delim=cfg.label_delim,
-                          batch_size=how.batch_size, device=how.device, tta=how.tta)
+                          batch_size=how.batch_size, device=how.device, tta=how.tta, coverage=cfg.sets.coverage)
     print(result.format())
     for path, why in result.excluded:
         print(f"excluded {path}: {why}", file=sys.stderr)

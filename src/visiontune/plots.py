@@ -67,6 +67,27 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], columns: list[str] 
     return fig
 
 
+def save_reliability(path: Path, curves: dict[str, list[tuple[float, float, int]]], ece: dict[str, float],
+                     what: str = "accuracy") -> None:
+    """The reliability diagram: per confidence bin, `what` (accuracy; the share of labels
+    present) against the mean confidence, one line per curve (before / after calibration);
+    on the diagonal, a probability means what it says."""
+    fig, ax = _subplots(1, 1, (5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for name, points in curves.items():
+        if points:
+            conf, acc, count = zip(*points)
+            ax.plot(conf, acc, marker="o", label=f"{name} (ECE {ece[name]:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel(what)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+
+
 def save_residuals(path: Path, targets: np.ndarray, predictions: np.ndarray, name: str) -> None:
     residuals_figure(targets, predictions, name).savefig(path, dpi=90)
 

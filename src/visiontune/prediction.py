@@ -6,6 +6,7 @@ data readers and the runtime. `visiontune.api` re-exports every name.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
 from visiontune.tasks.base import Decoded, unreadable_rows
 from visiontune.tasks.catalog import make_task
+from visiontune.tasks.conformal import Conformal, SetPrediction, check_coverage, minimum_images
+
+log = logging.getLogger(__name__)
 
 
 # -- evaluate ---------------------------------------------------------------------------
@@ -56,13 +60,18 @@ class EvalResult:
 
 def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: str | None = None,
              label_delim: str | None = None, batch_size: int = 64, device: str = "auto",
-             num_workers: int | None = None, progress: bool = False, tta: bool = False) -> EvalResult:
+             num_workers: int | None = None, progress: bool = False, tta: bool = False,
+             coverage: float | None = None) -> EvalResult:
     """Score a trained run on labelled images: class subfolders (a dataset root with a test/
     or valid/ folder uses that split) or a `csv` of path,label(s)[,split] (its test split,
     else valid, else every row). Labels are read in the run's task shape. `tta`: average
-    the logits of 4 views per image (data/transforms.py)."""
+    the logits of 4 views per image (data/transforms.py). The metrics include the
+    calibration's: ECE (15 bins) and NLL of the probabilities as predict gives them, and of
+    the uncalibrated ones (`*_uncalibrated`). `coverage`: also the prediction sets' empirical
+    coverage, mean size (interval width) and, for classes, selective accuracy."""
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
+    sets = SetRequest.of(bundle, coverage)
     delim = label_delim or (bundle.config.data.label_delim if bundle.config else " ")
     # each file is decoded once: undecodable ones are marked while reading, not checked first
     source = load_items(DataConfig(path=str(data), csv=csv, valid_pct=0.0, verify_images=False, label_delim=delim,
@@ -79,10 +88,29 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
     out = run_eval(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task, progress)
     out.require_all(len(paths), paths)  # rows in the order of `items`, whatever order shards were read in
     paths, unreadable = _drop_unreadable_rows(paths, out)  # run_eval's loss leaves them out
-    metrics = {**bundle.task.metrics(out.targets, out.probs), "loss": out.loss}
+    metrics = {**bundle.task.metrics(out.targets, out.probs), "loss": out.loss,
+               **calibration_figures(bundle, out.targets, out.probs)}
+    if sets is not None and len(out.targets):
+        metrics.update(bundle.task.conformal.assess(out.targets, out.probs, sets.fitted, sets.coverage))
     report = bundle.task.report(out.targets, out.probs)
     return EvalResult(metrics, report.rows, report.confusion, bundle.task.classes, paths, out.targets, out.probs,
                       source.excluded + unreadable, report.text)
+
+
+def calibration_figures(bundle: Bundle, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """ECE and NLL of `probs` (what the model gives, calibrated when the run fitted it), and of
+    the same outputs with the calibration undone (`ece_uncalibrated`, `nll_uncalibrated`);
+    nothing for a task without probabilities, or no labelled rows."""
+    calibrator = bundle.task.calibrator
+    if calibrator.kind == "none" or not len(targets):
+        return {}
+    figures = {"ece": calibrator.ece(targets, probs), "nll": calibrator.nll(targets, probs)}
+    layer = getattr(bundle.model, "calibration", None)
+    if layer is not None and layer.fitted:
+        scale, bias = layer.scale.cpu().numpy().astype(np.float64), layer.bias.cpu().numpy().astype(np.float64)
+        raw = calibrator.probabilities(calibrator.raw(probs), 1 / scale, -bias / scale)
+        figures.update(ece_uncalibrated=calibrator.ece(targets, raw), nll_uncalibrated=calibrator.nll(targets, raw))
+    return figures
 
 
 # -- predict ----------------------------------------------------------------------------
@@ -104,6 +132,11 @@ class Prediction:
     decoded: Any = field(default=None, repr=False)  # the task's Decoded
     task_obj: Any = field(default=None, repr=False, compare=False)
 
+    @property
+    def set(self) -> SetPrediction | None:
+        """predict --coverage: the prediction set (classes, labels, or a number's interval)."""
+        return self.decoded.prediction_set if self.decoded is not None else None
+
     def line(self) -> str:
         task, decoded = self._task_and_decoded()
         return task.output.line(self.path, decoded)
@@ -124,7 +157,8 @@ class Prediction:
 
 def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
             top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
-            tta: bool = False, engine: str = "auto") -> tuple[list[Prediction], list[tuple[str, str]]]:
+            tta: bool = False, engine: str = "auto", coverage: float | None = None,
+            abstain: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Classify image files and folders (searched recursively) with a run directory, its
     model.safetensors, or an exported .onnx / .pt2 / .ts file. Returns the predictions and
     the (path, reason) of inputs that were skipped (hidden, not images, unreadable). `tta`:
@@ -133,9 +167,14 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
 
     `engine` (CPU only): "auto" runs ONNX Runtime when the run has a current model.onnx or
     when onnxruntime is installed and there are at least 2,000 images (exporting model.onnx
-    once, ~10 s for Lite0), else PyTorch; "onnx" / "torch" force one."""
+    once, ~10 s for Lite0), else PyTorch; "onnx" / "torch" force one.
+
+    `coverage` (e.g. 0.9): each prediction also carries its prediction set (`Prediction.set`):
+    the classes (labels; a number's interval) that hold the truth for that share of images,
+    from the run's held-out outputs (tasks/conformal.py). `abstain` (single-label, with
+    `coverage`): a set of more than one class answers "not sure: a or b"."""
     stream = predict_stream(run, inputs, top_k=top_k, batch_size=batch_size, device=device,
-                            num_workers=num_workers, tta=tta, engine=engine)
+                            num_workers=num_workers, tta=tta, engine=engine, coverage=coverage, abstain=abstain)
     preds = list(stream)
     return preds, stream.skipped
 
@@ -151,9 +190,10 @@ class PredictionStream:
 
     def __init__(self, paths: list[str], skipped: list[tuple[str, str]], task: Any,
                  batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]], top_k: int,
-                 label_delim: str = " ") -> None:
+                 label_delim: str = " ", sets: SetRequest | None = None) -> None:
         self.paths, self.skipped, self.task = paths, skipped, task
         self.label_delim = label_delim  # joins a multi-label prediction's labels (no label name holds it)
+        self.sets = sets  # --coverage: the held-out scores, the coverage asked, --abstain
         self._predictions = self._run(batches, top_k)
 
     def __len__(self) -> int:
@@ -169,7 +209,10 @@ class PredictionStream:
             read[rows] = True
             bad = unreadable_rows(targets)
             self.skipped.extend(_unreadable([self.paths[i] for i in rows[bad]]))
-            for i, d in zip(rows[~bad], task.decode(probs[~bad], top_k)):
+            decoded = task.decode(probs[~bad], top_k)
+            if self.sets is not None:
+                self.sets.attach(task, probs[~bad], decoded)
+            for i, d in zip(rows[~bad], decoded):
                 yield Prediction(self.paths[i], self.label_delim.join(d.labels), max(d.probs, default=0.0), d.ranked,
                                  d.labels, d.scores, task.name, d.value, d, task)
         self.skipped.extend((self.paths[i], "not read: its shard does not hold it") for i in np.flatnonzero(~read))
@@ -177,19 +220,59 @@ class PredictionStream:
 
 def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
                    top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
-                   tta: bool = False, engine: str = "auto") -> PredictionStream:
+                   tta: bool = False, engine: str = "auto", coverage: float | None = None,
+                   abstain: bool = False) -> PredictionStream:
     """`predict`, streamed: the model is loaded and the inputs listed now; iterating the
     result classifies the images batch by batch (see PredictionStream)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if abstain and coverage is None:
+        raise ConfigError("--abstain answers 'not sure' when the prediction set holds more than one class: give "
+                          "--coverage too (e.g. --coverage 0.9)")
     paths, skipped = collect_images([str(p) for p in inputs])
     dev, bundle, channels_last = _predictor(run, device, engine, len(paths))
+    sets = SetRequest.of(bundle, coverage, abstain)
     batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = iter(())
     if paths:
         ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
         batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                                channels_last=channels_last)
-    return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle))
+    return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle), sets)
+
+
+@dataclass
+class SetRequest:
+    """predict --coverage [--abstain]: what attaches a prediction set to each prediction."""
+
+    fitted: dict[str, Any]  # the run's held-out scores (model.uncertainty["sets"])
+    coverage: float
+    abstain: bool = False
+
+    @classmethod
+    def of(cls, bundle: Bundle, coverage: float | None, abstain: bool = False) -> SetRequest | None:
+        """The request for `bundle` (None without `coverage`); ConfigError when the run has no
+        held-out scores, or --abstain for a task without classes to choose between."""
+        if coverage is None:
+            return None
+        check_coverage(coverage)
+        fitted = (bundle.uncertainty or {}).get("sets")
+        if not fitted:
+            raise ConfigError(f"{bundle.path}: this model has no prediction sets (--coverage): they are fitted on the "
+                              "validation split at the end of training, and this run had none, or was trained by "
+                              "an older visiontune; train it again with a validation split")
+        if abstain and bundle.task.conformal_type is not Conformal:
+            raise ConfigError(f"--abstain chooses between classes (single-label); a {bundle.task.name} model's "
+                              "uncertainty is its set (interval) column")
+        needed = minimum_images(coverage)
+        if fitted.get("n", needed) < needed:
+            log.warning("--coverage %g needs %d held-out images for its guarantee; this run had %d, so every set "
+                        "holds every class (every interval is unbounded)", coverage, needed, fitted["n"])
+        return cls(fitted, coverage, abstain)
+
+    def attach(self, task: Any, probs: np.ndarray, decoded: list[Decoded]) -> None:
+        for d, s in zip(decoded, task.conformal.sets(probs, self.fitted, self.coverage)):
+            d.prediction_set = s
+            d.abstained = self.abstain and len(s.labels) > 1
 
 
 def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:

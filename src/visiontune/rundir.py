@@ -16,6 +16,9 @@ checks that no other module spells a run file's name.
     RUN/excluded.txt          files left out and why (path TAB reason per line)
     RUN/checkpoints/last.pt   full training state for --resume (tensors only)
     RUN/thresholds.json       --thresholds tuned: the per-label thresholds and where they were chosen
+    RUN/calibration.json      the calibration fitted on the validation split: temperature(s), ECE and
+                              NLL before and after, the prediction sets' held-out size (train/calibrate.py)
+    RUN/reliability.png       the reliability diagram of the validation split, before and after
     RUN/warm_start.json       --init-from: what the weights were started from
     RUN/tracking.json         the tracked runs of the trackers that keep one (MLflow, W&B)
     RUN/time_budget.json      --time-budget: the plan, and the time taken
@@ -169,6 +172,8 @@ class RunDir:
     history_jsonl = _file("history.jsonl")
     history_csv = _file("history.csv")
     thresholds_file = _file("thresholds.json")
+    calibration_file = _file("calibration.json")
+    reliability = _file("reliability.png")
     warm_start_file = _file("warm_start.json")
     tracking_file = _file("tracking.json")
     time_budget_file = _file("time_budget.json")
@@ -294,6 +299,12 @@ class RunDir:
         writer.writerows(rows)
         write_text(self.history_csv, buf.getvalue())
 
+    def write_calibration(self, record: dict[str, Any]) -> None:
+        write_json(self.calibration_file, record)
+
+    def read_calibration(self) -> dict[str, Any]:
+        return _json_or(self.calibration_file, {})
+
     def write_thresholds(self, thresholds: dict[str, Any]) -> None:
         write_json(self.thresholds_file, thresholds)
 
@@ -356,6 +367,8 @@ class RunDir:
             "preprocess": pre.to_dict(),
             **task.metadata(),
         }
+        if getattr(model, "uncertainty", None):
+            meta["uncertainty"] = model.uncertainty  # fitted calibration and prediction sets (train/calibrate.py)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         atomic_write(self.model, lambda tmp: save_file(tensors, tmp, metadata={"visiontune": json.dumps(meta)}))
 

@@ -62,7 +62,9 @@ def _metadata(bundle: Bundle, weights: Path) -> dict[str, str]:
         "classes": json.dumps(bundle.classes),
         "preprocess": json.dumps(bundle.preprocess.to_dict()),
         "backbone": cfg.model.backbone if cfg else "",
-        "task": json.dumps({**bundle.task.metadata(), "outputs_mapped": True}),  # output_module is inside
+        # export_module is inside: the file outputs the (calibrated) probabilities, or real units
+        "task": json.dumps({**bundle.task.metadata(), "outputs_mapped": True, "outputs": bundle.task.exported_outputs}),
+        "uncertainty": json.dumps(bundle.uncertainty or {}),  # the prediction sets' held-out scores
         "weights_digest": file_digest(weights),  # which weights file this export is of (onnx_engine)
     }
 
@@ -77,9 +79,7 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
     weights = model_file(run)
     bundle = load_bundle(weights)
     model = bundle.model.to(memory_format=torch.contiguous_format).eval()
-    mapping = bundle.task.output_module()  # regression: real units out of the file (classification: the logits)
-    if not isinstance(mapping, nn.Identity):
-        model = nn.Sequential(model, mapping).eval()
+    model = nn.Sequential(model, bundle.task.export_module()).eval()  # probabilities (regression: real units) out
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     target = Path(output) if output else weights.with_suffix(suffix(format))  # model.safetensors -> model.onnx
@@ -161,7 +161,8 @@ def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> B
         require_current(p, meta.get("weights_digest"))
     task_meta = json.loads(meta.get("task", "{}"))
     task = make_task(task_meta.get("task", "single-label"), json.loads(meta["classes"]), task_meta)
-    return Bundle(model, task, Preprocess.from_dict(json.loads(meta["preprocess"])), str(p.parent))
+    return Bundle(model, task, Preprocess.from_dict(json.loads(meta["preprocess"])), str(p.parent),
+                  uncertainty=json.loads(meta.get("uncertainty") or "{}"))
 
 
 def weights_beside(path: str | os.PathLike[str]) -> Path | None:

@@ -64,7 +64,9 @@ def timm_model_of(bundle: Bundle) -> tuple[nn.Module, nn.Module, dict[str, Any]]
     if unexpected or set(missing) - expected:
         raise VisiontuneError(f"the backbone's weights do not fit timm's {arch}: missing "
                               f"{sorted(set(missing) - expected)[:5]}, unexpected {unexpected[:5]}")
-    weight, bias, rest, described = bundle.task.linear_output(linears[0].weight.detach(), linears[0].bias.detach())
+    cal = bundle.model.calibration  # z * scale + bias, folded into the linear layer
+    weight, bias, rest, described = bundle.task.linear_output(linears[0].weight.detach() * cal.scale[:, None],
+                                                              linears[0].bias.detach() * cal.scale + cal.bias)
     with torch.no_grad():
         classifier.weight.copy_(weight)
         classifier.bias.copy_(bias)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from timm.models import group_parameters
@@ -17,22 +18,41 @@ from visiontune.config import ModelConfig
 from visiontune.data.preprocess import Preprocess
 from visiontune.models.backbones import create_source_model
 from visiontune.models.warmstart import warm_start_rows
+from visiontune.tasks.calibration import OutputCalibration
 
 log = logging.getLogger(__name__)
 
 
 class Classifier(nn.Module):
-    """`backbone` maps images to pooled features; `head` maps features to class logits."""
+    """`backbone` maps images to pooled features; `head` maps features to class logits;
+    `calibration` rescales them per output once the run has fitted it (tasks/calibration.py;
+    the identity until then, and during training)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int, num_outputs: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.calibration = OutputCalibration(num_outputs)
         self.num_features = num_features
         self.warm_start: dict[str, int] = {}  # class -> ImageNet row its head row started from
+        self.uncertainty: dict[str, Any] = {}  # what the run fitted on held-out outputs (calibration, sets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.outputs(self.backbone(x))
+
+    def outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """The calibrated logits of pooled features (what `forward` gives for images)."""
+        return self.calibration(self.head(features))
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state)`, strict, except that a Classifier's weights saved before
+    calibration existed (no calibration.* entries) load as uncalibrated."""
+    calibration = getattr(model, "calibration", None)
+    if isinstance(calibration, OutputCalibration) and not any(k.startswith("calibration.") for k in state):
+        state = {**state, **{f"calibration.{k}": torch.ones_like(v) if k == "scale" else torch.zeros_like(v)
+                             for k, v in calibration.state_dict().items()}}
+    model.load_state_dict(state, strict=True)
 
 
 def create_classifier(cfg: ModelConfig, num_outputs: int,
@@ -44,7 +64,7 @@ def create_classifier(cfg: ModelConfig, num_outputs: int,
     body, num_features, pre, source_head = create_source_model(cfg.backbone, cfg.weights, cfg.image_size,
                                                                cfg.drop_path, cfg.trust_pickle)
     head = build_head(num_features, num_outputs, cfg.head_hidden, cfg.head_dropout, cfg.head_init_gain)
-    model = Classifier(body, head, num_features)
+    model = Classifier(body, head, num_features, num_outputs)
     if classes and cfg.warm_start and cfg.weights != "none" and source_head is not None and not cfg.head_hidden:
         model.warm_start = warm_start_rows(head[-1], source_head, classes)
         if model.warm_start:

@@ -17,7 +17,9 @@ parsing a table cell or a label function's value (`parse_label`), writing it bac
 (`label_text`), what splits and folds stratify by (`strata`) and the class list
 (`classes_of`). Three companions, which a new shape takes as they are or subclasses,
 hold the rest: how predictions are written (the printed line, predict's CSV columns and
-JSON record, cv's out-of-fold cells) is `task.output` (tasks/output.py); how a person
+JSON record, cv's out-of-fold cells) is `task.output` (tasks/output.py); how its outputs
+are calibrated and turned into prediction sets with a coverage guarantee are
+`task.calibrator` (tasks/calibration.py) and `task.conformal` (tasks/conformal.py); how a person
 gives a label on the review pages and in a suggestions CSV is `task.form` (tasks/form.py,
 reachable from the class too); how the shape is named and summarised in text is
 `Task.wording` (tasks/wording.py).
@@ -39,6 +41,8 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, DataError
+from visiontune.tasks.calibration import Calibrator
+from visiontune.tasks.conformal import Conformal
 from visiontune.tasks.form import Form, FormOf
 from visiontune.tasks.labels import class_index, label_counts
 from visiontune.tasks.metrics import present_classes
@@ -126,11 +130,16 @@ class Task(ABC):
     ensemble: ClassVar[int] = 1  # fits whose disagreement `uncertainty` reads (1: one model's outputs say it)
     wording: ClassVar[Wording] = CLASSES  # how the shape is named in summaries, errors, the card (tasks/wording.py)
     output_type: ClassVar[type[Output]] = Output  # how predictions are written (tasks/output.py)
+    calibrator_type: ClassVar[type[Calibrator]] = Calibrator  # how outputs are calibrated (tasks/calibration.py)
+    conformal_type: ClassVar[type[Conformal]] = Conformal  # prediction sets with a guarantee (tasks/conformal.py)
     form = FormOf(Form)  # how the review pages and a suggestions CSV take a label (tasks/form.py)
+
+    exported_outputs: ClassVar[str] = "probabilities"  # what an exported file outputs (`export_module`)
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
         self.index = class_index(self.classes)
+        self.outputs_mapped = False  # an exported file's task: its outputs are mapped already (`export_module`)
 
     @property
     def num_outputs(self) -> int:
@@ -142,6 +151,16 @@ class Task(ABC):
         """How this task's predictions are written: the printed line, predict's CSV and
         JSON, cv's out-of-fold cells (tasks/output.py)."""
         return self.output_type(self)
+
+    @property
+    def calibrator(self) -> Calibrator:
+        """How this task's outputs are calibrated after training (tasks/calibration.py)."""
+        return self.calibrator_type(self)
+
+    @property
+    def conformal(self) -> Conformal:
+        """This task's prediction sets with a coverage guarantee (tasks/conformal.py)."""
+        return self.conformal_type(self)
 
     def objective(self, metric: str, mode: str = "auto") -> Objective:
         """`metric` and its direction: `mode` ("min" / "max"), or with "auto" the one this
@@ -273,6 +292,12 @@ class Task(ABC):
         (classification: the logits themselves; the task's probabilities follow them)."""
         return nn.Identity()
 
+    def export_module(self) -> nn.Module:
+        """What export appends to the (calibrated) model, so that the file outputs what predict
+        reports: the probabilities. A task read back from such a file (`outputs_mapped`)
+        takes them as they are."""
+        return Probabilities(self)
+
     def linear_output(self, weight: torch.Tensor,
                       bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Module, dict[str, Any]]:
         """The head's linear layer for a format that holds nothing after it (timm's Hub
@@ -356,5 +381,22 @@ class Task(ABC):
 
     @classmethod
     def from_metadata(cls, classes: Sequence[str], metadata: dict[str, Any]) -> Task:
-        """The task as `metadata()` described it."""
-        return cls(classes)
+        """The task as `metadata()` described it (and an export's: `mapped_outputs`)."""
+        return cls(classes).mapped_outputs(metadata)
+
+    def mapped_outputs(self, metadata: dict[str, Any]) -> Task:
+        """This task, reading the outputs of an exported file whose metadata says they are
+        `exported_outputs` already (files exported before that say nothing: logits)."""
+        self.outputs_mapped = self.outputs_mapped or metadata.get("outputs") == self.exported_outputs
+        return self
+
+
+class Probabilities(nn.Module):
+    """A task's probability function as a module (the end of an exported graph)."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.task.probabilities(logits)

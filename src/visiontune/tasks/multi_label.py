@@ -21,6 +21,8 @@ from torch import nn
 
 from visiontune.errors import DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.calibration import LabelSetCalibrator
+from visiontune.tasks.conformal import LabelSetConformal
 from visiontune.tasks.form import FormOf, LabelSetForm
 from visiontune.tasks.labels import (
     NONE,
@@ -66,6 +68,8 @@ class BinaryCrossEntropy(TaskLoss):
 
 class MultiLabel(Task):
     name = "multi-label"
+    calibrator_type = LabelSetCalibrator
+    conformal_type = LabelSetConformal
     headline = ("mAP", "macro_f1", "loss")
     higher_is_better = {"mAP": True, "micro_f1": True, "macro_f1": True, "samples_f1": True,
                         "subset_accuracy": True, "hamming_loss": False, "val_loss": False, "train_loss": False}
@@ -170,7 +174,7 @@ class MultiLabel(Task):
         return torch.where(none, 1.0 / none.sum().clamp(min=1).float(), weights)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.sigmoid()
+        return logits.float() if self.outputs_mapped else logits.sigmoid()
 
     def uncertainty(self, members: np.ndarray) -> np.ndarray:
         """Label sets: each label's binary entropy (in bits, 1 = a coin flip) of the mean
@@ -256,4 +260,4 @@ class MultiLabel(Task):
 
     @classmethod
     def from_metadata(cls, classes: Sequence[str], metadata: dict[str, Any]) -> Task:
-        return cls(classes, metadata.get("thresholds"), float(metadata.get("threshold", 0.5)))
+        return cls(classes, metadata.get("thresholds"), float(metadata.get("threshold", 0.5))).mapped_outputs(metadata)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from visiontune.tasks.conformal import SetPrediction
+
 
 @dataclass
 class Decoded:
@@ -26,6 +28,23 @@ class Decoded:
     ranked: list[tuple[str, float]] = field(default_factory=list)
     value: float | None = None  # regression: the predicted number
     scores: dict[str, float] = field(default_factory=dict, repr=False)  # every class's probability
+    prediction_set: SetPrediction | None = None  # predict --coverage: the set (interval) with its guarantee
+    abstained: bool = False  # predict --abstain, and the set holds more than one class: "not sure"
+    ood_score: float | None = None  # how unlike the training images (higher: less alike); None: not scored
+    unknown: bool = False  # the score is past the run's threshold: "none of my classes"
+
+
+UNKNOWN = "unknown"  # the answer for an image unlike every training image ("none of my classes")
+OOD_COLUMNS = ["unknown", "ood_score"]
+
+
+def ood_record(decoded: Decoded) -> dict[str, Any]:
+    """A JSON record's "unknown" and "ood_score" (none for a prediction that was not scored)."""
+    return {} if decoded.ood_score is None else {"unknown": decoded.unknown, "ood_score": decoded.ood_score}
+
+
+def ood_cells(decoded: Decoded) -> list[str]:
+    return [] if decoded.ood_score is None else [str(decoded.unknown).lower(), f"{decoded.ood_score:.6g}"]
 
 
 class Output:
@@ -35,24 +54,60 @@ class Output:
         self.task = task  # the tasks.base.Task whose predictions these are
 
     def line(self, path: str, decoded: Decoded) -> str:
-        """The printed line: path, label, probability, runners-up."""
+        """The printed line: path, label ("not sure: a or b" when abstaining), probability,
+        runners-up, and with --coverage the set."""
         others = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked[1:])
-        return f"{path}\t{decoded.labels[0]}\t{decoded.probs[0]:.4f}" + (f"\t({others})" if others else "")
+        return (f"{path}\t{self.answer(decoded)}\t{decoded.probs[0]:.4f}" + (f"\t({others})" if others else "")
+                + self.set_cell(decoded))
+
+    def answer(self, decoded: Decoded) -> str:
+        """The label, "unknown" (unlike every training image), or "not sure: a or b"
+        (--abstain, a set of more than one class)."""
+        if decoded.unknown:
+            return UNKNOWN
+        if decoded.abstained and decoded.prediction_set is not None:
+            return f"not sure: {decoded.prediction_set.named()}"
+        return decoded.labels[0]
+
+    def set_cell(self, decoded: Decoded) -> str:
+        """The printed line's last cells: with --coverage "90% set: a or b", and for an
+        unknown image its score ("" for neither)."""
+        s = decoded.prediction_set
+        cells = "" if s is None else f"\t{s.coverage:.0%} {'interval' if s.interval else 'set'}: {s.named()}"
+        return cells + (f"\t(unlike the training images: score {decoded.ood_score:.3g})" if decoded.unknown else "")
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
         """A prediction as JSON (predict --output x.json, serve)."""
         return {"labels": decoded.labels,
-                "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked]}
+                "predictions": [{"label": label, "prob": prob} for label, prob in decoded.ranked],
+                **self.set_record(decoded)}
 
-    def csv_header(self, top_k: int) -> list[str]:
-        """predict --output x.csv's columns."""
+    def set_record(self, decoded: Decoded) -> dict[str, Any]:
+        """The set's fields of a JSON record: set, set_size, coverage, abstained (none
+        without --coverage)."""
+        s = decoded.prediction_set
+        out = {} if s is None else {"set": s.labels, "set_size": len(s.labels), "coverage": s.coverage,
+                                    "abstained": decoded.abstained}
+        return {**out, **ood_record(decoded)}
+
+    def csv_header(self, top_k: int, sets: bool = False, ood: bool = False) -> list[str]:
+        """predict --output x.csv's columns (`sets`: with --coverage, the set's; `ood`: a run
+        that scores how unlike its training images an image is: unknown, ood_score)."""
         k = max(1, min(top_k, self.task.num_outputs))
-        return ["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")]
+        return (["path", "label", "prob"] + [f"{c}{i + 1}" for i in range(1, k) for c in ("label", "prob")]
+                + (self.set_columns() if sets else []) + (OOD_COLUMNS if ood else []))
+
+    def set_columns(self) -> list[str]:
+        return ["set", "set_size"]
+
+    def set_cells(self, decoded: Decoded, delim: str) -> list[str]:
+        s = decoded.prediction_set
+        return ([] if s is None else [delim.join(s.labels), str(len(s.labels))]) + ood_cells(decoded)
 
     def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
         """One prediction's cells under `csv_header`."""
-        return [path, decoded.labels[0], f"{decoded.probs[0]:.6f}"] + [
-            v for label, prob in decoded.ranked[1:] for v in (label, f"{prob:.6f}")]
+        return [path, self.answer(decoded), f"{decoded.probs[0]:.6f}"] + [
+            v for label, prob in decoded.ranked[1:] for v in (label, f"{prob:.6f}")] + self.set_cells(decoded, delim)
 
     def oof_columns(self) -> list[str]:
         """The columns of cv's oof.csv holding the out-of-fold outputs, one per output."""
@@ -71,32 +126,51 @@ class LabelSetOutput(Output):
         """Every label above its threshold with its probability, or "(none)" and the top ones."""
         chosen = ", ".join(f"{label} {prob:.3f}" for label, prob in zip(decoded.labels, decoded.probs))
         top = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked)
-        return f"{path}\t{chosen}" if chosen else f"{path}\t(none)\t(top: {top})"
+        if decoded.unknown:
+            return f"{path}\t{UNKNOWN}\t(top: {top})" + self.set_cell(decoded)
+        return (f"{path}\t{chosen}" if chosen else f"{path}\t(none)\t(top: {top})") + self.set_cell(decoded)
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
         return {**super().record(decoded), "probs": decoded.scores}
 
-    def csv_header(self, top_k: int) -> list[str]:
-        return ["path", "labels", *[f"prob_{n}" for n in self.task.classes]]
+    def csv_header(self, top_k: int, sets: bool = False, ood: bool = False) -> list[str]:
+        return (["path", "labels", *[f"prob_{n}" for n in self.task.classes]] + (self.set_columns() if sets else [])
+                + (OOD_COLUMNS if ood else []))
 
     def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        return [path, delim.join(decoded.labels), *[f"{decoded.scores[n]:.6f}" for n in self.task.classes]]
+        return [path, delim.join(decoded.labels), *[f"{decoded.scores[n]:.6f}" for n in self.task.classes],
+                *self.set_cells(decoded, delim)]
 
 
 class NumberOutput(Output):
     """One number per image."""
 
     def line(self, path: str, decoded: Decoded) -> str:
-        return f"{path}\t{decoded.value:.6g}"
+        return f"{path}\t{UNKNOWN + ' ' if decoded.unknown else ''}{decoded.value:.6g}" + self.set_cell(decoded)
 
     def record(self, decoded: Decoded) -> dict[str, Any]:
-        return {"prediction": decoded.value}
+        return {"prediction": decoded.value, **self.set_record(decoded)}
 
-    def csv_header(self, top_k: int) -> list[str]:
-        return ["path", "prediction"]
+    def set_record(self, decoded: Decoded) -> dict[str, Any]:
+        s = decoded.prediction_set
+        out = {} if s is None or s.interval is None else {"interval": list(s.interval), "interval_width": s.size,
+                                                           "coverage": s.coverage}
+        return {**out, **ood_record(decoded)}
+
+    def csv_header(self, top_k: int, sets: bool = False, ood: bool = False) -> list[str]:
+        return ["path", "prediction"] + (self.set_columns() if sets else []) + (OOD_COLUMNS if ood else [])
+
+    def set_columns(self) -> list[str]:
+        return ["low", "high"]
+
+    def set_cells(self, decoded: Decoded, delim: str) -> list[str]:
+        s = decoded.prediction_set
+        interval = [] if s is None or s.interval is None else [f"{s.interval[0]:.9g}", f"{s.interval[1]:.9g}"]
+        return interval + ood_cells(decoded)
 
     def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        return [path, f"{decoded.value:.9g}"]  # every digit of the float32 output (6 digits turned 1234567.8 into 1.23457e+06)
+        # every digit of the float32 output (6 digits turned 1234567.8 into 1.23457e+06)
+        return [path, f"{decoded.value:.9g}", *self.set_cells(decoded, delim)]
 
     def oof_columns(self) -> list[str]:
         return ["prediction"]

@@ -26,6 +26,8 @@ from torch import nn
 
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.calibration import NumberCalibrator
+from visiontune.tasks.conformal import NumberConformal
 from visiontune.tasks.form import FormOf, NumberForm
 from visiontune.tasks.metrics import sk_metrics
 from visiontune.tasks.output import NumberOutput
@@ -66,6 +68,8 @@ class Regression(Task):
     confusable = False
     form = FormOf(NumberForm)
     output_type = NumberOutput
+    calibrator_type = NumberCalibrator
+    conformal_type = NumberConformal
     wording = NUMBERS
     ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty
 
@@ -196,7 +200,12 @@ class Regression(Task):
         """The prediction in real units, (N, 1) (named as the other tasks' outputs are)."""
         return self.standardised_output(logits.float()) * self.std + self.mean
 
+    exported_outputs = "the prediction in real units"
+
     def output_module(self) -> nn.Module:
+        return _Scale(self)
+
+    def export_module(self) -> nn.Module:
         return _Scale(self)
 
     def linear_output(self, weight: torch.Tensor,

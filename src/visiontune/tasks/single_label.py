@@ -86,7 +86,7 @@ class SingleLabel(Task):
         return (1.0 / counts.clamp(min=1))[targets]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(dim=1)
+        return logits.float() if self.outputs_mapped else logits.softmax(dim=1)
 
     def predictions(self, probs: np.ndarray) -> np.ndarray:
         return probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from visiontune.models.classifier import load_weights
 from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput
 from visiontune.tasks.objective import VAL_LOSS, Objective
@@ -196,7 +197,7 @@ class Checkpoint(Callback):
             trainer.adopt_chosen_weights()  # the last epoch's: the EMA's when they were better
             return
         if self.write:
-            trainer.model.load_state_dict(load_file(str(RunDir(self.run_dir).model)))
+            load_weights(trainer.model, load_file(str(RunDir(self.run_dir).model)))
         trainer.broadcast_weights()
         probe_won = _probe_epoch(trainer, best.epoch) and trainer.state.epoch > best.epoch
         log.info("restored best weights from epoch %d (%s=%.4f)%s", best.epoch + 1, best.objective.metric, best.value,

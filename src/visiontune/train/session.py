@@ -28,6 +28,7 @@ from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.objective import Objective
+from visiontune.train.calibrate import calibrate
 from visiontune.train.callbacks import (
     Callback,
     Checkpoint,
@@ -117,8 +118,12 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
+        valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
+                              write=setup.env.is_main)
         if setup.cfg.train.thresholds == "tuned":
-            tune_thresholds(setup, _final_outputs(setup, trainer, checkpoint), run_dir)
+            tune_thresholds(setup, valid_out, run_dir)
+        if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
+            RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -210,8 +215,8 @@ def _final_outputs(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) ->
 
 
 def tune_thresholds(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> None:
-    """Per-label thresholds with the best F1 on the validation outputs, stored with the
-    weights and in thresholds.json (their validation F1 is optimistic: chosen there)."""
+    """Per-label thresholds with the best F1 on the (calibrated) validation outputs, kept by
+    the task (written with the weights by the caller) and in thresholds.json (their validation F1 is optimistic: chosen there)."""
     task = setup.task
     if valid_out is None or not len(valid_out.targets):
         log.warning("--thresholds tuned needs validation images; keeping the global threshold")
@@ -223,7 +228,6 @@ def tune_thresholds(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path
     log.info("thresholds tuned on the validation split: %s",
              ", ".join(f"{c}={t:.2f}" for c, t in zip(task.classes, tuned)))
     if setup.env.is_main:
-        RunDir(run_dir).write_model(setup.model, task, setup.preprocess, setup.cfg.model)
         positives = (np.asarray(valid_out.targets) > 0.5).sum(axis=0)
         RunDir(run_dir).write_thresholds({
             "chosen_on": "the validation split (its F1 at these thresholds is optimistic)",

@@ -27,6 +27,7 @@ from visiontune.frozen.probe import (
     validation_folds,
 )
 from visiontune.frozen.probememo import ProbeMemory, probe_key
+from visiontune.models.classifier import load_weights
 from visiontune.rundir import RunDir, save_checkpoint
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, batch_norm_for, resolve_precision, seed_everything, to_device
@@ -571,12 +572,12 @@ class Trainer:
 
     def restore(self, ckpt: dict[str, Any]) -> int:
         """Load a checkpoint; return the epoch to continue from."""
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema"):
-            self.ema.module.load_state_dict(ckpt["ema"])
+            load_weights(self.ema.module, ckpt["ema"])
         self.state.history = list(ckpt.get("history", []))
         self.state.global_step = int(ckpt.get("global_step", 0))
         self.clock.charge(float(ckpt.get("elapsed_s", 0.0)))  # a record, when the run has one, knows more

@@ -1,0 +1,75 @@
+"""After training: calibrate the kept weights' probabilities and fit the prediction sets,
+on the validation split's outputs of those weights (tasks/calibration.py,
+tasks/conformal.py).
+
+Why the validation split and not cv's out-of-fold outputs: the temperature belongs to the
+model that ships, and out-of-fold outputs are of other models (each fold's), trained on less
+data, whose confidence differs from the final model's. The validation split also chose the
+epoch, which leaves its outputs slightly optimistic; one temperature (one per label) fitted
+by likelihood has too little freedom to learn that choice, and the prediction sets'
+coverage is measured on test splits no choice looked at (bench/uncertainty.py).
+
+The fitted layer goes into the weights (model.calibration), the held-out scores of the
+sets into model.safetensors' metadata (model.uncertainty), the figures into
+RUN/calibration.json and the reliability diagram into RUN/reliability.png.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visiontune.plots import save_reliability
+from visiontune.rundir import RunDir
+from visiontune.runtime.inference import EvalOutput
+from visiontune.tasks.base import Task, known_rows
+from visiontune.tasks.calibration import Fit
+
+log = logging.getLogger(__name__)
+
+FITTED_ON = "the validation split (outputs of the weights the run keeps)"
+
+
+def calibrate(model: Any, task: Task, valid_out: EvalOutput | None, run_dir: Path,
+              write: bool = True) -> EvalOutput | None:
+    """Fit `model.calibration` and the prediction sets on `valid_out`; return the validation
+    outputs as calibrated (what tuned thresholds are chosen on), or `valid_out` as it is when
+    there is nothing to fit on. `write`: this process writes the run's files."""
+    rows = known_rows(valid_out.targets) if valid_out is not None else None
+    if valid_out is None or not rows.any():
+        log.info("no validation outputs: probabilities are not calibrated, and predict --coverage needs a run "
+                 "trained with a validation split")
+        return valid_out
+    targets, probs = valid_out.targets[rows], valid_out.probs[rows]
+    fit = task.calibrator.fit(targets, probs)
+    calibrated = probs if fit is None else task.calibrator.probabilities(task.calibrator.raw(probs), fit.scale,
+                                                                          fit.bias).astype(probs.dtype)
+    if fit is not None:
+        model.calibration.set(fit.scale, fit.bias)
+        log.info("calibrated on %d validation images (%s): ECE %.3f -> %.3f, NLL %.3f -> %.3f", fit.images,
+                 task.calibrator.kind, fit.before["ece"], fit.after["ece"], fit.before["nll"], fit.after["nll"])
+    model.uncertainty = {"calibration": fit.record(task.calibrator.kind, FITTED_ON) if fit else None,
+                         "sets": task.conformal.fit(targets, calibrated)}
+    if write:
+        _write(model, task, targets, probs, calibrated, fit, run_dir)
+    out = EvalOutput(valid_out.loss, valid_out.targets, valid_out.probs.copy(), valid_out.ids)
+    out.probs[rows] = calibrated
+    return out
+
+
+def _write(model: Any, task: Task, targets: np.ndarray, raw: np.ndarray, calibrated: np.ndarray,
+           fit: Fit | None, run_dir: Path) -> None:
+    """calibration.json and reliability.png (the weights are written by the caller)."""
+    run = RunDir(run_dir)
+    sets = model.uncertainty["sets"]
+    run.write_calibration({**(model.uncertainty["calibration"] or {"kind": task.calibrator.kind}),
+                           "sets": {"kind": sets["kind"], "held_out_images": sets["n"]} if sets else None})
+    if fit is None:
+        return
+    what = "share of labels present" if task.calibrator.kind != "temperature" else "accuracy"
+    save_reliability(run.reliability, {"before": task.calibrator.reliability(targets, raw),
+                                       "after": task.calibrator.reliability(targets, calibrated)},
+                     {"before": fit.before["ece"], "after": fit.after["ece"]}, what)
