@@ -100,16 +100,29 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
 def calibration_figures(bundle: Bundle, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """ECE and NLL of `probs` (what the model gives, calibrated when the run fitted it), and of
     the same outputs with the calibration undone (`ece_uncalibrated`, `nll_uncalibrated`);
-    nothing for a task without probabilities, or no labelled rows."""
+    nothing for a task without probabilities, or no labelled rows. The reliability diagram
+    of both goes to RUN/reliability_evaluated.png (a run that cannot be written to: skipped)."""
     calibrator = bundle.task.calibrator
     if calibrator.kind == "none" or not len(targets):
         return {}
     figures = {"ece": calibrator.ece(targets, probs), "nll": calibrator.nll(targets, probs)}
+    curves = {"as predicted": calibrator.reliability(targets, probs)}
     layer = getattr(bundle.model, "calibration", None)
     if layer is not None and layer.fitted:
         scale, bias = layer.scale.cpu().numpy().astype(np.float64), layer.bias.cpu().numpy().astype(np.float64)
         raw = calibrator.probabilities(calibrator.raw(probs), 1 / scale, -bias / scale)
         figures.update(ece_uncalibrated=calibrator.ece(targets, raw), nll_uncalibrated=calibrator.nll(targets, raw))
+        curves["uncalibrated"] = calibrator.reliability(targets, raw)
+    eces = {"as predicted": figures["ece"], "uncalibrated": figures.get("ece_uncalibrated", 0.0)}
+    from visiontune.plots import (
+        save_reliability,  # matplotlib: evaluate's only, kept out of predict's start-up
+    )
+
+    try:
+        save_reliability(RunDir(bundle.path).evaluated_reliability, curves, eces,
+                         "accuracy" if calibrator.kind == "temperature" else "share of labels present")
+    except OSError as exc:
+        log.warning("evaluate: the reliability diagram was not written (%s)", exc)
     return figures
 
 
@@ -255,6 +268,8 @@ class SetRequest:
         if coverage is None:
             return None
         check_coverage(coverage)
+        if bundle.task.conformal is None:
+            raise ConfigError(f"--coverage: the {bundle.task.name} task has no prediction sets")
         fitted = (bundle.uncertainty or {}).get("sets")
         if not fitted:
             raise ConfigError(f"{bundle.path}: this model has no prediction sets (--coverage): they are fitted on the "

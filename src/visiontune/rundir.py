@@ -19,6 +19,7 @@ checks that no other module spells a run file's name.
     RUN/calibration.json      the calibration fitted on the validation split: temperature(s), ECE and
                               NLL before and after, the prediction sets' held-out size (train/calibrate.py)
     RUN/reliability.png       the reliability diagram of the validation split, before and after
+    RUN/reliability_evaluated.png   the same for the data the last `evaluate` scored
     RUN/warm_start.json       --init-from: what the weights were started from
     RUN/tracking.json         the tracked runs of the trackers that keep one (MLflow, W&B)
     RUN/time_budget.json      --time-budget: the plan, and the time taken
@@ -174,6 +175,7 @@ class RunDir:
     thresholds_file = _file("thresholds.json")
     calibration_file = _file("calibration.json")
     reliability = _file("reliability.png")
+    evaluated_reliability = _file("reliability_evaluated.png")  # the last `evaluate`'s
     warm_start_file = _file("warm_start.json")
     tracking_file = _file("tracking.json")
     time_budget_file = _file("time_budget.json")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, DataError
-from visiontune.tasks.calibration import Calibrator
+from visiontune.tasks.calibration import Calibrator, NoCalibration
 from visiontune.tasks.conformal import Conformal
 from visiontune.tasks.form import Form, FormOf
 from visiontune.tasks.labels import class_index, label_counts
@@ -130,11 +130,13 @@ class Task(ABC):
     ensemble: ClassVar[int] = 1  # fits whose disagreement `uncertainty` reads (1: one model's outputs say it)
     wording: ClassVar[Wording] = CLASSES  # how the shape is named in summaries, errors, the card (tasks/wording.py)
     output_type: ClassVar[type[Output]] = Output  # how predictions are written (tasks/output.py)
-    calibrator_type: ClassVar[type[Calibrator]] = Calibrator  # how outputs are calibrated (tasks/calibration.py)
-    conformal_type: ClassVar[type[Conformal]] = Conformal  # prediction sets with a guarantee (tasks/conformal.py)
+    # how outputs are calibrated, and their prediction sets with a guarantee (tasks/calibration.py,
+    # tasks/conformal.py); a new shape has neither until it names them (None: no sets)
+    calibrator_type: ClassVar[type[Calibrator]] = NoCalibration
+    conformal_type: ClassVar[type[Conformal] | None] = None
     form = FormOf(Form)  # how the review pages and a suggestions CSV take a label (tasks/form.py)
 
-    exported_outputs: ClassVar[str] = "probabilities"  # what an exported file outputs (`export_module`)
+    exported_outputs: ClassVar[str] = "logits"  # what an exported file outputs (`export_module`)
 
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -158,9 +160,10 @@ class Task(ABC):
         return self.calibrator_type(self)
 
     @property
-    def conformal(self) -> Conformal:
-        """This task's prediction sets with a coverage guarantee (tasks/conformal.py)."""
-        return self.conformal_type(self)
+    def conformal(self) -> Conformal | None:
+        """This task's prediction sets with a coverage guarantee (tasks/conformal.py; None:
+        the shape has none)."""
+        return self.conformal_type(self) if self.conformal_type is not None else None
 
     def objective(self, metric: str, mode: str = "auto") -> Objective:
         """`metric` and its direction: `mode` ("min" / "max"), or with "auto" the one this
@@ -293,10 +296,12 @@ class Task(ABC):
         return nn.Identity()
 
     def export_module(self) -> nn.Module:
-        """What export appends to the (calibrated) model, so that the file outputs what predict
-        reports: the probabilities. A task read back from such a file (`outputs_mapped`)
-        takes them as they are."""
-        return Probabilities(self)
+        """What export appends to the (calibrated) model, so that the file outputs
+        `exported_outputs`: the logits here (a new shape's `probabilities` is applied after
+        the file, as for files exported before); the built-in shapes append their
+        probabilities (real units) and, read back from such a file (`outputs_mapped`), take
+        them as they are."""
+        return nn.Identity()
 
     def linear_output(self, weight: torch.Tensor,
                       bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Module, dict[str, Any]]:
@@ -387,7 +392,8 @@ class Task(ABC):
     def mapped_outputs(self, metadata: dict[str, Any]) -> Task:
         """This task, reading the outputs of an exported file whose metadata says they are
         `exported_outputs` already (files exported before that say nothing: logits)."""
-        self.outputs_mapped = self.outputs_mapped or metadata.get("outputs") == self.exported_outputs
+        mapped = self.exported_outputs != "logits" and metadata.get("outputs") == self.exported_outputs
+        self.outputs_mapped = self.outputs_mapped or mapped
         return self
 
 

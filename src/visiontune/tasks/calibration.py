@@ -7,8 +7,8 @@ nine times in ten. One companion per output shape, reached as `task.calibrator`:
   temperature keeps z = 0 at p = 0.5, so the default 0.5 decisions do not change (Platt's
   bias would move them); tuned thresholds are chosen after calibration, on the calibrated
   probabilities.
-- `NumberCalibrator` (regression): a number has no probability to calibrate; its
-  uncertainty is the conformal interval (tasks/conformal.py).
+- `NoCalibration` (regression, and the default of a new task shape): a number has no
+  probability to calibrate; its uncertainty is the conformal interval (tasks/conformal.py).
 
 The fit is a one-parameter (per output) maximum likelihood on held-out outputs: the run's
 validation split, the outputs of the weights the run keeps (train/calibrate.py says why not
@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 from torch import nn
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
@@ -172,8 +171,9 @@ class LabelSetCalibrator(Calibrator):
         return np.asarray(probs, dtype=np.float64).ravel(), (np.asarray(targets) > 0.5).astype(float).ravel()
 
 
-class NumberCalibrator(Calibrator):
-    """A number has no probability: nothing to calibrate (see the module docstring)."""
+class NoCalibration(Calibrator):
+    """Nothing to calibrate: a number has no probability (see the module docstring), and a
+    new task shape calibrates only once it names a calibrator (`Task.calibrator_type`)."""
 
     kind = "none"
 
@@ -185,6 +185,8 @@ def _temperature_scale(nll: Any, n: int) -> float:
     """1 / T for the T that minimises the mean negative log-likelihood `nll(1 / T)` of `n`
     held-out outputs plus a weak prior on log T (normal, sd PRIOR_SD, centred on T = 1), so
     that a handful of images cannot drive T to a bound; with hundreds it is negligible."""
+    from scipy.optimize import minimize_scalar  # fitting is training's: predict and serve never load scipy
+
     found = minimize_scalar(lambda log_t: nll(float(np.exp(-log_t))) + log_t ** 2 / (2 * PRIOR_SD ** 2 * n),
                             bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
     return float(np.exp(-found.x))

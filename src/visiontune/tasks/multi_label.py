@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import DataError
-from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
+from visiontune.tasks.base import Decoded, Probabilities, Report, Task, TaskLoss, marker_like
 from visiontune.tasks.calibration import LabelSetCalibrator
 from visiontune.tasks.conformal import LabelSetConformal
 from visiontune.tasks.form import FormOf, LabelSetForm
@@ -67,6 +67,7 @@ class BinaryCrossEntropy(TaskLoss):
 
 
 class MultiLabel(Task):
+    exported_outputs = "probabilities"  # export_module: the file outputs them
     name = "multi-label"
     calibrator_type = LabelSetCalibrator
     conformal_type = LabelSetConformal
@@ -172,6 +173,9 @@ class MultiLabel(Task):
         weights = (y.float() * per_label[None, :]).max(dim=1).values
         none = ~y.any(dim=1)
         return torch.where(none, 1.0 / none.sum().clamp(min=1).float(), weights)
+
+    def export_module(self) -> nn.Module:
+        return Probabilities(self)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.outputs_mapped else logits.sigmoid()

@@ -26,7 +26,7 @@ from torch import nn
 
 from visiontune.errors import ConfigError, DataError
 from visiontune.tasks.base import Decoded, Report, Task, TaskLoss, marker_like
-from visiontune.tasks.calibration import NumberCalibrator
+from visiontune.tasks.calibration import NoCalibration
 from visiontune.tasks.conformal import NumberConformal
 from visiontune.tasks.form import FormOf, NumberForm
 from visiontune.tasks.metrics import sk_metrics
@@ -68,7 +68,7 @@ class Regression(Task):
     confusable = False
     form = FormOf(NumberForm)
     output_type = NumberOutput
-    calibrator_type = NumberCalibrator
+    calibrator_type = NoCalibration
     conformal_type = NumberConformal
     wording = NUMBERS
     ensemble = 5  # the probe's cross-validation fits: their spread is the uncertainty

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from visiontune.errors import DataError
-from visiontune.tasks.base import Decoded, Report, Task, TaskLoss
+from visiontune.tasks.base import Decoded, Probabilities, Report, Task, TaskLoss
+from visiontune.tasks.calibration import Calibrator
+from visiontune.tasks.conformal import Conformal
 from visiontune.tasks.metrics import (
     HIGHER_IS_BETTER,
     absent_note,
@@ -54,6 +56,9 @@ def class_weight_values(counts: list[int]) -> list[float]:
 
 
 class SingleLabel(Task):
+    exported_outputs = "probabilities"  # export_module: the file outputs them
+    calibrator_type = Calibrator
+    conformal_type = Conformal
     name = "single-label"
     headline = ("accuracy", "macro_f1", "loss")
     higher_is_better = HIGHER_IS_BETTER
@@ -84,6 +89,9 @@ class SingleLabel(Task):
         """1 / images of the class: each class equally likely."""
         counts = torch.bincount(targets, minlength=self.num_outputs).float()
         return (1.0 / counts.clamp(min=1))[targets]
+
+    def export_module(self) -> nn.Module:
+        return Probabilities(self)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.outputs_mapped else logits.softmax(dim=1)

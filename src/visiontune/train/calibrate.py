@@ -51,8 +51,9 @@ def calibrate(model: Any, task: Task, valid_out: EvalOutput | None, run_dir: Pat
         model.calibration.set(fit.scale, fit.bias)
         log.info("calibrated on %d validation images (%s): ECE %.3f -> %.3f, NLL %.3f -> %.3f", fit.images,
                  task.calibrator.kind, fit.before["ece"], fit.after["ece"], fit.before["nll"], fit.after["nll"])
+    conformal = task.conformal
     model.uncertainty = {"calibration": fit.record(task.calibrator.kind, FITTED_ON) if fit else None,
-                         "sets": task.conformal.fit(targets, calibrated)}
+                         "sets": conformal.fit(targets, calibrated) if conformal is not None else None}
     if write:
         _write(model, task, targets, probs, calibrated, fit, run_dir)
     out = EvalOutput(valid_out.loss, valid_out.targets, valid_out.probs.copy(), valid_out.ids)

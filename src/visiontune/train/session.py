@@ -118,12 +118,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
-        valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
-                              write=setup.env.is_main)
-        if setup.cfg.train.thresholds == "tuned":
-            tune_thresholds(setup, valid_out, run_dir)
-        if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
-            RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
+        _calibrate_and_keep(setup, _final_outputs(setup, trainer, checkpoint), run_dir)
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -205,6 +200,16 @@ def _say_time_left(clock: Clock, run_dir: Path) -> None:
     else:
         log.warning("time budget: %s has no record of the time it used before; the whole budget of %.0f s counts "
                     "from now", run_dir, clock.budget_s)
+
+
+def _calibrate_and_keep(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> None:
+    """Calibration and prediction sets (train/calibrate.py), then --thresholds tuned on the
+    calibrated outputs; the main process writes the weights the run keeps with all of it."""
+    valid_out = calibrate(setup.model, setup.task, valid_out, run_dir, write=setup.env.is_main)
+    if setup.cfg.train.thresholds == "tuned":
+        tune_thresholds(setup, valid_out, run_dir)
+    if setup.env.is_main:
+        RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
 
 
 def _final_outputs(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
