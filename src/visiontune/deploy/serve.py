@@ -16,6 +16,11 @@ Built to stay responsive under load on a small machine:
   request gets 503 with Retry-After at once, so the backlog (and its memory) stays bounded;
 - `serve` answers only requests addressed to this machine, `--host` and `--allowed-host`
   (visiontune.web: another site's page cannot drive it through DNS rebinding).
+
+What the model does not know: with `coverage` each answer carries its prediction set
+(interval), and with an out-of-distribution score in the run (model.uncertainty["ood"]) its
+score and `unknown`, in the task's JSON record (tasks/output.py, as predict writes it); the
+page shows them. `GET /metrics` and the drift warning: deploy/monitor.py.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
