@@ -1,17 +1,24 @@
 """Load test of `visiontune serve` on localhost (bounded: it stops by itself).
 
-    python -m bench.serve_load [--run RUN] [--clients 16] [--requests 10]
-    python -m bench.serve_load --smoke    # a tiny run on tiny data, 2 clients x 2 requests
+    python -m bench.serve_load [--run RUN] [--clients 16] [--requests 10] [--rounds 2] [--coverage 0.9]
+    python -m bench.serve_load --smoke    # a tiny run on tiny data, 2 clients x 2 requests, 1 round
 
 Starts `visiontune serve RUN` in a subprocess (default RUN: a feature-extract Lite0 run at
 224 px trained here on scikit-image's faces / non-faces), then `--clients` concurrent
 clients each POST `--requests` real JPEG photos to /api/predict while a probe GETs the page
 every 100 ms. Prints POST latency p50/p99, throughput, the page's worst latency during the
 load, and every status code seen (no error and no 500 expected).
+
+Each variant is served in turn, `--rounds` times alternating (plain, set, plain, set...), so a
+machine whose load drifts weighs on both alike: "plain" answers as serve does by default,
+"set" with `--coverage` (each answer's prediction set). The ratios set / plain of throughput
+and p99 are measured in the same run. A run whose model.uncertainty has an "ood" entry
+scores every answer in both variants (serve has no switch to leave the score out).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import socket
@@ -79,7 +86,7 @@ async def _load(base: str, clients: int, requests: int) -> dict:
     codes: dict[int, int] = {}
     for _, code in posts:
         codes[code] = codes.get(code, 0) + 1
-    return {"requests": len(posts), "wall_s": wall, "throughput_rps": len(posts) / wall,
+    return {"requests": len(posts), "wall_s": wall, "throughput_rps": len(posts) / wall, "latencies": latencies,
             "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "page_worst_s": max(pages), "page_median_s": statistics.median(pages), "codes": codes}
 
@@ -92,43 +99,86 @@ def _tiny_run(work: Path) -> str:
     return vt.fit(str(data), strategy="feature-extract", epochs=1, output=str(work / "runs"), **SMOKE_MODEL).run_dir
 
 
+VARIANTS = ("plain", "set")
+
+
+def _serve_and_load(run: str, coverage: float | None, clients: int, requests: int) -> dict:
+    """One variant: a server of its own, loaded, stopped."""
+    port = _free_port()
+    launch = f"from visiontune.deploy.serve import serve; serve({run!r}, port={port}, coverage={coverage!r})"
+    server = subprocess.Popen([sys.executable, "-c", launch])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                httpx.get(base + "/", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        return asyncio.run(_load(base, clients, requests))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _pooled(results: list[dict]) -> dict:
+    """The rounds of one variant as one load: every latency, the requests over the summed wall time."""
+    latencies = sorted(t for r in results for t in r["latencies"])
+    codes: dict[int, int] = {}
+    for r in results:
+        for code, n in r["codes"].items():
+            codes[code] = codes.get(code, 0) + n
+    wall = sum(r["wall_s"] for r in results)
+    return {"requests": len(latencies), "wall_s": wall, "throughput_rps": len(latencies) / wall,
+            "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "page_worst_s": max(r["page_worst_s"] for r in results),
+            "page_median_s": statistics.median(r["page_median_s"] for r in results), "codes": codes}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
     ap.add_argument("--run")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2, help="times each variant is served, alternating")
+    ap.add_argument("--coverage", type=float, default=0.9, help="the 'set' variant's --coverage")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.clients, args.requests = 2, 2
+        args.clients, args.requests, args.rounds = 2, 2, 1
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or (_tiny_run if args.smoke else _default_run)(Path(tmp))
-        port = _free_port()
-        launch = f"from visiontune.deploy.serve import serve; serve({run!r}, port={port})"
-        server = subprocess.Popen([sys.executable, "-c", launch])
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    httpx.get(base + "/", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            result = asyncio.run(_load(base, args.clients, args.requests))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    print(f"{args.clients} clients x {args.requests} requests: {result['requests']} answered in "
-          f"{result['wall_s']:.1f} s = {result['throughput_rps']:.1f} req/s; latency p50 {result['p50_s']:.2f} s, "
-          f"p99 {result['p99_s']:.2f} s; page during the load: median {result['page_median_s'] * 1000:.0f} ms, "
-          f"worst {result['page_worst_s'] * 1000:.0f} ms; status codes {result['codes']}")
+        for _ in range(args.rounds):
+            for variant in VARIANTS:
+                coverage = args.coverage if variant == "set" else None
+                runs[variant].append(_serve_and_load(run, coverage, args.clients, args.requests))
+    pooled = {v: _pooled(r) for v, r in runs.items()}
+    _report(args, argv, pooled)
+
+
+def _report(args: argparse.Namespace, argv: list[str] | None, pooled: dict[str, dict]) -> None:
     record = Recorder("serve_load", args.smoke, argv)
-    note = f"{args.clients} clients x {args.requests} requests; status codes {result['codes']}"
-    record("POST /api/predict latency p50", result["p50_s"], "s", note=note)
-    record("POST /api/predict latency p99", result["p99_s"], "s", note=note)
-    record("throughput", result["throughput_rps"], "requests/s", note=note)
-    if set(result["codes"]) != {200}:
-        raise SystemExit(f"status codes other than 200: {result['codes']}")
+    load = f"{args.clients} clients x {args.requests} requests x {args.rounds} rounds"
+    for variant, result in pooled.items():
+        label = "" if variant == "plain" else f" with --coverage {args.coverage}"
+        print(f"{variant}: {load}: {result['requests']} answered in {result['wall_s']:.1f} s = "
+              f"{result['throughput_rps']:.1f} req/s; latency p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s; "
+              f"page during the load: median {result['page_median_s'] * 1000:.0f} ms, worst "
+              f"{result['page_worst_s'] * 1000:.0f} ms; status codes {result['codes']}")
+        note = f"{load}; status codes {result['codes']}"
+        record(f"POST /api/predict latency p50{label}", result["p50_s"], "s", note=note)
+        record(f"POST /api/predict latency p99{label}", result["p99_s"], "s", note=note)
+        record(f"throughput{label}", result["throughput_rps"], "requests/s", note=note)
+    plain, sets = pooled["plain"], pooled["set"]
+    ratios = {"throughput": sets["throughput_rps"] / plain["throughput_rps"], "p99": sets["p99_s"] / plain["p99_s"]}
+    print(f"--coverage {args.coverage} / plain, same run: throughput x{ratios['throughput']:.3f}, "
+          f"p99 x{ratios['p99']:.3f}")
+    for name, value in ratios.items():
+        record(f"{name} with --coverage {args.coverage} / without", value, "ratio", note=f"{load}, alternating")
+    bad = {code: n for r in pooled.values() for code, n in r["codes"].items() if code != 200}
+    if bad:
+        raise SystemExit(f"status codes other than 200: {bad}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ each of its files, are `rundir.RunDir`'s.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torchvision
@@ -21,12 +23,15 @@ from safetensors.torch import load_file
 
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.preprocess import Preprocess
-from visiontune.errors import VisiontuneError
+from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.models.classifier import create_classifier, load_weights
 from visiontune.rundir import MODEL_FILE, WORKING_FOLDER, RunDir
-from visiontune.tasks.base import Task
+from visiontune.tasks.base import Decoded, Task
 from visiontune.tasks.catalog import make_task
+from visiontune.tasks.conformal import Conformal, check_coverage, minimum_images
 from visiontune.version import __version__
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,44 @@ class Bundle:
     @property
     def classes(self) -> list[str]:
         return self.task.classes
+
+
+@dataclass
+class SetRequest:
+    """predict and serve --coverage [--abstain]: what attaches a prediction set to each
+    prediction."""
+
+    fitted: dict[str, Any]  # the run's held-out scores (model.uncertainty["sets"])
+    coverage: float
+    abstain: bool = False
+
+    @classmethod
+    def of(cls, bundle: Bundle, coverage: float | None, abstain: bool = False) -> SetRequest | None:
+        """The request for `bundle` (None without `coverage`); ConfigError when the run has no
+        held-out scores, or --abstain for a task without classes to choose between."""
+        if coverage is None:
+            return None
+        check_coverage(coverage)
+        if bundle.task.conformal is None:
+            raise ConfigError(f"--coverage: the {bundle.task.name} task has no prediction sets")
+        fitted = (bundle.uncertainty or {}).get("sets")
+        if not fitted:
+            raise ConfigError(f"{bundle.path}: this model has no prediction sets (--coverage): they are fitted on the "
+                              "validation split at the end of training, and this run had none, or was trained by "
+                              "an older visiontune; train it again with a validation split")
+        if abstain and bundle.task.conformal_type is not Conformal:
+            raise ConfigError(f"--abstain chooses between classes (single-label); a {bundle.task.name} model's "
+                              "uncertainty is its set (interval) column")
+        needed = minimum_images(coverage)
+        if fitted.get("n", needed) < needed:
+            log.warning("--coverage %g needs %d held-out images for its guarantee; this run had %d, so every set "
+                        "holds every class (every interval is unbounded)", coverage, needed, fitted["n"])
+        return cls(fitted, coverage, abstain)
+
+    def attach(self, task: Any, probs: np.ndarray, decoded: list[Decoded]) -> None:
+        for d, s in zip(decoded, task.conformal.sets(probs, self.fitted, self.coverage)):
+            d.prediction_set = s
+            d.abstained = self.abstain and len(s.labels) > 1
 
 
 def model_file(path: str | os.PathLike[str]) -> Path:

@@ -212,6 +212,11 @@ class ServeConfig:
                              ge=1)
     max_pending: int = option(64, "requests decoding or waiting for the model at once; more get 503 + "
                                   "Retry-After", ge=1)
+    sets: Coverage = group(Coverage)
+    drift_window: int = option(200, "/metrics' share of unknown answers (unlike the training images) is taken over "
+                                    "the last N answers, and the drift warning judged once per N", metavar="N", ge=1)
+    drift_margin: float = option(0.1, "log a drift warning when that share exceeds the validation split's (5%% when "
+                                      "the run stored none) by this much", metavar="SHARE", ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)

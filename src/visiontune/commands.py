@@ -275,7 +275,9 @@ def serve_run(args: argparse.Namespace) -> int:
     cfg = from_args(ServeConfig, args)
     listen = cfg.listen
     allowed_hosts(listen.host, listen.allowed_host)  # a bad --allowed-host is an error before the work starts
-    app = create_app(cfg.run, cfg.top.top_k, max_pixels=cfg.max_pixels, max_pending=cfg.max_pending)  # a bad run too
+    app = create_app(cfg.run, cfg.top.top_k, max_pixels=cfg.max_pixels, max_pending=cfg.max_pending,
+                     coverage=cfg.sets.coverage, drift_window=cfg.drift_window,
+                     drift_margin=cfg.drift_margin)  # a bad run (or --coverage for it) too
     print(f"serving {cfg.run} on {page_url(listen.host, listen.port)} (Ctrl-C stops)\n"
           + reach_note(listen.host, listen.port, allowed_hosts(listen.host, listen.allowed_host)))
     serve_app(app, listen.host, listen.port, listen.allowed_host)

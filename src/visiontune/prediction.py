@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from visiontune import display
-from visiontune.bundle import Bundle, load_bundle
+from visiontune.bundle import Bundle, SetRequest, load_bundle
 from visiontune.config import DataConfig
 from visiontune.data.images import check_image
 from visiontune.data.items import TEST, TRAIN, VALID
@@ -30,7 +30,7 @@ from visiontune.runtime.device import resolve_device
 from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
 from visiontune.tasks.base import Decoded, unreadable_rows
 from visiontune.tasks.catalog import make_task
-from visiontune.tasks.conformal import Conformal, SetPrediction, check_coverage, minimum_images
+from visiontune.tasks.conformal import SetPrediction
 
 log = logging.getLogger(__name__)
 
@@ -251,43 +251,6 @@ def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[s
         batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                                channels_last=channels_last)
     return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle), sets)
-
-
-@dataclass
-class SetRequest:
-    """predict --coverage [--abstain]: what attaches a prediction set to each prediction."""
-
-    fitted: dict[str, Any]  # the run's held-out scores (model.uncertainty["sets"])
-    coverage: float
-    abstain: bool = False
-
-    @classmethod
-    def of(cls, bundle: Bundle, coverage: float | None, abstain: bool = False) -> SetRequest | None:
-        """The request for `bundle` (None without `coverage`); ConfigError when the run has no
-        held-out scores, or --abstain for a task without classes to choose between."""
-        if coverage is None:
-            return None
-        check_coverage(coverage)
-        if bundle.task.conformal is None:
-            raise ConfigError(f"--coverage: the {bundle.task.name} task has no prediction sets")
-        fitted = (bundle.uncertainty or {}).get("sets")
-        if not fitted:
-            raise ConfigError(f"{bundle.path}: this model has no prediction sets (--coverage): they are fitted on the "
-                              "validation split at the end of training, and this run had none, or was trained by "
-                              "an older visiontune; train it again with a validation split")
-        if abstain and bundle.task.conformal_type is not Conformal:
-            raise ConfigError(f"--abstain chooses between classes (single-label); a {bundle.task.name} model's "
-                              "uncertainty is its set (interval) column")
-        needed = minimum_images(coverage)
-        if fitted.get("n", needed) < needed:
-            log.warning("--coverage %g needs %d held-out images for its guarantee; this run had %d, so every set "
-                        "holds every class (every interval is unbounded)", coverage, needed, fitted["n"])
-        return cls(fitted, coverage, abstain)
-
-    def attach(self, task: Any, probs: np.ndarray, decoded: list[Decoded]) -> None:
-        for d, s in zip(decoded, task.conformal.sets(probs, self.fitted, self.coverage)):
-            d.prediction_set = s
-            d.abstained = self.abstain and len(s.labels) > 1
 
 
 def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:

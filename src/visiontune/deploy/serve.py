@@ -16,6 +16,11 @@ Built to stay responsive under load on a small machine:
   request gets 503 with Retry-After at once, so the backlog (and its memory) stays bounded;
 - `serve` answers only requests addressed to this machine, `--host` and `--allowed-host`
   (visiontune.web: another site's page cannot drive it through DNS rebinding).
+
+What the model does not know: with `coverage` each answer carries its prediction set
+(interval), and with an out-of-distribution score in the run (model.uncertainty["ood"]) its
+score and `unknown`, in the task's JSON record (tasks/output.py, as predict writes it); the
+page shows them. `GET /metrics` and the drift warning: deploy/monitor.py.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run
@@ -24,42 +29,55 @@ import asyncio
 import html
 import io
 import json
+import logging
 import os
 import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from visiontune.bundle import Bundle, load_bundle
+from visiontune.bundle import Bundle, SetRequest, load_bundle
 from visiontune.data.images import TooManyPixels, load_rgb
 from visiontune.data.transforms import eval_side, eval_transform
+from visiontune.deploy.monitor import DEFAULT_UNKNOWN_SHARE, DriftWatch, MetricsMiddleware, ServeMetrics
 from visiontune.errors import VisiontuneError
 from visiontune.runtime.batchsize import MicroBatcher
 from visiontune.runtime.device import to_device
 from visiontune.runtime.inference import forward_chunks
+from visiontune.tasks.base import Decoded
 from visiontune.web import serve_app
+
+log = logging.getLogger(__name__)
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 48 MP phone photo fits; a 12000 x 12000 decompression bomb does not
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a request body
 MAX_PENDING = 64  # requests decoding or waiting for the model; more get 503 + Retry-After
 RETRY_AFTER_S = 1
+PREDICT_PATH = "/api/predict"
+DRIFT_WINDOW = 200  # answers the share of unknown ones is taken over (/metrics, the drift warning)
+DRIFT_MARGIN = 0.1  # warn when that share exceeds the validation split's by this much
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visiontune</title>
 <style>body{font-family:system-ui,sans-serif;max-width:640px;margin:3em auto}
 #drop{border:2px dashed #888;padding:2em;text-align:center;border-radius:8px}
 #drop.over{background:#eef}table{margin-top:1em;border-collapse:collapse}
-td{padding:.3em .8em;border-bottom:1px solid #ddd}.err{color:#b00020}.chosen{font-weight:bold}</style></head><body>
+td{padding:.3em .8em;border-bottom:1px solid #ddd}.err{color:#b00020}.chosen{font-weight:bold}.unknown{color:#8a4b00;font-weight:bold}</style></head><body>
 <h1>visiontune</h1><p>Model: <b>__NAME__</b>, classes: __CLASSES__</p>
 <div id="drop">Drop an image here, or <input id="file" type="file" accept="image/*"></div>
 <div id="result"></div>
 <script>
 const drop = document.getElementById('drop'), result = document.getElementById('result');
+function note(id, shown, text) {  // a line shown only when the answer carries it
+  if (!shown) return;
+  const el = document.getElementById(id); el.textContent = text(); el.hidden = false;
+}
 async function send(file) {
   const body = new FormData(); body.append('file', file);
   result.textContent = 'classifying...';
@@ -67,7 +85,14 @@ async function send(file) {
   const data = await r.json();
   if (!r.ok) { result.innerHTML = '<p class="err" id="error"></p>';
                document.getElementById('error').textContent = data.detail; return; }
-  result.innerHTML = '<p id="labels"></p><table id="predictions"></table>';
+  result.innerHTML = '<p id="unknown" class="unknown" hidden></p><p id="labels"></p><p id="set" hidden></p>'
+    + '<table id="predictions"></table>';
+  note('unknown', data.unknown, () => 'This does not look like anything I was trained on (score '
+    + Number(data.ood_score).toPrecision(3) + ').');
+  note('set', 'set' in data, () => Math.round(100 * data.coverage) + '% set: '
+    + (data.set.join('probs' in data ? ', ' : ' or ') || '(none)') + ' (' + data.set_size + ')');
+  note('set', 'interval' in data, () => Math.round(100 * data.coverage) + '% interval: ['
+    + data.interval.map(v => Number(v).toPrecision(4)).join(', ') + ']');
   if ('prediction' in data) {  // regression: one number
     document.getElementById('labels').textContent = 'Predicted: ' + Number(data.prediction).toPrecision(4);
     return;
@@ -136,12 +161,44 @@ async def _send_413(send: Any, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Novelty:
+    """How unlike the training images an answer is, from a run's model.uncertainty["ood"]
+    ({"score": kind, "threshold": t, "valid_unknown_share": s}): an image scoring above `t`
+    is unknown. Serve computes the kinds it can from the outputs alone: "msp", one minus the
+    top probability (Hendrycks & Gimpel 2017). A run storing another kind (one that needs the
+    model's features) is served without the flag, said once in the log."""
+
+    SCORES = {"msp": lambda probs: 1.0 - probs.max(axis=1)}
+
+    def __init__(self, kind: str, threshold: float) -> None:
+        self.score, self.threshold = self.SCORES[kind], float(threshold)
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> "Novelty | None":
+        ood = (bundle.uncertainty or {}).get("ood")
+        if not ood:
+            return None
+        if ood.get("score") not in cls.SCORES or bundle.task.calibrator.kind == "none":
+            log.warning("%s: serve cannot compute the %r out-of-distribution score of this %s model; answers carry "
+                        "no 'unknown'", bundle.path, ood.get("score"), bundle.task.name)
+            return None
+        return cls(ood["score"], ood["threshold"])
+
+    def attach(self, probs: np.ndarray, decoded: list[Decoded]) -> None:
+        for d, score in zip(decoded, self.score(probs)):
+            d.ood_score, d.unknown = float(score), bool(score > self.threshold)
+
+
 class BatchPredictor:
     """One thread runs the model; requests put their image tensors on a queue and wait on a
-    future. The thread takes every request waiting (up to `max_batch`) as one batch."""
+    future. The thread takes every request waiting (up to `max_batch`) as one batch. `sets`
+    (--coverage) gives each answer its prediction set; `novelty` its out-of-distribution
+    score and whether it is unknown."""
 
-    def __init__(self, bundle: Bundle, top_k: int, max_batch: int = 16) -> None:
+    def __init__(self, bundle: Bundle, top_k: int, max_batch: int = 16, sets: SetRequest | None = None,
+                 novelty: Novelty | None = None) -> None:
         self.bundle, self.top_k, self.max_batch = bundle, top_k, max_batch
+        self.sets, self.novelty = sets, novelty
         self.micro = MicroBatcher()
         self.queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue()
         threading.Thread(target=self._run, name="visiontune-model", daemon=True).start()
@@ -169,14 +226,20 @@ class BatchPredictor:
                 future.set_result(result)
 
     @torch.inference_mode()
-    def _predict(self, x: torch.Tensor) -> list[dict[str, Any]]:
-        """Per image: the predicted labels (one class; multi-label: every label above its
-        threshold, maybe none) and the top-k ranked with probabilities."""
+    def _predict(self, x: torch.Tensor) -> list[Decoded]:
+        """Per image, the task's Decoded: the predicted labels (one class; multi-label: every
+        label above its threshold, maybe none), the top-k ranked with probabilities, and with
+        --coverage the set, with an OOD score the score and `unknown`."""
         task, device = self.bundle.task, torch.device("cpu")  # load_bundle's device
         # the runtime's forward pass, as predict's: autocast by --precision auto, halved on out-of-memory
         logits = forward_chunks(self.bundle.model, to_device(x, device, True), self.micro, device, "auto")
-        probs = task.probabilities(logits).float().numpy()
-        return [task.output.record(decoded) for decoded in task.decode(np.asarray(probs), self.top_k)]
+        probs = np.asarray(task.probabilities(logits).float().numpy())
+        decoded = task.decode(probs, self.top_k)
+        if self.sets is not None:
+            self.sets.attach(task, probs, decoded)
+        if self.novelty is not None:
+            self.novelty.attach(probs, decoded)
+        return decoded
 
 
 def _decoder(bundle: Bundle, max_pixels: int) -> Any:
@@ -198,53 +261,92 @@ def _decoder(bundle: Bundle, max_pixels: int) -> Any:
 
 
 def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, max_decodes: int | None = None) -> Any:
+               max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, max_decodes: int | None = None,
+               coverage: float | None = None, drift_window: int = DRIFT_WINDOW,
+               drift_margin: float = DRIFT_MARGIN) -> Any:
     """The app (see the module docstring); `max_decodes`: images decoded at once (default:
-    the CPU count)."""
+    the CPU count); `coverage`: each answer carries its prediction set (interval);
+    `drift_window`, `drift_margin`: /metrics' share of unknown answers is taken over the last
+    `drift_window` answers, and a warning logged once per window when it exceeds the
+    validation split's share by `drift_margin` (deploy/monitor.py)."""
     try:
-        from fastapi import FastAPI, HTTPException, UploadFile
-        from fastapi.concurrency import run_in_threadpool
-        from fastapi.responses import HTMLResponse
+        from fastapi import FastAPI
     except ImportError:
         raise VisiontuneError("serve needs fastapi, uvicorn and python-multipart: pip install 'visiontune[serve]'") \
             from None
     bundle = load_bundle(run)
-    decode = _decoder(bundle, max_pixels)
-    predictor = BatchPredictor(bundle, max(1, min(top_k, len(bundle.classes))))
+    sets = SetRequest.of(bundle, coverage)  # a run without held-out scores is an error now, not per request
+    novelty = Novelty.of(bundle)
+    ood = (bundle.uncertainty or {}).get("ood") or {}
+    metrics = ServeMetrics(DriftWatch(drift_window, float(ood.get("valid_unknown_share", DEFAULT_UNKNOWN_SHARE)),
+                                      drift_margin))
+    predictor = BatchPredictor(bundle, max(1, min(top_k, len(bundle.classes))), sets=sets, novelty=novelty)
     app = FastAPI(title="visiontune", docs_url=None, redoc_url=None)
     page = PAGE.replace("__NAME__", html.escape(os.path.basename(os.path.abspath(run)))).replace(
         "__CLASSES__", html.escape(", ".join(bundle.classes)))
+    _add_routes(app, page, metrics)
+    _add_predict(app, bundle, predictor, metrics, Limits(max_bytes, max_pixels, max_pending, max_decodes))
+    return MetricsMiddleware(LimitRequestBody(app, max_bytes + MULTIPART_SLACK), metrics, PREDICT_PATH)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one upload may be, and how many are worked on at once (see the module docstring)."""
+
+    max_bytes: int
+    max_pixels: int
+    max_pending: int
+    max_decodes: int | None
+
+
+def _add_routes(app: Any, page: str, metrics: ServeMetrics) -> None:
+    """The page and /metrics."""
+    from fastapi.responses import HTMLResponse, Response
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
         return page
 
-    decodes = asyncio.Semaphore(max_decodes or os.cpu_count() or 2)
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.text()
+        return Response(body, media_type=content_type)
+
+
+def _add_predict(app: Any, bundle: Bundle, predictor: BatchPredictor, metrics: ServeMetrics, limits: Limits) -> None:
+    """POST /api/predict: the task's JSON record of the image's prediction (as predict --output x.json writes)."""
+    from fastapi import HTTPException, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+
+    decode, output = _decoder(bundle, limits.max_pixels), bundle.task.output
+    probabilities = bundle.task.calibrator.kind != "none"  # a number has no confidence to average
+    decodes = asyncio.Semaphore(limits.max_decodes or os.cpu_count() or 2)
     pending = 0  # requests admitted and not answered yet (the event loop's thread only)
 
-    @app.post("/api/predict")
+    @app.post(PREDICT_PATH)
     async def predict(file: UploadFile) -> dict[str, Any]:
         nonlocal pending
-        if pending >= max_pending:
+        if pending >= limits.max_pending:
             raise HTTPException(503, f"busy: {pending} images are waiting to be classified; retry shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         pending += 1
         try:
-            data = await file.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise HTTPException(413, f"upload larger than {max_bytes} bytes")
+            data = await file.read(limits.max_bytes + 1)
+            if len(data) > limits.max_bytes:
+                raise HTTPException(413, f"upload larger than {limits.max_bytes} bytes")
             async with decodes:
                 x = await run_in_threadpool(decode, data, file.filename)
             decoded = await asyncio.wrap_future(predictor.submit(x))
         finally:
             pending -= 1
-        return {"file": file.filename, **decoded}
-
-    return LimitRequestBody(app, max_bytes + MULTIPART_SLACK)
+        metrics.answer(decoded.unknown, decoded.ranked[0][1] if probabilities and decoded.ranked else None)
+        return {"file": file.filename, **output.record(decoded)}
 
 
 def serve(run: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, top_k: int = 3,
-          max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, allowed_hosts: Sequence[str] = ()) -> None:
+          max_pixels: int = MAX_PIXELS, max_pending: int = MAX_PENDING, allowed_hosts: Sequence[str] = (),
+          coverage: float | None = None, drift_window: int = DRIFT_WINDOW, drift_margin: float = DRIFT_MARGIN) -> None:
     """Serve the app until Ctrl+C, answering only requests addressed to this machine, `host`
     or `allowed_hosts` (visiontune.web)."""
-    serve_app(create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending), host, port, allowed_hosts)
+    serve_app(create_app(run, top_k, max_pixels=max_pixels, max_pending=max_pending, coverage=coverage,
+                         drift_window=drift_window, drift_margin=drift_margin), host, port, allowed_hosts)
