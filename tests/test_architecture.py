@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
+from visiontune.caches import CACHES
 from visiontune.cli import add_run_options, build_parser
 from visiontune.config import RunConfig, TrainConfig, check_fields, option, option_fields
 from visiontune.errors import ConfigError
@@ -106,7 +107,7 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 # The layers of ARCHITECTURE.md ("Packages, bottom to top"), by longest module-name prefix.
 # A module may import its own layer's modules of its own package and anything below.
 LAYERS = [
-    ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.display", "visiontune.plots",
+    ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.caches", "visiontune.display", "visiontune.plots",
      "visiontune.registry", "visiontune.web"),
     ("visiontune.train.strategies", "visiontune.tasks.labels", "visiontune.tasks.catalog", "visiontune.deploy.formats"),
     ("visiontune.config",),
@@ -216,6 +217,56 @@ def test_the_frozen_check_finds_features_and_the_probe_taken_from_training() -> 
         "visiontune.analysis.interpret:4 imports visiontune.train.shards"]
     assert _frozen_from_training(ast.parse(code), "visiontune.train.rundata") == []
 
+# -- the caches: each one's layout in its own class (caches.py) ----------------------------
+def _cache_owners() -> dict[str, str]:
+    """{folder under the cache root: the module of the cache class that owns it}."""
+    return {CACHES[name].folder: CACHES[name].__module__ for name in CACHES}
+
+
+def _cache_layouts(tree: ast.AST, module: str, owners: dict[str, str]) -> list[str]:
+    """Where `module` computes a path in a cache's layout it does not own: a path under
+    `cache_root(...)` built by hand (a cache's class says where it lives: `location`), a
+    cache's folder joined by `/` outside its class's module; and in caches.py, a cache's
+    name or folder inside a function (usage and eviction iterate the registered caches)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            left, right = node.left, node.right
+            if isinstance(left, ast.Call) and getattr(left.func, "id", getattr(left.func, "attr", "")) == "cache_root":
+                found.append(f"{module}:{node.lineno} builds a path under cache_root() by hand")
+            if isinstance(right, ast.Constant) and owners.get(right.value, module) != module:
+                found.append(f"{module}:{node.lineno} joins {right.value!r}, {owners[right.value]}'s folder")
+        if module == "visiontune.caches" and isinstance(node, ast.FunctionDef):
+            names = set(owners) | set(CACHES)
+            found += [f"{module}:{c.lineno} names the cache {c.value!r} in {node.name}" for c in ast.walk(node)
+                      if isinstance(c, ast.Constant) and c.value in names]
+    return found
+
+
+def test_no_module_computes_another_caches_layout() -> None:
+    owners = _cache_owners()
+    assert set(owners) >= {"features", "images", "probes", "engines", "datasets", "scan.sqlite"}
+    found = [hit for name, path in _modules().items()
+             for hit in _cache_layouts(ast.parse(path.read_text()), name, owners)]
+    assert found == []
+
+
+def test_the_cache_layout_check_finds_a_layout_computed_elsewhere() -> None:
+    owners = _cache_owners()
+    code = ('def usage(root):\n    if area == "images":\n        return root / "images"\n'
+            '    return cache_root(None) / "probes" / key\n')
+    assert sorted(_cache_layouts(ast.parse(code), "visiontune.caches", owners)) == sorted([
+        "visiontune.caches:4 builds a path under cache_root() by hand",
+        "visiontune.caches:4 joins 'probes', visiontune.frozen.probememo's folder",
+        "visiontune.caches:3 joins 'images', visiontune.data.loaders's folder",
+        "visiontune.caches:2 names the cache 'images' in usage",
+        "visiontune.caches:3 names the cache 'images' in usage",
+        "visiontune.caches:4 names the cache 'probes' in usage"])
+    assert sorted(_cache_layouts(ast.parse(code), "visiontune.data.loaders", owners)) == [
+        "visiontune.data.loaders:4 builds a path under cache_root() by hand",
+        "visiontune.data.loaders:4 joins 'probes', visiontune.frozen.probememo's folder"]
+
+
 # -- the run directory: one owner of its file names ---------------------------------------
 # A string literal that is a file name (what the grep of issue 35 looks for).
 FILE_NAME = re.compile(r"[A-Za-z_][\w./-]*\.(json|jsonl|yaml|yml|csv|txt|safetensors|pt|pth|bin|onnx|html|png|md|"
@@ -242,7 +293,6 @@ NOT_RUN_FILES = {
     ("visiontune.models.weights", "model.safetensors"): "the weights file of a Hugging Face Hub repo (its format)",
     ("visiontune.models.weights", "pytorch_model.bin"): "a Hugging Face Hub repo's pickled weights (refused)",
     ("visiontune.selection.lrfind", "lr_find.png"): "in the --output folder of runs, not in a run",
-    ("visiontune.frozen.features", "scan.sqlite"): "the scan cache",
     ("visiontune.frozen.shards", "index.sqlite"): "the feature cache's shard index",
     ("visiontune.train.tracking", "mlflow.db"): "the MLflow store in the --output folder of runs, not in a run",
 }
@@ -481,7 +531,7 @@ def test_cli_rejects_out_of_range_values_with_the_option_name(flat_data: Path, c
 
 
 def test_every_registry_is_the_one_helper() -> None:
-    """Strategies, tasks, backbone sources, export formats, trackers and engines: one
+    """Strategies, tasks, backbone sources, export formats, trackers, engines and caches: one
     Registry type, one error for an unknown name (tests/test_registry.py: lazily loaded)."""
     from visiontune.config import ENGINES, TRACKERS
     from visiontune.deploy.formats import FORMATS
@@ -489,7 +539,7 @@ def test_every_registry_is_the_one_helper() -> None:
     from visiontune.registry import Registry
     from visiontune.tasks.catalog import TASKS
 
-    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, ENGINES):
+    for registry in (STRATEGIES, TASKS, SOURCES, FORMATS, TRACKERS, ENGINES, CACHES):
         assert isinstance(registry, Registry) and len(registry) >= 2
         with pytest.raises(ConfigError, match=f"unknown {registry.what} 'nope'; choose one of: "):
             registry.find("nope")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
+from visiontune.caches import cache_usage, evict, parse_size
 from visiontune.cli import main
-from visiontune.files import cache_usage, evict, parse_size
 
 
 def _entry(path: Path, size: int, age_days: float) -> Path:

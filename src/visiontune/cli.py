@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from visiontune.caches import cache_areas
 from visiontune.command_config import (
     EvaluateConfig,
     ExportConfig,
@@ -30,7 +31,6 @@ from visiontune.command_config import (
 )
 from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
 from visiontune.errors import VisiontuneError
-from visiontune.files import CACHE_AREAS
 from visiontune.train.strategies import describe_strategies, strategy_names
 from visiontune.version import __version__
 
@@ -225,8 +225,8 @@ def _add_data_commands(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("info", "clear"))
     p.add_argument("--older-than", metavar="DURATION", help="clear: only entries unused this long (30d, 12h)")
-    p.add_argument("--only", default=",".join(CACHE_AREAS), metavar="AREAS",
-                   help=f"clear: comma-separated areas ({', '.join(CACHE_AREAS)}; default all)")
+    p.add_argument("--only", default=",".join(cache_areas()), metavar="AREAS",
+                   help=f"clear: comma-separated areas ({', '.join(cache_areas())}; default all)")
     p.add_argument("--cache-dir", help="the cache's root ($VISIONTUNE_CACHE or ~/.cache/visiontune)")
 
     p = sub.add_parser("imagify", help="time series in a CSV -> Gramian Angular Field / recurrence images "

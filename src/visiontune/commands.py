@@ -314,8 +314,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def cache(args: argparse.Namespace) -> int:
     """`visiontune cache info|clear`: sizes by area and the cap; clearing by age or all."""
+    from visiontune.caches import cache_areas, cache_max, cache_root, cache_usage, evict
     from visiontune.config import parse_duration
-    from visiontune.files import CACHE_AREAS, cache_max, cache_root, cache_usage, evict
 
     root = cache_root(args.cache_dir)
     if args.action == "info":
@@ -327,9 +327,9 @@ def cache(args: argparse.Namespace) -> int:
         print(f"  {'total':9s} {sum(v[0] for v in usage.values()) / 1e6:10.1f} MB")
         return 0
     areas = [a.strip() for a in args.only.split(",") if a.strip()]
-    unknown = sorted(set(areas) - set(CACHE_AREAS))
+    unknown = sorted(set(areas) - set(cache_areas()))
     if unknown:
-        raise ConfigError(f"--only {','.join(unknown)}: unknown area; choose from {', '.join(CACHE_AREAS)}")
+        raise ConfigError(f"--only {','.join(unknown)}: unknown area; choose from {', '.join(cache_areas())}")
     try:
         older = parse_duration(args.older_than) if args.older_than else None
     except ValueError as exc:

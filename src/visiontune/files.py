@@ -1,4 +1,4 @@
-"""Writing files safely, and the on-disk cache primitives every cache shares.
+"""Writing files safely, and the keys that say a file is unchanged.
 
 - `atomic_write` and the `write_*` helpers: temporary file + fsync + rename, so a crash
   leaves the previous file or the new one, never a torn one (run directories).
@@ -7,15 +7,16 @@
 - `write_csv` / `read_csv` / `read_csv_dicts`: the one CSV writer and its readers. A cell
   a spreadsheet would run as a formula is written with a leading single quote (`csv_cell`,
   OWASP's advice on CSV injection) and read back without it (`csv_value`).
-- `cache_root`, `save_entry`, `file_digest`: the root of visiontune's caches, one atomic
-  cache entry (no fsync: a torn entry fails to load and is recomputed), and the content
-  hash that keys entries by a file's bytes (feature cache, duplicates).
+- `locked`: one process at a time in a read-merge-write; `claim_dir`: a new folder by an
+  exclusive mkdir; `preallocate`: a file's blocks reserved before it is memory-mapped.
+- `file_digest`: the content hash that keys things by a file's bytes (feature cache,
+  duplicates, exports' weights).
 - `file_identity`, `identity_digest`: the one key for "this file, unchanged" without
-  reading it (scan cache, decoded-image cache, stand-in digests of foreign shards).
-- `select_in`: a lookup of many keys in an SQLite index (scan cache, feature shards).
-- `guarded`: every cache read and write goes through it: a cache that fails (read-only,
-  locked by another process past `lock_wait()`, disk or file-size limit full) is turned
-  off for the rest of the process with one warning, and the run goes on without it.
+  reading it (atomic_write's check, scan cache, decoded-image cache, stand-in digests of
+  foreign shards, review's decisions).
+
+The caches (their root, their interface, `guarded`, their size and eviction) are in
+caches.py.
 """
 
 from __future__ import annotations
@@ -26,22 +27,15 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import Any
 
 from visiontune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-CACHE_ERRORS = (OSError, sqlite3.Error)  # read-only, locked, disk full, file too large, vanished
-_TURNED_OFF: set[str] = set()  # caches that failed in this process: not tried again
 
 
 class FileChanged(Exception):
@@ -264,27 +258,6 @@ def claim_dir(parent: str | os.PathLike[str], name: str) -> Path:
             suffix += 1
 
 
-def guarded(cache: str, action: Callable[[], T], default: T) -> T:
-    """`action()`, or `default` when the cache named `cache` fails (or failed before in this
-    process): a cache that cannot be read or written costs time, never the run. The first
-    failure is logged once, naming the cache and the cause."""
-    if cache in _TURNED_OFF:
-        return default
-    try:
-        return action()
-    except CACHE_ERRORS as exc:
-        _TURNED_OFF.add(cache)
-        log.warning("%s cannot be used (%s: %s); going on without it: this run only takes longer", cache,
-                    type(exc).__name__, exc)
-        return default
-
-
-def lock_wait() -> float:
-    """Seconds to wait for a cache database another process holds locked
-    ($VISIONTUNE_LOCK_WAIT, default 60) before going on without that cache."""
-    return float(os.environ.get("VISIONTUNE_LOCK_WAIT", "60"))
-
-
 def preallocate(path: str | os.PathLike[str], size: int) -> None:
     """Reserve `size` bytes for the file at `path` (posix_fallocate), so that a memory map of
     it can never meet a full disk mid-write (SIGBUS): OSError now instead."""
@@ -299,43 +272,6 @@ def preallocate(path: str | os.PathLike[str], size: int) -> None:
             os.ftruncate(fd, size)
     finally:
         os.close(fd)
-
-
-SQLITE_MAX_PARAMS = 900  # under SQLite's limit on bound parameters per statement
-
-
-def select_in(db: sqlite3.Connection, query: str, keys: Sequence[str]) -> Iterator[tuple[Any, ...]]:
-    """The rows of `query` (a SELECT ending in `WHERE <column> IN`) for every key, asked in
-    batches that SQLite accepts."""
-    for i in range(0, len(keys), SQLITE_MAX_PARAMS):
-        batch = list(keys[i:i + SQLITE_MAX_PARAMS])
-        yield from db.execute(f"{query} ({','.join('?' * len(batch))})", batch)
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Root of visiontune's caches: `cache_dir`, `$VISIONTUNE_CACHE` or ~/.cache/visiontune;
-    features live in its features/, decoded images in its images/."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("VISIONTUNE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visiontune"
-
-
-def save_entry(target: Path, array: np.ndarray) -> None:
-    """A cache entry as .npy, written to a temporary file and renamed over `target`: readers
-    see the old entry or the whole new one. No fsync (unlike `atomic_write`): a cache
-    entry torn by a crash fails to load and is computed again."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def file_identity(path: str | os.PathLike[str]) -> tuple[str, str] | None:
@@ -366,104 +302,3 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# -- the cache's size: what `visiontune cache` shows and clears, and the cap ------------
-# scan.sqlite (small) is never evicted; datasets/: a Hugging Face dataset's images (data/hf.py)
-CACHE_AREAS = ("features", "images", "probes", "engines", "datasets")
-DEFAULT_CACHE_MAX = 10 * 1024 ** 3
-
-
-def parse_size(text: str) -> int:
-    """'10G', '500M', '2.5GB', '800k' or plain bytes -> bytes."""
-    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}.get(value[-1:], 1)
-    try:
-        return int(float(value[:-1] if scale > 1 else value) * scale)
-    except ValueError:
-        raise ValueError(f"expected a size like 10G, 500M or 800k, got {text!r}") from None
-
-
-def cache_max() -> int:
-    """The cache's size cap: $VISIONTUNE_CACHE_MAX (e.g. 20G; 0: no cap) or 10 GB."""
-    text = os.environ.get("VISIONTUNE_CACHE_MAX")
-    try:
-        return parse_size(text) if text else DEFAULT_CACHE_MAX
-    except ValueError as exc:
-        raise ConfigError(f"$VISIONTUNE_CACHE_MAX: {exc}") from None
-
-
-def touch(path: Path) -> None:
-    """Mark a cache entry used now (eviction removes the least recently used first)."""
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-
-
-def cache_entries(root: Path) -> list[tuple[str, Path, int, float]]:
-    """(area, path, bytes, last used) of every evictable entry under the cache `root`: a
-    file of images/, probes/, engines/; a whole model's folder of features/ (its shards
-    and index only make sense together) or of datasets/ (one dataset's images; used = the
-    newest time in it)."""
-    out: list[tuple[str, Path, int, float]] = []
-    for area in CACHE_AREAS:
-        base = root / area
-        if not base.is_dir():
-            continue
-        if area in ("features", "datasets"):
-            for folder in (p for p in base.iterdir() if p.is_dir()):
-                stats = [st for st in map(_stat, folder.rglob("*")) if st is not None]
-                out.append((area, folder, sum(st.st_size for st in stats),
-                            max([folder.stat().st_mtime, *(st.st_mtime for st in stats)])))
-            continue
-        for f in base.rglob("*"):
-            st = _stat(f)
-            if st is not None:
-                out.append((area, f, st.st_size, st.st_mtime))
-    return out
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    """A regular file's stat; None for a folder or a file another process removed meanwhile."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def cache_usage(root: Path) -> dict[str, tuple[int, int]]:
-    """{area: (bytes, entries)} under the cache `root`."""
-    usage = {area: (0, 0) for area in CACHE_AREAS}
-    for area, _, size, _ in cache_entries(root):
-        usage[area] = (usage[area][0] + size, usage[area][1] + 1)
-    return usage
-
-
-def evict(root: Path, max_bytes: int | None = None, older_than_s: float | None = None,
-          areas: Sequence[str] = CACHE_AREAS, now: float | None = None) -> tuple[int, int]:
-    """Remove cache entries of `areas`: those unused for `older_than_s`, then the least
-    recently used until all areas together hold at most `max_bytes` (None: no cap).
-    Returns (entries removed, bytes freed). Every entry is safe to delete: what is missing
-    is computed again."""
-    import shutil
-    import time
-
-    now = time.time() if now is None else now
-    entries = sorted(cache_entries(root), key=lambda e: e[3])
-    total = sum(e[2] for e in entries)
-    removed = freed = 0
-    for area, path, size, used in entries:
-        if area not in areas:
-            continue
-        stale = older_than_s is not None and now - used > older_than_s
-        over = max_bytes is not None and total > max_bytes
-        if not (stale or over):
-            continue
-        try:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        except OSError:
-            continue
-        total, removed, freed = total - size, removed + 1, freed + size
-    return removed, freed

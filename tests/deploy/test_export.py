@@ -395,8 +395,8 @@ def test_int8_says_how_to_get_a_hugging_face_datasets_images_back_and_checks_cal
 
     datasets = pytest.importorskip("datasets")
     from conftest import make_image
+    from visiontune.caches import cache_root
     from visiontune.deploy.quantize import export_int8
-    from visiontune.files import cache_root
 
     paths = [str(make_image(tmp_path / "src" / f"{c}{i}.png", COLORS[c], seed=i)) for c in ("red", "green")
              for i in range(6)]

@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from visiontune.caches import FolderEntries, touch
 from visiontune.config import DataConfig
 from visiontune.data.items import TEST, TRAIN, VALID, DataSource, Item
 from visiontune.data.tables import LABEL_COLUMNS, VALID_DIR_NAMES
 from visiontune.errors import DataError
-from visiontune.files import cache_root, touch, write_bytes, write_json
+from visiontune.files import write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def hf_source(cfg: DataConfig, cache_dir: str | None = None) -> DataSource:
     image_col = _image_column(features, cfg.image_col, cfg.path)
     label_col = _label_column(features, cfg.label_col, image_col, cfg.path)
     splits = _with_columns(splits, (image_col, label_col), source, cfg.path)
-    folder = cache_root(cache_dir) / "datasets" / _digest(splits, image_col, label_col)
+    folder = DatasetCache.location(cache_dir) / DatasetCache.key(splits, image_col, label_col)
     done = folder / DONE
     written = done.is_file()
     for name, (split, part) in splits.items():
@@ -277,6 +278,17 @@ def _label_of(feature: Any) -> Any:
 def _digest(splits: dict[str, Any], image_col: str, label_col: str) -> str:
     parts = [f"{name}:{getattr(part, '_fingerprint', '')}:{len(part)}" for name, (_, part) in sorted(splits.items())]
     return hashlib.sha256("|".join([*parts, image_col, label_col]).encode()).hexdigest()[:20]
+
+
+class DatasetCache(FolderEntries):
+    """A Hugging Face dataset's images, `<cache root>/datasets/<key>/<split>/<row>.<ext>`: a
+    folder each (evicted whole), keyed by the digest of the splits' fingerprints and the
+    columns read."""
+
+    area = "datasets"
+    folder = "datasets"
+    keyed_by = "content"
+    key = staticmethod(_digest)
 
 
 def _extension(data: bytes) -> str:

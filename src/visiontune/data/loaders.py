@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 
+from visiontune.caches import Cache, guarded, save_entry, touch
 from visiontune.data.images import load_rgb, shrink
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.transforms import (
@@ -27,10 +28,10 @@ from visiontune.data.transforms import (
     tta_transform,
 )
 from visiontune.data.webdata import ShardStream, is_shard_item, read_marked, shard_items
-from visiontune.files import cache_root, guarded, identity_digest, save_entry, touch
+from visiontune.files import identity_digest
 
 
-class DecodedCache:
+class DecodedCache(Cache):
     """Training images brought down to shorter side `side` (fastai's presizing); large ones
     decoded once and kept, so later epochs read a small uint8 array instead of decoding a
     multi-megapixel JPEG again.
@@ -40,14 +41,20 @@ class DecodedCache:
     modification time, inode, change time), so an edited or replaced file is decoded again. Only images larger than `side` are stored
     (smaller ones decode as fast as the cache reads). Safe to delete at any time. With
     `root` None nothing is stored: every load decodes and downsizes, to the same pixels.
+    `root`: its folder (`DecodedCache.location()`); an entry (evicted alone) is one file.
     """
+
+    area = "images"
+    folder = "images"
+    keyed_by = "identity"  # under the folder of the side decoded to (the option that changes it)
+    key = staticmethod(identity_digest)
 
     def __init__(self, root: str | os.PathLike[str] | None, side: int) -> None:
         self.dir = None if root is None else Path(root) / str(side)
         self.side = side
 
     def _path(self, path: str) -> Path | None:
-        key = identity_digest(path) if self.dir is not None else None
+        key = self.key(path) if self.dir is not None else None
         return None if key is None else self.dir / key[:2] / f"{key}.npy"  # type: ignore[operator]
 
     def load(self, path: str) -> Image.Image:
@@ -56,7 +63,7 @@ class DecodedCache:
         if entry is not None:
             try:
                 image = Image.fromarray(np.load(entry, allow_pickle=False))
-                touch(entry)  # used now: the size cap evicts the least recently used (files.evict)
+                touch(entry)  # used now: the size cap evicts the least recently used (caches.evict)
                 return image
             except (FileNotFoundError, ValueError, OSError, TypeError):
                 pass  # not cached yet, or torn by a crash: decode again
@@ -64,7 +71,7 @@ class DecodedCache:
         if min(image.size) <= self.side:
             return image
         image = shrink(image, self.side)
-        if entry is not None:  # a read-only or full cache only costs speed (files.guarded)
+        if entry is not None:  # a read-only or full cache only costs speed (caches.guarded)
             guarded(f"the decoded-image cache {self.dir}", lambda: save_entry(entry, np.asarray(image)), None)
         return image
 
@@ -217,7 +224,7 @@ def train_dataset(paths: Sequence[str], targets: torch.Tensor | None, pre: Prepr
     training transform over the same decoded images, e.g. --unlabeled's two views).
     `mark_unreadable`: see ImageDataset's `unreadable_size` (the --unlabeled pool)."""
     side = train_side(pre)
-    cache = DecodedCache(cache_root(cache_dir) / "images" if image_cache else None, side)
+    cache = DecodedCache(DecodedCache.location(cache_dir) if image_cache else None, side)
     return ImageDataset(paths, targets, transform or train_transform(pre, augment, hflip, min_scale), cache=cache,
                         unreadable_size=pre.input_size if mark_unreadable else None)
 

@@ -22,14 +22,15 @@ import sqlite3
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from pathlib import Path
 
+from visiontune.caches import Cache, CacheEntry, guarded, lock_wait, select_in
 from visiontune.data.images import check_image
-from visiontune.files import cache_root, file_digest, file_identity, guarded, lock_wait, select_in
+from visiontune.files import file_digest, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,27 @@ def check_and_digest(path: str) -> Verdict:
     return reason, digest
 
 
-class ScanCache:
+class ScanCache(Cache):
     """(path, identity) -> verdict, in one SQLite file (concurrent runs may share it). A
     cache that cannot be created, read or written (read-only, locked by another process
-    past `lock_wait()`, full) is turned off with one warning (files.guarded)."""
+    past `lock_wait()`, full) is turned off with one warning (caches.guarded). Keyed by
+    the file's identity; never evicted (small, and where every file's digest comes from)."""
+
+    area = "scan"
+    folder = "scan.sqlite"
+    keyed_by = "identity"
+    evictable = False
+    key = staticmethod(file_identity)  # a row is valid while (path, identity) is what was stored
+
+    @classmethod
+    def entries(cls, root: Path) -> Iterator[CacheEntry]:
+        """The one database file (its rows only make sense together), if there."""
+        path = cls.under(root)
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        yield CacheEntry(cls.area, path, st.st_size, st.st_mtime)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -97,7 +115,7 @@ class ScanCache:
 
 
 def scan_cache(cache_dir: str | os.PathLike[str] | None = None) -> ScanCache:
-    return ScanCache(cache_root(cache_dir) / "scan.sqlite")
+    return ScanCache(ScanCache.location(cache_dir))
 
 
 def scan(paths: list[str], cache: ScanCache | None = None, workers: int | None = None) -> list[Verdict]:

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.caches import FolderEntries, guarded, touch
 from visiontune.data.loaders import eval_dataset, make_loader, read_ahead
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.scan import ScanCache, digests_of, why_unreadable
 from visiontune.data.webdata import is_shard_item, shard_digests
 from visiontune.errors import DataError
-from visiontune.files import cache_root, guarded, preallocate, touch
+from visiontune.files import preallocate
 from visiontune.frozen.shards import SHARD_ROWS, ShardStore
 from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
@@ -60,15 +61,21 @@ def model_fingerprint(backbone_name: str, backbone: nn.Module, pre: Preprocess) 
     return h.hexdigest()
 
 
-class FeatureCache:
+class FeatureCache(FolderEntries):
     """Vectors keyed by file digest under one model fingerprint, in shards (frozen/shards.py).
-    Every read and write is guarded (files.guarded): a cache that is read-only, locked or
-    full turns itself off with one warning and features are computed instead."""
+    Every read and write is guarded (caches.guarded): a cache that is read-only, locked or
+    full turns itself off with one warning and features are computed instead. `root`: its
+    folder (`FeatureCache.location()`); an entry (evicted whole) is one fingerprint's folder."""
+
+    area = "features"
+    folder = "features"
+    keyed_by = "content"  # the file's digest, under the model's fingerprint (the options that change it)
+    key = staticmethod(model_fingerprint)
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: str) -> None:
         self.dir = Path(root) / fingerprint
         self.name = cache_name(self.dir)
-        self.scans = ScanCache(Path(root).parent / "scan.sqlite")  # digests of unchanged files, remembered
+        self.scans = ScanCache(ScanCache.under(Path(root).parent))  # digests of unchanged files, remembered
         self._store: ShardStore | None = None
 
     @property
@@ -79,7 +86,7 @@ class FeatureCache:
 
     def get_many(self, digests: list[str]) -> dict[str, np.ndarray]:
         if self.dir.is_dir():
-            touch(self.dir)  # used now: the size cap evicts the least recently used (files.evict)
+            touch(self.dir)  # used now: the size cap evicts the least recently used (caches.evict)
         return guarded(self.name, lambda: self.store.get_many(digests), {})
 
     def put_many(self, digests: list[str], vectors: np.ndarray) -> None:
@@ -105,7 +112,7 @@ def cache_name(directory: str | os.PathLike[str]) -> str:
 def cache_for(backbone_name: str, backbone: nn.Module, pre: Preprocess,
               cache_dir: str | os.PathLike[str] | None = None) -> FeatureCache:
     """The cache of this backbone (weights) and preprocessing, under `cache_dir` or the default."""
-    return FeatureCache(cache_root(cache_dir) / "features", model_fingerprint(backbone_name, backbone, pre))
+    return FeatureCache(FeatureCache.location(cache_dir), model_fingerprint(backbone_name, backbone, pre))
 
 
 def readable_rows(feats: np.ndarray, paths: list[str],

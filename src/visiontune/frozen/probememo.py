@@ -3,7 +3,7 @@ depends on (the feature matrix, the targets, the task and its metadata, the head
 the loss weights, the groups, the seed and the probe's own constants), so a re-run over
 unchanged features skips the C search and the fit (issue 23: "a re-run that pays only for
 what changed"). Entries live in `$VISIONTUNE_CACHE/probes/<digest>.npy`; like every
-cache they are written atomically, read through `files.guarded`, and safe to delete.
+cache they are written atomically, read through `caches.guarded`, and safe to delete.
 
 Only fits that ran to the end are stored: one cut short by a time budget's deadline is
 not what an unhurried run would fit.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.files import cache_root, guarded, save_entry, touch
+from visiontune.caches import Cache, guarded, save_entry, touch
 from visiontune.frozen import probe
 from visiontune.frozen.probe import ProbeFit
 from visiontune.tasks.base import Task
@@ -47,11 +47,17 @@ def probe_key(features: np.ndarray, targets: np.ndarray, task: Task, start: nn.L
     return h.hexdigest()
 
 
-class ProbeMemory:
-    """Remembered probe fits under `<cache root>/probes/`."""
+class ProbeMemory(Cache):
+    """Remembered probe fits under `<cache root>/probes/`: a file each, keyed by the digest
+    of the fit's inputs (`probe_key`)."""
+
+    area = "probes"
+    folder = "probes"
+    keyed_by = "content"
+    key = staticmethod(probe_key)
 
     def __init__(self, cache_dir: str | None = None) -> None:
-        self.dir = cache_root(cache_dir) / "probes"
+        self.dir = self.location(cache_dir)
 
     def fit(self, key: str, compute: Callable[[], ProbeFit], storable: Callable[[], bool]) -> tuple[ProbeFit, bool]:
         """(the fit remembered under `key`, True), else (`compute()`, False), stored when
@@ -77,6 +83,6 @@ def _read(entry: Path) -> ProbeFit | None:
     if not entry.is_file():
         return None
     packed = np.load(entry, allow_pickle=False)
-    touch(entry)  # used now: the size cap evicts the least recently used (files.evict)
+    touch(entry)  # used now: the size cap evicts the least recently used (caches.evict)
     return ProbeFit(packed[:, :-3].astype(np.float32), packed[:, -3].astype(np.float32), float(packed[0, -2]),
                     int(packed[0, -1]))

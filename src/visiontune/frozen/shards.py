@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.files import lock_wait, save_entry, select_in
+from visiontune.caches import lock_wait, save_entry, select_in
 
 log = logging.getLogger(__name__)
 

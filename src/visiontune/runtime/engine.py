@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.caches import Cache, guarded, touch
 from visiontune.config import ENGINES
 from visiontune.errors import ConfigError, VisiontuneError
-from visiontune.files import atomic_write, cache_root, guarded, touch
+from visiontune.files import atomic_write
 from visiontune.runtime.device import eval_mode
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,19 @@ def module_digest(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+class EngineCache(Cache):
+    """Frozen backbones exported to ONNX: `<cache root>/engines/<key>.onnx`, a file each,
+    keyed by the digest of the backbone's tensors and the input size."""
+
+    area = "engines"
+    folder = "engines"
+    keyed_by = "content"
+
+    @staticmethod
+    def key(backbone: nn.Module, image_size: int) -> str:
+        return f"{module_digest(backbone)}-{image_size}"
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, target: str | os.PathLike[str], meta: dict[str, str],
@@ -135,8 +149,8 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
         if engine == "onnx":
             raise VisiontuneError("engine 'onnx' needs onnx and onnxruntime: pip install 'visiontune[export]'")
         return backbone
-    key = f"{module_digest(backbone)}-{image_size}"
-    target = cache_root(cache_dir) / "engines" / f"{key}.onnx"
+    key = EngineCache.key(backbone, image_size)
+    target = EngineCache.location(cache_dir) / f"{key}.onnx"
     if engine == "auto" and images is not None and images * (image_size / 224) ** 2 < EXPORT_PAYS_AT \
             and not target.is_file():
         return backbone
@@ -170,7 +184,7 @@ def _checked_session(backbone: nn.Module, image_size: int, key: str, target: Pat
             target = Path(tempfile.mkdtemp(prefix="visiontune-engine-")) / f"{key}.onnx"
             write_onnx(backbone, example, target, {"digest": key}, output_name="features")
         log.info("frozen forward passes: backbone exported to ONNX once for these weights (%s)", target)
-    touch(target)  # used now: the size cap evicts the least recently used (files.evict)
+    touch(target)  # used now: the size cap evicts the least recently used (caches.evict)
     session = onnx_session(target)
     with torch.inference_mode():
         eager = backbone(example).float()

@@ -14,15 +14,10 @@ import numpy as np
 
 from visiontune import display
 from visiontune.bundle import environment
+from visiontune.caches import cache_max, cache_root, evict, guarded
 from visiontune.config import RunConfig, TrainConfig
 from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.errors import ConfigError, DataError, VisiontuneError
-from visiontune.files import (
-    cache_max,
-    cache_root,
-    evict,
-    guarded,
-)
 from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
@@ -151,7 +146,7 @@ def _require_an_epoch(trainer: Trainer, clock: Clock) -> None:
 
 
 def keep_cache_in_bounds(cache_dir: str | None) -> None:
-    """The cache's size cap (files.cache_max: $VISIONTUNE_CACHE_MAX, 10 GB by default),
+    """The cache's size cap (caches.cache_max: $VISIONTUNE_CACHE_MAX, 10 GB by default),
     enforced after each run: the least recently used entries go first. A cache that cannot
     be read or cleaned, or a cap that cannot be read, costs nothing but the space: the run
     is done by then."""
