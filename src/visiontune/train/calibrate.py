@@ -31,6 +31,7 @@ from visiontune.tasks.calibration import Fit
 log = logging.getLogger(__name__)
 
 FITTED_ON = "the validation split (outputs of the weights the run keeps)"
+MIN_HELD_OUT = 10  # images: under this, a temperature and sets would be noise (the probe's CV on 1 image a class)
 
 
 def calibrate(model: Any, task: Task, valid_out: EvalOutput | None, run_dir: Path,
@@ -39,9 +40,9 @@ def calibrate(model: Any, task: Task, valid_out: EvalOutput | None, run_dir: Pat
     outputs as calibrated (what tuned thresholds are chosen on), or `valid_out` as it is when
     there is nothing to fit on. `write`: this process writes the run's files."""
     rows = known_rows(valid_out.targets) if valid_out is not None else None
-    if valid_out is None or not rows.any():
-        log.info("no validation outputs: probabilities are not calibrated, and predict --coverage needs a run "
-                 "trained with a validation split")
+    if valid_out is None or rows.sum() < MIN_HELD_OUT:
+        log.info("%d held-out outputs (under %d): probabilities are not calibrated, and predict --coverage needs a "
+                 "run trained with a validation split", 0 if rows is None else int(rows.sum()), MIN_HELD_OUT)
         return valid_out
     targets, probs = valid_out.targets[rows], valid_out.probs[rows]
     fit = task.calibrator.fit(targets, probs)
