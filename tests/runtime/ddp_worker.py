@@ -1,5 +1,6 @@
 """Run by torchrun in tests/runtime/test_distributed.py: one tiny training run per process,
-recording what each process saw. `python ddp_worker.py DATA OUT SCENARIO`; SCENARIO may
+recording what each process saw (`train` is the one-process reference, run in the test's
+process). `python ddp_worker.py DATA OUT SCENARIO`; SCENARIO may
 contain "oom1" (rank 1 runs out of memory on more than 2 images at once), "workers2" (2
 DataLoader workers), "shards" (DATA is a shard folder: a gentler recipe, 4 epochs), "pool"
 (--unlabeled DATA/../pool with the consistency threshold at 0: every pool image counts)."""
@@ -49,6 +50,22 @@ def _small_memory_on_rank_1() -> None:
     Classifier.forward = forward_or_oom  # type: ignore[method-assign]
 
 
+def train(data: str, out: Path, scenario: str, valid: str | None = None) -> tuple[dict, dict]:
+    """One run of SCENARIO: (what this process saw, its weights). Called in-process too,
+    as the one-process reference (tests/runtime/test_distributed.py)."""
+    record = Record()
+    recipe = dict(epochs=4, lr=3e-3, augment="none") if "shards" in scenario else dict(epochs=3, lr=1e-2, min_delta=1e9)
+    result = vt.fit(data, callbacks=[record], backbone="timm:test_efficientnet", weights="none", image_size=32,
+                    strategy="finetune", batch_size=12, num_workers=2 if "workers2" in scenario else 0,
+                    progress=False, patience=0, trainable_bn="eval", seed=1, output=str(out / "runs"), name="run",
+                    **recipe, **({"valid": valid} if valid else {}),
+                    **({"unlabeled": str(Path(data).parent / "pool"), "consistency_threshold": 0.0}
+                       if "pool" in scenario else {}))
+    seen = {"rng": record.rng, "micro": record.micro, "steps": record.steps, "history": result.history,
+            "best_epoch": result.best_epoch}
+    return seen, {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+
+
 def main() -> None:
     data, out, scenario = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     valid = sys.argv[4] if len(sys.argv) > 4 else None  # shards named by a pattern: their validation shards
@@ -59,18 +76,9 @@ def main() -> None:
     # registered before fit, so it runs after any exit handler fit registers (atexit is LIFO)
     atexit.register(lambda: (out / f"exit{rank}.json").write_text(
         json.dumps({"group_alive": torch.distributed.is_initialized()})))
-    record = Record()
-    recipe = dict(epochs=4, lr=3e-3, augment="none") if "shards" in scenario else dict(epochs=3, lr=1e-2, min_delta=1e9)
-    result = vt.fit(data, callbacks=[record], backbone="timm:test_efficientnet", weights="none", image_size=32,
-                    strategy="finetune", batch_size=12, num_workers=2 if "workers2" in scenario else 0,
-                    progress=False, patience=0, trainable_bn="eval", seed=1, output=str(out / "runs"), name="run",
-                    **recipe, **({"valid": valid} if valid else {}),
-                    **({"unlabeled": str(Path(data).parent / "pool"), "consistency_threshold": 0.0}
-                       if "pool" in scenario else {}))
-    save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
-              str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"rng": record.rng, "micro": record.micro, "steps": record.steps,
-                                                      "history": result.history, "best_epoch": result.best_epoch}))
+    seen, weights = train(data, out, scenario, valid)
+    save_file(weights, str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_worker
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import visiontune as vt
 from conftest import make_class_folders, make_multilabel_data
+from visiontune.cli import main
 
 ARGS = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32", "--epochs", "3",
         "--strategy", "gradual", "--freeze-epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-progress",
@@ -40,7 +42,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, task: str) -> None
     else:
         data, extra = make_multilabel_data(tmp_path / "d", n=24), ["--csv", "labels.csv", "--valid-pct", "0.25"]
     env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for n in (1, 2):
+    for n in (1, 2):  # both under torchrun: one plain process samples its batches in another order
         subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", "-m", "visiontune", "-q", "train",
                         str(data), *ARGS, *extra, "--output", str(tmp_path / f"w{n}"), "--name", "run"],
                        env=env, check=True, capture_output=True, timeout=300)
@@ -52,6 +54,21 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, task: str) -> None
     h2 = [json.loads(x) for x in (two / "history.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], abs=1e-4)
     assert json.loads((two / "environment.json").read_text())["world_size"] == 2
+
+
+def _train(n: int, args: list[str], env: dict[str, str] | None = None) -> None:
+    """`visiontune train ARGS` in `n` torchrun processes; n=1, in this process (a torchrun
+    launcher and its one process would import torch twice more): a reference for runs
+    whose result does not depend on the order of the batches."""
+    env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if n == 1:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            assert main(["-q", "train", *args]) == 0
+        return
+    subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", "-m", "visiontune", "-q", "train", *args],
+                   env=env, check=True, capture_output=True, timeout=300)
 
 
 def _launch(n: int, data: Path | str, out: Path, scenario: str, *extra: str) -> list[dict]:
@@ -164,11 +181,8 @@ def test_two_processes_extract_each_image_once_and_match_one_process(tmp_path: P
     args = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32",
             "--strategy", "feature-extract", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--seed", "1"]
     for n in (1, 2):
-        env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "VISIONTUNE_CACHE": str(tmp_path / f"cache{n}")}
-        subprocess.run([*_torchrun(), "--standalone", f"--nproc_per_node={n}", "-m", "visiontune", "-q", "train",
-                        str(data), *args, "--output", str(tmp_path / f"w{n}"), "--name", "run"],
-                       env=env, check=True, capture_output=True, timeout=300)
+        _train(n, [str(data), *args, "--output", str(tmp_path / f"w{n}"), "--name", "run"],
+               {"VISIONTUNE_CACHE": str(tmp_path / f"cache{n}")})
     store = next((tmp_path / "cache2" / "features").iterdir())
     rows = sum(np.load(s, mmap_mode="r").shape[0] for s in store.glob("shard-*.npy"))
     with sqlite3.connect(store / "index.sqlite") as db:
@@ -215,7 +229,7 @@ def test_three_processes_over_few_or_uneven_shards_all_train_the_same_nonzero_st
     make_class_folders(data / "train", {"red": 12, "green": 12, "blue": 12}, 0)
     make_class_folders(data / "valid", {"red": 3, "green": 3, "blue": 3}, 100)
     write_shards(load_items(DataConfig(path=str(data))), tmp_path / "two", size=18)
-    one = _launch(1, data, tmp_path / "one", "shards")[0]
+    one, _ = ddp_worker.train(str(data), tmp_path / "one", "shards")  # one process: this one
     two = _launch(3, tmp_path / "two", tmp_path / "r2", "shards")
     train7, valid7 = _uneven_shards(data, tmp_path / "seven", [6, 5, 7, 4, 6, 1, 7])  # whole shards: 12 each
     seven = _launch(3, train7, tmp_path / "r7", "shards workers2", valid7)
@@ -231,19 +245,24 @@ def test_three_processes_over_few_or_uneven_shards_all_train_the_same_nonzero_st
 
 @pytest.mark.slow
 def test_a_frozen_phase_with_fewer_validation_images_than_processes_finishes(tmp_path: Path) -> None:
+    """3 processes, 2 validation images: a frozen phase (features extracted by the processes,
+    the probe) and then a fine-tuning phase (images) each validate and finish: one gradual
+    run of one epoch each (one launch of 3 processes, not two)."""
     data = tmp_path / "d"
     make_class_folders(data / "train", {"red": 6, "green": 6}, 0)
     make_class_folders(data / "valid", {"red": 1, "green": 1}, 100)
     env = {**os.environ, "VISIONTUNE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VISIONTUNE_CACHE": str(tmp_path / "c")}
-    for strategy in ("feature-extract", "finetune"):
-        done = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node=3", "-m", "visiontune", "-q", "train",
-                               str(data), "--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size",
-                               "32", "--strategy", strategy, "--epochs", "1", "--batch-size", "6", "--num-workers",
-                               "0", "--no-progress", "--output", str(tmp_path / "runs"), "--name", strategy],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        history = [json.loads(x) for x in (tmp_path / "runs" / strategy / "history.jsonl").read_text().splitlines()]
-        assert len(history) == 1 and history[0]["accuracy"] in (0.0, 0.5, 1.0)
+    done = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node=3", "-m", "visiontune", "-q", "train",
+                           str(data), "--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size",
+                           "32", "--strategy", "gradual", "--freeze-epochs", "1", "--epochs", "2", "--batch-size",
+                           "6", "--num-workers", "0", "--no-progress", "--output", str(tmp_path / "runs"),
+                           "--name", "run"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "runs" / "run"
+    assert (run / "model.safetensors").is_file()
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["accuracy"] in (0.0, 0.5, 1.0) for h in history)
+    assert any((tmp_path / "c" / "features").rglob("index.sqlite"))  # the frozen phase validated on features
 
 
 @pytest.mark.slow

@@ -44,13 +44,14 @@ def _warnings(done: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The data and the metrics of a run with a healthy cache."""
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """The data, the metrics of a run with a healthy cache, and that cache (which the tests
+    copy, never change)."""
     root = tmp_path_factory.mktemp("faults")
     data = make_class_folders(root / "d", {"red": 10, "green": 10, "blue": 10})
     done = _run(data, root / "runs", root / "cache")
     assert done.returncode == 0, done.stderr
-    return data, json.loads(done.stdout.splitlines()[-1])
+    return data, json.loads(done.stdout.splitlines()[-1]), root / "cache"
 
 
 def _same_run(done: subprocess.CompletedProcess, reference: dict) -> None:
@@ -80,8 +81,8 @@ def _read_only(folder: Path) -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_a_read_only_cache_folder(reference: tuple[Path, dict], tmp_path: Path) -> None:
-    data, expected = reference
+def test_a_read_only_cache_folder(reference: tuple[Path, dict, Path], tmp_path: Path) -> None:
+    data, expected, _ = reference
     cache = tmp_path / "cache"
     cache.mkdir()
     with _read_only(cache):
@@ -93,10 +94,10 @@ def test_a_read_only_cache_folder(reference: tuple[Path, dict], tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_cache_databases_locked_by_another_process(reference: tuple[Path, dict], tmp_path: Path) -> None:
-    data, expected = reference
+def test_cache_databases_locked_by_another_process(reference: tuple[Path, dict, Path], tmp_path: Path) -> None:
+    data, expected, warm = reference
     cache = tmp_path / "cache"
-    assert _run(data, tmp_path / "warm", cache).returncode == 0  # the cache exists, with its databases
+    shutil.copytree(warm, cache)  # the cache of a finished run, with its databases
     for p in data.rglob("*.png"):  # touched: the scan must look at every file again
         os.utime(p)
     databases = [str(cache / "scan.sqlite"), *map(str, (cache / "features").rglob("index.sqlite"))]
@@ -124,10 +125,10 @@ def test_cache_databases_locked_by_another_process(reference: tuple[Path, dict],
 
 
 @pytest.mark.slow
-def test_a_file_size_limit_in_the_cache(reference: tuple[Path, dict], tmp_path: Path) -> None:
+def test_a_file_size_limit_in_the_cache(reference: tuple[Path, dict, Path], tmp_path: Path) -> None:
     """RLIMIT_FSIZE of 16 KB: the databases fit, the memory-mapped matrix and the feature
     shard (30 x 256 floats) do not; the features are those computed without a cache."""
-    data, _ = reference
+    data, _, _ = reference
     limit = 16 * 1024
     done = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import json, logging, resource, sys
@@ -167,10 +168,10 @@ def _small_filesystem(where: Path, size_kb: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_full_disk_under_the_cache(reference: tuple[Path, dict], tmp_path: Path) -> None:
+def test_a_full_disk_under_the_cache(reference: tuple[Path, dict, Path], tmp_path: Path) -> None:
     """A full file system: the memory-mapped feature matrix would die of SIGBUS when its
     pages are written; its room is reserved first, so the run keeps the matrix in memory."""
-    data, expected = reference
+    data, expected, _ = reference
     disk = tmp_path / "disk"
     if not _small_filesystem(disk, 64):
         pytest.skip("needs root and mount to build a small file system")
