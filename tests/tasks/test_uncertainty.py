@@ -99,7 +99,7 @@ def test_sets_are_prefixes_of_the_ranking_and_never_empty() -> None:
     fitted = {"kind": "raps", "n": 1, "step": 1, "scores": [0.0]}  # a threshold no cumulative stays under
     sets = task.conformal.sets(np.array([[0.2, 0.7, 0.1]]), fitted, 0.4)
     assert [s.labels for s in sets] == [["b"]]
-    fitted = {"kind": "raps", "n": 1, "step": 1, "scores": [0.95]}
+    fitted = {"kind": "raps", "n": 1, "step": 1, "scores": [0.8]}  # a: 0.7 above + 0.01; c: 0.9 + 0.02
     assert task.conformal.sets(np.array([[0.2, 0.7, 0.1]]), fitted, 0.4)[0].labels == ["b", "a"]
 
 

@@ -2,9 +2,13 @@
 output shape, reached as `task.conformal`. Each is fitted on held-out outputs (the run's
 validation split, calibrated) and answers for any coverage asked at prediction time:
 
-- `Conformal` (single-label): RAPS (Angelopoulos et al. 2021, non-randomised): the classes
-  in order of probability while their cumulative probability plus a small penalty for each
-  class past the first K_REG stays under the threshold. The true class is in the set for at
+- `Conformal` (single-label): RAPS (Angelopoulos et al. 2021), deterministic: the classes
+  in order of probability while the probability ranked above each, plus a small penalty for
+  each class past the first K_REG, stays under the threshold (the most probable class is
+  always in). Any score gives the guarantee; this one keeps sets small without the random
+  tie-breaking of randomised APS, so the same image always gets the same set. When the top
+  class alone is right more often than the coverage asked, sets of one class over-cover:
+  coverage is then the accuracy. The true class is in the set for at
   least `coverage` of images from the same distribution (the finite-sample quantile
   ceil((n + 1) * coverage) / n of n held-out scores).
 - `LabelSetConformal` (multi-label): conformal risk control of the false-negative rate
@@ -115,11 +119,14 @@ class Conformal:
 
     # -- the score ---------------------------------------------------------------------
     def _cumulative(self, probs: np.ndarray) -> np.ndarray:
-        """Per row, by rank: the cumulative probability of the classes ranked up to it, plus
-        the penalty for ranks past k_reg."""
+        """Per row, by rank: the probability of the classes ranked above it, plus the penalty
+        for ranks past k_reg. (Counting the class's own probability too, as randomised APS does
+        before subtracting a random share of it, made the deterministic sets far too large:
+        digits, coverage 0.98 and 1.87 classes a set where 0.9 was asked.)"""
         sorted_p = -np.sort(-np.asarray(probs, dtype=np.float64), axis=1)
         ranks = np.arange(1, sorted_p.shape[1] + 1)
-        return np.cumsum(sorted_p, axis=1) + self.penalty * np.maximum(0, ranks - self.k_reg)
+        above = np.cumsum(sorted_p, axis=1) - sorted_p
+        return above + self.penalty * np.maximum(0, ranks - self.k_reg)
 
     @staticmethod
     def _ranks(probs: np.ndarray) -> np.ndarray:

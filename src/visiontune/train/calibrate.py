@@ -9,6 +9,10 @@ epoch, which leaves its outputs slightly optimistic; one temperature (one per la
 by likelihood has too little freedom to learn that choice, and the prediction sets'
 coverage is measured on test splits no choice looked at (bench/uncertainty.py).
 
+A run without a validation split (a class with a single image) is the probe, validated by
+its cross-validation: those held-out outputs stand in when there are at least MIN_HELD_OUT
+of them (the fold probes are the final probe fitted on a little less data).
+
 The fitted layer goes into the weights (model.calibration), the held-out scores of the
 sets into model.safetensors' metadata (model.uncertainty), the figures into
 RUN/calibration.json and the reliability diagram into RUN/reliability.png.
