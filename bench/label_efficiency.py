@@ -61,13 +61,13 @@ def features(root: Path, name: str, model: dict | None = None):
     overrides for another backbone, as --smoke's tiny one)."""
     cfg = RunConfig.create(None, path=str(root / name), **{"image_size": SIZES.get(name, 32), "progress": False,
                                                            **(model or {})})
-    source = load_items(cfg.data, cache_dir=cfg.train.cache_dir)
+    source = load_items(cfg.data, cache_dir=cfg.runtime.cache_dir)
     setup = prepare_run(cfg, source)
     out = {}
     for split in ("train", "valid", "test"):
         items = [it for it in source.items if it.split == split]
         x = FeatureExtractor.for_run(cfg.model.backbone, setup.model.backbone, setup.preprocess,
-                                     cfg.train).features([it.path for it in items])
+                                     cfg).features([it.path for it in items])
         out[split] = (x, setup.task.encode([it.label for it in items]).numpy())
     return out, setup.task
 

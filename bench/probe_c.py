@@ -61,10 +61,10 @@ VARIANTS = {  # name: (REFINE, CRITERION, prior)
 def features(root: Path, name: str, model: dict | None = None):
     cfg = RunConfig.create(None, path=str(root / name), **{"image_size": SIZES.get(name, 32), "progress": False,
                                                            **(model or {})})
-    source = load_items(cfg.data, cache_dir=cfg.train.cache_dir)
+    source = load_items(cfg.data, cache_dir=cfg.runtime.cache_dir)
     setup = prepare_run(cfg, source)
     backbone = setup.model.backbone
-    cache = cache_for(cfg.model.backbone, backbone, setup.preprocess, cfg.train.cache_dir)
+    cache = cache_for(cfg.model.backbone, backbone, setup.preprocess, cfg.runtime.cache_dir)
     out = {}
     for split in ("train", "valid", "test"):
         items = [it for it in source.items if it.split == split]

@@ -79,15 +79,15 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     ckpt = run.read_checkpoint()
     if ckpt is None:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
-    plan = run.read_time_budget() if cfg.train.time_budget else {}
-    clock = Clock.resumed(run_dir, cfg.train.time_budget, started, float(plan.get("reserve_s", RESERVE_MARGIN_S)))
-    source = load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir)
+    plan = run.read_time_budget() if cfg.budget.time_budget else {}
+    clock = Clock.resumed(run_dir, cfg.budget.time_budget, started, float(plan.get("reserve_s", RESERVE_MARGIN_S)))
+    source = load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.runtime.cache_dir)
     result = train_run(resolve_batch_size(cfg, source), source, run_dir=run_dir, ckpt=ckpt, callbacks=callbacks,
                        clock=clock)  # the saved plan goes on: only a batch size given again as 'auto' is new
-    if cfg.train.time_budget:  # the plan (if it was written), the budget now, the time taken over every session
-        given = {"planned_for_s": plan["budget_s"]} if plan.get("budget_s", cfg.train.time_budget) != \
-            cfg.train.time_budget else {}
-        run.write_time_budget({**plan, **given, "budget_s": cfg.train.time_budget, "actual_s": result.seconds,
+    if cfg.budget.time_budget:  # the plan (if it was written), the budget now, the time taken over every session
+        given = {"planned_for_s": plan["budget_s"]} if plan.get("budget_s", cfg.budget.time_budget) != \
+            cfg.budget.time_budget else {}
+        run.write_time_budget({**plan, **given, "budget_s": cfg.budget.time_budget, "actual_s": result.seconds,
                                "resumed": True})
     return result
 

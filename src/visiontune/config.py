@@ -6,8 +6,15 @@ the CLI, is written into every run directory as `config.yaml`, and is read back 
 
 Every option is one `option(...)` field below: its default, its help text, its bounds or
 choices and (where it differs from `--field-name`) its command-line flag. The CLI builds
-its run options from these fields (`run_options`) and `validate` checks every bound and
+its run options from these fields (`cli.add_run_options`) and `validate` checks every bound and
 choice, so a new option is one line here.
+
+The options stand in sections by concern, side by side in `RunConfig`: `data`, `model`,
+`strategy`, `train` (the loop), `outputs` (how the task's outputs are trained and read),
+`augmentation`, `runtime`, `tracking` and `budget`. Python keywords, flags and flat YAML
+keys name an option alone (`epochs`, `device`), whatever its section; a config.yaml in the
+layout before these sections (everything but data, model and strategy under `train:`) is
+read by `old_layout_moved`.
 """
 
 from __future__ import annotations
@@ -206,7 +213,8 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the loop runs."""
+    """The loop: how long, at which learning rate, with which optimizer and schedule, when it
+    stops and which weights it ends with (the best epoch's, an EMA of them)."""
 
     epochs: int = option(5, "total epochs, all phases", ge=1)
     batch_size: int | str = option(32, "images per optimizer step; auto: the largest that fits the device, capped "
@@ -224,18 +232,6 @@ class TrainConfig:
     pct_start: float = option(0.25, "onecycle warm-up fraction of each phase", ge=0.0, lt=1.0)
     step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)
     gamma: float = option(0.1, "step schedule: LR factor per drop", gt=0.0, le=1.0)
-    label_smoothing: float = option(0.0, "label smoothing of the loss", ge=0.0, lt=1.0)
-    loss: str = option("mse", "regression: the loss on standardised targets (huber: delta 1 std, robust to outliers)",
-                       choices=("mse", "huber"))
-    target_range: tuple[float, float] | None = option(
-        None, "regression: squash the output into LOW..HIGH by a sigmoid (fastai's y_range)", nargs=2,
-        metavar=("LOW", "HIGH"), parse=float, coerce=lambda v: tuple(float(x) for x in v) if v is not None else None)
-    thresholds: str = option("global", "multi-label: one --threshold for every label (global), or per label the "
-                                       "one with the best F1 on the validation split (tuned)",
-                             choices=("global", "tuned"))
-    threshold: float = option(0.5, "multi-label: probability above which a label is predicted", gt=0.0, lt=1.0)
-    balance: str = option("none", "class-weighted loss or oversampling of small classes",
-                          choices=("none", "weights", "oversample"))
     monitor: str = option("auto", "metric for early stopping and the best checkpoint "
                                   "(auto: val_loss, or macro_f1 when classes are imbalanced)")
     mode: str = option("auto", "direction of --monitor (auto: min for losses, max otherwise)",
@@ -244,45 +240,9 @@ class TrainConfig:
     min_delta: float = option(0.0, "smallest change of --monitor that counts as an improvement", ge=0.0)
     restore_best: bool = option(True, "end with the best epoch's weights",
                                 off="end with the last epoch's weights instead of the best ones")
-    augment: str = option("light", "augmentation of training images: none, light (random resized crop + flip), "
-                                   "medium (+ RandAugment, random erasing), heavy (+ mixup / cutmix): timm's",
-                          choices=AUGMENT_PRESETS, aliases={"--no-augment": "none"}, coerce=_augment_preset)
-    hflip: float = option(0.5, "probability of a horizontal flip", ge=0.0, le=1.0)
     ema: bool = option(False, "also keep an exponential moving average of the weights (timm's ModelEmaV3, with "
                               "warm-up); each epoch validates both and keeps the better")
     ema_decay: float = option(0.999, "EMA decay (the warm-up starts lower)", gt=0.0, lt=1.0)
-    min_scale: float = option(0.35, "random resized crop: smallest area fraction", gt=0.0, le=1.0)
-    num_workers: int | None = option(None, "DataLoader worker processes (default from the device: CPU with <= 4 "
-                                           "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16; never more than batches, "
-                                           "none for one batch); training loaders keep theirs across epochs", ge=0)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
-    channels_last: bool = option(True, "NHWC (channels-last) memory format: ~2x faster for depthwise convs on CPU",
-                                 off="keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
-    precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
-                            choices=PRECISIONS)
-    engine: str = option("auto", "what runs frozen forward passes (features of a frozen backbone, freeze-k's "
-                                 "frozen blocks) on the CPU: "
-                                 "auto = ONNX Runtime when installed (exported once per weights into the cache, "
-                                 "checked against PyTorch), torch, onnx", choices=ENGINES.names)
-    time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
-                                             "seconds): costs are measured, then strategy, image size and epochs "
-                                             "planned, and the run stops on time with the best weights so far "
-                                             "(train only; cv, compare, advise and lr-find refuse it)",
-                                       gt=0.0, parse=parse_duration, coerce=parse_duration, metavar="DURATION")
-    compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
-                                  "it fails)")
-    image_cache: bool = option(True, "keep large training images decoded and downsized (to 2x the input size) on "
-                                     "disk", off="decode training images every epoch instead of keeping large ones "
-                                                 "decoded and downsized (to 2x the input size) on disk")
-    feature_cache: bool = option(True, "frozen phases run on cached backbone features",
-                                 off="frozen phases run on augmented images instead of cached features")
-    cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
-                                         "~/.cache/visiontune)")
-    track: str = option("", "experiment tracking, comma-separated: tensorboard (event files in RUN/tensorboard), "
-                            "mlflow ($MLFLOW_TRACKING_URI, else RUNS/mlflow.db beside the runs), wandb ($WANDB_PROJECT, "
-                            "$WANDB_MODE); off by default", parse=parse_track,
-                        coerce=parse_track, metavar="BACKENDS")
-    progress: bool = option(True, "progress bars", off="no progress bars")
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -295,7 +255,113 @@ class TrainConfig:
         return 0.01 if self.optimizer == "adamw" else 1e-4
 
 
-SECTION_TITLES = {"data": "data", "model": "model", "strategy": "strategy", "train": "training", "": "run"}
+@dataclass(frozen=True)
+class OutputConfig:
+    """How the task's outputs are trained and read: the loss and its label smoothing, class
+    balance, regression's loss and range, multi-label thresholds (the Task takes them)."""
+
+    label_smoothing: float = option(0.0, "label smoothing of the loss", ge=0.0, lt=1.0)
+    loss: str = option("mse", "regression: the loss on standardised targets (huber: delta 1 std, robust to outliers)",
+                       choices=("mse", "huber"))
+    target_range: tuple[float, float] | None = option(
+        None, "regression: squash the output into LOW..HIGH by a sigmoid (fastai's y_range)", nargs=2,
+        metavar=("LOW", "HIGH"), parse=float, coerce=lambda v: tuple(float(x) for x in v) if v is not None else None)
+    thresholds: str = option("global", "multi-label: one --threshold for every label (global), or per label the "
+                                       "one with the best F1 on the validation split (tuned)",
+                             choices=("global", "tuned"))
+    threshold: float = option(0.5, "multi-label: probability above which a label is predicted", gt=0.0, lt=1.0)
+    balance: str = option("none", "class-weighted loss or oversampling of small classes",
+                          choices=("none", "weights", "oversample"))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How training images are augmented (data/transforms.py; mixup for heavy)."""
+
+    augment: str = option("light", "augmentation of training images: none, light (random resized crop + flip), "
+                                   "medium (+ RandAugment, random erasing), heavy (+ mixup / cutmix): timm's",
+                          choices=AUGMENT_PRESETS, aliases={"--no-augment": "none"}, coerce=_augment_preset)
+    hflip: float = option(0.5, "probability of a horizontal flip", ge=0.0, le=1.0)
+    min_scale: float = option(0.35, "random resized crop: smallest area fraction", gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the tensors run: device, precision, engine, compile, data-loader workers,
+    the caches and progress bars."""
+
+    num_workers: int | None = option(None, "DataLoader worker processes (default from the device: CPU with <= 4 "
+                                           "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16; never more than batches, "
+                                           "none for one batch); training loaders keep theirs across epochs", ge=0)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    channels_last: bool = option(True, "NHWC (channels-last) memory format: ~2x faster for depthwise convs on CPU",
+                                 off="keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
+    precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
+                            choices=PRECISIONS)
+    engine: str = option("auto", "what runs frozen forward passes (features of a frozen backbone, freeze-k's "
+                                 "frozen blocks) on the CPU: "
+                                 "auto = ONNX Runtime when installed (exported once per weights into the cache, "
+                                 "checked against PyTorch), torch, onnx", choices=ENGINES.names)
+    compile: bool = option(False, "torch.compile the model for unfrozen phases (slow first step; falls back if "
+                                  "it fails)")
+    image_cache: bool = option(True, "keep large training images decoded and downsized (to 2x the input size) on "
+                                     "disk", off="decode training images every epoch instead of keeping large ones "
+                                                 "decoded and downsized (to 2x the input size) on disk")
+    feature_cache: bool = option(True, "frozen phases run on cached backbone features",
+                                 off="frozen phases run on augmented images instead of cached features")
+    cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
+                                         "~/.cache/visiontune)")
+    progress: bool = option(True, "progress bars", off="no progress bars")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's parameters and metrics are also sent (train/tracking.py)."""
+
+    track: str = option("", "experiment tracking, comma-separated: tensorboard (event files in RUN/tensorboard), "
+                            "mlflow ($MLFLOW_TRACKING_URI, else RUNS/mlflow.db beside the runs), wandb ($WANDB_PROJECT, "
+                            "$WANDB_MODE); off by default", parse=parse_track,
+                        coerce=parse_track, metavar="BACKENDS")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A wall-time budget for `train` (planning/budget.py plans within it; train/clock.py keeps it)."""
+
+    time_budget: float | None = option(None, "train the best model that fits this wall time here (10m, 1h, "
+                                             "seconds): costs are measured, then strategy, image size and epochs "
+                                             "planned, and the run stops on time with the best weights so far "
+                                             "(train only; cv, compare, advise and lr-find refuse it)",
+                                       gt=0.0, parse=parse_duration, coerce=parse_duration, metavar="DURATION")
+
+
+SECTION_TITLES = {"data": "data", "model": "model", "strategy": "strategy", "train": "training", "outputs": "outputs",
+                  "augmentation": "augmentation", "runtime": "runtime", "tracking": "tracking", "budget": "time budget",
+                  "": "run"}
+
+# Before issue 35 the `train` section held every option of the sections below as well: a
+# config.yaml written then (a run on a user's disk, a user's --config file) has them under
+# `train:`. `old_layout_moved` reads such a file in today's layout; only that is written.
+MOVED_FROM_TRAIN = {f.name: section for section, cls in (
+    ("outputs", OutputConfig), ("augmentation", AugmentConfig), ("runtime", RuntimeConfig), ("tracking", TrackingConfig),
+    ("budget", BudgetConfig)) for f in fields(cls)}
+
+
+def old_layout_moved(raw: Any) -> Any:
+    """`raw` (a config read from YAML) with the keys the old layout kept under `train:`
+    moved to their sections (`train: {device: cpu}` -> `runtime: {device: cpu}`); a key
+    that the file also gives in its new section keeps that section's value. Anything that
+    is not a mapping is returned as it is (checked_dict says what is wrong with it)."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(train, dict) or not any(k in MOVED_FROM_TRAIN for k in train):
+        return raw
+    out = {**raw, "train": {k: v for k, v in train.items() if k not in MOVED_FROM_TRAIN}}
+    for key, value in train.items():
+        if key in MOVED_FROM_TRAIN:
+            section = out.get(MOVED_FROM_TRAIN[key])
+            section = section if isinstance(section, dict) else {}
+            out[MOVED_FROM_TRAIN[key]] = {key: value, **section}
+    return out
 
 
 @dataclass(frozen=True)
@@ -304,6 +370,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     seed: int = option(0, "random seed of splits, initialisation, shuffling and augmentation", ge=0)
     output: str = option("runs", "parent folder of run directories")
     name: str | None = option(None, "run directory name (default: time-backbone-strategy)")
@@ -338,8 +409,8 @@ class RunConfig:
         strategy, image size and epochs and cuts each training where this machine's load puts
         the deadline, so the figures would measure no one configuration (and splitting the
         budget over folds would train weaker models than `train --time-budget` does)."""
-        if self.train.time_budget:
-            raise ConfigError(f"{command} does not take --time-budget ({self.train.time_budget:g} s): it {measures}, "
+        if self.budget.time_budget:
+            raise ConfigError(f"{command} does not take --time-budget ({self.budget.time_budget:g} s): it {measures}, "
                               "while a time budget lets the clock choose the strategy, image size and epochs and "
                               "cuts each training where this machine's load puts the deadline. Leave --time-budget "
                               "out (or the time_budget key of --config) and set --epochs; to measure what `train "
@@ -374,8 +445,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        """Rebuild from `to_dict()` output; unknown keys (from newer versions) are ignored."""
+        """Rebuild from `to_dict()` output, or from a config.yaml in the layout before issue 35
+        (`old_layout_moved`); unknown keys (from newer versions) are ignored."""
         kwargs: dict[str, Any] = {}
+        raw = old_layout_moved(raw)
         for f in fields(cls):
             if f.name in SECTION_TITLES:
                 section = raw.get(f.name) or {}
@@ -390,9 +463,11 @@ class RunConfig:
 def checked_dict(raw: Any, where: str) -> dict[str, Any]:
     """A user's YAML config checked key by key, in `to_dict()`'s shape: a section's keys
     under it (`train: {epochs: 10}`) or flat, as on the command line (`epochs: 10`). An
-    unknown key is a ConfigError that names the closest known one, never silently ignored."""
+    unknown key is a ConfigError that names the closest known one, never silently ignored.
+    The layout before issue 35 (`train: {epochs: 10, device: cpu}`) is read as today's."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of option names to values, got {type(raw).__name__}")
+    raw = old_layout_moved(raw)
     sections = {f.name: {g.name for g in fields(f.default_factory)}  # type: ignore[arg-type]
                 for f in fields(RunConfig) if f.name in SECTION_TITLES}
     top = {f.name for f in fields(RunConfig)} - set(sections)
@@ -403,8 +478,9 @@ def checked_dict(raw: Any, where: str) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: section {key!r} must be a mapping of its options")
             for name in value:
-                if name not in sections[key]:
-                    close = difflib.get_close_matches(str(name), sorted(sections[key]), n=3)
+                if name not in sections[key]:  # under train: also the old layout's names (see MOVED_FROM_TRAIN)
+                    known = sections[key] | (set(MOVED_FROM_TRAIN) if key == "train" else set())
+                    close = difflib.get_close_matches(str(name), sorted(known), n=3)
                     raise ConfigError(f"{where}: unknown option {name!r} in section {key!r}"
                                       + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else
                                          f"; its options: {', '.join(sorted(sections[key]))}"))

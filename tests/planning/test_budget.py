@@ -92,7 +92,7 @@ def test_a_run_with_a_time_budget_ends_on_time(flat_data: Path, tmp_path: Path, 
     assert len(r.history) < plan["epochs"]  # the plan was too optimistic: the deadline stopped the run
     assert 0.9 * 15 <= took <= 15 * 1.05  # it used the budget, and ended on time
     assert plan["budget_s"] == 15
-    assert vt.RunConfig.create(None, time_budget="1h30m").train.time_budget == 5400.0
+    assert vt.RunConfig.create(None, time_budget="1h30m").budget.time_budget == 5400.0
 
 
 def test_a_pessimistic_plan_still_spends_the_budget_and_ends_decayed(flat_data: Path, tmp_path: Path, tiny: dict,

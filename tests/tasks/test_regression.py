@@ -322,7 +322,7 @@ def test_target_range_from_the_cli_survives_the_run_config(tmp_path: Path) -> No
     args = build_parser().parse_args(["train", "d", "--task", "regression", "--target-range", "0", "120",
                                       "--loss", "huber"])
     cfg = RunConfig.create(task=args.task, target_range=args.target_range, loss=args.loss)
-    assert cfg.train.target_range == (0.0, 120.0) and cfg.train.loss == "huber"
+    assert cfg.outputs.target_range == (0.0, 120.0) and cfg.outputs.loss == "huber"
     RunDir(tmp_path).write_config(cfg)
     assert RunDir(tmp_path).read_config() == cfg
 

@@ -43,8 +43,8 @@ def test_presets_build_the_transforms_they_claim() -> None:
 
 
 def test_old_configs_saying_augment_true_or_false_still_load() -> None:
-    assert RunConfig.create(None, augment=False).train.augment == "none"
-    assert RunConfig.from_dict({"train": {"augment": True}}).train.augment == "light"
+    assert RunConfig.create(None, augment=False).augmentation.augment == "none"
+    assert RunConfig.from_dict({"train": {"augment": True}}).augmentation.augment == "light"
     with pytest.raises(vt.ConfigError, match="augment 'extreme' is not valid"):
         RunConfig.create(None, augment="extreme")
 

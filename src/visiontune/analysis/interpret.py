@@ -261,10 +261,10 @@ def _features(ctx: Context) -> np.ndarray:
     """Frozen backbone features of every item (from the feature cache when present)."""
     cfg = ctx.bundle.config
     backbone = cfg.model.backbone if cfg else "model"
-    cache_dir = cfg.train.cache_dir if cfg else None
+    cache_dir = cfg.runtime.cache_dir if cfg else None
     cache = cache_for(backbone, ctx.bundle.model.backbone, ctx.bundle.preprocess, cache_dir)
     extractor = FeatureExtractor(ctx.bundle.model.backbone, ctx.bundle.preprocess, ctx.device, cache,
-                                 engine=cfg.train.engine if cfg else "auto", cache_dir=cache_dir)
+                                 engine=cfg.runtime.engine if cfg else "auto", cache_dir=cache_dir)
     return extractor.features([p for p, _, _ in ctx.items])
 
 

@@ -32,8 +32,8 @@ def show_batch(data_or_run: str | os.PathLike[str], n: int = 16, *, cols: int = 
     `image_size=224`) or a run directory (its config and data)."""
     cfg, source = _inputs(Path(data_or_run), overrides)
     pre = _preprocess(Path(data_or_run), cfg)
-    t = cfg.train
-    transform = train_transform(pre, t.augment, t.hflip, t.min_scale)
+    a = cfg.augmentation
+    transform = train_transform(pre, a.augment, a.hflip, a.min_scale)
     items = source.split(TRAIN) or source.items
     rng = random.Random(seed)
     chosen = rng.sample(items, min(n, len(items)))

@@ -46,7 +46,7 @@ def resolve_inputs(data: str | os.PathLike[str] | None, config: RunConfig | None
     cfg = RunConfig.create(config, **overrides)
     if not cfg.data.path and not cfg.data.csv:
         raise ConfigError("no data given: pass a folder of images (or csv=...)")
-    return cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.train.cache_dir)
+    return cfg, load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.runtime.cache_dir)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

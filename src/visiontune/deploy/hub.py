@@ -116,7 +116,7 @@ def write_model_card(bundle: Bundle, out: Path, outputs: str = "logits") -> Path
     labels = f"{task.wording.summary_head(task.classes)} ({', '.join(task.classes)})"
     recipe = (f"backbone `{cfg.model.backbone}` ({cfg.model.weights} weights), strategy `{cfg.strategy.name}`, "
               f"{metrics.get('epochs_run', cfg.train.epochs)} epochs run (best: {metrics.get('best_epoch', '?')}), "
-              f"{cfg.model.image_size or bundle.preprocess.input_size} px, augmentation `{cfg.train.augment}`, "
+              f"{cfg.model.image_size or bundle.preprocess.input_size} px, augmentation `{cfg.augmentation.augment}`, "
               f"lr {cfg.train.lr}, seed {cfg.seed}") if cfg is not None else "unknown (no config.yaml in the run)"
     lines = [
         "---", "library_name: timm", "tags:", f"- {task.wording.card_tag}", "- timm", "- visiontune", "---", "",

@@ -155,18 +155,18 @@ class FeatureExtractor:
     cache_dir: str | os.PathLike[str] | None = None
 
     @classmethod
-    def for_run(cls, backbone_name: str, backbone: nn.Module, pre: Preprocess, train_cfg: Any,
+    def for_run(cls, backbone_name: str, backbone: nn.Module, pre: Preprocess, cfg: Any,
                 device: torch.device | None = None, cached: bool = True) -> FeatureExtractor:
-        """The extractor a run's options give (`train_cfg`: a TrainConfig): its device (the
-        backbone moved there, unless `device` says where it already is), its cache
-        (`cached` False: none), batch size (64 for "auto"), workers, channels-last, engine."""
-        t = train_cfg
+        """The extractor a run's options give (`cfg`: a RunConfig): its device (the backbone
+        moved there, unless `device` says where it already is), its cache (`cached` False:
+        none), batch size (64 for "auto"), workers, channels-last, engine."""
+        r, batch_size = cfg.runtime, cfg.train.batch_size
         if device is None:
-            device = resolve_device(t.device)
-            prepare_model(backbone, device, t.channels_last)
-        cache = cache_for(backbone_name, backbone, pre, t.cache_dir) if cached else None
-        return cls(backbone, pre, device, cache, t.batch_size if isinstance(t.batch_size, int) else 64,
-                   t.num_workers, t.channels_last, t.engine, t.cache_dir)
+            device = resolve_device(r.device)
+            prepare_model(backbone, device, r.channels_last)
+        cache = cache_for(backbone_name, backbone, pre, r.cache_dir) if cached else None
+        return cls(backbone, pre, device, cache, batch_size if isinstance(batch_size, int) else 64,
+                   r.num_workers, r.channels_last, r.engine, r.cache_dir)
 
     def features(self, paths: Sequence[str]) -> np.ndarray:
         """(N, D) features of `paths`: what the advisor and `suggest` measure on."""

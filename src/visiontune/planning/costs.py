@@ -83,8 +83,8 @@ def measure_costs(cfg: RunConfig, source: DataSource) -> Costs:
                                      lambda x, y: trainer.train_step(setup.model, x, y))
         backbone = setup.model.backbone
         missing = _uncached(setup.data.feature_cache(), source)
-        t = setup.cfg.train
-        engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, t.engine, t.cache_dir, missing)
+        r = setup.cfg.runtime
+        engine = frozen_engine(backbone, setup.preprocess.input_size, setup.device, r.engine, r.cache_dir, missing)
         with torch.inference_mode():
             backbone.eval()
             extract, read = _seconds_per_image(setup.data.images().valid or setup.data.images().train, setup,
@@ -109,7 +109,7 @@ def _seconds_per_image(loader: DataLoader, setup: RunSetup,
     for i, batch in enumerate(_timed_reads(loader)):
         seconds_to_read, (x, y) = batch
         started = time.perf_counter()
-        work(to_device(x, setup.device, setup.cfg.train.channels_last), y.to(setup.device))
+        work(to_device(x, setup.device, setup.cfg.runtime.channels_last), y.to(setup.device))
         if i >= warm:
             total += seconds_to_read + time.perf_counter() - started
             read += seconds_to_read
@@ -135,7 +135,7 @@ def uncached_images(cfg: RunConfig, source: DataSource) -> int:
     """Train + valid images of `source` whose features for `cfg`'s backbone and size are not
     in the feature cache (the model is built to know its fingerprint)."""
     model, pre = create_classifier(cfg.model, len(source.classes))
-    return _uncached(cache_for(cfg.model.backbone, model.backbone, pre, cfg.train.cache_dir), source)
+    return _uncached(cache_for(cfg.model.backbone, model.backbone, pre, cfg.runtime.cache_dir), source)
 
 
 def _uncached(cache: FeatureCache, source: DataSource) -> int:

@@ -62,7 +62,7 @@ def plan_run(cfg: RunConfig, source: DataSource, started: float | None = None) -
     validation split a budget is not planned (nothing to compare strategies with): the
     clock keeps it and the strategy resolves as without one."""
     started = time.perf_counter() if started is None else started
-    budget = float(cfg.train.time_budget) if cfg.train.time_budget else None
+    budget = float(cfg.budget.time_budget) if cfg.budget.time_budget else None
     plan = None
     if budget and not source.no_validation:
         plan = _budget_plan(cfg, source, budget, started)
@@ -105,14 +105,14 @@ def resolve_batch_size(cfg: RunConfig, source: DataSource) -> RunConfig:
     if cfg.train.batch_size != "auto":
         return cfg
     env = distributed.from_env()
-    device = distributed.device_for(env, resolve_device(cfg.train.device))
+    device = distributed.device_for(env, resolve_device(cfg.runtime.device))
     task = make_run_task(cfg, source)
     # random weights: the memory a step takes does not depend on them, and pretrained ones
     # would be loaded (or downloaded) a second time, on the budget's clock
     model, pre = create_classifier(replace(cfg.model, weights="none"), task.num_outputs)
-    prepare_model(model, device, cfg.train.channels_last)
-    found = auto_batch_size(model, pre.input_size, len(source.split(TRAIN)), device, cfg.train.channels_last,
-                            resolve_precision(cfg.train.precision, device))
+    prepare_model(model, device, cfg.runtime.channels_last)
+    found = auto_batch_size(model, pre.input_size, len(source.split(TRAIN)), device, cfg.runtime.channels_last,
+                            resolve_precision(cfg.runtime.precision, device))
     del model
     free_device_memory(device)
     return RunConfig.create(cfg, batch_size=found * env.world_size if env.launched else found)

@@ -90,7 +90,7 @@ def compare(data: str | os.PathLike[str] | None = None, *, strategies: tuple[str
     holdout = None if folds else holdout_for(source, cfg)
     headline = TASKS[source.task].headline
     rows = CompareTable()
-    with parent_run(cfg.train.track, out_dir.parent, out_dir.name, {"kind": "compare"}, flat_params(cfg)) as parent:
+    with parent_run(cfg.tracking.track, out_dir.parent, out_dir.name, {"kind": "compare"}, flat_params(cfg)) as parent:
         for strategy in strategies:
             weights = "none" if STRATEGIES[strategy].random_init else cfg.model.weights
             scfg = RunConfig.create(cfg, strategy=strategy, weights=weights, output=str(out_dir), name=strategy)

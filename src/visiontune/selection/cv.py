@@ -109,7 +109,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     rows = []
     fold_rows = list(fold_indices(pool, k, cfg.seed))
     scored = common_labels(pool, fold_rows, source)
-    with parent_run(cfg.train.track, out_dir.parent, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
+    with parent_run(cfg.tracking.track, out_dir.parent, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
                                                    "selection": selection}, flat_params(cfg)) as parent:
         for i, held_out in enumerate(fold_rows):
             log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held_out), len(pool) - len(held_out))

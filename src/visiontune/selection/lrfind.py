@@ -93,7 +93,7 @@ def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tu
         for g, r in zip(trainer.optimizer.param_groups, ratios):
             g["lr"] = lr * r
         x, y, *_ = next(batches)  # (images, targets, rows)
-        loss = trainer.train_step(net, to_device(x, trainer.device, trainer.cfg.train.channels_last),
+        loss = trainer.train_step(net, to_device(x, trainer.device, trainer.cfg.runtime.channels_last),
                                   y.to(trainer.device))
         avg = 0.98 * avg + 0.02 * loss
         smoothed = avg / (1 - 0.98 ** (i + 1))

@@ -160,7 +160,7 @@ def suggest(pool: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     known = _known(run, labelled, csv, output if filled else None, config, overrides)
     paths, excluded, unreadable = _pool_paths(pool, known)
     _require_pool(paths, pool, excluded + unreadable)
-    extractor = FeatureExtractor.for_run(known.backbone_name, known.backbone, known.preprocess, known.cfg.train)
+    extractor = FeatureExtractor.for_run(known.backbone_name, known.backbone, known.preprocess, known.cfg)
     pool_feats, paths, gone = extractor.readable(paths)
     unreadable += gone  # removed or replaced since the check: skipped and listed as the check's are
     _require_pool(paths, pool, excluded + unreadable)
@@ -314,7 +314,7 @@ def _known(run: str | os.PathLike[str] | None, labelled: str | os.PathLike[str] 
         task = known.task.name if known.task else cfg.data.task
         source = load_items(DataConfig(path=root, csv=table, task=task, valid_pct=0.0,
                                        label_delim=cfg.data.label_delim), cfg.seed, min_classes=1,
-                            cache_dir=cfg.train.cache_dir)
+                            cache_dir=cfg.runtime.cache_dir)
         _add_source(known, source, fixed=run is not None)
     if known.task is not None and run is None:
         known.task.fit_labels(known.labels)
@@ -356,7 +356,7 @@ def _pool_paths(pool: Any, known: _Known) -> tuple[list[str], list[tuple[str, st
     as absolute paths; (path, why) for what was left out, and for the files that cannot be
     read."""
     inputs = [str(pool)] if isinstance(pool, (str, os.PathLike)) else [str(p) for p in pool]
-    found = unlabelled_pool(inputs, known.paths, known.cfg.train.cache_dir, left_out=known.left_out)
+    found = unlabelled_pool(inputs, known.paths, known.cfg.runtime.cache_dir, left_out=known.left_out)
     paths = [p if is_shard_item(p) else os.path.abspath(p) for p in found.paths]  # the CSV reads back from anywhere
     return paths, found.excluded, found.unreadable
 

@@ -120,11 +120,11 @@ class RunData:
         backbone group frozen and its BatchNorm in eval mode."""
         phase = self.plan.phases[phase_index]
         body_frozen = not any(on for on, g in zip(phase.trainable, self.plan.groups) if not g.is_head)
-        return (self.cfg.train.feature_cache or phase.probe) and body_frozen and self.cfg.strategy.frozen_bn == "eval"
+        return (self.cfg.runtime.feature_cache or phase.probe) and body_frozen and self.cfg.strategy.frozen_bn == "eval"
 
     def class_weights(self) -> torch.Tensor | None:
         """balance='weights': the task's loss weights from the training labels."""
-        if self.cfg.train.balance != "weights":
+        if self.cfg.outputs.balance != "weights":
             return None
         labels = [it.label for it in self.source.split(TRAIN)]
         return torch.tensor(self.task.balance_weights(labels), dtype=torch.float32, device=self.device)
@@ -133,7 +133,7 @@ class RunData:
         """balance='oversample': draw with replacement, rare classes (labels) as often as common
         ones. The draws come from `generator` (features: the run's, seeded each epoch), or
         else from the image loader's SeededSampler (make_loader's `seed`)."""
-        if self.cfg.train.balance != "oversample":
+        if self.cfg.outputs.balance != "oversample":
             return {"shuffle": True, **({"generator": generator} if generator is not None else {})}
         weights = self.task.oversample_weights(targets)
         return {"sampler": WeightedRandomSampler(weights.double(), len(targets), replacement=True,
@@ -148,22 +148,22 @@ class RunData:
     def held_out(self, items: list[Item]) -> tuple[DataLoader, bool]:
         """A loader over `items` scored as validation is (on cached features when no phase
         trains the backbone, so the head alone runs), and whether it is on features."""
-        t = self.cfg.train
+        batch_size = self.cfg.train.batch_size
         paths, targets = self._paths_targets(items)
         if all(self.uses_features(i) for i in range(len(self.plan.phases))):
             feats, _ = self.extractor().extract(paths)
-            return DataLoader(FeatureDataset(feats, targets), batch_size=t.batch_size, collate_fn=_as_batch), True
-        return make_loader(eval_dataset(paths, targets, self.preprocess), t.batch_size, t.num_workers,
+            return DataLoader(FeatureDataset(feats, targets), batch_size=batch_size, collate_fn=_as_batch), True
+        return make_loader(eval_dataset(paths, targets, self.preprocess), batch_size, self.cfg.runtime.num_workers,
                            self.device), False
 
     def feature_cache(self) -> FeatureCache:
         """The feature cache of the run's backbone as its weights are now."""
-        return cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.train.cache_dir)
+        return cache_for(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.runtime.cache_dir)
 
     def extractor(self, cached: bool = True) -> FeatureExtractor:
         """The run's backbone features on its device, options and (`cached`) feature cache,
         keyed by the backbone's weights as they are now."""
-        return FeatureExtractor.for_run(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg.train,
+        return FeatureExtractor.for_run(self.cfg.model.backbone, self.model.backbone, self.preprocess, self.cfg,
                                         self.device, cached)
 
     def images(self) -> PhaseData:
@@ -176,13 +176,13 @@ class RunData:
         return (self.env.rank, self.env.world_size) if self.env.parallel else (0, 1)
 
     def _file_images(self) -> PhaseData:
-        t, pre = self.cfg.train, self.preprocess
+        a, r, pre = self.cfg.augmentation, self.cfg.runtime, self.preprocess
         paths, targets = self._targets(TRAIN)
-        train = train_dataset(paths, targets, pre, t.augment, t.hflip, t.min_scale, t.image_cache, t.cache_dir)
+        train = train_dataset(paths, targets, pre, a.augment, a.hflip, a.min_scale, r.image_cache, r.cache_dir)
         if self.env.launched:
             train_loader = self._distributed_loader(train)
         else:
-            train_loader = make_loader(train, t.batch_size, t.num_workers, self.device, seed=self.cfg.seed,
+            train_loader = make_loader(train, self.cfg.train.batch_size, r.num_workers, self.device, seed=self.cfg.seed,
                                        persistent=True, **self._shuffle_args(targets))
         return PhaseData(train_loader, self._valid_images(), valid_rows=len(self.source.split(VALID)),
                          pool_views=self._pool_views() if self.cfg.data.unlabeled else None)
@@ -190,15 +190,15 @@ class RunData:
     def _pool_views(self) -> DataLoader:
         """--unlabeled in phases that train the backbone: the pool's images as (weak, strong)
         views (train/consistency.py), shuffled, one batch per step."""
-        t, pre = self.cfg.train, self.preprocess
-        views = TwoViews(train_transform(pre, "light", t.hflip, t.min_scale),
-                         train_transform(pre, "medium", t.hflip, t.min_scale))
-        pool = train_dataset(self._pool_files(), None, pre, "light", t.hflip, t.min_scale, t.image_cache, t.cache_dir,
+        a, r, pre = self.cfg.augmentation, self.cfg.runtime, self.preprocess
+        views = TwoViews(train_transform(pre, "light", a.hflip, a.min_scale),
+                         train_transform(pre, "medium", a.hflip, a.min_scale))
+        pool = train_dataset(self._pool_files(), None, pre, "light", a.hflip, a.min_scale, r.image_cache, r.cache_dir,
                              transform=views, mark_unreadable=True)  # a file gone since the check: skipped, listed
         seed = mix_seed(self.cfg.seed, POOL_STREAM)
         if self.env.launched:
             return self._distributed_loader(pool, seed)
-        return make_loader(pool, t.batch_size, t.num_workers, self.device, shuffle=True, seed=seed,
+        return make_loader(pool, self.cfg.train.batch_size, r.num_workers, self.device, shuffle=True, seed=seed,
                            persistent=True)
 
     def _valid_images(self) -> DataLoader | None:
@@ -207,11 +207,10 @@ class RunData:
         items = self.source.split(VALID)
         if not items:
             return None
-        t = self.cfg.train
         rank, world = self._world()
         paths, targets = self._paths_targets(items)
-        return make_loader(eval_dataset(paths, targets, self.preprocess, rank=rank, world=world), t.batch_size,
-                           t.num_workers, self.device, persistent=True)
+        return make_loader(eval_dataset(paths, targets, self.preprocess, rank=rank, world=world),
+                           self.cfg.train.batch_size, self.cfg.runtime.num_workers, self.device, persistent=True)
 
     def _from_shards(self) -> bool:
         return any(is_shard_item(it.path) for it in self.source.items[:1])
@@ -219,17 +218,17 @@ class RunData:
     def _shard_images(self) -> PhaseData:
         """Streams of WebDataset shards (data/webdata.py): training shuffled per epoch; under
         torchrun every process takes the same, nonzero number of steps (ShardStream)."""
-        t, pre = self.cfg.train, self.preprocess
+        a, pre = self.cfg.augmentation, self.preprocess
         rank, world = self._world()
-        if t.balance == "oversample":
+        if self.cfg.outputs.balance == "oversample":
             raise ConfigError("--balance oversample needs random access to the images; shards are read as a stream: "
                               "use --balance weights")
         per_step = self._per_process_batch(world)
         items = self.source.split(TRAIN)
         stream = ShardStream(items, self.task.encode([it.label for it in items]),
-                             train_transform(pre, t.augment, t.hflip, t.min_scale), train_side(pre), shuffle=True,
+                             train_transform(pre, a.augment, a.hflip, a.min_scale), train_side(pre), shuffle=True,
                              seed=self.cfg.seed, rank=rank, world=world)
-        train = make_loader(stream, per_step, t.num_workers, self.device)
+        train = make_loader(stream, per_step, self.cfg.runtime.num_workers, self.device)
         if world > 1:
             part = stream.assignment()
             if part.length == 0:
@@ -251,12 +250,12 @@ class RunData:
 
     def _distributed_loader(self, train: ImageDataset, seed: int | None = None) -> DataLoader:
         """`seed`: of the samples' augmentations (default: the run's)."""
-        t, world = self.cfg.train, self.env.world_size
+        world = self.env.world_size
         per_step = self._per_process_batch(world)
-        if t.balance == "oversample":
+        if self.cfg.outputs.balance == "oversample":
             raise ConfigError("--balance oversample is not supported under torchrun; use --balance weights")
         sampler = DistributedSampler(train, num_replicas=world, rank=self.env.rank, shuffle=True, seed=self.cfg.seed)
-        return make_loader(train, per_step, t.num_workers, self.device, sampler=sampler,
+        return make_loader(train, per_step, self.cfg.runtime.num_workers, self.device, sampler=sampler,
                            seed=self.cfg.seed if seed is None else seed, rank=self.env.rank, persistent=True)
 
     def features(self) -> PhaseData:
@@ -291,7 +290,7 @@ class RunData:
         (in the data or in the pool), and copies of any of them under other names stay out."""
         excluded = [p for p, why in self.source.excluded if why.startswith(LISTED_IN_EXCLUDE)]  # data/sources.py
         pool = unlabelled_pool([str(self.cfg.data.unlabeled)], [it.path for it in self.source.items],
-                               self.cfg.train.cache_dir, left_out=excluded, verify=self.cfg.data.verify_images)
+                               self.cfg.runtime.cache_dir, left_out=excluded, verify=self.cfg.data.verify_images)
         if self.env.is_main:
             log.info("%s", pool.report())
         if not pool.paths:
@@ -310,7 +309,7 @@ class RunData:
         feature cache). A file that cannot be read now (removed, or replaced by one that
         does not decode, since the pool was checked) is skipped from here on and listed."""
         paths = self._pool_files()
-        feats, stats = self.extractor(self.cfg.train.feature_cache).extract(paths, skip_unreadable=True)
+        feats, stats = self.extractor(self.cfg.runtime.feature_cache).extract(paths, skip_unreadable=True)
         feats, paths, lost = readable_rows(np.asarray(feats), paths, stats)
         if lost:
             self._lose(lost)
@@ -354,8 +353,7 @@ class RunData:
         hold: all, unless the time budget's deadline stopped the extraction (a random sample
         then, said in the log). `shared`: every process needs all of them, so under torchrun
         each extracts its share into the cache first."""
-        t = self.cfg.train
-        extractor = self.extractor(t.feature_cache)  # the probe without a disk cache: in memory
+        extractor = self.extractor(self.cfg.runtime.feature_cache)  # the probe without a disk cache: in memory
         cache = extractor.cache
         if cache is not None and shared and self.env.parallel:  # this process's share first, then all from the cache
             _, stats = extractor.extract([paths[i] for i in self._part(paths)], deadline=deadline)
@@ -374,5 +372,6 @@ class RunData:
             feats, targets = feats[kept], targets[kept]
             ids = (ids if ids is not None else torch.arange(len(paths)))[kept]
         order = self._shuffle_args(targets, self.generator) if shuffle else {}
-        loader = DataLoader(FeatureDataset(feats, targets, ids), batch_size=t.batch_size, collate_fn=_as_batch, **order)
+        loader = DataLoader(FeatureDataset(feats, targets, ids), batch_size=self.cfg.train.batch_size, collate_fn=_as_batch,
+                            **order)
         return loader, kept

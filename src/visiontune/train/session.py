@@ -75,8 +75,8 @@ def score_items(result: FitResult, items: list[Item], labels: list[int] | None =
     assert setup is not None, "score_items needs a FitResult from train_run"
     loader, on_features = setup.data.held_out(items)
     net = setup.model.head if on_features else setup.model
-    out = run_eval(net, loader, setup.device, setup.task, channels_last=setup.cfg.train.channels_last,
-                   precision=setup.cfg.train.precision)
+    out = run_eval(net, loader, setup.device, setup.task, channels_last=setup.cfg.runtime.channels_last,
+                   precision=setup.cfg.runtime.precision)
     out.require_all(len(items), [it.path for it in items])  # rows in the order of `items`, every one read
     return {**setup.task.metrics(out.targets, out.probs, labels), "loss": out.loss}, out
 
@@ -102,7 +102,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     checkpoint = Checkpoint(run_dir, objective, setup.cfg.train.restore_best, setup.cfg.train.min_delta,
                             write=setup.env.is_main)
     stopper = _early_stopping(setup.cfg.train, objective)
-    trackers = make_trackers(setup.cfg.train.track, run_dir, setup.cfg, setup.task) if setup.env.is_main else []
+    trackers = make_trackers(setup.cfg.tracking.track, run_dir, setup.cfg, setup.task) if setup.env.is_main else []
     trainer = Trainer(setup, _callbacks(setup, run_dir, checkpoint, stopper, [*(callbacks or []), *trackers]),
                       objective, run_dir)
     start_epoch = trainer.restore(ckpt) if ckpt is not None else 0
@@ -126,7 +126,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
         tracker.finish(result, _final_outputs(setup, trainer, checkpoint))
     setup.data.release()  # the loaders' kept workers end here, not when the result is dropped
     if setup.env.is_main:
-        keep_cache_in_bounds(setup.cfg.train.cache_dir)
+        keep_cache_in_bounds(setup.cfg.runtime.cache_dir)
     return result
 
 
@@ -201,7 +201,7 @@ def _calibrate_and_keep(setup: RunSetup, valid_out: EvalOutput | None, run_dir: 
     """Calibration and prediction sets (train/calibrate.py), then --thresholds tuned on the
     calibrated outputs; the main process writes the weights the run keeps with all of it."""
     valid_out = calibrate(setup.model, setup.task, valid_out, run_dir, write=setup.env.is_main)
-    if setup.cfg.train.thresholds == "tuned":
+    if setup.cfg.outputs.thresholds == "tuned":
         tune_thresholds(setup, valid_out, run_dir)
     if setup.env.is_main:
         RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)

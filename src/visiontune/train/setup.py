@@ -51,13 +51,13 @@ def prepare_run(cfg: RunConfig, source: DataSource, resuming: bool = False, cloc
     require_resolved(cfg)
     clock = clock if clock is not None else Clock()
     env = distributed.from_env()
-    device = distributed.device_for(env, resolve_device(cfg.train.device))
+    device = distributed.device_for(env, resolve_device(cfg.runtime.device))
     distributed.init(env, device)
     seed_everything(cfg.seed)  # the same initial weights in every process
     model_cfg = replace(cfg.model, weights="none") if resuming else cfg.model
     task = make_run_task(cfg, source)
     model, pre = create_classifier(model_cfg, task.num_outputs, task.warm_start_names())
-    prepare_model(model, device, cfg.train.channels_last)
+    prepare_model(model, device, cfg.runtime.channels_last)
     plan = make_plan(model, cfg.strategy, cfg.train, converged_probe=_probe_applies(cfg, model, env),
                      keeps_bn_statistics=cfg.bn_modes()[1] == "eval")
     cfg, plan, note = _without_held_out(cfg, source, model, plan)
@@ -93,10 +93,10 @@ def _without_held_out(cfg: RunConfig, source: DataSource, model: Classifier,
 def make_run_task(cfg: RunConfig, source: DataSource) -> Task:
     """The run's task over the source's classes, its options checked and what it learns
     from the training labels learnt (regression: their mean and std)."""
-    t = cfg.train
-    task = make_task(source.task, source.classes, {"threshold": t.threshold, "target_range": t.target_range,
-                                                   "loss": t.loss})
-    task.check(t.balance, t.label_smoothing)
+    o = cfg.outputs
+    task = make_task(source.task, source.classes, {"threshold": o.threshold, "target_range": o.target_range,
+                                                   "loss": o.loss})
+    task.check(o.balance, o.label_smoothing)
     task.fit_labels([it.label for it in source.split(TRAIN)])
     return task
 
@@ -136,8 +136,8 @@ def unresolved(cfg: RunConfig, clock: Clock | None = None) -> list[str]:
     batch size, a time budget that no clock keeps."""
     left = [f"{name} 'auto'" for name, value in (("strategy", cfg.strategy.name), ("batch_size", cfg.train.batch_size))
             if value == AUTO]
-    if clock is not None and cfg.train.time_budget and clock.budget_s is None:
-        left.append(f"time_budget {cfg.train.time_budget:g} s without a clock that keeps it")
+    if clock is not None and cfg.budget.time_budget and clock.budget_s is None:
+        left.append(f"time_budget {cfg.budget.time_budget:g} s without a clock that keeps it")
     return left
 
 

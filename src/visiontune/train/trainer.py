@@ -106,10 +106,10 @@ class Trainer:
         self.callbacks, self.device, self.env = callbacks, setup.device, setup.env
         self.generator = setup.data.generator
         self.criterion_weights = setup.data.class_weights()  # --balance weights (None: none); the probe's too
-        self.criterion = setup.task.loss(self.criterion_weights, setup.cfg.train.label_smoothing)
+        self.criterion = setup.task.loss(self.criterion_weights, setup.cfg.outputs.label_smoothing)
         self.state = TrainState()
         self.total_epochs = sum(p.epochs for p in self.plan.phases)
-        self.precision = resolve_precision(self.cfg.train.precision, self.device)
+        self.precision = resolve_precision(self.cfg.runtime.precision, self.device)
         use_scaler = self.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.micro = MicroBatcher()
@@ -117,14 +117,14 @@ class Trainer:
         self._prefix_net: nn.Module | None = None  # this phase's frozen leading blocks in ONNX Runtime (freeze-k)
         self._cv_eval: EvalOutput | None = None  # the probe's cross-validated outputs, where no split was held out
         self.consistency = Consistency(self.task, self.criterion, self.cfg.data.consistency_threshold, self.device,
-                                       self.precision, self.cfg.train.channels_last) if self.cfg.data.unlabeled else None
-        self.mixup = mixup_for(self.cfg.train, self.task)
+                                       self.precision, self.cfg.runtime.channels_last) if self.cfg.data.unlabeled else None
+        self.mixup = mixup_for(self.cfg, self.task)
         self.soft_criterion = setup.task.loss(setup.data.class_weights()) if self.mixup else None  # smoothing: in mixup
         self.ema = ModelEmaV3(self.model, decay=self.cfg.train.ema_decay, use_warmup=True) if self.cfg.train.ema \
             else None
         self.compiled: nn.Module | None = None
         self.compile_ok = False  # a compiled step has run: later errors are not compile failures
-        if self.cfg.train.compile:
+        if self.cfg.runtime.compile:
             if self.env.launched:
                 log.warning("--compile is ignored under torchrun")
             else:
@@ -179,7 +179,7 @@ class Trainer:
         running, seen = 0.0, 0
         if self.consistency is not None:
             self.consistency.reset()
-        bar = progress(batches, self.cfg.train.progress, f"epoch {epoch + 1}/{self.total_epochs}")
+        bar = progress(batches, self.cfg.runtime.progress, f"epoch {epoch + 1}/{self.total_epochs}")
         loop_started = time.perf_counter()
         for i, (x, y, views) in enumerate(bar):  # views: --unlabeled's pool batch (weak, strong), else None
             factor = self._step_factor(data, epoch, i, steps, seen, loop_started)
@@ -211,7 +211,7 @@ class Trainer:
               views: tuple[torch.Tensor, torch.Tensor] | None, where: str) -> float:
         """One optimizer step on a training batch (mixed by mixup when on), with the pool's
         views when given; its mean loss. A non-finite loss stops the run."""
-        x, y = to_device(x, self.device, self.cfg.train.channels_last), y.to(self.device, non_blocking=True)
+        x, y = to_device(x, self.device, self.cfg.runtime.channels_last), y.to(self.device, non_blocking=True)
         soft = self.mixup is not None and not data.on_features and len(y) % 2 == 0  # timm mixes pairs
         if soft:
             x, y = self.mixup(x, y)  # type: ignore[misc]
@@ -275,7 +275,7 @@ class Trainer:
             log.info("%s", pseudo.describe(self.task))
             self._write_pseudo_labels(data.pool_paths, pseudo)
         key = probe_key(x, y, self.task, start, self.criterion_weights, self.cfg.seed, groups)
-        fit_, remembered = ProbeMemory(self.cfg.train.cache_dir).fit(
+        fit_, remembered = ProbeMemory(self.cfg.runtime.cache_dir).fit(
             key, lambda: fit(x, y, c, groups),
             storable=lambda: self.clock.deadline is None)  # a fit a deadline cut short is not remembered
         load_into(self.model.head, fit_)
@@ -451,12 +451,12 @@ class Trainer:
         under --compile, under torchrun, and in a head-only phase)."""
         if phase.probe or self.compiled is not None or self.env.launched:
             return None
-        t = self.cfg.train
+        r = self.cfg.runtime
         images = len(self.data.source.split(TRAIN)) * phase.epochs
         self.train_mode()  # the modes its steps run in: what is frozen and in eval mode can leave PyTorch
         try:
-            return frozen_prefix(self.model, self.preprocess.input_size, self.device, t.engine, t.cache_dir, images,
-                                 t.channels_last)
+            return frozen_prefix(self.model, self.preprocess.input_size, self.device, r.engine, r.cache_dir, images,
+                                 r.channels_last)
         except Exception as exc:  # noqa: BLE001 - a model the prefix cannot be traced in: PyTorch runs it all
             log.warning("freeze-k: the frozen blocks stay in PyTorch (%s: %s)", type(exc).__name__, exc)
             return None
@@ -501,7 +501,7 @@ class Trainer:
         return {**metrics, **scores}
 
     def _evaluate(self, net: nn.Module, data: PhaseData) -> tuple[EvalOutput, dict[str, float]]:
-        out = run_eval(net, data.valid, self.device, self.task, channels_last=self.cfg.train.channels_last,
+        out = run_eval(net, data.valid, self.device, self.task, channels_last=self.cfg.runtime.channels_last,
                        precision=self.precision, micro=self.micro)
         if self.env.launched:  # each process validated its part: rows put back in order
             out = merge_outputs(gather((out.loss * len(out.targets) if len(out.targets) else 0.0, out.targets,
