@@ -53,7 +53,15 @@ from visiontune.config import ModelConfig, RunConfig, checked_dict
 from visiontune.data.items import LISTED_IN_EXCLUDE
 from visiontune.data.preprocess import Preprocess
 from visiontune.errors import VisiontuneError
-from visiontune.files import atomic_write, claim_dir, read_csv_dicts, write_csv, write_json, write_text
+from visiontune.files import (
+    atomic_write,
+    claim_dir,
+    read_csv,
+    read_csv_dicts,
+    write_csv,
+    write_json,
+    write_text,
+)
 from visiontune.tasks.base import Task
 
 MODEL_FILE = "model.safetensors"
@@ -182,7 +190,7 @@ class RunDir:
     clock_file = _file(CLOCK_FILE)
     last_checkpoint = _file(LAST_CHECKPOINT)
     pseudo_labels = _file("pseudo_labels.csv")
-    consistency = _file("consistency.csv")  # written by train/consistency.py
+    consistency = _file("consistency.csv")  # --unlabeled: `record_consistency`
     oof = _file("oof.csv")  # cv: out-of-fold probabilities (selection/cv.py)
     cv_summary_file = _file("cv_summary.json")
     compare_md = _file("compare.md")
@@ -300,6 +308,13 @@ class RunDir:
         writer.writeheader()
         writer.writerows(rows)
         write_text(self.history_csv, buf.getvalue())
+
+    def record_consistency(self, epoch: int, counts: list[int], columns: list[str]) -> None:
+        """consistency.csv: this epoch's row after the rows of the epochs before it (a resumed
+        run replaces what it runs again)."""
+        rows = [r for r in read_csv(self.consistency)[1:] if r and int(r[0]) < epoch] \
+            if self.consistency.is_file() else []
+        write_csv(self.consistency, ["epoch", *columns], [*rows, [epoch, *counts]])
 
     def write_calibration(self, record: dict[str, Any]) -> None:
         write_json(self.calibration_file, record)

@@ -29,11 +29,9 @@ checked) is left out of its batch and listed once, as the pool check lists what 
 
 from __future__ import annotations
 
-import csv
 import itertools
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,7 +40,7 @@ from torch import nn
 
 from visiontune.data.items import excluded_lines
 from visiontune.data.scan import why_unreadable
-from visiontune.files import write_csv
+from visiontune.rundir import RunDir
 from visiontune.runtime.device import autocast, batch_norm_for, to_device
 from visiontune.runtime.distributed import DistEnv, gather
 from visiontune.tasks.base import Task, unreadable_rows
@@ -193,15 +191,10 @@ class Consistency:
         self.seen, self.passed = len(merged), len(passed)
         self.used = np.bincount([i for c in passed for i in c], minlength=self.task.num_outputs).astype(float)
 
-    def record(self, path: Path, epoch: int) -> None:
-        """Write this epoch's row into `path` (consistency.csv), after the rows of the
-        epochs before it (a resumed run replaces what it runs again)."""
-        rows = []
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) < epoch]
-        rows.append([epoch, self.seen, self.passed, *(int(n) for n in self.used)])
-        write_csv(path, ["epoch", "seen", "passed", *self.task.classes], rows)
+    def record(self, run: RunDir, epoch: int) -> None:
+        """This epoch's counts into the run's consistency.csv (`RunDir.record_consistency`)."""
+        run.record_consistency(epoch, [self.seen, self.passed, *(int(n) for n in self.used)],
+                               ["seen", "passed", *self.task.classes])
 
     def summary(self, pool_size: int | None = None) -> str:
         """'12 of 40 pool images passed 0.95 (ants 5, bees 7)'; when the labelled epoch was

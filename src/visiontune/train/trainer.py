@@ -199,7 +199,7 @@ class Trainer:
             if self.consistency.seen:
                 log.info("epoch %d %s", epoch + 1, self.consistency.summary(len(data.pool_views.dataset)))
                 if (run := self._written_run()) is not None:
-                    self.consistency.record(run.consistency, epoch + 1)
+                    self.consistency.record(run, epoch + 1)
         running, images = reduce_totals(running, seen, self.env, self.device)
         if images == 0:  # the loop ran to its end (the clock returned above): the data yielded nothing
             raise DataError(f"epoch {epoch + 1} read no training image{' on any process' if self.env.parallel else ''}"
