@@ -28,7 +28,7 @@ from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.objective import Objective
-from visiontune.train.calibrate import calibrate
+from visiontune.train.calibrate import calibrate, fit_ood
 from visiontune.train.callbacks import (
     Callback,
     Checkpoint,
@@ -120,6 +120,8 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
         _require_an_epoch(trainer, clock)
         valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
                               write=setup.env.is_main)
+        if setup.env.is_main:  # the bank and threshold go into the weights this process writes
+            fit_ood(setup.model, setup.data, setup.cfg.seed)
         if setup.cfg.train.thresholds == "tuned":
             tune_thresholds(setup, valid_out, run_dir)
         if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
