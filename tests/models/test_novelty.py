@@ -143,3 +143,22 @@ def test_weights_without_a_bank_still_predict_without_a_score(trained: tuple[Pat
     assert "unknown" not in preds[0].record() and load_bundle(old).model.novelty is None
     with pytest.raises(ConfigError, match="no out-of-distribution score"):
         predict(old, [odd], ood_threshold=0.5)
+
+
+def test_interpret_lists_unusual_validation_images_as_unknown_outliers(trained: tuple[Path, Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """A noise image among the validation images: interpret's outliers.csv marks it unknown
+    with its score (review lists it first among the outliers); no training image is."""
+    from visiontune.analysis.interpret import interpret
+    from visiontune.files import read_csv_dicts
+    from visiontune.rundir import RunDir
+
+    run, data, odd = trained
+    mixed = tmp_path / "mixed"
+    for split in ("train", "valid"):
+        shutil.copytree(data / split, mixed / split)
+    shutil.copy(odd / "noise_0.png", mixed / "valid" / "red" / "noise_0.png")
+    interpret(run, str(mixed), top_n=2)
+    rows = {Path(r["path"]).name: r for r in read_csv_dicts(RunDir(run).views.outliers)}
+    assert rows["noise_0.png"]["unknown"] == "true" and float(rows["noise_0.png"]["ood_score"]) > 0.1
+    assert not any(r["unknown"] == "true" for r in rows.values() if "/train/" in r["path"])
