@@ -118,14 +118,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
-        valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
-                              write=setup.env.is_main)
-        if setup.env.is_main:  # the bank and threshold go into the weights this process writes
-            fit_ood(setup.model, setup.data, setup.cfg.seed)
-        if setup.cfg.train.thresholds == "tuned":
-            tune_thresholds(setup, valid_out, run_dir)
-        if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
-            RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
+        _finish_model(setup, trainer, checkpoint, run_dir)
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -140,6 +133,19 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     if setup.env.is_main:
         keep_cache_in_bounds(setup.cfg.train.cache_dir)
     return result
+
+
+def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run_dir: Path) -> None:
+    """After training: calibrate the kept weights, give them their OOD score (bank and
+    threshold), tune the thresholds, and write them (train/calibrate.py)."""
+    valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
+                          write=setup.env.is_main)
+    if setup.env.is_main:  # the bank and threshold go into the weights this process writes
+        fit_ood(setup.model, setup.data, setup.cfg.seed)
+    if setup.cfg.train.thresholds == "tuned":
+        tune_thresholds(setup, valid_out, run_dir)
+    if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
+        RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
 
 
 def _require_an_epoch(trainer: Trainer, clock: Clock) -> None:
