@@ -163,7 +163,7 @@ def test_cli_predict_output_keeps_the_old_file_when_it_fails_midway(trained: tup
     assert main(["predict", str(run), str(data / "test"), "--output", str(out_json), "--top-k", "1"]) == 0
     before = out.read_text()
     rows = list(csv.reader(before.splitlines()))
-    assert rows[0] == ["path", "label", "prob", "label2", "prob2"] and len(rows) == 9
+    assert rows[0] == ["path", "label", "prob", "label2", "prob2", "unknown", "ood_score"] and len(rows) == 9
     assert [(r["path"], len(r["predictions"])) for r in json.loads(out_json.read_text())] == [(r[0], 1) for r in rows[1:]]
     from visiontune import prediction
 

@@ -159,7 +159,7 @@ def predict(args: argparse.Namespace) -> int:
     how = cfg.inference
     stream = predict_stream(cfg.run, list(cfg.inputs), top_k=cfg.top.top_k, batch_size=how.batch_size,
                             device=how.device, tta=how.tta, engine=cfg.engine, coverage=cfg.sets.coverage,
-                            abstain=cfg.abstain.abstain)
+                            abstain=cfg.abstain.abstain, ood_threshold=cfg.ood_threshold)
     printed = 0
 
     def printing() -> Iterator[Prediction]:
@@ -171,7 +171,7 @@ def predict(args: argparse.Namespace) -> int:
 
     if cfg.output:  # written to a temporary file and renamed at the end: an old file survives a failure
         _write_predictions(cfg.output, printing(), stream.task, cfg.top.top_k, stream.label_delim,
-                           cfg.sets.coverage is not None)
+                           cfg.sets.coverage is not None, stream.ood is not None)
         print(f"wrote {printed} predictions to {cfg.output}", file=sys.stderr)  # stdout holds the predictions
     else:
         for _ in printing():
@@ -188,12 +188,13 @@ def _prediction_line(p: Prediction) -> str:
 
 
 def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k: int, delim: str = " ",
-                       sets: bool = False) -> None:
+                       sets: bool = False, ood: bool = False) -> None:
     """PATH.json: a list of {"path", ...the task's record (serve answers the same)}; else
     CSV in the task's columns (single-label: path,label,prob + the runners-up; multi-label:
     path,labels joined by the run's `delim`, as `train --csv` reads them, + one probability
     per label; regression: path,prediction; with `sets` (--coverage) set,set_size or
-    low,high). Rows are written as `preds` yields them."""
+    low,high; with `ood`, a model that scores images: unknown,ood_score). Rows are written
+    as `preds` yields them."""
     if path.endswith(".json"):
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -205,7 +206,7 @@ def _write_predictions(path: str, preds: Iterator[Prediction], task: Any, top_k:
         atomic_write(path, write)
         return
     out = task.output
-    write_csv(path, out.csv_header(top_k, sets), (out.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
+    write_csv(path, out.csv_header(top_k, sets, ood), (out.csv_row(p.path, p.decoded, delim, top_k) for p in preds))
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from visiontune.deploy.formats import is_exported
 from visiontune.errors import ConfigError, DataError
 from visiontune.rundir import RunDir
 from visiontune.runtime.device import resolve_device
-from visiontune.runtime.inference import EvalOutput, eval_batches, run_eval
+from visiontune.runtime.inference import Batch, EvalOutput, eval_batches, run_eval
 from visiontune.tasks.base import Decoded, unreadable_rows
 from visiontune.tasks.catalog import make_task
 from visiontune.tasks.conformal import SetPrediction
@@ -68,7 +68,10 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
     the logits of 4 views per image (data/transforms.py). The metrics include the
     calibration's: ECE (15 bins) and NLL of the probabilities as predict gives them, and of
     the uncalibrated ones (`*_uncalibrated`). `coverage`: also the prediction sets' empirical
-    coverage, mean size (interval width) and, for classes, selective accuracy."""
+    coverage, mean size (interval width) and, for classes, selective accuracy. A run that
+    scores how unlike its training images an image is (models/novelty.py) also reports
+    `unknown_share`: the share of images past its OOD threshold (about 5% for images like
+    the validation split's)."""
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
     sets = SetRequest.of(bundle, coverage)
@@ -92,6 +95,9 @@ def evaluate(run: str | os.PathLike[str], data: str | os.PathLike[str], *, csv: 
                **calibration_figures(bundle, out.targets, out.probs)}
     if sets is not None and len(out.targets):
         metrics.update(bundle.task.conformal.assess(out.targets, out.probs, sets.fitted, sets.coverage))
+    ood = OodRequest.of(bundle)
+    if ood is not None and out.ood is not None and len(out.ood):
+        metrics["unknown_share"] = float((out.ood > ood.threshold).mean())  # past the run's OOD threshold
     report = bundle.task.report(out.targets, out.probs)
     return EvalResult(metrics, report.rows, report.confusion, bundle.task.classes, paths, out.targets, out.probs,
                       source.excluded + unreadable, report.text)
@@ -171,7 +177,7 @@ class Prediction:
 def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
             top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
             tta: bool = False, engine: str = "auto", coverage: float | None = None,
-            abstain: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
+            abstain: bool = False, ood_threshold: float | None = None) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Classify image files and folders (searched recursively) with a run directory, its
     model.safetensors, or an exported .onnx / .pt2 / .ts file. Returns the predictions and
     the (path, reason) of inputs that were skipped (hidden, not images, unreadable). `tta`:
@@ -185,9 +191,15 @@ def predict(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | 
     `coverage` (e.g. 0.9): each prediction also carries its prediction set (`Prediction.set`):
     the classes (labels; a number's interval) that hold the truth for that share of images,
     from the run's held-out outputs (tasks/conformal.py). `abstain` (single-label, with
-    `coverage`): a set of more than one class answers "not sure: a or b"."""
+    `coverage`): a set of more than one class answers "not sure: a or b".
+
+    A run whose model holds a bank of training features (models/novelty.py) scores each
+    image (`Prediction.decoded.ood_score`: the distance to its k-th nearest training image)
+    and answers "unknown" past the threshold set on its validation split (95% of those
+    images pass); `ood_threshold` replaces that threshold."""
     stream = predict_stream(run, inputs, top_k=top_k, batch_size=batch_size, device=device,
-                            num_workers=num_workers, tta=tta, engine=engine, coverage=coverage, abstain=abstain)
+                            num_workers=num_workers, tta=tta, engine=engine, coverage=coverage, abstain=abstain,
+                            ood_threshold=ood_threshold)
     preds = list(stream)
     return preds, stream.skipped
 
@@ -202,11 +214,12 @@ class PredictionStream:
     decoding)."""
 
     def __init__(self, paths: list[str], skipped: list[tuple[str, str]], task: Any,
-                 batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]], top_k: int,
-                 label_delim: str = " ", sets: SetRequest | None = None) -> None:
+                 batches: Iterator[Batch], top_k: int, label_delim: str = " ", sets: SetRequest | None = None,
+                 ood: OodRequest | None = None) -> None:
         self.paths, self.skipped, self.task = paths, skipped, task
         self.label_delim = label_delim  # joins a multi-label prediction's labels (no label name holds it)
         self.sets = sets  # --coverage: the held-out scores, the coverage asked, --abstain
+        self.ood = ood  # the OOD threshold, when the model scores images (None: no score, no "unknown")
         self._predictions = self._run(batches, top_k)
 
     def __len__(self) -> int:
@@ -215,16 +228,17 @@ class PredictionStream:
     def __iter__(self) -> Iterator[Prediction]:
         return self._predictions
 
-    def _run(self, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]],
-             top_k: int) -> Iterator[Prediction]:
+    def _run(self, batches: Iterator[Batch], top_k: int) -> Iterator[Prediction]:
         task, read = self.task, np.zeros(len(self.paths), dtype=bool)
-        for probs, targets, rows, _, _ in batches:
+        for probs, targets, rows, _, _, scores in batches:
             read[rows] = True
             bad = unreadable_rows(targets)
             self.skipped.extend(_unreadable([self.paths[i] for i in rows[bad]]))
             decoded = task.decode(probs[~bad], top_k)
             if self.sets is not None:
                 self.sets.attach(task, probs[~bad], decoded)
+            if self.ood is not None and scores is not None:
+                self.ood.attach(scores[~bad], decoded)
             for i, d in zip(rows[~bad], decoded):
                 yield Prediction(self.paths[i], self.label_delim.join(d.labels), max(d.probs, default=0.0), d.ranked,
                                  d.labels, d.scores, task.name, d.value, d, task)
@@ -234,7 +248,7 @@ class PredictionStream:
 def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
                    top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
                    tta: bool = False, engine: str = "auto", coverage: float | None = None,
-                   abstain: bool = False) -> PredictionStream:
+                   abstain: bool = False, ood_threshold: float | None = None) -> PredictionStream:
     """`predict`, streamed: the model is loaded and the inputs listed now; iterating the
     result classifies the images batch by batch (see PredictionStream)."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -244,13 +258,39 @@ def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[s
                           "--coverage too (e.g. --coverage 0.9)")
     paths, skipped = collect_images([str(p) for p in inputs])
     dev, bundle, channels_last = _predictor(run, device, engine, len(paths))
-    sets = SetRequest.of(bundle, coverage, abstain)
-    batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = iter(())
+    sets, ood = SetRequest.of(bundle, coverage, abstain), OodRequest.of(bundle, ood_threshold)
+    batches: Iterator[Batch] = iter(())
     if paths:
         ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
         batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                                channels_last=channels_last)
-    return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle), sets)
+    return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle), sets, ood)
+
+
+@dataclass
+class OodRequest:
+    """What marks a prediction "unknown": the run's OOD threshold (model.uncertainty["ood"],
+    set on its validation split: train/calibrate.py), or predict --ood-threshold."""
+
+    threshold: float
+
+    @classmethod
+    def of(cls, bundle: Bundle, threshold: float | None = None) -> OodRequest | None:
+        """The request for `bundle`: None when its model scores no image (no bank: a run
+        trained before visiontune had one, or without a validation split); ConfigError when
+        `threshold` is asked of such a model."""
+        fitted = (bundle.uncertainty or {}).get("ood")
+        if not fitted:
+            if threshold is not None:
+                raise ConfigError(f"--ood-threshold {threshold:g}: {bundle.path}'s model has no out-of-distribution "
+                                  "score (it keeps features of its training images when trained with a validation "
+                                  "split by this visiontune); train it again, or leave --ood-threshold out")
+            return None
+        return cls(float(fitted["threshold"] if threshold is None else threshold))
+
+    def attach(self, scores: np.ndarray, decoded: list[Decoded]) -> None:
+        for d, score in zip(decoded, scores):
+            d.ood_score, d.unknown = float(score), bool(score > self.threshold)
 
 
 def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:

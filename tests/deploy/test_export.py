@@ -130,7 +130,8 @@ def test_pt2_loads_with_torch_alone(run, tmp_path: Path) -> None:
     extra = {"visiontune.json": ""}
     program = torch.export.load(path, extra_files=extra)
     assert json.loads(extra["visiontune.json"])["backbone"] == "timm:test_efficientnet"
-    assert program.module()(torch.randn(5, 3, 32, 32)).shape == (5, 2)  # any batch size
+    probs, ood_score = program.module()(torch.randn(5, 3, 32, 32))  # a run with a bank: the OOD score second
+    assert probs.shape == (5, 2) and ood_score.shape == (5,)  # any batch size
 
 
 def test_timm_folder_loads_in_timm_offline_with_the_fine_tuned_head(run, tmp_path: Path) -> None:

@@ -269,16 +269,35 @@ def _features(ctx: Context) -> np.ndarray:
 
 
 def write_outliers(ctx: Context, feats: np.ndarray) -> list[tuple[str, float]]:
-    """outliers.csv/.png: every image by atypicality in feature space, most odd first."""
+    """outliers.csv/.png: every image by atypicality in feature space, most odd first; with
+    the model's OOD score (models/novelty.py) when it has one, and `unknown` for the images
+    outside the training split past its threshold (unusual images in the user's own data:
+    review lists them first among the outliers)."""
     odd = rank_outliers(feats)
     order = np.argsort(-odd)
     items = ctx.items
     text = ctx.bundle.task.label_text
-    write_csv(ctx.views.outliers, ["rank", "path", "label", "atypicality"],
-              [[k + 1, items[i][0], text(items[i][1], _delim(ctx)), f"{odd[i]:.4f}"] for k, i in enumerate(order)])
+    ood, unknown = _ood_scores(ctx, feats)
+    write_csv(ctx.views.outliers, ["rank", "path", "label", "atypicality", "ood_score", "unknown"],
+              [[k + 1, items[i][0], text(items[i][1], _delim(ctx)), f"{odd[i]:.4f}",
+                "" if ood is None else f"{ood[i]:.4f}", "" if ood is None else str(bool(unknown[i])).lower()]
+               for k, i in enumerate(order)])
     _grid(ctx.views.outliers_png, [items[i][0] for i in order[:8]],
           [f"{items[i][1]} atypicality {odd[i]:.2f}" for i in order[:8]], ctx.bundle.preprocess.input_size)
     return [(items[i][0], float(odd[i])) for i in order]
+
+
+def _ood_scores(ctx: Context, feats: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Each image's OOD score from its features, and whether it is past the run's threshold
+    (training images never are: they are what the bank was drawn from); (None, all False)
+    for a model without a bank."""
+    novelty, fitted = getattr(ctx.bundle.model, "novelty", None), (ctx.bundle.uncertainty or {}).get("ood")
+    if novelty is None or not fitted or not len(feats):
+        return None, np.zeros(len(feats), dtype=bool)
+    with torch.inference_mode():
+        scores = novelty(torch.as_tensor(np.asarray(feats, dtype=np.float32)).to(novelty.bank.device)).cpu().numpy()
+    outside_train = np.array([split != TRAIN for _, _, split in ctx.items])
+    return scores, outside_train & (scores > fitted["threshold"])
 
 
 def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str] | None,

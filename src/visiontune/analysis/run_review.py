@@ -130,8 +130,11 @@ def flagged(run: Path, bundle: Bundle, data: str | None = None) -> list[Case]:
                 c.reasons.append(f"{r['kind']} duplicate of {os.path.basename(other)} ({split}"
                                  f"{', across splits: a leak' if crosses else ''})")
     for r in _rows(views.outliers):
-        if c := found.case(r["path"], 3e4 + float(r["rank"])):
-            c.reasons.append(f"outlier #{r['rank']}: atypicality {float(r['atypicality']):.2f}")
+        unknown = r.get("unknown") == "true"  # past the model's OOD threshold: first among the outliers
+        if c := found.case(r["path"], (2.9e4 if unknown else 3e4) + float(r["rank"])):
+            c.reasons.append(f"outlier #{r['rank']}: atypicality {float(r['atypicality']):.2f}"
+                             + (f"; unlike the training images (OOD score {float(r['ood_score']):.2f})"
+                                if unknown else ""))
     return sorted(found.cases.values(), key=lambda c: c.order)
 
 

@@ -16,6 +16,10 @@ The class names, input size, mean/std, interpolation, crop fraction and task tra
 the file (ONNX `metadata_props`; a `visiontune.json` extra file in pt2 and TorchScript),
 so `predict` can use the exported file alone. Each export is checked against the eager
 model on a batch of inputs and the max absolute difference of the logits is reported.
+
+A model with a bank of training features (models/novelty.py) exports with a second output,
+"ood_score" (the graph is `ScoredGraph`), checked against the eager score the same way;
+`load_exported`'s model hands both to predict (`scored`), its `forward` the first alone.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from visiontune.data.preprocess import Preprocess
 from visiontune.deploy.formats import FORMATS, files_text, format_of, suffix
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
+from visiontune.models.novelty import ScoredGraph, scored
 from visiontune.rundir import RunDir
 from visiontune.runtime.engine import check_engine, onnx_available, onnx_session, write_onnx
 from visiontune.tasks.catalog import make_task
@@ -78,8 +83,7 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
         return ExportResult(str(folder), format, diff)
     weights = model_file(run)
     bundle = load_bundle(weights)
-    model = bundle.model.to(memory_format=torch.contiguous_format).eval()
-    model = nn.Sequential(model, bundle.task.export_module()).eval()  # probabilities (regression: real units) out
+    model = _graph(bundle.model.to(memory_format=torch.contiguous_format).eval(), bundle.task.export_module())
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     target = Path(output) if output else weights.with_suffix(suffix(format))  # model.safetensors -> model.onnx
@@ -88,16 +92,34 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
     exported = load_exported(target, check_weights=False)  # of these weights: just written
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        diff = float((model(check) - exported.model(check)).abs().max())
+        diff = _parity(model(check), scored(exported.model, check))
     if diff > PARITY_TOLERANCE:
         raise VisiontuneError(f"exported {format} differs from the eager model by {diff:.2e} (> {PARITY_TOLERANCE})")
     log.info("exported %s to %s; max |eager - exported| = %.2e", format, target, diff)
     return ExportResult(str(target), format, diff)
 
 
+def _graph(model: nn.Module, output_module: nn.Module) -> nn.Module:
+    """What is exported: images -> probabilities (regression: real units), and the OOD score
+    as a second output when the model has a bank."""
+    if getattr(model, "novelty", None) is not None:
+        return ScoredGraph(model, output_module).eval()
+    return nn.Sequential(model, output_module).eval()
+
+
+def _parity(eager: torch.Tensor | tuple[torch.Tensor, ...], exported: tuple[torch.Tensor, Any]) -> float:
+    """The largest |eager - exported| over the outputs (and the OOD score, when there is one)."""
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    if len(eager) > 1 and exported[1] is None:
+        raise VisiontuneError("the exported file lost the model's OOD score output")
+    return max(float((e - x).abs().max()) for e, x in zip(eager, exported))
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
-    """FORMATS' "onnx" writer (runtime/engine.write_onnx: the one ONNX writer)."""
-    write_onnx(model, example, target, meta, opset)
+    """FORMATS' "onnx" writer (runtime/engine.write_onnx: the one ONNX writer); a
+    ScoredGraph's second output is named "ood_score"."""
+    names = ("logits", "ood_score") if isinstance(model, ScoredGraph) else "logits"
+    write_onnx(model, example, target, meta, opset, output_name=names)
 
 
 def export_pt2(model: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str], opset: int) -> None:
@@ -117,16 +139,21 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, target: Path, me
 
 
 class _ProgramModule(nn.Module):
-    """A torch.export program's module behind the interface `run_eval` uses: that module
-    refuses .eval()/.train() (its graph is fixed in eval mode), so it is kept as a plain
-    attribute, not a registered submodule."""
+    """A torch.export program's module (or a TorchScript module) behind the interface
+    `run_eval` uses: `forward` gives the first output, `scored` the OOD score too (None for
+    a file without one). A program's module refuses .eval()/.train() (its graph is fixed in
+    eval mode), so it is kept as a plain attribute, not a registered submodule."""
 
     def __init__(self, program_module: Any) -> None:
         super().__init__()
         object.__setattr__(self, "program", program_module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x.contiguous())
+        return self.scored(x)[0]
+
+    def scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.program(x.contiguous())
+        return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
 
 
 def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> Bundle:
@@ -151,7 +178,7 @@ def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> B
         extra = {"visiontune.json": ""}
         with warnings.catch_warnings():  # legacy format (see the module docstring)
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-            model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+            model = _ProgramModule(torch.jit.load(str(p), map_location="cpu", _extra_files=extra).eval())
         meta = json.loads(extra["visiontune.json"] or "{}")
     else:
         raise VisiontuneError(f"{str(p)!r}: not an exported model ({files_text(sep=', ', last=' or ', names=False)})")

@@ -17,6 +17,7 @@ from torch import nn
 from visiontune.config import ModelConfig
 from visiontune.data.preprocess import Preprocess
 from visiontune.models.backbones import create_source_model
+from visiontune.models.novelty import NearestNeighbours
 from visiontune.models.warmstart import warm_start_rows
 from visiontune.tasks.calibration import OutputCalibration
 
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 class Classifier(nn.Module):
     """`backbone` maps images to pooled features; `head` maps features to class logits;
     `calibration` rescales them per output once the run has fitted it (tasks/calibration.py;
-    the identity until then, and during training)."""
+    the identity until then, and during training); `novelty`, once fitted, scores how unlike
+    the training images an image is (models/novelty.py; None until then)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int, num_outputs: int) -> None:
         super().__init__()
@@ -35,7 +37,8 @@ class Classifier(nn.Module):
         self.calibration = OutputCalibration(num_outputs)
         self.num_features = num_features
         self.warm_start: dict[str, int] = {}  # class -> ImageNet row its head row started from
-        self.uncertainty: dict[str, Any] = {}  # what the run fitted on held-out outputs (calibration, sets)
+        self.uncertainty: dict[str, Any] = {}  # what the run fitted on held-out outputs (calibration, sets, ood)
+        self.novelty: NearestNeighbours | None = None  # registered as a submodule when set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(self.backbone(x))
@@ -44,10 +47,19 @@ class Classifier(nn.Module):
         """The calibrated logits of pooled features (what `forward` gives for images)."""
         return self.calibration(self.head(features))
 
+    def scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the calibrated logits, the OOD score of each image or None without a bank)."""
+        features = self.backbone(x)
+        return self.outputs(features), None if self.novelty is None else self.novelty(features)
+
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """`model.load_state_dict(state)`, strict, except that a Classifier's weights saved before
-    calibration existed (no calibration.* entries) load as uncalibrated."""
+    calibration existed (no calibration.* entries) load as uncalibrated, and that a bank of
+    training features (novelty.*: models/novelty.py) is registered when the weights hold
+    one; weights without it load without it."""
+    if isinstance(model, Classifier):
+        model.novelty = NearestNeighbours.of_state(state)
     calibration = getattr(model, "calibration", None)
     if isinstance(calibration, OutputCalibration) and not any(k.startswith("calibration.") for k in state):
         state = {**state, **{f"calibration.{k}": torch.ones_like(v) if k == "scale" else torch.zeros_like(v)

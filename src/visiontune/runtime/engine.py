@@ -87,9 +87,11 @@ class EngineCache(Cache):
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, target: str | os.PathLike[str], meta: dict[str, str],
-               opset: int = ONNX_OPSET, output_name: str = "logits") -> None:
+               opset: int = ONNX_OPSET, output_name: str | tuple[str, ...] = "logits") -> None:
     """`model` as ONNX at `target` (written atomically): input "image" with a dynamic
-    batch, output `output_name`, `meta` in the file's metadata_props."""
+    batch, output `output_name` (a tuple: one name per output of a model that returns
+    several), `meta` in the file's metadata_props."""
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
     try:
         import onnx
         import onnxscript  # noqa: F401 - the torch.export-based exporter needs it
@@ -98,7 +100,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, target: str | os.PathLik
                               "pip install 'visiontune[export]'") from None
 
     def write(tmp: str) -> None:
-        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=[output_name],
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=names,
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
                                     dynamo=True, verbose=False)
         program.save(tmp)  # weights inside the one file (small models) or beside it (> 2 GB)
@@ -112,7 +114,9 @@ def write_onnx(model: nn.Module, example: torch.Tensor, target: str | os.PathLik
 
 
 class OnnxModule(nn.Module):
-    """An ONNX Runtime session behind the nn.Module interface of a forward pass."""
+    """An ONNX Runtime session behind the nn.Module interface of a forward pass: `forward`
+    gives its first output; `scored` also its second, a model's OOD score (models/novelty.py;
+    None for a file without one)."""
 
     def __init__(self, session: Any) -> None:
         super().__init__()
@@ -120,8 +124,11 @@ class OnnxModule(nn.Module):
         self.input = session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scored(x)[0]
+
+    def scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.session.run(None, {self.input: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
-        return torch.from_numpy(out[0])
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1]) if len(out) > 1 else None
 
 
 def onnx_session(path: str | os.PathLike[str]) -> OnnxModule:

@@ -15,9 +15,13 @@ from tqdm.auto import tqdm
 
 from visiontune.data.loaders import read_ahead
 from visiontune.errors import DataError
+from visiontune.models.novelty import scored
 from visiontune.runtime.batchsize import MicroBatcher, free_device_memory, is_oom
 from visiontune.runtime.device import autocast, to_device
 from visiontune.tasks.base import Task, known_rows
+
+# one batch of eval_batches: probabilities, targets, row numbers, loss sum, labelled count, OOD scores (or None)
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, float, float, "np.ndarray | None"]
 
 
 @dataclass
@@ -30,9 +34,11 @@ class EvalOutput:
     targets: np.ndarray  # one row per image; markers for unlabelled / unreadable (tasks/base.py)
     probs: np.ndarray
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each row's place in the list
+    ood: np.ndarray | None = None  # each row's OOD score (models/novelty.py); None: the model has no bank
 
     def keep(self, mask: np.ndarray) -> None:
         self.targets, self.probs, self.ids = self.targets[mask], self.probs[mask], self.ids[mask]
+        self.ood = None if self.ood is None else self.ood[mask]
 
     def require_all(self, n: int, names: Sequence[str] | None = None) -> None:
         """Every row 0..n-1 exactly once, else DataError naming what was not read (a shard
@@ -47,11 +53,13 @@ class EvalOutput:
                         "with `visiontune shard`")
 
 
-def ordered(loss: float, targets: list[np.ndarray], probs: list[np.ndarray], ids: list[np.ndarray]) -> EvalOutput:
+def ordered(loss: float, targets: list[np.ndarray], probs: list[np.ndarray], ids: list[np.ndarray],
+            ood: list[np.ndarray] | None = None) -> EvalOutput:
     """Parts read in any order, as one output sorted by row number."""
     row_ids = np.concatenate(ids).astype(np.int64)
     order = np.argsort(row_ids, kind="stable")
-    return EvalOutput(loss, np.concatenate(targets)[order], np.concatenate(probs)[order], row_ids[order])
+    return EvalOutput(loss, np.concatenate(targets)[order], np.concatenate(probs)[order], row_ids[order],
+                      np.concatenate(ood)[order] if ood else None)
 
 
 def merge_outputs(parts: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]) -> EvalOutput:
@@ -72,10 +80,20 @@ def progress(loader: Any, enabled: bool, desc: str, total: int | None = None) ->
 def forward_chunks(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, device: torch.device,
                    precision: str) -> torch.Tensor:
     """model(x) in micro-batches (under no_grad/inference mode); halves them on out-of-memory."""
+    return forward_scored(model, x, micro, device, precision, score=False)[0]
+
+
+def forward_scored(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, device: torch.device, precision: str,
+                   score: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(model(x), the OOD score of each image or None when the model has no bank:
+    models/novelty.scored) in micro-batches; halves them on out-of-memory. `score=False`:
+    the outputs alone."""
     while True:
         try:
             with autocast(device, precision):
-                return torch.cat([model(c).float() for c in x.split(micro.chunks(len(x)))])
+                parts = [scored(model, c) if score else (model(c), None) for c in x.split(micro.chunks(len(x)))]
+            outputs = torch.cat([o.float() for o, _ in parts])
+            return outputs, None if parts[0][1] is None else torch.cat([s.float() for _, s in parts])
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not is_oom(exc):
                 raise
@@ -86,11 +104,12 @@ def forward_chunks(model: nn.Module, x: torch.Tensor, micro: MicroBatcher, devic
 @torch.inference_mode()
 def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
                  channels_last: bool = True, precision: str = "auto",
-                 micro: MicroBatcher | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]]:
+                 micro: MicroBatcher | None = None) -> Iterator[Batch]:
     """Per batch, in the order the loader reads: the task's probabilities, the targets
     (markers for unlabelled / unreadable rows), each row's number in the caller's list (the
     loader's datasets yield it: ImageDataset, ShardStream, FeatureDataset), the summed loss
-    over its labelled rows and their count."""
+    over its labelled rows and their count, and each image's OOD score (None when the model
+    has no bank: models/novelty.py; with test-time augmentation, the mean over the views)."""
     model.eval()
     micro = micro or MicroBatcher()
     criterion = task.loss()
@@ -98,28 +117,32 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
     for x, y, ids in progress(read_ahead(loader), show_progress, "eval", total):
         views = x.shape[1] if x.ndim == 5 else 0  # test-time augmentation: (B, V, 3, H, W)
         x, y = to_device(x.flatten(0, 1) if views else x, device, channels_last), y.to(device)
-        logits = forward_chunks(model, x, micro, device, precision)
+        logits, ood = forward_scored(model, x, micro, device, precision)
         if views:
             logits = logits.view(-1, views, logits.shape[-1]).mean(dim=1)  # logits averaged over the views
+            ood = None if ood is None else ood.view(-1, views).mean(dim=1)
         known = known_rows(y)  # NO_LABEL (predict) and UNREADABLE rows carry no loss
         total, count = 0.0, 0.0
         if known.any():
             total = criterion.total(logits[known], y[known]).item()
             count = float(criterion.norm(y[known]).item())
-        yield task.probabilities(logits).cpu().numpy(), y.cpu().numpy(), np.asarray(ids), total, count
+        yield (task.probabilities(logits).cpu().numpy(), y.cpu().numpy(), np.asarray(ids), total, count,
+               None if ood is None else ood.cpu().numpy())
 
 
 def run_eval(model: nn.Module, loader: DataLoader, device: torch.device, task: Task, show_progress: bool = False,
              channels_last: bool = True, precision: str = "auto", micro: MicroBatcher | None = None) -> EvalOutput:
-    """The task's mean loss over labelled rows, all targets and the task's probabilities,
-    rows in the order of the loader's list (by row number, whatever order it read in)."""
-    total, count, probs, targets, ids = 0.0, 0.0, [], [], []
-    for p, y, i, batch_total, batch_count in eval_batches(model, loader, device, task, show_progress, channels_last,
-                                                          precision, micro):
+    """The task's mean loss over labelled rows, all targets and the task's probabilities
+    (and the OOD scores of a model with a bank), rows in the order of the loader's list (by row number, whatever order it read in)."""
+    total, count, probs, targets, ids, ood = 0.0, 0.0, [], [], [], []
+    for p, y, i, batch_total, batch_count, score in eval_batches(model, loader, device, task, show_progress,
+                                                                 channels_last, precision, micro):
         total, count = total + batch_total, count + batch_count
         probs.append(p)
         targets.append(y)
         ids.append(i)
+        if score is not None:
+            ood.append(score)
     if not probs:
         return EvalOutput(float("nan"), np.zeros(0, dtype=int), np.zeros((0, task.num_outputs)))
-    return ordered(total / count if count else float("nan"), targets, probs, ids)
+    return ordered(total / count if count else float("nan"), targets, probs, ids, ood)

@@ -16,21 +16,33 @@ of them (the fold probes are the final probe fitted on a little less data).
 The fitted layer goes into the weights (model.calibration), the held-out scores of the
 sets into model.safetensors' metadata (model.uncertainty), the figures into
 RUN/calibration.json and the reliability diagram into RUN/reliability.png.
+
+`fit_ood` then gives the model its out-of-distribution score (models/novelty.py): one
+feature pass of the kept weights (the run's eval transform; the feature cache's rows when
+no phase trained the backbone) over a stratified, seeded sample of at most BANK training
+images, which become the bank inside the model, and over the validation images, whose
+scores set the threshold that PASS_SHARE (95%) of them pass (model.uncertainty["ood"]).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from visiontune.data.items import TRAIN, VALID
+from visiontune.data.splits import stratified_sample
+from visiontune.models.novelty import BANK, PASS_SHARE, NearestNeighbours, neighbour_k, threshold
 from visiontune.plots import save_reliability
 from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput
 from visiontune.tasks.base import Task, known_rows
 from visiontune.tasks.calibration import Fit
+from visiontune.train.rundata import RunData
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +91,34 @@ def _write(model: Any, task: Task, targets: np.ndarray, raw: np.ndarray, calibra
     save_reliability(run.reliability, {"before": task.calibrator.reliability(targets, raw),
                                        "after": task.calibrator.reliability(targets, calibrated)},
                      {"before": fit.before["ece"], "after": fit.after["ece"]}, what)
+
+
+def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK) -> dict[str, Any] | None:
+    """Give `model` its bank of training features and set its OOD threshold on the validation
+    split (see the module docstring); the record kept in model.uncertainty["ood"], or None
+    (and no bank) when the run has no validation images or too few training images."""
+    train, valid = data.source.split(TRAIN), data.source.split(VALID)
+    if not valid or len(train) < 2:
+        log.info("no out-of-distribution score: it needs validation images (to set its threshold) and training "
+                 "images (its bank); predict gives no 'unknown'")
+        return None
+    started = time.perf_counter()
+    chosen = stratified_sample(data.task.strata([it.label for it in train]), bank_size, seed, at_least=1)
+    bank_items = train if chosen is None else [train[i] for i in chosen]
+    frozen = all(data.uses_features(i) for i in range(len(data.plan.phases)))  # the cache holds these features
+    extractor = data.extractor(cached=frozen and data.cfg.runtime.feature_cache)
+    features = extractor.features([it.path for it in bank_items + valid])
+    bank = torch.from_numpy(np.ascontiguousarray(features[:len(bank_items)]))
+    model.novelty = NearestNeighbours(bank, neighbour_k(len(bank))).to(next(model.parameters()).device)
+    with torch.inference_mode():
+        scores = model.novelty(torch.from_numpy(features[len(bank_items):]).to(model.novelty.bank.device)).cpu()
+    record = {"score": "knn", "k": model.novelty.neighbour, "threshold": round(threshold(scores.numpy()), 6),
+              "bank": len(bank), "features": int(bank.shape[1]), "pass_share": PASS_SHARE,
+              "valid_images": len(valid), "bank_mb": round(model.novelty.size_bytes() / 1e6, 3),
+              "fitted_on": "training images (the bank) and the validation split (the threshold)",
+              "seconds": round(time.perf_counter() - started, 3)}
+    model.uncertainty = {**(model.uncertainty or {}), "ood": record}
+    log.info("out-of-distribution score: distance to the %d-th nearest of %d training images (%.1f MB); threshold "
+             "%.4f lets %.0f%% of %d validation images pass (%.1f s)", record["k"], record["bank"], record["bank_mb"],
+             record["threshold"], 100 * PASS_SHARE, len(valid), record["seconds"])
+    return record

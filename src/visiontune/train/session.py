@@ -23,7 +23,7 @@ from visiontune.runtime.inference import EvalOutput, run_eval
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.objective import Objective
-from visiontune.train.calibrate import calibrate
+from visiontune.train.calibrate import calibrate, fit_ood
 from visiontune.train.callbacks import (
     Callback,
     Checkpoint,
@@ -113,7 +113,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
-        _calibrate_and_keep(setup, _final_outputs(setup, trainer, checkpoint), run_dir)
+        _finish_model(setup, trainer, checkpoint, run_dir)
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -128,6 +128,19 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     if setup.env.is_main:
         keep_cache_in_bounds(setup.cfg.runtime.cache_dir)
     return result
+
+
+def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run_dir: Path) -> None:
+    """After training: calibrate the kept weights, give them their OOD score (bank and
+    threshold), tune the thresholds, and write them (train/calibrate.py)."""
+    valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
+                          write=setup.env.is_main)
+    if setup.env.is_main:  # the bank and threshold go into the weights this process writes
+        fit_ood(setup.model, setup.data, setup.cfg.seed)
+    if setup.cfg.outputs.thresholds == "tuned":
+        tune_thresholds(setup, valid_out, run_dir)
+    if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
+        RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
 
 
 def _require_an_epoch(trainer: Trainer, clock: Clock) -> None:
@@ -195,16 +208,6 @@ def _say_time_left(clock: Clock, run_dir: Path) -> None:
     else:
         log.warning("time budget: %s has no record of the time it used before; the whole budget of %.0f s counts "
                     "from now", run_dir, clock.budget_s)
-
-
-def _calibrate_and_keep(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> None:
-    """Calibration and prediction sets (train/calibrate.py), then --thresholds tuned on the
-    calibrated outputs; the main process writes the weights the run keeps with all of it."""
-    valid_out = calibrate(setup.model, setup.task, valid_out, run_dir, write=setup.env.is_main)
-    if setup.cfg.outputs.thresholds == "tuned":
-        tune_thresholds(setup, valid_out, run_dir)
-    if setup.env.is_main:
-        RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
 
 
 def _final_outputs(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) -> EvalOutput | None:
