@@ -644,7 +644,7 @@ def test_a_registered_task_trains_predicts_and_exports(toy_task, flat_data: Path
     right = sum(p.label == Path(p.path).parent.name for p in preds) / len(preds)
     assert vt.evaluate(run.run_dir, flat_data).metrics["accuracy"] == pytest.approx(right)  # one decoding
     assert main(["predict", run.run_dir, str(flat_data), "--output", str(tmp_path / "p.csv")]) == 0
-    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,label,prob"
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,label,prob,unknown,ood_score"  # a bank: OOD columns
     pytest.importorskip("onnxruntime")
     from visiontune.deploy.export import export
 

@@ -91,6 +91,32 @@ class SetRequest:
             d.abstained = self.abstain and len(s.labels) > 1
 
 
+@dataclass
+class OodRequest:
+    """What marks a prediction "unknown": the run's OOD threshold (model.uncertainty["ood"],
+    set on its validation split: train/calibrate.py), or predict --ood-threshold."""
+
+    threshold: float
+
+    @classmethod
+    def of(cls, bundle: Bundle, threshold: float | None = None) -> OodRequest | None:
+        """The request for `bundle`: None when its model scores no image (no bank: a run
+        trained before visiontune had one, or without a validation split); ConfigError when
+        `threshold` is asked of such a model."""
+        fitted = (bundle.uncertainty or {}).get("ood")
+        if not fitted:
+            if threshold is not None:
+                raise ConfigError(f"--ood-threshold {threshold:g}: {bundle.path}'s model has no out-of-distribution "
+                                  "score (it keeps features of its training images when trained with a validation "
+                                  "split by this visiontune); train it again, or leave --ood-threshold out")
+            return None
+        return cls(float(fitted["threshold"] if threshold is None else threshold))
+
+    def attach(self, scores: np.ndarray, decoded: list[Decoded]) -> None:
+        for d, score in zip(decoded, scores):
+            d.ood_score, d.unknown = float(score), bool(score > self.threshold)
+
+
 def model_file(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if p.is_dir():

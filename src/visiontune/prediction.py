@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from visiontune import display
-from visiontune.bundle import Bundle, SetRequest, load_bundle
+from visiontune.bundle import Bundle, OodRequest, SetRequest, load_bundle
 from visiontune.config import DataConfig
 from visiontune.data.images import check_image
 from visiontune.data.items import TEST, TRAIN, VALID
@@ -265,32 +265,6 @@ def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[s
         batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
                                channels_last=channels_last)
     return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle), sets, ood)
-
-
-@dataclass
-class OodRequest:
-    """What marks a prediction "unknown": the run's OOD threshold (model.uncertainty["ood"],
-    set on its validation split: train/calibrate.py), or predict --ood-threshold."""
-
-    threshold: float
-
-    @classmethod
-    def of(cls, bundle: Bundle, threshold: float | None = None) -> OodRequest | None:
-        """The request for `bundle`: None when its model scores no image (no bank: a run
-        trained before visiontune had one, or without a validation split); ConfigError when
-        `threshold` is asked of such a model."""
-        fitted = (bundle.uncertainty or {}).get("ood")
-        if not fitted:
-            if threshold is not None:
-                raise ConfigError(f"--ood-threshold {threshold:g}: {bundle.path}'s model has no out-of-distribution "
-                                  "score (it keeps features of its training images when trained with a validation "
-                                  "split by this visiontune); train it again, or leave --ood-threshold out")
-            return None
-        return cls(float(fitted["threshold"] if threshold is None else threshold))
-
-    def attach(self, scores: np.ndarray, decoded: list[Decoded]) -> None:
-        for d, score in zip(decoded, scores):
-            d.ood_score, d.unknown = float(score), bool(score > self.threshold)
 
 
 def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:

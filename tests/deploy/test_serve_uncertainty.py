@@ -10,7 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -35,14 +37,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def with_ood(run: Path, dest: Path, **ood: float | str) -> Path:
-    """A copy of `run` whose model.uncertainty carries an "ood" entry (what the run's
-    calibration stores for its out-of-distribution score)."""
+    """A copy of `run` whose model.uncertainty "ood" entry (what the run stores for its
+    out-of-distribution score, models/novelty.py) is changed: a threshold of -1 makes every
+    answer unknown, 2 (the largest kNN distance) none."""
     shutil.copytree(run, dest)
     file = dest / "model.safetensors"
     with safe_open(str(file), framework="pt") as fh:
         metadata = dict(fh.metadata())
     meta = json.loads(metadata["visiontune"])
-    meta["uncertainty"] = {**meta["uncertainty"], "ood": {"score": "msp", **ood}}
+    meta["uncertainty"] = {**meta["uncertainty"], "ood": {**meta["uncertainty"]["ood"], **ood}}
     save_file(load_file(str(file)), str(file), metadata={**metadata, "visiontune": json.dumps(meta)})
     return dest
 
@@ -60,7 +63,7 @@ def test_the_answer_carries_the_set_and_its_size_with_coverage(run: Path, tmp_pa
 
     red = make_image(tmp_path / "red.png", RED, seed=101)
     plain = post(TestClient(create_app(run)), red)
-    assert "set" not in plain and "unknown" not in plain
+    assert "set" not in plain and plain["unknown"] is False  # the run scores images: a bank of its own
     answer = post(TestClient(create_app(run, coverage=0.8)), red)
     assert answer["set"] == ["red"] and answer["set_size"] == 1 and answer["coverage"] == 0.8
     wide = post(TestClient(create_app(run, coverage=0.95)), red)  # too few held-out images: every class
@@ -75,7 +78,7 @@ def test_a_run_without_held_out_scores_is_refused_at_start(run: Path, tmp_path: 
     from visiontune.deploy.serve import create_app
     from visiontune.errors import ConfigError
 
-    bare = with_ood(run, tmp_path / "bare", threshold=1.0)
+    bare = with_ood(run, tmp_path / "bare", threshold=2.0)
     file = bare / "model.safetensors"
     with safe_open(str(file), framework="pt") as fh:
         metadata = dict(fh.metadata())
@@ -93,10 +96,16 @@ def test_unknown_answers_carry_the_flag_and_the_score(run: Path, tmp_path: Path)
 
     red = make_image(tmp_path / "red.png", RED, seed=102)
     unknown = post(TestClient(create_app(with_ood(run, tmp_path / "all", threshold=-1.0))), red)
-    known = post(TestClient(create_app(with_ood(run, tmp_path / "none", threshold=1.0))), red)
+    known = post(TestClient(create_app(with_ood(run, tmp_path / "none", threshold=2.0))), red)
     assert unknown["unknown"] is True and known["unknown"] is False
-    top = known["predictions"][0]["prob"]
-    assert unknown["ood_score"] == pytest.approx(1 - top) and known["ood_score"] == pytest.approx(1 - top)
+    (pred,), _ = vt.predict(run, [str(red)], engine="torch")  # the model's own score, as predict gives it
+    assert unknown["ood_score"] == pytest.approx(pred.decoded.ood_score, abs=1e-4) == known["ood_score"]
+    # with the run's own threshold: noise is unknown, a new red square is not
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise)
+    client = TestClient(create_app(run))
+    assert post(client, noise)["unknown"] is True and post(client, red)["unknown"] is False
 
 
 def test_metrics_parse_as_prometheus_text_with_the_requests_made(run: Path, tmp_path: Path) -> None:
@@ -150,7 +159,7 @@ def test_drift_is_warned_once_per_window_of_unknown_answers_and_never_for_known_
 
     red = make_image(tmp_path / "red.png", RED, seed=106)
     caplog.set_level(logging.WARNING, logger="visiontune")
-    known = TestClient(create_app(with_ood(run, tmp_path / "none", threshold=1.0, valid_unknown_share=0.05),
+    known = TestClient(create_app(with_ood(run, tmp_path / "none", threshold=2.0, valid_unknown_share=0.05),
                                   drift_window=4, drift_margin=0.1))
     for _ in range(8):
         assert post(known, red)["unknown"] is False

@@ -42,14 +42,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visiontune.bundle import Bundle, SetRequest, load_bundle
+from visiontune.bundle import Bundle, OodRequest, SetRequest, load_bundle
 from visiontune.data.images import TooManyPixels, load_rgb
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.deploy.monitor import DEFAULT_UNKNOWN_SHARE, DriftWatch, MetricsMiddleware, ServeMetrics
 from visiontune.errors import VisiontuneError
 from visiontune.runtime.batchsize import MicroBatcher
 from visiontune.runtime.device import to_device
-from visiontune.runtime.inference import forward_chunks
+from visiontune.runtime.inference import forward_scored
 from visiontune.tasks.base import Decoded
 from visiontune.web import serve_app
 
@@ -161,44 +161,16 @@ async def _send_413(send: Any, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class Novelty:
-    """How unlike the training images an answer is, from a run's model.uncertainty["ood"]
-    ({"score": kind, "threshold": t, "valid_unknown_share": s}): an image scoring above `t`
-    is unknown. Serve computes the kinds it can from the outputs alone: "msp", one minus the
-    top probability (Hendrycks & Gimpel 2017). A run storing another kind (one that needs the
-    model's features) is served without the flag, said once in the log."""
-
-    SCORES = {"msp": lambda probs: 1.0 - probs.max(axis=1)}
-
-    def __init__(self, kind: str, threshold: float) -> None:
-        self.score, self.threshold = self.SCORES[kind], float(threshold)
-
-    @classmethod
-    def of(cls, bundle: Bundle) -> "Novelty | None":
-        ood = (bundle.uncertainty or {}).get("ood")
-        if not ood:
-            return None
-        if ood.get("score") not in cls.SCORES or bundle.task.calibrator.kind == "none":
-            log.warning("%s: serve cannot compute the %r out-of-distribution score of this %s model; answers carry "
-                        "no 'unknown'", bundle.path, ood.get("score"), bundle.task.name)
-            return None
-        return cls(ood["score"], ood["threshold"])
-
-    def attach(self, probs: np.ndarray, decoded: list[Decoded]) -> None:
-        for d, score in zip(decoded, self.score(probs)):
-            d.ood_score, d.unknown = float(score), bool(score > self.threshold)
-
-
 class BatchPredictor:
     """One thread runs the model; requests put their image tensors on a queue and wait on a
     future. The thread takes every request waiting (up to `max_batch`) as one batch. `sets`
-    (--coverage) gives each answer its prediction set; `novelty` its out-of-distribution
-    score and whether it is unknown."""
+    (--coverage) gives each answer its prediction set; `ood` (a model that scores how unlike
+    its training images an image is: models/novelty.py) its score and whether it is unknown."""
 
     def __init__(self, bundle: Bundle, top_k: int, max_batch: int = 16, sets: SetRequest | None = None,
-                 novelty: Novelty | None = None) -> None:
+                 ood: OodRequest | None = None) -> None:
         self.bundle, self.top_k, self.max_batch = bundle, top_k, max_batch
-        self.sets, self.novelty = sets, novelty
+        self.sets, self.ood = sets, ood
         self.micro = MicroBatcher()
         self.queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue()
         threading.Thread(target=self._run, name="visiontune-model", daemon=True).start()
@@ -232,13 +204,14 @@ class BatchPredictor:
         --coverage the set, with an OOD score the score and `unknown`."""
         task, device = self.bundle.task, torch.device("cpu")  # load_bundle's device
         # the runtime's forward pass, as predict's: autocast by --precision auto, halved on out-of-memory
-        logits = forward_chunks(self.bundle.model, to_device(x, device, True), self.micro, device, "auto")
+        logits, scores = forward_scored(self.bundle.model, to_device(x, device, True), self.micro, device, "auto",
+                                        score=self.ood is not None)
         probs = np.asarray(task.probabilities(logits).float().numpy())
         decoded = task.decode(probs, self.top_k)
         if self.sets is not None:
             self.sets.attach(task, probs, decoded)
-        if self.novelty is not None:
-            self.novelty.attach(probs, decoded)
+        if self.ood is not None and scores is not None:
+            self.ood.attach(scores.cpu().numpy(), decoded)
         return decoded
 
 
@@ -276,11 +249,11 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
             from None
     bundle = load_bundle(run)
     sets = SetRequest.of(bundle, coverage)  # a run without held-out scores is an error now, not per request
-    novelty = Novelty.of(bundle)
+    ood_request = OodRequest.of(bundle)
     ood = (bundle.uncertainty or {}).get("ood") or {}
     metrics = ServeMetrics(DriftWatch(drift_window, float(ood.get("valid_unknown_share", DEFAULT_UNKNOWN_SHARE)),
                                       drift_margin))
-    predictor = BatchPredictor(bundle, max(1, min(top_k, len(bundle.classes))), sets=sets, novelty=novelty)
+    predictor = BatchPredictor(bundle, max(1, min(top_k, len(bundle.classes))), sets=sets, ood=ood_request)
     app = FastAPI(title="visiontune", docs_url=None, redoc_url=None)
     page = PAGE.replace("__NAME__", html.escape(os.path.basename(os.path.abspath(run)))).replace(
         "__CLASSES__", html.escape(", ".join(bundle.classes)))
