@@ -141,3 +141,14 @@ def test_none_passes_a_choice_only_where_none_is_the_default() -> None:
         check_fields(Given(task="c"))
     with pytest.raises(ConfigError, match="optimizer None is not valid"):
         RunConfig.create(None, optimizer=None)
+
+
+def test_every_command_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse formats help with %: a bare "95%" in an option's help made `predict --help`
+    a TypeError. Every command's --help prints and exits 0."""
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out

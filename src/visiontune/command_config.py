@@ -129,7 +129,7 @@ class PredictConfig:
     abstain: Abstain = group(Abstain)
     ood_threshold: float | None = option(None, "answer 'unknown' for images whose out-of-distribution score (distance "
                                                "to the k-th nearest training image's features, 0 to 2) is past this "
-                                               "value, instead of the run's own threshold (set so that 95% of its "
+                                               "value, instead of the run's own threshold (set so that 95 in 100 of its "
                                                "validation images pass)", ge=0.0, metavar="SCORE")
     engine: str = run_option("engine", help="CPU inference engine. auto: ONNX Runtime when the run has a current "
                                             "model.onnx, or when onnxruntime is installed and there are >= 2000 images "
