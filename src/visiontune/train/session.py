@@ -113,7 +113,8 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
-        _calibrate_and_keep(setup, _final_outputs(setup, trainer, checkpoint), run_dir)
+        _calibrate_and_keep(setup, _final_outputs(setup, trainer, checkpoint), run_dir,
+                            cross_validated(setup, source))
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -197,10 +198,11 @@ def _say_time_left(clock: Clock, run_dir: Path) -> None:
                     "from now", run_dir, clock.budget_s)
 
 
-def _calibrate_and_keep(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> None:
+def _calibrate_and_keep(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path, by_cv: bool) -> None:
     """Calibration and prediction sets (train/calibrate.py), then --thresholds tuned on the
-    calibrated outputs; the main process writes the weights the run keeps with all of it."""
-    valid_out = calibrate(setup.model, setup.task, valid_out, run_dir, write=setup.env.is_main)
+    calibrated outputs; the main process writes the weights the run keeps with all of it.
+    `by_cv`: `valid_out` is the probe's cross-validation's."""
+    valid_out = calibrate(setup.model, setup.task, valid_out, run_dir, write=setup.env.is_main, by_cv=by_cv)
     if setup.cfg.outputs.thresholds == "tuned":
         tune_thresholds(setup, valid_out, run_dir)
     if setup.env.is_main:
