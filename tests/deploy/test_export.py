@@ -416,3 +416,26 @@ def test_int8_says_how_to_get_a_hugging_face_datasets_images_back_and_checks_cal
     with pytest.raises(vt.VisiontuneError, match=r"images of the Hugging Face dataset .* writes them again, e\.g\. "
                                                   r"`visiontune evaluate "):
         export_int8(run_dir, max_drop=100)
+
+
+def test_int8_keeps_the_output_mapping_in_float(run, tmp_path: Path) -> None:
+    """The exported graph ends in its head and (calibrated) output mapping: linear layer,
+    scale, bias and softmax. Quantising that tail too rounded every probability to a multiple of 1/255 (a class's
+    0.001 became 0, rows summed to 0.992): the probabilities, and the prediction sets cut on
+    their sums, were damaged. The tail stays fp32; the layers before it are int8."""
+    import numpy as np
+    import onnx
+
+    from visiontune.deploy.quantize import export_int8
+
+    run_dir, data = run
+    export_int8(run_dir, "onnx", tmp_path / "m.onnx", max_drop=100)
+    graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    last = next(n for n in graph.node if graph.output[0].name in n.output)
+    assert last.op_type == "Softmax" and "QuantizeLinear" in {n.op_type for n in graph.node}
+    head = [n for n in graph.node if n.op_type == "Gemm"][-1]
+    assert {n.op_type for n in graph.node if set(head.output) & set(n.input)} == {"Mul"}  # the logits, fp32
+    quantized, _ = vt.predict(tmp_path / "m.int8.onnx", data, engine="onnx", top_k=2)
+    sums = np.array([sum(p.probs.values()) for p in quantized])
+    assert np.abs(sums - 1).max() < 1e-5
+    assert min(v for p in quantized for v in p.probs.values()) > 0  # under 1/510, a quantised one was 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from visiontune.tasks.catalog import make_task
-from visiontune.tasks.output import LabelSetOutput, NumberOutput, Output
+from visiontune.tasks.conformal import SetPrediction
+from visiontune.tasks.output import Decoded, LabelSetOutput, NumberOutput, Output
 
 
 def test_each_shape_has_its_output_companion() -> None:
@@ -26,3 +27,12 @@ def test_label_sets_are_written_with_every_probability() -> None:
     assert out.record(none)["probs"] == {"cat": 0.2, "dog": 0.1} and out.record(none)["labels"] == []
     assert out.oof_columns() == ["prob_cat", "prob_dog"]
     assert out.oof_cells(np.array([0.9, 0.1]), " ") == ["cat", "0.900000", "0.100000"]
+
+
+def test_the_printed_coverage_is_the_one_asked() -> None:
+    """--coverage 0.999 printed "100% set" (and 0.925 "92% set"): a certainty it does not give."""
+    task = make_task("single-label", ["a", "b"])
+    for coverage, shown in [(0.9, "\t90% set: a or b"), (0.999, "\t99.9% set: a or b"), (0.925, "\t92.5% set: a or b")]:
+        decoded = Decoded(["a"], [0.6], [("a", 0.6), ("b", 0.4)], prediction_set=SetPrediction(["a", "b"],
+                                                                                               coverage=coverage))
+        assert task.output.line("x.png", decoded).endswith(shown)

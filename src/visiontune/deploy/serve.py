@@ -89,9 +89,9 @@ async function send(file) {
     + '<table id="predictions"></table>';
   note('unknown', data.unknown, () => 'This does not look like anything I was trained on (score '
     + Number(data.ood_score).toPrecision(3) + ').');
-  note('set', 'set' in data, () => Math.round(100 * data.coverage) + '% set: '
+  note('set', 'set' in data, () => +(100 * data.coverage).toPrecision(4) + '% set: '
     + (data.set.join('probs' in data ? ', ' : ' or ') || '(none)') + ' (' + data.set_size + ')');
-  note('set', 'interval' in data, () => Math.round(100 * data.coverage) + '% interval: ['
+  note('set', 'interval' in data, () => +(100 * data.coverage).toPrecision(4) + '% interval: ['
     + data.interval.map(v => Number(v).toPrecision(4)).join(', ') + ']');
   if ('prediction' in data) {  // regression: one number
     document.getElementById('labels').textContent = 'Predicted: ' + Number(data.prediction).toPrecision(4);

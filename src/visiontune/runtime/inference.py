@@ -119,7 +119,7 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
         x, y = to_device(x.flatten(0, 1) if views else x, device, channels_last), y.to(device)
         logits, ood = forward_scored(model, x, micro, device, precision)
         if views:
-            logits = logits.view(-1, views, logits.shape[-1]).mean(dim=1)  # logits averaged over the views
+            logits = task.average_views(logits.view(-1, views, logits.shape[-1]))  # the logits averaged
             ood = None if ood is None else ood.view(-1, views).mean(dim=1)
         known = known_rows(y)  # NO_LABEL (predict) and UNREADABLE rows carry no loss
         total, count = 0.0, 0.0

@@ -295,6 +295,12 @@ class Task(ABC):
         (classification: the logits themselves; the task's probabilities follow them)."""
         return nn.Identity()
 
+    def average_views(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Test-time augmentation: each image's output from its views' outputs (B, V, C): the
+        logits averaged. The built-in shapes read an exported file's mapped outputs
+        (`outputs_mapped`) back to logits first, so that an export averages as the run does."""
+        return outputs.mean(dim=1)
+
     def export_module(self) -> nn.Module:
         """What export appends to the (calibrated) model, so that the file outputs
         `exported_outputs`: the logits here (a new shape's `probabilities` is applied after

@@ -107,6 +107,12 @@ class Calibrator:
         after = self.probabilities(raw, scale, np.zeros(n))
         return Fit(scale, np.zeros(n), self.figures(targets, probs), self.figures(targets, after), len(targets))
 
+    def unseen_rows(self, targets: np.ndarray) -> np.ndarray:
+        """Rows whose class no other row has: under cross-validation, the fold that held such a
+        row out trained without its class, and its output says nothing of the model kept."""
+        targets = np.asarray(targets, dtype=int)
+        return np.bincount(targets, minlength=self.task.num_outputs)[targets] == 1
+
     def figures(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         return {"ece": round(self.ece(targets, probs), 6), "nll": round(self.nll(targets, probs), 6)}
 
@@ -161,6 +167,11 @@ class LabelSetCalibrator(Calibrator):
         return Fit(scale, np.zeros_like(scale), self.figures(targets, probs), self.figures(targets, after),
                    len(targets))
 
+    def unseen_rows(self, targets: np.ndarray) -> np.ndarray:
+        """Rows holding a label that no other row holds (see Calibrator.unseen_rows)."""
+        y = np.asarray(targets) > 0.5
+        return (y & (y.sum(axis=0) == 1)[None, :]).any(axis=1)
+
     def nll(self, targets: np.ndarray, probs: np.ndarray) -> float:
         """Mean binary cross-entropy over every (image, label)."""
         return _bce(np.asarray(targets, dtype=np.float64), np.asarray(probs, dtype=np.float64))
@@ -179,6 +190,9 @@ class NoCalibration(Calibrator):
 
     def fit(self, targets: np.ndarray, probs: np.ndarray) -> Fit | None:
         return None
+
+    def unseen_rows(self, targets: np.ndarray) -> np.ndarray:
+        return np.zeros(len(targets), dtype=bool)  # a number has no class a fold can lack
 
 
 def _temperature_scale(nll: Any, n: int) -> float:

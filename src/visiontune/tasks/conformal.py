@@ -52,6 +52,12 @@ class SetPrediction:
         return delim.join(self.labels) or "(none)"
 
     @property
+    def percent(self) -> str:
+        """The coverage asked, as a percentage with the digits it was given ("90%", "99.9%"; a
+        rounded "100%" claimed a certainty that 0.999 does not give)."""
+        return f"{self.coverage * 100:.4g}%"
+
+    @property
     def size(self) -> float:
         """How many labels, or the interval's width."""
         if self.interval is not None:

@@ -177,6 +177,12 @@ class MultiLabel(Task):
     def export_module(self) -> nn.Module:
         return Probabilities(self)
 
+    def average_views(self, outputs: torch.Tensor) -> torch.Tensor:
+        """An exported file's sigmoids: back to logits, averaged, and mapped again."""
+        if not self.outputs_mapped:
+            return super().average_views(outputs)
+        return torch.logit(outputs.float(), eps=1e-7).mean(dim=1).sigmoid()
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.outputs_mapped else logits.sigmoid()
 

@@ -73,7 +73,7 @@ class Output:
         """The printed line's last cells: with --coverage "90% set: a or b", and for an
         unknown image its score ("" for neither)."""
         s = decoded.prediction_set
-        cells = "" if s is None else f"\t{s.coverage:.0%} {'interval' if s.interval else 'set'}: {s.named()}"
+        cells = "" if s is None else f"\t{s.percent} {'interval' if s.interval else 'set'}: {s.named()}"
         return cells + (f"\t(unlike the training images: score {decoded.ood_score:.3g})" if decoded.unknown else "")
 
     def record(self, decoded: Decoded) -> dict[str, Any]:

@@ -196,6 +196,15 @@ class Regression(Task):
         low, high = self.target_range
         return (low + (high - low) * torch.sigmoid(z) - self.mean) / self.std
 
+    def average_views(self, outputs: torch.Tensor) -> torch.Tensor:
+        """An exported file's real units: linear in the head's output, so their mean is the
+        mean output's, except under --target-range, whose sigmoid is undone first."""
+        if not self.outputs_mapped or self.target_range is None:
+            return super().average_views(outputs)
+        low, high = self.target_range
+        z = torch.logit((outputs.float() - low) / (high - low), eps=1e-7).mean(dim=1)
+        return low + (high - low) * torch.sigmoid(z)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The prediction in real units, (N, 1) (named as the other tasks' outputs are)."""
         return self.standardised_output(logits.float()) * self.std + self.mean

@@ -93,6 +93,13 @@ class SingleLabel(Task):
     def export_module(self) -> nn.Module:
         return Probabilities(self)
 
+    def average_views(self, outputs: torch.Tensor) -> torch.Tensor:
+        """An exported file's probabilities: softmax of the views' mean log-probability, which
+        is softmax of their mean logits (log p = z - logsumexp z; the constant cancels)."""
+        if not self.outputs_mapped:
+            return super().average_views(outputs)
+        return outputs.float().clamp_min(torch.finfo(torch.float32).tiny).log().mean(dim=1).softmax(dim=1)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.outputs_mapped else logits.softmax(dim=1)
 

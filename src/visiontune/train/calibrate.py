@@ -11,7 +11,9 @@ coverage is measured on test splits no choice looked at (bench/uncertainty.py).
 
 A run without a validation split (a class with a single image) is the probe, validated by
 its cross-validation: those held-out outputs stand in when there are at least MIN_HELD_OUT
-of them (the fold probes are the final probe fitted on a little less data).
+of them (the fold probes are the final probe fitted on a little less data), less the images
+of a class that no other image has: their fold trained without that class, so their output
+(near 0 for their class) would flatten every probability of the model kept.
 
 The fitted layer goes into the weights (model.calibration), the held-out scores of the
 sets into model.safetensors' metadata (model.uncertainty), the figures into
@@ -47,34 +49,41 @@ from visiontune.train.rundata import RunData
 log = logging.getLogger(__name__)
 
 FITTED_ON = "the validation split (outputs of the weights the run keeps)"
+FITTED_ON_CV = ("the converged probe's cross-validation (each image's output from the fold probe that held it out; "
+                "no validation split could be held out)")
 MIN_HELD_OUT = 10  # images: under this, a temperature and sets would be noise (the probe's CV on 1 image a class)
 
 
 def calibrate(model: Any, task: Task, valid_out: EvalOutput | None, run_dir: Path,
-              write: bool = True) -> EvalOutput | None:
+              write: bool = True, by_cv: bool = False) -> EvalOutput | None:
     """Fit `model.calibration` and the prediction sets on `valid_out`; return the validation
     outputs as calibrated (what tuned thresholds are chosen on), or `valid_out` as it is when
-    there is nothing to fit on. `write`: this process writes the run's files."""
-    rows = known_rows(valid_out.targets) if valid_out is not None else None
+    there is nothing to fit on. `write`: this process writes the run's files. `by_cv`: the
+    outputs are the probe's cross-validation's, and a row whose class no other row has is
+    left out of the fit (its fold trained without that class)."""
+    known = known_rows(valid_out.targets) if valid_out is not None else None
+    rows = known.copy() if known is not None else None
+    if by_cv and rows is not None and rows.any():
+        rows[np.flatnonzero(rows)[task.calibrator.unseen_rows(valid_out.targets[rows])]] = False
     if valid_out is None or rows.sum() < MIN_HELD_OUT:
         log.info("%d held-out outputs (under %d): probabilities are not calibrated, and predict --coverage needs a "
                  "run trained with a validation split", 0 if rows is None else int(rows.sum()), MIN_HELD_OUT)
         return valid_out
     targets, probs = valid_out.targets[rows], valid_out.probs[rows]
     fit = task.calibrator.fit(targets, probs)
-    calibrated = probs if fit is None else task.calibrator.probabilities(task.calibrator.raw(probs), fit.scale,
-                                                                          fit.bias).astype(probs.dtype)
+    out = EvalOutput(valid_out.loss, valid_out.targets, valid_out.probs.copy(), valid_out.ids)
     if fit is not None:
         model.calibration.set(fit.scale, fit.bias)
-        log.info("calibrated on %d validation images (%s): ECE %.3f -> %.3f, NLL %.3f -> %.3f", fit.images,
-                 task.calibrator.kind, fit.before["ece"], fit.after["ece"], fit.before["nll"], fit.after["nll"])
-    conformal = task.conformal
-    model.uncertainty = {"calibration": fit.record(task.calibrator.kind, FITTED_ON) if fit else None,
-                         "sets": conformal.fit(targets, calibrated) if conformal is not None else None}
+        out.probs[known] = task.calibrator.probabilities(task.calibrator.raw(out.probs[known]), fit.scale,
+                                                         fit.bias).astype(out.probs.dtype)
+        log.info("calibrated on %d %s images (%s): ECE %.3f -> %.3f, NLL %.3f -> %.3f", fit.images,
+                 "cross-validated" if by_cv else "validation", task.calibrator.kind, fit.before["ece"],
+                 fit.after["ece"], fit.before["nll"], fit.after["nll"])
+    calibrated, conformal = out.probs[rows], task.conformal
+    model.uncertainty = {"calibration": fit.record(task.calibrator.kind, FITTED_ON_CV if by_cv else FITTED_ON)
+                         if fit else None, "sets": conformal.fit(targets, calibrated) if conformal is not None else None}
     if write:
         _write(model, task, targets, probs, calibrated, fit, run_dir)
-    out = EvalOutput(valid_out.loss, valid_out.targets, valid_out.probs.copy(), valid_out.ids)
-    out.probs[rows] = calibrated
     return out
 
 

@@ -113,7 +113,7 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
-        _finish_model(setup, trainer, checkpoint, run_dir)
+        _finish_model(setup, trainer, checkpoint, run_dir, cross_validated(setup, source))
         result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
     except BaseException:
         for tracker in trackers:
@@ -130,11 +130,12 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     return result
 
 
-def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run_dir: Path) -> None:
+def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run_dir: Path, by_cv: bool) -> None:
     """After training: calibrate the kept weights, give them their OOD score (bank and
-    threshold), tune the thresholds, and write them (train/calibrate.py)."""
+    threshold), tune the thresholds on the calibrated outputs, and write them
+    (train/calibrate.py). `by_cv`: the held-out outputs are the probe's cross-validation's."""
     valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
-                          write=setup.env.is_main)
+                          write=setup.env.is_main, by_cv=by_cv)
     if setup.env.is_main:  # the bank and threshold go into the weights this process writes
         fit_ood(setup.model, setup.data, setup.cfg.seed)
     if setup.cfg.outputs.thresholds == "tuned":
