@@ -152,7 +152,8 @@ def test_predict_prints_and_writes_label_sets(ml_run: tuple[Path, Path], tmp_pat
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 72 and all(line.count("\t") >= 1 for line in printed)
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert list(rows[0]) == ["path", "labels", "prob_blue", "prob_green", "prob_red"] and len(rows) == 72
+    assert list(rows[0]) == ["path", "labels", "prob_blue", "prob_green", "prob_red", "unknown", "ood_score"] \
+        and len(rows) == 72  # the run keeps a bank: the OOD columns
 
 
 def test_evaluate_reports_map_and_per_label_table(ml_run: tuple[Path, Path]) -> None:
@@ -240,10 +241,11 @@ def test_after_resume_tuned_thresholds_and_valid_probs_are_the_best_epochs(tmp_p
 
 def _last_epoch_probs(result) -> np.ndarray:
     """Validation probabilities of the weights the run's last epoch ended with."""
+    from visiontune.models.classifier import load_weights
     from visiontune.rundir import load_checkpoint
     from visiontune.runtime.inference import run_eval
 
     setup = result.setup
     model = load_bundle(result.run_dir).model
-    model.load_state_dict(load_checkpoint(Path(result.run_dir) / "checkpoints" / "last.pt")["model"])
+    load_weights(model, load_checkpoint(Path(result.run_dir) / "checkpoints" / "last.pt")["model"])  # no bank in it
     return run_eval(model, setup.data.images().valid, setup.device, setup.task).probs

@@ -203,11 +203,12 @@ def test_cli_predict_writes_path_prediction(reg_run: Any, reg_data: Path, tmp_pa
     out = tmp_path / "preds.csv"
     assert main(["predict", reg_run.run_dir, str(reg_data / "images"), "--output", str(out)]) == 0
     rows = list(csv.reader(open(out)))
-    assert rows[0] == ["path", "prediction"] and len(rows) == 61 and all(np.isfinite(float(r[1])) for r in rows[1:])
+    assert rows[0] == ["path", "prediction", "unknown", "ood_score"] and len(rows) == 61  # a bank: the OOD columns
+    assert all(np.isfinite(float(r[1])) for r in rows[1:])
     js = tmp_path / "preds.json"
     assert main(["predict", reg_run.run_dir, str(reg_data / "images" / "img_000.png"), "--output", str(js)]) == 0
     record = json.loads(js.read_text())[0]
-    assert set(record) == {"path", "prediction"} and float(record["prediction"]) == pytest.approx(float(rows[1][1]))
+    assert set(record) == {"path", "prediction", "unknown", "ood_score"} and float(record["prediction"]) == pytest.approx(float(rows[1][1]))
 
 
 def test_export_outputs_real_units(reg_run: Any, reg_data: Path, tmp_path: Path) -> None:
