@@ -95,7 +95,7 @@ def _tiny_run(work: Path) -> str:
     """--smoke: the tiny model on tiny generated folders."""
     import visiontune as vt
 
-    data = tiny_folders(work / "data")
+    data = tiny_folders(work / "data", per_class=30)  # 12 validation images: enough to fit the sets (10)
     return vt.fit(str(data), strategy="feature-extract", epochs=1, output=str(work / "runs"), **SMOKE_MODEL).run_dir
 
 
