@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -138,6 +139,26 @@ def chromium() -> str:
 
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+@contextlib.contextmanager
+def page_with_answer(port: int, image: Path, shot_name: str, shots: Path):
+    """Headless Chromium on the page served at `port`, `image` uploaded and its answer shown
+    (tr.prediction); the page is yielded, then screenshotted to $VISIONTUNE_ARTIFACTS (or
+    `shots`)/`shot_name`."""
+    browser_path = chromium()
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("tr.prediction", timeout=20_000)
+        yield page
+        shot = Path(os.environ.get("VISIONTUNE_ARTIFACTS", shots)) / shot_name
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot))
+        browser.close()
 
 
 def serve_in_thread(app):

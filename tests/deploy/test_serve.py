@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import threading
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import visiontune as vt
-from conftest import CHROMIUM_FLAGS, TINY, chromium, make_class_folders, make_image, serve_in_thread
+from conftest import TINY, make_class_folders, make_image, page_with_answer, serve_in_thread
 
 pytest.importorskip("fastapi")
 
@@ -48,29 +47,18 @@ def test_api_predicts_and_rejects_bad_uploads_with_4xx(run: Path, tmp_path: Path
 
 
 def test_page_in_headless_chromium_shows_the_right_label(run: Path, tmp_path: Path) -> None:
-    browser_path = chromium()
-    playwright = pytest.importorskip("playwright.sync_api")
     from visiontune.deploy.serve import create_app
 
     port, server, thread = serve_in_thread(create_app(run))
     try:
         image = make_image(tmp_path / "upload_green.png", (40, 200, 60), seed=11)
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("tr.prediction", timeout=20_000)
+        with page_with_answer(port, image, "serve.png", tmp_path) as page:
             first = page.locator("tr.prediction").first.inner_text()
             assert first.split()[0] == "green", first
             page.set_input_files("#file", files=[{"name": "x.jpg", "mimeType": "image/jpeg",
                                                   "buffer": io.BytesIO(b"not an image").getvalue()}])
             page.wait_for_selector("#error", timeout=20_000)
             assert "not an image" in page.inner_text("#error")
-            shot = Path(os.environ.get("VISIONTUNE_ARTIFACTS", tmp_path)) / "serve.png"
-            shot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shot))
-            browser.close()
     finally:
         server.should_exit = True
         thread.join(timeout=10)

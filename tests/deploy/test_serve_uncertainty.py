@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import visiontune as vt
-from conftest import CHROMIUM_FLAGS, TINY, chromium, make_class_folders, make_image, serve_in_thread
+from conftest import TINY, make_class_folders, make_image, page_with_answer, serve_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -178,8 +177,6 @@ def test_drift_is_warned_once_per_window_of_unknown_answers_and_never_for_known_
 
 
 def test_the_page_shows_the_set_and_that_the_image_is_unlike_the_training_ones(run: Path, tmp_path: Path) -> None:
-    browser_path = chromium()
-    playwright = pytest.importorskip("playwright.sync_api")
     from visiontune.deploy.serve import create_app
 
     apps = {"unknown": create_app(with_ood(run, tmp_path / "all", threshold=-1.0), coverage=0.95),
@@ -189,18 +186,9 @@ def test_the_page_shows_the_set_and_that_the_image_is_unlike_the_training_ones(r
     for name, app in apps.items():
         port, server, thread = serve_in_thread(app)
         try:
-            with playwright.sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
-                page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/")
-                page.set_input_files("#file", str(image))
-                page.wait_for_selector("tr.prediction", timeout=20_000)
+            with page_with_answer(port, image, f"serve_{name}.png", tmp_path) as page:
                 shown[name] = {"set": page.inner_text("#set"), "unknown_visible": page.is_visible("#unknown"),
                                "unknown": page.inner_text("#unknown")}
-                shot = Path(os.environ.get("VISIONTUNE_ARTIFACTS", tmp_path)) / f"serve_{name}.png"
-                shot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(shot))
-                browser.close()
         finally:
             server.should_exit = True
             thread.join(timeout=10)
