@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 FEATURE_TOLERANCE = 1e-3  # max |eager - ONNX Runtime| over a check batch, relative to the features' largest value
 ONNX_OPSET = 18
 EXPORT_PAYS_AT = 600  # images (counted at 224 px, by pixels) from which "auto" exports: see below
-_REFUSED: dict[str, str] = {}  # engines that failed in this process (key -> why): not tried again
+# exports that failed in this process (their path -> why): not tried again; another cache
+# folder exports these weights anew (a stale file in one cache refused the weights everywhere)
+_REFUSED: dict[str, str] = {}
 _SESSIONS: dict[str, nn.Module] = {}  # checked sessions of this process (export file -> session), the last few
 KEEP_SESSIONS = 2  # a run's training and validation passes share one: loading and checking it costs ~0.2 s
 
@@ -162,8 +164,8 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
             and not target.is_file():
         return backbone
     try:
-        if key in _REFUSED:
-            raise VisiontuneError(_REFUSED[key])
+        if str(target) in _REFUSED:
+            raise VisiontuneError(_REFUSED[str(target)])
         if str(target) not in _SESSIONS or not target.is_file():  # an export deleted since: made, checked again
             with eval_mode(backbone):
                 _SESSIONS[str(target)] = _checked_session(backbone, image_size, key, target)
@@ -171,7 +173,7 @@ def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, en
                 _SESSIONS.pop(next(iter(_SESSIONS)))
         return _SESSIONS[str(target)]
     except Exception as exc:  # noqa: BLE001 - any failure of the exporter or the runtime: PyTorch runs
-        _REFUSED[key] = str(exc)
+        _REFUSED[str(target)] = str(exc)
         if engine == "onnx":
             raise VisiontuneError(f"ONNX Runtime cannot run this backbone: {exc}") from exc
         log.warning("frozen forward passes run in PyTorch: ONNX Runtime is not usable for this backbone (%s)", exc)
