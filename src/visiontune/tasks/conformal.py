@@ -103,12 +103,10 @@ class Conformal:
     def sets(self, probs: np.ndarray, fitted: dict[str, Any], coverage: float) -> list[SetPrediction]:
         q = threshold(fitted, coverage)
         order = np.argsort(-np.asarray(probs), axis=1, kind="stable")
-        cum = np.take_along_axis(self._cumulative(probs), self._ranks(probs), axis=1)  # per class, by class index
-        out = []
-        for row in range(len(order)):
-            members = [int(c) for c in order[row] if cum[row, c] <= q + TIE] or [int(order[row, 0])]
-            out.append(SetPrediction([self.task.classes[c] for c in members], coverage=coverage))
-        return out
+        # the score grows with the rank, so a set is the first `size` classes of the ranking (at least one)
+        sizes = np.maximum(1, (self._cumulative(probs) <= q + TIE).sum(axis=1))
+        return [SetPrediction([self.task.classes[c] for c in row[:size]], coverage=coverage)
+                for row, size in zip(order, sizes)]
 
     def assess(self, targets: np.ndarray, probs: np.ndarray, fitted: dict[str, Any],
                coverage: float) -> dict[str, float]:
