@@ -125,8 +125,7 @@ def calibration_figures(bundle: Bundle, targets: np.ndarray, probs: np.ndarray) 
     )
 
     try:
-        save_reliability(RunDir(bundle.path).evaluated_reliability, curves, eces,
-                         "accuracy" if calibrator.kind == "temperature" else "share of labels present")
+        save_reliability(RunDir(bundle.path).evaluated_reliability, curves, eces, calibrator.outcome)
     except OSError as exc:
         log.warning("evaluate: the reliability diagram was not written (%s)", exc)
     return figures

@@ -80,6 +80,7 @@ class Calibrator:
     """One temperature for a softmax over classes (single-label)."""
 
     kind = "temperature"
+    outcome = "accuracy"  # what the reliability diagram plots against confidence
 
     def __init__(self, task: Any) -> None:
         self.task = task  # the tasks.base.Task whose outputs these are
@@ -145,6 +146,7 @@ class LabelSetCalibrator(Calibrator):
     """One temperature per label of a multi-label head (sigmoid outputs)."""
 
     kind = "temperature per label"
+    outcome = "share of labels present"
 
     def raw(self, probs: np.ndarray) -> np.ndarray:
         p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)  # float32 sigmoids round to 1 above z ~ 16

@@ -96,10 +96,9 @@ def _write(model: Any, task: Task, targets: np.ndarray, raw: np.ndarray, calibra
                            "sets": {"kind": sets["kind"], "held_out_images": sets["n"]} if sets else None})
     if fit is None:
         return
-    what = "share of labels present" if task.calibrator.kind != "temperature" else "accuracy"
     save_reliability(run.reliability, {"before": task.calibrator.reliability(targets, raw),
                                        "after": task.calibrator.reliability(targets, calibrated)},
-                     {"before": fit.before["ece"], "after": fit.after["ece"]}, what)
+                     {"before": fit.before["ece"], "after": fit.after["ece"]}, task.calibrator.outcome)
 
 
 def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK) -> dict[str, Any] | None:
