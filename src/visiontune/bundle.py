@@ -28,7 +28,7 @@ from visiontune.models.classifier import create_classifier, load_weights
 from visiontune.rundir import MODEL_FILE, WORKING_FOLDER, RunDir
 from visiontune.tasks.base import Decoded, Task
 from visiontune.tasks.catalog import make_task
-from visiontune.tasks.conformal import Conformal, check_coverage, minimum_images
+from visiontune.tasks.conformal import check_coverage, minimum_images
 from visiontune.version import __version__
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class SetRequest:
             raise ConfigError(f"{bundle.path}: this model has no prediction sets (--coverage): they are fitted on the "
                               "validation split at the end of training, and this run had none, or was trained by "
                               "an older visiontune; train it again with a validation split")
-        if abstain and bundle.task.conformal_type is not Conformal:
+        if abstain and not bundle.task.conformal.can_abstain:
             raise ConfigError(f"--abstain chooses between classes (single-label); a {bundle.task.name} model's "
                               "uncertainty is its set (interval) column")
         needed = minimum_images(coverage)

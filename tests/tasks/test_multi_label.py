@@ -138,6 +138,22 @@ def test_train_tunes_thresholds_and_stores_them_with_the_weights(ml_run: tuple[P
                                                              for c in bundle.classes])
 
 
+def test_metrics_json_reports_the_tuned_thresholds_decisions(ml_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """metrics.json's F1 and subset accuracy are those of the thresholds the model keeps, on
+    the calibrated validation outputs they were tuned on (they were the 0.5 threshold's)."""
+    run, root = ml_run
+    rows = list(csv.DictReader(open(root / "labels.csv")))
+    with open(root / "valid_only.csv", "w", newline="") as fh:  # the validation rows alone: evaluate reads them all
+        w = csv.writer(fh)
+        w.writerow(["path", "labels"])
+        w.writerows([r["path"], r["labels"]] for r in rows if r["split"] == "valid")
+    on_valid = vt.evaluate(run, root, csv="valid_only.csv").metrics
+    saved = json.loads((run / "metrics.json").read_text())
+    assert "optimistic" in saved["thresholds"]
+    for key in ("macro_f1", "samples_f1", "subset_accuracy", "hamming_loss"):
+        assert saved[key] == pytest.approx(on_valid[key], abs=1e-6), key
+
+
 def test_predict_prints_and_writes_label_sets(ml_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     from visiontune.cli import main
 

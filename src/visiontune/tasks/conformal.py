@@ -80,6 +80,7 @@ class Conformal:
     """RAPS prediction sets over classes (single-label)."""
 
     kind = "raps"
+    can_abstain = True  # a set of more than one class can be answered "not sure: a or b" (--abstain)
     penalty = 0.01  # RAPS' lambda: added per class ranked past K_REG
     k_reg = 1
 
@@ -145,6 +146,7 @@ class LabelSetConformal(Conformal):
     """Labels above one threshold, the false-negative rate controlled (multi-label)."""
 
     kind = "fnr"
+    can_abstain = False  # a label set is already the answer: its uncertainty is its set column
 
     def fit(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, Any] | None:
         if len(targets) < 1:
@@ -189,6 +191,7 @@ class NumberConformal(Conformal):
     """prediction +- q, q from the held-out absolute residuals (regression)."""
 
     kind = "residual"
+    can_abstain = False  # an interval is the answer's uncertainty
 
     def scores(self, targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return np.abs(np.asarray(targets, dtype=np.float64).ravel() - np.asarray(probs, dtype=np.float64)[:, 0])

@@ -20,7 +20,7 @@ from visiontune.data.items import TRAIN, VALID, DataSource, Item
 from visiontune.errors import ConfigError, DataError, VisiontuneError
 from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput, run_eval
-from visiontune.tasks.base import Task
+from visiontune.tasks.base import Task, known_rows
 from visiontune.tasks.catalog import make_task, task_class
 from visiontune.tasks.objective import Objective
 from visiontune.train.calibrate import calibrate, fit_ood
@@ -113,8 +113,8 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     try:
         trainer.fit(start_epoch)
         _require_an_epoch(trainer, clock)
-        _finish_model(setup, trainer, checkpoint, run_dir, cross_validated(setup, source))
-        result = summarise(setup, trainer, checkpoint, stopper, run_dir, source)
+        valid_out = _finish_model(setup, trainer, checkpoint, run_dir, cross_validated(setup, source))
+        result = summarise(setup, trainer, checkpoint, stopper, run_dir, source, valid_out)
     except BaseException:
         for tracker in trackers:
             tracker.fail()
@@ -130,10 +130,12 @@ def train_run(cfg: RunConfig, source: DataSource, *, run_dir: Path | None = None
     return result
 
 
-def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run_dir: Path, by_cv: bool) -> None:
+def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run_dir: Path,
+                  by_cv: bool) -> EvalOutput | None:
     """After training: calibrate the kept weights, give them their OOD score (bank and
     threshold), tune the thresholds on the calibrated outputs, and write them
-    (train/calibrate.py). `by_cv`: the held-out outputs are the probe's cross-validation's."""
+    (train/calibrate.py); the held-out outputs as calibrated (None: the run has none).
+    `by_cv`: the held-out outputs are the probe's cross-validation's."""
     valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
                           write=setup.env.is_main, by_cv=by_cv)
     if setup.env.is_main:  # the bank and threshold go into the weights this process writes
@@ -142,6 +144,7 @@ def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run
         tune_thresholds(setup, valid_out, run_dir)
     if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
         RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
+    return valid_out
 
 
 def _require_an_epoch(trainer: Trainer, clock: Clock) -> None:
@@ -318,15 +321,21 @@ def _callbacks(setup: RunSetup, run_dir: Path, checkpoint: Checkpoint, stopper: 
 
 
 def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper: EarlyStopping | None,
-              run_dir: Path, source: DataSource) -> FitResult:
+              run_dir: Path, source: DataSource, valid_out: EvalOutput | None = None) -> FitResult:
     """The metrics of the weights the model now holds (the best epoch's with restore_best,
-    else the last), written to metrics.json and environment.json on rank 0."""
+    else the last), written to metrics.json and environment.json on rank 0. With tuned
+    thresholds, the decision metrics are those at the thresholds the model keeps, on the
+    calibrated `valid_out` they were chosen on (optimistic, and marked so)."""
     t, history = setup.cfg.train, trainer.state.history
     best_epoch = checkpoint.best.epoch + 1
     kept_epoch = best_epoch if t.restore_best and best_epoch > 0 else len(history)
     final = {k: float(v) for k, v in metrics_of(history[kept_epoch - 1]).items()} if history else {}
+    tuned = _at_tuned_thresholds(setup, valid_out)
+    final.update(tuned)
     if setup.env.is_main:
         how = {"validation": validated_by} if (validated_by := _validated_by(setup, source)) else {}
+        if tuned:
+            how["thresholds"] = "tuned on these images: their F1 and accuracy here are optimistic"
         RunDir(run_dir).write_metrics({**final, "epoch": kept_epoch, "best_epoch": best_epoch, "epochs_run": len(history),
                                        **how})
         RunDir(run_dir).write_environment({**environment(setup.cfg, str(setup.device)),
@@ -339,6 +348,17 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
         model=setup.model, data=source, setup=setup, validated_by=_validated_by(setup, source),
         kept="best" if t.restore_best else "last",
     )
+
+
+def _at_tuned_thresholds(setup: RunSetup, valid_out: EvalOutput | None) -> dict[str, float]:
+    """The task's metrics at its tuned thresholds on the held-out outputs they were tuned on
+    ({} without tuned thresholds): the history's are at the global threshold."""
+    if setup.cfg.outputs.thresholds != "tuned" or valid_out is None or getattr(setup.task, "thresholds", None) is None:
+        return {}
+    rows = known_rows(valid_out.targets)
+    if not rows.any():
+        return {}
+    return {k: float(v) for k, v in setup.task.metrics(valid_out.targets[rows], valid_out.probs[rows]).items()}
 
 
 def keep_recorded_split(run_dir: Path, source: DataSource) -> None:
