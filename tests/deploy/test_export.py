@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -190,12 +193,26 @@ def test_push_and_hf_hub_weights_fail_fast_offline(run, tmp_path: Path, capsys: 
 
     started = time.perf_counter()
     assert main(["push", str(run[0]), "someone/model"]) != 0
-    assert "huggingface.co is not reachable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "huggingface.co is not reachable" in err and "  hf upload someone/model model-dir" in err
     with pytest.raises(vt.WeightsUnavailableError, match="--weights local-dir:"):
         vt.fit(run[1], **dict(TINY, strategy="feature-extract", epochs=1, weights="hf-hub:someone/model",
                               output=str(tmp_path / "r")))
     assert time.perf_counter() - started < 30
     assert not (run[0] / "timm").exists()  # nothing written before failing
+
+
+def test_the_hub_commands_we_name_exist_in_the_installed_huggingface_hub() -> None:
+    """`hf auth login` (push's --help, ship.md) and `hf upload` (push's offline message): run
+    for real through the installed huggingface_hub's own `hf` entry point."""
+    (script,) = entry_points(group="console_scripts", name="hf")
+    call = f"import sys; from {script.module} import {script.attr} as main; sys.argv[0] = 'hf'; sys.exit(main())"
+    for argv in (["auth", "login", "--help"], ["upload", "--help"]):
+        done = subprocess.run([sys.executable, "-c", call, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "Usage: hf " + argv[0] in done.stdout, (argv, done.stdout, done.stderr)
+    sources = [Path(__file__).parents[2] / name for name in ("src/visiontune/cli.py", "src/visiontune/deploy/hub.py",
+                                                              "docs/guides/ship.md", "README.md")]
+    assert not [s for s in sources if "huggingface-cli" in s.read_text(encoding="utf-8")]
 
 
 def test_a_hub_folder_with_pickle_weights_only_is_refused_unless_trusted(
