@@ -21,6 +21,7 @@ import torch
 
 from bench.harness import Recorder, parser
 from visiontune.config import ModelConfig
+from visiontune.cpus import usable_cpus
 from visiontune.models.classifier import backbone_groups, create_classifier
 from visiontune.train.plan import set_train_modes
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__).parse_args(argv)
     record = Recorder("frozen_prefix", args.smoke, argv)
     batch, side, rounds = (2, 64, 1) if args.smoke else (32, 224, 2)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     model, _ = create_classifier(ModelConfig(), 2)
     print("layer groups:", [n for n, _ in backbone_groups(model)])
     bb = model.backbone

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/visiontune demo "$@"
+bin=.venv/bin
+[ -d .venv/Scripts ] && bin=.venv/Scripts  # a venv made by Windows' Python (Git Bash)
+exec "$bin"/visiontune demo "$@"

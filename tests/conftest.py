@@ -104,6 +104,22 @@ def tiny() -> dict:
     return dict(TINY)
 
 
+@pytest.fixture
+def without_statvfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The os module as on Windows: no os.statvfs, no os.posix_fallocate. shutil.disk_usage
+    (which on Windows asks the system directly, on POSIX os.statvfs) keeps working."""
+    statvfs = os.statvfs
+
+    def disk_usage(path: str | os.PathLike[str]) -> shutil._ntuple_diskusage:  # Windows' shutil.disk_usage
+        st = statvfs(path)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return shutil._ntuple_diskusage(total, total - st.f_bfree * st.f_frsize, free)
+
+    for name in ("statvfs", "posix_fallocate"):
+        monkeypatch.delattr(os, name, raising=False)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
 def make_multilabel_data(root: Path, n: int = 48, seed: int = 0, with_split: bool = False) -> Path:
     """root/images/*.png on grey, each with a random subset of {red, green, blue} painted in
     its quadrants (sometimes none), and root/labels.csv with path,labels[,split]."""

@@ -108,7 +108,7 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 # A module may import its own layer's modules of its own package and anything below.
 LAYERS = [
     ("visiontune.errors", "visiontune.version", "visiontune.files", "visiontune.caches", "visiontune.display", "visiontune.plots",
-     "visiontune.registry", "visiontune.web"),
+     "visiontune.registry", "visiontune.web", "visiontune.cpus"),
     ("visiontune.train.strategies", "visiontune.tasks.labels", "visiontune.tasks.catalog", "visiontune.deploy.formats"),
     ("visiontune.config",),
     ("visiontune.tasks",),

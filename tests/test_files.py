@@ -6,13 +6,18 @@ CSV output."""
 from __future__ import annotations
 
 import csv
+import errno
+import os
+import shutil
 from pathlib import Path
+
+import pytest
 
 import visiontune as vt
 from conftest import TINY, make_class_folders
 from visiontune.bundle import load_bundle
 from visiontune.cli import main
-from visiontune.files import read_csv, read_csv_dicts, write_csv
+from visiontune.files import preallocate, read_csv, read_csv_dicts, write_csv, write_text
 from visiontune.rundir import RunDir
 
 TRICKY = ["=SUM(A1:A9)", "+dog", "-cat", "@home", "'=quoted", "''twice", "\tx", "plain", "-3.5", "+1e3", "", "a=b",
@@ -115,3 +120,31 @@ def test_locked_lets_one_process_at_a_time_through(tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", script, str(counter)]) for _ in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert counter.read_text() == "100"
+
+
+def test_preallocate_without_statvfs_or_fallocate(tmp_path: Path, without_statvfs: None) -> None:
+    """As on Windows (no os.statvfs, no os.posix_fallocate): the file is extended when the
+    disk has room, and a size past the free space is ENOSPC (a cache error) before any write."""
+    target = tmp_path / "matrix.npy"
+    target.write_bytes(b"header")
+    preallocate(target, 1 << 20)
+    assert target.stat().st_size == 1 << 20 and target.read_bytes()[:6] == b"header"
+    with pytest.raises(OSError) as refused:
+        preallocate(target, shutil.disk_usage(tmp_path).free + (1 << 40))
+    assert refused.value.errno == errno.ENOSPC and target.stat().st_size == 1 << 20
+
+
+def test_atomic_writes_where_a_folder_cannot_be_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows: no os.O_DIRECTORY, and os.open of a folder is PermissionError. Every run
+    directory write goes through atomic_write, whose folder fsync is skipped there."""
+    real_open = os.open
+
+    def windows_open(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.delattr(os, "O_DIRECTORY")
+    monkeypatch.setattr(os, "open", windows_open)
+    write_text(tmp_path / "run" / "metrics.json", "{}\n")
+    assert (tmp_path / "run" / "metrics.json").read_text(encoding="utf-8") == "{}\n"

@@ -181,7 +181,7 @@ def _add_share_commands(sub: Any) -> None:
     add_command_options(p, ExportConfig)
 
     p = sub.add_parser("push", help="upload the run to the Hugging Face Hub in timm's layout (needs a network "
-                       "and a token: huggingface-cli login)")
+                       "and a token: hf auth login)")
     p.add_argument("run", help="run directory")
     p.add_argument("repo_id", help="user/name on the Hub")
     p.add_argument("--private", action="store_true")

@@ -290,7 +290,8 @@ class RuntimeConfig:
     """Where and how the tensors run: device, precision, engine, compile, data-loader workers,
     the caches and progress bars."""
 
-    num_workers: int | None = option(None, "DataLoader worker processes (default from the device: CPU with <= 4 "
+    num_workers: int | None = option(None, "DataLoader worker processes (default from the device and the cores "
+                                           "this process may use, a container's CPU limit included: CPU with <= 4 "
                                            "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16; never more than batches, "
                                            "none for one batch); training loaders keep theirs across epochs", ge=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -71,9 +73,16 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None],
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    if not sync:
+    if sync:
+        sync_dir(path.parent)
+
+
+def sync_dir(folder: str | os.PathLike[str]) -> None:
+    """fsync `folder`, so that a rename in it survives a power cut. Only where a folder can
+    be opened (POSIX: os.O_DIRECTORY); Windows cannot open one, and NTFS journals renames."""
+    if not hasattr(os, "O_DIRECTORY"):
         return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -260,15 +269,17 @@ def claim_dir(parent: str | os.PathLike[str], name: str) -> Path:
 
 def preallocate(path: str | os.PathLike[str], size: int) -> None:
     """Reserve `size` bytes for the file at `path` (posix_fallocate), so that a memory map of
-    it can never meet a full disk mid-write (SIGBUS): OSError now instead."""
-    fd = os.open(path, os.O_RDWR)
+    it can never meet a full disk mid-write (SIGBUS): OSError now instead. Where there is
+    no posix_fallocate (macOS, Windows) the file system is asked for room first
+    (shutil.disk_usage, which every platform has), then the file is extended."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
         if hasattr(os, "posix_fallocate"):
             os.posix_fallocate(fd, 0, size)
-        else:  # no fallocate on this platform: ask the file system for room first
-            free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
-            if free < size:
-                raise OSError(28, f"{size} bytes needed, {free} free", str(path))
+        else:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            if free < size - os.fstat(fd).st_size:
+                raise OSError(errno.ENOSPC, f"{size} bytes needed, {free} free", str(path))
             os.ftruncate(fd, size)
     finally:
         os.close(fd)

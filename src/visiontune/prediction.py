@@ -27,6 +27,7 @@ from visiontune.deploy.formats import is_exported
 from visiontune.errors import ConfigError, DataError
 from visiontune.rundir import RunDir
 from visiontune.runtime.device import resolve_device
+from visiontune.runtime.engine import OnnxModule
 from visiontune.runtime.inference import Batch, EvalOutput, eval_batches, run_eval
 from visiontune.tasks.base import Decoded, unreadable_rows
 from visiontune.tasks.catalog import make_task
@@ -276,11 +277,14 @@ def _label_delim(run: str | os.PathLike[str], bundle: Bundle) -> str:
 
 def _predictor(run: str | os.PathLike[str], device: str, engine: str = "torch",
                images: int = 0) -> tuple[Any, Bundle, bool]:
-    """(device, bundle, channels_last) for a run directory or an exported file (CPU);
-    on a CPU, a run directory may run as ONNX (see `predict`'s `engine`)."""
+    """(device of the inputs, bundle, channels_last) for a run directory or an exported
+    file; on a CPU, a run directory may run as ONNX (see `predict`'s `engine`). An exported
+    file runs on the CPU unless `device` names another (an ONNX session then uses that
+    device's provider, its inputs stay on the CPU)."""
+    dev = resolve_device("cpu" if device == "auto" and is_exported(run) else device)
     if is_exported(run):
-        return resolve_device("cpu"), load_exported(run), False
-    dev = resolve_device(device)
+        bundle = load_exported(run, device=dev)
+        return (resolve_device("cpu") if isinstance(bundle.model, OnnxModule) else dev), bundle, False
     if engine == "onnx" and dev.type != "cpu":
         raise ConfigError(f"engine 'onnx' runs on the CPU only; use --device cpu or --engine torch (device: {dev})")
     exported = onnx_engine(run, engine, images) if dev.type == "cpu" else None

@@ -298,7 +298,7 @@ class RunDir:
         """One row per epoch, from history.jsonl ([] when the run has none)."""
         if not self.history_jsonl.is_file():
             return []
-        return [json.loads(line) for line in self.history_jsonl.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.history_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def write_history(self, rows: list[dict[str, Any]]) -> None:
         """history.jsonl and history.csv, one row per epoch (columns: every key seen)."""
@@ -344,14 +344,14 @@ class RunDir:
     def tracked(self, backend: str) -> dict[str, str] | None:
         """What tracking.json records of `backend`'s run, if anything."""
         try:
-            return dict(json.loads(self.tracking_file.read_text())[backend])
+            return dict(json.loads(self.tracking_file.read_text(encoding="utf-8"))[backend])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def record_tracking(self, backend: str, entry: dict[str, str]) -> None:
         """Add `backend`'s entry to tracking.json, keeping the other backends'."""
         try:
-            recorded = json.loads(self.tracking_file.read_text())
+            recorded = json.loads(self.tracking_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             recorded = {}
         write_json(self.tracking_file, {**(recorded if isinstance(recorded, dict) else {}), backend: entry})
@@ -366,7 +366,7 @@ class RunDir:
     def read_clock(self) -> float:
         """The seconds clock.json says the run used (OSError, ValueError, KeyError or
         TypeError when it cannot say)."""
-        return float(json.loads(self.clock_file.read_text())["used_s"])
+        return float(json.loads(self.clock_file.read_text(encoding="utf-8"))["used_s"])
 
     def write_clock(self, budget_s: float | None, used_s: float) -> None:
         write_json(self.clock_file, {"budget_s": budget_s, "used_s": used_s})

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch
 
 import visiontune as vt
 from conftest import COLORS, TINY, StopAfter, make_class_folders
 from visiontune.cli import main
 from visiontune.deploy.export import export, load_exported
+from visiontune.runtime.device import available_devices
+from visiontune.runtime.engine import onnx_providers
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,42 @@ def test_export_carries_labels_and_preprocessing_and_matches_eager(run, fmt: str
     exported, _ = vt.predict(result.path, data)
     assert [p.label for p in exported] == [p.label for p in eager]
     assert max(abs(a.prob - b.prob) for a, b in zip(exported, eager)) < 1e-4
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("pt2", ".pt2"), ("torchscript", ".ts")])
+def test_predicting_from_an_export_honours_device(run, tmp_path: Path, fmt: str, suffix: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--device reaches the engine of an exported file: the ONNX session's provider, the
+    program's parameters; a device absent here is refused (before: run on the CPU)."""
+    run_dir, data = run
+    path = export(run_dir, fmt, tmp_path / f"m{suffix}").path
+    loaded = load_exported(path, device=torch.device("cpu"))
+    if fmt == "onnx":
+        assert loaded.model.session.get_providers() == ["CPUExecutionProvider"]
+    else:
+        assert {t.device.type for t in loaded.model.program.parameters()} == {"cpu"}
+    preds, _ = vt.predict(path, data, device="cpu")
+    assert len(preds) == 16
+    here = available_devices()
+    absent = "mps" if "mps" not in here else "cuda" if not any(d.startswith("cuda") for d in here) else None
+    if absent is None:
+        pytest.skip("both mps and cuda are here")
+    with pytest.raises(vt.ConfigError, match=f"--device {absent}"):
+        vt.predict(path, data, device=absent)
+    assert main(["predict", path, str(data), "--device", absent]) == 2
+    assert f"--device {absent}" in capsys.readouterr().err
+
+
+def test_onnx_on_cuda_needs_the_cuda_provider() -> None:
+    """Where onnxruntime has no CUDA provider (the CPU package), cuda is refused with the
+    fix; where it has one, cuda:N gets that GPU, then the CPU for what CUDA lacks."""
+    with pytest.raises(vt.ConfigError, match="this onnxruntime runs on CPUExecutionProvider only; install "
+                                             "onnxruntime-gpu"):
+        onnx_providers(torch.device("cuda"), ["CPUExecutionProvider"])
+    assert onnx_providers(torch.device("cuda:1"), ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(vt.ConfigError, match="--device mps: .* or the .pt2 export"):
+        onnx_providers(torch.device("mps"), ["CoreMLExecutionProvider", "CPUExecutionProvider"])
 
 
 def test_cli_export_prints_the_parity_check(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,12 +232,26 @@ def test_push_and_hf_hub_weights_fail_fast_offline(run, tmp_path: Path, capsys: 
 
     started = time.perf_counter()
     assert main(["push", str(run[0]), "someone/model"]) != 0
-    assert "huggingface.co is not reachable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "huggingface.co is not reachable" in err and "  hf upload someone/model model-dir" in err
     with pytest.raises(vt.WeightsUnavailableError, match="--weights local-dir:"):
         vt.fit(run[1], **dict(TINY, strategy="feature-extract", epochs=1, weights="hf-hub:someone/model",
                               output=str(tmp_path / "r")))
     assert time.perf_counter() - started < 30
     assert not (run[0] / "timm").exists()  # nothing written before failing
+
+
+def test_the_hub_commands_we_name_exist_in_the_installed_huggingface_hub() -> None:
+    """`hf auth login` (push's --help, ship.md) and `hf upload` (push's offline message): run
+    for real through the installed huggingface_hub's own `hf` entry point."""
+    (script,) = entry_points(group="console_scripts", name="hf")
+    call = f"import sys; from {script.module} import {script.attr} as main; sys.argv[0] = 'hf'; sys.exit(main())"
+    for argv in (["auth", "login", "--help"], ["upload", "--help"]):
+        done = subprocess.run([sys.executable, "-c", call, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "Usage: hf " + argv[0] in done.stdout, (argv, done.stdout, done.stderr)
+    sources = [Path(__file__).parents[2] / name for name in ("src/visiontune/cli.py", "src/visiontune/deploy/hub.py",
+                                                              "docs/guides/ship.md", "README.md")]
+    assert not [s for s in sources if "huggingface-cli" in s.read_text(encoding="utf-8")]
 
 
 def test_a_hub_folder_with_pickle_weights_only_is_refused_unless_trusted(

@@ -3,6 +3,8 @@ image path."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,25 @@ def test_gradual_uses_features_only_while_the_backbone_is_frozen(flat_data: Path
     caplog.clear()
     vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=1, output=str(tmp_path / "r")))
     assert sum("features:" in r.message for r in caplog.records) == 1  # the OOD bank's pass alone, after training
+
+
+def test_memory_mapped_features_without_statvfs_or_fallocate(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              request: pytest.FixtureRequest) -> None:
+    """Windows has neither os.statvfs nor os.posix_fallocate (macOS lacks the latter): the
+    matrix's room is asked of shutil.disk_usage, and the features are memory-mapped there
+    as here. (Before: AttributeError, not a cache error, so the default path failed.)"""
+    root = make_class_folders(tmp_path / "d", {"red": 3, "green": 2})
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    model, pre = _model()
+    extractor = FeatureExtractor(model.backbone, pre, torch.device("cpu"), None, batch_size=4, num_workers=0)
+    in_ram, _ = extractor.extract(paths)
+    request.getfixturevalue("without_statvfs")  # from here on, the platform is as on Windows
+    maps = tmp_path / "maps"
+    left, fresh = maps / "tmpold.features.npy", maps / "tmpnew.features.npy"  # a matrix Windows could not unlink
+    maps.mkdir()
+    left.write_bytes(b"x" * 4096), fresh.write_bytes(b"y")
+    os.utime(left, (time.time() - 3600,) * 2)
+    mapped, _ = extractor.extract(paths, memmap_dir=maps)
+    torch.testing.assert_close(mapped, in_ram)
+    assert sorted(maps.iterdir()) == [fresh]  # the old one swept; one in use (or just made) is kept
+    assert not [r for r in caplog.records if "cannot be used" in r.getMessage()]  # the memory map, not a fallback

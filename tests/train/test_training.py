@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -291,6 +293,43 @@ def test_a_finished_run_holds_no_worker_process(flat_data: Path, tmp_path: Path,
     assert set(multiprocessing.active_children()) <= before
     vt.lr_find(flat_data, num_iter=4, plot=False, **dict(tiny, num_workers=2, output=str(tmp_path / "runs")))
     assert set(multiprocessing.active_children()) <= before  # the LR sweep's loaders too
+
+
+SPAWNED_RUN = """
+import json, multiprocessing, os, sys
+from pathlib import Path
+
+if __name__ == "__mp_main__":  # a spawned process imports this file again (a forked one does not)
+    Path(sys.argv[2], str(os.getpid())).touch()
+
+import visiontune as vt
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn", force=True)  # as on Windows and macOS
+    data, kw = sys.argv[1], json.loads(sys.argv[3])
+    spawned = vt.fit(data, name="spawned", num_workers=2, **kw)
+    inline = vt.fit(data, name="inline", num_workers=0, **kw)
+    print(json.dumps([[h["train_loss"] for h in r.history] for r in (spawned, inline)]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_whose_workers_are_spawned(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
+    """Windows and macOS start DataLoader workers with spawn: each worker imports the script
+    again and receives the dataset, transforms and sampler by pickling. A real run with 2
+    spawned workers trains exactly as without workers (the augmentation is seeded by
+    sample, not by process)."""
+    script, marks = tmp_path / "spawned_run.py", tmp_path / "marks"
+    script.write_text(SPAWNED_RUN, encoding="utf-8")
+    marks.mkdir()
+    kw = dict(tiny, strategy="finetune", epochs=2, lr=3e-3, augment="light", output=str(tmp_path / "runs"))
+    del kw["num_workers"]
+    done = subprocess.run([sys.executable, str(script), str(flat_data), str(marks), json.dumps(kw)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spawned, inline = json.loads(done.stdout.splitlines()[-1])
+    assert len(list(marks.iterdir())) >= 2  # the workers were spawned processes
+    assert len(spawned) == 2 and spawned == pytest.approx(inline, abs=1e-6)
 
 
 class _FailAt(StopAfter):

@@ -44,7 +44,7 @@ def write_report(path: Path, run: Path, res: Any, items: list[tuple[str, str, st
     data_rows = ([[c, *[counts[s][c] for s in splits]] for c in task.classes] if any(counts.values())  # per class
                  else [["images", *[sum(split == s for _, _, split in items) for s in splits]]])  # a number: no classes
     config_file = RunDir(run).config_file
-    config = config_file.read_text() if config_file.is_file() else f"(no {config_file.name})"
+    config = config_file.read_text(encoding="utf-8") if config_file.is_file() else f"(no {config_file.name})"
     flagged = [s for s in res.suspects if s.flagged]
     leak = (f'<p class="warn">{res.leaks} duplicate pairs cross splits: validation scores are optimistic.</p>'
             if res.leaks else "<p>No duplicates across splits.</p>")

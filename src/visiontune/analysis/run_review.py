@@ -69,7 +69,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _views_source(views: Views) -> dict[str, Any]:
     """interpret/source.json: what the views were made from, and where ({} when unknown)."""
     try:
-        source = json.loads(views.source.read_text())
+        source = json.loads(views.source.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return source if isinstance(source, dict) else {}

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 
 from visiontune.caches import Cache, guarded, save_entry, touch
+from visiontune.cpus import usable_cpus
 from visiontune.data.images import load_rgb, shrink
 from visiontune.data.preprocess import Preprocess
 from visiontune.data.transforms import (
@@ -238,9 +239,11 @@ def default_num_workers(device: torch.device | None = None) -> int:
     model's own threads use every core and worker processes compete with them: on 2 cores
     training ran at 1.03x the raw step with 0 workers, 0.85x with 2 and 0.71x with 1
     (bench/speed.py), while decoding a 400x300 JPEG costs ~1 ms against ~70 ms per image
-    of model step. So 0 up to 4 cores, then one worker per 8 cores (at most 4).
+    of model step. So 0 up to 4 cores, then one worker per 8 cores (at most 4). The cores
+    are those this process may use (cpus.usable_cpus: affinity and a container's CPU
+    quota), not the host's: a 4-CPU container on a 64-core host starts 3 workers, not 15.
     """
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     if device is not None and device.type != "cpu":
         return max(0, min(16, cpus - 1))
     return 0 if cpus <= 4 else min(4, cpus // 8)

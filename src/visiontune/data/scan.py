@@ -29,6 +29,7 @@ from contextlib import closing
 from pathlib import Path
 
 from visiontune.caches import Cache, CacheEntry, guarded, lock_wait, select_in
+from visiontune.cpus import usable_cpus
 from visiontune.data.images import check_image
 from visiontune.files import file_digest, file_identity
 
@@ -136,7 +137,7 @@ def scan(paths: list[str], cache: ScanCache | None = None, workers: int | None =
 
 
 def _check_all(paths: list[str], workers: int | None) -> list[Verdict]:
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     if len(paths) < PARALLEL_FROM or workers < 2:
         return [check_and_digest(p) for p in paths]
     # fork where the platform has it, as torch's DataLoader workers do on Linux: a spawned

@@ -174,7 +174,7 @@ def sample_paths(inputs: str) -> list[str]:
 
 
 def _indexed_source(folder: Path) -> DataSource:
-    described = json.loads((folder / DATASET_FILE).read_text())
+    described = json.loads((folder / DATASET_FILE).read_text(encoding="utf-8"))
     task, delim = task_class(described["task"]), described.get("label_delim", " ")
     source = DataSource(root=str(folder), classes=[], items=[])
     for row in read_csv_dicts(folder / INDEX_FILE):

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export.passes import move_to_device_pass
 
 from visiontune.bundle import Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
@@ -156,12 +157,15 @@ class _ProgramModule(nn.Module):
         return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
 
 
-def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> Bundle:
-    """A `Bundle` (model, classes, preprocess) from an exported .onnx, .pt2 or .ts file.
+def load_exported(path: str | os.PathLike[str], check_weights: bool = True,
+                  device: torch.device | None = None) -> Bundle:
+    """A `Bundle` (model, classes, preprocess) from an exported .onnx, .pt2 or .ts file, run
+    on `device` (default the CPU): an ONNX Runtime session with that device's provider
+    (runtime/engine.onnx_session), a program or TorchScript module moved there.
     `check_weights`: an export beside the weights file it names (a run directory's
     model.onnx, model.int8.onnx, model.pt2 -> model.safetensors) must record that file's
     digest; one made before a resume or a retrain is refused (`require_current`)."""
-    p = Path(path)
+    p, device = Path(path), device or torch.device("cpu")
     if p.suffix == ".onnx":
         try:
             import onnx
@@ -169,16 +173,18 @@ def load_exported(path: str | os.PathLike[str], check_weights: bool = True) -> B
         except ImportError:
             raise VisiontuneError("running ONNX needs onnxruntime: pip install 'visiontune[export]'") from None
         meta = {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
-        model: nn.Module = onnx_session(p)
+        model: nn.Module = onnx_session(p, device)
     elif p.suffix == ".pt2":
         extra = {"visiontune.json": ""}
-        model = _ProgramModule(torch.export.load(str(p), extra_files=extra).module())
+        program = torch.export.load(str(p), extra_files=extra)
+        model = _ProgramModule(move_to_device_pass(program, device).module() if device.type != "cpu" else
+                               program.module())
         meta = json.loads(extra["visiontune.json"] or "{}")
     elif p.suffix in (".ts", ".pt"):
         extra = {"visiontune.json": ""}
         with warnings.catch_warnings():  # legacy format (see the module docstring)
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-            model = _ProgramModule(torch.jit.load(str(p), map_location="cpu", _extra_files=extra).eval())
+            model = _ProgramModule(torch.jit.load(str(p), map_location=device, _extra_files=extra).eval())
         meta = json.loads(extra["visiontune.json"] or "{}")
     else:
         raise VisiontuneError(f"{str(p)!r}: not an exported model ({files_text(sep=', ', last=' or ', names=False)})")

@@ -152,7 +152,7 @@ def push(run: str | os.PathLike[str], repo_id: str, private: bool = False, token
             f"cannot push to the Hugging Face Hub: huggingface.co is not reachable from this machine (or "
             f"HF_HUB_OFFLINE is set). Nothing was uploaded. Export the folder now and upload it later:\n"
             f"  visiontune export {run} --format timm --output model-dir\n"
-            f"  huggingface-cli upload {repo_id} model-dir")
+            f"  hf upload {repo_id} model-dir")
     from huggingface_hub import HfApi
 
     folder, _ = export_timm(run)

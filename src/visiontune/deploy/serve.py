@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from visiontune.bundle import Bundle, OodRequest, SetRequest, load_bundle
+from visiontune.cpus import usable_cpus
 from visiontune.data.images import TooManyPixels, load_rgb
 from visiontune.data.transforms import eval_side, eval_transform
 from visiontune.deploy.monitor import DEFAULT_UNKNOWN_SHARE, DriftWatch, MetricsMiddleware, ServeMetrics
@@ -238,7 +239,7 @@ def create_app(run: str | os.PathLike[str], top_k: int = 3, max_bytes: int = MAX
                coverage: float | None = None, drift_window: int = DRIFT_WINDOW,
                drift_margin: float = DRIFT_MARGIN) -> Any:
     """The app (see the module docstring); `max_decodes`: images decoded at once (default:
-    the CPU count); `coverage`: each answer carries its prediction set (interval);
+    the CPUs this process may use, cpus.usable_cpus); `coverage`: each answer carries its prediction set (interval);
     `drift_window`, `drift_margin`: /metrics' share of unknown answers is taken over the last
     `drift_window` answers, and a warning logged once per window when it exceeds the
     validation split's share by `drift_margin` (deploy/monitor.py)."""
@@ -293,7 +294,7 @@ def _add_predict(app: Any, bundle: Bundle, predictor: BatchPredictor, metrics: S
 
     decode, output = _decoder(bundle, limits.max_pixels), bundle.task.output
     probabilities = bundle.task.calibrator.kind != "none"  # a number has no confidence to average
-    decodes = asyncio.Semaphore(limits.max_decodes or os.cpu_count() or 2)
+    decodes = asyncio.Semaphore(limits.max_decodes or usable_cpus())
     pending = 0  # requests admitted and not answered yet (the event loop's thread only)
 
     @app.post(PREDICT_PATH)

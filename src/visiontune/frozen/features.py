@@ -310,9 +310,11 @@ class _Rows:
 
     def _mapped(self, shape: tuple[int, int]) -> np.ndarray:
         """A memory-mapped matrix in a file unlinked at once (a crash leaves nothing), its
-        blocks reserved first: a full disk is an OSError now, never a SIGBUS later."""
+        blocks reserved first: a full disk is an OSError now, never a SIGBUS later. Windows
+        cannot unlink a mapped file: it stays until a later matrix in the folder sweeps it."""
         Path(self.dir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-        fd, name = tempfile.mkstemp(dir=self.dir, suffix=".features.npy")
+        _sweep_matrices(Path(self.dir))  # type: ignore[arg-type]
+        fd, name = tempfile.mkstemp(dir=self.dir, suffix=MATRIX_SUFFIX)
         os.close(fd)
         try:
             array = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape)
@@ -326,3 +328,17 @@ class _Rows:
         if self.array is None:
             return torch.zeros(0, 0)
         return torch.from_numpy(self.array)
+
+
+MATRIX_SUFFIX = ".features.npy"  # _Rows' memory-mapped matrices
+SWEEP_AFTER_S = 60.0
+
+
+def _sweep_matrices(folder: Path) -> None:
+    """Remove the matrices left in `folder` (on Windows, where a mapped file cannot be
+    unlinked while in use) that are over a minute old; one still mapped by a process
+    cannot be removed there, and elsewhere an unlinked file's mapping stays valid."""
+    for left in folder.glob(f"*{MATRIX_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if time.time() - left.stat().st_mtime > SWEEP_AFTER_S:
+                left.unlink()

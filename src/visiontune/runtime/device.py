@@ -1,4 +1,5 @@
-"""Devices, precision (autocast), memory format and seeds."""
+"""Devices (which exist here, and a clear refusal of one that does not), precision
+(autocast), memory format and seeds."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.errors import ConfigError
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -17,14 +20,52 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(name: str) -> torch.device:
+    """'auto': CUDA when PyTorch sees a GPU, else Apple Silicon's GPU (mps), else the CPU. A
+    device named outright must exist here: else a ConfigError says which devices do."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use {DEVICES}") from None
+    _require_present(device)
+    return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """The devices PyTorch can run on here: cpu, cuda:0..N-1, mps."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu", *(f"cuda:{i}" for i in range(gpus)), *(["mps"] if _mps_available() else [])]
+
+
+def _require_present(device: torch.device) -> None:
+    here = ", ".join(available_devices())
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 0:
+            built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+            raise ConfigError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}, {built}); "
+                              f"devices here: {here}. Use --device auto or cpu, or install a CUDA build of torch "
+                              f"(docs/guides/platforms.md)")
+        if device.index is not None and device.index >= gpus:
+            raise ConfigError(f"--device {device}: there are {gpus} CUDA GPU(s) here; devices here: {here}")
+    elif device.type == "mps" and not _mps_available():
+        raise ConfigError(f"--device mps: Apple Silicon's GPU is not available here (it needs an M-series Mac, macOS "
+                          f"12.3 or newer and a torch built with MPS); devices here: {here}. Use --device auto or cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device}: visiontune runs on {DEVICES}; devices here: {here}")
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

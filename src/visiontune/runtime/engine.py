@@ -133,13 +133,39 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(out[0]), torch.from_numpy(out[1]) if len(out) > 1 else None
 
 
-def onnx_session(path: str | os.PathLike[str]) -> OnnxModule:
-    """An ONNX Runtime session of the file on the CPU, with PyTorch's thread count."""
+def onnx_session(path: str | os.PathLike[str], device: torch.device | None = None) -> OnnxModule:
+    """An ONNX Runtime session of the file on `device` (default: the CPU, with PyTorch's
+    thread count); a CUDA session that ONNX Runtime could only make on the CPU (no CUDA or
+    cuDNN libraries found) is refused, never run on the CPU in its stead."""
     import onnxruntime as ort
 
+    device = device or torch.device("cpu")
+    providers = onnx_providers(device, ort.get_available_providers())
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    return OnnxModule(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if session.get_providers()[0] != _provider_name(providers[0]):
+        raise ConfigError(f"--device {device}: ONNX Runtime could not start {_provider_name(providers[0])} "
+                          f"(it runs on {', '.join(session.get_providers())}: see its warning above for the "
+                          f"missing CUDA/cuDNN library); use --device cpu")
+    return OnnxModule(session)
+
+
+def onnx_providers(device: torch.device, available: list[str]) -> list[Any]:
+    """ONNX Runtime's execution providers for `device`, given those this onnxruntime has
+    (`available`): the CPU's; on cuda:N CUDA's for that GPU, then the CPU's for the
+    operators CUDA's lacks. A ConfigError where this onnxruntime has none for `device`."""
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    fix = ("install onnxruntime-gpu in place of onnxruntime, or use --device cpu" if device.type == "cuda" else
+           "use --device cpu, or the .pt2 export, which runs on any PyTorch device")
+    raise ConfigError(f"--device {device}: this onnxruntime runs on {', '.join(available)} only; {fix}")
+
+
+def _provider_name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
 
 
 def frozen_engine(backbone: nn.Module, image_size: int, device: torch.device, engine: str = "auto",
