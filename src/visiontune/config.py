@@ -233,10 +233,16 @@ class TrainConfig:
     step_size: int = option(2, "step schedule: epochs between LR drops", ge=1)
     gamma: float = option(0.1, "step schedule: LR factor per drop", gt=0.0, le=1.0)
     monitor: str = option("auto", "metric for early stopping and the best checkpoint "
-                                  "(auto: val_loss, or macro_f1 when classes are imbalanced)")
+                                  "(auto: val_loss, or macro_f1 when classes are imbalanced); any metric of the "
+                                  "task, e.g. accuracy (ties: the lower val_loss) or calibrated_loss (val_loss "
+                                  "after a temperature fitted on each epoch's validation outputs)")
     mode: str = option("auto", "direction of --monitor (auto: min for losses, max otherwise)",
                        choices=("auto", "min", "max"))
     patience: int = option(3, "epochs without improvement before stopping; 0: never", ge=0)
+    probe_patience: int = option(2, "after the converged probe (gradual): epochs of fine-tuning that must beat it "
+                                    "on validation, or the run ends with the probe's weights and says so (under "
+                                    "--time-budget the decay begins instead); 0: only --patience applies; "
+                                    "--patience 0 turns both off", ge=0)
     min_delta: float = option(0.0, "smallest change of --monitor that counts as an improvement", ge=0.0)
     restore_best: bool = option(True, "end with the best epoch's weights",
                                 off="end with the last epoch's weights instead of the best ones")

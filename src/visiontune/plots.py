@@ -133,7 +133,7 @@ def grid_figure(images: list[np.ndarray], titles: list[str], overlays: list[np.n
     return fig
 
 
-NOT_METRICS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "phase", "steps")
+NOT_METRICS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "phase", "steps", "candidate")
 HEADLINE_METRICS = ("accuracy", "macro_f1", "mAP", "mae", "r2")  # what the curves show when the history has them
 
 

@@ -10,7 +10,7 @@ import torch
 import visiontune as vt
 from conftest import make_class_folders
 from visiontune.models.warmstart import match_imagenet_classes, warm_start_rows
-from visiontune.planning.advice import decide
+from visiontune.planning.advice import decide, fine_tuning_outlook
 from visiontune.rundir import RunDir
 from visiontune.selection.advisor import advise
 from visiontune.selection.lrfind import lr_find, suggest
@@ -34,6 +34,22 @@ def test_decisions_on_constructed_cases(median, similarity, probe, baseline, exp
     assert strategy == expected and why in reason
 
 
+@pytest.mark.parametrize(
+    "probe,train,half,verdict",
+    [
+        (0.98, 1.0, 0.97, "unlikely to pay: the probe is within 2.0 points of perfect"),
+        (0.80, 0.99, 0.70, "unlikely to pay"),  # still rising with more images, and overfitting: data-limited
+        (0.70, 0.72, 0.69, "may pay"),  # a flat curve, a narrow gap: the features hold it back
+        (0.70, 0.95, 0.69, "open"),  # a flat curve but a wide gap
+    ],
+)
+def test_the_advisor_says_beforehand_whether_fine_tuning_is_likely_to_pay(probe, train, half, verdict) -> None:
+    said = fine_tuning_outlook(probe, train, half, "accuracy")
+    assert verdict in said
+    if "perfect" not in verdict:
+        assert f"{probe - half:+.3f} from half its training images" in said and f"{train - probe:+.3f} higher" in said
+
+
 def test_advise_measures_and_explains(tmp_path: Path, tiny: dict) -> None:
     root = make_class_folders(tmp_path / "d", {"red": 8, "green": 8})
     advice = advise(root, **{k: v for k, v in tiny.items() if k in ("backbone", "image_size", "num_workers")},
@@ -44,6 +60,8 @@ def test_advise_measures_and_explains(tmp_path: Path, tiny: dict) -> None:
     expected, _ = decide(advice.median_per_class, advice.similarity, advice.probe_accuracy, advice.baseline_accuracy)
     assert advice.median_per_class == 8 and advice.strategy == expected
     assert f"{advice.probe_accuracy:.3f}" in advice.explanation and "16 images" in advice.explanation
+    assert 0 <= advice.probe_half <= 1 and 0 <= advice.probe_train <= 1  # measured on the same folds
+    assert advice.outlook and advice.explanation.endswith(advice.outlook)
 
 
 def test_strategy_auto_runs_the_advisor(flat_data: Path, tmp_path: Path, tiny: dict) -> None:

@@ -88,7 +88,8 @@ def test_early_stopping_stops_and_restores_best(flat_data: Path, tmp_path: Path,
 def test_monitor_with_mode_max(flat_data: Path, tmp_path: Path, tiny: dict) -> None:
     result = vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=3, monitor="macro_f1",
                                       output=str(tmp_path / "runs")))
-    best = max(range(3), key=lambda i: (result.history[i]["macro_f1"], -i))
+    h = result.history  # equal macro-F1: the lower validation loss (the tie-break), then the earlier epoch
+    best = max(range(3), key=lambda i: (h[i]["macro_f1"], -h[i]["val_loss"], -i))
     assert result.best_epoch == best + 1
 
 

@@ -7,8 +7,11 @@ frozen phases), scored out of fold by the task's `score_metric` (accuracy, mAP, 
 cached, frozen features, against a baseline that knows nothing of ImageNet (k-nearest
 neighbours on 16x16 pixels, the same folds) and chance (`Task.chance`). The probe's share
 of the possible gain over chance is the task similarity: near 1, the source features
-already solve the task. Nothing here branches on the label shape: the task says how to
-score, what chance is and what its targets look like to the neighbours.
+already solve the task. Whether fine-tuning is likely to pay after the probe
+(`fine_tuning_outlook`): from the same folds, the probe's score on its own training rows
+(the train/validation gap) and at half its training rows (the learning curve). Nothing
+here branches on the label shape: the task says how to score, what chance is and what its
+targets look like to the neighbours.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from visiontune import display
 from visiontune.config import ModelConfig, RunConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.items import TRAIN, VALID, DataSource
-from visiontune.data.splits import fold_count, fold_pairs
+from visiontune.data.splits import fold_count, fold_pairs, stratified_sample
 from visiontune.frozen.features import FeatureExtractor
-from visiontune.frozen.probe import oof_outputs
+from visiontune.frozen.probe import fit_probe, fold_fits, probe_outputs
 from visiontune.models.classifier import create_classifier
 from visiontune.planning.costs import Costs
 from visiontune.tasks.base import Task
@@ -38,6 +41,9 @@ SMALL_PER_CLASS = 100  # images per class below which the backbone is best left 
 LARGE_PER_CLASS = 1000  # enough to re-learn features
 SIMILAR, SOMEWHAT = 0.8, 0.5  # probe share of the possible gain over chance
 PROBE_CEILING = 0.03  # a probe within 3 points of perfect leaves fine-tuning too little to gain for its cost
+# Heuristics of fine_tuning_outlook, not yet measured against the suite (bench/generalise.py will):
+CURVE_RISE = 0.02  # score the probe gains from half its training rows to all: above, it is data-limited
+TRAIN_GAP = 0.10  # the probe's training score above its cross-validated one: above, it already overfits
 
 
 @dataclass
@@ -53,6 +59,9 @@ class Advice:
     chance: float
     similarity: float
     cost_note: str = ""  # what a probe and an epoch cost here, as measured before the advisor ran
+    probe_train: float = float("nan")  # the probe's score on the rows it was fitted on (mean over the folds)
+    probe_half: float = float("nan")  # its cross-validated score fitted on half of each fold's training rows
+    outlook: str = ""  # whether fine-tuning is likely to pay after the probe, and why (fine_tuning_outlook)
 
     def format(self) -> str:
         return f"strategy: {self.strategy}\n{self.described()}"
@@ -122,7 +131,7 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
     task = make_task(source.task, source.classes)
     task.fit_labels(labels)
     targets = task.encode(labels).numpy()
-    probe = _score(task, targets, oof_outputs(feats, targets, task, cfg.seed, folds)[0])
+    probe, probe_train, probe_half = _probe_scores(task, feats, targets, cfg.seed, folds)
     neighbours = min(5, max(1, len(labels) // (2 * folds)))
     baseline = _score(task, targets, _knn_outputs(_pixels([it.path for it in pool]), task, targets, neighbours, folds,
                                                   cfg.seed))
@@ -139,9 +148,48 @@ def advise_source(cfg: RunConfig, source: DataSource, costs: Costs | None = None
         f"pixels and {chance:.3f} for chance, i.e. {similarity:.0%} of the possible gain over chance. So "
         f"{strategy}: {reason} ({get_strategy(strategy).description})."
     )
-    return Advice(strategy, explanation, len(pool), len(source.classes), median,
+    outlook = fine_tuning_outlook(probe, probe_train, probe_half, what)
+    return Advice(strategy, f"{explanation} {outlook}", len(pool), len(source.classes), median,
                   float(counts.max() / max(1, counts[counts > 0].min())), probe, baseline, chance, similarity,
-                  f"Cost {costs.describe()}." if costs else "")
+                  f"Cost {costs.describe()}." if costs else "", probe_train, probe_half, outlook)
+
+
+def fine_tuning_outlook(probe: float, train: float, half: float, what: str = "score") -> str:
+    """Whether fine-tuning after the converged probe is likely to pay, in a sentence with
+    the figures: the probe's cross-validated `probe`, its score on its own training rows
+    (`train`: the gap) and fitted on half of them (`half`: the learning curve). Unlikely
+    when the probe is within PROBE_CEILING of perfect, or data-limited (still rising with
+    more rows) while already overfitting (a wide gap): fine-tuning fits far more parameters
+    to the same images. Likely to pay when the curve is flat and the gap narrow: the frozen
+    features, not the data, hold the probe back."""
+    rise, gap = probe - half, train - probe
+    figures = (f"the probe's {what} moves {rise:+.3f} from half its training images to all of them, and scores "
+               f"{gap:+.3f} higher on the images it was fitted on")
+    if 1 - probe < PROBE_CEILING:
+        return f"Fine-tuning is unlikely to pay: the probe is within {100 * (1 - probe):.1f} points of perfect."
+    if rise > CURVE_RISE and gap > TRAIN_GAP:
+        return (f"Fine-tuning is unlikely to pay: {figures}: more labelled images would help more than fitting the "
+                "whole network to these.")
+    if rise <= CURVE_RISE and gap <= TRAIN_GAP:
+        return f"Fine-tuning may pay: {figures}: the frozen features, not the data, hold the probe back."
+    return f"Whether fine-tuning pays is open: {figures}; the run stops it if it cannot beat the probe."
+
+
+def _probe_scores(task: Task, feats: np.ndarray, targets: np.ndarray, seed: int, folds: int) -> tuple[float, ...]:
+    """The converged probe's cross-validated score, its mean score on each fold's own
+    training rows, and its cross-validated score when each fold fits half its training
+    rows (a stratified sample) at the same C: the score, the gap and the learning curve."""
+    fits, c = fold_fits(feats, targets, task, seed, folds)
+    full, half = np.zeros((len(targets), task.num_outputs)), np.zeros((len(targets), task.num_outputs))
+    train_scores = []
+    for held, fit in fits:
+        train = np.setdiff1d(np.arange(len(targets)), held)
+        full[held] = probe_outputs(fit, feats[held], task)
+        train_scores.append(_score(task, targets[train], probe_outputs(fit, feats[train], task)))
+        sample = stratified_sample(task.strata(targets[train]), len(train) // 2, seed)
+        part = train if sample is None else train[sample]
+        half[held] = probe_outputs(fit_probe(feats[part], targets[part], task, seed=seed, c=c), feats[held], task)
+    return _score(task, targets, full), float(np.mean(train_scores)), _score(task, targets, half)
 
 
 def _score(task: Task, targets: np.ndarray, outputs: np.ndarray) -> float:

@@ -46,7 +46,7 @@ from visiontune.tasks.conformal import Conformal
 from visiontune.tasks.form import Form, FormOf
 from visiontune.tasks.labels import class_index, label_counts
 from visiontune.tasks.metrics import present_classes
-from visiontune.tasks.objective import Objective
+from visiontune.tasks.objective import CALIBRATED_LOSS, LOSSES, Objective
 from visiontune.tasks.output import Decoded, Output
 from visiontune.tasks.wording import CLASSES, Wording
 
@@ -167,11 +167,29 @@ class Task(ABC):
 
     def objective(self, metric: str, mode: str = "auto") -> Objective:
         """`metric` and its direction: `mode` ("min" / "max"), or with "auto" the one this
-        task's metric improves in (ConfigError for a metric the task lacks)."""
-        if metric not in self.higher_is_better:
+        task's metric improves in (ConfigError for a metric the task lacks); a metric that
+        is not a loss has its ties broken by the validation loss (accuracy on a small split
+        moves by whole images)."""
+        monitors = self.monitors()
+        if metric not in monitors:
             raise ConfigError(f"--monitor {metric!r} is not a metric of the {self.name} task; available: "
-                              f"{', '.join(self.higher_is_better)}")
-        return Objective(metric, mode if mode != "auto" else ("max" if self.higher_is_better[metric] else "min"))
+                              f"{', '.join(monitors)}")
+        return Objective(metric, mode if mode != "auto" else ("max" if monitors[metric] else "min"),
+                         "" if metric in LOSSES or "val_loss" not in monitors else "val_loss")
+
+    def monitors(self) -> dict[str, bool]:
+        """What early stopping may watch, and whether higher is better: the task's metrics
+        and losses, and `calibrated_loss` (`calibrated_loss()`) where its outputs have a
+        calibrator."""
+        return {**self.higher_is_better, **({CALIBRATED_LOSS: False} if self.calibrator.kind != "none" else {})}
+
+    def calibrated_loss(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+        """{"calibrated_loss": the validation loss after the calibrator's temperature,
+        fitted on these very outputs} (tasks/calibration.py): a loss that no longer
+        punishes over-confidence, only the ranking of the classes; {} where the outputs
+        have no calibrator or too few rows to fit one."""
+        fit = self.calibrator.fit(targets, probs)
+        return {} if fit is None else {CALIBRATED_LOSS: float(fit.after["nll"])}
 
     # -- the data side (classmethods: the classes are not known yet) ----------------------
 

@@ -5,6 +5,8 @@ Beyond Fixed Training Durations"; MiniCPM): a short warm-up, the peak LR held, t
 cosine decay over the last WSD_DECAY of the phase. Its length can be decided late: under
 a deadline (--time-budget) the clock (train/clock.py) gives it progress in time, not steps, so the decay
 starts when the time left equals the decay's length, whatever the epochs turned out to cost.
+The weights it exists for are those after (or inside) its decay: `keepable` says which a
+run may keep (train/callbacks.Checkpoint), never those warming up or at the peak LR.
 
 Written here rather than taken from torch/timm schedulers because a phase change (gradual)
 restarts the schedule with new per-group peak LRs on the same optimizer, and a multiplier
@@ -52,3 +54,11 @@ def wsd_factor(progress: float) -> float:
     if progress < 1.0 - WSD_DECAY:
         return 1.0
     return _cos(1.0, 1.0 / ONECYCLE_DIV_FINAL, (progress - (1.0 - WSD_DECAY)) / WSD_DECAY)
+
+
+def keepable(schedule: str, progress: float) -> bool:
+    """Whether weights reached at `progress` (0..1) through a phase may be the ones a run
+    keeps: under warmup-stable-decay only once its decay has begun (at the peak LR the
+    weights bounce around a wide basin; the decay is what settles them); under every other
+    schedule, any epoch's."""
+    return schedule != "wsd" or progress >= 1.0 - WSD_DECAY

@@ -54,6 +54,8 @@ class FitResult:
     valid_probs: np.ndarray | None = field(repr=False, default=None)
     validated_by: str = ""  # how the metrics were validated when not on a validation split (metrics.json's "validation")
     kept: str = "best"  # which epoch's weights the run ends with: "best" (restore_best) or "last"
+    why_kept: str = ""  # which weights the run ended with and why, in a line (metrics.json's "kept")
+    why_stopped: str = ""  # why early stopping ended the run or began the decay ("" when it did neither)
     model: Any = field(repr=False, default=None)
     data: DataSource | None = field(repr=False, default=None)
     setup: RunSetup | None = field(repr=False, default=None)  # what trained: task, preprocessing, plan, device
@@ -307,7 +309,9 @@ def open_run_dir(setup: RunSetup, source: DataSource, run_dir: Path | None, rest
 
 
 def _early_stopping(t: TrainConfig, objective: Objective) -> EarlyStopping | None:
-    return EarlyStopping(objective, t.patience, t.min_delta) if t.patience > 0 else None
+    """Early stopping by `--patience`, and after a converged probe by `--probe-patience`
+    (none with --patience 0)."""
+    return EarlyStopping(objective, t.patience, t.min_delta, t.probe_patience) if t.patience > 0 else None
 
 
 def _callbacks(setup: RunSetup, run_dir: Path, checkpoint: Checkpoint, stopper: EarlyStopping | None,
@@ -336,8 +340,9 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
         how = {"validation": validated_by} if (validated_by := _validated_by(setup, source)) else {}
         if tuned:
             how["thresholds"] = "tuned on these images: their F1 and accuracy here are optimistic"
+        stopped = {"stopped": stopper.reason} if stopper and stopper.reason else {}
         RunDir(run_dir).write_metrics({**final, "epoch": kept_epoch, "best_epoch": best_epoch, "epochs_run": len(history),
-                                       **how})
+                                       **how, "kept": checkpoint.why, **stopped})
         RunDir(run_dir).write_environment({**environment(setup.cfg, str(setup.device)),
                                            "world_size": setup.env.world_size})
     final_outputs = _final_outputs(setup, trainer, checkpoint)
@@ -346,7 +351,8 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
         stopped_early=bool(stopper and stopper.stopped_epoch is not None), seconds=trainer.elapsed(),
         trainable_params=setup.plan.most_trainable_params(), valid_probs=None if final_outputs is None else final_outputs.probs,
         model=setup.model, data=source, setup=setup, validated_by=_validated_by(setup, source),
-        kept="best" if t.restore_best else "last",
+        kept="best" if t.restore_best else "last", why_kept=checkpoint.why,
+        why_stopped=stopper.reason if stopper else "",
     )
 
 

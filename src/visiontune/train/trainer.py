@@ -49,7 +49,7 @@ from visiontune.train.mixup import mixup_for
 from visiontune.train.plan import apply_phase, set_train_modes
 from visiontune.train.pseudo import PseudoLabels, with_pool
 from visiontune.train.rundata import PhaseData
-from visiontune.train.schedules import lr_factor
+from visiontune.train.schedules import keepable, lr_factor
 from visiontune.train.setup import RunSetup
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     last_eval: EvalOutput | None = None  # validation outputs of the current epoch
     ema_better: bool = False  # this epoch's EMA weights validated better than the raw ones
+    candidate: bool = True  # this epoch's weights may be kept (warmup-stable-decay: only in or after its decay)
 
     @property
     def should_stop(self) -> bool:
@@ -171,6 +172,7 @@ class Trainer:
         reads no image without the clock stopping it is an error: the data yielded nothing."""
         phase_i = self.plan.phase_index(epoch)
         data = self.data.for_phase(phase_i)
+        self.state.candidate = True  # a converged probe's fit, or an epoch of a schedule that keeps any (below)
         if self.plan.phases[phase_i].probe:
             return self.fit_probe(data)
         batches = Paired(data.train, data.pool_views if self.consistency is not None else None)
@@ -239,8 +241,11 @@ class Trainer:
         phase_i = self.plan.phase_index(epoch)
         epoch_in_phase, phase = epoch - self.plan.phase_start(phase_i), self.plan.phases[phase_i]
         if not self._timed(phase_i):  # by the phase's progress in steps
-            return lr_factor(self.cfg.train, (epoch_in_phase * steps + i) / (phase.epochs * steps), epoch_in_phase)
+            progress = (epoch_in_phase * steps + i) / (phase.epochs * steps)
+            self.state.candidate = keepable(self.cfg.train.schedule, progress)  # of the epoch's last step so far
+            return lr_factor(self.cfg.train, progress, epoch_in_phase)
         factor = self.clock.timed_factor(validation, phase.epochs - epoch_in_phase, loop_started)  # in time
+        self.state.candidate = not self.clock.holding_peak  # warming up or at the peak: not weights to keep
         if factor is None and i == 0:
             log.info("time budget: the learning rate's decay ended with epoch %d (warmup-stable-decay, timed to the "
                      "deadline); stopping with the best weights", epoch)
@@ -487,8 +492,7 @@ class Trainer:
             if self._cv_eval is None:
                 return metrics
             self.state.last_eval, self._cv_eval = self._cv_eval, None  # the probe's cross-validation stands in
-            return {**metrics, "val_loss": self.state.last_eval.loss,
-                    **self.task.metrics(self.state.last_eval.targets, self.state.last_eval.probs)}
+            return {**metrics, **self._scores(self.state.last_eval)}
         started = time.perf_counter()
         out, scores = self._evaluate(self.net_for(data), data)
         self.clock.validated(time.perf_counter() - started)
@@ -508,7 +512,13 @@ class Trainer:
                                         out.probs, out.ids), self.env))
         if data.valid_rows:
             out.require_all(data.valid_rows)
-        return out, {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs)}
+        return out, self._scores(out)
+
+    def _scores(self, out: EvalOutput) -> dict[str, float]:
+        """An epoch's validation figures: the loss, the task's metrics, and the loss after a
+        temperature fitted on these outputs (`Task.calibrated_loss`): each a monitor."""
+        return {"val_loss": out.loss, **self.task.metrics(out.targets, out.probs),
+                **self.task.calibrated_loss(out.targets, out.probs)}
 
     def chosen_model(self) -> nn.Module:
         """The weights this epoch holds: the EMA's when they validated better."""
@@ -526,6 +536,7 @@ class Trainer:
             "phase": self.plan.phases[self.state.phase].name,
             **{k: float(v) for k, v in self.state.metrics.items()},
             "lr": float(max(lrs)) if lrs else 0.0,
+            "candidate": self.state.candidate,
             "seconds": round(time.perf_counter() - started, 3),
         }
 
