@@ -3,5 +3,5 @@
 # faces / non-faces images as a folder, fine-tune the default pretrained backbone, print metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo   # .[demo]: what the demo needs, no test tools
 exec .venv/bin/visiontune demo "$@"

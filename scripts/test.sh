@@ -2,7 +2,7 @@
 # README command 2: set up, then run the lint and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh dev    # .[dev]: every feature and the test tools
 .venv/bin/ruff check src tests bench
 export VISIONTUNE_ARTIFACTS="${VISIONTUNE_ARTIFACTS:-test-artifacts}"  # e.g. the rendered report.png
 # two pytest-xdist workers of one thread each (tests/conftest.py); the tests that race a real
