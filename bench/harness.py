@@ -72,15 +72,26 @@ def versions() -> str:
     return "; ".join(found)
 
 
+FEATURES = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
+
+
 def hardware() -> str:
-    """CPU model and core count, and the GPU when torch sees one (torch is not imported here)."""
-    cpu = platform.processor() or platform.machine()
+    """`N CPU cores (MODEL, FEATURES), M GB; GPU`: the CPU model, the instruction sets that
+    change figures (int8 and bf16 speed need VNNI, AVX-512 BF16 or AMX), memory, and the GPU
+    when torch sees one (torch is not imported here). bench/report.py reads this form."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+            info = fh.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
     except OSError:
         pass
-    text = f"{os.cpu_count()} CPU cores ({cpu})"
+    text = f"{os.cpu_count()} CPU cores ({', '.join([cpu, *(v for k, v in FEATURES.items() if k in flags)])})"
+    try:
+        text += f", {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GB"
+    except (AttributeError, ValueError, OSError):  # no sysconf on Windows
+        pass
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         text += f"; {torch.cuda.get_device_name()}"

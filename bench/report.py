@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +29,12 @@ row is the current measurement of a figure, with the command that measured it; o
 measurements stay in the CSV files and in git. Every bench runs on tiny data with
 `--smoke` (tests/test_bench.py). The page as it was written by hand until issue 35, with
 every measurement and its discussion: [the results diary]({archive}).
+
+Figures are of the machine named in their row's "on" column, described once here (from the
+rows: each machine's cores, CPU, memory and GPU as its rows recorded them); a figure of one
+machine says nothing of another.
 """
+HARDWARE = re.compile(r"(?P<cores>\d+) CPU cores \((?P<cpu>[^)]*)\)(?:, (?P<memory>\d+ GB))?(?:; (?P<gpu>.+))?$")
 
 
 def title(bench: str) -> str:
@@ -59,6 +65,37 @@ def current(rows: list[dict]) -> list[dict]:
     return [latest[f] for f in order]
 
 
+def machine(hardware: str) -> tuple[str, str]:
+    """(short name, description) of the machine a row's hardware cell describes: rows
+    recorded by older code spell one machine several ways ("AMD EPYC, no GPU", "AMD
+    EPYC"), so the name is its cores and CPU model, or its GPU."""
+    found = HARDWARE.match(hardware.strip())
+    if not found:
+        return hardware, hardware
+    parts = [p.strip() for p in found["cpu"].split(",") if p.strip() != "no GPU"]
+    cpu = f"{found['cores']} CPU cores ({parts[0]})" if parts else f"{found['cores']} CPU cores"
+    described = ", ".join([cpu, *parts[1:], *([found["memory"]] if found["memory"] else [])])
+    return (found["gpu"], f"{found['gpu']}; {described}") if found["gpu"] else (cpu, f"{described}, no GPU")
+
+
+def machines(results: Path) -> list[str]:
+    """The header's table: each machine once, the fullest description its rows give, and the
+    benches and number of figures measured on it."""
+    seen: dict[str, dict] = {}
+    for path in sorted(results.glob("*.csv")):
+        for r in current(read_rows(path)):
+            name, described = machine(r["hardware"])
+            entry = seen.setdefault(name, {"described": described, "benches": [], "figures": 0})
+            if len(described) > len(entry["described"]):
+                entry["described"] = described
+            entry["benches"] += [path.stem] if path.stem not in entry["benches"] else []
+            entry["figures"] += 1
+    out = ["## Machines", "", "| on | the machine | benches | figures |", "|---|---|---|---|"]
+    for name, e in seen.items():
+        out.append(f"| {_cell(name)} | {_cell(e['described'])} | {', '.join(e['benches'])} | {e['figures']} |")
+    return [*out, ""]
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -71,14 +108,15 @@ def section(path: Path) -> list[str]:
     for r in current(read_rows(path)):
         value = f"{r['value']} {r['unit']}".strip()
         when = f"{r['date']}" + (f", {r['commit']}" if r["commit"] else "")
-        out.append(f"| {_cell(r['figure'])} | {_cell(value)} | {when} | {_cell(r['hardware'])} | "
+        out.append(f"| {_cell(r['figure'])} | {_cell(value)} | {when} | {_cell(machine(r['hardware'])[0])} | "
                    f"`{_cell(r['command'])}` | {_cell(r['note'])} |")
     return [*out, ""]
 
 
 def render(results: Path = RESULTS) -> str:
     """The whole page."""
-    lines = [HEAD.format(archive=ARCHIVE), "## Why the defaults are what they are", "", *decisions(), ""]
+    lines = [HEAD.format(archive=ARCHIVE), *machines(results), "## Why the defaults are what they are", "",
+             *decisions(), ""]
     for path in sorted(results.glob("*.csv")):
         lines += section(path)
     return "\n".join(lines).rstrip() + "\n"

@@ -15,18 +15,23 @@ INCLUDE = re.compile(r"<!-- include (\S+) -->")
 FIGURES = ("scale.png", "label_efficiency.png")
 
 
+NOTEBOOK = "examples/quickstart.ipynb"  # the README links it: served at the same path
+
+
 def on_files(files, config):
-    """The benchmark figures RESULTS.md shows, served next to results.md."""
+    """The benchmark figures RESULTS.md shows, served next to results.md, and the notebook."""
     for name in FIGURES:
         if (ROOT / "bench" / name).is_file():
             files.append(File(name, str(ROOT / "bench"), config["site_dir"], config["use_directory_urls"]))
+    files.append(File(NOTEBOOK, str(ROOT), config["site_dir"], config["use_directory_urls"]))
     return files
 
 
 def on_page_markdown(markdown, page, config, files):
     markdown = INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(encoding="utf-8"), markdown)
     markdown = markdown.replace("](ARCHITECTURE.md)", "](architecture.md)")  # README's links, as the site lays
-    markdown = markdown.replace("](docs/guides/", "](guides/").replace("](bench/", "](")  # the pages out
+    markdown = markdown.replace("](docs/guides/", "](guides/").replace("](docs/report.png", "](report.png")
+    markdown = markdown.replace("](bench/RESULTS.md", "](results.md").replace("](bench/", "](")  # the pages out
     markdown = markdown.replace("](../docs/decisions/", "](decisions/").replace("](../../scale.png", "](scale.png")
     markdown = markdown.replace("](../../label_efficiency.png", "](label_efficiency.png")
     markdown = markdown.replace("](results/archive/2026-11-results-diary.md", "](results-diary.md")

@@ -3,7 +3,7 @@
 # faces / non-faces images as a folder, fine-tune the default pretrained backbone, print metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo   # .[demo]: what the demo needs, no test tools
 bin=.venv/bin
 [ -d .venv/Scripts ] && bin=.venv/Scripts  # a venv made by Windows' Python (Git Bash)
 exec "$bin"/visiontune demo "$@"

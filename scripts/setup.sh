@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create ./.venv (once) and install visiontune with its test and demo extras.
+# Create ./.venv (once) and install visiontune with the extras named in $1: `demo` (command 1:
+# what the demo needs, scikit-image) or `dev` (command 2, the default: every feature and the test
+# tools: pytest, ruff, Playwright, mkdocs, ...). A venv set up for `dev` serves `demo` as it is.
 # torch 2.14.1 / torchvision 0.29.1 are pinned: the versions this project is built and tested on.
 # Linux, macOS (Apple Silicon) and Windows under Git Bash (its venv keeps programs in Scripts/).
 set -euo pipefail
@@ -24,14 +26,17 @@ bin=.venv/bin
 sha256() {  # coreutils' sha256sum; stock macOS has shasum instead
     if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi
 }
+EXTRAS="${1:-dev}"
 stamp=.venv/.visiontune-installed
-want="$(cat pyproject.toml scripts/setup.sh | sha256 | cut -c1-16)"
+want="$EXTRAS $(cat pyproject.toml scripts/setup.sh | sha256 | cut -c1-16)"
+# `dev` includes `demo`: a venv stamped for dev is already set up for the demo
+[ "$EXTRAS" = demo ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "dev ${want#demo }" ] && exit 0
 pip_install() {  # pip's notes about local index folders it skips are noise here
     "$bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     pip_install --upgrade pip
     pip_install torch==2.14.1 torchvision==0.29.1
-    pip_install -e ".[dev]"
+    pip_install -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
 fi

@@ -2,7 +2,7 @@
 # README command 2: set up, then run the lint and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh dev    # .[dev]: every feature and the test tools
 bin=.venv/bin
 [ -d .venv/Scripts ] && bin=.venv/Scripts  # a venv made by Windows' Python (Git Bash)
 "$bin"/ruff check src tests bench

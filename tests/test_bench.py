@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench import report
+from bench import harness, report
 from bench.harness import FIELDS, append_row, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,30 @@ def test_the_page_shows_only_the_latest_row_of_a_figure(tmp_path: Path) -> None:
         append_row(tmp_path / "speed.csv", {"figure": "img/s", "value": value, "date": "d", "command": "c"})
     page = report.render(tmp_path)
     assert "| img/s | 2.0 |" in page and "| img/s | 1.0 |" not in page
+
+
+def test_the_page_describes_each_machine_once_from_the_rows(tmp_path: Path) -> None:
+    """One CPU spelt two ways by older rows is one machine; a GPU row is another; the header
+    says which benches ran on each, and a row's "on" names its machine, not the whole text."""
+    rows = [("speed", "2 CPU cores (AMD EPYC, no GPU), 24 GB"), ("ood", "2 CPU cores (AMD EPYC)"),
+            ("gpu", "16 CPU cores (Xeon, AVX-512 VNNI), 128 GB; NVIDIA H200")]
+    for bench, hardware in rows:
+        append_row(tmp_path / f"{bench}.csv", {"figure": "f", "value": "1", "date": "d", "command": "c",
+                                               "hardware": hardware})
+    page = report.render(tmp_path)
+    head = page.split("## Why the defaults")[0]
+    assert "| 2 CPU cores (AMD EPYC) | 2 CPU cores (AMD EPYC), 24 GB, no GPU | ood, speed | 2 |" in head
+    assert "| NVIDIA H200 | NVIDIA H200; 16 CPU cores (Xeon), AVX-512 VNNI, 128 GB | gpu | 1 |" in head
+    assert "no GPU" not in page.split("## Machines")[1].split("## Why")[1]  # rows name, the header describes
+    assert page.count("| f | 1 | d | 2 CPU cores (AMD EPYC) |") == 2
+
+
+def test_hardware_names_the_instruction_sets_int8_speed_depends_on() -> None:
+    text = harness.hardware()
+    name, described = report.machine(text)  # the form report.py reads
+    assert name != text and name.endswith(")") and "no GPU" in described or "NVIDIA" in name
+    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
+    assert ("AVX-512 VNNI" in text) == (" avx512_vnni" in flags)
 
 
 def test_no_bench_patches_sys_path_or_imports_a_private_name() -> None:

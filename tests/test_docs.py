@@ -78,13 +78,69 @@ def test_every_readme_command_parses(line: str, argv: list[str]) -> None:
 def test_the_drift_check_fails_on_a_planted_bad_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The README's first command with one flag misspelt, in a file of its own, is caught."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (_, good) = commands(ROOT / "README.md")[0]
+    first = "visiontune " + " ".join(good[:2])
     planted = tmp_path / "README.md"
-    planted.write_text(readme.replace("visiontune train data/hymenoptera", "visiontune train data/hymenoptera "
-                                      "--epoch 3", 1), encoding="utf-8")
-    (_, good), (_, bad) = commands(ROOT / "README.md")[0], commands(planted)[0]
+    planted.write_text(readme.replace(first, first + " --epoch 3", 1), encoding="utf-8")
+    (_, bad) = commands(planted)[0]
     assert bad == [*good[:2], "--epoch", "3", *good[2:]]
     assert parses(good) and not parses(bad)
     capsys.readouterr()  # argparse's complaint about the planted flag
+
+
+CITED = re.compile(r"\(RESULTS: ([a-z_]+(?:, [a-z_]+)*)[;)]")
+FIGURE = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def prose(path: Path) -> list[str]:
+    """The file's sentences outside fenced blocks (a list item or table row ends one too),
+    each as one line."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    parts = re.split(r"\n\s*\n|\n(?=\s*[-*|] )|(?<=[a-z)]\.)\s+(?=[A-Z`])", text)
+    return [" ".join(p.split()) for p in parts if p.strip()]
+
+
+def results_sections(page: str) -> dict[str, set[float]]:
+    """Every number written in each `## bench: ...` section of bench/RESULTS.md."""
+    parts = re.split(r"^## ([a-z_]+): .*$", page, flags=re.M)
+    return {name: {float(n.replace(",", "")) for n in FIGURE.findall(body)} for name, body in zip(parts[1::2], parts[2::2])}
+
+
+def uncited_figures(path: Path, sections: dict[str, set[float]]) -> list[str]:
+    """Each figure written before a "(RESULTS: NAME)" citation (back to the previous citation
+    or the sentence's start) that no named section of RESULTS.md holds; counts (integers up
+    to 20: "4 sets", "1 label per class") and years are not figures."""
+    wrong = []
+    for para in prose(path):  # one sentence
+        start = 0
+        for cite in CITED.finditer(para):
+            names = cite.group(1).split(", ")
+            known = set().union(*(sections.get(n, set()) for n in names))
+            wrong += [f"{path.name}: no section {n!r}" for n in names if n not in sections]
+            for n in FIGURE.findall(para[start:cite.start()]):
+                value = float(n.replace(",", ""))
+                if "." in n or value > 20:
+                    wrong += [] if value in known else [f"{path.name}: {n} (RESULTS: {cite.group(1)})"]
+            start = cite.end()
+    return wrong
+
+
+def test_every_figure_cited_from_results_is_a_row_of_results() -> None:
+    """A figure the README or a guide cites as "(RESULTS: NAME)" is in that section of the
+    generated bench/RESULTS.md, so an edited figure or a re-measured one fails here."""
+    sections = results_sections((ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8"))
+    cited = [p for p in (ROOT / "README.md", *GUIDES) if CITED.search(p.read_text(encoding="utf-8"))]
+    assert ROOT / "README.md" in cited and len(cited) >= 3
+    assert not [w for p in cited for w in uncited_figures(p, sections)]
+
+
+def test_the_citation_check_fails_on_a_planted_figure(tmp_path: Path) -> None:
+    sections = results_sections((ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8"))
+    planted = tmp_path / "README.md"
+    planted.write_text((ROOT / "README.md").read_text(encoding="utf-8").replace("0.9505", "0.9605", 1), encoding="utf-8")
+    assert uncited_figures(planted, sections) == ["README.md: 0.9605 (RESULTS: suite)"]
+    planted.write_text("It is fast (RESULTS: nosuch).\n", encoding="utf-8")
+    assert uncited_figures(planted, sections) == ["README.md: no section 'nosuch'"]
 
 
 def python_snippets() -> list[tuple[str, int, str]]:
