@@ -1,6 +1,7 @@
-"""Out-of-distribution scores side by side: the shipped k-th nearest neighbour distance
-(models/novelty.py, Sun et al. 2022) against the maximum softmax probability and the energy
-of the logits (Liu et al. 2020), on images the model never saw.
+"""Out-of-distribution scores side by side: the shipped score (models/novelty.py: the larger
+of the k-th nearest neighbour distance, Sun et al. 2022, and the energy of the logits, Liu et
+al. 2020, each in units of its validation spread) against each of its two parts alone and the
+maximum softmax probability, on images the model never saw.
 
     python -m bench.suite prepare SUITE      # the sets as train/ valid/ test/ folders
     python -m bench.ood SUITE                # -> bench/results/ood.csv
@@ -39,10 +40,10 @@ from bench.suite import prepare_digits, prepare_hymenoptera
 from visiontune.bundle import load_bundle
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import collect_images
-from visiontune.models.novelty import BANK, NearestNeighbours, neighbour_k
+from visiontune.models.novelty import BANK, Novelty, neighbour_k
 
 HELD_OUT = "9"  # the digit left out of the near case's training
-SCORES = ("knn", "msp", "energy")  # each: higher = less like the training images
+SCORES = ("shipped", "knn", "energy", "msp")  # each: higher = less like the training images
 
 
 def scores(run: Path, folder: Path, limit: int = 400) -> dict[str, np.ndarray]:
@@ -50,17 +51,19 @@ def scores(run: Path, folder: Path, limit: int = 400) -> dict[str, np.ndarray]:
     paths, _ = collect_images([str(folder)])
     if len(paths) > limit:
         paths = [paths[i] for i in sorted(np.random.default_rng(0).choice(len(paths), limit, replace=False))]
-    bundle = load_bundle(run)
-    loader = make_loader(eval_dataset(paths, None, bundle.preprocess), 32, 0, torch.device("cpu"))
-    knn, logits = [], []
+    model = load_bundle(run).model
+    loader = make_loader(eval_dataset(paths, None, load_bundle(run).preprocess), 32, 0, torch.device("cpu"))
+    shipped, parts, logits = [], [], []
     with torch.inference_mode():
         for x, _, _ in loader:
-            z, s = bundle.model.scored(x)
+            features = model.backbone(x)
+            z = model.outputs(features)  # the calibrated logits, as the shipped score reads them
+            shipped.append(model.novelty(features, z))
+            parts.append(model.novelty.parts(features, z))
             logits.append(z)
-            knn.append(s)
-    z = torch.cat(logits)
-    return {"knn": torch.cat(knn).numpy(), "msp": -torch.softmax(z, 1).max(1).values.numpy(),
-            "energy": -torch.logsumexp(z, 1).numpy()}  # Liu et al.'s E(x) = -T logsumexp(z / T), T = 1
+    z, parts = torch.cat(logits), torch.cat(parts).numpy()
+    return {"shipped": torch.cat(shipped).numpy(), "knn": parts[:, 0], "msp": -torch.softmax(z, 1).max(1).values.numpy(),
+            "energy": parts[:, 1]}  # Liu et al.'s E(x) = -T logsumexp(z / T), T = 1 (of the calibrated logits)
 
 
 def figures(inside: np.ndarray, outside: np.ndarray) -> tuple[float, float]:
@@ -87,9 +90,9 @@ def compare(record: Recorder, case: str, run: Path, inside: Path, outside: Path)
         record(f"{case}: {name} FPR at 95% TPR", 100 * fpr, "%")
         print(f"{case:40s} {name:7s} AUROC {auroc:.3f}  FPR@95 {100 * fpr:5.1f}%", flush=True)
     fitted = load_bundle(run).uncertainty["ood"]
-    record(f"{case}: in-distribution test images past the knn threshold", 100 * (a["knn"] > fitted["threshold"]).mean(),
-           "%", "the threshold lets 95% of the validation images pass")
-    record(f"{case}: out-of-distribution images answered unknown", 100 * (b["knn"] > fitted["threshold"]).mean(), "%")
+    record(f"{case}: in-distribution test images past the shipped threshold",
+           100 * (a["shipped"] > fitted["threshold"]).mean(), "%", "the threshold lets 95% of the validation images pass")
+    record(f"{case}: out-of-distribution images answered unknown", 100 * (b["shipped"] > fitted["threshold"]).mean(), "%")
 
 
 def fit_cost(record: Recorder, name: str, run: Path, seconds: float) -> None:
@@ -103,12 +106,13 @@ def index_cost(record: Recorder, features: int = 1280, train_images: int = 100_0
     training images: capped at `bank`, and uncapped for comparison."""
     x = torch.randn(64, features)
     for name, rows in (("bank of BANK", min(bank, train_images)), ("every training image", train_images)):
-        module = NearestNeighbours(torch.randn(rows, features), neighbour_k(rows))
+        module = Novelty(torch.randn(rows, features), neighbour_k(rows), "softmax")
+        logits = torch.randn(len(x), 10)
         with torch.inference_mode():
-            module(x)
+            module(x, logits)
             started, repeats = time.perf_counter(), 5
             for _ in range(repeats):
-                module(x)
+                module(x, logits)
         per_image = (time.perf_counter() - started) / repeats / len(x) * 1000
         note = f"{train_images} training images, {features} features, float16"
         record(f"kNN score at 1e5 training images, {name}: index size", module.size_bytes() / 1e6, "MB", note)

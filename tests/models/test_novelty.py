@@ -23,9 +23,10 @@ import visiontune as vt
 from conftest import TINY, make_class_folders
 from visiontune.bundle import load_bundle
 from visiontune.cli import main
+from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.deploy.export import export
 from visiontune.errors import ConfigError
-from visiontune.models.novelty import NearestNeighbours, neighbour_k, threshold
+from visiontune.models.novelty import Novelty, energy, neighbour_k, spread, threshold
 from visiontune.prediction import evaluate, predict
 
 
@@ -34,11 +35,32 @@ def test_the_score_is_the_distance_to_the_kth_neighbour() -> None:
     (sqrt 2 to all); a scaled copy of e0 scores as e0 (features are normalised)."""
     bank = torch.eye(4)[:3] * torch.tensor([[2.0], [1.0], [5.0]])
     x = torch.stack([torch.eye(4)[0] * 7, torch.eye(4)[3]])
-    assert NearestNeighbours(bank, 1)(x).tolist() == pytest.approx([0.0, math.sqrt(2)], abs=1e-3)
-    assert NearestNeighbours(bank, 2)(x).tolist() == pytest.approx([math.sqrt(2), math.sqrt(2)], abs=1e-3)
-    assert NearestNeighbours(bank, 1).bank.dtype == torch.float16
+    assert Novelty(bank, 1).distance(x).tolist() == pytest.approx([0.0, math.sqrt(2)], abs=1e-3)
+    assert Novelty(bank, 2).distance(x).tolist() == pytest.approx([math.sqrt(2), math.sqrt(2)], abs=1e-3)
+    assert Novelty(bank, 1).bank.dtype == torch.float16
+    logits = torch.zeros(2, 3)
+    assert Novelty(bank, 1)(x, logits).tolist() == pytest.approx([0.0, math.sqrt(2)], abs=1e-3)  # no energy, no scale
     with pytest.raises(ValueError):
-        NearestNeighbours(bank, 4)
+        Novelty(bank, 4)
+
+
+def test_the_score_is_the_larger_of_distance_and_energy_each_in_validation_spreads() -> None:
+    """An image near the bank whose logits fit no class (flat) scores by its energy; one far
+    from the bank with a confident output scores by its distance; each part is (value -
+    median) / (95th percentile - median) of the validation split's."""
+    bank = torch.eye(4)[:3]
+    near, far = torch.eye(4)[0], torch.eye(4)[3]
+    x = torch.stack([near, far])
+    logits = torch.tensor([[0.0, 0.0, 0.0], [9.0, 0.0, 0.0]])
+    scale = torch.tensor([[0.5, 0.25], [-5.0, 2.0]])
+    score = Novelty(bank, 1, "softmax", scale)(x, logits)
+    flat, sure = -math.log(3), -float(torch.logsumexp(logits[1], 0))
+    expected = [max((0 - 0.5) / 0.25, (flat + 5) / 2), max((math.sqrt(2) - 0.5) / 0.25, (sure + 5) / 2)]
+    assert score.tolist() == pytest.approx(expected, abs=1e-3)
+    assert expected[0] == pytest.approx((flat + 5) / 2) and expected[1] == pytest.approx((math.sqrt(2) - 0.5) / 0.25)
+    labels = torch.tensor([[0.0, 2.0]])  # independent labels: -sum softplus
+    assert energy(labels, 2).item() == pytest.approx(-(math.log(2) + math.log1p(math.exp(2))), abs=1e-5)
+    assert spread(np.arange(101.0)) == (50.0, pytest.approx(45.0))
 
 
 def test_k_and_the_threshold() -> None:
@@ -78,7 +100,7 @@ def scores_of(run: Path | str, *inputs: Path, **options: object) -> dict[str, tu
 def test_the_score_separates_new_squares_from_noise_and_stripes(trained: tuple[Path, Path, Path]) -> None:
     run, data, odd = trained
     fitted = load_bundle(run).uncertainty["ood"]
-    assert fitted["score"] == "knn" and fitted["bank"] == 36 and fitted["k"] == 3 and fitted["valid_images"] == 24
+    assert fitted["energy"] == "softmax" and "larger of the distance" in fitted["score"] and fitted["bank"] == 36 and fitted["k"] == 3 and fitted["valid_images"] == 24
     inside, outside = scores_of(run, data / "test"), scores_of(run, odd)
     assert max(s for s, _ in inside.values()) < min(s for s, _ in outside.values())
     assert all(unknown for _, unknown in outside.values())
@@ -107,8 +129,8 @@ def test_predict_writes_unknown_with_its_score_and_the_threshold_is_overridden(
     assert sum(r["unknown"] == "true" for name, r in by_name.items() if name.startswith("red")) <= 1
     printed = capsys.readouterr().out
     assert "noise_0.png\tunknown\t" in printed and "unlike the training images" in printed
-    assert not any(u for _, u in scores_of(run, odd, ood_threshold=2.0).values())  # no distance is past 2
-    assert all(u for _, u in scores_of(run, data / "test" / "red", ood_threshold=0.0).values())
+    assert not any(u for _, u in scores_of(run, odd, ood_threshold=1e9).values())  # a threshold no score passes
+    assert all(u for _, u in scores_of(run, data / "test" / "red", ood_threshold=-1e9).values())
     record = json.loads(json.dumps(predict(run, [odd / "stripes_0.png"])[0][0].record()))
     assert record["unknown"] is True and record["ood_score"] > 0
 
@@ -143,6 +165,29 @@ def test_weights_without_a_bank_still_predict_without_a_score(trained: tuple[Pat
     assert "unknown" not in preds[0].record() and load_bundle(old).model.novelty is None
     with pytest.raises(ConfigError, match="no out-of-distribution score"):
         predict(old, [odd], ood_threshold=0.5)
+
+
+def test_a_bank_saved_before_the_energy_scores_by_its_distance(trained: tuple[Path, Path, Path],
+                                                               tmp_path: Path) -> None:
+    """Weights of the first version: novelty.bank and novelty.k, no energy_kind or scale.
+    They load (strict) and score by the raw distance their threshold was set on."""
+    run, _, odd = trained
+    old = tmp_path / "first"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("*.onnx", "*.pt2", "*.ts"))
+    with safe_open(str(old / "model.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(old / "model.safetensors"))
+    kept = {k: v for k, v in tensors.items() if k not in ("novelty.energy_kind", "novelty.scale")}
+    save_file(kept, str(old / "model.safetensors"), metadata=meta)
+    model = load_bundle(old).model
+    assert model.novelty.kind == 0
+    paths = sorted(odd.iterdir())
+    scores = scores_of(old, *paths, engine="torch")
+    bundle = load_bundle(run)  # the same weights: the raw distance of the same features
+    x = next(iter(make_loader(eval_dataset([str(p) for p in paths], None, bundle.preprocess), 64, 0, torch.device("cpu"))))[0]
+    with torch.inference_mode():
+        distances = bundle.model.novelty.distance(bundle.model.backbone(x)).tolist()
+    assert [scores[p.name][0] for p in paths] == pytest.approx(distances, abs=1e-4)
 
 
 def test_interpret_lists_unusual_validation_images_as_unknown_outliers(trained: tuple[Path, Path, Path],

@@ -295,7 +295,8 @@ def _ood_scores(ctx: Context, feats: np.ndarray) -> tuple[np.ndarray | None, np.
     if novelty is None or not fitted or not len(feats):
         return None, np.zeros(len(feats), dtype=bool)
     with torch.inference_mode():
-        scores = novelty(torch.as_tensor(np.asarray(feats, dtype=np.float32)).to(novelty.bank.device)).cpu().numpy()
+        x = torch.as_tensor(np.asarray(feats, dtype=np.float32)).to(novelty.bank.device)
+        scores = novelty(x, ctx.bundle.model.outputs(x)).cpu().numpy()
     outside_train = np.array([split != TRAIN for _, _, split in ctx.items])
     return scores, outside_train & (scores > fitted["threshold"])
 

@@ -17,7 +17,7 @@ from torch import nn
 from visiontune.config import ModelConfig
 from visiontune.data.preprocess import Preprocess
 from visiontune.models.backbones import create_source_model
-from visiontune.models.novelty import NearestNeighbours
+from visiontune.models.novelty import Novelty
 from visiontune.models.warmstart import warm_start_rows
 from visiontune.tasks.calibration import OutputCalibration
 
@@ -38,7 +38,7 @@ class Classifier(nn.Module):
         self.num_features = num_features
         self.warm_start: dict[str, int] = {}  # class -> ImageNet row its head row started from
         self.uncertainty: dict[str, Any] = {}  # what the run fitted on held-out outputs (calibration, sets, ood)
-        self.novelty: NearestNeighbours | None = None  # registered as a submodule when set
+        self.novelty: Novelty | None = None  # registered as a submodule when set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(self.backbone(x))
@@ -50,7 +50,8 @@ class Classifier(nn.Module):
     def scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the calibrated logits, the OOD score of each image or None without a bank)."""
         features = self.backbone(x)
-        return self.outputs(features), None if self.novelty is None else self.novelty(features)
+        logits = self.outputs(features)
+        return logits, None if self.novelty is None else self.novelty(features, logits)
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -59,7 +60,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     training features (novelty.*: models/novelty.py) is registered when the weights hold
     one; weights without it load without it."""
     if isinstance(model, Classifier):
-        model.novelty = NearestNeighbours.of_state(state)
+        model.novelty = Novelty.of_state(state)
+        if model.novelty is not None:  # a bank saved before the energy and scale: their defaults
+            state = {**{f"novelty.{k}": v for k, v in model.novelty.state_dict().items()}, **state}
     calibration = getattr(model, "calibration", None)
     if isinstance(calibration, OutputCalibration) and not any(k.startswith("calibration.") for k in state):
         state = {**state, **{f"calibration.{k}": torch.ones_like(v) if k == "scale" else torch.zeros_like(v)

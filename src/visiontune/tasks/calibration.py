@@ -80,6 +80,7 @@ class Calibrator:
     """One temperature for a softmax over classes (single-label)."""
 
     kind = "temperature"
+    energy = "softmax"  # how the OOD score reads these logits (models/novelty.energy): one class of many
     outcome = "accuracy"  # what the reliability diagram plots against confidence
 
     def __init__(self, task: Any) -> None:
@@ -146,6 +147,7 @@ class LabelSetCalibrator(Calibrator):
     """One temperature per label of a multi-label head (sigmoid outputs)."""
 
     kind = "temperature per label"
+    energy = "sigmoid"  # independent labels: the sum of each label's softplus
     outcome = "share of labels present"
 
     def raw(self, probs: np.ndarray) -> np.ndarray:
@@ -189,6 +191,7 @@ class NoCalibration(Calibrator):
     new task shape calibrates only once it names a calibrator (`Task.calibrator_type`)."""
 
     kind = "none"
+    energy = "none"  # no logits to read: the OOD score is the distance alone
 
     def fit(self, targets: np.ndarray, probs: np.ndarray) -> Fit | None:
         return None

@@ -23,7 +23,9 @@ RUN/calibration.json and the reliability diagram into RUN/reliability.png.
 feature pass of the kept weights (the run's eval transform; the feature cache's rows when
 no phase trained the backbone) over a stratified, seeded sample of at most BANK training
 images, which become the bank inside the model, and over the validation images, whose
-scores set the threshold that PASS_SHARE (95%) of them pass (model.uncertainty["ood"]).
+distances and energies (of the calibrated logits: calibrate runs first) set each measure's
+scale, and whose scores set the threshold that PASS_SHARE (95%) of them pass
+(model.uncertainty["ood"]).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 from visiontune.data.items import TRAIN, VALID
 from visiontune.data.splits import stratified_sample
-from visiontune.models.novelty import BANK, PASS_SHARE, NearestNeighbours, neighbour_k, threshold
+from visiontune.models.novelty import BANK, PASS_SHARE, Novelty, neighbour_k, spread, threshold
 from visiontune.plots import save_reliability
 from visiontune.rundir import RunDir
 from visiontune.runtime.inference import EvalOutput
@@ -117,16 +119,32 @@ def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK) -> dict
     extractor = data.extractor(cached=frozen and data.cfg.runtime.feature_cache)
     features = extractor.features([it.path for it in bank_items + valid])
     bank = torch.from_numpy(np.ascontiguousarray(features[:len(bank_items)]))
-    model.novelty = NearestNeighbours(bank, neighbour_k(len(bank))).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    kind = data.task.calibrator.energy
+    novelty = Novelty(bank, neighbour_k(len(bank)), kind).to(device)
     with torch.inference_mode():
-        scores = model.novelty(torch.from_numpy(features[len(bank_items):]).to(model.novelty.bank.device)).cpu()
-    record = {"score": "knn", "k": model.novelty.neighbour, "threshold": round(threshold(scores.numpy()), 6),
-              "bank": len(bank), "features": int(bank.shape[1]), "pass_share": PASS_SHARE,
-              "valid_images": len(valid), "bank_mb": round(model.novelty.size_bytes() / 1e6, 3),
-              "fitted_on": "training images (the bank) and the validation split (the threshold)",
-              "seconds": round(time.perf_counter() - started, 3)}
+        held = torch.from_numpy(np.ascontiguousarray(features[len(bank_items):])).to(device)
+        parts = novelty.parts(held, model.outputs(held)).cpu().numpy()
+        novelty.scale.copy_(torch.tensor([spread(parts[:, 0]), spread(parts[:, 1]) if kind != "none" else (0.0, 1.0)]))
+        scores = novelty(held, model.outputs(held)).cpu().numpy()
+    model.novelty = novelty
+    record = _ood_record(novelty, kind, threshold(scores), len(valid), time.perf_counter() - started)
     model.uncertainty = {**(model.uncertainty or {}), "ood": record}
-    log.info("out-of-distribution score: distance to the %d-th nearest of %d training images (%.1f MB); threshold "
-             "%.4f lets %.0f%% of %d validation images pass (%.1f s)", record["k"], record["bank"], record["bank_mb"],
+    log.info("out-of-distribution score: %s; bank of %d training images (%.1f MB); threshold %.4f lets %.0f%% of "
+             "%d validation images pass (%.1f s)", record["score"], record["bank"], record["bank_mb"],
              record["threshold"], 100 * PASS_SHARE, len(valid), record["seconds"])
     return record
+
+
+def _ood_record(novelty: Novelty, kind: str, cut: float, valid_images: int, seconds: float) -> dict[str, Any]:
+    """model.uncertainty["ood"]: what the score is, its threshold, and what it was fitted on."""
+    what = f"distance to the {novelty.neighbour}-th nearest training image"
+    return {"score": f"the larger of the {what} and the {kind} energy of the logits, each in units of its "
+                     "validation spread (0: median, 1: 95th percentile)" if kind != "none" else
+                     f"the {what}, in units of its validation spread (0: median, 1: 95th percentile)",
+            "energy": kind, "k": novelty.neighbour, "threshold": round(cut, 6),
+            "scale": [[round(float(v), 6) for v in row] for row in novelty.scale.tolist()],
+            "bank": len(novelty.bank), "features": int(novelty.bank.shape[1]), "pass_share": PASS_SHARE,
+            "valid_images": valid_images, "bank_mb": round(novelty.size_bytes() / 1e6, 3),
+            "fitted_on": "training images (the bank) and the validation split (the scale and the threshold)",
+            "seconds": round(seconds, 3)}
