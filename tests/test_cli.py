@@ -361,6 +361,14 @@ def test_long_commands_show_progress_on_a_terminal_and_no_progress_and_q_hide_it
         assert code == 0 and "accuracy" in out and "%|" not in shown, (quiet, shown)
 
 
+def test_shard_shows_progress_on_a_terminal_unless_told_not_to(tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "d", {"red": 6, "green": 6})
+    code, out, shown = _on_a_terminal(["shard", str(data), "--output", str(tmp_path / "s")], tmp_path)
+    assert code == 0 and "shards and dataset.json" in out and re.search(r"shard train: +\d+%\|", shown), shown
+    code, out, shown = _on_a_terminal(["shard", str(data), "--output", str(tmp_path / "t"), "--no-progress"], tmp_path)
+    assert code == 0 and "shards and dataset.json" in out and "%|" not in shown
+
+
 def test_results_go_to_stdout_and_messages_to_stderr(trained: tuple[Path, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     run, data = trained

@@ -341,6 +341,7 @@ def _add_data_commands(sub: Any) -> None:
                    help="a shard also ends once it holds this many bytes (webdataset's maxsize)")
     add_run_options(p, DataConfig, command="shard")
     p.add_argument("--seed", type=int, help="seed of the valid split and of the training samples' order (default: 0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
     p = sub.add_parser("cache", help="what the cache holds (features, decoded images, probe fits, ONNX exports, "
                        "Hugging Face datasets) and "

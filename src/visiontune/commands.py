@@ -328,9 +328,11 @@ def interpret_run(args: argparse.Namespace) -> int:
 def shard(args: argparse.Namespace) -> int:
     from visiontune.data.sources import resolve_inputs
     from visiontune.data.webdata import write_shards
+    from visiontune.runtime.inference import progress
 
     cfg, source = resolve_inputs(args.data, _base_config(args), None, _overrides(args))
-    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim, args.shard_bytes)
+    bar = (lambda items, split: progress(items, True, f"shard {split}", len(items))) if cfg.runtime.progress else None
+    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim, args.shard_bytes, bar)
     for split, part in described["splits"].items():
         print(f"{split}: {part['samples']} samples in {len(part['shards'])} shards")
     print(f"shards and dataset.json: {args.out}  (train with: visiontune train {args.out})")
