@@ -42,10 +42,12 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def cli_reference() -> str:
-    from visiontune.cli import build_parser
+    """Every command's --help as it prints, then the environment variables and exit status
+    (cli.ENVIRONMENT, cli.EXIT_CODES: the same text as `visiontune --help`'s)."""
+    from visiontune.cli import STREAMS, build_parser, environment_text, exit_codes_text
 
     parser = build_parser()
-    out = []
+    out = [f"## Every command\n\n{STREAMS}\n\n```text\n{environment_text()}\n\n{exit_codes_text()}\n```\n"]
     for name, command in parser._subparsers._group_actions[0].choices.items():  # noqa: SLF001
         out.append(f"## visiontune {name}\n\n{_help_of(parser, name)}\n")
         out.append("```text\n" + command.format_help().replace("```", "'''") + "```\n")

@@ -506,7 +506,7 @@ def test_a_new_option_is_one_field() -> None:
     p = argparse.ArgumentParser()
     add_run_options(p, extended)
     assert p.parse_args(["--ema-decay", "0.9"]).ema_decay == 0.9
-    assert "EMA decay (0.999)" in p.format_help()
+    assert "EMA decay (default: 0.999)" in p.format_help()
     check_fields(extended(ema_decay=0.5))
     with pytest.raises(ConfigError, match="ema_decay must be < 1"):
         check_fields(extended(ema_decay=1.5))

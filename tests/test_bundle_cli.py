@@ -226,7 +226,8 @@ def test_predict_and_evaluate_say_what_they_wrote(trained: tuple[Path, Path], tm
     out, err = capsys.readouterr()
     assert f"wrote 8 predictions to {tmp_path / 'p.csv'}" in err and "wrote" not in out  # stdout: predictions only
     assert main(["evaluate", str(run), str(data / "test"), "--output", str(tmp_path / "e.json")]) == 0
-    assert f"wrote {tmp_path / 'e.json'}" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"wrote {tmp_path / 'e.json'}" in err and "wrote" not in out  # stdout: the metrics only
 
 
 def test_output_is_the_one_name_and_out_still_works_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:

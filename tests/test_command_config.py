@@ -66,10 +66,11 @@ def test_from_args_reads_every_kind_of_argument() -> None:
 
 def test_suggest_passes_on_only_the_run_options_given() -> None:
     parser = build_parser()
-    assert from_args(SuggestConfig, parser.parse_args(["suggest", "p"])).overrides() == {}
+    assert from_args(SuggestConfig, parser.parse_args(["suggest", "p"])).overrides() == {"progress": True}
     cfg = from_args(SuggestConfig, parser.parse_args(["suggest", "p", "q", "--seed", "3", "--task", "multi-label",
                                                       "--image-size", "64"]))
-    assert cfg.pool == ("p", "q") and cfg.overrides() == {"seed": 3, "task": "multi-label", "image_size": 64}
+    assert cfg.pool == ("p", "q") and cfg.overrides() == {"seed": 3, "task": "multi-label", "image_size": 64,
+                                                          "progress": True}
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -10,7 +10,7 @@ from typing import Any
 
 from visiontune.analysis.inspection import describe
 from visiontune.bundle import load_bundle
-from visiontune.config import RunConfig
+from visiontune.config import RunConfig, ineffective
 from visiontune.data.items import LabelFunc
 from visiontune.data.sources import load_items, resolve_inputs
 from visiontune.errors import VisiontuneError
@@ -60,6 +60,8 @@ def fit(
         return _resume(Path(resume), data, label_func, callbacks, overrides, started)
     cfg, source = resolve_inputs(data, config, label_func, overrides)
     plan = plan_run(cfg, source, started)  # strategy, batch size and time budget resolved once
+    for line in ineffective(plan.cfg, overrides):  # e.g. --epochs for feature-extract's converged probe
+        log.warning(line)
     result = train_run(plan.cfg, source, callbacks=[*(callbacks or []), *plan.callbacks()], clock=plan.clock)
     plan.finish(result.run_dir)
     return result

@@ -28,7 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from visiontune.config import SUGGEST_METHODS, check_fields, option, option_fields, option_key
+from visiontune.config import (
+    DEFAULT_BACKBONE,
+    SUGGEST_METHODS,
+    check_fields,
+    option,
+    option_fields,
+    option_key,
+)
 from visiontune.deploy.formats import FORMATS, files_text
 
 T = TypeVar("T")
@@ -89,6 +96,13 @@ class Coverage:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The progress bar of the commands that take a while (stderr, on a terminal; -q hides it too)."""
+
+    progress: bool = run_option("progress")
+
+
+@dataclass(frozen=True)
 class Abstain:
     abstain: bool = option(False, "single-label, with --coverage: answer 'not sure: a or b' when the set holds more "
                                   "than one class")
@@ -120,13 +134,14 @@ class PredictConfig:
                         "TorchScript code when loaded: use only .ts files you trust; prefer .onnx)")
     inputs: tuple[str, ...] = argument("image files and/or folders (searched recursively)", nargs="+")
     top: TopK = group(TopK)
-    output: str | None = option(None, "also write the predictions to a .csv or .json file, row by row as they come "
+    output: str | None = option(None, "file: also write the predictions to a .csv or .json file, row by row as they come "
                                       "(the file is replaced only when complete). In the CSV, a label a spreadsheet "
                                       "would run as a formula (starting with = + - @) is written with a leading ' "
-                                      "(visiontune reads it back without it)")
+                                      "(visiontune reads it back without it)", metavar="FILE")
     inference: InferenceOptions = group(InferenceOptions)
     sets: Coverage = group(Coverage)
     abstain: Abstain = group(Abstain)
+    shown: Progress = group(Progress)
     ood_threshold: float | None = option(None, "answer 'unknown' for images whose out-of-distribution score (distance "
                                                "to the k-th nearest training image's features, 0 to 2) is past this "
                                                "value, instead of the run's own threshold (set so that 95 in 100 of its "
@@ -146,7 +161,9 @@ class EvaluateConfig:
                                          help="separator of a multi-label CSV's labels (default: the run's)")
     inference: InferenceOptions = group(InferenceOptions)
     sets: Coverage = group(Coverage)
-    output: str | None = option(None, "write metrics, report and confusion matrix to this .json file")
+    shown: Progress = group(Progress)
+    output: str | None = option(None, "file: write metrics, report and confusion matrix to this .json file",
+                                metavar="FILE")
 
 
 @dataclass(frozen=True)
@@ -161,23 +178,26 @@ class InterpretConfig:
     mislabels_in_test: bool = option(False, "also look for mislabels among test images (default: train + valid, "
                                             "what training uses)")
     device: str = run_option("device")
+    shown: Progress = group(Progress)
+    output: str | None = option(None, "folder for the views, report.html and the CSVs (default: RUN/interpret/, "
+                                      "where `review RUN` reads them)", metavar="FOLDER")
 
 
 @dataclass(frozen=True)
 class SuggestModel:
     """suggest's run options, each passed on only when given (else the run's, or the default)."""
 
-    backbone: str | None = run_option("backbone", default=None, help="frozen model without --run (the default "
-                                                                      "backbone)")
-    weights: str | None = run_option("weights", default=None, help="its weights (pretrained)")
-    image_size: int | None = run_option("image_size", help="its input size")
-    task: str | None = run_option("task", default=None, help="shape of the --labelled labels (auto)")
-    label_delim: str | None = run_option("label_delim", default=None, help="separator of label sets")
+    backbone: str | None = run_option("backbone", default=None, help="frozen model without --run (default: "
+                                                                      f"{DEFAULT_BACKBONE})")
+    weights: str | None = run_option("weights", default=None, help="its weights (default: pretrained)")
+    image_size: int | None = run_option("image_size", help="its input size (default: the backbone's own)")
+    task: str | None = run_option("task", default=None, help="shape of the --labeled labels (default: auto)")
+    label_delim: str | None = run_option("label_delim", default=None, help="separator of label sets (default: a space)")
     device: str | None = run_option("device", default=None)
-    engine: str | None = run_option("engine", default=None, help="what computes the features on the CPU (as "
-                                                                  "train --engine; default auto)")
+    engine: str | None = run_option("engine", default=None, help="what computes the features on the CPU, as "
+                                                                  "train --engine (default: auto)")
     cache_dir: str | None = run_option("cache_dir", help="root of the feature cache")
-    seed: int | None = run_option("seed", default=None, help="seed of k-means and random (0)")
+    seed: int | None = run_option("seed", default=None, help="seed of k-means and random (default: 0)")
 
 
 @dataclass(frozen=True)
@@ -186,8 +206,8 @@ class SuggestConfig:
                                      "not decode are skipped and listed)", nargs="+")
     run: str | None = option(None, "a trained run: its model's uncertainty; its own images count as labelled, and "
                                    "those it left out by --exclude (and their copies) are never suggested")
-    labelled: str | None = option(None, "images labelled so far: a folder as train reads it, or the folder --csv "
-                                        "paths are relative to", metavar="DATA")
+    labeled: str | None = option(None, "images labelled so far: a folder as train reads it, or the folder --csv "
+                                       "paths are relative to", metavar="DATA", also=("--labelled",))
     csv: str | None = run_option("csv", help="labels so far: a CSV of path,label (e.g. a filled-in to_label.csv)")
     n: int = option(100, "images to suggest", ge=1)
     method: str = option("auto", "auto: typical while the median class (target) has under 5 labels (or nothing is "
@@ -195,16 +215,19 @@ class SuggestConfig:
                                  "(TypiClust); uncertain: the model's least sure; diverse: least sure and unlike each "
                                  "other (uncertainty-weighted k-means++); random: a seeded sample",
                          choices=SUGGEST_METHODS)
-    output: str = option("to_label.csv", "CSV to write: path, the task's label column (label; labels for label sets, "
+    output: str = option("to_label.csv", "file: the CSV to write: path, the task's label column (label; labels for label sets, "
                                          "an image with none written (none); value for numbers; empty: not labelled "
                                          "yet, fill it in), prediction, reason, score; the rows filled in so far are "
-                                         "kept first and count as labelled, besides --run, --labelled and --csv")
+                                         "kept first and count as labelled, besides --run, --labeled and --csv",
+                         metavar="FILE")
     frozen: SuggestModel = group(SuggestModel)
+    shown: Progress = group(Progress)
 
     def overrides(self) -> dict[str, Any]:
         """The run options given (backbone, image_size, seed...): the frozen model's, or on
-        top of --run's config."""
-        return {k: v for k, v in dataclasses.asdict(self.frozen).items() if v is not None}
+        top of --run's config; and the progress bar's."""
+        given = {k: v for k, v in dataclasses.asdict(self.frozen).items() if v is not None}
+        return {**given, "progress": self.shown.progress}
 
 
 @dataclass(frozen=True)
@@ -227,7 +250,8 @@ class ServeConfig:
 class ExportConfig:
     run: str = argument("run directory")
     format: str = option("onnx", FORMATS.choices_help() + "; default", choices=FORMATS.names)
-    output: str | None = option(None, "file (folder for timm) to write; default " + files_text("RUN/", ", ", " or "))
+    output: str | None = option(None, "file to write (a folder for --format timm, whose layout is several files) "
+                                      "(default: " + files_text("RUN/", ", ", " or ") + ")", metavar="PATH")
     int8: bool = option(False, "onnx: also write MODEL.int8.onnx, quantised by ONNX Runtime (static, calibrated on "
                                "the run's validation images; dynamic as the fallback) and checked on the validation "
                                "split against fp32")
@@ -251,6 +275,10 @@ class ReviewConfig:
                                         "--csv reads the file (a 'labels' column holds label sets, a 'value' column "
                                         "numbers, else classes)")
     label_delim: str = run_option("label_delim", help="--label: separator of the labels of a set")
+    output: str | None = option(None, "file: --label's answers go into this CSV, a copy of --label made when it does "
+                                      "not exist yet (an existing one is reviewed on), and --label stays as it is "
+                                      "(default: --label itself). A run's decisions always go into RUN/review/, "
+                                      "where train --relabel/--exclude read them", metavar="FILE")
     listen: Any = group(REVIEW_LISTEN)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -17,13 +19,14 @@ from visiontune.command_config import (
     ExportConfig,
     InterpretConfig,
     PredictConfig,
+    Progress,
     ReviewConfig,
     ServeConfig,
     SuggestConfig,
     from_args,
 )
 from visiontune.config import cli_option_keys
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DataError
 from visiontune.files import atomic_write, write_csv, write_json
 from visiontune.web import allowed_hosts, page_url, reach_note, serve_app
 
@@ -36,7 +39,14 @@ if TYPE_CHECKING:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in cli_option_keys() if getattr(args, k, None) is not None}
+    """The run options given; -q hides the progress bars as --no-progress does."""
+    given = {k: getattr(args, k) for k in cli_option_keys() if getattr(args, k, None) is not None}
+    return {**given, "progress": False} if args.quiet else given
+
+
+def _progress(args: argparse.Namespace, shown: Progress) -> bool:
+    """Whether a use-command shows its progress bar: not with --no-progress, nor with -q."""
+    return shown.progress and not args.quiet
 
 
 def _base_config(args: argparse.Namespace) -> RunConfig | None:
@@ -98,9 +108,10 @@ def suggest_labels(args: argparse.Namespace) -> int:
 
     cfg = from_args(SuggestConfig, args)
     if filled_rows(cfg.output):  # the labels filled in so far count, with --labelled / --csv / --run alike
-        print(f"labelled so far: the filled-in rows of {cfg.output}")
-    result = suggest(list(cfg.pool) if len(cfg.pool) > 1 else cfg.pool[0], run=cfg.run, labelled=cfg.labelled,
-                     csv=cfg.csv, output=cfg.output, n=cfg.n, method=cfg.method, **cfg.overrides())
+        print(f"labelled so far: the filled-in rows of {cfg.output}", file=sys.stderr)
+    result = suggest(list(cfg.pool) if len(cfg.pool) > 1 else cfg.pool[0], run=cfg.run, labelled=cfg.labeled,
+                     csv=cfg.csv, output=cfg.output, n=cfg.n, method=cfg.method,
+                     **{**cfg.overrides(), "progress": _progress(args, cfg.shown)})
     kept = result.write_csv(cfg.output)
     print(result.format())
     delim = cfg.frozen.label_delim
@@ -109,7 +120,7 @@ def suggest_labels(args: argparse.Namespace) -> int:
     print(f"wrote {cfg.output}" + (f" ({kept} labelled rows kept, first)" if kept else "")
           + f": fill in its {result.label_column!r} column (the prediction column holds the model's guess), or label "
           f"them in the browser with `visiontune review --label {shape}`; then `visiontune train --csv {shape}` "
-          "trains on the rows you filled in")
+          "trains on the rows you filled in", file=sys.stderr)  # what to do next; the suggestions are the results
     return 0
 
 
@@ -126,19 +137,33 @@ def review_labels(args: argparse.Namespace) -> int:
         from visiontune.analysis.run_review import create_run_review_app
         from visiontune.rundir import RunDir
 
-        if cfg.task != "auto" or cfg.label_delim != " " or cfg.classes:
-            raise ConfigError("review RUN: --task, --label-delim and --classes are for --label; a run's review "
-                              "takes its task, delimiter and classes from the run")
+        if cfg.task != "auto" or cfg.label_delim != " " or cfg.classes or cfg.output:
+            raise ConfigError("review RUN: --task, --label-delim, --classes and --output are for --label; a run's "
+                              "review takes its task, delimiter and classes from the run, and writes its decisions "
+                              "into RUN/review/, where train --relabel/--exclude read them")
         app = create_run_review_app(cfg.run, cfg.data)
         where = f"decisions go into {RunDir(cfg.run).review.path}"
     else:
-        app = create_review_app(cfg.label, [c.strip() for c in cfg.classes.split(",") if c.strip()]
+        answers = _answers_file(cfg.label, cfg.output)
+        app = create_review_app(answers, [c.strip() for c in cfg.classes.split(",") if c.strip()]
                                 if cfg.classes else None, cfg.task, cfg.label_delim)
-        where = f"answers go into {cfg.label}"
+        where = f"answers go into {answers}"
     print(f"review: {page_url(listen.host, listen.port)}  ({where} at once; Ctrl+C stops)\n"
           + reach_note(listen.host, listen.port, allowed_hosts(listen.host, listen.allowed_host)))
     serve_app(app, listen.host, listen.port, listen.allowed_host, "review")
     return 0
+
+
+def _answers_file(label: str, output: str | None) -> str:
+    """The CSV review --label merges answers into: --output (a copy of `label` made when it
+    does not exist yet), else `label` itself."""
+    if output is None or os.path.abspath(output) == os.path.abspath(label):
+        return label
+    if not os.path.exists(output):
+        if not os.path.isfile(label):
+            raise DataError(f"--label {label}: no such file (write one with `visiontune suggest POOL --output {label}`)")
+        atomic_write(output, lambda tmp: shutil.copyfile(label, tmp))
+    return output
 
 
 def find_lr(args: argparse.Namespace) -> int:
@@ -157,9 +182,12 @@ def predict(args: argparse.Namespace) -> int:
 
     cfg = from_args(PredictConfig, args)
     how = cfg.inference
+    # on a terminal the printed lines are the progress (a bar between them would break them);
+    # with stdout sent to a file or pipe, the bar on stderr says how far it is
     stream = predict_stream(cfg.run, list(cfg.inputs), top_k=cfg.top.top_k, batch_size=how.batch_size,
                             device=how.device, tta=how.tta, engine=cfg.engine, coverage=cfg.sets.coverage,
-                            abstain=cfg.abstain.abstain, ood_threshold=cfg.ood_threshold)
+                            abstain=cfg.abstain.abstain, ood_threshold=cfg.ood_threshold,
+                            progress=_progress(args, cfg.shown) and not sys.stdout.isatty())
     printed = 0
 
     def printing() -> Iterator[Prediction]:
@@ -215,7 +243,8 @@ def evaluate(args: argparse.Namespace) -> int:
     cfg = from_args(EvaluateConfig, args)
     how = cfg.inference
     result = evaluate_run(cfg.run, cfg.data, csv=cfg.csv, label_delim=cfg.label_delim,
-                          batch_size=how.batch_size, device=how.device, tta=how.tta, coverage=cfg.sets.coverage)
+                          batch_size=how.batch_size, device=how.device, tta=how.tta, coverage=cfg.sets.coverage,
+                          progress=_progress(args, cfg.shown))
     print(result.format())
     for path, why in result.excluded:
         print(f"excluded {path}: {why}", file=sys.stderr)
@@ -223,7 +252,7 @@ def evaluate(args: argparse.Namespace) -> int:
         write_json(cfg.output, {"metrics": result.metrics, "per_class": result.report,
                                  "confusion": None if result.confusion is None else result.confusion.tolist(),
                                  "classes": result.classes})
-        print(f"wrote {cfg.output}")
+        print(f"wrote {cfg.output}", file=sys.stderr)  # stdout holds the results
     return 0
 
 
@@ -239,7 +268,7 @@ def inspect(args: argparse.Namespace) -> int:
 def imagify_table(args: argparse.Namespace) -> int:
     from visiontune.data.imagify import imagify
 
-    report = imagify(args.table, args.out, kind=args.kind, label_col=args.label_col, value_col=args.value_col,
+    report = imagify(args.table, args.out, kind=args.kind, label_col=args.csv_label_col, value_col=args.value_col,
                      window=args.window, stride=args.stride, size=args.size, min_length=args.min_length,
                      group_col=args.group_col)
     print(report.format())
@@ -291,16 +320,19 @@ def interpret_run(args: argparse.Namespace) -> int:
     cfg = from_args(InterpretConfig, args)
     print(interpret(cfg.run, cfg.data, top_n=cfg.top_n, oof=cfg.oof, device=cfg.device,
                     saliency=list(cfg.saliency) if cfg.saliency else None,
-                    mislabels_in_test=cfg.mislabels_in_test).format())
+                    mislabels_in_test=cfg.mislabels_in_test, output=cfg.output,
+                    progress=_progress(args, cfg.shown)).format())
     return 0
 
 
 def shard(args: argparse.Namespace) -> int:
     from visiontune.data.sources import resolve_inputs
     from visiontune.data.webdata import write_shards
+    from visiontune.runtime.inference import progress
 
     cfg, source = resolve_inputs(args.data, _base_config(args), None, _overrides(args))
-    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim, args.shard_bytes)
+    bar = (lambda items, split: progress(items, True, f"shard {split}", len(items))) if cfg.runtime.progress else None
+    described = write_shards(source, args.out, args.size, cfg.seed, cfg.data.label_delim, args.shard_bytes, bar)
     for split, part in described["splits"].items():
         print(f"{split}: {part['samples']} samples in {len(part['shards'])} shards")
     print(f"shards and dataset.json: {args.out}  (train with: visiontune train {args.out})")

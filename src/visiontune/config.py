@@ -47,7 +47,8 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
            flag: str | None = None, key: str | None = None, cli: bool = True, metavar: str | None = None,
            parse: Callable[[str], Any] | None = None, aliases: dict[str, Any] | None = None,
-           coerce: Callable[[Any], Any] | None = None, nargs: int | None = None, off: str | None = None) -> Any:
+           coerce: Callable[[Any], Any] | None = None, nargs: int | None = None, off: str | None = None,
+           also: tuple[str, ...] = ()) -> Any:
     """A config field with its documentation: `help` (shown by --help), `choices` (a tuple
     or a function returning one, e.g. the strategy registry), bounds (`ge`/`gt`/`le`/`lt`,
     checked by `validate`; None values are not checked), `flag` (default `--field-name`;
@@ -57,10 +58,11 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], t
     options, `parse` for values argparse cannot type from the annotation, `aliases` for
     extra flags that set a fixed value (e.g. {"--no-augment": "none"}) and `coerce` for
     values older configs spelled differently, `nargs` for a flag taking several values (each
-    parsed by `parse`)."""
+    parsed by `parse`), `also` for other spellings of the flag (e.g. ("--unlabelled",)),
+    accepted alike and shown beside it in --help."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag, "key": key,
             "cli": cli, "metavar": metavar, "parse": parse, "aliases": aliases or {}, "coerce": coerce, "nargs": nargs,
-            "off": off}
+            "off": off, "also": also}
     return field(default=default, metadata=meta)
 
 
@@ -148,11 +150,12 @@ class DataConfig:
                                    "nearest neighbours, and the share of the pool that spreading is surest of (chosen "
                                    "by cross-validation on the training split) joins the converged probe's fit "
                                    "(pseudo_labels.csv in the run); phases that train the backbone: FixMatch's "
-                                   "consistency term (see --consistency-threshold)")
+                                   "consistency term (see --consistency-threshold)", also=("--unlabelled",),
+                                   metavar="FOLDER")
     consistency_threshold: float = option(0.95, "--unlabeled, phases that train the backbone: a pool image's "
                                                 "pseudo-label (from its weakly augmented view) counts in the loss "
                                                 "of its strongly augmented view when the model is this sure "
-                                                "(FixMatch's 0.95)", ge=0.0, le=1.0)
+                                                "(FixMatch's value)", ge=0.0, le=1.0)
     exclude: str | None = option(None, "file listing images to leave out: a CSV whose header names the path "
                                        "column (as review writes exclude.txt: path), or one path per line, as "
                                        "written (no header; a comma is part of the path); those of the --unlabeled "
@@ -224,7 +227,8 @@ class TrainConfig:
                                     "(default: 2e-3 adamw, 1e-2 sgd)", gt=0.0)
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", ge=0.0, lt=1.0)
-    weight_decay: float | None = option(None, "default: 0.01 adamw, 1e-4 sgd; never on biases/norms", ge=0.0)
+    weight_decay: float | None = option(None, "never on biases/norms (default: 0.01 with adamw, 1e-4 with sgd)",
+                                        ge=0.0)
     schedule: str = option("onecycle", "LR schedule within each phase; wsd = warmup-stable-decay, whose decay "
                                        "under --time-budget starts when the time left equals its length, or "
                                        "when validation stalls at the peak for 2 x --patience epochs (the "
@@ -296,11 +300,12 @@ class RuntimeConfig:
     """Where and how the tensors run: device, precision, engine, compile, data-loader workers,
     the caches and progress bars."""
 
-    num_workers: int | None = option(None, "DataLoader worker processes (default from the device and the cores "
+    num_workers: int | None = option(None, "DataLoader worker processes (default: from the device and the cores "
                                            "this process may use, a container's CPU limit included: CPU with <= 4 "
                                            "cores 0, then 1 per 8 cores; GPU: cores - 1, at most 16; never more than batches, "
                                            "none for one batch); training loaders keep theirs across epochs", ge=0)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps: auto takes the GPU (cuda), else Apple "
+                                 "Silicon's (mps), else the CPU; cuda:N the N-th GPU (cuda:0 first)")
     channels_last: bool = option(True, "NHWC (channels-last) memory format: ~2x faster for depthwise convs on CPU",
                                  off="keep NCHW memory format (NHWC is ~2x faster for depthwise convs on CPU)")
     precision: str = option("auto", "autocast: auto = bf16 (fp16 without bf16) on CUDA, fp32 on CPU",
@@ -327,7 +332,7 @@ class TrackingConfig:
 
     track: str = option("", "experiment tracking, comma-separated: tensorboard (event files in RUN/tensorboard), "
                             "mlflow ($MLFLOW_TRACKING_URI, else RUNS/mlflow.db beside the runs), wandb ($WANDB_PROJECT, "
-                            "$WANDB_MODE); off by default", parse=parse_track,
+                            "$WANDB_MODE) (default: none)", parse=parse_track,
                         coerce=parse_track, metavar="BACKENDS")
 
 
@@ -383,7 +388,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     seed: int = option(0, "random seed of splits, initialisation, shuffling and augmentation", ge=0)
-    output: str = option("runs", "parent folder of run directories")
+    output: str = option("runs", "folder: the parent of run directories (each run writes several files)",
+                         metavar="FOLDER")
     name: str | None = option(None, "run directory name (default: time-backbone-strategy)")
 
     @classmethod
@@ -567,3 +573,44 @@ def _suggest(key: str) -> str:
     names = list(option_index())
     close = difflib.get_close_matches(key, names, n=3)
     return ", ".join(repr(c) for c in close) if close else "one of " + ", ".join(names)
+
+
+# -- options that a run's other choices leave without effect --------------------------------
+def _loop_free(cfg: RunConfig) -> bool:
+    """feature-extract with the converged probe: the head is one logistic-regression fit on
+    the frozen features (L2 chosen by cross-validation), no epochs of an optimizer."""
+    return cfg.strategy.name == "feature-extract" and cfg.strategy.probe == "converged"
+
+
+_PROBE = (lambda cfg: not _loop_free(cfg),
+          "feature-extract's converged probe fits the head in one pass, with no optimizer, schedule or epochs "
+          "(--probe sgd trains the head for --epochs with them)")
+# option key -> (does it apply to this resolved config, what it applies with). Read by `ineffective`.
+APPLIES: dict[str, tuple[Callable[[RunConfig], bool], str]] = {
+    **{key: _PROBE for key in ("epochs", "lr", "optimizer", "momentum", "weight_decay", "schedule", "pct_start",
+                               "step_size", "gamma", "patience", "min_delta")},
+    "head_lr_mult": (lambda cfg: cfg.strategy.name != "feature-extract",
+                     "it sets the backbone's LR, and feature-extract trains the head alone"),
+    "step_size": (lambda cfg: _PROBE[0](cfg) and cfg.train.schedule == "step", "it applies with --schedule step"),
+    "gamma": (lambda cfg: _PROBE[0](cfg) and cfg.train.schedule == "step", "it applies with --schedule step"),
+    "pct_start": (lambda cfg: _PROBE[0](cfg) and cfg.train.schedule == "onecycle",
+                  "it applies with --schedule onecycle"),
+    "momentum": (lambda cfg: _PROBE[0](cfg) and cfg.train.optimizer == "sgd", "it applies with --optimizer sgd"),
+    "ema_decay": (lambda cfg: cfg.train.ema, "it applies with --ema"),
+    "freeze": (lambda cfg: cfg.strategy.name == "freeze-k", "it applies with --strategy freeze-k"),
+    **{key: (lambda cfg: cfg.strategy.name == "gradual", "it applies with --strategy gradual")
+       for key in ("freeze_epochs", "layer_lr_ratio", "unfreeze_lr_scale")},
+    "consistency_threshold": (lambda cfg: cfg.data.unlabeled is not None, "it applies with --unlabeled"),
+}
+
+
+def ineffective(cfg: RunConfig, given: Iterator[str] | Any) -> list[str]:
+    """One line per option in `given` (flat keys: what the user passed) that `cfg`, the run's
+    resolved config (strategy 'auto' already chosen), leaves without effect, saying why."""
+    lines = []
+    for key in given:
+        applies, why = APPLIES.get(key, (None, ""))
+        if applies is not None and not applies(cfg):
+            flag = "--" + key.replace("_", "-")
+            lines.append(f"{flag} has no effect in this run: {why}")
+    return lines

@@ -248,9 +248,11 @@ class PredictionStream:
 def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] | str | os.PathLike[str], *,
                    top_k: int = 3, batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
                    tta: bool = False, engine: str = "auto", coverage: float | None = None,
-                   abstain: bool = False, ood_threshold: float | None = None) -> PredictionStream:
+                   abstain: bool = False, ood_threshold: float | None = None,
+                   progress: bool = False) -> PredictionStream:
     """`predict`, streamed: the model is loaded and the inputs listed now; iterating the
-    result classifies the images batch by batch (see PredictionStream)."""
+    result classifies the images batch by batch (see PredictionStream), with a progress bar
+    of the batches on a terminal's stderr when `progress`."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if abstain and coverage is None:
@@ -263,7 +265,7 @@ def predict_stream(run: str | os.PathLike[str], inputs: list[str | os.PathLike[s
     if paths:
         ds = eval_dataset(paths, None, bundle.preprocess, mark_unreadable=True, tta=tta)  # each file decoded once
         batches = eval_batches(bundle.model, make_loader(ds, batch_size, num_workers, dev), dev, bundle.task,
-                               channels_last=channels_last)
+                               progress, channels_last=channels_last)
     return PredictionStream(paths, skipped, bundle.task, batches, top_k, _label_delim(run, bundle), sets, ood)
 
 

@@ -71,7 +71,7 @@ def test_windows_of_a_long_series(tmp_path: Path) -> None:
 
 def test_missing_label_column_is_a_clear_error(tmp_path: Path) -> None:
     table = _write(tmp_path / "t.csv", [["y", "a", "b"], ["x", 1, 2]])
-    with pytest.raises(vt.DataError, match="--label-col"):
+    with pytest.raises(vt.DataError, match="--csv-label-col"):
         imagify(table, tmp_path / "o")
 
 

@@ -112,7 +112,7 @@ def test_cold_start_then_filled_in_labels_are_read_back(tmp_path: Path, capsys: 
         writer.writerows(first)
     assert main(["suggest", str(pool), "--n", "6", "--output", str(out), *FLAGS]) == 0
     second = read(out)
-    said = capsys.readouterr().out
+    said = "".join(capsys.readouterr())  # the suggestions (stdout), what next (stderr)
     assert "6 labelled rows kept" in said and "(6 already labelled)" in said
     assert second[:6] == first  # nothing labelled is lost
     asked = {r["path"] for r in second[6:]}
@@ -182,7 +182,7 @@ def test_a_file_of_numbers_to_label_is_read_as_numbers_by_review_and_train(tmp_p
     pool = make_regression_data(tmp_path / "numpool", n=10, seed=9) / "images"
     out = tmp_path / "to_label.csv"
     assert main(["suggest", str(pool), "--run", run.run_dir, "--n", "3", "--output", str(out)]) == 0
-    said = capsys.readouterr().out
+    said = "".join(capsys.readouterr())  # the suggestions (stdout), what next (stderr)
     assert f"visiontune review --label {out} --task regression" in said
     assert f"visiontune train --csv {out} --task regression" in said and "'value' column" in said
     rows = read(out)

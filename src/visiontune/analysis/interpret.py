@@ -91,13 +91,15 @@ class InterpretResult:
 
 @dataclass
 class Context:
-    """What every artefact function needs: the run, its model, where to write."""
+    """What every artefact function needs: the run, its model, where to write, whether the
+    long passes (the model's outputs, the features) show a progress bar."""
 
     run: Path
     bundle: Bundle
     device: Any
     out: Path
     items: Items
+    progress: bool = False
 
     @property
     def views(self) -> Views:
@@ -108,11 +110,12 @@ class Context:
 def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None = None, *, top_n: int = 16,
               oof: str | os.PathLike[str] | None = None, device: str = "auto", batch_size: int = 64,
               num_workers: int | None = None, saliency: list[str] | None = None,
-              mislabels_in_test: bool = False) -> InterpretResult:
-    """Write every view into `<run>/interpret/`; `saliency` lists extra images to explain
+              mislabels_in_test: bool = False, output: str | os.PathLike[str] | None = None,
+              progress: bool = False) -> InterpretResult:
+    """Write every view into `<run>/interpret/` (or the folder `output`); `saliency` lists extra images to explain
     with Grad-CAM (`gradcam_chosen.png`). Suspected mislabels are looked for among the
     images training could use (train + valid), and in test too with `mislabels_in_test`."""
-    ctx = _context(Path(run), data, device)
+    ctx = _context(Path(run), data, device, output, progress)
     write_json(ctx.views.source, {"data": data_key(data), "folder": os.getcwd()})  # what review reads the views by
     res = InterpretResult(str(ctx.out))
     paths, out, res.evaluated_on = evaluate_split(ctx, batch_size, num_workers)
@@ -140,13 +143,14 @@ def data_key(data: str | os.PathLike[str] | None) -> str | None:
     return os.path.realpath(data) if data else None
 
 
-def _context(run: Path, data: str | os.PathLike[str] | None, device: str) -> Context:
+def _context(run: Path, data: str | os.PathLike[str] | None, device: str,
+             output: str | os.PathLike[str] | None = None, progress: bool = False) -> Context:
     dev = resolve_device(device)
     bundle = load_bundle(run, dev)
     items = items_of(run, str(data) if data else None, bundle)
-    out = RunDir(run).views.path
+    out = Path(output) if output else RunDir(run).views.path
     out.mkdir(parents=True, exist_ok=True)
-    return Context(run, bundle, dev, out, [it for it in items if not bundle.task.unknown_labels([it[1]])])
+    return Context(run, bundle, dev, out, [it for it in items if not bundle.task.unknown_labels([it[1]])], progress)
 
 
 def items_of(run: Path, data: str | None, bundle: Bundle) -> Items:
@@ -173,7 +177,8 @@ def evaluate_split(ctx: Context, batch_size: int, num_workers: int | None) -> tu
     task = ctx.bundle.task
     paths = [p for p, _, _ in chosen]
     ds = eval_dataset(paths, task.encode([lb for _, lb, _ in chosen]), ctx.bundle.preprocess)
-    out = run_eval(ctx.bundle.model, make_loader(ds, batch_size, num_workers, ctx.device), ctx.device, task)
+    out = run_eval(ctx.bundle.model, make_loader(ds, batch_size, num_workers, ctx.device), ctx.device, task,
+                   ctx.progress)
     out.require_all(len(paths), paths)
     return paths, out, SPLIT_NAMES[split]
 
@@ -264,7 +269,8 @@ def _features(ctx: Context) -> np.ndarray:
     cache_dir = cfg.runtime.cache_dir if cfg else None
     cache = cache_for(backbone, ctx.bundle.model.backbone, ctx.bundle.preprocess, cache_dir)
     extractor = FeatureExtractor(ctx.bundle.model.backbone, ctx.bundle.preprocess, ctx.device, cache,
-                                 engine=cfg.runtime.engine if cfg else "auto", cache_dir=cache_dir)
+                                 engine=cfg.runtime.engine if cfg else "auto", cache_dir=cache_dir,
+                                 progress=ctx.progress)
     return extractor.features([p for p, _, _ in ctx.items])
 
 

@@ -129,7 +129,7 @@ def imagify(table: str | os.PathLike[str], out: str | os.PathLike[str], *, kind:
     if size < 2:
         raise ConfigError(f"size must be >= 2, got {size}")
     rows, header = _read_table(Path(table))
-    for what, col in (("--label-col", label_col), ("--group-col", group_col)):
+    for what, col in (("--csv-label-col", label_col), ("--group-col", group_col)):
         if col is not None and col not in header:
             raise DataError(f"no column {col!r} in {str(table)!r}; columns: {header}; use {what}")
     if value_col is not None:

@@ -32,7 +32,7 @@ import os
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,12 @@ def is_shards(path: str) -> bool:
 
 # -- writing -------------------------------------------------------------------------------
 def write_shards(source: DataSource, out: str | os.PathLike[str], size: int = 1000, seed: int = 0,
-                 delim: str = " ", max_bytes: float = SHARD_BYTES) -> dict[str, Any]:
+                 delim: str = " ", max_bytes: float = SHARD_BYTES,
+                 progress: Callable[[list[Item], str], Iterable[Item]] | None = None) -> dict[str, Any]:
     """Every item of `source` into `out/<split>-NNNNNN.tar`, at most `size` samples and
     about `max_bytes` per shard; the training samples in a seeded random order. `out` must
-    hold no shards yet. Returns dataset.json's content."""
+    hold no shards yet. `progress(items, split)` wraps each split's items (the CLI's
+    progress bar). Returns dataset.json's content."""
     out = Path(out)
     _require_empty(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def write_shards(source: DataSource, out: str | os.PathLike[str], size: int = 10
             items = random.Random(seed).sample(items, len(items))
         written: list[str] = []
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=size, maxsize=max_bytes, verbose=0) as sink:
-            for it in items:
+            for it in progress(items, split) if progress else items:
                 key = f"{len(rows):09d}"
                 sample, digest = _sample(it, key, index)
                 sink.write(sample)  # the writer starts a new tar at `size` samples or `max_bytes`

@@ -42,6 +42,7 @@ from visiontune.files import preallocate
 from visiontune.frozen.shards import SHARD_ROWS, ShardStore
 from visiontune.runtime.device import eval_mode, prepare_model, resolve_device, to_device
 from visiontune.runtime.engine import frozen_engine, module_digest
+from visiontune.runtime.inference import progress
 from visiontune.tasks.base import unreadable_rows
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class FeatureExtractor:
     once: its preprocessing, the device, the feature cache (None: computed every time), the
     loader's batch size and workers, channels-last, the engine that computes missing rows
     on the CPU ("torch", "onnx" or "auto", runtime/engine.py; exported once per weights
-    under `cache_dir`'s engines/)."""
+    under `cache_dir`'s engines/), and whether a progress bar counts the rows computed."""
 
     backbone: nn.Module
     pre: Preprocess
@@ -153,20 +154,21 @@ class FeatureExtractor:
     channels_last: bool = True
     engine: str = "torch"
     cache_dir: str | os.PathLike[str] | None = None
+    progress: bool = False
 
     @classmethod
     def for_run(cls, backbone_name: str, backbone: nn.Module, pre: Preprocess, cfg: Any,
                 device: torch.device | None = None, cached: bool = True) -> FeatureExtractor:
         """The extractor a run's options give (`cfg`: a RunConfig): its device (the backbone
         moved there, unless `device` says where it already is), its cache (`cached` False:
-        none), batch size (64 for "auto"), workers, channels-last, engine."""
+        none), batch size (64 for "auto"), workers, channels-last, engine, progress bar."""
         r, batch_size = cfg.runtime, cfg.train.batch_size
         if device is None:
             device = resolve_device(r.device)
             prepare_model(backbone, device, r.channels_last)
         cache = cache_for(backbone_name, backbone, pre, r.cache_dir) if cached else None
         return cls(backbone, pre, device, cache, batch_size if isinstance(batch_size, int) else 64,
-                   r.num_workers, r.channels_last, r.engine, r.cache_dir)
+                   r.num_workers, r.channels_last, r.engine, r.cache_dir, r.progress)
 
     def features(self, paths: Sequence[str]) -> np.ndarray:
         """(N, D) features of `paths`: what the advisor and `suggest` measure on."""
@@ -201,9 +203,10 @@ class FeatureExtractor:
             missing = [missing[i] for i in np.random.default_rng(0).permutation(len(missing))]
         model = frozen_engine(self.backbone, self.pre.input_size, self.device, self.engine, self.cache_dir,
                               len(missing)) if missing else self.backbone
+        rows = _compute(model, [paths[i] for i in missing], self.pre, self.device, self.batch_size, self.num_workers,
+                        self.channels_last, deadline, skip_unreadable)
         done, unreadable = _fill(matrix, _CacheWriter(cache), digests, missing,
-                                 _compute(model, [paths[i] for i in missing], self.pre, self.device, self.batch_size,
-                                          self.num_workers, self.channels_last, deadline, skip_unreadable))
+                                 progress(rows, self.progress, "features", len(missing)))
         left_out = np.flatnonzero(~done).tolist()
         if left_out and not (deadline is not None and time.perf_counter() > deadline):
             raise DataError(f"{len(left_out)} of {n} images yielded no features (e.g. {paths[left_out[0]]}): their "

@@ -215,7 +215,8 @@ def _knn_outputs(pixels: np.ndarray, task: Task, targets: np.ndarray, neighbours
 
 def _frozen_features(cfg: RunConfig, model_cfg: ModelConfig, source: DataSource, paths: list[str]) -> np.ndarray:
     model, pre = create_classifier(model_cfg, len(source.classes))
-    return FeatureExtractor.for_run(model_cfg.backbone, model.backbone, pre, cfg).features(paths)
+    return FeatureExtractor.for_run(model_cfg.backbone, model.backbone, pre, cfg,
+                                    cached=cfg.runtime.feature_cache).features(paths)
 
 
 def _pixels(paths: list[str], size: int = 16) -> np.ndarray:
