@@ -401,11 +401,7 @@ class RunDir:
 
     # -- exports: named after the weights file they are of -------------------------------------
     # An export may be of a weights file outside any run directory (`export w.safetensors`),
-    # so the names are a rule on the weights file's name: static, with `export_file` for a run's.
-    def export_file(self, format: str) -> Path:
-        """RUN/model.onnx, model.pt2, model.ts: where the run's weights go in `format`."""
-        return self.exported(self.model, format)
-
+    # so the names are a rule on the weights file's name (a run's: `RunDir.exported(run.model, fmt)`).
     @staticmethod
     def exported(weights: str | os.PathLike[str], format: str) -> Path:
         """Where an export of the weights file `weights` in `format` goes by default: beside
