@@ -61,16 +61,26 @@ def mosaic(photos: list[Path], count: int, rng: random.Random) -> Image.Image:
     return image
 
 
-def make_data(root: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, photos: Path = SHARED) -> Path:
-    """root/images/*.jpg and root/targets.csv: mosaics of crops of PHOTOS/{train,val}/bees."""
+def make_data(root: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, photos: Path = SHARED,
+              held_out_valid: bool = False) -> Path:
+    """root/images/*.jpg and root/targets.csv: mosaics of crops of PHOTOS/{train,val}/bees.
+    Train and valid mosaics tile the train photos, test mosaics the val photos; with
+    `held_out_valid`, valid mosaics tile the val photos too: valid and test are then draws
+    of one generator from one pool of photos the model never trained on, exchangeable, as
+    a conformal interval's guarantee assumes (valid mosaics of the training photos are
+    easier than test's; valid and test from two halves of the val photos differ by which
+    photos fell in which half)."""
     if (root / "targets.csv").is_file():
         return root
     rng = random.Random(seed)
     fit_photos = sorted((photos / "train" / "bees").glob("*.jpg"))
     test_photos = sorted((photos / "val" / "bees").glob("*.jpg"))
+    valid_photos = fit_photos
+    if held_out_valid:
+        valid_photos = test_photos
     rows = [["path", "count", "split"]]
     (root / "images").mkdir(parents=True, exist_ok=True)
-    for split, n, photos in (("train", n_train, fit_photos), ("valid", n_valid, fit_photos),
+    for split, n, photos in (("train", n_train, fit_photos), ("valid", n_valid, valid_photos),
                              ("test", n_test, test_photos)):
         for i in range(n):
             count = rng.randint(0, GRID * GRID)
