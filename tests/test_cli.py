@@ -369,6 +369,39 @@ def test_shard_shows_progress_on_a_terminal_unless_told_not_to(tmp_path: Path) -
     assert code == 0 and "shards and dataset.json" in out and "%|" not in shown
 
 
+MODEL = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32", "--num-workers", "0"]
+
+
+def test_lr_find_and_cv_show_progress_on_a_terminal_and_no_progress_and_q_hide_it(tmp_path: Path) -> None:
+    """lr-find's steps and cv's folds show a bar on a terminal; --no-progress and -q hide it."""
+    data = make_class_folders(tmp_path / "d", {"red": 6, "green": 6})
+    find = ["lr-find", str(data), *MODEL, "--num-iter", "8", "--strategy", "finetune", "--output", str(tmp_path / "r")]
+    code, out, shown = _on_a_terminal(find, tmp_path)
+    assert code == 0 and "suggested lr" in out and re.search(r"lr-find: +\d+%\|", shown), shown
+    code, out, shown = _on_a_terminal([*find, "--no-progress"], tmp_path)
+    assert code == 0 and "suggested lr" in out and "%|" not in shown, shown
+    cv = ["cv", str(data), *MODEL, "--folds", "2", "--selection", "last", "--strategy", "finetune", "--epochs", "1",
+          "--patience", "0", "--output", str(tmp_path / "cv")]
+    code, out, shown = _on_a_terminal(cv, tmp_path)
+    assert code == 0 and "mean +- std" in out and re.search(r"cv folds: +\d+%\|", shown), shown
+    code, out, shown = _on_a_terminal([*cv, "-q"], tmp_path)
+    assert code == 0 and "mean +- std" in out and "%|" not in shown, shown
+
+
+def test_export_int8_shows_its_passes_on_a_terminal_unless_told_not_to(trained: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """export --int8: reading the calibration images, static int8's calibration and each
+    scoring pass show a bar; --no-progress hides them."""
+    run, _ = trained
+    argv = ["export", str(run), "--output", str(tmp_path / "m.onnx"), "--int8", "--max-drop", "100"]
+    code, out, shown = _on_a_terminal(argv, tmp_path)
+    assert code == 0 and "int8 (" in out, shown
+    for desc in ("int8 read calibration", "int8 score fp32", "int8 calibrate static", "int8 score static"):
+        assert re.search(desc + r": +\d+%\|", shown), (desc, shown)
+    code, out, shown = _on_a_terminal([*argv, "--no-progress"], tmp_path)
+    assert code == 0 and "int8 (" in out and "%|" not in shown, shown
+
+
 def test_results_go_to_stdout_and_messages_to_stderr(trained: tuple[Path, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     run, data = trained

@@ -207,7 +207,7 @@ _LOOP = frozenset({"lr", "schedule", "pct_start", "step_size", "gamma", "momentu
 NOT_USED: dict[str, frozenset[str]] = {
     "advise": _LOOP - {"lr", "weight_decay", "frozen_bn", "trainable_bn", "ema"} | {"output", "name", "track"},
     "lr-find": _LOOP - {"lr", "momentum", "weight_decay", "freeze", "frozen_bn", "trainable_bn", "ema"}
-               | {"name", "track", "progress"},
+               | {"name", "track"},
     "shard": frozenset({"unlabeled", "consistency_threshold"}),
 }
 

@@ -259,6 +259,7 @@ class ExportConfig:
                                   "mAP; R²) is this many points under fp32's", metavar="POINTS")
     calibration: int = option(256, "--int8: about N validation images (a stratified sample) calibrate the activation "
                                    "ranges; with 2 x N or more, the drop is scored on the others", metavar="N", ge=1)
+    shown: Progress = group(Progress)  # --int8's passes over the validation images
 
 
 @dataclass(frozen=True)

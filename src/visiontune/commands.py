@@ -113,7 +113,9 @@ def suggest_labels(args: argparse.Namespace) -> int:
                      csv=cfg.csv, output=cfg.output, n=cfg.n, method=cfg.method,
                      **{**cfg.overrides(), "progress": _progress(args, cfg.shown)})
     kept = result.write_csv(cfg.output)
-    print(result.format())
+    print(result.format(skipped=False))
+    for line in result.skipped_lines():  # messages, not results
+        print(line, file=sys.stderr)
     delim = cfg.frozen.label_delim
     shape = f"{shlex.quote(cfg.output)} --task {result.task}" + (
         f" --label-delim {shlex.quote(delim)}" if delim else "")
@@ -282,7 +284,8 @@ def export_run(args: argparse.Namespace) -> int:
     if cfg.int8:
         from visiontune.deploy.quantize import export_int8
 
-        result = export_int8(cfg.run, cfg.format, cfg.output, cfg.max_drop, cfg.calibration)
+        result = export_int8(cfg.run, cfg.format, cfg.output, cfg.max_drop, cfg.calibration,
+                             show_progress=_progress(args, cfg.shown))
     else:
         result = export(cfg.run, cfg.format, cfg.output)
     print(f"{result.format}: {result.path}")
