@@ -1,7 +1,7 @@
 """The frozen path (features + converged probe) cold and warm, by engine (issue 23).
 
     python -m bench.frozen WORK [--images 1000] [--image-size 224] [--repeats 1]
-    python -m bench.frozen --smoke    # 8 JPEGs at 32 px, the cold and warm runs only
+    python -m bench.frozen --smoke    # 8 JPEGs at 32 px, the tiny model, the cold and warm runs only
 
 N photo-like 400x300 JPEGs (bench/speed.py's, two classes), `feature-extract` at the
 backbone's 224 px, each run a fresh process (`visiontune -q train`), timed whole:
@@ -30,16 +30,19 @@ from pathlib import Path
 from bench.harness import Recorder, parser
 from bench.speed import make_jpegs
 
+SMOKE = ("--backbone", "timm:test_efficientnet", "--weights", "none", "--num-workers", "0")  # the tiny model
 
-def run(data: Path, out: Path, cache: Path, engine: str | None, size: int, src: str | None = None) -> float:
+
+def run(data: Path, out: Path, cache: Path, engine: str | None, size: int, src: str | None = None,
+        extra: tuple[str, ...] = ()) -> float:
     """Seconds of one `visiontune -q train` (`engine` None: the flag left out; `src`: the
-    package from that source tree, e.g. a worktree of an older commit)."""
+    package from that source tree, e.g. a worktree of an older commit; `extra`: more flags)."""
     env = {**os.environ, "VISIONTUNE_CACHE": str(cache), "VISIONTUNE_OFFLINE": "1",
            **({"PYTHONPATH": src} if src else {})}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "visiontune", "-q", "train", str(data), "--strategy", "feature-extract",
                     "--image-size", str(size), *(["--engine", engine] if engine else []), "--output", str(out),
-                    "--valid-pct", "0.2"], check=True, env=env, stdout=subprocess.DEVNULL)
+                    "--valid-pct", "0.2", *extra], check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -135,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         if keep_export:
             cache.mkdir()
             shutil.move(str(a.work / "engines.keep"), str(cache / "engines"))
-        rows.append((name, run(data, a.work / "runs", cache, engine, size)))
+        rows.append((name, run(data, a.work / "runs", cache, engine, size, extra=SMOKE if a.smoke else ())))
         print(f"  {name:40s} {rows[-1][1]:7.1f} s", flush=True)
-    rows.append(("unchanged re-run", run(data, a.work / "runs", a.work / "cache", "auto", size)))
+    rows.append(("unchanged re-run", run(data, a.work / "runs", a.work / "cache", "auto", size,
+                                         extra=SMOKE if a.smoke else ())))
     print(f"  {'unchanged re-run':40s} {rows[-1][1]:7.1f} s", flush=True)
     for name, seconds in rows:
         record(f"feature-extract command, {a.images} JPEGs at {size} px: {name}", seconds, "s")

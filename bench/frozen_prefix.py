@@ -4,7 +4,8 @@ Runtime (what runtime/prefix.py runs them in). 2 threads, batch 32, synthetic te
 
     python -m bench.frozen_prefix [--smoke]
 
-`--smoke`: batch 2 at 64 px, one timing each.
+`--smoke`: the tiny model (timm's test_efficientnet, no weights), batch 2 at 64 px, one
+timing each, on the caller's torch threads.
 
 The end-to-end comparison is two `visiontune train DATA --strategy freeze-k --epochs 3
 --engine auto|torch` runs, alternated (bench/RESULTS.md, issue 23).
@@ -40,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__).parse_args(argv)
     record = Recorder("frozen_prefix", args.smoke, argv)
     batch, side, rounds = (2, 64, 1) if args.smoke else (32, 224, 2)
-    torch.set_num_threads(usable_cpus())
-    model, _ = create_classifier(ModelConfig(), 2)
+    if not args.smoke:  # --smoke's tensors are tiny: the caller's threads (the suite's one), as the other smokes
+        torch.set_num_threads(usable_cpus())
+    cfg = ModelConfig(backbone="timm:test_efficientnet", weights="none") if args.smoke else ModelConfig()
+    name = "test_efficientnet" if args.smoke else "Lite0"
+    model, _ = create_classifier(cfg, 2)
     print("layer groups:", [n for n, _ in backbone_groups(model)])
     bb = model.backbone
     prefix = torch.nn.Sequential(bb.conv_stem, bb.bn1, *bb.blocks[:1 if args.smoke else 3])
@@ -74,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         o = per_batch(lambda: session.run(None, feed))
         print(f"freeze-k step {s:.0f} ms, frozen blocks' eager forward {p:.0f} ms ({p / s:.0%} of the step), "
               f"the same blocks in ONNX Runtime {o:.0f} ms ({p / o:.1f}x)")
-    record("frozen blocks' eager forward / freeze-k step", p / s, "x", note=f"Lite0, batch {batch}, {side} px")
-    record("frozen blocks, eager / ONNX Runtime", p / o, "x", note=f"Lite0, batch {batch}, {side} px")
+    record("frozen blocks' eager forward / freeze-k step", p / s, "x", note=f"{name}, batch {batch}, {side} px")
+    record("frozen blocks, eager / ONNX Runtime", p / o, "x", note=f"{name}, batch {batch}, {side} px")
 
 
 if __name__ == "__main__":

@@ -126,17 +126,25 @@ def _serve_and_load(run: str, coverage: float | None, clients: int, requests: in
     server = subprocess.Popen([sys.executable, "-c", launch])
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                httpx.get(base + "/", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        _wait_until_up(base, server)
         return asyncio.run(_load(base, clients, requests))
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the page answers (or the server exits, or `timeout` s pass). One client for
+    every try: `httpx.get` builds a client, and its SSL context (~0.2 s of CPU), per call,
+    which took the CPU from the server starting up."""
+    deadline = time.time() + timeout
+    with httpx.Client() as client:
+        while time.time() < deadline and server.poll() is None:
+            try:
+                client.get(base + "/", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
 
 
 def _pooled(results: list[dict]) -> dict:

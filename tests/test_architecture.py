@@ -269,8 +269,8 @@ def test_the_cache_layout_check_finds_a_layout_computed_elsewhere() -> None:
 
 # -- the run directory: one owner of its file names ---------------------------------------
 # A string literal that is a file name (what the grep of issue 35 looks for).
-FILE_NAME = re.compile(r"[A-Za-z_][\w./-]*\.(json|jsonl|yaml|yml|csv|txt|safetensors|pt|pth|bin|onnx|html|png|md|"
-                       r"sqlite|db|npy|npz)")
+FILE_NAME = re.compile(r"[A-Za-z_][\w./-]*\.(json|jsonl|yaml|yml|csv|txt|safetensors|pt|pth|pt2|ts|bin|onnx|html|"
+                       r"png|md|sqlite|db|npy|npz)")
 # File names spelled outside visiontune/rundir.py, each with why it is not a run file.
 NOT_RUN_FILES = {
     ("visiontune.command_config", "to_label.csv"): "suggest's default --output: the user's file, in the current "
@@ -322,6 +322,54 @@ def test_the_run_file_check_finds_a_run_file_name(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text('"""Writes RUN/metrics.json."""\nNAME = "metrics.json"\nSUFFIX = ".onnx"\n')
     assert _file_literals(module) == {"metrics.json"}
+
+
+# A name made from another path by hand: a suffix or name swapped (weights.with_suffix(".onnx"),
+# the export names of issue 35), or a folder joined on (run / "timm"); joined file names are
+# the check above's. Outside rundir.py, each with why it names no run file.
+DERIVES = {"with_suffix", "with_name", "with_stem"}
+NOT_RUN_PATHS = {
+    ("visiontune.caches", ".with_name()"): "a cache entry renamed aside while it is removed",
+    ("visiontune.caches", "/ '.cache'"): "the cache root, ~/.cache/visiontune",
+    ("visiontune.caches", "/ 'visiontune'"): "the cache root, ~/.cache/visiontune",
+    ("visiontune.data.sources", "/ 'train'"): "a data folder's train/ split (user data)",
+    ("visiontune.demo", "/ 'lfw_subset'"): "the demo's data, in the folder the demo is given",
+    ("visiontune.demo", "/ 'runs'"): "the demo's --output folder of runs",
+    ("visiontune.demo", "/ 'test'"): "the demo data's test/ split",
+    ("visiontune.train.tracking", "/ 'mlartifacts'"): "MLflow's artifact store beside mlflow.db, in the --output "
+                                                      "folder of runs",
+}
+
+
+def _derived_paths(path: Path) -> set[str]:
+    """The paths `path` makes by hand: `.with_suffix()`-like calls and folders joined on
+    with `/` (a joined file name is `_file_literals`')."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DERIVES:
+            found.add(f".{node.func.attr}()")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) \
+                and isinstance(node.right.value, str) and not FILE_NAME.fullmatch(node.right.value):
+            found.add(f"/ {node.right.value!r}")
+    return found
+
+
+def test_no_run_path_is_derived_outside_the_run_directory_class() -> None:
+    """The exports' names (model.onnx, model.pt2, model.ts from the weights file's,
+    model.int8.onnx, RUN/timm/) and a run's folders are RunDir's too: no other module swaps
+    a path's suffix or joins a folder name on, except as NOT_RUN_PATHS lists."""
+    found = {(name, how) for name, path in _modules().items() if name != "visiontune.rundir"
+             for how in _derived_paths(path)}
+    assert sorted(found - NOT_RUN_PATHS.keys()) == []
+    assert sorted(NOT_RUN_PATHS.keys() - found) == []  # the allow-list holds nothing stale
+
+
+def test_the_derived_path_check_finds_an_export_name_made_by_hand(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text('def f(weights, run):\n    return weights.with_suffix(".onnx"), run / "timm", '
+                      'run / "model.pt2", run / f"{weights.stem}.ts"\n')
+    assert _derived_paths(module) == {".with_suffix()", "/ 'timm'"}
+    assert _file_literals(module) == {"model.pt2"}
 
 
 LOADED = ("print(' '.join(sorted(m for m in sys.modules if m.startswith('visiontune.') "

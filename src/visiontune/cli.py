@@ -199,7 +199,8 @@ def add_run_options(p: argparse.ArgumentParser, section: type | None = None, com
 # The training loop's options: what advise, which trains nothing, has no use for.
 _LOOP = frozenset({"lr", "schedule", "pct_start", "step_size", "gamma", "momentum", "weight_decay", "patience",
                    "monitor", "mode", "min_delta", "restore_best", "ema", "ema_decay", "freeze", "layer_lr_ratio",
-                   "unfreeze_lr_scale", "frozen_bn", "trainable_bn", "consistency_threshold", "thresholds"})
+                   "unfreeze_lr_scale", "frozen_bn", "trainable_bn", "consistency_threshold", "thresholds",
+                   "probe_patience"})
 # Run options a run command does not read (tests/test_cli.py runs each command and checks that
 # every other option it accepts is read): left out of its --help; given, they are accepted with
 # a warning (old scripts passed them) and have no effect. advise times one fine-tuning step, so

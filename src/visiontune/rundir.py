@@ -26,7 +26,10 @@ checks that no other module spells a run file's name.
     RUN/clock.json            --time-budget: the seconds used over every session (train/clock.py)
     RUN/pseudo_labels.csv     --unlabeled: every pool image's pseudo-label
     RUN/consistency.csv       --unlabeled in phases that train the backbone: per-epoch counts
-    RUN/model.onnx ...        exports, named after the weights file (deploy/export.py)
+    RUN/model.onnx|.pt2|.ts   exports (deploy/export.py), named after the weights file: `RunDir.exported`
+    RUN/model.int8.onnx       export --int8 (deploy/quantize.py): `RunDir.int8_of`
+    RUN/timm/                 export --format timm, timm's Hub layout (deploy/hub.py)
+    RUN/tensorboard/          --tracker tensorboard's event files (train/tracking.py)
     RUN/interpret/            interpret's views (`Views`)
     RUN/review/               review decisions (`Review`; analysis/decisions.py)
     CV/oof.csv, CV/cv_summary.json, COMPARE/compare.md|json: what cv and compare keep
@@ -52,6 +55,7 @@ from safetensors.torch import save_file
 from visiontune.config import ModelConfig, RunConfig, checked_dict
 from visiontune.data.items import LISTED_IN_EXCLUDE
 from visiontune.data.preprocess import Preprocess
+from visiontune.deploy.formats import suffix
 from visiontune.errors import VisiontuneError
 from visiontune.files import (
     atomic_write,
@@ -68,6 +72,7 @@ MODEL_FILE = "model.safetensors"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 CLOCK_FILE = "clock.json"
 REVIEW_DIR, VIEWS_DIR = "review", "interpret"
+INT8 = ".int8"  # an int8 export's infix: model.onnx -> model.int8.onnx
 WORKING_FOLDER = "working_folder"  # environment.json: the folder the run was trained from
 FORMAT_VERSION = 1  # of the metadata in model.safetensors
 
@@ -195,6 +200,8 @@ class RunDir:
     cv_summary_file = _file("cv_summary.json")
     compare_md = _file("compare.md")
     compare_json = _file("compare.json")
+    timm_folder = _file("timm")  # export --format timm: timm's Hub layout (deploy/hub.py)
+    tensorboard = _file("tensorboard")  # --tracker tensorboard's event files (train/tracking.py)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -391,6 +398,49 @@ class RunDir:
 
     def write_checkpoint(self, state: dict[str, Any]) -> None:
         save_checkpoint(self.last_checkpoint, state)
+
+    # -- exports: named after the weights file they are of -------------------------------------
+    # An export may be of a weights file outside any run directory (`export w.safetensors`),
+    # so the names are a rule on the weights file's name (a run's: `RunDir.exported(run.model, fmt)`).
+    @staticmethod
+    def exported(weights: str | os.PathLike[str], format: str) -> Path:
+        """Where an export of the weights file `weights` in `format` goes by default: beside
+        it, named after it (model.safetensors -> model.onnx; w.safetensors -> w.pt2)."""
+        return Path(weights).with_suffix(suffix(format))
+
+    @staticmethod
+    def int8_of(fp32: str | os.PathLike[str]) -> Path:
+        """Where the int8 model of the fp32 ONNX file `fp32` goes: model.onnx -> model.int8.onnx."""
+        p = Path(fp32)
+        return p.with_name(p.stem + INT8 + suffix("onnx"))
+
+    @staticmethod
+    def is_int8(path: str | os.PathLike[str]) -> bool:
+        """Whether `path` is named as an int8 export (model.int8.onnx)."""
+        p = Path(path)
+        return p.name.endswith(INT8 + p.suffix)
+
+    @staticmethod
+    def fp32_of(path: str | os.PathLike[str]) -> Path:
+        """The fp32 export an export's name is of: model.int8.onnx -> model.onnx (an fp32
+        export: itself)."""
+        p = Path(path)
+        return p.with_name(p.name.replace(INT8 + p.suffix, p.suffix))
+
+    @staticmethod
+    def weights_named_in(export: str | os.PathLike[str]) -> Path:
+        """The weights file an export's name says it is of, beside it: model.onnx,
+        model.int8.onnx, model.pt2 -> model.safetensors (whether or not it exists)."""
+        p = Path(export)
+        stem = p.name[:-len(p.suffix)] if p.suffix else p.name
+        return p.with_name(stem.removesuffix(INT8) + Path(MODEL_FILE).suffix)
+
+    @staticmethod
+    def named_after(export: str | os.PathLike[str], weights: str | os.PathLike[str]) -> bool:
+        """Whether `export` has the name an export of `weights` gets by default (beside it,
+        its stem), not one given with --output."""
+        p, w = Path(export), Path(weights)
+        return p.parent == w.parent and p.stem == w.stem
 
     def read_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint (None when the run has none yet); see `load_checkpoint`."""

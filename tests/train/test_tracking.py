@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import visiontune as vt
-from conftest import TINY
+from conftest import TINY, make_class_folders
 
 FINETUNE = dict(TINY, strategy="finetune", epochs=2, lr=1e-2)
 
@@ -47,12 +48,30 @@ def test_tensorboard_event_files_hold_epochs_lr_per_step_figures_and_hparams(fla
     assert "_hparams_/experiment" in hparams.Tags()["tensors"] or hparams.PluginTagToContent("hparams")
 
 
-def test_mlflow_run_has_params_metric_histories_tags_and_artifacts(flat_data: Path, tmp_path: Path,
-                                                                   mlruns: str) -> None:
-    r = vt.fit(flat_data, **FINETUNE, output=str(tmp_path / "runs"), track="mlflow")
-    client, exp = _client(mlruns)
-    (run,) = client.search_runs([exp])
-    assert run.info.run_name == Path(r.run_dir).name and run.info.status == "FINISHED"
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One fit (then interpreted) and one 2-fold cv tracked with MLflow, no
+    $MLFLOW_TRACKING_URI, started in an empty folder (`cwd`): the store (RUNS/mlflow.db)
+    the tests below read, each for what it asserts (a new store costs seconds of MLflow's
+    migrations, a fit and a cv more)."""
+    root = tmp_path_factory.mktemp("tracked")
+    data, cwd, runs = make_class_folders(root / "flat", {"red": 12, "green": 12}), root / "cwd", root / "runs"
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(cwd)
+        fit = vt.fit(data, **FINETUNE, output=str(runs), track="mlflow")
+        vt.interpret(fit.run_dir, data)  # report.html joins the tracked run
+        vt.cross_validate(data, folds=2, **dict(TINY, strategy="feature-extract", epochs=1),
+                          output=str(runs), track="mlflow")
+    return SimpleNamespace(fit=fit, runs=runs, cwd=cwd, uri=f"sqlite:///{runs / 'mlflow.db'}")
+
+
+def test_mlflow_run_has_params_metric_histories_tags_and_artifacts(tracked: SimpleNamespace) -> None:
+    r = tracked.fit
+    client, exp = _client(tracked.uri)
+    (run,) = [run for run in client.search_runs([exp]) if run.info.run_name == Path(r.run_dir).name]
+    assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.01" and run.data.params["strategy.name"] == "finetune"
     assert run.data.tags["strategy"] == "finetune" and run.data.tags["task"] == "single-label"
     history = client.get_metric_history(run.info.run_id, "val_loss")
@@ -60,18 +79,14 @@ def test_mlflow_run_has_params_metric_histories_tags_and_artifacts(flat_data: Pa
     assert [round(m.value, 5) for m in history] == [round(h["val_loss"], 5) for h in r.history]
     assert "final_accuracy" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model.safetensors", "config.yaml", "metrics.json"} <= artifacts
-    vt.interpret(r.run_dir, flat_data)  # report.html joins the tracked run
-    assert "report.html" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "config.yaml", "metrics.json", "report.html"} <= artifacts  # report: interpret's
     # beside mlflow.db, not in MLflow's default ./mlruns (of the folder the process started in)
-    assert client.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").as_uri()
-    assert list((tmp_path / "mlartifacts").rglob("report.html"))
+    assert client.get_experiment(exp).artifact_location == (tracked.runs / "mlartifacts").as_uri()
+    assert list((tracked.runs / "mlartifacts").rglob("report.html"))
 
 
-def test_cv_is_a_parent_run_with_one_child_per_fold(flat_data: Path, tmp_path: Path, mlruns: str) -> None:
-    vt.cross_validate(flat_data, folds=2, **dict(TINY, strategy="feature-extract", epochs=1),
-                      output=str(tmp_path / "runs"), track="mlflow")
-    client, exp = _client(mlruns)
+def test_cv_is_a_parent_run_with_one_child_per_fold(tracked: SimpleNamespace) -> None:
+    client, exp = _client(tracked.uri)
     runs = client.search_runs([exp])
     parents = [r for r in runs if r.data.tags.get("kind") == "cv"]
     assert len(parents) == 1 and "cv_mean_accuracy" in parents[0].data.metrics
@@ -80,18 +95,11 @@ def test_cv_is_a_parent_run_with_one_child_per_fold(flat_data: Path, tmp_path: P
 
 
 def test_without_a_uri_the_store_is_sqlite_beside_the_runs_and_nothing_lands_in_the_cwd(
-        flat_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tracked: SimpleNamespace) -> None:
     """No $MLFLOW_TRACKING_URI: RUNS/mlflow.db (not the deprecated ./mlruns file store), its
     artifacts in RUNS/mlartifacts; cv's folds (in RUNS/NAME/) join the parent's store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    runs = tmp_path / "runs"
-    r = vt.fit(flat_data, **FINETUNE, output=str(runs), track="mlflow")
-    vt.cross_validate(flat_data, folds=2, **dict(TINY, strategy="feature-extract", epochs=1),
-                      output=str(runs), track="mlflow")
-    assert not list(cwd.iterdir())
+    r, runs = tracked.fit, tracked.runs
+    assert not list(tracked.cwd.iterdir())
     assert sorted(p.name for p in runs.glob("*.db")) == ["mlflow.db"]
     client, exp = _client(f"sqlite:///{runs / 'mlflow.db'}")
     found = {run.info.run_name: run for run in client.search_runs([exp])}
@@ -161,6 +169,8 @@ def test_a_resumed_run_continues_its_mlflow_run(flat_data: Path, tmp_path: Path,
     (run,) = client.search_runs([exp])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
     assert run.info.status == "FINISHED"
+    # a store named in $MLFLOW_TRACKING_URI keeps its artifacts beside it too, not in ./mlruns
+    assert client.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").as_uri()
 
 
 def test_credentials_in_the_tracking_uri_are_never_written_or_printed(

@@ -38,7 +38,7 @@ from torch.export.passes import move_to_device_pass
 
 from visiontune.bundle import Bundle, load_bundle, model_file
 from visiontune.data.preprocess import Preprocess
-from visiontune.deploy.formats import FORMATS, files_text, format_of, suffix
+from visiontune.deploy.formats import FORMATS, files_text, format_of
 from visiontune.errors import VisiontuneError
 from visiontune.files import atomic_write, file_digest
 from visiontune.models.novelty import ScoredGraph, scored
@@ -50,7 +50,6 @@ from visiontune.version import __version__
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-3
-INT8 = ".int8"  # MODEL.onnx -> MODEL.int8.onnx (deploy/quantize.py)
 
 
 @dataclass
@@ -87,7 +86,7 @@ def export(run: str | os.PathLike[str], format: str = "onnx", output: str | os.P
     model = _graph(bundle.model.to(memory_format=torch.contiguous_format).eval(), bundle.task.export_module())
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    target = Path(output) if output else weights.with_suffix(suffix(format))  # model.safetensors -> model.onnx
+    target = Path(output) if output else RunDir.exported(weights, format)  # model.safetensors -> model.onnx
     meta = _metadata(bundle, weights)
     writer(model, example, target, meta, opset)
     exported = load_exported(target, check_weights=False)  # of these weights: just written
@@ -201,9 +200,7 @@ def load_exported(path: str | os.PathLike[str], check_weights: bool = True,
 def weights_beside(path: str | os.PathLike[str]) -> Path | None:
     """The weights file an export is named after, when it is beside it: RUN/model.onnx,
     RUN/model.int8.onnx and RUN/model.pt2 are of RUN/model.safetensors."""
-    p = Path(path)
-    stem = p.name[:-len(p.suffix)] if p.suffix else p.name
-    weights = p.with_name(stem.removesuffix(INT8) + ".safetensors")
+    weights = RunDir.weights_named_in(path)
     return weights if weights.is_file() else None
 
 
@@ -216,14 +213,14 @@ def require_current(path: str | os.PathLike[str], recorded: str | None) -> None:
     weights = weights_beside(p)
     if weights is None or not recorded or recorded == file_digest(weights):
         return
-    fp32 = p.with_name(p.name.replace(INT8 + p.suffix, p.suffix))
+    fp32 = RunDir.fp32_of(p)
     fmt = format_of(p.suffix)
-    output = "" if fp32 == weights.with_suffix(p.suffix) else f" --output {fp32}"
+    output = "" if RunDir.named_after(fp32, weights) else f" --output {fp32}"
     run = p.parent if weights == RunDir(p.parent).model else weights
     raise VisiontuneError(
         f"{p} was exported from other weights than {weights} beside it (the run was resumed or retrained, or its "
         f"weights replaced, since): it would predict with the old model. Re-export it: visiontune export "
-        f"{run} --format {fmt}{output}{' --int8' if p.name.endswith(INT8 + p.suffix) else ''}")
+        f"{run} --format {fmt}{output}{' --int8' if RunDir.is_int8(p) else ''}")
 
 
 # -- ONNX Runtime as a predict engine ---------------------------------------------------
@@ -235,7 +232,7 @@ def current_onnx(weights: str | os.PathLike[str]) -> Path | None:
     model.onnx) when it was exported from exactly these weights: the digest of the weights
     it records must match the file's now (a resumed, retrained or replaced model makes an
     old export stale, whatever the files' times say)."""
-    onnx_file = Path(weights).with_suffix(".onnx")
+    onnx_file = RunDir.exported(weights, "onnx")
     if not onnx_file.is_file() or not Path(weights).is_file():
         return None
     try:

@@ -88,7 +88,7 @@ def export_timm(run: str | os.PathLike[str], output: str | os.PathLike[str] | No
         diff = float((rest(model(x)) - expected).abs().max() / max(1.0, float(expected.abs().max())))
     if diff > PARITY_TOLERANCE:
         raise VisiontuneError(f"the timm model differs from the run's by {diff:.2e} (> {PARITY_TOLERANCE})")
-    out = Path(output) if output else Path(bundle.path) / "timm"
+    out = Path(output) if output else RunDir(bundle.path).timm_folder
     data_config = {"input_size": (3, pre.input_size, pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
                    "interpolation": pre.interpolation, "crop_pct": pre.crop_pct}
     meta = {**bundle.task.metadata(), **described, "version": __version__, "classes": bundle.task.classes}

@@ -44,7 +44,7 @@ from visiontune.data.items import VALID
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.splits import stratified_sample
 from visiontune.data.webdata import is_shard_item
-from visiontune.deploy.export import INT8, ExportResult, export, load_exported
+from visiontune.deploy.export import ExportResult, export, load_exported
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import write_bytes
 from visiontune.rundir import RunDir
@@ -123,7 +123,7 @@ def quantize(fp32: str | os.PathLike[str], run: str | os.PathLike[str], target: 
     _require_tools()
     _check_calibration(calibration)
     fp32, run = Path(fp32), Path(run)
-    target = Path(target) if target else fp32.with_name(fp32.stem + INT8 + ".onnx")
+    target = Path(target) if target else RunDir.int8_of(fp32)
     bundle = load_exported(fp32)  # refused when it is not of the weights beside it
     _remove_stale(target, _onnx_meta(fp32).get("weights_digest", ""))
     task = bundle.task

@@ -281,7 +281,7 @@ class TensorBoardTracker(Tracker):
     def start(self, trainer: TrainerView) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(RunDir(self.run_dir).tensorboard))
         self.writer.add_text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=1, default=str) + "\n```")
 
     def step(self, trainer: TrainerView) -> None:
