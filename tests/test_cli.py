@@ -313,6 +313,26 @@ def test_device_is_documented_wherever_it_exists() -> None:
         for action in _options(command):
             if "--device" in action.option_strings:
                 assert "cuda:N" in action.help and "mps" in action.help and "Apple" in action.help, name
+                assert "(default: " in (command._get_formatter()._get_help_string(action) or ""), name  # noqa: SLF001
+
+
+# options whose default is described rather than held: each says it as "(default: ...)" too
+DESCRIBED = {"--cache-dir", "--csv-path-col", "--csv-label-col", "--stride", "--device"}
+
+
+def test_a_default_described_in_words_is_shown_as_a_default() -> None:
+    """suggest --device said nothing of its default; --cache-dir said "($VISIONTUNE_CACHE or
+    ~/.cache/visiontune)" in train and "the cache's root (default: ...)" in cache, each
+    without $XDG_CACHE_HOME; --csv-path-col "(path/file/filename/image, else the 1st)"."""
+    cache_dirs = set()
+    for name, command in _commands().items():
+        for action in _options(command):
+            if DESCRIBED & set(action.option_strings):
+                shown = command._get_formatter()._get_help_string(action) or ""  # noqa: SLF001
+                assert "(default: " in shown, (name, action.option_strings[0], shown)
+            if "--cache-dir" in action.option_strings:
+                cache_dirs.add(action.help.split("(default: ", 1)[1])
+    assert cache_dirs == {"$VISIONTUNE_CACHE, else $XDG_CACHE_HOME/visiontune, else ~/.cache/visiontune)"}
 
 
 # -- progress, streams, exit codes ------------------------------------------------------------
