@@ -459,6 +459,43 @@ def test_exit_codes_are_what_the_help_says(trained: tuple[Path, Path], tmp_path:
     assert "--max-drop" in EXIT_CODES[2] and "130" in build_parser().format_help()
 
 
+def test_a_bad_file_given_is_one_error_line_and_exit_2_before_any_work(
+        trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """interpret --oof / --saliency naming a missing file (or a CSV that is no oof.csv) and
+    train --config naming a missing or broken YAML ended in a traceback and exit status 1."""
+    run, data = trained
+    (tmp_path / "p.csv").write_text("path,label,prob\nx.png,red,0.9\n")  # predictions, not cv's oof.csv
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    views = tmp_path / "views"
+    for argv, said in [(["interpret", str(run), "--oof", str(tmp_path / "none.csv")], "no such file"),
+                       (["interpret", str(run), "--oof", str(tmp_path / "p.csv")], "no column prob_green"),
+                       (["interpret", str(run), "--saliency", str(tmp_path / "none.png")], "--saliency"),
+                       (["train", str(data), "--config", str(tmp_path / "none.yaml")], "none.yaml: cannot be read"),
+                       (["train", str(data), "--config", str(tmp_path / "bad.yaml")], "bad.yaml: cannot be read")]:
+        assert main([*argv, "--output", str(views)]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1].startswith("error: ") and said in err.splitlines()[-1], err
+        assert "Traceback" not in err and not list(views.rglob("*.*"))  # nothing written
+
+
+def test_an_option_a_command_does_not_use_in_this_call_is_named(
+        trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """export --max-drop / --calibration without --int8, and suggest --run with the frozen
+    model's --backbone / --image-size, were accepted in silence."""
+    run, _ = trained
+    assert main(["export", str(run), "--output", str(tmp_path / "m.onnx"), "--max-drop", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: export does not use --max-drop without --int8: it has no effect here" in err
+    assert "--calibration" not in err
+    pool = make_class_folders(tmp_path / "pool", {"red": 2, "green": 2}, start_seed=500)
+    assert main(["suggest", str(pool), "--run", str(run), "--backbone", "timm:resnet18", "--image-size", "64",
+                 "--n", "2", "--output", str(tmp_path / "s.csv"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    for flag in ("--backbone", "--image-size"):
+        assert f"warning: suggest does not use {flag} with --run (its model and preprocessing are used)" in err
+    assert "warning" not in out
+
+
 def test_an_interrupted_command_exits_130(tmp_path: Path) -> None:
     """Ctrl+C (SIGINT) during training: one line, exit status 130."""
     data = make_class_folders(tmp_path / "d", {"red": 8, "green": 8})
