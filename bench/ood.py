@@ -1,7 +1,8 @@
-"""Out-of-distribution scores side by side: the shipped score (models/novelty.py: the larger
-of the k-th nearest neighbour distance, Sun et al. 2022, and the energy of the logits, Liu et
-al. 2020, each in units of its validation spread) against each of its two parts alone and the
-maximum softmax probability, on images the model never saw.
+"""Out-of-distribution scores side by side, on images the model never saw.
+
+The shipped score (models/novelty.py: the larger of the k-th nearest neighbour distance, Sun
+et al. 2022, and the energy of the logits, Liu et al. 2020, each in units of its validation
+spread) against each of its two parts alone and the maximum softmax probability.
 
     python -m bench.suite prepare SUITE      # the sets as train/ valid/ test/ folders
     python -m bench.ood SUITE                # -> bench/results/ood.csv

@@ -332,6 +332,8 @@ NOT_RUN_PATHS = {
     ("visiontune.caches", ".with_name()"): "a cache entry renamed aside while it is removed",
     ("visiontune.caches", "/ '.cache'"): "the cache root, ~/.cache/visiontune",
     ("visiontune.caches", "/ 'visiontune'"): "the cache root, ~/.cache/visiontune",
+    **{("visiontune.cpus", f"/ {name!r}"): "the kernel's cgroup files (a CPU quota), not a run's"
+       for name in ("cgroup.controllers", "cpu", "cpu.cfs_period_us", "cpu.cfs_quota_us", "cpu.max", "unified")},
     ("visiontune.data.sources", "/ 'train'"): "a data folder's train/ split (user data)",
     ("visiontune.demo", "/ 'lfw_subset'"): "the demo's data, in the folder the demo is given",
     ("visiontune.demo", "/ 'runs'"): "the demo's --output folder of runs",
