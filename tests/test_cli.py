@@ -313,6 +313,26 @@ def test_device_is_documented_wherever_it_exists() -> None:
         for action in _options(command):
             if "--device" in action.option_strings:
                 assert "cuda:N" in action.help and "mps" in action.help and "Apple" in action.help, name
+                assert "(default: " in (command._get_formatter()._get_help_string(action) or ""), name  # noqa: SLF001
+
+
+# options whose default is described rather than held: each says it as "(default: ...)" too
+DESCRIBED = {"--cache-dir", "--csv-path-col", "--csv-label-col", "--stride", "--device"}
+
+
+def test_a_default_described_in_words_is_shown_as_a_default() -> None:
+    """suggest --device said nothing of its default; --cache-dir said "($VISIONTUNE_CACHE or
+    ~/.cache/visiontune)" in train and "the cache's root (default: ...)" in cache, each
+    without $XDG_CACHE_HOME; --csv-path-col "(path/file/filename/image, else the 1st)"."""
+    cache_dirs = set()
+    for name, command in _commands().items():
+        for action in _options(command):
+            if DESCRIBED & set(action.option_strings):
+                shown = command._get_formatter()._get_help_string(action) or ""  # noqa: SLF001
+                assert "(default: " in shown, (name, action.option_strings[0], shown)
+            if "--cache-dir" in action.option_strings:
+                cache_dirs.add(action.help.split("(default: ", 1)[1])
+    assert cache_dirs == {"$VISIONTUNE_CACHE, else $XDG_CACHE_HOME/visiontune, else ~/.cache/visiontune)"}
 
 
 # -- progress, streams, exit codes ------------------------------------------------------------
@@ -369,6 +389,39 @@ def test_shard_shows_progress_on_a_terminal_unless_told_not_to(tmp_path: Path) -
     assert code == 0 and "shards and dataset.json" in out and "%|" not in shown
 
 
+MODEL = ["--backbone", "timm:test_efficientnet", "--weights", "none", "--image-size", "32", "--num-workers", "0"]
+
+
+def test_lr_find_and_cv_show_progress_on_a_terminal_and_no_progress_and_q_hide_it(tmp_path: Path) -> None:
+    """lr-find's steps and cv's folds show a bar on a terminal; --no-progress and -q hide it."""
+    data = make_class_folders(tmp_path / "d", {"red": 6, "green": 6})
+    find = ["lr-find", str(data), *MODEL, "--num-iter", "8", "--strategy", "finetune", "--output", str(tmp_path / "r")]
+    code, out, shown = _on_a_terminal(find, tmp_path)
+    assert code == 0 and "suggested lr" in out and re.search(r"lr-find: +\d+%\|", shown), shown
+    code, out, shown = _on_a_terminal([*find, "--no-progress"], tmp_path)
+    assert code == 0 and "suggested lr" in out and "%|" not in shown, shown
+    cv = ["cv", str(data), *MODEL, "--folds", "2", "--selection", "last", "--strategy", "finetune", "--epochs", "1",
+          "--patience", "0", "--output", str(tmp_path / "cv")]
+    code, out, shown = _on_a_terminal(cv, tmp_path)
+    assert code == 0 and "mean +- std" in out and re.search(r"cv folds: +\d+%\|", shown), shown
+    code, out, shown = _on_a_terminal([*cv, "-q"], tmp_path)
+    assert code == 0 and "mean +- std" in out and "%|" not in shown, shown
+
+
+def test_export_int8_shows_its_passes_on_a_terminal_unless_told_not_to(trained: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """export --int8: reading the calibration images, static int8's calibration and each
+    scoring pass show a bar; --no-progress hides them."""
+    run, _ = trained
+    argv = ["export", str(run), "--output", str(tmp_path / "m.onnx"), "--int8", "--max-drop", "100"]
+    code, out, shown = _on_a_terminal(argv, tmp_path)
+    assert code == 0 and "int8 (" in out, shown
+    for desc in ("int8 read calibration", "int8 score fp32", "int8 calibrate static", "int8 score static"):
+        assert re.search(desc + r": +\d+%\|", shown), (desc, shown)
+    code, out, shown = _on_a_terminal([*argv, "--no-progress"], tmp_path)
+    assert code == 0 and "int8 (" in out and "%|" not in shown, shown
+
+
 def test_results_go_to_stdout_and_messages_to_stderr(trained: tuple[Path, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     run, data = trained
@@ -404,6 +457,43 @@ def test_exit_codes_are_what_the_help_says(trained: tuple[Path, Path], tmp_path:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "int8 refused" in err and fp32.is_file()
     assert "--max-drop" in EXIT_CODES[2] and "130" in build_parser().format_help()
+
+
+def test_a_bad_file_given_is_one_error_line_and_exit_2_before_any_work(
+        trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """interpret --oof / --saliency naming a missing file (or a CSV that is no oof.csv) and
+    train --config naming a missing or broken YAML ended in a traceback and exit status 1."""
+    run, data = trained
+    (tmp_path / "p.csv").write_text("path,label,prob\nx.png,red,0.9\n")  # predictions, not cv's oof.csv
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    views = tmp_path / "views"
+    for argv, said in [(["interpret", str(run), "--oof", str(tmp_path / "none.csv")], "no such file"),
+                       (["interpret", str(run), "--oof", str(tmp_path / "p.csv")], "no column prob_green"),
+                       (["interpret", str(run), "--saliency", str(tmp_path / "none.png")], "--saliency"),
+                       (["train", str(data), "--config", str(tmp_path / "none.yaml")], "none.yaml: cannot be read"),
+                       (["train", str(data), "--config", str(tmp_path / "bad.yaml")], "bad.yaml: cannot be read")]:
+        assert main([*argv, "--output", str(views)]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1].startswith("error: ") and said in err.splitlines()[-1], err
+        assert "Traceback" not in err and not list(views.rglob("*.*"))  # nothing written
+
+
+def test_an_option_a_command_does_not_use_in_this_call_is_named(
+        trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """export --max-drop / --calibration without --int8, and suggest --run with the frozen
+    model's --backbone / --image-size, were accepted in silence."""
+    run, _ = trained
+    assert main(["export", str(run), "--output", str(tmp_path / "m.onnx"), "--max-drop", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: export does not use --max-drop without --int8: it has no effect here" in err
+    assert "--calibration" not in err
+    pool = make_class_folders(tmp_path / "pool", {"red": 2, "green": 2}, start_seed=500)
+    assert main(["suggest", str(pool), "--run", str(run), "--backbone", "timm:resnet18", "--image-size", "64",
+                 "--n", "2", "--output", str(tmp_path / "s.csv"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    for flag in ("--backbone", "--image-size"):
+        assert f"warning: suggest does not use {flag} with --run (its model and preprocessing are used)" in err
+    assert "warning" not in out
 
 
 def test_an_interrupted_command_exits_130(tmp_path: Path) -> None:

@@ -30,7 +30,14 @@ from visiontune.command_config import (
     SuggestConfig,
     command_fields,
 )
-from visiontune.config import SECTION_TITLES, DataConfig, choices_of, option_fields, option_key
+from visiontune.config import (
+    CACHE_DIR_DEFAULT,
+    SECTION_TITLES,
+    DataConfig,
+    choices_of,
+    option_fields,
+    option_key,
+)
 from visiontune.errors import VisiontuneError
 from visiontune.train.strategies import describe_strategies, strategy_names
 from visiontune.version import __version__
@@ -208,7 +215,7 @@ _LOOP = frozenset({"lr", "schedule", "pct_start", "step_size", "gamma", "momentu
 NOT_USED: dict[str, frozenset[str]] = {
     "advise": _LOOP - {"lr", "weight_decay", "frozen_bn", "trainable_bn", "ema"} | {"output", "name", "track"},
     "lr-find": _LOOP - {"lr", "momentum", "weight_decay", "freeze", "frozen_bn", "trainable_bn", "ema"}
-               | {"name", "track", "progress"},
+               | {"name", "track"},
     "shard": frozenset({"unlabeled", "consistency_threshold"}),
 }
 
@@ -353,7 +360,7 @@ def _add_data_commands(sub: Any) -> None:
     p.add_argument("--older-than", metavar="DURATION", help="clear: only entries unused this long, e.g. 30d or 12h")
     p.add_argument("--only", default=",".join(cache_areas()), metavar="AREAS",
                    help="clear: comma-separated areas to clear")
-    p.add_argument("--cache-dir", help="the cache's root (default: $VISIONTUNE_CACHE, else ~/.cache/visiontune)")
+    p.add_argument("--cache-dir", help="the cache's root " + CACHE_DIR_DEFAULT)
 
     p = sub.add_parser("imagify", help="time series in a CSV -> Gramian Angular Field / recurrence images "
                        "in OUT/<label>/, ready for train")
@@ -368,7 +375,7 @@ def _add_data_commands(sub: Any) -> None:
     p.add_argument("--group-col", help="column naming each row's recording (subject, session...): windows never "
                    "cross recordings, and each recording stays in one split and fold (written to OUT/groups.csv)")
     p.add_argument("--window", type=int, help="points per image (windows of a long series)")
-    p.add_argument("--stride", type=int, help="points between window starts (= --window)")
+    p.add_argument("--stride", type=int, help="points between window starts (default: --window)")
     p.add_argument("--size", type=int, default=64, help="image side = series length after PAA")
     p.add_argument("--min-length", type=int, default=8, help="shorter series are skipped")
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from visiontune.config import (
+    CACHE_DIR_DEFAULT,
     DEFAULT_BACKBONE,
     SUGGEST_METHODS,
     check_fields,
@@ -55,6 +56,11 @@ def run_option(key: str, **changes: Any) -> Any:
     source = next(f for _, f in option_fields() if option_key(f) == key)
     default = changes.pop("default", source.default)
     return field(default=default, metadata={**source.metadata, **changes})
+
+
+def help_of(key: str) -> str:
+    """The help of the run option `key`, for a command that adds its own default to it."""
+    return next(f for _, f in option_fields() if option_key(f) == key).metadata["help"]
 
 
 def group(cls: type) -> Any:
@@ -193,10 +199,10 @@ class SuggestModel:
     image_size: int | None = run_option("image_size", help="its input size (default: the backbone's own)")
     task: str | None = run_option("task", default=None, help="shape of the --labeled labels (default: auto)")
     label_delim: str | None = run_option("label_delim", default=None, help="separator of label sets (default: a space)")
-    device: str | None = run_option("device", default=None)
+    device: str | None = run_option("device", default=None, help=help_of("device") + " (default: --run's, else auto)")
     engine: str | None = run_option("engine", default=None, help="what computes the features on the CPU, as "
                                                                   "train --engine (default: auto)")
-    cache_dir: str | None = run_option("cache_dir", help="root of the feature cache")
+    cache_dir: str | None = run_option("cache_dir", help="root of the feature cache " + CACHE_DIR_DEFAULT)
     seed: int | None = run_option("seed", default=None, help="seed of k-means and random (default: 0)")
 
 
@@ -259,6 +265,7 @@ class ExportConfig:
                                   "mAP; R²) is this many points under fp32's", metavar="POINTS")
     calibration: int = option(256, "--int8: about N validation images (a stratified sample) calibrate the activation "
                                    "ranges; with 2 x N or more, the drop is scored on the others", metavar="N", ge=1)
+    shown: Progress = group(Progress)  # --int8's passes over the validation images
 
 
 @dataclass(frozen=True)

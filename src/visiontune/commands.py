@@ -49,6 +49,15 @@ def _progress(args: argparse.Namespace, shown: Progress) -> bool:
     return shown.progress and not args.quiet
 
 
+def _warn_unused(args: argparse.Namespace, keys: tuple[str, ...], when: str) -> None:
+    """One warning line (stderr) per option of `keys` given that has no effect `when`
+    (e.g. "without --int8"), as cli's hidden unused options answer."""
+    for key in keys:
+        if getattr(args, key, None) is not None:
+            print(f"warning: {args.command} does not use --{key.replace('_', '-')} {when}: it has no effect here",
+                  file=sys.stderr)
+
+
 def _base_config(args: argparse.Namespace) -> RunConfig | None:
     from visiontune.rundir import read_config
 
@@ -107,13 +116,17 @@ def suggest_labels(args: argparse.Namespace) -> int:
     from visiontune.selection.suggest import filled_rows, suggest
 
     cfg = from_args(SuggestConfig, args)
+    if cfg.run is not None:
+        _warn_unused(args, ("backbone", "weights", "image_size"), "with --run (its model and preprocessing are used)")
     if filled_rows(cfg.output):  # the labels filled in so far count, with --labelled / --csv / --run alike
         print(f"labelled so far: the filled-in rows of {cfg.output}", file=sys.stderr)
     result = suggest(list(cfg.pool) if len(cfg.pool) > 1 else cfg.pool[0], run=cfg.run, labelled=cfg.labeled,
                      csv=cfg.csv, output=cfg.output, n=cfg.n, method=cfg.method,
                      **{**cfg.overrides(), "progress": _progress(args, cfg.shown)})
     kept = result.write_csv(cfg.output)
-    print(result.format())
+    print(result.format(skipped=False))
+    for line in result.skipped_lines():  # messages, not results
+        print(line, file=sys.stderr)
     delim = cfg.frozen.label_delim
     shape = f"{shlex.quote(cfg.output)} --task {result.task}" + (
         f" --label-delim {shlex.quote(delim)}" if delim else "")
@@ -279,10 +292,13 @@ def export_run(args: argparse.Namespace) -> int:
     from visiontune.deploy.export import export
 
     cfg = from_args(ExportConfig, args)
+    if not cfg.int8:
+        _warn_unused(args, ("max_drop", "calibration"), "without --int8")
     if cfg.int8:
         from visiontune.deploy.quantize import export_int8
 
-        result = export_int8(cfg.run, cfg.format, cfg.output, cfg.max_drop, cfg.calibration)
+        result = export_int8(cfg.run, cfg.format, cfg.output, cfg.max_drop, cfg.calibration,
+                             show_progress=_progress(args, cfg.shown))
     else:
         result = export(cfg.run, cfg.format, cfg.output)
     print(f"{result.format}: {result.path}")

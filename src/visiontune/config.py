@@ -41,6 +41,8 @@ def _augment_preset(value: Any) -> Any:
     """Configs from before the presets said augment: true / false."""
     return {True: "light", False: "none"}.get(value, value) if isinstance(value, bool) else value
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
+# where the caches live without --cache-dir (caches.cache_root), as every --cache-dir's help says it
+CACHE_DIR_DEFAULT = "(default: $VISIONTUNE_CACHE, else $XDG_CACHE_HOME/visiontune, else ~/.cache/visiontune)"
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
@@ -131,8 +133,10 @@ class DataConfig:
     path: str = option("", "folder of images, shards, or a Hugging Face dataset (hf:NAME[:CONFIG] or a "
                            "save_to_disk folder): the DATA argument", cli=False)
     csv: str | None = option(None, "CSV of path,label[,split] (paths relative to DATA or the CSV's folder)")
-    csv_path_col: str | None = option(None, "CSV column holding the paths (path/file/filename/image, else the 1st)")
-    csv_label_col: str | None = option(None, "CSV column holding the labels (label/class/target, else the 2nd)")
+    csv_path_col: str | None = option(None, "CSV column holding the paths (default: path, file, filename or image, else "
+                                                    "the 1st)")
+    csv_label_col: str | None = option(None, "CSV column holding the labels (default: label, class or target, else the "
+                                                     "2nd)")
     image_col: str | None = option(None, "Hugging Face dataset: the image column (default: the one of type Image)")
     label_col: str | None = option(None, "Hugging Face dataset: the label column (default: the first ClassLabel, "
                                          "else one named label/labels/class/target/tags)")
@@ -321,8 +325,7 @@ class RuntimeConfig:
                                                  "decoded and downsized (to 2x the input size) on disk")
     feature_cache: bool = option(True, "frozen phases run on cached backbone features",
                                  off="frozen phases run on augmented images instead of cached features")
-    cache_dir: str | None = option(None, "root of the feature and image caches ($VISIONTUNE_CACHE or "
-                                         "~/.cache/visiontune)")
+    cache_dir: str | None = option(None, "root of the feature and image caches " + CACHE_DIR_DEFAULT)
     progress: bool = option(True, "progress bars", off="no progress bars")
 
 

@@ -56,7 +56,7 @@ from visiontune.config import ModelConfig, RunConfig, checked_dict
 from visiontune.data.items import LISTED_IN_EXCLUDE
 from visiontune.data.preprocess import Preprocess
 from visiontune.deploy.formats import suffix
-from visiontune.errors import VisiontuneError
+from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import (
     atomic_write,
     claim_dir,
@@ -91,9 +91,13 @@ def run_name(*what: str) -> str:
 def read_config(path: str | os.PathLike[str], strict: bool = False) -> RunConfig:
     """The RunConfig in a YAML file. `strict` (a user's --config): every key must be an
     option (in its section or flat); else keys from newer versions are ignored (a run's
-    own config.yaml)."""
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+    own config.yaml). A file that cannot be read or is not YAML is a ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config {path}: cannot be read as YAML ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); give a config.yaml, e.g. a run's") from None
     return RunConfig.from_dict(checked_dict(raw, str(path)) if strict else raw)
 
 

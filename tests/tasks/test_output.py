@@ -36,3 +36,13 @@ def test_the_printed_coverage_is_the_one_asked() -> None:
         decoded = Decoded(["a"], [0.6], [("a", 0.6), ("b", 0.4)], prediction_set=SetPrediction(["a", "b"],
                                                                                                coverage=coverage))
         assert task.output.line("x.png", decoded).endswith(shown)
+
+
+def test_an_unknown_image_names_the_class_its_probability_is_of() -> None:
+    """An image past the OOD threshold printed "unknown<TAB>0.9990<TAB>(dogs 0.001)": the 0.999
+    read as sure it is unknown, and the class it belongs to was named nowhere. It is printed as
+    label sets print theirs: unknown, then (top: every class and its probability)."""
+    task = make_task("single-label", ["cats", "dogs"])
+    decoded = Decoded(["cats"], [0.999], [("cats", 0.999), ("dogs", 0.001)], ood_score=2.5, unknown=True)
+    assert task.output.line("p.jpg", decoded) == ("p.jpg\tunknown\t(top: cats 0.999, dogs 0.001)"
+                                                  "\t(unlike the training images: score 2.5)")

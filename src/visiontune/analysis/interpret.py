@@ -32,13 +32,13 @@ from visiontune.analysis.report import write_report
 from visiontune.analysis.saliency import first_layer_filters, grad_cam
 from visiontune.bundle import Bundle, load_bundle
 from visiontune.config import DataConfig, RunConfig
-from visiontune.data.images import load_rgb
+from visiontune.data.images import check_image, load_rgb
 from visiontune.data.items import TEST, TRAIN, VALID
 from visiontune.data.loaders import eval_dataset, make_loader
 from visiontune.data.sources import load_items
 from visiontune.data.transforms import eval_side, eval_transform
-from visiontune.errors import VisiontuneError
-from visiontune.files import read_csv_dicts, write_csv, write_json
+from visiontune.errors import DataError, VisiontuneError
+from visiontune.files import read_csv, read_csv_dicts, write_csv, write_json
 from visiontune.frozen.features import FeatureExtractor, cache_for
 from visiontune.frozen.probe import oof_outputs
 from visiontune.plots import save_confusion, save_curves, save_filters, save_grid, save_residuals
@@ -116,6 +116,11 @@ def interpret(run: str | os.PathLike[str], data: str | os.PathLike[str] | None =
     with Grad-CAM (`gradcam_chosen.png`). Suspected mislabels are looked for among the
     images training could use (train + valid), and in test too with `mislabels_in_test`."""
     ctx = _context(Path(run), data, device, output, progress)
+    if oof:
+        _check_oof(oof, ctx.bundle.task)  # before the work, not after it
+    for image in saliency or []:
+        if (why := check_image(image)) is not None:
+            raise DataError(f"--saliency {image}: {why}; give image files to explain")
     write_json(ctx.views.source, {"data": data_key(data), "folder": os.getcwd()})  # what review reads the views by
     res = InterpretResult(str(ctx.out))
     paths, out, res.evaluated_on = evaluate_split(ctx, batch_size, num_workers)
@@ -305,6 +310,18 @@ def _ood_scores(ctx: Context, feats: np.ndarray) -> tuple[np.ndarray | None, np.
         scores = novelty(x, ctx.bundle.model.outputs(x)).cpu().numpy()
     outside_train = np.array([split != TRAIN for _, _, split in ctx.items])
     return scores, outside_train & (scores > fitted["threshold"])
+
+
+def _check_oof(oof: str | os.PathLike[str], task: Any) -> None:
+    """DataError unless `oof` is a CSV with the columns of cv's oof.csv for this task."""
+    if not os.path.isfile(oof):
+        raise DataError(f"--oof {oof}: no such file (it is the oof.csv that `visiontune cv DATA` writes into its "
+                        "folder, cv's out-of-fold probabilities)")
+    rows = read_csv(oof)
+    missing = [c for c in ("path", "label", *task.output.oof_columns()) if c not in (rows[0] if rows else [])]
+    if missing:
+        raise DataError(f"--oof {oof}: no column {', '.join(missing)}; give the oof.csv of `visiontune cv` on this "
+                        "run's data and classes (path, label, fold, predicted, one probability per class)")
 
 
 def write_mislabels(ctx: Context, feats: np.ndarray, oof: str | os.PathLike[str] | None,

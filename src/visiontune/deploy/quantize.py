@@ -49,7 +49,7 @@ from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.files import write_bytes
 from visiontune.rundir import RunDir
 from visiontune.runtime.device import resolve_device
-from visiontune.runtime.inference import run_eval
+from visiontune.runtime.inference import progress, run_eval
 from visiontune.tasks.base import unreadable_rows
 
 log = logging.getLogger(__name__)
@@ -98,24 +98,28 @@ class Int8Result:
 
 
 def export_int8(run: str | os.PathLike[str], format: str = "onnx", output: str | os.PathLike[str] | None = None,
-                max_drop: float = 1.0, calibration: int = 256) -> ExportResult:
+                max_drop: float = 1.0, calibration: int = 256, show_progress: bool = False) -> ExportResult:
     """`export(run, "onnx", output)` and then `quantize` it: the result's `int8` says how it
-    went; Int8Refused (the fp32 file kept) when every method loses more than `max_drop`."""
+    went; Int8Refused (the fp32 file kept) when every method loses more than `max_drop`.
+    `show_progress`: a bar (stderr, on a terminal) for each pass over the validation images."""
     if format != "onnx":
         raise ConfigError(f"--int8 quantises ONNX models; use --format onnx (not {format})")
     _require_tools()  # before the fp32 export, not after it
     _check_calibration(calibration)
     result = export(run, "onnx", output)
-    result.int8 = quantize(result.path, model_file(run).parent, max_drop=max_drop, calibration=calibration)
+    result.int8 = quantize(result.path, model_file(run).parent, max_drop=max_drop, calibration=calibration,
+                           show_progress=show_progress)
     return result
 
 
 def quantize(fp32: str | os.PathLike[str], run: str | os.PathLike[str], target: str | os.PathLike[str] | None = None,
-             max_drop: float = 1.0, calibration: int = 256, batch_size: int = 32) -> Int8Result:
+             max_drop: float = 1.0, calibration: int = 256, batch_size: int = 32,
+             show_progress: bool = False) -> Int8Result:
     """RUN's fp32 ONNX export `fp32` as int8 at `target` (default: beside it, model.int8.onnx),
     checked on the run's validation split; Int8Refused when every method loses more than
     `max_drop` points (no int8 file is left then). An int8 file of other weights at
-    `target` is removed first, whatever the outcome."""
+    `target` is removed first, whatever the outcome. `show_progress`: a bar for reading the
+    calibration images, for static int8's calibration and for each scoring pass."""
     _require_tools()
     _check_calibration(calibration)
     fp32, run = Path(fp32), Path(run)
@@ -126,9 +130,11 @@ def quantize(fp32: str | os.PathLike[str], run: str | os.PathLike[str], target: 
     config = RunDir(run).read_config()
     valid = _validation(run, task, config.data.label_delim if config else " ")
     calibrate, scored = _calibration_split(task, valid, calibration, config.seed if config else 0)
-    inputs = _calibration_inputs(_loader(calibrate, bundle, batch_size), [p for p, _ in calibrate], run)
+    inputs = _calibration_inputs(_shown(_loader(calibrate, bundle, batch_size), show_progress, "int8 read calibration"),
+                                 [p for p, _ in calibrate], run)
     loader = _loader(scored, bundle, batch_size)
-    result = Int8Result(None, None, task.score_metric, _score(bundle.model, loader, task, [p for p, _ in scored], run),
+    fp32_score = _score(bundle.model, _shown(loader, show_progress, "int8 score fp32"), task, [p for p, _ in scored], run)
+    result = Int8Result(None, None, task.score_metric, fp32_score,
                         images=len(scored), calibration=len(calibrate), held_out=len(scored) < len(valid),
                         sizes={"fp32": fp32.stat().st_size})
     with tempfile.TemporaryDirectory(prefix="visiontune-int8-") as tmp:
@@ -136,7 +142,7 @@ def quantize(fp32: str | os.PathLike[str], run: str | os.PathLike[str], target: 
         _prepare(fp32, prepared)
         for method in METHODS:
             candidate = Path(tmp) / f"{method}.onnx"
-            if _candidate(method, (prepared, candidate, fp32), inputs, loader, task, result) and \
+            if _candidate(method, (prepared, candidate, fp32), inputs, loader, task, result, show_progress) and \
                     result.drop(method) <= max_drop:
                 write_bytes(target, candidate.read_bytes())
                 result.path, result.method, result.sizes["int8"] = str(target), method, target.stat().st_size
@@ -157,24 +163,30 @@ def _require_tools() -> None:
 
 
 def _candidate(method: str, files: tuple[Path, Path, Path], inputs: list[np.ndarray], loader: Any, task: Any,
-               result: Int8Result) -> bool:
+               result: Int8Result, show_progress: bool = False) -> bool:
     """Quantise the prepared graph by `method` into the candidate file (`files`: prepared,
     candidate, fp32) and score it into `result`; False (the error recorded) when ONNX
     Runtime cannot apply the method to this graph."""
     prepared, candidate, fp32 = files
     try:
         if method == "static":
-            _static(prepared, candidate, iter(inputs))
+            _static(prepared, candidate, iter(_shown(inputs, show_progress, "int8 calibrate static")))
         else:
             _dynamic(prepared, candidate)
         _copy_metadata(fp32, candidate, method)
-        result.scores[method] = _score(load_exported(candidate).model, loader, task)
+        result.scores[method] = _score(load_exported(candidate).model,
+                                       _shown(loader, show_progress, f"int8 score {method}"), task)
     except Exception as exc:  # noqa: BLE001 - a method ORT cannot apply to this graph: try the next
         result.errors[method] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         log.warning("int8 %s quantisation failed (%s)", method, result.errors[method])
         return False
     log.info("int8 %s: validation %s %.4f vs fp32 %.4f", method, task.score_metric, result.scores[method], result.fp32)
     return True
+
+
+def _shown(batches: Any, show_progress: bool, desc: str) -> Any:
+    """`batches` (a loader, a list) behind a progress bar named `desc` when `show_progress`."""
+    return progress(batches, show_progress, desc, len(batches))
 
 
 def _check_calibration(calibration: int) -> None:

@@ -38,6 +38,7 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.files import write_csv
 from visiontune.planning.plan import plan_run
 from visiontune.rundir import RunDir
+from visiontune.runtime.inference import progress
 from visiontune.tasks.base import Task
 from visiontune.tasks.catalog import make_task
 from visiontune.train.session import score_items, train_run
@@ -86,7 +87,8 @@ class CVResult:
 def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5, config: RunConfig | None = None,
                    label_func: LabelFunc | None = None, source: DataSource | None = None, selection: str = "inner",
                    **overrides: Any) -> CVResult:
-    """Stratified k-fold over train + valid images (test/ stays out; groups stay whole)."""
+    """Stratified k-fold over train + valid images (test/ stays out; groups stay whole); the
+    folds show a progress bar (stderr, on a terminal) unless the run's progress is off."""
     if selection not in SELECTIONS:
         raise ConfigError(f"selection {selection!r} is not valid; choose one of: {', '.join(SELECTIONS)}")
     started = time.perf_counter()
@@ -111,7 +113,7 @@ def cross_validate(data: str | os.PathLike[str] | None = None, *, folds: int = 5
     scored = common_labels(pool, fold_rows, source)
     with parent_run(cfg.tracking.track, out_dir.parent, out_dir.name, {"kind": "cv", "strategy": cfg.strategy.name,
                                                    "selection": selection}, flat_params(cfg)) as parent:
-        for i, held_out in enumerate(fold_rows):
+        for i, held_out in enumerate(progress(fold_rows, cfg.runtime.progress, "cv folds", k)):
             log.info("fold %d/%d: %d held out, %d to train on", i + 1, k, len(held_out), len(pool) - len(held_out))
             fold_cfg = replace(cfg, output=str(out_dir), name=f"fold{i + 1}")
             metrics = _run_fold(fold_cfg, source, pool, held_out, selection, probs, scored)

@@ -25,6 +25,7 @@ from visiontune.errors import ConfigError
 from visiontune.planning.plan import plan_run
 from visiontune.plots import save_lr_curve
 from visiontune.runtime.device import to_device
+from visiontune.runtime.inference import progress
 from visiontune.train.setup import prepare_run
 from visiontune.train.trainer import Trainer
 
@@ -77,7 +78,8 @@ def lr_find(data: str | os.PathLike[str] | None = None, *, start_lr: float = 1e-
 
 def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tuple[list[float], list[float]]:
     """(head LRs, smoothed losses) of training steps at exponentially growing LRs (every
-    group keeps its ratio to the head's); stops when the loss exceeds 4x its minimum."""
+    group keeps its ratio to the head's); stops when the loss exceeds 4x its minimum. The
+    steps show a progress bar (stderr, on a terminal) unless the run's progress is off."""
     trainer.enter_phase(0)
     data = trainer.data.for_phase(0)
     net = trainer.net_for(data)
@@ -88,7 +90,8 @@ def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tu
     losses: list[float] = []
     avg, best = 0.0, math.inf
     batches = _cycle(data.train)
-    for i in range(num_iter):
+    steps = progress(range(num_iter), trainer.cfg.runtime.progress, "lr-find", num_iter)
+    for i in steps:
         lr = start_lr * (end_lr / start_lr) ** (i / max(1, num_iter - 1))
         for g, r in zip(trainer.optimizer.param_groups, ratios):
             g["lr"] = lr * r
@@ -104,6 +107,7 @@ def sweep(trainer: Trainer, start_lr: float, end_lr: float, num_iter: int) -> tu
         best = min(best, smoothed)
         if smoothed > 4 * best and i > 10:
             break
+    getattr(steps, "close", lambda: None)()  # the bar goes when the test stops early too
     return lrs, losses
 
 

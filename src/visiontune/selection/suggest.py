@@ -112,17 +112,23 @@ class Suggestions:
                   [*kept, *([r.path, "", r.prediction, r.reason, f"{r.score:.6g}"] for r in self.rows)])
         return len(kept)
 
-    def format(self) -> str:
+    def format(self, skipped: bool = True) -> str:
+        """The summary: the method, the pool, the first suggestions; with `skipped`, the
+        files that cannot be read too (the CLI prints those to stderr: `skipped_lines`)."""
         lines = [f"suggested {len(self.rows)} of {self.pool} unlabelled images ({self.labelled} already labelled) by "
                  f"{self.method}: {self.why}"]
         if self.excluded:
             lines.append(f"left out of the pool: {len(self.excluded)} ({reason_counts(self.excluded)})")
-        lines += excluded_lines(self.unreadable, "skipped", "files that cannot be read")
+        lines += self.skipped_lines() if skipped else []
         lines += [f"  {r.path}  {r.reason}" + (f"  (model: {r.prediction})" if r.prediction else "")
                   for r in self.rows[:10]]
         if len(self.rows) > 10:
             lines.append(f"  ... {len(self.rows) - 10} more")
         return "\n".join(lines)
+
+    def skipped_lines(self) -> list[str]:
+        """The pool's files that cannot be read, a count and the first ten with why ([] if none)."""
+        return excluded_lines(self.unreadable, "skipped", "files that cannot be read")
 
 
 @dataclass

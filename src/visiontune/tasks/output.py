@@ -55,7 +55,11 @@ class Output:
 
     def line(self, path: str, decoded: Decoded) -> str:
         """The printed line: path, label ("not sure: a or b" when abstaining), probability,
-        runners-up, and with --coverage the set."""
+        runners-up, and with --coverage the set; an unknown image: "unknown", then (top: each
+        class and its probability), as label sets print theirs."""
+        if decoded.unknown:
+            top = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked)
+            return f"{path}\t{UNKNOWN}\t(top: {top})" + self.set_cell(decoded)
         others = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked[1:])
         return (f"{path}\t{self.answer(decoded)}\t{decoded.probs[0]:.4f}" + (f"\t({others})" if others else "")
                 + self.set_cell(decoded))

@@ -69,7 +69,8 @@ def calibrate(model: Any, task: Task, valid_out: EvalOutput | None, run_dir: Pat
         rows[np.flatnonzero(rows)[task.calibrator.unseen_rows(valid_out.targets[rows])]] = False
     if valid_out is None or rows.sum() < MIN_HELD_OUT:
         log.info("%d held-out outputs (under %d): probabilities are not calibrated, and predict --coverage needs a "
-                 "run trained with a validation split", 0 if rows is None else int(rows.sum()), MIN_HELD_OUT)
+                 "run whose validation split holds %d images or more (a larger --valid-pct, or a valid/ folder)",
+                 0 if rows is None else int(rows.sum()), MIN_HELD_OUT, MIN_HELD_OUT)
         return valid_out
     targets, probs = valid_out.targets[rows], valid_out.probs[rows]
     fit = task.calibrator.fit(targets, probs)
