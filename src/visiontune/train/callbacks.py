@@ -239,8 +239,12 @@ class Checkpoint(Callback):
         best = self.best
         self.why = self._why(trainer)
         log.info("kept %s", self.why)
+        history = trainer.state.history
         if not self.restore_best or best.epoch < 0 or best.epoch == trainer.state.epoch:
             trainer.adopt_chosen_weights()  # the last epoch's: the EMA's when they were better
+            if self.restore_best and best.epoch < 0 and history:  # no epoch could be kept: the last recorded is
+                best.epoch, best.value = len(history) - 1, history[-1].get(best.objective.metric)
+                self.best_eval = trainer.state.last_eval
             return
         if self.write:
             load_weights(trainer.model, load_file(str(RunDir(self.run_dir).model)))
