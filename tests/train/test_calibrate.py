@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import visiontune as vt
 from conftest import TINY, make_class_folders
@@ -27,3 +28,26 @@ def test_cross_validated_calibration_leaves_out_a_class_its_fold_never_saw(tmp_p
     bundle = load_bundle(result.run_dir)
     assert bundle.uncertainty["sets"]["n"] == 28
     assert bundle.model.calibration.scale[0].item() == pytest.approx(1 / record["temperature"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("kept", [dict(restore_best=False), dict(restore_best=False, ema=True, ema_decay=0.5),
+                                  dict(ema=True, ema_decay=0.5)], ids=["last-epoch", "last-epoch-ema", "best-ema"])
+def test_a_finished_run_resumed_keeps_its_weights_calibration_and_sets(tmp_path: Path, kept: dict) -> None:
+    """`train --resume` of a run that had finished trains nothing and must end with what it
+    had: the same weights, calibrated on the same validation outputs, with its prediction
+    sets and OOD threshold. With --no-restore-best it wrote its weights uncalibrated, without
+    sets (the last epoch's validation outputs were not in the checkpoint), and with --ema the
+    raw weights where the EMA's had validated better."""
+    data = make_class_folders(tmp_path / "d", {"red": 12, "green": 12})
+    result = vt.fit(data, **dict(TINY, strategy="finetune", epochs=2, valid_pct=0.5, output=str(tmp_path / "runs"),
+                             **kept))
+    run = RunDir(result.run_dir)
+    before, record = load_bundle(run.path), run.read_calibration()
+    assert before.uncertainty["sets"] is not None and before.model.calibration.fitted
+    vt.fit(resume=run.path)
+    after = load_bundle(run.path)
+    assert after.uncertainty["sets"] == before.uncertainty["sets"]
+    assert after.uncertainty["ood"]["threshold"] == pytest.approx(before.uncertainty["ood"]["threshold"], rel=1e-4)
+    assert run.read_calibration() == record
+    state, again = before.model.state_dict(), after.model.state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state if not k.startswith("novelty."))

@@ -36,6 +36,18 @@ class EvalOutput:
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each row's place in the list
     ood: np.ndarray | None = None  # each row's OOD score (models/novelty.py); None: the model has no bank
 
+    def state_dict(self) -> dict[str, Any]:
+        """Its rows as tensors, for a checkpoint (which holds no pickled objects)."""
+        return {"loss": self.loss, "targets": torch.from_numpy(np.asarray(self.targets)),
+                "probs": torch.from_numpy(np.asarray(self.probs)), "ids": torch.from_numpy(np.asarray(self.ids))}
+
+    @classmethod
+    def of_state(cls, state: dict[str, Any] | None) -> EvalOutput | None:
+        """The outputs `state_dict` kept (None for an empty or missing state)."""
+        if not state:
+            return None
+        return cls(float(state["loss"]), state["targets"].numpy(), state["probs"].numpy(), state["ids"].numpy())
+
     def keep(self, mask: np.ndarray) -> None:
         self.targets, self.probs, self.ids = self.targets[mask], self.probs[mask], self.ids[mask]
         self.ood = None if self.ood is None else self.ood[mask]
