@@ -141,7 +141,7 @@ def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run
     valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
                           write=setup.env.is_main, by_cv=by_cv)
     if setup.env.is_main:  # the bank and threshold go into the weights this process writes
-        fit_ood(setup.model, setup.data, setup.cfg.seed)
+        fit_ood(setup.model, setup.data, setup.cfg.seed, deadline=trainer.clock.deadline)
     if setup.cfg.outputs.thresholds == "tuned":
         tune_thresholds(setup, valid_out, run_dir)
     if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
