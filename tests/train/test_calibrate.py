@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import visiontune as vt
-from conftest import TINY, make_class_folders
+from conftest import COLORS, TINY, make_class_folders, make_image
 from visiontune.bundle import load_bundle
 from visiontune.rundir import RunDir
+from visiontune.train.session import score_items
 
 
 def test_cross_validated_calibration_leaves_out_a_class_its_fold_never_saw(tmp_path: Path) -> None:
@@ -51,3 +53,22 @@ def test_a_finished_run_resumed_keeps_its_weights_calibration_and_sets(tmp_path:
     assert run.read_calibration() == record
     state, again = before.model.state_dict(), after.model.state_dict()
     assert all(torch.equal(state[k], again[k]) for k in state if not k.startswith("novelty."))
+
+
+def test_held_out_scores_are_of_the_calibrated_model_on_cached_features_too(tmp_path: Path) -> None:
+    """cv's folds and compare's strategies are scored by `score_items`; on cached features it
+    ran the head alone, without the calibration the model predicts with, so a feature-extract
+    fold's out-of-fold probabilities and loss were uncalibrated while a fine-tuned one's were
+    calibrated. They are the probabilities predict gives."""
+    data = tmp_path / "d"
+    for i in range(42):  # every 7th image looks like another class: the probe is not sure of everything
+        name = ["red", "green", "blue"][i % 3]
+        make_image(data / name / f"{name}_{i:03d}.png", COLORS[name if i % 7 else ["green", "blue", "red"][i % 3]],
+                   seed=i)
+    result = vt.fit(data, **dict(TINY, strategy="feature-extract", valid_pct=0.4, output=str(tmp_path / "runs")))
+    assert load_bundle(result.run_dir).model.calibration.fitted
+    items = result.data.split("valid")
+    metrics, out = score_items(result, items)
+    predicted, _ = vt.predict(result.run_dir, [it.path for it in items], top_k=3, engine="torch")
+    expected = np.array([[p.probs[c] for c in result.classes] for p in predicted])
+    assert np.allclose(out.probs, expected, atol=1e-5)

@@ -76,7 +76,7 @@ def score_items(result: FitResult, items: list[Item], labels: list[int] | None =
     setup = result.setup
     assert setup is not None, "score_items needs a FitResult from train_run"
     loader, on_features = setup.data.held_out(items)
-    net = setup.model.head if on_features else setup.model
+    net = setup.model.on_features() if on_features else setup.model
     out = run_eval(net, loader, setup.device, setup.task, channels_last=setup.cfg.runtime.channels_last,
                    precision=setup.cfg.runtime.precision)
     out.require_all(len(items), [it.path for it in items])  # rows in the order of `items`, every one read
