@@ -121,7 +121,8 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
     (markers for unlabelled / unreadable rows), each row's number in the caller's list (the
     loader's datasets yield it: ImageDataset, ShardStream, FeatureDataset), the summed loss
     over its labelled rows and their count, and each image's OOD score (None when the model
-    has no bank: models/novelty.py; with test-time augmentation, the mean over the views)."""
+    has no bank: models/novelty.py; with test-time augmentation, the eval view's, the view
+    its threshold was set on: the mean over the views has a narrower spread)."""
     model.eval()
     micro = micro or MicroBatcher()
     criterion = task.loss()
@@ -132,7 +133,7 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
         logits, ood = forward_scored(model, x, micro, device, precision)
         if views:
             logits = task.average_views(logits.view(-1, views, logits.shape[-1]))  # the logits averaged
-            ood = None if ood is None else ood.view(-1, views).mean(dim=1)
+            ood = None if ood is None else ood.view(-1, views)[:, 0]  # the eval view's: its threshold's scale
         known = known_rows(y)  # NO_LABEL (predict) and UNREADABLE rows carry no loss
         total, count = 0.0, 0.0
         if known.any():
