@@ -66,6 +66,19 @@ def test_evaluate_reports_metrics_and_confusion(trained: tuple[Path, Path]) -> N
 
 
 
+def test_evaluate_on_a_csv_that_holds_only_a_test_split(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A CSV of path,label,split whose rows are all 'test' (what one keeps to score a model)
+    was refused: "found a single class [] ... classification needs at least two classes"
+    (label sets: "found no label", numbers: "no training images"): classes were read from
+    the training rows. It scores as the same images in test/ folders do."""
+    run, data = trained
+    table = tmp_path / "test.csv"
+    table.write_text("path,label,split\n" + "".join(f"{p},{p.parent.name},test\n"
+                                                   for p in sorted((data / "test").glob("*/*.png"))))
+    by_csv, by_folders = vt.evaluate(run, data, csv=str(table)), vt.evaluate(run, data)
+    assert len(by_csv.paths) == 8 and by_csv.metrics == pytest.approx(by_folders.metrics)
+
+
 def test_evaluate_on_a_single_class_folder(trained: tuple[Path, Path], tmp_path: Path) -> None:
     run, _ = trained
     for i in range(3):

@@ -82,7 +82,8 @@ def _resume(run_dir: Path, data: str | os.PathLike[str] | None, label_func: Labe
     if ckpt is None:  # killed before its first epoch ended: start that run again, in place
         log.warning("%s has no checkpoint yet: training it from the beginning", run_dir)
     plan = run.read_time_budget() if cfg.budget.time_budget else {}
-    clock = Clock.resumed(run_dir, cfg.budget.time_budget, started, float(plan.get("reserve_s", RESERVE_MARGIN_S)))
+    clock = Clock.resumed(run_dir, cfg.budget.time_budget, started, float(plan.get("reserve_s", RESERVE_MARGIN_S)),
+                          float(plan.get("finish_s", 0.0)))
     source = load_items(cfg.data, cfg.seed, label_func, cache_dir=cfg.runtime.cache_dir)
     result = train_run(resolve_batch_size(cfg, source), source, run_dir=run_dir, ckpt=ckpt, callbacks=callbacks,
                        clock=clock)  # the saved plan goes on: only a batch size given again as 'auto' is new

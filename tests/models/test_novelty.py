@@ -117,6 +117,17 @@ def test_the_threshold_lets_95_percent_of_the_validation_images_pass(trained: tu
     assert metrics["unknown_share"] < 0.5
 
 
+def test_with_tta_the_score_is_the_eval_views_whose_threshold_it_is(trained: tuple[Path, Path, Path]) -> None:
+    """predict --tta averaged the OOD score over the 4 views; the threshold was set on the
+    eval view's scores, whose spread the mean shrinks: validation images past it went from 1
+    in 24 to none, the share the threshold promises no longer held. The score is the eval
+    view's (the probabilities are still the views' average)."""
+    run, data, odd = trained
+    for inputs in (data / "valid", odd):
+        plain, tta = scores_of(run, inputs, engine="torch"), scores_of(run, inputs, engine="torch", tta=True)
+        assert tta == {name: (pytest.approx(score, abs=1e-5), unknown) for name, (score, unknown) in plain.items()}
+
+
 def test_predict_writes_unknown_with_its_score_and_the_threshold_is_overridden(
         trained: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, data, odd = trained

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import visiontune as vt
+from visiontune.bundle import load_bundle
 from visiontune.planning.advice import weigh_cost
 from visiontune.planning.budget import MAX_EPOCHS, decide_plan
 from visiontune.planning.costs import Costs
@@ -31,7 +32,9 @@ def test_the_plan_fits_fine_tuning_epochs_after_the_probe() -> None:
     probe, epoch = COSTS.probe_seconds(), COSTS.epoch_seconds()
     assert probe == pytest.approx(500 * 0.02 + 2.8) and epoch == pytest.approx(42.0)
     plan = decide_plan(COSTS, "gradual", "why", budget_s=600, spent=20)
-    expected = int((600 * 0.97 - 20 - probe) // epoch)
+    finish = COSTS.finish_seconds()  # the OOD score's pass after training: 400 bank + 100 validation images
+    assert finish == pytest.approx(500 * 0.02) and plan.finish_s == pytest.approx(finish)
+    expected = int((600 * 0.97 - 20 - probe - finish) // epoch)
     # as many epochs as the clock holds (at most MAX_EPOCHS): warmup-stable-decay decides the length late
     assert (plan.strategy, plan.epochs, plan.image_size, plan.schedule) == ("gradual", MAX_EPOCHS + 1, 224, "wsd")
     assert plan.overrides()["schedule"] == "wsd"
@@ -553,3 +556,45 @@ def test_a_budget_that_ends_before_any_features_is_a_clear_error(tmp_path: Path)
     almost = Clock(30.0, started=time.perf_counter() - 29.99)  # the deadline falls during extraction
     with pytest.raises(ConfigError, match=r"features of [01] of 4 training images were computed: too few"):
         train_run(cfg, source, clock=almost)
+
+
+class _FitEnd(Callback):
+    """When training ended (before calibration and the OOD score's pass)."""
+
+    at = 0.0
+
+    def on_fit_end(self, trainer) -> None:
+        self.at = time.perf_counter()
+
+
+def test_the_ood_bank_is_what_can_be_read_before_the_deadline(tmp_path: Path, tiny: dict,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the last epoch a run gives its model the OOD score: a feature pass over a bank of
+    training images and the validation images (train/calibrate.fit_ood). Under a budget that
+    pass ran whatever the time left: a run that trained to its deadline then read its 240
+    training images again, 6 s past it here. The bank now holds what can be read by the
+    deadline (at least an image a class), and says so."""
+    from conftest import make_class_folders
+
+    data = tmp_path / "d"
+    make_class_folders(data / "train", {"red": 120, "green": 120})
+    make_class_folders(data / "valid", {"red": 6, "green": 6}, start_seed=500)
+    _slow_decoding(monkeypatch, 0.025)  # the whole bank's pass: >= 6 s
+    fit_end = _FitEnd()
+    r = _fine_tuning_in_time(data, tmp_path / "r", tiny, 12.0, [fit_end])
+    finishing = time.perf_counter() - fit_end.at
+    ood = load_bundle(r.run_dir).uncertainty["ood"]
+    assert 2 <= ood["bank"] < 240  # an image a class at least, not the whole training split
+    # the whole bank alone takes >= 6 s to read; what is left is the validation pass and fixed costs (load-sensitive)
+    assert finishing < 5.5, f"calibration and the OOD score took {finishing:.1f} s after the deadline"
+
+
+def test_training_under_a_budget_keeps_time_for_the_ood_score() -> None:
+    """A fine-tuning plan keeps the OOD score's pass (Costs.finish_seconds) from its epochs,
+    and its clock ends training that long before the deadline, so that the bank is whole."""
+    plan = decide_plan(COSTS, "gradual", "why", budget_s=600, spent=20)
+    assert plan.finish_s == pytest.approx(10.0) and "~10 s kept for the out-of-distribution" in plan.reasons[-1]
+    assert decide_plan(COSTS, "feature-extract", "why", 600, 5).finish_s == 0.0  # its bank is in the feature cache
+    now = time.perf_counter()
+    assert Clock(60.0, now - 51.0, finish_s=10.0).out_of_time() and not Clock(60.0, now - 49.0, finish_s=10.0).out_of_time()
+    assert not Clock(60.0, now - 51.0).out_of_time()

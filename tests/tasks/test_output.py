@@ -46,3 +46,19 @@ def test_an_unknown_image_names_the_class_its_probability_is_of() -> None:
     decoded = Decoded(["cats"], [0.999], [("cats", 0.999), ("dogs", 0.001)], ood_score=2.5, unknown=True)
     assert task.output.line("p.jpg", decoded) == ("p.jpg\tunknown\t(top: cats 0.999, dogs 0.001)"
                                                   "\t(unlike the training images: score 2.5)")
+
+
+def test_an_unknown_image_keeps_its_top_class_in_the_line_and_the_csv() -> None:
+    """An image past the OOD threshold was written "unknown 0.3574 (red 0.337, green 0.305)":
+    the probability of a class the line did not name (blue), and in the CSV label=unknown
+    beside that probability, so the prediction was lost (with --top-k 1, entirely)."""
+    task = make_task("single-label", ["blue", "green", "red"])
+    decoded, top_1 = (task.decode(np.array([[0.3574, 0.3054, 0.3372]]), k)[0] for k in (3, 1))
+    for d in (decoded, top_1):
+        d.ood_score, d.unknown = 1.75, True
+    assert task.output.line("x.png", decoded) == ("x.png\tunknown\t(top: blue 0.357, red 0.337, green 0.305)"
+                                                  "\t(unlike the training images: score 1.75)")
+    header, row = task.output.csv_header(1, ood=True), task.output.csv_row("x.png", top_1, " ", 1)
+    assert dict(zip(header, row)) == {"path": "x.png", "label": "blue", "prob": "0.357400", "unknown": "true",
+                                      "ood_score": "1.75"}
+    assert task.output.record(decoded)["labels"] == ["blue"]  # as the JSON record had it

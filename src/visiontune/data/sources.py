@@ -413,6 +413,8 @@ def _check_classes(source: DataSource, min_classes: int = 2) -> None:
     if not source.items:
         raise DataError(f"no usable images found in {source.root!r}\n{source.summary()}")
     train_like = [it.label for it in source.items if it.split in ("", TRAIN)]
+    if not train_like and min_classes < 2:  # scoring a model (evaluate): a test or validation split alone is its data
+        train_like = [it.label for it in source.items]
     source.classes = task_class(source.task).classes_of(train_like, [it.label for it in source.items], source.root,
                                                         source.target_name, min_classes)
     if min_classes >= 2 and len(train_like) == 1:  # a label set or a number: one image, nothing to learn from

@@ -47,6 +47,12 @@ class Classifier(nn.Module):
         """The calibrated logits of pooled features (what `forward` gives for images)."""
         return self.calibration(self.head(features))
 
+    def on_features(self) -> nn.Module:
+        """What runs on pooled features, as one module: the head, then the calibration (what
+        `outputs` computes): held-out images scored on cached features get the probabilities
+        the model predicts."""
+        return nn.Sequential(self.head, self.calibration)
+
     def scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the calibrated logits, the OOD score of each image or None without a bank)."""
         features = self.backbone(x)

@@ -67,6 +67,7 @@ class BudgetPlan:
     reserve_s: float = 0.0  # feature extraction stops this long before the deadline: the probe's fit needs it
 
     schedule: str | None = None  # "wsd" for fine-tuning: its length follows the clock
+    finish_s: float = 0.0  # training stops this long before the deadline: the OOD score's pass needs it
 
     def overrides(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "epochs": self.epochs, "image_size": self.image_size,
@@ -155,14 +156,14 @@ def _fine_tuning_plan(costs: Costs, sizes: list[int], left: float, budget_s: flo
     """gradual at the largest size where the probe and at least MIN_EPOCHS fine-tuning
     epochs fit (as many as fit, at most MAX_EPOCHS), or None."""
     for size in sizes:
-        probe, epoch = costs.probe_seconds(size), costs.epoch_seconds(size)
-        epochs = min(MAX_EPOCHS, math.floor((left - probe) / epoch))
+        probe, epoch, finish = costs.probe_seconds(size), costs.epoch_seconds(size), costs.finish_seconds(size)
+        epochs = min(MAX_EPOCHS, math.floor((left - probe - finish) / epoch))
         if epochs >= MIN_EPOCHS:
             reasons.append(f"about {epochs} fine-tuning epochs of ~{epoch:.0f} s at {size} px fit after the probe "
                            f"(~{probe:.0f} s)" + ("" if epochs < MAX_EPOCHS else f" (capped at {MAX_EPOCHS})")
                            + "; warmup-stable-decay by the clock: as many epochs as the time holds, the decay in its "
-                             "last fifth")
-            expected = spent + probe + epochs * epoch if epochs == MAX_EPOCHS else spent + left
+                             f"last fifth; ~{finish:.0f} s kept for the out-of-distribution score's pass")
+            expected = spent + probe + epochs * epoch + finish if epochs == MAX_EPOCHS else spent + left
             return BudgetPlan(budget_s, "gradual", MAX_EPOCHS + head_epochs, size, expected, reasons,
-                              costs.probe_fit_s + RESERVE_MARGIN_S, schedule="wsd")
+                              costs.probe_fit_s + RESERVE_MARGIN_S, schedule="wsd", finish_s=finish)
     return None

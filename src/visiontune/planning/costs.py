@@ -24,6 +24,7 @@ from visiontune.data.items import TRAIN, VALID, DataSource
 from visiontune.frozen.features import FeatureCache, cache_for
 from visiontune.frozen.probe import estimate_seconds
 from visiontune.models.classifier import create_classifier
+from visiontune.models.novelty import BANK
 from visiontune.runtime.device import to_device
 from visiontune.runtime.engine import frozen_engine
 from visiontune.train.setup import RunSetup, prepare_run
@@ -64,6 +65,11 @@ class Costs:
         """One fine-tuning epoch and its validation at `size` px."""
         return (self.train_images * self._per_image(self.step_per_image, size)
                 + self.valid_images * self._per_image(self.extract_per_image, size))
+
+    def finish_seconds(self, size: int | None = None) -> float:
+        """What the end of a fine-tuning run reads at `size` px: the OOD score's bank of
+        training images and the validation images (train/calibrate.fit_ood)."""
+        return (min(BANK, self.train_images) + self.valid_images) * self._per_image(self.extract_per_image, size)
 
     def describe(self) -> str:
         return (f"here: features {self.extract_per_image * 1000:.0f} ms per image ({self.images_to_extract} not cached "

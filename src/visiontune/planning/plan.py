@@ -66,7 +66,8 @@ def plan_run(cfg: RunConfig, source: DataSource, started: float | None = None) -
     plan = None
     if budget and not source.no_validation:
         plan = _budget_plan(cfg, source, budget, started)
-        cfg, clock = RunConfig.create(cfg, **plan.overrides()), Clock(budget, started, reserve_s=plan.reserve_s)
+        cfg, clock = RunConfig.create(cfg, **plan.overrides()), Clock(budget, started, reserve_s=plan.reserve_s,
+                                                                    finish_s=plan.finish_s)
     else:
         cfg, clock = resolve_strategy(cfg, source), Clock(budget, started)
     return RunPlan(resolve_batch_size(cfg, source), clock, plan)

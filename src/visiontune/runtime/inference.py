@@ -36,6 +36,18 @@ class EvalOutput:
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each row's place in the list
     ood: np.ndarray | None = None  # each row's OOD score (models/novelty.py); None: the model has no bank
 
+    def state_dict(self) -> dict[str, Any]:
+        """Its rows as tensors, for a checkpoint (which holds no pickled objects)."""
+        return {"loss": self.loss, "targets": torch.from_numpy(np.asarray(self.targets)),
+                "probs": torch.from_numpy(np.asarray(self.probs)), "ids": torch.from_numpy(np.asarray(self.ids))}
+
+    @classmethod
+    def of_state(cls, state: dict[str, Any] | None) -> EvalOutput | None:
+        """The outputs `state_dict` kept (None for an empty or missing state)."""
+        if not state:
+            return None
+        return cls(float(state["loss"]), state["targets"].numpy(), state["probs"].numpy(), state["ids"].numpy())
+
     def keep(self, mask: np.ndarray) -> None:
         self.targets, self.probs, self.ids = self.targets[mask], self.probs[mask], self.ids[mask]
         self.ood = None if self.ood is None else self.ood[mask]
@@ -109,7 +121,8 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
     (markers for unlabelled / unreadable rows), each row's number in the caller's list (the
     loader's datasets yield it: ImageDataset, ShardStream, FeatureDataset), the summed loss
     over its labelled rows and their count, and each image's OOD score (None when the model
-    has no bank: models/novelty.py; with test-time augmentation, the mean over the views)."""
+    has no bank: models/novelty.py; with test-time augmentation, the eval view's, the view
+    its threshold was set on: the mean over the views has a narrower spread)."""
     model.eval()
     micro = micro or MicroBatcher()
     criterion = task.loss()
@@ -120,7 +133,7 @@ def eval_batches(model: nn.Module, loader: DataLoader, device: torch.device, tas
         logits, ood = forward_scored(model, x, micro, device, precision)
         if views:
             logits = task.average_views(logits.view(-1, views, logits.shape[-1]))  # the logits averaged
-            ood = None if ood is None else ood.view(-1, views).mean(dim=1)
+            ood = None if ood is None else ood.view(-1, views)[:, 0]  # the eval view's: its threshold's scale
         known = known_rows(y)  # NO_LABEL (predict) and UNREADABLE rows carry no loss
         total, count = 0.0, 0.0
         if known.any():

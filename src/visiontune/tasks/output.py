@@ -55,8 +55,8 @@ class Output:
 
     def line(self, path: str, decoded: Decoded) -> str:
         """The printed line: path, label ("not sure: a or b" when abstaining), probability,
-        runners-up, and with --coverage the set; an unknown image: "unknown", then (top: each
-        class and its probability), as label sets print theirs."""
+        runners-up, and with --coverage the set; an unknown image: "unknown" and the top
+        classes, the most probable first (its name is the prediction kept beside the flag)."""
         if decoded.unknown:
             top = ", ".join(f"{label} {prob:.3f}" for label, prob in decoded.ranked)
             return f"{path}\t{UNKNOWN}\t(top: {top})" + self.set_cell(decoded)
@@ -109,8 +109,11 @@ class Output:
         return ([] if s is None else [delim.join(s.labels), str(len(s.labels))]) + ood_cells(decoded)
 
     def csv_row(self, path: str, decoded: Decoded, delim: str, top_k: int) -> list[str]:
-        """One prediction's cells under `csv_header`."""
-        return [path, self.answer(decoded), f"{decoded.probs[0]:.6f}"] + [
+        """One prediction's cells under `csv_header`: the ranked classes as predicted (an
+        unknown image keeps its top class in `label`, flagged in the `unknown` column, as in
+        the JSON record; "not sure: a or b" when abstaining)."""
+        label = self.answer(decoded) if decoded.abstained and not decoded.unknown else decoded.labels[0]
+        return [path, label, f"{decoded.probs[0]:.6f}"] + [
             v for label, prob in decoded.ranked[1:] for v in (label, f"{prob:.6f}")] + self.set_cells(decoded, delim)
 
     def oof_columns(self) -> list[str]:

@@ -25,7 +25,8 @@ no phase trained the backbone) over a stratified, seeded sample of at most BANK 
 images, which become the bank inside the model, and over the validation images, whose
 distances and energies (of the calibrated logits: calibrate runs first) set each measure's
 scale, and whose scores set the threshold that PASS_SHARE (95%) of them pass
-(model.uncertainty["ood"]).
+(model.uncertainty["ood"]). Under a time budget the bank holds what can be read before the
+deadline (the clock keeps time for the whole bank: Clock.finish_s).
 """
 
 from __future__ import annotations
@@ -104,27 +105,31 @@ def _write(model: Any, task: Task, targets: np.ndarray, raw: np.ndarray, calibra
                      {"before": fit.before["ece"], "after": fit.after["ece"]}, task.calibrator.outcome)
 
 
-def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK) -> dict[str, Any] | None:
+def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK,
+            deadline: float | None = None) -> dict[str, Any] | None:
     """Give `model` its bank of training features and set its OOD threshold on the validation
     split (see the module docstring); the record kept in model.uncertainty["ood"], or None
-    (and no bank) when the run has no validation images or too few training images."""
+    (and no bank) when the run has no validation images or too few training images.
+    `deadline` (time.perf_counter(); a time budget's): the bank holds what can be read by
+    then, at the validation images' pass's speed (at least one image a class)."""
     train, valid = data.source.split(TRAIN), data.source.split(VALID)
     if not valid or len(train) < 2:
         log.info("no out-of-distribution score: it needs validation images (to set its threshold) and training "
                  "images (its bank); predict gives no 'unknown'")
         return None
     started = time.perf_counter()
-    chosen = stratified_sample(data.task.strata([it.label for it in train]), bank_size, seed, at_least=1)
-    bank_items = train if chosen is None else [train[i] for i in chosen]
     frozen = all(data.uses_features(i) for i in range(len(data.plan.phases)))  # the cache holds these features
     extractor = data.extractor(cached=frozen and data.cfg.runtime.feature_cache)
-    features = extractor.features([it.path for it in bank_items + valid])
-    bank = torch.from_numpy(np.ascontiguousarray(features[:len(bank_items)]))
+    valid_features = extractor.features([it.path for it in valid])
+    size = _bank_size(min(bank_size, len(train)), (time.perf_counter() - started) / len(valid), deadline)
+    chosen = stratified_sample(data.task.strata([it.label for it in train]), size, seed, at_least=1)
+    bank_items = train if chosen is None else [train[i] for i in chosen]
+    bank = torch.from_numpy(np.ascontiguousarray(extractor.features([it.path for it in bank_items])))
     device = next(model.parameters()).device
     kind = data.task.calibrator.energy
     novelty = Novelty(bank, neighbour_k(len(bank)), kind).to(device)
     with torch.inference_mode():
-        held = torch.from_numpy(np.ascontiguousarray(features[len(bank_items):])).to(device)
+        held = torch.from_numpy(np.ascontiguousarray(valid_features)).to(device)
         parts = novelty.parts(held, model.outputs(held)).cpu().numpy()
         novelty.scale.copy_(torch.tensor([spread(parts[:, 0]), spread(parts[:, 1]) if kind != "none" else (0.0, 1.0)]))
         scores = novelty(held, model.outputs(held)).cpu().numpy()
@@ -135,6 +140,18 @@ def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK) -> dict
              "%d validation images pass (%.1f s)", record["score"], record["bank"], record["bank_mb"],
              record["threshold"], 100 * PASS_SHARE, len(valid), record["seconds"])
     return record
+
+
+def _bank_size(wanted: int, per_image: float, deadline: float | None) -> int:
+    """`wanted`, or as many images as can be read before `deadline` at `per_image` seconds
+    each (said in the log when that is fewer)."""
+    if deadline is None:
+        return wanted
+    fits = max(1, int((deadline - time.perf_counter()) / max(per_image, 1e-9)))
+    if fits < wanted:
+        log.warning("time budget: the out-of-distribution score's bank holds about %d of %d training images, what "
+                    "can be read before the deadline (a smaller bank scores less surely)", fits, wanted)
+    return min(wanted, fits)
 
 
 def _ood_record(novelty: Novelty, kind: str, cut: float, valid_images: int, seconds: float) -> dict[str, Any]:

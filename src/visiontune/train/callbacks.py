@@ -19,8 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from visiontune.models.classifier import load_weights
@@ -271,18 +269,13 @@ class Checkpoint(Callback):
         """The best so far (`Best`) and the best epoch's validation outputs (tensors: a
         checkpoint holds no pickled objects), so a resumed run tunes thresholds and reports probabilities of
         the epoch whose weights it keeps."""
-        best = self.best_eval
-        outputs = {} if best is None else {"loss": best.loss, "targets": torch.from_numpy(np.asarray(best.targets)),
-                                           "probs": torch.from_numpy(np.asarray(best.probs)),
-                                           "ids": torch.from_numpy(np.asarray(best.ids))}
+        outputs = {} if self.best_eval is None else self.best_eval.state_dict()
         return {"best": self.best.state_dict(), "best_eval": outputs, "passed_over": self.passed_over}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best.load_state_dict(_best_state(state))
         self.passed_over = int(state.get("passed_over", 0))
-        saved = state.get("best_eval") or {}
-        self.best_eval = EvalOutput(float(saved["loss"]), saved["targets"].numpy(), saved["probs"].numpy(),
-                                    saved["ids"].numpy()) if saved else None
+        self.best_eval = EvalOutput.of_state(state.get("best_eval"))
 
 
 class HistoryLogger(Callback):

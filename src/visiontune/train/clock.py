@@ -43,14 +43,17 @@ class Clock:
     """The seconds a run has used (over every session), when its budget ends in this
     process's `time.perf_counter()` (`deadline`; None without a budget), and the current
     phase's timings for the schedule that follows the clock. `reserve_s`: feature
-    extraction stops this long before the deadline (the probe's fit needs it)."""
+    extraction stops this long before the deadline (the probe's fit needs it); `finish_s`:
+    training stops this long before it (the work after training needs it: the OOD score's
+    feature pass, train/calibrate.fit_ood)."""
 
     def __init__(self, budget_s: float | None = None, started: float | None = None, used_before: float = 0.0,
-                 reserve_s: float = 0.0):
+                 reserve_s: float = 0.0, finish_s: float = 0.0):
         self.budget_s = budget_s
         self.started = time.perf_counter() if started is None else started  # when this session's count began
         self.used_before = used_before  # seconds the earlier sessions of the run used
         self.reserve_s = reserve_s
+        self.finish_s = finish_s
         self.validation_s = 0.0  # how long this session's last validation took
         self.holding_peak = False  # a time-decided schedule before its decay: early stopping waits (callbacks.py)
         self.decayed = False  # the time-decided schedule finished its decay: no further step
@@ -66,7 +69,7 @@ class Clock:
 
     @classmethod
     def resumed(cls, run_dir: Path, budget_s: float | None, started: float | None = None,
-                reserve_s: float = 0.0) -> Clock:
+                reserve_s: float = 0.0, finish_s: float = 0.0) -> Clock:
         """The clock of the run in `run_dir`, going on from the seconds its record says
         it used (0 when it has none: a run without a budget, or from before the record)."""
         used = 0.0
@@ -77,7 +80,7 @@ class Clock:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s cannot be read (%s); the time used before counts from the last checkpoint",
                         RunDir(run_dir).clock_file, exc)
-        return cls(budget_s, started, used, reserve_s)
+        return cls(budget_s, started, used, reserve_s, finish_s)
 
     # -- the time used, and the budget -------------------------------------------------
     def used(self) -> float:
@@ -105,9 +108,10 @@ class Clock:
         return None if self.budget_s is None else self.budget_s - self.used()
 
     def out_of_time(self, still_needed: float = 0.0) -> bool:
-        """Past the deadline once `still_needed` more seconds are spent (no budget: never)."""
+        """Past the deadline once `still_needed` more seconds, and the work after training
+        (`finish_s`), are spent (no budget: never)."""
         deadline = self.deadline
-        return deadline is not None and time.perf_counter() + still_needed > deadline
+        return deadline is not None and time.perf_counter() + still_needed + self.finish_s > deadline
 
     def charge(self, seconds: float) -> None:
         """Count `seconds` more as used before this session (a checkpoint from before the
@@ -207,7 +211,7 @@ class Clock:
         run out first by the epoch times measured so far, when they do; a decay begun early
         goes through its window, or by the clock if that is further."""
         now = self.used()
-        end = float(self.budget_s or 0.0) - validation_s - SAVE_MARGIN_S
+        end = float(self.budget_s or 0.0) - validation_s - self.finish_s - SAVE_MARGIN_S
         if self.epoch_seconds:
             end = min(end, self.at(loop_started) + epochs_left * self.per_epoch() - validation_s)
         progress = (now - self.phase_started) / max(1e-9, end - self.phase_started)

@@ -76,7 +76,7 @@ def score_items(result: FitResult, items: list[Item], labels: list[int] | None =
     setup = result.setup
     assert setup is not None, "score_items needs a FitResult from train_run"
     loader, on_features = setup.data.held_out(items)
-    net = setup.model.head if on_features else setup.model
+    net = setup.model.on_features() if on_features else setup.model
     out = run_eval(net, loader, setup.device, setup.task, channels_last=setup.cfg.runtime.channels_last,
                    precision=setup.cfg.runtime.precision)
     out.require_all(len(items), [it.path for it in items])  # rows in the order of `items`, every one read
@@ -141,7 +141,7 @@ def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run
     valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
                           write=setup.env.is_main, by_cv=by_cv)
     if setup.env.is_main:  # the bank and threshold go into the weights this process writes
-        fit_ood(setup.model, setup.data, setup.cfg.seed)
+        fit_ood(setup.model, setup.data, setup.cfg.seed, deadline=trainer.clock.deadline)
     if setup.cfg.outputs.thresholds == "tuned":
         tune_thresholds(setup, valid_out, run_dir)
     if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds

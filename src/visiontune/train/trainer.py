@@ -569,6 +569,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "ema": self.ema.module.state_dict() if self.ema is not None else {},
             "history": self.state.history,
+            "last_eval": self.state.last_eval.state_dict() if self.state.last_eval is not None else {},
+            "ema_better": self.state.ema_better,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "elapsed_s": self.elapsed(),
             "clock": self.clock.state_dict(),
@@ -590,6 +592,9 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema"):
             load_weights(self.ema.module, ckpt["ema"])
         self.state.history = list(ckpt.get("history", []))
+        # the last epoch as it ended: a run resumed after it finished ends with these weights and outputs
+        self.state.epoch, self.state.ema_better = int(ckpt["epoch"]), bool(ckpt.get("ema_better", False))
+        self.state.last_eval = EvalOutput.of_state(ckpt.get("last_eval"))
         self.state.global_step = int(ckpt.get("global_step", 0))
         self.clock.charge(float(ckpt.get("elapsed_s", 0.0)))  # a record, when the run has one, knows more
         self.clock.load_state_dict(ckpt.get("clock", {}))
