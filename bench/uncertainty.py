@@ -1,6 +1,7 @@
-"""Calibration and prediction sets on the suite's real sets (issue 36): each set's test
-split, never used for any choice, scored by a model trained on its train split, calibrated
-and given its sets on its valid split.
+"""Calibration and prediction sets on real sets, test splits only (issue 36).
+
+Each set's test split, never used for any choice, scored by a model trained on its train
+split, calibrated and given its sets on its valid split.
 
     python -m bench.suite prepare OUT                 # the sets, once (bench/suite.py)
     python -m bench.uncertainty OUT [--recipe gradual] [--only NAME ...]
