@@ -43,9 +43,9 @@ from visiontune.train.strategies import describe_strategies, strategy_names
 from visiontune.version import __version__
 
 EXAMPLES = """examples:
-  visiontune train data/hymenoptera --strategy gradual --epochs 5
+  visiontune train my_images --strategy gradual --epochs 5
   visiontune predict runs/<run> photo.jpg photos/
-  visiontune evaluate runs/<run> data/hymenoptera/val
+  visiontune evaluate runs/<run> my_images/val
   visiontune inspect tf_efficientnet_lite0 --strategy freeze-k --freeze 3
 """
 
@@ -428,18 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each command's examples, shown by its --help (tests/test_bundle_cli.py parses every one).
 COMMAND_EXAMPLES = {
-    "cv": ["cv data/hymenoptera --folds 5", "cv data/photos --strategy feature-extract --groups patient"],
-    "advise": ["advise data/hymenoptera", "advise data/photos --image-size 160"],
-    "lr-find": ["lr-find data/hymenoptera --strategy finetune", "lr-find data/photos --num-iter 200 --plot lr.png"],
-    "compare": ["compare data/hymenoptera --epochs 3", "compare data/photos --strategies feature-extract,gradual"],
+    "cv": ["cv my_images --folds 5", "cv data/photos --strategy feature-extract --groups patient"],
+    "advise": ["advise my_images", "advise data/photos --image-size 160"],
+    "lr-find": ["lr-find my_images --strategy finetune", "lr-find data/photos --num-iter 200 --plot lr.png"],
+    "compare": ["compare my_images --epochs 3", "compare data/photos --strategies feature-extract,gradual"],
     "predict": ["predict runs/<run> photo.jpg photos/", "predict runs/<run> photos/ --top-k 1 --output preds.csv",
                 "predict runs/<run>/model.onnx photos/"],
-    "evaluate": ["evaluate runs/<run> data/hymenoptera/val", "evaluate runs/<run> test/ --output metrics.json"],
+    "evaluate": ["evaluate runs/<run> my_images/val", "evaluate runs/<run> test/ --output metrics.json"],
     "serve": ["serve runs/<run>", "serve runs/<run> --port 8080"],
     "export": ["export runs/<run> --format onnx", "export runs/<run> --format onnx --int8 --max-drop 0.5",
                "export runs/<run> --format timm --output hub/"],
     "push": ["push runs/<run> me/ants-vs-bees --private"],
-    "interpret": ["interpret runs/<run>", "interpret runs/<run> data/hymenoptera --top-n 24"],
+    "interpret": ["interpret runs/<run>", "interpret runs/<run> my_images --top-n 24"],
     "shard": ["shard data/photos --output shards/ --size 1000", "shard --csv labels.csv --output shards/"],
     "imagify": ["imagify waves.csv --kind gadf --output waves_img --size 64"],
     "suggest": ["suggest photos/ --n 100 --output to_label.csv",
