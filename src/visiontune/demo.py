@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from visiontune import api
+from visiontune.config import RunConfig
 from visiontune.errors import VisiontuneError
 
 
@@ -31,10 +32,11 @@ def write_lfw_subset(root: str | Path) -> Path:
 
 
 def run_demo(out: str, strategy: str, epochs: int, image_size: int) -> int:
+    settings = dict(strategy=strategy, epochs=epochs, image_size=image_size, batch_size=32)
+    RunConfig.create(None, path=str(Path(out) / "lfw_subset"), **settings)  # a bad option: refused before writing
     data_dir = write_lfw_subset(Path(out) / "lfw_subset")
     print(f"wrote 200 images to {data_dir}: train/ (160) and test/ (40), faces / non-faces")
-    result = api.fit(data_dir, strategy=strategy, epochs=epochs, image_size=image_size, batch_size=32,
-                    output=str(Path(out) / "runs"), seed=0)
+    result = api.fit(data_dir, **settings, output=str(Path(out) / "runs"), seed=0)
     print(f"run: {result.run_dir}  ({result.seconds:.1f}s, best epoch {result.best_epoch})")
     print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
     report = api.evaluate(result.run_dir, data_dir / "test")
