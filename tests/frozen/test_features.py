@@ -85,11 +85,12 @@ def test_gradual_uses_features_only_while_the_backbone_is_frozen(flat_data: Path
 
     caplog.set_level(logging.INFO, logger="visiontune")
     vt.fit(flat_data, **dict(tiny, strategy="gradual", epochs=3, freeze_epochs=1, output=str(tmp_path / "r")))
-    # train + valid, once, for the frozen phase; then the OOD bank's pass with the fine-tuned weights
-    assert sum("features:" in r.message for r in caplog.records) == 3
+    # train + valid, once, for the frozen phase; then the OOD step's two passes with the fine-tuned weights
+    # (the validation images, then as much of the bank as the time left allows: train/calibrate.fit_ood)
+    assert sum("features:" in r.message for r in caplog.records) == 4
     caplog.clear()
     vt.fit(flat_data, **dict(tiny, strategy="finetune", epochs=1, output=str(tmp_path / "r")))
-    assert sum("features:" in r.message for r in caplog.records) == 1  # the OOD bank's pass alone, after training
+    assert sum("features:" in r.message for r in caplog.records) == 2  # the OOD step's passes alone, after training
 
 
 def test_memory_mapped_features_without_statvfs_or_fallocate(tmp_path: Path, caplog: pytest.LogCaptureFixture,
