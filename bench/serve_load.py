@@ -49,7 +49,7 @@ def _default_run(work: Path) -> str:
     from visiontune.demo import write_lfw_subset
 
     data = write_lfw_subset(work / "lfw")
-    return vt.fit(data, strategy="feature-extract", epochs=2, output=str(work / "runs"), progress=False).run_dir
+    return vt.fit(data, strategy="feature-extract", output=str(work / "runs"), progress=False).run_dir
 
 
 def _photo() -> bytes:
