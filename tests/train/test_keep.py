@@ -90,13 +90,14 @@ class _Decaying:
     its weights are a candidate (warmup-stable-decay: in or after its decay)."""
 
     def __init__(self) -> None:
-        self.state = SimpleNamespace(metrics={}, epoch=-1, candidate=True, last_eval=None)
+        self.state = SimpleNamespace(metrics={}, epoch=-1, candidate=True, last_eval=None, history=[])
         self.plan = SimpleNamespace(phases=[SimpleNamespace(probe=False)], phase_index=lambda epoch: 0)
         self.clock = Clock()
 
     def epoch(self, val_loss: float, candidate: bool) -> None:
         self.state.epoch += 1
         self.state.metrics, self.state.candidate = {"val_loss": val_loss}, candidate
+        self.state.history.append(self.state.metrics)
 
     def adopt_chosen_weights(self) -> None: ...
 

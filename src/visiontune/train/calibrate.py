@@ -19,11 +19,11 @@ The fitted layer goes into the weights (model.calibration), the held-out scores 
 sets into model.safetensors' metadata (model.uncertainty), the figures into
 RUN/calibration.json and the reliability diagram into RUN/reliability.png.
 
-`fit_ood` then gives the model its out-of-distribution score (models/novelty.py): one
-feature pass of the kept weights (the run's eval transform; the feature cache's rows when
-no phase trained the backbone) over a stratified, seeded sample of at most BANK training
-images, which become the bank inside the model, and over the validation images, whose
-distances and energies (of the calibrated logits: calibrate runs first) set each measure's
+`fit_ood` then gives the model its out-of-distribution score (models/novelty.py): feature
+passes of the kept weights (the run's eval transform; the feature cache's rows when no
+phase trained the backbone) over the validation images, then over a stratified, seeded
+sample of at most BANK training images, which become the bank inside the model; the
+validation images' distances and energies (of the calibrated logits: calibrate runs first) set each measure's
 scale, and whose scores set the threshold that PASS_SHARE (95%) of them pass
 (model.uncertainty["ood"]). Under a time budget the bank holds what can be read before the
 deadline (the clock keeps time for the whole bank: Clock.finish_s).
@@ -130,9 +130,10 @@ def fit_ood(model: Any, data: RunData, seed: int, bank_size: int = BANK,
     novelty = Novelty(bank, neighbour_k(len(bank)), kind).to(device)
     with torch.inference_mode():
         held = torch.from_numpy(np.ascontiguousarray(valid_features)).to(device)
-        parts = novelty.parts(held, model.outputs(held)).cpu().numpy()
+        logits = model.outputs(held)  # calibrated: calibrate ran first
+        parts = novelty.parts(held, logits).cpu().numpy()
         novelty.scale.copy_(torch.tensor([spread(parts[:, 0]), spread(parts[:, 1]) if kind != "none" else (0.0, 1.0)]))
-        scores = novelty(held, model.outputs(held)).cpu().numpy()
+        scores = novelty(held, logits).cpu().numpy()  # as predict scores them: the threshold is of these
     model.novelty = novelty
     record = _ood_record(novelty, kind, threshold(scores), len(valid), time.perf_counter() - started)
     model.uncertainty = {**(model.uncertainty or {}), "ood": record}

@@ -237,7 +237,7 @@ class Checkpoint(Callback):
         best = self.best
         self.why = self._why(trainer)
         log.info("kept %s", self.why)
-        history = getattr(trainer.state, "history", None)  # a view without one (tests' stand-ins): none
+        history = trainer.state.history
         if not self.restore_best or best.epoch < 0 or best.epoch == trainer.state.epoch:
             trainer.adopt_chosen_weights()  # the last epoch's: the EMA's when they were better
             if self.restore_best and best.epoch < 0 and history:  # no epoch could be kept: the last recorded is

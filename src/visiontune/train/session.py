@@ -136,17 +136,16 @@ def _finish_model(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, run
                   by_cv: bool) -> EvalOutput | None:
     """After training: calibrate the kept weights, give them their OOD score (bank and
     threshold), tune the thresholds on the calibrated outputs, and write them
-    (train/calibrate.py); the held-out outputs as calibrated (None: the run has none).
-    `by_cv`: the held-out outputs are the probe's cross-validation's."""
+    (train/calibrate.py); the calibrated held-out outputs the thresholds were tuned on (None
+    when none were). `by_cv`: the held-out outputs are the probe's cross-validation's."""
     valid_out = calibrate(setup.model, setup.task, _final_outputs(setup, trainer, checkpoint), run_dir,
                           write=setup.env.is_main, by_cv=by_cv)
     if setup.env.is_main:  # the bank and threshold go into the weights this process writes
         fit_ood(setup.model, setup.data, setup.cfg.seed, deadline=trainer.clock.deadline)
-    if setup.cfg.outputs.thresholds == "tuned":
-        tune_thresholds(setup, valid_out, run_dir)
+    tuned = setup.cfg.outputs.thresholds == "tuned" and tune_thresholds(setup, valid_out, run_dir)
     if setup.env.is_main:  # the weights kept, calibrated, with the task's (tuned) thresholds
         RunDir(run_dir).write_model(setup.model, setup.task, setup.preprocess, setup.cfg.model)
-    return valid_out
+    return valid_out if tuned else None
 
 
 def _require_an_epoch(trainer: Trainer, clock: Clock) -> None:
@@ -223,17 +222,18 @@ def _final_outputs(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint) ->
     return trainer.state.last_eval
 
 
-def tune_thresholds(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> None:
+def tune_thresholds(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path) -> bool:
     """Per-label thresholds with the best F1 on the (calibrated) validation outputs, kept by
-    the task (written with the weights by the caller) and in thresholds.json (their validation F1 is optimistic: chosen there)."""
+    the task (written with the weights by the caller) and in thresholds.json (their validation
+    F1 is optimistic: chosen there); whether any were tuned."""
     task = setup.task
     if valid_out is None or not len(valid_out.targets):
         log.warning("--thresholds tuned needs validation images; keeping the global threshold")
-        return
+        return False
     tuned = task.tune_thresholds(valid_out.targets, valid_out.probs)
     if tuned is None:
         log.warning("--thresholds tuned applies to multi-label tasks; %s predicts the most probable class", task.name)
-        return
+        return False
     log.info("thresholds tuned on the validation split: %s",
              ", ".join(f"{c}={t:.2f}" for c, t in zip(task.classes, tuned)))
     if setup.env.is_main:
@@ -242,6 +242,7 @@ def tune_thresholds(setup: RunSetup, valid_out: EvalOutput | None, run_dir: Path
             "chosen_on": "the validation split (its F1 at these thresholds is optimistic)",
             "thresholds": {c: {"threshold": float(t), "valid_positives": int(n)}
                            for c, t, n in zip(task.classes, tuned, positives)}})
+    return True
 
 
 def choose_objective(t: TrainConfig, source: DataSource, task: Task, by_cv: bool = False) -> Objective:
@@ -358,8 +359,8 @@ def summarise(setup: RunSetup, trainer: Trainer, checkpoint: Checkpoint, stopper
 
 def _at_tuned_thresholds(setup: RunSetup, valid_out: EvalOutput | None) -> dict[str, float]:
     """The task's metrics at its tuned thresholds on the held-out outputs they were tuned on
-    ({} without tuned thresholds): the history's are at the global threshold."""
-    if setup.cfg.outputs.thresholds != "tuned" or valid_out is None or getattr(setup.task, "thresholds", None) is None:
+    (`valid_out`; None, and {}, when none were tuned): the history's are at the global threshold."""
+    if valid_out is None:
         return {}
     rows = known_rows(valid_out.targets)
     if not rows.any():
